@@ -1,0 +1,155 @@
+/*
+ * Block layer: named nodes in a graph, requests, block status.
+ *
+ * A node (struct bnode) is an instance of a driver (file, host_device, raw,
+ * null-co, rbd...).  Nodes may have a "file" child (raw over file) and a
+ * "backing" child (format drivers with backing chains).  Users of a node are
+ * its parent nodes and the exports on it; each holds a reference and may hold
+ * the WRITE permission (refused on a read-only node; the file driver then
+ * takes its image lock for writing).
+ *
+ * Requests are asynchronous.  The submitter fills a struct breq it owns
+ * (exports pre-allocate them per queue slot) and calls bnode_submit() from a
+ * loop thread; req->done runs in that same thread, possibly before
+ * bnode_submit() returns.  Requests are validated here (range, alignment,
+ * read-only), so drivers see only valid ones.
+ *
+ * Control operations (blockdev_add/del, queries) run in the main thread.
+ */
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <jansson.h>
+#include "util/aio.h"
+#include "util/error.h"
+
+struct loop;
+struct bnode;
+
+enum breq_op {
+    BREQ_READ,
+    BREQ_WRITE,
+    BREQ_FLUSH,
+    BREQ_DISCARD,
+    BREQ_WRITE_ZEROES,
+    BREQ_CACHE,        /* prefetch hint; may complete at once */
+};
+
+enum {
+    BREQ_FUA        = 1u << 0,  /* WRITE/WRITE_ZEROES: durable on completion */
+    BREQ_MAY_UNMAP  = 1u << 1,  /* WRITE_ZEROES: may punch a hole */
+    BREQ_NO_FALLBACK = 1u << 2, /* WRITE_ZEROES: fail with -ENOTSUP rather than write zero buffers (NBD FAST_ZERO) */
+};
+
+struct breq {
+    enum breq_op op;
+    unsigned flags;
+    uint64_t offset;
+    uint64_t len;
+    struct iovec *iov;           /* READ/WRITE; sum of lengths == len */
+    int iovcnt;
+    struct loop *loop;           /* submitting loop; done runs there */
+    void (*done)(struct breq *req, int ret);  /* ret: 0 or -errno */
+    void *opaque;                /* for the submitter */
+    /* private to the block layer and drivers */
+    struct aio_req aio;
+    struct bnode *bs;
+    uint64_t drv_offset;
+    uint64_t done_bytes;
+    int stage;
+};
+
+/* Block status flags, as in QEMU: DATA = reads return data from this layer,
+ * ZERO = reads return zeros, ALLOCATED = this layer (not a backing file)
+ * decides the content. */
+enum {
+    BS_DATA      = 1u << 0,
+    BS_ZERO      = 1u << 1,
+    BS_ALLOCATED = 1u << 2,
+};
+
+enum detect_zeroes { DETECT_ZEROES_OFF, DETECT_ZEROES_ON, DETECT_ZEROES_UNMAP };
+
+struct bdrv;
+
+struct bnode {
+    char *node_name;
+    bool auto_named;
+    const struct bdrv *drv;
+    void *opaque;               /* driver state */
+    struct bnode *file;         /* "file" child or NULL */
+    struct bnode *backing;      /* "backing" child or NULL */
+    uint64_t size;
+    bool read_only;
+    bool discard;               /* discard=unmap */
+    enum detect_zeroes detect_zeroes;
+    bool cache_direct, cache_no_flush;
+    uint32_t request_alignment; /* 1 unless O_DIRECT or the driver says so */
+    uint32_t max_transfer;      /* 0 = no limit */
+    int refcnt;                 /* parents + exports + 1 while named (monitor-owned) */
+    int writers;                /* users holding WRITE */
+    struct bnode *next;         /* in the named-node list */
+    json_t *options;            /* the blockdev-add options, for queries */
+};
+
+struct bdrv {
+    const char *name;                   /* "file", "raw", ... */
+    bool is_format;                     /* sits on a "file" child */
+    bool is_filter;
+    /* Open: opts is the validated blockdev-add object.  Set bs->size. */
+    int  (*open)(struct bnode *bs, json_t *opts, error **errp);
+    void (*close)(struct bnode *bs);
+    /* Submit a valid request at driver offset `offset` (== req->offset for
+     * leaf use; raw passes offset+its base to its child). */
+    void (*submit)(struct bnode *bs, struct breq *req, uint64_t offset);
+    /* Status of [offset, offset+bytes): sets *pnum (> 0, <= bytes) and the
+     * BS_* flags for that first extent.  NULL = all DATA|ALLOCATED.
+     * *file_depth_out: not used by leaf drivers. */
+    int  (*block_status)(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                         uint64_t *pnum, unsigned *flags);
+    int  (*truncate)(struct bnode *bs, uint64_t size, error **errp);
+    /* Take or drop write access (image locking); NULL = always allowed. */
+    int  (*set_write_perm)(struct bnode *bs, bool write, error **errp);
+    /* Capabilities */
+    bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
+    bool (*can_discard)(struct bnode *bs);             /* NULL = false */
+};
+
+/* ---- graph / control (main thread) ---- */
+void block_init(void);
+/* blockdev-add: opts validated by the QMP schema (BlockdevOptions). */
+struct bnode *blockdev_add(json_t *opts, error **errp);
+int  blockdev_del(const char *node_name, error **errp);
+struct bnode *bnode_find(const char *node_name);
+/* "Cannot find device=X nor node-name=X"-style lookup used by exports */
+struct bnode *bnode_lookup(const char *name, error **errp);
+json_t *query_named_block_nodes(bool flat);
+void block_close_all(void);
+
+/* Users: exports and parent nodes.  write=true needs the node writable. */
+int  bnode_ref_user(struct bnode *bs, bool write, error **errp);
+void bnode_unref_user(struct bnode *bs, bool write);
+
+/* ---- data path (any loop thread) ---- */
+void bnode_submit(struct bnode *bs, struct breq *req);
+/* Driver-to-child forwarding, no validation. */
+void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset);
+/* Called by drivers when a request finishes. */
+void breq_complete(struct breq *req, int ret);
+
+/* Block status of the node including its backing chain.
+ * *depth: 0 = unallocated in the whole chain, 1 = this node, 2 = its backing...
+ * Returns 0 or -errno. */
+int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                       uint64_t *pnum, unsigned *flags, int *depth);
+int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
+bool bnode_can_write_zeroes_fast(struct bnode *bs);
+bool bnode_can_discard(struct bnode *bs);
+
+/* Driver registry */
+void bdrv_register(const struct bdrv *drv);
+const struct bdrv *bdrv_find(const char *name);
+
+#define BDRV_REGISTER(drv) \
+    __attribute__((constructor)) static void bdrv_register_##drv(void) { bdrv_register(&drv); }

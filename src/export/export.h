@@ -1,0 +1,69 @@
+/*
+ * Export registry and lifecycle, shared by every export type.
+ *
+ * block_export_add() (QMP block-export-add and --export) validates the common
+ * options, resolves the node and iothread, takes the node (with WRITE if
+ * writable), and calls the type's create().  block_export_del() marks the
+ * export shutting down and calls the type's del() with the mode; the type
+ * finishes the shutdown (now or when its last client leaves) by calling
+ * export_shutdown_done() in the main thread, which releases the node, emits
+ * BLOCK_EXPORT_DELETED and frees the export.
+ *
+ * Remove modes: safe (refused while in use), hard (drop clients now), hide
+ * (no new clients; removed when the last leaves), soft (no new clients;
+ * existing requests answered ESHUTDOWN).
+ */
+#pragma once
+#include <stdbool.h>
+#include <jansson.h>
+#include "util/error.h"
+
+struct bnode;
+struct loop;
+struct iothread;
+
+enum export_remove_mode { EXPORT_DEL_SAFE, EXPORT_DEL_HARD, EXPORT_DEL_HIDE, EXPORT_DEL_SOFT };
+
+struct export;
+
+struct export_type {
+    const char *name;            /* "nbd", "vhost-user-blk", "fuse" */
+    size_t instance_size;        /* >= sizeof(struct export); export first member */
+    /* opts: the validated BlockExportOptions object (type-specific members included). */
+    int  (*create)(struct export *exp, json_t *opts, error **errp);
+    /* True while clients are connected (safe mode refuses then). */
+    bool (*in_use)(struct export *exp);
+    /* Begin shutdown with mode (never SAFE-while-in-use; the registry checked).
+     * Must eventually call export_shutdown_done(exp) in the main thread. */
+    void (*shutdown)(struct export *exp, enum export_remove_mode mode);
+    /* Free type-specific state; called from export_shutdown_done. */
+    void (*free)(struct export *exp);
+};
+
+struct export {
+    char *id;
+    const struct export_type *type;
+    struct bnode *node;
+    bool writable;
+    bool writethrough;
+    bool fixed_iothread;
+    struct iothread *iothread;   /* NULL = main loop */
+    struct loop *loop;           /* where the export runs (iothread's or main) */
+    bool shutting_down;
+    enum export_remove_mode del_mode;
+    struct export *next;
+};
+
+void export_type_register(const struct export_type *t);
+int  block_export_add(json_t *opts, error **errp);
+int  block_export_del(const char *id, enum export_remove_mode mode, error **errp);
+struct export *export_find(const char *id);
+struct export *export_first(void);   /* iterate with ->next */
+json_t *query_block_exports(void);
+void export_shutdown_done(struct export *exp);
+/* Hard-delete every export (quit / SIGTERM); calls back when all are gone. */
+void exports_shutdown_all(void (*all_done)(void *), void *opaque);
+int  export_remove_mode_parse(const char *s);   /* -1 if unknown */
+
+#define EXPORT_TYPE_REGISTER(t) \
+    __attribute__((constructor)) static void export_type_register_##t(void) { export_type_register(&t); }

@@ -1,0 +1,39 @@
+/*
+ * User-creatable objects (--object / object-add / object-del): iothread,
+ * tls-creds-*, authz-*, secret.  Each type registers a validator-checked
+ * property set in the QMP schema (ObjectOptions branch) and these hooks.
+ */
+#pragma once
+#include <stdbool.h>
+#include <jansson.h>
+#include "util/error.h"
+
+struct object;
+
+struct object_type {
+    const char *name;                 /* qom-type, e.g. "iothread" */
+    size_t instance_size;             /* >= sizeof(struct object) */
+    /* props: the validated object-add arguments (qom-type and id included). */
+    int  (*complete)(struct object *obj, json_t *props, error **errp);
+    /* Refuse deletion while in use (e.g. TLS creds of a running server). */
+    bool (*can_delete)(struct object *obj, error **errp);
+    void (*finalize)(struct object *obj);
+};
+
+struct object {
+    char *id;
+    const struct object_type *type;
+    int refcnt;                       /* users that pin the object */
+    struct object *next;
+};
+
+void object_type_register(const struct object_type *t);
+int  object_add(json_t *props, error **errp);
+int  object_del(const char *id, error **errp);
+struct object *object_find(const char *id);
+/* Find by id and check the type name; sets a QEMU-like error otherwise. */
+struct object *object_find_typed(const char *id, const char *type, error **errp);
+void objects_delete_all(void);
+
+#define OBJECT_TYPE_REGISTER(t) \
+    __attribute__((constructor)) static void object_type_register_##t(void) { object_type_register(&t); }

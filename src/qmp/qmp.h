@@ -1,0 +1,63 @@
+/*
+ * QMP commands and events.
+ *
+ * A command handler gets its arguments already checked against the schema
+ * (src/qmp/schema-*.c, QAPI syntax): member names, types, enums, defaults
+ * are NOT filled in (absent optional members stay absent, as in QEMU).  It
+ * returns a new reference to the return value (json_object() for "{}"), or
+ * NULL with *errp set.  Handlers run in the main thread.
+ *
+ * Commands register themselves with QMP_COMMAND() next to their code; the
+ * schema must define a command of the same name.
+ */
+#pragma once
+#include <stdbool.h>
+#include <jansson.h>
+#include "util/error.h"
+
+typedef json_t *qmp_cmd_fn(json_t *args, error **errp);
+
+struct qmp_cmd {
+    const char *name;
+    qmp_cmd_fn *fn;
+    struct qmp_cmd *next;
+};
+
+void qmp_register(struct qmp_cmd *cmd);
+const struct qmp_cmd *qmp_find(const char *name);
+const struct qmp_cmd *qmp_first(void);   /* iterate with ->next */
+
+#define QMP_COMMAND(cmdname, func)                                        \
+    static struct qmp_cmd qmp_cmd_##func = { .name = cmdname, .fn = func }; \
+    __attribute__((constructor)) static void qmp_cmd_register_##func(void) \
+    { qmp_register(&qmp_cmd_##func); }
+
+/* Emit an event to every monitor that completed negotiation.  data is
+ * stolen (may be NULL).  Thread-safe: other threads are forwarded to the
+ * main loop. */
+void qmp_event(const char *name, json_t *data);
+
+/* Execute one request object (the monitor's dispatch, also used by tests):
+ * returns the full response object ({"return":..} or {"error":..}, with
+ * "id" echoed), never NULL. */
+json_t *qmp_dispatch(json_t *request, bool negotiated);
+
+/* Set by main: called by the "quit" command after its reply is queued. */
+extern void (*qmp_quit_hook)(void);
+
+/* Helpers for handlers */
+static inline const char *qmp_str(json_t *args, const char *key, const char *dflt)
+{
+    json_t *v = json_object_get(args, key);
+    return json_is_string(v) ? json_string_value(v) : dflt;
+}
+static inline bool qmp_bool(json_t *args, const char *key, bool dflt)
+{
+    json_t *v = json_object_get(args, key);
+    return json_is_boolean(v) ? json_is_true(v) : dflt;
+}
+static inline long long qmp_int(json_t *args, const char *key, long long dflt)
+{
+    json_t *v = json_object_get(args, key);
+    return json_is_integer(v) ? json_integer_value(v) : dflt;
+}

@@ -1,0 +1,46 @@
+/*
+ * File I/O engine.  Requests are submitted from a loop's thread and complete
+ * in that same thread via req->done.  Engines:
+ *   AIO_IO_URING  liburing ring per loop; submissions batched until the loop
+ *                 sleeps; completion via an eventfd watched by the loop.
+ *   AIO_THREADS   a shared worker pool doing preadv/pwritev/...; completions
+ *                 are handed back with loop_call.
+ *   AIO_NATIVE    accepted for QEMU compatibility; served by io_uring.
+ * If io_uring cannot be set up, AIO_IO_URING falls back to AIO_THREADS.
+ * done may be called before aio_submit returns.
+ */
+#pragma once
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+struct loop;
+
+enum aio_kind { AIO_THREADS, AIO_IO_URING, AIO_NATIVE };
+
+enum aio_op {
+    AIO_OP_READ,       /* preadv(fd, iov, iovcnt, offset) */
+    AIO_OP_WRITE,      /* pwritev */
+    AIO_OP_FSYNC,      /* fdatasync */
+    AIO_OP_FALLOCATE,  /* fallocate(fd, mode, offset, len) */
+};
+
+struct aio_req {
+    enum aio_op op;
+    int fd;
+    const struct iovec *iov;
+    int iovcnt;
+    uint64_t offset;
+    uint64_t len;        /* FALLOCATE length; READ/WRITE: total iov bytes */
+    int mode;            /* FALLOCATE mode */
+    /* res: bytes transferred (READ/WRITE) or 0, or -errno. */
+    void (*done)(struct aio_req *req, int64_t res);
+    /* private */
+    struct aio_req *next;
+    struct loop *loop;
+    int64_t res;
+};
+
+void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *req);
+/* "threads" / "io_uring" / "native" -> kind; returns -1 if unknown. */
+int aio_kind_parse(const char *s);
