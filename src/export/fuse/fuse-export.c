@@ -1,0 +1,209 @@
+/*
+ * FUSE export: lifecycle (block-export-add type=fuse, block-export-del).
+ *
+ * Theory of operation.  create() checks the mountpoint the way QEMU does
+ * (it must be an existing regular file, which the mount will shadow), makes
+ * a libfuse low-level session and mounts it there, with allow_other when
+ * asked (auto: try with it, fall back without when the mount refuses), then
+ * starts serving the session fd on the export's loop (fuse-session.c).
+ *
+ * in_use() is true while a file handle on the mount is open, so a safe
+ * block-export-del is refused then; shutdown (hard, or safe when idle, and
+ * quit/SIGTERM through the registry) stops reading requests, lets the ones
+ * in the block layer answer, then unmounts and destroys the session in the
+ * main thread and calls export_shutdown_done().
+ *
+ * A daemon killed with SIGKILL leaves a dead mount behind: stat() on it
+ * fails with ENOTCONN.  The next start reports that with QEMU's message and
+ * a hint to run `fusermount3 -u`.
+ */
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "export/fuse/fuse-export.h"
+#include "util/cleanup.h"
+
+static const struct export_type fuse_export_type;
+
+static struct fuse_export *to_fuse(struct export *e)
+{
+    return container_of(e, struct fuse_export, common);
+}
+
+/* Another live FUSE export of ours on the same path?  Checked before stat():
+ * stat() on our own mount would wait on a loop that may be this thread. */
+static bool mountpoint_taken(struct fuse_export *self, const char *path)
+{
+    for (struct export *e = export_first(); e; e = e->next) {
+        struct fuse_export *o;
+        if (e->type != &fuse_export_type || e == &self->common)
+            continue;
+        o = to_fuse(e);
+        if (o->se && o->mountpoint && strcmp(o->mountpoint, path) == 0)
+            return true;
+    }
+    return false;
+}
+
+static bool check_mountpoint(const char *path, error **errp)
+{
+    struct stat st;
+
+    if (stat(path, &st) < 0) {
+        int err = errno;
+        if (err == ENOTCONN) {
+            error_setg(errp, "Failed to stat '%s': %s (a stale FUSE mount left "
+                       "by a killed daemon? clean it up with 'fusermount3 -u %s')",
+                       path, strerror(err), path);
+        } else {
+            error_setg_errno(errp, err, "Failed to stat '%s'", path);
+        }
+        return false;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        error_setg(errp, "'%s' is not a regular file", path);
+        return false;
+    }
+    return true;
+}
+
+/* The file that holds the data, for st_blocks (as QEMU's allocated size). */
+static char *leaf_file_path(struct bnode *bs)
+{
+    const char *name;
+    json_t *fn;
+
+    while (bs && bs->file)
+        bs = bs->file;
+    if (!bs || !bs->drv || !bs->options)
+        return NULL;
+    name = bs->drv->name;
+    if (strcmp(name, "file") != 0 && strcmp(name, "host_device") != 0)
+        return NULL;
+    fn = json_object_get(bs->options, "filename");
+    return json_is_string(fn) ? strdup(json_string_value(fn)) : NULL;
+}
+
+static int fuse_mount(struct fuse_export *exp, bool allow_other, error **errp)
+{
+    char opts[128];
+    char *argv[] = { (char *)"bexd", (char *)"-o", opts, NULL };
+    struct fuse_args args = FUSE_ARGS_INIT(3, argv);
+    struct fuse_session *se;
+
+    /* max_read must match what op_init() sets. */
+    snprintf(opts, sizeof(opts), "max_read=%u,default_permissions%s",
+             FUSE_RW_MAX, allow_other ? ",allow_other" : "");
+    se = fuse_session_new(&args, &fuse_export_ops, sizeof(fuse_export_ops), exp);
+    fuse_opt_free_args(&args);
+    if (!se) {
+        error_setg(errp, "Failed to set up FUSE session");
+        return -EIO;
+    }
+    if (fuse_session_mount(se, exp->mountpoint) < 0) {
+        fuse_session_destroy(se);
+        error_setg(errp, "Failed to mount FUSE session to export");
+        return -EIO;
+    }
+    exp->se = se;
+    exp->mounted = true;
+    exp->allow_other = allow_other;
+    return 0;
+}
+
+static int fuse_mount_auto(struct fuse_export *exp, const char *mode, error **errp)
+{
+    if (strcmp(mode, "on") == 0)
+        return fuse_mount(exp, true, errp);
+    if (strcmp(mode, "off") == 0)
+        return fuse_mount(exp, false, errp);
+    /* auto: fusermount3 refuses allow_other without user_allow_other */
+    if (fuse_mount(exp, true, NULL) == 0)
+        return 0;
+    return fuse_mount(exp, false, errp);
+}
+
+static void fuse_export_cleanup(struct fuse_export *exp)
+{
+    if (exp->se) {
+        if (exp->mounted)
+            fuse_session_unmount(exp->se);
+        fuse_session_destroy(exp->se);
+        exp->se = NULL;
+        exp->mounted = false;
+    }
+    fuse_session_free_pools(exp);
+    free(exp->mountpoint);
+    exp->mountpoint = NULL;
+    free(exp->alloc_path);
+    exp->alloc_path = NULL;
+}
+
+static int fuse_export_create(struct export *e, json_t *opts, error **errp)
+{
+    struct fuse_export *exp = to_fuse(e);
+    const char *mp = json_string_value(json_object_get(opts, "mountpoint"));
+    const char *ao = json_string_value(json_object_get(opts, "allow-other"));
+    int ret;
+
+    if (!mp) {
+        error_setg(errp, "Parameter 'mountpoint' is missing");
+        return -EINVAL;
+    }
+    if (mountpoint_taken(exp, mp)) {
+        error_setg(errp, "There already is a FUSE export on '%s'", mp);
+        return -EEXIST;
+    }
+    if (!check_mountpoint(mp, errp))
+        return -EINVAL;
+    exp->mountpoint = strdup(mp);
+    if (!exp->mountpoint) {
+        error_setg(errp, "Out of memory");
+        return -ENOMEM;
+    }
+    exp->growable = json_is_true(json_object_get(opts, "growable"));
+    exp->st_mode = S_IFREG | S_IRUSR | (e->writable ? S_IWUSR : 0);
+    exp->st_uid = getuid();
+    exp->st_gid = getgid();
+    exp->alloc_path = leaf_file_path(e->node);
+
+    ret = fuse_mount_auto(exp, ao ? ao : "auto", errp);
+    if (ret < 0) {
+        fuse_export_cleanup(exp);
+        return ret;
+    }
+    fuse_session_start(exp);
+    return 0;
+}
+
+static bool fuse_export_in_use(struct export *e)
+{
+    return __atomic_load_n(&to_fuse(e)->open_handles, __ATOMIC_SEQ_CST) > 0;
+}
+
+static void fuse_export_shutdown(struct export *e, enum export_remove_mode mode)
+{
+    /* Every mode ends the same way for a mount: no new requests, answer
+     * those in flight, unmount (lazily: open handles then see ENOTCONN). */
+    fuse_session_stop(to_fuse(e));
+}
+
+static void fuse_export_free(struct export *e)
+{
+    fuse_export_cleanup(to_fuse(e));
+}
+
+static const struct export_type fuse_export_type = {
+    .name = "fuse",
+    .instance_size = sizeof(struct fuse_export),
+    .create = fuse_export_create,
+    .in_use = fuse_export_in_use,
+    .shutdown = fuse_export_shutdown,
+    .free = fuse_export_free,
+};
+
+EXPORT_TYPE_REGISTER(fuse_export_type);
