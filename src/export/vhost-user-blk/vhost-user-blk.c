@@ -1,0 +1,609 @@
+/*
+ * The vhost-user-blk export: block-export-add type "vhost-user-blk".
+ *
+ * Theory of operation.  create() checks the options in QEMU 7.2's order
+ * and with its messages (logical-block-size, num-queues, address type),
+ * listens on the UNIX socket (or the passed fd) from the main thread, and
+ * hands the listening fd to the export's loop (exp->loop: an iothread's or
+ * the main loop), where everything else runs.
+ *
+ * One front-end at a time, as QEMU: while a client is connected, or while
+ * a disconnected one still has requests in flight, the listening socket is
+ * not watched; when the last request of a dropped client completes, its
+ * memory is unmapped (the vq_mem references), it is freed, and the next
+ * front-end is accepted.  The export is never recreated for a reconnect.
+ *
+ * Data path.  A kick (eventfd readable) pops every available chain into a
+ * preallocated slot of its queue (as many slots as ring entries, so the
+ * data path never allocates) and gives it to the virtio-blk handler, whose
+ * block requests point straight into guest memory.  A completion puts the
+ * head on the used ring at once; the call eventfd is signalled once per
+ * loop iteration per queue (loop_defer), EVENT_IDX permitting.
+ *
+ * A ring the guest broke (bad descriptor, loop, address outside its
+ * memory) gets its bad head completed with length 0, then the front-end is
+ * dropped; other exports are unaffected.
+ *
+ * Shutdown: shutdown() (main thread) forwards to the export's loop, which
+ * stops listening, drops the client (or, for mode hide, waits for it to
+ * leave), and once nothing is in flight calls export_shutdown_done() back
+ * in the main thread.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include "export/export.h"
+#include "export/vhost-user-blk/vhost-user.h"
+#include "export/vhost-user-blk/virtio-blk.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+#include "util/loop.h"
+#include "util/sockets.h"
+#include "qmp/qmp.h"
+
+#define VUB_MAX_IOV 258          /* seg_max + header + status, with room for region splits */
+
+struct vub_queue;
+
+struct vub_slot {
+    struct vblk_req r;           /* first: the handler's request */
+    struct vub_queue *q;
+    struct vq_mem *mem;          /* pins the mapping the iovecs point into */
+    unsigned gen;
+    uint16_t head;
+    struct vub_slot *next_free;
+    struct iovec iov[VUB_MAX_IOV];
+};
+
+struct vub_queue {
+    struct vub_client *cl;
+    struct vu_vq *vq;
+    struct loop_watch *kick_w;
+    struct vub_slot *slots;
+    unsigned nslots, busy;
+    struct vub_slot *free;
+    struct loop_defer notify;
+    bool starved;
+};
+
+struct vub_client {
+    struct vub_export *vx;
+    struct vu_conn conn;
+    int fd;
+    struct loop_watch *sock_w;
+    struct vub_queue *queues;
+    unsigned inflight;
+    bool dead;
+    bool free_queued;
+    struct loop_defer resume;
+};
+
+struct vub_export {
+    struct export exp;           /* first */
+    json_t *addr;
+    int listen_fd;
+    struct loop_watch *listen_w;
+    struct vblk_dev dev;
+    uint8_t wce;                 /* config space wce, as the guest last wrote it */
+    struct vub_client *client;
+    bool client_present;         /* read from the main thread (in_use) */
+    bool stopping;
+    enum export_remove_mode mode;
+};
+
+static void client_drop(struct vub_client *cl, const char *why);
+static void process_queue(struct vub_queue *q);
+static void maybe_finish(struct vub_export *vx);
+
+/* ---- completions -------------------------------------------------------------- */
+
+static void notify_fn(void *opaque)
+{
+    struct vub_queue *q = opaque;
+    struct vu_vq *vq = q->vq;
+
+    if (q->cl->dead || !vq)
+        return;
+    if (vq->q.used && vq->call_fd >= 0 && virtq_should_notify(&vq->q))
+        eventfd_write(vq->call_fd, 1);
+    if (q->starved && vq->started) {
+        q->starved = false;
+        process_queue(q);
+    }
+}
+
+static void schedule_notify(struct vub_queue *q)
+{
+    if (!q->notify.pending)
+        loop_defer(q->cl->vx->exp.loop, &q->notify);
+}
+
+static void client_free_fn(void *opaque);
+
+static void slot_release(struct vub_slot *s)
+{
+    struct vub_queue *q = s->q;
+    struct vub_client *cl = q->cl;
+
+    vq_mem_unref(s->mem);
+    s->mem = NULL;
+    s->next_free = q->free;
+    q->free = s;
+    q->busy--;
+    cl->inflight--;
+    if (cl->dead) {
+        if (cl->inflight == 0 && !cl->free_queued) {
+            cl->free_queued = true;
+            loop_call(cl->vx->exp.loop, client_free_fn, cl);
+        }
+        return;
+    }
+    if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0 && !cl->resume.pending)
+        loop_defer(cl->vx->exp.loop, &cl->resume);
+}
+
+/* Put a head on the used ring, unless the ring was forgotten meanwhile. */
+static void slot_push(struct vub_slot *s, uint32_t len)
+{
+    struct vub_queue *q = s->q;
+
+    if (!q->cl->dead && s->gen == q->vq->gen && q->vq->q.used) {
+        virtq_push(&q->vq->q, s->head, len);
+        schedule_notify(q);
+    }
+}
+
+static void slot_complete(struct vblk_req *r)
+{
+    struct vub_slot *s = (struct vub_slot *)r;
+
+    slot_push(s, r->in_len);
+    slot_release(s);
+}
+
+/* ---- request intake -------------------------------------------------------------- */
+
+static struct vub_slot *slot_get(struct vub_queue *q)
+{
+    struct vub_slot *s = q->free;
+
+    q->free = s->next_free;
+    q->busy++;
+    q->cl->inflight++;
+    s->q = q;
+    s->gen = q->vq->gen;
+    s->mem = q->cl->conn.mem;
+    vq_mem_ref(s->mem);
+    return s;
+}
+
+/* Returns false when the queue is broken (the client is being dropped). */
+static bool pop_one(struct vub_queue *q, bool *empty)
+{
+    struct vub_client *cl = q->cl;
+    struct vub_slot *s = q->free;
+    struct virtq_elem e = { .iov = s->iov, .max_iov = VUB_MAX_IOV };
+    int r = virtq_pop(&q->vq->q, cl->conn.mem, &e);
+
+    *empty = r == 0;
+    if (r == 0)
+        return true;
+    if (r == -EPROTO) {
+        client_drop(cl, "virtqueue avail ring is corrupt");
+        return false;
+    }
+    s = slot_get(q);
+    s->head = e.head;
+    if (r < 0) {
+        log_warn("vhost-user-blk: %s: queue %u: bad descriptor chain at head %u (%s)",
+                 cl->vx->exp.id, q->vq->idx, e.head, strerror(-r));
+        slot_push(s, 0);
+        slot_release(s);
+        client_drop(cl, "malformed descriptor chain");
+        return false;
+    }
+    s->r.complete = slot_complete;
+    if (vblk_handle(&cl->vx->dev, &s->r, s->iov, e.out_num, e.in_num) < 0) {
+        log_warn("vhost-user-blk: %s: queue %u: request without header or status byte",
+                 cl->vx->exp.id, q->vq->idx);
+        slot_push(s, 0);
+        slot_release(s);
+    }
+    return true;
+}
+
+static void process_queue(struct vub_queue *q)
+{
+    struct vub_client *cl = q->cl;
+    bool empty = false;
+
+    for (;;) {
+        while (q->free && !cl->dead && q->vq->started) {
+            if (!pop_one(q, &empty))
+                return;
+            if (empty)
+                break;
+        }
+        if (cl->dead || !q->vq->started)
+            return;
+        if (!q->free) {
+            q->starved = true;      /* resumed by the next completion's notify */
+            schedule_notify(q);
+            return;
+        }
+        if (!virtq_enable_kick(&q->vq->q))
+            return;
+    }
+}
+
+static void kick_cb(void *opaque, uint32_t revents)
+{
+    struct vub_queue *q = opaque;
+    uint64_t v;
+    ssize_t n = read(q->vq->kick_fd, &v, sizeof(v));
+
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        client_drop(q->cl, "kick fd closed or failed");
+        return;
+    }
+    process_queue(q);
+}
+
+/* ---- device ops (called from vu_conn_readable) ------------------------------------ */
+
+static uint64_t op_features(void *opaque)
+{
+    struct vub_client *cl = opaque;
+    return vblk_features(&cl->vx->dev);
+}
+
+static void op_get_config(void *opaque, uint8_t *buf, uint32_t len)
+{
+    struct vub_client *cl = opaque;
+    struct virtio_blk_config cfg;
+
+    vblk_config(&cl->vx->dev, &cfg);
+    cfg.wce = cl->vx->wce;
+    memcpy(buf, &cfg, MIN(len, sizeof(cfg)));
+}
+
+static int op_set_config(void *opaque, const uint8_t *data, uint32_t offset,
+                         uint32_t size, uint32_t flags)
+{
+    struct vub_client *cl = opaque;
+
+    /* Only the front-end's write of wce, as QEMU (no migration). */
+    if (flags != 0 || offset != offsetof(struct virtio_blk_config, wce) || size != 1)
+        return -EINVAL;
+    cl->vx->wce = data[0];
+    cl->vx->dev.write_cache = data[0] != 0;
+    return 0;
+}
+
+static int queue_slots(struct vub_queue *q, unsigned num)
+{
+    if (q->nslots >= num)
+        return 0;
+    if (q->busy)
+        return -EBUSY;
+    struct vub_slot *s = calloc(num, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    free(q->slots);
+    q->slots = s;
+    q->nslots = num;
+    q->free = NULL;
+    for (unsigned i = 0; i < num; i++) {
+        s[i].q = q;
+        s[i].next_free = q->free;
+        q->free = &s[i];
+    }
+    return 0;
+}
+
+static int op_queue_start(void *opaque, struct vu_vq *vq)
+{
+    struct vub_client *cl = opaque;
+    struct vub_queue *q = &cl->queues[vq->idx];
+    int r;
+
+    if (cl->dead)
+        return -EIO;
+    q->vq = vq;
+    vq->priv = q;
+    r = queue_slots(q, vq->num);
+    if (r < 0)
+        return r;
+    fcntl(vq->kick_fd, F_SETFL, fcntl(vq->kick_fd, F_GETFL) | O_NONBLOCK);
+    q->kick_w = loop_watch_fd(cl->vx->exp.loop, vq->kick_fd, LOOP_IN, kick_cb, q);
+    if (!q->kick_w)
+        return -EINVAL;
+    process_queue(q);     /* the guest may have queued requests already */
+    return 0;
+}
+
+static void op_queue_stop(void *opaque, struct vu_vq *vq)
+{
+    struct vub_client *cl = opaque;
+    struct vub_queue *q = &cl->queues[vq->idx];
+
+    if (q->kick_w)
+        loop_watch_del(q->kick_w);
+    q->kick_w = NULL;
+    q->starved = false;
+}
+
+static const struct vu_dev_ops vub_ops = {
+    .features = op_features,
+    .get_config = op_get_config,
+    .set_config = op_set_config,
+    .queue_start = op_queue_start,
+    .queue_stop = op_queue_stop,
+};
+
+/* ---- client lifetime -------------------------------------------------------------- */
+
+static void client_sock_cb(void *opaque, uint32_t revents)
+{
+    struct vub_client *cl = opaque;
+    int r = vu_conn_readable(&cl->conn);
+
+    if (r < 0) {
+        client_drop(cl, r == -ECONNRESET ? NULL : cl->conn.last_error ?
+                    cl->conn.last_error : strerror(-r));
+        return;
+    }
+    if (cl->conn.blocked_vq >= 0)
+        loop_watch_set(cl->sock_w, 0);      /* until that ring drained */
+}
+
+/* The ring GET_VRING_BASE waits for is idle: answer, read again. */
+static void resume_fn(void *opaque)
+{
+    struct vub_client *cl = opaque;
+
+    if (cl->dead || cl->conn.blocked_vq < 0)
+        return;
+    if (vu_conn_unblock(&cl->conn) < 0) {
+        client_drop(cl, "could not send reply");
+        return;
+    }
+    loop_watch_set(cl->sock_w, LOOP_IN);
+    client_sock_cb(cl, LOOP_IN);
+}
+
+static void client_free_fn(void *opaque)
+{
+    struct vub_client *cl = opaque;
+    struct vub_export *vx = cl->vx;
+
+    for (unsigned i = 0; i < cl->conn.nvqs; i++) {
+        if (cl->queues[i].notify.pending || cl->resume.pending) {   /* let the deferred work run first */
+            loop_call(vx->exp.loop, client_free_fn, cl);
+            return;
+        }
+    }
+    vu_conn_destroy(&cl->conn);     /* unmaps guest memory: nothing is in flight */
+    for (unsigned i = 0; i < cl->conn.nvqs; i++)
+        free(cl->queues[i].slots);
+    free(cl->queues);
+    close(cl->fd);
+    free(cl);
+    vx->client = NULL;
+    __atomic_store_n(&vx->client_present, false, __ATOMIC_SEQ_CST);
+    if (vx->stopping)
+        maybe_finish(vx);
+    else if (vx->listen_w)
+        loop_watch_set(vx->listen_w, LOOP_IN);
+}
+
+static void client_drop(struct vub_client *cl, const char *why)
+{
+    if (cl->dead)
+        return;
+    if (why)
+        log_warn("vhost-user-blk: %s: dropping front-end: %s", cl->vx->exp.id, why);
+    cl->dead = true;
+    for (unsigned i = 0; i < cl->conn.nvqs; i++)
+        op_queue_stop(cl, &cl->conn.vqs[i]);
+    if (cl->sock_w)
+        loop_watch_del(cl->sock_w);
+    cl->sock_w = NULL;
+    shutdown(cl->fd, SHUT_RDWR);
+    if (cl->inflight == 0 && !cl->free_queued) {
+        cl->free_queued = true;
+        loop_call(cl->vx->exp.loop, client_free_fn, cl);
+    }
+}
+
+static struct vub_client *client_new(struct vub_export *vx, int fd)
+{
+    struct vub_client *cl = calloc(1, sizeof(*cl));
+
+    if (!cl)
+        return NULL;
+    cl->vx = vx;
+    cl->fd = fd;
+    if (vu_conn_init(&cl->conn, fd, vx->dev.num_queues, &vub_ops, cl) < 0)
+        goto fail;
+    cl->queues = calloc(cl->conn.nvqs, sizeof(*cl->queues));
+    if (!cl->queues)
+        goto fail;
+    for (unsigned i = 0; i < cl->conn.nvqs; i++) {
+        cl->queues[i].cl = cl;
+        cl->queues[i].vq = &cl->conn.vqs[i];
+        cl->queues[i].notify.fn = notify_fn;
+        cl->queues[i].notify.opaque = &cl->queues[i];
+    }
+    cl->resume.fn = resume_fn;
+    cl->resume.opaque = cl;
+    cl->sock_w = loop_watch_fd(vx->exp.loop, fd, LOOP_IN, client_sock_cb, cl);
+    if (!cl->sock_w)
+        goto fail;
+    return cl;
+fail:
+    vu_conn_destroy(&cl->conn);
+    free(cl->queues);
+    free(cl);
+    return NULL;
+}
+
+static void listen_cb(void *opaque, uint32_t revents)
+{
+    struct vub_export *vx = opaque;
+    int fd;
+
+    if (vx->client || vx->stopping) {
+        loop_watch_set(vx->listen_w, 0);
+        return;
+    }
+    fd = accept4(vx->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE)
+            log_warn("vhost-user-blk: %s: accept: %s", vx->exp.id, strerror(errno));
+        return;
+    }
+    vx->client = client_new(vx, fd);
+    if (!vx->client) {
+        close(fd);
+        return;
+    }
+    __atomic_store_n(&vx->client_present, true, __ATOMIC_SEQ_CST);
+    loop_watch_set(vx->listen_w, 0);    /* one front-end at a time */
+}
+
+/* ---- export type ----------------------------------------------------------------- */
+
+static void start_listen_fn(void *opaque)
+{
+    struct vub_export *vx = opaque;
+
+    if (vx->stopping)
+        return;
+    vx->listen_w = loop_watch_fd(vx->exp.loop, vx->listen_fd, LOOP_IN, listen_cb, vx);
+    if (!vx->listen_w)
+        log_error("vhost-user-blk: %s: cannot watch the listening socket", vx->exp.id);
+}
+
+static bool check_block_size(const char *id, int64_t v, error **errp)
+{
+    if (v < 512 || v > 2 * 1024 * 1024) {
+        error_setg(errp, "Property %s.logical-block-size doesn't take value %lld "
+                   "(minimum: 512, maximum: 2097152)", id, (long long)v);
+        return false;
+    }
+    if (v & (v - 1)) {
+        error_setg(errp, "Property %s.logical-block-size doesn't take value '%lld', "
+                   "it's not a power of 2", id, (long long)v);
+        return false;
+    }
+    return true;
+}
+
+static int vub_create(struct export *exp, json_t *opts, error **errp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+    json_t *addr = json_object_get(opts, "addr");
+    long long lbs = qmp_int(opts, "logical-block-size", 512);
+    long long nq = qmp_int(opts, "num-queues", 1);
+    const char *type;
+    int fds[2];
+
+    vx->listen_fd = -1;
+    if (!check_block_size(exp->id, lbs, errp))
+        return -EINVAL;
+    if (nq == 0) {
+        error_setg(errp, "num-queues must be greater than 0");
+        return -EINVAL;
+    }
+    type = json_string_value(json_object_get(addr, "type"));
+    if (!type || (strcmp(type, "unix") && strcmp(type, "fd"))) {
+        error_setg(errp, "Only socket address types 'unix' and 'fd' are supported");
+        return -EINVAL;
+    }
+    int n = socket_listen(addr, 1, fds, 2, errp);
+    if (n < 0)
+        return -EADDRNOTAVAIL;
+    for (int i = 1; i < n; i++)
+        close(fds[i]);
+    vx->listen_fd = fds[0];
+    vx->addr = json_deep_copy(addr);
+    vx->dev.bs = exp->node;
+    vx->dev.loop = exp->loop;
+    vx->dev.blk_size = lbs;
+    vx->dev.num_queues = nq;
+    vx->dev.writable = exp->writable;
+    vx->dev.write_cache = !exp->writethrough;
+    vx->wce = 0;
+    loop_call(exp->loop, start_listen_fn, vx);
+    return 0;
+}
+
+static bool vub_in_use(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+    return __atomic_load_n(&vx->client_present, __ATOMIC_SEQ_CST);
+}
+
+static void done_main_fn(void *opaque)
+{
+    struct vub_export *vx = opaque;
+    export_shutdown_done(&vx->exp);
+}
+
+static void maybe_finish(struct vub_export *vx)
+{
+    if (vx->client)
+        return;
+    loop_call(loop_main(), done_main_fn, vx);
+}
+
+static void stop_fn(void *opaque)
+{
+    struct vub_export *vx = opaque;
+
+    vx->stopping = true;
+    if (vx->listen_w)
+        loop_watch_del(vx->listen_w);
+    vx->listen_w = NULL;
+    if (vx->listen_fd >= 0)
+        close(vx->listen_fd);
+    vx->listen_fd = -1;
+    if (vx->addr)
+        socket_address_cleanup(vx->addr);
+    if (vx->client && vx->mode != EXPORT_DEL_HIDE)
+        client_drop(vx->client, NULL);
+    maybe_finish(vx);
+}
+
+static void vub_shutdown(struct export *exp, enum export_remove_mode mode)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+
+    vx->mode = mode;
+    loop_call(exp->loop, stop_fn, vx);
+}
+
+static void vub_free(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+
+    if (vx->listen_fd >= 0)
+        close(vx->listen_fd);
+    json_decref(vx->addr);
+}
+
+static const struct export_type vhost_user_blk_type = {
+    .name = "vhost-user-blk",
+    .instance_size = sizeof(struct vub_export),
+    .create = vub_create,
+    .in_use = vub_in_use,
+    .shutdown = vub_shutdown,
+    .free = vub_free,
+};
+EXPORT_TYPE_REGISTER(vhost_user_blk_type)
