@@ -1,0 +1,96 @@
+/*
+ * Block status for NBD: base:allocation and qemu:allocation-depth extents,
+ * and the data/zero runs used to send holes in structured READ replies.
+ * Answers are bounded (a maximum number of descriptors per context, one
+ * with REQ_ONE), so a client asking about a huge range gets a partial
+ * answer in bounded time and memory and asks again.
+ */
+#include <endian.h>
+#include <errno.h>
+#include "util/cleanup.h"
+#include "nbd-internal.h"
+
+static uint32_t extent_value(int ctx, unsigned flags, int depth)
+{
+    if (ctx == NBD_META_ID_ALLOCATION_DEPTH)
+        return depth < 0 ? 0 : (uint32_t)depth;
+    return ((flags & BS_DATA) ? 0 : NBD_STATE_HOLE) |
+           ((flags & BS_ZERO) ? NBD_STATE_ZERO : 0);
+}
+
+int nbd_block_status_extents(struct nbd_export *exp, int ctx, uint64_t offset,
+                             uint64_t len, bool req_one,
+                             struct nbd_block_descriptor *ext, int max)
+{
+    struct bnode *bs = exp->common.node;
+    uint64_t end = offset + len;
+    int n = 0;
+
+    while (offset < end) {
+        uint64_t pnum = 0;
+        unsigned flags = 0;
+        int depth = 0;
+        int r = bnode_block_status(bs, offset, end - offset, &pnum, &flags, &depth);
+        uint32_t v;
+
+        if (r < 0 || pnum == 0) {
+            if (n > 0)
+                break;   /* report what we have; the client asks again */
+            return r < 0 ? r : -EIO;
+        }
+        pnum = MIN(pnum, end - offset);
+        v = extent_value(ctx, flags, depth);
+        if (n > 0 && ext[n - 1].status_flags == v) {
+            ext[n - 1].length += pnum;
+        } else {
+            if (n == max)
+                break;
+            ext[n].length = pnum;
+            ext[n].status_flags = v;
+            n++;
+        }
+        offset += pnum;
+        if (req_one)
+            break;
+    }
+    for (int i = 0; i < n; i++) {
+        ext[i].length = htobe32(ext[i].length);
+        ext[i].status_flags = htobe32(ext[i].status_flags);
+    }
+    return n;
+}
+
+int nbd_read_extents(struct nbd_export *exp, uint64_t offset, uint64_t len,
+                     uint64_t *run_len, bool *run_zero, int max)
+{
+    struct bnode *bs = exp->common.node;
+    uint64_t pos = 0;
+    int n = 0;
+
+    while (pos < len) {
+        uint64_t pnum = 0;
+        unsigned flags = 0;
+        int depth = 0;
+        bool zero;
+
+        if (bnode_block_status(bs, offset + pos, len - pos, &pnum, &flags, &depth) < 0 ||
+            pnum == 0)
+            return -EIO;
+        pnum = MIN(pnum, len - pos);
+        zero = flags & BS_ZERO;
+        if (n > 0 && run_zero[n - 1] == zero) {
+            run_len[n - 1] += pnum;
+        } else if (n == max) {
+            /* out of chunks: the rest goes out as data */
+            run_zero[n - 1] = false;
+            run_len[n - 1] += len - pos;
+            return n;
+        } else {
+            run_len[n] = pnum;
+            run_zero[n] = zero;
+            n++;
+        }
+        pos += pnum;
+    }
+    return n;
+}

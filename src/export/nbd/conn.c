@@ -1,0 +1,421 @@
+/*
+ * NBD connections: lifetime, transport and output.
+ *
+ * Theory of operation.  A connection is created by the accept handler in the
+ * main loop with one reference, owned by its socket.  nbd_conn_close(reason)
+ * is the single way to end it: it shuts the socket down, drops queued
+ * replies and the socket's reference.  Everything else that may outlive a
+ * callback (an in-flight block request, a queued loop_defer, a loop_call to
+ * another thread) holds its own reference, so a handler may close its own
+ * connection and an export or the server may go away with requests in
+ * flight: the last nbd_conn_unref() (always in the connection's loop) frees
+ * the I/O state, then nbd_conn_finalize() in the main loop unlinks it from
+ * the server and its export.  Only the main thread changes c->loop, so the
+ * main thread can always post to the right loop.
+ *
+ * Output: handshake replies go to a byte buffer; transmission replies are
+ * request slots queued in order of completion.  nbd_conn_flush() sends both
+ * with one vectored send per call, remembering how far a short write got.
+ * Transmission flushes are deferred to the end of the loop iteration so that
+ * replies completing together leave in one sendmsg.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include "util/cleanup.h"
+#include "util/log.h"
+#include "nbd-internal.h"
+
+/* ---- plain socket transport ---- */
+
+static ssize_t plain_recv(struct nbd_conn *c, void *buf, size_t len)
+{
+    ssize_t n;
+    do {
+        n = recv(c->fd, buf, len, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    return n;
+}
+
+static ssize_t plain_sendv(struct nbd_conn *c, const struct iovec *iov, int iovcnt)
+{
+    struct msghdr msg = { .msg_iov = (struct iovec *)iov, .msg_iovlen = iovcnt };
+    ssize_t n;
+    do {
+        n = sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    return n;
+}
+
+static void plain_shutdown(struct nbd_conn *c)
+{
+    if (c->fd >= 0)
+        shutdown(c->fd, SHUT_RDWR);
+}
+
+static void plain_close(struct nbd_conn *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+}
+
+const struct nbd_transport nbd_plain_transport = {
+    .recv = plain_recv, .sendv = plain_sendv,
+    .shutdown = plain_shutdown, .close = plain_close,
+};
+
+/* ---- references ---- */
+
+void nbd_conn_ref(struct nbd_conn *c)
+{
+    __atomic_add_fetch(&c->refcnt, 1, __ATOMIC_ACQ_REL);
+}
+
+/* Take a reference unless teardown has begun. */
+bool nbd_conn_tryref(struct nbd_conn *c)
+{
+    int old = __atomic_load_n(&c->refcnt, __ATOMIC_ACQUIRE);
+    while (old > 0) {
+        if (__atomic_compare_exchange_n(&c->refcnt, &old, old + 1, false,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return true;
+    }
+    return false;
+}
+
+static void nbd_conn_finalize(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+    struct nbd_conn **pp;
+
+    for (pp = &nbd_srv.conns; *pp; pp = &(*pp)->next) {
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    }
+    nbd_srv.nconns--;
+    if (c->exp)
+        nbd_export_client_gone(c->exp);
+    free(c->peer);
+    free(c);
+}
+
+static void nbd_conn_destroy(struct nbd_conn *c)
+{
+    if (c->watch)
+        loop_watch_del(c->watch);
+    c->watch = NULL;
+    c->tr->close(c);
+    nbd_slots_free(c);
+    free(c->rx);
+    free(c->hs_buf);
+    free(c->out);
+    c->rx = c->hs_buf = c->out = NULL;
+    if (loop_in_thread(loop_main()))
+        nbd_conn_finalize(c);
+    else
+        loop_call(loop_main(), nbd_conn_finalize, c);
+}
+
+void nbd_conn_unref(struct nbd_conn *c)
+{
+    if (__atomic_sub_fetch(&c->refcnt, 1, __ATOMIC_ACQ_REL) == 0)
+        nbd_conn_destroy(c);
+}
+
+/* ---- watch ---- */
+
+void nbd_conn_update_watch(struct nbd_conn *c)
+{
+    uint32_t ev = 0;
+
+    if (!c->watch)
+        return;
+    if (c->state != CONN_CLOSED) {
+        if (!c->rx_paused && !c->disc && !c->rx_eof)
+            ev |= LOOP_IN;
+        if (c->want_out)
+            ev |= LOOP_OUT;
+    }
+    if (loop_watch_events(c->watch) != ev)
+        loop_watch_set(c->watch, ev);
+}
+
+static void nbd_conn_io(void *opaque, uint32_t revents)
+{
+    struct nbd_conn *c = opaque;
+
+    nbd_conn_ref(c);
+    if ((revents & LOOP_OUT) && c->state != CONN_CLOSED)
+        nbd_conn_flush(c);
+    if ((revents & (LOOP_IN | EPOLLHUP | EPOLLERR)) && c->state != CONN_CLOSED) {
+        if (c->state == CONN_HANDSHAKE)
+            nbd_handshake_readable(c);
+        else
+            nbd_transmission_readable(c);
+    }
+    nbd_conn_unref(c);
+}
+
+/* ---- creation and closing ---- */
+
+struct nbd_conn *nbd_conn_new(int fd, const char *peer)
+{
+    struct nbd_conn *c = calloc(1, sizeof(*c));
+
+    if (!c)
+        return NULL;
+    c->refcnt = 1;
+    c->fd = fd;
+    c->tr = &nbd_plain_transport;
+    c->loop = loop_main();
+    c->peer = strdup(peer ? peer : "?");
+    c->hs_buf = malloc(NBD_MAX_OPT_LEN + 64);
+    if (!c->peer || !c->hs_buf) {
+        free(c->peer);
+        free(c->hs_buf);
+        free(c);
+        return NULL;
+    }
+    c->watch = loop_watch_fd(c->loop, fd, LOOP_IN, nbd_conn_io, c);
+    c->next = nbd_srv.conns;
+    nbd_srv.conns = c;
+    nbd_srv.nconns++;
+    nbd_handshake_start(c);
+    return c;
+}
+
+void nbd_conn_close(struct nbd_conn *c, const char *reason)
+{
+    struct nbd_slot *s, *next;
+
+    if (c->state == CONN_CLOSED)
+        return;
+    log_debug("nbd: closing connection from %s: %s", c->peer, reason);
+    c->state = CONN_CLOSED;
+    c->tr->shutdown(c);
+    if (c->watch)
+        loop_watch_del(c->watch);
+    c->watch = NULL;
+    if (c->hs_timer)
+        loop_timer_free(c->hs_timer);
+    c->hs_timer = NULL;
+    /* replies that can no longer be sent; in-flight I/O keeps its slot */
+    for (s = c->reply_head; s; s = next) {
+        next = s->next;
+        nbd_slot_release(s);
+    }
+    c->reply_head = c->reply_tail = NULL;
+    if (c->rx_slot)
+        nbd_slot_release(c->rx_slot);
+    c->rx_slot = NULL;
+    nbd_conn_unref(c);   /* the socket's reference */
+}
+
+static void nbd_conn_close_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+    nbd_conn_close(c, "export or server shut down");
+    nbd_conn_unref(c);
+}
+
+/* Main thread: close a connection whatever loop it runs in. */
+void nbd_conn_close_remote(struct nbd_conn *c, const char *reason)
+{
+    if (c->loop == loop_main()) {
+        nbd_conn_close(c, reason);
+        return;
+    }
+    if (nbd_conn_tryref(c))
+        loop_call(c->loop, nbd_conn_close_cb, c);
+}
+
+/* ---- moving to the export's loop after NBD_OPT_GO ---- */
+
+static void nbd_conn_attach_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+
+    if (c->state != CONN_CLOSED) {
+        c->watch = loop_watch_fd(c->loop, c->fd, 0, nbd_conn_io, c);
+        if (c->out_sent < c->out_len)
+            nbd_conn_flush(c);
+        nbd_conn_update_watch(c);
+        nbd_transmission_kick(c);
+    }
+    nbd_conn_unref(c);
+}
+
+void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp)
+{
+    struct loop *target = exp->common.loop ? exp->common.loop : loop_main();
+
+    c->exp = exp;
+    exp->nclients++;
+    if (c->hs_timer)
+        loop_timer_free(c->hs_timer);
+    c->hs_timer = NULL;
+    free(c->hs_buf);
+    c->hs_buf = NULL;
+    if (nbd_transmission_init(c) < 0) {
+        nbd_conn_close(c, "out of memory");
+        return;
+    }
+    c->state = CONN_TRANSMISSION;
+    nbd_conn_flush(c);
+    if (c->state == CONN_CLOSED)
+        return;
+    if (target == c->loop) {
+        nbd_conn_update_watch(c);
+        return;
+    }
+    if (c->watch)
+        loop_watch_del(c->watch);
+    c->watch = NULL;
+    c->loop = target;
+    nbd_conn_ref(c);
+    loop_call(target, nbd_conn_attach_cb, c);
+}
+
+/* ---- output ---- */
+
+int nbd_out_append(struct nbd_conn *c, const void *data, size_t len)
+{
+    if (c->out_len + len > c->out_cap) {
+        size_t cap = MAX(c->out_cap * 2, c->out_len + len + 256);
+        uint8_t *p = realloc(c->out, cap);
+        if (!p)
+            return -ENOMEM;
+        c->out = p;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, data, len);
+    c->out_len += len;
+    return 0;
+}
+
+/* Gather the unsent output into iov; returns the number of entries. */
+static int nbd_conn_gather(struct nbd_conn *c, struct iovec *iov, size_t *total)
+{
+    int n = 0;
+    size_t skip = c->reply_off;
+    struct nbd_slot *s;
+
+    *total = 0;
+    if (c->out_sent < c->out_len) {
+        iov[n].iov_base = c->out + c->out_sent;
+        iov[n].iov_len = c->out_len - c->out_sent;
+        *total += iov[n++].iov_len;
+    }
+    for (s = c->reply_head; s && n < NBD_SEND_IOV; s = s->next) {
+        for (int i = 0; i < s->iovcnt && n < NBD_SEND_IOV; i++) {
+            size_t len = s->iov[i].iov_len;
+            if (skip >= len) {
+                skip -= len;
+                continue;
+            }
+            iov[n].iov_base = (char *)s->iov[i].iov_base + skip;
+            iov[n].iov_len = len - skip;
+            skip = 0;
+            *total += iov[n++].iov_len;
+        }
+    }
+    return n;
+}
+
+static size_t slot_reply_len(const struct nbd_slot *s)
+{
+    size_t len = 0;
+    for (int i = 0; i < s->iovcnt; i++)
+        len += s->iov[i].iov_len;
+    return len;
+}
+
+/* Account n sent bytes: handshake output first, then queued replies. */
+static void nbd_conn_consume(struct nbd_conn *c, size_t n)
+{
+    size_t k = MIN(n, c->out_len - c->out_sent);
+
+    c->out_sent += k;
+    n -= k;
+    if (c->out_sent == c->out_len)
+        c->out_sent = c->out_len = 0;
+    while (n > 0 && c->reply_head) {
+        struct nbd_slot *s = c->reply_head;
+        size_t left = slot_reply_len(s) - c->reply_off;
+        if (n < left) {
+            c->reply_off += n;
+            return;
+        }
+        n -= left;
+        c->reply_off = 0;
+        c->reply_head = s->next;
+        if (!c->reply_head)
+            c->reply_tail = NULL;
+        nbd_slot_release(s);
+    }
+}
+
+void nbd_conn_flush(struct nbd_conn *c)
+{
+    struct iovec iov[NBD_SEND_IOV];
+
+    while (c->state != CONN_CLOSED) {
+        size_t total;
+        int n = nbd_conn_gather(c, iov, &total);
+        ssize_t r;
+
+        if (n == 0) {
+            c->want_out = false;
+            break;
+        }
+        r = c->tr->sendv(c, iov, n);
+        if (r == -EAGAIN) {
+            c->want_out = true;
+            break;
+        }
+        if (r < 0) {
+            nbd_conn_close(c, "write error");
+            return;
+        }
+        nbd_conn_consume(c, r);
+        if ((size_t)r < total) {
+            c->want_out = true;
+            break;
+        }
+    }
+    if (c->state == CONN_CLOSED)
+        return;
+    if (c->state == CONN_TRANSMISSION && !c->want_out &&
+        (c->disc || c->rx_eof) && c->busy_slots == 0) {
+        nbd_conn_close(c, c->disc ? "client disconnected" : "client closed");
+        return;
+    }
+    nbd_conn_update_watch(c);
+}
+
+static void nbd_conn_flush_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+    nbd_conn_flush(c);
+    nbd_conn_unref(c);
+}
+
+void nbd_conn_schedule_flush(struct nbd_conn *c)
+{
+    if (c->flush_defer.pending || c->want_out)
+        return;   /* already queued, or waiting for LOOP_OUT */
+    nbd_conn_ref(c);
+    c->flush_defer.fn = nbd_conn_flush_cb;
+    c->flush_defer.opaque = c;
+    loop_defer(c->loop, &c->flush_defer);
+}

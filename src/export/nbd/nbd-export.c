@@ -1,0 +1,247 @@
+/*
+ * The "nbd" export type (block-export-add type=nbd, --export type=nbd,
+ * deprecated nbd-server-add / nbd-server-remove).
+ *
+ * Theory of operation.  The registry (export/export.h) resolves the node
+ * and the loop and calls create(); an NBD export adds a name, an optional
+ * description and the allocation-depth context, and is visible to new
+ * clients by name.  Removal: shutdown() hides it at once (a new export may
+ * take the name); hard closes every attached connection, soft makes further
+ * requests fail with ESHUTDOWN, hide just waits.  The export is finished
+ * (export_shutdown_done, from the main loop) when its last connection has
+ * been finalized, so no connection ever sees a freed export.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+#include "export/nbd/nbd.h"
+#include "nbd-internal.h"
+
+static struct nbd_export *nbd_exports;   /* creation order (main thread) */
+
+struct nbd_export *nbd_export_first(void)
+{
+    return nbd_exports;
+}
+
+struct nbd_export *nbd_export_lookup(const char *name)
+{
+    for (struct nbd_export *e = nbd_exports; e; e = e->next)
+        if (!e->hidden && strcmp(e->name, name) == 0)
+            return e;
+    return NULL;
+}
+
+static uint16_t nbd_export_flags(struct nbd_export *exp)
+{
+    /* as QEMU 7.2: flush/FUA/cache always, multi-conn since every
+     * connection shares the one node (a flush covers them all) */
+    uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
+                 NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN;
+    if (exp->common.writable)
+        f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+    else
+        f |= NBD_FLAG_READ_ONLY;
+    return f;
+}
+
+static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
+{
+    struct nbd_export *exp = (struct nbd_export *)e;
+    const char *name = qmp_str(opts, "name", qmp_str(opts, "node-name", e->node->node_name));
+    const char *desc = qmp_str(opts, "description", NULL);
+    json_t *bitmaps = json_object_get(opts, "bitmaps");
+    struct nbd_export **pp;
+    uint32_t align;
+
+    if (!nbd_srv.running) {
+        error_setg(errp, "NBD server not running");
+        return -1;
+    }
+    if (strlen(name) > NBD_MAX_STRING_SIZE) {
+        error_setg(errp, "export name '%s' too long", name);
+        return -1;
+    }
+    if (desc && strlen(desc) > NBD_MAX_STRING_SIZE) {
+        error_setg(errp, "description '%s' too long", desc);
+        return -1;
+    }
+    if (nbd_export_lookup(name)) {
+        error_setg(errp, "NBD server already has export named '%s'", name);
+        return -1;
+    }
+    if (json_is_array(bitmaps) && json_array_size(bitmaps) > 0) {
+        /* no dirty bitmaps exist in bexd yet */
+        const char *b = json_string_value(json_array_get(bitmaps, 0));
+        error_setg(errp, "Bitmap '%s' is not found", b ? b : "");
+        return -1;
+    }
+    exp->name = strdup(name);
+    exp->description = desc ? strdup(desc) : NULL;
+    if (!exp->name || (desc && !exp->description)) {
+        free(exp->name);
+        free(exp->description);
+        error_setg(errp, "out of memory");
+        return -1;
+    }
+    exp->alloc_depth = qmp_bool(opts, "allocation-depth", false);
+    align = e->node->request_alignment ? e->node->request_alignment : 1;
+    exp->min_block = align;
+    exp->max_block = NBD_MAX_BUFFER_SIZE;
+    if (e->node->max_transfer && e->node->max_transfer < exp->max_block)
+        exp->max_block = e->node->max_transfer;
+    exp->max_block -= exp->max_block % align;
+    exp->eflags = nbd_export_flags(exp);
+    for (pp = &nbd_exports; *pp; pp = &(*pp)->next)
+        ;
+    *pp = exp;
+    return 0;
+}
+
+static bool nbd_exp_in_use(struct export *e)
+{
+    return ((struct nbd_export *)e)->nclients > 0;
+}
+
+static void nbd_exp_done_cb(void *opaque)
+{
+    export_shutdown_done(opaque);
+}
+
+static void nbd_exp_maybe_done(struct nbd_export *exp)
+{
+    if (exp->hidden && exp->nclients == 0 && !exp->done_posted) {
+        exp->done_posted = true;
+        /* not from inside the registry's del(): it may still use exp */
+        loop_call(loop_main(), nbd_exp_done_cb, &exp->common);
+    }
+}
+
+static void nbd_exp_close_clients(struct nbd_export *exp)
+{
+    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
+        if (c->exp == exp)
+            nbd_conn_close_remote(c, "export removed");
+}
+
+static void nbd_exp_shutdown(struct export *e, enum export_remove_mode mode)
+{
+    struct nbd_export *exp = (struct nbd_export *)e;
+
+    exp->hidden = true;
+    if (mode == EXPORT_DEL_SOFT)
+        __atomic_store_n(&exp->soft, 1, __ATOMIC_RELEASE);
+    if (mode == EXPORT_DEL_HARD)
+        nbd_exp_close_clients(exp);
+    nbd_exp_maybe_done(exp);
+}
+
+void nbd_export_client_gone(struct nbd_export *exp)
+{
+    exp->nclients--;
+    nbd_exp_maybe_done(exp);
+}
+
+static void nbd_exp_free(struct export *e)
+{
+    struct nbd_export *exp = (struct nbd_export *)e;
+
+    for (struct nbd_export **pp = &nbd_exports; *pp; pp = &(*pp)->next) {
+        if (*pp == exp) {
+            *pp = exp->next;
+            break;
+        }
+    }
+    free(exp->name);
+    free(exp->description);
+    exp->name = exp->description = NULL;
+}
+
+/* nbd-server-stop: every NBD export goes, hard, like QEMU. */
+void nbd_exports_close_all(void)
+{
+    struct nbd_export *e, *next;
+
+    for (e = nbd_exports; e; e = next) {
+        next = e->next;
+        if (!e->common.shutting_down && !e->hidden) {
+            block_export_del(e->common.id, EXPORT_DEL_HARD, NULL);
+        } else {
+            /* already leaving in hide/soft mode: make it hard */
+            e->hidden = true;
+            nbd_exp_close_clients(e);
+        }
+    }
+    /* connections still negotiating have no export to follow */
+    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
+        if (!c->exp)
+            nbd_conn_close_remote(c, "server stopped");
+}
+
+static const struct export_type nbd_export_type = {
+    .name = "nbd",
+    .instance_size = sizeof(struct nbd_export),
+    .create = nbd_exp_create,
+    .in_use = nbd_exp_in_use,
+    .shutdown = nbd_exp_shutdown,
+    .free = nbd_exp_free,
+};
+EXPORT_TYPE_REGISTER(nbd_export_type)
+
+/* ---- deprecated QMP commands ---- */
+
+static json_t *qmp_nbd_server_add(json_t *args, error **errp)
+{
+    const char *device = qmp_str(args, "device", "");
+    const char *name = qmp_str(args, "name", device);
+    const char *bitmap = qmp_str(args, "bitmap", NULL);
+    CLEANUP_JSON json_t *opts = NULL;
+    struct bnode *bs;
+    bool writable = qmp_bool(args, "writable", false);
+
+    if (!nbd_srv.running) {
+        error_setg(errp, "NBD server not running");
+        return NULL;
+    }
+    bs = bnode_lookup(device, errp);
+    if (!bs)
+        return NULL;
+    if (bs->read_only)
+        writable = false;   /* nbd-server-add downgrades silently, as QEMU */
+    opts = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id", name,
+                     "node-name", device, "name", name, "writable", writable);
+    if (!opts) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    if (json_object_get(args, "description"))
+        json_object_set(opts, "description", json_object_get(args, "description"));
+    if (bitmap)
+        json_object_set_new(opts, "bitmaps", json_pack("[s]", bitmap));
+    if (block_export_add(opts, errp) < 0)
+        return NULL;
+    return json_object();
+}
+QMP_COMMAND("nbd-server-add", qmp_nbd_server_add)
+
+static json_t *qmp_nbd_server_remove(json_t *args, error **errp)
+{
+    const char *name = qmp_str(args, "name", "");
+    const char *m = qmp_str(args, "mode", "safe");
+    struct export *e = export_find(name);
+    int mode = export_remove_mode_parse(m);
+
+    if (e && strcmp(e->type->name, "nbd") != 0) {
+        error_setg(errp, "Block export '%s' is not an NBD export", name);
+        return NULL;
+    }
+    if (mode < 0)
+        mode = EXPORT_DEL_SAFE;
+    if (block_export_del(name, mode, errp) < 0)
+        return NULL;
+    return json_object();
+}
+QMP_COMMAND("nbd-server-remove", qmp_nbd_server_remove)

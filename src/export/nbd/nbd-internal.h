@@ -1,0 +1,222 @@
+/*
+ * NBD server internals, in sections: limits, server, exports, transport,
+ * connections, request slots, and the functions each stage file provides.
+ *
+ * Threads: the listening sockets, the handshake and every list (server's
+ * connections, exports) live in the main loop.  After NBD_OPT_GO a
+ * connection moves to its export's loop (main or an iothread) and all its
+ * I/O happens there.  Connections are reference-counted with atomics: the
+ * socket holds one reference until nbd_conn_close(), every in-flight block
+ * request, queued deferral and cross-thread call holds one more.  The last
+ * reference tears the connection down in its own loop, then the main loop
+ * unlinks it (nbd_conn_finalize), which is the only place export client
+ * counts drop, so an export outlives every connection using it.
+ */
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <jansson.h>
+#include "block/block.h"
+#include "export/export.h"
+#include "util/loop.h"
+#include "nbd-protocol.h"
+
+/* ---- limits (every one bounds something a peer controls) ---- */
+#define NBD_MAX_OPTIONS        4096         /* options per handshake */
+#define NBD_MAX_OPT_LEN        65536        /* option payload kept in memory */
+#define NBD_MAX_OPT_DRAIN      (1u << 20)   /* larger payloads: disconnect */
+#define NBD_MAX_QUERIES        1024         /* meta context queries per option */
+#define NBD_HANDSHAKE_MS       10000        /* default handshake time limit */
+#define NBD_SLOTS              128          /* requests in flight per connection */
+#define NBD_RX_BUF             (256u << 10) /* buffered socket reads */
+#define NBD_DIRECT_RECV        (64u << 10)  /* payloads above: recv into slot buffer */
+#define NBD_CONN_BUF_BUDGET    (512u << 20) /* slot buffers per connection */
+#define NBD_KEEP_BUF           (4u << 20)   /* slot buffers above: freed after use */
+#define NBD_MAX_EXTENTS        2048         /* block status descriptors per context */
+#define NBD_MAX_READ_CHUNKS    16           /* structured read chunks per reply */
+#define NBD_SPARSE_READ_MIN    8192         /* reads below: one data chunk */
+#define NBD_SLOT_HDR           (1024 + 160)
+#define NBD_SLOT_IOV           (2 * NBD_MAX_READ_CHUNKS + 8)
+#define NBD_SEND_IOV           256
+#define NBD_MAX_CONTEXTS       2
+
+/* meta context ids (as QEMU numbers them) */
+#define NBD_META_ID_BASE_ALLOCATION   0
+#define NBD_META_ID_ALLOCATION_DEPTH  1
+
+/* ---- server (singleton, main thread) ---- */
+struct nbd_conn;
+
+struct nbd_server {
+    bool running;
+    json_t *addr;                 /* flat SocketAddress */
+    char *tls_creds, *tls_authz;
+    uint32_t max_connections;     /* 0 = unlimited */
+    int nlisten;
+    int listen_fd[8];
+    struct loop_watch *listen_watch[8];
+    struct loop_timer *accept_retry;
+    int nconns;                   /* every connection not yet finalized */
+    struct nbd_conn *conns;       /* list through conn->next */
+    uint64_t handshake_ms;
+};
+extern struct nbd_server nbd_srv;
+
+/* ---- exports ---- */
+struct nbd_export {
+    struct export common;         /* first */
+    char *name;
+    char *description;
+    bool alloc_depth;
+    bool hidden;                  /* no new clients (shutdown begun) */
+    int soft;                     /* atomic: answer ESHUTDOWN */
+    int nclients;                 /* connections attached (main thread) */
+    bool done_posted;        /* export_shutdown_done queued */
+    uint16_t eflags;              /* transmission flags, before SEND_DF */
+    uint32_t min_block;
+    uint32_t max_block;
+    struct nbd_export *next;
+};
+
+struct nbd_export *nbd_export_lookup(const char *name);   /* visible ones */
+struct nbd_export *nbd_export_first(void);
+void nbd_export_client_gone(struct nbd_export *exp);      /* main thread */
+void nbd_exports_close_all(void);                         /* server stop */
+
+/* ---- transport: TLS replaces these without touching protocol code ---- */
+struct nbd_transport {
+    /* > 0 bytes, 0 = EOF, -errno (-EAGAIN: wait for LOOP_IN) */
+    ssize_t (*recv)(struct nbd_conn *c, void *buf, size_t len);
+    /* bytes sent or -errno; never raises SIGPIPE */
+    ssize_t (*sendv)(struct nbd_conn *c, const struct iovec *iov, int iovcnt);
+    void (*shutdown)(struct nbd_conn *c);   /* stop both directions now */
+    void (*close)(struct nbd_conn *c);      /* release (fd closed) */
+};
+extern const struct nbd_transport nbd_plain_transport;
+
+/* ---- request slots ---- */
+enum nbd_slot_state { SLOT_FREE, SLOT_PAYLOAD, SLOT_IO, SLOT_REPLY };
+
+struct nbd_slot {
+    struct nbd_conn *conn;
+    enum nbd_slot_state state;
+    struct nbd_request req;       /* host byte order */
+    int error;                    /* wire error for the reply, 0 = success */
+    char errmsg[160];             /* its message (structured error chunk) */
+    int stage;                    /* multi-step commands (TRIM+FUA) */
+    struct breq breq;
+    struct iovec data_iov;
+    char *buf;                    /* READ/WRITE data, page aligned */
+    size_t bufsize;
+    uint32_t payload_got;         /* WRITE payload received so far */
+    struct nbd_block_descriptor *ext;   /* block status, lazily allocated */
+    /* the reply: headers serialized into hdr, iov over hdr and buf */
+    uint8_t hdr[NBD_SLOT_HDR];
+    size_t hdr_used;
+    struct iovec iov[NBD_SLOT_IOV];
+    int iovcnt;
+    struct nbd_slot *next;        /* free list or reply queue */
+};
+
+/* ---- connections ---- */
+enum nbd_conn_state { CONN_HANDSHAKE, CONN_TRANSMISSION, CONN_CLOSED };
+enum nbd_rx_state { RX_HDR, RX_PAYLOAD, RX_DRAIN };
+
+struct nbd_conn {
+    int refcnt;                   /* atomic */
+    int fd;
+    const struct nbd_transport *tr;
+    void *tr_opaque;
+    enum nbd_conn_state state;
+    struct loop *loop;            /* where its I/O runs; changed in main only */
+    struct loop_watch *watch;
+    char *peer;                   /* for log messages */
+    struct nbd_conn *next;        /* server list (main thread) */
+
+    /* handshake */
+    struct loop_timer *hs_timer;
+    int hs_state;
+    uint32_t hs_opt, hs_len, hs_have;
+    uint32_t hs_drain;
+    unsigned hs_nopts;
+    bool fixed, no_zeroes;
+    uint8_t *hs_buf;              /* NBD_MAX_OPT_LEN + header */
+    uint8_t *out;                 /* handshake output */
+    size_t out_len, out_cap, out_sent;
+
+    /* negotiated */
+    struct nbd_export *exp;
+    bool structured;
+    bool meta_base, meta_depth;   /* selected contexts */
+    struct nbd_export *meta_exp;  /* export they were selected for (compared only) */
+    uint16_t eflags;
+
+    /* transmission receive */
+    enum nbd_rx_state rx_state;
+    uint8_t *rx;                  /* NBD_RX_BUF */
+    size_t rx_start, rx_end;
+    struct nbd_slot *rx_slot;     /* receiving a WRITE payload */
+    uint64_t drain_left;
+    bool rx_paused;               /* no slot or buffer budget */
+    bool rx_eof;
+    bool disc;                    /* NBD_CMD_DISC received */
+
+    /* slots and replies */
+    struct nbd_slot *slots;
+    struct nbd_slot *free_slots;
+    int busy_slots;
+    size_t buf_total;
+    struct nbd_slot *reply_head, *reply_tail;
+    size_t reply_off;             /* bytes of reply_head already sent */
+    bool want_out;
+    struct loop_defer flush_defer;
+    struct loop_defer kick_defer;
+};
+
+/* conn.c */
+struct nbd_conn *nbd_conn_new(int fd, const char *peer);
+void nbd_conn_ref(struct nbd_conn *c);
+bool nbd_conn_tryref(struct nbd_conn *c);
+void nbd_conn_unref(struct nbd_conn *c);
+void nbd_conn_close(struct nbd_conn *c, const char *reason);
+void nbd_conn_close_remote(struct nbd_conn *c, const char *reason);  /* main thread */
+void nbd_conn_update_watch(struct nbd_conn *c);
+void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */
+void nbd_conn_flush(struct nbd_conn *c);
+void nbd_conn_schedule_flush(struct nbd_conn *c);
+int  nbd_out_append(struct nbd_conn *c, const void *data, size_t len);
+
+/* handshake.c */
+void nbd_handshake_start(struct nbd_conn *c);
+void nbd_handshake_readable(struct nbd_conn *c);
+
+/* handshake.c helpers shared with meta.c */
+const char *nbd_opt_name(uint32_t opt);
+bool nbd_opt_take_name(struct nbd_conn *c, uint32_t opt, const uint8_t **p,
+                       uint32_t *left, char name[NBD_MAX_STRING_SIZE + 1]);
+
+/* meta.c: parse a LIST/SET_META_CONTEXT payload and answer it */
+void nbd_opt_meta_context(struct nbd_conn *c, uint32_t opt, const uint8_t *data, uint32_t len);
+int  nbd_opt_reply(struct nbd_conn *c, uint32_t opt, uint32_t type, const void *data, uint32_t len);
+int  nbd_opt_error(struct nbd_conn *c, uint32_t opt, uint32_t type, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* transmission.c */
+int  nbd_transmission_init(struct nbd_conn *c);
+void nbd_transmission_readable(struct nbd_conn *c);
+void nbd_transmission_kick(struct nbd_conn *c);
+void nbd_slots_free(struct nbd_conn *c);
+void nbd_slot_release(struct nbd_slot *s);
+uint32_t nbd_errno_to_wire(int err);
+
+/* block-status.c: fill up to max descriptors for one context; returns the
+ * count (>= 1) or -errno. */
+int nbd_block_status_extents(struct nbd_export *exp, int ctx, uint64_t offset,
+                             uint64_t len, bool req_one,
+                             struct nbd_block_descriptor *ext, int max);
+/* Sparse-read helper: classify [offset, offset+len) into up to max runs of
+ * data/zero; returns the count or -errno. */
+int nbd_read_extents(struct nbd_export *exp, uint64_t offset, uint64_t len,
+                     uint64_t *run_len, bool *run_zero, int max);

@@ -1,0 +1,213 @@
+/*
+ * The NBD server: listening sockets and accepting clients (main loop), and
+ * the QMP commands nbd-server-start / nbd-server-stop.
+ *
+ * Theory of operation.  One server per process (QEMU's model).  Accepted
+ * sockets become connections that start the handshake; max-connections
+ * counts every connection not yet finalized, and a client over the limit is
+ * accepted and closed at once, so it sees a clean EOF rather than waiting
+ * in the backlog.  On EMFILE/ENFILE accepting pauses briefly instead of
+ * spinning.  Stopping removes every NBD export (hard, as QEMU does), closes
+ * the connections still negotiating and the listening sockets; connections
+ * finish tearing down on their own, each holding its references.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include "object/object.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+#include "util/sockets.h"
+#include "export/nbd/nbd.h"
+#include "nbd-internal.h"
+
+struct nbd_server nbd_srv;
+
+bool nbd_server_running(void)
+{
+    return nbd_srv.running;
+}
+
+static void nbd_accept_pause(bool pause)
+{
+    for (int i = 0; i < nbd_srv.nlisten; i++)
+        loop_watch_set(nbd_srv.listen_watch[i], pause ? 0 : LOOP_IN);
+}
+
+static void nbd_accept_retry(void *opaque)
+{
+    if (nbd_srv.running)
+        nbd_accept_pause(false);
+}
+
+static void nbd_peer_name(int fd, char *buf, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+
+    snprintf(buf, len, "unix");
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
+        return;
+    if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        snprintf(buf, len, "tcp");
+    }
+}
+
+static void nbd_accept(void *opaque, uint32_t revents)
+{
+    int lfd = (int)(intptr_t)opaque;
+
+    for (int i = 0; i < 64; i++) {
+        char peer[64];
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                log_warn("nbd: cannot accept: %s; pausing", strerror(errno));
+                nbd_accept_pause(true);
+                loop_timer_arm(nbd_srv.accept_retry, 100);
+            }
+            return;   /* EAGAIN, ECONNABORTED...: wait for the next event */
+        }
+        if (nbd_srv.max_connections && (uint32_t)nbd_srv.nconns >= nbd_srv.max_connections) {
+            log_debug("nbd: refusing client: max-connections reached");
+            close(fd);
+            continue;
+        }
+        nbd_peer_name(fd, peer, sizeof(peer));
+        if (!nbd_conn_new(fd, peer))
+            close(fd);
+    }
+}
+
+static uint64_t nbd_handshake_limit_ms(void)
+{
+    /* test knob: qsd 7.2 has no handshake limit option */
+    const char *s = getenv("BEXD_NBD_HANDSHAKE_TIMEOUT_MS");
+    if (s && *s) {
+        char *end;
+        unsigned long long v = strtoull(s, &end, 10);
+        if (!*end)
+            return v;
+    }
+    return NBD_HANDSHAKE_MS;
+}
+
+static void nbd_server_clear(void)
+{
+    for (int i = 0; i < nbd_srv.nlisten; i++) {
+        loop_watch_del(nbd_srv.listen_watch[i]);
+        close(nbd_srv.listen_fd[i]);
+    }
+    nbd_srv.nlisten = 0;
+    if (nbd_srv.accept_retry)
+        loop_timer_free(nbd_srv.accept_retry);
+    nbd_srv.accept_retry = NULL;
+    if (nbd_srv.addr) {
+        socket_address_cleanup(nbd_srv.addr);
+        json_decref(nbd_srv.addr);
+    }
+    nbd_srv.addr = NULL;
+    free(nbd_srv.tls_creds);
+    free(nbd_srv.tls_authz);
+    nbd_srv.tls_creds = nbd_srv.tls_authz = NULL;
+    nbd_srv.running = false;
+}
+
+static int nbd_check_tls_creds(const char *id, error **errp)
+{
+    struct object *o = object_find(id);
+
+    if (!o) {
+        error_setg(errp, "No TLS credentials with id '%s'", id);
+        return -1;
+    }
+    if (strncmp(o->type->name, "tls-creds", 9) != 0) {
+        error_setg(errp, "Object with id '%s' is not TLS credentials", id);
+        return -1;
+    }
+    return 0;
+}
+
+int nbd_server_start(json_t *opts, error **errp)
+{
+    json_t *addr = json_object_get(opts, "addr");
+    const char *creds = qmp_str(opts, "tls-creds", NULL);
+    const char *authz = qmp_str(opts, "tls-authz", NULL);
+    int fds[8];
+    int n;
+
+    if (nbd_srv.running) {
+        error_setg(errp, "NBD server already running");
+        return -1;
+    }
+    if (creds && nbd_check_tls_creds(creds, errp) < 0)
+        return -1;
+    n = socket_listen(addr, 128, fds, ARRAY_SIZE(fds), errp);
+    if (n < 0)
+        return -1;
+    nbd_srv.running = true;
+    nbd_srv.addr = json_deep_copy(addr);
+    nbd_srv.tls_creds = creds ? strdup(creds) : NULL;
+    nbd_srv.tls_authz = authz ? strdup(authz) : NULL;
+    nbd_srv.max_connections = qmp_int(opts, "max-connections", 0);
+    nbd_srv.handshake_ms = nbd_handshake_limit_ms();
+    nbd_srv.accept_retry = loop_timer_new(loop_main(), nbd_accept_retry, NULL);
+    for (int i = 0; i < n; i++) {
+        nbd_srv.listen_fd[i] = fds[i];
+        nbd_srv.listen_watch[i] = loop_watch_fd(loop_main(), fds[i], LOOP_IN, nbd_accept,
+                                                (void *)(intptr_t)fds[i]);
+    }
+    nbd_srv.nlisten = n;
+    return 0;
+}
+
+void nbd_server_stop(void)
+{
+    if (!nbd_srv.running)
+        return;
+    nbd_exports_close_all();
+    nbd_server_clear();
+}
+
+/* ---- QMP ---- */
+
+static json_t *qmp_nbd_server_start(json_t *args, error **errp)
+{
+    CLEANUP_JSON json_t *opts = json_deep_copy(args);
+    json_t *flat;
+
+    if (!opts) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    flat = socket_address_flatten(json_object_get(args, "addr"));
+    if (!flat) {
+        error_setg(errp, "invalid address");
+        return NULL;
+    }
+    json_object_set_new(opts, "addr", flat);
+    if (nbd_server_start(opts, errp) < 0)
+        return NULL;
+    return json_object();
+}
+QMP_COMMAND("nbd-server-start", qmp_nbd_server_start)
+
+static json_t *qmp_nbd_server_stop(json_t *args, error **errp)
+{
+    if (!nbd_srv.running) {
+        error_setg(errp, "NBD server not running");
+        return NULL;
+    }
+    nbd_server_stop();
+    return json_object();
+}
+QMP_COMMAND("nbd-server-stop", qmp_nbd_server_stop)

@@ -1,0 +1,692 @@
+/*
+ * NBD transmission phase: requests in, replies out.
+ *
+ * Theory of operation.  Socket bytes are read in large chunks into c->rx and
+ * parsed there, so one recv may carry many small requests; a large WRITE
+ * payload is received straight into its slot's buffer.  The receive state
+ * (RX_HDR / RX_PAYLOAD / RX_DRAIN plus cursors) survives short reads.
+ *
+ * Each request takes a preallocated slot; a header is only consumed when a
+ * slot (and, for READ/WRITE, buffer budget) is available, otherwise reading
+ * pauses until a slot is released.  Validation is one step
+ * (request_error): a bad request is answered with the protocol's error (a
+ * bad WRITE's payload is drained first), so the next step only sees valid
+ * requests.  Valid requests go to the block layer asynchronously; when one
+ * completes its reply is built in the slot (headers in s->hdr, data by
+ * reference) and queued, and the flush deferred to the end of the loop
+ * iteration sends every queued reply in one sendmsg.  Replies therefore go
+ * out in completion order, not request order.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "util/cleanup.h"
+#include "util/log.h"
+#include "nbd-internal.h"
+
+/* The one errno -> NBD error mapping. */
+uint32_t nbd_errno_to_wire(int err)
+{
+    switch (err) {
+    case 0: return NBD_SUCCESS;
+    case EPERM: case EROFS: return NBD_EPERM;
+    case EIO: return NBD_EIO;
+    case ENOMEM: return NBD_ENOMEM;
+    case ENOSPC: case EDQUOT: case EFBIG: return NBD_ENOSPC;
+    case EOVERFLOW: return NBD_EOVERFLOW;
+    case ENOTSUP: return NBD_ENOTSUP;
+#if EOPNOTSUPP != ENOTSUP
+    case EOPNOTSUPP: return NBD_ENOTSUP;
+#endif
+    case ESHUTDOWN: return NBD_ESHUTDOWN;
+    default: return NBD_EINVAL;
+    }
+}
+
+/* ---- slots ---- */
+
+int nbd_transmission_init(struct nbd_conn *c)
+{
+    c->rx = malloc(NBD_RX_BUF);
+    c->slots = calloc(NBD_SLOTS, sizeof(*c->slots));
+    if (!c->rx || !c->slots)
+        return -ENOMEM;
+    for (int i = NBD_SLOTS - 1; i >= 0; i--) {
+        c->slots[i].conn = c;
+        c->slots[i].next = c->free_slots;
+        c->free_slots = &c->slots[i];
+    }
+    c->rx_state = RX_HDR;
+    return 0;
+}
+
+void nbd_slots_free(struct nbd_conn *c)
+{
+    if (!c->slots)
+        return;
+    for (int i = 0; i < NBD_SLOTS; i++) {
+        free(c->slots[i].buf);
+        free(c->slots[i].ext);
+    }
+    free(c->slots);
+    c->slots = NULL;
+}
+
+static void kick_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+    nbd_transmission_readable(c);
+    nbd_conn_unref(c);
+}
+
+/* Re-run the parser soon: buffered requests may wait for a free slot. */
+void nbd_transmission_kick(struct nbd_conn *c)
+{
+    if (c->kick_defer.pending || c->state != CONN_TRANSMISSION)
+        return;
+    nbd_conn_ref(c);
+    c->kick_defer.fn = kick_cb;
+    c->kick_defer.opaque = c;
+    loop_defer(c->loop, &c->kick_defer);
+}
+
+void nbd_slot_release(struct nbd_slot *s)
+{
+    struct nbd_conn *c = s->conn;
+
+    if (s->bufsize > NBD_KEEP_BUF) {
+        free(s->buf);
+        c->buf_total -= s->bufsize;
+        s->buf = NULL;
+        s->bufsize = 0;
+    }
+    s->state = SLOT_FREE;
+    s->next = c->free_slots;
+    c->free_slots = s;
+    c->busy_slots--;
+    if (c->rx_paused && c->state == CONN_TRANSMISSION) {
+        c->rx_paused = false;
+        nbd_conn_update_watch(c);
+        nbd_transmission_kick(c);
+    }
+}
+
+static int slot_reserve_buf(struct nbd_conn *c, struct nbd_slot *s, uint32_t len)
+{
+    size_t want;
+    void *p;
+
+    if (s->bufsize >= len)
+        return 0;
+    want = MAX((size_t)len, (size_t)65536);
+    want = (want + 4095) & ~(size_t)4095;
+    if (posix_memalign(&p, 4096, want))
+        return -ENOMEM;
+    free(s->buf);
+    c->buf_total -= s->bufsize;
+    s->buf = p;
+    s->bufsize = want;
+    c->buf_total += want;
+    return 0;
+}
+
+/* ---- replies ---- */
+
+static void *hdr_alloc(struct nbd_slot *s, size_t len)
+{
+    void *p = s->hdr + s->hdr_used;
+    s->hdr_used += len;
+    return p;
+}
+
+static void iov_add(struct nbd_slot *s, void *base, size_t len)
+{
+    s->iov[s->iovcnt].iov_base = base;
+    s->iov[s->iovcnt].iov_len = len;
+    s->iovcnt++;
+}
+
+static void queue_reply(struct nbd_slot *s)
+{
+    struct nbd_conn *c = s->conn;
+
+    if (c->state == CONN_CLOSED) {
+        nbd_slot_release(s);
+        return;
+    }
+    s->state = SLOT_REPLY;
+    s->next = NULL;
+    if (c->reply_tail)
+        c->reply_tail->next = s;
+    else
+        c->reply_head = s;
+    c->reply_tail = s;
+    nbd_conn_schedule_flush(c);
+}
+
+static void reply_start(struct nbd_slot *s)
+{
+    s->hdr_used = 0;
+    s->iovcnt = 0;
+}
+
+static void add_simple(struct nbd_slot *s, uint32_t err)
+{
+    struct nbd_simple_reply *r = hdr_alloc(s, sizeof(*r));
+    r->magic = htobe32(NBD_SIMPLE_REPLY_MAGIC);
+    r->error = htobe32(err);
+    r->handle = s->req.handle;   /* kept in wire order */
+    iov_add(s, r, sizeof(*r));
+}
+
+static struct nbd_structured_reply *add_chunk(struct nbd_slot *s, uint16_t type,
+                                              uint32_t len, size_t extra)
+{
+    struct nbd_structured_reply *r = hdr_alloc(s, sizeof(*r) + extra);
+    r->magic = htobe32(NBD_STRUCTURED_REPLY_MAGIC);
+    r->flags = 0;
+    r->type = htobe16(type);
+    r->handle = s->req.handle;
+    r->length = htobe32(len);
+    iov_add(s, r, sizeof(*r) + extra);
+    return r;
+}
+
+static void set_done(struct nbd_structured_reply *r)
+{
+    r->flags = htobe16(NBD_REPLY_FLAG_DONE);
+}
+
+static void add_error_chunk(struct nbd_slot *s, uint32_t err)
+{
+    size_t mlen = strnlen(s->errmsg, sizeof(s->errmsg));
+    struct nbd_structured_reply *r = add_chunk(s, NBD_REPLY_TYPE_ERROR,
+                                               sizeof(struct nbd_chunk_error) + mlen,
+                                               sizeof(struct nbd_chunk_error) + mlen);
+    struct nbd_chunk_error *e = (void *)(r + 1);
+    e->error = htobe32(err);
+    e->len = htobe16(mlen);
+    memcpy(e + 1, s->errmsg, mlen);
+    set_done(r);
+}
+
+static uint32_t fail(struct nbd_slot *s, uint32_t err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static uint32_t fail(struct nbd_slot *s, uint32_t err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->errmsg, sizeof(s->errmsg), fmt, ap);
+    va_end(ap);
+    s->error = err;
+    return err;
+}
+
+static const char *cmd_name(uint16_t type)
+{
+    static const char *names[] = {
+        [NBD_CMD_READ] = "read", [NBD_CMD_WRITE] = "write", [NBD_CMD_DISC] = "disconnect",
+        [NBD_CMD_FLUSH] = "flush", [NBD_CMD_TRIM] = "trim", [NBD_CMD_CACHE] = "cache",
+        [NBD_CMD_WRITE_ZEROES] = "write zeroes", [NBD_CMD_BLOCK_STATUS] = "block status",
+    };
+    return type < ARRAY_SIZE(names) ? names[type] : "<unknown>";
+}
+
+static const char *io_failure(uint16_t type)
+{
+    switch (type) {
+    case NBD_CMD_READ: return "reading from file failed";
+    case NBD_CMD_FLUSH: return "flush failed";
+    case NBD_CMD_TRIM: return "discard failed";
+    case NBD_CMD_CACHE: return "prefetch failed";
+    case NBD_CMD_WRITE_ZEROES: return "writing to file failed";
+    case NBD_CMD_BLOCK_STATUS: return "can't get block status";
+    default: return "writing to file failed";
+    }
+}
+
+/* Any command's error reply: an error chunk when structured replies were
+ * negotiated (as QEMU), else a simple reply. */
+static void reply_error(struct nbd_slot *s)
+{
+    reply_start(s);
+    if (s->conn->structured)
+        add_error_chunk(s, s->error);
+    else
+        add_simple(s, s->error);
+    queue_reply(s);
+}
+
+static struct nbd_structured_reply *add_data_chunk(struct nbd_slot *s, uint64_t off,
+                                                   char *data, uint32_t len)
+{
+    struct nbd_structured_reply *r = add_chunk(s, NBD_REPLY_TYPE_OFFSET_DATA,
+                                               8 + len, 8);
+    uint64_t be = htobe64(off);
+    memcpy(r + 1, &be, 8);
+    iov_add(s, data, len);
+    return r;
+}
+
+static struct nbd_structured_reply *add_hole_chunk(struct nbd_slot *s, uint64_t off,
+                                                   uint32_t len)
+{
+    struct nbd_structured_reply *r = add_chunk(s, NBD_REPLY_TYPE_OFFSET_HOLE,
+                                               sizeof(struct nbd_chunk_offset_hole),
+                                               sizeof(struct nbd_chunk_offset_hole));
+    struct nbd_chunk_offset_hole *h = (void *)(r + 1);
+    h->offset = htobe64(off);
+    h->length = htobe32(len);
+    return r;
+}
+
+static void reply_read(struct nbd_slot *s)
+{
+    struct nbd_conn *c = s->conn;
+    uint64_t off = s->req.offset;
+    uint32_t len = s->req.count;
+    uint64_t run_len[NBD_MAX_READ_CHUNKS];
+    bool run_zero[NBD_MAX_READ_CHUNKS];
+    struct nbd_structured_reply *last = NULL;
+    int n = -1;
+
+    reply_start(s);
+    if (!c->structured) {
+        add_simple(s, 0);
+        iov_add(s, s->buf, len);
+        queue_reply(s);
+        return;
+    }
+    if (len >= NBD_SPARSE_READ_MIN && !(s->req.flags & NBD_CMD_FLAG_DF))
+        n = nbd_read_extents(c->exp, off, len, run_len, run_zero, NBD_MAX_READ_CHUNKS);
+    if (n <= 1) {
+        last = add_data_chunk(s, off, s->buf, len);
+    } else {
+        uint64_t pos = 0;
+        for (int i = 0; i < n; i++) {
+            if (run_zero[i])
+                last = add_hole_chunk(s, off + pos, run_len[i]);
+            else
+                last = add_data_chunk(s, off + pos, s->buf + pos, run_len[i]);
+            pos += run_len[i];
+        }
+    }
+    set_done(last);
+    queue_reply(s);
+}
+
+static void reply_block_status(struct nbd_slot *s)
+{
+    struct nbd_conn *c = s->conn;
+    bool req_one = s->req.flags & NBD_CMD_FLAG_REQ_ONE;
+    int ids[NBD_MAX_CONTEXTS], nctx = 0;
+    struct nbd_structured_reply *last = NULL;
+
+    if (c->meta_base)
+        ids[nctx++] = NBD_META_ID_BASE_ALLOCATION;
+    if (c->meta_depth)
+        ids[nctx++] = NBD_META_ID_ALLOCATION_DEPTH;
+    if (!s->ext) {
+        s->ext = malloc(sizeof(*s->ext) * NBD_MAX_EXTENTS * NBD_MAX_CONTEXTS);
+        if (!s->ext) {
+            fail(s, NBD_ENOMEM, "out of memory");
+            reply_error(s);
+            return;
+        }
+    }
+    reply_start(s);
+    for (int i = 0; i < nctx; i++) {
+        struct nbd_block_descriptor *ext = s->ext + i * NBD_MAX_EXTENTS;
+        int n = nbd_block_status_extents(c->exp, ids[i], s->req.offset, s->req.count,
+                                         req_one, ext, NBD_MAX_EXTENTS);
+        if (n < 0) {
+            fail(s, nbd_errno_to_wire(-n), "%s", io_failure(s->req.type));
+            reply_error(s);
+            return;
+        }
+        last = add_chunk(s, NBD_REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n, 4);
+        uint32_t id = htobe32(ids[i]);
+        memcpy(last + 1, &id, 4);
+        iov_add(s, ext, 8 * n);
+    }
+    set_done(last);
+    queue_reply(s);
+}
+
+static void reply_success(struct nbd_slot *s)
+{
+    if (s->req.type == NBD_CMD_READ) {
+        reply_read(s);
+        return;
+    }
+    reply_start(s);
+    add_simple(s, 0);
+    queue_reply(s);
+}
+
+/* ---- block requests ---- */
+
+static void submit(struct nbd_slot *s, enum breq_op op, unsigned flags);
+
+static void breq_done(struct breq *req, int ret)
+{
+    struct nbd_slot *s = req->opaque;
+    struct nbd_conn *c = s->conn;
+
+    if (c->state == CONN_CLOSED) {
+        nbd_slot_release(s);
+    } else if (ret < 0) {
+        fail(s, nbd_errno_to_wire(-ret), "%s", io_failure(s->req.type));
+        reply_error(s);
+    } else if (s->req.type == NBD_CMD_TRIM && (s->req.flags & NBD_CMD_FLAG_FUA) &&
+               s->stage == 0) {
+        s->stage = 1;
+        submit(s, BREQ_FLUSH, 0);
+    } else {
+        reply_success(s);
+    }
+    nbd_conn_unref(c);
+}
+
+static void submit(struct nbd_slot *s, enum breq_op op, unsigned flags)
+{
+    struct nbd_conn *c = s->conn;
+    struct breq *r = &s->breq;
+
+    memset(r, 0, sizeof(*r));
+    r->op = op;
+    r->flags = flags;
+    r->offset = op == BREQ_FLUSH ? 0 : s->req.offset;
+    r->len = op == BREQ_FLUSH ? 0 : s->req.count;
+    if (op == BREQ_READ || op == BREQ_WRITE) {
+        s->data_iov.iov_base = s->buf;
+        s->data_iov.iov_len = s->req.count;
+        r->iov = &s->data_iov;
+        r->iovcnt = 1;
+    }
+    r->loop = c->loop;
+    r->done = breq_done;
+    r->opaque = s;
+    s->state = SLOT_IO;
+    nbd_conn_ref(c);
+    bnode_submit(c->exp->common.node, r);
+}
+
+static unsigned fua_flags(struct nbd_slot *s)
+{
+    struct nbd_export *exp = s->conn->exp;
+    return ((s->req.flags & NBD_CMD_FLAG_FUA) || exp->common.writethrough) ? BREQ_FUA : 0;
+}
+
+static void execute(struct nbd_slot *s)
+{
+    unsigned f;
+
+    if (s->req.count == 0 && s->req.type != NBD_CMD_FLUSH) {
+        /* nothing to do: succeed without touching the node */
+        if (s->req.type == NBD_CMD_READ && s->conn->structured) {
+            reply_start(s);
+            set_done(add_chunk(s, NBD_REPLY_TYPE_NONE, 0, 0));
+            queue_reply(s);
+        } else {
+            reply_success(s);
+        }
+        return;
+    }
+    switch (s->req.type) {
+    case NBD_CMD_READ: submit(s, BREQ_READ, 0); break;
+    case NBD_CMD_WRITE: submit(s, BREQ_WRITE, fua_flags(s)); break;
+    case NBD_CMD_FLUSH: submit(s, BREQ_FLUSH, 0); break;
+    case NBD_CMD_TRIM: submit(s, BREQ_DISCARD, 0); break;
+    case NBD_CMD_CACHE: submit(s, BREQ_CACHE, 0); break;
+    case NBD_CMD_WRITE_ZEROES:
+        f = fua_flags(s);
+        if (!(s->req.flags & NBD_CMD_FLAG_NO_HOLE))
+            f |= BREQ_MAY_UNMAP;
+        if (s->req.flags & NBD_CMD_FLAG_FAST_ZERO)
+            f |= BREQ_NO_FALLBACK;
+        submit(s, BREQ_WRITE_ZEROES, f);
+        break;
+    case NBD_CMD_BLOCK_STATUS:
+        reply_block_status(s);
+        break;
+    }
+}
+
+/* ---- validation: one place maps every bad request to its error ----
+ * Checks and messages in QEMU 7.2's order; returns the wire error. */
+
+static uint32_t request_error(struct nbd_slot *s)
+{
+    struct nbd_conn *c = s->conn;
+    const struct nbd_request *r = &s->req;
+    struct nbd_export *exp = c->exp;
+    uint64_t size = exp->common.node->size;
+    uint16_t valid = NBD_CMD_FLAG_FUA;
+
+    if (__atomic_load_n(&exp->soft, __ATOMIC_ACQUIRE))
+        return fail(s, NBD_ESHUTDOWN, "export is shutting down");
+    if ((r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
+        r->count > NBD_MAX_BUFFER_SIZE)
+        return fail(s, NBD_EINVAL, "len (%" PRIu32 " ) is larger than max len (%u)",
+                    r->count, NBD_MAX_BUFFER_SIZE);
+    if (!exp->common.writable && (r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
+                                  r->type == NBD_CMD_WRITE_ZEROES))
+        return fail(s, NBD_EPERM, "Export is read-only");
+    if (r->offset > size || r->count > size - r->offset)
+        return fail(s, NBD_EINVAL, "operation past EOF; From: %" PRIu64 ", Len: %" PRIu32
+                    ", Size: %" PRIu64, r->offset, r->count, size);
+    if (exp->min_block > 1 && r->type != NBD_CMD_FLUSH &&
+        ((r->offset | r->count) & (exp->min_block - 1)))
+        return fail(s, NBD_EINVAL, "request not aligned to %u bytes", exp->min_block);
+    if (r->type == NBD_CMD_READ && c->structured)
+        valid |= NBD_CMD_FLAG_DF;
+    else if (r->type == NBD_CMD_WRITE_ZEROES)
+        valid |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+    else if (r->type == NBD_CMD_BLOCK_STATUS)
+        valid |= NBD_CMD_FLAG_REQ_ONE;
+    if (r->flags & ~valid)
+        return fail(s, NBD_EINVAL, "unsupported flags for command %s (got 0x%x)",
+                    cmd_name(r->type), r->flags & ~valid);
+    switch (r->type) {
+    case NBD_CMD_READ: case NBD_CMD_WRITE: case NBD_CMD_FLUSH: case NBD_CMD_TRIM:
+    case NBD_CMD_CACHE: case NBD_CMD_WRITE_ZEROES:
+        return 0;
+    case NBD_CMD_BLOCK_STATUS:
+        if (r->count == 0)
+            return fail(s, NBD_EINVAL, "need non-zero length");
+        if (!c->meta_base && !c->meta_depth)
+            return fail(s, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated");
+        return 0;
+    default:
+        return fail(s, NBD_EINVAL, "invalid request type (%u) received", r->type);
+    }
+}
+
+/* ---- receive state machine ---- */
+
+static void parse_header(const uint8_t *p, struct nbd_request *r)
+{
+    memcpy(r, p, sizeof(*r));
+    r->magic = be32toh(r->magic);
+    r->flags = be16toh(r->flags);
+    r->type = be16toh(r->type);
+    /* handle stays in wire order: it is echoed untouched */
+    r->offset = be64toh(r->offset);
+    r->count = be32toh(r->count);
+}
+
+static bool needs_buffer(const struct nbd_request *r)
+{
+    return (r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE) &&
+           r->count <= NBD_MAX_BUFFER_SIZE;
+}
+
+/* Start one request whose header is at rx_start; false = must wait. */
+static bool start_request(struct nbd_conn *c)
+{
+    struct nbd_request r;
+    struct nbd_slot *s = c->free_slots;
+    uint32_t err;
+
+    parse_header(c->rx + c->rx_start, &r);
+    if (r.magic != NBD_REQUEST_MAGIC) {
+        nbd_conn_close(c, "bad request magic");
+        return false;
+    }
+    if (!s || (needs_buffer(&r) && c->busy_slots > 0 && s->bufsize < r.count &&
+               c->buf_total + r.count > NBD_CONN_BUF_BUDGET)) {
+        c->rx_paused = true;
+        nbd_conn_update_watch(c);
+        return false;
+    }
+    if (r.type == NBD_CMD_WRITE && r.count > NBD_MAX_BUFFER_SIZE) {
+        /* skipping up to 4 GiB is not worth it: drop the client, as QEMU */
+        nbd_conn_close(c, "write request too large");
+        return false;
+    }
+    c->rx_start += sizeof(struct nbd_request);
+    if (r.type == NBD_CMD_DISC) {
+        c->disc = true;
+        nbd_conn_update_watch(c);
+        nbd_conn_schedule_flush(c);   /* closes once idle */
+        return false;
+    }
+    c->free_slots = s->next;
+    c->busy_slots++;
+    s->req = r;
+    s->error = 0;
+    s->errmsg[0] = 0;
+    s->stage = 0;
+    s->payload_got = 0;
+    err = request_error(s);
+    if (!err && needs_buffer(&r) && r.count && slot_reserve_buf(c, s, r.count) < 0)
+        err = fail(s, NBD_ENOMEM, "out of memory");
+    if (r.type == NBD_CMD_WRITE && r.count) {
+        c->rx_slot = s;
+        s->state = SLOT_PAYLOAD;
+        if (err) {
+            c->rx_state = RX_DRAIN;
+            c->drain_left = r.count;
+        } else {
+            c->rx_state = RX_PAYLOAD;
+        }
+        return true;
+    }
+    if (err)
+        reply_error(s);
+    else
+        execute(s);
+    return true;
+}
+
+static void payload_complete(struct nbd_conn *c)
+{
+    struct nbd_slot *s = c->rx_slot;
+
+    c->rx_slot = NULL;
+    c->rx_state = RX_HDR;
+    if (s->error)
+        reply_error(s);
+    else
+        execute(s);
+}
+
+/* Parse everything buffered; returns when more bytes are needed or reading
+ * must pause. */
+static void process_rx(struct nbd_conn *c)
+{
+    while (c->state == CONN_TRANSMISSION && !c->disc) {
+        size_t avail = c->rx_end - c->rx_start;
+
+        if (c->rx_state == RX_HDR) {
+            if (avail < sizeof(struct nbd_request) || c->rx_paused)
+                return;
+            if (!start_request(c))
+                return;
+        } else if (c->rx_state == RX_PAYLOAD) {
+            struct nbd_slot *s = c->rx_slot;
+            size_t take = MIN(avail, (size_t)(s->req.count - s->payload_got));
+            if (take == 0)
+                return;
+            memcpy(s->buf + s->payload_got, c->rx + c->rx_start, take);
+            s->payload_got += take;
+            c->rx_start += take;
+            if (s->payload_got == s->req.count)
+                payload_complete(c);
+        } else {
+            size_t take = MIN(avail, c->drain_left);
+            if (take == 0)
+                return;
+            c->rx_start += take;
+            c->drain_left -= take;
+            if (c->drain_left == 0)
+                payload_complete(c);
+        }
+    }
+}
+
+static ssize_t recv_more(struct nbd_conn *c, size_t *asked)
+{
+    struct nbd_slot *s = c->rx_slot;
+
+    if (c->rx_start == c->rx_end)
+        c->rx_start = c->rx_end = 0;
+    if (c->rx_state == RX_PAYLOAD && c->rx_start == c->rx_end &&
+        s->req.count - s->payload_got >= NBD_DIRECT_RECV) {
+        /* large payload: straight into the request buffer */
+        ssize_t n;
+        *asked = s->req.count - s->payload_got;
+        n = c->tr->recv(c, s->buf + s->payload_got, *asked);
+        if (n > 0) {
+            s->payload_got += n;
+            if (s->payload_got == s->req.count)
+                payload_complete(c);
+        }
+        return n;
+    }
+    if (c->rx_start > 0 && c->rx_end == NBD_RX_BUF) {
+        memmove(c->rx, c->rx + c->rx_start, c->rx_end - c->rx_start);
+        c->rx_end -= c->rx_start;
+        c->rx_start = 0;
+    }
+    *asked = NBD_RX_BUF - c->rx_end;
+    ssize_t n = c->tr->recv(c, c->rx + c->rx_end, *asked);
+    if (n > 0)
+        c->rx_end += n;
+    return n;
+}
+
+void nbd_transmission_readable(struct nbd_conn *c)
+{
+    for (int rounds = 0; rounds < 16; rounds++) {
+        size_t asked;
+        ssize_t n;
+
+        process_rx(c);
+        if (c->state != CONN_TRANSMISSION || c->disc || c->rx_paused || c->rx_eof)
+            break;
+        n = recv_more(c, &asked);
+        if (n == -EAGAIN)
+            break;
+        if (n == 0) {
+            /* the client may have only shut down its sending side */
+            c->rx_eof = true;
+            nbd_conn_update_watch(c);
+            nbd_conn_schedule_flush(c);   /* closes once idle */
+            break;
+        }
+        if (n < 0) {
+            nbd_conn_close(c, "read error");
+            break;
+        }
+        if ((size_t)n < asked) {
+            process_rx(c);
+            break;
+        }
+    }
+}
