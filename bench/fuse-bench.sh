@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# FUSE export throughput, bexd side by side with qemu-storage-daemon, one run.
+#
+# Both daemons get the same command line (bexd is a drop-in replacement):
+# a RAM-backed (/dev/shm) raw image exported with type=fuse on a regular file,
+# then fio runs the same jobs on the mounted file for each.  Each row prints
+# IOPS, MiB/s, the server's CPU use and CPU microseconds per operation.
+#
+# Usage: bench/fuse-bench.sh [runtime_s] [servers...]
+#   servers: bexd qsd (default both); BEXD=path overrides the binary
+#   (default build/bexd, else build-fuse/bexd); SIZE=image size (default 1G);
+#   EXTRA_BLOCKDEV / EXTRA_EXPORT: appended options (e.g. aio=io_uring).
+set -u
+RT=${1:-4}; shift || true
+SERVERS=${*:-"bexd qsd"}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+BEXD=${BEXD:-$HERE/build/bexd}
+[ -x "$BEXD" ] || BEXD=$HERE/build-fuse/bexd
+SIZE=${SIZE:-1G}
+D=$(mktemp -d /dev/shm/fusebench.XXXX)
+T=$(mktemp -d /tmp/fusebench.XXXX)
+IMG=$D/disk.img; MNT=$T/mnt; touch "$MNT"
+PID=
+cleanup() {
+  [ -n "$PID" ] && kill "$PID" 2>/dev/null
+  grep -q " $MNT " /proc/mounts && fusermount3 -u -z "$MNT"
+  rm -rf "$D" "$T"
+}
+trap cleanup EXIT
+truncate -s "$SIZE" "$IMG"
+# Real data everywhere: reads of holes would measure nothing.
+fio --name=fill --filename="$IMG" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
+    --refill_buffers --output=/dev/null
+
+start() {
+  local bin
+  case $1 in
+    bexd) bin=$BEXD ;;
+    qsd)  bin=qemu-storage-daemon ;;
+  esac
+  rm -f "$T/pid"
+  "$bin" --blockdev "driver=file,node-name=d,filename=$IMG${EXTRA_BLOCKDEV:+,$EXTRA_BLOCKDEV}" \
+         --export "type=fuse,id=f,node-name=d,mountpoint=$MNT,writable=on${EXTRA_EXPORT:+,$EXTRA_EXPORT}" \
+         --daemonize --pidfile "$T/pid" || { echo "$1: failed to start" >&2; return 1; }
+  PID=$(cat "$T/pid")
+  grep -q " $MNT " /proc/mounts || { echo "$1: not mounted" >&2; return 1; }
+}
+stop() {
+  kill "$PID" 2>/dev/null
+  while kill -0 "$PID" 2>/dev/null; do sleep 0.05; done
+  PID=
+  grep -q " $MNT " /proc/mounts && fusermount3 -u -z "$MNT"
+}
+cpu_ticks() { awk '{print $14+$15}' "/proc/$PID/stat" 2>/dev/null || echo 0; }
+HZ=$(getconf CLK_TCK)
+
+JOBS=(
+  "randread  4k psync  1 1"
+  "randwrite 4k psync  1 1"
+  "randread  4k libaio 32 1"
+  "randwrite 4k libaio 32 1"
+  "read      1M libaio 8 1"
+  "write     1M libaio 8 1"
+  "randread  4k psync  1 0"
+  "read      1M psync  1 0"
+)
+printf '%-5s %-32s %9s %9s %7s %9s\n' server workload IOPS MiB/s srvCPU% cpu_us/op
+for S in $SERVERS; do
+  start "$S" || continue
+  for J in "${JOBS[@]}"; do
+    set -- $J
+    T0=$(cpu_ticks)
+    R=$(fio --name=t --filename="$MNT" --rw="$1" --bs="$2" --ioengine="$3" --iodepth="$4" \
+            --direct="$5" --time_based --runtime="$RT" --size="$SIZE" --norandommap \
+            --invalidate=1 --output-format=terse 2>/dev/null |
+        awk -F';' '{print $8+$49, ($7+$48)/1024}')
+    T1=$(cpu_ticks)
+    read -r IOPS MIBS <<<"${R:-0 0}"
+    CPU=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
+          'BEGIN { s=t/hz; printf "%.0f %.1f", 100*s/rt, (i>0 ? 1e6*s/(i*rt) : 0) }')
+    printf '%-5s %-32s %9s %9.0f %7s %9s\n' "$S" "$1 $2 $3 qd=$4 direct=$5" "$IOPS" "$MIBS" $CPU
+  done
+  stop
+done
