@@ -71,6 +71,7 @@ struct fuse_export {
     /* ---- loop thread only ---- */
     struct loop_watch *watch;
     struct fuse_buf fbuf;       /* receive buffer of the request being processed */
+    size_t rx_size;             /* usable size of libfuse's receive buffers */
     unsigned inflight;          /* requests started and not yet replied */
     bool stopping;              /* shutdown requested: read no more requests */
     bool finishing;             /* the main-thread finish has been queued */

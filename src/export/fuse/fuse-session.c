@@ -131,8 +131,9 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
         free(b);
         b = NULL;
     }
+    /* Big enough to serve as a receive buffer later, when pooled. */
     if (!b)
-        b = malloc(MAX(len, (size_t)FUSE_RW_MAX + 4096));
+        b = malloc(MAX(len, exp->rx_size));
     if (!b)
         return -ENOMEM;
     r->mem = b;
@@ -190,10 +191,16 @@ static void fuse_stop_watching(struct fuse_export *exp)
 /* Returns false when no more requests should be read now. */
 static bool fuse_receive_one(struct fuse_export *exp)
 {
+    bool fresh;
     int ret;
 
     if (!exp->fbuf.mem)
         exp->fbuf.mem = buf_pool_get(exp);   /* NULL: libfuse allocates one */
+    if (exp->fbuf.mem && malloc_usable_size(exp->fbuf.mem) < exp->rx_size) {
+        free(exp->fbuf.mem);                 /* libfuse reads se->bufsize bytes */
+        exp->fbuf.mem = NULL;
+    }
+    fresh = !exp->fbuf.mem;
     exp->fbuf.size = 0;
     exp->fbuf.flags = 0;
     ret = fuse_session_receive_buf(exp->se, &exp->fbuf);
@@ -211,6 +218,8 @@ static bool fuse_receive_one(struct fuse_export *exp)
         fuse_stop_watching(exp);
         return false;
     }
+    if (fresh)   /* learn the size libfuse wants (the first receive is fresh) */
+        exp->rx_size = MAX(exp->rx_size, malloc_usable_size(exp->fbuf.mem));
     /* Count this request in flight while processing, so that a reply made
      * inside cannot make a stopping export look drained too early. */
     exp->inflight++;
@@ -270,12 +279,19 @@ static void fuse_finish_in_main(void *opaque)
     export_shutdown_done(&exp->common);
 }
 
+/* Posted to the export's own loop so that the completion which released
+ * the last request has fully returned before the main thread frees it. */
+static void fuse_drained_in_loop(void *opaque)
+{
+    loop_call(loop_main(), fuse_finish_in_main, opaque);
+}
+
 static void fuse_maybe_drained(struct fuse_export *exp)
 {
     if (!exp->stopping || exp->inflight || exp->finishing)
         return;
     exp->finishing = true;
-    loop_call(loop_main(), fuse_finish_in_main, exp);
+    loop_call(exp->common.loop, fuse_drained_in_loop, exp);
 }
 
 static void fuse_stop_in_loop(void *opaque)
