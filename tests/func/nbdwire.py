@@ -477,3 +477,14 @@ def served(impl, start_daemon, image, tmpdir_short):
     sock = os.path.join(tmpdir_short, "nbd.sock")
     return Served(serve(start_daemon, impl, img, sock, extra_export=",description=the disk"),
                   sock, img)
+
+
+@pytest.fixture
+def still_serving(request):
+    """Use with autouse in a test module: after each test that used
+    `served`, the daemon must be alive and serve a fresh client."""
+    # take `served` now, so that it is torn down after this check
+    s = request.getfixturevalue("served") if "served" in request.fixturenames else None
+    yield
+    if s is not None:
+        s.assert_serving()

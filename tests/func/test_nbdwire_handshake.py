@@ -10,7 +10,13 @@ import struct
 import pytest
 
 from nbdwire import *  # noqa: F401,F403  (constants, Conn, `served` fixture)
-from nbdwire import served  # noqa: F401  (the fixture, explicitly)
+from nbdwire import served, still_serving  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(autouse=True)
+def _alive_after(still_serving):
+    # after every case, hostile or not, a second client still works
+    yield
 
 
 def test_greeting_bytes(served):

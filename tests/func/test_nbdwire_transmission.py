@@ -10,7 +10,13 @@ import struct
 import pytest
 
 from nbdwire import *  # noqa: F401,F403
-from nbdwire import served  # noqa: F401
+from nbdwire import served, still_serving  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _alive_after(still_serving):
+    # after every case, hostile or not, a second client still works
+    yield
 
 
 def test_read_simple(served):
