@@ -131,6 +131,44 @@ def test_go_inconsistent_lengths(served):
     assert c.go("disk0")[-1][1] == REP_ACK
 
 
+@pytest.mark.parametrize("data", [
+    b"\0\0",                                                  # shorter than a name length
+    struct.pack(">I", 100) + b"disk0" + b"\0\0",              # name longer than the option
+    struct.pack(">I", 5) + b"disk0",                          # no info count
+], ids=["short", "name-overruns", "no-info-count"])
+def test_go_malformed_lengths(served, data):
+    c = served.conn().start()
+    c.opt(OPT_GO, data)
+    assert c.opt_replies() == [(OPT_GO, REP_ERR_INVALID, b"Inconsistent lengths in option go")]
+    assert c.go("disk0")[-1][1] == REP_ACK
+
+
+def test_set_meta_context_malformed_lengths(served):
+    c = served.conn().start()
+    c.structured_reply()
+    # one query claiming 100 bytes, carrying 15
+    c.opt(OPT_SET_META_CONTEXT, struct.pack(">I", 5) + b"disk0" + struct.pack(">II", 1, 100) +
+          b"base:allocation")
+    assert c.opt_replies() == [(OPT_SET_META_CONTEXT, REP_ERR_INVALID,
+                                b"Inconsistent lengths in option set meta context")]
+    assert c.go("disk0")[-1][1] == REP_ACK
+
+
+def test_set_meta_context_long_query_ignored(served):
+    c = served.conn().start()
+    c.structured_reply()
+    assert c.meta_context(OPT_SET_META_CONTEXT, "disk0", ["x" * 5000]) == \
+        [(OPT_SET_META_CONTEXT, REP_ACK, b"")]
+
+
+def test_set_meta_context_duplicate_query_once(served):
+    c = served.conn().start()
+    c.structured_reply()
+    reps = c.meta_context(OPT_SET_META_CONTEXT, "disk0", ["base:allocation"] * 3)
+    assert [(t, d[4:]) for _, t, d in reps] == [(REP_META_CONTEXT, b"base:allocation"),
+                                                 (REP_ACK, b"")]
+
+
 def test_option_length_too_large(served):
     # qsd drops the connection on an option it will not buffer; a server may
     # also answer ERR_TOO_BIG and go on: either way, it must not try to
