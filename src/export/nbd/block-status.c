@@ -1,6 +1,5 @@
 /*
- * Block status for NBD: base:allocation and qemu:allocation-depth extents,
- * and the data/zero runs used to send holes in structured READ replies.
+ * Block status for NBD: base:allocation and qemu:allocation-depth extents.
  * Answers are bounded (a maximum number of descriptors per context, one
  * with REQ_ONE), so a client asking about a huge range gets a partial
  * answer in bounded time and memory and asks again.
@@ -56,41 +55,6 @@ int nbd_block_status_extents(struct nbd_export *exp, int ctx, uint64_t offset,
     for (int i = 0; i < n; i++) {
         ext[i].length = htobe32(ext[i].length);
         ext[i].status_flags = htobe32(ext[i].status_flags);
-    }
-    return n;
-}
-
-int nbd_read_extents(struct nbd_export *exp, uint64_t offset, uint64_t len,
-                     uint64_t *run_len, bool *run_zero, int max)
-{
-    struct bnode *bs = exp->common.node;
-    uint64_t pos = 0;
-    int n = 0;
-
-    while (pos < len) {
-        uint64_t pnum = 0;
-        unsigned flags = 0;
-        int depth = 0;
-        bool zero;
-
-        if (bnode_block_status(bs, offset + pos, len - pos, &pnum, &flags, &depth) < 0 ||
-            pnum == 0)
-            return -EIO;
-        pnum = MIN(pnum, len - pos);
-        zero = flags & BS_ZERO;
-        if (n > 0 && run_zero[n - 1] == zero) {
-            run_len[n - 1] += pnum;
-        } else if (n == max) {
-            /* out of chunks: the rest goes out as data */
-            run_zero[n - 1] = false;
-            run_len[n - 1] += len - pos;
-            return n;
-        } else {
-            run_len[n] = pnum;
-            run_zero[n] = zero;
-            n++;
-        }
-        pos += pnum;
     }
     return n;
 }

@@ -36,7 +36,6 @@
 #define NBD_KEEP_BUF           (4u << 20)   /* slot buffers above: freed after use */
 #define NBD_MAX_EXTENTS        2048         /* block status descriptors per context */
 #define NBD_MAX_READ_CHUNKS    16           /* structured read chunks per reply */
-#define NBD_SPARSE_READ_MIN    8192         /* reads below: one data chunk */
 #define NBD_SLOT_HDR           (1024 + 160)
 #define NBD_SLOT_IOV           (2 * NBD_MAX_READ_CHUNKS + 8)
 #define NBD_SEND_IOV           256
@@ -216,7 +215,4 @@ uint32_t nbd_errno_to_wire(int err);
 int nbd_block_status_extents(struct nbd_export *exp, int ctx, uint64_t offset,
                              uint64_t len, bool req_one,
                              struct nbd_block_descriptor *ext, int max);
-/* Sparse-read helper: classify [offset, offset+len) into up to max runs of
- * data/zero; returns the count or -errno. */
-int nbd_read_extents(struct nbd_export *exp, uint64_t offset, uint64_t len,
-                     uint64_t *run_len, bool *run_zero, int max);
+

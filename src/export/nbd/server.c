@@ -46,6 +46,14 @@ static void nbd_accept_retry(void *opaque)
         nbd_accept_pause(false);
 }
 
+/* Large socket buffers let a 32 MiB READ reply leave in a few sendmsg
+ * calls instead of one per default buffer (the kernel caps the value). */
+static void nbd_socket_tune(int fd)
+{
+    int sz = 4 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+}
+
 static void nbd_peer_name(int fd, char *buf, size_t len)
 {
     struct sockaddr_storage ss;
@@ -82,6 +90,7 @@ static void nbd_accept(void *opaque, uint32_t revents)
             close(fd);
             continue;
         }
+        nbd_socket_tune(fd);
         nbd_peer_name(fd, peer, sizeof(peer));
         if (!nbd_conn_new(fd, peer))
             close(fd);
