@@ -25,6 +25,8 @@ enum aio_op {
     AIO_OP_FALLOCATE,  /* fallocate(fd, mode, offset, len) */
 };
 
+#define AIO_NO_INLINE 1u
+
 struct aio_req {
     enum aio_op op;
     int fd;
@@ -33,6 +35,8 @@ struct aio_req {
     uint64_t offset;
     uint64_t len;        /* FALLOCATE length; READ/WRITE: total iov bytes */
     int mode;            /* FALLOCATE mode */
+    unsigned flags;      /* AIO_NO_INLINE: never try inline (O_DIRECT fds,
+                          * where a "non-blocking" read still waits for the device) */
     /* res: bytes transferred (READ/WRITE) or 0, or -errno. */
     void (*done)(struct aio_req *req, int64_t res);
     /* private */

@@ -1,0 +1,252 @@
+/*
+ * File I/O engine (see aio.h).
+ *
+ * Theory of operation: every loop owns an engine with an io_uring ring and an
+ * eventfd.  Requests are first tried inline with RWF_NOWAIT (a page-cache
+ * hit completes with no ring round trip at all); what would block goes to
+ * the ring (io_uring) or to the worker pool (threads).  Ring submissions are
+ * batched: one io_uring_submit() per loop iteration, from a loop_defer.  The
+ * ring signals completions on the eventfd, which the loop watches; thread
+ * completions are queued on the engine under a mutex and signalled on the
+ * same eventfd.  Completion callbacks always run in the owning loop thread.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include "util/aio.h"
+#include "util/loop.h"
+#include "util/log.h"
+
+#define RING_ENTRIES 256
+#define POOL_MAX_THREADS 16
+
+struct aio_engine {
+    struct loop *loop;
+    bool ring_ok;
+    struct io_uring ring;
+    int efd;
+    struct loop_watch *watch;
+    struct loop_defer flush;
+    unsigned queued;            /* SQEs prepared, not yet submitted */
+    pthread_mutex_t lock;       /* protects done_head (thread completions) */
+    struct aio_req *done_head;
+};
+
+/* ---- worker pool (shared by all loops) ---- */
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
+static struct aio_req *pool_head, **pool_tail = &pool_head;
+static int pool_threads, pool_idle;
+
+static int64_t do_sync(struct aio_req *r, int rwflags)
+{
+    ssize_t n;
+    switch (r->op) {
+    case AIO_OP_READ:
+        n = preadv2(r->fd, r->iov, r->iovcnt, r->offset, rwflags);
+        break;
+    case AIO_OP_WRITE:
+        n = pwritev2(r->fd, r->iov, r->iovcnt, r->offset, rwflags);
+        break;
+    case AIO_OP_FSYNC:
+        n = fdatasync(r->fd);
+        break;
+    case AIO_OP_FALLOCATE:
+        n = fallocate(r->fd, r->mode, r->offset, r->len);
+        break;
+    default:
+        return -EINVAL;
+    }
+    return n < 0 ? -errno : n;
+}
+
+static void engine_post_done(struct aio_req *r)
+{
+    struct aio_engine *e = loop_aio(r->loop);
+    pthread_mutex_lock(&e->lock);
+    r->next = e->done_head;
+    e->done_head = r;
+    pthread_mutex_unlock(&e->lock);
+    uint64_t one = 1;
+    if (write(e->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        log_error("aio wake-up failed: %s", strerror(errno));
+}
+
+static void *pool_worker(void *arg)
+{
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (!pool_head) {
+            pool_idle++;
+            pthread_cond_wait(&pool_cond, &pool_lock);
+            pool_idle--;
+        }
+        struct aio_req *r = pool_head;
+        pool_head = r->next;
+        if (!pool_head)
+            pool_tail = &pool_head;
+        pthread_mutex_unlock(&pool_lock);
+        r->res = do_sync(r, 0);
+        engine_post_done(r);
+        pthread_mutex_lock(&pool_lock);
+    }
+    return NULL;
+}
+
+static void pool_submit(struct aio_req *r)
+{
+    pthread_mutex_lock(&pool_lock);
+    r->next = NULL;
+    *pool_tail = r;
+    pool_tail = &r->next;
+    if (pool_idle == 0 && pool_threads < POOL_MAX_THREADS) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, pool_worker, NULL) == 0)
+            pool_threads++;
+        pthread_attr_destroy(&attr);
+    }
+    pthread_cond_signal(&pool_cond);
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* ---- completions ---- */
+
+static void reap_ring(struct aio_engine *e)
+{
+    struct io_uring_cqe *cqe;
+    while (io_uring_peek_cqe(&e->ring, &cqe) == 0) {
+        struct aio_req *r = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(&e->ring, cqe);
+        r->done(r, res);
+    }
+}
+
+static void engine_event(void *opaque, uint32_t revents)
+{
+    struct aio_engine *e = opaque;
+    uint64_t v;
+    while (read(e->efd, &v, sizeof(v)) > 0)
+        ;
+    pthread_mutex_lock(&e->lock);
+    struct aio_req *r = e->done_head;
+    e->done_head = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (r) {
+        struct aio_req *next = r->next;
+        r->done(r, r->res);
+        r = next;
+    }
+    if (e->ring_ok)
+        reap_ring(e);
+}
+
+static void engine_flush(void *opaque)
+{
+    struct aio_engine *e = opaque;
+    if (e->queued) {
+        e->queued = 0;
+        int ret = io_uring_submit(&e->ring);
+        if (ret < 0)
+            log_error("io_uring_submit: %s", strerror(-ret));
+    }
+}
+
+struct aio_engine *aio_engine_new(struct loop *l)
+{
+    struct aio_engine *e = calloc(1, sizeof(*e));
+    if (!e)
+        abort();
+    e->loop = l;
+    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_mutex_init(&e->lock, NULL);
+    e->flush.fn = engine_flush;
+    e->flush.opaque = e;
+    int ret = io_uring_queue_init(RING_ENTRIES, &e->ring, 0);
+    if (ret == 0 && io_uring_register_eventfd(&e->ring, e->efd) == 0)
+        e->ring_ok = true;
+    else if (ret == 0)
+        io_uring_queue_exit(&e->ring);
+    if (!e->ring_ok)
+        log_debug("io_uring unavailable (%s); using the thread pool", strerror(-ret));
+    e->watch = loop_watch_fd(l, e->efd, LOOP_IN, engine_event, e);
+    return e;
+}
+
+void aio_engine_free(struct aio_engine *e)
+{
+    loop_watch_del(e->watch);
+    if (e->ring_ok)
+        io_uring_queue_exit(&e->ring);
+    close(e->efd);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
+}
+
+static bool ring_submit(struct aio_engine *e, struct aio_req *r)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+    if (!sqe) {
+        engine_flush(e);
+        sqe = io_uring_get_sqe(&e->ring);
+        if (!sqe)
+            return false;
+    }
+    switch (r->op) {
+    case AIO_OP_READ:
+        io_uring_prep_readv(sqe, r->fd, r->iov, r->iovcnt, r->offset);
+        break;
+    case AIO_OP_WRITE:
+        io_uring_prep_writev(sqe, r->fd, r->iov, r->iovcnt, r->offset);
+        break;
+    case AIO_OP_FSYNC:
+        io_uring_prep_fsync(sqe, r->fd, IORING_FSYNC_DATASYNC);
+        break;
+    case AIO_OP_FALLOCATE:
+        io_uring_prep_fallocate(sqe, r->fd, r->mode, r->offset, r->len);
+        break;
+    }
+    io_uring_sqe_set_data(sqe, r);
+    e->queued++;
+    loop_defer(e->loop, &e->flush);
+    return true;
+}
+
+void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
+{
+    struct aio_engine *e = loop_aio(l);
+    r->loop = l;
+    if ((r->op == AIO_OP_READ || r->op == AIO_OP_WRITE) && !(r->flags & AIO_NO_INLINE)) {
+        /* Inline attempt: completes at once when no blocking is needed. */
+        int64_t n = do_sync(r, RWF_NOWAIT);
+        if (n >= 0 && (uint64_t)n == r->len) {
+            r->done(r, n);
+            return;
+        }
+        /* Partial or would-block: redo the whole request asynchronously
+         * (the bytes already done are simply transferred again). */
+    }
+    if (kind != AIO_THREADS && e->ring_ok && ring_submit(e, r))
+        return;
+    pool_submit(r);
+}
+
+int aio_kind_parse(const char *s)
+{
+    if (!strcmp(s, "threads"))
+        return AIO_THREADS;
+    if (!strcmp(s, "io_uring"))
+        return AIO_IO_URING;
+    if (!strcmp(s, "native"))
+        return AIO_NATIVE;
+    return -1;
+}

@@ -1,0 +1,379 @@
+/*
+ * Event loop (see loop.h).
+ *
+ * Theory of operation: each iteration (1) runs deferred functions and
+ * cross-thread calls queued so far, (2) sleeps in epoll_wait until an fd is
+ * ready or the earliest timer is due, (3) dispatches ready fds, (4) fires
+ * due timers, (5) frees watches deleted during the iteration.  A deleted
+ * watch is only marked dead, so an event already fetched for it in the same
+ * batch is skipped instead of touching freed memory.  Other threads enqueue
+ * work with loop_call() and wake the loop through an eventfd.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+#include "util/loop.h"
+#include "util/log.h"
+
+struct loop_watch {
+    struct loop *l;
+    int fd;
+    uint32_t events;
+    bool registered;
+    bool dead;
+    loop_fd_fn *fn;
+    void *opaque;
+    struct loop_watch *next_dead;
+};
+
+struct loop_timer {
+    struct loop *l;
+    loop_fn *fn;
+    void *opaque;
+    uint64_t deadline;
+    bool armed;
+    struct loop_timer *prev, *next;
+};
+
+struct loop_call_item {
+    loop_fn *fn;
+    void *opaque;
+    struct loop_call_item *next;
+};
+
+struct loop {
+    char *name;
+    int epfd;
+    int wakefd;
+    struct loop_watch wake_watch;
+    volatile bool stop;
+    pthread_mutex_t lock;              /* protects calls */
+    struct loop_call_item *calls, **calls_tail;
+    struct loop_defer *defer_head, **defer_tail;
+    struct loop_timer *timers;         /* sorted by deadline */
+    struct loop_timer *timers_tail;
+    struct loop_watch *dead;
+    struct aio_engine *aio;
+};
+
+static __thread struct loop *current_loop;
+static struct loop *main_loop;
+
+/* aio.c */
+struct aio_engine *aio_engine_new(struct loop *l);
+void aio_engine_free(struct aio_engine *e);
+
+uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void wake_read(void *opaque, uint32_t revents)
+{
+    struct loop *l = opaque;
+    uint64_t v;
+    while (read(l->wakefd, &v, sizeof(v)) > 0)
+        ;
+}
+
+struct loop *loop_new(const char *name)
+{
+    struct loop *l = calloc(1, sizeof(*l));
+    if (!l)
+        abort();
+    l->name = strdup(name);
+    l->epfd = epoll_create1(EPOLL_CLOEXEC);
+    l->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (l->epfd < 0 || l->wakefd < 0) {
+        log_error("cannot create event loop: %s", strerror(errno));
+        abort();
+    }
+    pthread_mutex_init(&l->lock, NULL);
+    l->calls_tail = &l->calls;
+    l->defer_tail = &l->defer_head;
+    l->wake_watch = (struct loop_watch){ .l = l, .fd = l->wakefd, .events = EPOLLIN,
+                                         .registered = true, .fn = wake_read, .opaque = l };
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->wake_watch };
+    epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->wakefd, &ev);
+    return l;
+}
+
+const char *loop_name(const struct loop *l) { return l->name; }
+
+static void free_dead(struct loop *l)
+{
+    while (l->dead) {
+        struct loop_watch *w = l->dead;
+        l->dead = w->next_dead;
+        free(w);
+    }
+}
+
+void loop_free(struct loop *l)
+{
+    if (!l)
+        return;
+    if (l->aio)
+        aio_engine_free(l->aio);
+    free_dead(l);
+    close(l->epfd);
+    close(l->wakefd);
+    pthread_mutex_destroy(&l->lock);
+    while (l->calls) {
+        struct loop_call_item *c = l->calls;
+        l->calls = c->next;
+        free(c);
+    }
+    free(l->name);
+    free(l);
+}
+
+void loop_main_init(void)
+{
+    main_loop = loop_new("main");
+    current_loop = main_loop;
+}
+
+struct loop *loop_main(void) { return main_loop; }
+struct loop *loop_current(void) { return current_loop; }
+
+struct aio_engine *loop_aio(struct loop *l)
+{
+    if (!l->aio)
+        l->aio = aio_engine_new(l);
+    return l->aio;
+}
+
+/* ---- fd watches ---- */
+
+static void watch_apply(struct loop_watch *w)
+{
+    struct epoll_event ev = { .events = w->events, .data.ptr = w };
+    if (w->events == 0) {
+        /* Unregister while paused: epoll reports HUP/ERR even for an empty mask. */
+        if (w->registered)
+            epoll_ctl(w->l->epfd, EPOLL_CTL_DEL, w->fd, NULL);
+        w->registered = false;
+        return;
+    }
+    if (epoll_ctl(w->l->epfd, w->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev) < 0)
+        log_error("epoll_ctl(fd %d): %s", w->fd, strerror(errno));
+    else
+        w->registered = true;
+}
+
+struct loop_watch *loop_watch_fd(struct loop *l, int fd, uint32_t events,
+                                 loop_fd_fn *fn, void *opaque)
+{
+    struct loop_watch *w = calloc(1, sizeof(*w));
+    if (!w)
+        abort();
+    *w = (struct loop_watch){ .l = l, .fd = fd, .events = events, .fn = fn, .opaque = opaque };
+    watch_apply(w);
+    return w;
+}
+
+void loop_watch_set(struct loop_watch *w, uint32_t events)
+{
+    if (w->dead || w->events == events)
+        return;
+    w->events = events;
+    watch_apply(w);
+}
+
+uint32_t loop_watch_events(const struct loop_watch *w) { return w->events; }
+
+void loop_watch_del(struct loop_watch *w)
+{
+    if (!w || w->dead)
+        return;
+    if (w->registered)
+        epoll_ctl(w->l->epfd, EPOLL_CTL_DEL, w->fd, NULL);
+    w->registered = false;
+    w->dead = true;
+    w->next_dead = w->l->dead;
+    w->l->dead = w;
+}
+
+/* ---- timers ---- */
+
+struct loop_timer *loop_timer_new(struct loop *l, loop_fn *fn, void *opaque)
+{
+    struct loop_timer *t = calloc(1, sizeof(*t));
+    if (!t)
+        abort();
+    t->l = l;
+    t->fn = fn;
+    t->opaque = opaque;
+    return t;
+}
+
+void loop_timer_cancel(struct loop_timer *t)
+{
+    if (!t || !t->armed)
+        return;
+    struct loop *l = t->l;
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        l->timers = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    else
+        l->timers_tail = t->prev;
+    t->prev = t->next = NULL;
+    t->armed = false;
+}
+
+void loop_timer_arm(struct loop_timer *t, uint64_t ms_from_now)
+{
+    struct loop *l = t->l;
+    loop_timer_cancel(t);
+    t->deadline = now_ms() + ms_from_now;
+    /* Scan from the tail: deadlines mostly grow, so this is usually O(1). */
+    struct loop_timer *after = l->timers_tail;
+    while (after && after->deadline > t->deadline)
+        after = after->prev;
+    t->prev = after;
+    t->next = after ? after->next : l->timers;
+    if (t->next)
+        t->next->prev = t;
+    else
+        l->timers_tail = t;
+    if (after)
+        after->next = t;
+    else
+        l->timers = t;
+    t->armed = true;
+}
+
+void loop_timer_free(struct loop_timer *t)
+{
+    if (!t)
+        return;
+    loop_timer_cancel(t);
+    free(t);
+}
+
+static void run_timers(struct loop *l)
+{
+    uint64_t now = now_ms();
+    while (l->timers && l->timers->deadline <= now) {
+        struct loop_timer *t = l->timers;
+        loop_timer_cancel(t);
+        t->fn(t->opaque);
+    }
+}
+
+static int next_timeout(struct loop *l)
+{
+    if (l->defer_head || l->calls)
+        return 0;
+    if (!l->timers)
+        return -1;
+    uint64_t now = now_ms();
+    if (l->timers->deadline <= now)
+        return 0;
+    uint64_t d = l->timers->deadline - now;
+    return d > 60000 ? 60000 : (int)d;
+}
+
+/* ---- calls and defers ---- */
+
+void loop_call(struct loop *l, loop_fn *fn, void *opaque)
+{
+    struct loop_call_item *c = malloc(sizeof(*c));
+    if (!c)
+        abort();
+    c->fn = fn;
+    c->opaque = opaque;
+    c->next = NULL;
+    pthread_mutex_lock(&l->lock);
+    *l->calls_tail = c;
+    l->calls_tail = &c->next;
+    pthread_mutex_unlock(&l->lock);
+    if (current_loop != l) {
+        uint64_t one = 1;
+        if (write(l->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+            log_error("loop wake-up failed: %s", strerror(errno));
+    }
+}
+
+static void run_calls(struct loop *l)
+{
+    pthread_mutex_lock(&l->lock);
+    struct loop_call_item *c = l->calls;
+    l->calls = NULL;
+    l->calls_tail = &l->calls;
+    pthread_mutex_unlock(&l->lock);
+    while (c) {
+        struct loop_call_item *next = c->next;
+        c->fn(c->opaque);
+        free(c);
+        c = next;
+    }
+}
+
+void loop_defer(struct loop *l, struct loop_defer *d)
+{
+    if (d->pending)
+        return;
+    d->pending = true;
+    d->next = NULL;
+    *l->defer_tail = d;
+    l->defer_tail = &d->next;
+}
+
+static void run_defers(struct loop *l)
+{
+    while (l->defer_head) {
+        struct loop_defer *d = l->defer_head;
+        l->defer_head = d->next;
+        if (!l->defer_head)
+            l->defer_tail = &l->defer_head;
+        d->pending = false;
+        d->fn(d->opaque);
+    }
+}
+
+/* ---- run ---- */
+
+void loop_stop(struct loop *l)
+{
+    l->stop = true;
+    uint64_t one = 1;
+    if (write(l->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        log_error("loop wake-up failed: %s", strerror(errno));
+}
+
+int loop_run(struct loop *l)
+{
+    struct epoll_event evs[64];
+    current_loop = l;
+    l->stop = false;
+    while (!l->stop) {
+        run_calls(l);
+        run_defers(l);
+        if (l->stop)
+            break;
+        int n = epoll_wait(l->epfd, evs, 64, next_timeout(l));
+        if (n < 0 && errno != EINTR) {
+            log_error("epoll_wait: %s", strerror(errno));
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            struct loop_watch *w = evs[i].data.ptr;
+            if (!w->dead)
+                w->fn(w->opaque, evs[i].events);
+        }
+        run_timers(l);
+        free_dead(l);
+    }
+    return 0;
+}
