@@ -27,6 +27,8 @@
 #define FUSE_RX_BATCH      32
 /* Idle request slots and receive buffers kept for reuse. */
 #define FUSE_POOL_KEEP     64
+/* Alignment of data buffers we allocate (O_DIRECT memory alignment). */
+#define FUSE_BUF_ALIGN     4096u
 /* Largest single write-zeroes/discard handed to the block layer. */
 #define FUSE_ZERO_CHUNK    (1ull << 30)
 
@@ -92,9 +94,10 @@ void fuse_session_free_pools(struct fuse_export *exp);
 struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req);
 void fuse_ioreq_put(struct fuse_ioreq *r);
 /* Take the receive buffer holding `data` for r (no copy), or copy `len`
- * bytes into a new buffer when data is not in the receive buffer. */
+ * bytes into an aligned buffer (data not in the receive buffer, or a node
+ * that needs aligned memory). */
 int  fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len);
-/* A buffer of at least len bytes for r->mem (reads). */
+/* r->mem: a buffer holding len bytes at a page-aligned r->iov.iov_base. */
 int  fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len);
 void fuse_ioreq_submit(struct fuse_ioreq *r, enum breq_op op, unsigned flags,
                        uint64_t offset, uint64_t len,

@@ -104,7 +104,11 @@ int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
     struct fuse_export *exp = r->exp;
     char *mem = exp->fbuf.mem;
 
-    if (mem && !(exp->fbuf.flags & FUSE_BUF_IS_FD) &&
+    /* O_DIRECT nodes need aligned memory: copy then (the payload sits
+     * just after the request header, at no useful alignment). */
+    bool aligned = exp->common.node->request_alignment <= 1;
+
+    if (aligned && mem && !(exp->fbuf.flags & FUSE_BUF_IS_FD) &&
         (const char *)data >= mem &&
         (const char *)data + len <= mem + exp->fbuf.size) {
         r->mem = mem;                 /* steal: the next receive uses another */
@@ -115,8 +119,7 @@ int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
     }
     if (fuse_ioreq_alloc(r, len) < 0)
         return -ENOMEM;
-    memcpy(r->mem, data, len);
-    r->iov.iov_len = len;
+    memcpy(r->iov.iov_base, data, len);
     return 0;
 }
 
@@ -125,19 +128,19 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
     struct fuse_export *exp = r->exp;
     void *b = buf_pool_get(exp);
 
-    /* Pooled buffers are libfuse's receive buffers, larger than FUSE_RW_MAX;
-     * check anyway, since their size is libfuse's choice. */
-    if (b && malloc_usable_size(b) < len) {
+    /* The data starts page-aligned inside the buffer (O_DIRECT nodes need
+     * that); pooled receive buffers are usually big enough for it. */
+    if (b && malloc_usable_size(b) < len + FUSE_BUF_ALIGN) {
         free(b);
         b = NULL;
     }
     /* Big enough to serve as a receive buffer later, when pooled. */
     if (!b)
-        b = malloc(MAX(len, exp->rx_size));
+        b = malloc(MAX(len + FUSE_BUF_ALIGN, exp->rx_size));
     if (!b)
         return -ENOMEM;
     r->mem = b;
-    r->iov.iov_base = b;
+    r->iov.iov_base = (void *)(((uintptr_t)b + FUSE_BUF_ALIGN - 1) & ~(uintptr_t)(FUSE_BUF_ALIGN - 1));
     r->iov.iov_len = len;
     return 0;
 }
