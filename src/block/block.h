@@ -58,6 +58,7 @@ struct breq {
     uint64_t drv_offset;
     uint64_t done_bytes;
     int stage;
+    struct iovec tmp_iov;
 };
 
 /* Block status flags, as in QEMU: DATA = reads return data from this layer,
@@ -111,6 +112,8 @@ struct bdrv {
     int  (*truncate)(struct bnode *bs, uint64_t size, error **errp);
     /* Take or drop write access (image locking); NULL = always allowed. */
     int  (*set_write_perm)(struct bnode *bs, bool write, error **errp);
+    /* Make written data durable now, synchronously (shutdown path). */
+    int  (*flush_sync)(struct bnode *bs);
     /* Capabilities */
     bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
@@ -126,6 +129,8 @@ struct bnode *bnode_find(const char *node_name);
 struct bnode *bnode_lookup(const char *name, error **errp);
 json_t *query_named_block_nodes(bool flat);
 void block_close_all(void);
+/* Flush every node synchronously (shutdown: "data flushed"). */
+void block_flush_all_sync(void);
 
 /* Users: exports and parent nodes.  write=true needs the node writable. */
 int  bnode_ref_user(struct bnode *bs, bool write, error **errp);
@@ -153,3 +158,8 @@ const struct bdrv *bdrv_find(const char *name);
 
 #define BDRV_REGISTER(drv) \
     __attribute__((constructor)) static void bdrv_register_##drv(void) { bdrv_register(&drv); }
+
+/* QEMU's rule for ids and node names: a letter, then letters, digits, - . _ */
+bool id_wellformed(const char *id);
+/* Iterate every node (named and generated) with ->next. */
+struct bnode *bnode_first(void);

@@ -37,3 +37,5 @@ void objects_delete_all(void);
 
 #define OBJECT_TYPE_REGISTER(t) \
     __attribute__((constructor)) static void object_type_register_##t(void) { object_type_register(&t); }
+/* Iterate every object (newest first) with ->next. */
+struct object *object_first(void);

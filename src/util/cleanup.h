@@ -1,5 +1,6 @@
 /* Scope-bound cleanup helpers (attribute cleanup), so error paths need no goto ladders. */
 #pragma once
+#include <stddef.h>
 #include <stdlib.h>
 #include <unistd.h>
 #include <jansson.h>

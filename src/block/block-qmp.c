@@ -1,0 +1,71 @@
+/* QMP commands of the block layer: blockdev-add, blockdev-del, query-named-block-nodes. */
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include "block/block.h"
+#include "qmp/qmp.h"
+
+const char *file_node_filename(struct bnode *bs);
+
+static json_t *qmp_blockdev_add(json_t *args, error **errp)
+{
+    return blockdev_add(args, errp) ? json_object() : NULL;
+}
+QMP_COMMAND("blockdev-add", qmp_blockdev_add)
+
+static json_t *qmp_blockdev_del(json_t *args, error **errp)
+{
+    return blockdev_del(qmp_str(args, "node-name", ""), errp) < 0 ? NULL : json_object();
+}
+QMP_COMMAND("blockdev-del", qmp_blockdev_del)
+
+/* The leaf's file name, as QEMU reports bs->filename ("null-co://" etc.). */
+static const char *node_filename(struct bnode *bs, char *buf, size_t len)
+{
+    while (bs->file)
+        bs = bs->file;
+    if (!strcmp(bs->drv->name, "file") || !strcmp(bs->drv->name, "host_device"))
+        return file_node_filename(bs);
+    snprintf(buf, len, "%s://", bs->drv->name);
+    return buf;
+}
+
+static json_t *node_info(struct bnode *bs)
+{
+    char buf[64];
+    const char *filename = node_filename(bs, buf, sizeof(buf));
+    struct stat st;
+    json_int_t actual = 0;
+    if (filename[0] == '/' && stat(filename, &st) == 0)
+        actual = (json_int_t)st.st_blocks * 512;
+    static const char *const dz[] = { "off", "on", "unmap" };
+    json_t *image = json_pack("{s:I, s:s, s:s, s:I, s:b}",
+                              "virtual-size", (json_int_t)bs->size, "filename", filename,
+                              "format", bs->drv->name, "actual-size", actual,
+                              "dirty-flag", 0);
+    return json_pack("{s:I, s:s, s:o, s:I, s:b, s:s, s:I, s:s, s:I, s:I, s:I, s:b,"
+                     " s:I, s:I, s:{s:b, s:b, s:b}, s:s}",
+                     "iops_rd", (json_int_t)0, "detect_zeroes", dz[bs->detect_zeroes],
+                     "image", image, "iops_wr", (json_int_t)0, "ro", bs->read_only,
+                     "node-name", bs->node_name, "backing_file_depth", (json_int_t)0,
+                     "drv", bs->drv->name, "iops", (json_int_t)0, "bps_wr", (json_int_t)0,
+                     "write_threshold", (json_int_t)0, "encrypted", 0,
+                     "bps", (json_int_t)0, "bps_rd", (json_int_t)0,
+                     "cache", "no-flush", bs->cache_no_flush, "direct", bs->cache_direct,
+                     "writeback", 1,
+                     "file", filename);
+}
+
+json_t *query_named_block_nodes(bool flat)
+{
+    json_t *list = json_array();
+    for (struct bnode *bs = bnode_first(); bs; bs = bs->next)
+        json_array_append_new(list, node_info(bs));
+    return list;
+}
+
+static json_t *qmp_query_named_block_nodes(json_t *args, error **errp)
+{
+    return query_named_block_nodes(qmp_bool(args, "flat", false));
+}
+QMP_COMMAND("query-named-block-nodes", qmp_query_named_block_nodes)

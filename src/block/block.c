@@ -1,0 +1,427 @@
+/*
+ * Block layer core: node registry, graph users and permissions, request
+ * validation, block status through backing chains.
+ *
+ * Theory of operation: blockdev_add() opens a tree of nodes from one
+ * checked BlockdevOptions object (children given inline are opened first
+ * and get generated names; children given by name are looked up).  Every
+ * user of a node (a parent node, an export) holds a reference; a node is
+ * deleted by blockdev-del only when the monitor's reference is the last.
+ * The WRITE permission is counted separately: the first writer asks the
+ * driver for write access (file: image locks), the last one gives it back.
+ *
+ * bnode_submit() checks each request once at this edge; drivers trust it.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+
+static struct bnode *nodes;           /* all nodes, named or generated */
+static const struct bdrv *drivers[16];
+static int n_drivers;
+static unsigned auto_name_counter;
+
+void bdrv_register(const struct bdrv *drv)
+{
+    if (n_drivers < (int)ARRAY_SIZE(drivers))
+        drivers[n_drivers++] = drv;
+}
+
+const struct bdrv *bdrv_find(const char *name)
+{
+    for (int i = 0; i < n_drivers; i++)
+        if (!strcmp(drivers[i]->name, name))
+            return drivers[i];
+    return NULL;
+}
+
+void block_init(void) {}
+
+struct bnode *bnode_find(const char *name)
+{
+    for (struct bnode *bs = nodes; bs; bs = bs->next)
+        if (!strcmp(bs->node_name, name))
+            return bs;
+    return NULL;
+}
+
+struct bnode *bnode_lookup(const char *name, error **errp)
+{
+    struct bnode *bs = bnode_find(name);
+    if (!bs)
+        error_setg(errp, "Cannot find device='' nor node-name='%s'", name);
+    return bs;
+}
+
+/* QEMU's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'. */
+bool id_wellformed(const char *id)
+{
+    if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z')))
+        return false;
+    for (const char *p = id + 1; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+              (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_'))
+            return false;
+    return true;
+}
+
+static char *generate_node_name(void)
+{
+    char *s;
+    if (asprintf(&s, "#block%03u%02d", auto_name_counter++, rand() % 100) < 0)
+        abort();
+    return s;
+}
+
+/* ---- users and permissions ---- */
+
+int bnode_ref_user(struct bnode *bs, bool write, error **errp)
+{
+    if (write) {
+        if (bs->read_only) {
+            error_setg(errp, "Block node is read-only");
+            return -1;
+        }
+        if (bs->writers == 0) {
+            if (bs->drv->set_write_perm && bs->drv->set_write_perm(bs, true, errp) < 0)
+                return -1;
+            if (bs->file && bnode_ref_user(bs->file, true, errp) < 0) {
+                if (bs->drv->set_write_perm)
+                    bs->drv->set_write_perm(bs, false, NULL);
+                return -1;
+            }
+        }
+        bs->writers++;
+    }
+    bs->refcnt++;
+    return 0;
+}
+
+static void bnode_close(struct bnode *bs);
+
+void bnode_unref_user(struct bnode *bs, bool write)
+{
+    if (write && --bs->writers == 0) {
+        if (bs->file)
+            bnode_unref_user(bs->file, true);
+        if (bs->drv->set_write_perm)
+            bs->drv->set_write_perm(bs, false, NULL);
+    }
+    if (--bs->refcnt == 0)
+        bnode_close(bs);
+}
+
+static void node_list_remove(struct bnode *bs)
+{
+    for (struct bnode **p = &nodes; *p; p = &(*p)->next)
+        if (*p == bs) {
+            *p = bs->next;
+            return;
+        }
+}
+
+static void bnode_close(struct bnode *bs)
+{
+    node_list_remove(bs);
+    if (bs->drv->close)
+        bs->drv->close(bs);
+    if (bs->file)
+        bnode_unref_user(bs->file, false);
+    if (bs->backing)
+        bnode_unref_user(bs->backing, false);
+    json_decref(bs->options);
+    free(bs->node_name);
+    free(bs);
+}
+
+/* ---- opening ---- */
+
+static int parse_common(struct bnode *bs, json_t *opts, error **errp)
+{
+    bs->read_only = qmp_bool(opts, "read-only", false);
+    const char *discard = qmp_str(opts, "discard", "ignore");
+    bs->discard = !strcmp(discard, "unmap") || !strcmp(discard, "on");
+    const char *dz = qmp_str(opts, "detect-zeroes", "off");
+    bs->detect_zeroes = !strcmp(dz, "unmap") ? DETECT_ZEROES_UNMAP :
+                        !strcmp(dz, "on") ? DETECT_ZEROES_ON : DETECT_ZEROES_OFF;
+    if (bs->detect_zeroes == DETECT_ZEROES_UNMAP && !bs->discard) {
+        error_setg(errp, "setting detect-zeroes to unmap is not allowed "
+                         "without setting discard operation to unmap");
+        return -1;
+    }
+    json_t *cache = json_object_get(opts, "cache");
+    bs->cache_direct = qmp_bool(cache, "direct", false);
+    bs->cache_no_flush = qmp_bool(cache, "no-flush", false);
+    bs->request_alignment = 1;
+    return 0;
+}
+
+static struct bnode *bnode_open(json_t *opts, bool root, error **errp);
+
+/* BlockdevRef: a node name (string) or inline options (object). */
+static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
+{
+    if (json_is_string(ref)) {
+        struct bnode *child = bnode_find(json_string_value(ref));
+        if (!child) {
+            error_setg(errp, "Cannot find device='%s' nor node-name='%s'",
+                       json_string_value(ref), json_string_value(ref));
+            return NULL;
+        }
+        child->refcnt++;
+        return child;
+    }
+    CLEANUP_JSON json_t *copy = json_deep_copy(ref);
+    /* An inline child inherits read-only from its parent, as in QEMU. */
+    if (parent_ro && !json_object_get(copy, "read-only"))
+        json_object_set_new(copy, "read-only", json_true());
+    return bnode_open(copy, false, errp);   /* reference owned by the parent */
+}
+
+static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
+{
+    const char *driver = qmp_str(opts, "driver", "");
+    const char *name = qmp_str(opts, "node-name", NULL);
+    const struct bdrv *drv = bdrv_find(driver);
+
+    if (!drv) {
+        error_setg(errp, "Unknown driver '%s'", driver);
+        return NULL;
+    }
+    if (root && !name) {
+        error_setg(errp, "'node-name' must be specified for the root node");
+        return NULL;
+    }
+    if (name) {
+        if (!id_wellformed(name)) {
+            error_setg(errp, "Invalid node-name: '%s'", name);
+            return NULL;
+        }
+        if (bnode_find(name)) {
+            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
+            return NULL;
+        }
+    }
+    struct bnode *bs = calloc(1, sizeof(*bs));
+    if (!bs)
+        abort();
+    bs->drv = drv;
+    bs->refcnt = 1;
+    bs->options = json_incref(opts);
+    bs->node_name = name ? strdup(name) : generate_node_name();
+    bs->auto_named = !name;
+    if (parse_common(bs, opts, errp) < 0)
+        goto fail;
+    if (drv->is_format || drv->is_filter) {
+        json_t *ref = json_object_get(opts, "file");
+        if (!ref) {
+            error_setg(errp, "A block device must be specified for \"file\"");
+            goto fail;
+        }
+        bs->file = open_child(ref, bs->read_only, errp);
+        if (!bs->file)
+            goto fail;
+    }
+    if (drv->open(bs, opts, errp) < 0)
+        goto fail;
+    bs->next = nodes;
+    nodes = bs;
+    return bs;
+
+fail:
+    if (bs->file)
+        bnode_unref_user(bs->file, false);
+    json_decref(bs->options);
+    free(bs->node_name);
+    free(bs);
+    return NULL;
+}
+
+struct bnode *blockdev_add(json_t *opts, error **errp)
+{
+    return bnode_open(opts, true, errp);
+}
+
+static bool has_parent(struct bnode *child)
+{
+    for (struct bnode *bs = nodes; bs; bs = bs->next)
+        if (bs->file == child || bs->backing == child)
+            return true;
+    return false;
+}
+
+int blockdev_del(const char *node_name, error **errp)
+{
+    struct bnode *bs = bnode_find(node_name);
+    if (!bs) {
+        error_setg(errp, "Failed to find node with node-name='%s'", node_name);
+        return -1;
+    }
+    if (bs->auto_named || has_parent(bs)) {
+        error_setg(errp, "Node %s is not owned by the monitor", node_name);
+        return -1;
+    }
+    if (bs->refcnt > 1) {
+        error_setg(errp, "Block device %s is in use", node_name);
+        return -1;
+    }
+    bnode_unref_user(bs, false);
+    return 0;
+}
+
+void block_close_all(void)
+{
+    /* Exports are gone by now; drop the monitor's reference of every root. */
+    bool progress = true;
+    while (nodes && progress) {
+        progress = false;
+        for (struct bnode *bs = nodes; bs; bs = bs->next) {
+            if (!has_parent(bs)) {
+                bnode_close(bs);
+                progress = true;
+                break;
+            }
+        }
+    }
+}
+
+void block_flush_all_sync(void)
+{
+    for (struct bnode *bs = nodes; bs; bs = bs->next)
+        if (bs->drv->flush_sync && !bs->read_only)
+            bs->drv->flush_sync(bs);
+}
+
+/* ---- data path ---- */
+
+void breq_complete(struct breq *req, int ret)
+{
+    req->done(req, ret);
+}
+
+void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset)
+{
+    child->drv->submit(child, req, offset);
+}
+
+static bool buffer_is_zero(const struct iovec *iov, int iovcnt)
+{
+    for (int i = 0; i < iovcnt; i++) {
+        const unsigned char *p = iov[i].iov_base;
+        size_t n = iov[i].iov_len;
+        if (n && (p[0] || memcmp(p, p + 1, n - 1)))
+            return false;
+    }
+    return true;
+}
+
+void bnode_submit(struct bnode *bs, struct breq *req)
+{
+    req->bs = bs;
+    switch (req->op) {
+    case BREQ_WRITE:
+    case BREQ_DISCARD:
+    case BREQ_WRITE_ZEROES:
+        if (bs->read_only) {
+            breq_complete(req, -EPERM);
+            return;
+        }
+        break;
+    default:
+        break;
+    }
+    if (req->op != BREQ_FLUSH &&
+        (req->offset > bs->size || req->len > bs->size - req->offset)) {
+        breq_complete(req, -EINVAL);
+        return;
+    }
+    if (req->op == BREQ_FLUSH && bs->cache_no_flush) {
+        breq_complete(req, 0);
+        return;
+    }
+    if (req->op == BREQ_DISCARD && !bs->discard) {
+        breq_complete(req, 0);       /* discard=ignore: a successful no-op */
+        return;
+    }
+    if (req->op == BREQ_CACHE) {
+        breq_complete(req, 0);       /* the page cache already serves reads */
+        return;
+    }
+    if (req->op == BREQ_WRITE && bs->detect_zeroes != DETECT_ZEROES_OFF &&
+        buffer_is_zero(req->iov, req->iovcnt)) {
+        req->op = BREQ_WRITE_ZEROES;
+        if (bs->detect_zeroes == DETECT_ZEROES_UNMAP)
+            req->flags |= BREQ_MAY_UNMAP;
+    }
+    if (req->len == 0 && req->op != BREQ_FLUSH) {
+        breq_complete(req, 0);
+        return;
+    }
+    bs->drv->submit(bs, req, req->offset);
+}
+
+int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                       uint64_t *pnum, unsigned *flags, int *depth)
+{
+    if (offset >= bs->size) {
+        *pnum = 0;
+        *flags = 0;
+        *depth = 0;
+        return -EINVAL;
+    }
+    bytes = MIN(bytes, bs->size - offset);
+    int d = 1;
+    for (struct bnode *n = bs; n; n = n->backing, d++) {
+        uint64_t num = bytes;
+        unsigned f = BS_DATA | BS_ALLOCATED;
+        if (n->drv->block_status) {
+            int ret = n->drv->block_status(n, offset, bytes, &num, &f);
+            if (ret < 0)
+                return ret;
+        }
+        if ((f & BS_ALLOCATED) || !n->backing) {
+            *pnum = num;
+            *flags = f;
+            *depth = (f & BS_ALLOCATED) ? d : 0;
+            return 0;
+        }
+        bytes = num;     /* unallocated here: ask the backing file for this much */
+    }
+    *pnum = bytes;
+    *flags = BS_ZERO;
+    *depth = 0;
+    return 0;
+}
+
+int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    if (bs->read_only) {
+        error_setg(errp, "Image is read-only");
+        return -EPERM;
+    }
+    if (!bs->drv->truncate) {
+        error_setg(errp, "Image format driver does not support resize");
+        return -ENOTSUP;
+    }
+    int ret = bs->drv->truncate(bs, size, errp);
+    if (ret == 0)
+        bs->size = size;
+    return ret;
+}
+
+bool bnode_can_write_zeroes_fast(struct bnode *bs)
+{
+    return bs->drv->can_write_zeroes_fast && bs->drv->can_write_zeroes_fast(bs);
+}
+
+bool bnode_can_discard(struct bnode *bs)
+{
+    return bs->discard && bs->drv->can_discard && bs->drv->can_discard(bs);
+}
+
+struct bnode *bnode_first(void) { return nodes; }

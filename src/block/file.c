@@ -1,0 +1,503 @@
+/*
+ * Drivers "file" and "host_device": a POSIX file or block device.
+ *
+ * Theory of operation: reads and writes go to the loop's I/O engine
+ * (aio.h).  Multi-step requests (FUA = write then fdatasync; write-zeroes =
+ * ZERO_RANGE, else punch+allocate, else writing zero buffers) advance a
+ * small per-request stage counter from the completion callback.  Image
+ * locking uses OFD locks on the byte offsets QEMU uses (100 + permission
+ * bit held, 200 + permission bit not shared), so bexd and QEMU see each
+ * other's locks.  Unlike QEMU exports, a writer here does not share WRITE:
+ * two daemons cannot both write one image.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "block/block.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+
+#define ZERO_CHUNK (64 * 1024)
+#define ZERO_IOVS 512              /* 32 MiB of zeros per write */
+
+enum { PERM_CONSISTENT_READ = 0, PERM_WRITE = 1, PERM_WRITE_UNCHANGED = 2, PERM_RESIZE = 3 };
+static const char *const perm_names[] = { "consistent read", "write", "write unchanged", "resize" };
+
+struct file_state {
+    int fd;
+    char *filename;
+    enum aio_kind aio;
+    bool locking;
+    bool is_blockdev;
+    bool has_zero_range;        /* cleared after EOPNOTSUPP */
+    bool has_punch;
+};
+
+static const unsigned char zero_buf[ZERO_CHUNK];
+static struct iovec zero_iov[ZERO_IOVS];
+
+/* ---- locking ---- */
+
+static int lock_byte(int fd, off_t byte, bool lock)
+{
+    struct flock fl = { .l_type = lock ? F_RDLCK : F_UNLCK, .l_whence = SEEK_SET,
+                        .l_start = byte, .l_len = 1 };
+    return fcntl(fd, F_OFD_SETLK, &fl) < 0 ? -errno : 0;
+}
+
+/* True if another open file description holds a lock on byte. */
+static bool byte_locked_by_others(int fd, off_t byte)
+{
+    struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1 };
+    return fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
+/* Apply QEMU's scheme for (held perms, unshared perms) bit masks. */
+static int apply_locks(struct file_state *s, unsigned held, unsigned unshared, error **errp)
+{
+    if (!s->locking)
+        return 0;
+    for (int b = 0; b < 4; b++) {
+        if ((held & (1u << b)) && byte_locked_by_others(s->fd, 200 + b)) {
+            error_setg(errp, "Failed to get \"%s\" lock", perm_names[b]);
+            return -1;
+        }
+        if ((unshared & (1u << b)) && byte_locked_by_others(s->fd, 100 + b)) {
+            error_setg(errp, "Failed to get shared \"%s\" lock", perm_names[b]);
+            return -1;
+        }
+    }
+    for (int b = 0; b < 4; b++) {
+        lock_byte(s->fd, 100 + b, held & (1u << b));
+        lock_byte(s->fd, 200 + b, unshared & (1u << b));
+    }
+    return 0;
+}
+
+#define READER_HELD     (1u << PERM_CONSISTENT_READ)
+#define READER_UNSHARED (1u << PERM_RESIZE)
+#define WRITER_HELD     (READER_HELD | 1u << PERM_WRITE)
+#define WRITER_UNSHARED (READER_UNSHARED | 1u << PERM_WRITE)
+
+static int file_set_write_perm(struct bnode *bs, bool write, error **errp)
+{
+    struct file_state *s = bs->opaque;
+    if (write)
+        return apply_locks(s, WRITER_HELD, WRITER_UNSHARED, errp);
+    return apply_locks(s, READER_HELD, READER_UNSHARED, NULL);
+}
+
+/* ---- open/close ---- */
+
+static int64_t fd_size(int fd, bool blockdev)
+{
+    if (blockdev) {
+        uint64_t sz;
+        if (ioctl(fd, BLKGETSIZE64, &sz) == 0)
+            return sz;
+    }
+    off_t end = lseek(fd, 0, SEEK_END);
+    return end < 0 ? -errno : end;
+}
+
+static int open_common(struct bnode *bs, json_t *opts, bool host_device, error **errp)
+{
+    const char *filename = qmp_str(opts, "filename", "");
+    const char *aio = qmp_str(opts, "aio", "threads");
+    const char *locking = qmp_str(opts, "locking", "auto");
+    struct file_state *s = calloc(1, sizeof(*s));
+    if (!s)
+        abort();
+    bs->opaque = s;
+    s->fd = -1;
+    s->filename = strdup(filename);
+    s->aio = aio_kind_parse(aio);
+    s->locking = strcmp(locking, "off") != 0;
+    s->has_zero_range = s->has_punch = true;
+    if (!strcmp(aio, "native") && !bs->cache_direct) {
+        error_setg(errp, "aio=native was specified, but it requires cache.direct=on, "
+                         "which was not specified.");
+        return -1;
+    }
+    int flags = (bs->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    if (bs->cache_direct)
+        flags |= O_DIRECT;
+    s->fd = open(filename, flags);
+    if (s->fd < 0 && errno == EROFS && !bs->read_only &&
+        qmp_bool(opts, "auto-read-only", false)) {
+        bs->read_only = true;
+        s->fd = open(filename, (flags & ~O_RDWR) | O_RDONLY);
+    }
+    if (s->fd < 0) {
+        error_setg_errno(errp, errno, "Could not open '%s'", filename);
+        return -1;
+    }
+    struct stat st;
+    if (fstat(s->fd, &st) < 0) {
+        error_setg_errno(errp, errno, "Could not stat '%s'", filename);
+        return -1;
+    }
+    s->is_blockdev = S_ISBLK(st.st_mode);
+    if (host_device && !S_ISBLK(st.st_mode) && !S_ISCHR(st.st_mode)) {
+        error_setg(errp, "'host_device' driver requires '%s' to be either a "
+                         "character or block device", filename);
+        return -1;
+    }
+    if (!host_device && S_ISBLK(st.st_mode)) {
+        error_setg(errp, "The 'file' block driver requires a regular file, but '%s' "
+                         "is a block device; use the 'host_device' driver", filename);
+        return -1;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        error_setg(errp, "'%s' is a directory", filename);
+        return -1;
+    }
+    int64_t size = fd_size(s->fd, s->is_blockdev);
+    if (size < 0) {
+        error_setg_errno(errp, (int)-size, "Could not get the size of '%s'", filename);
+        return -1;
+    }
+    bs->size = size;
+    if (bs->cache_direct) {
+        bs->request_alignment = 512;
+        if (s->is_blockdev) {
+            int lbs;
+            if (ioctl(s->fd, BLKSSZGET, &lbs) == 0 && lbs > 0)
+                bs->request_alignment = lbs;
+        }
+    }
+    if (apply_locks(s, READER_HELD, READER_UNSHARED, errp) < 0)
+        return -1;
+    return 0;
+}
+
+static int file_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    return open_common(bs, opts, false, errp);
+}
+
+static int host_device_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    return open_common(bs, opts, true, errp);
+}
+
+static void file_close(struct bnode *bs)
+{
+    struct file_state *s = bs->opaque;
+    if (!s)
+        return;
+    if (s->fd >= 0)
+        close(s->fd);       /* drops the OFD locks too */
+    free(s->filename);
+    free(s);
+}
+
+/* ---- requests ---- */
+
+static void file_aio_done(struct aio_req *a, int64_t res);
+
+static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
+                       uint64_t offset, uint64_t len, int mode)
+{
+    struct file_state *s = bs->opaque;
+    r->aio = (struct aio_req){
+        .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
+        .offset = offset, .len = len, .mode = mode,
+        .flags = bs->cache_direct ? AIO_NO_INLINE : 0,
+        .done = file_aio_done,
+    };
+    aio_submit(r->loop, s->aio, &r->aio);
+}
+
+enum {
+    ST_RW,              /* read or write in flight */
+    ST_FUA_SYNC,        /* fdatasync after a FUA write */
+    ST_ZERO_RANGE,
+    ST_PUNCH,           /* punch hole (then allocate unless MAY_UNMAP) */
+    ST_ALLOC,
+    ST_ZERO_WRITE,      /* writing zero buffers */
+    ST_FLUSH,
+    ST_DISCARD,
+};
+
+static void zero_write_next(struct bnode *bs, struct breq *r);
+
+static void finish(struct bnode *bs, struct breq *r, int ret)
+{
+    if (ret == 0 && (r->flags & BREQ_FUA) && r->stage != ST_FUA_SYNC &&
+        (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES) && !bs->cache_no_flush) {
+        r->stage = ST_FUA_SYNC;
+        submit_aio(bs, r, AIO_OP_FSYNC, 0, 0, 0);
+        return;
+    }
+    breq_complete(r, ret);
+}
+
+static void zero_fill_iov(struct breq *r, uint64_t from)
+{
+    uint64_t pos = 0;
+    for (int i = 0; i < r->iovcnt; i++) {
+        uint64_t a = pos, b = pos + r->iov[i].iov_len;
+        if (b > from) {
+            uint64_t start = from > a ? from - a : 0;
+            memset((char *)r->iov[i].iov_base + start, 0, r->iov[i].iov_len - start);
+        }
+        pos = b;
+    }
+}
+
+/* The fast ways to zero failed: write zero buffers, unless told not to. */
+static void zero_fallback(struct bnode *bs, struct breq *r)
+{
+    if (r->flags & BREQ_NO_FALLBACK) {
+        breq_complete(r, -ENOTSUP);
+        return;
+    }
+    r->stage = ST_ZERO_WRITE;
+    r->done_bytes = 0;
+    zero_write_next(bs, r);
+}
+
+static void file_aio_done(struct aio_req *a, int64_t res)
+{
+    struct breq *r = container_of(a, struct breq, aio);
+    struct bnode *bs = r->bs;
+    struct file_state *s = bs->opaque;
+
+    switch (r->stage) {
+    case ST_RW:
+        if (res >= 0 && (uint64_t)res < a->len) {
+            if (r->op == BREQ_READ) {
+                zero_fill_iov(r, res);         /* the file ended early */
+                res = a->len;
+            } else {
+                res = -ENOSPC;
+            }
+        }
+        finish(bs, r, res < 0 ? (int)res : 0);
+        return;
+    case ST_ZERO_RANGE:
+        if (res == -EOPNOTSUPP || res == -EINVAL || res == -ENOTSUP) {
+            s->has_zero_range = false;
+            r->stage = ST_PUNCH;
+            submit_aio(bs, r, AIO_OP_FALLOCATE, r->drv_offset, r->len,
+                       FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+            return;
+        }
+        finish(bs, r, (int)res);
+        return;
+    case ST_PUNCH:
+        if (res == 0) {
+            if (r->op == BREQ_WRITE_ZEROES &&
+                (!(r->flags & BREQ_MAY_UNMAP) || !bs->discard)) {
+                r->stage = ST_ALLOC;   /* re-allocate: zeros that stay allocated */
+                submit_aio(bs, r, AIO_OP_FALLOCATE, r->drv_offset, r->len, 0);
+                return;
+            }
+            finish(bs, r, 0);
+            return;
+        }
+        if (res == -EOPNOTSUPP || res == -ENOTSUP)
+            s->has_punch = false;
+        zero_fallback(bs, r);
+        return;
+    case ST_ALLOC:
+        if (res == 0)
+            finish(bs, r, 0);
+        else
+            zero_fallback(bs, r);
+        return;
+    case ST_ZERO_WRITE:
+        if (res < 0) {
+            breq_complete(r, (int)res);
+            return;
+        }
+        r->done_bytes += res;
+        if (r->done_bytes < r->len) {
+            zero_write_next(bs, r);
+            return;
+        }
+        finish(bs, r, 0);
+        return;
+    case ST_FUA_SYNC:
+    case ST_FLUSH:
+    case ST_DISCARD:
+        breq_complete(r, res == -EOPNOTSUPP && r->stage == ST_DISCARD ? 0 : (int)res);
+        return;
+    }
+}
+
+static void zero_write_next(struct bnode *bs, struct breq *r)
+{
+    struct file_state *s = bs->opaque;
+    uint64_t left = r->len - r->done_bytes;
+    uint64_t n = MIN(left, (uint64_t)ZERO_CHUNK * ZERO_IOVS);
+    r->aio = (struct aio_req){
+        .op = AIO_OP_WRITE, .fd = s->fd, .offset = r->drv_offset + r->done_bytes,
+        .len = n, .flags = bs->cache_direct ? AIO_NO_INLINE : 0, .done = file_aio_done,
+    };
+    if (n >= ZERO_CHUNK) {
+        r->aio.iov = zero_iov;
+        r->aio.iovcnt = n / ZERO_CHUNK;
+        r->aio.len = (uint64_t)r->aio.iovcnt * ZERO_CHUNK;
+    } else {
+        r->tmp_iov = (struct iovec){ .iov_base = (void *)zero_buf, .iov_len = n };
+        r->aio.iov = &r->tmp_iov;
+        r->aio.iovcnt = 1;
+    }
+    aio_submit(r->loop, s->aio, &r->aio);
+}
+
+static void file_submit(struct bnode *bs, struct breq *r, uint64_t offset)
+{
+    struct file_state *s = bs->opaque;
+    r->drv_offset = offset;
+    r->bs = bs;
+    switch (r->op) {
+    case BREQ_READ:
+        r->stage = ST_RW;
+        submit_aio(bs, r, AIO_OP_READ, offset, r->len, 0);
+        return;
+    case BREQ_WRITE:
+        r->stage = ST_RW;
+        submit_aio(bs, r, AIO_OP_WRITE, offset, r->len, 0);
+        return;
+    case BREQ_FLUSH:
+        r->stage = ST_FLUSH;
+        submit_aio(bs, r, AIO_OP_FSYNC, 0, 0, 0);
+        return;
+    case BREQ_DISCARD:
+        r->stage = ST_DISCARD;
+        submit_aio(bs, r, AIO_OP_FALLOCATE, offset, r->len,
+                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+        return;
+    case BREQ_WRITE_ZEROES:
+        if ((r->flags & BREQ_MAY_UNMAP) && bs->discard && s->has_punch && !s->is_blockdev) {
+            r->stage = ST_PUNCH;
+            submit_aio(bs, r, AIO_OP_FALLOCATE, offset, r->len,
+                       FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+        } else if (s->has_zero_range) {
+            r->stage = ST_ZERO_RANGE;
+            submit_aio(bs, r, AIO_OP_FALLOCATE, offset, r->len,
+                       FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
+        } else if (s->has_punch && !s->is_blockdev) {
+            r->stage = ST_PUNCH;
+            submit_aio(bs, r, AIO_OP_FALLOCATE, offset, r->len,
+                       FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+        } else {
+            zero_fallback(bs, r);
+        }
+        return;
+    case BREQ_CACHE:
+        breq_complete(r, 0);
+        return;
+    }
+}
+
+/* ---- block status, truncate ---- */
+
+static int file_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                             uint64_t *pnum, unsigned *flags)
+{
+    struct file_state *s = bs->opaque;
+    if (s->is_blockdev) {
+        *pnum = bytes;
+        *flags = BS_DATA | BS_ALLOCATED;
+        return 0;
+    }
+    off_t data = lseek(s->fd, offset, SEEK_DATA);
+    if (data < 0) {
+        if (errno == ENXIO) {          /* a hole up to the end of the file */
+            *pnum = bytes;
+            *flags = BS_ZERO | BS_ALLOCATED;
+            return 0;
+        }
+        *pnum = bytes;                 /* no SEEK_DATA: all data */
+        *flags = BS_DATA | BS_ALLOCATED;
+        return 0;
+    }
+    if ((uint64_t)data > offset) {
+        *pnum = MIN(bytes, (uint64_t)data - offset);
+        *flags = BS_ZERO | BS_ALLOCATED;
+        return 0;
+    }
+    off_t hole = lseek(s->fd, offset, SEEK_HOLE);
+    if (hole < 0 || (uint64_t)hole <= offset)
+        hole = offset + bytes;
+    *pnum = MIN(bytes, (uint64_t)hole - offset);
+    *flags = BS_DATA | BS_ALLOCATED;
+    return 0;
+}
+
+static int file_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    struct file_state *s = bs->opaque;
+    if (s->is_blockdev) {
+        int64_t cur = fd_size(s->fd, true);
+        if (cur >= 0 && (uint64_t)cur >= size)
+            return 0;
+        error_setg(errp, "Cannot grow device files");
+        return -ENOTSUP;
+    }
+    if (ftruncate(s->fd, size) < 0) {
+        int err = errno;
+        error_setg_errno(errp, err, "Failed to resize file");
+        return -err;
+    }
+    return 0;
+}
+
+static int file_flush_sync(struct bnode *bs)
+{
+    struct file_state *s = bs->opaque;
+    return fdatasync(s->fd) < 0 ? -errno : 0;
+}
+
+static bool file_can_zero_fast(struct bnode *bs) { return true; }
+static bool file_can_discard(struct bnode *bs) { return true; }
+
+const char *file_node_filename(struct bnode *bs)
+{
+    return ((struct file_state *)bs->opaque)->filename;
+}
+
+static const struct bdrv bdrv_file = {
+    .name = "file",
+    .open = file_open,
+    .close = file_close,
+    .submit = file_submit,
+    .block_status = file_block_status,
+    .truncate = file_truncate,
+    .set_write_perm = file_set_write_perm,
+    .flush_sync = file_flush_sync,
+    .can_write_zeroes_fast = file_can_zero_fast,
+    .can_discard = file_can_discard,
+};
+BDRV_REGISTER(bdrv_file)
+
+static const struct bdrv bdrv_host_device = {
+    .name = "host_device",
+    .open = host_device_open,
+    .close = file_close,
+    .submit = file_submit,
+    .block_status = file_block_status,
+    .truncate = file_truncate,
+    .set_write_perm = file_set_write_perm,
+    .flush_sync = file_flush_sync,
+    .can_write_zeroes_fast = file_can_zero_fast,
+    .can_discard = file_can_discard,
+};
+BDRV_REGISTER(bdrv_host_device)
+
+__attribute__((constructor)) static void zero_iov_init(void)
+{
+    for (int i = 0; i < ZERO_IOVS; i++)
+        zero_iov[i] = (struct iovec){ .iov_base = (void *)zero_buf, .iov_len = ZERO_CHUNK };
+}

@@ -1,0 +1,59 @@
+/*
+ * Driver "null-co": a device of a given size that drops writes and reads
+ * zeroes (read-zeroes=on) or leaves the buffer untouched (QEMU's default).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "qmp/qmp.h"
+
+struct null_state {
+    bool read_zeroes;
+};
+
+static int null_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    struct null_state *s = calloc(1, sizeof(*s));
+    if (!s)
+        abort();
+    bs->opaque = s;
+    json_t *size = json_object_get(opts, "size");
+    bs->size = size ? (uint64_t)json_integer_value(size) : 1ull << 30;
+    s->read_zeroes = qmp_bool(opts, "read-zeroes", false);
+    return 0;
+}
+
+static void null_close(struct bnode *bs)
+{
+    free(bs->opaque);
+}
+
+static void null_submit(struct bnode *bs, struct breq *r, uint64_t offset)
+{
+    struct null_state *s = bs->opaque;
+    if (r->op == BREQ_READ && s->read_zeroes)
+        for (int i = 0; i < r->iovcnt; i++)
+            memset(r->iov[i].iov_base, 0, r->iov[i].iov_len);
+    breq_complete(r, 0);
+}
+
+static int null_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                             uint64_t *pnum, unsigned *flags)
+{
+    struct null_state *s = bs->opaque;
+    *pnum = bytes;
+    *flags = s->read_zeroes ? BS_ZERO | BS_ALLOCATED : 0;
+    return 0;
+}
+
+static bool null_true(struct bnode *bs) { return true; }
+
+static const struct bdrv bdrv_null_co = {
+    .name = "null-co",
+    .open = null_open,
+    .close = null_close,
+    .submit = null_submit,
+    .block_status = null_block_status,
+    .can_write_zeroes_fast = null_true,
+};
+BDRV_REGISTER(bdrv_null_co)

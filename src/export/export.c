@@ -1,0 +1,234 @@
+/*
+ * Export registry and lifecycle (see export.h).
+ *
+ * Theory of operation: an export is created in one step (common checks,
+ * node and iothread resolution, permission, then the type's create) and
+ * removed in two: block_export_del() marks it shutting down and asks the
+ * type to stop; the type calls export_shutdown_done() once no client or
+ * request refers to it any more.  Only then is the node released, the id
+ * freed for reuse and BLOCK_EXPORT_DELETED emitted.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "export/export.h"
+#include "object/iothread.h"
+#include "qmp/qmp.h"
+#include "util/loop.h"
+
+static const struct export_type *types[8];
+static int n_types;
+static struct export *exports;
+static void (*all_done_cb)(void *);
+static void *all_done_opaque;
+
+void export_type_register(const struct export_type *t)
+{
+    if (n_types < (int)(sizeof(types) / sizeof(types[0])))
+        types[n_types++] = t;
+}
+
+static const struct export_type *type_find(const char *name)
+{
+    for (int i = 0; i < n_types; i++)
+        if (!strcmp(types[i]->name, name))
+            return types[i];
+    return NULL;
+}
+
+struct export *export_find(const char *id)
+{
+    for (struct export *e = exports; e; e = e->next)
+        if (!strcmp(e->id, id))
+            return e;
+    return NULL;
+}
+
+struct export *export_first(void) { return exports; }
+
+int export_remove_mode_parse(const char *s)
+{
+    static const char *const names[] = { "safe", "hard", "hide", "soft" };
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(s, names[i]))
+            return i;
+    return -1;
+}
+
+int block_export_add(json_t *opts, error **errp)
+{
+    const char *type_name = qmp_str(opts, "type", "");
+    const char *id = qmp_str(opts, "id", "");
+    const char *node_name = qmp_str(opts, "node-name", "");
+    const char *iothread_id = qmp_str(opts, "iothread", NULL);
+    const struct export_type *type = type_find(type_name);
+
+    if (!type) {
+        error_setg(errp, "No driver found for the requested export type");
+        return -1;
+    }
+    if (!id_wellformed(id)) {
+        error_setg(errp, "Invalid block export id");
+        return -1;
+    }
+    if (export_find(id)) {
+        error_setg(errp, "Block export id '%s' is already in use", id);
+        return -1;
+    }
+    struct bnode *bs = bnode_lookup(node_name, errp);
+    if (!bs)
+        return -1;
+    struct iothread *iot = NULL;
+    if (iothread_id) {
+        iot = iothread_find(iothread_id, errp);
+        if (!iot)
+            return -1;
+    }
+    bool writable = qmp_bool(opts, "writable", false);
+    if (writable && bs->read_only) {
+        error_setg(errp, "Cannot export read-only node as writable");
+        return -1;
+    }
+    if (bnode_ref_user(bs, writable, errp) < 0)
+        return -1;
+
+    struct export *exp = calloc(1, type->instance_size);
+    if (!exp)
+        abort();
+    exp->id = strdup(id);
+    exp->type = type;
+    exp->node = bs;
+    exp->writable = writable;
+    exp->writethrough = qmp_bool(opts, "writethrough", false);
+    exp->fixed_iothread = qmp_bool(opts, "fixed-iothread", false);
+    exp->iothread = iot;
+    exp->loop = iot ? iot->loop : loop_main();
+    if (iot)
+        iot->obj.refcnt++;
+    if (type->create(exp, opts, errp) < 0) {
+        if (iot)
+            iot->obj.refcnt--;
+        bnode_unref_user(bs, writable);
+        free(exp->id);
+        free(exp);
+        return -1;
+    }
+    /* Append: query-block-exports lists exports in creation order. */
+    struct export **p = &exports;
+    while (*p)
+        p = &(*p)->next;
+    *p = exp;
+    return 0;
+}
+
+int block_export_del(const char *id, enum export_remove_mode mode, error **errp)
+{
+    struct export *exp = export_find(id);
+    if (!exp) {
+        error_setg(errp, "Export '%s' is not found", id);
+        return -1;
+    }
+    if (exp->shutting_down) {
+        if (mode != EXPORT_DEL_HARD) {
+            error_setg(errp, "Export '%s' is already shutting down", id);
+            return -1;
+        }
+        /* Escalate a pending hide/soft removal to hard. */
+        exp->del_mode = mode;
+        exp->type->shutdown(exp, mode);
+        return 0;
+    }
+    if (mode == EXPORT_DEL_SAFE && exp->type->in_use && exp->type->in_use(exp)) {
+        error_setg(errp, "export '%s' still in use", id);
+        return -1;
+    }
+    exp->shutting_down = true;
+    exp->del_mode = mode;
+    exp->type->shutdown(exp, mode);
+    return 0;
+}
+
+void export_shutdown_done(struct export *exp)
+{
+    struct export **p = &exports;
+    while (*p && *p != exp)
+        p = &(*p)->next;
+    if (*p)
+        *p = exp->next;
+    char *id = exp->id;
+    bnode_unref_user(exp->node, exp->writable);
+    if (exp->iothread)
+        exp->iothread->obj.refcnt--;
+    if (exp->type->free)
+        exp->type->free(exp);
+    free(exp);
+    qmp_event("BLOCK_EXPORT_DELETED", json_pack("{s:s}", "id", id));
+    free(id);
+    if (!exports && all_done_cb) {
+        void (*cb)(void *) = all_done_cb;
+        all_done_cb = NULL;
+        cb(all_done_opaque);
+    }
+}
+
+void exports_shutdown_all(void (*all_done)(void *), void *opaque)
+{
+    if (!exports) {
+        all_done(opaque);
+        return;
+    }
+    all_done_cb = all_done;
+    all_done_opaque = opaque;
+    /* shutdown() may finish synchronously and unlink the export: walk a snapshot. */
+    int n = 0;
+    for (struct export *e = exports; e; e = e->next)
+        n++;
+    char **ids = calloc(n, sizeof(*ids));
+    int i = 0;
+    for (struct export *e = exports; e; e = e->next)
+        ids[i++] = strdup(e->id);
+    for (i = 0; i < n; i++) {
+        struct export *e = export_find(ids[i]);
+        if (e && !(e->shutting_down && e->del_mode == EXPORT_DEL_HARD)) {
+            e->shutting_down = true;
+            e->del_mode = EXPORT_DEL_HARD;
+            e->type->shutdown(e, EXPORT_DEL_HARD);
+        }
+        free(ids[i]);
+    }
+    free(ids);
+}
+
+json_t *query_block_exports(void)
+{
+    json_t *list = json_array();
+    for (struct export *e = exports; e; e = e->next)
+        json_array_append_new(list, json_pack("{s:s, s:s, s:s, s:b}",
+                                              "id", e->id, "type", e->type->name,
+                                              "node-name", e->node->node_name,
+                                              "shutting-down", e->shutting_down));
+    return list;
+}
+
+/* ---- QMP ---- */
+
+static json_t *qmp_block_export_add(json_t *args, error **errp)
+{
+    return block_export_add(args, errp) < 0 ? NULL : json_object();
+}
+QMP_COMMAND("block-export-add", qmp_block_export_add)
+
+static json_t *qmp_block_export_del(json_t *args, error **errp)
+{
+    int mode = export_remove_mode_parse(qmp_str(args, "mode", "safe"));
+    if (block_export_del(qmp_str(args, "id", ""), mode, errp) < 0)
+        return NULL;
+    return json_object();
+}
+QMP_COMMAND("block-export-del", qmp_block_export_del)
+
+static json_t *qmp_query_block_exports(json_t *args, error **errp)
+{
+    return query_block_exports();
+}
+QMP_COMMAND("query-block-exports", qmp_query_block_exports)

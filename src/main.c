@@ -1,0 +1,185 @@
+/*
+ * bexd: block export daemon, a drop-in for qemu-storage-daemon.
+ *
+ * Start-up applies the command line in order (cli.c).  With --daemonize the
+ * parent waits on a pipe and exits 0 only once the child has applied every
+ * option, so a caller can use the sockets as soon as the parent returns.
+ * Shutdown (SIGTERM, SIGINT, SIGHUP, QMP quit) drops every export the hard
+ * way, waits until their in-flight requests have completed, flushes every
+ * node, closes the monitors and removes the pidfile.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "block/block.h"
+#include "cli/cli.h"
+#include "export/export.h"
+#include "object/object.h"
+#include "qmp/monitor.h"
+#include "qmp/qmp.h"
+#include "qmp/schema.h"
+#include "util/log.h"
+#include "util/loop.h"
+
+#define SHUTDOWN_GRACE_MS 30000
+
+static char *pidfile;
+static bool shutting_down;
+static struct loop_timer *grace_timer;
+
+static void all_exports_gone(void *opaque)
+{
+    loop_stop(loop_main());
+}
+
+static void grace_expired(void *opaque)
+{
+    log_error("exports did not shut down within %d s; exiting anyway", SHUTDOWN_GRACE_MS / 1000);
+    loop_stop(loop_main());
+}
+
+static void begin_shutdown(void)
+{
+    if (shutting_down)
+        return;
+    shutting_down = true;
+    grace_timer = loop_timer_new(loop_main(), grace_expired, NULL);
+    loop_timer_arm(grace_timer, SHUTDOWN_GRACE_MS);
+    exports_shutdown_all(all_exports_gone, NULL);
+}
+
+static void on_signal(void *opaque, uint32_t revents)
+{
+    int fd = *(int *)opaque;
+    struct signalfd_siginfo si;
+    while (read(fd, &si, sizeof(si)) == sizeof(si))
+        begin_shutdown();
+}
+
+static char *realpath_for_create(const char *path)
+{
+    char cwd[4096];
+    char *abs;
+    if (path[0] == '/' || !getcwd(cwd, sizeof(cwd)))
+        return strdup(path);
+    if (asprintf(&abs, "%s/%s", cwd, path) < 0)
+        abort();
+    return abs;
+}
+
+static int write_pidfile(const char *path)
+{
+    char buf[32];
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    int n = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
+    int ret = write(fd, buf, n) == n ? 0 : -EIO;
+    close(fd);
+    return ret;
+}
+
+/* Fork; the parent waits for the child's "ready" byte and exits with the
+ * child's verdict.  Returns the write end of the pipe in the child. */
+static int daemonize_start(void)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        fprintf(stderr, "bexd: pipe: %s\n", strerror(errno));
+        exit(1);
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        fprintf(stderr, "bexd: fork: %s\n", strerror(errno));
+        exit(1);
+    }
+    if (pid > 0) {
+        close(p[1]);
+        char c;
+        ssize_t n;
+        do {
+            n = read(p[0], &c, 1);
+        } while (n < 0 && errno == EINTR);
+        _exit(n == 1 && c == 0 ? 0 : 1);
+    }
+    close(p[0]);
+    setsid();
+    return p[1];
+}
+
+static void daemonize_finish(int fd)
+{
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        dup2(null, STDOUT_FILENO);
+        dup2(null, STDERR_FILENO);
+        if (null > STDERR_FILENO)
+            close(null);
+    }
+    char ok = 0;
+    if (write(fd, &ok, 1) != 1)
+        _exit(1);
+    close(fd);
+}
+
+int main(int argc, char **argv)
+{
+    int ready_fd = -1;
+    if (cli_wants_daemonize(argc, argv))
+        ready_fd = daemonize_start();
+
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+
+    loop_main_init();
+    block_init();
+    schema_init();
+    qmp_quit_hook = begin_shutdown;
+    loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);
+
+    struct cli_result res = { 0 };
+    error *err = NULL;
+    if (cli_apply(argc, argv, &res, &err) < 0) {
+        fprintf(stderr, "bexd: %s\n", err->msg);
+        error_free(err);
+        exit(1);
+    }
+    /* Absolute, since --daemonize changes to "/" before the file is removed. */
+    pidfile = res.pidfile ? realpath_for_create(res.pidfile) : NULL;
+    if (pidfile) {
+        int ret = write_pidfile(pidfile);
+        if (ret < 0) {
+            fprintf(stderr, "bexd: cannot create PID file: %s\n", strerror(-ret));
+            exit(1);
+        }
+    }
+    if (ready_fd >= 0) {
+        daemonize_finish(ready_fd);
+        if (chdir("/") < 0)
+            log_warn("chdir /: %s", strerror(errno));
+    }
+
+    loop_run(loop_main());
+
+    loop_timer_free(grace_timer);
+    block_flush_all_sync();
+    monitors_close_all();
+    block_close_all();
+    objects_delete_all();
+    if (pidfile)
+        unlink(pidfile);
+    return 0;
+}

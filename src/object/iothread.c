@@ -1,0 +1,123 @@
+/*
+ * The "iothread" object: a thread running its own event loop (and so its
+ * own I/O engine).  Exports given iothread=ID run their sockets and
+ * requests there.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "object/iothread.h"
+#include "qmp/qmp.h"
+#include "util/loop.h"
+
+struct iothread_start {
+    struct iothread *t;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool started;
+};
+
+static void *iothread_main(void *arg)
+{
+    struct iothread_start *st = arg;
+    struct iothread *t = st->t;
+    t->tid = syscall(SYS_gettid);
+    pthread_mutex_lock(&st->lock);
+    st->started = true;
+    pthread_cond_signal(&st->cond);
+    pthread_mutex_unlock(&st->lock);
+    loop_run(t->loop);
+    return NULL;
+}
+
+static int iothread_complete(struct object *obj, json_t *props, error **errp)
+{
+    struct iothread *t = (struct iothread *)obj;
+    t->poll_max_ns = qmp_int(props, "poll-max-ns", 32768);
+    t->poll_grow = qmp_int(props, "poll-grow", 0);
+    t->poll_shrink = qmp_int(props, "poll-shrink", 0);
+    t->aio_max_batch = qmp_int(props, "aio-max-batch", 0);
+    if (t->poll_max_ns < 0 || t->poll_grow < 0 || t->poll_shrink < 0 || t->aio_max_batch < 0) {
+        error_setg(errp, "iothread property values must be non-negative");
+        return -1;
+    }
+    t->loop = loop_new(obj->id);
+    struct iothread_start st = { .t = t };
+    pthread_mutex_init(&st.lock, NULL);
+    pthread_cond_init(&st.cond, NULL);
+    if (pthread_create(&t->thread, NULL, iothread_main, &st) != 0) {
+        error_setg(errp, "Failed to create iothread thread");
+        loop_free(t->loop);
+        t->loop = NULL;
+        return -1;
+    }
+    pthread_mutex_lock(&st.lock);
+    while (!st.started)
+        pthread_cond_wait(&st.cond, &st.lock);
+    pthread_mutex_unlock(&st.lock);
+    pthread_mutex_destroy(&st.lock);
+    pthread_cond_destroy(&st.cond);
+    return 0;
+}
+
+static void iothread_finalize(struct object *obj)
+{
+    struct iothread *t = (struct iothread *)obj;
+    if (!t->loop)
+        return;
+    loop_stop(t->loop);
+    pthread_join(t->thread, NULL);
+    loop_free(t->loop);
+}
+
+static const struct object_type iothread_type = {
+    .name = "iothread",
+    .instance_size = sizeof(struct iothread),
+    .complete = iothread_complete,
+    .finalize = iothread_finalize,
+};
+OBJECT_TYPE_REGISTER(iothread_type)
+
+struct iothread *iothread_find(const char *id, error **errp)
+{
+    struct object *o = object_find(id);
+    if (!o || o->type != &iothread_type) {
+        error_setg(errp, "iothread \"%s\" not found", id);
+        return NULL;
+    }
+    return (struct iothread *)o;
+}
+
+static void add_info(json_t *list, struct object *o)
+{
+    struct iothread *t = (struct iothread *)o;
+    json_array_append_new(list, json_pack("{s:s, s:i, s:I, s:I, s:I, s:I}",
+                                          "id", o->id, "thread-id", (int)t->tid,
+                                          "poll-max-ns", (json_int_t)t->poll_max_ns,
+                                          "poll-grow", (json_int_t)t->poll_grow,
+                                          "poll-shrink", (json_int_t)t->poll_shrink,
+                                          "aio-max-batch", (json_int_t)t->aio_max_batch));
+}
+
+json_t *query_iothreads(void)
+{
+    json_t *list = json_array();
+    /* objects are kept newest first; report in creation order */
+    struct object *found[256];
+    int n = 0;
+    for (struct object *o = object_first(); o && n < 256; o = o->next)
+        if (o->type == &iothread_type)
+            found[n++] = o;
+    while (n > 0)
+        add_info(list, found[--n]);
+    return list;
+}
+
+void iothread_types_init(void) {}
+
+static json_t *qmp_query_iothreads(json_t *args, error **errp)
+{
+    return query_iothreads();
+}
+QMP_COMMAND("query-iothreads", qmp_query_iothreads)

@@ -1,0 +1,133 @@
+/*
+ * User-creatable objects: registry shared by --object, object-add and
+ * object-del.  Type-specific work lives in each type's hooks.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "object/object.h"
+#include "qmp/qmp.h"
+
+static const struct object_type *types[16];
+static int n_types;
+static struct object *objects;
+
+void object_type_register(const struct object_type *t)
+{
+    if (n_types < (int)(sizeof(types) / sizeof(types[0])))
+        types[n_types++] = t;
+}
+
+static const struct object_type *type_find(const char *name)
+{
+    for (int i = 0; i < n_types; i++)
+        if (!strcmp(types[i]->name, name))
+            return types[i];
+    return NULL;
+}
+
+struct object *object_find(const char *id)
+{
+    for (struct object *o = objects; o; o = o->next)
+        if (!strcmp(o->id, id))
+            return o;
+    return NULL;
+}
+
+struct object *object_find_typed(const char *id, const char *type, error **errp)
+{
+    struct object *o = object_find(id);
+    if (!o) {
+        error_setg(errp, "No TLS credentials with id '%s'", id);
+        return NULL;
+    }
+    if (strcmp(o->type->name, type) != 0 && strncmp(o->type->name, type, strlen(type)) != 0) {
+        error_setg(errp, "Object with id '%s' is not of type '%s'", id, type);
+        return NULL;
+    }
+    return o;
+}
+
+int object_add(json_t *props, error **errp)
+{
+    const char *type_name = qmp_str(props, "qom-type", "");
+    const char *id = qmp_str(props, "id", "");
+    const struct object_type *t = type_find(type_name);
+    if (!t) {
+        error_setg(errp, "Invalid parameter 'qom-type'");
+        return -1;
+    }
+    if (!id_wellformed(id)) {
+        error_setg(errp, "Parameter 'id' expects an identifier");
+        return -1;
+    }
+    if (object_find(id)) {
+        error_setg(errp, "attempt to add duplicate property '%s' to object (type 'container')", id);
+        return -1;
+    }
+    struct object *o = calloc(1, t->instance_size);
+    if (!o)
+        abort();
+    o->id = strdup(id);
+    o->type = t;
+    if (t->complete && t->complete(o, props, errp) < 0) {
+        if (t->finalize)
+            t->finalize(o);
+        free(o->id);
+        free(o);
+        return -1;
+    }
+    o->next = objects;
+    objects = o;
+    return 0;
+}
+
+static void object_unlink_free(struct object *o)
+{
+    for (struct object **p = &objects; *p; p = &(*p)->next)
+        if (*p == o) {
+            *p = o->next;
+            break;
+        }
+    if (o->type->finalize)
+        o->type->finalize(o);
+    free(o->id);
+    free(o);
+}
+
+int object_del(const char *id, error **errp)
+{
+    struct object *o = object_find(id);
+    if (!o) {
+        error_setg(errp, "object '%s' not found", id);
+        return -1;
+    }
+    if (o->refcnt > 0 || (o->type->can_delete && !o->type->can_delete(o, NULL))) {
+        if (o->type->can_delete && !o->type->can_delete(o, errp))
+            return -1;
+        error_setg(errp, "object '%s' is in use, can not be deleted", id);
+        return -1;
+    }
+    object_unlink_free(o);
+    return 0;
+}
+
+void objects_delete_all(void)
+{
+    while (objects)
+        object_unlink_free(objects);
+}
+
+static json_t *qmp_object_add(json_t *args, error **errp)
+{
+    return object_add(args, errp) < 0 ? NULL : json_object();
+}
+QMP_COMMAND("object-add", qmp_object_add)
+
+static json_t *qmp_object_del(json_t *args, error **errp)
+{
+    return object_del(qmp_str(args, "id", ""), errp) < 0 ? NULL : json_object();
+}
+QMP_COMMAND("object-del", qmp_object_del)
+
+struct object *object_first(void) { return objects; }
