@@ -1,0 +1,419 @@
+"""The NBD server's own guarantees, beyond what qsd 7.2 promises.
+
+Lifetime under stress (removal, nbd-server-stop and quit with clients
+attached and requests in flight), the handshake time limit, max-connections
+refusing cleanly, hostile and vanishing clients, iothread exports, and
+nbd-server-start's address and TLS checks.  Where qemu-storage-daemon can
+run the same scenario the `impl` fixture runs both; bexd-only behaviour is
+marked so in each test.
+"""
+import os
+import random
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from conftest import QMPError, run_daemon_expect_fail
+from nbdwire import (CMD_FLAG_FUA, CMD_READ, CMD_WRITE, Closed, Conn, HEAD, OPT_GO,
+                     OPT_LIST, REP_ACK, REP_ERR_TLS_REQD, REQUEST_MAGIC, free_tcp_port,
+                     pattern)
+
+nbd = pytest.importorskip("nbd")
+
+MiB = 1 << 20
+
+
+def make_img(tmpdir, size=64 * MiB, name="disk.img"):
+    path = os.path.join(tmpdir, name)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(HEAD)
+    return path
+
+
+def serve(start_daemon, impl, tmpdir, img, export_opts="", server_opts="", args=(), env=None):
+    sock = os.path.join(tmpdir, "nbd.sock")
+    kw = {"env": env} if env else {}
+    d = start_daemon(impl,
+                     "--blockdev", "driver=file,node-name=disk0,filename=" + img,
+                     *args,
+                     "--nbd-server", "addr.type=unix,addr.path=%s%s" % (sock, server_opts),
+                     "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on%s"
+                     % export_opts, **kw)
+    return d, sock
+
+
+def serving(sock, name="disk0"):
+    c = Conn(sock).connect(name)
+    try:
+        return c.read(0, 512).data == HEAD[:512]
+    finally:
+        c.close()
+
+
+def wait_readable(sock, timeout):
+    r, _, _ = select.select([sock], [], [], timeout)
+    return bool(r)
+
+
+# -- handshake time limit (bexd: qsd 7.2 has none) ------------------------------------
+
+def test_handshake_time_limit_drops_idle_client(start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    env = dict(os.environ, BEXD_NBD_HANDSHAKE_TIMEOUT_MS="300")
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img, env=env)
+    idle = Conn(sock)
+    idle.greeting()                       # then say nothing
+    half = Conn(sock).start()             # flags sent, no option
+    t0 = time.monotonic()
+    assert idle.eof() and half.eof()
+    assert time.monotonic() - t0 < 8
+    # a client that completes the handshake in time is not affected
+    c = Conn(sock).connect("disk0")
+    assert c.read(0, 16).data == HEAD[:16]
+    assert wait_readable(c.sock, 0.6) is False   # not dropped after the limit
+    assert c.read(0, 16).data == HEAD[:16]
+
+
+def test_handshake_slow_option_stream_dropped(start_daemon, tmpdir_short):
+    # options trickling in do not extend the limit
+    img = make_img(tmpdir_short)
+    env = dict(os.environ, BEXD_NBD_HANDSHAKE_TIMEOUT_MS="400")
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img, env=env)
+    c = Conn(sock, timeout=10).start()
+    t0 = time.monotonic()
+    with pytest.raises(Closed):
+        while time.monotonic() - t0 < 8:
+            c.opt(OPT_LIST)
+            c.opt_replies()
+    assert time.monotonic() - t0 < 8
+    assert serving(sock)
+
+
+# -- max-connections (bexd refuses at once; qsd stops accepting) ---------------------
+
+def test_max_connections_refuses_cleanly_and_frees_slots(start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img, server_opts=",max-connections=2")
+    a = Conn(sock).connect("disk0")
+    b = Conn(sock)
+    b.greeting()                           # a connection in handshake counts too
+    extra = Conn(sock)
+    with pytest.raises(Closed):
+        extra.greeting()                   # EOF, not a hang
+    assert a.read(0, 16).data == HEAD[:16]
+    b.close()
+    a.disc()
+    assert a.eof()
+    # both slots are free again
+    c1 = Conn(sock).connect("disk0")
+    c2 = Conn(sock).connect("disk0")
+    assert c1.read(0, 16).data == c2.read(0, 16).data == HEAD[:16]
+
+
+@pytest.mark.parametrize("value,msg", [
+    ("-1", "Parameter 'max-connections' expects uint32_t"),
+    ("x", "Parameter 'max-connections' expects uint32_t"),
+])
+def test_max_connections_bad_value(impl, tmpdir_short, value, msg):
+    rc, err = run_daemon_expect_fail(impl, [
+        "--nbd-server", "addr.type=unix,addr.path=%s/s,max-connections=%s" % (tmpdir_short, value)])
+    assert rc == 1 and err.rstrip().endswith(": " + msg)
+
+
+# -- removal and stop with requests in flight -----------------------------------------
+
+def _pipeline_writes(c, base, count, size):
+    cookies = []
+    for i in range(count):
+        cookies.append(c.request(CMD_WRITE, base + i * size, size, CMD_FLAG_FUA,
+                                 pattern(size, seed=i + 1)))
+    return cookies
+
+
+def test_hard_delete_with_writes_in_flight_keeps_acknowledged_data(start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img)
+    q = d.qmp()
+    c = Conn(sock).connect("disk0")
+    n, size = 24, MiB
+    _pipeline_writes(c, 8 * MiB, n, size)
+    acked = set()
+    for _ in range(4):                    # some are answered ...
+        r = c.reply()
+        assert r.err == 0
+        acked.add(r.cookie)
+    # ... then the export goes with the rest in flight
+    q.execute("block-export-del", id="exp0", mode="hard")
+    assert q.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "exp0"}
+    try:
+        while True:
+            r = c.reply()
+            assert r.err == 0
+            acked.add(r.cookie)
+    except Closed:
+        pass
+    assert d.alive()
+    with open(img, "rb") as f:
+        for cookie in acked:
+            i = (cookie & 0xffffffff) - 1
+            f.seek(8 * MiB + i * size)
+            assert f.read(size) == pattern(size, seed=i + 1), "acknowledged write %d lost" % i
+    # the id and the name are free again
+    q.execute("block-export-add", type="nbd", id="exp0", node_name="disk0", name="disk0")
+    assert serving(sock)
+
+
+def test_server_stop_with_clients_everywhere(impl, start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    q = d.qmp()
+    greeted = Conn(sock)
+    greeted.greeting()                                    # in the handshake
+    busy = Conn(sock).connect("disk0")
+    for i in range(16):                                   # reads in flight
+        busy.request(CMD_READ, (i % 8) * 4 * MiB, 4 * MiB)
+    idle = Conn(sock).connect("disk0", structured=True)
+    q.execute("nbd-server-stop")
+    assert q.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "exp0"}
+    for c in (greeted, busy, idle):
+        assert c.eof()
+    assert q.execute("query-block-exports") == []
+    q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    q.execute("block-export-add", type="nbd", id="exp0", node_name="disk0", name="disk0")
+    assert serving(sock)
+
+
+def test_quit_with_requests_in_flight(impl, start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    q = d.qmp()
+    clients = [Conn(sock).connect("disk0") for _ in range(4)]
+    for c in clients:
+        _pipeline_writes(c, 0, 8, 256 << 10)
+        c.request(CMD_READ, 0, 32 * MiB)
+    half = Conn(sock)
+    half.greeting()
+    q.execute("quit")
+    d.wait_exit()
+    for c in clients + [half]:
+        assert c.eof()
+
+
+def test_soft_delete_then_client_leaves(start_daemon, tmpdir_short):
+    # bexd only (qsd 7.2 has no soft mode): in-flight requests still get
+    # their answers, later ones ESHUTDOWN, and the export goes when the
+    # client leaves
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img)
+    q = d.qmp()
+    h = nbd.NBD()
+    h.set_export_name("disk0")
+    h.connect_unix(sock)
+    h.pwrite(b"s" * 4096, MiB, nbd.CMD_FLAG_FUA)
+    q.execute("block-export-del", id="exp0", mode="soft")
+    assert q.execute("query-block-exports")[0]["shutting-down"] is True
+    with pytest.raises(nbd.Error) as e:
+        h.pwrite(b"t" * 4096, MiB)
+    assert e.value.errno == "ESHUTDOWN"
+    with pytest.raises(nbd.Error):
+        h.flush()
+    h.shutdown()
+    assert q.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "exp0"}
+    with open(img, "rb") as f:
+        f.seek(MiB)
+        assert f.read(4096) == b"s" * 4096
+
+
+# -- hostile and vanishing clients ------------------------------------------------------
+
+def test_client_vanishes_with_large_replies_pending(start_daemon, tmpdir_short, impl):
+    # the server's replies hit a closed socket: no SIGPIPE, no stall
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    for _ in range(3):
+        c = Conn(sock).connect("disk0")
+        for i in range(32):
+            c.request(CMD_READ, (i % 16) * MiB, 8 * MiB)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()                                          # RST
+    assert d.alive()
+    assert serving(sock)
+
+
+def test_garbage_from_many_clients_does_not_disturb_a_good_one(start_daemon, tmpdir_short, impl):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    good = Conn(sock).connect("disk0", structured=True)
+    rnd = random.Random(1234)
+    for i in range(40):
+        bad = Conn(sock, timeout=5)
+        if i % 2:
+            bad.start()
+            if i % 4 == 1:                     # garbage options
+                blob = bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(1, 300)))
+                bad.send(struct.pack(">QII", 0x49484156454F5054, rnd.randrange(0, 20),
+                                     len(blob)) + blob)
+            else:                              # garbage after a good GO
+                assert bad.go("disk0")[-1][1] == REP_ACK
+                hdr = struct.pack(">IHHQQI", REQUEST_MAGIC, rnd.getrandbits(16),
+                                  rnd.randrange(0, 12), i, rnd.getrandbits(40),
+                                  rnd.getrandbits(32))
+                bad.send(hdr + bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 200))))
+        else:
+            bad.send(bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(1, 100))))
+        bad.close()
+        r = good.read((i % 8) * 512, 512)
+        assert r.err == 0 and r.assemble((i % 8) * 512, 512) == (HEAD + bytes(4096))[
+            (i % 8) * 512:(i % 8) * 512 + 512]
+    assert d.alive()
+
+
+def test_block_status_of_fragmented_file_is_bounded(start_daemon, tmpdir_short, impl):
+    # 8192 alternating data/hole extents: the largest possible request is
+    # answered quickly with a bounded number of descriptors
+    img = make_img(tmpdir_short, size=128 * MiB)
+    with open(img, "r+b") as f:
+        for i in range(0, 16384, 2):
+            f.seek(i * 4096)
+            f.write(b"d" * 4096)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.set_export_name("disk0")
+    h.connect_unix(sock)
+    got = []
+
+    def cb(metacontext, offset, entries, err):
+        got.append(len(entries) // 2)
+        assert sum(entries[0::2]) <= 128 * MiB
+        return 0
+    t0 = time.monotonic()
+    h.block_status(128 * MiB, 0, cb)
+    assert time.monotonic() - t0 < 10
+    assert got and 1 <= got[0] <= 1 << 17
+
+
+# -- iothread exports ----------------------------------------------------------------------
+
+def test_iothread_export_serves_and_goes_hard(impl, start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img, export_opts=",iothread=io0",
+                    args=("--object", "iothread,id=io0"))
+    q = d.qmp()
+    hs = []
+    for i in range(4):
+        h = nbd.NBD()
+        h.set_export_name("disk0")
+        h.connect_unix(sock)
+        h.pwrite(pattern(65536, seed=i), i * MiB, nbd.CMD_FLAG_FUA)
+        hs.append(h)
+    for i, h in enumerate(hs):
+        assert h.pread(65536, i * MiB) == pattern(65536, seed=i)
+    busy = Conn(sock).connect("disk0")
+    for i in range(8):
+        busy.request(CMD_READ, i * MiB, 4 * MiB)
+    q.execute("block-export-del", id="exp0", mode="hard")
+    assert q.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "exp0"}
+    assert busy.eof()
+    for h in hs:
+        with pytest.raises(nbd.Error):
+            h.pread(512, 0)
+    q.execute("block-export-add", type="nbd", id="exp1", node_name="disk0", name="disk0",
+              iothread="io0")
+    assert serving(sock)
+
+
+# -- nbd-server-start addresses and TLS -------------------------------------------------------
+
+def _start_bare(start_daemon, impl, tmpdir, args=()):
+    img = make_img(tmpdir, size=MiB)
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=disk0,filename=" + img, *args)
+    return d, d.qmp()
+
+
+def _add(q):
+    q.execute("block-export-add", type="nbd", id="exp0", node_name="disk0", name="disk0")
+
+
+def test_inet_ipv4_numeric_port(impl, start_daemon, tmpdir_short):
+    d, q = _start_bare(start_daemon, impl, tmpdir_short)
+    port = free_tcp_port()
+    q.execute("nbd-server-start", addr={"type": "inet",
+                                        "data": {"host": "127.0.0.1", "port": str(port)}})
+    _add(q)
+    h = nbd.NBD()
+    h.connect_uri("nbd://127.0.0.1:%d/disk0" % port)
+    assert h.pread(16, 0) == HEAD[:16]
+
+
+def test_inet_ipv6(impl, start_daemon, tmpdir_short):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        port = free_tcp_port(socket.AF_INET6, "::1")
+    except OSError:
+        pytest.skip("no ::1")
+    d, q = _start_bare(start_daemon, impl, tmpdir_short)
+    q.execute("nbd-server-start", addr={"type": "inet", "data": {"host": "::1",
+                                                                 "port": str(port)}})
+    _add(q)
+    c = Conn(addr=("::1", port)).connect("disk0")
+    assert c.read(0, 16).data == HEAD[:16]
+
+
+def test_tls_creds_checks(impl, start_daemon, tmpdir_short):
+    d, q = _start_bare(start_daemon, impl, tmpdir_short, ("--object", "iothread,id=io0"))
+    sock = tmpdir_short + "/nbd.sock"
+    addr = {"type": "unix", "data": {"path": sock}}
+    e = q.error("nbd-server-start", addr=addr, tls_creds="io0")
+    assert (e["class"], e["desc"]) == ("GenericError", "Object with id 'io0' is not TLS credentials")
+    e = q.error("nbd-server-start", addr=addr, tls_creds="nope")
+    assert e["desc"] == "No TLS credentials with id 'nope'"
+    # tls-authz is only resolved when a client uses it
+    q.execute("nbd-server-start", addr=addr, tls_authz="nope")
+    _add(q)
+    assert serving(sock)
+
+
+def test_tls_required_before_options(impl, start_daemon, tmpdir_short):
+    try:
+        d, q = _start_bare(start_daemon, impl, tmpdir_short,
+                           ("--object", "tls-creds-anon,id=t0,endpoint=server"))
+    except RuntimeError as e:
+        pytest.skip("no tls-creds-anon here: %s" % e)
+    sock = tmpdir_short + "/nbd.sock"
+    q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": sock}}, tls_creds="t0")
+    _add(q)
+    c = Conn(sock).start()
+    reps = c.go("disk0")
+    assert reps[-1][1] == REP_ERR_TLS_REQD
+    assert d.alive()
+
+
+def test_cli_export_without_server(impl, tmpdir_short):
+    img = make_img(tmpdir_short, size=MiB)
+    arg = "type=nbd,id=e0,node-name=disk0"
+    rc, err = run_daemon_expect_fail(impl, [
+        "--blockdev", "driver=file,node-name=disk0,filename=" + img, "--export", arg])
+    assert rc == 1
+    assert err.rstrip().endswith("--export %s: NBD server not running" % arg)
+
+
+def test_description_and_flags_reported(impl, start_daemon, tmpdir_short):
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img,
+                    export_opts=",description=a disk,writethrough=on")
+    h = nbd.NBD()
+    h.set_full_info(True)
+    h.set_export_name("disk0")
+    h.connect_unix(sock)
+    assert h.get_export_description() == "a disk"
+    assert (h.can_multi_conn(), h.can_flush(), h.can_fua(), h.can_trim(), h.can_zero(),
+            h.can_fast_zero(), h.can_cache(), h.can_df()) == (True,) * 8
+    assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
+    assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
