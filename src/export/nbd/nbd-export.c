@@ -160,20 +160,16 @@ static void nbd_exp_free(struct export *e)
     exp->name = exp->description = NULL;
 }
 
-/* nbd-server-stop: every NBD export goes, hard, like QEMU. */
+/* nbd-server-stop: every NBD export goes, hard, like QEMU (the registry
+ * escalates exports already leaving in hide or soft mode). */
 void nbd_exports_close_all(void)
 {
     struct nbd_export *e, *next;
 
     for (e = nbd_exports; e; e = next) {
-        next = e->next;
-        if (!e->common.shutting_down && !e->hidden) {
+        next = e->next;   /* nothing is freed before the main loop runs again */
+        if (!(e->common.shutting_down && e->common.del_mode == EXPORT_DEL_HARD))
             block_export_del(e->common.id, EXPORT_DEL_HARD, NULL);
-        } else {
-            /* already leaving in hide/soft mode: make it hard */
-            e->hidden = true;
-            nbd_exp_close_clients(e);
-        }
     }
     /* connections still negotiating have no export to follow */
     for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
