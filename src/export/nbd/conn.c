@@ -168,12 +168,13 @@ static void nbd_conn_io(void *opaque, uint32_t revents)
 
 /* ---- creation and closing ---- */
 
-struct nbd_conn *nbd_conn_new(int fd, const char *peer)
+/* The connection may already be gone when this returns (greeting failed). */
+bool nbd_conn_new(int fd, const char *peer)
 {
     struct nbd_conn *c = calloc(1, sizeof(*c));
 
     if (!c)
-        return NULL;
+        return false;
     c->refcnt = 1;
     c->fd = fd;
     c->tr = &nbd_plain_transport;
@@ -184,14 +185,14 @@ struct nbd_conn *nbd_conn_new(int fd, const char *peer)
         free(c->peer);
         free(c->hs_buf);
         free(c);
-        return NULL;
+        return false;
     }
     c->watch = loop_watch_fd(c->loop, fd, LOOP_IN, nbd_conn_io, c);
     c->next = nbd_srv.conns;
     nbd_srv.conns = c;
     nbd_srv.nconns++;
     nbd_handshake_start(c);
-    return c;
+    return true;
 }
 
 void nbd_conn_close(struct nbd_conn *c, const char *reason)
@@ -395,6 +396,10 @@ void nbd_conn_flush(struct nbd_conn *c)
     }
     if (c->state == CONN_CLOSED)
         return;
+    if (c->state == CONN_HANDSHAKE && c->rx_paused &&
+        c->out_len - c->out_sent < NBD_HS_OUT_MAX) {
+        c->rx_paused = false;   /* the client reads its replies again */
+    }
     if (c->state == CONN_TRANSMISSION && !c->want_out &&
         (c->disc || c->rx_eof) && c->busy_slots == 0) {
         nbd_conn_close(c, c->disc ? "client disconnected" : "client closed");

@@ -432,10 +432,12 @@ void nbd_handshake_readable(struct nbd_conn *c)
         uint32_t need = hs_need(c);
         ssize_t n;
 
-        if (c->out_len - c->out_sent > (1u << 20)) {
-            /* the client is not reading our replies: wait for it */
+        if (c->out_len - c->out_sent >= NBD_HS_OUT_MAX) {
+            /* the client is not reading our replies: stop reading until
+             * it does (nbd_conn_flush resumes) */
+            c->rx_paused = true;
             nbd_conn_flush(c);
-            if (c->out_len - c->out_sent > (1u << 20))
+            if (c->rx_paused)
                 return;
         }
         if (c->hs_have < need) {

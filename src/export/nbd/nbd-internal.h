@@ -29,14 +29,16 @@
 #define NBD_MAX_OPT_DRAIN      (1u << 20)   /* larger payloads: disconnect */
 #define NBD_MAX_QUERIES        1024         /* meta context queries per option */
 #define NBD_HANDSHAKE_MS       10000        /* default handshake time limit */
-#define NBD_SLOTS              128          /* requests in flight per connection */
-#define NBD_RX_BUF             (256u << 10) /* buffered socket reads */
+#define NBD_SLOTS              64           /* requests in flight per connection */
+#define NBD_RX_BUF             (128u << 10) /* buffered socket reads */
 #define NBD_DIRECT_RECV        (64u << 10)  /* payloads above: recv into slot buffer */
 #define NBD_CONN_BUF_BUDGET    (512u << 20) /* slot buffers per connection */
 #define NBD_KEEP_BUF           (4u << 20)   /* slot buffers above: freed after use */
 #define NBD_MAX_EXTENTS        2048         /* block status descriptors per context */
+#define NBD_BLOCK_STATUS_MS    200          /* ... and time spent finding them */
+#define NBD_HS_OUT_MAX         (1u << 20)   /* unread handshake replies: stop reading */
 #define NBD_MAX_READ_CHUNKS    16           /* structured read chunks per reply */
-#define NBD_SLOT_HDR           (1024 + 160)
+#define NBD_SLOT_HDR           768
 #define NBD_SLOT_IOV           (2 * NBD_MAX_READ_CHUNKS + 8)
 #define NBD_SEND_IOV           256
 #define NBD_MAX_CONTEXTS       2
@@ -175,7 +177,7 @@ struct nbd_conn {
 };
 
 /* conn.c */
-struct nbd_conn *nbd_conn_new(int fd, const char *peer);
+bool nbd_conn_new(int fd, const char *peer);
 void nbd_conn_ref(struct nbd_conn *c);
 bool nbd_conn_tryref(struct nbd_conn *c);
 void nbd_conn_unref(struct nbd_conn *c);

@@ -93,7 +93,7 @@ static void nbd_accept(void *opaque, uint32_t revents)
         nbd_socket_tune(fd);
         nbd_peer_name(fd, peer, sizeof(peer));
         if (!nbd_conn_new(fd, peer))
-            close(fd);
+            close(fd);   /* out of memory: nothing took the socket */
     }
 }
 

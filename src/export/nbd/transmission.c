@@ -712,8 +712,14 @@ void nbd_transmission_readable(struct nbd_conn *c)
         if (n == -EAGAIN)
             break;
         if (n == 0) {
-            /* the client may have only shut down its sending side */
+            /* the client may have only shut down its sending side: answer
+             * what it sent in full, forget a request it sent in part */
             c->rx_eof = true;
+            if (c->rx_slot) {
+                nbd_slot_release(c->rx_slot);
+                c->rx_slot = NULL;
+                c->rx_state = RX_HDR;
+            }
             nbd_conn_update_watch(c);
             nbd_conn_schedule_flush(c);   /* closes once idle */
             break;
