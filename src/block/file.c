@@ -18,6 +18,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <unistd.h>
 #include "block/block.h"
 #include "qmp/qmp.h"
@@ -38,6 +40,8 @@ struct file_state {
     bool is_blockdev;
     bool has_zero_range;        /* cleared after EOPNOTSUPP */
     bool has_punch;
+    bool ram_backed;            /* tmpfs/ramfs: I/O is a memcpy, done inline */
+    bool nowait_read, nowait_write;  /* RWF_NOWAIT worth trying */
 };
 
 static const unsigned char zero_buf[ZERO_CHUNK];
@@ -145,6 +149,10 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
         return -1;
     }
     s->is_blockdev = S_ISBLK(st.st_mode);
+    struct statfs sfs;
+    s->ram_backed = !bs->cache_direct && fstatfs(s->fd, &sfs) == 0 &&
+                    (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC);
+    s->nowait_read = s->nowait_write = !bs->cache_direct;
     if (host_device && !S_ISBLK(st.st_mode) && !S_ISCHR(st.st_mode)) {
         error_setg(errp, "'host_device' driver requires '%s' to be either a "
                          "character or block device", filename);
@@ -203,6 +211,17 @@ static void file_close(struct bnode *bs)
 
 static void file_aio_done(struct aio_req *a, int64_t res);
 
+static unsigned aio_flags(struct file_state *s, enum aio_op op)
+{
+    if (s->ram_backed && (op == AIO_OP_READ || op == AIO_OP_WRITE))
+        return AIO_INLINE_SYNC;
+    if (op == AIO_OP_READ)
+        return s->nowait_read ? 0 : AIO_NO_INLINE;
+    if (op == AIO_OP_WRITE)
+        return s->nowait_write ? 0 : AIO_NO_INLINE;
+    return AIO_NO_INLINE;
+}
+
 static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
                        uint64_t offset, uint64_t len, int mode)
 {
@@ -210,7 +229,7 @@ static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
     r->aio = (struct aio_req){
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
-        .flags = bs->cache_direct ? AIO_NO_INLINE : 0,
+        .flags = aio_flags(s, op),
         .done = file_aio_done,
     };
     aio_submit(r->loop, s->aio, &r->aio);
@@ -271,6 +290,13 @@ static void file_aio_done(struct aio_req *a, int64_t res)
     struct bnode *bs = r->bs;
     struct file_state *s = bs->opaque;
 
+    if (a->flags & AIO_NOWAIT_UNSUPPORTED) {
+        /* Learnt once per file: stop paying for the inline attempt. */
+        if (a->op == AIO_OP_READ)
+            s->nowait_read = false;
+        else if (a->op == AIO_OP_WRITE)
+            s->nowait_write = false;
+    }
     switch (r->stage) {
     case ST_RW:
         if (res >= 0 && (uint64_t)res < a->len) {
@@ -341,7 +367,7 @@ static void zero_write_next(struct bnode *bs, struct breq *r)
     uint64_t n = MIN(left, (uint64_t)ZERO_CHUNK * ZERO_IOVS);
     r->aio = (struct aio_req){
         .op = AIO_OP_WRITE, .fd = s->fd, .offset = r->drv_offset + r->done_bytes,
-        .len = n, .flags = bs->cache_direct ? AIO_NO_INLINE : 0, .done = file_aio_done,
+        .len = n, .flags = aio_flags(s, AIO_OP_WRITE), .done = file_aio_done,
     };
     if (n >= ZERO_CHUNK) {
         r->aio.iov = zero_iov;

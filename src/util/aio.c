@@ -225,6 +225,10 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
 {
     struct aio_engine *e = loop_aio(l);
     r->loop = l;
+    if (r->flags & AIO_INLINE_SYNC) {
+        r->done(r, do_sync(r, 0));
+        return;
+    }
     if ((r->op == AIO_OP_READ || r->op == AIO_OP_WRITE) && !(r->flags & AIO_NO_INLINE)) {
         /* Inline attempt: completes at once when no blocking is needed. */
         int64_t n = do_sync(r, RWF_NOWAIT);
@@ -232,6 +236,8 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
             r->done(r, n);
             return;
         }
+        if (n == -EOPNOTSUPP)
+            r->flags |= AIO_NOWAIT_UNSUPPORTED;
         /* Partial or would-block: redo the whole request asynchronously
          * (the bytes already done are simply transferred again). */
     }

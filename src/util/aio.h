@@ -25,7 +25,9 @@ enum aio_op {
     AIO_OP_FALLOCATE,  /* fallocate(fd, mode, offset, len) */
 };
 
-#define AIO_NO_INLINE 1u
+#define AIO_NO_INLINE   1u   /* never try inline (O_DIRECT: "non-blocking" still waits for the device) */
+#define AIO_INLINE_SYNC 2u   /* do it inline, blocking: RAM-backed files never wait for a device */
+#define AIO_NOWAIT_UNSUPPORTED 4u  /* set by aio_submit: the fd refused RWF_NOWAIT */
 
 struct aio_req {
     enum aio_op op;
@@ -35,8 +37,7 @@ struct aio_req {
     uint64_t offset;
     uint64_t len;        /* FALLOCATE length; READ/WRITE: total iov bytes */
     int mode;            /* FALLOCATE mode */
-    unsigned flags;      /* AIO_NO_INLINE: never try inline (O_DIRECT fds,
-                          * where a "non-blocking" read still waits for the device) */
+    unsigned flags;      /* AIO_* flags above */
     /* res: bytes transferred (READ/WRITE) or 0, or -errno. */
     void (*done)(struct aio_req *req, int64_t res);
     /* private */

@@ -1,0 +1,203 @@
+/* Unit tests of the block layer with the real file, raw and null-co drivers. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "block/block.h"
+#include "util/loop.h"
+
+static char path[64];
+
+static int setup(void **state)
+{
+    strcpy(path, "/tmp/bexd-unit-XXXXXX");
+    int fd = mkstemp(path);
+    if (fd < 0 || ftruncate(fd, 4 << 20) < 0)
+        return -1;
+    /* data in [1 MiB, 1 MiB + 64 KiB), holes elsewhere */
+    char buf[65536];
+    memset(buf, 0xab, sizeof(buf));
+    if (pwrite(fd, buf, sizeof(buf), 1 << 20) != sizeof(buf))
+        return -1;
+    close(fd);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    unlink(path);
+    return 0;
+}
+
+static struct bnode *add(const char *json)
+{
+    error *err = NULL;
+    json_t *opts = json_loads(json, 0, NULL);
+    assert_non_null(opts);
+    struct bnode *bs = blockdev_add(opts, &err);
+    if (!bs)
+        fail_msg("blockdev_add: %s", err->msg);
+    json_decref(opts);
+    return bs;
+}
+
+static struct bnode *add_file(const char *name, bool ro)
+{
+    char json[256];
+    snprintf(json, sizeof(json),
+             "{\"driver\":\"file\",\"node-name\":\"%s\",\"filename\":\"%s\",\"read-only\":%s}",
+             name, path, ro ? "true" : "false");
+    return add(json);
+}
+
+static int last_ret;
+
+static void done(struct breq *r, int ret)
+{
+    last_ret = ret;
+    loop_stop(loop_main());
+}
+
+static int run(struct bnode *bs, enum breq_op op, uint64_t off, uint64_t len,
+               void *buf, unsigned flags)
+{
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct breq r = { .op = op, .flags = flags, .offset = off, .len = len,
+                      .iov = &iov, .iovcnt = buf ? 1 : 0, .loop = loop_main(), .done = done };
+    last_ret = 1;
+    bnode_submit(bs, &r);
+    if (last_ret == 1)
+        loop_run(loop_main());
+    return last_ret;
+}
+
+static void test_read_write_roundtrip(void **state)
+{
+    struct bnode *bs = add_file("f0", false);
+    char w[4096], rd[4096];
+    memset(w, 0x5a, sizeof(w));
+    assert_int_equal(run(bs, BREQ_WRITE, 8192, sizeof(w), w, BREQ_FUA), 0);
+    assert_int_equal(run(bs, BREQ_READ, 8192, sizeof(rd), rd, 0), 0);
+    assert_memory_equal(w, rd, sizeof(w));
+    assert_int_equal(run(bs, BREQ_FLUSH, 0, 0, NULL, 0), 0);
+    assert_int_equal(blockdev_del("f0", NULL), 0);
+}
+
+static void test_out_of_range_and_read_only(void **state)
+{
+    struct bnode *bs = add_file("ro", true);
+    char buf[512];
+    assert_int_equal(run(bs, BREQ_READ, (4 << 20) - 256, 512, buf, 0), -EINVAL);
+    assert_int_equal(run(bs, BREQ_WRITE, 0, 512, buf, 0), -EPERM);
+    error *err = NULL;
+    assert_int_equal(bnode_ref_user(bs, true, &err), -1);
+    assert_string_equal(err->msg, "Block node is read-only");
+    error_free(err);
+    assert_int_equal(blockdev_del("ro", NULL), 0);
+}
+
+static void test_block_status_sees_holes(void **state)
+{
+    struct bnode *bs = add_file("bs", true);
+    uint64_t pnum;
+    unsigned flags;
+    int depth;
+    assert_int_equal(bnode_block_status(bs, 0, 4 << 20, &pnum, &flags, &depth), 0);
+    assert_int_equal(pnum, 1 << 20);
+    assert_true(flags & BS_ZERO);
+    assert_false(flags & BS_DATA);
+    assert_int_equal(bnode_block_status(bs, 1 << 20, 4 << 20, &pnum, &flags, &depth), 0);
+    assert_true(flags & BS_DATA);
+    assert_true(pnum >= 65536);
+    assert_int_equal(depth, 1);
+    assert_int_equal(blockdev_del("bs", NULL), 0);
+}
+
+static void test_write_zeroes_and_raw_window(void **state)
+{
+    struct bnode *f = add_file("wz", false);
+    char buf[65536];
+    assert_int_equal(run(f, BREQ_WRITE_ZEROES, 1 << 20, 65536, NULL, 0), 0);
+    assert_int_equal(run(f, BREQ_READ, 1 << 20, 65536, buf, 0), 0);
+    for (size_t i = 0; i < sizeof(buf); i++)
+        assert_int_equal(buf[i], 0);
+    /* raw over the file, a 1 MiB window at offset 1 MiB */
+    struct bnode *r = add("{\"driver\":\"raw\",\"node-name\":\"win\",\"file\":\"wz\","
+                          "\"offset\":1048576,\"size\":1048576}");
+    assert_int_equal(r->size, 1 << 20);
+    char w[512];
+    memset(w, 0x33, sizeof(w));
+    assert_int_equal(run(r, BREQ_WRITE, 0, 512, w, 0), 0);
+    assert_int_equal(run(f, BREQ_READ, 1 << 20, 512, buf, 0), 0);
+    assert_memory_equal(buf, w, 512);
+    error *err = NULL;
+    assert_int_equal(blockdev_del("wz", &err), -1);
+    assert_string_equal(err->msg, "Block device wz is in use");
+    error_free(err);
+    assert_int_equal(blockdev_del("win", NULL), 0);
+    assert_int_equal(blockdev_del("wz", NULL), 0);
+}
+
+static void test_two_writers_conflict(void **state)
+{
+    struct bnode *a = add_file("wa", false);
+    struct bnode *b = add_file("wb", false);
+    error *err = NULL;
+    assert_int_equal(bnode_ref_user(a, true, NULL), 0);
+    assert_int_equal(bnode_ref_user(b, true, &err), -1);
+    assert_string_equal(err->msg, "Failed to get \"write\" lock");
+    error_free(err);
+    bnode_unref_user(a, true);
+    assert_int_equal(bnode_ref_user(b, true, NULL), 0);   /* free again */
+    bnode_unref_user(b, true);
+    assert_int_equal(blockdev_del("wa", NULL), 0);
+    assert_int_equal(blockdev_del("wb", NULL), 0);
+}
+
+static void test_node_names(void **state)
+{
+    error *err = NULL;
+    json_t *o = json_pack("{s:s, s:s}", "driver", "null-co", "node-name", "1bad");
+    assert_null(blockdev_add(o, &err));
+    assert_string_equal(err->msg, "Invalid node-name: '1bad'");
+    error_free(err);
+    err = NULL;
+    json_object_del(o, "node-name");
+    assert_null(blockdev_add(o, &err));
+    assert_string_equal(err->msg, "'node-name' must be specified for the root node");
+    error_free(err);
+    json_decref(o);
+    struct bnode *n = add("{\"driver\":\"null-co\",\"node-name\":\"n0\",\"read-zeroes\":true}");
+    assert_int_equal(n->size, 1 << 30);
+    char buf[16];
+    memset(buf, 1, sizeof(buf));
+    assert_int_equal(run(n, BREQ_READ, 0, sizeof(buf), buf, 0), 0);
+    assert_int_equal(buf[7], 0);
+    err = NULL;
+    o = json_pack("{s:s, s:s}", "driver", "null-co", "node-name", "n0");
+    assert_null(blockdev_add(o, &err));
+    assert_string_equal(err->msg, "Duplicate nodes with node-name='n0'");
+    error_free(err);
+    json_decref(o);
+    assert_int_equal(blockdev_del("n0", NULL), 0);
+}
+
+int main(void)
+{
+    loop_main_init();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_read_write_roundtrip),
+        cmocka_unit_test(test_out_of_range_and_read_only),
+        cmocka_unit_test(test_block_status_sees_holes),
+        cmocka_unit_test(test_write_zeroes_and_raw_window),
+        cmocka_unit_test(test_two_writers_conflict),
+        cmocka_unit_test(test_node_names),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
