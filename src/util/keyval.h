@@ -3,8 +3,9 @@
  * comma.  An implied key names the first member when its "key=" is omitted
  * (e.g. "socket,path=x" for --chardev with implied key "backend").
  * The result is a JSON object whose leaves are all strings; dotted keys make
- * nested objects.  Lists (numeric keys) stay as objects with keys "0","1",..
- * and are turned into arrays by the schema checker.
+ * nested objects.  Objects whose keys are all list indexes ("0","1",..) are
+ * turned into arrays, as QEMU's keyval_parse does (the schema checker also
+ * accepts such objects where a list is expected).
  */
 #pragma once
 #include <jansson.h>

@@ -1,0 +1,309 @@
+/*
+ * qemu-storage-daemon's command line.
+ *
+ * Theory of operation: getopt_long walks argv once, in order.  Each
+ * configuration option turns its argument into a JSON object (keyval with
+ * the option's implied key, or JSON when it starts with '{'), checks it
+ * against the schema type the QMP command uses (keyval mode converts the
+ * strings; JSON is checked strictly, as qsd does), and calls the same
+ * operation the QMP command calls.  --chardev is parsed the QemuOpts way
+ * (flat keys, "server" alone means server=on), as in qsd.  Errors carry
+ * the option and its argument as location, like qsd's
+ * "--blockdev driver=file: Parameter 'filename' is missing"; main prints
+ * them after the program name.
+ */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "cli/cli.h"
+#include "config.h"
+#include "export/export.h"
+#include "export/nbd/nbd.h"
+#include "object/object.h"
+#include "qmp/monitor.h"
+#include "qmp/schema.h"
+#include "util/cleanup.h"
+#include "util/keyval.h"
+
+enum {
+    OPT_BLOCKDEV = 256, OPT_CHARDEV, OPT_DAEMONIZE, OPT_EXPORT, OPT_MONITOR,
+    OPT_NBD_SERVER, OPT_OBJECT, OPT_PIDFILE,
+};
+
+static const struct option long_options[] = {
+    { "blockdev",   required_argument, NULL, OPT_BLOCKDEV },
+    { "chardev",    required_argument, NULL, OPT_CHARDEV },
+    { "daemonize",  no_argument,       NULL, OPT_DAEMONIZE },
+    { "export",     required_argument, NULL, OPT_EXPORT },
+    { "help",       no_argument,       NULL, 'h' },
+    { "monitor",    required_argument, NULL, OPT_MONITOR },
+    { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
+    { "object",     required_argument, NULL, OPT_OBJECT },
+    { "pidfile",    required_argument, NULL, OPT_PIDFILE },
+    { "trace",      required_argument, NULL, 'T' },
+    { "version",    no_argument,       NULL, 'V' },
+    { NULL, 0, NULL, 0 },
+};
+
+static const char short_options[] = "-:hT:V";
+
+static void print_help(void)
+{
+    printf(
+"Usage: bexd [options]\n"
+"bexd, a block export daemon (drop-in for qemu-storage-daemon)\n"
+"\n"
+"  -h, --help             display this help and exit\n"
+"  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]\n"
+"                         accepted for compatibility and ignored\n"
+"  -V, --version          output version information and exit\n"
+"\n"
+"  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]\n"
+"             [,cache.direct=on|off][,cache.no-flush=on|off]\n"
+"             [,read-only=on|off][,auto-read-only=on|off]\n"
+"             [,force-share=on|off][,detect-zeroes=on|off|unmap]\n"
+"             [,driver specific parameters...]\n"
+"                         configure a block backend\n"
+"\n"
+"  --chardev <options>    configure a character device backend\n"
+"                         (socket,id=<id>,path=<path>,server=on,wait=off;\n"
+"                          socket,id=<id>,host=<host>,port=<port>,server=on,wait=off;\n"
+"                          stdio,id=<id>)\n"
+"\n"
+"  --daemonize            daemonize the process, and have the parent exit\n"
+"                         once startup is complete\n"
+"\n"
+"  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]\n"
+"           [,writable=on|off][,bitmap=<name>]\n"
+"                         export the specified block node over NBD\n"
+"                         (requires --nbd-server)\n"
+"\n"
+"  --export [type=]fuse,id=<id>,node-name=<node-name>,mountpoint=<file>\n"
+"           [,growable=on|off][,writable=on|off][,allow-other=on|off|auto]\n"
+"                         export the specified block node over FUSE\n"
+"\n"
+"  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,\n"
+"           addr.type=unix,addr.path=<socket-path>[,writable=on|off]\n"
+"           [,logical-block-size=<block-size>][,num-queues=<num-queues>]\n"
+"                         export the specified block node as a\n"
+"                         vhost-user-blk device over UNIX domain socket\n"
+"\n"
+"  --monitor [chardev=]name[,mode=control][,pretty[=on|off]]\n"
+"                         configure a QMP monitor\n"
+"\n"
+"  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>\n"
+"               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]\n"
+"  --nbd-server addr.type=unix,addr.path=<path>\n"
+"               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]\n"
+"                         start an NBD server for exporting block nodes\n"
+"\n"
+"  --object help          list object types that can be added\n"
+"  --object <type>[,<property>=<value>...]\n"
+"                         create a new object of type <type>, setting\n"
+"                         properties in the order they are specified. Note\n"
+"                         that the 'id' property must be set.\n"
+"\n"
+"  --pidfile <path>       write process ID to a file after startup\n");
+}
+
+/* ---- QemuOpts-style parsing for --chardev ---- */
+
+static char *opts_value(const char **sp)
+{
+    const char *s = *sp;
+    size_t n = 0;
+    char *out = malloc(strlen(s) + 1);
+    while (*s) {
+        if (*s == ',') {
+            if (s[1] != ',')
+                break;
+            s++;
+        }
+        out[n++] = *s++;
+    }
+    out[n] = 0;
+    if (*s == ',')
+        s++;
+    *sp = s;
+    return out;
+}
+
+static json_t *qemu_opts_parse(const char *s, const char *implied, error **errp)
+{
+    json_t *o = json_object();
+    bool first = true;
+    while (*s) {
+        size_t klen = strcspn(s, "=,");
+        CLEANUP_FREE char *key = strndup(s, klen);
+        if (s[klen] == '=') {
+            s += klen + 1;
+            char *v = opts_value(&s);
+            json_object_set_new(o, key, json_string(v) ?: json_null());
+            free(v);
+        } else if (first && implied) {
+            char *v = opts_value(&s);
+            json_object_set_new(o, implied, json_string(v));
+            free(v);
+        } else {
+            s += klen;
+            if (*s == ',')
+                s++;
+            if (!strncmp(key, "no", 2) && key[2])
+                json_object_set_new(o, key + 2, json_string("off"));
+            else
+                json_object_set_new(o, key, json_string("on"));
+        }
+        first = false;
+    }
+    (void)errp;
+    return o;
+}
+
+/* ---- options ---- */
+
+static int apply_checked(const char *arg, const char *implied, const char *type,
+                         int (*op)(json_t *, error **), error **errp)
+{
+    bool is_json;
+    CLEANUP_JSON json_t *raw = keyval_or_json_parse(arg, implied, &is_json, errp);
+    if (!raw)
+        return -1;
+    CLEANUP_JSON json_t *checked = schema_check_type(type, raw, !is_json, "", errp);
+    if (!checked)
+        return -1;
+    return op(checked, errp) < 0 ? -1 : 0;
+}
+
+static int op_blockdev(json_t *o, error **errp) { return blockdev_add(o, errp) ? 0 : -1; }
+static int op_export(json_t *o, error **errp) { return block_export_add(o, errp); }
+static int op_nbd(json_t *o, error **errp) { return nbd_server_start(o, errp); }
+static int op_object(json_t *o, error **errp) { return object_add(o, errp); }
+static int op_monitor(json_t *o, error **errp) { return monitor_add(o, errp); }
+
+static void print_object_types(void)
+{
+    printf("List of user creatable objects:\n");
+    static const char *types[] = {
+        "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread",
+        "secret", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(types); i++)
+        printf("  %s\n", types[i]);
+}
+
+static int apply_one(int c, const char *arg, struct cli_result *res, error **errp)
+{
+    switch (c) {
+    case OPT_BLOCKDEV:
+        return apply_checked(arg, "driver", "BlockdevOptions", op_blockdev, errp);
+    case OPT_EXPORT:
+        return apply_checked(arg, "type", "BlockExportOptions", op_export, errp);
+    case OPT_NBD_SERVER:
+        return apply_checked(arg, NULL, "NbdServerOptions", op_nbd, errp);
+    case OPT_MONITOR:
+        return apply_checked(arg, "chardev", "MonitorOptions", op_monitor, errp);
+    case OPT_OBJECT:
+        if (!strcmp(arg, "help") || !strcmp(arg, "?")) {
+            print_object_types();
+            exit(0);
+        }
+        return apply_checked(arg, "qom-type", "ObjectOptions", op_object, errp);
+    case OPT_CHARDEV: {
+        CLEANUP_JSON json_t *o = qemu_opts_parse(arg, "backend", errp);
+        return o ? chardev_add(o, errp) : -1;
+    }
+    case OPT_PIDFILE:
+        res->pidfile = arg;
+        return 0;
+    case OPT_DAEMONIZE:
+        res->daemonize = true;
+        return 0;
+    case 'T':
+        return 0;       /* tracing is not implemented; accepted for compatibility */
+    }
+    return 0;
+}
+
+static int option_error(int c, char **argv, error **errp)
+{
+    const char *arg = argv[optind - 1];
+    bool is_long = !strncmp(arg, "--", 2);
+    if (c == ':') {
+        if (is_long)
+            error_setg(errp, "option '%s' requires an argument", arg);
+        else
+            error_setg(errp, "option requires an argument -- '%c'", optopt);
+        return -1;
+    }
+    if (!is_long) {
+        error_setg(errp, "invalid option -- '%c'", optopt);
+        return -1;
+    }
+    if (strchr(arg, '=')) {
+        size_t n = strchr(arg, '=') - arg - 2;
+        for (const struct option *o = long_options; o->name; o++) {
+            if (o->has_arg == no_argument && !strncmp(o->name, arg + 2, n)) {
+                error_setg(errp, "option '--%s' doesn't allow an argument", o->name);
+                return -1;
+            }
+        }
+    }
+    error_setg(errp, "unrecognized option '%s'", arg);
+    return -1;
+}
+
+int cli_apply(int argc, char **argv, struct cli_result *res, error **errp)
+{
+    int c;
+
+    optind = 0;      /* full re-initialisation of glibc's getopt */
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, short_options, long_options, NULL)) != -1) {
+        switch (c) {
+        case '?':
+        case ':':
+            return option_error(c, argv, errp);
+        case 'h':
+            print_help();
+            exit(0);
+        case 'V':
+            printf("bexd version " BEXD_VERSION "\n"
+                   "A block export daemon compatible with qemu-storage-daemon\n");
+            exit(0);
+        case 1:
+            error_setg(errp, "%s: Unexpected argument", optarg);
+            return -1;
+        }
+        error *err = NULL;
+        if (apply_one(c, optarg, res, &err) < 0) {
+            /* location: "--option arg", or "--option=arg" as given */
+            const char *last = argv[optind - 1];
+            if (last != optarg)
+                error_setg(errp, "%s: %s", last, err->msg);
+            else
+                error_setg(errp, "%s %s: %s", argv[optind - 2], optarg, err->msg);
+            error_free(err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+bool cli_wants_daemonize(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--daemonize"))
+            return true;
+        /* skip the argument of options that take one */
+        bool takes_arg = !strcmp(argv[i], "-T");
+        for (const struct option *o = long_options; o->name; o++)
+            if (o->has_arg == required_argument && !strncmp(argv[i], "--", 2) &&
+                !strcmp(argv[i] + 2, o->name))
+                takes_arg = true;
+        if (takes_arg)
+            i++;
+    }
+    return false;
+}

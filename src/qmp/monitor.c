@@ -1,0 +1,525 @@
+/*
+ * Character devices and QMP monitors.
+ *
+ * Theory of operation: a chardev is a listening socket (UNIX or TCP, all
+ * addresses the host resolves to) or stdio.  As in QEMU, a socket chardev
+ * serves one client at a time: while a client is connected the listening
+ * sockets are not watched, so further connections wait in the backlog.
+ * A monitor attached to a chardev greets each client, reads bytes into a
+ * QEMU-compatible JSON stream (json-stream.c), dispatches each complete
+ * request and queues the response.  Output is written without blocking;
+ * while more than MON_OUT_PAUSE bytes wait, input is not read (so a client
+ * that does not read cannot make the daemon buffer replies without bound),
+ * and a client whose queue passes MON_OUT_MAX (events pile up too) is
+ * dropped.  A client that goes away loses only its own state.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include "qmp/json-out.h"
+#include "qmp/monitor.h"
+#include "qmp/qmp-int.h"
+#include "util/cleanup.h"
+#include "util/json-stream.h"
+#include "util/log.h"
+#include "util/loop.h"
+#include "util/sockets.h"
+
+#define MAX_LISTEN 8
+#define MON_READ_CHUNK 65536
+#define MON_OUT_PAUSE (1u << 20)
+#define MON_OUT_MAX (64u << 20)
+
+enum chardev_kind { CHR_SOCKET, CHR_STDIO };
+
+struct monitor;
+
+struct chardev {
+    char *id;
+    enum chardev_kind kind;
+    json_t *addr;                      /* flat SocketAddress (sockets) */
+    int lfd[MAX_LISTEN];
+    struct loop_watch *lwatch[MAX_LISTEN];
+    int nlisten;
+    struct monitor *mon;
+    struct chardev *next;
+};
+
+struct monitor {
+    struct chardev *chr;
+    bool pretty;
+    int in_fd, out_fd;                 /* -1 when no client */
+    struct loop_watch *in_watch, *out_watch;
+    struct json_stream *js;
+    struct qmp_session session;
+    char *out;
+    size_t out_len, out_cap, out_off;
+    struct monitor *next;
+};
+
+static struct chardev *chardevs;
+static struct monitor *monitors;
+
+static struct chardev *chardev_find(const char *id)
+{
+    for (struct chardev *c = chardevs; c; c = c->next)
+        if (!strcmp(c->id, id))
+            return c;
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* Output */
+
+static void mon_client_close(struct monitor *m);
+static void mon_update_watches(struct monitor *m);
+
+static void mon_flush(struct monitor *m)
+{
+    while (m->out_off < m->out_len) {
+        ssize_t n = write(m->out_fd, m->out + m->out_off, m->out_len - m->out_off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                break;
+            mon_client_close(m);
+            return;
+        }
+        m->out_off += n;
+    }
+    if (m->out_off == m->out_len)
+        m->out_off = m->out_len = 0;
+    mon_update_watches(m);
+}
+
+static void mon_send(struct monitor *m, json_t *msg)
+{
+    size_t len;
+    if (m->out_fd < 0)
+        return;
+    CLEANUP_FREE char *text = qmp_json_line(msg, m->pretty, &len);
+    if (m->out_len - m->out_off + len > MON_OUT_MAX) {
+        log_warn("monitor %s: client does not read its output; disconnecting", m->chr->id);
+        mon_client_close(m);
+        return;
+    }
+    if (m->out_off && m->out_len + len > m->out_cap) {
+        memmove(m->out, m->out + m->out_off, m->out_len - m->out_off);
+        m->out_len -= m->out_off;
+        m->out_off = 0;
+    }
+    if (m->out_len + len > m->out_cap) {
+        size_t cap = m->out_cap ? m->out_cap : 4096;
+        while (cap < m->out_len + len)
+            cap *= 2;
+        char *p = realloc(m->out, cap);
+        if (!p) {
+            mon_client_close(m);
+            return;
+        }
+        m->out = p;
+        m->out_cap = cap;
+    }
+    memcpy(m->out + m->out_len, text, len);
+    m->out_len += len;
+    mon_flush(m);
+}
+
+/* ------------------------------------------------------------------ */
+/* Input */
+
+static void mon_message(void *opaque, json_t *value, error *err)
+{
+    struct monitor *m = opaque;
+    json_t *rsp;
+    if (err) {
+        rsp = qmp_error_response(error_class_name(err->cls), err->msg);
+        error_free(err);
+    } else {
+        rsp = qmp_dispatch_session(value, &m->session);
+        json_decref(value);
+    }
+    mon_send(m, rsp);
+    json_decref(rsp);
+}
+
+static void mon_readable(void *opaque, uint32_t revents)
+{
+    struct monitor *m = opaque;
+    char buf[MON_READ_CHUNK];
+    ssize_t n = read(m->in_fd, buf, sizeof(buf));
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (n <= 0) {
+        mon_client_close(m);
+        return;
+    }
+    /* mon_message may close the client (write error): feed in a loop
+     * that notices. */
+    struct json_stream *js = m->js;
+    json_stream_feed(js, buf, n);
+}
+
+static void mon_writable(void *opaque, uint32_t revents)
+{
+    struct monitor *m = opaque;
+    if (revents & (EPOLLERR | EPOLLHUP)) {
+        mon_client_close(m);
+        return;
+    }
+    mon_flush(m);
+}
+
+static void mon_update_watches(struct monitor *m)
+{
+    if (m->in_fd < 0)
+        return;
+    size_t pending = m->out_len - m->out_off;
+    uint32_t in_ev = pending > MON_OUT_PAUSE ? 0 : LOOP_IN;
+    if (m->in_fd == m->out_fd) {
+        loop_watch_set(m->in_watch, in_ev | (pending ? LOOP_OUT : 0));
+        return;
+    }
+    loop_watch_set(m->in_watch, in_ev);
+    if (m->out_watch)
+        loop_watch_set(m->out_watch, pending ? LOOP_OUT : 0);
+}
+
+static void mon_socket_event(void *opaque, uint32_t revents)
+{
+    struct monitor *m = opaque;
+    if (revents & LOOP_OUT) {
+        mon_flush(m);
+        if (m->in_fd < 0)
+            return;
+    }
+    if (revents & (LOOP_IN | EPOLLHUP | EPOLLERR))
+        mon_readable(m, revents);
+}
+
+/* ------------------------------------------------------------------ */
+/* Clients */
+
+static void chardev_listen_enable(struct chardev *c, bool on)
+{
+    for (int i = 0; i < c->nlisten; i++)
+        loop_watch_set(c->lwatch[i], on ? LOOP_IN : 0);
+}
+
+/* Deferred destruction of the JSON stream: mon_client_close may run from
+ * inside json_stream_feed's callback. */
+static void free_stream(void *opaque)
+{
+    json_stream_free(opaque);
+}
+
+static void mon_client_close(struct monitor *m)
+{
+    if (m->in_fd < 0)
+        return;
+    if (m->in_watch)
+        loop_watch_del(m->in_watch);
+    if (m->out_watch)
+        loop_watch_del(m->out_watch);
+    m->in_watch = m->out_watch = NULL;
+    if (m->chr->kind == CHR_SOCKET)
+        close(m->in_fd);
+    m->in_fd = m->out_fd = -1;
+    if (m->js) {
+        /* stop further callbacks into this monitor from the old stream */
+        struct json_stream *old = m->js;
+        m->js = NULL;
+        loop_call(loop_main(), free_stream, old);
+    }
+    free(m->out);
+    m->out = NULL;
+    m->out_len = m->out_cap = m->out_off = 0;
+    m->session = (struct qmp_session){ 0 };
+    if (m->chr->kind == CHR_SOCKET)
+        chardev_listen_enable(m->chr, true);
+}
+
+static void mon_client_open(struct monitor *m, int in_fd, int out_fd)
+{
+    m->in_fd = in_fd;
+    m->out_fd = out_fd;
+    m->js = json_stream_new(mon_message, m);
+    m->session = (struct qmp_session){ .oob_offered = m->chr->kind == CHR_SOCKET };
+    if (in_fd == out_fd) {
+        m->in_watch = loop_watch_fd(loop_main(), in_fd, LOOP_IN, mon_socket_event, m);
+    } else {
+        m->in_watch = loop_watch_fd(loop_main(), in_fd, LOOP_IN, mon_readable, m);
+        m->out_watch = loop_watch_fd(loop_main(), out_fd, 0, mon_writable, m);
+    }
+    json_t *greeting = qmp_greeting(m->session.oob_offered);
+    mon_send(m, greeting);
+    json_decref(greeting);
+}
+
+static void chardev_accept(void *opaque, uint32_t revents)
+{
+    struct chardev *c = opaque;
+    for (int i = 0; i < c->nlisten; i++) {
+        int fd = accept4(c->lfd[i], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            continue;
+        if (!c->mon || c->mon->in_fd >= 0) {
+            close(fd);           /* no monitor attached yet: refuse */
+            continue;
+        }
+        chardev_listen_enable(c, false);
+        mon_client_open(c->mon, fd, fd);
+        return;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* --chardev */
+
+static const char *const socket_keys[] = {
+    "backend", "id", "path", "host", "port", "to", "ipv4", "ipv6", "server",
+    "wait", "nodelay", "telnet", "tn3270", "websocket", "reconnect",
+    "tls-creds", "tls-authz", "fd", "abstract", "tight", "logfile",
+    "logappend", "mux", "delay", "numeric", "keep-alive", "mptcp", NULL,
+};
+static const char *const stdio_keys[] = {
+    "backend", "id", "signal", "logfile", "logappend", "mux", NULL,
+};
+
+static int parse_bool(json_t *opts, const char *key, bool dflt, bool *out, error **errp)
+{
+    json_t *v = json_object_get(opts, key);
+    const char *s = json_string_value(v);
+    if (!v) {
+        *out = dflt;
+        return 0;
+    }
+    if (json_is_boolean(v)) {
+        *out = json_is_true(v);
+        return 0;
+    }
+    if (s && (!strcmp(s, "on") || !strcmp(s, "yes") || !strcmp(s, "true") || !strcmp(s, "y"))) {
+        *out = true;
+        return 0;
+    }
+    if (s && (!strcmp(s, "off") || !strcmp(s, "no") || !strcmp(s, "false") || !strcmp(s, "n"))) {
+        *out = false;
+        return 0;
+    }
+    error_setg(errp, "Parameter '%s' expects 'on' or 'off'", key);
+    return -1;
+}
+
+static int check_keys(json_t *opts, const char *const *keys, error **errp)
+{
+    const char *k;
+    json_t *v;
+    json_object_foreach(opts, k, v) {
+        size_t i;
+        for (i = 0; keys[i] && strcmp(keys[i], k); i++)
+            ;
+        if (!keys[i]) {
+            error_setg(errp, "Invalid parameter '%s'", k);
+            return -1;
+        }
+        if (!json_is_string(v) && !json_is_boolean(v) && !json_is_integer(v)) {
+            error_setg(errp, "Invalid parameter '%s'", k);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const char *opt_str(json_t *opts, const char *key)
+{
+    json_t *v = json_object_get(opts, key);
+    static char num[32];
+    if (json_is_integer(v)) {
+        snprintf(num, sizeof(num), "%lld", (long long)json_integer_value(v));
+        return num;
+    }
+    return json_string_value(v);
+}
+
+/* Build the flat SocketAddress from QemuOpts-style chardev options. */
+static json_t *chardev_socket_addr(json_t *opts, error **errp)
+{
+    const char *path = opt_str(opts, "path"), *host = opt_str(opts, "host");
+    const char *fd = opt_str(opts, "fd");
+    if (!!path + !!host + !!fd > 1) {
+        error_setg(errp, "None or one of 'path', 'fd' or 'host' option required.");
+        return NULL;
+    }
+    if (path) {
+        json_t *a = json_pack("{s:s, s:s}", "type", "unix", "path", path);
+        bool b;
+        if (json_object_get(opts, "abstract")) {
+            if (parse_bool(opts, "abstract", false, &b, errp) < 0) {
+                json_decref(a);
+                return NULL;
+            }
+            json_object_set_new(a, "abstract", json_boolean(b));
+        }
+        if (json_object_get(opts, "tight")) {
+            if (parse_bool(opts, "tight", true, &b, errp) < 0) {
+                json_decref(a);
+                return NULL;
+            }
+            json_object_set_new(a, "tight", json_boolean(b));
+        }
+        return a;
+    }
+    if (host) {
+        const char *port = opt_str(opts, "port");
+        if (!port) {
+            error_setg(errp, "chardev: socket: no port given");
+            return NULL;
+        }
+        json_t *a = json_pack("{s:s, s:s, s:s}", "type", "inet", "host", host, "port", port);
+        static const char *bools[] = { "ipv4", "ipv6", "numeric", "keep-alive" };
+        for (size_t i = 0; i < ARRAY_SIZE(bools); i++) {
+            bool b;
+            if (!json_object_get(opts, bools[i]))
+                continue;
+            if (parse_bool(opts, bools[i], false, &b, errp) < 0) {
+                json_decref(a);
+                return NULL;
+            }
+            json_object_set_new(a, bools[i], json_boolean(b));
+        }
+        const char *to = opt_str(opts, "to");
+        if (to)
+            json_object_set_new(a, "to", json_integer(atoi(to)));
+        return a;
+    }
+    return json_pack("{s:s, s:s}", "type", "fd", "str", fd ? fd : "");
+}
+
+static int chardev_socket_open(struct chardev *c, json_t *opts, error **errp)
+{
+    bool server, wait;
+    if (parse_bool(opts, "server", false, &server, errp) < 0 ||
+        parse_bool(opts, "wait", true, &wait, errp) < 0)
+        return -1;
+    c->addr = chardev_socket_addr(opts, errp);
+    if (!c->addr)
+        return -1;
+    if (!server) {
+        CLEANUP_FREE char *s = socket_address_str(c->addr);
+        error_setg(errp, "Failed to connect to '%s': client mode is not supported",
+                   s ? s : "?");
+        return -1;
+    }
+    int n = socket_listen(c->addr, 1, c->lfd, MAX_LISTEN, errp);
+    if (n < 0)
+        return -1;
+    c->nlisten = n;
+    for (int i = 0; i < n; i++)
+        c->lwatch[i] = loop_watch_fd(loop_main(), c->lfd[i], LOOP_IN, chardev_accept, c);
+    return 0;
+}
+
+int chardev_add(json_t *opts, error **errp)
+{
+    const char *backend = opt_str(opts, "backend");
+    const char *id = opt_str(opts, "id");
+
+    if (!id) {
+        error_setg(errp, "chardev: no id specified");
+        return -1;
+    }
+    if (!backend) {
+        error_setg(errp, "chardev: \"%s\" missing backend", id);
+        return -1;
+    }
+    bool is_socket = !strcmp(backend, "socket");
+    if (!is_socket && strcmp(backend, "stdio")) {
+        error_setg(errp, "'%s' is not a valid char driver name", backend);
+        return -1;
+    }
+    if (check_keys(opts, is_socket ? socket_keys : stdio_keys, errp) < 0)
+        return -1;
+    if (chardev_find(id)) {
+        error_setg(errp, is_socket ? "duplicate yank instance"
+                                   : "attempt to add duplicate property '%s' to object (type 'container')",
+                   id);
+        return -1;
+    }
+    struct chardev *c = calloc(1, sizeof(*c));
+    c->id = strdup(id);
+    c->kind = is_socket ? CHR_SOCKET : CHR_STDIO;
+    if (is_socket && chardev_socket_open(c, opts, errp) < 0) {
+        json_decref(c->addr);
+        free(c->id);
+        free(c);
+        return -1;
+    }
+    c->next = chardevs;
+    chardevs = c;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* --monitor */
+
+int monitor_add(json_t *opts, error **errp)
+{
+    const char *id = json_string_value(json_object_get(opts, "chardev"));
+    const char *mode = json_string_value(json_object_get(opts, "mode"));
+    struct chardev *c = id ? chardev_find(id) : NULL;
+
+    if (!c) {
+        error_setg(errp, "chardev \"%s\" not found", id ? id : "");
+        return -1;
+    }
+    if (mode && strcmp(mode, "control")) {
+        error_setg(errp, "Only QMP is supported");
+        return -1;
+    }
+    if (c->mon) {
+        error_setg(errp, "Device '%s' is in use", id);
+        return -1;
+    }
+    struct monitor *m = calloc(1, sizeof(*m));
+    m->chr = c;
+    m->pretty = json_is_true(json_object_get(opts, "pretty"));
+    m->in_fd = m->out_fd = -1;
+    c->mon = m;
+    m->next = monitors;
+    monitors = m;
+    if (c->kind == CHR_STDIO) {
+        socket_set_nonblock(STDIN_FILENO, true);
+        socket_set_nonblock(STDOUT_FILENO, true);
+        mon_client_open(m, STDIN_FILENO, STDOUT_FILENO);
+    }
+    return 0;
+}
+
+void monitors_broadcast(json_t *event)
+{
+    for (struct monitor *m = monitors; m; m = m->next)
+        if (m->in_fd >= 0 && m->session.negotiated)
+            mon_send(m, event);
+}
+
+void monitors_close_all(void)
+{
+    for (struct monitor *m = monitors; m; m = m->next) {
+        if (m->out_fd >= 0 && m->out_off < m->out_len)
+            mon_flush(m);    /* best effort, never blocks: the final replies */
+        mon_client_close(m);
+    }
+    for (struct chardev *c = chardevs; c; c = c->next) {
+        for (int i = 0; i < c->nlisten; i++) {
+            loop_watch_del(c->lwatch[i]);
+            close(c->lfd[i]);
+        }
+        c->nlisten = 0;
+        if (c->addr)
+            socket_address_cleanup(c->addr);
+    }
+}

@@ -1,0 +1,335 @@
+/*
+ * Listening sockets for QAPI SocketAddress values.
+ *
+ * Theory of operation: an inet address is resolved with getaddrinfo and a
+ * socket listens on every address it resolves to (as QEMU's QIONetListener
+ * does), succeeding if at least one does; with "to", each address tries
+ * ports port..to until one is free.  A UNIX path is unlinked before bind,
+ * as QEMU does, so a stale socket file does not block a restart.  An "fd"
+ * address is an inherited descriptor number that must be a socket.  Every
+ * socket is non-blocking and close-on-exec.  Error messages are QEMU's.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+#include "util/cleanup.h"
+#include "util/sockets.h"
+
+int socket_set_nonblock(int fd, bool nonblock)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    fl = nonblock ? fl | O_NONBLOCK : fl & ~O_NONBLOCK;
+    return fcntl(fd, F_SETFL, fl) < 0 ? -errno : 0;
+}
+
+json_t *socket_address_flatten(json_t *legacy)
+{
+    json_t *type = json_object_get(legacy, "type");
+    json_t *data = json_object_get(legacy, "data");
+    if (!json_is_string(type) || !json_is_object(data))
+        return NULL;
+    json_t *flat = json_deep_copy(data);
+    json_object_set(flat, "type", type);
+    return flat;
+}
+
+static bool jbool(json_t *addr, const char *key, bool *present)
+{
+    json_t *v = json_object_get(addr, key);
+    if (present)
+        *present = v != NULL;
+    return json_is_true(v);
+}
+
+static const char *jstr(json_t *addr, const char *key)
+{
+    const char *s = json_string_value(json_object_get(addr, key));
+    return s ? s : "";
+}
+
+/* ---- UNIX ---- */
+
+static int unix_listen(json_t *addr, int backlog, int *fdp, error **errp)
+{
+    const char *path = jstr(addr, "path");
+    bool abstract = jbool(addr, "abstract", NULL);
+    bool has_tight, tight = jbool(addr, "tight", &has_tight);
+    struct sockaddr_un un = { .sun_family = AF_UNIX };
+    size_t len = strlen(path);
+    socklen_t addrlen;
+
+    if (!has_tight)
+        tight = true;
+    if (len > sizeof(un.sun_path) || (abstract && len > sizeof(un.sun_path) - 1)) {
+        error_setg(errp, "UNIX socket path '%s' is too long", path);
+        return -1;
+    }
+    CLEANUP_CLOSE int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to create Unix socket");
+        return -1;
+    }
+    if (abstract) {
+        memcpy(un.sun_path + 1, path, len);
+        addrlen = tight ? offsetof(struct sockaddr_un, sun_path) + 1 + len : sizeof(un);
+    } else {
+        memcpy(un.sun_path, path, len);
+        addrlen = sizeof(un);
+        if (unlink(path) < 0 && errno != ENOENT) {
+            error_setg_errno(errp, errno, "Failed to unlink socket %s", path);
+            return -1;
+        }
+    }
+    if (bind(fd, (struct sockaddr *)&un, addrlen) < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
+        return -1;
+    }
+    if (listen(fd, backlog) < 0) {
+        error_setg_errno(errp, errno, "Failed to listen on socket");
+        return -1;
+    }
+    *fdp = fd;
+    fd = -1;
+    return 0;
+}
+
+/* ---- inet ---- */
+
+static int inet_bind_one(struct addrinfo *e, json_t *addr, int port_min, int port_max,
+                         bool v6only, int backlog, int *fdp, error **errp)
+{
+    CLEANUP_CLOSE int fd = socket(e->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to create socket");
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (jbool(addr, "keep-alive", NULL))
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    if (e->ai_family == AF_INET6) {
+        int v = v6only;
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, sizeof(v));
+    }
+    for (int p = port_min; p <= port_max; p++) {
+        if (e->ai_family == AF_INET6)
+            ((struct sockaddr_in6 *)e->ai_addr)->sin6_port = htons(p);
+        else
+            ((struct sockaddr_in *)e->ai_addr)->sin_port = htons(p);
+        if (bind(fd, e->ai_addr, e->ai_addrlen) < 0) {
+            if (errno == EADDRINUSE && p < port_max)
+                continue;
+            if (errno == EADDRINUSE && port_max != port_min) {
+                error_setg_errno(errp, errno, "Failed to find an available port");
+                return -1;
+            }
+            error_setg_errno(errp, errno, "Failed to bind socket");
+            return -1;
+        }
+        if (listen(fd, backlog) < 0) {
+            error_setg_errno(errp, errno, "Failed to listen on socket");
+            return -1;
+        }
+        *fdp = fd;
+        fd = -1;
+        return 0;
+    }
+    error_setg(errp, "Failed to find an available port");
+    return -1;
+}
+
+static int inet_listen(json_t *addr, int backlog, int fds[], int max_fds, error **errp)
+{
+    const char *host = jstr(addr, "host"), *port = jstr(addr, "port");
+    bool has4, has6;
+    bool v4 = jbool(addr, "ipv4", &has4), v6 = jbool(addr, "ipv6", &has6);
+    struct addrinfo hints = { .ai_flags = AI_PASSIVE, .ai_socktype = SOCK_STREAM };
+    struct addrinfo *res = NULL;
+    error *first = NULL;
+    int n = 0;
+
+    if (jbool(addr, "numeric", NULL))
+        hints.ai_flags |= AI_NUMERICHOST | AI_NUMERICSERV;
+    if (has4 && has6 && !v4 && !v6) {
+        error_setg(errp, "Cannot disable IPv4 and IPv6 at same time");
+        return -1;
+    }
+    if ((has4 && v4 && !(has6 && v6)) || (has6 && !v6 && !has4))
+        hints.ai_family = AF_INET;
+    else if ((has6 && v6 && !(has4 && v4)) || (has4 && !v4 && !has6))
+        hints.ai_family = AF_INET6;
+    int rc = getaddrinfo(*host ? host : NULL, port, &hints, &res);
+    if (rc != 0) {
+        error_setg(errp, "address resolution failed for %s:%s: %s", host, port,
+                   gai_strerror(rc));
+        return -1;
+    }
+    bool any4 = false;
+    for (struct addrinfo *e = res; e; e = e->ai_next)
+        any4 |= e->ai_family == AF_INET;
+    for (struct addrinfo *e = res; e && n < max_fds; e = e->ai_next) {
+        if (e->ai_family != AF_INET && e->ai_family != AF_INET6)
+            continue;
+        int pmin = ntohs(e->ai_family == AF_INET6
+                         ? ((struct sockaddr_in6 *)e->ai_addr)->sin6_port
+                         : ((struct sockaddr_in *)e->ai_addr)->sin_port);
+        json_t *to = json_object_get(addr, "to");
+        int pmax = json_is_integer(to) ? (int)json_integer_value(to) : pmin;
+        error *err = NULL;
+        if (inet_bind_one(e, addr, pmin, MAX(pmin, pmax), any4 || (has6 && v6 && has4 && !v4),
+                          backlog, &fds[n], &err) == 0)
+            n++;
+        else if (!first)
+            first = err;
+        else
+            error_free(err);
+    }
+    freeaddrinfo(res);
+    if (n == 0) {
+        if (!first)
+            error_setg(&first, "Failed to create a socket");
+        error_propagate(errp, first);
+        return -1;
+    }
+    error_free(first);
+    return n;
+}
+
+/* ---- fd, vsock ---- */
+
+static int fd_listen(json_t *addr, int backlog, int *fdp, error **errp)
+{
+    const char *s = jstr(addr, "str");
+    char *end;
+    struct stat st;
+
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || errno || v < 0 || v > INT_MAX) {
+        error_setg(errp, "Unable to parse FD number %s", s);
+        return -1;
+    }
+    if (fstat((int)v, &st) < 0 || !S_ISSOCK(st.st_mode)) {
+        error_setg(errp, "File descriptor '%s' is not a socket", s);
+        return -1;
+    }
+    int fd = (int)v;
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    socket_set_nonblock(fd, true);
+    if (listen(fd, backlog) < 0) {
+        error_setg_errno(errp, errno, "Failed to listen on fd socket");
+        return -1;
+    }
+    *fdp = fd;
+    return 0;
+}
+
+static int parse_u32(const char *s, unsigned *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (!*s || *end || errno || v > UINT32_MAX)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int vsock_listen(json_t *addr, int backlog, int *fdp, error **errp)
+{
+    struct sockaddr_vm svm = { .svm_family = AF_VSOCK };
+    unsigned cid, port;
+
+    if (parse_u32(jstr(addr, "cid"), &cid) < 0) {
+        error_setg(errp, "Failed to parse cid '%s'", jstr(addr, "cid"));
+        return -1;
+    }
+    if (parse_u32(jstr(addr, "port"), &port) < 0) {
+        error_setg(errp, "Failed to parse port '%s'", jstr(addr, "port"));
+        return -1;
+    }
+    svm.svm_cid = cid;
+    svm.svm_port = port;
+    CLEANUP_CLOSE int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to create socket");
+        return -1;
+    }
+    if (bind(fd, (struct sockaddr *)&svm, sizeof(svm)) < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket");
+        return -1;
+    }
+    if (listen(fd, backlog) < 0) {
+        error_setg_errno(errp, errno, "Failed to listen on socket");
+        return -1;
+    }
+    *fdp = fd;
+    fd = -1;
+    return 0;
+}
+
+int socket_listen(json_t *addr, int backlog, int fds[], int max_fds, error **errp)
+{
+    const char *type = jstr(addr, "type");
+    int r;
+
+    if (max_fds < 1) {
+        error_setg(errp, "no room for a socket");
+        return -1;
+    }
+    if (!strcmp(type, "inet"))
+        return inet_listen(addr, backlog, fds, max_fds, errp);
+    if (!strcmp(type, "unix"))
+        r = unix_listen(addr, backlog, &fds[0], errp);
+    else if (!strcmp(type, "fd"))
+        r = fd_listen(addr, backlog, &fds[0], errp);
+    else if (!strcmp(type, "vsock"))
+        r = vsock_listen(addr, backlog, &fds[0], errp);
+    else {
+        error_setg(errp, "Unknown socket address type '%s'", type);
+        return -1;
+    }
+    return r < 0 ? -1 : 1;
+}
+
+void socket_address_cleanup(json_t *addr)
+{
+    if (!strcmp(jstr(addr, "type"), "unix") && !jbool(addr, "abstract", NULL) &&
+        *jstr(addr, "path"))
+        unlink(jstr(addr, "path"));
+}
+
+char *socket_address_str(json_t *addr)
+{
+    const char *type = jstr(addr, "type");
+    char *s = NULL;
+    int r;
+
+    if (!strcmp(type, "inet")) {
+        const char *host = jstr(addr, "host");
+        r = asprintf(&s, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, jstr(addr, "port"));
+    } else if (!strcmp(type, "unix")) {
+        r = asprintf(&s, "unix:%s%s", jbool(addr, "abstract", NULL) ? "@" : "",
+                     jstr(addr, "path"));
+    } else if (!strcmp(type, "vsock")) {
+        r = asprintf(&s, "vsock:%s:%s", jstr(addr, "cid"), jstr(addr, "port"));
+    } else {
+        r = asprintf(&s, "fd:%s", jstr(addr, "str"));
+    }
+    return r < 0 ? NULL : s;
+}
