@@ -234,12 +234,11 @@ void qmp_event(const char *name, json_t *data)
 {
     struct timeval tv;
     gettimeofday(&tv, NULL);
-    json_t *ev = json_pack("{s:s}", "event", name);
+    json_t *ev = json_pack("{s:{s:I, s:I}, s:s}", "timestamp",
+                           "seconds", (json_int_t)tv.tv_sec,
+                           "microseconds", (json_int_t)tv.tv_usec, "event", name);
     if (data)
         json_object_set_new(ev, "data", data);
-    json_object_set_new(ev, "timestamp", json_pack("{s:I, s:I}",
-                        "seconds", (json_int_t)tv.tv_sec,
-                        "microseconds", (json_int_t)tv.tv_usec));
     struct loop *main_loop = loop_main();
     if (!main_loop || loop_in_thread(main_loop)) {
         event_in_main(ev);

@@ -1,0 +1,197 @@
+/* keyval and the QEMU-compatible JSON reader: good input and every error
+ * message, each checked against qemu-storage-daemon 7.2's wording. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include "util/json-stream.h"
+#include "util/keyval.h"
+
+/* Parse and compare with the expected JSON (NULL = must fail with msg). */
+static void check_kv(const char *in, const char *implied, const char *json, const char *msg)
+{
+    error *err = NULL;
+    json_t *v = keyval_parse(in, implied, &err);
+    if (json) {
+        if (!v)
+            fail_msg("%s: unexpected error %s", in, err->msg);
+        json_t *want = json_loads(json, 0, NULL);
+        assert_non_null(want);
+        if (!json_equal(v, want)) {
+            char *got = json_dumps(v, JSON_COMPACT);
+            fail_msg("%s: got %s want %s", in, got, json);
+        }
+        json_decref(want);
+        json_decref(v);
+    } else {
+        if (v)
+            fail_msg("%s: unexpectedly parsed", in);
+        assert_non_null(err);
+        assert_string_equal(err->msg, msg);
+        error_free(err);
+    }
+}
+
+static void test_keyval_good(void **state)
+{
+    check_kv("", NULL, "{}", NULL);
+    check_kv("a=1", NULL, "{\"a\":\"1\"}", NULL);
+    check_kv("a=1,b=x", NULL, "{\"a\":\"1\",\"b\":\"x\"}", NULL);
+    check_kv("a=1,", NULL, "{\"a\":\"1\"}", NULL);
+    check_kv("a=x,,y,b=", NULL, "{\"a\":\"x,y\",\"b\":\"\"}", NULL);
+    check_kv("a.b.c=1,a.d=2", NULL, "{\"a\":{\"b\":{\"c\":\"1\"},\"d\":\"2\"}}", NULL);
+    check_kv("a=1,a=2", NULL, "{\"a\":\"2\"}", NULL);          /* last wins */
+    check_kv("file,node-name=n", "driver", "{\"driver\":\"file\",\"node-name\":\"n\"}", NULL);
+    check_kv("null-co,,x=1", "driver", "{\"driver\":\"null-co,x=1\"}", NULL);
+    check_kv("driver", "driver", "{\"driver\":\"driver\"}", NULL);
+    check_kv("l.0=a,l.1=b", NULL, "{\"l\":[\"a\",\"b\"]}", NULL);
+    check_kv("r.0.m=x,r.0.p=y,r.1.m=z", NULL,
+             "{\"r\":[{\"m\":\"x\",\"p\":\"y\"},{\"m\":\"z\"}]}", NULL);
+    check_kv("x_y-z=1", NULL, "{\"x_y-z\":\"1\"}", NULL);
+}
+
+static void test_keyval_errors(void **state)
+{
+    check_kv("a", NULL, NULL, "Expected '=' after parameter 'a'");
+    check_kv("driver=null-co,a", "driver", NULL, "Expected '=' after parameter 'a'");
+    check_kv("addr.numeric", NULL, NULL, "Expected '=' after parameter 'addr.numeric'");
+    check_kv("a.b=1,a=2", NULL, NULL, "Parameters 'a.*' used inconsistently");
+    check_kv("a=2,a.b=1", NULL, NULL, "Parameters 'a.*' used inconsistently");
+    check_kv("a.0=1,a.b=1", NULL, NULL, "Parameters 'a.*' used inconsistently");
+    check_kv("a.1=1", NULL, NULL, "Parameter 'a.0' missing");
+    check_kv("x.a.0=1,x.a.2=1", NULL, NULL, "Parameter 'x.a.1' missing");
+    check_kv("1=1", NULL, NULL, "Invalid parameter '1'");
+    check_kv("a..b=1", NULL, NULL, "Invalid parameter 'a..b'");
+    check_kv(",driver=x", "driver", NULL, "Invalid parameter ''");
+    check_kv("=x", "driver", NULL, "Invalid parameter ''");
+    check_kv("a=1,help", NULL, NULL, "Help is not available for this option");
+    char longkey[200];
+    memset(longkey, 'k', 130);
+    strcpy(longkey + 130, "=1");
+    check_kv(longkey, NULL, NULL,
+             "Parameter 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+             "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk' is too long");
+}
+
+static void test_keyval_or_json(void **state)
+{
+    error *err = NULL;
+    bool is_json = false;
+    json_t *v = keyval_or_json_parse("{'driver': \"file\", 'size': 5}", "driver", &is_json, &err);
+    assert_non_null(v);
+    assert_true(is_json);
+    assert_int_equal(json_integer_value(json_object_get(v, "size")), 5);
+    json_decref(v);
+
+    v = keyval_or_json_parse("{\"driver\":\"file\"", "driver", &is_json, &err);
+    assert_null(v);
+    assert_string_equal(err->msg, "JSON parse error, premature EOI");
+    error_free(err);
+    err = NULL;
+
+    v = keyval_or_json_parse("{}x", "driver", &is_json, &err);
+    assert_null(v);
+    assert_string_equal(err->msg, "Expecting at most one JSON value");
+    error_free(err);
+    err = NULL;
+
+    v = keyval_or_json_parse("{'driver':raw}", "driver", &is_json, &err);
+    assert_null(v);
+    assert_string_equal(err->msg, "JSON parse error, invalid keyword 'raw'");
+    error_free(err);
+    err = NULL;
+
+    v = keyval_or_json_parse("[]", "driver", &is_json, &err);   /* keyval, implied */
+    assert_false(is_json);
+    assert_string_equal(json_string_value(json_object_get(v, "driver")), "[]");
+    json_decref(v);
+}
+
+/* ---- JSON stream ---- */
+
+struct collect { char out[4096]; };
+
+static void collect_cb(void *opaque, json_t *value, error *err)
+{
+    struct collect *c = opaque;
+    char *s = err ? strdup(err->msg) : json_dumps(value, JSON_COMPACT | JSON_ENCODE_ANY);
+    strcat(c->out, s);
+    strcat(c->out, "|");
+    free(s);
+    json_decref(value);
+    error_free(err);
+}
+
+static void check_stream(const char *in, size_t len, const char *want)
+{
+    struct collect c = { "" };
+    struct json_stream *js = json_stream_new(collect_cb, &c);
+    json_stream_feed(js, in, len);
+    json_stream_free(js);
+    assert_string_equal(c.out, want);
+}
+#define STREAM(in, want) check_stream(in, sizeof(in) - 1, want)
+
+static void test_json_stream(void **state)
+{
+    STREAM("{\"a\":1} {'b':[true,null,-1.5e1]}\n", "{\"a\":1}|{\"b\":[true,null,-15.0]}|");
+    STREAM("{\"exec\n}\n", "JSON parse error, stray '\"exec\n'|JSON parse error, expecting value|");
+    STREAM("nul ", "JSON parse error, invalid keyword 'nul'|");
+    STREAM("{\"a\" 1}", "JSON parse error, missing : in object pair|");
+    STREAM("{\"a\":1,}", "JSON parse error, expecting value|");
+    STREAM("{1:2}", "JSON parse error, key is not a string in object|");
+    STREAM("{\"a\":1 \"b\":2}", "JSON parse error, expected separator in dict|");
+    STREAM("[1 2]", "JSON parse error, expected separator in list|");
+    STREAM("{\"a\":1,\"a\":2}", "JSON parse error, duplicate key|");
+    STREAM("[1,2\n]", "[1,2]|");
+    STREAM("}", "JSON parse error, expecting value|");
+    STREAM("\0{\"x\":1}", "JSON parse error, stray ''|{\"x\":1}|");
+    STREAM("{\"s\":\"\\u00e9\\ud83d\\ude00\\n\"}", "{\"s\":\"\xc3\xa9\xf0\x9f\x98\x80\\n\"}|");
+    STREAM("{\"s\":\"\\q\"}", "JSON parse error, stray '\"\\q'|JSON parse error, expecting value|");
+    STREAM("01 ", "JSON parse error, stray '01'|");
+    /* after a stray byte the lexer skips to the next structural character */
+    STREAM("@abc{\"ok\":1}", "JSON parse error, stray '@'|{\"ok\":1}|");
+}
+
+static void test_json_nesting_limit(void **state)
+{
+    char in[JSON_MAX_NESTING + 2];
+    memset(in, '[', sizeof(in) - 1);
+    in[sizeof(in) - 1] = 0;
+    struct collect c = { "" };
+    struct json_stream *js = json_stream_new(collect_cb, &c);
+    json_stream_feed(js, in, JSON_MAX_NESTING + 1);
+    json_stream_free(js);
+    assert_string_equal(c.out, "JSON nesting depth limit exceeded|");
+}
+
+static void test_json_token_size_limit(void **state)
+{
+    size_t n = JSON_MAX_TOKEN_SIZE + 16;
+    char *in = malloc(n);
+    in[0] = '"';
+    memset(in + 1, 'x', n - 2);
+    in[n - 1] = '"';
+    struct collect c = { "" };
+    struct json_stream *js = json_stream_new(collect_cb, &c);
+    json_stream_feed(js, in, n);
+    json_stream_feed(js, "{\"ok\":1}", 8);
+    json_stream_free(js);
+    free(in);
+    assert_string_equal(c.out, "JSON token size limit exceeded|{\"ok\":1}|");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_keyval_good),
+        cmocka_unit_test(test_keyval_errors),
+        cmocka_unit_test(test_keyval_or_json),
+        cmocka_unit_test(test_json_stream),
+        cmocka_unit_test(test_json_nesting_limit),
+        cmocka_unit_test(test_json_token_size_limit),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

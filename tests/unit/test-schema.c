@@ -1,0 +1,305 @@
+/* The schema checker in QMP (strict JSON) and keyval (command line) modes:
+ * accepted input, conversions, and every error message, each checked
+ * against qemu-storage-daemon 7.2's wording. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include "qmp/qmp.h"
+#include "qmp/schema.h"
+#include "util/keyval.h"
+
+static json_t *parse(const char *json)
+{
+    json_error_t e;
+    json_t *v = json_loads(json, 0, &e);
+    if (!v)
+        fail_msg("bad test JSON %s: %s", json, e.text);
+    return v;
+}
+
+/* QMP mode: want = expected checked JSON, or NULL and msg. */
+static void qmp(const char *type, const char *in, const char *want, const char *msg)
+{
+    error *err = NULL;
+    json_t *v = parse(in);
+    json_t *r = schema_check_type(type, v, false, "", &err);
+    json_decref(v);
+    if (want) {
+        if (!r)
+            fail_msg("%s %s: unexpected error: %s", type, in, err->msg);
+        json_t *w = parse(want);
+        if (!json_equal(r, w))
+            fail_msg("%s %s: got %s", type, in, json_dumps(r, JSON_COMPACT));
+        json_decref(w);
+        json_decref(r);
+        return;
+    }
+    if (r)
+        fail_msg("%s %s: accepted, want '%s'", type, in, msg);
+    assert_string_equal(err->msg, msg);
+    error_free(err);
+}
+
+/* Keyval mode, from command-line text. */
+static void kv(const char *type, const char *implied, const char *in,
+               const char *want, const char *msg)
+{
+    error *err = NULL;
+    json_t *v = keyval_parse(in, implied, &err);
+    if (!v)
+        fail_msg("keyval %s: %s", in, err->msg);
+    json_t *r = schema_check_type(type, v, true, "", &err);
+    json_decref(v);
+    if (want) {
+        if (!r)
+            fail_msg("%s %s: unexpected error: %s", type, in, err->msg);
+        json_t *w = parse(want);
+        if (!json_equal(r, w))
+            fail_msg("%s %s: got %s", type, in, json_dumps(r, JSON_COMPACT));
+        json_decref(w);
+        json_decref(r);
+        return;
+    }
+    if (r)
+        fail_msg("%s %s: accepted, want '%s'", type, in, msg);
+    assert_string_equal(err->msg, msg);
+    error_free(err);
+}
+
+static void test_qmp_good(void **state)
+{
+    qmp("BlockExportOptions",
+        "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"n\",\"writable\":true,\"bitmaps\":[\"b\"]}",
+        "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"n\",\"writable\":true,\"bitmaps\":[\"b\"]}", NULL);
+    qmp("BlockdevOptions",
+        "{\"driver\":\"raw\",\"node-name\":\"r\",\"file\":{\"driver\":\"file\",\"filename\":\"/x\"}}",
+        "{\"driver\":\"raw\",\"node-name\":\"r\",\"file\":{\"driver\":\"file\",\"filename\":\"/x\"}}", NULL);
+    qmp("BlockdevOptions", "{\"driver\":\"raw\",\"file\":\"f\"}",
+        "{\"driver\":\"raw\",\"file\":\"f\"}", NULL);
+    qmp("SocketAddressLegacy", "{\"type\":\"unix\",\"data\":{\"path\":\"/s\"}}",
+        "{\"type\":\"unix\",\"data\":{\"path\":\"/s\"}}", NULL);
+    qmp("NbdServerOptions", "{\"addr\":{\"type\":\"inet\",\"host\":\"h\",\"port\":\"1\",\"to\":5}}",
+        "{\"addr\":{\"type\":\"inet\",\"host\":\"h\",\"port\":\"1\",\"to\":5}}", NULL);
+    qmp("ObjectOptions",
+        "{\"qom-type\":\"authz-list\",\"id\":\"a\",\"rules\":[{\"match\":\"m\",\"policy\":\"allow\"}]}",
+        "{\"qom-type\":\"authz-list\",\"id\":\"a\",\"rules\":[{\"match\":\"m\",\"policy\":\"allow\"}]}", NULL);
+    /* QEMU accepts a negative number for uint64 (it wraps) */
+    qmp("BlockdevOptions", "{\"driver\":\"null-co\",\"latency-ns\":-1}",
+        "{\"driver\":\"null-co\",\"latency-ns\":-1}", NULL);
+}
+
+static void test_qmp_errors(void **state)
+{
+    qmp("BlockExportOptions", "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"n\",\"writable\":\"x\"}",
+        NULL, "Invalid parameter type for 'writable', expected: boolean");
+    qmp("BlockExportOptions", "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"n\",\"foo\":1}",
+        NULL, "Parameter 'foo' is unexpected");
+    qmp("BlockExportOptions", "{\"type\":\"nbdx\",\"id\":\"e\",\"node-name\":\"n\"}",
+        NULL, "Parameter 'type' does not accept value 'nbdx'");
+    qmp("BlockExportOptions", "{\"id\":\"e\",\"node-name\":\"n\"}", NULL, "Parameter 'type' is missing");
+    qmp("BlockExportOptions", "{\"type\":1,\"id\":\"e\"}", NULL,
+        "Invalid parameter type for 'type', expected: string");
+    qmp("SocketAddressLegacy", "{\"type\":\"unix\",\"data\":{}}", NULL, "Parameter 'data.path' is missing");
+    qmp("SocketAddressLegacy", "{\"type\":\"unix\",\"data\":{\"path\":1}}", NULL,
+        "Invalid parameter type for 'data.path', expected: string");
+    qmp("SocketAddressLegacy", "{\"type\":\"unix\",\"data\":[]}", NULL,
+        "Invalid parameter type for 'data', expected: object");
+    qmp("SocketAddressLegacy", "{\"type\":\"inet\",\"data\":{\"host\":\"x\",\"port\":\"1\",\"numeric\":\"a\"}}",
+        NULL, "Invalid parameter type for 'data.numeric', expected: boolean");
+    /* sized integers name only the member, as QEMU does */
+    qmp("SocketAddressLegacy", "{\"type\":\"inet\",\"data\":{\"host\":\"x\",\"port\":\"1\",\"to\":-1}}",
+        NULL, "Parameter 'to' expects uint16_t");
+    qmp("SocketAddressLegacy", "{\"type\":\"inet\",\"data\":{\"host\":\"x\",\"port\":\"1\",\"to\":1.5}}",
+        NULL, "Parameter 'data.to' expects uint64");
+    qmp("NbdServerOptions", "{\"addr\":{\"type\":\"unix\",\"path\":\"/s\"},\"max-connections\":4294967296}",
+        NULL, "Parameter 'max-connections' expects uint32_t");
+    qmp("NbdServerOptions", "{\"addr\":{\"type\":\"unix\",\"path\":\"/s\"},\"max-connections\":null}",
+        NULL, "Parameter 'max-connections' expects uint64");
+    qmp("BlockdevOptions", "{\"driver\":\"file\",\"filename\":\"/x\",\"cache\":{\"direct\":1}}",
+        NULL, "Invalid parameter type for 'cache.direct', expected: boolean");
+    qmp("BlockdevOptions", "{\"driver\":\"raw\",\"file\":1}", NULL,
+        "Invalid parameter type for 'file', expected: BlockdevRef");
+    qmp("BlockdevOptions", "{\"driver\":\"raw\",\"file\":null}", NULL,
+        "Invalid parameter type for 'file', expected: BlockdevRef");
+    qmp("BlockdevOptions", "{\"driver\":\"raw\",\"file\":{\"driver\":\"file\"}}", NULL,
+        "Parameter 'file.filename' is missing");
+    qmp("BlockdevOptions", "{\"driver\":\"qcow2\"}", NULL,
+        "Parameter 'driver' does not accept value 'qcow2'");
+    qmp("BlockdevOptions", "{\"driver\":\"null-co\",\"size\":\"1\"}", NULL,
+        "Invalid parameter type for 'size', expected: integer");
+    /* members are visited in schema order: a missing one beats an unexpected one */
+    qmp("BlockdevOptions", "{\"driver\":\"file\",\"x\":1}", NULL, "Parameter 'filename' is missing");
+    qmp("ObjectOptions", "{\"qom-type\":\"iothreadx\",\"id\":\"x\"}", NULL,
+        "Parameter 'qom-type' does not accept value 'iothreadx'");
+    qmp("ObjectOptions", "{\"qom-type\":\"authz-list\",\"id\":\"x\",\"rules\":[{\"match\":\"a\",\"policy\":\"x\"}]}",
+        NULL, "Parameter 'policy' does not accept value 'x'");
+    qmp("ObjectOptions", "{\"qom-type\":\"authz-list\",\"id\":\"x\",\"rules\":[{\"policy\":\"deny\"}]}",
+        NULL, "Parameter 'rules[0].match' is missing");
+    qmp("ObjectOptions", "{\"qom-type\":\"authz-list\",\"id\":\"x\",\"rules\":{}}", NULL,
+        "Invalid parameter type for 'rules', expected: array");
+}
+
+static void test_commands(void **state)
+{
+    error *err = NULL;
+    json_t *a = parse("{\"a\":1}");
+    assert_null(schema_check_command("query-version", a, &err));
+    assert_string_equal(err->msg, "Parameter 'a' is unexpected");
+    error_free(err);
+    err = NULL;
+    json_decref(a);
+
+    a = parse("{\"enable\":[\"oob\",\"x\"]}");
+    assert_null(schema_check_command("qmp_capabilities", a, &err));
+    assert_string_equal(err->msg, "Parameter 'null' does not accept value 'x'");
+    error_free(err);
+    err = NULL;
+    json_decref(a);
+
+    assert_null(schema_check_command("no-such", NULL, &err));
+    assert_int_equal(err->cls, ERR_COMMAND_NOT_FOUND);
+    assert_string_equal(err->msg, "The command no-such has not been found");
+    error_free(err);
+    err = NULL;
+
+    json_t *r = schema_check_command("query-version", NULL, &err);
+    assert_non_null(r);
+    json_decref(r);
+    assert_true(schema_command_exists("block-export-add"));
+    assert_true(schema_command_exists("nbd-server-add"));
+    assert_false(schema_command_exists("BlockExportOptions"));
+}
+
+static void test_keyval_mode(void **state)
+{
+    kv("BlockdevOptions", "driver", "null-co,node-name=n,size=0x10,read-only=on,latency-ns=5",
+       "{\"driver\":\"null-co\",\"node-name\":\"n\",\"read-only\":true,\"size\":16,\"latency-ns\":5}", NULL);
+    kv("BlockdevOptions", "driver", "file,filename=/x,cache.direct=yes,cache.no-flush=off",
+       "{\"driver\":\"file\",\"filename\":\"/x\",\"cache\":{\"direct\":true,\"no-flush\":false}}", NULL);
+    kv("BlockdevOptions", "driver", "raw,file=f",
+       "{\"driver\":\"raw\",\"file\":\"f\"}", NULL);
+    kv("BlockdevOptions", "driver", "raw,file.driver=null-co",
+       "{\"driver\":\"raw\",\"file\":{\"driver\":\"null-co\"}}", NULL);
+    kv("BlockExportOptions", "type", "vhost-user-blk,id=v,node-name=n,addr.type=unix,addr.path=/s,logical-block-size=4k",
+       "{\"type\":\"vhost-user-blk\",\"id\":\"v\",\"node-name\":\"n\","
+       "\"addr\":{\"type\":\"unix\",\"path\":\"/s\"},\"logical-block-size\":4096}", NULL);
+    kv("ObjectOptions", "qom-type", "authz-list,id=a,rules.0.match=x,rules.0.policy=deny",
+       "{\"qom-type\":\"authz-list\",\"id\":\"a\",\"rules\":[{\"match\":\"x\",\"policy\":\"deny\"}]}", NULL);
+    kv("MonitorOptions", "chardev", "m,pretty=on", "{\"chardev\":\"m\",\"pretty\":true}", NULL);
+}
+
+static void test_keyval_mode_errors(void **state)
+{
+    kv("BlockdevOptions", "driver", "file", NULL, "Parameter 'filename' is missing");
+    kv("BlockdevOptions", "driver", "driver", NULL, "Parameter 'driver' does not accept value 'driver'");
+    kv("BlockdevOptions", "driver", "null-co,x_y=1", NULL, "Parameter 'x_y' is unexpected");
+    kv("BlockdevOptions", "driver", "null-co,size=1Q", NULL, "Parameter 'size' expects integer");
+    kv("BlockdevOptions", "driver", "null-co,size=", NULL, "Parameter 'size' expects integer");
+    kv("BlockdevOptions", "driver", "null-co,read-only=maybe", NULL,
+       "Parameter 'read-only' expects 'on' or 'off'");
+    kv("BlockdevOptions", "driver", "null-co,cache.direct.x=1", NULL,
+       "Parameters 'cache.direct.*' are unexpected");
+    kv("BlockdevOptions", "driver", "null-co,latency-ns.0=1", NULL,
+       "Parameters 'latency-ns.*' are unexpected");
+    kv("BlockdevOptions", "driver", "null-co,cache=1", NULL,
+       "Invalid parameter type for 'cache', expected: object");
+    kv("BlockdevOptions", "driver", "raw,file.driver=xx", NULL,
+       "Parameter 'driver' does not accept value 'xx'");
+    kv("BlockdevOptions", "driver", "raw,file.driver=file", NULL, "Parameter 'file.filename' is missing");
+    kv("ObjectOptions", "qom-type", "iothread", NULL, "Parameter 'id' is missing");
+    kv("ObjectOptions", "qom-type", "iothread,id=x,aio-max-batch=a", NULL,
+       "Parameter 'aio-max-batch' expects integer");
+    kv("ObjectOptions", "qom-type", "authz-list,id=a,rules.0.policy=deny", NULL,
+       "Parameter 'rules.0.match' is missing");
+    kv("ObjectOptions", "qom-type", "authz-list,id=a,rules.0.match=x,rules.0.policy=y", NULL,
+       "Parameter 'policy' does not accept value 'y'");
+    kv("NbdServerOptions", NULL, "addr.type=unix", NULL, "Parameter 'addr.path' is missing");
+    kv("NbdServerOptions", NULL, "addr.type=inet,addr.host=x,addr.port=1,addr.to=70000", NULL,
+       "Parameter 'to' expects uint16_t");
+    kv("NbdServerOptions", NULL, "addr.type=inet,addr.host=x,addr.port=1,max-connections=-1", NULL,
+       "Parameter 'max-connections' expects uint32_t");
+    kv("BlockExportOptions", "type", "vhost-user-blk,id=v,node-name=n,addr.type=unix,addr.path=/s,"
+       "logical-block-size=1X", NULL, "Parameter 'logical-block-size' expects size");
+    kv("MonitorOptions", "chardev", "m,foo=1", NULL, "Parameter 'foo' is unexpected");
+    kv("MonitorOptions", "chardev", "m,mode=x", NULL, "Parameter 'mode' does not accept value 'x'");
+}
+
+static void test_introspect(void **state)
+{
+    json_t *s = schema_introspect();
+    size_t i;
+    json_t *e;
+    bool saw_add = false, saw_deprecated = false, saw_event = false;
+    json_array_foreach(s, i, e) {
+        const char *name = json_string_value(json_object_get(e, "name"));
+        const char *meta = json_string_value(json_object_get(e, "meta-type"));
+        assert_non_null(name);
+        assert_non_null(meta);
+        if (!strcmp(name, "block-export-add") && !strcmp(meta, "command"))
+            saw_add = true;
+        if (!strcmp(name, "nbd-server-add")) {
+            json_t *f = json_object_get(e, "features");
+            saw_deprecated = f && !strcmp(json_string_value(json_array_get(f, 0)), "deprecated");
+        }
+        if (!strcmp(name, "BLOCK_EXPORT_DELETED") && !strcmp(meta, "event"))
+            saw_event = true;
+    }
+    assert_true(saw_add);
+    assert_true(saw_deprecated);
+    assert_true(saw_event);
+    json_decref(s);
+}
+
+static void test_dispatch(void **state)
+{
+    json_t *req = parse("{\"execute\":\"query-version\",\"id\":[1]}");
+    json_t *rsp = qmp_dispatch(req, false);
+    json_t *err = json_object_get(rsp, "error");
+    assert_string_equal(json_string_value(json_object_get(err, "class")), "CommandNotFound");
+    assert_string_equal(json_string_value(json_object_get(err, "desc")),
+                        "Expecting capabilities negotiation with 'qmp_capabilities'");
+    assert_true(json_equal(json_object_get(rsp, "id"), json_object_get(req, "id")));
+    json_decref(rsp);
+    rsp = qmp_dispatch(req, true);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(rsp, "return"), "package")),
+                        "bexd");
+    json_decref(rsp);
+    json_decref(req);
+
+    req = parse("{\"execute\":\"x\",\"bar\":1}");
+    rsp = qmp_dispatch(req, true);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(rsp, "error"), "desc")),
+                        "QMP input member 'bar' is unexpected");
+    json_decref(rsp);
+    json_decref(req);
+
+    req = parse("{\"id\":5}");
+    rsp = qmp_dispatch(req, true);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(rsp, "error"), "desc")),
+                        "QMP input lacks member 'execute'");
+    json_decref(rsp);
+    json_decref(req);
+}
+
+static int setup(void **state)
+{
+    schema_init();
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_qmp_good),
+        cmocka_unit_test(test_qmp_errors),
+        cmocka_unit_test(test_commands),
+        cmocka_unit_test(test_keyval_mode),
+        cmocka_unit_test(test_keyval_mode_errors),
+        cmocka_unit_test(test_introspect),
+        cmocka_unit_test(test_dispatch),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}
