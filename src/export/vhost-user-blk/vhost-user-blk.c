@@ -68,6 +68,7 @@ struct vub_queue {
     unsigned nslots, busy;
     struct vub_slot *free;
     struct loop_defer notify;
+    bool notify_queued;
     bool starved;
 };
 
@@ -80,6 +81,7 @@ struct vub_client {
     unsigned inflight;
     bool dead;
     bool free_queued;
+    bool resume_queued;
     struct loop_defer resume;
 };
 
@@ -97,18 +99,24 @@ struct vub_export {
 };
 
 static void client_drop(struct vub_client *cl, const char *why);
+static void client_free_fn(void *opaque);
 static void process_queue(struct vub_queue *q);
 static void maybe_finish(struct vub_export *vx);
 
 /* ---- completions -------------------------------------------------------------- */
+
+static void client_try_free(struct vub_client *cl);
 
 static void notify_fn(void *opaque)
 {
     struct vub_queue *q = opaque;
     struct vu_vq *vq = q->vq;
 
-    if (q->cl->dead || !vq)
+    q->notify_queued = false;
+    if (q->cl->dead) {
+        client_try_free(q->cl);
         return;
+    }
     if (vq->q.used && vq->call_fd >= 0 && virtq_should_notify(&vq->q))
         eventfd_write(vq->call_fd, 1);
     if (q->starved && vq->started) {
@@ -119,11 +127,11 @@ static void notify_fn(void *opaque)
 
 static void schedule_notify(struct vub_queue *q)
 {
-    if (!q->notify.pending)
+    if (!q->notify_queued) {
+        q->notify_queued = true;
         loop_defer(q->cl->vx->exp.loop, &q->notify);
+    }
 }
-
-static void client_free_fn(void *opaque);
 
 static void slot_release(struct vub_slot *s)
 {
@@ -137,14 +145,13 @@ static void slot_release(struct vub_slot *s)
     q->busy--;
     cl->inflight--;
     if (cl->dead) {
-        if (cl->inflight == 0 && !cl->free_queued) {
-            cl->free_queued = true;
-            loop_call(cl->vx->exp.loop, client_free_fn, cl);
-        }
+        client_try_free(cl);
         return;
     }
-    if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0 && !cl->resume.pending)
+    if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0 && !cl->resume_queued) {
+        cl->resume_queued = true;
         loop_defer(cl->vx->exp.loop, &cl->resume);
+    }
 }
 
 /* Put a head on the used ring, unless the ring was forgotten meanwhile. */
@@ -367,7 +374,12 @@ static void resume_fn(void *opaque)
 {
     struct vub_client *cl = opaque;
 
-    if (cl->dead || cl->conn.blocked_vq < 0)
+    cl->resume_queued = false;
+    if (cl->dead) {
+        client_try_free(cl);
+        return;
+    }
+    if (cl->conn.blocked_vq < 0)
         return;
     if (vu_conn_unblock(&cl->conn) < 0) {
         client_drop(cl, "could not send reply");
@@ -382,12 +394,6 @@ static void client_free_fn(void *opaque)
     struct vub_client *cl = opaque;
     struct vub_export *vx = cl->vx;
 
-    for (unsigned i = 0; i < cl->conn.nvqs; i++) {
-        if (cl->queues[i].notify.pending || cl->resume.pending) {   /* let the deferred work run first */
-            loop_call(vx->exp.loop, client_free_fn, cl);
-            return;
-        }
-    }
     vu_conn_destroy(&cl->conn);     /* unmaps guest memory: nothing is in flight */
     for (unsigned i = 0; i < cl->conn.nvqs; i++)
         free(cl->queues[i].slots);
@@ -415,10 +421,20 @@ static void client_drop(struct vub_client *cl, const char *why)
         loop_watch_del(cl->sock_w);
     cl->sock_w = NULL;
     shutdown(cl->fd, SHUT_RDWR);
-    if (cl->inflight == 0 && !cl->free_queued) {
-        cl->free_queued = true;
-        loop_call(cl->vx->exp.loop, client_free_fn, cl);
-    }
+    client_try_free(cl);
+}
+
+/* A dead client is freed once nothing refers to it: no request in flight
+ * and no deferred call queued (those are never queued again once dead). */
+static void client_try_free(struct vub_client *cl)
+{
+    if (!cl->dead || cl->inflight || cl->free_queued || cl->resume_queued)
+        return;
+    for (unsigned i = 0; i < cl->conn.nvqs; i++)
+        if (cl->queues[i].notify_queued)
+            return;
+    cl->free_queued = true;
+    loop_call(cl->vx->exp.loop, client_free_fn, cl);
 }
 
 static struct vub_client *client_new(struct vub_export *vx, int fd)
