@@ -1,0 +1,643 @@
+/*
+ * Driver "rbd": a Ceph RBD image through librbd, with QEMU 7.2's options
+ * and error messages.
+ *
+ * Theory of operation.
+ *
+ * Open (main thread, blocking but bounded): one librados cluster handle per
+ * node, configured like QEMU (conf file, user, mon_host from server=, the
+ * key from a secret object, auth_client_required, rbd_cache off for
+ * cache.direct=on).  Unless the configuration says otherwise, librados'
+ * open-ended waits are bounded (client_mount_timeout, rados_mon_op_timeout,
+ * rados_osd_op_timeout): an unreachable cluster fails blockdev-add within
+ * seconds, and I/O to a cluster that stops answering fails with EIO instead
+ * of hanging.  Read-only nodes (and snapshots) open the image read-only,
+ * so they never take part in locking; any number of daemons can read.
+ *
+ * Writing: taking the WRITE permission acquires the image's exclusive lock
+ * explicitly (rbd_lock_acquire), which librbd then refuses to hand over to
+ * other clients: a second writer gets a clear error naming the owner.
+ *
+ * Data path: every request becomes one librbd AIO (readv, writev, flush,
+ * discard, write_zeroes; a FUA write is followed by a flush).  librbd calls
+ * back in its own threads; the callback only stores the result and pushes
+ * the request onto a lock-free list of the submitting loop's channel, and
+ * the push that finds the list empty asks that loop (loop_call) to drain
+ * it.  So the loop never blocks on the cluster, completions run in the
+ * submitting thread, and a burst of completions costs one wake-up.
+ *
+ * Block status follows QEMU: with fast-diff, rbd_diff_iterate2(whole_object)
+ * over the query gives the first run of allocated or unallocated objects;
+ * unallocated runs are zero holes.  It is a synchronous call, so after an
+ * I/O timed out (cluster unreachable) it answers "all data" without asking
+ * the cluster until an I/O succeeds again.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+#include "block/block.h"
+#include "object/secret.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+#include "util/loop.h"
+
+/* Defaults applied only where the configuration left librados' own
+ * default (which waits forever, or 300 s for the first connection). */
+#define RBD_MOUNT_TIMEOUT  "10"
+#define RBD_MON_OP_TIMEOUT "10"
+#define RBD_OSD_OP_TIMEOUT "30"
+
+#define DIFF_STOP (-9000)           /* our early exit from rbd_diff_iterate2 */
+
+struct rbd_state;
+
+/* Completions of the requests submitted from one loop. */
+struct rbd_chan {
+    struct rbd_state *s;
+    struct loop *loop;
+    struct aio_req *head;           /* lock-free LIFO of finished requests */
+    struct rbd_chan *next;
+};
+
+struct rbd_state {
+    rados_t cluster;
+    rados_ioctx_t ioctx;
+    rbd_image_t image;
+    bool have_cluster, have_ioctx, have_image;
+    char *image_name;
+    uint64_t object_size;
+    bool lock_held;
+    bool failing;                   /* atomic: the last I/O timed out */
+    int inflight;                   /* atomic */
+    pthread_mutex_t chan_lock;
+    struct rbd_chan *chans;
+};
+
+enum { ST_OP, ST_FUA_FLUSH };
+
+/* ---- errors ---- */
+
+/* librados/librbd errno -> what the client should see.  Anything that is
+ * not the caller's fault (timeouts, blocklisting, lost connections) is EIO. */
+static int map_err(int err)
+{
+    switch (err) {
+    case -EPERM: case -EROFS: case -EACCES: return -EPERM;
+    case -ENOSPC: case -EDQUOT: return -ENOSPC;
+    case -EINVAL: return -EINVAL;
+    case -ENOTSUP: return -ENOTSUP;
+    case -ENOMEM: return -ENOMEM;
+    default: return -EIO;
+    }
+}
+
+/* ---- completion channels ---- */
+
+static struct rbd_chan *chan_get(struct rbd_state *s, struct loop *l)
+{
+    pthread_mutex_lock(&s->chan_lock);
+    struct rbd_chan *c = s->chans;
+    while (c && c->loop != l)
+        c = c->next;
+    if (!c) {
+        c = calloc(1, sizeof(*c));
+        if (!c)
+            abort();
+        c->s = s;
+        c->loop = l;
+        c->next = s->chans;
+        s->chans = c;
+    }
+    pthread_mutex_unlock(&s->chan_lock);
+    return c;
+}
+
+/* Returns true if the list was empty (the caller must wake the loop). */
+static bool chan_push(struct rbd_chan *c, struct breq *r)
+{
+    struct aio_req *old = __atomic_load_n(&c->head, __ATOMIC_RELAXED);
+    do {
+        r->aio.next = old;
+    } while (!__atomic_compare_exchange_n(&c->head, &old, &r->aio, true,
+                                          __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    return old == NULL;
+}
+
+static void op_start(struct rbd_state *s, struct breq *r);
+
+/* In the loop: one finished librbd operation of request r. */
+static void op_finish(struct breq *r)
+{
+    struct rbd_state *s = r->bs->opaque;
+    int ret = (int)r->aio.res;
+
+    __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
+    if (ret < 0) {
+        if (ret == -ETIMEDOUT)
+            __atomic_store_n(&s->failing, true, __ATOMIC_RELAXED);
+        log_debug("rbd %s: %s at %" PRIu64 "+%" PRIu64 " failed: %s", s->image_name,
+                  r->stage == ST_FUA_FLUSH ? "flush" : "request", r->drv_offset, r->len,
+                  strerror(-ret));
+        breq_complete(r, map_err(ret));
+        return;
+    }
+    if (__atomic_load_n(&s->failing, __ATOMIC_RELAXED))
+        __atomic_store_n(&s->failing, false, __ATOMIC_RELAXED);
+    if (r->stage == ST_OP && (r->flags & BREQ_FUA) &&
+        (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES) && !r->bs->cache_no_flush) {
+        r->stage = ST_FUA_FLUSH;
+        op_start(s, r);
+        return;
+    }
+    breq_complete(r, 0);
+}
+
+/* In the loop: complete everything librbd finished, oldest first.  The
+ * channel is not touched after the last completion (it may close the node). */
+static void chan_drain(void *opaque)
+{
+    struct rbd_chan *c = opaque;
+    struct aio_req *list = __atomic_exchange_n(&c->head, NULL, __ATOMIC_ACQUIRE);
+    struct aio_req *fifo = NULL;
+    while (list) {
+        struct aio_req *next = list->next;
+        list->next = fifo;
+        fifo = list;
+        list = next;
+    }
+    while (fifo) {
+        struct aio_req *next = fifo->next;
+        op_finish(container_of(fifo, struct breq, aio));
+        fifo = next;
+    }
+}
+
+/* In a librbd thread. */
+static void op_callback(rbd_completion_t comp, void *arg)
+{
+    struct breq *r = arg;
+    struct rbd_chan *c = r->tmp_iov.iov_base;
+    struct loop *l = c->loop;
+
+    r->aio.res = rbd_aio_get_return_value(comp);
+    rbd_aio_release(comp);
+    if (chan_push(c, r))
+        loop_call(l, chan_drain, c);
+}
+
+/* ---- requests ---- */
+
+static int op_issue(struct rbd_state *s, struct breq *r, rbd_completion_t comp)
+{
+    uint64_t off = r->drv_offset;
+
+    if (r->stage == ST_FUA_FLUSH)
+        return rbd_aio_flush(s->image, comp);
+    switch (r->op) {
+    case BREQ_READ:
+        return rbd_aio_readv(s->image, r->iov, r->iovcnt, off, comp);
+    case BREQ_WRITE:
+        return rbd_aio_writev(s->image, r->iov, r->iovcnt, off, comp);
+    case BREQ_FLUSH:
+        return rbd_aio_flush(s->image, comp);
+    case BREQ_DISCARD:
+        return rbd_aio_discard(s->image, off, r->len, comp);
+    case BREQ_WRITE_ZEROES: {
+        /* As QEMU: zeros stay allocated unless the client allows unmapping
+         * and the node has discard=unmap. */
+        bool unmap = (r->flags & BREQ_MAY_UNMAP) && r->bs->discard;
+        return rbd_aio_write_zeroes(s->image, off, r->len, comp,
+                                    unmap ? 0 : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION, 0);
+    }
+    case BREQ_CACHE:
+        break;
+    }
+    return -EINVAL;
+}
+
+static void op_start(struct rbd_state *s, struct breq *r)
+{
+    rbd_completion_t comp;
+    int ret = rbd_aio_create_completion(r, op_callback, &comp);
+    if (ret < 0) {
+        breq_complete(r, map_err(ret));
+        return;
+    }
+    __atomic_add_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
+    ret = op_issue(s, r, comp);
+    if (ret < 0) {
+        __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
+        rbd_aio_release(comp);
+        breq_complete(r, map_err(ret));
+    }
+}
+
+static void rbd_submit(struct bnode *bs, struct breq *r, uint64_t offset)
+{
+    struct rbd_state *s = bs->opaque;
+
+    if (r->op == BREQ_CACHE) {
+        breq_complete(r, 0);
+        return;
+    }
+    r->bs = bs;
+    r->drv_offset = offset;
+    r->stage = ST_OP;
+    r->tmp_iov.iov_base = chan_get(s, r->loop);
+    op_start(s, r);
+}
+
+/* ---- connecting ---- */
+
+/* QEMU's mon_host string: "host:port;[v6host]:port;..." */
+static char *mon_host_string(json_t *servers)
+{
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    size_t i;
+    json_t *srv;
+
+    if (!f)
+        abort();
+    json_array_foreach(servers, i, srv) {
+        const char *host = qmp_str(srv, "host", "");
+        const char *port = qmp_str(srv, "port", "");
+        fprintf(f, strchr(host, ':') ? "%s[%s]:%s" : "%s%s:%s", i ? ";" : "", host, port);
+    }
+    fclose(f);
+    return out;
+}
+
+static void conf_default(rados_t c, const char *opt, const char *librados_default,
+                         const char *ours)
+{
+    char cur[64];
+    if (rados_conf_get(c, opt, cur, sizeof(cur)) == 0 && !strcmp(cur, librados_default))
+        rados_conf_set(c, opt, ours);
+}
+
+static int set_auth(rados_t c, json_t *opts, error **errp)
+{
+    const char *secret_id = qmp_str(opts, "key-secret", NULL);
+    json_t *acr = json_object_get(opts, "auth-client-required");
+    int r;
+
+    if (secret_id) {
+        char *key = secret_lookup_as_base64(secret_id, errp);
+        if (!key)
+            return -EIO;
+        r = rados_conf_set(c, "key", key);
+        explicit_bzero(key, strlen(key));
+        free(key);
+        if (r < 0) {
+            error_setg_errno(errp, -r, "Could not set 'key'");
+            return r;
+        }
+    }
+    if (acr) {
+        char buf[64] = "";
+        size_t i;
+        json_t *m;
+        json_array_foreach(acr, i, m) {
+            if (strlen(buf) + 8 >= sizeof(buf))
+                break;                      /* only cephx/none exist */
+            if (buf[0])
+                strcat(buf, ";");
+            strcat(buf, json_string_value(m));
+        }
+        r = rados_conf_set(c, "auth_client_required", buf);
+        if (r < 0) {
+            error_setg_errno(errp, -r, "Could not set 'auth_client_required'");
+            return r;
+        }
+    }
+    return 0;
+}
+
+static int connect_cluster(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
+{
+    const char *conf = qmp_str(opts, "conf", NULL);
+    const char *pool = qmp_str(opts, "pool", "");
+    const char *ns = qmp_str(opts, "namespace", NULL);
+    json_t *servers = json_object_get(opts, "server");
+    int r;
+
+    r = rados_create(&s->cluster, qmp_str(opts, "user", NULL));
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error initializing");
+        return r;
+    }
+    s->have_cluster = true;
+    /* conf absent: the default locations, failure ignored (as QEMU) */
+    r = rados_conf_read_file(s->cluster, conf);
+    if (conf && r < 0) {
+        error_setg_errno(errp, -r, "error reading conf file %s", conf);
+        return r;
+    }
+    if (servers && json_array_size(servers)) {
+        CLEANUP_FREE char *mon_host = mon_host_string(servers);
+        r = rados_conf_set(s->cluster, "mon_host", mon_host);
+        if (r < 0) {
+            error_setg_errno(errp, -r, "Could not set 'mon_host'");
+            return r;
+        }
+    }
+    r = set_auth(s->cluster, opts, errp);
+    if (r < 0)
+        return r;
+    rados_conf_set(s->cluster, "rbd_cache", bs->cache_direct ? "false" : "true");
+    conf_default(s->cluster, "client_mount_timeout", "300", RBD_MOUNT_TIMEOUT);
+    conf_default(s->cluster, "rados_mon_op_timeout", "0", RBD_MON_OP_TIMEOUT);
+    conf_default(s->cluster, "rados_osd_op_timeout", "0", RBD_OSD_OP_TIMEOUT);
+
+    r = rados_connect(s->cluster);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error connecting");
+        return r;
+    }
+    r = rados_ioctx_create(s->cluster, pool, &s->ioctx);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error opening pool %s", pool);
+        return r;
+    }
+    s->have_ioctx = true;
+    if (ns && ns[0]) {
+        bool exists = false;
+        r = rbd_namespace_exists(s->ioctx, ns, &exists);
+        if (r < 0) {
+            error_setg_errno(errp, -r, "error checking namespace");
+            return r;
+        }
+        if (!exists) {
+            error_setg(errp, "namespace '%s' does not exist", ns);
+            return -ENOENT;
+        }
+    }
+    rados_ioctx_set_namespace(s->ioctx, ns ? ns : "");
+    return 0;
+}
+
+/* ---- open/close ---- */
+
+static void state_free(struct rbd_state *s)
+{
+    if (s->have_image)
+        rbd_close(s->image);
+    if (s->have_ioctx)
+        rados_ioctx_destroy(s->ioctx);
+    if (s->have_cluster)
+        rados_shutdown(s->cluster);
+    while (s->chans) {
+        struct rbd_chan *c = s->chans;
+        s->chans = c->next;
+        free(c);
+    }
+    pthread_mutex_destroy(&s->chan_lock);
+    free(s->image_name);
+    free(s);
+}
+
+static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
+{
+    const char *snap = qmp_str(opts, "snapshot", NULL);
+    rbd_image_info_t info;
+    int r;
+
+    if (bs->read_only || snap)
+        r = rbd_open_read_only(s->ioctx, s->image_name, &s->image, snap);
+    else
+        r = rbd_open(s->ioctx, s->image_name, &s->image, NULL);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error reading header from %s", s->image_name);
+        return r;
+    }
+    s->have_image = true;
+    r = rbd_stat(s->image, &info, sizeof(info));
+    if (r < 0) {
+        error_setg_errno(errp, -r, "error getting image info from %s", s->image_name);
+        return r;
+    }
+    bs->size = info.size;
+    s->object_size = info.obj_size;
+    if (snap && !bs->read_only) {
+        if (!qmp_bool(opts, "auto-read-only", false)) {
+            error_setg(errp, "rbd snapshots are read-only");
+            return -EROFS;
+        }
+        bs->read_only = true;
+    }
+    return 0;
+}
+
+static int rbd_open_node(struct bnode *bs, json_t *opts, error **errp)
+{
+    struct rbd_state *s = calloc(1, sizeof(*s));
+    int r;
+
+    if (!s)
+        abort();
+    pthread_mutex_init(&s->chan_lock, NULL);
+    s->image_name = strdup(qmp_str(opts, "image", ""));
+    if (json_object_get(opts, "encrypt")) {
+        error_setg(errp, "rbd image encryption is not supported by this build");
+        state_free(s);
+        return -1;
+    }
+    r = connect_cluster(bs, s, opts, errp);
+    if (r == 0)
+        r = open_image(bs, s, opts, errp);
+    if (r < 0) {
+        state_free(s);
+        return -1;
+    }
+    bs->opaque = s;
+    return 0;
+}
+
+static void rbd_close_node(struct bnode *bs)
+{
+    struct rbd_state *s = bs->opaque;
+    if (!s)
+        return;
+    if (__atomic_load_n(&s->inflight, __ATOMIC_ACQUIRE) > 0) {
+        /* Cannot happen if users drain first; leaking beats a callback
+         * into freed memory. */
+        log_error("rbd %s: closed with %d requests in flight; leaking its state",
+                  s->image_name, s->inflight);
+        return;
+    }
+    state_free(s);
+    bs->opaque = NULL;
+}
+
+/* ---- write permission: the exclusive lock ---- */
+
+static void lock_owner_name(struct rbd_state *s, char *buf, size_t len)
+{
+    rbd_lock_mode_t mode;
+    char *owners[4];
+    size_t n = 4;
+    snprintf(buf, len, "another client");
+    if (rbd_lock_get_owners(s->image, &mode, owners, &n) == 0 && n > 0) {
+        snprintf(buf, len, "%s", owners[0]);
+        rbd_lock_get_owners_cleanup(owners, n);
+    }
+}
+
+static int rbd_set_write_perm(struct bnode *bs, bool write, error **errp)
+{
+    struct rbd_state *s = bs->opaque;
+    uint64_t features = 0;
+    int r, owner = 0;
+
+    if (!write) {
+        if (s->lock_held) {
+            r = rbd_lock_release(s->image);
+            if (r < 0)
+                log_warn("rbd %s: releasing the exclusive lock: %s", s->image_name, strerror(-r));
+            s->lock_held = false;
+        }
+        return 0;
+    }
+    if (rbd_get_features(s->image, &features) == 0 && !(features & RBD_FEATURE_EXCLUSIVE_LOCK))
+        return 0;     /* nothing to lock with: librbd cannot keep writers apart */
+    r = rbd_lock_acquire(s->image, RBD_LOCK_MODE_EXCLUSIVE);
+    if (r == 0 && rbd_is_exclusive_lock_owner(s->image, &owner) == 0 && !owner)
+        r = -EBUSY;
+    if (r < 0) {
+        char who[128];
+        if (r == -EROFS || r == -EBUSY) {
+            lock_owner_name(s, who, sizeof(who));
+            error_setg(errp, "Failed to get the exclusive lock of rbd image '%s': "
+                       "it is held by %s", s->image_name, who);
+        } else {
+            error_setg_errno(errp, -r, "Failed to get the exclusive lock of rbd image '%s'",
+                             s->image_name);
+        }
+        return -1;
+    }
+    s->lock_held = true;
+    return 0;
+}
+
+/* ---- block status ---- */
+
+struct diff_req {
+    uint64_t offs;       /* start of the query (object aligned) */
+    uint64_t bytes;      /* length of the first run found so far */
+    bool exists;         /* that run is allocated */
+};
+
+static int diff_cb(uint64_t offs, size_t len, int exists, void *opaque)
+{
+    struct diff_req *q = opaque;
+
+    if (!exists)
+        return 0;                          /* a discarded object: a hole */
+    if (!q->exists && offs > q->offs) {
+        q->bytes = offs - q->offs;         /* hole up to the first data */
+        return DIFF_STOP;
+    }
+    if (q->exists && offs > q->offs + q->bytes)
+        return DIFF_STOP;                  /* data ended before a hole */
+    q->bytes = offs + len - q->offs;
+    q->exists = true;
+    return 0;
+}
+
+static bool fast_diff_usable(struct rbd_state *s)
+{
+    uint64_t features, flags;
+    if (rbd_get_features(s->image, &features) < 0 || !(features & RBD_FEATURE_FAST_DIFF))
+        return false;
+    if (rbd_get_flags(s->image, &flags) < 0 || (flags & RBD_FLAG_FAST_DIFF_INVALID))
+        return false;
+#if LIBRBD_VERSION_CODE < LIBRBD_VERSION(1, 17, 0)
+    /* librbd before 1.17 reports wrong offsets for a diff that does not
+     * start on an object boundary (ceph tracker 53784): we round down,
+     * which is right only for plain striping and images without parent. */
+    if (features & RBD_FEATURE_STRIPINGV2)
+        return false;
+    rbd_linked_image_spec_t parent;
+    rbd_snap_spec_t parent_snap;
+    int r = rbd_get_parent(s->image, &parent, &parent_snap);
+    if (r == 0) {
+        rbd_linked_image_spec_cleanup(&parent);
+        rbd_snap_spec_cleanup(&parent_snap);
+    }
+    if (r != -ENOENT)
+        return false;
+#endif
+    return true;
+}
+
+static int rbd_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                            uint64_t *pnum, unsigned *flags)
+{
+    struct rbd_state *s = bs->opaque;
+
+    *pnum = bytes;
+    *flags = BS_DATA | BS_ALLOCATED;      /* the answer when we cannot tell */
+    if (__atomic_load_n(&s->failing, __ATOMIC_RELAXED) || !s->object_size ||
+        !fast_diff_usable(s))
+        return 0;
+
+    uint64_t head = offset & (s->object_size - 1);
+    struct diff_req q = { .offs = offset - head };
+    int r = rbd_diff_iterate2(s->image, NULL, q.offs, bytes + head, true, true, diff_cb, &q);
+    if (r < 0 && r != DIFF_STOP) {
+        if (r == -ETIMEDOUT)
+            __atomic_store_n(&s->failing, true, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (!q.exists) {
+        if (r == 0)
+            q.bytes = bytes + head;        /* no callback at all: all hole */
+        *flags = BS_ZERO | BS_ALLOCATED;
+    }
+    if (q.bytes <= head)                   /* cannot happen; stay safe */
+        return 0;
+    *pnum = MIN(q.bytes - head, bytes);
+    return 0;
+}
+
+/* ---- misc ---- */
+
+static int rbd_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    struct rbd_state *s = bs->opaque;
+    int r = rbd_resize(s->image, size);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "failed to resize rbd image %s", s->image_name);
+        return r;
+    }
+    return 0;
+}
+
+static int rbd_flush_sync(struct bnode *bs)
+{
+    struct rbd_state *s = bs->opaque;
+    return rbd_flush(s->image);
+}
+
+static bool rbd_true(struct bnode *bs) { return true; }
+
+static const struct bdrv bdrv_rbd = {
+    .name = "rbd",
+    .open = rbd_open_node,
+    .close = rbd_close_node,
+    .submit = rbd_submit,
+    .block_status = rbd_block_status,
+    .truncate = rbd_truncate,
+    .set_write_perm = rbd_set_write_perm,
+    .flush_sync = rbd_flush_sync,
+    .can_discard = rbd_true,
+};
+BDRV_REGISTER(bdrv_rbd)
