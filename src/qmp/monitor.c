@@ -248,7 +248,7 @@ static void mon_client_open(struct monitor *m, int in_fd, int out_fd)
     m->in_fd = in_fd;
     m->out_fd = out_fd;
     m->js = json_stream_new(mon_message, m);
-    m->session = (struct qmp_session){ .oob_offered = m->chr->kind == CHR_SOCKET };
+    m->session = (struct qmp_session){ .oob_offered = true };   /* qsd offers it on stdio too */
     if (in_fd == out_fd) {
         m->in_watch = loop_watch_fd(loop_main(), in_fd, LOOP_IN, mon_socket_event, m);
     } else {
