@@ -586,6 +586,7 @@ static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, i
         }
     for (unsigned qi = 0; qi < nq; qi++)
         kick(&qs[qi]);
+    printf("{\"started\": true}\n");
     for (;;) {
         t1 = now_s();
         if (t1 - t0 >= secs)
