@@ -9,7 +9,8 @@
 # Usage: bench/fuse-bench.sh [runtime_s] [servers...]
 #   servers: bexd qsd (default both); BEXD=path overrides the binary
 #   (default build/bexd, else build-fuse/bexd); SIZE=image size (default 1G);
-#   EXTRA_BLOCKDEV / EXTRA_EXPORT: appended options (e.g. aio=io_uring).
+#   EXTRA_BLOCKDEV / EXTRA_EXPORT: appended options (e.g. aio=io_uring);
+#   ONLY=regex: run only the workloads matching it (e.g. ONLY='1M').
 set -u
 RT=${1:-4}; shift || true
 SERVERS=${*:-"bexd qsd"}
@@ -68,6 +69,7 @@ printf '%-5s %-32s %9s %9s %7s %9s\n' server workload IOPS MiB/s srvCPU% cpu_us/
 for S in $SERVERS; do
   start "$S" || continue
   for J in "${JOBS[@]}"; do
+    [[ -n "${ONLY:-}" && ! "$J" =~ ${ONLY} ]] && continue
     set -- $J
     T0=$(cpu_ticks)
     R=$(fio --name=t --filename="$MNT" --rw="$1" --bs="$2" --ioengine="$3" --iodepth="$4" \

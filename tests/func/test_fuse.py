@@ -366,6 +366,43 @@ def test_iothread(impl, fuse, image):
     assert read_file(img, 4096, 8) == b"iothread"
 
 
+def test_iothread_growable(impl, fuse, image):
+    # resizes run in the main thread: the request hops there and back
+    img = image(MiB)
+    fx = fuse(impl, img, export_opts="writable=on,growable=on,iothread=io0",
+              extra=("--object", "iothread,id=io0"))
+    fd = fx.open()
+    block = random_bytes(8192, seed=8)
+    try:
+        assert os.pwrite(fd, block, 3 * MiB) == 8192
+        assert os.fstat(fd).st_size == 3 * MiB + 8192
+        os.ftruncate(fd, 2 * MiB)
+        assert os.fstat(fd).st_size == 2 * MiB
+        assert os.pread(fd, 4096, 2 * MiB - 4096) == bytes(4096)
+    finally:
+        os.close(fd)
+    assert os.path.getsize(img) == 2 * MiB
+
+
+def test_many_in_flight(impl, fuse, image, tmpdir_short):
+    # libaio with a deep queue: many requests in flight at once, verified
+    img = image(32 * MiB)
+    fx = fuse(impl, img)
+    r = subprocess.run(["fio", "--name=v", "--filename=" + fx.mnt, "--rw=randwrite",
+                        "--bs=16k", "--ioengine=libaio", "--iodepth=32", "--direct=1",
+                        "--size=32M", "--verify=crc32c", "--verify_fatal=1",
+                        "--do_verify=1", "--verify_state_save=0", "--output-format=json"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmpdir_short)
+    if impl == "qsd" and r.returncode != 0:
+        # qsd 7.2 serves requests from nested event-loop polls that reuse its
+        # one receive buffer: concurrent writes land with the wrong payload.
+        pytest.xfail("qsd 7.2 corrupts concurrent FUSE writes: " + r.stderr.decode()[:200])
+    assert r.returncode == 0, r.stderr.decode()
+    job = json.loads(r.stdout)["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == 32 * MiB
+
+
 # ---- bad input ----
 
 def add_fuse(qmp, mnt, **kw):
