@@ -116,7 +116,7 @@ def test_max_connections_refuses_cleanly_and_frees_slots(start_daemon, tmpdir_sh
 
 @pytest.mark.parametrize("value,msg", [
     ("-1", "Parameter 'max-connections' expects uint32_t"),
-    ("x", "Parameter 'max-connections' expects uint32_t"),
+    ("x", "Parameter 'max-connections' expects integer"),
 ])
 def test_max_connections_bad_value(impl, tmpdir_short, value, msg):
     rc, err = run_daemon_expect_fail(impl, [
@@ -167,9 +167,12 @@ def test_hard_delete_with_writes_in_flight_keeps_acknowledged_data(start_daemon,
     assert serving(sock)
 
 
-def test_server_stop_with_clients_everywhere(impl, start_daemon, tmpdir_short):
+def test_server_stop_with_clients_everywhere(start_daemon, tmpdir_short):
+    # bexd only: qsd 7.2 blocks in nbd-server-stop until replies that a
+    # client does not read have been sent, and leaves clients that are still
+    # negotiating connected (CVE-2024-7409)
     img = make_img(tmpdir_short)
-    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img)
     q = d.qmp()
     greeted = Conn(sock)
     greeted.greeting()                                    # in the handshake
@@ -187,9 +190,10 @@ def test_server_stop_with_clients_everywhere(impl, start_daemon, tmpdir_short):
     assert serving(sock)
 
 
-def test_quit_with_requests_in_flight(impl, start_daemon, tmpdir_short):
+def test_quit_with_requests_in_flight(start_daemon, tmpdir_short):
+    # bexd only: qsd 7.2 does not exit while a client leaves replies unread
     img = make_img(tmpdir_short)
-    d, sock = serve(start_daemon, impl, tmpdir_short, img)
+    d, sock = serve(start_daemon, "bexd", tmpdir_short, img)
     q = d.qmp()
     clients = [Conn(sock).connect("disk0") for _ in range(4)]
     for c in clients:
@@ -309,10 +313,10 @@ def test_iothread_export_serves_and_goes_hard(impl, start_daemon, tmpdir_short):
         h = nbd.NBD()
         h.set_export_name("disk0")
         h.connect_unix(sock)
-        h.pwrite(pattern(65536, seed=i), i * MiB, nbd.CMD_FLAG_FUA)
+        h.pwrite(pattern(65536, seed=i), (i + 1) * MiB, nbd.CMD_FLAG_FUA)
         hs.append(h)
     for i, h in enumerate(hs):
-        assert h.pread(65536, i * MiB) == pattern(65536, seed=i)
+        assert h.pread(65536, (i + 1) * MiB) == pattern(65536, seed=i)
     busy = Conn(sock).connect("disk0")
     for i in range(8):
         busy.request(CMD_READ, i * MiB, 4 * MiB)

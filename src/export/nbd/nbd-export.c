@@ -202,9 +202,11 @@ static json_t *qmp_nbd_server_add(json_t *args, error **errp)
         error_setg(errp, "NBD server not running");
         return NULL;
     }
-    bs = bnode_lookup(device, errp);
-    if (!bs)
+    bs = bnode_find(device);   /* QEMU looks the name up as both */
+    if (!bs) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device, device);
         return NULL;
+    }
     if (bs->read_only)
         writable = false;   /* nbd-server-add downgrades silently, as QEMU */
     opts = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id", name,
