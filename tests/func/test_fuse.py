@@ -494,6 +494,23 @@ def test_safe_del_refused_while_open(fuse, image):
         os.close(fd)
 
 
+def test_safe_del_after_close(impl, fuse, image):
+    # the kernel's RELEASE for a closed file may still be queued when the
+    # command arrives: a closed file must not keep the export "in use"
+    fx = fuse(impl, image(MiB))
+    qmp = fx.qmp()
+    for i in range(10):
+        fd = fx.open()
+        os.pwrite(fd, b"%d" % i, 0)
+        os.close(fd)
+        qmp.execute("block-export-del", id="f")
+        qmp.wait_event("BLOCK_EXPORT_DELETED")
+        assert not mounted(fx.mnt)
+        qmp.execute("block-export-add", type="fuse", id="f", node_name="d",
+                    mountpoint=fx.mnt, writable=True)
+    assert read_file(fx.mnt, 0, 1) == b"9"
+
+
 def test_hard_del_while_open(impl, fuse, image):
     img = image(MiB)
     fx = fuse(impl, img)

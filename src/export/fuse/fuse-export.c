@@ -182,7 +182,13 @@ static int fuse_export_create(struct export *e, json_t *opts, error **errp)
 
 static bool fuse_export_in_use(struct export *e)
 {
-    return __atomic_load_n(&to_fuse(e)->open_handles, __ATOMIC_SEQ_CST) > 0;
+    struct fuse_export *exp = to_fuse(e);
+
+    /* close() returns before the kernel's RELEASE has been served: take
+     * what is queued first, so a file closed before the command counts as
+     * closed (deterministic when the export runs on the main loop). */
+    fuse_session_poll_now(exp);
+    return __atomic_load_n(&exp->open_handles, __ATOMIC_SEQ_CST) > 0;
 }
 
 static void fuse_export_shutdown(struct export *e, enum export_remove_mode mode)

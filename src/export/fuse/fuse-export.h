@@ -90,6 +90,8 @@ struct fuse_export {
 extern const struct fuse_lowlevel_ops fuse_export_ops;
 void fuse_session_start(struct fuse_export *exp);     /* main thread */
 void fuse_session_stop(struct fuse_export *exp);      /* main thread */
+/* Serve what the kernel has queued now, when called in the export's loop. */
+void fuse_session_poll_now(struct fuse_export *exp);
 void fuse_session_free_pools(struct fuse_export *exp);
 struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req);
 void fuse_ioreq_put(struct fuse_ioreq *r);

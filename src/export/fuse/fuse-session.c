@@ -242,6 +242,12 @@ static void fuse_on_readable(void *opaque, uint32_t revents)
     }
 }
 
+void fuse_session_poll_now(struct fuse_export *exp)
+{
+    if (exp->watch && loop_in_thread(exp->common.loop))
+        fuse_on_readable(exp, LOOP_IN);
+}
+
 static void fuse_start_in_loop(void *opaque)
 {
     struct fuse_export *exp = opaque;
