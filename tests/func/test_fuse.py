@@ -530,6 +530,20 @@ def test_hard_del_while_open(impl, fuse, image):
     assert fx.daemon.alive()
 
 
+def test_unmounted_behind_our_back(impl, fuse, image):
+    # fusermount3 -u while the daemon runs: the export notices, stays listed,
+    # and can still be deleted; the daemon keeps serving QMP
+    fx = fuse(impl, image(MiB))
+    qmp = fx.qmp()
+    subprocess.run(["fusermount3", "-u", fx.mnt], check=True)
+    assert not mounted(fx.mnt)
+    assert [e["id"] for e in qmp.execute("query-block-exports")] == ["f"]
+    qmp.execute("block-export-del", id="f")
+    qmp.wait_event("BLOCK_EXPORT_DELETED")
+    assert qmp.execute("query-block-exports") == []
+    assert fx.daemon.alive()
+
+
 def test_stale_mount_after_kill9(impl, fuse, image, tmpdir_short, mountpoint_cleanup):
     img = image(MiB)
     fx = fuse(impl, img)
