@@ -27,6 +27,13 @@
 #include "util/json-stream.h"
 #include "util/log.h"
 
+/* meson's conf.set(X, true) emits an empty "#define X": test it with #ifdef */
+#ifdef CONFIG_FUSE
+#define SCHEMA_HAVE_FUSE true
+#else
+#define SCHEMA_HAVE_FUSE false
+#endif
+
 static struct schema_source *sources;
 static json_t *defs;        /* name -> definition */
 static json_t *order;       /* definitions in source order */
@@ -48,7 +55,7 @@ static bool cond_true(json_t *cond)
         { "CONFIG_LINUX", true }, { "CONFIG_POSIX", true },
         { "HAVE_IPPROTO_MPTCP", true },
         { "CONFIG_VHOST_USER_BLK_SERVER", true },
-        { "CONFIG_FUSE", CONFIG_FUSE }, { "CONFIG_VDUSE_BLK_EXPORT", false },
+        { "CONFIG_FUSE", SCHEMA_HAVE_FUSE }, { "CONFIG_VDUSE_BLK_EXPORT", false },
         { "CONFIG_BLKIO", false }, { "CONFIG_REPLICATION", false },
     };
     if (!cond)
