@@ -484,7 +484,7 @@ static void lock_owner_name(struct rbd_state *s, char *buf, size_t len)
     rbd_lock_mode_t mode;
     char *owners[4];
     size_t n = 4;
-    snprintf(buf, len, "another client");
+    snprintf(buf, len, "owner unknown");
     if (rbd_lock_get_owners(s->image, &mode, owners, &n) == 0 && n > 0) {
         snprintf(buf, len, "%s", owners[0]);
         rbd_lock_get_owners_cleanup(owners, n);
@@ -516,7 +516,7 @@ static int rbd_set_write_perm(struct bnode *bs, bool write, error **errp)
         if (r == -EROFS || r == -EBUSY) {
             lock_owner_name(s, who, sizeof(who));
             error_setg(errp, "Failed to get the exclusive lock of rbd image '%s': "
-                       "it is held by %s", s->image_name, who);
+                       "another client holds it (%s)", s->image_name, who);
         } else {
             error_setg_errno(errp, -r, "Failed to get the exclusive lock of rbd image '%s'",
                              s->image_name);

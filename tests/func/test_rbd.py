@@ -1,0 +1,330 @@
+"""The rbd block driver against a real one-node Ceph cluster (cephcluster.py).
+
+Data written through an NBD export of an RBD image must be what `rbd export`
+and QEMU's own rbd driver (qemu-img) read back; holes are reported where the
+image was never written; errors (missing pool/image/namespace/secret, wrong
+key, read-write snapshot) carry qemu-storage-daemon's exact messages (the
+`impl` tests run against both daemons).  bexd-only behaviours: an
+unreachable monitor fails blockdev-add within a bound, a frozen cluster
+turns I/O into EIO while the daemon keeps serving other exports and
+recovers when the cluster returns, and a second writer is refused by the
+image's exclusive lock.
+"""
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from cephcluster import CLIENT_TIMEOUT, ceph, rbd_image  # noqa: F401 (fixtures)
+from conftest import QMPError
+from nbdwire import free_tcp_port, pattern
+
+nbd = pytest.importorskip("nbd")
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+OBJ = 4 * MiB
+ENV = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
+
+
+def rbd_opts(ceph, image, extra=""):
+    return "driver=rbd,node-name=r0,pool=rbd,image=%s,conf=%s%s" % (image, ceph.conf, extra)
+
+
+def serve_rbd(start_daemon, impl, ceph, image, sock, writable=True, extra="", args=()):
+    return start_daemon(
+        impl,
+        "--blockdev", rbd_opts(ceph, image, extra),
+        "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+        "--export", "type=nbd,id=e0,node-name=r0,name=r0,writable=%s"
+        % ("on" if writable else "off"),
+        *args)
+
+
+def handle(sock, name="r0", contexts=()):
+    h = nbd.NBD()
+    h.set_export_name(name)
+    for c in contexts:
+        h.add_meta_context(c)
+    h.connect_unix(sock)
+    return h
+
+
+def uri(sock, name="r0"):
+    return "nbd+unix:///%s?socket=%s" % (name, sock)
+
+
+def run(*argv, timeout=60):
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=timeout, env=ENV)
+    assert r.returncode == 0, "%s -> %d: %s" % (argv, r.returncode, r.stderr.decode())
+    return r.stdout.decode()
+
+
+def nbd_map(sock):
+    out = run("nbdinfo", "--map", "--json", uri(sock))
+    return [(e["offset"], e["length"], e["description"]) for e in json.loads(out)]
+
+
+# ---- data ----
+
+def test_write_through_nbd_matches_rbd_export(impl, ceph, rbd_image, start_daemon,
+                                              tmpdir_short):
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    serve_rbd(start_daemon, impl, ceph, rbd_image, sock)
+    a, b = pattern(2 * MiB, seed=3), pattern(64 * 1024, seed=5)
+    h = handle(sock)
+    assert h.get_size() == SIZE
+    h.pwrite(a, 1 * MiB + 512)            # unaligned, across no object boundary
+    h.pwrite(b, OBJ - 32 * 1024)          # straddles objects 0 and 1
+    h.flush()
+    assert h.pread(len(a), 1 * MiB + 512) == a
+    h.shutdown()
+
+    expect = bytearray(SIZE)
+    expect[MiB + 512:MiB + 512 + len(a)] = a
+    expect[OBJ - 32 * 1024:OBJ + 32 * 1024] = b
+    got = ceph.export_image(rbd_image, os.path.join(tmpdir_short, "exported.img"))
+    assert got == bytes(expect)
+    out = run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock),
+              ceph.qemu_uri(rbd_image))
+    assert "Images are identical" in out
+
+
+def test_holes_where_never_written(impl, ceph, rbd_image, start_daemon, tmpdir_short):
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    serve_rbd(start_daemon, impl, ceph, rbd_image, sock)
+    assert nbd_map(sock) == [(0, SIZE, "hole,zero")]
+    h = handle(sock)
+    h.pwrite(pattern(4096), 2 * OBJ + 4096)     # one write into object 2
+    h.flush()
+    h.shutdown()
+    # whole objects, as QEMU reports with rbd_diff_iterate2(whole_object)
+    assert nbd_map(sock) == [(0, 2 * OBJ, "hole,zero"), (2 * OBJ, OBJ, "data"),
+                             (3 * OBJ, OBJ, "hole,zero")]
+
+
+def test_discard_and_write_zeroes(ceph, rbd_image, start_daemon, tmpdir_short):
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    serve_rbd(start_daemon, "bexd", ceph, rbd_image, sock, extra=",discard=unmap")
+    h = handle(sock)
+    h.pwrite(pattern(2 * OBJ), 0)
+    h.zero(OBJ, 0)                               # may unmap: object 0 becomes a hole
+    h.zero(64 * 1024, OBJ + 4096, nbd.CMD_FLAG_NO_HOLE)   # stays allocated
+    h.trim(OBJ, OBJ * 2)                         # discard never-written object 2
+    h.flush()
+    assert h.pread(OBJ, 0) == bytes(OBJ)
+    data = h.pread(OBJ, OBJ)
+    h.shutdown()
+    expect = bytearray(pattern(2 * OBJ)[OBJ:])
+    expect[4096:4096 + 64 * 1024] = bytes(64 * 1024)
+    assert data == bytes(expect)
+    assert nbd_map(sock)[0] == (0, OBJ, "hole,zero")
+    got = ceph.export_image(rbd_image, os.path.join(tmpdir_short, "e.img"))
+    assert got[OBJ:2 * OBJ] == bytes(expect) and got[:OBJ] == bytes(OBJ)
+
+
+def test_snapshot_is_read_only_and_frozen(impl, ceph, rbd_image, start_daemon, tmpdir_short):
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    old = pattern(MiB, seed=7)
+    d = serve_rbd(start_daemon, impl, ceph, rbd_image, sock)
+    h = handle(sock)
+    h.pwrite(old, 0)
+    h.flush()
+    ceph.rbd("snap", "create", "rbd/%s@s1" % rbd_image)
+    h.pwrite(pattern(MiB, seed=8), 0)
+    h.flush()
+    h.shutdown()
+    q = d.qmp()
+    e = q.error("blockdev-add", driver="rbd", node_name="snap", pool="rbd", image=rbd_image,
+                conf=ceph.conf, snapshot="s1")
+    assert (e["class"], e["desc"]) == ("GenericError", "rbd snapshots are read-only")
+    q.execute("blockdev-add", driver="rbd", node_name="snap", pool="rbd", image=rbd_image,
+              conf=ceph.conf, snapshot="s1", read_only=True)
+    q.execute("block-export-add", type="nbd", id="e1", node_name="snap", name="snap")
+    h = handle(sock, "snap")
+    assert h.pread(MiB, 0) == old
+    assert not h.can_trim() and h.is_read_only()
+    h.shutdown()
+
+
+# ---- bad inputs: qsd's messages ----
+
+BAD = [
+    (dict(pool="nopool"), "error opening pool nopool: No such file or directory"),
+    (dict(image="noimage"), "error reading header from noimage: No such file or directory"),
+    (dict(conf="/nonexistent.conf"),
+     "error reading conf file /nonexistent.conf: No such file or directory"),
+    (dict(namespace="nons"), "namespace 'nons' does not exist"),
+    (dict(snapshot="nosnap", read_only=True),
+     "error reading header from IMG: No such file or directory"),
+    (dict(key_secret="nosecret"), "No secret with id 'nosecret'"),
+    (dict(key_secret="io0"), "Object with id 'io0' is not a secret"),
+    (dict(user="nobody"), "error connecting: Permission denied"),
+]
+
+
+@pytest.mark.parametrize("opts,msg", BAD, ids=[m.split(":")[0][:24] for _, m in BAD])
+def test_bad_inputs(impl, ceph, rbd_image, start_daemon, opts, msg):
+    q = start_daemon(impl, "--object", "iothread,id=io0").qmp()
+    args = dict(driver="rbd", node_name="r0", pool="rbd", image=rbd_image, conf=ceph.conf)
+    args.update(opts)
+    e = q.error("blockdev-add", **args)
+    assert (e["class"], e["desc"]) == ("GenericError", msg.replace("IMG", rbd_image))
+    assert q.execute("query-named-block-nodes") == []
+
+
+def key_args(ceph, image, secret):
+    # no conf file at all: monitor and key come from the options
+    return dict(driver="rbd", node_name="r0", pool="rbd", image=image, conf="/dev/null",
+                server=[{"host": "127.0.0.1", "port": ceph.mon_port}], key_secret=secret)
+
+
+def test_key_secret(impl, ceph, rbd_image, start_daemon, tmpdir_short):
+    keyfile = os.path.join(tmpdir_short, "key")
+    with open(keyfile, "w") as f:
+        f.write(ceph.key())
+    q = start_daemon(impl).qmp()
+    q.execute("object-add", qom_type="secret", id="k0", file=keyfile, format="base64")
+    # the base64 text taken as raw bytes: a wrong key
+    q.execute("object-add", qom_type="secret", id="k1", data=ceph.key())
+    e = q.error("blockdev-add", **key_args(ceph, rbd_image, "k1"))
+    assert (e["class"], e["desc"]) == ("GenericError", "error connecting: Invalid argument")
+    q.execute("blockdev-add", **key_args(ceph, rbd_image, "k0"))
+    nodes = q.execute("query-named-block-nodes")
+    assert [(n["node-name"], n["drv"], n["image"]["virtual-size"]) for n in nodes] == \
+        [("r0", "rbd", SIZE)]
+
+
+def test_unreachable_monitor_fails_in_bounded_time(ceph, start_daemon):
+    # librados alone would wait client_mount_timeout=300 s (qsd does)
+    q = start_daemon("bexd").qmp()
+    q.execute("object-add", qom_type="secret", id="k0", data=ceph.key(), format="base64")
+    args = key_args(ceph, "img", "k0")
+    args["server"] = [{"host": "127.0.0.1", "port": str(free_tcp_port())}]
+    t0 = time.monotonic()
+    e = q.error("blockdev-add", **args)
+    took = time.monotonic() - t0
+    assert (e["class"], e["desc"]) == ("GenericError", "error connecting: Connection timed out")
+    assert 5 <= took < 20
+    assert q.execute("query-named-block-nodes") == []
+
+
+# ---- a cluster that stops answering ----
+
+def test_frozen_cluster_gives_eio_and_recovers(ceph, rbd_image, start_daemon, tmpdir_short,
+                                               image):
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    other = image(MiB, name="other.img", data=pattern(MiB, seed=9))
+    d = serve_rbd(start_daemon, "bexd", ceph, rbd_image, sock, args=(
+        "--blockdev", "driver=file,node-name=f0,filename=%s" % other,
+        "--export", "type=nbd,id=e1,node-name=f0,name=f0"))
+    before = pattern(MiB, seed=11)
+    h = handle(sock)
+    h.pwrite(before, 0)
+    h.flush()
+    q = d.qmp()
+    ceph.pause()
+    try:
+        failures = {}
+
+        def io(what, fn):
+            try:
+                fn()
+                failures[what] = None
+            except nbd.Error as ex:
+                failures[what] = ex.errnum
+            took[what] = time.monotonic() - t0
+        took = {}
+        t0 = time.monotonic()
+        def write_flush():
+            # librbd's cache (on, as in QEMU) may take the write: the flush
+            # cannot complete without the cluster
+            h.pwrite(b"x" * 4096, OBJ)
+            h.flush()
+        threads = [threading.Thread(target=io, args=("read", lambda: h.pread(4096, 4096))),
+                   threading.Thread(target=io, args=("write", write_flush))]
+        for t in threads:
+            t.start()
+        # meanwhile the daemon serves the other export and its monitor at once
+        f = handle(sock, "f0")
+        t1 = time.monotonic()
+        assert f.pread(MiB, 0) == pattern(MiB, seed=9)
+        assert [x["id"] for x in q.execute("query-block-exports")] == ["e0", "e1"]
+        assert time.monotonic() - t1 < 1
+        f.shutdown()
+        for t in threads:
+            t.join(30)
+        assert failures == {"read": 5, "write": 5}, took     # EIO
+        # a read is one OSD op; a first write to an object may be three in a
+        # row (object map update, write, flush), each bounded by the timeout
+        assert CLIENT_TIMEOUT - 0.5 < took["read"] < CLIENT_TIMEOUT + 2, took
+        assert took["write"] < 3 * CLIENT_TIMEOUT + 3, took
+        # block status does not wait for the cluster again
+        t1 = time.monotonic()
+        assert nbd_map(sock) == [(0, SIZE, "data")]
+        assert time.monotonic() - t1 < 2
+    finally:
+        ceph.resume()
+    after = pattern(4096, seed=12)
+    h.pwrite(after, OBJ)
+    h.flush()
+    assert h.pread(MiB, 0) == before and h.pread(4096, OBJ) == after
+    h.shutdown()
+    got = ceph.export_image(rbd_image, os.path.join(tmpdir_short, "e.img"))
+    assert got[:MiB] == before and got[OBJ:OBJ + 4096] == after
+
+
+# ---- two daemons on one image ----
+
+def test_two_readers(ceph, rbd_image, start_daemon, tmpdir_short):
+    data = pattern(MiB, seed=13)
+    w = os.path.join(tmpdir_short, "w.sock")
+    d = serve_rbd(start_daemon, "bexd", ceph, rbd_image, w)
+    h = handle(w)
+    h.pwrite(data, 0)
+    h.flush()
+    h.shutdown()
+    d.stop()
+    socks = [os.path.join(tmpdir_short, "r%d.sock" % i) for i in range(2)]
+    for s in socks:
+        serve_rbd(start_daemon, "bexd", ceph, rbd_image, s, writable=False,
+                  extra=",read-only=on")
+    for s in socks:
+        h = handle(s)
+        assert h.is_read_only() and h.pread(MiB, 0) == data
+        h.shutdown()
+
+
+def test_second_writer_refused_by_exclusive_lock(ceph, rbd_image, start_daemon, tmpdir_short):
+    s1, s2 = (os.path.join(tmpdir_short, n) for n in ("a.sock", "b.sock"))
+    d1 = serve_rbd(start_daemon, "bexd", ceph, rbd_image, s1)
+    d2 = start_daemon("bexd", "--blockdev", rbd_opts(ceph, rbd_image),
+                      "--nbd-server", "addr.type=unix,addr.path=%s" % s2)
+    q2 = d2.qmp()
+    e = q2.error("block-export-add", type="nbd", id="e0", node_name="r0", writable=True)
+    assert e["class"] == "GenericError"
+    assert e["desc"].startswith("Failed to get the exclusive lock of rbd image '%s': "
+                                "another client holds it (127.0.0.1:" % rbd_image)
+    # a read-only export of the same node is fine, and sees the writer's data
+    h1 = handle(s1)
+    h1.pwrite(pattern(4096, seed=14), 0)
+    h1.flush()
+    q2.execute("block-export-add", type="nbd", id="e0", node_name="r0")
+    h2 = handle(s2)
+    assert h2.pread(4096, 0) == pattern(4096, seed=14)
+    h2.shutdown()
+    q2.execute("block-export-del", id="e0")
+    # once the first writer is gone, the second one gets the lock
+    h1.shutdown()
+    d1.stop()
+    q2.execute("block-export-add", type="nbd", id="e1", node_name="r0", writable=True)
+    h2 = handle(s2)
+    h2.pwrite(pattern(4096, seed=15), 0)
+    h2.flush()
+    h2.shutdown()
+    assert ceph.export_image(rbd_image, os.path.join(tmpdir_short, "e.img"))[:4096] == \
+        pattern(4096, seed=15)
