@@ -21,6 +21,7 @@
 #include <getopt.h>
 #include <stdbool.h>
 #include <netdb.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,20 +98,33 @@ static int connect_to(const char *where)
     return fd;
 }
 
-/* Next message (one line); NULL at EOF. */
+/* Next message; NULL at EOF.  Messages may span lines (pretty monitors). */
 static json_t *recv_msg(void)
 {
     for (;;) {
-        char *nl = memchr(rbuf, '\n', rlen);
-        if (nl) {
-            size_t n = nl - rbuf + 1;
+        size_t skip = 0;
+        while (skip < rlen && isspace((unsigned char)rbuf[skip]))
+            skip++;
+        if (skip) {
+            memmove(rbuf, rbuf + skip, rlen - skip);
+            rlen -= skip;
+        }
+        if (rlen) {
             json_error_t jerr;
-            json_t *v = json_loadb(rbuf, n, 0, &jerr);
-            memmove(rbuf, rbuf + n, rlen - n);
-            rlen -= n;
-            if (v)
+            json_t *v = json_loadb(rbuf, rlen, JSON_DISABLE_EOF_CHECK, &jerr);
+            if (v) {
+                size_t n = jerr.position;
+                memmove(rbuf, rbuf + n, rlen - n);
+                rlen -= n;
                 return v;
-            continue;       /* pretty monitors split messages: not supported */
+            }
+            if (json_error_code(&jerr) != json_error_premature_end_of_input) {
+                char *nl = memchr(rbuf, '\n', rlen);      /* garbage: drop a line */
+                size_t n = nl ? (size_t)(nl - rbuf + 1) : rlen;
+                memmove(rbuf, rbuf + n, rlen - n);
+                rlen -= n;
+                continue;
+            }
         }
         if (rlen == rcap) {
             if (rcap >= MAX_LINE)
@@ -287,8 +301,16 @@ static json_t *build_args(int n, char **argv)
     return listify(root);
 }
 
+static void on_interrupt(int sig)
+{
+    _exit(0);
+}
+
 static void run_events(void)
 {
+    signal(SIGINT, on_interrupt);
+    signal(SIGTERM, on_interrupt);
+    fprintf(stderr, "Waiting for events (interrupt to stop)\n");
     for (;;) {
         json_t *m = recv_msg();
         if (!m)
