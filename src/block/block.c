@@ -262,11 +262,11 @@ int blockdev_del(const char *node_name, error **errp)
         error_setg(errp, "Failed to find node with node-name='%s'", node_name);
         return -1;
     }
-    if (bs->auto_named || has_parent(bs)) {
+    if (bs->auto_named) {
         error_setg(errp, "Node %s is not owned by the monitor", node_name);
         return -1;
     }
-    if (bs->refcnt > 1) {
+    if (bs->refcnt > 1 || has_parent(bs)) {
         error_setg(errp, "Block device %s is in use", node_name);
         return -1;
     }

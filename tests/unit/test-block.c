@@ -82,8 +82,9 @@ static void test_read_write_roundtrip(void **state)
     struct bnode *bs = add_file("f0", false);
     char w[4096], rd[4096];
     memset(w, 0x5a, sizeof(w));
-    assert_int_equal(run(bs, BREQ_WRITE, 8192, sizeof(w), w, BREQ_FUA), 0);
-    assert_int_equal(run(bs, BREQ_READ, 8192, sizeof(rd), rd, 0), 0);
+    /* inside the data extent, so the holes stay where the other tests expect them */
+    assert_int_equal(run(bs, BREQ_WRITE, (1 << 20) + 8192, sizeof(w), w, BREQ_FUA), 0);
+    assert_int_equal(run(bs, BREQ_READ, (1 << 20) + 8192, sizeof(rd), rd, 0), 0);
     assert_memory_equal(w, rd, sizeof(w));
     assert_int_equal(run(bs, BREQ_FLUSH, 0, 0, NULL, 0), 0);
     assert_int_equal(blockdev_del("f0", NULL), 0);
