@@ -530,6 +530,61 @@ def test_hard_del_while_open(impl, fuse, image):
     assert fx.daemon.alive()
 
 
+def _writers(path, n, started):
+    """n threads writing 64k blocks until the export goes; returns (threads, errnos)."""
+    import threading
+    errs = []
+    count = [0]
+    lock = threading.Lock()
+
+    def run(seed):
+        fd = os.open(path, os.O_RDWR)
+        block = random_bytes(65536, seed=seed)
+        off = 0
+        try:
+            while True:
+                os.pwrite(fd, block, off)
+                off = (off + 65536) % (4 * MiB)
+                with lock:
+                    count[0] += 1
+                    if count[0] == 200:
+                        started.set()
+        except OSError as e:
+            errs.append(e.errno)
+        finally:
+            errno_of(os.close, fd)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, errs
+
+
+@pytest.mark.parametrize("how", ["hard-del", "quit"])
+def test_removal_with_io_in_flight(impl, fuse, image, how):
+    import threading
+    fx = fuse(impl, image(4 * MiB))
+    qmp = fx.qmp()
+    started = threading.Event()
+    threads, errs = _writers(fx.mnt, 4, started)
+    assert started.wait(30)
+    if how == "hard-del":
+        qmp.execute("block-export-del", id="f", mode="hard")
+        qmp.wait_event("BLOCK_EXPORT_DELETED")
+    else:
+        qmp.execute("quit")
+        fx.daemon.wait_exit()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert not mounted(fx.mnt)
+    # every writer was told the server went away
+    assert errs and set(errs) <= {errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.EIO}
+    if how == "hard-del":
+        assert fx.daemon.alive()
+        assert qmp.execute("query-block-exports") == []
+
+
 def test_unmounted_behind_our_back(impl, fuse, image):
     # fusermount3 -u while the daemon runs: the export notices, stays listed,
     # and can still be deleted; the daemon keeps serving QMP
