@@ -193,9 +193,16 @@ static bool fuse_export_in_use(struct export *e)
 
 static void fuse_export_shutdown(struct export *e, enum export_remove_mode mode)
 {
+    struct fuse_export *exp = to_fuse(e);
+
     /* Every mode ends the same way for a mount: no new requests, answer
-     * those in flight, unmount (lazily: open handles then see ENOTCONN). */
-    fuse_session_stop(to_fuse(e));
+     * those in flight, unmount (lazily: open handles then see ENOTCONN).
+     * The registry may call again to escalate (quit after a pending
+     * removal): once is enough, and a second stop could race the free. */
+    if (exp->stop_requested)
+        return;
+    exp->stop_requested = true;
+    fuse_session_stop(exp);
 }
 
 static void fuse_export_free(struct export *e)

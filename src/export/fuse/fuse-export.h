@@ -67,6 +67,7 @@ struct fuse_export {
     mode_t st_mode;
     uid_t st_uid;
     gid_t st_gid;
+    bool stop_requested;        /* main thread: shutdown() already ran */
     /* Path of the leaf file for st_blocks, or NULL. */
     char *alloc_path;
 
