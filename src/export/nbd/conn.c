@@ -240,6 +240,19 @@ void nbd_conn_close_remote(struct nbd_conn *c, const char *reason)
         loop_call(c->loop, nbd_conn_close_cb, c);
 }
 
+/* Main thread: close the connections attached to exp (NULL: those still
+ * negotiating).  Closing one may finalize (free) it, never another. */
+void nbd_conns_close(struct nbd_export *exp, const char *reason)
+{
+    struct nbd_conn *c, *next;
+
+    for (c = nbd_srv.conns; c; c = next) {
+        next = c->next;
+        if (c->exp == exp)
+            nbd_conn_close_remote(c, reason);
+    }
+}
+
 /* ---- moving to the export's loop after NBD_OPT_GO ---- */
 
 static void nbd_conn_attach_cb(void *opaque)

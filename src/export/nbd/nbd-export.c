@@ -120,13 +120,6 @@ static void nbd_exp_maybe_done(struct nbd_export *exp)
     }
 }
 
-static void nbd_exp_close_clients(struct nbd_export *exp)
-{
-    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
-        if (c->exp == exp)
-            nbd_conn_close_remote(c, "export removed");
-}
-
 static void nbd_exp_shutdown(struct export *e, enum export_remove_mode mode)
 {
     struct nbd_export *exp = (struct nbd_export *)e;
@@ -135,7 +128,7 @@ static void nbd_exp_shutdown(struct export *e, enum export_remove_mode mode)
     if (mode == EXPORT_DEL_SOFT)
         __atomic_store_n(&exp->soft, 1, __ATOMIC_RELEASE);
     if (mode == EXPORT_DEL_HARD)
-        nbd_exp_close_clients(exp);
+        nbd_conns_close(exp, "export removed");
     nbd_exp_maybe_done(exp);
 }
 
@@ -172,9 +165,7 @@ void nbd_exports_close_all(void)
             block_export_del(e->common.id, EXPORT_DEL_HARD, NULL);
     }
     /* connections still negotiating have no export to follow */
-    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
-        if (!c->exp)
-            nbd_conn_close_remote(c, "server stopped");
+    nbd_conns_close(NULL, "server stopped");
 }
 
 static const struct export_type nbd_export_type = {

@@ -183,6 +183,7 @@ bool nbd_conn_tryref(struct nbd_conn *c);
 void nbd_conn_unref(struct nbd_conn *c);
 void nbd_conn_close(struct nbd_conn *c, const char *reason);
 void nbd_conn_close_remote(struct nbd_conn *c, const char *reason);  /* main thread */
+void nbd_conns_close(struct nbd_export *exp, const char *reason);      /* main thread */
 void nbd_conn_update_watch(struct nbd_conn *c);
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */
 void nbd_conn_flush(struct nbd_conn *c);
