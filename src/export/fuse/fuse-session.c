@@ -88,6 +88,8 @@ void fuse_ioreq_put(struct fuse_ioreq *r)
 
     buf_pool_put(exp, r->mem);
     r->mem = NULL;
+    free(r->rmw_work);
+    r->rmw_work = NULL;
     if (exp->req_pool_len < FUSE_POOL_KEEP) {
         r->next_free = exp->req_pool;
         exp->req_pool = r;
@@ -106,9 +108,9 @@ int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
 
     /* O_DIRECT nodes need aligned memory: copy then (the payload sits
      * just after the request header, at no useful alignment). */
-    bool aligned = exp->common.node->request_alignment <= 1;
+    bool any_alignment = exp->common.node->request_alignment <= 1;
 
-    if (aligned && mem && !(exp->fbuf.flags & FUSE_BUF_IS_FD) &&
+    if (any_alignment && mem && !(exp->fbuf.flags & FUSE_BUF_IS_FD) &&
         (const char *)data >= mem &&
         (const char *)data + len <= mem + exp->fbuf.size) {
         r->mem = mem;                 /* steal: the next receive uses another */
