@@ -305,3 +305,38 @@ def test_writethrough(impl, served):
     d, sock, img = served(impl, ",writethrough=on")
     assert vub(sock, "write", 0, 4096, 11) == {"status": 0}
     assert vub(sock, "info")["wce"] == 0
+
+
+def test_fd_address(impl, image, tmpdir_short):
+    """addr.type=fd: a listening socket inherited from the parent."""
+    import socket
+    from conftest import IMPLS
+    need_client()
+    img = image(SIZE)
+    path = os.path.join(tmpdir_short, "fd.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(1)
+    fd = ls.fileno()
+    pidfile = os.path.join(tmpdir_short, "fd.pid")
+    r = subprocess.run([IMPLS[impl], "--blockdev", "driver=file,node-name=disk,filename=" + img,
+                        "--export", "type=vhost-user-blk,id=vub0,node-name=disk,writable=on,"
+                        "addr.type=fd,addr.str=%d" % fd, "--daemonize", "--pidfile", pidfile],
+                       pass_fds=[fd], capture_output=True, timeout=30)
+    ls.close()
+    assert r.returncode == 0, r.stderr
+    pid = int(open(pidfile).read())
+    try:
+        assert vub(path, "write", 0, 4096, 8) == {"status": 0}
+        assert vub(path, "info")["capacity"] == SIZE // 512      # and again: listens again
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_fd_address_not_a_socket(impl, image):
+    img = image(SIZE)
+    rc, err = run_daemon_expect_fail(impl, ["--blockdev", "driver=file,node-name=disk,filename=" + img,
+                                            "--export", "type=vhost-user-blk,id=vub0,node-name=disk,"
+                                            "addr.type=fd,addr.str=99"])
+    assert rc == 1
+    assert err.strip().endswith(": File descriptor '99' is not a socket"), err
