@@ -189,6 +189,9 @@ static json_t *execute(const char *cmd, json_t *args, json_int_t id)
         if (err) {
             fprintf(stderr, "%s: %s\n", json_string_value(json_object_get(err, "class")),
                     json_string_value(json_object_get(err, "desc")));
+            json_decref(m);
+            json_decref(args);
+            free(rbuf);
             exit(EXIT_QMP);
         }
         json_t *ret = json_incref(json_object_get(m, "return"));

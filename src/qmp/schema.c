@@ -856,12 +856,13 @@ static json_t *intro_entity(json_t *def, const char *meta)
 
     if (asprintf(&an, "q_obj_%s-arg", name) < 0)
         abort();
-    CLEANUP_FREE char *arg = data ? intro_type(data, an) : intro_type(json_object(), "q_empty");
+    CLEANUP_JSON json_t *empty = json_object();
+    CLEANUP_FREE char *arg = intro_type(data ? data : empty, data ? an : "q_empty");
     free(an);
     json_object_set_new(info, "arg-type", json_string(arg));
     if (!strcmp(meta, "command")) {
         json_t *ret = json_object_get(def, "returns");
-        CLEANUP_FREE char *rt = ret ? intro_type(ret, NULL) : intro_type(json_object(), "q_empty");
+        CLEANUP_FREE char *rt = intro_type(ret ? ret : empty, ret ? NULL : "q_empty");
         json_object_set_new(info, "ret-type", json_string(rt));
         json_object_set_new(info, "allow-oob", json_false());
     }
