@@ -12,6 +12,7 @@
 #       randread-4k-qd1 (default: randread-4k-qd32,write-1m-qd8)
 #   -i  comma list of: fio-rbd, bexd, qsd (default: all three)
 #   BEXD=path  the bexd binary (default build/bexd)
+#   NODE_OPTS=",cache.direct=on"  appended to the rbd node options of both
 #
 # Each server exports the image with the same command line (rbd node with
 # conf=, NBD server on a UNIX socket, writable export); fio's nbd engine is
@@ -79,7 +80,7 @@ start_server() {   # start_server IMPL
     local bin=$BEXD
     [ "$1" = qsd ] && bin=qemu-storage-daemon
     rm -f "$SOCK" "$WORK/pid"
-    "$bin" --blockdev "driver=rbd,node-name=r0,pool=rbd,image=$IMG,conf=$CEPH_CONF" \
+    "$bin" --blockdev "driver=rbd,node-name=r0,pool=rbd,image=$IMG,conf=$CEPH_CONF${NODE_OPTS:-}" \
         --nbd-server "addr.type=unix,addr.path=$SOCK" \
         --export "type=nbd,id=e0,node-name=r0,name=,writable=on" \
         --daemonize --pidfile "$WORK/pid"

@@ -10,8 +10,10 @@ turns I/O into EIO while the daemon keeps serving other exports and
 recovers when the cluster returns, and a second writer is refused by the
 image's exclusive lock.
 """
+import base64
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -197,6 +199,21 @@ def test_key_secret(impl, ceph, rbd_image, start_daemon, tmpdir_short):
     nodes = q.execute("query-named-block-nodes")
     assert [(n["node-name"], n["drv"], n["image"]["virtual-size"]) for n in nodes] == \
         [("r0", "rbd", SIZE)]
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
+def test_encrypted_key_secret(impl, ceph, rbd_image, start_daemon):
+    # libvirt's way: the key AES-256-CBC encrypted with a master secret
+    master, iv = os.urandom(32), os.urandom(16)
+    enc = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", master.hex(), "-iv", iv.hex()],
+                         input=base64.b64decode(ceph.key()), stdout=subprocess.PIPE,
+                         check=True).stdout
+    q = start_daemon(impl).qmp()
+    q.execute("object-add", qom_type="secret", id="master",
+              data=base64.b64encode(master).decode(), format="base64")
+    q.execute("object-add", qom_type="secret", id="k0", keyid="master", format="base64",
+              data=base64.b64encode(enc).decode(), iv=base64.b64encode(iv).decode())
+    q.execute("blockdev-add", **key_args(ceph, rbd_image, "k0"))
 
 
 def test_unreachable_monitor_fails_in_bounded_time(ceph, start_daemon):
