@@ -46,6 +46,7 @@
 #include "util/sockets.h"
 #include "qmp/qmp.h"
 
+#define VUB_EARLY_NOTIFY_BYTES (256u << 10)
 #define VUB_MAX_IOV 258          /* seg_max + header + status, with room for region splits */
 
 struct vub_queue;
@@ -70,6 +71,7 @@ struct vub_queue {
     struct loop_defer notify;
     bool notify_queued;
     bool starved;
+    uint64_t unsignalled_bytes;  /* completed since the last signal */
 };
 
 struct vub_client {
@@ -105,6 +107,7 @@ static void maybe_finish(struct vub_export *vx);
 /* ---- completions -------------------------------------------------------------- */
 
 static void client_try_free(struct vub_client *cl);
+static void notify_now(struct vub_queue *q);
 
 static void notify_fn(void *opaque)
 {
@@ -116,12 +119,21 @@ static void notify_fn(void *opaque)
         client_try_free(q->cl);
         return;
     }
-    if (vq->q.used && vq->call_fd >= 0 && virtq_should_notify(&vq->q))
-        eventfd_write(vq->call_fd, 1);
+    notify_now(q);
     if (q->starved && vq->started) {
         q->starved = false;
         process_queue(q);
     }
+}
+
+/* Signal the guest now if it wants it (EVENT_IDX permitting). */
+static void notify_now(struct vub_queue *q)
+{
+    struct vu_vq *vq = q->vq;
+
+    q->unsignalled_bytes = 0;
+    if (vq->q.used && vq->call_fd >= 0 && virtq_should_notify(&vq->q))
+        eventfd_write(vq->call_fd, 1);
 }
 
 static void schedule_notify(struct vub_queue *q)
@@ -160,7 +172,15 @@ static void slot_push(struct vub_slot *s, uint32_t len)
 
     if (!q->cl->dead && s->gen == q->vq->gen && q->vq->q.used) {
         virtq_push(&q->vq->q, s->head, len);
-        schedule_notify(q);
+        /* Small requests are signalled in one batch per loop iteration;
+         * after large ones (page-cache hits complete inline, one after
+         * the other) the guest hears at once and can refill the ring
+         * while the next ones are copied. */
+        q->unsignalled_bytes += s->r.breq.len;
+        if (q->unsignalled_bytes >= VUB_EARLY_NOTIFY_BYTES)
+            notify_now(q);
+        else
+            schedule_notify(q);
     }
 }
 
@@ -185,6 +205,7 @@ static struct vub_slot *slot_get(struct vub_queue *q)
     s->gen = q->vq->gen;
     s->mem = q->cl->conn.mem;
     vq_mem_ref(s->mem);
+    s->r.breq.len = 0;
     return s;
 }
 
