@@ -8,10 +8,12 @@
  * A monitor attached to a chardev greets each client, reads bytes into a
  * QEMU-compatible JSON stream (json-stream.c), dispatches each complete
  * request and queues the response.  Output is written without blocking;
- * while more than MON_OUT_PAUSE bytes wait, input is not read (so a client
- * that does not read cannot make the daemon buffer replies without bound),
- * and a client whose queue passes MON_OUT_MAX (events pile up too) is
- * dropped.  A client that goes away loses only its own state.
+ * while more than MON_OUT_PAUSE bytes wait, no further request is taken:
+ * the rest of the bytes read stay in the input buffer and the socket is not
+ * read (so a client that does not read cannot make the daemon buffer
+ * replies without bound); when the output drains, a deferred call resumes
+ * the input.  A client whose queue passes MON_OUT_MAX (events pile up too)
+ * is dropped.  A client that goes away loses only its own state.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -57,6 +59,9 @@ struct monitor {
     struct qmp_session session;
     char *out;
     size_t out_len, out_cap, out_off;
+    char *in;                          /* bytes read, not yet fed */
+    size_t in_len, in_off;
+    struct loop_defer resume;
     struct monitor *next;
 };
 
@@ -132,6 +137,11 @@ static void mon_send(struct monitor *m, json_t *msg)
 /* ------------------------------------------------------------------ */
 /* Input */
 
+static bool mon_output_full(struct monitor *m)
+{
+    return m->out_len - m->out_off > MON_OUT_PAUSE;
+}
+
 static void mon_message(void *opaque, json_t *value, error *err)
 {
     struct monitor *m = opaque;
@@ -145,23 +155,46 @@ static void mon_message(void *opaque, json_t *value, error *err)
     }
     mon_send(m, rsp);
     json_decref(rsp);
+    if (m->js && (m->in_fd < 0 || mon_output_full(m)))
+        json_stream_stop(m->js);
+}
+
+/* Feed buffered input until it is used up or the output is too full. */
+static void mon_process_input(struct monitor *m)
+{
+    while (m->in_fd >= 0 && m->in_off < m->in_len && !mon_output_full(m)) {
+        struct json_stream *js = m->js;
+        m->in_off += json_stream_feed(js, m->in + m->in_off, m->in_len - m->in_off);
+    }
+    if (m->in_fd >= 0 && m->in_off == m->in_len)
+        m->in_off = m->in_len = 0;
+    mon_update_watches(m);
+}
+
+static void mon_resume(void *opaque)
+{
+    mon_process_input(opaque);
 }
 
 static void mon_readable(void *opaque, uint32_t revents)
 {
     struct monitor *m = opaque;
-    char buf[MON_READ_CHUNK];
-    ssize_t n = read(m->in_fd, buf, sizeof(buf));
+    if (m->in_off < m->in_len)
+        return;             /* still working through the last read */
+    if (!m->in && !(m->in = malloc(MON_READ_CHUNK))) {
+        mon_client_close(m);
+        return;
+    }
+    ssize_t n = read(m->in_fd, m->in, MON_READ_CHUNK);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
     if (n <= 0) {
         mon_client_close(m);
         return;
     }
-    /* mon_message may close the client (write error): feed in a loop
-     * that notices. */
-    struct json_stream *js = m->js;
-    json_stream_feed(js, buf, n);
+    m->in_off = 0;
+    m->in_len = n;
+    mon_process_input(m);
 }
 
 static void mon_writable(void *opaque, uint32_t revents)
@@ -179,7 +212,13 @@ static void mon_update_watches(struct monitor *m)
     if (m->in_fd < 0)
         return;
     size_t pending = m->out_len - m->out_off;
-    uint32_t in_ev = pending > MON_OUT_PAUSE ? 0 : LOOP_IN;
+    bool full = pending > MON_OUT_PAUSE, unfed = m->in_off < m->in_len;
+    uint32_t in_ev = full || unfed ? 0 : LOOP_IN;
+    if (!full && unfed && !m->resume.pending) {
+        m->resume.fn = mon_resume;
+        m->resume.opaque = m;
+        loop_defer(loop_main(), &m->resume);
+    }
     if (m->in_fd == m->out_fd) {
         loop_watch_set(m->in_watch, in_ev | (pending ? LOOP_OUT : 0));
         return;
@@ -233,11 +272,15 @@ static void mon_client_close(struct monitor *m)
         /* stop further callbacks into this monitor from the old stream */
         struct json_stream *old = m->js;
         m->js = NULL;
+        json_stream_stop(old);     /* if closing from inside its callback */
         loop_call(loop_main(), free_stream, old);
     }
     free(m->out);
     m->out = NULL;
     m->out_len = m->out_cap = m->out_off = 0;
+    free(m->in);
+    m->in = NULL;
+    m->in_len = m->in_off = 0;
     m->session = (struct qmp_session){ 0 };
     if (m->chr->kind == CHR_SOCKET)
         chardev_listen_enable(m->chr, true);
@@ -247,6 +290,7 @@ static void mon_client_open(struct monitor *m, int in_fd, int out_fd)
 {
     m->in_fd = in_fd;
     m->out_fd = out_fd;
+    m->in_off = m->in_len = 0;
     m->js = json_stream_new(mon_message, m);
     m->session = (struct qmp_session){ .oob_offered = true };   /* qsd offers it on stdio too */
     if (in_fd == out_fd) {

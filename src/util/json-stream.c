@@ -51,6 +51,7 @@ struct json_stream {
     char *text;                /* all collected token texts, back to back */
     size_t text_len, text_cap;
     long brace, bracket;
+    bool stop;                 /* set by the callback: json_stream_stop() */
 };
 
 /* ------------------------------------------------------------------ */
@@ -604,12 +605,23 @@ void json_stream_free(struct json_stream *js)
     free(js);
 }
 
-void json_stream_feed(struct json_stream *js, const char *buf, size_t len)
+size_t json_stream_feed(struct json_stream *js, const char *buf, size_t len)
 {
+    js->stop = false;
     for (size_t i = 0; i < len; i++) {
         while (!lex_char(js, (unsigned char)buf[i]))
             ;
+        if (js->stop) {
+            js->stop = false;
+            return i + 1;
+        }
     }
+    return len;
+}
+
+void json_stream_stop(struct json_stream *js)
+{
+    js->stop = true;
 }
 
 void json_stream_flush(struct json_stream *js)

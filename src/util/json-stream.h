@@ -26,8 +26,12 @@ typedef void json_stream_fn(void *opaque, json_t *value, error *err);
 struct json_stream;
 struct json_stream *json_stream_new(json_stream_fn *fn, void *opaque);
 void json_stream_free(struct json_stream *js);
-/* Feed bytes; fn may run several times.  fn must not free js. */
-void json_stream_feed(struct json_stream *js, const char *buf, size_t len);
+/* Feed bytes; fn may run several times.  fn must not free js.  Returns the
+ * number of bytes taken: all of them, unless fn called json_stream_stop(),
+ * in which case feeding stops right after the value that fn received. */
+size_t json_stream_feed(struct json_stream *js, const char *buf, size_t len);
+/* From fn: take no more bytes in the current json_stream_feed(). */
+void json_stream_stop(struct json_stream *js);
 /* End of input: flush a pending token/value. */
 void json_stream_flush(struct json_stream *js);
 

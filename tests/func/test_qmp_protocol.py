@@ -226,6 +226,23 @@ def test_slow_reader_does_not_block_others(impl, start_daemon, tmpdir_short):
     m2.close()
 
 
+def test_pipelined_requests_all_answered_in_order(impl, start_daemon):
+    """Many requests in one go, replies read only later: the daemon takes
+    them as its output drains (bexd pauses input past 1 MiB of unsent
+    replies) and answers every one, in order."""
+    import threading
+    d = start_daemon(impl)
+    m = d.qmp()
+    n = 5000
+    data = "".join('{"execute":"query-version","id":%d}\n' % i for i in range(n)).encode()
+    t = threading.Thread(target=m.sock.sendall, args=(data,))
+    t.start()
+    for i in range(n):
+        r = m.recv()
+        assert r["id"] == i and "return" in r
+    t.join()
+
+
 def test_events_on_every_negotiated_monitor(impl, start_daemon, tmpdir_short):
     path2 = os.path.join(tmpdir_short, "mon2.sock")
     path3 = os.path.join(tmpdir_short, "mon3.sock")
