@@ -19,6 +19,7 @@
 #include "qmp/schema.h"
 #include "util/cleanup.h"
 #include "util/loop.h"
+#include "util/sockets.h"
 
 static struct qmp_cmd *commands;
 void (*qmp_quit_hook)(void);
@@ -186,7 +187,9 @@ static json_t *run_command(const char *name, bool oob, json_t *args,
     if (!checked)
         return NULL;
     error *err = NULL;
+    socket_set_monitor_context(true);
     json_t *ret = cmd->fn(checked, &err);
+    socket_set_monitor_context(false);
     if (err) {
         json_decref(ret);
         error_propagate(errp, err);

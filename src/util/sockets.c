@@ -134,7 +134,7 @@ static int inet_bind_one(struct addrinfo *e, json_t *addr, int port_min, int por
         if (bind(fd, e->ai_addr, e->ai_addrlen) < 0) {
             if (errno == EADDRINUSE && p < port_max)
                 continue;
-            if (errno == EADDRINUSE && port_max != port_min) {
+            if (errno == EADDRINUSE) {
                 error_setg_errno(errp, errno, "Failed to find an available port");
                 return -1;
             }
@@ -212,12 +212,23 @@ static int inet_listen(json_t *addr, int backlog, int fds[], int max_fds, error 
 
 /* ---- fd, vsock ---- */
 
+static bool monitor_context;
+
+void socket_set_monitor_context(bool in_monitor)
+{
+    monitor_context = in_monitor;
+}
+
 static int fd_listen(json_t *addr, int backlog, int *fdp, error **errp)
 {
     const char *s = jstr(addr, "str");
     char *end;
     struct stat st;
 
+    if (monitor_context) {
+        error_setg(errp, "only QEMU supports file descriptor passing");
+        return -1;
+    }
     errno = 0;
     long v = strtol(s, &end, 10);
     if (!*s || *end || errno || v < 0 || v > INT_MAX) {

@@ -19,3 +19,6 @@ void socket_address_cleanup(json_t *addr);
 /* Human form, e.g. "unix:/tmp/s" or "127.0.0.1:10809"; caller frees. */
 char *socket_address_str(json_t *addr);
 int socket_set_nonblock(int fd, bool nonblock);
+/* Set while a QMP command runs: like qsd, "fd" addresses are then refused
+ * (file descriptor passing over QMP is not supported). */
+void socket_set_monitor_context(bool in_monitor);
