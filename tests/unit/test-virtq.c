@@ -325,6 +325,60 @@ static void test_iov_helpers(void **state)
     assert_int_equal(v[0].iov_len, 3);
 }
 
+static uint64_t rnd(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+/* Random descriptor tables and avail rings: every iovec handed out lies
+ * inside guest memory, and pop never loops or crashes. */
+static void test_random_rings(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+#define RND() rnd(&x)
+    for (int round = 0; round < 2000; round++) {
+        virtq_attach(&f->vq, QN, f->desc, f->avail, f->used, 0, round & 1);
+        f->avail->idx = 0;
+        for (unsigned i = 0; i < QN; i++) {
+            uint64_t r = RND();
+            uint64_t addr = (r & 7) == 0 ? RND() : GPA_BASE + (RND() % (MEMSZ + 4096)) - 2048;
+            uint32_t len = (r >> 8) & 1 ? RND() % 65536 : RND();
+            uint16_t flags = (r >> 16) & 7;
+            if (flags & VRING_DESC_F_INDIRECT && (r >> 20) & 1) {   /* a plausible table */
+                addr = GPA_BASE + 0x40000 + (RND() % 64) * 16;
+                len = 16 * (1 + RND() % 8);
+            }
+            set_desc(f->desc, i, addr, len, flags, (r >> 24) % (QN + 2));
+        }
+        struct vring_desc *it = (void *)(f->buf + 0x40000);
+        for (unsigned i = 0; i < 128; i++) {
+            uint64_t a = GPA_BASE + RND() % MEMSZ;
+            uint32_t l = RND() % 8192;
+            uint16_t fl = RND() & 7;
+            set_desc(it, i, a, l, fl, RND() % 10);
+        }
+        unsigned n = RND() % (QN + 2);
+        for (unsigned i = 0; i < n; i++)
+            offer(f, RND() % (QN + 1));
+        for (unsigned k = 0; k < QN + 2; k++) {
+            int r = virtq_pop(&f->vq, f->m, &f->e);
+            if (r == 0 || r == -EPROTO)
+                break;
+            if (r < 0)
+                continue;
+            for (unsigned j = 0; j < f->e.out_num + f->e.in_num; j++) {
+                uint8_t *b = f->iov[j].iov_base;
+                assert_true(b >= f->buf && b + f->iov[j].iov_len <= f->buf + MEMSZ);
+            }
+        }
+    }
+#undef RND
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -343,6 +397,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_push_and_notify, setup, teardown),
         cmocka_unit_test_setup_teardown(test_event_idx, setup, teardown),
         cmocka_unit_test(test_iov_helpers),
+        cmocka_unit_test_setup_teardown(test_random_rings, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
