@@ -4,10 +4,13 @@
  *
  * Theory of operation.
  *
- * Open (main thread, blocking but bounded): one librados cluster handle per
- * node, configured like QEMU (conf file, user, mon_host from server=, the
- * key from a secret object, auth_client_required, rbd_cache off for
- * cache.direct=on).  Unless the configuration says otherwise, librados'
+ * Open (main thread, blocking but bounded): a librados handle configured
+ * like QEMU's (conf file, user, mon_host from server=, the key from a
+ * secret object, auth_client_required, rbd_cache off for cache.direct=on).
+ * Unlike QEMU, nodes opened with the same connection options share one
+ * connected handle (refcounted): a handle costs ~15 threads and a session
+ * with every OSD, which would bound the number of exports per daemon.  A
+ * handle that gets blocklisted (fenced) is not handed to new nodes.  Unless the configuration says otherwise, librados'
  * open-ended waits are bounded (client_mount_timeout, rados_mon_op_timeout,
  * rados_osd_op_timeout): an unreachable cluster fails blockdev-add within
  * seconds, and I/O to a cluster that stops answering fails with EIO instead
@@ -65,11 +68,23 @@ struct rbd_chan {
     struct rbd_chan *next;
 };
 
+/* One librados connection, shared by the nodes opened with the same
+ * connection options (main thread only, except `poisoned`). */
+struct rbd_cluster {
+    char *id;                       /* the options, key included (wiped) */
+    rados_t handle;
+    int refcnt;
+    bool poisoned;                  /* atomic: blocklisted, not for new nodes */
+    struct rbd_cluster *next;
+};
+
+static struct rbd_cluster *clusters;
+
 struct rbd_state {
-    rados_t cluster;
+    struct rbd_cluster *cl;
     rados_ioctx_t ioctx;
     rbd_image_t image;
-    bool have_cluster, have_ioctx, have_image;
+    bool have_ioctx, have_image;
     char *image_name;
     uint64_t object_size;
     bool lock_held;
@@ -141,6 +156,8 @@ static void op_finish(struct breq *r)
     if (ret < 0) {
         if (ret == -ETIMEDOUT)
             __atomic_store_n(&s->failing, true, __ATOMIC_RELAXED);
+        if (ret == -ESHUTDOWN)          /* librados' EBLOCKLISTED: fenced */
+            __atomic_store_n(&s->cl->poisoned, true, __ATOMIC_RELAXED);
         log_debug("rbd %s: %s at %" PRIu64 "+%" PRIu64 " failed: %s", s->image_name,
                   r->stage == ST_FUA_FLUSH ? "flush" : "request", r->drv_offset, r->len,
                   strerror(-ret));
@@ -283,7 +300,7 @@ static void conf_default(rados_t c, const char *opt, const char *librados_defaul
         rados_conf_set(c, opt, ours);
 }
 
-static int set_auth(rados_t c, json_t *opts, error **errp)
+static int set_auth(rados_t c, json_t *opts, char **key_out, error **errp)
 {
     const char *secret_id = qmp_str(opts, "key-secret", NULL);
     json_t *acr = json_object_get(opts, "auth-client-required");
@@ -294,8 +311,7 @@ static int set_auth(rados_t c, json_t *opts, error **errp)
         if (!key)
             return -EIO;
         r = rados_conf_set(c, "key", key);
-        explicit_bzero(key, strlen(key));
-        free(key);
+        *key_out = key;
         if (r < 0) {
             error_setg_errno(errp, -r, "Could not set 'key'");
             return r;
@@ -321,48 +337,124 @@ static int set_auth(rados_t c, json_t *opts, error **errp)
     return 0;
 }
 
-static int connect_cluster(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
+static void wipe_free(char *p)
+{
+    if (p) {
+        explicit_bzero(p, strlen(p));
+        free(p);
+    }
+}
+
+/* What makes two nodes' connections interchangeable. */
+static char *cluster_id(struct bnode *bs, json_t *opts, const char *key)
+{
+    CLEANUP_JSON json_t *o = json_pack("{s:O?,s:O?,s:O?,s:O?,s:s?,s:b}",
+        "conf", json_object_get(opts, "conf"), "user", json_object_get(opts, "user"),
+        "server", json_object_get(opts, "server"),
+        "auth", json_object_get(opts, "auth-client-required"), "key", key,
+        "direct", bs->cache_direct);
+    char *id = o ? json_dumps(o, JSON_SORT_KEYS | JSON_COMPACT) : NULL;
+    if (!id)
+        abort();
+    return id;
+}
+
+static struct rbd_cluster *cluster_find(const char *id)
+{
+    for (struct rbd_cluster *c = clusters; c; c = c->next)
+        if (!strcmp(c->id, id) && !__atomic_load_n(&c->poisoned, __ATOMIC_RELAXED))
+            return c;
+    return NULL;
+}
+
+static void cluster_put(struct rbd_cluster *c)
+{
+    if (--c->refcnt > 0)
+        return;
+    for (struct rbd_cluster **p = &clusters; *p; p = &(*p)->next)
+        if (*p == c) {
+            *p = c->next;
+            break;
+        }
+    rados_shutdown(c->handle);
+    wipe_free(c->id);
+    free(c);
+}
+
+/* Configure a handle as QEMU does (errors in QEMU's order), then reuse a
+ * connected one with the same options, or connect this one. */
+static int cluster_get(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
 {
     const char *conf = qmp_str(opts, "conf", NULL);
-    const char *pool = qmp_str(opts, "pool", "");
-    const char *ns = qmp_str(opts, "namespace", NULL);
     json_t *servers = json_object_get(opts, "server");
+    char *key = NULL;
+    rados_t h;
     int r;
 
-    r = rados_create(&s->cluster, qmp_str(opts, "user", NULL));
+    r = rados_create(&h, qmp_str(opts, "user", NULL));
     if (r < 0) {
         error_setg_errno(errp, -r, "error initializing");
         return r;
     }
-    s->have_cluster = true;
     /* conf absent: the default locations, failure ignored (as QEMU) */
-    r = rados_conf_read_file(s->cluster, conf);
+    r = rados_conf_read_file(h, conf);
     if (conf && r < 0) {
         error_setg_errno(errp, -r, "error reading conf file %s", conf);
-        return r;
+        goto fail;
     }
     if (servers && json_array_size(servers)) {
         CLEANUP_FREE char *mon_host = mon_host_string(servers);
-        r = rados_conf_set(s->cluster, "mon_host", mon_host);
+        r = rados_conf_set(h, "mon_host", mon_host);
         if (r < 0) {
             error_setg_errno(errp, -r, "Could not set 'mon_host'");
-            return r;
+            goto fail;
         }
     }
-    r = set_auth(s->cluster, opts, errp);
+    r = set_auth(h, opts, &key, errp);
     if (r < 0)
-        return r;
-    rados_conf_set(s->cluster, "rbd_cache", bs->cache_direct ? "false" : "true");
-    conf_default(s->cluster, "client_mount_timeout", "300", RBD_MOUNT_TIMEOUT);
-    conf_default(s->cluster, "rados_mon_op_timeout", "0", RBD_MON_OP_TIMEOUT);
-    conf_default(s->cluster, "rados_osd_op_timeout", "0", RBD_OSD_OP_TIMEOUT);
+        goto fail;
+    rados_conf_set(h, "rbd_cache", bs->cache_direct ? "false" : "true");
+    conf_default(h, "client_mount_timeout", "300", RBD_MOUNT_TIMEOUT);
+    conf_default(h, "rados_mon_op_timeout", "0", RBD_MON_OP_TIMEOUT);
+    conf_default(h, "rados_osd_op_timeout", "0", RBD_OSD_OP_TIMEOUT);
 
-    r = rados_connect(s->cluster);
+    char *id = cluster_id(bs, opts, key);
+    wipe_free(key);
+    key = NULL;
+    s->cl = cluster_find(id);
+    if (s->cl) {
+        wipe_free(id);
+        rados_shutdown(h);
+        s->cl->refcnt++;
+        return 0;
+    }
+    r = rados_connect(h);
     if (r < 0) {
         error_setg_errno(errp, -r, "error connecting");
-        return r;
+        wipe_free(id);
+        goto fail;
     }
-    r = rados_ioctx_create(s->cluster, pool, &s->ioctx);
+    s->cl = calloc(1, sizeof(*s->cl));
+    if (!s->cl)
+        abort();
+    *s->cl = (struct rbd_cluster){ .id = id, .handle = h, .refcnt = 1, .next = clusters };
+    clusters = s->cl;
+    return 0;
+
+fail:
+    wipe_free(key);
+    rados_shutdown(h);
+    return r;
+}
+
+static int connect_cluster(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
+{
+    const char *pool = qmp_str(opts, "pool", "");
+    const char *ns = qmp_str(opts, "namespace", NULL);
+    int r = cluster_get(bs, s, opts, errp);
+    if (r < 0)
+        return r;
+    r = rados_ioctx_create(s->cl->handle, pool, &s->ioctx);
     if (r < 0) {
         error_setg_errno(errp, -r, "error opening pool %s", pool);
         return r;
@@ -392,8 +484,8 @@ static void state_free(struct rbd_state *s)
         rbd_close(s->image);
     if (s->have_ioctx)
         rados_ioctx_destroy(s->ioctx);
-    if (s->have_cluster)
-        rados_shutdown(s->cluster);
+    if (s->cl)
+        cluster_put(s->cl);
     while (s->chans) {
         struct rbd_chan *c = s->chans;
         s->chans = c->next;

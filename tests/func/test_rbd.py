@@ -364,3 +364,35 @@ def test_iothread_export(ceph, rbd_image, start_daemon, tmpdir_short):
     h.shutdown()
     got = ceph.export_image(rbd_image, os.path.join(tmpdir_short, "e.img"))
     assert got[:len(data)] == data and got[len(data):] == bytes(SIZE - len(data))
+
+
+def test_nodes_share_one_cluster_connection(ceph, start_daemon, tmpdir_short):
+    # nodes opened with the same connection options share one librados
+    # handle (its ~15 threads): the second and third node add no thread,
+    # and deleting one leaves the others working
+    imgs = [ceph.new_image(prefix="share") for _ in range(3)]
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon("bexd", "--nbd-server", "addr.type=unix,addr.path=%s" % sock)
+    q = d.qmp()
+
+    def threads():
+        return len(os.listdir("/proc/%d/task" % d.pid))
+    counts = []
+    for i, img in enumerate(imgs):
+        q.execute("blockdev-add", driver="rbd", node_name="n%d" % i, pool="rbd", image=img,
+                  conf=ceph.conf)
+        q.execute("block-export-add", type="nbd", id="e%d" % i, node_name="n%d" % i,
+                  writable=True)
+        counts.append(threads())
+    assert counts[2] == counts[1] == counts[0]
+    q.execute("block-export-del", id="e0")
+    q.wait_event("BLOCK_EXPORT_DELETED")
+    q.execute("blockdev-del", node_name="n0")
+    for i in (1, 2):
+        h = handle(sock, "n%d" % i)
+        h.pwrite(pattern(4096, seed=i), 0)
+        h.flush()
+        assert h.pread(4096, 0) == pattern(4096, seed=i)
+        h.shutdown()
+    for img in imgs:
+        assert ceph.rbd("info", "rbd/" + img).returncode == 0
