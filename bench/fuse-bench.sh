@@ -65,11 +65,13 @@ JOBS=(
   "randread  4k psync  1 0"
   "read      1M psync  1 0"
 )
+# Rows alternate between the servers (one fresh daemon per row), so that the
+# load of a shared machine drifts over both alike.
 printf '%-5s %-32s %9s %9s %7s %9s\n' server workload IOPS MiB/s srvCPU% cpu_us/op
-for S in $SERVERS; do
-  start "$S" || continue
-  for J in "${JOBS[@]}"; do
-    [[ -n "${ONLY:-}" && ! "$J" =~ ${ONLY} ]] && continue
+for J in "${JOBS[@]}"; do
+  [[ -n "${ONLY:-}" && ! "$J" =~ ${ONLY} ]] && continue
+  for S in $SERVERS; do
+    start "$S" || continue
     set -- $J
     T0=$(cpu_ticks)
     R=$(fio --name=t --filename="$MNT" --rw="$1" --bs="$2" --ioengine="$3" --iodepth="$4" \
@@ -81,6 +83,6 @@ for S in $SERVERS; do
     CPU=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
           'BEGIN { s=t/hz; printf "%.0f %.1f", 100*s/rt, (i>0 ? 1e6*s/(i*rt) : 0) }')
     printf '%-5s %-32s %9s %9.0f %7s %9s\n' "$S" "$1 $2 $3 qd=$4 direct=$5" "$IOPS" "$MIBS" $CPU
+    stop
   done
-  stop
 done
