@@ -150,7 +150,7 @@ void nbd_conn_update_watch(struct nbd_conn *c)
         loop_watch_set(c->watch, ev);
 }
 
-static void nbd_conn_io(void *opaque, uint32_t revents)
+void nbd_conn_io(void *opaque, uint32_t revents)
 {
     struct nbd_conn *c = opaque;
 

@@ -252,6 +252,7 @@ static void opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *data, u
         c->eflags = hs_eflags(c, exp);
         if (c->meta_exp != exp || !c->structured)
             c->meta_base = c->meta_depth = false;
+        c->meta_depth = c->meta_depth && exp->alloc_depth;
         c->hs_state = HS_DONE;
         nbd_conn_attach(c, exp);
     }
@@ -296,7 +297,8 @@ static void handle_option(struct nbd_conn *c)
         nbd_conn_close(c, "option other than EXPORT_NAME from a non-fixed client");
         return;
     }
-    if (nbd_srv.tls_creds && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+    if (nbd_srv.tls_creds && c->tr == &nbd_plain_transport &&
+        opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
         if (opt == NBD_OPT_EXPORT_NAME) {
             nbd_conn_close(c, "TLS required");
             return;
@@ -317,11 +319,8 @@ static void handle_option(struct nbd_conn *c)
         opt_list(c, len);
         break;
     case NBD_OPT_STARTTLS:
-        if (nbd_srv.tls_creds)
-            nbd_opt_error(c, opt, NBD_REP_ERR_POLICY, "TLS is not supported by this server yet");
-        else
-            nbd_opt_error(c, opt, NBD_REP_ERR_POLICY, "TLS not configured");
-        break;
+        nbd_opt_starttls(c, len);   /* tls.c */
+        return;
     case NBD_OPT_INFO:
     case NBD_OPT_GO:
         opt_info_go(c, opt, data, len);

@@ -32,7 +32,8 @@
 #define NBD_SLOTS              64           /* requests in flight per connection */
 #define NBD_RX_BUF             (128u << 10) /* buffered socket reads */
 #define NBD_DIRECT_RECV        (64u << 10)  /* payloads above: recv into slot buffer */
-#define NBD_CONN_BUF_BUDGET    (512u << 20) /* slot buffers per connection */
+#define NBD_CONN_BUF_BUDGET    (128u << 20) /* slot buffers per connection */
+#define NBD_BUF_BUDGET         (1ull << 30) /* ... and for all connections */
 #define NBD_KEEP_BUF           (4u << 20)   /* slot buffers above: freed after use */
 #define NBD_MAX_EXTENTS        2048         /* block status descriptors per context */
 #define NBD_BLOCK_STATUS_MS    200          /* ... and time spent finding them */
@@ -96,6 +97,7 @@ struct nbd_transport {
     void (*close)(struct nbd_conn *c);      /* release (fd closed) */
 };
 extern const struct nbd_transport nbd_plain_transport;
+extern const struct nbd_transport nbd_tls_transport;   /* tls.c */
 
 /* ---- request slots ---- */
 enum nbd_slot_state { SLOT_FREE, SLOT_PAYLOAD, SLOT_IO, SLOT_REPLY };
@@ -185,10 +187,17 @@ void nbd_conn_close(struct nbd_conn *c, const char *reason);
 void nbd_conn_close_remote(struct nbd_conn *c, const char *reason);  /* main thread */
 void nbd_conns_close(struct nbd_export *exp, const char *reason);      /* main thread */
 void nbd_conn_update_watch(struct nbd_conn *c);
+void nbd_conn_io(void *opaque, uint32_t revents);   /* the socket watch's callback */
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */
 void nbd_conn_flush(struct nbd_conn *c);
 void nbd_conn_schedule_flush(struct nbd_conn *c);
 int  nbd_out_append(struct nbd_conn *c, const void *data, size_t len);
+
+/* tls.c: NBD_OPT_STARTTLS (answers and flushes itself); tls-creds of a
+ * server: checked at start, pinned while it runs */
+void nbd_opt_starttls(struct nbd_conn *c, uint32_t len);
+int  nbd_tls_check_creds(const char *id, error **errp);
+void nbd_tls_pin_creds(const char *id, bool pin);
 
 /* handshake.c */
 void nbd_handshake_start(struct nbd_conn *c);

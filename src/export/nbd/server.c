@@ -125,25 +125,12 @@ static void nbd_server_clear(void)
         json_decref(nbd_srv.addr);
     }
     nbd_srv.addr = NULL;
+    if (nbd_srv.tls_creds)
+        nbd_tls_pin_creds(nbd_srv.tls_creds, false);
     free(nbd_srv.tls_creds);
     free(nbd_srv.tls_authz);
     nbd_srv.tls_creds = nbd_srv.tls_authz = NULL;
     nbd_srv.running = false;
-}
-
-static int nbd_check_tls_creds(const char *id, error **errp)
-{
-    struct object *o = object_find(id);
-
-    if (!o) {
-        error_setg(errp, "No TLS credentials with id '%s'", id);
-        return -1;
-    }
-    if (strncmp(o->type->name, "tls-creds", 9) != 0) {
-        error_setg(errp, "Object with id '%s' is not TLS credentials", id);
-        return -1;
-    }
-    return 0;
 }
 
 int nbd_server_start(json_t *opts, error **errp)
@@ -158,7 +145,7 @@ int nbd_server_start(json_t *opts, error **errp)
         error_setg(errp, "NBD server already running");
         return -1;
     }
-    if (creds && nbd_check_tls_creds(creds, errp) < 0)
+    if (creds && nbd_tls_check_creds(creds, errp) < 0)
         return -1;
     n = socket_listen(addr, 128, fds, ARRAY_SIZE(fds), errp);
     if (n < 0)
@@ -166,6 +153,8 @@ int nbd_server_start(json_t *opts, error **errp)
     nbd_srv.running = true;
     nbd_srv.addr = json_deep_copy(addr);
     nbd_srv.tls_creds = creds ? strdup(creds) : NULL;
+    if (creds)
+        nbd_tls_pin_creds(creds, true);
     nbd_srv.tls_authz = authz ? strdup(authz) : NULL;
     nbd_srv.max_connections = qmp_int(opts, "max-connections", 0);
     nbd_srv.handshake_ms = nbd_handshake_limit_ms();

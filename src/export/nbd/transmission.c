@@ -49,6 +49,24 @@ uint32_t nbd_errno_to_wire(int err)
 
 /* ---- slots ---- */
 
+static size_t nbd_buf_global;   /* atomic: slot buffer bytes, all connections */
+
+static void buf_account(struct nbd_conn *c, ssize_t delta)
+{
+    c->buf_total += delta;
+    __atomic_add_fetch(&nbd_buf_global, delta, __ATOMIC_RELAXED);
+}
+
+/* Would a buffer for r exceed a budget?  A connection with nothing in
+ * flight may always go on (it could never be woken otherwise). */
+static bool over_budget(struct nbd_conn *c, struct nbd_slot *s, uint32_t len)
+{
+    if (c->busy_slots == 0 || s->bufsize >= len)
+        return false;
+    return c->buf_total + len > NBD_CONN_BUF_BUDGET ||
+           __atomic_load_n(&nbd_buf_global, __ATOMIC_RELAXED) + len > NBD_BUF_BUDGET;
+}
+
 int nbd_transmission_init(struct nbd_conn *c)
 {
     c->rx = malloc(NBD_RX_BUF);
@@ -72,6 +90,7 @@ void nbd_slots_free(struct nbd_conn *c)
         free(c->slots[i].buf);
         free(c->slots[i].ext);
     }
+    buf_account(c, -(ssize_t)c->buf_total);
     free(c->slots);
     c->slots = NULL;
 }
@@ -100,7 +119,7 @@ void nbd_slot_release(struct nbd_slot *s)
 
     if (s->bufsize > NBD_KEEP_BUF) {
         free(s->buf);
-        c->buf_total -= s->bufsize;
+        buf_account(c, -(ssize_t)s->bufsize);
         s->buf = NULL;
         s->bufsize = 0;
     }
@@ -127,10 +146,9 @@ static int slot_reserve_buf(struct nbd_conn *c, struct nbd_slot *s, uint32_t len
     if (posix_memalign(&p, 4096, want))
         return -ENOMEM;
     free(s->buf);
-    c->buf_total -= s->bufsize;
+    buf_account(c, (ssize_t)want - (ssize_t)s->bufsize);
     s->buf = p;
     s->bufsize = want;
-    c->buf_total += want;
     return 0;
 }
 
@@ -576,8 +594,7 @@ static bool start_request(struct nbd_conn *c)
         nbd_conn_close(c, "bad request magic");
         return false;
     }
-    if (!s || (needs_buffer(&r) && c->busy_slots > 0 && s->bufsize < r.count &&
-               c->buf_total + r.count > NBD_CONN_BUF_BUDGET)) {
+    if (!s || (needs_buffer(&r) && over_budget(c, s, r.count))) {
         c->rx_paused = true;
         nbd_conn_update_watch(c);
         return false;
