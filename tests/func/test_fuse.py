@@ -434,8 +434,8 @@ def test_many_in_flight(impl, fuse, image, tmpdir_short):
 # ---- bad input ----
 
 def add_fuse(qmp, mnt, **kw):
-    return qmp.error("block-export-add", type="fuse", id="f2", node_name="d",
-                     mountpoint=mnt, **kw)
+    kw.setdefault("node_name", "d")
+    return qmp.error("block-export-add", type="fuse", id="f2", mountpoint=mnt, **kw)
 
 
 def test_bad_mountpoints(impl, start_daemon, image, tmpdir_short):
@@ -454,6 +454,26 @@ def test_bad_mountpoints(impl, start_daemon, image, tmpdir_short):
     assert (e["class"], e["desc"]) == ("GenericError", "'%s' is not a regular file" % dirp)
     e = add_fuse(qmp, link)
     assert (e["class"], e["desc"]) == ("GenericError", "'%s' is not a regular file" % link)
+    assert qmp.execute("query-block-exports") == []
+
+
+def test_bad_arguments(impl, start_daemon, image, tmpdir_short):
+    img = image(MiB)
+    mnt = os.path.join(tmpdir_short, "m")
+    open(mnt, "w").close()
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=d,filename=%s" % img)
+    qmp = d.qmp()
+    e = qmp.error("block-export-add", type="fuse", id="f", node_name="d")
+    assert (e["class"], e["desc"]) == ("GenericError", "Parameter 'mountpoint' is missing")
+    e = add_fuse(qmp, mnt, allow_other="maybe")
+    assert (e["class"], e["desc"]) == (
+        "GenericError", "Parameter 'allow-other' does not accept value 'maybe'")
+    e = add_fuse(qmp, mnt, growable="yes")
+    assert (e["class"], e["desc"]) == (
+        "GenericError", "Invalid parameter type for 'growable', expected: boolean")
+    e = add_fuse(qmp, mnt, node_name="nope")
+    assert e["class"] == "GenericError"
+    assert not mounted(mnt)
     assert qmp.execute("query-block-exports") == []
 
 
