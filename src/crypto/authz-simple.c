@@ -1,0 +1,41 @@
+/* authz-simple: exactly one identity is allowed. */
+#include <stdlib.h>
+#include <string.h>
+#include "crypto/authz.h"
+#include "qmp/qmp.h"
+
+struct authz_simple {
+    struct authz a;
+    char *identity;
+};
+
+static int simple_complete(struct object *obj, json_t *props, error **errp)
+{
+    struct authz_simple *s = (struct authz_simple *)obj;
+
+    s->identity = strdup(qmp_str(props, "identity", ""));
+    if (!s->identity)
+        abort();
+    return 0;
+}
+
+static void simple_finalize(struct object *obj)
+{
+    free(((struct authz_simple *)obj)->identity);
+}
+
+static int simple_is_allowed(struct authz *a, const char *identity, error **errp)
+{
+    return strcmp(((struct authz_simple *)a)->identity, identity) == 0;
+}
+
+static struct authz_type authz_simple_type = {
+    .base = {
+        .name = "authz-simple",
+        .instance_size = sizeof(struct authz_simple),
+        .complete = simple_complete,
+        .finalize = simple_finalize,
+    },
+    .is_allowed = simple_is_allowed,
+};
+AUTHZ_TYPE_REGISTER(authz_simple_type)
