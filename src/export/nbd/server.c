@@ -46,12 +46,14 @@ static void nbd_accept_retry(void *opaque)
         nbd_accept_pause(false);
 }
 
-/* Large socket buffers let a 32 MiB READ reply leave in a few sendmsg
- * calls instead of one per default buffer (the kernel caps the value). */
+/* Large socket buffers let big READ replies and WRITE payloads move in a
+ * few system calls instead of one per default buffer (the kernel caps the
+ * value). */
 static void nbd_socket_tune(int fd)
 {
     int sz = 4 << 20;
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof(sz));
 }
 
 static void nbd_peer_name(int fd, char *buf, size_t len)
