@@ -60,7 +60,7 @@ def test_secret_accepted(impl, start_daemon, props):
 def test_secret_on_command_line(impl, tmpdir_short):
     code, err = run_daemon_expect_fail(impl, ["--object", "secret,id=s0,data=x,file=/etc/hostname"])
     assert code == 1
-    assert err.strip().endswith("'file' and 'data' are mutually exclusive")
+    assert err.splitlines()[0].endswith("'file' and 'data' are mutually exclusive")
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
