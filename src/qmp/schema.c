@@ -864,12 +864,70 @@ static json_t *intro_entity(json_t *def, const char *meta)
         json_t *ret = json_object_get(def, "returns");
         CLEANUP_FREE char *rt = intro_type(ret ? ret : empty, ret ? NULL : "q_empty");
         json_object_set_new(info, "ret-type", json_string(rt));
-        json_object_set_new(info, "allow-oob", json_false());
     }
     json_t *f = features_of(def);
     if (f)
         json_object_set_new(info, "features", f);
     return info;
+}
+
+/* QEMU hides the names of types (not of builtins, commands and events)
+ * behind numbers; "0" is the empty object. */
+static const char *masked(json_t *map, const char *name)
+{
+    char buf[32];
+    if (builtin_json_type(name))
+        return name;
+    if (name[0] == '[') {
+        char inner[256];
+        snprintf(inner, sizeof(inner), "%.*s", (int)strlen(name) - 2, name + 1);
+        const char *mi = masked(map, inner);
+        json_t *v = json_object_get(map, name);
+        if (!v) {
+            char *an;
+            if (asprintf(&an, "[%s]", mi) < 0)
+                abort();
+            json_object_set_new(map, name, json_string(an));
+            free(an);
+            v = json_object_get(map, name);
+        }
+        return json_string_value(v);
+    }
+    json_t *v = json_object_get(map, name);
+    if (!v) {
+        snprintf(buf, sizeof(buf), "%zu", strcmp(name, "q_empty") ? json_object_size(map) + 1 : 0);
+        json_object_set_new(map, name, json_string(buf));
+        v = json_object_get(map, name);
+    }
+    return json_string_value(v);
+}
+
+static void mask_key(json_t *map, json_t *obj, const char *key)
+{
+    const char *n = json_string_value(json_object_get(obj, key));
+    if (n)
+        json_object_set_new(obj, key, json_string(masked(map, n)));
+}
+
+static void mask_names(json_t *entities)
+{
+    CLEANUP_JSON json_t *map = json_object();
+    size_t i, j;
+    json_t *e, *m;
+
+    json_object_set_new(map, "q_empty", json_string("0"));
+    json_array_foreach(entities, i, e) {
+        const char *meta = json_string_value(json_object_get(e, "meta-type"));
+        if (strcmp(meta, "command") && strcmp(meta, "event"))
+            mask_key(map, e, "name");
+        mask_key(map, e, "arg-type");
+        mask_key(map, e, "ret-type");
+        mask_key(map, e, "element-type");
+        json_array_foreach(json_object_get(e, "members"), j, m)
+            mask_key(map, m, "type");
+        json_array_foreach(json_object_get(e, "variants"), j, m)
+            mask_key(map, m, "type");
+    }
 }
 
 json_t *schema_introspect(void)
@@ -886,6 +944,7 @@ json_t *schema_introspect(void)
             json_array_append_new(entities, intro_entity(def, meta));
     }
     json_array_extend(entities, intro_out);
+    mask_names(entities);
     json_decref(intro_out);
     json_decref(intro_seen);
     intro_out = intro_seen = NULL;

@@ -8,6 +8,7 @@ qsd's, recorded verbatim.  Only the version numbers differ.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 
@@ -345,6 +346,26 @@ def test_query_commands_and_schema(impl, start_daemon):
         for k in ("arg-type", "ret-type"):
             if k in e:
                 assert e[k] in by_name, (e["name"], k, e[k])
+        # type names are masked as numbers, as QEMU does; builtins keep theirs
+        if e["meta-type"] in ("object", "enum", "alternate"):
+            assert re.fullmatch(r"\d+", e["name"]), e["name"]
+        if e["meta-type"] == "builtin":
+            assert e["name"] in ("str", "int", "bool", "number", "null", "any", "size",
+                                 "int8", "int16", "int32", "int64", "uint8", "uint16",
+                                 "uint32", "uint64")
+    de = by_name["block-export-del"]
+    assert by_name[de["ret-type"]] == {"name": "0", "meta-type": "object", "members": []}
+    args = by_name[de["arg-type"]]
+    assert args["members"][0] == {"name": "id", "type": "str"}
+    mode = args["members"][1]
+    assert mode["name"] == "mode" and mode["default"] is None
+    assert {"safe", "hard"} <= set(by_name[mode["type"]]["values"])
+    assert "allow-oob" not in de
+    ev = by_name["BLOCK_EXPORT_DELETED"]
+    assert by_name[ev["arg-type"]]["members"] == [{"name": "id", "type": "str"}]
+    qe = by_name["query-block-exports"]
+    assert by_name[qe["arg-type"]]["members"] == []
+    assert by_name[qe["ret-type"]]["meta-type"] == "array"
 
 
 def test_quit(impl, start_daemon):
