@@ -148,7 +148,7 @@ int main(int argc, char **argv)
     block_init();
     schema_init();
     qmp_quit_hook = begin_shutdown;
-    loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);
+    struct loop_watch *sig_watch = loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);
 
     struct cli_result res = { 0 };
     error *err = NULL;
@@ -181,5 +181,9 @@ int main(int argc, char **argv)
     objects_delete_all();
     if (pidfile)
         unlink(pidfile);
+    free(pidfile);
+    loop_watch_del(sig_watch);
+    close(sfd);
+    loop_free(loop_main());
     return 0;
 }
