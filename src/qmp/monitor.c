@@ -16,6 +16,7 @@
  * is dropped.  A client that goes away loses only its own state.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +47,7 @@ struct chardev {
     int lfd[MAX_LISTEN];
     struct loop_watch *lwatch[MAX_LISTEN];
     int nlisten;
+    int waiting_fd;                    /* client accepted by wait=on, or -1 */
     struct monitor *mon;
     struct chardev *next;
 };
@@ -443,6 +445,27 @@ static json_t *chardev_socket_addr(json_t *opts, error **errp)
     return json_pack("{s:s, s:s}", "type", "fd", "str", fd ? fd : "");
 }
 
+/* server=on without wait=off: like QEMU, block until the first client
+ * connects; it is greeted once a monitor attaches. */
+static void chardev_wait_client(struct chardev *c)
+{
+    struct pollfd pfd[MAX_LISTEN];
+    CLEANUP_FREE char *where = socket_address_str(c->addr);
+    const char *type = json_string_value(json_object_get(c->addr, "type"));
+
+    log_info("QEMU waiting for connection on: disconnected:%s%s,server=on",
+             type && !strcmp(type, "inet") ? "tcp:" : "", where ? where : "");
+    for (int i = 0; i < c->nlisten; i++)
+        pfd[i] = (struct pollfd){ .fd = c->lfd[i], .events = POLLIN };
+    while (c->waiting_fd < 0) {
+        if (poll(pfd, c->nlisten, -1) < 0 && errno != EINTR)
+            return;
+        for (int i = 0; i < c->nlisten && c->waiting_fd < 0; i++)
+            if (pfd[i].revents & POLLIN)
+                c->waiting_fd = accept4(c->lfd[i], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    }
+}
+
 static int chardev_socket_open(struct chardev *c, json_t *opts, error **errp)
 {
     bool server, wait;
@@ -462,6 +485,8 @@ static int chardev_socket_open(struct chardev *c, json_t *opts, error **errp)
     if (n < 0)
         return -1;
     c->nlisten = n;
+    if (wait)
+        chardev_wait_client(c);
     for (int i = 0; i < n; i++)
         c->lwatch[i] = loop_watch_fd(loop_main(), c->lfd[i], LOOP_IN, chardev_accept, c);
     return 0;
@@ -496,6 +521,7 @@ int chardev_add(json_t *opts, error **errp)
     struct chardev *c = calloc(1, sizeof(*c));
     c->id = strdup(id);
     c->kind = is_socket ? CHR_SOCKET : CHR_STDIO;
+    c->waiting_fd = -1;
     if (is_socket && chardev_socket_open(c, opts, errp) < 0) {
         json_decref(c->addr);
         free(c->id);
@@ -539,6 +565,11 @@ int monitor_add(json_t *opts, error **errp)
         socket_set_nonblock(STDIN_FILENO, true);
         socket_set_nonblock(STDOUT_FILENO, true);
         mon_client_open(m, STDIN_FILENO, STDOUT_FILENO);
+    } else if (c->waiting_fd >= 0) {
+        int fd = c->waiting_fd;
+        c->waiting_fd = -1;
+        chardev_listen_enable(c, false);
+        mon_client_open(m, fd, fd);
     }
     return 0;
 }

@@ -322,6 +322,25 @@ def test_stdio_monitor(impl):
             p.wait()
 
 
+def test_chardev_server_waits_for_first_client(impl, tmpdir_short):
+    """server=on without wait=off: start-up blocks until a client connects;
+    that client is the monitor's first."""
+    path = os.path.join(tmpdir_short, "w.sock")
+    p = subprocess.Popen([IMPLS[impl], "--chardev", "socket,id=w,path=%s,server=on" % path,
+                          "--monitor", "w"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        line = p.stderr.readline().decode()
+        assert line.endswith("info: QEMU waiting for connection on: "
+                             "disconnected:unix:%s,server=on\n" % path), line
+        m = QMP(path)
+        assert m.request("quit", id=1) == {"return": {}, "id": 1}
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_query_commands_and_schema(impl, start_daemon):
     d = start_daemon(impl)
     m = d.qmp()
