@@ -15,7 +15,8 @@
  * completes its reply is built in the slot (headers in s->hdr, data by
  * reference) and queued, and the flush deferred to the end of the loop
  * iteration sends every queued reply in one sendmsg.  Replies therefore go
- * out in completion order, not request order.
+ * out in completion order, not request order.  A structured READ reply
+ * describes zero 4 KiB blocks of what was read as OFFSET_HOLE chunks.
  */
 #include <endian.h>
 #include <errno.h>
