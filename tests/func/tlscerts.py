@@ -19,10 +19,10 @@ import os
 import shutil
 import subprocess
 
-CLIENT_DN = "CN=client,O=bexd test"
-ROGUE_DN = "CN=client,O=rogue"
-EXPIRED_DN = "CN=expired,O=bexd test"
-SERVER_DN = "CN=localhost,O=bexd test"
+CLIENT_DN = "O=bexd test,CN=client"
+ROGUE_DN = "O=rogue,CN=client"
+EXPIRED_DN = "O=bexd test,CN=expired"
+SERVER_DN = "O=bexd test,CN=localhost"
 
 CERTTOOL = shutil.which("certtool")
 PSKTOOL = shutil.which("psktool")
