@@ -182,15 +182,79 @@ static int op_nbd(json_t *o, error **errp) { return nbd_server_start(o, errp); }
 static int op_object(json_t *o, error **errp) { return object_add(o, errp); }
 static int op_monitor(json_t *o, error **errp) { return monitor_add(o, errp); }
 
+static const char *const object_types[] = {
+    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread",
+    "secret", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
+};
+
 static void print_object_types(void)
 {
     printf("List of user creatable objects:\n");
-    static const char *types[] = {
-        "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread",
-        "secret", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
-    };
-    for (size_t i = 0; i < ARRAY_SIZE(types); i++)
-        printf("  %s\n", types[i]);
+    for (size_t i = 0; i < ARRAY_SIZE(object_types); i++)
+        printf("  %s\n", object_types[i]);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* "--object TYPE,help": the type's properties, sorted, typed as QOM shows them. */
+static void print_object_props(const char *type)
+{
+    CLEANUP_JSON json_t *m = schema_members("ObjectOptions", type);
+    const char *names[64];
+    size_t n = 0;
+    const char *k;
+    json_t *v;
+
+    json_object_foreach(m, k, v)
+        if (strcmp(k, "qom-type") && strcmp(k, "id") && strcmp(k, "loaded") && n < 64)
+            names[n++] = k;
+    qsort(names, n, sizeof(names[0]), cmp_str);
+    printf("%s options:\n", type);
+    for (size_t i = 0; i < n; i++) {
+        const char *t = json_string_value(json_object_get(m, names[i]));
+        if (!strcmp(t, "str"))
+            t = "string";
+        else if (!strncmp(t, "int", 3) || !strncmp(t, "uint", 4) || !strcmp(t, "size"))
+            t = "int";
+        if (t[0] == '[')        /* a list shows its element type */
+            printf("  %s=<%.*s>\n", names[i], (int)strlen(t) - 2, t + 1);
+        else
+            printf("  %s=<%s>\n", names[i], t);
+    }
+}
+
+/* QEMU's --object help handling: "help" (or "?") as an item asks for help:
+ * on the type named first (or by qom-type=), else the list of types. */
+static bool object_help(const char *arg)
+{
+    CLEANUP_FREE char *copy = strdup(arg);
+    char *type = NULL, *save, *item;
+    bool help = false, first = true;
+
+    if (arg[0] == '{')
+        return false;
+    for (item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        if (!strcmp(item, "help") || !strcmp(item, "?"))
+            help = true;
+        else if (!strncmp(item, "qom-type=", 9))
+            type = item + 9;
+        else if (first && !strchr(item, '='))
+            type = item;
+        first = false;
+    }
+    if (!help)
+        return false;
+    for (size_t i = 0; type && i < ARRAY_SIZE(object_types); i++) {
+        if (!strcmp(type, object_types[i])) {
+            print_object_props(type);
+            return true;
+        }
+    }
+    print_object_types();
+    return true;
 }
 
 static int apply_one(int c, const char *arg, struct cli_result *res, error **errp)
@@ -205,10 +269,8 @@ static int apply_one(int c, const char *arg, struct cli_result *res, error **err
     case OPT_MONITOR:
         return apply_checked(arg, "chardev", "MonitorOptions", op_monitor, errp);
     case OPT_OBJECT:
-        if (!strcmp(arg, "help") || !strcmp(arg, "?")) {
-            print_object_types();
+        if (object_help(arg))
             exit(0);
-        }
         return apply_checked(arg, "qom-type", "ObjectOptions", op_object, errp);
     case OPT_CHARDEV: {
         CLEANUP_JSON json_t *o = qemu_opts_parse(arg, "backend", errp);

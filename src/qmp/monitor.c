@@ -15,6 +15,7 @@
  * the input.  A client whose queue passes MON_OUT_MAX (events pile up too)
  * is dropped.  A client that goes away loses only its own state.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -492,6 +493,17 @@ static int chardev_socket_open(struct chardev *c, json_t *opts, error **errp)
     return 0;
 }
 
+/* QemuOpts ids: a letter, then letters, digits, '-', '.', '_'. */
+static bool id_wellformed(const char *id)
+{
+    if (!isalpha((unsigned char)*id))
+        return false;
+    for (id++; *id; id++)
+        if (!isalnum((unsigned char)*id) && !strchr("-._", *id))
+            return false;
+    return true;
+}
+
 int chardev_add(json_t *opts, error **errp)
 {
     const char *backend = opt_str(opts, "backend");
@@ -499,6 +511,10 @@ int chardev_add(json_t *opts, error **errp)
 
     if (!id) {
         error_setg(errp, "chardev: no id specified");
+        return -1;
+    }
+    if (!id_wellformed(id)) {
+        error_setg(errp, "Parameter 'id' expects an identifier");
         return -1;
     }
     if (!backend) {

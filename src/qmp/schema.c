@@ -682,6 +682,55 @@ json_t *schema_check_command(const char *command, json_t *args, error **errp)
     return check_object(&c, tdef, NULL, args, "");
 }
 
+static void members_into(json_t *members, json_t *out)
+{
+    const char *key;
+    json_t *spec;
+    json_object_foreach(members, key, spec) {
+        if (!member_enabled(spec))
+            continue;
+        json_t *t = member_type(spec);
+        char *tn;
+        if (json_is_array(t)) {
+            if (asprintf(&tn, "[%s]", json_string_value(json_array_get(t, 0))) < 0)
+                abort();
+        } else {
+            tn = strdup(json_is_string(t) ? json_string_value(t) : "object");
+        }
+        json_object_set_new(out, key[0] == '*' ? key + 1 : key, json_string(tn));
+        free(tn);
+    }
+}
+
+static void struct_members_into(json_t *def, const char *tag, json_t *out)
+{
+    json_t *base = json_object_get(def, "base");
+    if (json_is_object(base))
+        members_into(base, out);
+    else if (json_is_string(base) && lookup(json_string_value(base)))
+        struct_members_into(lookup(json_string_value(base)), NULL, out);
+    json_t *data = json_object_get(def, "data");
+    if (strcmp(json_string_value(json_object_get(def, "meta")), "union")) {
+        if (json_is_object(data))
+            members_into(data, out);
+        return;
+    }
+    json_t *branch = tag ? json_object_get(data, tag) : NULL;
+    if (branch && member_enabled(branch) && lookup(json_string_value(member_type(branch))))
+        struct_members_into(lookup(json_string_value(member_type(branch))), NULL, out);
+}
+
+json_t *schema_members(const char *type, const char *tag)
+{
+    json_t *def = lookup(type);
+    const char *meta = def ? json_string_value(json_object_get(def, "meta")) : NULL;
+    if (!meta || (strcmp(meta, "struct") && strcmp(meta, "union")))
+        return NULL;
+    json_t *out = json_object();
+    struct_members_into(def, tag, out);
+    return out;
+}
+
 /* ------------------------------------------------------------------ */
 /* Introspection (query-qmp-schema): SchemaInfo, with real type names. */
 

@@ -26,5 +26,9 @@ json_t *schema_check_type(const char *type, json_t *value, bool keyval,
 /* Check a command's arguments (args may be NULL = {}). */
 json_t *schema_check_command(const char *command, json_t *args, error **errp);
 bool schema_command_exists(const char *command);
+/* Members of a struct, or of a flat union's base and branch for tag (NULL:
+ * base only): an object member name -> type name ("[T]" for lists), in
+ * schema order.  NULL if type is unknown. */
+json_t *schema_members(const char *type, const char *tag);
 /* query-qmp-schema result (SchemaInfo list, QEMU's introspection format). */
 json_t *schema_introspect(void);
