@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include "util/cleanup.h"
 #include "util/json-stream.h"
 #include "util/keyval.h"
 
@@ -183,6 +184,43 @@ static void test_json_token_size_limit(void **state)
     assert_string_equal(c.out, "JSON token size limit exceeded|{\"ok\":1}|");
 }
 
+static void count_cb(void *opaque, json_t *value, error *err)
+{
+    (*(int *)opaque)++;
+    json_decref(value);
+    error_free(err);
+}
+
+/* Hostile input: random bytes from a JSON-ish alphabet, fed in random
+ * pieces, must never crash the reader, and a newline plus a fresh value
+ * afterwards must still come out (after closing whatever was open). */
+static void test_json_stream_random(void **state)
+{
+    static const char alphabet[] = "{}[]:,\"'\\ \n\tabntrulfe0123456789.-+eE\x01\xff\xc3\xa9u";
+    unsigned seed = 12345;
+    for (int round = 0; round < 200; round++) {
+        char buf[4096];
+        size_t n = 1 + (seed = seed * 1103515245 + 12345) % sizeof(buf);
+        for (size_t i = 0; i < n; i++) {
+            seed = seed * 1103515245 + 12345;
+            buf[i] = alphabet[(seed >> 16) % (sizeof(alphabet) - 1)];
+        }
+        int count = 0;
+        struct json_stream *js = json_stream_new(count_cb, &count);
+        size_t off = 0;
+        while (off < n) {
+            seed = seed * 1103515245 + 12345;
+            size_t len = MIN(n - off, 1 + (seed >> 16) % 64);
+            json_stream_feed(js, buf + off, len);
+            off += len;
+        }
+        /* close any open string and containers: an error or a value results */
+        json_stream_feed(js, "\n", 1);
+        json_stream_flush(js);
+        json_stream_free(js);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -192,6 +230,7 @@ int main(void)
         cmocka_unit_test(test_json_stream),
         cmocka_unit_test(test_json_nesting_limit),
         cmocka_unit_test(test_json_token_size_limit),
+        cmocka_unit_test(test_json_stream_random),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,6 +9,7 @@
 #include <cmocka.h>
 #include "qmp/qmp.h"
 #include "qmp/schema.h"
+#include "util/cleanup.h"
 #include "util/keyval.h"
 
 static json_t *parse(const char *json)
@@ -284,6 +285,58 @@ static void test_dispatch(void **state)
     json_decref(req);
 }
 
+/* Random JSON values against every type the commands use, in both modes:
+ * an answer (value or error) every time, never a crash. */
+static json_t *random_json(unsigned *seed, int depth)
+{
+    static const char *keys[] = { "driver", "node-name", "file", "type", "id", "addr",
+                                  "path", "data", "host", "port", "to", "rules", "0",
+                                  "match", "policy", "cache", "direct", "qom-type", "x" };
+    static const char *strs[] = { "file", "raw", "null-co", "nbd", "unix", "inet", "fd",
+                                  "authz-list", "iothread", "allow", "on", "1", "-1", "" };
+    *seed = *seed * 1103515245 + 12345;
+    unsigned r = (*seed >> 16) % (depth > 4 ? 5 : 8);
+    switch (r) {
+    case 0: return json_null();
+    case 1: return json_boolean(*seed & 1);
+    case 2: return json_integer((json_int_t)(*seed % 100000) - 50000);
+    case 3: return json_real(1.5);
+    case 4: return json_string(strs[(*seed >> 8) % ARRAY_SIZE(strs)]);
+    case 5: {
+        json_t *a = json_array();
+        for (int i = (*seed >> 4) % 3; i > 0; i--)
+            json_array_append_new(a, random_json(seed, depth + 1));
+        return a;
+    }
+    default: {
+        json_t *o = json_object();
+        for (int i = (*seed >> 4) % 5; i > 0; i--)
+            json_object_set_new(o, keys[(*seed >> 7) % ARRAY_SIZE(keys)],
+                                random_json(seed, depth + 1));
+        return o;
+    }
+    }
+}
+
+static void test_random_values(void **state)
+{
+    static const char *types[] = { "BlockdevOptions", "BlockExportOptions", "ObjectOptions",
+                                   "SocketAddress", "SocketAddressLegacy", "NbdServerOptions",
+                                   "MonitorOptions" };
+    unsigned seed = 4242;
+    for (int i = 0; i < 20000; i++) {
+        json_t *v = random_json(&seed, 0);
+        for (int keyval = 0; keyval < 2; keyval++) {
+            error *err = NULL;
+            json_t *r = schema_check_type(types[i % ARRAY_SIZE(types)], v, keyval, "", &err);
+            assert_true((r != NULL) != (err != NULL));
+            json_decref(r);
+            error_free(err);
+        }
+        json_decref(v);
+    }
+}
+
 static int setup(void **state)
 {
     schema_init();
@@ -300,6 +353,7 @@ int main(void)
         cmocka_unit_test(test_keyval_mode_errors),
         cmocka_unit_test(test_introspect),
         cmocka_unit_test(test_dispatch),
+        cmocka_unit_test(test_random_values),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
