@@ -587,10 +587,19 @@ static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, i
     for (unsigned qi = 0; qi < nq; qi++)
         kick(&qs[qi]);
     printf("{\"started\": true}\n");
-    for (;;) {
+    for (uint64_t last_done = 0;; last_done = done) {
         t1 = now_s();
         if (t1 - t0 >= secs)
             break;
+        if (nq > 1 && done == last_done && t1 > t0) {
+            /* nothing on any queue last pass: sleep on every call fd */
+            struct pollfd p[65];
+            for (unsigned qi = 0; qi < nq; qi++)
+                p[qi] = (struct pollfd){ qs[qi].call, POLLIN, 0 };
+            p[nq] = (struct pollfd){ sock, POLLIN, 0 };
+            if (poll(p, nq + 1, TIMEOUT_MS) <= 0 || p[nq].revents)
+                die("bench: server stopped answering");
+        }
         for (unsigned qi = 0; qi < nq; qi++) {
             struct q *q = &qs[qi];
             uint32_t ids[256];
