@@ -34,6 +34,18 @@ def test_query_pretty_and_one_line(impl, start_daemon):
     assert json.loads(out) == v
 
 
+def test_pretty_monitor(impl, start_daemon, tmpdir_short):
+    """Replies that span lines (pretty=on) are read whole."""
+    path = os.path.join(tmpdir_short, "p.sock")
+    start_daemon(impl, "--chardev", "socket,id=p,path=%s,server=on,wait=off" % path,
+                 "--monitor", "p,pretty=on")
+    rc, out, err = ctl(path, "--json", "query-version")
+    assert rc == 0 and err == ""
+    assert sorted(json.loads(out)) == ["package", "qemu"]
+    assert ctl(path, "no-such") == \
+        (1, "", "CommandNotFound: The command no-such has not been found\n")
+
+
 def test_keyval_arguments(impl, start_daemon, tmpdir_short):
     d = start_daemon(impl)
     s = d.qmp_path
