@@ -496,6 +496,47 @@ static void state_free(struct rbd_state *s)
     free(s);
 }
 
+/* encrypt={format=luks|luks2,key-secret=ID}: librbd decrypts (QEMU 7.2 has
+ * neither luks-any nor parent=, which need librbd 1.17's encryption_load2) */
+static int load_encryption(struct rbd_state *s, json_t *enc, error **errp)
+{
+    const char *fmt = qmp_str(enc, "format", "");
+    rbd_encryption_luks1_format_options_t luks1 = { 0 };
+    rbd_encryption_luks2_format_options_t luks2 = { 0 };
+    uint8_t *pass = NULL;
+    size_t pass_len;
+    int r;
+
+    if (!enc)
+        return 0;
+    if (strcmp(fmt, "luks") && strcmp(fmt, "luks2")) {
+        error_setg(errp, "Parameter 'format' does not accept value '%s'", fmt);
+        return -EINVAL;
+    }
+    if (json_object_get(enc, "parent")) {
+        error_setg(errp, "Parameter 'parent' is unexpected");
+        return -EINVAL;
+    }
+    if (secret_lookup(qmp_str(enc, "key-secret", ""), &pass, &pass_len, errp) < 0)
+        return -EIO;
+    if (!strcmp(fmt, "luks")) {
+        luks1.passphrase = (const char *)pass;
+        luks1.passphrase_size = pass_len;
+        r = rbd_encryption_load(s->image, RBD_ENCRYPTION_FORMAT_LUKS1, &luks1, sizeof(luks1));
+    } else {
+        luks2.passphrase = (const char *)pass;
+        luks2.passphrase_size = pass_len;
+        r = rbd_encryption_load(s->image, RBD_ENCRYPTION_FORMAT_LUKS2, &luks2, sizeof(luks2));
+    }
+    explicit_bzero(pass, pass_len);
+    free(pass);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "encryption load fail");
+        return r;
+    }
+    return 0;
+}
+
 static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
 {
     const char *snap = qmp_str(opts, "snapshot", NULL);
@@ -511,6 +552,9 @@ static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error
         return r;
     }
     s->have_image = true;
+    r = load_encryption(s, json_object_get(opts, "encrypt"), errp);
+    if (r < 0)
+        return r;
     r = rbd_stat(s->image, &info, sizeof(info));
     if (r < 0) {
         error_setg_errno(errp, -r, "error getting image info from %s", s->image_name);
@@ -537,11 +581,6 @@ static int rbd_open_node(struct bnode *bs, json_t *opts, error **errp)
         abort();
     pthread_mutex_init(&s->chan_lock, NULL);
     s->image_name = strdup(qmp_str(opts, "image", ""));
-    if (json_object_get(opts, "encrypt")) {
-        error_setg(errp, "rbd image encryption is not supported by this build");
-        state_free(s);
-        return -1;
-    }
     r = connect_cluster(bs, s, opts, errp);
     if (r == 0)
         r = open_image(bs, s, opts, errp);
