@@ -59,6 +59,8 @@ struct monitor {
     int in_fd, out_fd;                 /* -1 when no client */
     struct loop_watch *in_watch, *out_watch;
     struct json_stream *js;
+    struct json_stream *dead_js;       /* closed from inside its own callback */
+    bool feeding;                      /* inside json_stream_feed() */
     struct qmp_session session;
     char *out;
     size_t out_len, out_cap, out_off;
@@ -166,8 +168,15 @@ static void mon_message(void *opaque, json_t *value, error *err)
 static void mon_process_input(struct monitor *m)
 {
     while (m->in_fd >= 0 && m->in_off < m->in_len && !mon_output_full(m)) {
-        struct json_stream *js = m->js;
-        m->in_off += json_stream_feed(js, m->in + m->in_off, m->in_len - m->in_off);
+        m->feeding = true;
+        size_t used = json_stream_feed(m->js, m->in + m->in_off, m->in_len - m->in_off);
+        m->feeding = false;
+        if (m->dead_js) {               /* the client went away meanwhile */
+            json_stream_free(m->dead_js);
+            m->dead_js = NULL;
+            return;
+        }
+        m->in_off += used;
     }
     if (m->in_fd >= 0 && m->in_off == m->in_len)
         m->in_off = m->in_len = 0;
@@ -252,13 +261,6 @@ static void chardev_listen_enable(struct chardev *c, bool on)
         loop_watch_set(c->lwatch[i], on ? LOOP_IN : 0);
 }
 
-/* Deferred destruction of the JSON stream: mon_client_close may run from
- * inside json_stream_feed's callback. */
-static void free_stream(void *opaque)
-{
-    json_stream_free(opaque);
-}
-
 static void mon_client_close(struct monitor *m)
 {
     if (m->in_fd < 0)
@@ -272,11 +274,14 @@ static void mon_client_close(struct monitor *m)
         close(m->in_fd);
     m->in_fd = m->out_fd = -1;
     if (m->js) {
-        /* stop further callbacks into this monitor from the old stream */
-        struct json_stream *old = m->js;
+        if (m->feeding) {
+            /* inside the stream's own callback: stop it, free it after */
+            json_stream_stop(m->js);
+            m->dead_js = m->js;
+        } else {
+            json_stream_free(m->js);
+        }
         m->js = NULL;
-        json_stream_stop(old);     /* if closing from inside its callback */
-        loop_call(loop_main(), free_stream, old);
     }
     free(m->out);
     m->out = NULL;
