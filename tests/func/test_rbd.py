@@ -21,10 +21,33 @@ import time
 import pytest
 
 from cephcluster import CLIENT_TIMEOUT, ceph, rbd_image  # noqa: F401 (fixtures)
-from conftest import QMPError
+from conftest import BUILD
 from nbdwire import free_tcp_port, pattern
 
 nbd = pytest.importorskip("nbd")
+
+QEMU_RBD = any(os.path.exists(os.path.join(d, "block-rbd.so"))
+               for d in ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib/aarch64-linux-gnu/qemu",
+                         "/usr/lib64/qemu", "/usr/lib/qemu"))
+
+
+def bexd_has_rbd():
+    try:
+        with open(os.path.join(BUILD, "config.h")) as f:
+            return "#define CONFIG_RBD" in f.read()
+    except OSError:
+        return True          # an installed bexd: let the tests say
+
+
+pytestmark = pytest.mark.skipif(not bexd_has_rbd(), reason="bexd built without librbd")
+
+
+@pytest.fixture(autouse=True)
+def qsd_needs_rbd(request):
+    # qemu-storage-daemon's rbd driver is a module (Debian: qemu-block-extra)
+    if "impl" in request.fixturenames and request.getfixturevalue("impl") == "qsd" \
+            and not QEMU_RBD:
+        pytest.skip("qemu-storage-daemon has no rbd module (qemu-block-extra)")
 
 MiB = 1 << 20
 SIZE = 16 * MiB
