@@ -253,6 +253,22 @@ def test_qemu_io_client(impl, start_daemon, creds, tmpdir_short):
         assert f.read(4096) == b"\x5a" * 4096
 
 
+@pytest.mark.parametrize("kind", ["anon", "psk"])
+def test_qemu_img_client_anon_psk(impl, start_daemon, creds, tmpdir_short, kind):
+    if kind == "anon":
+        server = "tls-creds-anon,id=tls0,endpoint=server"
+        cli = "tls-creds-anon,id=tc,endpoint=client"
+    else:
+        server = psk_server(creds)
+        cli = "tls-creds-psk,id=tc,endpoint=client,username=alice,dir=%s" % creds.psk_alice
+    srv = start_tls(start_daemon, impl, tmpdir_short, [server])
+    opts = "driver=nbd,server.type=unix,server.path=%s,export=disk0,tls-creds=tc" % srv.sock
+    r = subprocess.run(["qemu-img", "info", "--output=json", "--object", cli, "--image-opts", opts],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert r.returncode == 0, r.stdout.decode()
+    assert json.loads(r.stdout)["virtual-size"] == SIZE
+
+
 # -- authorization --------------------------------------------------------------
 
 def test_authz_simple(impl, start_daemon, creds, tmpdir_short):
