@@ -35,7 +35,7 @@ ours() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q -- "-c $CONF "; }
 
 left=0
 for name in osd.0 mon.a; do
-    pid=$(tr -dc 0-9 <"$DIR/run/$name.pid" 2>/dev/null || true)
+    pid=$(tr -dc 0-9 2>/dev/null <"$DIR/run/$name.pid" || true)
     [ -n "$pid" ] && ours "$pid" || continue
     kill -CONT "$pid" 2>/dev/null
     case $name in osd.*) kill -KILL "$pid" ;; *) kill -TERM "$pid" ;; esac 2>/dev/null

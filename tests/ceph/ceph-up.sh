@@ -154,7 +154,7 @@ pid_of() {
 # ports: a random block of 32 below the ephemeral range, chosen under a
 # lock so that parallel runs do not pick the same one; retried if the mon
 # finds a port taken anyway
-exec 9>>/tmp/bexd-ceph-ports.lock
+exec 9>>"${TMPDIR:-/tmp}/bexd-ceph-ports.$(id -u).lock"
 t 30 flock 9 || die "port lock"
 started=0
 for attempt in 1 2 3 4 5; do
