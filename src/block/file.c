@@ -211,8 +211,19 @@ static void file_close(struct bnode *bs)
 
 static void file_aio_done(struct aio_req *a, int64_t res);
 
-static unsigned aio_flags(struct file_state *s, enum aio_op op)
+/* Page-cache copies at least this big go to the worker pool, so that large
+ * transfers use every core instead of the export's one loop thread. */
+#define LARGE_COPY (64 * 1024)
+
+static bool large_copy(struct bnode *bs, enum aio_op op, uint64_t len)
 {
+    return !bs->cache_direct && len >= LARGE_COPY && (op == AIO_OP_READ || op == AIO_OP_WRITE);
+}
+
+static unsigned aio_flags(struct file_state *s, enum aio_op op, uint64_t len)
+{
+    if (len >= LARGE_COPY && (op == AIO_OP_READ || op == AIO_OP_WRITE))
+        return AIO_NO_INLINE;
     if (s->ram_backed && (op == AIO_OP_READ || op == AIO_OP_WRITE))
         return AIO_INLINE_SYNC;
     if (op == AIO_OP_READ)
@@ -229,10 +240,10 @@ static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
     r->aio = (struct aio_req){
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
-        .flags = aio_flags(s, op),
+        .flags = aio_flags(s, op, len),
         .done = file_aio_done,
     };
-    aio_submit(r->loop, s->aio, &r->aio);
+    aio_submit(r->loop, large_copy(bs, op, len) ? AIO_THREADS : s->aio, &r->aio);
 }
 
 enum {
@@ -367,7 +378,7 @@ static void zero_write_next(struct bnode *bs, struct breq *r)
     uint64_t n = MIN(left, (uint64_t)ZERO_CHUNK * ZERO_IOVS);
     r->aio = (struct aio_req){
         .op = AIO_OP_WRITE, .fd = s->fd, .offset = r->drv_offset + r->done_bytes,
-        .len = n, .flags = aio_flags(s, AIO_OP_WRITE), .done = file_aio_done,
+        .len = n, .flags = aio_flags(s, AIO_OP_WRITE, n), .done = file_aio_done,
     };
     if (n >= ZERO_CHUNK) {
         r->aio.iov = zero_iov;
@@ -378,7 +389,8 @@ static void zero_write_next(struct bnode *bs, struct breq *r)
         r->aio.iov = &r->tmp_iov;
         r->aio.iovcnt = 1;
     }
-    aio_submit(r->loop, s->aio, &r->aio);
+    aio_submit(r->loop, large_copy(bs, AIO_OP_WRITE, r->aio.len) ? AIO_THREADS : s->aio,
+               &r->aio);
 }
 
 static void file_submit(struct bnode *bs, struct breq *r, uint64_t offset)
