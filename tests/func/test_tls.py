@@ -211,6 +211,16 @@ def test_x509_pipelined_iothread(impl, start_daemon, creds, tmpdir_short):
         assert h.aio_command_completed(c)
         off = (i * 7919 % 2048) * 4096
         assert b.to_bytearray() == pattern(SIZE)[off:off + 4096]
+    # large pipelined writes and reads fill the socket both ways
+    data = os.urandom(1 << 20)
+    wc = [h.aio_pwrite(data, k << 20) for k in range(4)]
+    rb = [nbd.Buffer(1 << 20) for _ in range(4)]
+    rc = [h.aio_pread(b, k << 20) for k, b in enumerate(rb)]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(c) for c in wc + rc)
+    h.flush()
+    assert h.pread(4 << 20, 0) == data * 4
 
 
 def test_x509_wrong_ca_refused(impl, start_daemon, creds, tmpdir_short):
