@@ -506,32 +506,23 @@ const char *file_node_filename(struct bnode *bs)
     return ((struct file_state *)bs->opaque)->filename;
 }
 
-static const struct bdrv bdrv_file = {
-    .name = "file",
-    .open = file_open,
-    .close = file_close,
-    .submit = file_submit,
-    .block_status = file_block_status,
-    .truncate = file_truncate,
-    .set_write_perm = file_set_write_perm,
-    .flush_sync = file_flush_sync,
-    .can_write_zeroes_fast = file_can_zero_fast,
-    .can_discard = file_can_discard,
-};
-BDRV_REGISTER(bdrv_file)
+/* "file" and "host_device" differ only in what they accept to open. */
+#define FILE_DRIVER(drv_name, open_fn) {              \
+    .name = drv_name,                                 \
+    .open = open_fn,                                  \
+    .close = file_close,                              \
+    .submit = file_submit,                            \
+    .block_status = file_block_status,                \
+    .truncate = file_truncate,                        \
+    .set_write_perm = file_set_write_perm,            \
+    .flush_sync = file_flush_sync,                    \
+    .can_write_zeroes_fast = file_can_zero_fast,      \
+    .can_discard = file_can_discard,                  \
+}
 
-static const struct bdrv bdrv_host_device = {
-    .name = "host_device",
-    .open = host_device_open,
-    .close = file_close,
-    .submit = file_submit,
-    .block_status = file_block_status,
-    .truncate = file_truncate,
-    .set_write_perm = file_set_write_perm,
-    .flush_sync = file_flush_sync,
-    .can_write_zeroes_fast = file_can_zero_fast,
-    .can_discard = file_can_discard,
-};
+static const struct bdrv bdrv_file = FILE_DRIVER("file", file_open);
+BDRV_REGISTER(bdrv_file)
+static const struct bdrv bdrv_host_device = FILE_DRIVER("host_device", host_device_open);
 BDRV_REGISTER(bdrv_host_device)
 
 __attribute__((constructor)) static void zero_iov_init(void)
