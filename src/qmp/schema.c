@@ -604,7 +604,8 @@ static json_t *check_alternate(struct ck *c, json_t *def, json_t *v,
         }
     }
     if (!pick) {
-        err_type(c, path, json_string_value(json_object_get(def, "alternate")));
+        /* QEMU names the member alone here, not its path */
+        err_type(c, name ? name : "null", json_string_value(json_object_get(def, "alternate")));
         return NULL;
     }
     return check(c, pick, v, path, name);
