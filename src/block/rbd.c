@@ -150,7 +150,7 @@ static void op_start(struct rbd_state *s, struct breq *r);
 static void op_finish(struct breq *r)
 {
     struct rbd_state *s = r->bs->opaque;
-    int ret = (int)r->aio.res;
+    int ret = r->aio.res < 0 ? (int)r->aio.res : 0;   /* res >= 0: bytes done */
 
     __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
     if (ret < 0) {
@@ -286,7 +286,10 @@ static char *mon_host_string(json_t *servers)
     json_array_foreach(servers, i, srv) {
         const char *host = qmp_str(srv, "host", "");
         const char *port = qmp_str(srv, "port", "");
-        fprintf(f, strchr(host, ':') ? "%s[%s]:%s" : "%s%s:%s", i ? ";" : "", host, port);
+        if (strchr(host, ':'))
+            fprintf(f, "%s[%s]:%s", i ? ";" : "", host, port);
+        else
+            fprintf(f, "%s%s:%s", i ? ";" : "", host, port);
     }
     fclose(f);
     return out;
