@@ -307,6 +307,13 @@ def test_frozen_cluster_gives_eio_and_recovers(ceph, rbd_image, start_daemon, tm
         t1 = time.monotonic()
         assert nbd_map(sock) == [(0, SIZE, "data")]
         assert time.monotonic() - t1 < 2
+        # opening another image fails within the bound too
+        t1 = time.monotonic()
+        e = q.error("blockdev-add", driver="rbd", node_name="r1", pool="rbd", image=rbd_image,
+                    conf=ceph.conf, read_only=True)
+        assert (e["class"], e["desc"]) == (
+            "GenericError", "error reading header from %s: Connection timed out" % rbd_image)
+        assert time.monotonic() - t1 < CLIENT_TIMEOUT + 2
     finally:
         ceph.resume()
     after = pattern(4096, seed=12)
