@@ -32,6 +32,7 @@
 static char *pidfile;
 static bool shutting_down;
 static struct loop_timer *grace_timer;
+static struct loop_watch *sig_watch;
 
 static void all_exports_gone(void *opaque)
 {
@@ -148,7 +149,7 @@ int main(int argc, char **argv)
     block_init();
     schema_init();
     qmp_quit_hook = begin_shutdown;
-    struct loop_watch *sig_watch = loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);
+    sig_watch = loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);
 
     struct cli_result res = { 0 };
     error *err = NULL;
