@@ -54,7 +54,7 @@ int object_add(json_t *props, error **errp)
     const char *id = qmp_str(props, "id", "");
     const struct object_type *t = type_find(type_name);
     if (!t) {
-        error_setg(errp, "Invalid parameter 'qom-type'");
+        error_setg(errp, "invalid object type: %s", type_name);
         return -1;
     }
     if (!id_wellformed(id)) {
