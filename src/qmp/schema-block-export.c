@@ -1,4 +1,5 @@
-/* QAPI definitions of block exports (QEMU 7.2 qapi/block-export.json),
+/* QAPI definitions of block exports (QEMU 7.2 qapi/block-export.json, from
+ * the contract in shared/seed, with bitmaps as qsd 7.2 really takes them),
  * plus bexd's extra remove modes 'hide' and 'soft'. */
 #include "qmp/schema-int.h"
 
@@ -17,7 +18,8 @@ static const char text[] =
     "  'data': { '*name': 'str', '*description': 'str' } }\n"
     "{ 'struct': 'BlockExportOptionsNbd',\n"
     "  'base': 'BlockExportOptionsNbdBase',\n"
-    "  'data': { '*bitmaps': ['str'], '*allocation-depth': 'bool' } }\n"
+    /* qsd 7.2 takes bitmaps as str or {node, name} (the seed predates it) */
+    "  'data': { '*bitmaps': ['BlockDirtyBitmapOrStr'], '*allocation-depth': 'bool' } }\n"
     "{ 'struct': 'BlockExportOptionsVhostUserBlk',\n"
     "  'data': { 'addr': 'SocketAddress',\n"
     "            '*logical-block-size': 'size',\n"

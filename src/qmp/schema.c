@@ -860,6 +860,12 @@ static void intro_def(const char *name, json_t *def)
 /* Describe a type (once) and return its name for references. */
 static char *intro_type(json_t *t, const char *implicit_name)
 {
+    /* QEMU's introspection folds every integer type into "int" */
+    if (json_is_string(t) && find_int_type(json_string_value(t)) &&
+        strcmp(json_string_value(t), "int")) {
+        CLEANUP_JSON json_t *i = json_string("int");
+        return intro_type(i, implicit_name);
+    }
     if (json_is_array(t)) {
         CLEANUP_FREE char *en = intro_type(json_array_get(t, 0), NULL);
         char *an;
