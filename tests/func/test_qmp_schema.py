@@ -4,6 +4,8 @@ unions, alternates and lists, with nested paths, in qsd's exact words.
 """
 import pytest
 
+from conftest import IMPLS
+
 CASES = [
     ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n", "writable": "x"},
      "Invalid parameter type for 'writable', expected: boolean"),
@@ -99,3 +101,50 @@ def test_argument_error(monitor, cmd, args, desc):
     r = monitor.request(cmd, args, id="x")
     assert r["id"] == "x"
     assert r["error"] == {"class": "GenericError", "desc": desc}
+
+
+def _render(schema, t, seen=()):
+    """A type as a name-free string, so masked numbers do not matter."""
+    e = schema.get(t)
+    if e is None or e["meta-type"] == "builtin":
+        return t
+    if t in seen:
+        return "..."
+    seen = seen + (t,)
+    mt = e["meta-type"]
+    if mt == "enum":
+        return "enum(%s)" % ",".join(e["values"])
+    if mt == "array":
+        return "[%s]" % _render(schema, e["element-type"], seen)
+    if mt == "alternate":
+        return "alt(%s)" % "|".join(_render(schema, m["type"], seen) for m in e["members"])
+    r = "{" + ", ".join(("*" if "default" in m else "") + m["name"] + ":" +
+                        _render(schema, m["type"], seen) for m in e["members"])
+    if "variants" in e:
+        r += " | %s: " % e["tag"] + "; ".join(
+            v["case"] + "=" + _render(schema, v["type"], seen) for v in e["variants"])
+    return r + "}"
+
+
+# Commands and events whose arguments and returns are the same as qsd's
+# (others differ on purpose: fewer block drivers and object types, no
+# vduse-blk, extra remove modes hide/soft).
+SAME_AS_QSD = ["qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
+               "quit", "nbd-server-start", "nbd-server-stop", "nbd-server-add",
+               "blockdev-del", "object-del", "BLOCK_EXPORT_DELETED"]
+
+
+def test_introspection_matches_qsd(start_daemon):
+    if not IMPLS.get("qsd"):
+        pytest.skip("qemu-storage-daemon not installed")
+    schemas = {}
+    for impl in ("bexd", "qsd"):
+        m = start_daemon(impl).qmp()
+        schemas[impl] = {e["name"]: e for e in m.execute("query-qmp-schema")}
+    b, q = schemas["bexd"], schemas["qsd"]
+    for name in SAME_AS_QSD:
+        assert set(b[name]) == set(q[name]), name
+        assert b[name].get("features") == q[name].get("features"), name
+        for k in ("arg-type", "ret-type"):
+            if k in q[name]:
+                assert _render(b, b[name][k]) == _render(q, q[name][k]), (name, k)
