@@ -46,6 +46,18 @@ def test_pretty_monitor(impl, start_daemon, tmpdir_short):
         (1, "", "CommandNotFound: The command no-such has not been found\n")
 
 
+def test_tcp_monitor(impl, start_daemon):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    start_daemon(impl, "--chardev", "socket,id=t,host=127.0.0.1,port=%d,server=on,wait=off" % port,
+                 "--monitor", "t")
+    rc, out, err = ctl("127.0.0.1:%d" % port, "--json", "query-block-exports")
+    assert (rc, out, err) == (0, "[]\n", "")
+
+
 def test_keyval_arguments(impl, start_daemon, tmpdir_short):
     d = start_daemon(impl)
     s = d.qmp_path
