@@ -11,12 +11,15 @@
  * driver for write access (file: image locks), the last one gives it back.
  *
  * bnode_submit() checks each request once at this edge; drivers trust it.
+ * On nodes with request_alignment > 1 it hands requests that do not fit
+ * (offset, length or memory) to align.c, which bounces or read-modify-writes.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
+#include "block/align.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "util/log.h"
@@ -130,6 +133,7 @@ static void bnode_close(struct bnode *bs)
     node_list_remove(bs);
     if (bs->drv->close)
         bs->drv->close(bs);
+    bnode_align_free(bs->align);
     if (bs->file)
         bnode_unref_user(bs->file, false);
     if (bs->backing)
@@ -229,6 +233,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
+    if (bs->request_alignment > 1 && !(bs->align = bnode_align_new()))
+        abort();
     bs->next = nodes;
     nodes = bs;
     return bs;
@@ -301,6 +307,11 @@ void block_flush_all_sync(void)
 
 void breq_complete(struct breq *req, int ret)
 {
+    if (unlikely(req->align_track)) {
+        struct bnode_align *al = req->align_track;
+        req->align_track = NULL;
+        bnode_align_fast_end(al);
+    }
     req->done(req, ret);
 }
 
@@ -323,6 +334,7 @@ static bool buffer_is_zero(const struct iovec *iov, int iovcnt)
 void bnode_submit(struct bnode *bs, struct breq *req)
 {
     req->bs = bs;
+    req->align_track = NULL;
     switch (req->op) {
     case BREQ_WRITE:
     case BREQ_DISCARD:
@@ -362,6 +374,8 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         breq_complete(req, 0);
         return;
     }
+    if (bs->align && bnode_align_submit(bs, req))
+        return;
     bs->drv->submit(bs, req, req->offset);
 }
 

@@ -26,6 +26,7 @@
 
 struct loop;
 struct bnode;
+struct bnode_align;
 
 enum breq_op {
     BREQ_READ,
@@ -59,6 +60,7 @@ struct breq {
     uint64_t done_bytes;
     int stage;
     struct iovec tmp_iov;
+    struct bnode_align *align_track; /* counted fast-path write (block/align.c) */
 };
 
 /* Block status flags, as in QEMU: DATA = reads return data from this layer,
@@ -88,6 +90,7 @@ struct bnode {
     bool cache_direct, cache_no_flush;
     uint32_t request_alignment; /* 1 unless O_DIRECT or the driver says so */
     uint32_t max_transfer;      /* 0 = no limit */
+    struct bnode_align *align;  /* request_alignment > 1: unaligned requests (align.c) */
     int refcnt;                 /* parents + exports + 1 while named (monitor-owned) */
     int writers;                /* users holding WRITE */
     struct bnode *next;         /* in the named-node list */
@@ -112,6 +115,9 @@ struct bdrv {
     int  (*truncate)(struct bnode *bs, uint64_t size, error **errp);
     /* Take or drop write access (image locking); NULL = always allowed. */
     int  (*set_write_perm)(struct bnode *bs, bool write, error **errp);
+    /* query-named-block-nodes: adjust the node's info object (its "file"
+     * and "image" members) as QEMU reports this driver.  NULL = generic. */
+    void (*query_info)(struct bnode *bs, json_t *info);
     /* Make written data durable now, synchronously (shutdown path). */
     int  (*flush_sync)(struct bnode *bs);
     /* Capabilities */
