@@ -53,12 +53,6 @@ struct fuse_ioreq {
     int to_set;                 /* setattr: FUSE_SET_ATTR_* */
     fuse_ioreq_fn *next_step;   /* continuation after a resize */
     int resize_ret;
-    /* read-modify-write of unaligned requests (fuse-rmw.c) */
-    void *rmw_work;             /* aligned work buffer, freed with the slot */
-    size_t rmw_skip;            /* reads: start of the reply in the buffer */
-    size_t user_len;            /* the length the application asked for */
-    int rmw_stage;
-    struct fuse_ioreq *rmw_next;
     struct fuse_ioreq *next_free;
 };
 
@@ -88,8 +82,6 @@ struct fuse_export {
     unsigned buf_pool_len;
     struct fuse_ioreq *req_pool;
     unsigned req_pool_len;
-    bool rmw_busy;              /* a read-modify-write cycle is running */
-    struct fuse_ioreq *rmw_queue, *rmw_tail;   /* the ones waiting for it */
 
     /* ---- any thread ---- */
     int open_handles;           /* __atomic: files open on the mountpoint */
@@ -118,12 +110,6 @@ void fuse_ioreq_submit(struct fuse_ioreq *r, enum breq_op op, unsigned flags,
  * then run r->next_step(r, 0 or -errno) in the export's loop.
  * grow_only: do nothing when the node is already at least that large. */
 void fuse_resize(struct fuse_ioreq *r, bool grow_only, fuse_ioreq_fn *next);
-
-/* fuse-rmw.c: requests not aligned to the node's request_alignment */
-bool fuse_needs_rmw(struct fuse_export *exp, uint64_t off, uint64_t len);
-void fuse_rmw_read(struct fuse_ioreq *r, uint64_t off, size_t len);
-/* r->offset, r->iov: the payload (copied; r keeps its buffer until put). */
-void fuse_rmw_write(struct fuse_ioreq *r);
 
 /* fuse-ops.c helpers used by setattr after a resize */
 void fuse_reply_attr_of(struct fuse_export *exp, fuse_req_t req);

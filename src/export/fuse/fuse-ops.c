@@ -220,10 +220,6 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    if (fuse_needs_rmw(exp, off, size)) {
-        fuse_rmw_read(r, off, size);
-        return;
-    }
     if (fuse_ioreq_alloc(r, size) < 0) {
         ioreq_fail(r, ENOMEM);
         return;
@@ -249,10 +245,6 @@ static void write_submit(struct fuse_ioreq *r)
 {
     unsigned flags = r->exp->common.writethrough ? BREQ_FUA : 0;
 
-    if (fuse_needs_rmw(r->exp, r->offset, r->iov.iov_len)) {
-        fuse_rmw_write(r);
-        return;
-    }
     fuse_ioreq_submit(r, BREQ_WRITE, flags, r->offset, r->iov.iov_len, write_done);
 }
 

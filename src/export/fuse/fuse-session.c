@@ -88,8 +88,6 @@ void fuse_ioreq_put(struct fuse_ioreq *r)
 
     buf_pool_put(exp, r->mem);
     r->mem = NULL;
-    free(r->rmw_work);
-    r->rmw_work = NULL;
     if (exp->req_pool_len < FUSE_POOL_KEEP) {
         r->next_free = exp->req_pool;
         exp->req_pool = r;
