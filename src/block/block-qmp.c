@@ -43,7 +43,7 @@ static json_t *node_info(struct bnode *bs)
                               "virtual-size", (json_int_t)bs->size, "filename", filename,
                               "format", bs->drv->name, "actual-size", actual,
                               "dirty-flag", 0);
-    return json_pack("{s:I, s:s, s:o, s:I, s:b, s:s, s:I, s:s, s:I, s:I, s:I, s:b,"
+    json_t *info = json_pack("{s:I, s:s, s:o, s:I, s:b, s:s, s:I, s:s, s:I, s:I, s:I, s:b,"
                      " s:I, s:I, s:{s:b, s:b, s:b}, s:s}",
                      "iops_rd", (json_int_t)0, "detect_zeroes", dz[bs->detect_zeroes],
                      "image", image, "iops_wr", (json_int_t)0, "ro", bs->read_only,
@@ -54,6 +54,12 @@ static json_t *node_info(struct bnode *bs)
                      "cache", "no-flush", bs->cache_no_flush, "direct", bs->cache_direct,
                      "writeback", 1,
                      "file", filename);
+    struct bnode *leaf = bs;
+    while (leaf->file)
+        leaf = leaf->file;
+    if (leaf->drv->query_info)
+        leaf->drv->query_info(leaf, info);
+    return info;
 }
 
 json_t *query_named_block_nodes(bool flat)
