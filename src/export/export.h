@@ -34,7 +34,8 @@ struct export_type {
     /* True while clients are connected (safe mode refuses then). */
     bool (*in_use)(struct export *exp);
     /* Begin shutdown with mode (never SAFE-while-in-use; the registry checked).
-     * Must eventually call export_shutdown_done(exp) in the main thread. */
+     * Must eventually call export_shutdown_done(exp) in the main thread; it
+     * may do so before returning (the registry does not touch exp after). */
     void (*shutdown)(struct export *exp, enum export_remove_mode mode);
     /* Free type-specific state; called from export_shutdown_done. */
     void (*free)(struct export *exp);

@@ -3,6 +3,8 @@
  * own I/O engine).  Exports given iothread=ID run their sockets and
  * requests there.
  */
+#include <inttypes.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -38,9 +40,14 @@ static int iothread_complete(struct object *obj, json_t *props, error **errp)
     t->poll_grow = qmp_int(props, "poll-grow", 0);
     t->poll_shrink = qmp_int(props, "poll-shrink", 0);
     t->aio_max_batch = qmp_int(props, "aio-max-batch", 0);
-    if (t->poll_max_ns < 0 || t->poll_grow < 0 || t->poll_shrink < 0 || t->aio_max_batch < 0) {
-        error_setg(errp, "iothread property values must be non-negative");
-        return -1;
+    static const char *const names[] = { "poll-max-ns", "poll-grow", "poll-shrink",
+                                         "aio-max-batch" };
+    int64_t vals[] = { t->poll_max_ns, t->poll_grow, t->poll_shrink, t->aio_max_batch };
+    for (int i = 0; i < 4; i++) {
+        if (vals[i] < 0) {
+            error_setg(errp, "%s value must be in range [0, %" PRId64 "]", names[i], INT64_MAX);
+            return -1;
+        }
     }
     t->loop = loop_new(obj->id);
     struct iothread_start st = { .t = t };

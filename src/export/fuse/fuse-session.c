@@ -314,6 +314,16 @@ static void fuse_stop_in_loop(void *opaque)
 
 void fuse_session_stop(struct fuse_export *exp)
 {
+    if (loop_in_thread(exp->common.loop) && loop_in_thread(loop_main()) &&
+        !exp->inflight && !exp->finishing) {
+        /* Nothing in flight, already in the main thread: unmount now, so
+         * BLOCK_EXPORT_DELETED precedes the command's reply as in QEMU. */
+        exp->stopping = true;
+        exp->finishing = true;
+        fuse_stop_watching(exp);
+        fuse_finish_in_main(exp);
+        return;
+    }
     if (loop_in_thread(exp->common.loop))
         fuse_stop_in_loop(exp);
     else

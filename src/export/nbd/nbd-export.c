@@ -129,6 +129,13 @@ static void nbd_exp_shutdown(struct export *e, enum export_remove_mode mode)
         __atomic_store_n(&exp->soft, 1, __ATOMIC_RELEASE);
     if (mode == EXPORT_DEL_HARD)
         nbd_conns_close(exp, "export removed");
+    if (exp->nclients == 0 && !exp->done_posted) {
+        /* Nobody attached: finish now, so BLOCK_EXPORT_DELETED comes before
+         * the command's reply, as in QEMU (the registry no longer uses exp). */
+        exp->done_posted = true;
+        export_shutdown_done(e);
+        return;
+    }
     nbd_exp_maybe_done(exp);
 }
 
@@ -160,7 +167,7 @@ void nbd_exports_close_all(void)
     struct nbd_export *e, *next;
 
     for (e = nbd_exports; e; e = next) {
-        next = e->next;   /* nothing is freed before the main loop runs again */
+        next = e->next;   /* only e itself may be freed by its removal */
         if (!(e->common.shutting_down && e->common.del_mode == EXPORT_DEL_HARD))
             block_export_del(e->common.id, EXPORT_DEL_HARD, NULL);
     }

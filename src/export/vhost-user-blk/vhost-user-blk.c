@@ -602,6 +602,7 @@ static void maybe_finish(struct vub_export *vx)
 static void stop_fn(void *opaque)
 {
     struct vub_export *vx = opaque;
+    bool idle = !vx->client;
 
     vx->stopping = true;
     if (vx->listen_w)
@@ -614,6 +615,12 @@ static void stop_fn(void *opaque)
         socket_address_cleanup(vx->addr);
     if (vx->client && vx->mode != EXPORT_DEL_HIDE)
         client_drop(vx->client, NULL);
+    if (idle && loop_in_thread(loop_main())) {
+        /* No front-end ever attached to this shutdown: finish now, so
+         * BLOCK_EXPORT_DELETED precedes the command's reply as in QEMU. */
+        export_shutdown_done(&vx->exp);
+        return;
+    }
     maybe_finish(vx);
 }
 
@@ -622,7 +629,10 @@ static void vub_shutdown(struct export *exp, enum export_remove_mode mode)
     struct vub_export *vx = (struct vub_export *)exp;
 
     vx->mode = mode;
-    loop_call(exp->loop, stop_fn, vx);
+    if (loop_in_thread(exp->loop))
+        stop_fn(vx);
+    else
+        loop_call(exp->loop, stop_fn, vx);
 }
 
 static void vub_free(struct export *exp)
