@@ -537,9 +537,8 @@ static uint32_t request_error(struct nbd_slot *s)
     if (r->offset > size || r->count > size - r->offset)
         return fail(s, NBD_EINVAL, "operation past EOF; From: %" PRIu64 ", Len: %" PRIu32
                     ", Size: %" PRIu64, r->offset, r->count, size);
-    if (exp->min_block > 1 && r->type != NBD_CMD_FLUSH &&
-        ((r->offset | r->count) & (exp->min_block - 1)))
-        return fail(s, NBD_EINVAL, "request not aligned to %u bytes", exp->min_block);
+    /* min_block is advisory: as in QEMU, the block layer serves unaligned
+     * requests (bounce buffers, read-modify-write), so they are not refused. */
     if (r->type == NBD_CMD_READ && c->structured)
         valid |= NBD_CMD_FLAG_DF;
     else if (r->type == NBD_CMD_WRITE_ZEROES)
