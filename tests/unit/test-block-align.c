@@ -68,15 +68,13 @@ static int group_setup(void **state)
         error_free(err);
         return -1;
     }
-    return bnode_ref_user(bs, true, NULL);
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    if (bs) {
-        bnode_unref_user(bs, true);
+    if (bs)
         blockdev_del("d", NULL);
-    }
     unlink(path);
     return 0;
 }
