@@ -81,40 +81,17 @@ static char *generate_node_name(void)
     return s;
 }
 
-/* ---- users and permissions ---- */
+/* ---- references ---- */
 
-int bnode_ref_user(struct bnode *bs, bool write, error **errp)
+void bnode_ref(struct bnode *bs)
 {
-    if (write) {
-        if (bs->read_only) {
-            error_setg(errp, "Block node is read-only");
-            return -1;
-        }
-        if (bs->writers == 0) {
-            if (bs->drv->set_write_perm && bs->drv->set_write_perm(bs, true, errp) < 0)
-                return -1;
-            if (bs->file && bnode_ref_user(bs->file, true, errp) < 0) {
-                if (bs->drv->set_write_perm)
-                    bs->drv->set_write_perm(bs, false, NULL);
-                return -1;
-            }
-        }
-        bs->writers++;
-    }
     bs->refcnt++;
-    return 0;
 }
 
 static void bnode_close(struct bnode *bs);
 
-void bnode_unref_user(struct bnode *bs, bool write)
+void bnode_unref(struct bnode *bs)
 {
-    if (write && --bs->writers == 0) {
-        if (bs->file)
-            bnode_unref_user(bs->file, true);
-        if (bs->drv->set_write_perm)
-            bs->drv->set_write_perm(bs, false, NULL);
-    }
     if (--bs->refcnt == 0)
         bnode_close(bs);
 }
@@ -134,10 +111,10 @@ static void bnode_close(struct bnode *bs)
     if (bs->drv->close)
         bs->drv->close(bs);
     bnode_align_free(bs->align);
-    if (bs->file)
-        bnode_unref_user(bs->file, false);
+    if (bs->file_link)
+        bnode_detach(bs->file_link);
     if (bs->backing)
-        bnode_unref_user(bs->backing, false);
+        bnode_unref(bs->backing);
     json_decref(bs->options);
     free(bs->node_name);
     free(bs);
@@ -230,6 +207,14 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         bs->file = open_child(ref, bs->read_only, errp);
         if (!bs->file)
             goto fail;
+        /* The parent's users' permissions reach the child through this link. */
+        CLEANUP_FREE char *me = NULL;
+        if (asprintf(&me, "node '%s'", bs->node_name) < 0)
+            abort();
+        bs->file_link = bnode_attach(bs->file, 0, PERM_ALL, me, "file", errp);
+        bnode_unref(bs->file);          /* the link now holds the reference */
+        if (!bs->file_link)
+            goto fail;
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
@@ -240,8 +225,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     return bs;
 
 fail:
-    if (bs->file)
-        bnode_unref_user(bs->file, false);
+    if (bs->file_link)
+        bnode_detach(bs->file_link);
     json_decref(bs->options);
     free(bs->node_name);
     free(bs);
@@ -272,11 +257,17 @@ int blockdev_del(const char *node_name, error **errp)
         error_setg(errp, "Node %s is not owned by the monitor", node_name);
         return -1;
     }
+    for (struct bnode_user *u = bs->users; u; u = u->next) {
+        if (!strcmp(u->role, "root")) {      /* used by an export */
+            error_setg(errp, "Node %s is in use", node_name);
+            return -1;
+        }
+    }
     if (bs->refcnt > 1 || has_parent(bs)) {
         error_setg(errp, "Block device %s is in use", node_name);
         return -1;
     }
-    bnode_unref_user(bs, false);
+    bnode_unref(bs);
     return 0;
 }
 

@@ -74,6 +74,26 @@ enum {
 
 enum detect_zeroes { DETECT_ZEROES_OFF, DETECT_ZEROES_ON, DETECT_ZEROES_UNMAP };
 
+/* Permissions a user of a node holds, or shares with the other users (QEMU's). */
+enum {
+    PERM_CONSISTENT_READ = 1u << 0,
+    PERM_WRITE           = 1u << 1,
+    PERM_WRITE_UNCHANGED = 1u << 2,
+    PERM_RESIZE          = 1u << 3,
+    PERM_ALL             = 0xf,
+};
+
+/* One user of a node: an export, or a parent node through one of its
+ * children.  Holds a reference to the node. */
+struct bnode_user {
+    struct bnode *bs;
+    uint64_t perm, shared;
+    char *name;                 /* "an unnamed block device", "node 'r0'" */
+    const char *role;           /* "root", "file" */
+    bool anonymous;             /* made by bnode_ref_user() */
+    struct bnode_user *next;
+};
+
 struct bdrv;
 
 struct bnode {
@@ -92,7 +112,8 @@ struct bnode {
     uint32_t max_transfer;      /* 0 = no limit */
     struct bnode_align *align;  /* request_alignment > 1: unaligned requests (align.c) */
     int refcnt;                 /* parents + exports + 1 while named (monitor-owned) */
-    int writers;                /* users holding WRITE */
+    struct bnode_user *users;   /* who uses this node, with which permissions */
+    struct bnode_user *file_link;   /* this node as a user of its file child */
     struct bnode *next;         /* in the named-node list */
     json_t *options;            /* the blockdev-add options, for queries */
 };
@@ -113,8 +134,9 @@ struct bdrv {
     int  (*block_status)(struct bnode *bs, uint64_t offset, uint64_t bytes,
                          uint64_t *pnum, unsigned *flags);
     int  (*truncate)(struct bnode *bs, uint64_t size, error **errp);
-    /* Take or drop write access (image locking); NULL = always allowed. */
-    int  (*set_write_perm)(struct bnode *bs, bool write, error **errp);
+    /* The users' permissions changed: perm = what they hold together,
+     * shared = what they all share (image locking).  NULL = nothing to do. */
+    int  (*set_perm)(struct bnode *bs, uint64_t perm, uint64_t shared, error **errp);
     /* query-named-block-nodes: adjust the node's info object (its "file"
      * and "image" members) as QEMU reports this driver.  NULL = generic. */
     void (*query_info)(struct bnode *bs, json_t *info);
@@ -135,10 +157,20 @@ struct bnode *bnode_find(const char *node_name);
 struct bnode *bnode_lookup(const char *name, error **errp);
 json_t *query_named_block_nodes(bool flat);
 void block_close_all(void);
+void bnode_ref(struct bnode *bs);
+void bnode_unref(struct bnode *bs);     /* the last reference closes the node */
 /* Flush every node synchronously (shutdown: "data flushed"). */
 void block_flush_all_sync(void);
 
-/* Users: exports and parent nodes.  write=true needs the node writable. */
+/* Users: exports and parent nodes.  Attaching checks the permissions
+ * against every other user of the node (and, through format nodes, of
+ * their children) and fails with QEMU's "Permission conflict" message. */
+struct bnode_user *bnode_attach(struct bnode *bs, uint64_t perm, uint64_t shared,
+                                const char *name, const char *role, error **errp);
+int  bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp);
+void bnode_detach(struct bnode_user *u);
+const char *bnode_perm_name(int bit);   /* bit 0 = "consistent read", ... */
+/* Shorthand for an unnamed user reading (and writing) that shares everything. */
 int  bnode_ref_user(struct bnode *bs, bool write, error **errp);
 void bnode_unref_user(struct bnode *bs, bool write);
 

@@ -29,8 +29,6 @@
 #define ZERO_CHUNK (64 * 1024)
 #define ZERO_IOVS 512              /* 32 MiB of zeros per write */
 
-enum { PERM_CONSISTENT_READ = 0, PERM_WRITE = 1, PERM_WRITE_UNCHANGED = 2, PERM_RESIZE = 3 };
-static const char *const perm_names[] = { "consistent read", "write", "write unchanged", "resize" };
 
 struct file_state {
     int fd;
@@ -44,7 +42,7 @@ struct file_state {
     bool nowait_read, nowait_write;  /* RWF_NOWAIT worth trying */
 };
 
-static const unsigned char zero_buf[ZERO_CHUNK];
+static const unsigned char zero_buf[ZERO_CHUNK] __attribute__((aligned(4096)));  /* O_DIRECT-safe */
 static struct iovec zero_iov[ZERO_IOVS];
 
 /* ---- locking ---- */
@@ -70,11 +68,11 @@ static int apply_locks(struct file_state *s, unsigned held, unsigned unshared, e
         return 0;
     for (int b = 0; b < 4; b++) {
         if ((held & (1u << b)) && byte_locked_by_others(s->fd, 200 + b)) {
-            error_setg(errp, "Failed to get \"%s\" lock", perm_names[b]);
+            error_setg(errp, "Failed to get \"%s\" lock", bnode_perm_name(b));
             return -1;
         }
         if ((unshared & (1u << b)) && byte_locked_by_others(s->fd, 100 + b)) {
-            error_setg(errp, "Failed to get shared \"%s\" lock", perm_names[b]);
+            error_setg(errp, "Failed to get shared \"%s\" lock", bnode_perm_name(b));
             return -1;
         }
     }
@@ -85,17 +83,13 @@ static int apply_locks(struct file_state *s, unsigned held, unsigned unshared, e
     return 0;
 }
 
-#define READER_HELD     (1u << PERM_CONSISTENT_READ)
-#define READER_UNSHARED (1u << PERM_RESIZE)
-#define WRITER_HELD     (READER_HELD | 1u << PERM_WRITE)
-#define WRITER_UNSHARED (READER_UNSHARED | 1u << PERM_WRITE)
-
-static int file_set_write_perm(struct bnode *bs, bool write, error **errp)
+/* Lock what the users hold and do not share.  Unlike QEMU exports, a
+ * writer here never shares WRITE with other processes. */
+static int file_set_perm(struct bnode *bs, uint64_t perm, uint64_t shared, error **errp)
 {
     struct file_state *s = bs->opaque;
-    if (write)
-        return apply_locks(s, WRITER_HELD, WRITER_UNSHARED, errp);
-    return apply_locks(s, READER_HELD, READER_UNSHARED, NULL);
+    uint64_t unshared = perm ? (~shared & PERM_ALL) | (perm & PERM_WRITE) : 0;
+    return apply_locks(s, perm, unshared, errp);
 }
 
 /* ---- open/close ---- */
@@ -181,8 +175,6 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
                 bs->request_alignment = lbs;
         }
     }
-    if (apply_locks(s, READER_HELD, READER_UNSHARED, errp) < 0)
-        return -1;
     return 0;
 }
 
@@ -514,7 +506,7 @@ const char *file_node_filename(struct bnode *bs)
     .submit = file_submit,                            \
     .block_status = file_block_status,                \
     .truncate = file_truncate,                        \
-    .set_write_perm = file_set_write_perm,            \
+    .set_perm = file_set_perm,                        \
     .flush_sync = file_flush_sync,                    \
     .can_write_zeroes_fast = file_can_zero_fast,      \
     .can_discard = file_can_discard,                  \

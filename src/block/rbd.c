@@ -625,12 +625,15 @@ static void lock_owner_name(struct rbd_state *s, char *buf, size_t len)
     }
 }
 
-static int rbd_set_write_perm(struct bnode *bs, bool write, error **errp)
+static int rbd_set_perm(struct bnode *bs, uint64_t perm, uint64_t shared, error **errp)
 {
     struct rbd_state *s = bs->opaque;
     uint64_t features = 0;
     int r, owner = 0;
+    bool write = perm & PERM_WRITE;
 
+    if (write && s->lock_held)
+        return 0;
     if (!write) {
         if (s->lock_held) {
             r = rbd_lock_release(s->image);
@@ -800,7 +803,7 @@ static const struct bdrv bdrv_rbd = {
     .submit = rbd_submit,
     .block_status = rbd_block_status,
     .truncate = rbd_truncate,
-    .set_write_perm = rbd_set_write_perm,
+    .set_perm = rbd_set_perm,
     .flush_sync = rbd_flush_sync,
     .can_discard = rbd_true,
 };

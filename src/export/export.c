@@ -89,7 +89,10 @@ int block_export_add(json_t *opts, error **errp)
         error_setg(errp, "Cannot export read-only node as writable");
         return -1;
     }
-    if (bnode_ref_user(bs, writable, errp) < 0)
+    struct bnode_user *user = bnode_attach(bs, PERM_CONSISTENT_READ |
+                                           (writable ? PERM_WRITE : 0), PERM_ALL,
+                                           "an unnamed block device", "root", errp);
+    if (!user)
         return -1;
 
     struct export *exp = calloc(1, type->instance_size);
@@ -98,6 +101,7 @@ int block_export_add(json_t *opts, error **errp)
     exp->id = strdup(id);
     exp->type = type;
     exp->node = bs;
+    exp->user = user;
     exp->writable = writable;
     exp->writethrough = qmp_bool(opts, "writethrough", false);
     exp->fixed_iothread = qmp_bool(opts, "fixed-iothread", false);
@@ -108,16 +112,14 @@ int block_export_add(json_t *opts, error **errp)
     if (type->create(exp, opts, errp) < 0) {
         if (iot)
             iot->obj.refcnt--;
-        bnode_unref_user(bs, writable);
+        bnode_detach(user);
         free(exp->id);
         free(exp);
         return -1;
     }
-    /* Append: query-block-exports lists exports in creation order. */
-    struct export **p = &exports;
-    while (*p)
-        p = &(*p)->next;
-    *p = exp;
+    /* Newest first: query-block-exports lists them so in QEMU. */
+    exp->next = exports;
+    exports = exp;
     return 0;
 }
 
@@ -156,7 +158,7 @@ void export_shutdown_done(struct export *exp)
     if (*p)
         *p = exp->next;
     char *id = exp->id;
-    bnode_unref_user(exp->node, exp->writable);
+    bnode_detach(exp->user);
     if (exp->iothread)
         exp->iothread->obj.refcnt--;
     if (exp->type->free)

@@ -45,6 +45,7 @@ struct export {
     char *id;
     const struct export_type *type;
     struct bnode *node;
+    struct bnode_user *user;     /* the export's use of node; types may adjust its perms */
     bool writable;
     bool writethrough;
     bool fixed_iothread;

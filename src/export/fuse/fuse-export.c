@@ -150,6 +150,13 @@ static int fuse_export_create(struct export *e, json_t *opts, error **errp)
     const char *ao = json_string_value(json_object_get(opts, "allow-other"));
     int ret;
 
+    /* Growable and writable exports can change the size (truncate): they
+     * need RESIZE, which e.g. an NBD export of the same node does not share. */
+    if (json_is_true(json_object_get(opts, "growable")) || e->writable) {
+        if (bnode_user_set_perm(e->user, e->user->perm | PERM_RESIZE, e->user->shared,
+                                errp) < 0)
+            return -EPERM;
+    }
     if (!mp) {
         error_setg(errp, "Parameter 'mountpoint' is missing");
         return -EINVAL;

@@ -73,6 +73,9 @@ static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
         error_setg(errp, "NBD server already has export named '%s'", name);
         return -1;
     }
+    /* The size is fixed while clients may rely on it: share no RESIZE. */
+    if (bnode_user_set_perm(e->user, e->user->perm, e->user->shared & ~PERM_RESIZE, errp) < 0)
+        return -1;
     if (json_is_array(bitmaps) && json_array_size(bitmaps) > 0) {
         /* no dirty bitmaps exist in bexd yet */
         const char *b = json_string_value(json_array_get(bitmaps, 0));

@@ -1,0 +1,158 @@
+/*
+ * Users of nodes and their permissions, as QEMU's block graph has them.
+ *
+ * Every user (an export, or a parent node through its child link) holds a
+ * set of permissions (consistent read, write, write unchanged, resize) and
+ * shares a set with the other users.  A change is checked against the other
+ * users of the node, then propagated: a format node passes what its own
+ * users hold and share on to its "file" child, and a leaf driver turns the
+ * result into image locks.  A failure anywhere rolls the change back.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "util/cleanup.h"
+
+static const char *const perm_names[] = { "consistent read", "write", "write unchanged",
+                                          "resize" };
+
+const char *bnode_perm_name(int bit)
+{
+    return bit >= 0 && bit < 4 ? perm_names[bit] : "?";
+}
+
+static void perm_list(uint64_t perm, char *buf, size_t len)
+{
+    buf[0] = 0;
+    for (int b = 0; b < 4; b++)
+        if (perm & (1u << b))
+            snprintf(buf + strlen(buf), len - strlen(buf), "%s%s", buf[0] ? ", " : "",
+                     perm_names[b]);
+}
+
+static void conflict(error **errp, struct bnode *bs, uint64_t perm,
+                     struct bnode_user *needs, struct bnode_user *refuses)
+{
+    char names[96];
+    perm_list(perm, names, sizeof(names));
+    error_setg(errp, "Permission conflict on node '%s': permissions '%s' are both required "
+               "by %s (uses node '%s' as '%s' child) and unshared by %s (uses node '%s' "
+               "as '%s' child).", bs->node_name, names, needs->name, bs->node_name,
+               needs->role, refuses->name, bs->node_name, refuses->role);
+}
+
+static int check(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp)
+{
+    struct bnode *bs = u->bs;
+    if ((perm & PERM_WRITE) && bs->read_only) {
+        error_setg(errp, "Block node is read-only");
+        return -1;
+    }
+    for (struct bnode_user *o = bs->users; o; o = o->next) {
+        if (o == u)
+            continue;
+        if (perm & ~o->shared) {
+            conflict(errp, bs, perm & ~o->shared, u, o);
+            return -1;
+        }
+        if (o->perm & ~shared) {
+            conflict(errp, bs, o->perm & ~shared, o, u);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* What the users of bs hold together and share between them. */
+static void cumulative(struct bnode *bs, uint64_t *perm, uint64_t *shared)
+{
+    *perm = 0;
+    *shared = PERM_ALL;
+    for (struct bnode_user *o = bs->users; o; o = o->next) {
+        *perm |= o->perm;
+        *shared &= o->shared;
+    }
+}
+
+/* Pass the users' permissions down to the child and the driver. */
+static int propagate(struct bnode *bs, error **errp)
+{
+    uint64_t perm, shared;
+    cumulative(bs, &perm, &shared);
+    if (bs->file_link) {
+        uint64_t child_perm = perm ? perm | PERM_CONSISTENT_READ : 0;
+        if (bnode_user_set_perm(bs->file_link, child_perm, shared, errp) < 0)
+            return -1;
+    }
+    if (bs->drv->set_perm && bs->drv->set_perm(bs, perm, shared, errp) < 0)
+        return -1;
+    return 0;
+}
+
+int bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp)
+{
+    if (check(u, perm, shared, errp) < 0)
+        return -1;
+    uint64_t old_perm = u->perm, old_shared = u->shared;
+    u->perm = perm;
+    u->shared = shared;
+    if (propagate(u->bs, errp) < 0) {
+        u->perm = old_perm;
+        u->shared = old_shared;
+        propagate(u->bs, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+struct bnode_user *bnode_attach(struct bnode *bs, uint64_t perm, uint64_t shared,
+                                const char *name, const char *role, error **errp)
+{
+    struct bnode_user *u = calloc(1, sizeof(*u));
+    if (!u)
+        abort();
+    *u = (struct bnode_user){ .bs = bs, .shared = PERM_ALL, .name = strdup(name),
+                              .role = role, .next = bs->users };
+    bs->users = u;
+    bnode_ref(bs);
+    if (bnode_user_set_perm(u, perm, shared, errp) < 0) {
+        bnode_detach(u);
+        return NULL;
+    }
+    return u;
+}
+
+void bnode_detach(struct bnode_user *u)
+{
+    struct bnode *bs = u->bs;
+    for (struct bnode_user **p = &bs->users; *p; p = &(*p)->next)
+        if (*p == u) {
+            *p = u->next;
+            break;
+        }
+    propagate(bs, NULL);          /* giving permissions back cannot conflict */
+    free(u->name);
+    free(u);
+    bnode_unref(bs);
+}
+
+int bnode_ref_user(struct bnode *bs, bool write, error **errp)
+{
+    uint64_t perm = PERM_CONSISTENT_READ | (write ? PERM_WRITE : 0);
+    struct bnode_user *u = bnode_attach(bs, perm, PERM_ALL, "an unnamed block device",
+                                        "root", errp);
+    if (u)
+        u->anonymous = true;
+    return u ? 0 : -1;
+}
+
+void bnode_unref_user(struct bnode *bs, bool write)
+{
+    uint64_t perm = PERM_CONSISTENT_READ | (write ? PERM_WRITE : 0);
+    for (struct bnode_user *u = bs->users; u; u = u->next)
+        if (u->anonymous && u->perm == perm) {
+            bnode_detach(u);
+            return;
+        }
+}
