@@ -6,9 +6,12 @@
 # One mon and one memstore OSD (data in the OSD's RAM), no mgr, cephx, pool
 # "rbd" of size 1, everything under DIR and bound to 127.0.0.1 on a block of
 # 32 free ports.  Writes DIR/env (CEPH_CONF=... lines, also on stdout) once
-# a real image create/remove has worked.  --client-timeout S puts librados
-# op and mount timeouts of S seconds in the [client] section (tests of a
-# stopped cluster); without it clients get librados' defaults (and bexd's).
+# a real image create/remove has worked.  DIR/ceph.conf leaves clients
+# librados' own timeouts (and bexd its defaults): the tests' own CLI calls
+# wait for a slow cluster instead of failing.  --client-timeout S also
+# writes DIR/ceph-timeout.conf, the same file with librados op and mount
+# timeouts of S seconds in [client], for the one client of a test that must
+# see a stopped cluster as errors (env: CEPH_CONF_TIMEOUT).
 # DIR/owner holds $BEXD_CEPH_OWNER (default: our parent pid) so a later run
 # can tell a cluster whose test run died (see ceph-down.sh --stale ROOT).
 # Exit 0 ready; 1 failed (daemons stopped, logs kept in DIR/log); 2 usage.
@@ -121,9 +124,11 @@ keyring = $DIR/client.admin.keyring
 log file = $DIR/log/client.log
 admin socket =
 CONF
+    # [client] is the last section: appended lines belong to it
     if [ -n "$CLIENT_TIMEOUT" ]; then
+        cp "$CONF" "$DIR/ceph-timeout.conf"
         printf 'client mount timeout = %s\nrados mon op timeout = %s\nrados osd op timeout = %s\n' \
-            "$CLIENT_TIMEOUT" "$CLIENT_TIMEOUT" "$CLIENT_TIMEOUT" >>"$CONF"
+            "$CLIENT_TIMEOUT" "$CLIENT_TIMEOUT" "$CLIENT_TIMEOUT" >>"$DIR/ceph-timeout.conf"
     fi
 }
 
@@ -198,6 +203,7 @@ CEPH_MON_PORT=$(( base + 1 ))
 CEPH_MON_V2_PORT=$base
 CEPH_POOL=rbd
 ENV
+[ -z "$CLIENT_TIMEOUT" ] || echo "CEPH_CONF_TIMEOUT=$DIR/ceph-timeout.conf" >>"$DIR/env"
 ok=1
 log "ready"
 cat "$DIR/env"
