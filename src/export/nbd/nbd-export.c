@@ -77,9 +77,16 @@ static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
     if (bnode_user_set_perm(e->user, e->user->perm, e->user->shared & ~PERM_RESIZE, errp) < 0)
         return -1;
     if (json_is_array(bitmaps) && json_array_size(bitmaps) > 0) {
-        /* no dirty bitmaps exist in bexd yet */
-        const char *b = json_string_value(json_array_get(bitmaps, 0));
-        error_setg(errp, "Bitmap '%s' is not found", b ? b : "");
+        /* No dirty bitmaps exist in bexd yet: every name is unknown.  A
+         * bitmap is a name on the exported node, or {node, name}. */
+        json_t *b = json_array_get(bitmaps, 0);
+        if (json_is_string(b)) {
+            error_setg(errp, "Bitmap '%s' is not found", json_string_value(b));
+        } else if (!bnode_find(qmp_str(b, "node", ""))) {
+            error_setg(errp, "Node '%s' not found", qmp_str(b, "node", ""));
+        } else {
+            error_setg(errp, "Dirty bitmap '%s' not found", qmp_str(b, "name", ""));
+        }
         return -1;
     }
     exp->name = strdup(name);
