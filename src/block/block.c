@@ -225,6 +225,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     return bs;
 
 fail:
+    if (bs->opaque && drv->close)
+        drv->close(bs);             /* whatever the driver set up before failing */
     if (bs->file_link)
         bnode_detach(bs->file_link);
     json_decref(bs->options);

@@ -210,6 +210,9 @@ def test_qemu_io_unaligned(setup):
 def test_iothread_and_main_loop_exports(impl, start_daemon, tmpdir_short):
     # one node, two exports: one served by an iothread, one by the main
     # loop; RMW cycles on shared blocks from both threads at once
+    if impl == "qsd":
+        pytest.skip("qsd 7.2 aborts when a client leaves an NBD export on an iothread "
+                    "(assertion qemu_in_main_thread() && nbd_server)")
     s = Setup(start_daemon, impl, tmpdir_short, pre=("--object", "iothread,id=io0"),
               export_opts=",iothread=io0",
               post=("--export", "type=nbd,id=exp1,node-name=disk0,name=other,writable=on"))

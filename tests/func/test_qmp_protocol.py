@@ -234,7 +234,7 @@ def test_pipelined_requests_all_answered_in_order(impl, start_daemon):
     import threading
     d = start_daemon(impl)
     m = d.qmp()
-    n = 5000
+    n = 5000 if impl == "bexd" else 1000     # qsd is slow enough to hit timeouts under load
     data = "".join('{"execute":"query-version","id":%d}\n' % i for i in range(n)).encode()
     t = threading.Thread(target=m.sock.sendall, args=(data,))
     t.start()
