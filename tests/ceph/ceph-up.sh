@@ -143,17 +143,18 @@ A "$DIR/mkfs.keyring" --import-keyring "$DIR/client.admin.keyring"
 A "$DIR/mkfs.keyring" --import-keyring "$DIR/osd.0/keyring"
 chmod 644 "$DIR/client.admin.keyring"
 
-# pid_of NAME: the daemon's pid once its pid file names a live process of ours
+# pid_of NAME: the daemon's pid once its pid file names a live process of
+# ours (polled for up to 20 s: a loaded machine can be slow to get there)
 pid_of() {
-    local i p
-    for i in $(seq 100); do
+    local p end=$(( EPOCHSECONDS + 20 ))
+    while :; do
         p=$(cat "$DIR/run/$1.pid" 2>/dev/null || true)
         if [ -n "$p" ] && tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q -- "-c $CONF "; then
             echo "$p"; return 0
         fi
+        [ "$EPOCHSECONDS" -lt "$end" ] || return 1
         sleep 0.05
     done
-    return 1
 }
 
 # ports: a random block of 32 below the ephemeral range, chosen under a
