@@ -303,7 +303,7 @@ def test_frozen_cluster_gives_eio_and_recovers(private_ceph, start_daemon, tmpdi
         f = handle(sock, "f0")
         t1 = time.monotonic()
         assert f.pread(MiB, 0) == pattern(MiB, seed=9)
-        assert [x["id"] for x in q.execute("query-block-exports")] == ["e0", "e1"]
+        assert sorted(x["id"] for x in q.execute("query-block-exports")) == ["e0", "e1"]
         assert time.monotonic() - t1 < T / 2
         f.shutdown()
         for t in threads:
@@ -325,7 +325,7 @@ def test_frozen_cluster_gives_eio_and_recovers(private_ceph, start_daemon, tmpdi
                     conf=ceph.timeout_conf, read_only=True)
         assert (e["class"], e["desc"]) == (
             "GenericError", "error reading header from %s: Connection timed out" % img)
-        assert T - 0.5 < time.monotonic() - t1 < 2 * T + 3
+        assert time.monotonic() - t1 < 2 * T + 3
     finally:
         ceph.resume()
     # the cluster serves again: the daemon recovers by itself (its first
