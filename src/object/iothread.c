@@ -50,6 +50,7 @@ static int iothread_complete(struct object *obj, json_t *props, error **errp)
         }
     }
     t->loop = loop_new(obj->id);
+    loop_set_poll_ns(t->loop, t->poll_max_ns);
     struct iothread_start st = { .t = t };
     pthread_mutex_init(&st.lock, NULL);
     pthread_cond_init(&st.cond, NULL);

@@ -2,8 +2,8 @@
  * Event loop (see loop.h).
  *
  * Theory of operation: each iteration (1) runs deferred functions and
- * cross-thread calls queued so far, (2) sleeps in epoll_wait until an fd is
- * ready or the earliest timer is due, (3) dispatches ready fds, (4) fires
+ * cross-thread calls queued so far, (2) polls the fds for up to poll_ns,
+ * then sleeps in epoll_wait until an fd is ready or the earliest timer is due, (3) dispatches ready fds, (4) fires
  * due timers, (5) frees watches deleted during the iteration.  A deleted
  * watch is only marked dead, so an event already fetched for it in the same
  * batch is skipped instead of touching freed memory.  Other threads enqueue
@@ -58,6 +58,7 @@ struct loop {
     struct loop_timer *timers_tail;
     struct loop_watch *dead;
     struct aio_engine *aio;
+    uint64_t poll_ns;                  /* busy-poll this long before sleeping */
 };
 
 static __thread struct loop *current_loop;
@@ -66,6 +67,13 @@ static struct loop *main_loop;
 /* aio.c */
 struct aio_engine *aio_engine_new(struct loop *l);
 void aio_engine_free(struct aio_engine *e);
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
 
 uint64_t now_ms(void)
 {
@@ -97,6 +105,7 @@ struct loop *loop_new(const char *name)
     pthread_mutex_init(&l->lock, NULL);
     l->calls_tail = &l->calls;
     l->defer_tail = &l->defer_head;
+    l->poll_ns = LOOP_POLL_NS_DEFAULT;
     l->wake_watch = (struct loop_watch){ .l = l, .fd = l->wakefd, .events = EPOLLIN,
                                          .registered = true, .fn = wake_read, .opaque = l };
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->wake_watch };
@@ -105,6 +114,8 @@ struct loop *loop_new(const char *name)
 }
 
 const char *loop_name(const struct loop *l) { return l->name; }
+
+void loop_set_poll_ns(struct loop *l, uint64_t ns) { l->poll_ns = ns; }
 
 static void free_dead(struct loop *l)
 {
@@ -362,7 +373,18 @@ int loop_run(struct loop *l)
         run_defers(l);
         if (l->stop)
             break;
-        int n = epoll_wait(l->epfd, evs, 64, next_timeout(l));
+        int timeout = next_timeout(l);
+        int n = 0;
+        if (timeout != 0 && l->poll_ns) {
+            /* Poll briefly before sleeping: a client answering at once is
+             * served without the cost of a sleep and a wake-up. */
+            uint64_t until = now_ns() + l->poll_ns;
+            do {
+                n = epoll_wait(l->epfd, evs, 64, 0);
+            } while (n == 0 && now_ns() < until);
+        }
+        if (n == 0)
+            n = epoll_wait(l->epfd, evs, 64, timeout);
         if (n < 0 && errno != EINTR) {
             log_error("epoll_wait: %s", strerror(errno));
             break;

@@ -31,6 +31,12 @@ struct loop *loop_new(const char *name);
 void loop_free(struct loop *l);
 const char *loop_name(const struct loop *l);
 
+/* Before sleeping, a loop polls its fds this long (QEMU's iothread
+ * poll-max-ns, whose default it shares): a client that answers at once
+ * is then served without a sleep and a wake-up.  0 disables polling. */
+#define LOOP_POLL_NS_DEFAULT 32768
+void loop_set_poll_ns(struct loop *l, uint64_t ns);
+
 /* Run until loop_stop(); returns 0.  Must be called in the thread that owns the loop. */
 int loop_run(struct loop *l);
 /* Thread-safe. */

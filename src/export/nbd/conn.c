@@ -28,6 +28,7 @@
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "nbd-internal.h"
+#include "util/loop-pool.h"
 
 /* ---- plain socket transport ---- */
 
@@ -103,6 +104,7 @@ static void nbd_conn_finalize(void *opaque)
         }
     }
     nbd_srv.nconns--;
+    loop_pool_release(c->pool_slot);
     if (c->exp)
         nbd_export_client_gone(c->exp);
     free(c->peer);
@@ -179,6 +181,7 @@ bool nbd_conn_new(int fd, const char *peer)
     c->fd = fd;
     c->tr = &nbd_plain_transport;
     c->loop = loop_main();
+    c->pool_slot = -1;
     c->peer = strdup(peer ? peer : "?");
     c->hs_buf = malloc(NBD_MAX_OPT_LEN + 64);
     if (!c->peer || !c->hs_buf) {
@@ -271,7 +274,10 @@ static void nbd_conn_attach_cb(void *opaque)
 
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp)
 {
-    struct loop *target = exp->common.loop ? exp->common.loop : loop_main();
+    /* An export's iothread serves all its clients; otherwise clients are
+     * spread over the worker loops so that several of them use every core. */
+    struct loop *target = exp->common.iothread ? exp->common.loop
+                                               : loop_pool_pick(&c->pool_slot);
 
     c->exp = exp;
     exp->nclients++;

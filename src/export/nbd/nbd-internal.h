@@ -134,6 +134,7 @@ struct nbd_conn {
     void *tr_opaque;
     enum nbd_conn_state state;
     struct loop *loop;            /* where its I/O runs; changed in main only */
+    int pool_slot;                /* worker loop taken (loop-pool.h), -1 if none */
     struct loop_watch *watch;
     char *peer;                   /* for log messages */
     struct nbd_conn *next;        /* server list (main thread) */
