@@ -41,6 +41,8 @@ enum {
     BREQ_FUA        = 1u << 0,  /* WRITE/WRITE_ZEROES: durable on completion */
     BREQ_MAY_UNMAP  = 1u << 1,  /* WRITE_ZEROES: may punch a hole */
     BREQ_NO_FALLBACK = 1u << 2, /* WRITE_ZEROES: fail with -ENOTSUP rather than write zero buffers (NBD FAST_ZERO) */
+    BREQ_COPY_INLINE = 1u << 3, /* READ/WRITE: the submitter's clients are spread over loops
+                                 * already, so a large RAM-backed copy may run in the loop */
 };
 
 struct breq {

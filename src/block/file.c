@@ -229,13 +229,15 @@ static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
                        uint64_t offset, uint64_t len, int mode)
 {
     struct file_state *s = bs->opaque;
+    bool copy_here = s->ram_backed && (r->flags & BREQ_COPY_INLINE) &&
+                     (op == AIO_OP_READ || op == AIO_OP_WRITE);
     r->aio = (struct aio_req){
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
-        .flags = aio_flags(s, op, len),
+        .flags = copy_here ? AIO_INLINE_SYNC : aio_flags(s, op, len),
         .done = file_aio_done,
     };
-    aio_submit(r->loop, large_copy(bs, op, len) ? AIO_THREADS : s->aio, &r->aio);
+    aio_submit(r->loop, !copy_here && large_copy(bs, op, len) ? AIO_THREADS : s->aio, &r->aio);
 }
 
 enum {

@@ -466,6 +466,8 @@ static void submit(struct nbd_slot *s, enum breq_op op, unsigned flags)
         r->iovcnt = 1;
     }
     r->loop = c->loop;
+    if (c->pool_slot >= 0)           /* clients spread over loops: copy in this one */
+        r->flags |= BREQ_COPY_INLINE;
     r->done = breq_done;
     r->opaque = s;
     s->state = SLOT_IO;
