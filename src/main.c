@@ -146,7 +146,6 @@ int main(int argc, char **argv)
     int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 
     loop_main_init();
-    block_init();
     schema_init();
     qmp_quit_hook = begin_shutdown;
     sig_watch = loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);

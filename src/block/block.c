@@ -43,8 +43,6 @@ const struct bdrv *bdrv_find(const char *name)
     return NULL;
 }
 
-void block_init(void) {}
-
 struct bnode *bnode_find(const char *name)
 {
     for (struct bnode *bs = nodes; bs; bs = bs->next)
@@ -424,11 +422,6 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
 bool bnode_can_write_zeroes_fast(struct bnode *bs)
 {
     return bs->drv->can_write_zeroes_fast && bs->drv->can_write_zeroes_fast(bs);
-}
-
-bool bnode_can_discard(struct bnode *bs)
-{
-    return bs->discard && bs->drv->can_discard && bs->drv->can_discard(bs);
 }
 
 struct bnode *bnode_first(void) { return nodes; }

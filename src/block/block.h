@@ -150,7 +150,6 @@ struct bdrv {
 };
 
 /* ---- graph / control (main thread) ---- */
-void block_init(void);
 /* blockdev-add: opts validated by the QMP schema (BlockdevOptions). */
 struct bnode *blockdev_add(json_t *opts, error **errp);
 int  blockdev_del(const char *node_name, error **errp);
@@ -190,7 +189,6 @@ int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
                        uint64_t *pnum, unsigned *flags, int *depth);
 int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
 bool bnode_can_write_zeroes_fast(struct bnode *bs);
-bool bnode_can_discard(struct bnode *bs);
 
 /* Driver registry */
 void bdrv_register(const struct bdrv *drv);

@@ -122,8 +122,6 @@ json_t *query_iothreads(void)
     return list;
 }
 
-void iothread_types_init(void) {}
-
 static json_t *qmp_query_iothreads(json_t *args, error **errp)
 {
     return query_iothreads();

@@ -15,4 +15,3 @@ struct iothread {
 
 struct iothread *iothread_find(const char *id, error **errp);
 json_t *query_iothreads(void);
-void iothread_types_init(void);

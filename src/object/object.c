@@ -34,20 +34,6 @@ struct object *object_find(const char *id)
     return NULL;
 }
 
-struct object *object_find_typed(const char *id, const char *type, error **errp)
-{
-    struct object *o = object_find(id);
-    if (!o) {
-        error_setg(errp, "No TLS credentials with id '%s'", id);
-        return NULL;
-    }
-    if (strcmp(o->type->name, type) != 0 && strncmp(o->type->name, type, strlen(type)) != 0) {
-        error_setg(errp, "Object with id '%s' is not of type '%s'", id, type);
-        return NULL;
-    }
-    return o;
-}
-
 int object_add(json_t *props, error **errp)
 {
     const char *type_name = qmp_str(props, "qom-type", "");

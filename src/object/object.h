@@ -31,8 +31,6 @@ void object_type_register(const struct object_type *t);
 int  object_add(json_t *props, error **errp);
 int  object_del(const char *id, error **errp);
 struct object *object_find(const char *id);
-/* Find by id and check the type name; sets a QEMU-like error otherwise. */
-struct object *object_find_typed(const char *id, const char *type, error **errp);
 void objects_delete_all(void);
 
 #define OBJECT_TYPE_REGISTER(t) \
