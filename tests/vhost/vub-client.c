@@ -73,7 +73,7 @@ static int send_msg(uint32_t req, uint32_t flags, const void *p, uint32_t size,
 
     if (size > sizeof(m.p))
         iov.iov_len = sizeof(m);      /* claims more than it sends (badmsg) */
-    else
+    else if (size)
         memcpy(&m.p, p, size);
     if (nfds) {
         memset(ctl, 0, sizeof(ctl));
@@ -566,6 +566,13 @@ static double proc_cpu_s(int pid)
     return (ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+static uint16_t avail_event(struct q *q)
+{
+    uint16_t v;
+    memcpy(&v, &q->used->ring[qsize], sizeof(v));
+    return v;
+}
+
 static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, int pid)
 {
     uint64_t cap = cfg.capacity * 512, span = cap / bs, seq = 0, done = 0;
@@ -587,18 +594,24 @@ static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, i
     for (unsigned qi = 0; qi < nq; qi++)
         kick(&qs[qi]);
     printf("{\"started\": true}\n");
-    for (uint64_t last_done = 0;; last_done = done) {
+    for (uint64_t before = done, idle = 0;; idle = done == before, before = done) {
         t1 = now_s();
         if (t1 - t0 >= secs)
             break;
-        if (nq > 1 && done == last_done && t1 > t0) {
+        if (nq > 1 && idle) {
             /* nothing on any queue last pass: sleep on every call fd */
             struct pollfd p[65];
             for (unsigned qi = 0; qi < nq; qi++)
                 p[qi] = (struct pollfd){ qs[qi].call, POLLIN, 0 };
             p[nq] = (struct pollfd){ sock, POLLIN, 0 };
-            if (poll(p, nq + 1, TIMEOUT_MS) <= 0 || p[nq].revents)
-                die("bench: server stopped answering");
+            int pr = poll(p, nq + 1, TIMEOUT_MS);
+            if (pr <= 0 || p[nq].revents) {
+                for (unsigned qi = 0; qi < nq; qi++)
+                    fprintf(stderr, "q%u: avail %u used %u seen %u used_event %u avail_event %u\n", qi,
+                            qs[qi].avail_idx, qs[qi].used->idx, qs[qi].used_seen,
+                            qs[qi].avail->ring[qsize], avail_event(&qs[qi]));
+                die(pr <= 0 ? "bench: server stopped answering (timeout)" : "bench: server closed the connection");
+            }
         }
         for (unsigned qi = 0; qi < nq; qi++) {
             struct q *q = &qs[qi];
