@@ -41,8 +41,10 @@ enum {
     BREQ_FUA        = 1u << 0,  /* WRITE/WRITE_ZEROES: durable on completion */
     BREQ_MAY_UNMAP  = 1u << 1,  /* WRITE_ZEROES: may punch a hole */
     BREQ_NO_FALLBACK = 1u << 2, /* WRITE_ZEROES: fail with -ENOTSUP rather than write zero buffers (NBD FAST_ZERO) */
-    BREQ_COPY_INLINE = 1u << 3, /* READ/WRITE: the submitter's clients are spread over loops
-                                 * already, so a large RAM-backed copy may run in the loop */
+    BREQ_COPY_INLINE = 1u << 3, /* READ/WRITE: a large RAM-backed copy may run in the
+                                 * submitting loop (its clients are spread over loops
+                                 * already, or it has no other work to overlap the copy
+                                 * with) rather than in the worker pool */
 };
 
 struct breq {

@@ -203,41 +203,48 @@ static void file_close(struct bnode *bs)
 
 static void file_aio_done(struct aio_req *a, int64_t res);
 
-/* Page-cache copies at least this big go to the worker pool, so that large
- * transfers use every core instead of the export's one loop thread. */
+/* Where a request runs.  Copies from or to RAM-backed files never wait for
+ * a device, so they run inline in the loop, except copies of LARGE_COPY
+ * bytes or more that the submitter did not mark BREQ_COPY_INLINE: those go
+ * to the worker pool, so that the loop goes on with its own work (a FUSE
+ * loop reading the next payload) and big reads use every core.  Other files
+ * try RWF_NOWAIT inline (a page-cache hit) when the file system supports
+ * it, and otherwise go to the node's engine; their large copies go to the
+ * pool.  Nothing is inline on O_DIRECT nodes. */
 #define LARGE_COPY (64 * 1024)
 
-static bool large_copy(struct bnode *bs, enum aio_op op, uint64_t len)
+static unsigned aio_flags(struct bnode *bs, struct breq *r, enum aio_op op, uint64_t len,
+                          bool *pool)
 {
-    return !bs->cache_direct && len >= LARGE_COPY && (op == AIO_OP_READ || op == AIO_OP_WRITE);
-}
+    struct file_state *s = bs->opaque;
+    bool large = !bs->cache_direct && len >= LARGE_COPY;
 
-static unsigned aio_flags(struct file_state *s, enum aio_op op, uint64_t len)
-{
-    if (len >= LARGE_COPY && (op == AIO_OP_READ || op == AIO_OP_WRITE))
+    *pool = false;
+    if (op != AIO_OP_READ && op != AIO_OP_WRITE)
         return AIO_NO_INLINE;
-    if (s->ram_backed && (op == AIO_OP_READ || op == AIO_OP_WRITE))
+    if (s->ram_backed && (!large || (r->flags & BREQ_COPY_INLINE)))
         return AIO_INLINE_SYNC;
+    if (large) {
+        *pool = true;
+        return AIO_NO_INLINE | (s->ram_backed ? AIO_CPU_BOUND : 0);
+    }
     if (op == AIO_OP_READ)
         return s->nowait_read ? 0 : AIO_NO_INLINE;
-    if (op == AIO_OP_WRITE)
-        return s->nowait_write ? 0 : AIO_NO_INLINE;
-    return AIO_NO_INLINE;
+    return s->nowait_write ? 0 : AIO_NO_INLINE;
 }
 
 static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
                        uint64_t offset, uint64_t len, int mode)
 {
     struct file_state *s = bs->opaque;
-    bool copy_here = s->ram_backed && (r->flags & BREQ_COPY_INLINE) &&
-                     (op == AIO_OP_READ || op == AIO_OP_WRITE);
+    bool pool;
     r->aio = (struct aio_req){
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
-        .flags = copy_here ? AIO_INLINE_SYNC : aio_flags(s, op, len),
+        .flags = aio_flags(bs, r, op, len, &pool),
         .done = file_aio_done,
     };
-    aio_submit(r->loop, !copy_here && large_copy(bs, op, len) ? AIO_THREADS : s->aio, &r->aio);
+    aio_submit(r->loop, pool ? AIO_THREADS : s->aio, &r->aio);
 }
 
 enum {
@@ -372,7 +379,7 @@ static void zero_write_next(struct bnode *bs, struct breq *r)
     uint64_t n = MIN(left, (uint64_t)ZERO_CHUNK * ZERO_IOVS);
     r->aio = (struct aio_req){
         .op = AIO_OP_WRITE, .fd = s->fd, .offset = r->drv_offset + r->done_bytes,
-        .len = n, .flags = aio_flags(s, AIO_OP_WRITE, n), .done = file_aio_done,
+        .len = n, .done = file_aio_done,
     };
     if (n >= ZERO_CHUNK) {
         r->aio.iov = zero_iov;
@@ -383,8 +390,9 @@ static void zero_write_next(struct bnode *bs, struct breq *r)
         r->aio.iov = &r->tmp_iov;
         r->aio.iovcnt = 1;
     }
-    aio_submit(r->loop, large_copy(bs, AIO_OP_WRITE, r->aio.len) ? AIO_THREADS : s->aio,
-               &r->aio);
+    bool pool;
+    r->aio.flags = aio_flags(bs, r, AIO_OP_WRITE, r->aio.len, &pool);
+    aio_submit(r->loop, pool ? AIO_THREADS : s->aio, &r->aio);
 }
 
 static void file_submit(struct bnode *bs, struct breq *r, uint64_t offset)

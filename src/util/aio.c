@@ -7,8 +7,11 @@
  * the ring (io_uring) or to the worker pool (threads).  Ring submissions are
  * batched: one io_uring_submit() per loop iteration, from a loop_defer.  The
  * ring signals completions on the eventfd, which the loop watches; thread
- * completions are queued on the engine under a mutex and signalled on the
- * same eventfd.  Completion callbacks always run in the owning loop thread.
+ * completions are pushed on the engine's lock-free list and signalled on the
+ * same eventfd, once per batch (only the push onto an empty list writes it).
+ * Completion callbacks always run in the owning loop thread.  While worker
+ * threads hold requests of a loop, the loop sleeps rather than polls: a
+ * blocking call or a large copy takes far longer than the poll window.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -33,16 +36,31 @@ struct aio_engine {
     struct loop_watch *watch;
     struct loop_defer flush;
     unsigned queued;            /* SQEs prepared, not yet submitted */
-    pthread_mutex_t lock;       /* protects done_head (thread completions) */
-    struct aio_req *done_head;
+    unsigned in_pool;           /* requests at the worker pool (loop thread only) */
+    struct aio_req *done_head;  /* thread completions: atomic push, atomic take-all */
 };
 
-/* ---- worker pool (shared by all loops) ---- */
+/* ---- worker pools (shared by all loops) ----
+ * Two pools: one for calls that may block on a device (up to
+ * POOL_MAX_THREADS, so that many can wait at once) and one for copies that
+ * only use a CPU (AIO_CPU_BOUND), with one thread per online CPU: more
+ * copiers than CPUs only preempt each other and the loops that feed them
+ * (1 MiB vhost-user-blk reads on 2 CPUs: 12.3 GiB/s with 2 copiers, 10.0 with
+ * 4). */
 
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
-static struct aio_req *pool_head, **pool_tail = &pool_head;
-static int pool_threads, pool_idle;
+struct pool {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct aio_req *head, **tail;
+    int threads, idle, max;
+};
+
+static struct pool io_pool = {
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, &io_pool.head, 0, 0, POOL_MAX_THREADS,
+};
+static struct pool copy_pool = {
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, &copy_pool.head, 0, 0, 0,
+};
 
 static int64_t do_sync(struct aio_req *r, int rwflags)
 {
@@ -69,10 +87,13 @@ static int64_t do_sync(struct aio_req *r, int rwflags)
 static void engine_post_done(struct aio_req *r)
 {
     struct aio_engine *e = loop_aio(r->loop);
-    pthread_mutex_lock(&e->lock);
-    r->next = e->done_head;
-    e->done_head = r;
-    pthread_mutex_unlock(&e->lock);
+    struct aio_req *head = __atomic_load_n(&e->done_head, __ATOMIC_RELAXED);
+    do {
+        r->next = head;
+    } while (!__atomic_compare_exchange_n(&e->done_head, &head, r, true,
+                                          __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    if (head)
+        return;             /* the loop has not taken the list yet: no second wake-up */
     uint64_t one = 1;
     if (write(e->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         log_error("aio wake-up failed: %s", strerror(errno));
@@ -80,42 +101,50 @@ static void engine_post_done(struct aio_req *r)
 
 static void *pool_worker(void *arg)
 {
-    pthread_mutex_lock(&pool_lock);
+    struct pool *p = arg;
+    pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!pool_head) {
-            pool_idle++;
-            pthread_cond_wait(&pool_cond, &pool_lock);
-            pool_idle--;
+        while (!p->head) {
+            p->idle++;
+            pthread_cond_wait(&p->cond, &p->lock);
+            p->idle--;
         }
-        struct aio_req *r = pool_head;
-        pool_head = r->next;
-        if (!pool_head)
-            pool_tail = &pool_head;
-        pthread_mutex_unlock(&pool_lock);
+        struct aio_req *r = p->head;
+        p->head = r->next;
+        if (!p->head)
+            p->tail = &p->head;
+        pthread_mutex_unlock(&p->lock);
         r->res = do_sync(r, 0);
         engine_post_done(r);
-        pthread_mutex_lock(&pool_lock);
+        pthread_mutex_lock(&p->lock);
     }
     return NULL;
 }
 
 static void pool_submit(struct aio_req *r)
 {
-    pthread_mutex_lock(&pool_lock);
+    struct pool *p = r->flags & AIO_CPU_BOUND ? &copy_pool : &io_pool;
+    pthread_mutex_lock(&p->lock);
+    if (!p->max) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        p->max = n < 1 ? 1 : n > POOL_MAX_THREADS ? POOL_MAX_THREADS : n;
+    }
     r->next = NULL;
-    *pool_tail = r;
-    pool_tail = &r->next;
-    if (pool_idle == 0 && pool_threads < POOL_MAX_THREADS) {
+    *p->tail = r;
+    p->tail = &r->next;
+    bool wake = p->idle > 0;
+    if (!wake && p->threads < p->max) {
         pthread_t t;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&t, &attr, pool_worker, NULL) == 0)
-            pool_threads++;
+        if (pthread_create(&t, &attr, pool_worker, p) == 0)
+            p->threads++;
         pthread_attr_destroy(&attr);
     }
-    pthread_cond_signal(&pool_cond);
-    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&p->lock);
+    if (wake)
+        pthread_cond_signal(&p->cond);
 }
 
 /* ---- completions ---- */
@@ -137,12 +166,10 @@ static void engine_event(void *opaque, uint32_t revents)
     uint64_t v;
     while (read(e->efd, &v, sizeof(v)) > 0)
         ;
-    pthread_mutex_lock(&e->lock);
-    struct aio_req *r = e->done_head;
-    e->done_head = NULL;
-    pthread_mutex_unlock(&e->lock);
+    struct aio_req *r = __atomic_exchange_n(&e->done_head, NULL, __ATOMIC_ACQUIRE);
     while (r) {
         struct aio_req *next = r->next;
+        e->in_pool--;
         r->done(r, r->res);
         r = next;
     }
@@ -168,7 +195,6 @@ struct aio_engine *aio_engine_new(struct loop *l)
         abort();
     e->loop = l;
     e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    pthread_mutex_init(&e->lock, NULL);
     e->flush.fn = engine_flush;
     e->flush.opaque = e;
     int ret = io_uring_queue_init(RING_ENTRIES, &e->ring, 0);
@@ -188,7 +214,6 @@ void aio_engine_free(struct aio_engine *e)
     if (e->ring_ok)
         io_uring_queue_exit(&e->ring);
     close(e->efd);
-    pthread_mutex_destroy(&e->lock);
     free(e);
 }
 
@@ -243,7 +268,13 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
     }
     if (kind != AIO_THREADS && e->ring_ok && ring_submit(e, r))
         return;
+    e->in_pool++;
     pool_submit(r);
+}
+
+bool aio_engine_waits_for_pool(struct aio_engine *e)
+{
+    return e->in_pool > 0;
 }
 
 int aio_kind_parse(const char *s)

@@ -28,6 +28,8 @@ enum aio_op {
 #define AIO_NO_INLINE   1u   /* never try inline (O_DIRECT: "non-blocking" still waits for the device) */
 #define AIO_INLINE_SYNC 2u   /* do it inline, blocking: RAM-backed files never wait for a device */
 #define AIO_NOWAIT_UNSUPPORTED 4u  /* set by aio_submit: the fd refused RWF_NOWAIT */
+#define AIO_CPU_BOUND   8u   /* AIO_THREADS: a copy that never waits for a device (RAM-backed
+                                file); runs in the pool sized to the CPUs */
 
 struct aio_req {
     enum aio_op op;

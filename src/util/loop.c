@@ -2,8 +2,10 @@
  * Event loop (see loop.h).
  *
  * Theory of operation: each iteration (1) runs deferred functions and
- * cross-thread calls queued so far, (2) polls the fds for up to poll_ns,
- * then sleeps in epoll_wait until an fd is ready or the earliest timer is due, (3) dispatches ready fds, (4) fires
+ * cross-thread calls queued so far, (2) polls the fds for up to poll_ns
+ * (unless worker threads hold some of its file I/O: they take longer than
+ * that), then sleeps in epoll_wait until an fd is ready or the earliest
+ * timer is due, (3) dispatches ready fds, (4) fires
  * due timers, (5) frees watches deleted during the iteration.  A deleted
  * watch is only marked dead, so an event already fetched for it in the same
  * batch is skipped instead of touching freed memory.  Other threads enqueue
@@ -67,6 +69,7 @@ static struct loop *main_loop;
 /* aio.c */
 struct aio_engine *aio_engine_new(struct loop *l);
 void aio_engine_free(struct aio_engine *e);
+bool aio_engine_waits_for_pool(struct aio_engine *e);
 
 static uint64_t now_ns(void)
 {
@@ -375,7 +378,7 @@ int loop_run(struct loop *l)
             break;
         int timeout = next_timeout(l);
         int n = 0;
-        if (timeout != 0 && l->poll_ns) {
+        if (timeout != 0 && l->poll_ns && !(l->aio && aio_engine_waits_for_pool(l->aio))) {
             /* Poll briefly before sleeping: a client answering at once is
              * served without the cost of a sleep and a wake-up. */
             uint64_t until = now_ns() + l->poll_ns;
