@@ -370,6 +370,14 @@ void bnode_submit(struct bnode *bs, struct breq *req)
     bs->drv->submit(bs, req, req->offset);
 }
 
+int bnode_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
+                        int *fd, uint64_t *fd_offset)
+{
+    if (!bs->drv->splice_source || bs->backing || offset > bs->size || bytes > bs->size - offset)
+        return -ENOTSUP;
+    return bs->drv->splice_source(bs, offset, bytes, need_holes, fd, fd_offset);
+}
+
 int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
                        uint64_t *pnum, unsigned *flags, int *depth)
 {

@@ -146,6 +146,12 @@ struct bdrv {
     void (*query_info)(struct bnode *bs, json_t *info);
     /* Make written data durable now, synchronously (shutdown path). */
     int  (*flush_sync)(struct bnode *bs);
+    /* Zero-copy reads: if [offset, offset+bytes) reads straight from a
+     * file whose pages are in RAM, set *fd and *fd_offset and return 0;
+     * with need_holes, only if the range is known to hold no hole.
+     * -ENOTSUP otherwise.  NULL = never. */
+    int  (*splice_source)(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
+                          int *fd, uint64_t *fd_offset);
     /* Capabilities */
     bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
@@ -190,6 +196,11 @@ void breq_complete(struct breq *req, int ret);
 int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
                        uint64_t *pnum, unsigned *flags, int *depth);
 int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
+/* Where a read of [offset, offset+bytes) can be spliced from (see
+ * bdrv.splice_source): 0 and *fd / *fd_offset, or -ENOTSUP.  The fd lives
+ * as long as the node; reading it is a READ of the node. */
+int bnode_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
+                        int *fd, uint64_t *fd_offset);
 bool bnode_can_write_zeroes_fast(struct bnode *bs);
 
 /* Driver registry */

@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <linux/magic.h>
+#include <pthread.h>
 #include <unistd.h>
 #include "block/block.h"
 #include "qmp/qmp.h"
@@ -40,6 +41,11 @@ struct file_state {
     bool has_punch;
     bool ram_backed;            /* tmpfs/ramfs: I/O is a memcpy, done inline */
     bool nowait_read, nowait_write;  /* RWF_NOWAIT worth trying */
+    /* splice_source: [data_lo, data_hi) is known to hold no hole.  Only
+     * writes change a RAM-backed file here, and they never make holes; any
+     * fallocate or truncate empties it. */
+    pthread_mutex_t data_lock;
+    uint64_t data_lo, data_hi;
 };
 
 static const unsigned char zero_buf[ZERO_CHUNK] __attribute__((aligned(4096)));  /* O_DIRECT-safe */
@@ -119,6 +125,7 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
     s->aio = aio_kind_parse(aio);
     s->locking = strcmp(locking, "off") != 0;
     s->has_zero_range = s->has_punch = true;
+    pthread_mutex_init(&s->data_lock, NULL);
     if (!strcmp(aio, "native") && !bs->cache_direct) {
         error_setg(errp, "aio=native was specified, but it requires cache.direct=on, "
                          "which was not specified.");
@@ -195,6 +202,7 @@ static void file_close(struct bnode *bs)
         return;
     if (s->fd >= 0)
         close(s->fd);       /* drops the OFD locks too */
+    pthread_mutex_destroy(&s->data_lock);
     free(s->filename);
     free(s);
 }
@@ -233,11 +241,20 @@ static unsigned aio_flags(struct bnode *bs, struct breq *r, enum aio_op op, uint
     return s->nowait_write ? 0 : AIO_NO_INLINE;
 }
 
+static void forget_data_range(struct file_state *s)
+{
+    pthread_mutex_lock(&s->data_lock);
+    s->data_lo = s->data_hi = 0;
+    pthread_mutex_unlock(&s->data_lock);
+}
+
 static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
                        uint64_t offset, uint64_t len, int mode)
 {
     struct file_state *s = bs->opaque;
     bool pool;
+    if (op == AIO_OP_FALLOCATE)
+        forget_data_range(s);
     r->aio = (struct aio_req){
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
@@ -476,9 +493,48 @@ static int file_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     return 0;
 }
 
+/* Zero-copy reads of RAM-backed files.  Whether a range holds a hole is
+ * learnt with SEEK_DATA/SEEK_HOLE, which on tmpfs walk the page cache up to
+ * the next hole (8 ms per GiB of data), so the answer is kept as one
+ * interval without holes, grown as reads ask about more: over a file's
+ * life the walks add up to a few passes over it, not one per read. */
+static int file_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                              bool need_holes, int *fd, uint64_t *fd_offset)
+{
+    struct file_state *s = bs->opaque;
+    bool ok = true;
+
+    if (!s->ram_backed || bs->cache_direct)
+        return -ENOTSUP;
+    if (need_holes) {
+        pthread_mutex_lock(&s->data_lock);
+        ok = offset >= s->data_lo && offset + bytes <= s->data_hi;
+        pthread_mutex_unlock(&s->data_lock);
+    }
+    if (!ok) {
+        off_t data = lseek(s->fd, offset, SEEK_DATA);
+        off_t hole = data == (off_t)offset ? lseek(s->fd, offset, SEEK_HOLE) : -1;
+        if (hole < 0 || (uint64_t)hole < offset + bytes)
+            return -ENOTSUP;
+        pthread_mutex_lock(&s->data_lock);
+        if (s->data_hi > s->data_lo && offset <= s->data_hi && (uint64_t)hole >= s->data_lo) {
+            s->data_lo = MIN(s->data_lo, offset);       /* overlaps: grow it */
+            s->data_hi = MAX(s->data_hi, (uint64_t)hole);
+        } else {
+            s->data_lo = offset;
+            s->data_hi = hole;
+        }
+        pthread_mutex_unlock(&s->data_lock);
+    }
+    *fd = s->fd;
+    *fd_offset = offset;
+    return 0;
+}
+
 static int file_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     struct file_state *s = bs->opaque;
+    forget_data_range(s);
     if (s->is_blockdev) {
         int64_t cur = fd_size(s->fd, true);
         if (cur >= 0 && (uint64_t)cur >= size)
@@ -516,6 +572,7 @@ const char *file_node_filename(struct bnode *bs)
     .submit = file_submit,                            \
     .block_status = file_block_status,                \
     .truncate = file_truncate,                        \
+    .splice_source = file_splice_source,              \
     .set_perm = file_set_perm,                        \
     .flush_sync = file_flush_sync,                    \
     .can_write_zeroes_fast = file_can_zero_fast,      \

@@ -60,6 +60,13 @@ static int raw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     return bnode_block_status(bs->file, offset + s->offset, bytes, pnum, flags, &depth);
 }
 
+static int raw_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
+                             int *fd, uint64_t *fd_offset)
+{
+    struct raw_state *s = bs->opaque;
+    return bnode_splice_source(bs->file, offset + s->offset, bytes, need_holes, fd, fd_offset);
+}
+
 static int raw_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     struct raw_state *s = bs->opaque;
@@ -82,6 +89,7 @@ static const struct bdrv bdrv_raw = {
     .submit = raw_submit,
     .block_status = raw_block_status,
     .truncate = raw_truncate,
+    .splice_source = raw_splice_source,
     .can_write_zeroes_fast = raw_can_zero_fast,
     .can_discard = raw_can_discard,
 };

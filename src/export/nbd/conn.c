@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include "util/cleanup.h"
@@ -55,6 +56,17 @@ static ssize_t plain_sendv(struct nbd_conn *c, const struct iovec *iov, int iovc
     return n;
 }
 
+static ssize_t plain_splice(struct nbd_conn *c, int pipe_rd, size_t len)
+{
+    ssize_t n;
+    do {
+        n = splice(pipe_rd, NULL, c->fd, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    return n;
+}
+
 static void plain_shutdown(struct nbd_conn *c)
 {
     if (c->fd >= 0)
@@ -69,7 +81,7 @@ static void plain_close(struct nbd_conn *c)
 }
 
 const struct nbd_transport nbd_plain_transport = {
-    .recv = plain_recv, .sendv = plain_sendv,
+    .recv = plain_recv, .sendv = plain_sendv, .splice = plain_splice,
     .shutdown = plain_shutdown, .close = plain_close,
 };
 
@@ -117,6 +129,9 @@ static void nbd_conn_destroy(struct nbd_conn *c)
         loop_watch_del(c->watch);
     c->watch = NULL;
     c->tr->close(c);
+    for (int i = 0; i < 2; i++)
+        if (c->pipe[i] >= 0)
+            close(c->pipe[i]);
     nbd_slots_free(c);
     free(c->rx);
     free(c->hs_buf);
@@ -180,6 +195,7 @@ bool nbd_conn_new(int fd, const char *peer)
     c->refcnt = 1;
     c->fd = fd;
     c->tr = &nbd_plain_transport;
+    c->pipe[0] = c->pipe[1] = -1;
     c->loop = loop_main();
     c->pool_slot = -1;
     c->peer = strdup(peer ? peer : "?");
@@ -348,16 +364,72 @@ static int nbd_conn_gather(struct nbd_conn *c, struct iovec *iov, size_t *total)
             skip = 0;
             *total += iov[n++].iov_len;
         }
+        if (s->splice_len)
+            break;          /* its data goes out by splice before anything else */
     }
     return n;
 }
 
-static size_t slot_reply_len(const struct nbd_slot *s)
+static size_t slot_iov_len(const struct nbd_slot *s)
 {
     size_t len = 0;
     for (int i = 0; i < s->iovcnt; i++)
         len += s->iov[i].iov_len;
     return len;
+}
+
+static size_t slot_reply_len(const struct nbd_slot *s)
+{
+    return slot_iov_len(s) + s->splice_len;
+}
+
+/* The connection's pipe for spliced replies, made on first use; false if it
+ * cannot have one (the reply is then copied). */
+bool nbd_conn_can_splice(struct nbd_conn *c)
+{
+    if (!c->tr->splice)
+        return false;
+    if (c->pipe[0] >= 0)
+        return true;
+    if (pipe2(c->pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+        c->pipe[0] = c->pipe[1] = -1;
+        return false;
+    }
+    fcntl(c->pipe[1], F_SETPIPE_SZ, NBD_PIPE_SIZE);   /* else the default: more rounds */
+    int fl = fcntl(c->fd, F_GETFL);     /* splice to a socket only obeys O_NONBLOCK */
+    if (fl >= 0 && !(fl & O_NONBLOCK))
+        fcntl(c->fd, F_SETFL, fl | O_NONBLOCK);
+    return true;
+}
+
+/* Send more of reply_head's spliced data: refill the pipe from the file
+ * when it is empty, then pass the pipe to the socket.  Returns bytes sent
+ * or -errno; *total is what was offered.  A file that ends early (truncated by someone else) reads as
+ * zeros, as a short read does. */
+static ssize_t nbd_conn_splice_step(struct nbd_conn *c, struct nbd_slot *s, size_t *total)
+{
+    static const char zeros[64 << 10];
+    size_t done = c->reply_off - slot_iov_len(s);
+    size_t left = s->splice_len - done - c->pipe_fill;
+
+    if (c->pipe_fill == 0) {
+        loff_t off = s->splice_off + done;
+        ssize_t k;
+        do {
+            k = splice(s->splice_fd, &off, c->pipe[1], NULL, MIN(left, NBD_PIPE_SIZE),
+                       SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        } while (k < 0 && errno == EINTR);
+        if (k == 0)
+            k = write(c->pipe[1], zeros, MIN(left, sizeof(zeros)));
+        if (k <= 0)
+            return k < 0 ? -errno : -EIO;
+        c->pipe_fill = k;
+    }
+    *total = c->pipe_fill;
+    ssize_t r = c->tr->splice(c, c->pipe[0], c->pipe_fill);
+    if (r > 0)
+        c->pipe_fill -= r;
+    return r;
 }
 
 /* Account n sent bytes: handshake output first, then queued replies. */
@@ -390,15 +462,22 @@ void nbd_conn_flush(struct nbd_conn *c)
     struct iovec iov[NBD_SEND_IOV];
 
     while (c->state != CONN_CLOSED) {
-        size_t total;
-        int n = nbd_conn_gather(c, iov, &total);
+        struct nbd_slot *head = c->reply_head;
+        size_t total = 0;
+        int n = 0;
         ssize_t r;
 
-        if (n == 0) {
-            c->want_out = false;
-            break;
+        if (c->out_sent == c->out_len && head && head->splice_len &&
+            c->reply_off >= slot_iov_len(head)) {
+            r = nbd_conn_splice_step(c, head, &total);
+        } else {
+            n = nbd_conn_gather(c, iov, &total);
+            if (n == 0) {
+                c->want_out = false;
+                break;
+            }
+            r = c->tr->sendv(c, iov, n);
         }
-        r = c->tr->sendv(c, iov, n);
         if (r == -EAGAIN) {
             c->want_out = true;
             break;

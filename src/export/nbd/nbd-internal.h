@@ -43,6 +43,8 @@
 #define NBD_SLOT_IOV           (2 * NBD_MAX_READ_CHUNKS + 8)
 #define NBD_SEND_IOV           256
 #define NBD_MAX_CONTEXTS       2
+#define NBD_SPLICE_MIN         (64u << 10)  /* READs from this size: spliced when possible */
+#define NBD_PIPE_SIZE          (1u << 20)   /* a connection's splice pipe */
 
 /* meta context ids (as QEMU numbers them) */
 #define NBD_META_ID_BASE_ALLOCATION   0
@@ -93,6 +95,9 @@ struct nbd_transport {
     ssize_t (*recv)(struct nbd_conn *c, void *buf, size_t len);
     /* bytes sent or -errno; never raises SIGPIPE */
     ssize_t (*sendv)(struct nbd_conn *c, const struct iovec *iov, int iovcnt);
+    /* move up to len bytes from pipe_rd to the peer, as sendv; NULL when the
+     * transport cannot take pages by reference (TLS encrypts them) */
+    ssize_t (*splice)(struct nbd_conn *c, int pipe_rd, size_t len);
     void (*shutdown)(struct nbd_conn *c);   /* stop both directions now */
     void (*close)(struct nbd_conn *c);      /* release (fd closed) */
 };
@@ -120,6 +125,10 @@ struct nbd_slot {
     size_t hdr_used;
     struct iovec iov[NBD_SLOT_IOV];
     int iovcnt;
+    /* and then, if splice_len, that many bytes of splice_fd from splice_off */
+    int splice_fd;
+    uint64_t splice_off;
+    uint32_t splice_len;
     struct nbd_slot *next;        /* free list or reply queue */
 };
 
@@ -174,6 +183,8 @@ struct nbd_conn {
     size_t buf_total;
     struct nbd_slot *reply_head, *reply_tail;
     size_t reply_off;             /* bytes of reply_head already sent */
+    int pipe[2];                  /* splice: file -> pipe -> socket; -1 until used */
+    size_t pipe_fill;             /* bytes of reply_head in the pipe */
     bool want_out;
     struct loop_defer flush_defer;
     struct loop_defer kick_defer;
@@ -191,6 +202,7 @@ void nbd_conn_update_watch(struct nbd_conn *c);
 void nbd_conn_io(void *opaque, uint32_t revents);   /* the socket watch's callback */
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */
 void nbd_conn_flush(struct nbd_conn *c);
+bool nbd_conn_can_splice(struct nbd_conn *c);
 void nbd_conn_schedule_flush(struct nbd_conn *c);
 int  nbd_out_append(struct nbd_conn *c, const void *data, size_t len);
 

@@ -16,7 +16,9 @@
  * reference) and queued, and the flush deferred to the end of the loop
  * iteration sends every queued reply in one sendmsg.  Replies therefore go
  * out in completion order, not request order.  A structured READ reply
- * describes zero 4 KiB blocks of what was read as OFFSET_HOLE chunks.
+ * describes zero 4 KiB blocks of what was read as OFFSET_HOLE chunks.  A
+ * large READ of a RAM-backed file is not read at all: its reply carries the
+ * file range, and the flush splices it from the page cache to the socket.
  */
 #include <endian.h>
 #include <errno.h>
@@ -191,6 +193,7 @@ static void reply_start(struct nbd_slot *s)
 {
     s->hdr_used = 0;
     s->iovcnt = 0;
+    s->splice_len = 0;
 }
 
 static void add_simple(struct nbd_slot *s, uint32_t err)
@@ -376,6 +379,40 @@ static void reply_read(struct nbd_slot *s)
     queue_reply(s);
 }
 
+/* A large READ of a RAM-backed file: the page cache goes to the socket by
+ * reference (splice), never copied here.  Where holes must show as holes
+ * (structured replies without DF), only ranges known to hold none are
+ * spliced; zeros that were written are then sent as data, which is what
+ * QEMU does too. */
+static bool reply_read_spliced(struct nbd_slot *s)
+{
+    struct nbd_conn *c = s->conn;
+    bool need_holes = c->structured && !(s->req.flags & NBD_CMD_FLAG_DF);
+    uint64_t foff;
+    int fd;
+
+    if (s->req.count < NBD_SPLICE_MIN ||
+        bnode_splice_source(c->exp->common.node, s->req.offset, s->req.count, need_holes,
+                            &fd, &foff) < 0 ||
+        !nbd_conn_can_splice(c))
+        return false;
+    reply_start(s);
+    if (c->structured) {
+        struct nbd_structured_reply *r = add_chunk(s, NBD_REPLY_TYPE_OFFSET_DATA,
+                                                   8 + s->req.count, 8);
+        uint64_t be = htobe64(s->req.offset);
+        memcpy(r + 1, &be, 8);
+        set_done(r);
+    } else {
+        add_simple(s, 0);
+    }
+    s->splice_fd = fd;
+    s->splice_off = foff;
+    s->splice_len = s->req.count;
+    queue_reply(s);
+    return true;
+}
+
 static void reply_block_status(struct nbd_slot *s)
 {
     struct nbd_conn *c = s->conn;
@@ -497,7 +534,10 @@ static void execute(struct nbd_slot *s)
         return;
     }
     switch (s->req.type) {
-    case NBD_CMD_READ: submit(s, BREQ_READ, 0); break;
+    case NBD_CMD_READ:
+        if (!reply_read_spliced(s))
+            submit(s, BREQ_READ, 0);
+        break;
     case NBD_CMD_WRITE: submit(s, BREQ_WRITE, fua_flags(s)); break;
     case NBD_CMD_FLUSH: submit(s, BREQ_FLUSH, 0); break;
     case NBD_CMD_TRIM: submit(s, BREQ_DISCARD, 0); break;
