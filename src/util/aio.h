@@ -3,8 +3,9 @@
  * in that same thread via req->done.  Engines:
  *   AIO_IO_URING  liburing ring per loop; submissions batched until the loop
  *                 sleeps; completion via an eventfd watched by the loop.
- *   AIO_THREADS   a shared worker pool doing preadv/pwritev/...; completions
- *                 are handed back with loop_call.
+ *   AIO_THREADS   shared worker pools doing preadv/pwritev/...: one for calls
+ *                 that may block, one sized to the CPUs for AIO_CPU_BOUND
+ *                 copies; completions go back to the submitting loop.
  *   AIO_NATIVE    accepted for QEMU compatibility; served by io_uring.
  * If io_uring cannot be set up, AIO_IO_URING falls back to AIO_THREADS.
  * done may be called before aio_submit returns.
