@@ -3,7 +3,8 @@
 # qemu-storage-daemon's, in one run, on identical RAM-backed raw images.
 #
 #  device side: tests/vhost/vub-client drives the rings directly (no guest):
-#               4k random read (QD 32), 1M sequential read and write (QD 4);
+#               4k random read (QD 32, and QD 16 on each queue), 1M
+#               sequential read (QD 4 and 1) and write (QD 4);
 #               IOPS, MiB/s and the server's CPU time per request
 #               (utime+stime from /proc/PID/stat over the run).
 #  guest side:  tests/vhost/guest.py boots a TCG guest on each export and
@@ -98,6 +99,7 @@ device_rows() { # IMPL (one round)
     best_of "$impl" rr4k_iops rr4k_us iops "$s" bench randread 4096 32 "$SECS" "$p"
     best_of "$impl" rr4kq_iops rr4kq_us iops -q "$QUEUES" "$s" bench randread 4096 16 "$SECS" "$p"
     best_of "$impl" sr1m_mib sr1m_us MiBps -i "$s" bench read 1048576 4 "$SECS" "$p"
+    best_of "$impl" sr1m1_mib sr1m1_us MiBps -i "$s" bench read 1048576 1 "$SECS" "$p"
     best_of "$impl" sw1m_mib sw1m_us MiBps -i "$s" bench write 1048576 4 "$SECS" "$p"
 }
 
@@ -110,6 +112,7 @@ keep_max() { # KEY VALUE
 
 guest_rows() { # IMPL (one boot; the best of the rounds is kept)
     local impl=$1 out
+    ensure_up "$impl"
     out=$(python3 "$ROOT/tests/vhost/guest.py" --socket "${SOCKS[$impl]}" --workload bench --queues "$QUEUES" --mb 64 || true)
     keep_max "$impl,g_sw" "$(field "$out" seq_write_MiBps)"
     keep_max "$impl,g_sr" "$(field "$out" seq_read_MiBps)"
@@ -152,6 +155,7 @@ row "device: 4k randread QD16 x ${QUEUES}q, IOPS" rr4kq_iops ratio
 row "device: 4k randread x ${QUEUES}q, us/IO (lower)" rr4kq_us lower_better
 row "device: 1M seq read QD4, MiB/s" sr1m_mib ratio
 row "device: 1M seq read, server us/IO (lower)" sr1m_us lower_better
+row "device: 1M seq read QD1, MiB/s" sr1m1_mib ratio
 row "device: 1M seq write QD4, MiB/s" sw1m_mib ratio
 row "device: 1M seq write, server us/IO (lower)" sw1m_us lower_better
 if [ "$GUEST" != 0 ]; then

@@ -224,8 +224,10 @@ static bool pop_one(struct vub_queue *q, bool *empty)
         client_drop(cl, "virtqueue avail ring is corrupt");
         return false;
     }
+    bool alone = cl->inflight == 0 && virtq_avail(&q->vq->q) == 0;
     s = slot_get(q);
     s->head = e.head;
+    s->r.alone = alone;
     if (r < 0) {
         log_warn("vhost-user-blk: %s: queue %u: bad descriptor chain at head %u (%s)",
                  cl->vx->exp.id, q->vq->idx, e.head, strerror(-r));

@@ -128,9 +128,11 @@ static void do_rw(struct vblk_dev *d, struct vblk_req *r, bool write,
     /* The payload is in shared memory, so the loop has nothing to overlap a
      * write with, and writers of one file take turns on its inode lock:
      * a write's copy is cheapest right here (1 MiB: 0.6x the CPU of the
-     * worker pool).  Reads do scale over threads, so they may go there. */
+     * worker pool).  Reads scale over threads, so they may go there, unless
+     * the request is alone: then a hand-off only adds latency (1 MiB reads
+     * at queue depth 1: +13%). */
     submit(d, r, write ? BREQ_WRITE : BREQ_READ,
-           write ? BREQ_COPY_INLINE | (d->write_cache ? 0 : BREQ_FUA) : 0,
+           (write || r->alone ? BREQ_COPY_INLINE : 0) | (write && !d->write_cache ? BREQ_FUA : 0),
            sector * SECTOR, len, iov, n);
 }
 
