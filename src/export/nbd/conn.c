@@ -17,13 +17,16 @@
  * request slots queued in order of completion.  nbd_conn_flush() sends both
  * with one vectored send per call, remembering how far a short write got.
  * Transmission flushes are deferred to the end of the loop iteration so that
- * replies completing together leave in one sendmsg.
+ * replies completing together leave in one sendmsg.  A reply may end in a
+ * file range instead of a buffer (a spliced READ): the gather stops after
+ * its headers, and the range goes file -> the connection's pipe -> socket,
+ * the pipe keeping what a short send left over.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include "util/cleanup.h"
@@ -404,8 +407,8 @@ bool nbd_conn_can_splice(struct nbd_conn *c)
 
 /* Send more of reply_head's spliced data: refill the pipe from the file
  * when it is empty, then pass the pipe to the socket.  Returns bytes sent
- * or -errno; *total is what was offered.  A file that ends early (truncated by someone else) reads as
- * zeros, as a short read does. */
+ * or -errno; *total is what was offered.  A file that ends early
+ * (truncated by someone else) reads as zeros, as a short read does. */
 static ssize_t nbd_conn_splice_step(struct nbd_conn *c, struct nbd_slot *s, size_t *total)
 {
     static const char zeros[64 << 10];
