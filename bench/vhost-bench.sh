@@ -153,12 +153,7 @@ try:
     print("%.2f" % (float(a) / float(b)))
 except (ValueError, ZeroDivisionError):
     print("?")' "$1" "$2"; }
-lower_better() { python3 -c 'import sys
-a, b = sys.argv[1], sys.argv[2]
-try:
-    print("%.2f" % (float(b) / float(a)))
-except (ValueError, ZeroDivisionError):
-    print("?")' "$1" "$2"; }
+lower_better() { ratio "$2" "$1"; }
 
 printf '%-44s %12s %12s %8s\n' "row (best of $ROUNDS x $SECS s, $QUEUES queues, ${IMG_MB} MiB image in $BASE)" bexd qsd "bexd/qsd"
 row() { printf '%-44s %12s %12s %8s\n' "$1" "${R[bexd,$2]}" "${R[qsd,$2]}" "$($3 "${R[bexd,$2]}" "${R[qsd,$2]}")"; }

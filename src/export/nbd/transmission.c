@@ -283,13 +283,21 @@ static void reply_error(struct nbd_slot *s)
     queue_reply(s);
 }
 
-static struct nbd_structured_reply *add_data_chunk(struct nbd_slot *s, uint64_t off,
-                                                   char *data, uint32_t len)
+/* The header of an OFFSET_DATA chunk; its len bytes of data follow. */
+static struct nbd_structured_reply *add_data_header(struct nbd_slot *s, uint64_t off,
+                                                    uint32_t len)
 {
     struct nbd_structured_reply *r = add_chunk(s, NBD_REPLY_TYPE_OFFSET_DATA,
                                                8 + len, 8);
     uint64_t be = htobe64(off);
     memcpy(r + 1, &be, 8);
+    return r;
+}
+
+static struct nbd_structured_reply *add_data_chunk(struct nbd_slot *s, uint64_t off,
+                                                   char *data, uint32_t len)
+{
+    struct nbd_structured_reply *r = add_data_header(s, off, len);
     iov_add(s, data, len);
     return r;
 }
@@ -397,15 +405,10 @@ static bool reply_read_spliced(struct nbd_slot *s)
         !nbd_conn_can_splice(c))
         return false;
     reply_start(s);
-    if (c->structured) {
-        struct nbd_structured_reply *r = add_chunk(s, NBD_REPLY_TYPE_OFFSET_DATA,
-                                                   8 + s->req.count, 8);
-        uint64_t be = htobe64(s->req.offset);
-        memcpy(r + 1, &be, 8);
-        set_done(r);
-    } else {
+    if (c->structured)
+        set_done(add_data_header(s, s->req.offset, s->req.count));
+    else
         add_simple(s, 0);
-    }
     s->splice_fd = fd;
     s->splice_off = foff;
     s->splice_len = s->req.count;
