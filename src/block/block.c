@@ -338,8 +338,9 @@ void bnode_submit(struct bnode *bs, struct breq *req)
     default:
         break;
     }
-    if (req->op != BREQ_FLUSH &&
-        (req->offset > bs->size || req->len > bs->size - req->offset)) {
+    uint64_t size = __atomic_load_n(&bs->size, __ATOMIC_RELAXED);
+    if (req->op != BREQ_FLUSH && !(req->flags & BREQ_BEYOND_EOF) &&
+        (req->offset > size || req->len > size - req->offset)) {
         breq_complete(req, -EINVAL);
         return;
     }

@@ -45,6 +45,9 @@ enum {
                                  * submitting loop (its clients are spread over loops
                                  * already, or it has no other work to overlap the copy
                                  * with) rather than in the worker pool */
+    BREQ_BEYOND_EOF = 1u << 4,  /* internal (a format driver on its file child, image
+                                 * creation): a WRITE may extend a protocol node,
+                                 * whose size grows; a READ past its end reads zeros */
 };
 
 struct breq {
@@ -202,6 +205,25 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
 int bnode_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                         int *fd, uint64_t *fd_offset);
 bool bnode_can_write_zeroes_fast(struct bnode *bs);
+
+/* ---- coroutine wrappers (block-co.c) ----
+ * In a coroutine (util/coroutine.h): submit one request to bs through
+ * bnode_submit() (validated like any other) and yield until it completes;
+ * correct when it completes before the submission returns.  The request
+ * runs in the coroutine's loop.  Return 0 or -errno.  flags are BREQ_*.
+ * Jobs and format drivers use these; a driver calling its own children
+ * passes BREQ_BEYOND_EOF to let the file grow. */
+int bnode_co_preadv(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                    struct iovec *iov, int iovcnt, unsigned flags);
+int bnode_co_pwritev(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                     struct iovec *iov, int iovcnt, unsigned flags);
+int bnode_co_pread(struct bnode *bs, uint64_t offset, uint64_t bytes, void *buf,
+                   unsigned flags);
+int bnode_co_pwrite(struct bnode *bs, uint64_t offset, uint64_t bytes, const void *buf,
+                    unsigned flags);
+int bnode_co_pwrite_zeroes(struct bnode *bs, uint64_t offset, uint64_t bytes, unsigned flags);
+int bnode_co_pdiscard(struct bnode *bs, uint64_t offset, uint64_t bytes);
+int bnode_co_flush(struct bnode *bs);
 
 /* Driver registry */
 void bdrv_register(const struct bdrv *drv);

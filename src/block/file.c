@@ -314,6 +314,15 @@ static void zero_fallback(struct bnode *bs, struct breq *r)
     zero_write_next(bs, r);
 }
 
+/* A write past the end (BREQ_BEYOND_EOF) made the file bigger. */
+static void grow_size(struct bnode *bs, uint64_t end)
+{
+    uint64_t cur = __atomic_load_n(&bs->size, __ATOMIC_RELAXED);
+    while (end > cur && !__atomic_compare_exchange_n(&bs->size, &cur, end, true,
+                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
 static void file_aio_done(struct aio_req *a, int64_t res)
 {
     struct breq *r = container_of(a, struct breq, aio);
@@ -329,6 +338,8 @@ static void file_aio_done(struct aio_req *a, int64_t res)
     }
     switch (r->stage) {
     case ST_RW:
+        if (r->op == BREQ_WRITE && res > 0)
+            grow_size(bs, a->offset + res);
         if (res >= 0 && (uint64_t)res < a->len) {
             if (r->op == BREQ_READ) {
                 zero_fill_iov(r, res);         /* the file ended early */
