@@ -53,7 +53,14 @@ static int dev_set_config(void *o, const uint8_t *d, uint32_t off, uint32_t size
     f->cfg_wce = d[0];
     return 0;
 }
-static int dev_queue_start(void *o, struct vu_vq *vq) { struct fx *f = o; (void)vq; f->started++; return 0; }
+/* As the device does on start: look at the ring at once. */
+static int dev_queue_start(void *o, struct vu_vq *vq)
+{
+    struct fx *f = o;
+    f->started++;
+    (void)virtq_avail(&vq->q);
+    return 0;
+}
 static void dev_queue_stop(void *o, struct vu_vq *vq) { struct fx *f = o; (void)vq; f->stopped++; }
 
 static const struct vu_dev_ops ops = {
@@ -242,6 +249,93 @@ static void test_remap_on_new_table(void **state)
     assert_ptr_not_equal(f->c.vqs[0].q.desc, (void *)old->r[0].host);
     assert_int_equal(old->refcnt, 1);  /* still mapped for the request */
     vq_mem_unref(old);
+    close(kick);
+}
+
+/* A second memfd for tables that do not map the rings. */
+static int other_memfd(size_t size, uint8_t **map)
+{
+    int fd = memfd_create("t2", 0);
+    assert_int_equal(ftruncate(fd, size), 0);
+    *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return fd;
+}
+
+/* Regression (issue 13, 1): a table that no longer maps a started ring
+ * stops it; the ring's old pointers stay mapped for completions and the
+ * notify check; a new kick fd must not restart it against memory that is
+ * gone, and it starts again (same indices) once mapped anew. */
+static void test_remap_ring_not_in_new_table(void **state)
+{
+    struct fx *f = *state;
+    int kick, kick2 = eventfd(0, 0);
+    uint8_t *map2;
+    int fd2 = other_memfd(65536, &map2);
+    negotiate(f);
+    set_mem(f);
+    setup_ring(f, 0, &kick);
+    struct vu_vq *vq = &f->c.vqs[0];
+    vq->q.inflight = 1;                            /* a request in flight across the remap */
+    struct vhost_user_mem_table t = { .nregions = 1 };
+    t.regions[0] = (struct vhost_user_mem_region){ 0x9000000, 65536, (uintptr_t)map2, 0 };
+    assert_int_equal(msg(f, VHOST_USER_SET_MEM_TABLE, VHOST_USER_NEED_REPLY, &t, 40, &fd2, 1), 0);
+    assert_int_equal(ack(f), 0);
+    assert_false(vq->started);
+    assert_int_equal(f->stopped, 1);
+    /* what a completion does after the remap: memory it reads is mapped */
+    virtq_push(&vq->q, 3, 0);
+    (void)virtq_should_notify(&vq->q);
+    /* a new kick fd: the ring is not in the current table, it stays stopped */
+    uint64_t v = 0;
+    assert_int_equal(msg(f, VHOST_USER_SET_VRING_KICK, VHOST_USER_NEED_REPLY, &v, 8, &kick2, 1), 0);
+    assert_int_equal(ack(f), 1);
+    assert_false(vq->started);
+    assert_int_equal(f->started, 1);
+    /* mapped anew: started again where it was */
+    set_mem(f);
+    assert_int_equal(msg(f, VHOST_USER_SET_VRING_KICK, VHOST_USER_NEED_REPLY, &v, 8, &kick2, 1), 0);
+    assert_int_equal(ack(f), 0);
+    assert_true(vq->started);
+    assert_int_equal(vq->q.last_avail_idx, 7);
+    assert_ptr_equal(vq->ring_mem, f->c.mem);
+    assert_ptr_equal(vq->q.desc, f->c.mem->r[0].host);
+    munmap(map2, 65536);
+    close(fd2);
+    close(kick);
+    close(kick2);
+}
+
+/* Regression (issue 13, 2): a region larger than the file behind its fd
+ * is refused; a file truncated after mapping reads as zeros (no SIGBUS)
+ * and the table says it faulted. */
+static void test_region_past_file_end(void **state)
+{
+    struct fx *f = *state;
+    int kick;
+    uint8_t *map2;
+    int fd2 = other_memfd(65536, &map2);
+    negotiate(f);
+    struct vhost_user_mem_table t = { .nregions = 1 };
+    t.regions[0] = (struct vhost_user_mem_region){ 0x9000000, 1u << 20, (uintptr_t)map2, 0 };
+    assert_int_equal(msg(f, VHOST_USER_SET_MEM_TABLE, VHOST_USER_NEED_REPLY, &t, 40, &fd2, 1), 0);
+    assert_int_equal(ack(f), 1);
+    assert_null(f->c.mem);
+    t.regions[0].memory_size = 32768;          /* the offset pushes it past the end */
+    t.regions[0].mmap_offset = 65536;
+    assert_int_equal(msg(f, VHOST_USER_SET_MEM_TABLE, VHOST_USER_NEED_REPLY, &t, 40, &fd2, 1), 0);
+    assert_int_equal(ack(f), 1);
+    assert_null(f->c.mem);
+    set_mem(f);
+    setup_ring(f, 0, &kick);
+    assert_false(vq_mem_faulted(f->c.mem));
+    munmap(f->mem, MEMSZ);                     /* the test's own view would fault too */
+    assert_int_equal(ftruncate(f->memfd, 0), 0);
+    (void)virtq_avail(&f->c.vqs[0].q);           /* reads zeros, no SIGBUS */
+    assert_true(vq_mem_faulted(f->c.mem));
+    assert_int_equal(ftruncate(f->memfd, MEMSZ), 0);
+    f->mem = mmap(NULL, MEMSZ, PROT_READ | PROT_WRITE, MAP_SHARED, f->memfd, 0);
+    munmap(map2, 65536);
+    close(fd2);
     close(kick);
 }
 
@@ -451,6 +545,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_features, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rings, setup, teardown),
         cmocka_unit_test_setup_teardown(test_remap_on_new_table, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_remap_ring_not_in_new_table, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_region_past_file_end, setup, teardown),
         cmocka_unit_test_setup_teardown(test_config, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_messages, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fatal_framing, setup, teardown),

@@ -22,7 +22,10 @@
  *
  * A ring the guest broke (bad descriptor, loop, address outside its
  * memory) gets its bad head completed with length 0, then the front-end is
- * dropped; other exports are unaffected.
+ * dropped; other exports are unaffected.  So is a front-end that truncated
+ * the files behind its memory (the SIGBUS guard of virtq.h replaced the
+ * mapping with zeros and flagged it): checked after every batch of pops
+ * and every completion.
  *
  * Shutdown: shutdown() (main thread) forwards to the export's loop, which
  * stops listening, drops the client (or, for mode hide, waits for it to
@@ -184,11 +187,25 @@ static void slot_push(struct vub_slot *s, uint32_t len)
     }
 }
 
+/* Did the front-end shrink the memory behind a mapping we use? */
+static bool client_mem_faulted(struct vub_client *cl, struct vq_mem *extra)
+{
+    if (vq_mem_faulted(cl->conn.mem) || vq_mem_faulted(extra))
+        return true;
+    for (unsigned i = 0; i < cl->conn.nvqs; i++)
+        if (vq_mem_faulted(cl->conn.vqs[i].ring_mem))
+            return true;
+    return false;
+}
+
 static void slot_complete(struct vblk_req *r)
 {
     struct vub_slot *s = (struct vub_slot *)r;
+    struct vub_client *cl = s->q->cl;
 
     slot_push(s, r->in_len);
+    if (!cl->dead && client_mem_faulted(cl, s->mem))
+        client_drop(cl, "the front-end truncated its guest memory");
     slot_release(s);
 }
 
@@ -258,6 +275,8 @@ static void process_queue(struct vub_queue *q)
             if (empty)
                 break;
         }
+        if (!cl->dead && client_mem_faulted(cl, NULL))
+            client_drop(cl, "the front-end truncated its guest memory");
         if (cl->dead || !q->vq->started)
             return;
         if (!q->free) {

@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include "export/vhost-user-blk/vhost-user.h"
 #include "util/log.h"
 
@@ -84,11 +85,26 @@ static void vq_stop(struct vu_conn *c, struct vu_vq *vq)
     vq->started = false;
 }
 
+static bool vq_attached(const struct vu_vq *vq)
+{
+    return vq->q.avail != NULL;
+}
+
+/* The ring's pointers now lie in m: hold m while they do. */
+static void vq_set_ring_mem(struct vu_vq *vq, struct vq_mem *m)
+{
+    if (m)
+        vq_mem_ref(m);
+    vq_mem_unref(vq->ring_mem);
+    vq->ring_mem = m;
+}
+
 /* Forget the ring entirely (after GET_VRING_BASE, reset, disconnect). */
 static void vq_reset(struct vu_conn *c, struct vu_vq *vq)
 {
     vq_stop(c, vq);
     virtq_detach(&vq->q);
+    vq_set_ring_mem(vq, NULL);
     vq->q.inflight = 0;
     vq->gen++;                /* late completions must not touch the ring */
     vq->addr_set = false;
@@ -175,9 +191,13 @@ static int vq_map(struct vu_conn *c, struct vu_vq *vq, void **d, void **a, void 
     return 0;
 }
 
+/* Start the ring if everything it needs is known.  A ring attached before
+ * (stopped by a new table or kick fd) keeps its indices and in-flight
+ * count; its pointers are always taken afresh from the current table. */
 static int vq_try_start(struct vu_conn *c, struct vu_vq *vq)
 {
     void *d, *a, *u;
+    bool fresh = !vq_attached(vq);
     int r;
 
     if (vq->started || !c->mem || !vq->num || !vq->addr_set || vq->kick_fd < 0)
@@ -185,33 +205,51 @@ static int vq_try_start(struct vu_conn *c, struct vu_vq *vq)
     r = vq_map(c, vq, &d, &a, &u);
     if (r < 0)
         return r;
-    virtq_attach(&vq->q, vq->num, d, a, u, vq->base,
-                 vu_conn_has(c, VIRTIO_F_EVENT_IDX));
+    if (fresh) {
+        virtq_attach(&vq->q, vq->num, d, a, u, vq->base,
+                     vu_conn_has(c, VIRTIO_F_EVENT_IDX));
+    } else {
+        vq->q.desc = d;
+        vq->q.avail = a;
+        vq->q.used = u;
+    }
+    vq_set_ring_mem(vq, c->mem);
     vq->started = true;
     if (c->ops->queue_start && (r = c->ops->queue_start(c->opaque, vq)) < 0) {
         vq->started = false;
-        virtq_detach(&vq->q);
+        if (fresh) {
+            virtq_detach(&vq->q);
+            vq_set_ring_mem(vq, NULL);
+        }
         c->last_error = "cannot start vring";
         return r;
     }
     return 0;
 }
 
-/* A started ring after a new memory table: point it into the new maps. */
-static void vq_remap(struct vu_conn *c, struct vu_vq *vq)
+/* An attached ring after a new memory table or ring address: point it
+ * into the current table.  If the table does not map it, the ring stops
+ * and keeps its old pointers (and the reference that keeps them mapped)
+ * for the completions of requests still in flight. */
+static int vq_remap(struct vu_conn *c, struct vu_vq *vq)
 {
     void *d, *a, *u;
+    int r;
 
-    if (!vq->started)
-        return;
-    if (vq_map(c, vq, &d, &a, &u) < 0) {
-        log_warn("vhost-user: vring %u not in the new memory table; stopped", vq->idx);
+    if (!vq_attached(vq))
+        return 0;
+    r = vq_map(c, vq, &d, &a, &u);
+    if (r < 0) {
+        if (vq->started)
+            log_warn("vhost-user: vring %u not in the new memory table; stopped", vq->idx);
         vq_stop(c, vq);
-        return;
+        return r;
     }
     vq->q.desc = d;
     vq->q.avail = a;
     vq->q.used = u;
+    vq_set_ring_mem(vq, c->mem);
+    return 0;
 }
 
 /* ---- handlers ------------------------------------------------------------------ */
@@ -257,10 +295,17 @@ static int map_region(struct vq_mem_region *r, const struct vhost_user_mem_regio
 {
     uint64_t total;
 
+    struct stat st;
+
     if (w->memory_size == 0 || __builtin_add_overflow(w->memory_size, w->mmap_offset, &total) ||
         total > SIZE_MAX || w->guest_phys_addr + w->memory_size < w->guest_phys_addr ||
         w->userspace_addr + w->memory_size < w->userspace_addr)
         return -EINVAL;
+    /* A region past the end of its file would raise SIGBUS on first touch. */
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (S_ISREG(st.st_mode) && total > (uint64_t)st.st_size)
+        return -ENXIO;
     void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (p == MAP_FAILED)
         return -errno;
@@ -291,14 +336,16 @@ static int h_set_mem_table(struct vu_conn *c)
     for (unsigned i = 0; i < t->nregions; i++) {
         r = map_region(&m->r[i], &t->regions[i], c->rx_fds[i]);
         if (r < 0) {
-            c->last_error = "cannot map memory region";
+            c->last_error = r == -ENXIO ? "memory region larger than its file"
+                                        : "cannot map memory region";
             vq_mem_unref(m);
             return r;
         }
         m->nregions = i + 1;
     }
     rx_close_fds(c);          /* the mappings keep the memory */
-    vq_mem_unref(c->mem);     /* in-flight requests keep their own reference */
+    vq_mem_guard(m);
+    vq_mem_unref(c->mem);     /* in-flight requests and rings keep their own */
     c->mem = m;
     for (unsigned i = 0; i < c->nvqs; i++)
         vq_remap(c, &c->vqs[i]);
@@ -312,7 +359,7 @@ static int h_set_vring_num(struct vu_conn *c)
 
     if (!vq)
         return -EINVAL;
-    if (n == 0 || n > VIRTQ_MAX_SIZE || (n & (n - 1)) || vq->started) {
+    if (n == 0 || n > VIRTQ_MAX_SIZE || (n & (n - 1)) || vq_attached(vq)) {
         c->last_error = "bad vring size";
         return -EINVAL;
     }
@@ -328,10 +375,8 @@ static int h_set_vring_addr(struct vu_conn *c)
         return -EINVAL;
     vq->addr = c->rx.p.addr;
     vq->addr_set = true;
-    if (vq->started) {
-        vq_remap(c, vq);
-        return vq->started ? H_OK : -EFAULT;
-    }
+    if (vq_remap(c, vq) < 0)
+        return -EFAULT;
     return vq_try_start(c, vq);
 }
 
@@ -341,7 +386,7 @@ static int h_set_vring_base(struct vu_conn *c)
 
     if (!vq)
         return -EINVAL;
-    if (c->rx.p.state.num > 0xffff || vq->started) {
+    if (c->rx.p.state.num > 0xffff || vq_attached(vq)) {
         c->last_error = "bad vring base";
         return -EINVAL;
     }
@@ -418,15 +463,7 @@ static int h_set_vring_kick(struct vu_conn *c)
     vq_stop(c, vq);
     close_fd(&vq->kick_fd);
     vq->kick_fd = fd;
-    if (vq->q.avail) {          /* new kick fd for a live ring: keep it as is */
-        vq->started = true;
-        if (c->ops->queue_start && c->ops->queue_start(c->opaque, vq) < 0) {
-            vq->started = false;
-            return -EIO;
-        }
-        return H_OK;
-    }
-    return vq_try_start(c, vq);
+    return vq_try_start(c, vq);   /* an attached ring is re-mapped, never reused as is */
 }
 
 static int h_set_vring_call(struct vu_conn *c)

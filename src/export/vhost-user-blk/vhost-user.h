@@ -9,6 +9,13 @@
  * readable, and gets told through vu_dev_ops when a ring starts (watch its
  * kick fd) or stops (stop watching).
  *
+ * A ring's pointers always point into a table it holds a reference to
+ * (ring_mem), so completing a request or checking whether to notify never
+ * touches unmapped memory, whatever tables came since.  A new table
+ * re-points every attached ring into it; a ring the new table does not
+ * map stops, and is only started again (by SET_VRING_ADDR or
+ * SET_VRING_KICK) once it maps anew into the table then current.
+ *
  * GET_VRING_BASE must not be answered while requests of that ring are
  * still in flight (the front-end may reuse the ring and the memory right
  * after): the connection then becomes "blocked", the owner stops reading,
@@ -33,6 +40,7 @@ struct vu_vq {
     struct vhost_user_vring_addr addr;
     bool addr_set;
     bool started;                    /* attached and kick fd known */
+    struct vq_mem *ring_mem;         /* the table q points into, while attached */
     bool enabled;
     unsigned gen;                    /* bumped when the ring is forgotten */
     int kick_fd, call_fd, err_fd;

@@ -11,9 +11,12 @@
  * through vq_mem (which checks it lies in a region, without overflow), a
  * chain can visit at most as many descriptors as its table holds (so a
  * loop ends as -ELOOP), and an indirect table is accepted only as the
- * head, whole inside one region, a non-zero multiple of 16 bytes.
+ * head, whole inside one region, a non-zero multiple of 16 bytes, at any
+ * alignment (its descriptors are copied out bytewise).
  */
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -21,13 +24,103 @@
 
 static inline uint64_t MIN_U64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
+/* ---- SIGBUS guard ----------------------------------------------------------
+ * A fixed table the signal handler reads without locks: a slot is live
+ * while its end is non-zero; it is filled (start, mem, then end) and
+ * emptied (end first) under guard_lock, before the mapping is unmapped, so
+ * the handler never sees a slot for memory that is gone. */
+
+#define GUARD_SLOTS 4096
+
+struct guard_slot {
+    uintptr_t start, end;         /* end: atomic, 0 = free */
+    struct vq_mem *mem;
+};
+
+static struct guard_slot guard_slots[GUARD_SLOTS];
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction guard_prev;
+
+static void guard_handler(int sig, siginfo_t *si, void *uc)
+{
+    uintptr_t a = (uintptr_t)si->si_addr;
+
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        struct guard_slot *g = &guard_slots[i];
+        uintptr_t end = __atomic_load_n(&g->end, __ATOMIC_ACQUIRE);
+        if (!end || a < g->start || a >= end)
+            continue;
+        /* Zero pages over the whole mapping: the access completes, the
+         * device sees the flag and drops the front-end. */
+        if (mmap((void *)g->start, end - g->start, PROT_READ | PROT_WRITE,
+                 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) == MAP_FAILED)
+            break;
+        __atomic_store_n(&g->mem->faulted, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    /* Not guest memory: whoever handled SIGBUS before us decides. */
+    if (guard_prev.sa_flags & SA_SIGINFO) {
+        guard_prev.sa_sigaction(sig, si, uc);
+    } else if (guard_prev.sa_handler != SIG_DFL && guard_prev.sa_handler != SIG_IGN) {
+        guard_prev.sa_handler(sig);
+    } else {
+        signal(SIGBUS, SIG_DFL);      /* returning re-faults: default action */
+    }
+}
+
+/* Under guard_lock: make guard_handler the SIGBUS handler, unless it is
+ * already (someone may have installed another since: chain to it). */
+static void guard_install(void)
+{
+    struct sigaction sa, cur;
+
+    if (sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+        cur.sa_sigaction == guard_handler)
+        return;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = guard_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &guard_prev);
+}
+
+static int guard_add(struct vq_mem *m, void *base, size_t size)
+{
+    int slot = -1;
+
+    pthread_mutex_lock(&guard_lock);
+    guard_install();
+    for (int i = 0; i < GUARD_SLOTS && slot < 0; i++) {
+        if (!__atomic_load_n(&guard_slots[i].end, __ATOMIC_RELAXED)) {
+            guard_slots[i].start = (uintptr_t)base;
+            guard_slots[i].mem = m;
+            __atomic_store_n(&guard_slots[i].end, (uintptr_t)base + size, __ATOMIC_RELEASE);
+            slot = i;
+        }
+    }
+    pthread_mutex_unlock(&guard_lock);
+    return slot;
+}
+
+static void guard_del(int slot)
+{
+    if (slot < 0)
+        return;
+    pthread_mutex_lock(&guard_lock);
+    __atomic_store_n(&guard_slots[slot].end, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&guard_lock);
+}
+
 /* ---- memory map ---------------------------------------------------------- */
 
 struct vq_mem *vq_mem_new(void)
 {
     struct vq_mem *m = calloc(1, sizeof(*m));
-    if (m)
+    if (m) {
         m->refcnt = 1;
+        for (unsigned i = 0; i < VQ_MEM_MAX_REGIONS; i++)
+            m->guard[i] = -1;
+    }
     return m;
 }
 
@@ -40,10 +133,24 @@ void vq_mem_unref(struct vq_mem *m)
 {
     if (!m || --m->refcnt > 0)
         return;
-    for (unsigned i = 0; i < m->nregions; i++)
+    for (unsigned i = 0; i < m->nregions; i++) {
+        guard_del(m->guard[i]);
         if (m->r[i].map_base)
             munmap(m->r[i].map_base, m->r[i].map_size);
+    }
     free(m);
+}
+
+void vq_mem_guard(struct vq_mem *m)
+{
+    for (unsigned i = 0; i < m->nregions; i++)
+        if (m->r[i].map_base && m->guard[i] < 0)
+            m->guard[i] = guard_add(m, m->r[i].map_base, m->r[i].map_size);
+}
+
+bool vq_mem_faulted(const struct vq_mem *m)
+{
+    return m && __atomic_load_n(&m->faulted, __ATOMIC_ACQUIRE);
 }
 
 /* Does [addr, addr+len) lie in [start, start+size)?  Overflow-safe. */
@@ -136,14 +243,13 @@ int virtq_avail(struct virtq *vq)
     return n;
 }
 
-/* Copy one descriptor out of guest memory (read once: no TOCTOU). */
-static void desc_read(const struct vring_desc *table, unsigned i, struct vring_desc *d)
+/* Copy one descriptor out of guest memory (read once: no TOCTOU).  The
+ * table is bytes: an indirect table may sit at any guest address (QEMU
+ * accepts that too), so no aligned access may be assumed. */
+static void desc_read(const uint8_t *table, unsigned i, struct vring_desc *d)
 {
-    const volatile struct vring_desc *s = &table[i];
-    d->addr = s->addr;
-    d->len = s->len;
-    d->flags = s->flags;
-    d->next = s->next;
+    __builtin_memcpy(d, table + (size_t)i * sizeof(*d), sizeof(*d));
+    __asm__ volatile("" ::: "memory");    /* d is the copy; never re-read the guest's */
 }
 
 /* Append the buffer of d to e; device-readable ones must all come first. */
@@ -168,7 +274,7 @@ static int elem_add(struct virtq_elem *e, const struct vq_mem *m, const struct v
 
 /* Walk a chain in table (size max) from index first. */
 static int walk_chain(struct virtq_elem *e, const struct vq_mem *m,
-                      const struct vring_desc *table, unsigned max,
+                      const uint8_t *table, unsigned max,
                       unsigned first)
 {
     struct vring_desc d;
@@ -211,9 +317,9 @@ int virtq_pop(struct virtq *vq, const struct vq_mem *m, struct virtq_elem *e)
     e->head = head;
     e->out_num = e->in_num = 0;
 
-    desc_read(vq->desc, head, &d);
+    desc_read((const uint8_t *)vq->desc, head, &d);
     if (!(d.flags & VRING_DESC_F_INDIRECT)) {
-        int r = walk_chain(e, m, vq->desc, vq->num, head);
+        int r = walk_chain(e, m, (const uint8_t *)vq->desc, vq->num, head);
         return r < 0 ? r : 1;
     }
 
@@ -222,7 +328,7 @@ int virtq_pop(struct virtq *vq, const struct vq_mem *m, struct virtq_elem *e)
         d.len % sizeof(struct vring_desc) != 0 ||
         d.len / sizeof(struct vring_desc) > VIRTQ_MAX_SIZE)
         return -EINVAL;
-    const struct vring_desc *table = vq_mem_gpa(m, d.addr, d.len);
+    const uint8_t *table = vq_mem_gpa(m, d.addr, d.len);
     if (!table)
         return -EFAULT;
     int r = walk_chain(e, m, table, d.len / sizeof(struct vring_desc), 0);

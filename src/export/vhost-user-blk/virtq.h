@@ -7,6 +7,14 @@
  * SET_MEM_TABLE or a disconnect drops the table's own reference, and the
  * regions are unmapped only when the last request using them completes.
  *
+ * The front-end owns the files behind the mappings and may truncate them
+ * later: a touch past the new end raises SIGBUS.  Every mapped table is
+ * registered with a guard (vq_mem_guard) whose SIGBUS handler, for an
+ * address inside a guarded mapping, replaces that mapping with zero pages
+ * and marks the table faulted, so the access completes (reading zeros)
+ * and the device drops that front-end; any other SIGBUS goes to the
+ * handler that was there before.
+ *
  * A virtq is one split ring in guest memory.  virtq_pop() walks one
  * descriptor chain (direct or indirect) into iovecs that point straight
  * into guest memory; every address and length is checked against the
@@ -33,6 +41,8 @@ struct vq_mem_region {
 
 struct vq_mem {
     int refcnt;
+    int faulted;           /* atomic: a SIGBUS hit one of its mappings */
+    int guard[VQ_MEM_MAX_REGIONS];   /* guard slots, -1 = none */
     unsigned nregions;
     struct vq_mem_region r[VQ_MEM_MAX_REGIONS];
 };
@@ -40,6 +50,10 @@ struct vq_mem {
 struct vq_mem *vq_mem_new(void);
 void vq_mem_ref(struct vq_mem *m);
 void vq_mem_unref(struct vq_mem *m);      /* unmaps on the last reference */
+/* Put the mapped regions (map_base set) under the SIGBUS guard. */
+void vq_mem_guard(struct vq_mem *m);
+/* Did the front-end truncate memory under a mapping of this table? */
+bool vq_mem_faulted(const struct vq_mem *m);
 /* [gpa, gpa+len) inside one region -> host pointer, else NULL. */
 void *vq_mem_gpa(const struct vq_mem *m, uint64_t gpa, uint64_t len);
 /* Same for a front-end virtual address (vring addresses). */
