@@ -26,6 +26,7 @@
 #include "qmp/schema.h"
 #include "util/log.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
 
 #define SHUTDOWN_GRACE_MS 30000
 
@@ -68,9 +69,8 @@ static char *realpath_for_create(const char *path)
     char cwd[4096];
     char *abs;
     if (path[0] == '/' || !getcwd(cwd, sizeof(cwd)))
-        return strdup(path);
-    if (asprintf(&abs, "%s/%s", cwd, path) < 0)
-        abort();
+        return xstrdup(path);
+    abs = xasprintf("%s/%s", cwd, path);
     return abs;
 }
 

@@ -29,6 +29,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 #include <jansson.h>
+#include "util/xalloc.h"
 
 #define EXIT_QMP 1
 #define EXIT_USAGE 2
@@ -130,9 +131,7 @@ static json_t *recv_msg(void)
             if (rcap >= MAX_LINE)
                 die("%s", "reply too long");
             rcap = rcap ? rcap * 2 : 65536;
-            rbuf = realloc(rbuf, rcap);
-            if (!rbuf)
-                die("%s", "out of memory");
+            rbuf = xrealloc(rbuf, rcap);
         }
         ssize_t r = read(sock, rbuf + rlen, rcap - rlen);
         if (r < 0 && errno == EINTR)
@@ -261,7 +260,7 @@ static void put_kv(json_t *root, const char *arg)
     if (!eq || eq == arg)
         die("expected key=value, got '%s'", arg);
     bool raw = eq[-1] == ':';
-    char *key = strndup(arg, eq - arg - raw);
+    char *key = xstrndup(arg, eq - arg - raw);
     json_t *val;
     if (raw) {
         json_error_t e;

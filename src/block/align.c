@@ -42,6 +42,7 @@
 #include "block/align.h"
 #include "util/cleanup.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
 
 struct align_op;
 
@@ -80,9 +81,8 @@ static uint64_t round_up(uint64_t x, uint64_t a) { return round_down(x + a - 1, 
 
 struct bnode_align *bnode_align_new(void)
 {
-    struct bnode_align *al = calloc(1, sizeof(*al));
-    if (al)
-        pthread_mutex_init(&al->lock, NULL);
+    struct bnode_align *al = xzalloc(sizeof(*al));
+    pthread_mutex_init(&al->lock, NULL);
     return al;
 }
 
@@ -426,7 +426,7 @@ static bool op_start(struct bnode *bs, struct breq *req, enum align_kind kind,
 {
     uint64_t a = bs->request_alignment;
     size_t size = buf_size(kind, a, aoff, aend);
-    struct align_op *op = calloc(1, sizeof(*op));
+    struct align_op *op = xzalloc(sizeof(*op));
     void *buf = NULL;
 
     if (!op || (size && posix_memalign(&buf, MAX(a, (uint64_t)4096), size))) {

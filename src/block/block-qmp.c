@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include "block/block.h"
 #include "qmp/qmp.h"
+#include "util/opts.h"
 
 const char *file_node_filename(struct bnode *bs);
 
@@ -15,7 +16,7 @@ QMP_COMMAND("blockdev-add", qmp_blockdev_add)
 
 static json_t *qmp_blockdev_del(json_t *args, error **errp)
 {
-    return blockdev_del(qmp_str(args, "node-name", ""), errp) < 0 ? NULL : json_object();
+    return blockdev_del(opt_str(args, "node-name", ""), errp) < 0 ? NULL : json_object();
 }
 QMP_COMMAND("blockdev-del", qmp_blockdev_del)
 
@@ -72,6 +73,6 @@ json_t *query_named_block_nodes(bool flat)
 
 static json_t *qmp_query_named_block_nodes(json_t *args, error **errp)
 {
-    return query_named_block_nodes(qmp_bool(args, "flat", false));
+    return query_named_block_nodes(opt_bool(args, "flat", false));
 }
 QMP_COMMAND("query-named-block-nodes", qmp_query_named_block_nodes)

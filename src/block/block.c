@@ -20,9 +20,11 @@
 #include <string.h>
 #include "block/block.h"
 #include "block/align.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "util/log.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
+#include "util/id.h"
 
 static struct bnode *nodes;           /* all nodes, named or generated */
 static const struct bdrv *drivers[16];
@@ -59,23 +61,10 @@ struct bnode *bnode_lookup(const char *name, error **errp)
     return bs;
 }
 
-/* QEMU's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'. */
-bool id_wellformed(const char *id)
-{
-    if (!((id[0] >= 'a' && id[0] <= 'z') || (id[0] >= 'A' && id[0] <= 'Z')))
-        return false;
-    for (const char *p = id + 1; *p; p++)
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-              (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_'))
-            return false;
-    return true;
-}
-
 static char *generate_node_name(void)
 {
     char *s;
-    if (asprintf(&s, "#block%03u%02d", auto_name_counter++, rand() % 100) < 0)
-        abort();
+    s = xasprintf("#block%03u%02d", auto_name_counter++, rand() % 100);
     return s;
 }
 
@@ -122,10 +111,10 @@ static void bnode_close(struct bnode *bs)
 
 static int parse_common(struct bnode *bs, json_t *opts, error **errp)
 {
-    bs->read_only = qmp_bool(opts, "read-only", false);
-    const char *discard = qmp_str(opts, "discard", "ignore");
+    bs->read_only = opt_bool(opts, "read-only", false);
+    const char *discard = opt_str(opts, "discard", "ignore");
     bs->discard = !strcmp(discard, "unmap") || !strcmp(discard, "on");
-    const char *dz = qmp_str(opts, "detect-zeroes", "off");
+    const char *dz = opt_str(opts, "detect-zeroes", "off");
     bs->detect_zeroes = !strcmp(dz, "unmap") ? DETECT_ZEROES_UNMAP :
                         !strcmp(dz, "on") ? DETECT_ZEROES_ON : DETECT_ZEROES_OFF;
     if (bs->detect_zeroes == DETECT_ZEROES_UNMAP && !bs->discard) {
@@ -134,8 +123,8 @@ static int parse_common(struct bnode *bs, json_t *opts, error **errp)
         return -1;
     }
     json_t *cache = json_object_get(opts, "cache");
-    bs->cache_direct = qmp_bool(cache, "direct", false);
-    bs->cache_no_flush = qmp_bool(cache, "no-flush", false);
+    bs->cache_direct = opt_bool(cache, "direct", false);
+    bs->cache_no_flush = opt_bool(cache, "no-flush", false);
     bs->request_alignment = 1;
     return 0;
 }
@@ -164,8 +153,8 @@ static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
 
 static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
 {
-    const char *driver = qmp_str(opts, "driver", "");
-    const char *name = qmp_str(opts, "node-name", NULL);
+    const char *driver = opt_str(opts, "driver", "");
+    const char *name = opt_str(opts, "node-name", NULL);
     const struct bdrv *drv = bdrv_find(driver);
 
     if (!drv) {
@@ -186,13 +175,11 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             return NULL;
         }
     }
-    struct bnode *bs = calloc(1, sizeof(*bs));
-    if (!bs)
-        abort();
+    struct bnode *bs = xzalloc(sizeof(*bs));
     bs->drv = drv;
     bs->refcnt = 1;
     bs->options = json_incref(opts);
-    bs->node_name = name ? strdup(name) : generate_node_name();
+    bs->node_name = name ? xstrdup(name) : generate_node_name();
     bs->auto_named = !name;
     if (parse_common(bs, opts, errp) < 0)
         goto fail;
@@ -207,8 +194,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             goto fail;
         /* The parent's users' permissions reach the child through this link. */
         CLEANUP_FREE char *me = NULL;
-        if (asprintf(&me, "node '%s'", bs->node_name) < 0)
-            abort();
+        me = xasprintf("node '%s'", bs->node_name);
         bs->file_link = bnode_attach(bs->file, 0, PERM_ALL, me, "file", errp);
         bnode_unref(bs->file);          /* the link now holds the reference */
         if (!bs->file_link)
@@ -216,8 +202,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
-    if (bs->request_alignment > 1 && !(bs->align = bnode_align_new()))
-        abort();
+    if (bs->request_alignment > 1)
+        bs->align = bnode_align_new();
     bs->next = nodes;
     nodes = bs;
     return bs;

@@ -232,7 +232,5 @@ const struct bdrv *bdrv_find(const char *name);
 #define BDRV_REGISTER(drv) \
     __attribute__((constructor)) static void bdrv_register_##drv(void) { bdrv_register(&drv); }
 
-/* QEMU's rule for ids and node names: a letter, then letters, digits, - . _ */
-bool id_wellformed(const char *id);
 /* Iterate every node (named and generated) with ->next. */
 struct bnode *bnode_first(void);

@@ -24,9 +24,10 @@
 #include <pthread.h>
 #include <unistd.h>
 #include "block/block.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "util/log.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 #define ZERO_CHUNK (64 * 1024)
 #define ZERO_IOVS 512              /* 32 MiB of zeros per write */
@@ -114,15 +115,13 @@ static int64_t fd_size(int fd, bool blockdev)
 
 static int open_common(struct bnode *bs, json_t *opts, bool host_device, error **errp)
 {
-    const char *filename = qmp_str(opts, "filename", "");
-    const char *aio = qmp_str(opts, "aio", "threads");
-    const char *locking = qmp_str(opts, "locking", "auto");
-    struct file_state *s = calloc(1, sizeof(*s));
-    if (!s)
-        abort();
+    const char *filename = opt_str(opts, "filename", "");
+    const char *aio = opt_str(opts, "aio", "threads");
+    const char *locking = opt_str(opts, "locking", "auto");
+    struct file_state *s = xzalloc(sizeof(*s));
     bs->opaque = s;
     s->fd = -1;
-    s->filename = strdup(filename);
+    s->filename = xstrdup(filename);
     s->aio = aio_kind_parse(aio);
     s->locking = strcmp(locking, "off") != 0;
     s->has_zero_range = s->has_punch = true;
@@ -137,7 +136,7 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
         flags |= O_DIRECT;
     s->fd = open(filename, flags);
     if (s->fd < 0 && errno == EROFS && !bs->read_only &&
-        qmp_bool(opts, "auto-read-only", false)) {
+        opt_bool(opts, "auto-read-only", false)) {
         bs->read_only = true;
         s->fd = open(filename, (flags & ~O_RDWR) | O_RDONLY);
     }

@@ -5,7 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
-#include "qmp/qmp.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 struct null_state {
     bool read_zeroes;
@@ -13,13 +14,11 @@ struct null_state {
 
 static int null_open(struct bnode *bs, json_t *opts, error **errp)
 {
-    struct null_state *s = calloc(1, sizeof(*s));
-    if (!s)
-        abort();
+    struct null_state *s = xzalloc(sizeof(*s));
     bs->opaque = s;
     json_t *size = json_object_get(opts, "size");
     bs->size = size ? (uint64_t)json_integer_value(size) : 1ull << 30;
-    s->read_zeroes = qmp_bool(opts, "read-zeroes", false);
+    s->read_zeroes = opt_bool(opts, "read-zeroes", false);
     return 0;
 }
 

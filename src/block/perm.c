@@ -13,6 +13,7 @@
 #include <string.h>
 #include "block/block.h"
 #include "util/cleanup.h"
+#include "util/xalloc.h"
 
 static const char *const perm_names[] = { "consistent read", "write", "write unchanged",
                                           "resize" };
@@ -109,10 +110,8 @@ int bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, er
 struct bnode_user *bnode_attach(struct bnode *bs, uint64_t perm, uint64_t shared,
                                 const char *name, const char *role, error **errp)
 {
-    struct bnode_user *u = calloc(1, sizeof(*u));
-    if (!u)
-        abort();
-    *u = (struct bnode_user){ .bs = bs, .shared = PERM_ALL, .name = strdup(name),
+    struct bnode_user *u = xzalloc(sizeof(*u));
+    *u = (struct bnode_user){ .bs = bs, .shared = PERM_ALL, .name = xstrdup(name),
                               .role = role, .next = bs->users };
     bs->users = u;
     bnode_ref(bs);

@@ -6,7 +6,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include "block/block.h"
-#include "qmp/qmp.h"
+#include "util/xalloc.h"
 
 struct raw_state {
     uint64_t offset;
@@ -15,9 +15,7 @@ struct raw_state {
 
 static int raw_open(struct bnode *bs, json_t *opts, error **errp)
 {
-    struct raw_state *s = calloc(1, sizeof(*s));
-    if (!s)
-        abort();
+    struct raw_state *s = xzalloc(sizeof(*s));
     bs->opaque = s;
     uint64_t file_size = bs->file->size;
     s->offset = json_integer_value(json_object_get(opts, "offset"));

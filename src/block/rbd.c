@@ -45,10 +45,11 @@
 #include <rbd/librbd.h>
 #include "block/block.h"
 #include "object/secret.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 /* Defaults applied only where the configuration left librados' own
  * default (which waits forever, or 300 s for the first connection). */
@@ -121,9 +122,7 @@ static struct rbd_chan *chan_get(struct rbd_state *s, struct loop *l)
     while (c && c->loop != l)
         c = c->next;
     if (!c) {
-        c = calloc(1, sizeof(*c));
-        if (!c)
-            abort();
+        c = xzalloc(sizeof(*c));
         c->s = s;
         c->loop = l;
         c->next = s->chans;
@@ -282,10 +281,10 @@ static char *mon_host_string(json_t *servers)
     json_t *srv;
 
     if (!f)
-        abort();
+        xalloc_die();
     json_array_foreach(servers, i, srv) {
-        const char *host = qmp_str(srv, "host", "");
-        const char *port = qmp_str(srv, "port", "");
+        const char *host = opt_str(srv, "host", "");
+        const char *port = opt_str(srv, "port", "");
         if (strchr(host, ':'))
             fprintf(f, "%s[%s]:%s", i ? ";" : "", host, port);
         else
@@ -305,7 +304,7 @@ static void conf_default(rados_t c, const char *opt, const char *librados_defaul
 
 static int set_auth(rados_t c, json_t *opts, char **key_out, error **errp)
 {
-    const char *secret_id = qmp_str(opts, "key-secret", NULL);
+    const char *secret_id = opt_str(opts, "key-secret", NULL);
     json_t *acr = json_object_get(opts, "auth-client-required");
     int r;
 
@@ -358,7 +357,7 @@ static char *cluster_id(struct bnode *bs, json_t *opts, const char *key)
         "direct", bs->cache_direct);
     char *id = o ? json_dumps(o, JSON_SORT_KEYS | JSON_COMPACT) : NULL;
     if (!id)
-        abort();
+        xalloc_die();
     return id;
 }
 
@@ -388,13 +387,13 @@ static void cluster_put(struct rbd_cluster *c)
  * connected one with the same options, or connect this one. */
 static int cluster_get(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
 {
-    const char *conf = qmp_str(opts, "conf", NULL);
+    const char *conf = opt_str(opts, "conf", NULL);
     json_t *servers = json_object_get(opts, "server");
     char *key = NULL;
     rados_t h;
     int r;
 
-    r = rados_create(&h, qmp_str(opts, "user", NULL));
+    r = rados_create(&h, opt_str(opts, "user", NULL));
     if (r < 0) {
         error_setg_errno(errp, -r, "error initializing");
         return r;
@@ -437,9 +436,7 @@ static int cluster_get(struct bnode *bs, struct rbd_state *s, json_t *opts, erro
         wipe_free(id);
         goto fail;
     }
-    s->cl = calloc(1, sizeof(*s->cl));
-    if (!s->cl)
-        abort();
+    s->cl = xzalloc(sizeof(*s->cl));
     *s->cl = (struct rbd_cluster){ .id = id, .handle = h, .refcnt = 1, .next = clusters };
     clusters = s->cl;
     return 0;
@@ -452,8 +449,8 @@ fail:
 
 static int connect_cluster(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
 {
-    const char *pool = qmp_str(opts, "pool", "");
-    const char *ns = qmp_str(opts, "namespace", NULL);
+    const char *pool = opt_str(opts, "pool", "");
+    const char *ns = opt_str(opts, "namespace", NULL);
     int r = cluster_get(bs, s, opts, errp);
     if (r < 0)
         return r;
@@ -503,7 +500,7 @@ static void state_free(struct rbd_state *s)
  * neither luks-any nor parent=, which need librbd 1.17's encryption_load2) */
 static int load_encryption(struct rbd_state *s, json_t *enc, error **errp)
 {
-    const char *fmt = qmp_str(enc, "format", "");
+    const char *fmt = opt_str(enc, "format", "");
     rbd_encryption_luks1_format_options_t luks1 = { 0 };
     rbd_encryption_luks2_format_options_t luks2 = { 0 };
     uint8_t *pass = NULL;
@@ -520,7 +517,7 @@ static int load_encryption(struct rbd_state *s, json_t *enc, error **errp)
         error_setg(errp, "Parameter 'parent' is unexpected");
         return -EINVAL;
     }
-    if (secret_lookup(qmp_str(enc, "key-secret", ""), &pass, &pass_len, errp) < 0)
+    if (secret_lookup(opt_str(enc, "key-secret", ""), &pass, &pass_len, errp) < 0)
         return -EIO;
     if (!strcmp(fmt, "luks")) {
         luks1.passphrase = (const char *)pass;
@@ -542,7 +539,7 @@ static int load_encryption(struct rbd_state *s, json_t *enc, error **errp)
 
 static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error **errp)
 {
-    const char *snap = qmp_str(opts, "snapshot", NULL);
+    const char *snap = opt_str(opts, "snapshot", NULL);
     rbd_image_info_t info;
     int r;
 
@@ -566,7 +563,7 @@ static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error
     bs->size = info.size;
     s->object_size = info.obj_size;
     if (snap && !bs->read_only) {
-        if (!qmp_bool(opts, "auto-read-only", false)) {
+        if (!opt_bool(opts, "auto-read-only", false)) {
             error_setg(errp, "rbd snapshots are read-only");
             return -EROFS;
         }
@@ -577,13 +574,11 @@ static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error
 
 static int rbd_open_node(struct bnode *bs, json_t *opts, error **errp)
 {
-    struct rbd_state *s = calloc(1, sizeof(*s));
+    struct rbd_state *s = xzalloc(sizeof(*s));
     int r;
 
-    if (!s)
-        abort();
     pthread_mutex_init(&s->chan_lock, NULL);
-    s->image_name = strdup(qmp_str(opts, "image", ""));
+    s->image_name = xstrdup(opt_str(opts, "image", ""));
     r = connect_cluster(bs, s, opts, errp);
     if (r == 0)
         r = open_image(bs, s, opts, errp);
@@ -780,9 +775,9 @@ static void rbd_query_info(struct bnode *bs, json_t *info)
             json_object_set(desc, keys[i], v);
     }
     char *dumped = json_dumps(desc, JSON_PRESERVE_ORDER);
-    char *name;
-    if (!dumped || asprintf(&name, "json:%s", dumped) < 0)
-        abort();
+    if (!dumped)
+        xalloc_die();
+    char *name = xasprintf("json:%s", dumped);
     json_t *image = json_object_get(info, "image");
     json_object_set_new(info, "file", json_string(name));
     json_object_set_new(image, "filename", json_string(name));

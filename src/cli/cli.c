@@ -26,6 +26,7 @@
 #include "qmp/schema.h"
 #include "util/cleanup.h"
 #include "util/keyval.h"
+#include "util/xalloc.h"
 
 enum {
     OPT_BLOCKDEV = 256, OPT_CHARDEV, OPT_DAEMONIZE, OPT_EXPORT, OPT_MONITOR,
@@ -114,7 +115,7 @@ static char *opts_value(const char **sp)
 {
     const char *s = *sp;
     size_t n = 0;
-    char *out = malloc(strlen(s) + 1);
+    char *out = xmalloc(strlen(s) + 1);
     while (*s) {
         if (*s == ',') {
             if (s[1] != ',')
@@ -136,7 +137,7 @@ static json_t *qemu_opts_parse(const char *s, const char *implied, error **errp)
     bool first = true;
     while (*s) {
         size_t klen = strcspn(s, "=,");
-        CLEANUP_FREE char *key = strndup(s, klen);
+        CLEANUP_FREE char *key = xstrndup(s, klen);
         if (s[klen] == '=') {
             s += klen + 1;
             char *v = opts_value(&s);
@@ -230,7 +231,7 @@ static void print_object_props(const char *type)
  * on the type named first (or by qom-type=), else the list of types. */
 static bool object_help(const char *arg)
 {
-    CLEANUP_FREE char *copy = strdup(arg);
+    CLEANUP_FREE char *copy = xstrdup(arg);
     char *type = NULL, *save, *item;
     bool help = false, first = true;
 

@@ -17,11 +17,12 @@
 #include <unistd.h>
 #include "crypto/authz.h"
 #include "crypto/tls-creds.h"
-#include "qmp/qmp.h"
 #include "qmp/schema.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 struct authz_listfile {
     struct authz a;
@@ -91,12 +92,10 @@ static void listfile_event(void *opaque, uint32_t revents)
 
 static int listfile_watch(struct authz_listfile *f, error **errp)
 {
-    CLEANUP_FREE char *d1 = strdup(f->filename);
-    CLEANUP_FREE char *d2 = strdup(f->filename);
+    CLEANUP_FREE char *d1 = xstrdup(f->filename);
+    CLEANUP_FREE char *d2 = xstrdup(f->filename);
     const char *dir, *base;
 
-    if (!d1 || !d2)
-        abort();
     dir = dirname(d1);
     base = basename(d2);
     if (!strcmp(dir, ".")) {
@@ -107,9 +106,9 @@ static int listfile_watch(struct authz_listfile *f, error **errp)
         error_setg(errp, "Path has no trailing filename component");
         return -1;
     }
-    f->base = strdup(base);
+    f->base = xstrdup(base);
     f->ino_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (!f->base || f->ino_fd < 0) {
+    if (f->ino_fd < 0) {
         error_setg_errno(errp, errno, "Unable to initialize inotify");
         return -1;
     }
@@ -126,12 +125,10 @@ static int listfile_complete(struct object *obj, json_t *props, error **errp)
     struct authz_listfile *f = (struct authz_listfile *)obj;
 
     f->ino_fd = -1;
-    f->filename = strdup(qmp_str(props, "filename", ""));
-    if (!f->filename)
-        abort();
+    f->filename = xstrdup(opt_str(props, "filename", ""));
     if (listfile_load(f, errp) < 0)
         return -1;
-    if (!qmp_bool(props, "refresh", true))
+    if (!opt_bool(props, "refresh", true))
         return 0;
     return listfile_watch(f, errp);
 }

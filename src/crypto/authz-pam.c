@@ -7,7 +7,8 @@
 #include <string.h>
 #include <security/pam_appl.h>
 #include "crypto/authz.h"
-#include "qmp/qmp.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 struct authz_pam {
     struct authz a;
@@ -18,9 +19,7 @@ static int pam_complete(struct object *obj, json_t *props, error **errp)
 {
     struct authz_pam *p = (struct authz_pam *)obj;
 
-    p->service = strdup(qmp_str(props, "service", ""));
-    if (!p->service)
-        abort();
+    p->service = xstrdup(opt_str(props, "service", ""));
     return 0;
 }
 

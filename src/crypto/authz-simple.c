@@ -2,7 +2,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "crypto/authz.h"
-#include "qmp/qmp.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 struct authz_simple {
     struct authz a;
@@ -13,9 +14,7 @@ static int simple_complete(struct object *obj, json_t *props, error **errp)
 {
     struct authz_simple *s = (struct authz_simple *)obj;
 
-    s->identity = strdup(qmp_str(props, "identity", ""));
-    if (!s->identity)
-        abort();
+    s->identity = xstrdup(opt_str(props, "identity", ""));
     return 0;
 }
 

@@ -7,7 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "crypto/authz.h"
-#include "qmp/qmp.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 static bool authz_is(const struct object *o)
 {
@@ -37,21 +38,17 @@ int authz_rules_parse(struct authz_rules *r, json_t *props, error **errp)
     size_t i;
     json_t *rule;
 
-    r->allow = !strcmp(qmp_str(props, "policy", "deny"), "allow");
+    r->allow = !strcmp(opt_str(props, "policy", "deny"), "allow");
     r->n = 0;
     r->v = NULL;
     if (!json_is_array(rules) || json_array_size(rules) == 0)
         return 0;
-    r->v = calloc(json_array_size(rules), sizeof(*r->v));
-    if (!r->v)
-        abort();
+    r->v = xcalloc(json_array_size(rules), sizeof(*r->v));
     json_array_foreach(rules, i, rule) {
         struct authz_rule *x = &r->v[r->n];
-        x->match = strdup(qmp_str(rule, "match", ""));
-        if (!x->match)
-            abort();
-        x->allow = !strcmp(qmp_str(rule, "policy", "deny"), "allow");
-        x->glob = !strcmp(qmp_str(rule, "format", "exact"), "glob");
+        x->match = xstrdup(opt_str(rule, "match", ""));
+        x->allow = !strcmp(opt_str(rule, "policy", "deny"), "allow");
+        x->glob = !strcmp(opt_str(rule, "format", "exact"), "glob");
         r->n++;
     }
     return 0;

@@ -8,8 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include "crypto/tls-creds.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 #define PSK_EXTRA "+ECDHE-PSK:+DHE-PSK:+PSK"
 
@@ -26,9 +27,7 @@ static char *psk_find_key(const char *path, const char *user, error **errp)
     }
     for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         if (strncmp(line, user, ulen) == 0 && line[ulen] == ':') {
-            char *key = strdup(line + ulen + 1);
-            if (!key)
-                abort();
+            char *key = xstrdup(line + ulen + 1);
             return key;
         }
     }
@@ -82,7 +81,7 @@ static int psk_server_load(struct tls_creds *c, const char *path, error **errp)
 static int psk_complete(struct object *obj, json_t *props, error **errp)
 {
     struct tls_creds *c = (struct tls_creds *)obj;
-    const char *user = qmp_str(props, "username", NULL);
+    const char *user = opt_str(props, "username", NULL);
     CLEANUP_FREE char *path = NULL;
 
     c->kind = TLS_CREDS_PSK;

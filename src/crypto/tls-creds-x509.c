@@ -19,8 +19,8 @@
 #include <gnutls/x509.h>
 #include "crypto/tls-creds.h"
 #include "object/secret.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/opts.h"
 
 #define X509_MAX_CA 16
 
@@ -345,10 +345,10 @@ static int x509_complete(struct object *obj, json_t *props, error **errp)
     tls_creds_common_props(c, props, NULL);
     if (x509_find_files(c, &f, errp) < 0)
         goto out;
-    if (qmp_bool(props, "sanity-check", true) &&
+    if (opt_bool(props, "sanity-check", true) &&
         x509_sanity_check(&f, c->endpoint == TLS_ENDPOINT_SERVER, errp) < 0)
         goto out;
-    ret = x509_load(c, &f, qmp_str(props, "passwordid", NULL), errp);
+    ret = x509_load(c, &f, opt_str(props, "passwordid", NULL), errp);
 out:
     x509_files_free(&f);
     return ret;

@@ -16,8 +16,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include "crypto/tls-creds.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 #define TLS_FILE_MAX (1u << 20)     /* credential files larger than this are refused */
 #define TLS_DEFAULT_PRIORITY "NORMAL"
@@ -51,20 +52,18 @@ struct tls_creds *tls_creds_lookup(const char *id, enum tls_endpoint ep, error *
 
 void tls_creds_common_props(struct tls_creds *c, json_t *props, const char *extra)
 {
-    const char *dir = qmp_str(props, "dir", NULL);
-    const char *prio = qmp_str(props, "priority", NULL);
-    const char *ep = qmp_str(props, "endpoint", "client");
+    const char *dir = opt_str(props, "dir", NULL);
+    const char *prio = opt_str(props, "priority", NULL);
+    const char *ep = opt_str(props, "endpoint", "client");
     size_t len;
 
     c->endpoint = strcmp(ep, "server") == 0 ? TLS_ENDPOINT_SERVER : TLS_ENDPOINT_CLIENT;
-    c->verify_peer = qmp_bool(props, "verify-peer", true);
-    c->dir = dir ? strdup(dir) : NULL;
+    c->verify_peer = opt_bool(props, "verify-peer", true);
+    c->dir = xstrdup_opt(dir);
     if (!prio)
         prio = TLS_DEFAULT_PRIORITY;
     len = strlen(prio) + (extra ? strlen(extra) + 1 : 0) + 1;
-    c->priority = malloc(len);
-    if (!c->priority || (dir && !c->dir))
-        abort();
+    c->priority = xmalloc(len);
     snprintf(c->priority, len, "%s%s%s", prio, extra ? ":" : "", extra ? extra : "");
     if (gnutls_priority_init(&c->prio, c->priority, NULL) < 0)
         c->prio = NULL;
@@ -83,8 +82,7 @@ int tls_creds_get_path(struct tls_creds *c, const char *name, bool required,
         error_setg(errp, "Missing 'dir' property value");
         return -1;
     }
-    if (asprintf(&p, "%s/%s", c->dir, name) < 0)
-        abort();
+    p = xasprintf("%s/%s", c->dir, name);
     if (stat(p, &st) < 0) {
         int err = errno;
         if (err == ENOENT && !required) {
@@ -112,9 +110,7 @@ char *tls_read_file(const char *path, size_t *len)
         errno = EFBIG;
         return NULL;
     }
-    buf = malloc(st.st_size + 1);
-    if (!buf)
-        return NULL;
+    buf = xmalloc(st.st_size + 1);
     while (got < (size_t)st.st_size) {
         ssize_t n = read(fd, buf + got, st.st_size - got);
         if (n < 0 && errno == EINTR)

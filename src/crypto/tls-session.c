@@ -30,6 +30,7 @@
 #include "crypto/tls-session.h"
 #include "util/cleanup.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
 
 #define TLS_RBUF        (64u << 10)
 #define TLS_RECORD      16384           /* largest TLS plaintext record */
@@ -137,14 +138,10 @@ static int session_set_creds(struct tls_session *s, struct tls_creds *c, error *
 
 struct tls_session *tls_session_new_server(struct tls_creds *c, int fd, error **errp)
 {
-    struct tls_session *s = calloc(1, sizeof(*s));
+    struct tls_session *s = xzalloc(sizeof(*s));
     int r;
 
-    if (!s || !(s->rbuf = malloc(TLS_RBUF))) {
-        free(s);
-        error_setg(errp, "Cannot initialize TLS session: out of memory");
-        return NULL;
-    }
+    s->rbuf = xmalloc(TLS_RBUF);
     s->fd = fd;
     s->creds = c;
     __atomic_add_fetch(&c->obj.refcnt, 1, __ATOMIC_ACQ_REL);
@@ -217,9 +214,7 @@ static int cert_dn(gnutls_x509_crt_t crt, char **out, error **errp)
                    gnutls_strerror(r < 0 ? r : GNUTLS_E_INTERNAL_ERROR));
         return -1;
     }
-    *out = malloc(size + 1);
-    if (!*out)
-        abort();
+    *out = xmalloc(size + 1);
     r = gnutls_x509_crt_get_dn(crt, *out, &size);
     if (r < 0) {
         error_setg(errp, "Cannot get client distinguished name: %s", gnutls_strerror(r));
@@ -306,9 +301,7 @@ int tls_session_check_peer(struct tls_session *s, const char *authzid, error **e
         return authorize(s, authzid, "x509", errp);
     case TLS_CREDS_PSK: {
         const char *user = gnutls_psk_server_get_username(s->sess);
-        s->peer = strdup(user ? user : "");
-        if (!s->peer)
-            abort();
+        s->peer = xstrdup(user ? user : "");
         return authorize(s, authzid, "PSK", errp);
     }
     default:

@@ -15,6 +15,9 @@
 #include "object/iothread.h"
 #include "qmp/qmp.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
+#include "util/id.h"
 
 static const struct export_type *types[8];
 static int n_types;
@@ -57,10 +60,10 @@ int export_remove_mode_parse(const char *s)
 
 int block_export_add(json_t *opts, error **errp)
 {
-    const char *type_name = qmp_str(opts, "type", "");
-    const char *id = qmp_str(opts, "id", "");
-    const char *node_name = qmp_str(opts, "node-name", "");
-    const char *iothread_id = qmp_str(opts, "iothread", NULL);
+    const char *type_name = opt_str(opts, "type", "");
+    const char *id = opt_str(opts, "id", "");
+    const char *node_name = opt_str(opts, "node-name", "");
+    const char *iothread_id = opt_str(opts, "iothread", NULL);
     const struct export_type *type = type_find(type_name);
 
     if (!type) {
@@ -84,7 +87,7 @@ int block_export_add(json_t *opts, error **errp)
         if (!iot)
             return -1;
     }
-    bool writable = qmp_bool(opts, "writable", false);
+    bool writable = opt_bool(opts, "writable", false);
     if (writable && bs->read_only) {
         error_setg(errp, "Cannot export read-only node as writable");
         return -1;
@@ -95,16 +98,14 @@ int block_export_add(json_t *opts, error **errp)
     if (!user)
         return -1;
 
-    struct export *exp = calloc(1, type->instance_size);
-    if (!exp)
-        abort();
-    exp->id = strdup(id);
+    struct export *exp = xzalloc(type->instance_size);
+    exp->id = xstrdup(id);
     exp->type = type;
     exp->node = bs;
     exp->user = user;
     exp->writable = writable;
-    exp->writethrough = qmp_bool(opts, "writethrough", false);
-    exp->fixed_iothread = qmp_bool(opts, "fixed-iothread", false);
+    exp->writethrough = opt_bool(opts, "writethrough", false);
+    exp->fixed_iothread = opt_bool(opts, "fixed-iothread", false);
     exp->iothread = iot;
     exp->loop = iot ? iot->loop : loop_main();
     if (iot)
@@ -185,10 +186,10 @@ void exports_shutdown_all(void (*all_done)(void *), void *opaque)
     int n = 0;
     for (struct export *e = exports; e; e = e->next)
         n++;
-    char **ids = calloc(n, sizeof(*ids));
+    char **ids = xcalloc(n, sizeof(*ids));
     int i = 0;
     for (struct export *e = exports; e; e = e->next)
-        ids[i++] = strdup(e->id);
+        ids[i++] = xstrdup(e->id);
     for (i = 0; i < n; i++) {
         struct export *e = export_find(ids[i]);
         if (e && !(e->shutting_down && e->del_mode == EXPORT_DEL_HARD)) {
@@ -222,8 +223,8 @@ QMP_COMMAND("block-export-add", qmp_block_export_add)
 
 static json_t *qmp_block_export_del(json_t *args, error **errp)
 {
-    int mode = export_remove_mode_parse(qmp_str(args, "mode", "safe"));
-    if (block_export_del(qmp_str(args, "id", ""), mode, errp) < 0)
+    int mode = export_remove_mode_parse(opt_str(args, "mode", "safe"));
+    if (block_export_del(opt_str(args, "id", ""), mode, errp) < 0)
         return NULL;
     return json_object();
 }

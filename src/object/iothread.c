@@ -12,6 +12,7 @@
 #include "object/iothread.h"
 #include "qmp/qmp.h"
 #include "util/loop.h"
+#include "util/opts.h"
 
 struct iothread_start {
     struct iothread *t;
@@ -36,10 +37,10 @@ static void *iothread_main(void *arg)
 static int iothread_complete(struct object *obj, json_t *props, error **errp)
 {
     struct iothread *t = (struct iothread *)obj;
-    t->poll_max_ns = qmp_int(props, "poll-max-ns", 32768);
-    t->poll_grow = qmp_int(props, "poll-grow", 0);
-    t->poll_shrink = qmp_int(props, "poll-shrink", 0);
-    t->aio_max_batch = qmp_int(props, "aio-max-batch", 0);
+    t->poll_max_ns = opt_int(props, "poll-max-ns", 32768);
+    t->poll_grow = opt_int(props, "poll-grow", 0);
+    t->poll_shrink = opt_int(props, "poll-shrink", 0);
+    t->aio_max_batch = opt_int(props, "aio-max-batch", 0);
     static const char *const names[] = { "poll-max-ns", "poll-grow", "poll-shrink",
                                          "aio-max-batch" };
     int64_t vals[] = { t->poll_max_ns, t->poll_grow, t->poll_shrink, t->aio_max_batch };

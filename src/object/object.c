@@ -7,6 +7,9 @@
 #include "block/block.h"
 #include "object/object.h"
 #include "qmp/qmp.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
+#include "util/id.h"
 
 static const struct object_type *types[16];
 static int n_types;
@@ -36,8 +39,8 @@ struct object *object_find(const char *id)
 
 int object_add(json_t *props, error **errp)
 {
-    const char *type_name = qmp_str(props, "qom-type", "");
-    const char *id = qmp_str(props, "id", "");
+    const char *type_name = opt_str(props, "qom-type", "");
+    const char *id = opt_str(props, "id", "");
     const struct object_type *t = type_find(type_name);
     if (!t) {
         error_setg(errp, "invalid object type: %s", type_name);
@@ -51,10 +54,8 @@ int object_add(json_t *props, error **errp)
         error_setg(errp, "attempt to add duplicate property '%s' to object (type 'container')", id);
         return -1;
     }
-    struct object *o = calloc(1, t->instance_size);
-    if (!o)
-        abort();
-    o->id = strdup(id);
+    struct object *o = xzalloc(t->instance_size);
+    o->id = xstrdup(id);
     o->type = t;
     if (t->complete && t->complete(o, props, errp) < 0) {
         if (t->finalize)
@@ -112,7 +113,7 @@ QMP_COMMAND("object-add", qmp_object_add)
 
 static json_t *qmp_object_del(json_t *args, error **errp)
 {
-    return object_del(qmp_str(args, "id", ""), errp) < 0 ? NULL : json_object();
+    return object_del(opt_str(args, "id", ""), errp) < 0 ? NULL : json_object();
 }
 QMP_COMMAND("object-del", qmp_object_del)
 

@@ -19,8 +19,9 @@
 #include "config.h"
 #include "object/object.h"
 #include "object/secret.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 #ifdef CONFIG_TLS
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
@@ -41,9 +42,7 @@ static const char b64_alphabet[] =
 
 char *secret_base64_encode(const uint8_t *data, size_t len)
 {
-    char *out = malloc((len + 2) / 3 * 4 + 1), *p = out;
-    if (!out)
-        abort();
+    char *out = xmalloc((len + 2) / 3 * 4 + 1), *p = out;
     for (size_t i = 0; i < len; i += 3) {
         uint32_t v = (uint32_t)data[i] << 16;
         if (i + 1 < len)
@@ -82,9 +81,7 @@ uint8_t *secret_base64_decode(const char *in, size_t in_len, size_t *out_len, er
             return NULL;
         }
     }
-    uint8_t *out = malloc(in_len / 4 * 3 + 1), *p = out;
-    if (!out)
-        abort();
+    uint8_t *out = xmalloc(in_len / 4 * 3 + 1), *p = out;
     uint32_t v = 0;
     int n = 0;
     char last[2] = { 0, 0 };
@@ -119,9 +116,7 @@ static int read_file(const char *path, char **buf, size_t *len, error **errp)
                    path, path, strerror(errno));
         return -1;
     }
-    char *b = malloc(SECRET_FILE_MAX + 1);
-    if (!b)
-        abort();
+    char *b = xmalloc(SECRET_FILE_MAX + 1);
     size_t n = 0;
     while (n <= SECRET_FILE_MAX) {
         ssize_t r = read(fd, b + n, SECRET_FILE_MAX + 1 - n);
@@ -152,8 +147,8 @@ static int read_file(const char *path, char **buf, size_t *len, error **errp)
 static int decrypt(json_t *props, const char *input, size_t input_len, bool base64,
                    uint8_t **out, size_t *out_len, error **errp)
 {
-    const char *keyid = qmp_str(props, "keyid", "");
-    const char *iv_b64 = qmp_str(props, "iv", NULL);
+    const char *keyid = opt_str(props, "keyid", "");
+    const char *iv_b64 = opt_str(props, "iv", NULL);
     CLEANUP_FREE uint8_t *key = NULL;
     CLEANUP_FREE uint8_t *iv = NULL;
     CLEANUP_FREE uint8_t *cipher = NULL;
@@ -181,9 +176,7 @@ static int decrypt(json_t *props, const char *input, size_t input_len, bool base
         if (!cipher)
             return -1;
     } else {
-        cipher = malloc(input_len + 1);
-        if (!cipher)
-            abort();
+        cipher = xmalloc(input_len + 1);
         memcpy(cipher, input, input_len);
         clen = input_len;
     }
@@ -227,9 +220,9 @@ static int decrypt(json_t *props, const char *input, size_t input_len, bool base
 static int secret_complete(struct object *obj, json_t *props, error **errp)
 {
     struct secret *s = (struct secret *)obj;
-    const char *data = qmp_str(props, "data", NULL);
-    const char *file = qmp_str(props, "file", NULL);
-    bool base64 = !strcmp(qmp_str(props, "format", "raw"), "base64");
+    const char *data = opt_str(props, "data", NULL);
+    const char *file = opt_str(props, "file", NULL);
+    bool base64 = !strcmp(opt_str(props, "format", "raw"), "base64");
     CLEANUP_FREE char *input = NULL;
     size_t input_len;
 
@@ -246,7 +239,7 @@ static int secret_complete(struct object *obj, json_t *props, error **errp)
         return -1;
     }
     if (data) {
-        input = strdup(data);
+        input = xstrdup(data);
         input_len = strlen(data);
     } else if (read_file(file, &input, &input_len, errp) < 0) {
         return -1;
@@ -293,9 +286,7 @@ int secret_lookup(const char *id, uint8_t **data, size_t *len, error **errp)
         return -1;
     }
     struct secret *s = (struct secret *)o;
-    *data = malloc(s->len + 1);
-    if (!*data)
-        abort();
+    *data = xmalloc(s->len + 1);
     memcpy(*data, s->data, s->len);
     (*data)[s->len] = '\0';
     *len = s->len;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "qmp/json-out.h"
+#include "util/xalloc.h"
 
 struct sbuf { char *p; size_t len, cap; };
 
@@ -17,9 +18,7 @@ static void put(struct sbuf *b, const char *s, size_t n)
         size_t c = b->cap ? b->cap : 256;
         while (c < b->len + n + 1)
             c *= 2;
-        char *np = realloc(b->p, c);
-        if (!np)
-            abort();
+        char *np = xrealloc(b->p, c);
         b->p = np;
         b->cap = c;
     }

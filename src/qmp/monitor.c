@@ -15,7 +15,6 @@
  * the input.  A client whose queue passes MON_OUT_MAX (events pile up too)
  * is dropped.  A client that goes away loses only its own state.
  */
-#include <ctype.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -31,6 +30,8 @@
 #include "util/log.h"
 #include "util/loop.h"
 #include "util/sockets.h"
+#include "util/xalloc.h"
+#include "util/id.h"
 
 #define MAX_LISTEN 8
 #define MON_READ_CHUNK 65536
@@ -126,12 +127,7 @@ static void mon_send(struct monitor *m, json_t *msg)
         size_t cap = m->out_cap ? m->out_cap : 4096;
         while (cap < m->out_len + len)
             cap *= 2;
-        char *p = realloc(m->out, cap);
-        if (!p) {
-            mon_client_close(m);
-            return;
-        }
-        m->out = p;
+        m->out = xrealloc(m->out, cap);
         m->out_cap = cap;
     }
     memcpy(m->out + m->out_len, text, len);
@@ -193,10 +189,8 @@ static void mon_readable(void *opaque, uint32_t revents)
     struct monitor *m = opaque;
     if (m->in_off < m->in_len)
         return;             /* still working through the last read */
-    if (!m->in && !(m->in = malloc(MON_READ_CHUNK))) {
-        mon_client_close(m);
-        return;
-    }
+    if (!m->in)
+        m->in = xmalloc(MON_READ_CHUNK);
     ssize_t n = read(m->in_fd, m->in, MON_READ_CHUNK);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
@@ -386,7 +380,7 @@ static int check_keys(json_t *opts, const char *const *keys, error **errp)
     return 0;
 }
 
-static const char *opt_str(json_t *opts, const char *key)
+static const char *chardev_opt(json_t *opts, const char *key)
 {
     json_t *v = json_object_get(opts, key);
     static char num[32];
@@ -400,8 +394,8 @@ static const char *opt_str(json_t *opts, const char *key)
 /* Build the flat SocketAddress from QemuOpts-style chardev options. */
 static json_t *chardev_socket_addr(json_t *opts, error **errp)
 {
-    const char *path = opt_str(opts, "path"), *host = opt_str(opts, "host");
-    const char *fd = opt_str(opts, "fd");
+    const char *path = chardev_opt(opts, "path"), *host = chardev_opt(opts, "host");
+    const char *fd = chardev_opt(opts, "fd");
     if (!!path + !!host + !!fd > 1) {
         error_setg(errp, "None or one of 'path', 'fd' or 'host' option required.");
         return NULL;
@@ -426,7 +420,7 @@ static json_t *chardev_socket_addr(json_t *opts, error **errp)
         return a;
     }
     if (host) {
-        const char *port = opt_str(opts, "port");
+        const char *port = chardev_opt(opts, "port");
         if (!port) {
             error_setg(errp, "chardev: socket: no port given");
             return NULL;
@@ -443,7 +437,7 @@ static json_t *chardev_socket_addr(json_t *opts, error **errp)
             }
             json_object_set_new(a, bools[i], json_boolean(b));
         }
-        const char *to = opt_str(opts, "to");
+        const char *to = chardev_opt(opts, "to");
         if (to)
             json_object_set_new(a, "to", json_integer(atoi(to)));
         return a;
@@ -498,21 +492,10 @@ static int chardev_socket_open(struct chardev *c, json_t *opts, error **errp)
     return 0;
 }
 
-/* QemuOpts ids: a letter, then letters, digits, '-', '.', '_'. */
-static bool id_wellformed(const char *id)
-{
-    if (!isalpha((unsigned char)*id))
-        return false;
-    for (id++; *id; id++)
-        if (!isalnum((unsigned char)*id) && !strchr("-._", *id))
-            return false;
-    return true;
-}
-
 int chardev_add(json_t *opts, error **errp)
 {
-    const char *backend = opt_str(opts, "backend");
-    const char *id = opt_str(opts, "id");
+    const char *backend = chardev_opt(opts, "backend");
+    const char *id = chardev_opt(opts, "id");
 
     if (!id) {
         error_setg(errp, "chardev: no id specified");
@@ -539,8 +522,8 @@ int chardev_add(json_t *opts, error **errp)
                    id);
         return -1;
     }
-    struct chardev *c = calloc(1, sizeof(*c));
-    c->id = strdup(id);
+    struct chardev *c = xzalloc(sizeof(*c));
+    c->id = xstrdup(id);
     c->kind = is_socket ? CHR_SOCKET : CHR_STDIO;
     c->waiting_fd = -1;
     if (is_socket && chardev_socket_open(c, opts, errp) < 0) {
@@ -575,7 +558,7 @@ int monitor_add(json_t *opts, error **errp)
         error_setg(errp, "Device '%s' is in use", id);
         return -1;
     }
-    struct monitor *m = calloc(1, sizeof(*m));
+    struct monitor *m = xzalloc(sizeof(*m));
     m->chr = c;
     m->pretty = json_is_true(json_object_get(opts, "pretty"));
     m->in_fd = m->out_fd = -1;

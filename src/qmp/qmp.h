@@ -44,20 +44,3 @@ json_t *qmp_dispatch(json_t *request, bool negotiated);
 
 /* Set by main: called by the "quit" command after its reply is queued. */
 extern void (*qmp_quit_hook)(void);
-
-/* Helpers for handlers */
-static inline const char *qmp_str(json_t *args, const char *key, const char *dflt)
-{
-    json_t *v = json_object_get(args, key);
-    return json_is_string(v) ? json_string_value(v) : dflt;
-}
-static inline bool qmp_bool(json_t *args, const char *key, bool dflt)
-{
-    json_t *v = json_object_get(args, key);
-    return json_is_boolean(v) ? json_is_true(v) : dflt;
-}
-static inline long long qmp_int(json_t *args, const char *key, long long dflt)
-{
-    json_t *v = json_object_get(args, key);
-    return json_is_integer(v) ? json_integer_value(v) : dflt;
-}

@@ -26,6 +26,7 @@
 #include "util/cleanup.h"
 #include "util/json-stream.h"
 #include "util/log.h"
+#include "util/xalloc.h"
 
 /* meson's conf.set(X, true) emits an empty "#define X": test it with #ifdef */
 #ifdef CONFIG_FUSE
@@ -166,16 +167,14 @@ static bool member_enabled(json_t *spec)
 static char *child_path(const char *path, const char *name)
 {
     char *p;
-    if (asprintf(&p, "%s%s%s", path, *path ? "." : "", name) < 0)
-        abort();
+    p = xasprintf("%s%s%s", path, *path ? "." : "", name);
     return p;
 }
 
 static char *elem_path(struct ck *c, const char *path, size_t i)
 {
     char *p;
-    if (asprintf(&p, c->keyval ? "%s.%zu" : "%s[%zu]", path, i) < 0)
-        abort();
+    p = xasprintf(c->keyval ? "%s.%zu" : "%s[%zu]", path, i);
     return p;
 }
 
@@ -693,10 +692,9 @@ static void members_into(json_t *members, json_t *out)
         json_t *t = member_type(spec);
         char *tn;
         if (json_is_array(t)) {
-            if (asprintf(&tn, "[%s]", json_string_value(json_array_get(t, 0))) < 0)
-                abort();
+            tn = xasprintf("[%s]", json_string_value(json_array_get(t, 0)));
         } else {
-            tn = strdup(json_is_string(t) ? json_string_value(t) : "object");
+            tn = xstrdup(json_is_string(t) ? json_string_value(t) : "object");
         }
         json_object_set_new(out, key[0] == '*' ? key + 1 : key, json_string(tn));
         free(tn);
@@ -869,8 +867,7 @@ static char *intro_type(json_t *t, const char *implicit_name)
     if (json_is_array(t)) {
         CLEANUP_FREE char *en = intro_type(json_array_get(t, 0), NULL);
         char *an;
-        if (asprintf(&an, "[%s]", en) < 0)
-            abort();
+        an = xasprintf("[%s]", en);
         if (!json_object_get(intro_seen, an)) {
             json_object_set_new(intro_seen, an, json_true());
             intro_add(json_pack("{s:s, s:s, s:s}", "name", an, "meta-type", "array",
@@ -887,7 +884,7 @@ static char *intro_type(json_t *t, const char *implicit_name)
             intro_add(json_pack("{s:s, s:s, s:o}", "name", n, "meta-type", "object",
                                 "members", mem));
         }
-        return strdup(n);
+        return xstrdup(n);
     }
     const char *n = json_string_value(t);
     if (!json_object_get(intro_seen, n)) {
@@ -900,7 +897,7 @@ static char *intro_type(json_t *t, const char *implicit_name)
             intro_def(n, lookup(n));
         }
     }
-    return strdup(n);
+    return xstrdup(n);
 }
 
 static json_t *intro_entity(json_t *def, const char *meta)
@@ -910,8 +907,7 @@ static json_t *intro_entity(json_t *def, const char *meta)
     json_t *data = json_object_get(def, "data");
     char *an = NULL;
 
-    if (asprintf(&an, "q_obj_%s-arg", name) < 0)
-        abort();
+    an = xasprintf("q_obj_%s-arg", name);
     CLEANUP_JSON json_t *empty = json_object();
     CLEANUP_FREE char *arg = intro_type(data ? data : empty, data ? an : "q_empty");
     free(an);
@@ -941,8 +937,7 @@ static const char *masked(json_t *map, const char *name)
         json_t *v = json_object_get(map, name);
         if (!v) {
             char *an;
-            if (asprintf(&an, "[%s]", mi) < 0)
-                abort();
+            an = xasprintf("[%s]", mi);
             json_object_set_new(map, name, json_string(an));
             free(an);
             v = json_object_get(map, name);

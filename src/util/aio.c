@@ -24,6 +24,7 @@
 #include "util/aio.h"
 #include "util/loop.h"
 #include "util/log.h"
+#include "util/xalloc.h"
 
 #define RING_ENTRIES 256
 #define POOL_MAX_THREADS 16
@@ -190,9 +191,7 @@ static void engine_flush(void *opaque)
 
 struct aio_engine *aio_engine_new(struct loop *l)
 {
-    struct aio_engine *e = calloc(1, sizeof(*e));
-    if (!e)
-        abort();
+    struct aio_engine *e = xzalloc(sizeof(*e));
     e->loop = l;
     e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->flush.fn = engine_flush;

@@ -30,6 +30,7 @@
 #include "util/coroutine.h"
 #include "util/loop.h"
 #include "util/log.h"
+#include "util/xalloc.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define CO_ASAN 1
@@ -203,9 +204,7 @@ struct coroutine *co_create(co_fn *fn, void *opaque)
         tc.pool = co->next;
         tc.pool_len--;
     } else {
-        co = calloc(1, sizeof(*co));
-        if (!co)
-            abort();
+        co = xzalloc(sizeof(*co));
         size_t page = sysconf(_SC_PAGESIZE);
         co->map_size = CO_STACK_SIZE + page;
         co->map = mmap(NULL, co->map_size, PROT_READ | PROT_WRITE,

@@ -4,12 +4,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include "util/error.h"
+#include "util/xalloc.h"
 
 static error *error_new(enum err_class cls, char *msg)
 {
-    error *e = malloc(sizeof(*e));
-    if (!e)
-        abort();
+    error *e = xmalloc(sizeof(*e));
     e->cls = cls;
     e->msg = msg;
     return e;
@@ -18,8 +17,7 @@ static error *error_new(enum err_class cls, char *msg)
 static char *vformat(const char *fmt, va_list ap)
 {
     char *s;
-    if (vasprintf(&s, fmt, ap) < 0)
-        abort();
+    s = xvasprintf(fmt, ap);
     return s;
 }
 
@@ -47,8 +45,7 @@ void error_setg_errno(error **errp, int err, const char *fmt, ...)
     char *msg = vformat(fmt, ap);
     va_end(ap);
     char *full;
-    if (asprintf(&full, "%s: %s", msg, strerror(err)) < 0)
-        abort();
+    full = xasprintf("%s: %s", msg, strerror(err));
     free(msg);
     *errp = error_new(ERR_GENERIC, full);
 }
@@ -62,8 +59,7 @@ void error_prepend(error **errp, const char *fmt, ...)
     char *pre = vformat(fmt, ap);
     va_end(ap);
     char *full;
-    if (asprintf(&full, "%s%s", pre, (*errp)->msg) < 0)
-        abort();
+    full = xasprintf("%s%s", pre, (*errp)->msg);
     free(pre);
     free((*errp)->msg);
     (*errp)->msg = full;

@@ -19,6 +19,7 @@
 #include "util/cleanup.h"
 #include "util/json-stream.h"
 #include "util/keyval.h"
+#include "util/xalloc.h"
 
 #define KEY_FRAGMENT_MAX 127
 
@@ -133,11 +134,7 @@ static const char *parse_one(json_t *root, const char *params,
     }
 
     size_t cap = strlen(s) + 1, n = 0;
-    CLEANUP_FREE char *buf = malloc(cap);
-    if (!buf) {
-        error_setg(errp, "out of memory");
-        return NULL;
-    }
+    CLEANUP_FREE char *buf = xmalloc(cap);
     while (*s) {
         if (*s == ',') {
             s++;
@@ -154,10 +151,7 @@ static const char *parse_one(json_t *root, const char *params,
 /* Path prefix "a.b." for messages. */
 static char *path_join(const char *prefix, const char *key)
 {
-    char *p;
-    if (asprintf(&p, "%s%s.", prefix, key) < 0)
-        return NULL;
-    return p;
+    return xasprintf("%s%s.", prefix, key);
 }
 
 /* Turn objects whose keys are all indexes into arrays, recursively. */

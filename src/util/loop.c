@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include "util/loop.h"
 #include "util/log.h"
+#include "util/xalloc.h"
 
 struct loop_watch {
     struct loop *l;
@@ -95,10 +96,8 @@ static void wake_read(void *opaque, uint32_t revents)
 
 struct loop *loop_new(const char *name)
 {
-    struct loop *l = calloc(1, sizeof(*l));
-    if (!l)
-        abort();
-    l->name = strdup(name);
+    struct loop *l = xzalloc(sizeof(*l));
+    l->name = xstrdup(name);
     l->epfd = epoll_create1(EPOLL_CLOEXEC);
     l->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (l->epfd < 0 || l->wakefd < 0) {
@@ -185,9 +184,7 @@ static void watch_apply(struct loop_watch *w)
 struct loop_watch *loop_watch_fd(struct loop *l, int fd, uint32_t events,
                                  loop_fd_fn *fn, void *opaque)
 {
-    struct loop_watch *w = calloc(1, sizeof(*w));
-    if (!w)
-        abort();
+    struct loop_watch *w = xzalloc(sizeof(*w));
     *w = (struct loop_watch){ .l = l, .fd = fd, .events = events, .fn = fn, .opaque = opaque };
     watch_apply(w);
     return w;
@@ -219,9 +216,7 @@ void loop_watch_del(struct loop_watch *w)
 
 struct loop_timer *loop_timer_new(struct loop *l, loop_fn *fn, void *opaque)
 {
-    struct loop_timer *t = calloc(1, sizeof(*t));
-    if (!t)
-        abort();
+    struct loop_timer *t = xzalloc(sizeof(*t));
     t->l = l;
     t->fn = fn;
     t->opaque = opaque;
@@ -302,9 +297,7 @@ static int next_timeout(struct loop *l)
 
 void loop_call(struct loop *l, loop_fn *fn, void *opaque)
 {
-    struct loop_call_item *c = malloc(sizeof(*c));
-    if (!c)
-        abort();
+    struct loop_call_item *c = xmalloc(sizeof(*c));
     c->fn = fn;
     c->opaque = opaque;
     c->next = NULL;

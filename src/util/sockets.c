@@ -26,6 +26,8 @@
 #include <linux/vm_sockets.h>
 #include "util/cleanup.h"
 #include "util/sockets.h"
+#include "util/opts.h"
+#include "util/xalloc.h"
 
 int socket_set_nonblock(int fd, bool nonblock)
 {
@@ -47,27 +49,13 @@ json_t *socket_address_flatten(json_t *legacy)
     return flat;
 }
 
-static bool jbool(json_t *addr, const char *key, bool *present)
-{
-    json_t *v = json_object_get(addr, key);
-    if (present)
-        *present = v != NULL;
-    return json_is_true(v);
-}
-
-static const char *jstr(json_t *addr, const char *key)
-{
-    const char *s = json_string_value(json_object_get(addr, key));
-    return s ? s : "";
-}
-
 /* ---- UNIX ---- */
 
 static int unix_listen(json_t *addr, int backlog, int *fdp, error **errp)
 {
-    const char *path = jstr(addr, "path");
-    bool abstract = jbool(addr, "abstract", NULL);
-    bool has_tight, tight = jbool(addr, "tight", &has_tight);
+    const char *path = opt_str(addr, "path", "");
+    bool abstract = opt_bool(addr, "abstract", false);
+    bool has_tight = opt_has(addr, "tight"), tight = opt_bool(addr, "tight", false);
     struct sockaddr_un un = { .sun_family = AF_UNIX };
     size_t len = strlen(path);
     socklen_t addrlen;
@@ -120,7 +108,7 @@ static int inet_bind_one(struct addrinfo *e, json_t *addr, int port_min, int por
         return -1;
     }
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (jbool(addr, "keep-alive", NULL))
+    if (opt_bool(addr, "keep-alive", false))
         setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
     if (e->ai_family == AF_INET6) {
         int v = v6only;
@@ -155,15 +143,15 @@ static int inet_bind_one(struct addrinfo *e, json_t *addr, int port_min, int por
 
 static int inet_listen(json_t *addr, int backlog, int fds[], int max_fds, error **errp)
 {
-    const char *host = jstr(addr, "host"), *port = jstr(addr, "port");
-    bool has4, has6;
-    bool v4 = jbool(addr, "ipv4", &has4), v6 = jbool(addr, "ipv6", &has6);
+    const char *host = opt_str(addr, "host", ""), *port = opt_str(addr, "port", "");
+    bool has4 = opt_has(addr, "ipv4"), v4 = opt_bool(addr, "ipv4", false);
+    bool has6 = opt_has(addr, "ipv6"), v6 = opt_bool(addr, "ipv6", false);
     struct addrinfo hints = { .ai_flags = AI_PASSIVE, .ai_socktype = SOCK_STREAM };
     struct addrinfo *res = NULL;
     error *first = NULL;
     int n = 0;
 
-    if (jbool(addr, "numeric", NULL))
+    if (opt_bool(addr, "numeric", false))
         hints.ai_flags |= AI_NUMERICHOST | AI_NUMERICSERV;
     if (has4 && has6 && !v4 && !v6) {
         error_setg(errp, "Cannot disable IPv4 and IPv6 at same time");
@@ -221,7 +209,7 @@ void socket_set_monitor_context(bool in_monitor)
 
 static int fd_listen(json_t *addr, int backlog, int *fdp, error **errp)
 {
-    const char *s = jstr(addr, "str");
+    const char *s = opt_str(addr, "str", "");
     char *end;
     struct stat st;
 
@@ -266,12 +254,12 @@ static int vsock_listen(json_t *addr, int backlog, int *fdp, error **errp)
     struct sockaddr_vm svm = { .svm_family = AF_VSOCK };
     unsigned cid, port;
 
-    if (parse_u32(jstr(addr, "cid"), &cid) < 0) {
-        error_setg(errp, "Failed to parse cid '%s'", jstr(addr, "cid"));
+    if (parse_u32(opt_str(addr, "cid", ""), &cid) < 0) {
+        error_setg(errp, "Failed to parse cid '%s'", opt_str(addr, "cid", ""));
         return -1;
     }
-    if (parse_u32(jstr(addr, "port"), &port) < 0) {
-        error_setg(errp, "Failed to parse port '%s'", jstr(addr, "port"));
+    if (parse_u32(opt_str(addr, "port", ""), &port) < 0) {
+        error_setg(errp, "Failed to parse port '%s'", opt_str(addr, "port", ""));
         return -1;
     }
     svm.svm_cid = cid;
@@ -296,7 +284,7 @@ static int vsock_listen(json_t *addr, int backlog, int *fdp, error **errp)
 
 int socket_listen(json_t *addr, int backlog, int fds[], int max_fds, error **errp)
 {
-    const char *type = jstr(addr, "type");
+    const char *type = opt_str(addr, "type", "");
     int r;
 
     if (max_fds < 1) {
@@ -320,27 +308,22 @@ int socket_listen(json_t *addr, int backlog, int fds[], int max_fds, error **err
 
 void socket_address_cleanup(json_t *addr)
 {
-    if (!strcmp(jstr(addr, "type"), "unix") && !jbool(addr, "abstract", NULL) &&
-        *jstr(addr, "path"))
-        unlink(jstr(addr, "path"));
+    if (!strcmp(opt_str(addr, "type", ""), "unix") && !opt_bool(addr, "abstract", false) &&
+        *opt_str(addr, "path", ""))
+        unlink(opt_str(addr, "path", ""));
 }
 
 char *socket_address_str(json_t *addr)
 {
-    const char *type = jstr(addr, "type");
-    char *s = NULL;
-    int r;
+    const char *type = opt_str(addr, "type", "");
 
     if (!strcmp(type, "inet")) {
-        const char *host = jstr(addr, "host");
-        r = asprintf(&s, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, jstr(addr, "port"));
-    } else if (!strcmp(type, "unix")) {
-        r = asprintf(&s, "unix:%s%s", jbool(addr, "abstract", NULL) ? "@" : "",
-                     jstr(addr, "path"));
-    } else if (!strcmp(type, "vsock")) {
-        r = asprintf(&s, "vsock:%s:%s", jstr(addr, "cid"), jstr(addr, "port"));
-    } else {
-        r = asprintf(&s, "fd:%s", jstr(addr, "str"));
+        const char *host = opt_str(addr, "host", "");
+        return xasprintf(strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, opt_str(addr, "port", ""));
     }
-    return r < 0 ? NULL : s;
+    if (!strcmp(type, "unix"))
+        return xasprintf("unix:%s%s", opt_bool(addr, "abstract", false) ? "@" : "", opt_str(addr, "path", ""));
+    if (!strcmp(type, "vsock"))
+        return xasprintf("vsock:%s:%s", opt_str(addr, "cid", ""), opt_str(addr, "port", ""));
+    return xasprintf("fd:%s", opt_str(addr, "str", ""));
 }

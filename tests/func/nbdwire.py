@@ -143,7 +143,10 @@ class Conn:
 
     # -- raw bytes --------------------------------------------------------
     def send(self, data):
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise Closed(str(e))
 
     def recv_exact(self, n):
         buf = bytearray()

@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include "export/fuse/fuse-export.h"
 #include "util/cleanup.h"
+#include "util/xalloc.h"
 
 static const struct export_type fuse_export_type;
 
@@ -85,7 +86,7 @@ static char *leaf_file_path(struct bnode *bs)
     if (strcmp(name, "file") != 0 && strcmp(name, "host_device") != 0)
         return NULL;
     fn = json_object_get(bs->options, "filename");
-    return json_is_string(fn) ? strdup(json_string_value(fn)) : NULL;
+    return json_is_string(fn) ? xstrdup(json_string_value(fn)) : NULL;
 }
 
 static int fuse_mount(struct fuse_export *exp, bool allow_other, error **errp)
@@ -167,11 +168,7 @@ static int fuse_export_create(struct export *e, json_t *opts, error **errp)
     }
     if (!check_mountpoint(mp, errp))
         return -EINVAL;
-    exp->mountpoint = strdup(mp);
-    if (!exp->mountpoint) {
-        error_setg(errp, "Out of memory");
-        return -ENOMEM;
-    }
+    exp->mountpoint = xstrdup(mp);
     exp->growable = json_is_true(json_object_get(opts, "growable"));
     exp->st_mode = S_IFREG | S_IRUSR | (e->writable ? S_IWUSR : 0);
     exp->st_uid = getuid();

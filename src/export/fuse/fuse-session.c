@@ -34,6 +34,7 @@
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
+#include "util/xalloc.h"
 
 /* ---- buffer pool (loop thread) ---- */
 
@@ -69,9 +70,7 @@ struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req)
         exp->req_pool = r->next_free;
         exp->req_pool_len--;
     } else {
-        r = malloc(sizeof(*r));
-        if (!r)
-            return NULL;
+        r = xmalloc(sizeof(*r));
     }
     memset(r, 0, sizeof(*r));
     r->exp = exp;
@@ -136,9 +135,7 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
     }
     /* Big enough to serve as a receive buffer later, when pooled. */
     if (!b)
-        b = malloc(MAX(len + FUSE_BUF_ALIGN, exp->rx_size));
-    if (!b)
-        return -ENOMEM;
+        b = xmalloc(MAX(len + FUSE_BUF_ALIGN, exp->rx_size));
     r->mem = b;
     r->iov.iov_base = (void *)(((uintptr_t)b + FUSE_BUF_ALIGN - 1) & ~(uintptr_t)(FUSE_BUF_ALIGN - 1));
     r->iov.iov_len = len;

@@ -33,6 +33,7 @@
 #include "util/log.h"
 #include "nbd-internal.h"
 #include "util/loop-pool.h"
+#include "util/xalloc.h"
 
 /* ---- plain socket transport ---- */
 
@@ -191,24 +192,16 @@ void nbd_conn_io(void *opaque, uint32_t revents)
 /* The connection may already be gone when this returns (greeting failed). */
 bool nbd_conn_new(int fd, const char *peer)
 {
-    struct nbd_conn *c = calloc(1, sizeof(*c));
+    struct nbd_conn *c = xzalloc(sizeof(*c));
 
-    if (!c)
-        return false;
     c->refcnt = 1;
     c->fd = fd;
     c->tr = &nbd_plain_transport;
     c->pipe[0] = c->pipe[1] = -1;
     c->loop = loop_main();
     c->pool_slot = -1;
-    c->peer = strdup(peer ? peer : "?");
-    c->hs_buf = malloc(NBD_MAX_OPT_LEN + 64);
-    if (!c->peer || !c->hs_buf) {
-        free(c->peer);
-        free(c->hs_buf);
-        free(c);
-        return false;
-    }
+    c->peer = xstrdup(peer ? peer : "?");
+    c->hs_buf = xmalloc(NBD_MAX_OPT_LEN + 64);
     c->watch = loop_watch_fd(c->loop, fd, LOOP_IN, nbd_conn_io, c);
     c->next = nbd_srv.conns;
     nbd_srv.conns = c;
@@ -331,10 +324,7 @@ int nbd_out_append(struct nbd_conn *c, const void *data, size_t len)
 {
     if (c->out_len + len > c->out_cap) {
         size_t cap = MAX(c->out_cap * 2, c->out_len + len + 256);
-        uint8_t *p = realloc(c->out, cap);
-        if (!p)
-            return -ENOMEM;
-        c->out = p;
+        c->out = xrealloc(c->out, cap);
         c->out_cap = cap;
     }
     memcpy(c->out + c->out_len, data, len);

@@ -20,6 +20,7 @@
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "nbd-internal.h"
+#include "util/xalloc.h"
 
 enum { HS_FLAGS, HS_OPT_HDR, HS_OPT_DATA, HS_OPT_DRAIN, HS_DONE };
 
@@ -131,9 +132,7 @@ static void opt_list(struct nbd_conn *c, uint32_t len)
             continue;
         nl = strlen(e->name);
         dl = e->description ? strlen(e->description) : 0;
-        buf = malloc(4 + nl + dl);
-        if (!buf)
-            return;
+        buf = xmalloc(4 + nl + dl);
         be = htobe32(nl);
         memcpy(buf, &be, 4);
         memcpy(buf + 4, e->name, nl);
@@ -147,11 +146,9 @@ static void opt_list(struct nbd_conn *c, uint32_t len)
 static void send_info_string(struct nbd_conn *c, uint32_t opt, uint16_t type, const char *s)
 {
     size_t n = strlen(s);
-    CLEANUP_FREE uint8_t *buf = malloc(2 + n);
+    CLEANUP_FREE uint8_t *buf = xmalloc(2 + n);
     uint16_t be = htobe16(type);
 
-    if (!buf)
-        return;
     memcpy(buf, &be, 2);
     memcpy(buf + 2, s, n);
     nbd_opt_reply(c, opt, NBD_REP_INFO, buf, 2 + n);

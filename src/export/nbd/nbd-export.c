@@ -19,6 +19,8 @@
 #include "util/log.h"
 #include "export/nbd/nbd.h"
 #include "nbd-internal.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 static struct nbd_export *nbd_exports;   /* creation order (main thread) */
 
@@ -51,8 +53,8 @@ static uint16_t nbd_export_flags(struct nbd_export *exp)
 static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
 {
     struct nbd_export *exp = (struct nbd_export *)e;
-    const char *name = qmp_str(opts, "name", qmp_str(opts, "node-name", e->node->node_name));
-    const char *desc = qmp_str(opts, "description", NULL);
+    const char *name = opt_str(opts, "name", opt_str(opts, "node-name", e->node->node_name));
+    const char *desc = opt_str(opts, "description", NULL);
     json_t *bitmaps = json_object_get(opts, "bitmaps");
     struct nbd_export **pp;
     uint32_t align;
@@ -82,22 +84,16 @@ static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
         json_t *b = json_array_get(bitmaps, 0);
         if (json_is_string(b)) {
             error_setg(errp, "Bitmap '%s' is not found", json_string_value(b));
-        } else if (!bnode_find(qmp_str(b, "node", ""))) {
-            error_setg(errp, "Node '%s' not found", qmp_str(b, "node", ""));
+        } else if (!bnode_find(opt_str(b, "node", ""))) {
+            error_setg(errp, "Node '%s' not found", opt_str(b, "node", ""));
         } else {
-            error_setg(errp, "Dirty bitmap '%s' not found", qmp_str(b, "name", ""));
+            error_setg(errp, "Dirty bitmap '%s' not found", opt_str(b, "name", ""));
         }
         return -1;
     }
-    exp->name = strdup(name);
-    exp->description = desc ? strdup(desc) : NULL;
-    if (!exp->name || (desc && !exp->description)) {
-        free(exp->name);
-        free(exp->description);
-        error_setg(errp, "out of memory");
-        return -1;
-    }
-    exp->alloc_depth = qmp_bool(opts, "allocation-depth", false);
+    exp->name = xstrdup(name);
+    exp->description = xstrdup_opt(desc);
+    exp->alloc_depth = opt_bool(opts, "allocation-depth", false);
     align = e->node->request_alignment ? e->node->request_alignment : 1;
     exp->min_block = align;
     exp->max_block = NBD_MAX_BUFFER_SIZE;
@@ -199,12 +195,12 @@ EXPORT_TYPE_REGISTER(nbd_export_type)
 
 static json_t *qmp_nbd_server_add(json_t *args, error **errp)
 {
-    const char *device = qmp_str(args, "device", "");
-    const char *name = qmp_str(args, "name", device);
-    const char *bitmap = qmp_str(args, "bitmap", NULL);
+    const char *device = opt_str(args, "device", "");
+    const char *name = opt_str(args, "name", device);
+    const char *bitmap = opt_str(args, "bitmap", NULL);
     CLEANUP_JSON json_t *opts = NULL;
     struct bnode *bs;
-    bool writable = qmp_bool(args, "writable", false);
+    bool writable = opt_bool(args, "writable", false);
 
     if (!nbd_srv.running) {
         error_setg(errp, "NBD server not running");
@@ -235,8 +231,8 @@ QMP_COMMAND("nbd-server-add", qmp_nbd_server_add)
 
 static json_t *qmp_nbd_server_remove(json_t *args, error **errp)
 {
-    const char *name = qmp_str(args, "name", "");
-    const char *m = qmp_str(args, "mode", "safe");
+    const char *name = opt_str(args, "name", "");
+    const char *m = opt_str(args, "mode", "safe");
     struct export *e = export_find(name);
     int mode = export_remove_mode_parse(m);
 

@@ -26,6 +26,8 @@
 #include "util/sockets.h"
 #include "export/nbd/nbd.h"
 #include "nbd-internal.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 struct nbd_server nbd_srv;
 
@@ -138,8 +140,8 @@ static void nbd_server_clear(void)
 int nbd_server_start(json_t *opts, error **errp)
 {
     json_t *addr = json_object_get(opts, "addr");
-    const char *creds = qmp_str(opts, "tls-creds", NULL);
-    const char *authz = qmp_str(opts, "tls-authz", NULL);
+    const char *creds = opt_str(opts, "tls-creds", NULL);
+    const char *authz = opt_str(opts, "tls-authz", NULL);
     int fds[8];
     int n;
 
@@ -154,11 +156,11 @@ int nbd_server_start(json_t *opts, error **errp)
         return -1;
     nbd_srv.running = true;
     nbd_srv.addr = json_deep_copy(addr);
-    nbd_srv.tls_creds = creds ? strdup(creds) : NULL;
+    nbd_srv.tls_creds = creds ? xstrdup(creds) : NULL;
     if (creds)
         nbd_tls_pin_creds(creds, true);
-    nbd_srv.tls_authz = authz ? strdup(authz) : NULL;
-    nbd_srv.max_connections = qmp_int(opts, "max-connections", 0);
+    nbd_srv.tls_authz = authz ? xstrdup(authz) : NULL;
+    nbd_srv.max_connections = opt_int(opts, "max-connections", 0);
     nbd_srv.handshake_ms = nbd_handshake_limit_ms();
     nbd_srv.accept_retry = loop_timer_new(loop_main(), nbd_accept_retry, NULL);
     for (int i = 0; i < n; i++) {

@@ -31,6 +31,7 @@
 
 #ifdef CONFIG_TLS
 #include "crypto/tls-session.h"
+#include "util/xalloc.h"
 
 struct nbd_tls {
     struct tls_session *s;
@@ -208,8 +209,8 @@ void nbd_opt_starttls(struct nbd_conn *c, uint32_t len)
         return;
     }
     creds = tls_creds_lookup(nbd_srv.tls_creds, TLS_ENDPOINT_SERVER, &err);
-    t = calloc(1, sizeof(*t));
-    if (!creds || !t || !(t->s = tls_session_new_server(creds, c->fd, &err))) {
+    t = xzalloc(sizeof(*t));
+    if (!creds || !(t->s = tls_session_new_server(creds, c->fd, &err))) {
         log_warn("nbd: cannot start TLS for %s: %s", c->peer, err ? err->msg : "out of memory");
         error_free(err);
         free(t);

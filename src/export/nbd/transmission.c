@@ -30,6 +30,7 @@
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "nbd-internal.h"
+#include "util/xalloc.h"
 
 /* The one errno -> NBD error mapping. */
 uint32_t nbd_errno_to_wire(int err)
@@ -72,10 +73,8 @@ static bool over_budget(struct nbd_conn *c, struct nbd_slot *s, uint32_t len)
 
 int nbd_transmission_init(struct nbd_conn *c)
 {
-    c->rx = malloc(NBD_RX_BUF);
-    c->slots = calloc(NBD_SLOTS, sizeof(*c->slots));
-    if (!c->rx || !c->slots)
-        return -ENOMEM;
+    c->rx = xmalloc(NBD_RX_BUF);
+    c->slots = xcalloc(NBD_SLOTS, sizeof(*c->slots));
     for (int i = NBD_SLOTS - 1; i >= 0; i--) {
         c->slots[i].conn = c;
         c->slots[i].next = c->free_slots;
@@ -428,12 +427,7 @@ static void reply_block_status(struct nbd_slot *s)
     if (c->meta_depth)
         ids[nctx++] = NBD_META_ID_ALLOCATION_DEPTH;
     if (!s->ext) {
-        s->ext = malloc(sizeof(*s->ext) * NBD_MAX_EXTENTS * NBD_MAX_CONTEXTS);
-        if (!s->ext) {
-            fail(s, NBD_ENOMEM, "out of memory");
-            reply_error(s);
-            return;
-        }
+        s->ext = xmalloc(sizeof(*s->ext) * NBD_MAX_EXTENTS * NBD_MAX_CONTEXTS);
     }
     reply_start(s);
     for (int i = 0; i < nctx; i++) {

@@ -47,7 +47,8 @@
 #include "util/log.h"
 #include "util/loop.h"
 #include "util/sockets.h"
-#include "qmp/qmp.h"
+#include "util/xalloc.h"
+#include "util/opts.h"
 
 #define VUB_EARLY_NOTIFY_BYTES (256u << 10)
 #define VUB_MAX_IOV 258          /* seg_max + header + status, with room for region splits */
@@ -339,9 +340,7 @@ static int queue_slots(struct vub_queue *q, unsigned num)
         return 0;
     if (q->busy)
         return -EBUSY;
-    struct vub_slot *s = calloc(num, sizeof(*s));
-    if (!s)
-        return -ENOMEM;
+    struct vub_slot *s = xcalloc(num, sizeof(*s));
     free(q->slots);
     q->slots = s;
     q->nslots = num;
@@ -479,17 +478,13 @@ static void client_try_free(struct vub_client *cl)
 
 static struct vub_client *client_new(struct vub_export *vx, int fd)
 {
-    struct vub_client *cl = calloc(1, sizeof(*cl));
+    struct vub_client *cl = xzalloc(sizeof(*cl));
 
-    if (!cl)
-        return NULL;
     cl->vx = vx;
     cl->fd = fd;
     if (vu_conn_init(&cl->conn, fd, vx->dev.num_queues, &vub_ops, cl) < 0)
         goto fail;
-    cl->queues = calloc(cl->conn.nvqs, sizeof(*cl->queues));
-    if (!cl->queues)
-        goto fail;
+    cl->queues = xcalloc(cl->conn.nvqs, sizeof(*cl->queues));
     for (unsigned i = 0; i < cl->conn.nvqs; i++) {
         cl->queues[i].cl = cl;
         cl->queues[i].vq = &cl->conn.vqs[i];
@@ -564,8 +559,8 @@ static int vub_create(struct export *exp, json_t *opts, error **errp)
 {
     struct vub_export *vx = (struct vub_export *)exp;
     json_t *addr = json_object_get(opts, "addr");
-    long long lbs = qmp_int(opts, "logical-block-size", 512);
-    long long nq = qmp_int(opts, "num-queues", 1);
+    long long lbs = opt_int(opts, "logical-block-size", 512);
+    long long nq = opt_int(opts, "num-queues", 1);
     const char *type;
     int fds[2];
 

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include "export/vhost-user-blk/vhost-user.h"
 #include "util/log.h"
+#include "util/xalloc.h"
 
 #define HDR_SIZE sizeof(struct vhost_user_hdr)
 #define MSGS_PER_CALL 64
@@ -59,9 +60,7 @@ int vu_conn_init(struct vu_conn *c, int fd, unsigned num_queues,
     c->num_queues = num_queues;
     c->nvqs = num_queues < VU_MAX_QUEUES ? num_queues : VU_MAX_QUEUES;
     c->blocked_vq = -1;
-    c->vqs = calloc(c->nvqs, sizeof(*c->vqs));
-    if (!c->vqs)
-        return -ENOMEM;
+    c->vqs = xcalloc(c->nvqs, sizeof(*c->vqs));
     for (unsigned i = 0; i < c->nvqs; i++) {
         struct vu_vq *vq = &c->vqs[i];
         vq->conn = c;

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include "export/vhost-user-blk/virtq.h"
+#include "util/xalloc.h"
 
 static inline uint64_t MIN_U64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
@@ -115,12 +116,10 @@ static void guard_del(int slot)
 
 struct vq_mem *vq_mem_new(void)
 {
-    struct vq_mem *m = calloc(1, sizeof(*m));
-    if (m) {
-        m->refcnt = 1;
-        for (unsigned i = 0; i < VQ_MEM_MAX_REGIONS; i++)
-            m->guard[i] = -1;
-    }
+    struct vq_mem *m = xzalloc(sizeof(*m));
+    m->refcnt = 1;
+    for (unsigned i = 0; i < VQ_MEM_MAX_REGIONS; i++)
+        m->guard[i] = -1;
     return m;
 }
 
