@@ -3,6 +3,8 @@
 # Idempotent and quiet when everything is already there.  Run as root.
 #   scripts/deps.sh          build + test dependencies
 #   scripts/deps.sh --print  print the package list only
+# (file: nbdinfo describes an export's content with file(1), and prints
+# "sh: file: not found" and undecodable bytes without it.)
 set -eu
 PKGS="build-essential meson ninja-build pkg-config
  libjansson-dev liburing-dev libcmocka-dev libfuse3-dev fuse3 libgnutls28-dev gnutls-bin
@@ -11,7 +13,7 @@ PKGS="build-essential meson ninja-build pkg-config
  qemu-utils qemu-system-common qemu-block-extra qemu-system-x86
  linux-image-amd64 busybox-static cpio kmod
  ceph-mon ceph-osd ceph-common ceph-base uuid-runtime
- procps psmisc iproute2 util-linux coreutils"
+ procps psmisc iproute2 util-linux coreutils file"
 
 if [ "${1:-}" = "--print" ]; then
     echo $PKGS

@@ -197,6 +197,25 @@ class Daemon:
         self.pid = None
 
 
+def tool_text(data):
+    """A tool's output as text.  Tools print bytes, not promised UTF-8:
+    nbdinfo, for one, quotes what file(1) says of the export's content."""
+    return data.decode("utf-8", "replace")
+
+
+def tool_json(data):
+    return json.loads(tool_text(data))
+
+
+def require_localhost():
+    """For tests that connect to the name a certificate carries."""
+    try:
+        socket.getaddrinfo("localhost", None)
+    except socket.gaierror as e:
+        pytest.fail("this test needs the name 'localhost' to resolve "
+                    "(a line for it in /etc/hosts): %s" % e)
+
+
 @pytest.fixture
 def tmpdir_short():
     # UNIX socket paths must fit in 108 bytes: keep the directory short.

@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from conftest import tool_json, tool_text
 from nbdwire import HEAD, Conn, free_tcp_port, pattern, serve
 
 nbd = pytest.importorskip("nbd")
@@ -29,7 +30,7 @@ def run(*argv, check=True, timeout=60):
     r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=timeout, env=ENV)
     if check and r.returncode != 0:
-        raise AssertionError("%s -> %d: %s" % (argv, r.returncode, r.stderr.decode()))
+        raise AssertionError("%s -> %d: %s" % (argv, r.returncode, tool_text(r.stderr)))
     return r
 
 
@@ -88,7 +89,7 @@ def sha256_file(path, length=None):
 # -- nbdinfo -----------------------------------------------------------------
 
 def test_nbdinfo_list_json(exp):
-    out = json.loads(run("nbdinfo", "--list", "--json",
+    out = tool_json(run("nbdinfo", "--list", "--json",
                          "nbd+unix:///?socket=" + exp.sock).stdout)
     assert out["protocol"] == "newstyle-fixed"
     assert out["TLS"] is False and out["structured"] is True
@@ -104,7 +105,7 @@ def test_nbdinfo_list_json(exp):
 def test_nbdinfo_list_text_two_exports(impl, start_daemon, tmpdir_short):
     exp = start_export(start_daemon, impl, tmpdir_short, args=(
         "--export", "type=nbd,id=exp1,node-name=disk0,name=second,description=another one"))
-    out = run("nbdinfo", "--list", "nbd+unix:///?socket=" + exp.sock).stdout.decode()
+    out = tool_text(run("nbdinfo", "--list", "nbd+unix:///?socket=" + exp.sock).stdout)
     assert 'export="disk0":\n\tdescription: the disk\n' in out
     assert 'export="second":\n\tdescription: another one\n' in out
 
@@ -115,7 +116,7 @@ def test_nbdinfo_size(exp):
 
 def test_nbdinfo_map(exp):
     out = run("nbdinfo", "--map", "--json", exp.uri).stdout
-    m = [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+    m = [(e["offset"], e["length"], e["type"]) for e in tool_json(out)]
     # data at HEAD and DATA, holes reading as zero elsewhere
     assert m == [(0, 4096, 0), (4096, DATA_OFF - 4096, 3),
                  (DATA_OFF, len(DATA), 0),
@@ -123,7 +124,7 @@ def test_nbdinfo_map(exp):
 
 
 def test_nbdinfo_map_text(exp):
-    out = run("nbdinfo", "--map", exp.uri).stdout.decode().split("\n")
+    out = tool_text(run("nbdinfo", "--map", exp.uri).stdout).split("\n")
     assert out[0].split() == ["0", "4096", "0", "data"]
     assert out[1].split() == ["4096", str(DATA_OFF - 4096), "3", "hole,zero"]
 
@@ -133,8 +134,8 @@ def test_nbdinfo_map_allocation_depth(impl, start_daemon, tmpdir_short):
     out = run("nbdinfo", "--map=qemu:allocation-depth", "--json", exp.uri).stdout
     # a raw file on its own: everything is allocated locally (depth 1)
     assert [(e["offset"], e["length"], e["type"], e["description"])
-            for e in json.loads(out)] == [(0, SIZE, 1, "local")]
-    info = json.loads(run("nbdinfo", "--json", exp.uri).stdout)
+            for e in tool_json(out)] == [(0, SIZE, 1, "local")]
+    info = tool_json(run("nbdinfo", "--json", exp.uri).stdout)
     assert info["exports"][0]["contexts"] == ["base:allocation", "qemu:allocation-depth"]
 
 
@@ -160,7 +161,7 @@ def test_nbdinfo_read_only_export(impl, start_daemon, tmpdir_short):
 
 
 def test_nbdinfo_json(exp):
-    (e,) = json.loads(run("nbdinfo", "--json", exp.uri).stdout)["exports"]
+    (e,) = tool_json(run("nbdinfo", "--json", exp.uri).stdout)["exports"]
     assert e["export-name"] == "disk0"
     assert e["is_read_only"] is False and e["is_rotational"] is False
     for k in ("can_cache", "can_df", "can_fast_zero", "can_flush", "can_fua",

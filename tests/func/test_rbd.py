@@ -22,7 +22,7 @@ import time
 import pytest
 
 from cephcluster import CLIENT_TIMEOUT, ceph, private_ceph, rbd_image  # noqa: F401 (fixtures)
-from conftest import BUILD
+from conftest import BUILD, tool_text
 from nbdwire import free_tcp_port, pattern
 
 nbd = pytest.importorskip("nbd")
@@ -87,8 +87,8 @@ def uri(sock, name="r0"):
 def run(*argv, timeout=60, input_bytes=None):
     r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=timeout, env=ENV, input=input_bytes)
-    assert r.returncode == 0, "%s -> %d: %s" % (argv, r.returncode, r.stderr.decode())
-    return r.stdout.decode()
+    assert r.returncode == 0, "%s -> %d: %s" % (argv, r.returncode, tool_text(r.stderr))
+    return tool_text(r.stdout)
 
 
 def nbd_map(sock):

@@ -26,7 +26,7 @@ import pytest
 nbd = pytest.importorskip("nbd")
 
 import tlscerts
-from conftest import QMPError
+from conftest import QMPError, require_localhost
 from nbdwire import (OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS,
                      OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY,
                      REP_ERR_TLS_REQD, Closed, Conn, free_tcp_port, info_data, pattern)
@@ -92,6 +92,7 @@ def client(srv, certs=None, psk=None, user="alice", tls=None):
         h.set_tls_psk_file(psk)
         h.set_tls_username(user)
     if isinstance(srv.sock, tuple):
+        require_localhost()
         h.connect_tcp("localhost", str(srv.sock[1]))   # the name the certificate has
     else:
         h.connect_unix(srv.sock)
