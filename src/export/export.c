@@ -132,11 +132,13 @@ int block_export_del(const char *id, enum export_remove_mode mode, error **errp)
         return -1;
     }
     if (exp->shutting_down) {
-        if (mode != EXPORT_DEL_HARD) {
+        /* As QEMU, except that bexd's own hide/soft removals may still be
+         * escalated to hard. */
+        if (mode != EXPORT_DEL_HARD || exp->del_mode == EXPORT_DEL_HARD ||
+            exp->del_mode == EXPORT_DEL_SAFE) {
             error_setg(errp, "Export '%s' is already shutting down", id);
             return -1;
         }
-        /* Escalate a pending hide/soft removal to hard. */
         exp->del_mode = mode;
         exp->type->shutdown(exp, mode);
         return 0;

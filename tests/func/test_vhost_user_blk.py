@@ -111,6 +111,33 @@ def test_bad_options_qmp(impl, start_daemon, image, tmpdir_short):
     assert [x["id"] for x in q.execute("query-block-exports")] == ["vub0"]
 
 
+def test_logical_block_size_zero_is_unset(impl, start_daemon, image, tmpdir_short):
+    """logical-block-size=0 is accepted as "unset", on the command line and
+    over QMP.  bexd then serves 512-byte blocks; qsd 7.2 tells the
+    front-end 0 and dies of a division by zero on the first request, so
+    only bexd's device is driven."""
+    need_client()
+    img = image(SIZE)
+    sock = os.path.join(tmpdir_short, "z.sock")
+    d = start_daemon(impl, *export_args(img, sock, ",logical-block-size=0"))
+    q = d.qmp()
+    sock2 = os.path.join(tmpdir_short, "z2.sock")
+    q.execute("block-export-add", type="vhost-user-blk", id="vub1", node_name="disk",
+              addr={"type": "unix", "path": sock2}, logical_block_size=0)
+    assert sorted(x["id"] for x in q.execute("query-block-exports")) == ["vub0", "vub1"]
+    if impl == "qsd":
+        return
+    for s in (sock, sock2):
+        info = vub(s, "info")
+        assert info["blk_size"] == 512
+        assert info["discard_sector_alignment"] == 1
+    assert vub(sock, "write", 512, 4096, 6) == {"status": 0}
+    back = vub(sock, "read", 512, 4096, binary=True).stdout
+    with open(img, "rb") as f:
+        f.seek(512)
+        assert f.read(4096) == back
+
+
 def test_writable_on_read_only_node(impl, image, tmpdir_short):
     img = image(SIZE)
     sock = os.path.join(tmpdir_short, "x.sock")

@@ -254,6 +254,29 @@ static void test_introspect(void **state)
     json_decref(s);
 }
 
+/* Every command in the schema has a handler and every handler a schema
+ * entry: introspection describes exactly what bexd runs, whatever is added. */
+static void test_commands_match_handlers(void **state)
+{
+    json_t *s = schema_introspect();
+    size_t i, n = 0;
+    json_t *e;
+    json_array_foreach(s, i, e) {
+        const char *name = json_string_value(json_object_get(e, "name"));
+        if (strcmp(json_string_value(json_object_get(e, "meta-type")), "command"))
+            continue;
+        n++;
+        if (strcmp(name, "qmp_capabilities") && !qmp_find(name))
+            fail_msg("schema command %s has no handler", name);
+    }
+    json_decref(s);
+    size_t handlers = 1;           /* qmp_capabilities: the monitor's own */
+    for (const struct qmp_cmd *c = qmp_first(); c; c = c->next, handlers++)
+        if (!schema_command_exists(c->name))
+            fail_msg("handler %s has no schema command", c->name);
+    assert_int_equal(n, handlers);
+}
+
 static void test_dispatch(void **state)
 {
     json_t *req = parse("{\"execute\":\"query-version\",\"id\":[1]}");
@@ -352,6 +375,7 @@ int main(void)
         cmocka_unit_test(test_keyval_mode),
         cmocka_unit_test(test_keyval_mode_errors),
         cmocka_unit_test(test_introspect),
+        cmocka_unit_test(test_commands_match_handlers),
         cmocka_unit_test(test_dispatch),
         cmocka_unit_test(test_random_values),
     };

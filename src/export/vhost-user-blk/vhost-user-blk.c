@@ -559,7 +559,9 @@ static int vub_create(struct export *exp, json_t *opts, error **errp)
 {
     struct vub_export *vx = (struct vub_export *)exp;
     json_t *addr = json_object_get(opts, "addr");
-    long long lbs = opt_int(opts, "logical-block-size", 512);
+    /* 0 means "unset", as in QEMU's check: the default 512 (qsd 7.2 tells
+     * the front-end 0 instead and divides by it on the first request) */
+    long long lbs = opt_int(opts, "logical-block-size", 0) ?: 512;
     long long nq = opt_int(opts, "num-queues", 1);
     const char *type;
     int fds[2];
