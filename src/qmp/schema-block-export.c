@@ -4,13 +4,16 @@
 #include "qmp/schema-int.h"
 
 static const char text[] =
+    /* handshake-max-seconds: QEMU 10.0's, in 7.2's types */
     "{ 'struct': 'NbdServerOptions',\n"
     "  'data': { 'addr': 'SocketAddress',\n"
+    "            '*handshake-max-seconds': 'uint32',\n"
     "            '*tls-creds': 'str',\n"
     "            '*tls-authz': 'str',\n"
     "            '*max-connections': 'uint32' } }\n"
     "{ 'command': 'nbd-server-start',\n"
     "  'data': { 'addr': 'SocketAddressLegacy',\n"
+    "            '*handshake-max-seconds': 'uint32',\n"
     "            '*tls-creds': 'str',\n"
     "            '*tls-authz': 'str',\n"
     "            '*max-connections': 'uint32' } }\n"

@@ -128,9 +128,10 @@ def _render(schema, t, seen=()):
 
 # Commands and events whose arguments and returns are the same as qsd's
 # (others differ on purpose: fewer block drivers and object types, no
-# vduse-blk, extra remove modes hide/soft).
+# vduse-blk, extra remove modes hide/soft, QEMU 10.0's handshake-max-seconds
+# on nbd-server-start).
 SAME_AS_QSD = ["qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
-               "quit", "nbd-server-start", "nbd-server-stop", "nbd-server-add",
+               "quit", "nbd-server-stop", "nbd-server-add",
                "blockdev-del", "object-del", "BLOCK_EXPORT_DELETED"]
 
 

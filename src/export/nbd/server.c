@@ -101,19 +101,6 @@ static void nbd_accept(void *opaque, uint32_t revents)
     }
 }
 
-static uint64_t nbd_handshake_limit_ms(void)
-{
-    /* test knob: qsd 7.2 has no handshake limit option */
-    const char *s = getenv("BEXD_NBD_HANDSHAKE_TIMEOUT_MS");
-    if (s && *s) {
-        char *end;
-        unsigned long long v = strtoull(s, &end, 10);
-        if (!*end)
-            return v;
-    }
-    return NBD_HANDSHAKE_MS;
-}
-
 static void nbd_server_clear(void)
 {
     for (int i = 0; i < nbd_srv.nlisten; i++) {
@@ -161,7 +148,8 @@ int nbd_server_start(json_t *opts, error **errp)
         nbd_tls_pin_creds(creds, true);
     nbd_srv.tls_authz = authz ? xstrdup(authz) : NULL;
     nbd_srv.max_connections = opt_int(opts, "max-connections", 0);
-    nbd_srv.handshake_ms = nbd_handshake_limit_ms();
+    /* QEMU 10.0's handshake-max-seconds: 0 = no limit */
+    nbd_srv.handshake_ms = opt_int(opts, "handshake-max-seconds", NBD_HANDSHAKE_MS / 1000) * 1000;
     nbd_srv.accept_retry = loop_timer_new(loop_main(), nbd_accept_retry, NULL);
     for (int i = 0; i < n; i++) {
         nbd_srv.listen_fd[i] = fds[i];
