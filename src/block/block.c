@@ -193,9 +193,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         if (!bs->file)
             goto fail;
         /* The parent's users' permissions reach the child through this link. */
-        CLEANUP_FREE char *me = NULL;
-        me = xasprintf("node '%s'", bs->node_name);
-        bs->file_link = bnode_attach(bs->file, 0, PERM_ALL, me, "file", errp);
+        bs->file_link = bnode_attach_child(bs, bs->file, "file", errp);
         bnode_unref(bs->file);          /* the link now holds the reference */
         if (!bs->file_link)
             goto fail;

@@ -98,6 +98,9 @@ struct bnode_user {
     char *name;                 /* "an unnamed block device", "node 'r0'" */
     const char *role;           /* "root", "file" */
     bool anonymous;             /* made by bnode_ref_user() */
+    struct bnode *parent;       /* a child link's parent node; NULL for exports and
+                                 * other root users (bnode_attach_child sets it) */
+    uint64_t seq;               /* creation order, for x-debug-query-block-graph */
     struct bnode_user *next;
 };
 
@@ -179,6 +182,10 @@ void block_flush_all_sync(void);
  * their children) and fails with QEMU's "Permission conflict" message. */
 struct bnode_user *bnode_attach(struct bnode *bs, uint64_t perm, uint64_t shared,
                                 const char *name, const char *role, error **errp);
+/* A parent node's link to its child (role "file", "backing", "data-file"...):
+ * named "node 'PARENT'", holding nothing yet and sharing everything. */
+struct bnode_user *bnode_attach_child(struct bnode *parent, struct bnode *child,
+                                      const char *role, error **errp);
 int  bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp);
 void bnode_detach(struct bnode_user *u);
 const char *bnode_perm_name(int bit);   /* bit 0 = "consistent read", ... */

@@ -110,15 +110,26 @@ int bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, er
 struct bnode_user *bnode_attach(struct bnode *bs, uint64_t perm, uint64_t shared,
                                 const char *name, const char *role, error **errp)
 {
+    static uint64_t seq;
     struct bnode_user *u = xzalloc(sizeof(*u));
     *u = (struct bnode_user){ .bs = bs, .shared = PERM_ALL, .name = xstrdup(name),
-                              .role = role, .next = bs->users };
+                              .role = role, .seq = ++seq, .next = bs->users };
     bs->users = u;
     bnode_ref(bs);
     if (bnode_user_set_perm(u, perm, shared, errp) < 0) {
         bnode_detach(u);
         return NULL;
     }
+    return u;
+}
+
+struct bnode_user *bnode_attach_child(struct bnode *parent, struct bnode *child,
+                                      const char *role, error **errp)
+{
+    CLEANUP_FREE char *me = xasprintf("node '%s'", parent->node_name);
+    struct bnode_user *u = bnode_attach(child, 0, PERM_ALL, me, role, errp);
+    if (u)
+        u->parent = parent;
     return u;
 }
 
