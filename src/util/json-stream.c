@@ -172,9 +172,35 @@ static json_t *parse_string(struct pctx *c, const struct token *t)
     return s;
 }
 
+/* Token text for a message: as QEMU prints it, but at most
+ * JSON_ECHO_MAX bytes of it (a 16 MiB token must not come back whole). */
+#define JSON_ECHO_MAX 256
+
+static char *token_echo(const char *s, size_t len)
+{
+    char *out;
+    if (len <= JSON_ECHO_MAX)
+        return strndup(s, len);
+    if (asprintf(&out, "%.*s... (%zu bytes)", JSON_ECHO_MAX, s, len) < 0)
+        return NULL;
+    return out;
+}
+
 static json_t *parse_number(struct pctx *c, const struct token *t)
 {
-    char buf[t->len + 1];
+    /* No input length reaches the stack: short numbers use a small buffer,
+     * long ones (up to the token limit) a heap copy. */
+    char small[64];
+    CLEANUP_FREE char *big = NULL;
+    char *buf = small;
+
+    if (t->len >= sizeof(small)) {
+        buf = big = malloc(t->len + 1);
+        if (!big) {
+            perr(c, "%sout of memory", "");
+            return NULL;
+        }
+    }
     memcpy(buf, c->text + t->off, t->len);
     buf[t->len] = 0;
     if (t->type == T_INTEGER) {
@@ -189,13 +215,13 @@ static json_t *parse_number(struct pctx *c, const struct token *t)
 
 static json_t *parse_keyword(struct pctx *c, const struct token *t)
 {
-    char buf[t->len + 1];
-    memcpy(buf, c->text + t->off, t->len);
-    buf[t->len] = 0;
-    if (!strcmp(buf, "true")) return json_true();
-    if (!strcmp(buf, "false")) return json_false();
-    if (!strcmp(buf, "null")) return json_null();
-    perr(c, "invalid keyword '%s'", buf);
+    const char *p = c->text + t->off;
+
+    if (t->len == 4 && !memcmp(p, "true", 4)) return json_true();
+    if (t->len == 5 && !memcmp(p, "false", 5)) return json_false();
+    if (t->len == 4 && !memcmp(p, "null", 4)) return json_null();
+    CLEANUP_FREE char *echo = token_echo(p, t->len);
+    perr(c, "invalid keyword '%s'", echo ? echo : "");
     return NULL;
 }
 
@@ -391,10 +417,8 @@ static void stream_token(struct json_stream *js, enum tok type,
     case T_LSQUARE: js->bracket++; break;
     case T_RSQUARE: js->bracket--; break;
     case T_ERROR: {
-        char buf[len + 1];
-        memcpy(buf, s, len);
-        buf[len] = 0;
-        emit_error(js, "JSON parse error, stray '%s'", buf);
+        CLEANUP_FREE char *echo = token_echo(s, len);
+        emit_error(js, "JSON parse error, stray '%s'", echo ? echo : "");
         return;
     }
     default: break;

@@ -184,6 +184,39 @@ static void test_json_token_size_limit(void **state)
     assert_string_equal(c.out, "JSON token size limit exceeded|{\"ok\":1}|");
 }
 
+/* Regression (issue 13, 3): a 16 MiB number, keyword or broken string was
+ * copied into a stack array (16 MiB > the 8 MiB stack: SEGV).  Now they
+ * are parsed from the heap and errors quote at most 256 bytes. */
+static void feed_big(char first, char fill, char last, const char *want_prefix)
+{
+    size_t n = 16u << 20;
+    char *in = malloc(n + 1);
+    memset(in, fill, n);
+    in[0] = first;
+    in[n - 1] = last;
+    struct collect c = { "" };
+    struct json_stream *js = json_stream_new(collect_cb, &c);
+    json_stream_feed(js, in, n);
+    json_stream_feed(js, " {\"ok\":1}", 9);
+    json_stream_free(js);
+    free(in);
+    assert_true(strlen(c.out) < 400);
+    assert_memory_equal(c.out, want_prefix, strlen(want_prefix));
+    assert_non_null(strstr(c.out, "|{\"ok\":1}|"));
+}
+
+static void test_json_huge_tokens(void **state)
+{
+    feed_big('1', '7', '7', "JSON parse error, expecting value");  /* inf: no JSON real */
+    feed_big('x', 'x', 'x', "JSON parse error, invalid keyword 'xxxx");
+    feed_big('"', 'x', '\x01', "JSON parse error, stray '\"xxxx");
+    struct collect c = { "" };
+    struct json_stream *js = json_stream_new(collect_cb, &c);
+    json_stream_feed(js, "nul ", 4);
+    json_stream_free(js);
+    assert_string_equal(c.out, "JSON parse error, invalid keyword 'nul'|");
+}
+
 static void count_cb(void *opaque, json_t *value, error *err)
 {
     (*(int *)opaque)++;
@@ -230,6 +263,7 @@ int main(void)
         cmocka_unit_test(test_json_stream),
         cmocka_unit_test(test_json_nesting_limit),
         cmocka_unit_test(test_json_token_size_limit),
+        cmocka_unit_test(test_json_huge_tokens),
         cmocka_unit_test(test_json_stream_random),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
