@@ -25,6 +25,7 @@
 #include "qmp/json-out.h"
 #include "qmp/monitor.h"
 #include "qmp/qmp-int.h"
+#include "util/accept.h"
 #include "util/cleanup.h"
 #include "util/json-stream.h"
 #include "util/log.h"
@@ -50,6 +51,7 @@ struct chardev {
     struct loop_watch *lwatch[MAX_LISTEN];
     int nlisten;
     int waiting_fd;                    /* client accepted by wait=on, or -1 */
+    struct accept_backoff backoff;     /* out of fds: listeners paused */
     struct monitor *mon;
     struct chardev *next;
 };
@@ -264,8 +266,10 @@ static void mon_client_close(struct monitor *m)
     if (m->out_watch)
         loop_watch_del(m->out_watch);
     m->in_watch = m->out_watch = NULL;
-    if (m->chr->kind == CHR_SOCKET)
+    if (m->chr->kind == CHR_SOCKET) {
         close(m->in_fd);
+        accept_reserve_refill();    /* the fd it may have used from the reserve */
+    }
     m->in_fd = m->out_fd = -1;
     if (m->js) {
         if (m->feeding) {
@@ -310,9 +314,14 @@ static void chardev_accept(void *opaque, uint32_t revents)
 {
     struct chardev *c = opaque;
     for (int i = 0; i < c->nlisten; i++) {
-        int fd = accept4(c->lfd[i], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
+        int fd = accept_conn(c->lfd[i], true);   /* management: may use the fd reserve */
+        if (fd < 0) {
+            if (accept_backoff(&c->backoff, -fd)) {
+                chardev_listen_enable(c, false);
+                return;
+            }
             continue;
+        }
         if (!c->mon || c->mon->in_fd >= 0) {
             close(fd);           /* no monitor attached yet: refuse */
             continue;
@@ -321,6 +330,14 @@ static void chardev_accept(void *opaque, uint32_t revents)
         mon_client_open(c->mon, fd, fd);
         return;
     }
+}
+
+/* The pause after running out of fds is over: listen again if free. */
+static void chardev_accept_resume(void *opaque)
+{
+    struct chardev *c = opaque;
+    if (!c->mon || c->mon->in_fd < 0)
+        chardev_listen_enable(c, true);
 }
 
 /* ------------------------------------------------------------------ */
@@ -485,6 +502,9 @@ static int chardev_socket_open(struct chardev *c, json_t *opts, error **errp)
     if (n < 0)
         return -1;
     c->nlisten = n;
+    c->backoff = (struct accept_backoff){ .who = c->id, .loop = loop_main(),
+                                          .resume = chardev_accept_resume, .opaque = c };
+    accept_reserve_refill();
     if (wait)
         chardev_wait_client(c);
     for (int i = 0; i < n; i++)
@@ -598,6 +618,7 @@ void monitors_close_all(void)
             close(c->lfd[i]);
         }
         c->nlisten = 0;
+        accept_backoff_cleanup(&c->backoff);
         if (c->addr)
             socket_address_cleanup(c->addr);
     }

@@ -20,6 +20,7 @@
 #include <jansson.h>
 #include "block/block.h"
 #include "export/export.h"
+#include "util/accept.h"
 #include "util/loop.h"
 #include "nbd-protocol.h"
 
@@ -61,7 +62,7 @@ struct nbd_server {
     int nlisten;
     int listen_fd[8];
     struct loop_watch *listen_watch[8];
-    struct loop_timer *accept_retry;
+    struct accept_backoff backoff;  /* out of fds: accepting paused */
     int nconns;                   /* every connection not yet finalized */
     struct nbd_conn *conns;       /* list through conn->next */
     uint64_t handshake_ms;

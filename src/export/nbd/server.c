@@ -21,6 +21,7 @@
 #include <unistd.h>
 #include "object/object.h"
 #include "qmp/qmp.h"
+#include "util/accept.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/sockets.h"
@@ -79,14 +80,11 @@ static void nbd_accept(void *opaque, uint32_t revents)
 
     for (int i = 0; i < 64; i++) {
         char peer[64];
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd = accept_conn(lfd, false);
 
         if (fd < 0) {
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                log_warn("nbd: cannot accept: %s; pausing", strerror(errno));
+            if (accept_backoff(&nbd_srv.backoff, -fd))
                 nbd_accept_pause(true);
-                loop_timer_arm(nbd_srv.accept_retry, 100);
-            }
             return;   /* EAGAIN, ECONNABORTED...: wait for the next event */
         }
         if (nbd_srv.max_connections && (uint32_t)nbd_srv.nconns >= nbd_srv.max_connections) {
@@ -108,9 +106,7 @@ static void nbd_server_clear(void)
         close(nbd_srv.listen_fd[i]);
     }
     nbd_srv.nlisten = 0;
-    if (nbd_srv.accept_retry)
-        loop_timer_free(nbd_srv.accept_retry);
-    nbd_srv.accept_retry = NULL;
+    accept_backoff_cleanup(&nbd_srv.backoff);
     if (nbd_srv.addr) {
         socket_address_cleanup(nbd_srv.addr);
         json_decref(nbd_srv.addr);
@@ -150,7 +146,9 @@ int nbd_server_start(json_t *opts, error **errp)
     nbd_srv.max_connections = opt_int(opts, "max-connections", 0);
     /* QEMU 10.0's handshake-max-seconds: 0 = no limit */
     nbd_srv.handshake_ms = opt_int(opts, "handshake-max-seconds", NBD_HANDSHAKE_MS / 1000) * 1000;
-    nbd_srv.accept_retry = loop_timer_new(loop_main(), nbd_accept_retry, NULL);
+    nbd_srv.backoff = (struct accept_backoff){ .who = "nbd", .loop = loop_main(),
+                                               .resume = nbd_accept_retry };
+    accept_reserve_refill();
     for (int i = 0; i < n; i++) {
         nbd_srv.listen_fd[i] = fds[i];
         nbd_srv.listen_watch[i] = loop_watch_fd(loop_main(), fds[i], LOOP_IN, nbd_accept,

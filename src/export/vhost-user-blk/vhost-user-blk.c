@@ -43,6 +43,7 @@
 #include "export/export.h"
 #include "export/vhost-user-blk/vhost-user.h"
 #include "export/vhost-user-blk/virtio-blk.h"
+#include "util/accept.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
@@ -96,6 +97,7 @@ struct vub_export {
     json_t *addr;
     int listen_fd;
     struct loop_watch *listen_w;
+    struct accept_backoff backoff;   /* out of fds: listening paused */
     struct vblk_dev dev;
     uint8_t wce;                 /* config space wce, as the guest last wrote it */
     struct vub_client *client;
@@ -513,10 +515,10 @@ static void listen_cb(void *opaque, uint32_t revents)
         loop_watch_set(vx->listen_w, 0);
         return;
     }
-    fd = accept4(vx->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    fd = accept_conn(vx->listen_fd, false);
     if (fd < 0) {
-        if (errno == EMFILE || errno == ENFILE)
-            log_warn("vhost-user-blk: %s: accept: %s", vx->exp.id, strerror(errno));
+        if (accept_backoff(&vx->backoff, -fd))
+            loop_watch_set(vx->listen_w, 0);
         return;
     }
     vx->client = client_new(vx, fd);
@@ -527,6 +529,15 @@ static void listen_cb(void *opaque, uint32_t revents)
     loop_watch_set(vx->listen_w, 0);    /* one front-end at a time */
 }
 
+/* The pause after running out of fds is over. */
+static void listen_resume(void *opaque)
+{
+    struct vub_export *vx = opaque;
+
+    if (vx->listen_w && !vx->client && !vx->stopping)
+        loop_watch_set(vx->listen_w, LOOP_IN);
+}
+
 /* ---- export type ----------------------------------------------------------------- */
 
 static void start_listen_fn(void *opaque)
@@ -535,6 +546,9 @@ static void start_listen_fn(void *opaque)
 
     if (vx->stopping)
         return;
+    vx->backoff = (struct accept_backoff){ .who = vx->exp.id, .loop = vx->exp.loop,
+                                           .resume = listen_resume, .opaque = vx };
+    accept_reserve_refill();
     vx->listen_w = loop_watch_fd(vx->exp.loop, vx->listen_fd, LOOP_IN, listen_cb, vx);
     if (!vx->listen_w)
         log_error("vhost-user-blk: %s: cannot watch the listening socket", vx->exp.id);
@@ -626,6 +640,7 @@ static void stop_fn(void *opaque)
     if (vx->listen_w)
         loop_watch_del(vx->listen_w);
     vx->listen_w = NULL;
+    accept_backoff_cleanup(&vx->backoff);
     if (vx->listen_fd >= 0)
         close(vx->listen_fd);
     vx->listen_fd = -1;
