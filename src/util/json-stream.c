@@ -21,6 +21,7 @@
 #include <string.h>
 #include "util/cleanup.h"
 #include "util/json-stream.h"
+#include "util/xalloc.h"
 
 enum tok {
     T_LCURLY, T_RCURLY, T_LSQUARE, T_RSQUARE, T_COLON, T_COMMA,
@@ -178,12 +179,9 @@ static json_t *parse_string(struct pctx *c, const struct token *t)
 
 static char *token_echo(const char *s, size_t len)
 {
-    char *out;
     if (len <= JSON_ECHO_MAX)
-        return strndup(s, len);
-    if (asprintf(&out, "%.*s... (%zu bytes)", JSON_ECHO_MAX, s, len) < 0)
-        return NULL;
-    return out;
+        return xstrndup(s, len);
+    return xasprintf("%.*s... (%zu bytes)", JSON_ECHO_MAX, s, len);
 }
 
 static json_t *parse_number(struct pctx *c, const struct token *t)
@@ -194,13 +192,8 @@ static json_t *parse_number(struct pctx *c, const struct token *t)
     CLEANUP_FREE char *big = NULL;
     char *buf = small;
 
-    if (t->len >= sizeof(small)) {
-        buf = big = malloc(t->len + 1);
-        if (!big) {
-            perr(c, "%sout of memory", "");
-            return NULL;
-        }
-    }
+    if (t->len >= sizeof(small))
+        buf = big = xmalloc(t->len + 1);
     memcpy(buf, c->text + t->off, t->len);
     buf[t->len] = 0;
     if (t->type == T_INTEGER) {
@@ -221,7 +214,7 @@ static json_t *parse_keyword(struct pctx *c, const struct token *t)
     if (t->len == 5 && !memcmp(p, "false", 5)) return json_false();
     if (t->len == 4 && !memcmp(p, "null", 4)) return json_null();
     CLEANUP_FREE char *echo = token_echo(p, t->len);
-    perr(c, "invalid keyword '%s'", echo ? echo : "");
+    perr(c, "invalid keyword '%s'", echo);
     return NULL;
 }
 
@@ -418,7 +411,7 @@ static void stream_token(struct json_stream *js, enum tok type,
     case T_RSQUARE: js->bracket--; break;
     case T_ERROR: {
         CLEANUP_FREE char *echo = token_echo(s, len);
-        emit_error(js, "JSON parse error, stray '%s'", echo ? echo : "");
+        emit_error(js, "JSON parse error, stray '%s'", echo);
         return;
     }
     default: break;
