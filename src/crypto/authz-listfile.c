@@ -16,6 +16,7 @@
 #include <sys/inotify.h>
 #include <unistd.h>
 #include "crypto/authz.h"
+#include "object/qom.h"
 #include "crypto/tls-creds.h"
 #include "qmp/schema.h"
 #include "util/cleanup.h"
@@ -153,10 +154,24 @@ static int listfile_is_allowed(struct authz *a, const char *identity, error **er
     return f->loaded && authz_rules_allow(&f->rules, identity);
 }
 
+/* QOM: QEMU's type name; filename and refresh are read once, at creation
+ * (setting them later is recorded, as in QEMU). */
+static const struct qom_prop authz_list_file_props[] = {
+    { "filename", "string", "str", "\"\"" },
+    { "refresh", "bool", "bool", "true" },
+    { NULL },
+};
+static struct qom_class authz_list_file_class = {
+    .name = "authz-list-file", .parent = "authz", .user_creatable = true,
+    .props = authz_list_file_props,
+};
+QOM_CLASS_REGISTER(authz_list_file_class)
+
 static struct authz_type authz_listfile_type = {
     .base = {
         .name = "authz-listfile",
         .instance_size = sizeof(struct authz_listfile),
+        .qom = &authz_list_file_class,
         .complete = listfile_complete,
         .finalize = listfile_finalize,
     },

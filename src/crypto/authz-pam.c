@@ -7,6 +7,7 @@
 #include <string.h>
 #include <security/pam_appl.h>
 #include "crypto/authz.h"
+#include "object/qom.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
 
@@ -46,10 +47,31 @@ static int pam_is_allowed(struct authz *a, const char *identity, error **errp)
     return r == PAM_SUCCESS ? 1 : -1;
 }
 
+/* qom-set service: the next check uses it, as in QEMU. */
+static int pam_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
+{
+    struct authz_pam *p = (struct authz_pam *)obj;
+
+    free(p->service);
+    p->service = xstrdup(json_string_value(value));
+    return 0;
+}
+
+static const struct qom_prop authz_pam_props[] = {
+    { "service", "string", "str", "\"\"" },
+    { NULL },
+};
+static struct qom_class authz_pam_class = {
+    .name = "authz-pam", .parent = "authz", .user_creatable = true, .props = authz_pam_props,
+};
+QOM_CLASS_REGISTER(authz_pam_class)
+
 static struct authz_type authz_pam_type = {
     .base = {
         .name = "authz-pam",
         .instance_size = sizeof(struct authz_pam),
+        .qom = &authz_pam_class,
+        .set_prop = pam_set_prop,
         .complete = pam_complete,
         .finalize = pam_finalize,
     },

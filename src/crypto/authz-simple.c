@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "crypto/authz.h"
+#include "object/qom.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
 
@@ -28,10 +29,32 @@ static int simple_is_allowed(struct authz *a, const char *identity, error **errp
     return strcmp(((struct authz_simple *)a)->identity, identity) == 0;
 }
 
+/* qom-set identity: the next check uses it, as in QEMU. */
+static int simple_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
+{
+    struct authz_simple *s = (struct authz_simple *)obj;
+
+    free(s->identity);
+    s->identity = xstrdup(json_string_value(value));
+    return 0;
+}
+
+static const struct qom_prop authz_simple_props[] = {
+    { "identity", "string", "str", "\"\"" },
+    { NULL },
+};
+static struct qom_class authz_simple_class = {
+    .name = "authz-simple", .parent = "authz", .user_creatable = true,
+    .props = authz_simple_props,
+};
+QOM_CLASS_REGISTER(authz_simple_class)
+
 static struct authz_type authz_simple_type = {
     .base = {
         .name = "authz-simple",
         .instance_size = sizeof(struct authz_simple),
+        .qom = &authz_simple_class,
+        .set_prop = simple_set_prop,
         .complete = simple_complete,
         .finalize = simple_finalize,
     },

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "crypto/authz.h"
+#include "object/qom.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
 
@@ -14,6 +15,9 @@ static bool authz_is(const struct object *o)
 {
     return strncmp(o->type->name, "authz-", 6) == 0;
 }
+
+static struct qom_class authz_class = { .name = "authz", .parent = "object", .abstract = true };
+QOM_CLASS_REGISTER(authz_class)
 
 int authz_is_allowed_by_id(const char *id, const char *identity, error **errp)
 {

@@ -4,6 +4,7 @@
  */
 #include <stdlib.h>
 #include "crypto/tls-creds.h"
+#include "object/qom.h"
 
 static int anon_complete(struct object *obj, json_t *props, error **errp)
 {
@@ -45,9 +46,21 @@ static void anon_finalize(struct object *obj)
     tls_creds_common_finalize(c);
 }
 
+static const struct qom_prop tls_creds_anon_props[] = {
+    { "loaded", "bool", NULL, "true" },
+    { NULL },
+};
+static struct qom_class tls_creds_anon_class = {
+    .name = "tls-creds-anon", .parent = "tls-creds", .user_creatable = true,
+    .props = tls_creds_anon_props,
+};
+QOM_CLASS_REGISTER(tls_creds_anon_class)
+
 static const struct object_type tls_creds_anon_type = {
     .name = "tls-creds-anon",
     .instance_size = sizeof(struct tls_creds),
+    .qom = &tls_creds_anon_class,
+    .set_prop = tls_creds_set_prop,
     .complete = anon_complete,
     .finalize = anon_finalize,
 };

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "crypto/tls-creds.h"
+#include "object/qom.h"
 #include "util/cleanup.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
@@ -108,9 +109,22 @@ static void psk_finalize(struct object *obj)
     tls_creds_common_finalize(c);
 }
 
+static const struct qom_prop tls_creds_psk_props[] = {
+    { "username", "string", "str", "\"\"" },
+    { "loaded", "bool", NULL, "true" },
+    { NULL },
+};
+static struct qom_class tls_creds_psk_class = {
+    .name = "tls-creds-psk", .parent = "tls-creds", .user_creatable = true,
+    .props = tls_creds_psk_props,
+};
+QOM_CLASS_REGISTER(tls_creds_psk_class)
+
 static const struct object_type tls_creds_psk_type = {
     .name = "tls-creds-psk",
     .instance_size = sizeof(struct tls_creds),
+    .qom = &tls_creds_psk_class,
+    .set_prop = tls_creds_set_prop,
     .complete = psk_complete,
     .finalize = psk_finalize,
 };

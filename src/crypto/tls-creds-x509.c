@@ -18,6 +18,7 @@
 #include <unistd.h>
 #include <gnutls/x509.h>
 #include "crypto/tls-creds.h"
+#include "object/qom.h"
 #include "object/secret.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
@@ -363,9 +364,23 @@ static void x509_finalize(struct object *obj)
     tls_creds_common_finalize(c);
 }
 
+static const struct qom_prop tls_creds_x509_props[] = {
+    { "sanity-check", "bool", "bool", "true" },
+    { "passwordid", "string", "str", "\"\"" },
+    { "loaded", "bool", NULL, "true" },
+    { NULL },
+};
+static struct qom_class tls_creds_x509_class = {
+    .name = "tls-creds-x509", .parent = "tls-creds", .user_creatable = true,
+    .props = tls_creds_x509_props,
+};
+QOM_CLASS_REGISTER(tls_creds_x509_class)
+
 static const struct object_type tls_creds_x509_type = {
     .name = "tls-creds-x509",
     .instance_size = sizeof(struct tls_creds),
+    .qom = &tls_creds_x509_class,
+    .set_prop = tls_creds_set_prop,
     .complete = x509_complete,
     .finalize = x509_finalize,
 };

@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include "crypto/tls-creds.h"
+#include "object/qom.h"
 #include "util/cleanup.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
@@ -50,24 +51,56 @@ struct tls_creds *tls_creds_lookup(const char *id, enum tls_endpoint ep, error *
     return c;
 }
 
+/* Sessions made earlier keep the compiled priority they took (GnuTLS
+ * counts its users), so the old one can go at once. */
+static void set_priority(struct tls_creds *c, const char *prio)
+{
+    const char *extra = c->prio_extra;
+
+    if (c->prio)
+        gnutls_priority_deinit(c->prio);
+    free(c->priority);
+    if (!prio || !*prio)
+        prio = TLS_DEFAULT_PRIORITY;
+    c->priority = xasprintf("%s%s%s", prio, extra ? ":" : "", extra ? extra : "");
+    if (gnutls_priority_init(&c->prio, c->priority, NULL) < 0)
+        c->prio = NULL;
+}
+
 void tls_creds_common_props(struct tls_creds *c, json_t *props, const char *extra)
 {
     const char *dir = opt_str(props, "dir", NULL);
-    const char *prio = opt_str(props, "priority", NULL);
     const char *ep = opt_str(props, "endpoint", "client");
-    size_t len;
 
     c->endpoint = strcmp(ep, "server") == 0 ? TLS_ENDPOINT_SERVER : TLS_ENDPOINT_CLIENT;
     c->verify_peer = opt_bool(props, "verify-peer", true);
     c->dir = xstrdup_opt(dir);
-    if (!prio)
-        prio = TLS_DEFAULT_PRIORITY;
-    len = strlen(prio) + (extra ? strlen(extra) + 1 : 0) + 1;
-    c->priority = xmalloc(len);
-    snprintf(c->priority, len, "%s%s%s", prio, extra ? ":" : "", extra ? extra : "");
-    if (gnutls_priority_init(&c->prio, c->priority, NULL) < 0)
-        c->prio = NULL;
+    c->prio_extra = extra;
+    set_priority(c, opt_str(props, "priority", NULL));
 }
+
+int tls_creds_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
+{
+    struct tls_creds *c = (struct tls_creds *)obj;
+
+    if (!strcmp(name, "verify-peer"))
+        c->verify_peer = json_is_true(value);
+    else if (!strcmp(name, "priority"))
+        set_priority(c, json_string_value(value));
+    return 0;
+}
+
+static const struct qom_prop tls_creds_props[] = {
+    { "endpoint", "QCryptoTLSCredsEndpoint", "QCryptoTLSCredsEndpoint", "\"client\"" },
+    { "dir", "string", "str", "\"\"" },
+    { "verify-peer", "bool", "bool", "true" },
+    { "priority", "string", "str", "\"\"" },
+    { NULL },
+};
+static struct qom_class tls_creds_class = {
+    .name = "tls-creds", .parent = "object", .abstract = true, .props = tls_creds_props,
+};
+QOM_CLASS_REGISTER(tls_creds_class)
 
 int tls_creds_get_path(struct tls_creds *c, const char *name, bool required,
                        char **path, error **errp)

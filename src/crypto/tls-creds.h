@@ -20,6 +20,7 @@ struct tls_creds {
     bool verify_peer;
     char *dir;
     char *priority;                    /* full string given to GnuTLS */
+    const char *prio_extra;            /* what this kind appends to the priority */
     gnutls_priority_t prio;            /* NULL: priority string is invalid */
     gnutls_dh_params_t dh;             /* from dh-params.pem, if any */
     union {
@@ -57,6 +58,10 @@ int  tls_creds_get_path(struct tls_creds *c, const char *name, bool required,
 /* Load dh-params.pem when the directory has one (server endpoints). */
 int  tls_creds_load_dh(struct tls_creds *c, error **errp);
 void tls_creds_common_finalize(struct tls_creds *c);
+/* qom-set on any tls-creds-*: verify-peer and priority apply to the next
+ * session, as in QEMU; the rest (read when the credentials were loaded) is
+ * only recorded. */
+int  tls_creds_set_prop(struct object *obj, const char *name, json_t *value, error **errp);
 /* Whole file in a NUL-terminated buffer (bounded), or NULL with errno set. */
 char *tls_read_file(const char *path, size_t *len);
 /* GnuTLS certificate verification status -> QEMU's reason text. */

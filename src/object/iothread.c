@@ -10,6 +10,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include "object/iothread.h"
+#include "object/qom.h"
 #include "qmp/qmp.h"
 #include "util/loop.h"
 #include "util/opts.h"
@@ -34,22 +35,41 @@ static void *iothread_main(void *arg)
     return NULL;
 }
 
+/* Event-loop parameters in the order QEMU sets (and so checks) them. */
+static const char *const params[] = { "aio-max-batch", "thread-pool-min", "thread-pool-max",
+                                      "poll-max-ns", "poll-grow", "poll-shrink" };
+
+static int check_param(const char *name, int64_t v, error **errp)
+{
+    if (v < 0) {
+        error_setg(errp, "%s value must be in range [0, %" PRId64 "]", name, INT64_MAX);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_pool(int64_t min, int64_t max, error **errp)
+{
+    if (max <= 0 || min > max) {
+        error_setg(errp, "bad thread-pool-min/thread-pool-max values");
+        return -1;
+    }
+    return 0;
+}
+
 static int iothread_complete(struct object *obj, json_t *props, error **errp)
 {
     struct iothread *t = (struct iothread *)obj;
-    t->poll_max_ns = opt_int(props, "poll-max-ns", 32768);
+    t->poll_max_ns = opt_int(props, "poll-max-ns", LOOP_POLL_NS_DEFAULT);
     t->poll_grow = opt_int(props, "poll-grow", 0);
     t->poll_shrink = opt_int(props, "poll-shrink", 0);
     t->aio_max_batch = opt_int(props, "aio-max-batch", 0);
-    static const char *const names[] = { "poll-max-ns", "poll-grow", "poll-shrink",
-                                         "aio-max-batch" };
-    int64_t vals[] = { t->poll_max_ns, t->poll_grow, t->poll_shrink, t->aio_max_batch };
-    for (int i = 0; i < 4; i++) {
-        if (vals[i] < 0) {
-            error_setg(errp, "%s value must be in range [0, %" PRId64 "]", names[i], INT64_MAX);
+    for (size_t i = 0; i < sizeof(params) / sizeof(params[0]); i++)
+        if (check_param(params[i], opt_int(props, params[i], 0), errp) < 0)
             return -1;
-        }
-    }
+    if (check_pool(opt_int(props, "thread-pool-min", 0),
+                   opt_int(props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT), errp) < 0)
+        return -1;
     t->loop = loop_new(obj->id);
     loop_set_poll_ns(t->loop, t->poll_max_ns);
     struct iothread_start st = { .t = t };
@@ -80,9 +100,61 @@ static void iothread_finalize(struct object *obj)
     loop_free(t->loop);
 }
 
+/* qom-set: poll-max-ns takes effect at once; the others are recorded (bexd
+ * sizes its worker pools itself and adapts no polling window). */
+static int iothread_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
+{
+    struct iothread *t = (struct iothread *)obj;
+    int64_t v = json_integer_value(value);
+    if (check_param(name, v, errp) < 0)
+        return -1;
+    if (!strcmp(name, "thread-pool-min") &&
+        check_pool(v, opt_int(obj->props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT), errp) < 0)
+        return -1;
+    if (!strcmp(name, "thread-pool-max") &&
+        check_pool(opt_int(obj->props, "thread-pool-min", 0), v, errp) < 0)
+        return -1;
+    if (!strcmp(name, "poll-max-ns")) {
+        t->poll_max_ns = v;
+        loop_set_poll_ns(t->loop, v);
+    } else if (!strcmp(name, "poll-grow")) {
+        t->poll_grow = v;
+    } else if (!strcmp(name, "poll-shrink")) {
+        t->poll_shrink = v;
+    } else if (!strcmp(name, "aio-max-batch")) {
+        t->aio_max_batch = v;
+    }
+    return 0;
+}
+
+static const struct qom_prop event_loop_base_props[] = {
+    { "thread-pool-min", "int", "int", "0" },
+    { "aio-max-batch", "int", "int", "0" },
+    { "thread-pool-max", "int", "int", "64" },
+    { NULL },
+};
+static struct qom_class event_loop_base_class = {
+    .name = "event-loop-base", .parent = "object", .abstract = true, .user_creatable = true,
+    .props = event_loop_base_props,
+};
+QOM_CLASS_REGISTER(event_loop_base_class)
+
+static const struct qom_prop iothread_props[] = {
+    { "poll-max-ns", "int", "int", "32768" },
+    { "poll-grow", "int", "int", "0" },
+    { "poll-shrink", "int", "int", "0" },
+    { NULL },
+};
+static struct qom_class iothread_class = {
+    .name = "iothread", .parent = "event-loop-base", .props = iothread_props,
+};
+QOM_CLASS_REGISTER(iothread_class)
+
 static const struct object_type iothread_type = {
     .name = "iothread",
     .instance_size = sizeof(struct iothread),
+    .qom = &iothread_class,
+    .set_prop = iothread_set_prop,
     .complete = iothread_complete,
     .finalize = iothread_finalize,
 };

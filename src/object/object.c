@@ -6,6 +6,7 @@
 #include <string.h>
 #include "block/block.h"
 #include "object/object.h"
+#include "object/qom.h"
 #include "qmp/qmp.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
@@ -64,6 +65,9 @@ int object_add(json_t *props, error **errp)
         free(o);
         return -1;
     }
+    o->props = json_deep_copy(props);
+    json_object_del(o->props, "qom-type");
+    json_object_del(o->props, "id");
     o->next = objects;
     objects = o;
     return 0;
@@ -78,6 +82,7 @@ static void object_unlink_free(struct object *o)
         }
     if (o->type->finalize)
         o->type->finalize(o);
+    json_decref(o->props);
     free(o->id);
     free(o);
 }
@@ -118,3 +123,36 @@ static json_t *qmp_object_del(json_t *args, error **errp)
 QMP_COMMAND("object-del", qmp_object_del)
 
 struct object *object_first(void) { return objects; }
+
+/* ---- QOM: the "/objects" container ---- */
+
+static void *objects_first(void) { return objects; }
+static void *objects_next(void *o) { return ((struct object *)o)->next; }
+static const char *objects_id(void *o) { return ((struct object *)o)->id; }
+
+static const struct qom_class *objects_cls(void *o)
+{
+    return ((struct object *)o)->type->qom;
+}
+
+/* Read-only properties ("loaded") always read as their default. */
+static json_t *objects_get(void *obj, const struct qom_prop *p)
+{
+    struct object *o = obj;
+    json_t *v = p->schema ? json_object_get(o->props, p->name) : NULL;
+    return v ? json_incref(v) : qom_prop_default(p);
+}
+
+static int objects_set(void *obj, const struct qom_prop *p, json_t *value, error **errp)
+{
+    struct object *o = obj;
+    if (o->type->set_prop && o->type->set_prop(o, p->name, value, errp) < 0)
+        return -1;
+    json_object_set(o->props, p->name, value);
+    return 0;
+}
+
+const struct qom_container object_container = {
+    .name = "objects", .first = objects_first, .next = objects_next, .id = objects_id,
+    .cls = objects_cls, .get = objects_get, .set = objects_set,
+};

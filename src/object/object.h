@@ -9,10 +9,17 @@
 #include "util/error.h"
 
 struct object;
+struct qom_class;
 
 struct object_type {
     const char *name;                 /* qom-type, e.g. "iothread" */
     size_t instance_size;             /* >= sizeof(struct object) */
+    const struct qom_class *qom;      /* its QOM class (object/qom.h) */
+    /* qom-set of a writable property, the value checked against its QAPI
+     * type: apply it to the live object, or refuse with errp.  NULL: the
+     * value is only recorded (qom-get reports it), as QEMU does for
+     * properties it reads once at creation. */
+    int  (*set_prop)(struct object *obj, const char *name, json_t *value, error **errp);
     /* props: the validated object-add arguments (qom-type and id included). */
     int  (*complete)(struct object *obj, json_t *props, error **errp);
     /* Refuse deletion while in use (e.g. TLS creds of a running server). */
@@ -24,6 +31,7 @@ struct object {
     char *id;
     const struct object_type *type;
     int refcnt;                       /* users that pin the object */
+    json_t *props;                    /* its properties as last set (object-add, qom-set) */
     struct object *next;
 };
 

@@ -19,6 +19,7 @@
 #include "config.h"
 #include "object/object.h"
 #include "object/secret.h"
+#include "object/qom.h"
 #include "util/cleanup.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
@@ -264,9 +265,35 @@ static void secret_finalize(struct object *obj)
     free(s->data);
 }
 
+/* QOM: as in QEMU, the source properties may be set again but the secret
+ * was loaded once, at creation (nothing reloads it). */
+static const struct qom_prop secret_common_props[] = {
+    { "iv", "string", "str", "\"\"" },
+    { "keyid", "string", "str", "\"\"" },
+    { "loaded", "bool", NULL, "true" },
+    { "format", "QCryptoSecretFormat", "QCryptoSecretFormat", "\"raw\"" },
+    { NULL },
+};
+static struct qom_class secret_common_class = {
+    .name = "secret_common", .parent = "object", .abstract = true, .user_creatable = true,
+    .props = secret_common_props,
+};
+QOM_CLASS_REGISTER(secret_common_class)
+
+static const struct qom_prop secret_props[] = {
+    { "file", "string", "str", "\"\"" },
+    { "data", "string", "str", "\"\"" },
+    { NULL },
+};
+static struct qom_class secret_class = {
+    .name = "secret", .parent = "secret_common", .props = secret_props,
+};
+QOM_CLASS_REGISTER(secret_class)
+
 static const struct object_type secret_type = {
     .name = "secret",
     .instance_size = sizeof(struct secret),
+    .qom = &secret_class,
     .complete = secret_complete,
     .finalize = secret_finalize,
 };

@@ -23,6 +23,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 #include "qmp/json-out.h"
+#include "object/qom.h"
 #include "qmp/monitor.h"
 #include "qmp/qmp-int.h"
 #include "util/accept.h"
@@ -623,3 +624,53 @@ void monitors_close_all(void)
             socket_address_cleanup(c->addr);
     }
 }
+
+/* ------------------------------------------------------------------ */
+/* QOM: the "/chardevs" container */
+
+static const struct qom_prop chardev_socket_props[] = {
+    { "connected", "bool", NULL, NULL },
+    { "addr", "SocketAddress", NULL, NULL },
+    { NULL },
+};
+static struct qom_class chardev_class = { .name = "chardev", .parent = "object", .abstract = true };
+static struct qom_class chardev_socket_class = {
+    .name = "chardev-socket", .parent = "chardev", .props = chardev_socket_props,
+};
+static struct qom_class chardev_fd_class = {
+    .name = "chardev-fd", .parent = "chardev", .abstract = true,
+};
+static struct qom_class chardev_stdio_class = { .name = "chardev-stdio", .parent = "chardev-fd" };
+QOM_CLASS_REGISTER(chardev_class)
+QOM_CLASS_REGISTER(chardev_socket_class)
+QOM_CLASS_REGISTER(chardev_fd_class)
+QOM_CLASS_REGISTER(chardev_stdio_class)
+
+static void *chardevs_first(void) { return chardevs; }
+static void *chardevs_next(void *c) { return ((struct chardev *)c)->next; }
+static const char *chardevs_id(void *c) { return ((struct chardev *)c)->id; }
+
+static const struct qom_class *chardevs_cls(void *c)
+{
+    return ((struct chardev *)c)->kind == CHR_SOCKET ? &chardev_socket_class
+                                                     : &chardev_stdio_class;
+}
+
+static json_t *chardevs_get(void *obj, const struct qom_prop *p)
+{
+    struct chardev *c = obj;
+    if (!strcmp(p->name, "connected"))
+        return json_boolean(c->mon && c->mon->in_fd >= 0);
+    json_t *a = c->nlisten ? socket_fd_address(c->lfd[0], false) : NULL;
+    return a ? a : json_null();
+}
+
+static int chardevs_set(void *obj, const struct qom_prop *p, json_t *value, error **errp)
+{
+    return 0;           /* no writable property */
+}
+
+const struct qom_container chardev_container = {
+    .name = "chardevs", .first = chardevs_first, .next = chardevs_next, .id = chardevs_id,
+    .cls = chardevs_cls, .get = chardevs_get, .set = chardevs_set,
+};

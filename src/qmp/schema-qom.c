@@ -60,5 +60,24 @@ static const char text[] =
     "  'data': { 'id': 'str', 'thread-id': 'int', 'poll-max-ns': 'int',\n"
     "            'poll-grow': 'int', 'poll-shrink': 'int', 'aio-max-batch': 'int' } }\n"
     "{ 'command': 'query-iothreads', 'returns': ['IOThreadInfo'],\n"
-    "  'allow-preconfig': true }\n";
+    "  'allow-preconfig': true }\n"
+    /* QOM inspection (qom.json): qom-list, qom-get, qom-set, qom-list-types,
+     * qom-list-properties */
+    "{ 'struct': 'ObjectPropertyInfo',\n"
+    "  'data': { 'name': 'str', 'type': 'str', '*description': 'str',\n"
+    "            '*default-value': 'any' } }\n"
+    "{ 'command': 'qom-list', 'data': { 'path': 'str' },\n"
+    "  'returns': [ 'ObjectPropertyInfo' ], 'allow-preconfig': true }\n"
+    "{ 'command': 'qom-get', 'data': { 'path': 'str', 'property': 'str' },\n"
+    "  'returns': 'any', 'allow-preconfig': true }\n"
+    "{ 'command': 'qom-set',\n"
+    "  'data': { 'path': 'str', 'property': 'str', 'value': 'any' },\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'struct': 'ObjectTypeInfo',\n"
+    "  'data': { 'name': 'str', '*abstract': 'bool', '*parent': 'str' } }\n"
+    "{ 'command': 'qom-list-types',\n"
+    "  'data': { '*implements': 'str', '*abstract': 'bool' },\n"
+    "  'returns': [ 'ObjectTypeInfo' ], 'allow-preconfig': true }\n"
+    "{ 'command': 'qom-list-properties', 'data': { 'typename': 'str'},\n"
+    "  'returns': [ 'ObjectPropertyInfo' ], 'allow-preconfig': true }\n";
 SCHEMA_SOURCE(qom, text)

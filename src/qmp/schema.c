@@ -639,7 +639,10 @@ json_t *schema_check_type(const char *type, json_t *value, bool keyval,
                           const char *prefix, error **errp)
 {
     struct ck c = { .keyval = keyval, .errp = errp };
-    CLEANUP_JSON json_t *t = json_string(type);
+    size_t len = strlen(type);
+    /* "[T]" names a list of T, as in the schema's own member types */
+    CLEANUP_JSON json_t *t = len > 2 && type[0] == '[' && type[len - 1] == ']'
+                             ? json_pack("[s#]", type + 1, len - 2) : json_string(type);
     const char *nm = prefix && *prefix ? strrchr(prefix, '.') : NULL;
     nm = nm ? nm + 1 : (prefix && *prefix ? prefix : NULL);
     return check(&c, t, value, prefix ? prefix : "", nm);

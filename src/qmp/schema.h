@@ -18,7 +18,8 @@
 #include "util/error.h"
 
 void schema_init(void);
-/* Check (and, for keyval input, convert) a value of a named type.  Returns a
+/* Check (and, for keyval input, convert) a value of a named type ("[T]"
+ * for a list of T).  Returns a
  * new reference to the checked value, or NULL with *errp set.  prefix is the
  * member path used in messages ("" or e.g. "addr"). */
 json_t *schema_check_type(const char *type, json_t *value, bool keyval,

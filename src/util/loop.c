@@ -117,7 +117,11 @@ struct loop *loop_new(const char *name)
 
 const char *loop_name(const struct loop *l) { return l->name; }
 
-void loop_set_poll_ns(struct loop *l, uint64_t ns) { l->poll_ns = ns; }
+/* Any thread (qom-set from the monitor): the loop reads it each iteration. */
+void loop_set_poll_ns(struct loop *l, uint64_t ns)
+{
+    __atomic_store_n(&l->poll_ns, ns, __ATOMIC_RELAXED);
+}
 
 static void free_dead(struct loop *l)
 {
@@ -371,10 +375,13 @@ int loop_run(struct loop *l)
             break;
         int timeout = next_timeout(l);
         int n = 0;
-        if (timeout != 0 && l->poll_ns && !(l->aio && aio_engine_waits_for_pool(l->aio))) {
+        uint64_t poll_ns = __atomic_load_n(&l->poll_ns, __ATOMIC_RELAXED);
+        if (timeout != 0 && poll_ns && !(l->aio && aio_engine_waits_for_pool(l->aio))) {
             /* Poll briefly before sleeping: a client answering at once is
              * served without the cost of a sleep and a wake-up. */
-            uint64_t until = now_ns() + l->poll_ns;
+            uint64_t now = now_ns(), until = now + poll_ns;
+            if (timeout > 0 && until > now + (uint64_t)timeout * 1000000)
+                until = now + (uint64_t)timeout * 1000000;   /* timers stay on time */
             do {
                 n = epoll_wait(l->epfd, evs, 64, 0);
             } while (n == 0 && now_ns() < until);

@@ -327,3 +327,35 @@ char *socket_address_str(json_t *addr)
         return xasprintf("vsock:%s:%s", opt_str(addr, "cid", ""), opt_str(addr, "port", ""));
     return xasprintf("fd:%s", opt_str(addr, "str", ""));
 }
+
+json_t *socket_fd_address(int fd, bool peer)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    char host[NI_MAXHOST], serv[NI_MAXSERV];
+
+    memset(&ss, 0, sizeof(ss));
+    if ((peer ? getpeername(fd, (struct sockaddr *)&ss, &len)
+              : getsockname(fd, (struct sockaddr *)&ss, &len)) < 0)
+        return NULL;
+    if (ss.ss_family == AF_UNIX) {
+        struct sockaddr_un *un = (struct sockaddr_un *)&ss;
+        size_t plen = len > offsetof(struct sockaddr_un, sun_path)
+                      ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+        if (plen && !un->sun_path[0]) {      /* abstract: tight when len says so */
+            size_t n = strnlen(un->sun_path + 1, sizeof(un->sun_path) - 1);
+            CLEANUP_FREE char *p = xstrndup(un->sun_path + 1, n);
+            return json_pack("{s:s, s:s, s:b, s:b}", "type", "unix", "path", p,
+                             "abstract", 1, "tight", plen == n + 1);
+        }
+        CLEANUP_FREE char *p = xstrndup(un->sun_path, strnlen(un->sun_path, plen));
+        return json_pack("{s:s, s:s}", "type", "unix", "path", p);
+    }
+    if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)
+        return NULL;
+    if (getnameinfo((struct sockaddr *)&ss, len, host, sizeof(host), serv, sizeof(serv),
+                    NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+        return NULL;
+    return json_pack("{s:s, s:s, s:s, s:b}", "type", "inet", "host", host, "port", serv,
+                     ss.ss_family == AF_INET ? "ipv4" : "ipv6", 1);
+}

@@ -19,6 +19,11 @@ void socket_address_cleanup(json_t *addr);
 /* Human form, e.g. "unix:/tmp/s" or "127.0.0.1:10809"; caller frees. */
 char *socket_address_str(json_t *addr);
 int socket_set_nonblock(int fd, bool nonblock);
+/* The local (or, with peer, the remote) address of a socket as a flat
+ * SocketAddress, as QEMU reports it: numeric host and port with ipv4 or
+ * ipv6 set; a UNIX path, with abstract and tight when abstract.  NULL if
+ * unknown. */
+json_t *socket_fd_address(int fd, bool peer);
 /* Set while a QMP command runs: like qsd, "fd" addresses are then refused
  * (file descriptor passing over QMP is not supported). */
 void socket_set_monitor_context(bool in_monitor);
