@@ -66,6 +66,7 @@ struct breq {
     uint64_t drv_offset;
     uint64_t done_bytes;
     int stage;
+    uint64_t step_off, step_len;     /* file.c write-zeroes: the extent in hand */
     struct iovec tmp_iov;
     struct bnode_align *align_track; /* counted fast-path write (block/align.c) */
 };
