@@ -162,7 +162,7 @@ void nbd_conn_update_watch(struct nbd_conn *c)
     if (!c->watch)
         return;
     if (c->state != CONN_CLOSED) {
-        if (!c->rx_paused && !c->disc && !c->rx_eof)
+        if (!c->rx_paused && !c->rx_yield && !c->disc && !c->rx_eof)
             ev |= LOOP_IN;
         if (c->want_out)
             ev |= LOOP_OUT;

@@ -38,6 +38,7 @@
 #define NBD_KEEP_BUF           (4u << 20)   /* slot buffers above: freed after use */
 #define NBD_MAX_EXTENTS        2048         /* block status descriptors per context */
 #define NBD_BLOCK_STATUS_MS    200          /* ... and time spent finding them */
+#define NBD_SLICE_MS           20           /* requests parsed per loop turn, in time */
 #define NBD_HS_OUT_MAX         (1u << 20)   /* unread handshake replies: stop reading */
 #define NBD_MAX_READ_CHUNKS    16           /* structured read chunks per reply */
 #define NBD_SLOT_HDR           768
@@ -174,6 +175,7 @@ struct nbd_conn {
     struct nbd_slot *rx_slot;     /* receiving a WRITE payload */
     uint64_t drain_left;
     bool rx_paused;               /* no slot or buffer budget */
+    bool rx_yield;                /* used its time slice: resumes next loop turn */
     bool rx_eof;
     bool disc;                    /* NBD_CMD_DISC received */
 

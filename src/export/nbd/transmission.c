@@ -690,17 +690,48 @@ static void payload_complete(struct nbd_conn *c)
         execute(s);
 }
 
+static void yield_resume_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+
+    c->rx_yield = false;
+    if (c->state == CONN_TRANSMISSION) {
+        nbd_conn_update_watch(c);
+        nbd_transmission_readable(c);
+    }
+    nbd_conn_unref(c);
+}
+
+/* A client whose requests are served synchronously (BLOCK_STATUS, inline
+ * copies) must not hold the loop: after NBD_SLICE_MS of parsing, the rest
+ * waits for the next loop turn, after every other ready fd was served
+ * (loop_call runs at the start of the next iteration). */
+static bool slice_used(struct nbd_conn *c, uint64_t t0)
+{
+    if (now_ms() - t0 < NBD_SLICE_MS)
+        return false;
+    c->rx_yield = true;
+    nbd_conn_update_watch(c);
+    nbd_conn_ref(c);
+    loop_call(c->loop, yield_resume_cb, c);
+    return true;
+}
+
 /* Parse everything buffered; returns when more bytes are needed or reading
  * must pause. */
 static void process_rx(struct nbd_conn *c)
 {
-    while (c->state == CONN_TRANSMISSION && !c->disc) {
+    uint64_t t0 = now_ms();
+
+    while (c->state == CONN_TRANSMISSION && !c->disc && !c->rx_yield) {
         size_t avail = c->rx_end - c->rx_start;
 
         if (c->rx_state == RX_HDR) {
             if (avail < sizeof(struct nbd_request) || c->rx_paused)
                 return;
             if (!start_request(c))
+                return;
+            if (slice_used(c, t0))
                 return;
         } else if (c->rx_state == RX_PAYLOAD) {
             struct nbd_slot *s = c->rx_slot;
@@ -762,7 +793,8 @@ void nbd_transmission_readable(struct nbd_conn *c)
         ssize_t n;
 
         process_rx(c);
-        if (c->state != CONN_TRANSMISSION || c->disc || c->rx_paused || c->rx_eof)
+        if (c->state != CONN_TRANSMISSION || c->disc || c->rx_paused || c->rx_eof ||
+            c->rx_yield)
             break;
         n = recv_more(c, &asked);
         if (n == -EAGAIN)
