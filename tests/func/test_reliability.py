@@ -149,3 +149,53 @@ def test_fuse_punch_hole_never_allocates(impl, start_daemon, tmpdir_short, shm_i
         d.stop()
         subprocess.run(["fusermount3", "-u", "-z", mnt], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+
+
+def vm_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_nbd_buffer_budget_is_global_and_hard(start_daemon, tmpdir_short):
+    """Regression (issue 13, 5): a connection's first request skipped both
+    buffer budgets, so N clients pipelining 32 MiB READs and never reading
+    cost 32 MiB (up to 128) each without bound.  Now every buffer byte is
+    reserved from one global budget first (shrunk to 64 MiB here), and a
+    client that does not read stalls only itself: while others wait for
+    memory it is closed after BEXD_NBD_STALL_MS (2 s here)."""
+    from nbdwire import Conn, CMD_READ
+    img = "/var/tmp/bexd-rel-%d.img" % os.getpid()          # a disk file: READs are buffered
+    with open(img, "wb") as f:
+        f.write(os.urandom(MiB) * 32)
+    try:
+        sock = os.path.join(tmpdir_short, "nbd.sock")
+        env = dict(os.environ, BEXD_NBD_BUFFER_BUDGET=str(64 * MiB), BEXD_NBD_STALL_MS="2000")
+        d = start_daemon("bexd", "--blockdev", "driver=file,node-name=disk,filename=%s" % img,
+                         "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                         "--export", "type=nbd,id=e0,node-name=disk,name=disk", env=env)
+        base = vm_kib(d.pid, "VmRSS")
+        stalled = []
+        for _ in range(8):
+            c = Conn(sock).connect("disk")
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for i in range(4):
+                c.request(CMD_READ, 0, 32 * MiB)
+            stalled.append(c)
+        # a well-behaved client is served, once the stalled ones are closed
+        t0 = time.monotonic()
+        ok = Conn(sock, timeout=30).connect("disk")
+        r = ok.read(4096, 4096)
+        assert r.err == 0 and len(r.data) == 4096
+        assert time.monotonic() - t0 < 25
+        peak = vm_kib(d.pid, "VmHWM")
+        assert (peak - base) * 1024 < 64 * MiB + 48 * MiB, (peak - base) // 1024
+        for c in stalled:
+            c.close()
+        assert ok.read(0, 32 * MiB).err == 0   # their memory came back to the budget
+        ok.close()
+        assert d.alive()
+    finally:
+        os.unlink(img)

@@ -453,6 +453,7 @@ static void nbd_conn_consume(struct nbd_conn *c, size_t n)
 void nbd_conn_flush(struct nbd_conn *c)
 {
     struct iovec iov[NBD_SEND_IOV];
+    bool moved = false;
 
     while (c->state != CONN_CLOSED) {
         struct nbd_slot *head = c->reply_head;
@@ -480,6 +481,7 @@ void nbd_conn_flush(struct nbd_conn *c)
             return;
         }
         nbd_conn_consume(c, r);
+        moved |= r > 0;
         if ((size_t)r < total) {
             c->want_out = true;
             break;
@@ -487,6 +489,11 @@ void nbd_conn_flush(struct nbd_conn *c)
     }
     if (c->state == CONN_CLOSED)
         return;
+    /* how long replies have waited for a client that does not read (budget.c) */
+    if (!c->want_out)
+        __atomic_store_n(&c->out_stalled_since, 0, __ATOMIC_RELEASE);
+    else if (moved || !c->out_stalled_since)
+        __atomic_store_n(&c->out_stalled_since, now_ms(), __ATOMIC_RELEASE);
     if (c->state == CONN_HANDSHAKE && c->rx_paused &&
         c->out_len - c->out_sent < NBD_HS_OUT_MAX) {
         c->rx_paused = false;   /* the client reads its replies again */

@@ -34,7 +34,9 @@
 #define NBD_RX_BUF             (128u << 10) /* buffered socket reads */
 #define NBD_DIRECT_RECV        (64u << 10)  /* payloads above: recv into slot buffer */
 #define NBD_CONN_BUF_BUDGET    (128u << 20) /* slot buffers per connection */
-#define NBD_BUF_BUDGET         (1ull << 30) /* ... and for all connections */
+#define NBD_BUF_BUDGET         (1ull << 30) /* ... and for all connections (hard) */
+#define NBD_STALL_MS           30000        /* not reading replies while others wait for
+                                             * memory: closed (budget.c) */
 #define NBD_KEEP_BUF           (4u << 20)   /* slot buffers above: freed after use */
 #define NBD_MAX_EXTENTS        2048         /* block status descriptors per context */
 #define NBD_BLOCK_STATUS_MS    200          /* ... and time spent finding them */
@@ -183,7 +185,10 @@ struct nbd_conn {
     struct nbd_slot *slots;
     struct nbd_slot *free_slots;
     int busy_slots;
-    size_t buf_total;
+    size_t buf_total;             /* atomic reads from the main loop (budget.c) */
+    uint64_t out_stalled_since;   /* atomic: ms since replies wait for the socket, 0 = none */
+    bool budget_waiting;          /* on the budget's wait list (under its lock) */
+    struct nbd_conn *budget_next;
     struct nbd_slot *reply_head, *reply_tail;
     size_t reply_off;             /* bytes of reply_head already sent */
     int pipe[2];                  /* splice: file -> pipe -> socket; -1 until used */
@@ -237,6 +242,14 @@ void nbd_transmission_kick(struct nbd_conn *c);
 void nbd_slots_free(struct nbd_conn *c);
 void nbd_slot_release(struct nbd_slot *s);
 uint32_t nbd_errno_to_wire(int err);
+
+/* budget.c: the hard bound on request buffers across connections */
+void nbd_budget_init(void);                       /* main thread, server start */
+bool nbd_budget_take(size_t bytes);               /* false: over the budget */
+void nbd_budget_give(size_t bytes);               /* wakes the waiters */
+void nbd_budget_wait(struct nbd_conn *c, size_t bytes);   /* c's loop; c->rx_paused set */
+bool nbd_budget_pressure(void);                   /* someone waits */
+void nbd_slots_trim(struct nbd_conn *c);          /* transmission.c: free idle buffers */
 
 /* block-status.c: fill up to max descriptors for one context; returns the
  * count (>= 1) or -errno. */

@@ -149,6 +149,7 @@ int nbd_server_start(json_t *opts, error **errp)
     nbd_srv.backoff = (struct accept_backoff){ .who = "nbd", .loop = loop_main(),
                                                .resume = nbd_accept_retry };
     accept_reserve_refill();
+    nbd_budget_init();
     for (int i = 0; i < n; i++) {
         nbd_srv.listen_fd[i] = fds[i];
         nbd_srv.listen_watch[i] = loop_watch_fd(loop_main(), fds[i], LOOP_IN, nbd_accept,

@@ -53,22 +53,73 @@ uint32_t nbd_errno_to_wire(int err)
 
 /* ---- slots ---- */
 
-static size_t nbd_buf_global;   /* atomic: slot buffer bytes, all connections */
-
+/* Every slot buffer byte is reserved from the global budget first
+ * (budget.c), so the bound is hard; c->buf_total is this connection's. */
 static void buf_account(struct nbd_conn *c, ssize_t delta)
 {
-    c->buf_total += delta;
-    __atomic_add_fetch(&nbd_buf_global, delta, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->buf_total, c->buf_total + delta, __ATOMIC_RELAXED);
+    if (delta < 0)
+        nbd_budget_give(-delta);
 }
 
-/* Would a buffer for r exceed a budget?  A connection with nothing in
- * flight may always go on (it could never be woken otherwise). */
-static bool over_budget(struct nbd_conn *c, struct nbd_slot *s, uint32_t len)
+static size_t buf_size_for(uint32_t len)
 {
-    if (c->busy_slots == 0 || s->bufsize >= len)
-        return false;
-    return c->buf_total + len > NBD_CONN_BUF_BUDGET ||
-           __atomic_load_n(&nbd_buf_global, __ATOMIC_RELAXED) + len > NBD_BUF_BUDGET;
+    size_t want = MAX((size_t)len, (size_t)65536);
+    return (want + 4095) & ~(size_t)4095;
+}
+
+/* Free the buffers of idle slots (kept for reuse) but keep. */
+static void trim_idle(struct nbd_conn *c, struct nbd_slot *keep)
+{
+    for (struct nbd_slot *s = c->free_slots; s; s = s->next) {
+        if (s == keep || !s->buf)
+            continue;
+        free(s->buf);
+        buf_account(c, -(ssize_t)s->bufsize);
+        s->buf = NULL;
+        s->bufsize = 0;
+    }
+}
+
+void nbd_slots_trim(struct nbd_conn *c)
+{
+    if (c->slots && c->state != CONN_CLOSED)
+        trim_idle(c, NULL);
+}
+
+/* Give slot s a buffer of at least len bytes within both budgets.  false:
+ * wait (for this connection's own completions, or on the global budget). */
+static bool slot_get_buf(struct nbd_conn *c, struct nbd_slot *s, uint32_t len, bool *oom)
+{
+    size_t want = buf_size_for(len), grow;
+    void *p;
+
+    *oom = false;
+    if (s->bufsize >= len)
+        return true;
+    grow = want - s->bufsize;
+    if (c->buf_total + grow > NBD_CONN_BUF_BUDGET) {
+        trim_idle(c, s);
+        if (c->buf_total + grow > NBD_CONN_BUF_BUDGET)
+            return false;          /* woken by its own slot releases */
+    }
+    if (!nbd_budget_take(grow)) {
+        trim_idle(c, s);
+        if (!nbd_budget_take(grow)) {
+            nbd_budget_wait(c, grow);
+            return false;
+        }
+    }
+    if (posix_memalign(&p, 4096, want)) {
+        nbd_budget_give(grow);
+        *oom = true;
+        return true;
+    }
+    free(s->buf);
+    __atomic_store_n(&c->buf_total, c->buf_total + grow, __ATOMIC_RELAXED);
+    s->buf = p;
+    s->bufsize = want;
+    return true;
 }
 
 int nbd_transmission_init(struct nbd_conn *c)
@@ -119,7 +170,7 @@ void nbd_slot_release(struct nbd_slot *s)
 {
     struct nbd_conn *c = s->conn;
 
-    if (s->bufsize > NBD_KEEP_BUF) {
+    if (s->bufsize > NBD_KEEP_BUF || (s->buf && nbd_budget_pressure())) {
         free(s->buf);
         buf_account(c, -(ssize_t)s->bufsize);
         s->buf = NULL;
@@ -134,24 +185,6 @@ void nbd_slot_release(struct nbd_slot *s)
         nbd_conn_update_watch(c);
         nbd_transmission_kick(c);
     }
-}
-
-static int slot_reserve_buf(struct nbd_conn *c, struct nbd_slot *s, uint32_t len)
-{
-    size_t want;
-    void *p;
-
-    if (s->bufsize >= len)
-        return 0;
-    want = MAX((size_t)len, (size_t)65536);
-    want = (want + 4095) & ~(size_t)4095;
-    if (posix_memalign(&p, 4096, want))
-        return -ENOMEM;
-    free(s->buf);
-    buf_account(c, (ssize_t)want - (ssize_t)s->bufsize);
-    s->buf = p;
-    s->bufsize = want;
-    return 0;
 }
 
 /* ---- replies ---- */
@@ -626,6 +659,7 @@ static bool start_request(struct nbd_conn *c)
 {
     struct nbd_request r;
     struct nbd_slot *s = c->free_slots;
+    bool oom = false;
     uint32_t err;
 
     parse_header(c->rx + c->rx_start, &r);
@@ -633,7 +667,7 @@ static bool start_request(struct nbd_conn *c)
         nbd_conn_close(c, "bad request magic");
         return false;
     }
-    if (!s || (needs_buffer(&r) && over_budget(c, s, r.count))) {
+    if (!s || (needs_buffer(&r) && r.count && !slot_get_buf(c, s, r.count, &oom))) {
         c->rx_paused = true;
         nbd_conn_update_watch(c);
         return false;
@@ -658,7 +692,7 @@ static bool start_request(struct nbd_conn *c)
     s->stage = 0;
     s->payload_got = 0;
     err = request_error(s);
-    if (!err && needs_buffer(&r) && r.count && slot_reserve_buf(c, s, r.count) < 0)
+    if (!err && oom)
         err = fail(s, NBD_ENOMEM, "out of memory");
     if (r.type == NBD_CMD_WRITE && r.count) {
         c->rx_slot = s;
