@@ -1,16 +1,37 @@
 /*
  * Driver "null-co": a device of a given size that drops writes and reads
  * zeroes (read-zeroes=on) or leaves the buffer untouched (QEMU's default).
+ * latency-ns delays the completion of every read, write, write-zeroes and
+ * flush by that long, as QEMU sleeps in each (a timer of the request's
+ * loop, so in whole milliseconds, rounded up; fault-injection tests use it
+ * for slow nodes).
  */
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
+#include "util/loop.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
 
 struct null_state {
     bool read_zeroes;
+    uint64_t latency_ms;        /* latency-ns, rounded up; 0 = none */
 };
+
+struct null_delay {
+    struct loop_timer *timer;
+    struct breq *req;
+};
+
+static void null_delay_done(void *opaque)
+{
+    struct null_delay *d = opaque;
+    struct breq *r = d->req;
+
+    loop_timer_free(d->timer);
+    free(d);
+    breq_complete(r, 0);
+}
 
 static int null_open(struct bnode *bs, json_t *opts, error **errp)
 {
@@ -19,6 +40,7 @@ static int null_open(struct bnode *bs, json_t *opts, error **errp)
     json_t *size = json_object_get(opts, "size");
     bs->size = size ? (uint64_t)json_integer_value(size) : 1ull << 30;
     s->read_zeroes = opt_bool(opts, "read-zeroes", false);
+    s->latency_ms = ((uint64_t)opt_int(opts, "latency-ns", 0) + 999999) / 1000000;
     return 0;
 }
 
@@ -33,6 +55,13 @@ static void null_submit(struct bnode *bs, struct breq *r, uint64_t offset)
     if (r->op == BREQ_READ && s->read_zeroes)
         for (int i = 0; i < r->iovcnt; i++)
             memset(r->iov[i].iov_base, 0, r->iov[i].iov_len);
+    if (s->latency_ms && r->op != BREQ_DISCARD && r->op != BREQ_CACHE) {
+        struct null_delay *d = xmalloc(sizeof(*d));
+        d->req = r;
+        d->timer = loop_timer_new(r->loop, null_delay_done, d);
+        loop_timer_arm(d->timer, s->latency_ms);
+        return;
+    }
     breq_complete(r, 0);
 }
 

@@ -149,23 +149,58 @@ def test_handshake_max_seconds_cli_errors(tmpdir_short, value, msg):
 
 # -- max-connections (bexd refuses at once; qsd stops accepting) ---------------------
 
-def test_max_connections_refuses_cleanly_and_frees_slots(start_daemon, tmpdir_short):
+@pytest.mark.parametrize("how", ["cli", "qmp"])
+def test_max_connections_next_client_waits_then_is_served(impl, start_daemon, tmpdir_short, how):
+    """At the limit the server stops accepting, as qsd does: the next client
+    waits in the backlog and is served as soon as a slot frees (bexd used
+    to accept and drop it).  With max-connections=1, multi-conn is not
+    advertised (one connection cannot be several)."""
+    import threading
+    import nbd
     img = make_img(tmpdir_short)
-    d, sock = serve(start_daemon, "bexd", tmpdir_short, img, server_opts=",max-connections=2")
-    a = Conn(sock).connect("disk0")
-    b = Conn(sock)
-    b.greeting()                           # a connection in handshake counts too
-    extra = Conn(sock)
-    with pytest.raises(Closed):
-        extra.greeting()                   # EOF, not a hang
-    assert a.read(0, 16).data == HEAD[:16]
-    b.close()
-    a.disc()
-    assert a.eof()
-    # both slots are free again
-    c1 = Conn(sock).connect("disk0")
-    c2 = Conn(sock).connect("disk0")
-    assert c1.read(0, 16).data == c2.read(0, 16).data == HEAD[:16]
+    sock = os.path.join(tmpdir_short, "mc.sock")
+    node = ["--blockdev", "driver=file,node-name=disk0,filename=%s" % img]
+    if how == "cli":
+        d = start_daemon(impl, *node, "--nbd-server",
+                         "addr.type=unix,addr.path=%s,max-connections=1" % sock,
+                         "--export", "type=nbd,id=e0,node-name=disk0,name=disk0")
+    else:
+        d = start_daemon(impl, *node)
+        q = d.qmp()
+        q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": sock}},
+                  max_connections=1)
+        q.execute("block-export-add", type="nbd", id="e0", node_name="disk0", name="disk0")
+    uri = "nbd+unix:///disk0?socket=%s" % sock
+    a = nbd.NBD()
+    a.connect_uri(uri)
+    assert a.can_multi_conn() is False
+    got = {}
+
+    def second():
+        b = nbd.NBD()
+        b.connect_uri(uri)                 # waits in the backlog
+        got["data"] = b.pread(16, 0)
+        got["multi"] = b.can_multi_conn()
+        b.shutdown()
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive(), "the second client was not made to wait"
+    assert a.pread(16, 0) == HEAD[:16]
+    a.shutdown()
+    t.join(30)
+    assert not t.is_alive()
+    assert got == {"data": HEAD[:16], "multi": False}
+
+
+def test_multi_conn_advertised_without_limit(impl, start_daemon, tmpdir_short):
+    import nbd
+    img = make_img(tmpdir_short)
+    d, sock = serve(start_daemon, impl, tmpdir_short, img, server_opts=",max-connections=2")
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///disk0?socket=%s" % sock)
+    assert h.can_multi_conn() is True
+    h.shutdown()
 
 
 @pytest.mark.parametrize("value,msg", [

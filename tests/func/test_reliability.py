@@ -199,3 +199,24 @@ def test_nbd_buffer_budget_is_global_and_hard(start_daemon, tmpdir_short):
         assert d.alive()
     finally:
         os.unlink(img)
+
+
+def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):
+    """null-co latency-ns delays every read, write and flush (it was
+    accepted and ignored); the slow node of the fault-injection tests."""
+    import nbd
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    start_daemon(impl, "--blockdev", "driver=null-co,node-name=n,size=16777216,"
+                                      "latency-ns=300000000",
+                 "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                 "--export", "type=nbd,id=e0,node-name=n,name=n,writable=on")
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///n?socket=%s" % sock)
+    took = {}
+    for name, op in [("read", lambda: h.pread(4096, 0)),
+                     ("write", lambda: h.pwrite(b"x" * 4096, 0)), ("flush", h.flush)]:
+        t0 = time.monotonic()
+        op()
+        took[name] = time.monotonic() - t0 >= 0.29
+    assert took == {"read": True, "write": True, "flush": True}, took
+    h.shutdown()

@@ -120,6 +120,7 @@ static void nbd_conn_finalize(void *opaque)
         }
     }
     nbd_srv.nconns--;
+    nbd_server_conn_gone();
     loop_pool_release(c->pool_slot);
     if (c->exp)
         nbd_export_client_gone(c->exp);

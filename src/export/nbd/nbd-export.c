@@ -40,9 +40,12 @@ struct nbd_export *nbd_export_lookup(const char *name)
 static uint16_t nbd_export_flags(struct nbd_export *exp)
 {
     /* as QEMU 7.2: flush/FUA/cache always, multi-conn since every
-     * connection shares the one node (a flush covers them all) */
+     * connection shares the one node (a flush covers them all), unless
+     * max-connections=1 makes a second connection impossible */
     uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
-                 NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN;
+                 NBD_FLAG_SEND_CACHE;
+    if (nbd_srv.max_connections != 1)
+        f |= NBD_FLAG_CAN_MULTI_CONN;
     if (exp->common.writable)
         f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
     else

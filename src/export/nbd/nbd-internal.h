@@ -62,6 +62,7 @@ struct nbd_server {
     json_t *addr;                 /* flat SocketAddress */
     char *tls_creds, *tls_authz;
     uint32_t max_connections;     /* 0 = unlimited */
+    bool full_paused;             /* not accepting: max-connections reached */
     int nlisten;
     int listen_fd[8];
     struct loop_watch *listen_watch[8];
@@ -197,6 +198,9 @@ struct nbd_conn {
     struct loop_defer flush_defer;
     struct loop_defer kick_defer;
 };
+
+/* server.c: a connection was finalized (main thread) */
+void nbd_server_conn_gone(void);
 
 /* conn.c */
 bool nbd_conn_new(int fd, const char *peer);

@@ -4,9 +4,9 @@
  *
  * Theory of operation.  One server per process (QEMU's model).  Accepted
  * sockets become connections that start the handshake; max-connections
- * counts every connection not yet finalized, and a client over the limit is
- * accepted and closed at once, so it sees a clean EOF rather than waiting
- * in the backlog.  On EMFILE/ENFILE accepting pauses briefly instead of
+ * counts every connection not yet finalized, and at the limit the server
+ * stops accepting, as QEMU does: the next client waits in the backlog and
+ * is served as soon as a connection ends.  On EMFILE/ENFILE accepting pauses briefly instead of
  * spinning.  Stopping removes every NBD export (hard, as QEMU does), closes
  * the connections still negotiating and the listening sockets; connections
  * finish tearing down on their own, each holding its references.
@@ -45,7 +45,7 @@ static void nbd_accept_pause(bool pause)
 
 static void nbd_accept_retry(void *opaque)
 {
-    if (nbd_srv.running)
+    if (nbd_srv.running && !nbd_srv.full_paused)
         nbd_accept_pause(false);
 }
 
@@ -74,12 +74,34 @@ static void nbd_peer_name(int fd, char *buf, size_t len)
     }
 }
 
+static bool nbd_server_full(void)
+{
+    return nbd_srv.max_connections && (uint32_t)nbd_srv.nconns >= nbd_srv.max_connections;
+}
+
+/* A connection was finalized: below the limit again, accept again. */
+void nbd_server_conn_gone(void)
+{
+    if (nbd_srv.running && nbd_srv.full_paused && !nbd_server_full()) {
+        nbd_srv.full_paused = false;
+        nbd_accept_pause(false);
+    }
+}
+
 static void nbd_accept(void *opaque, uint32_t revents)
 {
     int lfd = (int)(intptr_t)opaque;
 
     for (int i = 0; i < 64; i++) {
         char peer[64];
+
+        if (nbd_server_full()) {
+            /* As QEMU: at max-connections stop accepting; the next client
+             * waits in the backlog and is served when a slot frees. */
+            nbd_srv.full_paused = true;
+            nbd_accept_pause(true);
+            return;
+        }
         int fd = accept_conn(lfd, false);
 
         if (fd < 0) {
@@ -87,8 +109,8 @@ static void nbd_accept(void *opaque, uint32_t revents)
                 nbd_accept_pause(true);
             return;   /* EAGAIN, ECONNABORTED...: wait for the next event */
         }
-        if (nbd_srv.max_connections && (uint32_t)nbd_srv.nconns >= nbd_srv.max_connections) {
-            log_debug("nbd: refusing client: max-connections reached");
+        if (nbd_server_full()) {
+            /* cannot happen: paused at the limit; keep the bound anyway */
             close(fd);
             continue;
         }
@@ -106,6 +128,7 @@ static void nbd_server_clear(void)
         close(nbd_srv.listen_fd[i]);
     }
     nbd_srv.nlisten = 0;
+    nbd_srv.full_paused = false;
     accept_backoff_cleanup(&nbd_srv.backoff);
     if (nbd_srv.addr) {
         socket_address_cleanup(nbd_srv.addr);
