@@ -13,7 +13,8 @@ PKGS="build-essential meson ninja-build pkg-config
  qemu-utils qemu-system-common qemu-block-extra qemu-system-x86
  linux-image-amd64 busybox-static cpio kmod
  ceph-mon ceph-osd ceph-common ceph-base uuid-runtime
- procps psmisc iproute2 util-linux coreutils file"
+ procps psmisc iproute2 util-linux coreutils file
+ clang-14 libclang-rt-14-dev"
 
 if [ "${1:-}" = "--print" ]; then
     echo $PKGS

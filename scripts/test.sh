@@ -36,6 +36,24 @@ asan_pass=${asan_pass:-0}; asan_fail=${asan_fail:-0}
 [ "$asan_rc" -ne 0 ] && [ "$asan_fail" -eq 0 ] && asan_fail=1
 unit_pass=$((unit_pass + asan_pass)); unit_fail=$((unit_fail + asan_fail))
 
+# Fuzzing: a short run of every libFuzzer target (clang 14, ASan, UBSan)
+# from its seed corpus and regression inputs; a crash, leak, sanitizer
+# report or hang fails it.  FUZZ_SECONDS=0 skips them.
+fuzz_pass=0; fuzz_fail=0
+if [ "${FUZZ_SECONDS:-20}" -gt 0 ]; then
+    for t in $(./scripts/fuzz.sh list 2>"$LOG/fuzz-build.txt"); do
+        if FUZZ_OUT="$LOG/fuzz/$t" ./scripts/fuzz.sh "$t" "${FUZZ_SECONDS:-20}" >"$LOG/fuzz-$t.txt" 2>&1; then
+            fuzz_pass=$((fuzz_pass + 1))
+            echo "fuzz $t: ok ($(sed -n 's/^stat::number_of_executed_units: *//p' "$LOG/fuzz-$t.txt") runs)"
+        else
+            fuzz_fail=$((fuzz_fail + 1))
+            echo "fuzz $t: FAILED"; grep -E "ERROR|SUMMARY|runtime error" "$LOG/fuzz-$t.txt" | head -5
+        fi
+    done
+    [ -s "$LOG/fuzz-build.txt" ] && { echo "fuzz build failed:"; tail -5 "$LOG/fuzz-build.txt"; fuzz_fail=$((fuzz_fail + 1)); }
+fi
+unit_pass=$((unit_pass + fuzz_pass)); unit_fail=$((unit_fail + fuzz_fail))
+
 # Functional tests against the sanitizer build; sanitizer reports go to files.
 export BEXD_BUILD=$PWD/build-asan
 export ASAN_OPTIONS="log_path=$ASAN_DIR/asan:detect_leaks=1:abort_on_error=0"

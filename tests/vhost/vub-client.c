@@ -492,7 +492,7 @@ static int cmd_hostile(const char *kind)
 static int cmd_badmsg(const char *kind)
 {
     struct vhost_user_msg m;
-    int64_t r;
+    int64_t r = 0;
     uint64_t v = 0;
 
     if (!strcmp(kind, "unknown")) {
