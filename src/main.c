@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include "block/block.h"
+#include "chardev/chardev.h"
 #include "cli/cli.h"
 #include "export/export.h"
 #include "object/object.h"
@@ -133,8 +134,10 @@ static void daemonize_finish(int fd)
 int main(int argc, char **argv)
 {
     int ready_fd = -1;
-    if (cli_wants_daemonize(argc, argv))
+    if (cli_wants_daemonize(argc, argv)) {
         ready_fd = daemonize_start();
+        chardev_set_daemonized();          /* stdin and stdout are not ours */
+    }
 
     signal(SIGPIPE, SIG_IGN);
     sigset_t mask;
@@ -177,6 +180,7 @@ int main(int argc, char **argv)
     loop_timer_free(grace_timer);
     block_flush_all_sync();
     monitors_close_all();
+    chardevs_close_all();
     block_close_all();
     objects_delete_all();
     if (pidfile)

@@ -22,6 +22,7 @@
 #include "export/export.h"
 #include "export/nbd/nbd.h"
 #include "object/object.h"
+#include "chardev/chardev.h"
 #include "qmp/monitor.h"
 #include "qmp/schema.h"
 #include "util/cleanup.h"
@@ -277,7 +278,7 @@ static int apply_one(int c, const char *arg, struct cli_result *res, error **err
         return apply_checked(arg, "qom-type", "ObjectOptions", op_object, errp);
     case OPT_CHARDEV: {
         CLEANUP_JSON json_t *o = qemu_opts_parse(arg, "backend", errp);
-        return o ? chardev_add(o, errp) : -1;
+        return o ? chardev_add_opts(o, errp) : -1;
     }
     case OPT_PIDFILE:
         res->pidfile = arg;

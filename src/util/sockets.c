@@ -359,3 +359,120 @@ json_t *socket_fd_address(int fd, bool peer)
     return json_pack("{s:s, s:s, s:s, s:b}", "type", "inet", "host", host, "port", serv,
                      ss.ss_family == AF_INET ? "ipv4" : "ipv6", 1);
 }
+
+/* ---- connecting (client chardevs) ---- */
+
+static int connect_fd(int family, const struct sockaddr *sa, socklen_t len, int *err)
+{
+    int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        *err = errno;
+        return -1;
+    }
+    int r;
+    do {
+        r = connect(fd, sa, len);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        *err = errno;
+        close(fd);
+        return -1;
+    }
+    socket_set_nonblock(fd, true);
+    return fd;
+}
+
+static int unix_connect(json_t *addr, error **errp)
+{
+    const char *path = opt_str(addr, "path", "");
+    bool abstract = opt_bool(addr, "abstract", false);
+    bool tight = opt_has(addr, "tight") ? opt_bool(addr, "tight", true) : true;
+    struct sockaddr_un un = { .sun_family = AF_UNIX };
+    size_t len = strlen(path);
+    socklen_t addrlen = sizeof(un);
+    int err;
+
+    if (len > sizeof(un.sun_path) - (abstract ? 1 : 0)) {
+        error_setg(errp, "UNIX socket path '%s' is too long", path);
+        return -1;
+    }
+    if (abstract) {
+        memcpy(un.sun_path + 1, path, len);
+        if (tight)
+            addrlen = offsetof(struct sockaddr_un, sun_path) + 1 + len;
+    } else {
+        memcpy(un.sun_path, path, len);
+    }
+    int fd = connect_fd(AF_UNIX, (struct sockaddr *)&un, addrlen, &err);
+    if (fd < 0)
+        error_setg_errno(errp, err, "Failed to connect to '%s'", path);
+    return fd;
+}
+
+static int inet_connect(json_t *addr, error **errp)
+{
+    const char *host = opt_str(addr, "host", ""), *port = opt_str(addr, "port", "");
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM };
+    struct addrinfo *res = NULL;
+    int fd = -1, err = ECONNREFUSED;
+
+    if (opt_bool(addr, "numeric", false))
+        hints.ai_flags |= AI_NUMERICHOST | AI_NUMERICSERV;
+    if (opt_has(addr, "ipv4") && opt_bool(addr, "ipv4", false) &&
+        !(opt_has(addr, "ipv6") && opt_bool(addr, "ipv6", false)))
+        hints.ai_family = AF_INET;
+    else if (opt_has(addr, "ipv6") && opt_bool(addr, "ipv6", false) &&
+             !(opt_has(addr, "ipv4") && opt_bool(addr, "ipv4", false)))
+        hints.ai_family = AF_INET6;
+    int rc = getaddrinfo(*host ? host : NULL, port, &hints, &res);
+    if (rc != 0) {
+        error_setg(errp, "address resolution failed for %s:%s: %s", host, port,
+                   gai_strerror(rc));
+        return -1;
+    }
+    for (struct addrinfo *e = res; e && fd < 0; e = e->ai_next)
+        fd = connect_fd(e->ai_family, e->ai_addr, e->ai_addrlen, &err);
+    freeaddrinfo(res);
+    if (fd < 0) {
+        error_setg_errno(errp, err, "Failed to connect to '%s:%s'", host, port);
+        return -1;
+    }
+    int one = 1;
+    if (opt_bool(addr, "keep-alive", false))
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    return fd;
+}
+
+int socket_connect(json_t *addr, error **errp)
+{
+    const char *type = opt_str(addr, "type", "");
+
+    if (!strcmp(type, "unix"))
+        return unix_connect(addr, errp);
+    if (!strcmp(type, "inet"))
+        return inet_connect(addr, errp);
+    if (!strcmp(type, "fd")) {
+        if (monitor_context) {
+            error_setg(errp, "only QEMU supports file descriptor passing");
+            return -1;
+        }
+        const char *s = opt_str(addr, "str", "");
+        char *end;
+        struct stat st;
+        errno = 0;
+        long v = strtol(s, &end, 10);
+        if (!*s || *end || errno || v < 0 || v > INT_MAX) {
+            error_setg(errp, "Unable to parse FD number %s", s);
+            return -1;
+        }
+        if (fstat((int)v, &st) < 0 || !S_ISSOCK(st.st_mode)) {
+            error_setg(errp, "File descriptor '%s' is not a socket", s);
+            return -1;
+        }
+        fcntl((int)v, F_SETFD, FD_CLOEXEC);
+        socket_set_nonblock((int)v, true);
+        return (int)v;
+    }
+    error_setg(errp, "Connecting to a socket address of type '%s' is not supported", type);
+    return -1;
+}

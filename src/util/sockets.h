@@ -14,6 +14,11 @@ json_t *socket_address_flatten(json_t *legacy);
  * fds put in fds[] (IPv4 and IPv6 may give two), or -1 with errp set.
  * Sockets are non-blocking and close-on-exec. */
 int socket_listen(json_t *addr, int backlog, int fds[], int max_fds, error **errp);
+/* Connect to a checked flat SocketAddress (unix, inet, or an fd that is a
+ * connected socket), blocking until connected as QEMU's chardevs do.
+ * Returns a non-blocking close-on-exec fd, or -1 with errp set ("Failed to
+ * connect to 'PATH'" / "'HOST:PORT'"). */
+int socket_connect(json_t *addr, error **errp);
 /* Remove a UNIX socket path created by socket_listen (no-op for others). */
 void socket_address_cleanup(json_t *addr);
 /* Human form, e.g. "unix:/tmp/s" or "127.0.0.1:10809"; caller frees. */

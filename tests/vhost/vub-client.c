@@ -11,6 +11,7 @@
  *   vub-client SOCK write OFF LEN SEED      pattern write; prints status
  *   vub-client SOCK read OFF LEN            data to stdout (binary)
  *   vub-client SOCK req TYPE [SECTOR [LEN]] one request of any type: prints status
+ *   vub-client SOCK inflight OFF LEN        a READ known to be in flight, then its status
  *   vub-client SOCK hostile KIND            a crafted bad ring (see below)
  *   vub-client SOCK badmsg KIND             a malformed vhost-user message
  *   vub-client SOCK bench RW BS DEPTH SECS [QUEUES] [SERVER_PID]
@@ -397,6 +398,46 @@ static int cmd_req(uint32_t type, uint64_t sector, uint32_t len)
     return 0;
 }
 
+/* A READ left in flight: submitted with a GET_ID behind it, it is known to
+ * be in the server's hands once the GET_ID (which no block layer delays)
+ * has completed.  Prints {"submitted": true}, then the READ's status
+ * (-1: the server dropped us without completing it). */
+static int cmd_inflight(uint64_t off, uint32_t len)
+{
+    struct q *q = &qs[0];
+    uint16_t rd = build(q, 0, 0, VIRTIO_BLK_T_IN, off / 512, DATA(0, 0), len);
+    uint16_t id = build(q, 1, 1, VIRTIO_BLK_T_GET_ID, 0, DATA(1, len), 20);
+    bool read_done = false, id_done = false;
+    uint32_t heads[2];
+
+    publish(q, rd);
+    publish(q, id);
+    kick(q);
+    while (!id_done) {
+        int n = harvest(q, heads, 2, TIMEOUT_MS);
+        if (n < 0) {
+            printf("{\"submitted\": false}\n");
+            return 0;
+        }
+        for (int i = 0; i < n; i++) {
+            read_done |= heads[i] == rd;
+            id_done |= heads[i] == id;
+        }
+    }
+    printf("{\"submitted\": true}\n");
+    while (!read_done) {
+        int n = harvest(q, heads, 2, 30000);
+        if (n < 0) {
+            printf("{\"status\": -1}\n");
+            return 0;
+        }
+        for (int i = 0; i < n; i++)
+            read_done |= heads[i] == rd;
+    }
+    printf("{\"status\": %d}\n", *(SLOT_HDR(0) + 32));
+    return 0;
+}
+
 /* ---- hostile rings ------------------------------------------------------------------------ */
 
 /* After a hostile request: did the server complete the head, and is it still
@@ -682,6 +723,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "req") && na >= 1)
         return cmd_req(strtoul(a[0], 0, 0), na > 1 ? strtoull(a[1], 0, 0) : 0,
                        na > 2 ? strtoul(a[2], 0, 0) : 0);
+    if (!strcmp(cmd, "inflight") && na >= 2)
+        return cmd_inflight(strtoull(a[0], 0, 0), strtoul(a[1], 0, 0));
     if (!strcmp(cmd, "hostile") && na >= 1)
         return cmd_hostile(a[0]);
     if (!strcmp(cmd, "badmsg") && na >= 1)
