@@ -329,8 +329,10 @@ def test_frozen_cluster_gives_eio_and_recovers(private_ceph, start_daemon, tmpdi
     finally:
         ceph.resume()
     # the cluster serves again: the daemon recovers by itself (its first
-    # requests may still time out while librados reconnects: EIO, retried)
-    deadline = time.monotonic() + 60
+    # requests may still time out while librados reconnects: EIO, retried).
+    # The thawed mon and OSD need their own time to find each other again:
+    # over 60 s was seen on a machine loaded twentyfold, so wait up to 120.
+    deadline = time.monotonic() + 120
     ceph.wait_serving(deadline)
     after = pattern(4096, seed=12)
     errors = []
