@@ -3,6 +3,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "qmp/qmp.h"
 #include "util/opts.h"
 
@@ -60,6 +61,9 @@ static json_t *node_info(struct bnode *bs)
         leaf = leaf->file;
     if (leaf->drv->query_info)
         leaf->drv->query_info(leaf, info);
+    json_t *bitmaps = dirty_bitmaps_query(bs);
+    if (bitmaps)
+        json_object_set_new(info, "dirty-bitmaps", bitmaps);
     return info;
 }
 

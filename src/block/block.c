@@ -20,6 +20,7 @@
 #include <string.h>
 #include "block/block.h"
 #include "block/align.h"
+#include "block/dirty-bitmap.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/xalloc.h"
@@ -95,6 +96,7 @@ static void node_list_remove(struct bnode *bs)
 static void bnode_close(struct bnode *bs)
 {
     node_list_remove(bs);
+    dirty_bitmaps_release_all(bs);
     if (bs->drv->close)
         bs->drv->close(bs);
     bnode_align_free(bs->align);
@@ -176,6 +178,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         }
     }
     struct bnode *bs = xzalloc(sizeof(*bs));
+    dirty_bitmaps_init(bs);
     bs->drv = drv;
     bs->refcnt = 1;
     bs->options = json_incref(opts);
@@ -211,6 +214,7 @@ fail:
         drv->close(bs);             /* whatever the driver set up before failing */
     if (bs->file_link)
         bnode_detach(bs->file_link);
+    dirty_bitmaps_release_all(bs);
     json_decref(bs->options);
     free(bs->node_name);
     free(bs);
@@ -290,8 +294,19 @@ void breq_complete(struct breq *req, int ret)
     req->done(req, ret);
 }
 
+/* Writes mark the dirty bitmaps of every node they pass through, when
+ * they are issued: a bitmap never misses a change (a write that then fails
+ * leaves its granules dirty, as in QEMU). */
+static inline void mark_dirty(struct bnode *bs, const struct breq *req, uint64_t offset)
+{
+    if (unlikely(__atomic_load_n(&bs->dirty_recording, __ATOMIC_RELAXED)) && req->op != BREQ_READ && req->op != BREQ_FLUSH &&
+        req->op != BREQ_CACHE)
+        bnode_set_dirty(bs, offset, req->len);
+}
+
 void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset)
 {
+    mark_dirty(child, req, offset);
     child->drv->submit(child, req, offset);
 }
 
@@ -350,6 +365,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         breq_complete(req, 0);
         return;
     }
+    mark_dirty(bs, req, req->offset);
     if (bs->align && bnode_align_submit(bs, req))
         return;
     bs->drv->submit(bs, req, req->offset);
@@ -407,8 +423,10 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
         return -ENOTSUP;
     }
     int ret = bs->drv->truncate(bs, size, errp);
-    if (ret == 0)
+    if (ret == 0) {
         bs->size = size;
+        dirty_bitmaps_truncate(bs, size);
+    }
     return ret;
 }
 

@@ -17,6 +17,7 @@
  * Control operations (blockdev_add/del, queries) run in the main thread.
  */
 #pragma once
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -106,6 +107,7 @@ struct bnode_user {
 };
 
 struct bdrv;
+struct dirty_bitmap;
 
 struct bnode {
     char *node_name;
@@ -127,6 +129,11 @@ struct bnode {
     struct bnode_user *file_link;   /* this node as a user of its file child */
     struct bnode *next;         /* in the named-node list */
     json_t *options;            /* the blockdev-add options, for queries */
+
+    /* dirty bitmaps (dirty-bitmap.h) */
+    struct dirty_bitmap *dirty_bitmaps;  /* newest first */
+    pthread_mutex_t dirty_lock;          /* the list and their bits */
+    int dirty_recording;                 /* atomic: bitmaps recording writes */
 };
 
 struct bdrv {
@@ -162,6 +169,8 @@ struct bdrv {
     /* Capabilities */
     bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
+    /* Cluster size in bytes, 0 if none (default dirty bitmap granularity). */
+    uint32_t (*cluster_size)(struct bnode *bs);        /* NULL = none */
 };
 
 /* ---- graph / control (main thread) ---- */

@@ -247,8 +247,10 @@ static void opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *data, u
     nbd_opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
     if (opt == NBD_OPT_GO) {
         c->eflags = hs_eflags(c, exp);
-        if (c->meta_exp != exp || !c->structured)
+        if (c->meta_exp != exp || !c->structured) {
             c->meta_base = c->meta_depth = false;
+            c->meta_bitmaps = 0;
+        }
         c->meta_depth = c->meta_depth && exp->alloc_depth;
         c->hs_state = HS_DONE;
         nbd_conn_attach(c, exp);

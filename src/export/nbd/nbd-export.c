@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
+#include "block/dirty-bitmap.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "util/log.h"
@@ -53,6 +54,78 @@ static uint16_t nbd_export_flags(struct nbd_export *exp)
     return f;
 }
 
+/* A bitmap named on the export: on its node or any node below (backing
+ * files first, then format nodes' files). */
+static struct dirty_bitmap *bitmap_below(struct bnode *bs, const char *name)
+{
+    struct dirty_bitmap *bm = NULL;
+    if (!bs)
+        return NULL;
+    if ((bm = dirty_bitmap_find(bs, name)))
+        return bm;
+    if ((bm = bitmap_below(bs->backing, name)))
+        return bm;
+    return bitmap_below(bs->file, name);
+}
+
+static void nbd_exp_bitmaps_release(struct nbd_export *exp)
+{
+    for (int i = 0; i < exp->nbitmaps; i++) {
+        dirty_bitmap_set_busy(exp->bitmaps[i], false);
+        bnode_unref(exp->bitmaps[i]->bs);
+        free(exp->bitmap_ctx[i]);
+    }
+    exp->nbitmaps = 0;
+}
+
+/* The `bitmaps` option: each is looked up and checked as QEMU does, then
+ * all are published and made busy together (nothing changes on failure). */
+static int nbd_exp_bitmaps(struct nbd_export *exp, json_t *list, error **errp)
+{
+    struct dirty_bitmap *found[NBD_MAX_EXPORT_BITMAPS];
+    struct bnode *node = exp->common.node;
+    size_t i;
+    json_t *b;
+    int n = 0;
+
+    if (json_array_size(list) > NBD_MAX_EXPORT_BITMAPS) {
+        error_setg(errp, "An NBD export can publish at most %d dirty bitmaps",
+                   NBD_MAX_EXPORT_BITMAPS);
+        return -1;
+    }
+    json_array_foreach(list, i, b) {
+        struct dirty_bitmap *bm;
+        struct bnode *where = node;
+        if (json_is_string(b)) {
+            bm = bitmap_below(node, json_string_value(b));
+            if (!bm) {
+                error_setg(errp, "Bitmap '%s' is not found", json_string_value(b));
+                return -1;
+            }
+            where = bm->bs;
+        } else {
+            bm = dirty_bitmap_lookup(opt_str(b, "node", ""), opt_str(b, "name", ""), NULL, errp);
+            if (!bm)
+                return -1;
+        }
+        if (dirty_bitmap_check(bm, DBM_CHECK_ALLOW_RO, errp) < 0)
+            return -1;
+        if (!exp->common.writable && !where->read_only && !bm->disabled) {
+            error_setg(errp, "Enabled bitmap '%s' incompatible with readonly export", bm->name);
+            return -1;
+        }
+        found[n++] = bm;
+    }
+    for (int k = 0; k < n; k++) {
+        exp->bitmap_ctx[k] = xasprintf("qemu:dirty-bitmap:%s", found[k]->name);
+        exp->bitmaps[k] = found[k];
+        dirty_bitmap_set_busy(found[k], true);
+        bnode_ref(found[k]->bs);          /* its node stays while published */
+        exp->nbitmaps = k + 1;
+    }
+    return 0;
+}
+
 static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
 {
     struct nbd_export *exp = (struct nbd_export *)e;
@@ -81,19 +154,8 @@ static int nbd_exp_create(struct export *e, json_t *opts, error **errp)
     /* The size is fixed while clients may rely on it: share no RESIZE. */
     if (bnode_user_set_perm(e->user, e->user->perm, e->user->shared & ~PERM_RESIZE, errp) < 0)
         return -1;
-    if (json_is_array(bitmaps) && json_array_size(bitmaps) > 0) {
-        /* No dirty bitmaps exist in bexd yet: every name is unknown.  A
-         * bitmap is a name on the exported node, or {node, name}. */
-        json_t *b = json_array_get(bitmaps, 0);
-        if (json_is_string(b)) {
-            error_setg(errp, "Bitmap '%s' is not found", json_string_value(b));
-        } else if (!bnode_find(opt_str(b, "node", ""))) {
-            error_setg(errp, "Node '%s' not found", opt_str(b, "node", ""));
-        } else {
-            error_setg(errp, "Dirty bitmap '%s' not found", opt_str(b, "name", ""));
-        }
+    if (nbd_exp_bitmaps(exp, bitmaps, errp) < 0)
         return -1;
-    }
     exp->name = xstrdup(name);
     exp->description = xstrdup_opt(desc);
     exp->alloc_depth = opt_bool(opts, "allocation-depth", false);
@@ -164,6 +226,7 @@ static void nbd_exp_free(struct export *e)
             break;
         }
     }
+    nbd_exp_bitmaps_release(exp);
     free(exp->name);
     free(exp->description);
     exp->name = exp->description = NULL;

@@ -46,13 +46,15 @@
 #define NBD_SLOT_HDR           768
 #define NBD_SLOT_IOV           (2 * NBD_MAX_READ_CHUNKS + 8)
 #define NBD_SEND_IOV           256
-#define NBD_MAX_CONTEXTS       2
+#define NBD_MAX_EXPORT_BITMAPS 16           /* dirty bitmaps one export publishes */
+#define NBD_MAX_CONTEXTS       (2 + NBD_MAX_EXPORT_BITMAPS)
 #define NBD_SPLICE_MIN         (64u << 10)  /* READs from this size: spliced when possible */
 #define NBD_PIPE_SIZE          (1u << 20)   /* a connection's splice pipe */
 
 /* meta context ids (as QEMU numbers them) */
 #define NBD_META_ID_BASE_ALLOCATION   0
 #define NBD_META_ID_ALLOCATION_DEPTH  1
+#define NBD_META_ID_DIRTY_BITMAP      2     /* + the bitmap's index in the export */
 
 /* ---- server (singleton, main thread) ---- */
 struct nbd_conn;
@@ -86,6 +88,9 @@ struct nbd_export {
     uint16_t eflags;              /* transmission flags, before SEND_DF */
     uint32_t min_block;
     uint32_t max_block;
+    int nbitmaps;                 /* published dirty bitmaps, busy while here */
+    struct dirty_bitmap *bitmaps[NBD_MAX_EXPORT_BITMAPS];
+    char *bitmap_ctx[NBD_MAX_EXPORT_BITMAPS];   /* "qemu:dirty-bitmap:NAME" */
     struct nbd_export *next;
 };
 
@@ -168,6 +173,7 @@ struct nbd_conn {
     struct nbd_export *exp;
     bool structured;
     bool meta_base, meta_depth;   /* selected contexts */
+    uint32_t meta_bitmaps;        /* ... and dirty bitmaps, by index */
     struct nbd_export *meta_exp;  /* export they were selected for (compared only) */
     uint16_t eflags;
 

@@ -174,6 +174,7 @@ struct nbd_block_descriptor {
 /* base:allocation */
 #define NBD_STATE_HOLE  (1u << 0)
 #define NBD_STATE_ZERO  (1u << 1)
+#define NBD_STATE_DIRTY (1u << 0)   /* qemu:dirty-bitmap:* */
 
 /* errors on the wire */
 #define NBD_SUCCESS    0

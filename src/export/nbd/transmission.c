@@ -459,8 +459,12 @@ static void reply_block_status(struct nbd_slot *s)
         ids[nctx++] = NBD_META_ID_BASE_ALLOCATION;
     if (c->meta_depth)
         ids[nctx++] = NBD_META_ID_ALLOCATION_DEPTH;
+    for (int i = 0; i < c->exp->nbitmaps; i++)
+        if (c->meta_bitmaps & (1u << i))
+            ids[nctx++] = NBD_META_ID_DIRTY_BITMAP + i;
     if (!s->ext) {
-        s->ext = xmalloc(sizeof(*s->ext) * NBD_MAX_EXTENTS * NBD_MAX_CONTEXTS);
+        /* sized for this connection's contexts, fixed since NBD_OPT_GO */
+        s->ext = xmalloc(sizeof(*s->ext) * NBD_MAX_EXTENTS * nctx);
     }
     reply_start(s);
     for (int i = 0; i < nctx; i++) {
@@ -627,7 +631,7 @@ static uint32_t request_error(struct nbd_slot *s)
     case NBD_CMD_BLOCK_STATUS:
         if (r->count == 0)
             return fail(s, NBD_EINVAL, "need non-zero length");
-        if (!c->meta_base && !c->meta_depth)
+        if (!c->meta_base && !c->meta_depth && !c->meta_bitmaps)
             return fail(s, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated");
         return 0;
     default:
