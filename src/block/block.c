@@ -96,6 +96,8 @@ static void node_list_remove(struct bnode *bs)
 static void bnode_close(struct bnode *bs)
 {
     node_list_remove(bs);
+    if (bs->drv->bitmaps_store)
+        bs->drv->bitmaps_store(bs);
     dirty_bitmaps_release_all(bs);
     if (bs->drv->close)
         bs->drv->close(bs);
@@ -203,6 +205,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
+    if (drv->bitmaps_load && drv->bitmaps_load(bs, errp) < 0)
+        goto fail;
     if (bs->request_alignment > 1)
         bs->align = bnode_align_new();
     bs->next = nodes;
@@ -299,8 +303,8 @@ void breq_complete(struct breq *req, int ret)
  * leaves its granules dirty, as in QEMU). */
 static inline void mark_dirty(struct bnode *bs, const struct breq *req, uint64_t offset)
 {
-    if (unlikely(__atomic_load_n(&bs->dirty_recording, __ATOMIC_RELAXED)) && req->op != BREQ_READ && req->op != BREQ_FLUSH &&
-        req->op != BREQ_CACHE)
+    if (unlikely(__atomic_load_n(&bs->dirty_recording, __ATOMIC_RELAXED)) &&
+        (req->op == BREQ_WRITE || req->op == BREQ_WRITE_ZEROES || req->op == BREQ_DISCARD))
         bnode_set_dirty(bs, offset, req->len);
 }
 

@@ -134,6 +134,7 @@ struct bnode {
     struct dirty_bitmap *dirty_bitmaps;  /* newest first */
     pthread_mutex_t dirty_lock;          /* the list and their bits */
     int dirty_recording;                 /* atomic: bitmaps recording writes */
+    void *bitmap_store;                  /* the driver's persistence state */
 };
 
 struct bdrv {
@@ -171,6 +172,17 @@ struct bdrv {
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
     /* Cluster size in bytes, 0 if none (default dirty bitmap granularity). */
     uint32_t (*cluster_size)(struct bnode *bs);        /* NULL = none */
+    /* Persistent dirty bitmaps (dirty-bitmap.h); all NULL = not supported.
+     * load: after open, create the stored bitmaps on bs (persistent, and
+     * inconsistent if stored in use) and mark them in use when writable;
+     * store: before close, store every persistent bitmap for good;
+     * can_store: may bs store a new one (QEMU's error if not);
+     * update: the set of persistent bitmaps of bs changed, store it. */
+    int  (*bitmaps_load)(struct bnode *bs, error **errp);
+    void (*bitmaps_store)(struct bnode *bs);
+    int  (*bitmap_can_store)(struct bnode *bs, const char *name, uint32_t granularity,
+                             error **errp);
+    int  (*bitmaps_update)(struct bnode *bs, error **errp);
 };
 
 /* ---- graph / control (main thread) ---- */

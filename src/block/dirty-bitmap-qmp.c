@@ -53,7 +53,10 @@ struct dirty_bitmap *dirty_bitmap_op_add(json_t *args, error **errp)
         return NULL;
     if (opt_bool(args, "disabled", false))
         dirty_bitmap_set_enabled(bm, false);
-    bm->persistent = persistent;
+    if (persistent && dirty_bitmap_persist(bm, errp) < 0) {
+        dirty_bitmap_release(bm);
+        return NULL;
+    }
     return bm;
 }
 

@@ -30,7 +30,14 @@
 
 void dirty_bitmaps_init(struct bnode *bs)
 {
-    pthread_mutex_init(&bs->dirty_lock, NULL);
+    pthread_mutexattr_t attr;
+
+    /* recursive: a transaction holds every node's lock while its actions
+     * run, and they take it again */
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&bs->dirty_lock, &attr);
+    pthread_mutexattr_destroy(&attr);
     bs->dirty_bitmaps = NULL;
     bs->dirty_recording = 0;
 }
@@ -43,6 +50,27 @@ void dirty_bitmaps_lock(struct bnode *bs)
 void dirty_bitmaps_unlock(struct bnode *bs)
 {
     pthread_mutex_unlock(&bs->dirty_lock);
+}
+
+struct bnode **dirty_bitmaps_freeze_all(size_t *n)
+{
+    size_t count = 0, i = 0;
+    for (struct bnode *bs = bnode_first(); bs; bs = bs->next)
+        count++;
+    struct bnode **held = xcalloc(count ? count : 1, sizeof(*held));
+    for (struct bnode *bs = bnode_first(); bs; bs = bs->next) {
+        dirty_bitmaps_lock(bs);
+        held[i++] = bs;
+    }
+    *n = count;
+    return held;
+}
+
+void dirty_bitmaps_thaw_all(struct bnode **held, size_t n)
+{
+    for (size_t i = n; i-- > 0;)
+        dirty_bitmaps_unlock(held[i]);
+    free(held);
 }
 
 /* ---- granules ---- */
@@ -461,13 +489,35 @@ struct dirty_bitmap *dirty_bitmap_reclaim(struct dirty_bitmap *bm)
 int dirty_bitmap_can_persist(struct bnode *bs, const char *name, uint32_t granularity,
                              error **errp)
 {
-    error_setg(errp, "Can't store persistent bitmaps to %s: Operation not supported",
-               bs->node_name);
-    return -1;
+    if (!bs->drv->bitmap_can_store) {
+        error_setg(errp, "Can't store persistent bitmaps to %s: Operation not supported",
+                   bs->node_name);
+        return -1;
+    }
+    return bs->drv->bitmap_can_store(bs, name, granularity, errp);
+}
+
+int dirty_bitmap_persist(struct dirty_bitmap *bm, error **errp)
+{
+    struct bnode *bs = bm->bs;
+    bm->persistent = true;
+    if (bs->drv->bitmaps_update && bs->drv->bitmaps_update(bs, errp) < 0) {
+        bm->persistent = false;
+        return -1;
+    }
+    return 0;
 }
 
 int dirty_bitmap_unpersist(struct dirty_bitmap *bm, error **errp)
 {
+    struct bnode *bs = bm->bs;
+    if (!bm->persistent)
+        return 0;
+    bm->persistent = false;
+    if (bs->drv->bitmaps_update && bs->drv->bitmaps_update(bs, errp) < 0) {
+        bm->persistent = true;
+        return -1;
+    }
     return 0;
 }
 

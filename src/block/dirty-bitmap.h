@@ -21,6 +21,7 @@
  */
 #pragma once
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <jansson.h>
 #include "util/error.h"
@@ -67,8 +68,13 @@ void dirty_bitmaps_truncate(struct bnode *bs, uint64_t size);
  * first (an atomic count), so nodes without bitmaps pay one load. */
 void bnode_set_dirty(struct bnode *bs, uint64_t offset, uint64_t bytes);
 
-void dirty_bitmaps_lock(struct bnode *bs);
+void dirty_bitmaps_lock(struct bnode *bs);      /* recursive */
 void dirty_bitmaps_unlock(struct bnode *bs);
+/* Main thread: hold the lock of every node, so that no write marks any
+ * bitmap until thawed (a transaction's actions appear at one instant).
+ * Nothing may wait for another thread's I/O meanwhile. */
+struct bnode **dirty_bitmaps_freeze_all(size_t *n);
+void dirty_bitmaps_thaw_all(struct bnode **held, size_t n);
 
 /* ---- control (main thread) ---- */
 struct dirty_bitmap *dirty_bitmap_find(struct bnode *bs, const char *name);
@@ -113,10 +119,12 @@ int  dirty_bitmap_create_successor(struct dirty_bitmap *bm, error **errp);
 struct dirty_bitmap *dirty_bitmap_abdicate(struct dirty_bitmap *bm);
 struct dirty_bitmap *dirty_bitmap_reclaim(struct dirty_bitmap *bm);
 
-/* Persistence: may bs store a new persistent bitmap (QEMU's error if
- * not)?  Forget a stored one (block-dirty-bitmap-remove). */
+/* Persistence (the driver's bitmaps_* hooks): may bs store a new
+ * persistent bitmap (QEMU's error if not)?  Make bm persistent and store
+ * it now (in use); forget its stored copy (block-dirty-bitmap-remove). */
 int  dirty_bitmap_can_persist(struct bnode *bs, const char *name, uint32_t granularity,
                               error **errp);
+int  dirty_bitmap_persist(struct dirty_bitmap *bm, error **errp);
 int  dirty_bitmap_unpersist(struct dirty_bitmap *bm, error **errp);
 
 /* query-named-block-nodes "dirty-bitmaps": NULL when the node has none. */

@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <unistd.h>
 #include "block/block.h"
+#include "block/bitmap-sidecar.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/xalloc.h"
@@ -689,6 +690,10 @@ const char *file_node_filename(struct bnode *bs)
     .flush_sync = file_flush_sync,                    \
     .can_write_zeroes_fast = file_can_zero_fast,      \
     .can_discard = file_can_discard,                  \
+    .bitmaps_load = sidecar_file_load,                \
+    .bitmaps_store = sidecar_file_store,              \
+    .bitmap_can_store = sidecar_can_store,            \
+    .bitmaps_update = sidecar_update,                 \
 }
 
 static const struct bdrv bdrv_file = FILE_DRIVER("file", file_open);

@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include "block/block.h"
+#include "block/bitmap-sidecar.h"
 #include "util/xalloc.h"
 
 struct raw_state {
@@ -90,5 +91,9 @@ static const struct bdrv bdrv_raw = {
     .splice_source = raw_splice_source,
     .can_write_zeroes_fast = raw_can_zero_fast,
     .can_discard = raw_can_discard,
+    .bitmaps_load = sidecar_raw_load,
+    .bitmaps_store = sidecar_raw_store,
+    .bitmap_can_store = sidecar_can_store,
+    .bitmaps_update = sidecar_update,
 };
 BDRV_REGISTER(bdrv_raw)
