@@ -4,9 +4,16 @@
  * Start-up applies the command line in order (cli.c).  With --daemonize the
  * parent waits on a pipe and exits 0 only once the child has applied every
  * option, so a caller can use the sockets as soon as the parent returns.
- * Shutdown (SIGTERM, SIGINT, SIGHUP, QMP quit) drops every export the hard
- * way, waits until their in-flight requests have completed, flushes every
- * node, closes the monitors and removes the pidfile.
+ * Under systemd (Type=notify) READY=1 is sent at that same point: every
+ * export of the command line is serving (service.c).
+ *
+ * Shutdown (SIGTERM, SIGINT, QMP quit) is graceful: the NBD server stops
+ * accepting and each client finishes the requests it has sent; then every
+ * export is removed the hard way (vhost-user-blk and FUSE drain their own
+ * in-flight requests), every node is flushed, the monitors are closed and
+ * the pidfile removed.  Past the deadline (BEXD_STOP_TIMEOUT, seconds,
+ * default 30) the log names what is still busy and bexd exits anyway.
+ * SIGHUP reloads the TLS credentials (qemu-storage-daemon exits on it).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -21,48 +28,81 @@
 #include "chardev/chardev.h"
 #include "cli/cli.h"
 #include "export/export.h"
+#include "export/nbd/nbd.h"
 #include "object/object.h"
+#include "ops/service.h"
 #include "qmp/monitor.h"
 #include "qmp/qmp.h"
 #include "qmp/schema.h"
 #include "util/log.h"
 #include "util/loop.h"
 #include "util/xalloc.h"
+#include "util/systemd.h"
 
-#define SHUTDOWN_GRACE_MS 30000
+#define SHUTDOWN_GRACE_S_DEFAULT 30
 
 static char *pidfile;
 static bool shutting_down;
 static struct loop_timer *grace_timer;
 static struct loop_watch *sig_watch;
 
+static unsigned shutdown_grace_s(void)
+{
+    const char *s = getenv("BEXD_STOP_TIMEOUT");
+    char *end;
+    if (s && *s) {
+        unsigned long v = strtoul(s, &end, 10);
+        if (!*end && v > 0 && v < 86400)
+            return v;
+    }
+    return SHUTDOWN_GRACE_S_DEFAULT;
+}
+
 static void all_exports_gone(void *opaque)
 {
     loop_stop(loop_main());
 }
 
+static void nbd_clients_finished(void *opaque)
+{
+    log_info("clients finished; removing exports");
+    exports_shutdown_all(all_exports_gone, NULL);
+}
+
 static void grace_expired(void *opaque)
 {
-    log_error("exports did not shut down within %d s; exiting anyway", SHUTDOWN_GRACE_MS / 1000);
+    log_error("shutdown did not finish within %u s; exiting anyway", shutdown_grace_s());
+    nbd_server_report_stuck();
+    exports_report_stuck();
     loop_stop(loop_main());
 }
 
-static void begin_shutdown(void)
+static void begin_shutdown(const char *why)
 {
     if (shutting_down)
         return;
     shutting_down = true;
+    service_stopping(why);
     grace_timer = loop_timer_new(loop_main(), grace_expired, NULL);
-    loop_timer_arm(grace_timer, SHUTDOWN_GRACE_MS);
-    exports_shutdown_all(all_exports_gone, NULL);
+    loop_timer_arm(grace_timer, (uint64_t)shutdown_grace_s() * 1000);
+    nbd_server_drain(nbd_clients_finished, NULL);
+}
+
+static void quit_requested(void)
+{
+    begin_shutdown("QMP quit");
 }
 
 static void on_signal(void *opaque, uint32_t revents)
 {
     int fd = *(int *)opaque;
     struct signalfd_siginfo si;
-    while (read(fd, &si, sizeof(si)) == sizeof(si))
-        begin_shutdown();
+    while (read(fd, &si, sizeof(si)) == sizeof(si)) {
+        if (si.ssi_signo == SIGHUP)
+            service_reload();
+        else
+            begin_shutdown(strsignal(si.ssi_signo));
+    }
 }
 
 static char *realpath_for_create(const char *path)
@@ -139,6 +179,8 @@ int main(int argc, char **argv)
         chardev_set_daemonized();          /* stdin and stdout are not ours */
     }
 
+    systemd_init();
+    log_init();
     signal(SIGPIPE, SIG_IGN);
     sigset_t mask;
     sigemptyset(&mask);
@@ -150,7 +192,7 @@ int main(int argc, char **argv)
 
     loop_main_init();
     schema_init();
-    qmp_quit_hook = begin_shutdown;
+    qmp_quit_hook = quit_requested;
     sig_watch = loop_watch_fd(loop_main(), sfd, LOOP_IN, on_signal, &sfd);
 
     struct cli_result res = { 0 };
@@ -175,9 +217,11 @@ int main(int argc, char **argv)
             log_warn("chdir /: %s", strerror(errno));
     }
 
+    service_ready();
     loop_run(loop_main());
 
     loop_timer_free(grace_timer);
+    log_info("flushing block nodes");
     block_flush_all_sync();
     monitors_close_all();
     chardevs_close_all();
@@ -188,6 +232,7 @@ int main(int argc, char **argv)
     free(pidfile);
     loop_watch_del(sig_watch);
     close(sfd);
+    service_stopped();
     loop_free(loop_main());
     return 0;
 }

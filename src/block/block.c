@@ -21,6 +21,7 @@
 #include "block/block.h"
 #include "block/align.h"
 #include "block/dirty-bitmap.h"
+#include "block/stats.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/xalloc.h"
@@ -107,6 +108,7 @@ static void bnode_close(struct bnode *bs)
     if (bs->backing)
         bnode_unref(bs->backing);
     json_decref(bs->options);
+    bstats_free(bs->stats);
     free(bs->node_name);
     free(bs);
 }
@@ -186,6 +188,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     bs->options = json_incref(opts);
     bs->node_name = name ? xstrdup(name) : generate_node_name();
     bs->auto_named = !name;
+    bs->stats = bstats_new();
     if (parse_common(bs, opts, errp) < 0)
         goto fail;
     if (drv->is_format || drv->is_filter) {
@@ -219,6 +222,7 @@ fail:
     if (bs->file_link)
         bnode_detach(bs->file_link);
     dirty_bitmaps_release_all(bs);
+    bstats_free(bs->stats);
     json_decref(bs->options);
     free(bs->node_name);
     free(bs);
@@ -290,6 +294,7 @@ void block_flush_all_sync(void)
 
 void breq_complete(struct breq *req, int ret)
 {
+    bstats_complete(req, ret);
     if (unlikely(req->align_track)) {
         struct bnode_align *al = req->align_track;
         req->align_track = NULL;
@@ -311,6 +316,7 @@ static inline void mark_dirty(struct bnode *bs, const struct breq *req, uint64_t
 void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset)
 {
     mark_dirty(child, req, offset);
+    req->acct_fwd++;
     child->drv->submit(child, req, offset);
 }
 
@@ -329,11 +335,13 @@ void bnode_submit(struct bnode *bs, struct breq *req)
 {
     req->bs = bs;
     req->align_track = NULL;
+    bstats_submit(bs, req);
     switch (req->op) {
     case BREQ_WRITE:
     case BREQ_DISCARD:
     case BREQ_WRITE_ZEROES:
         if (bs->read_only) {
+            bstats_invalid(req);
             breq_complete(req, -EPERM);
             return;
         }
@@ -344,6 +352,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
     uint64_t size = __atomic_load_n(&bs->size, __ATOMIC_RELAXED);
     if (req->op != BREQ_FLUSH && !(req->flags & BREQ_BEYOND_EOF) &&
         (req->offset > size || req->len > size - req->offset)) {
+        bstats_invalid(req);
         breq_complete(req, -EINVAL);
         return;
     }
@@ -440,3 +449,12 @@ bool bnode_can_write_zeroes_fast(struct bnode *bs)
 }
 
 struct bnode *bnode_first(void) { return nodes; }
+
+void bnode_account_read(struct bnode *bs, uint64_t bytes)
+{
+    struct breq req = { .op = BREQ_READ, .len = bytes };
+    bstats_submit(bs, &req);
+    for (struct bnode *n = bs->file; n; n = n->file)
+        req.acct_fwd++;              /* it was read from the leaf */
+    bstats_complete(&req, 0);
+}

@@ -28,6 +28,7 @@
 struct loop;
 struct bnode;
 struct bnode_align;
+struct bstats;
 
 enum breq_op {
     BREQ_READ,
@@ -70,6 +71,12 @@ struct breq {
     uint64_t step_off, step_len;     /* file.c write-zeroes: the extent in hand */
     struct iovec tmp_iov;
     struct bnode_align *align_track; /* counted fast-path write (block/align.c) */
+    /* accounting (block/stats.c): the node counted, op, start, levels forwarded */
+    struct bnode *acct;
+    uint64_t acct_start_ns;
+    uint64_t acct_lat_ns;       /* set on completion: how long it took */
+    uint8_t acct_op;
+    uint8_t acct_fwd;
 };
 
 /* Block status flags, as in QEMU: DATA = reads return data from this layer,
@@ -135,6 +142,7 @@ struct bnode {
     pthread_mutex_t dirty_lock;          /* the list and their bits */
     int dirty_recording;                 /* atomic: bitmaps recording writes */
     void *bitmap_store;                  /* the driver's persistence state */
+    struct bstats *stats;       /* I/O accounting (block/stats.h) */
 };
 
 struct bdrv {
@@ -234,6 +242,9 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
 int bnode_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                         int *fd, uint64_t *fd_offset);
 bool bnode_can_write_zeroes_fast(struct bnode *bs);
+/* A READ served without bnode_submit() (spliced from bnode_splice_source):
+ * count it in the node's statistics. */
+void bnode_account_read(struct bnode *bs, uint64_t bytes);
 
 /* ---- coroutine wrappers (block-co.c) ----
  * In a coroutine (util/coroutine.h): submit one request to bs through

@@ -22,6 +22,7 @@
 #include "object/secret.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
+#include "util/xalloc.h"
 
 #define X509_MAX_CA 16
 
@@ -292,8 +293,9 @@ static int x509_find_files(struct tls_creds *c, struct x509_files *f, error **er
            tls_creds_get_path(c, TLS_CLIENT_KEY, false, &f->key, errp) < 0 ? -1 : 0;
 }
 
+/* x509_load: dh is loaded the first time only; a reload keeps it. */
 static int x509_load(struct tls_creds *c, const struct x509_files *f, const char *passwordid,
-                     error **errp)
+                     bool load_dh, error **errp)
 {
     int r = gnutls_certificate_allocate_credentials(&c->u.x509);
 
@@ -326,7 +328,7 @@ static int x509_load(struct tls_creds *c, const struct x509_files *f, const char
         }
     }
     if (c->endpoint == TLS_ENDPOINT_SERVER) {
-        if (tls_creds_load_dh(c, errp) < 0)
+        if (load_dh && tls_creds_load_dh(c, errp) < 0)
             return -1;
         if (c->dh)
             gnutls_certificate_set_dh_params(c->u.x509, c->dh);
@@ -346,11 +348,52 @@ static int x509_complete(struct object *obj, json_t *props, error **errp)
     tls_creds_common_props(c, props, NULL);
     if (x509_find_files(c, &f, errp) < 0)
         goto out;
-    if (opt_bool(props, "sanity-check", true) &&
+    c->sanity_check = opt_bool(props, "sanity-check", true);
+    c->passwordid = xstrdup_opt(opt_str(props, "passwordid", NULL));
+    if (c->sanity_check &&
         x509_sanity_check(&f, c->endpoint == TLS_ENDPOINT_SERVER, errp) < 0)
         goto out;
-    ret = x509_load(c, &f, opt_str(props, "passwordid", NULL), errp);
+    ret = x509_load(c, &f, c->passwordid, true, errp);
 out:
+    x509_files_free(&f);
+    return ret;
+}
+
+struct tls_retired_x509 {
+    gnutls_certificate_credentials_t x509;
+    struct tls_retired_x509 *next;
+};
+
+/* Certificate rotation: read the files again, check them as object-add
+ * does, and make them the credentials of new sessions.  Sessions already
+ * established keep the credentials they started with (GnuTLS points at
+ * them), so those stay allocated until the object goes.  Any failure
+ * leaves the object as it was. */
+static int x509_reload(struct object *obj, error **errp)
+{
+    struct tls_creds *c = (struct tls_creds *)obj;
+    struct tls_creds fresh = *c;
+    struct x509_files f = { 0 };
+    int ret = -1;
+
+    fresh.u.x509 = NULL;
+    if (x509_find_files(c, &f, errp) < 0)
+        goto out;
+    if (c->sanity_check &&
+        x509_sanity_check(&f, c->endpoint == TLS_ENDPOINT_SERVER, errp) < 0)
+        goto out;
+    if (x509_load(&fresh, &f, c->passwordid, false, errp) < 0)
+        goto out;
+    struct tls_retired_x509 *r = xzalloc(sizeof(*r));
+    r->x509 = c->u.x509;
+    r->next = c->retired;
+    c->retired = r;
+    c->u.x509 = fresh.u.x509;
+    fresh.u.x509 = NULL;
+    ret = 0;
+out:
+    if (fresh.u.x509)
+        gnutls_certificate_free_credentials(fresh.u.x509);
     x509_files_free(&f);
     return ret;
 }
@@ -361,6 +404,13 @@ static void x509_finalize(struct object *obj)
 
     if (c->u.x509)
         gnutls_certificate_free_credentials(c->u.x509);
+    while (c->retired) {
+        struct tls_retired_x509 *r = c->retired;
+        c->retired = r->next;
+        gnutls_certificate_free_credentials(r->x509);
+        free(r);
+    }
+    free(c->passwordid);
     tls_creds_common_finalize(c);
 }
 
@@ -383,5 +433,6 @@ static const struct object_type tls_creds_x509_type = {
     .set_prop = tls_creds_set_prop,
     .complete = x509_complete,
     .finalize = x509_finalize,
+    .reload = x509_reload,
 };
 OBJECT_TYPE_REGISTER(tls_creds_x509_type)

@@ -23,6 +23,11 @@ struct tls_creds {
     const char *prio_extra;            /* what this kind appends to the priority */
     gnutls_priority_t prio;            /* NULL: priority string is invalid */
     gnutls_dh_params_t dh;             /* from dh-params.pem, if any */
+    /* x509 reload (ops): how the object was made, and the credentials
+     * replaced by a reload that sessions may still use (freed with it) */
+    bool sanity_check;
+    char *passwordid;
+    struct tls_retired_x509 *retired;
     union {
         gnutls_certificate_credentials_t x509;
         gnutls_psk_server_credentials_t psk_server;

@@ -14,6 +14,7 @@
 #include "export/export.h"
 #include "object/iothread.h"
 #include "qmp/qmp.h"
+#include "util/log.h"
 #include "util/loop.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
@@ -202,6 +203,18 @@ void exports_shutdown_all(void (*all_done)(void *), void *opaque)
         free(ids[i]);
     }
     free(ids);
+}
+
+unsigned export_nclients(struct export *exp)
+{
+    return exp->type->nclients ? exp->type->nclients(exp) : 0;
+}
+
+void exports_report_stuck(void)
+{
+    for (struct export *e = exports; e; e = e->next)
+        log_warn("export '%s' (%s, node '%s') is still shutting down with %u clients",
+                 e->id, e->type->name, e->node->node_name, export_nclients(e));
 }
 
 json_t *query_block_exports(void)

@@ -39,6 +39,12 @@ struct export_type {
     void (*shutdown)(struct export *exp, enum export_remove_mode mode);
     /* Free type-specific state; called from export_shutdown_done. */
     void (*free)(struct export *exp);
+    /* Operations (ops): the clients connected now, as a JSON list of the
+     * vendor schema's client objects, and their number.  NULL: none known. */
+    json_t *(*query_clients)(struct export *exp);
+    unsigned (*nclients)(struct export *exp);
+    /* Counters of everything its clients did (same members as a client's). */
+    json_t *(*query_totals)(struct export *exp);
 };
 
 struct export {
@@ -66,6 +72,9 @@ void export_shutdown_done(struct export *exp);
 /* Hard-delete every export (quit / SIGTERM); calls back when all are gone. */
 void exports_shutdown_all(void (*all_done)(void *), void *opaque);
 int  export_remove_mode_parse(const char *s);   /* -1 if unknown */
+unsigned export_nclients(struct export *exp);
+/* Shutdown deadline passed: log each export still shutting down. */
+void exports_report_stuck(void);
 
 #define EXPORT_TYPE_REGISTER(t) \
     __attribute__((constructor)) static void export_type_register_##t(void) { export_type_register(&t); }

@@ -11,6 +11,7 @@
 #include "util/xalloc.h"
 #include "util/opts.h"
 #include "util/id.h"
+#include "util/log.h"
 
 static const struct object_type *types[16];
 static int n_types;
@@ -156,3 +157,25 @@ const struct qom_container object_container = {
     .name = "objects", .first = objects_first, .next = objects_next, .id = objects_id,
     .cls = objects_cls, .get = objects_get, .set = objects_set,
 };
+
+int objects_reload(const char *id, error **errp)
+{
+    int ret = 0;
+    for (struct object *o = objects; o; o = o->next) {
+        error *err = NULL;
+        if (!o->type->reload || (id && strcmp(o->id, id)))
+            continue;
+        if (o->type->reload(o, &err) < 0) {
+            log_error("%s '%s': reload failed, keeping the old credentials: %s",
+                      o->type->name, o->id, err->msg);
+            if (ret == 0)
+                error_propagate(errp, err);
+            else
+                error_free(err);
+            ret = -1;
+        } else {
+            log_info("%s '%s': reloaded", o->type->name, o->id);
+        }
+    }
+    return ret;
+}

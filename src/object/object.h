@@ -25,6 +25,9 @@ struct object_type {
     /* Refuse deletion while in use (e.g. TLS creds of a running server). */
     bool (*can_delete)(struct object *obj, error **errp);
     void (*finalize)(struct object *obj);
+    /* Reread the object's files (SIGHUP, __org.bexd_reload-tls-creds); on
+     * failure the object keeps what it had.  NULL: nothing to reload. */
+    int  (*reload)(struct object *obj, error **errp);
 };
 
 struct object {
@@ -40,6 +43,9 @@ int  object_add(json_t *props, error **errp);
 int  object_del(const char *id, error **errp);
 struct object *object_find(const char *id);
 void objects_delete_all(void);
+/* Reload object id (NULL: every object that can); each result is logged.
+ * Returns -1 with errp set if one failed (the first failure). */
+int  objects_reload(const char *id, error **errp);
 
 #define OBJECT_TYPE_REGISTER(t) \
     __attribute__((constructor)) static void object_type_register_##t(void) { object_type_register(&t); }

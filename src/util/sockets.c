@@ -6,7 +6,8 @@
  * does), succeeding if at least one does; with "to", each address tries
  * ports port..to until one is free.  A UNIX path is unlinked before bind,
  * as QEMU does, so a stale socket file does not block a restart.  An "fd"
- * address is an inherited descriptor number that must be a socket.  Every
+ * address is an inherited descriptor number that must be a socket, or the
+ * name of a socket systemd passed (LISTEN_FDNAMES, util/systemd.h).  Every
  * socket is non-blocking and close-on-exec.  Error messages are QEMU's.
  */
 #include <errno.h>
@@ -28,6 +29,7 @@
 #include "util/sockets.h"
 #include "util/opts.h"
 #include "util/xalloc.h"
+#include "util/systemd.h"
 
 int socket_set_nonblock(int fd, bool nonblock)
 {
@@ -213,6 +215,14 @@ static int fd_listen(json_t *addr, int backlog, int *fdp, error **errp)
     char *end;
     struct stat st;
 
+    /* A socket systemd passed by this name (bexd's extension; qsd takes
+     * numbers only).  A duplicate, so the named socket outlives its user. */
+    int named = systemd_listen_fd_dup(s);
+    if (named >= 0) {
+        socket_set_nonblock(named, true);
+        *fdp = named;
+        return 0;
+    }
     if (monitor_context) {
         error_setg(errp, "only QEMU supports file descriptor passing");
         return -1;

@@ -28,6 +28,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
+#include <inttypes.h>
+#include <linux/vm_sockets.h>
 #include <unistd.h>
 #include "util/cleanup.h"
 #include "util/log.h"
@@ -108,6 +111,52 @@ bool nbd_conn_tryref(struct nbd_conn *c)
     return false;
 }
 
+/* ---- accounting ---- */
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+void nbd_client_stats_read(const struct nbd_client_stats *st, struct nbd_client_stats *out)
+{
+    out->rd_ops = LOAD(st->rd_ops);
+    out->rd_bytes = LOAD(st->rd_bytes);
+    out->rd_ns = LOAD(st->rd_ns);
+    out->wr_ops = LOAD(st->wr_ops);
+    out->wr_bytes = LOAD(st->wr_bytes);
+    out->wr_ns = LOAD(st->wr_ns);
+    out->flush_ops = LOAD(st->flush_ops);
+    out->other_ops = LOAD(st->other_ops);
+    out->errors = LOAD(st->errors);
+}
+
+void nbd_client_stats_add(struct nbd_client_stats *sum, const struct nbd_client_stats *st)
+{
+    struct nbd_client_stats v;
+    nbd_client_stats_read(st, &v);
+    sum->rd_ops += v.rd_ops;
+    sum->rd_bytes += v.rd_bytes;
+    sum->rd_ns += v.rd_ns;
+    sum->wr_ops += v.wr_ops;
+    sum->wr_bytes += v.wr_bytes;
+    sum->wr_ns += v.wr_ns;
+    sum->flush_ops += v.flush_ops;
+    sum->other_ops += v.other_ops;
+    sum->errors += v.errors;
+}
+
+static const char *nbd_transport_of(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
+        return "unix";
+    switch (ss.ss_family) {
+    case AF_INET: case AF_INET6: return "tcp";
+    case AF_VSOCK: return "vsock";
+    default: return "unix";
+    }
+}
+
 static void nbd_conn_finalize(void *opaque)
 {
     struct nbd_conn *c = opaque;
@@ -122,10 +171,23 @@ static void nbd_conn_finalize(void *opaque)
     nbd_srv.nconns--;
     nbd_server_conn_gone();
     loop_pool_release(c->pool_slot);
-    if (c->exp)
+    if (c->exp) {
+        struct nbd_client_stats v;
+        nbd_client_stats_read(&c->st, &v);
+        log_info("nbd: client %s left export '%s' (%s): %" PRIu64 " reads, %" PRIu64
+                 " writes, %" PRIu64 " errors", c->peer, c->exp->common.id,
+                 c->close_reason ? c->close_reason : "closed", v.rd_ops, v.wr_ops, v.errors);
+        nbd_client_stats_add(&c->exp->gone, &c->st);
         nbd_export_client_gone(c->exp);
+    }
+    free(c->tls_identity);
     free(c->peer);
     free(c);
+    if (nbd_srv.nconns == 0 && nbd_srv.drained) {
+        void (*cb)(void *) = nbd_srv.drained;
+        nbd_srv.drained = NULL;
+        cb(nbd_srv.drained_opaque);
+    }
 }
 
 static void nbd_conn_destroy(struct nbd_conn *c)
@@ -163,7 +225,8 @@ void nbd_conn_update_watch(struct nbd_conn *c)
     if (!c->watch)
         return;
     if (c->state != CONN_CLOSED) {
-        if (!c->rx_paused && !c->rx_yield && !c->disc && !c->rx_eof)
+        if (!c->rx_paused && !c->rx_yield && !c->disc && !c->rx_eof &&
+            !(c->draining && c->rx_state == RX_HDR))
             ev |= LOOP_IN;
         if (c->want_out)
             ev |= LOOP_OUT;
@@ -201,6 +264,8 @@ bool nbd_conn_new(int fd, const char *peer)
     c->pipe[0] = c->pipe[1] = -1;
     c->loop = loop_main();
     c->pool_slot = -1;
+    c->transport = nbd_transport_of(fd);
+    c->connected_at = time(NULL);
     c->peer = xstrdup(peer ? peer : "?");
     c->hs_buf = xmalloc(NBD_MAX_OPT_LEN + 64);
     c->watch = loop_watch_fd(c->loop, fd, LOOP_IN, nbd_conn_io, c);
@@ -218,6 +283,12 @@ void nbd_conn_close(struct nbd_conn *c, const char *reason)
     if (c->state == CONN_CLOSED)
         return;
     log_debug("nbd: closing connection from %s: %s", c->peer, reason);
+    c->close_reason = reason;
+    if (c->state == CONN_HANDSHAKE && strcmp(reason, "client aborted the handshake")) {
+        nbd_srv.handshake_failures++;       /* the handshake runs in the main loop */
+        if (!strncmp(reason, "TLS", 3))
+            nbd_srv.tls_failures++;
+    }
     c->state = CONN_CLOSED;
     c->tr->shutdown(c);
     if (c->watch)
@@ -269,6 +340,48 @@ void nbd_conns_close(struct nbd_export *exp, const char *reason)
     }
 }
 
+/* ---- graceful stop ---- */
+
+static bool nbd_conn_drained(struct nbd_conn *c)
+{
+    return c->draining && c->rx_state == RX_HDR &&
+           c->rx_end - c->rx_start < sizeof(struct nbd_request);
+}
+
+static void nbd_conn_drain_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+
+    if (c->state == CONN_TRANSMISSION) {
+        c->draining = true;
+        nbd_conn_update_watch(c);
+        nbd_transmission_kick(c);     /* requests already buffered still run */
+        nbd_conn_flush(c);            /* closes at once if idle */
+    }
+    nbd_conn_unref(c);
+}
+
+/* Main thread.  A connection still negotiating has nothing to finish and
+ * closes now; one in transmission stops reading new requests (a WRITE
+ * whose payload is arriving is read to its end), answers those it has,
+ * and closes when its last reply is sent. */
+void nbd_conns_drain(void)
+{
+    struct nbd_conn *c, *next;
+
+    for (c = nbd_srv.conns; c; c = next) {
+        next = c->next;
+        if (!c->exp) {
+            nbd_conn_close_remote(c, "server shutting down");
+        } else if (nbd_conn_tryref(c)) {
+            if (c->loop == loop_main())
+                nbd_conn_drain_cb(c);
+            else
+                loop_call(c->loop, nbd_conn_drain_cb, c);
+        }
+    }
+}
+
 /* ---- moving to the export's loop after NBD_OPT_GO ---- */
 
 static void nbd_conn_attach_cb(void *opaque)
@@ -294,6 +407,8 @@ void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp)
 
     c->exp = exp;
     exp->nclients++;
+    log_info("nbd: client %s attached to export '%s'%s%s", c->peer, exp->common.id,
+             c->tls_identity ? " as " : "", c->tls_identity ? c->tls_identity : "");
     if (c->hs_timer)
         loop_timer_free(c->hs_timer);
     c->hs_timer = NULL;
@@ -500,8 +615,9 @@ void nbd_conn_flush(struct nbd_conn *c)
         c->rx_paused = false;   /* the client reads its replies again */
     }
     if (c->state == CONN_TRANSMISSION && !c->want_out &&
-        (c->disc || c->rx_eof) && c->busy_slots == 0) {
-        nbd_conn_close(c, c->disc ? "client disconnected" : "client closed");
+        (c->disc || c->rx_eof || nbd_conn_drained(c)) && c->busy_slots == 0) {
+        nbd_conn_close(c, c->disc ? "client disconnected" :
+                          c->rx_eof ? "client closed" : "server shutting down");
         return;
     }
     nbd_conn_update_watch(c);

@@ -247,6 +247,61 @@ void nbd_exports_close_all(void)
     nbd_conns_close(NULL, "server stopped");
 }
 
+/* ---- operations: clients and their counters ---- */
+
+static json_t *nbd_stats_json(const struct nbd_client_stats *v)
+{
+    return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
+                     "read-operations", (json_int_t)v->rd_ops,
+                     "read-bytes", (json_int_t)v->rd_bytes,
+                     "read-total-time-ns", (json_int_t)v->rd_ns,
+                     "write-operations", (json_int_t)v->wr_ops,
+                     "write-bytes", (json_int_t)v->wr_bytes,
+                     "write-total-time-ns", (json_int_t)v->wr_ns,
+                     "flush-operations", (json_int_t)v->flush_ops,
+                     "failed-operations", (json_int_t)v->errors);
+}
+
+static json_t *nbd_exp_query_clients(struct export *e)
+{
+    json_t *list = json_array();
+
+    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next) {
+        struct nbd_client_stats v;
+        if (c->exp != (struct nbd_export *)e || c->state == CONN_CLOSED)
+            continue;
+        nbd_client_stats_read(&c->st, &v);
+        json_t *o = nbd_stats_json(&v);
+        json_object_set_new(o, "transport", json_string(c->transport));
+        json_object_set_new(o, "peer", json_string(c->peer));
+        json_object_set_new(o, "tls", json_boolean(c->tls));
+        if (c->tls_identity)
+            json_object_set_new(o, "tls-identity", json_string(c->tls_identity));
+        json_object_set_new(o, "connected-since", json_integer(c->connected_at));
+        json_object_set_new(o, "requests-in-flight",
+                            json_integer(__atomic_load_n(&c->busy_slots, __ATOMIC_RELAXED)));
+        json_array_append_new(list, o);
+    }
+    return list;
+}
+
+/* Everything its clients did, those connected and those gone. */
+json_t *nbd_export_totals(struct export *e)
+{
+    struct nbd_export *exp = (struct nbd_export *)e;
+    struct nbd_client_stats sum = exp->gone;
+
+    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
+        if (c->exp == exp)
+            nbd_client_stats_add(&sum, &c->st);
+    return nbd_stats_json(&sum);
+}
+
+static unsigned nbd_exp_nclients(struct export *e)
+{
+    return ((struct nbd_export *)e)->nclients;
+}
+
 static const struct export_type nbd_export_type = {
     .name = "nbd",
     .instance_size = sizeof(struct nbd_export),
@@ -254,6 +309,9 @@ static const struct export_type nbd_export_type = {
     .in_use = nbd_exp_in_use,
     .shutdown = nbd_exp_shutdown,
     .free = nbd_exp_free,
+    .query_clients = nbd_exp_query_clients,
+    .nclients = nbd_exp_nclients,
+    .query_totals = nbd_export_totals,
 };
 EXPORT_TYPE_REGISTER(nbd_export_type)
 

@@ -72,8 +72,18 @@ struct nbd_server {
     int nconns;                   /* every connection not yet finalized */
     struct nbd_conn *conns;       /* list through conn->next */
     uint64_t handshake_ms;
+    uint64_t accepted, handshake_failures, tls_failures;   /* for /metrics */
+    void (*drained)(void *);      /* graceful stop: called when nconns reaches 0 */
+    void *drained_opaque;
 };
 extern struct nbd_server nbd_srv;
+
+/* ---- a client's counters (ops) ---- */
+struct nbd_client_stats {
+    uint64_t rd_ops, rd_bytes, rd_ns;
+    uint64_t wr_ops, wr_bytes, wr_ns;
+    uint64_t flush_ops, other_ops, errors;
+};
 
 /* ---- exports ---- */
 struct nbd_export {
@@ -91,6 +101,7 @@ struct nbd_export {
     int nbitmaps;                 /* published dirty bitmaps, busy while here */
     struct dirty_bitmap *bitmaps[NBD_MAX_EXPORT_BITMAPS];
     char *bitmap_ctx[NBD_MAX_EXPORT_BITMAPS];   /* "qemu:dirty-bitmap:NAME" */
+    struct nbd_client_stats gone; /* clients that left, summed (main thread) */
     struct nbd_export *next;
 };
 
@@ -143,6 +154,7 @@ struct nbd_slot {
 };
 
 /* ---- connections ---- */
+
 enum nbd_conn_state { CONN_HANDSHAKE, CONN_TRANSMISSION, CONN_CLOSED };
 enum nbd_rx_state { RX_HDR, RX_PAYLOAD, RX_DRAIN };
 
@@ -203,6 +215,17 @@ struct nbd_conn {
     bool want_out;
     struct loop_defer flush_defer;
     struct loop_defer kick_defer;
+
+    /* operations (ops): who it is, and what it did.  The counters have
+     * one writer (the connection's loop) and are read by the main thread
+     * with relaxed atomic loads. */
+    const char *transport;        /* "unix", "tcp", "vsock" */
+    char *tls_identity;           /* x509 DN or PSK user, NULL if none */
+    bool tls;
+    int64_t connected_at;         /* CLOCK_REALTIME seconds */
+    bool draining;                /* graceful stop: finish what was read, then close */
+    const char *close_reason;     /* static string, for the log */
+    struct nbd_client_stats st;
 };
 
 /* server.c: a connection was finalized (main thread) */
@@ -216,6 +239,11 @@ void nbd_conn_unref(struct nbd_conn *c);
 void nbd_conn_close(struct nbd_conn *c, const char *reason);
 void nbd_conn_close_remote(struct nbd_conn *c, const char *reason);  /* main thread */
 void nbd_conns_close(struct nbd_export *exp, const char *reason);      /* main thread */
+/* Main thread: graceful stop of every connection (see nbd_server_drain). */
+void nbd_conns_drain(void);
+/* A client's counters, read from any thread. */
+void nbd_client_stats_read(const struct nbd_client_stats *st, struct nbd_client_stats *out);
+void nbd_client_stats_add(struct nbd_client_stats *sum, const struct nbd_client_stats *st);
 void nbd_conn_update_watch(struct nbd_conn *c);
 void nbd_conn_io(void *opaque, uint32_t revents);   /* the socket watch's callback */
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */

@@ -8,3 +8,10 @@
 int  nbd_server_start(json_t *opts, error **errp);
 void nbd_server_stop(void);
 bool nbd_server_running(void);
+
+/* Graceful stop (SIGTERM): stop accepting, let each client finish the
+ * requests it sent, call done when no connection is left. */
+void nbd_server_drain(void (*done)(void *), void *opaque);
+/* Log each connection still open (the stop deadline passed). */
+void nbd_server_report_stuck(void);
+int  nbd_server_nclients(void);

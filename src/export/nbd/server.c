@@ -14,6 +14,8 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <linux/vm_sockets.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,10 +61,13 @@ static void nbd_socket_tune(int fd)
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof(sz));
 }
 
+/* "192.0.2.1:4711", "[::1]:4711", "unix:pid=123" (the peer's credentials:
+ * a UNIX client rarely has a name), "vsock:3:4711". */
 static void nbd_peer_name(int fd, char *buf, size_t len)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
+    char host[INET6_ADDRSTRLEN];
 
     snprintf(buf, len, "unix");
     if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
@@ -70,7 +75,23 @@ static void nbd_peer_name(int fd, char *buf, size_t len)
     if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        snprintf(buf, len, "tcp");
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+            inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+            snprintf(buf, len, "%s:%u", host, ntohs(in->sin_port));
+        } else {
+            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+            inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+            snprintf(buf, len, "[%s]:%u", host, ntohs(in6->sin6_port));
+        }
+    } else if (ss.ss_family == AF_UNIX) {
+        struct ucred cr;
+        socklen_t cl = sizeof(cr);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl) == 0)
+            snprintf(buf, len, "unix:pid=%d", (int)cr.pid);
+    } else if (ss.ss_family == AF_VSOCK) {
+        struct sockaddr_vm *vm = (struct sockaddr_vm *)&ss;
+        snprintf(buf, len, "vsock:%u:%u", vm->svm_cid, vm->svm_port);
     }
 }
 
@@ -93,7 +114,7 @@ static void nbd_accept(void *opaque, uint32_t revents)
     int lfd = (int)(intptr_t)opaque;
 
     for (int i = 0; i < 64; i++) {
-        char peer[64];
+        char peer[96];
 
         if (nbd_server_full()) {
             /* As QEMU: at max-connections stop accepting; the next client
@@ -116,6 +137,7 @@ static void nbd_accept(void *opaque, uint32_t revents)
         }
         nbd_socket_tune(fd);
         nbd_peer_name(fd, peer, sizeof(peer));
+        nbd_srv.accepted++;
         if (!nbd_conn_new(fd, peer))
             close(fd);   /* out of memory: nothing took the socket */
     }
@@ -188,6 +210,39 @@ void nbd_server_stop(void)
         return;
     nbd_exports_close_all();
     nbd_server_clear();
+}
+
+/* Graceful stop: close the listening sockets (new clients are refused by
+ * the kernel), let every connection finish what it has read, and call
+ * done once none is left.  The exports stay; the caller removes them. */
+void nbd_server_drain(void (*done)(void *), void *opaque)
+{
+    for (int i = 0; i < nbd_srv.nlisten; i++) {
+        loop_watch_del(nbd_srv.listen_watch[i]);
+        close(nbd_srv.listen_fd[i]);
+    }
+    nbd_srv.nlisten = 0;
+    if (nbd_srv.nconns == 0) {
+        done(opaque);
+        return;
+    }
+    nbd_srv.drained = done;
+    nbd_srv.drained_opaque = opaque;
+    nbd_conns_drain();
+}
+
+/* The shutdown deadline passed: say which connections are still busy. */
+void nbd_server_report_stuck(void)
+{
+    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
+        log_warn("nbd: client %s of export '%s' still has %d requests in flight",
+                 c->peer, c->exp ? c->exp->common.id : "(none: negotiating)",
+                 __atomic_load_n(&c->busy_slots, __ATOMIC_RELAXED));
+}
+
+int nbd_server_nclients(void)
+{
+    return nbd_srv.nconns;
 }
 
 /* ---- QMP ---- */

@@ -138,6 +138,9 @@ static void tls_handshake_done(struct nbd_conn *c, struct nbd_tls *t)
     }
     log_debug("nbd: TLS established with %s (%s)", c->peer,
               tls_session_peer_name(t->s) ? tls_session_peer_name(t->s) : "anonymous");
+    c->tls = true;
+    if (tls_session_peer_name(t->s))
+        c->tls_identity = xstrdup(tls_session_peer_name(t->s));
     c->watch = loop_watch_fd(c->loop, c->fd, LOOP_IN, nbd_conn_io, c);
     /* the client may have sent options along with its last handshake message */
     nbd_handshake_readable(c);

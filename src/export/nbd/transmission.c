@@ -419,6 +419,38 @@ static void reply_read(struct nbd_slot *s)
     queue_reply(s);
 }
 
+/* The client's counters (one writer: this loop; main reads them). */
+#define BUMP(x, v) __atomic_store_n(&(x), (x) + (v), __ATOMIC_RELAXED)
+
+static void client_account(struct nbd_conn *c, uint16_t type, uint64_t bytes, uint64_t ns,
+                           int ret)
+{
+    struct nbd_client_stats *st = &c->st;
+
+    if (ret < 0) {
+        BUMP(st->errors, 1);
+        return;
+    }
+    switch (type) {
+    case NBD_CMD_READ:
+        BUMP(st->rd_ops, 1);
+        BUMP(st->rd_bytes, bytes);
+        BUMP(st->rd_ns, ns);
+        break;
+    case NBD_CMD_WRITE: case NBD_CMD_WRITE_ZEROES:
+        BUMP(st->wr_ops, 1);
+        BUMP(st->wr_bytes, bytes);
+        BUMP(st->wr_ns, ns);
+        break;
+    case NBD_CMD_FLUSH:
+        BUMP(st->flush_ops, 1);
+        break;
+    default:
+        BUMP(st->other_ops, 1);
+        break;
+    }
+}
+
 /* A large READ of a RAM-backed file: the page cache goes to the socket by
  * reference (splice), never copied here.  Where holes must show as holes
  * (structured replies without DF), only ranges known to hold none are
@@ -444,6 +476,8 @@ static bool reply_read_spliced(struct nbd_slot *s)
     s->splice_fd = fd;
     s->splice_off = foff;
     s->splice_len = s->req.count;
+    bnode_account_read(c->exp->common.node, s->req.count);
+    client_account(c, NBD_CMD_READ, s->req.count, 0, 0);
     queue_reply(s);
     return true;
 }
@@ -505,6 +539,8 @@ static void breq_done(struct breq *req, int ret)
     struct nbd_slot *s = req->opaque;
     struct nbd_conn *c = s->conn;
 
+    if (s->stage == 0)
+        client_account(c, s->req.type, s->req.count, req->acct_lat_ns, ret);
     if (c->state == CONN_CLOSED) {
         nbd_slot_release(s);
     } else if (ret < 0) {
@@ -832,7 +868,7 @@ void nbd_transmission_readable(struct nbd_conn *c)
 
         process_rx(c);
         if (c->state != CONN_TRANSMISSION || c->disc || c->rx_paused || c->rx_eof ||
-            c->rx_yield)
+            c->rx_yield || (c->draining && c->rx_state == RX_HDR))
             break;
         n = recv_more(c, &asked);
         if (n == -EAGAIN)

@@ -677,8 +677,16 @@ static void vub_free(struct export *exp)
     json_decref(vx->addr);
 }
 
+/* The front-end connected (one at most); read from the main thread. */
+static unsigned vub_nclients(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+    return __atomic_load_n(&vx->client, __ATOMIC_RELAXED) ? 1 : 0;
+}
+
 static const struct export_type vhost_user_blk_type = {
     .name = "vhost-user-blk",
+    .nclients = vub_nclients,
     .instance_size = sizeof(struct vub_export),
     .create = vub_create,
     .in_use = vub_in_use,
