@@ -12,7 +12,8 @@
  * export is removed the hard way (vhost-user-blk and FUSE drain their own
  * in-flight requests), every node is flushed, the monitors are closed and
  * the pidfile removed.  Past the deadline (BEXD_STOP_TIMEOUT, seconds,
- * default 30) the log names what is still busy and bexd exits anyway.
+ * default 30) the log names what is still busy, and bexd flushes and exits
+ * with status 1.
  * SIGHUP reloads the TLS credentials (qemu-storage-daemon exits on it).
  */
 #include <errno.h>
@@ -69,11 +70,14 @@ static void nbd_clients_finished(void *opaque)
     exports_shutdown_all(all_exports_gone, NULL);
 }
 
+static bool deadline_passed;
+
 static void grace_expired(void *opaque)
 {
     log_error("shutdown did not finish within %u s; exiting anyway", shutdown_grace_s());
     nbd_server_report_stuck();
     exports_report_stuck();
+    deadline_passed = true;
     loop_stop(loop_main());
 }
 
@@ -223,6 +227,14 @@ int main(int argc, char **argv)
     loop_timer_free(grace_timer);
     log_info("flushing block nodes");
     block_flush_all_sync();
+    if (deadline_passed) {
+        /* What is stuck still holds nodes and buffers in other threads:
+         * leave without tearing them down, the data is flushed. */
+        if (pidfile)
+            unlink(pidfile);
+        service_stopped();
+        _exit(1);
+    }
     monitors_close_all();
     chardevs_close_all();
     block_close_all();

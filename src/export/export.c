@@ -213,7 +213,7 @@ unsigned export_nclients(struct export *exp)
 void exports_report_stuck(void)
 {
     for (struct export *e = exports; e; e = e->next)
-        log_warn("export '%s' (%s, node '%s') is still shutting down with %u clients",
+        log_warn("export '%s' (%s, node '%s') not removed yet: %u clients",
                  e->id, e->type->name, e->node->node_name, export_nclients(e));
 }
 
