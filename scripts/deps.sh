@@ -15,6 +15,11 @@ PKGS="build-essential meson ninja-build pkg-config
  ceph-mon ceph-osd ceph-common ceph-base uuid-runtime
  procps psmisc iproute2 util-linux coreutils file
  clang-14 libclang-rt-14-dev"
+# operations (issue 14): socket activation and unit checks (systemd), man
+# pages (scdoc, man-db), the Debian package (debhelper, dpkg-dev, fakeroot,
+# lintian), /metrics (libmicrohttpd-dev, prometheus), bexctl top (tmux)
+PKGS="$PKGS systemd scdoc man-db debhelper dpkg-dev fakeroot lintian
+ libmicrohttpd-dev prometheus tmux"
 
 if [ "${1:-}" = "--print" ]; then
     echo $PKGS
