@@ -7,13 +7,14 @@
  * Under systemd (Type=notify) READY=1 is sent at that same point: every
  * export of the command line is serving (service.c).
  *
- * Shutdown (SIGTERM, SIGINT, QMP quit) is graceful: the NBD server stops
+ * Shutdown by SIGTERM or SIGINT is graceful: the NBD server stops
  * accepting and each client finishes the requests it has sent; then every
  * export is removed the hard way (vhost-user-blk and FUSE drain their own
  * in-flight requests), every node is flushed, the monitors are closed and
  * the pidfile removed.  Past the deadline (BEXD_STOP_TIMEOUT, seconds,
  * default 30) the log names what is still busy, and bexd flushes and exits
  * with status 1.
+ * QMP quit skips the wait for clients, as qemu-storage-daemon's does.
  * SIGHUP reloads the TLS credentials (qemu-storage-daemon exits on it).
  */
 #include <errno.h>
@@ -81,7 +82,9 @@ static void grace_expired(void *opaque)
     loop_stop(loop_main());
 }
 
-static void begin_shutdown(const char *why)
+/* graceful: NBD clients finish what they sent first (signals); otherwise
+ * they are dropped at once, as qemu-storage-daemon's quit does. */
+static void begin_shutdown(const char *why, bool graceful)
 {
     if (shutting_down)
         return;
@@ -89,12 +92,15 @@ static void begin_shutdown(const char *why)
     service_stopping(why);
     grace_timer = loop_timer_new(loop_main(), grace_expired, NULL);
     loop_timer_arm(grace_timer, (uint64_t)shutdown_grace_s() * 1000);
-    nbd_server_drain(nbd_clients_finished, NULL);
+    if (graceful)
+        nbd_server_drain(nbd_clients_finished, NULL);
+    else
+        exports_shutdown_all(all_exports_gone, NULL);
 }
 
 static void quit_requested(void)
 {
-    begin_shutdown("QMP quit");
+    begin_shutdown("QMP quit", false);
 }
 
 static void on_signal(void *opaque, uint32_t revents)
@@ -105,7 +111,7 @@ static void on_signal(void *opaque, uint32_t revents)
         if (si.ssi_signo == SIGHUP)
             service_reload();
         else
-            begin_shutdown(strsignal(si.ssi_signo));
+            begin_shutdown(strsignal(si.ssi_signo), true);
     }
 }
 

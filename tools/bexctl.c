@@ -7,8 +7,13 @@
  *                                              key:=JSON takes raw JSON
  *   bexctl -s SOCK COMMAND '{"json": ...}'     arguments as one JSON object
  *   bexctl -s SOCK --events | events           print events until interrupted
+ *   bexctl -s SOCK exports|nodes|stats|clients short names of the queries
+ *   bexctl -s SOCK top [-n N]                  live view (bexctl-view.c)
  *
- * The return value is printed as indented JSON (one line with --json).
+ * The query commands print a table (query-block-exports,
+ * query-named-block-nodes, query-blockstats, query-iothreads,
+ * __org.bexd_query-export-clients); other return values are printed as
+ * indented JSON; --json prints any of them as one line of JSON.
  * Exit status: 0 success, 1 QMP error ("Class: message" on stderr),
  * 2 usage or connection error.
  *
@@ -29,6 +34,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 #include <jansson.h>
+#include "tools/bexctl.h"
 #include "util/xalloc.h"
 
 #define EXIT_QMP 1
@@ -38,7 +44,7 @@
 static int sock = -1;
 static char *rbuf;
 static size_t rlen, rcap;
-static bool one_line;
+static bool one_line, pretty;
 
 static void die(const char *fmt, const char *arg)
 {
@@ -54,10 +60,14 @@ static void usage(FILE *f)
         "Usage: bexctl -s SOCKET [--json] COMMAND [key=value | key:=JSON ...]\n"
         "       bexctl -s SOCKET [--json] COMMAND '{\"json\": \"arguments\"}'\n"
         "       bexctl -s SOCKET [--json] --events   (or: events)\n"
+        "       bexctl -s SOCKET exports | nodes | stats | clients\n"
+        "       bexctl -s SOCKET top [-n COUNT]\n"
         "\n"
         "Runs one QMP command on a bexd or qemu-storage-daemon monitor socket.\n"
+        "Query commands print a table; others print indented JSON.\n"
         "  -s, --socket PATH|HOST:PORT  monitor socket (UNIX path, or TCP)\n"
         "  -j, --json                   print results as one line of JSON\n"
+        "  -p, --pretty                 print results as indented JSON, never a table\n"
         "  -e, --events                 print events as they come until interrupted\n"
         "  -h, --help                   this help\n"
         "Values: true/false/null and numbers are JSON, anything else a string;\n"
@@ -168,7 +178,7 @@ static void print_json(json_t *v)
 }
 
 /* Run a command; returns its "return" or exits on error. */
-static json_t *execute(const char *cmd, json_t *args, json_int_t id)
+json_t *bexctl_execute(const char *cmd, json_t *args, json_int_t id)
 {
     json_t *req = json_pack("{s:s, s:I}", "execute", cmd, "id", id);
     if (args)
@@ -189,7 +199,6 @@ static json_t *execute(const char *cmd, json_t *args, json_int_t id)
             fprintf(stderr, "%s: %s\n", json_string_value(json_object_get(err, "class")),
                     json_string_value(json_object_get(err, "desc")));
             json_decref(m);
-            json_decref(args);
             free(rbuf);
             exit(EXIT_QMP);
         }
@@ -328,6 +337,7 @@ int main(int argc, char **argv)
     static const struct option opts[] = {
         { "socket", required_argument, NULL, 's' },
         { "json", no_argument, NULL, 'j' },
+        { "pretty", no_argument, NULL, 'p' },
         { "events", no_argument, NULL, 'e' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
@@ -336,10 +346,11 @@ int main(int argc, char **argv)
     bool events = false;
     int c;
 
-    while ((c = getopt_long(argc, argv, "+s:jeh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+s:jpeh", opts, NULL)) != -1) {
         switch (c) {
         case 's': path = optarg; break;
         case 'j': one_line = true; break;
+        case 'p': pretty = true; break;
         case 'e': events = true; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return EXIT_USAGE;
@@ -353,18 +364,51 @@ int main(int argc, char **argv)
         usage(stderr);
         return EXIT_USAGE;
     }
-    json_t *args = events ? NULL : build_args(argc - optind - 1, argv + optind + 1);
+    static const struct { const char *alias, *cmd, *args; } aliases[] = {
+        { "exports", "query-block-exports", NULL },
+        { "nodes", "query-named-block-nodes", NULL },
+        { "stats", "query-blockstats", "query-nodes=true" },
+        { "clients", "__org.bexd_query-export-clients", NULL },
+    };
+    const char *cmd = events ? NULL : argv[optind];
+    json_t *args = NULL;
+    int top = -1;
+    if (cmd && !strcmp(cmd, "top")) {
+        top = 0;
+        if (optind + 3 == argc && !strcmp(argv[optind + 1], "-n") && atoi(argv[optind + 2]) > 0)
+            top = atoi(argv[optind + 2]);
+        else if (optind + 1 != argc)
+            die("%s", "usage: bexctl -s SOCKET top [-n COUNT]");
+    } else if (cmd) {
+        char *alias_arg[1];
+        int n = argc - optind - 1;
+        char **av = argv + optind + 1;
+        for (size_t i = 0; i < sizeof(aliases) / sizeof(aliases[0]); i++) {
+            if (!strcmp(cmd, aliases[i].alias)) {
+                cmd = aliases[i].cmd;
+                if (aliases[i].args && n == 0) {
+                    alias_arg[0] = (char *)aliases[i].args;
+                    av = alias_arg;
+                    n = 1;
+                }
+            }
+        }
+        args = build_args(n, av);
+    }
 
     sock = connect_to(path);
     json_t *greeting = recv_msg();
     if (!json_object_get(greeting, "QMP"))
         die("%s", "no QMP greeting");
     json_decref(greeting);
-    json_decref(execute("qmp_capabilities", NULL, 1));
+    json_decref(bexctl_execute("qmp_capabilities", NULL, 1));
     if (events)
         run_events();
-    json_t *ret = execute(argv[optind], args, 2);
-    print_json(ret);
+    if (top >= 0)
+        return bexctl_top(top);
+    json_t *ret = bexctl_execute(cmd, args, 2);
+    if (one_line || pretty || !bexctl_print_table(cmd, ret))
+        print_json(ret);
     json_decref(ret);
     json_decref(args);
     close(sock);
