@@ -32,6 +32,8 @@
 #include "export/export.h"
 #include "export/nbd/nbd.h"
 #include "object/object.h"
+#include "config.h"
+#include "ops/metrics.h"
 #include "ops/service.h"
 #include "qmp/monitor.h"
 #include "qmp/qmp.h"
@@ -231,6 +233,9 @@ int main(int argc, char **argv)
     loop_run(loop_main());
 
     loop_timer_free(grace_timer);
+#ifdef CONFIG_METRICS
+    metrics_stop();
+#endif
     log_info("flushing block nodes");
     block_flush_all_sync();
     if (deadline_passed) {

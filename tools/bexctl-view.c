@@ -63,6 +63,14 @@ static const char *cell_text(json_t *row, const char *key, char *buf, size_t len
     return "...";
 }
 
+/* No padding after the last column: lines end with their text. */
+static void print_cell(const struct column *cols, const size_t *w, int c, int ncols,
+                       const char *text)
+{
+    int width = cols[c].right ? (int)w[c] : c == ncols - 1 ? 0 : -(int)w[c];
+    printf(c ? "  %*s" : "%*s", width, text);
+}
+
 static void print_table(json_t *rows, const struct column *cols, int ncols)
 {
     size_t w[MAX_COLS];
@@ -79,12 +87,11 @@ static void print_table(json_t *rows, const struct column *cols, int ncols)
                 w[c] = n;
         }
     for (int c = 0; c < ncols; c++)
-        printf(c ? "  %*s" : "%*s", cols[c].right ? (int)w[c] : -(int)w[c], cols[c].title);
+        print_cell(cols, w, c, ncols, cols[c].title);
     putchar('\n');
     json_array_foreach(rows, i, row) {
         for (int c = 0; c < ncols; c++)
-            printf(c ? "  %*s" : "%*s", cols[c].right ? (int)w[c] : -(int)w[c],
-                   cell_text(row, cols[c].key, buf, sizeof(buf)));
+            print_cell(cols, w, c, ncols, cell_text(row, cols[c].key, buf, sizeof(buf)));
         putchar('\n');
     }
 }

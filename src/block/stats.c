@@ -74,6 +74,16 @@ static void hist_add(struct bstat_hist *h, uint64_t ns)
     ADD(&h->bins[lo], 1);
 }
 
+static unsigned log2_bucket(uint64_t ns)
+{
+    /* smallest k with ns < 2^(MIN+k) */
+    unsigned bits = ns ? 64 - __builtin_clzll(ns) : 0;
+    if (bits <= BSTAT_LOG2_MIN)
+        return 0;
+    bits -= BSTAT_LOG2_MIN;
+    return bits < BSTAT_LOG2_BUCKETS ? bits : BSTAT_LOG2_BUCKETS - 1;
+}
+
 static void account(struct bnode *bs, const struct breq *req, int ret, uint64_t now, uint64_t ns)
 {
     struct bstats *st = bs->stats;
@@ -85,6 +95,7 @@ static void account(struct bnode *bs, const struct breq *req, int ret, uint64_t 
         ADD(&c->ops, 1);
         ADD(&c->bytes, req->len);
         ADD(&c->total_ns, ns);
+        ADD(&c->log2_buckets[log2_bucket(ns)], 1);
         struct bstat_hist *h = __atomic_load_n(&st->hist[req->acct_op], __ATOMIC_ACQUIRE);
         if (h)
             hist_add(h, ns);

@@ -29,8 +29,14 @@ struct bstat_hist {
     struct bstat_hist *retired_next;   /* replaced ones, freed with the node */
 };
 
+/* Always-on latency buckets for /metrics: bucket k counts latencies below
+ * 2^(BSTAT_LOG2_MIN+k) ns (4 us .. 17 s), the last one everything above. */
+#define BSTAT_LOG2_MIN 12
+#define BSTAT_LOG2_BUCKETS 24
+
 struct bstat_op_counters {
     uint64_t bytes, ops, failed, invalid, total_ns;
+    uint64_t log2_buckets[BSTAT_LOG2_BUCKETS];
 };
 
 struct bstats {

@@ -23,6 +23,7 @@
 #include "export/nbd/nbd.h"
 #include "object/object.h"
 #include "chardev/chardev.h"
+#include "ops/metrics.h"
 #include "qmp/monitor.h"
 #include "qmp/schema.h"
 #include "util/cleanup.h"
@@ -32,6 +33,7 @@
 enum {
     OPT_BLOCKDEV = 256, OPT_CHARDEV, OPT_DAEMONIZE, OPT_EXPORT, OPT_MONITOR,
     OPT_NBD_SERVER, OPT_OBJECT, OPT_PIDFILE,
+    OPT_METRICS,        /* bexd's own (ops) */
 };
 
 static const struct option long_options[] = {
@@ -40,6 +42,7 @@ static const struct option long_options[] = {
     { "daemonize",  no_argument,       NULL, OPT_DAEMONIZE },
     { "export",     required_argument, NULL, OPT_EXPORT },
     { "help",       no_argument,       NULL, 'h' },
+    { "metrics",    required_argument, NULL, OPT_METRICS },
     { "monitor",    required_argument, NULL, OPT_MONITOR },
     { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
     { "object",     required_argument, NULL, OPT_OBJECT },
@@ -109,7 +112,12 @@ static void print_help(void)
 "                         properties in the order they are specified. Note\n"
 "                         that the 'id' property must be set.\n"
 "\n"
-"  --pidfile <path>       write process ID to a file after startup\n");
+"  --pidfile <path>       write process ID to a file after startup\n"
+"\n"
+"  --metrics addr.type=inet,addr.host=<host>,addr.port=<port>\n"
+"  --metrics addr.type=unix,addr.path=<path> | addr.type=fd,addr.str=<name>\n"
+"                         serve Prometheus metrics over HTTP at /metrics\n"
+"                         (bexd only; off unless given)\n");
 }
 
 /* ---- QemuOpts-style parsing for --chardev ---- */
@@ -283,6 +291,13 @@ static int apply_one(int c, const char *arg, struct cli_result *res, error **err
     case OPT_PIDFILE:
         res->pidfile = arg;
         return 0;
+    case OPT_METRICS:
+#ifdef CONFIG_METRICS
+        return apply_checked(arg, NULL, "__org.bexd_MetricsOptions", metrics_start, errp);
+#else
+        error_setg(errp, "this bexd was built without the metrics endpoint (libmicrohttpd)");
+        return -1;
+#endif
     case OPT_DAEMONIZE:
         res->daemonize = true;
         return 0;

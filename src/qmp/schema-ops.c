@@ -71,5 +71,6 @@ static const char text[] =
     "{ 'command': '__org.bexd_query-export-clients', 'data': { '*id': 'str' },\n"
     "  'returns': ['__org.bexd_ExportClients'], 'allow-preconfig': true }\n"
     "{ 'command': '__org.bexd_reload-tls-creds', 'data': { '*id': 'str' },\n"
-    "  'allow-preconfig': true }\n";
+    "  'allow-preconfig': true }\n"
+    "{ 'struct': '__org.bexd_MetricsOptions', 'data': { 'addr': 'SocketAddress' } }\n";
 SCHEMA_SOURCE(ops, text)

@@ -1,6 +1,7 @@
 /* NBD server: the shared operation behind nbd-server-start and --nbd-server. */
 #pragma once
 #include <stdbool.h>
+#include <stdint.h>
 #include <jansson.h>
 #include "util/error.h"
 
@@ -15,3 +16,10 @@ void nbd_server_drain(void (*done)(void *), void *opaque);
 /* Log each connection still open (the stop deadline passed). */
 void nbd_server_report_stuck(void);
 int  nbd_server_nclients(void);
+
+/* Counters of the server for /metrics (main thread). */
+struct nbd_server_counters {
+    int open;
+    uint64_t accepted, handshake_failures, tls_failures;
+};
+void nbd_server_counters(struct nbd_server_counters *out);

@@ -240,6 +240,14 @@ void nbd_server_report_stuck(void)
                  __atomic_load_n(&c->busy_slots, __ATOMIC_RELAXED));
 }
 
+void nbd_server_counters(struct nbd_server_counters *out)
+{
+    out->open = nbd_srv.nconns;
+    out->accepted = nbd_srv.accepted;
+    out->handshake_failures = nbd_srv.handshake_failures;
+    out->tls_failures = nbd_srv.tls_failures;
+}
+
 int nbd_server_nclients(void)
 {
     return nbd_srv.nconns;
