@@ -1,0 +1,85 @@
+"""The Debian package: dpkg-buildpackage -us -uc -b builds it from the
+committed tree, lintian finds no error, and it holds what `meson install`
+installs, with /etc/default/bexd a conffile and the units enabled by its
+maintainer scripts.
+
+(Installing it on a fresh Debian 12 root is shown with
+/work/shared/tools/fresh-root.sh; see docs/operations.md.)"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+DPKG_BUILDPACKAGE = shutil.which("dpkg-buildpackage")
+LINTIAN = shutil.which("lintian")
+
+pytestmark = pytest.mark.skipif(not DPKG_BUILDPACKAGE or not shutil.which("dh"),
+                                reason="dpkg-dev/debhelper not installed")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("pkg"))
+    src = os.path.join(base, "bexd")
+    os.mkdir(src)
+    # the tree as committed, as a source package would have it (plus local
+    # changes of tracked files, so a developer tests what they edit)
+    files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in files:
+        if f and os.path.isfile(os.path.join(ROOT, f)):
+            os.makedirs(os.path.dirname(os.path.join(src, f)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(src, f))
+    env = dict(os.environ, DEB_BUILD_OPTIONS="nocheck parallel=%d" % (os.cpu_count() or 1))
+    r = subprocess.run([DPKG_BUILDPACKAGE, "-us", "-uc", "-b"], cwd=src, env=env,
+                       capture_output=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout.decode() + r.stderr.decode())[-4000:]
+    [deb] = [os.path.join(base, f) for f in os.listdir(base)
+             if re.match(r"bexd_.*_amd64\.deb$", f) or re.match(r"bexd_.*_[a-z0-9]+\.deb$", f)]
+    changes = [os.path.join(base, f) for f in os.listdir(base) if f.endswith(".changes")][0]
+    return deb, changes
+
+
+def test_contents(package):
+    deb, _ = package
+    listing = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, check=True,
+                             timeout=60).stdout.decode()
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    for p in ["/usr/sbin/bexd", "/usr/bin/bexctl", "/usr/share/man/man8/bexd.8.gz",
+              "/usr/share/man/man1/bexctl.1.gz", "/lib/systemd/system/bexd.service",
+              "/lib/systemd/system/bexd.socket", "/lib/systemd/system/bexd@.service",
+              "/lib/systemd/system/bexd@.socket", "/etc/default/bexd",
+              "/usr/share/doc/bexd/operations.md.gz", "/usr/share/doc/bexd/copyright",
+              "/usr/share/doc/bexd/examples/example.conf"]:
+        assert p in paths, p
+    # nothing of the test tree
+    assert not [p for p in paths if "vub-client" in p or "/tests/" in p]
+    info = subprocess.run(["dpkg-deb", "-I", deb], capture_output=True, check=True,
+                          timeout=60).stdout.decode()
+    assert "Package: bexd" in info and "Depends:" in info
+    tmp = os.path.dirname(deb) + "/ctl"
+    subprocess.run(["dpkg-deb", "-e", deb, tmp], check=True, timeout=60)
+    assert open(tmp + "/conffiles").read().split() == ["/etc/default/bexd"]
+    postinst = open(tmp + "/postinst").read()
+    assert "deb-systemd-helper" in postinst and "bexd.socket" in postinst
+    # the unit points at the installed daemon
+    x = os.path.dirname(deb) + "/x"
+    subprocess.run(["dpkg-deb", "-x", deb, x], check=True, timeout=60)
+    unit = open(x + "/lib/systemd/system/bexd.service").read()
+    assert "ExecStart=/usr/sbin/bexd $BEXD_ARGS" in unit
+    r = subprocess.run([x + "/usr/sbin/bexd", "--version"], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(b"bexd version ")
+
+
+@pytest.mark.skipif(not LINTIAN, reason="lintian not installed")
+def test_lintian_no_errors(package):
+    _, changes = package
+    r = subprocess.run([LINTIAN, "--fail-on", "error", changes], capture_output=True,
+                       timeout=600)
+    out = r.stdout.decode()
+    assert r.returncode == 0, out + r.stderr.decode()
+    assert not [line for line in out.splitlines() if line.startswith("E:")], out
