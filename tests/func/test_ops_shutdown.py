@@ -6,6 +6,7 @@ bexd only: qemu-storage-daemon drops its clients on SIGTERM.
 import os
 import signal
 import subprocess
+import time
 
 import nbd
 import pytest
@@ -60,7 +61,8 @@ def test_sigterm_under_load_keeps_acknowledged_writes(image, tmpdir_short):
 
         for h in handles:
             inflight[h] = set()
-        while True:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             live = [h for h in handles if not h.aio_is_closed() and not h.aio_is_dead()]
             if not live:
                 break

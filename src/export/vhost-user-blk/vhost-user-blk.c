@@ -526,6 +526,11 @@ static void listen_cb(void *opaque, uint32_t revents)
         close(fd);
         return;
     }
+    struct ucred cr;
+    socklen_t crlen = sizeof(cr);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crlen) == 0)
+        log_info("vhost-user-blk: front-end unix:pid=%d connected to export '%s'",
+                 (int)cr.pid, vx->exp.id);
     loop_watch_set(vx->listen_w, 0);    /* one front-end at a time */
 }
 
