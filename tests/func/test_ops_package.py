@@ -34,7 +34,7 @@ def package(tmp_path_factory):
         if f and os.path.isfile(os.path.join(ROOT, f)):
             os.makedirs(os.path.dirname(os.path.join(src, f)), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, f), os.path.join(src, f))
-    env = dict(os.environ, DEB_BUILD_OPTIONS="nocheck parallel=%d" % (os.cpu_count() or 1))
+    env = dict(os.environ, DEB_BUILD_OPTIONS="nocheck noautodbgsym parallel=%d" % (os.cpu_count() or 1))
     r = subprocess.run([DPKG_BUILDPACKAGE, "-us", "-uc", "-b"], cwd=src, env=env,
                        capture_output=True, timeout=1200)
     assert r.returncode == 0, (r.stdout.decode() + r.stderr.decode())[-4000:]
