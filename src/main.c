@@ -186,13 +186,15 @@ static void daemonize_finish(int fd)
 int main(int argc, char **argv)
 {
     int ready_fd = -1;
+    /* before forking: passed sockets are for this process (LISTEN_PID),
+     * and the daemon child inherits them */
+    systemd_init();
+    log_init();
     if (cli_wants_daemonize(argc, argv)) {
         ready_fd = daemonize_start();
         chardev_set_daemonized();          /* stdin and stdout are not ours */
     }
 
-    systemd_init();
-    log_init();
     signal(SIGPIPE, SIG_IGN);
     sigset_t mask;
     sigemptyset(&mask);

@@ -289,3 +289,24 @@ def test_journal_priority_prefixes(image, tmpdir_short):
         if p.poll() is None:
             p.kill()
         p.stderr.close()
+
+
+def test_activation_with_daemonize(activated, image, tmpdir_short):
+    """The sockets were passed to the process systemd started; its
+    --daemonize child inherits and uses them."""
+    img = image(1 << 20, data=b"daemonized")
+    pidfile = os.path.join(tmpdir_short, "pid")
+    a = activated(["nbd"], [
+        "--blockdev", "driver=file,node-name=disk,filename=" + img,
+        "--nbd-server", "addr.type=fd,addr.str=nbd",
+        "--export", "type=nbd,id=e0,node-name=disk,name=disk",
+        "--daemonize", "--pidfile", pidfile])
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(a.paths["nbd"])        # starts bexd; its parent exits once ready
+    assert a.proc.wait(timeout=30) == 0
+    s.close()
+    pid = int(open(pidfile).read())
+    try:
+        assert "daemonized" in nbd_read(a.paths["nbd"], "disk", 10)
+    finally:
+        os.kill(pid, signal.SIGTERM)
