@@ -220,3 +220,17 @@ def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):
         took[name] = time.monotonic() - t0 >= 0.29
     assert took == {"read": True, "write": True, "flush": True}, took
     h.shutdown()
+
+
+def test_kill9_under_write_load_keeps_flushed_writes():
+    """Crash consistency, short version (tests/crash/kill9.py runs 100
+    rounds): bexd killed with SIGKILL at random moments while four clients
+    write; every write acknowledged with FUA or followed by an acknowledged
+    FLUSH is in the raw image afterwards."""
+    import conftest
+    script = os.path.join(os.path.dirname(__file__), "..", "crash", "kill9.py")
+    r = subprocess.run(["/usr/bin/python3", script, "5", "--bexd", conftest.BEXD],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = r.stdout.decode()
+    assert r.returncode == 0, out
+    assert out.rstrip().splitlines()[-1].endswith(" 0 lost"), out
