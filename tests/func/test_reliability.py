@@ -234,3 +234,17 @@ def test_kill9_under_write_load_keeps_flushed_writes():
     out = r.stdout.decode()
     assert r.returncode == 0, out
     assert out.rstrip().splitlines()[-1].endswith(" 0 lost"), out
+
+
+def test_soak_short():
+    """The soak, short (tests/soak/soak.py runs an hour): NBD clients
+    killed and stopped at random, QMP adding and removing exports, FUSE
+    I/O, for 30 s; fds and threads flat, data intact, no sanitizer report
+    (the suite's ASan build)."""
+    import conftest
+    script = os.path.join(os.path.dirname(__file__), "..", "soak", "soak.py")
+    r = subprocess.run(["/usr/bin/python3", script, "30", "--bexd", conftest.BEXD],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = r.stdout.decode()
+    assert r.returncode == 0, out
+    assert out.rstrip().splitlines()[-1].endswith("; ok"), out
