@@ -50,12 +50,20 @@ static void run_qmp(const char *text)
 
 struct start { int fd; pthread_mutex_t lock; pthread_cond_t cond; int done; };
 
+static char sock[64];
+
+static void remove_sock(void)
+{
+    unlink(sock);
+}
+
 static void setup_cb(void *opaque)
 {
     struct start *st = opaque;
-    char sock[64], cmd[256];
+    char cmd[256];
 
     snprintf(sock, sizeof(sock), "/tmp/bexd-fuzz-nbd-%d.sock", (int)getpid());
+    atexit(remove_sock);
     run_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"null-co\","
             "\"node-name\":\"n0\",\"size\":67108864,\"read-zeroes\":true}}");
     snprintf(cmd, sizeof(cmd), "{\"execute\":\"nbd-server-start\",\"arguments\":{\"addr\":"
