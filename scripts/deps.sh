@@ -9,6 +9,7 @@ set -eu
 PKGS="build-essential meson ninja-build pkg-config
  libjansson-dev liburing-dev libcmocka-dev libfuse3-dev fuse3 libgnutls28-dev gnutls-bin
  libpam0g-dev librbd-dev librados-dev
+ zlib1g-dev libzstd-dev
  python3 python3-pytest python3-libnbd libnbd-bin nbdkit nbd-server fio
  qemu-utils qemu-system-common qemu-block-extra qemu-system-x86
  linux-image-amd64 busybox-static cpio kmod

@@ -61,6 +61,15 @@ static json_t *node_info(struct bnode *bs)
         leaf = leaf->file;
     if (leaf->drv->query_info)
         leaf->drv->query_info(leaf, info);
+    if (bs != leaf && bs->drv->is_format && bs->drv->query_info)
+        bs->drv->query_info(bs, info);          /* qcow2: its own image info */
+    if (bs->backing) {
+        /* as QEMU: the chain's image info nests under "backing-image" */
+        json_t *bi = node_info(bs->backing);
+        json_object_set(json_object_get(info, "image"), "backing-image",
+                        json_object_get(bi, "image"));
+        json_decref(bi);
+    }
     json_t *bitmaps = dirty_bitmaps_query(bs);
     if (bitmaps)
         json_object_set_new(info, "dirty-bitmaps", bitmaps);

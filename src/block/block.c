@@ -229,6 +229,12 @@ fail:
     return NULL;
 }
 
+/* A child given as a BlockdevRef (backing, data-file): see block.h. */
+struct bnode *bnode_open_ref(json_t *ref, bool parent_ro, error **errp)
+{
+    return open_child(ref, parent_ro, errp);
+}
+
 struct bnode *blockdev_add(json_t *opts, error **errp)
 {
     return bnode_open(opts, true, errp);
@@ -404,6 +410,11 @@ int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     bytes = MIN(bytes, bs->size - offset);
     int d = 1;
     for (struct bnode *n = bs; n; n = n->backing, d++) {
+        uint64_t nsize = __atomic_load_n(&n->size, __ATOMIC_RELAXED);
+        if (offset >= nsize) {
+            break;                  /* past the end of this backing layer: zeros */
+        }
+        bytes = MIN(bytes, nsize - offset);
         uint64_t num = bytes;
         unsigned f = BS_DATA | BS_ALLOCATED;
         if (n->drv->block_status) {

@@ -196,6 +196,11 @@ struct bdrv {
 /* ---- graph / control (main thread) ---- */
 /* blockdev-add: opts validated by the QMP schema (BlockdevOptions). */
 struct bnode *blockdev_add(json_t *opts, error **errp);
+/* A child node from a BlockdevRef (a node name: a new reference to it; or
+ * inline options: a new node with a generated name), for drivers that open
+ * children of their own (backing, data-file).  An inline child inherits
+ * read-only from its parent unless it says otherwise. */
+struct bnode *bnode_open_ref(json_t *ref, bool parent_ro, error **errp);
 int  blockdev_del(const char *node_name, error **errp);
 struct bnode *bnode_find(const char *node_name);
 /* "Cannot find device=X nor node-name=X"-style lookup used by exports */

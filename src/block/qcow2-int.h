@@ -1,0 +1,246 @@
+/*
+ * qcow2 driver internals, shared by qcow2.c (open, options, queries),
+ * qcow2-meta.c (metadata caches, refcounts, allocation, corruption) and
+ * qcow2-io.c (requests, block status).
+ *
+ * Locks.  Two, always taken in this order:
+ *   lock        co_mutex, held by coroutines across I/O while they read or
+ *               change metadata (QEMU's s->lock): cache misses, allocation,
+ *               refcounts, L1/L2 updates, flushing metadata.
+ *   cache_lock  a short pthread mutex over the in-memory state that the
+ *               lock-free fast path reads: the L1 table, the cache slot
+ *               table and L2 slice contents, in-flight counters, the list
+ *               of guest ranges being changed.  Never held across I/O.
+ * A fast-path request translates under cache_lock only; everything that
+ * changes a mapping does so under both.
+ *
+ * In-flight data I/O and freed clusters.  A host cluster whose mapping is
+ * removed (discard, zero with unmap, a rewritten compressed cluster) may
+ * still be read or written by a request that translated before.  Data I/O
+ * counts itself in one of two slots (inflight[cur_slot]) between its
+ * translation and its completion; freed clusters wait in `pending` until a
+ * metadata flush made the mapping change durable, then in `draining` until
+ * the slot that was current before a flip has emptied, and only then lose
+ * their reference (and may be reused).  So a cluster is never reused while
+ * I/O that found it is in flight, and never freed on disk while an L2
+ * entry on disk still points at it.
+ */
+#pragma once
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include "block/block.h"
+#include "block/qcow2.h"
+#include "util/coroutine.h"
+
+/* One cached table slice (an L2 slice or a refcount block). */
+struct qcache_entry {
+    uint64_t offset;         /* host offset; 0 = free slot */
+    int pins;                /* coroutines using it */
+    bool dirty;
+    bool loading;            /* being read: not usable yet */
+    uint64_t lru;
+    int hnext;               /* hash chain, -1 = end */
+};
+
+struct qcache {
+    const char *name;
+    uint32_t entry_size;
+    int n;
+    struct qcache_entry *e;
+    uint8_t *mem;
+    int *hash;               /* nbuckets heads */
+    int nbuckets;
+    uint64_t clock;
+    int ndirty;
+    struct co_queue waitq;   /* coroutines waiting for a slot or a load */
+};
+
+/* A guest cluster range being changed by a coroutine (write, zero, discard). */
+struct qrange {
+    uint64_t start, end;     /* guest clusters [start, end) */
+    struct co_queue waiters;
+    struct qrange *next;
+};
+
+struct qfree {
+    uint64_t offset;         /* host cluster */
+    uint64_t nb;             /* clusters */
+    int discard_type;        /* QFREE_* */
+    struct qfree *next;
+};
+enum { QFREE_NEVER, QFREE_REQUEST, QFREE_SNAPSHOT, QFREE_OTHER };
+
+enum qcow2_overlap_bits {
+    QOL_MAIN_HEADER = 1 << 0,
+    QOL_ACTIVE_L1 = 1 << 1,
+    QOL_ACTIVE_L2 = 1 << 2,
+    QOL_REFCOUNT_TABLE = 1 << 3,
+    QOL_REFCOUNT_BLOCK = 1 << 4,
+    QOL_SNAPSHOT_TABLE = 1 << 5,
+    QOL_INACTIVE_L1 = 1 << 6,
+    QOL_INACTIVE_L2 = 1 << 7,
+    QOL_BITMAP_DIRECTORY = 1 << 8,
+};
+
+struct qsnapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+};
+
+struct qcow2_state {
+    struct bnode *bs;
+    struct bnode *data;              /* where guest data lives: file or data-file */
+    struct bnode_user *data_link;    /* external data file link */
+    bool data_file_raw;
+    char *data_file_name;            /* from the header extension */
+
+    /* header */
+    uint32_t version;
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    uint64_t size;
+    uint64_t incompat, compat, autoclear;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;
+    bool extl2;
+    uint32_t l2_bits;                /* log2(entries per L2 table) */
+    uint64_t l2_entries;
+    uint32_t l2_entry_bytes;         /* 8, or 16 with extended L2 */
+    uint64_t subcluster_size;
+    uint32_t subcluster_bits;
+    uint64_t csize_shift, csize_mask, coffset_mask;
+    bool lazy_refcounts;
+    bool corrupt;                    /* found inconsistent: read-only from now on */
+    bool signaled_corruption;
+    bool header_dirty_bit;           /* we set the dirty bit on disk */
+
+    char *backing_file;              /* as in the header */
+    char *backing_fmt;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset, snapshots_size;
+    struct qsnapshot *snapshots;
+    uint64_t bitmap_dir_offset, bitmap_dir_size;
+    uint32_t nb_bitmaps;
+    uint64_t unknown_ext_end;        /* end of the header extensions */
+
+    /* L1 (host order) */
+    uint64_t *l1;
+    uint32_t l1_size;
+    uint64_t l1_offset;
+
+    /* refcount table (host order) */
+    uint64_t *reftable;
+    uint64_t reftable_size;          /* entries */
+    uint64_t reftable_offset;
+    uint32_t reftable_clusters;
+    uint64_t rb_entries;             /* refcounts per block */
+    uint32_t rb_bits;                /* log2(rb_entries) */
+    uint64_t refcount_max;
+    uint64_t free_cluster_index;     /* search hint */
+    uint64_t alloc_end;              /* clusters handed out end below this */
+
+    /* options */
+    unsigned overlap;                /* QOL_* checked before writes */
+    bool discard_passthrough[4];
+    uint64_t l2_cache_size, refcount_cache_size, l2_slice_size;
+    uint64_t cache_clean_interval;
+
+    /* caches */
+    struct qcache l2c, rbc;
+    uint64_t l2_slice_entries;
+
+    /* concurrency */
+    struct co_mutex lock;
+    pthread_mutex_t cache_lock;
+    unsigned inflight[2];            /* atomic */
+    int cur_slot;
+    struct qrange *ranges;
+    struct qfree *pending, *draining;
+    int draining_slot;
+
+    /* metadata overlap check: host clusters holding metadata */
+    uint64_t *meta_set;              /* open addressing hash of cluster indexes (+1) */
+    uint64_t meta_cap, meta_count;
+};
+
+/* Subcluster types, as QEMU names them. */
+enum qtype {
+    QT_UNALLOC,           /* no host cluster: backing or zeros */
+    QT_UNALLOC_ALLOC,     /* extl2: host cluster, subcluster not allocated */
+    QT_ZERO,              /* reads as zeros, no host cluster */
+    QT_ZERO_ALLOC,        /* reads as zeros, host cluster kept */
+    QT_NORMAL,
+    QT_COMPRESSED,
+    QT_INVALID,
+};
+
+static inline uint64_t qoffset_into_cluster(const struct qcow2_state *s, uint64_t o)
+{
+    return o & (s->cluster_size - 1);
+}
+static inline uint64_t qstart_of_cluster(const struct qcow2_state *s, uint64_t o)
+{
+    return o & ~(s->cluster_size - 1);
+}
+static inline uint64_t qsize_to_clusters(const struct qcow2_state *s, uint64_t n)
+{
+    return (n + s->cluster_size - 1) >> s->cluster_bits;
+}
+
+/* ---- qcow2-meta.c ---- */
+int  qcache_init(struct qcache *c, const char *name, uint32_t entry_size, int n);
+void qcache_free(struct qcache *c);
+uint8_t *qcache_data(struct qcache *c, int idx);
+/* Under cache_lock: the slot holding offset, ready, or -1. */
+int  qcache_find(struct qcache *c, uint64_t offset);
+/* Coroutine, with s->lock: load (or find) the slice at offset and pin it. */
+int  qcache_get(struct qcow2_state *s, struct qcache *c, uint64_t offset, bool read_it, int *idx);
+void qcache_put(struct qcow2_state *s, struct qcache *c, int idx);
+void qcache_mark_dirty(struct qcow2_state *s, struct qcache *c, int idx);
+/* Write every dirty entry of c (refcounts first if c is the L2 cache). */
+int  qcache_flush(struct qcow2_state *s, struct qcache *c);
+
+/* Refcounts (coroutine, s->lock held) */
+int  qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster_index, uint64_t *ref);
+int  qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t length,
+                           int64_t addend);
+/* Allocate n contiguous clusters (refcount 1); returns the host offset or -errno. */
+int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
+/* Queue clusters whose mapping was just removed (see the file comment). */
+void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, int type);
+/* After a metadata flush: move pending frees on; release the drained ones. */
+int  qcow2_process_frees(struct qcow2_state *s, bool flushed);
+int  qcow2_flush_metadata(struct qcow2_state *s);
+/* Write one L1 entry to disk (its 512-byte sector) and memory. */
+int  qcow2_write_l1_entry(struct qcow2_state *s, uint32_t idx, uint64_t entry);
+/* Write a header field range from a fresh header image. */
+int  qcow2_write_header(struct qcow2_state *s);
+/* Guest data or metadata about to be written at [offset, offset+len) of the
+ * image file: refuse (and mark corrupt) if it overlaps metadata. */
+int  qcow2_overlap_check(struct qcow2_state *s, unsigned ign, uint64_t offset, uint64_t len);
+void qcow2_meta_add(struct qcow2_state *s, uint64_t offset, uint64_t len);
+void qcow2_meta_add_kind(struct qcow2_state *s, uint64_t offset, uint64_t len, unsigned kind);
+/* Under cache_lock: -EIO and *hit (QOL_*) if [offset, offset+len) overlaps. */
+int  qcow2_overlap_check_locked(struct qcow2_state *s, unsigned ign, uint64_t offset,
+                                uint64_t len, unsigned *hit);
+void qcow2_report_overlap(struct qcow2_state *s, unsigned hit, uint64_t offset, uint64_t len);
+void qcow2_meta_del(struct qcow2_state *s, uint64_t offset, uint64_t len);
+/* Report an inconsistency: BLOCK_IMAGE_CORRUPTED; fatal = mark the image
+ * corrupt and stop writing. */
+void qcow2_signal_corruption(struct qcow2_state *s, bool fatal, int64_t offset, int64_t size,
+                             const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* ---- qcow2-io.c ---- */
+void qcow2_submit(struct bnode *bs, struct breq *req, uint64_t offset);
+int  qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                        uint64_t *pnum, unsigned *flags);
+/* Classify entry (and bitmap) for subcluster sc. */
+enum qtype qcow2_subcluster_type(const struct qcow2_state *s, uint64_t l2e, uint64_t bitmap,
+                                 unsigned sc);
+int  qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
+                      const void *src, size_t src_len);
+/* Run fn(opaque) in a new coroutine and wait for it in the main loop
+ * (open, close, truncate: control paths). */
+int  qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque);

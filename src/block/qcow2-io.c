@@ -1,0 +1,1294 @@
+/*
+ * qcow2 requests and block status.
+ *
+ * Theory of operation.  qcow2_submit() first tries the fast path, with no
+ * coroutine and no allocation once warm: under cache_lock it looks the
+ * request up in the cached L2 slice; a READ of one contiguous run of data
+ * clusters (or a WRITE of clusters allocated with COPIED set, and with
+ * extended L2 entries, of allocated subclusters) is counted in flight and
+ * forwarded to the data node at the host offset, as raw.c forwards; a READ
+ * of a run that reads as zeros is answered at once, and a READ of an
+ * unallocated run inside the backing node is passed to it.  Everything
+ * else runs in a coroutine in the submitting thread: cache misses under
+ * s->lock, cluster allocation with copy-on-write of the partial head and
+ * tail (subclusters with extended L2), compressed clusters, zero writes
+ * and discards, flushes.
+ *
+ * Writes that change mappings hold a range lock on the guest clusters they
+ * touch, so concurrent requests to one cluster are serialised while other
+ * clusters go on.  A data write completes before the L2 entry pointing at
+ * it is updated in the cache; the cache writes L2 slices back only after
+ * the refcount blocks (qcow2-meta.c).
+ */
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+#include "config.h"
+#ifdef CONFIG_ZSTD
+#include <zstd.h>
+#endif
+#include "block/qcow2-int.h"
+#include "util/cleanup.h"
+#include "util/loop.h"
+#include "util/log.h"
+
+/* ---- per-request context (per-thread free list) ---- */
+
+struct qreq {
+    struct breq child;          /* fast path: the request to the data node */
+    struct breq *parent;
+    struct bnode *bs;
+    struct qcow2_state *s;
+    uint64_t offset;            /* guest offset of parent */
+    int slot;                   /* in-flight slot of the fast path */
+    struct qreq *next;
+};
+
+static __thread struct qreq *qreq_pool;
+
+static struct qreq *qreq_get(void)
+{
+    struct qreq *q = qreq_pool;
+    if (q) {
+        qreq_pool = q->next;
+        return q;
+    }
+    q = calloc(1, sizeof(*q));
+    if (!q)
+        abort();
+    return q;
+}
+
+static void qreq_put(struct qreq *q)
+{
+    q->next = qreq_pool;
+    qreq_pool = q;
+}
+
+/* ---- iovec helpers ---- */
+
+#define SUB_IOV_MAX 64
+
+struct sub_iov {
+    struct iovec *iov;
+    int cnt;
+    struct iovec inline_iov[SUB_IOV_MAX];
+    struct iovec *heap;
+};
+
+static void sub_iov_free(struct sub_iov *v) { free(v->heap); }
+
+/* The part [off, off+len) of (iov, cnt) as its own vector. */
+static void sub_iov_make(struct sub_iov *v, const struct iovec *iov, int cnt, uint64_t off,
+                         uint64_t len)
+{
+    int n = 0;
+    uint64_t pos = 0;
+    v->heap = NULL;
+    v->iov = v->inline_iov;
+    for (int pass = 0; pass < 2; pass++) {
+        n = 0;
+        pos = 0;
+        for (int i = 0; i < cnt && pos < off + len; i++) {
+            uint64_t a = pos, b = pos + iov[i].iov_len;
+            pos = b;
+            if (b <= off)
+                continue;
+            uint64_t from = off > a ? off - a : 0;
+            uint64_t to = MIN(b, off + len) - a;
+            if (pass == 1)
+                v->iov[n] = (struct iovec){ (char *)iov[i].iov_base + from, to - from };
+            n++;
+        }
+        if (pass == 0 && n > SUB_IOV_MAX) {
+            v->heap = malloc(n * sizeof(struct iovec));
+            if (!v->heap)
+                abort();
+            v->iov = v->heap;
+        }
+    }
+    v->cnt = n;
+}
+
+static void iov_memset(const struct iovec *iov, int cnt, uint64_t off, int c, uint64_t len)
+{
+    uint64_t pos = 0;
+    for (int i = 0; i < cnt && len; i++) {
+        uint64_t a = pos, b = pos + iov[i].iov_len;
+        pos = b;
+        if (b <= off)
+            continue;
+        uint64_t from = off > a ? off - a : 0;
+        uint64_t n = MIN(iov[i].iov_len - from, len);
+        memset((char *)iov[i].iov_base + from, c, n);
+        off += n;
+        len -= n;
+    }
+}
+
+static void iov_from_buf(const struct iovec *iov, int cnt, uint64_t off, const void *buf,
+                         uint64_t len)
+{
+    uint64_t pos = 0;
+    const char *p = buf;
+    for (int i = 0; i < cnt && len; i++) {
+        uint64_t a = pos, b = pos + iov[i].iov_len;
+        pos = b;
+        if (b <= off)
+            continue;
+        uint64_t from = off > a ? off - a : 0;
+        uint64_t n = MIN(iov[i].iov_len - from, len);
+        memcpy((char *)iov[i].iov_base + from, p, n);
+        p += n;
+        off += n;
+        len -= n;
+    }
+}
+
+/* ---- entry classification ---- */
+
+enum qtype qcow2_subcluster_type(const struct qcow2_state *s, uint64_t l2e, uint64_t bitmap,
+                                 unsigned sc)
+{
+    bool ext_data = s->data != s->bs->file;
+    if (l2e & QCOW2_OFLAG_COMPRESSED)
+        return (s->extl2 && bitmap) || ext_data ? QT_INVALID : QT_COMPRESSED;
+    uint64_t off = l2e & QCOW2_L2E_OFFSET_MASK;
+    bool has_host = off || (ext_data && (l2e & QCOW2_OFLAG_COPIED));
+    if (s->extl2) {
+        bool alloc = bitmap & QCOW2_SC_ALLOC(sc), zero = bitmap & QCOW2_SC_ZERO(sc);
+        if (alloc && zero)
+            return QT_INVALID;
+        if (!has_host)
+            return alloc ? QT_INVALID : zero ? QT_ZERO : QT_UNALLOC;
+        return zero ? QT_ZERO_ALLOC : alloc ? QT_NORMAL : QT_UNALLOC_ALLOC;
+    }
+    if (l2e & QCOW2_OFLAG_ZERO)
+        return has_host ? QT_ZERO_ALLOC : QT_ZERO;
+    return has_host ? QT_NORMAL : QT_UNALLOC;
+}
+
+static uint64_t l2_entry(const struct qcow2_state *s, const uint8_t *slice, uint64_t i)
+{
+    uint64_t v;
+    memcpy(&v, slice + i * s->l2_entry_bytes, 8);
+    return be64toh(v);
+}
+
+static uint64_t l2_bitmap(const struct qcow2_state *s, const uint8_t *slice, uint64_t i)
+{
+    if (!s->extl2)
+        return 0;
+    uint64_t v;
+    memcpy(&v, slice + i * s->l2_entry_bytes + 8, 8);
+    return be64toh(v);
+}
+
+static void set_l2(struct qcow2_state *s, uint8_t *slice, uint64_t i, uint64_t e, uint64_t bm)
+{
+    uint64_t v = htobe64(e);
+    memcpy(slice + i * s->l2_entry_bytes, &v, 8);
+    if (s->extl2) {
+        v = htobe64(bm);
+        memcpy(slice + i * s->l2_entry_bytes + 8, &v, 8);
+    }
+}
+
+/* One run of equal type: from guest offset, at most bytes, within the
+ * slice (entries from index i). */
+struct qrun {
+    enum qtype type;
+    uint64_t host;              /* host offset of the first byte (types with a host cluster) */
+    uint64_t bytes;
+    uint64_t l2e;               /* entry of the first cluster */
+};
+
+static uint64_t unit_size(const struct qcow2_state *s)
+{
+    return s->extl2 ? s->subcluster_size : s->cluster_size;
+}
+
+static bool type_has_host(enum qtype t)
+{
+    return t == QT_NORMAL || t == QT_ZERO_ALLOC || t == QT_UNALLOC_ALLOC;
+}
+
+/* One run from guest offset (entry i of slice, which holds nent entries),
+ * at most bytes.  -EIO for an invalid entry. */
+static int scan_run(const struct qcow2_state *s, const uint8_t *slice, uint64_t i,
+                    uint64_t nent, uint64_t offset, uint64_t bytes, struct qrun *run)
+{
+    uint64_t us = unit_size(s);
+    uint64_t in_cl = qoffset_into_cluster(s, offset);
+    unsigned sc = in_cl / us, nsc = s->extl2 ? QCOW2_SUBCLUSTERS : 1;
+    uint64_t done = 0, expect = 0;
+    run->l2e = l2_entry(s, slice, i);
+    while (i < nent) {
+        uint64_t e = l2_entry(s, slice, i), bm = l2_bitmap(s, slice, i);
+        enum qtype t = qcow2_subcluster_type(s, e, bm, sc);
+        if (t == QT_INVALID)
+            return -EIO;
+        uint64_t host = (e & QCOW2_L2E_OFFSET_MASK) + (uint64_t)sc * us;
+        if (done == 0) {
+            run->type = t;
+            run->host = host + in_cl % us;
+        } else if (t != run->type || t == QT_COMPRESSED || (type_has_host(t) && host != expect)) {
+            break;
+        }
+        expect = host + us;
+        done += done == 0 ? us - in_cl % us : us;
+        if (done >= bytes || t == QT_COMPRESSED)
+            break;
+        if (++sc == nsc) {
+            sc = 0;
+            i++;
+        }
+    }
+    run->bytes = MIN(done, bytes);
+    if (run->type == QT_COMPRESSED)
+        run->bytes = MIN(run->bytes, s->cluster_size - in_cl);
+    return 0;
+}
+
+static int corrupt_entry(struct qcow2_state *s, uint64_t l2_off, uint64_t guest)
+{
+    qcow2_signal_corruption(s, true, -1, -1,
+                            "Invalid L2 entry for guest offset %#" PRIx64
+                            " (L2 table at %#" PRIx64 ")", guest, l2_off);
+    return -EIO;
+}
+
+/* ---- mapping lookup (coroutine, s->lock held) ---- */
+
+struct qslice {
+    int idx;                    /* cache slot (pinned), -1 = none */
+    uint64_t l2_off;            /* the L2 table */
+    uint64_t first;             /* L2 index of the slice's first entry */
+    uint32_t l1_i;
+};
+
+/* Locate guest offset: *sl gets the pinned slice, or idx -1 if the L2 table
+ * is unallocated (then *cover = bytes the unallocated table covers). */
+static int get_slice(struct qcow2_state *s, uint64_t offset, struct qslice *sl, uint64_t *cover)
+{
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t l1_i = offset / l2_cover;
+    sl->idx = -1;
+    sl->l1_i = (uint32_t)l1_i;
+    *cover = l2_cover - offset % l2_cover;
+    if (l1_i >= s->l1_size)
+        return 0;
+    pthread_mutex_lock(&s->cache_lock);
+    uint64_t l1e = s->l1[l1_i];
+    pthread_mutex_unlock(&s->cache_lock);
+    sl->l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
+    if (!sl->l2_off)
+        return 0;
+    if (qoffset_into_cluster(s, sl->l2_off)) {
+        qcow2_signal_corruption(s, true, -1, -1, "L2 table offset %#" PRIx64
+                                " unaligned (L1 index: %#" PRIx64 ")", sl->l2_off, l1_i);
+        return -EIO;
+    }
+    uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+    sl->first = l2_i - l2_i % s->l2_slice_entries;
+    *cover = (s->l2_slice_entries - (l2_i - sl->first)) * s->cluster_size -
+             qoffset_into_cluster(s, offset);
+    return qcache_get(s, &s->l2c, sl->l2_off + sl->first * s->l2_entry_bytes, true, &sl->idx);
+}
+
+static int get_run(struct qcow2_state *s, uint64_t offset, uint64_t bytes, struct qrun *run)
+{
+    struct qslice sl;
+    uint64_t cover;
+    int ret = get_slice(s, offset, &sl, &cover);
+    if (ret < 0)
+        return ret;
+    if (sl.idx < 0) {
+        *run = (struct qrun){ .type = QT_UNALLOC, .bytes = MIN(bytes, cover) };
+        return 0;
+    }
+    uint64_t i = ((offset >> s->cluster_bits) & (s->l2_entries - 1)) - sl.first;
+    pthread_mutex_lock(&s->cache_lock);
+    ret = scan_run(s, qcache_data(&s->l2c, sl.idx), i, s->l2_slice_entries, offset,
+                   MIN(bytes, cover), run);
+    pthread_mutex_unlock(&s->cache_lock);
+    qcache_put(s, &s->l2c, sl.idx);
+    if (ret < 0)
+        return corrupt_entry(s, sl.l2_off, offset);
+    if (type_has_host(run->type) && qoffset_into_cluster(s, run->l2e & QCOW2_L2E_OFFSET_MASK)) {
+        qcow2_signal_corruption(s, true, -1, -1, "Cluster allocation offset %#" PRIx64
+                                " unaligned (L2 offset: %#" PRIx64 ", L2 index: %#" PRIx64 ")",
+                                (uint64_t)(run->l2e & QCOW2_L2E_OFFSET_MASK), sl.l2_off,
+                                (uint64_t)(sl.first + i));
+        return -EIO;
+    }
+    return 0;
+}
+
+/* ---- in-flight slots ---- */
+
+static int inflight_enter_locked(struct qcow2_state *s)
+{
+    int slot = s->cur_slot;
+    __atomic_add_fetch(&s->inflight[slot], 1, __ATOMIC_ACQ_REL);
+    return slot;
+}
+
+static int inflight_enter(struct qcow2_state *s)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    int slot = inflight_enter_locked(s);
+    pthread_mutex_unlock(&s->cache_lock);
+    return slot;
+}
+
+static void inflight_leave(struct qcow2_state *s, int slot)
+{
+    __atomic_sub_fetch(&s->inflight[slot], 1, __ATOMIC_ACQ_REL);
+}
+
+/* ---- decompression ---- */
+
+int qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
+                     const void *src, size_t src_len)
+{
+    if (s->compression_type == QCOW2_COMPRESSION_ZLIB) {
+        z_stream z = { .next_in = (Bytef *)src, .avail_in = src_len,
+                       .next_out = dst, .avail_out = dst_len };
+        if (inflateInit2(&z, -12) != Z_OK)
+            return -EIO;
+        int r = inflate(&z, Z_FINISH);
+        bool ok = (r == Z_STREAM_END || r == Z_BUF_ERROR) && z.avail_out == 0;
+        inflateEnd(&z);
+        return ok ? 0 : -EIO;
+    }
+#ifdef CONFIG_ZSTD
+    if (s->compression_type == QCOW2_COMPRESSION_ZSTD) {
+        ZSTD_DCtx *dctx = ZSTD_createDCtx();
+        if (!dctx)
+            return -ENOMEM;
+        ZSTD_inBuffer in = { src, src_len, 0 };
+        ZSTD_outBuffer out = { dst, dst_len, 0 };
+        int ret = 0;
+        /* the data may hold several frames; stop once the cluster is full */
+        while (out.pos < out.size) {
+            size_t last_in = in.pos, last_out = out.pos;
+            size_t r = ZSTD_decompressStream(dctx, &out, &in);
+            if (ZSTD_isError(r)) {
+                ret = -EIO;
+                break;
+            }
+            if (in.pos == last_in && out.pos == last_out) {
+                ret = -EIO;         /* no progress: truncated input */
+                break;
+            }
+        }
+        ZSTD_freeDCtx(dctx);
+        return ret;
+    }
+#endif
+    return -ENOTSUP;
+}
+
+/* Read and inflate the compressed cluster of entry l2e into buf (a cluster). */
+static int read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *buf)
+{
+    uint64_t coff = l2e & s->coffset_mask;
+    uint64_t nsec = ((l2e >> s->csize_shift) & s->csize_mask) + 1;
+    uint64_t csize = nsec * 512 - (coff & 511);
+    CLEANUP_FREE uint8_t *cbuf = malloc(csize);
+    if (!cbuf)
+        return -ENOMEM;
+    int ret = bnode_co_pread(s->bs->file, coff, csize, cbuf, BREQ_BEYOND_EOF);
+    if (ret < 0)
+        return ret;
+    ret = qcow2_decompress(s, buf, s->cluster_size, cbuf, csize);
+    if (ret < 0)
+        log_debug("qcow2: cannot decompress the cluster at %#" PRIx64, coff);
+    return ret;
+}
+
+/* ---- reads ---- */
+
+/* Reads of what the backing node holds (zeros past its end). */
+static int read_backing(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                        const struct iovec *iov, int cnt, uint64_t iov_off)
+{
+    struct bnode *b = bs->backing;
+    uint64_t bsize = b ? __atomic_load_n(&b->size, __ATOMIC_RELAXED) : 0;
+    uint64_t n = offset < bsize ? MIN(bytes, bsize - offset) : 0;
+    if (n) {
+        struct sub_iov v;
+        sub_iov_make(&v, iov, cnt, iov_off, n);
+        int ret = bnode_co_preadv(b, offset, n, v.iov, v.cnt, 0);
+        sub_iov_free(&v);
+        if (ret < 0)
+            return ret;
+    }
+    if (n < bytes)
+        iov_memset(iov, cnt, iov_off + n, 0, bytes - n);
+    return 0;
+}
+
+static int co_read(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uint64_t bytes,
+                   const struct iovec *iov, int cnt, uint64_t iov_off)
+{
+    uint64_t done = 0;
+    while (done < bytes) {
+        struct qrun run;
+        co_mutex_lock(&s->lock);
+        int ret = get_run(s, offset + done, bytes - done, &run);
+        int slot = -1;
+        if (ret == 0 && (run.type == QT_NORMAL || run.type == QT_COMPRESSED))
+            slot = inflight_enter(s);
+        co_mutex_unlock(&s->lock);
+        if (ret < 0)
+            return ret;
+        switch (run.type) {
+        case QT_UNALLOC:
+        case QT_UNALLOC_ALLOC:
+            ret = read_backing(bs, offset + done, run.bytes, iov, cnt, iov_off + done);
+            break;
+        case QT_ZERO:
+        case QT_ZERO_ALLOC:
+            iov_memset(iov, cnt, iov_off + done, 0, run.bytes);
+            break;
+        case QT_NORMAL: {
+            struct sub_iov v;
+            sub_iov_make(&v, iov, cnt, iov_off + done, run.bytes);
+            ret = bnode_co_preadv(s->data, run.host, run.bytes, v.iov, v.cnt, BREQ_BEYOND_EOF);
+            sub_iov_free(&v);
+            break;
+        }
+        case QT_COMPRESSED: {
+            uint8_t *buf = malloc(s->cluster_size);
+            if (!buf) {
+                ret = -ENOMEM;
+                break;
+            }
+            ret = read_compressed(s, run.l2e, buf);
+            if (ret == 0)
+                iov_from_buf(iov, cnt, iov_off + done,
+                             buf + qoffset_into_cluster(s, offset + done), run.bytes);
+            free(buf);
+            break;
+        }
+        default:
+            ret = -EIO;
+        }
+        if (slot >= 0)
+            inflight_leave(s, slot);
+        if (ret < 0)
+            return ret;
+        done += run.bytes;
+    }
+    return 0;
+}
+
+/* ---- range locks ---- */
+
+static void range_lock(struct qcow2_state *s, struct qrange *r, uint64_t offset, uint64_t bytes)
+{
+    r->start = offset >> s->cluster_bits;
+    r->end = (offset + bytes + s->cluster_size - 1) >> s->cluster_bits;
+    co_queue_init(&r->waiters);
+    pthread_mutex_lock(&s->cache_lock);
+again:
+    for (struct qrange *x = s->ranges; x; x = x->next) {
+        if (x->start < r->end && r->start < x->end) {
+            co_queue_wait(&x->waiters, &s->cache_lock);
+            goto again;
+        }
+    }
+    r->next = s->ranges;
+    s->ranges = r;
+    pthread_mutex_unlock(&s->cache_lock);
+}
+
+static void range_unlock(struct qcow2_state *s, struct qrange *r)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    for (struct qrange **p = &s->ranges; *p; p = &(*p)->next) {
+        if (*p == r) {
+            *p = r->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+    co_queue_wake_all(&r->waiters);
+    co_queue_destroy(&r->waiters);
+}
+
+/* ---- L2 tables for writing ---- */
+
+/* Make sure the L2 table for guest offset exists and is ours (COPIED);
+ * returns the slice pinned in *sl.  s->lock held. */
+static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslice *sl)
+{
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t l1_i = offset / l2_cover;
+    if (l1_i >= s->l1_size)
+        return -EIO;
+    pthread_mutex_lock(&s->cache_lock);
+    uint64_t l1e = s->l1[l1_i];
+    pthread_mutex_unlock(&s->cache_lock);
+    uint64_t old = l1e & QCOW2_L1E_OFFSET_MASK;
+    if (!old || !(l1e & QCOW2_OFLAG_COPIED)) {
+        /* a new table: zeros, or a copy of a shared one */
+        uint64_t tbytes = s->l2_entries * s->l2_entry_bytes;
+        CLEANUP_FREE uint8_t *t = calloc(1, tbytes);
+        if (!t)
+            return -ENOMEM;
+        int ret;
+        if (old) {
+            if (qoffset_into_cluster(s, old))
+                return -EIO;
+            /* dirty slices of the old table must be on disk before copying it */
+            ret = qcache_flush(s, &s->l2c);
+            if (ret == 0)
+                ret = bnode_co_pread(s->bs->file, old, tbytes, t, BREQ_BEYOND_EOF);
+            if (ret < 0)
+                return ret;
+        }
+        int64_t n = qcow2_alloc_clusters(s, 1);
+        if (n < 0)
+            return (int)n;
+        ret = qcache_flush(s, &s->rbc);
+        if (ret == 0)
+            ret = qcow2_overlap_check(s, 0, n, s->cluster_size);
+        if (ret == 0)
+            ret = bnode_co_pwrite(s->bs->file, n, s->cluster_size, t, BREQ_BEYOND_EOF);
+        if (ret == 0)
+            ret = bnode_co_flush(s->bs->file);
+        if (ret == 0) {
+            qcow2_meta_add_kind(s, n, s->cluster_size, QOL_ACTIVE_L2);
+            ret = qcow2_write_l1_entry(s, (uint32_t)l1_i, (uint64_t)n | QCOW2_OFLAG_COPIED);
+            if (ret < 0)
+                qcow2_meta_del(s, n, s->cluster_size);
+        }
+        if (ret < 0) {
+            qcow2_update_refcount(s, n, s->cluster_size, -1);
+            return ret;
+        }
+        if (old)
+            qcow2_free_deferred(s, old, 1, QFREE_OTHER);   /* one reference less */
+    }
+    uint64_t cover;
+    return get_slice(s, offset, sl, &cover);
+}
+
+/* ---- writes ---- */
+
+/* What a guest cluster holds now, for copy-on-write into a new cluster. */
+static int read_old(struct bnode *bs, struct qcow2_state *s, uint64_t guest, uint64_t len,
+                    uint8_t *buf)
+{
+    struct iovec iov = { buf, len };
+    return co_read(bs, s, guest, len, &iov, 1, 0);
+}
+
+struct wpiece {
+    uint64_t offset, bytes;     /* guest range written by the caller */
+};
+
+/* Write [offset, offset+bytes) that lies within one L2 slice, into
+ * clusters that need allocation or in place.  s->lock held on entry and
+ * exit (released around data I/O). */
+static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uint64_t bytes,
+                       const struct iovec *iov, int cnt, uint64_t iov_off, unsigned flags,
+                       uint64_t *written, bool *meta_changed)
+{
+    struct qslice sl;
+    int ret = get_l2_for_write(s, offset, &sl);
+    if (ret < 0)
+        return ret;
+    uint8_t *slice = qcache_data(&s->l2c, sl.idx);
+    uint64_t i = ((offset >> s->cluster_bits) & (s->l2_entries - 1)) - sl.first;
+    uint64_t in_cl = qoffset_into_cluster(s, offset);
+    uint64_t us = unit_size(s);
+
+    pthread_mutex_lock(&s->cache_lock);
+    uint64_t e = l2_entry(s, slice, i), bm = l2_bitmap(s, slice, i);
+    pthread_mutex_unlock(&s->cache_lock);
+    uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+    bool ext_data = s->data != s->bs->file;
+
+    /* In place: COPIED normal cluster; the written subclusters become allocated. */
+    if ((e & QCOW2_OFLAG_COPIED) && !(e & QCOW2_OFLAG_COMPRESSED) &&
+        (host || ext_data) && (s->extl2 || !(e & QCOW2_OFLAG_ZERO))) {
+        uint64_t n = MIN(bytes, s->cluster_size - in_cl);
+        unsigned sc0 = in_cl / us, sc1 = (in_cl + n - 1) / us;
+        uint64_t need_cow_head = 0, need_cow_tail = 0;
+        if (s->extl2) {
+            /* partially written subclusters that are not allocated need COW */
+            for (unsigned sc = sc0; sc <= sc1; sc++) {
+                if (!(bm & QCOW2_SC_ALLOC(sc))) {
+                    if (sc == sc0 && in_cl % us)
+                        need_cow_head = in_cl % us;
+                    if (sc == sc1 && (in_cl + n) % us)
+                        need_cow_tail = us - (in_cl + n) % us;
+                }
+            }
+        }
+        qcache_put(s, &s->l2c, sl.idx);
+        if (qoffset_into_cluster(s, host))
+            return corrupt_entry(s, sl.l2_off, offset);
+        ret = ext_data ? 0 : qcow2_overlap_check(s, 0, host + in_cl - need_cow_head,
+                                                 n + need_cow_head + need_cow_tail);
+        if (ret < 0)
+            return ret;
+        int slot = inflight_enter(s);
+        co_mutex_unlock(&s->lock);
+        CLEANUP_FREE uint8_t *head = NULL, *tail = NULL;
+        if (need_cow_head) {
+            head = malloc(need_cow_head);
+            ret = head ? 0 : -ENOMEM;
+            if (ret == 0) {
+                /* what the guest reads there now: backing, or zeros */
+                bool zero = bm & QCOW2_SC_ZERO(sc0);
+                if (zero)
+                    memset(head, 0, need_cow_head);
+                else {
+                    struct iovec hv = { head, need_cow_head };
+                    ret = read_backing(bs, offset - need_cow_head, need_cow_head, &hv, 1, 0);
+                }
+            }
+        }
+        if (ret == 0 && need_cow_tail) {
+            tail = malloc(need_cow_tail);
+            ret = tail ? 0 : -ENOMEM;
+            if (ret == 0) {
+                if (bm & QCOW2_SC_ZERO(sc1))
+                    memset(tail, 0, need_cow_tail);
+                else {
+                    struct iovec tv = { tail, need_cow_tail };
+                    ret = read_backing(bs, offset + n, need_cow_tail, &tv, 1, 0);
+                }
+            }
+        }
+        if (ret == 0) {
+            struct sub_iov v;
+            sub_iov_make(&v, iov, cnt, iov_off, n);
+            CLEANUP_FREE struct iovec *all = malloc((v.cnt + 2) * sizeof(*all));
+            if (!all) {
+                ret = -ENOMEM;
+            } else {
+                int k = 0;
+                if (need_cow_head)
+                    all[k++] = (struct iovec){ head, need_cow_head };
+                memcpy(all + k, v.iov, v.cnt * sizeof(*all));
+                k += v.cnt;
+                if (need_cow_tail)
+                    all[k++] = (struct iovec){ tail, need_cow_tail };
+                ret = bnode_co_pwritev(s->data, host + in_cl - need_cow_head,
+                                       n + need_cow_head + need_cow_tail, all, k,
+                                       BREQ_BEYOND_EOF | (flags & BREQ_FUA));
+            }
+            sub_iov_free(&v);
+        }
+        inflight_leave(s, slot);
+        co_mutex_lock(&s->lock);
+        if (ret < 0)
+            return ret;
+        if (s->extl2) {
+            uint64_t set = 0;
+            for (unsigned sc = sc0; sc <= sc1; sc++)
+                set |= QCOW2_SC_ALLOC(sc);
+            if ((bm & set) != set || (bm & (set << 32))) {
+                ret = get_slice(s, offset, &sl, &(uint64_t){ 0 });
+                if (ret < 0)
+                    return ret;
+                slice = qcache_data(&s->l2c, sl.idx);
+                pthread_mutex_lock(&s->cache_lock);
+                uint64_t cur = l2_bitmap(s, slice, i);
+                set_l2(s, slice, i, l2_entry(s, slice, i), (cur | set) & ~(set << 32));
+                pthread_mutex_unlock(&s->cache_lock);
+                qcache_mark_dirty(s, &s->l2c, sl.idx);
+                qcache_put(s, &s->l2c, sl.idx);
+                *meta_changed = true;
+            }
+        }
+        *written = n;
+        return 0;
+    }
+
+    /* Allocate: as many following clusters as also need a new cluster,
+     * within this slice, contiguous on the host. */
+    uint64_t ncl = 1;
+    uint64_t want = (in_cl + bytes + s->cluster_size - 1) >> s->cluster_bits;
+    pthread_mutex_lock(&s->cache_lock);
+    while (ncl < want && i + ncl < s->l2_slice_entries &&
+           l2_entry(s, slice, i + ncl) == 0 && l2_bitmap(s, slice, i + ncl) == 0)
+        ncl++;                           /* plain unallocated clusters join the run */
+    pthread_mutex_unlock(&s->cache_lock);
+    qcache_put(s, &s->l2c, sl.idx);
+
+    int64_t newh;
+    if (ext_data)
+        newh = (int64_t)qstart_of_cluster(s, offset);   /* fixed host = guest mapping */
+    else
+        newh = qcow2_alloc_clusters(s, ncl);
+    if (newh < 0)
+        return (int)newh;
+    uint64_t n = MIN(bytes, ncl * s->cluster_size - in_cl);
+    uint64_t cl_start = qstart_of_cluster(s, offset);
+    uint64_t end_in = in_cl + n;                       /* end within the first cluster's run */
+    uint64_t run_bytes = ncl * s->cluster_size;
+    /* COW extents: with extended L2 only the partly written subclusters */
+    uint64_t head_from = 0, tail_to = run_bytes;
+    if (s->extl2 && !host && !(e & QCOW2_OFLAG_COMPRESSED)) {
+        head_from = in_cl - in_cl % us;
+        tail_to = MIN(run_bytes, (end_in + us - 1) / us * us);
+    }
+    ret = ext_data ? 0 : qcow2_overlap_check(s, 0, newh, run_bytes);
+    if (ret < 0) {
+        qcow2_update_refcount(s, newh, run_bytes, -1);
+        return ret;
+    }
+    co_mutex_unlock(&s->lock);
+
+    CLEANUP_FREE uint8_t *head = NULL, *tail = NULL;
+    uint64_t hlen = in_cl - head_from, tlen = tail_to - end_in;
+    ret = 0;
+    if (hlen) {
+        head = malloc(hlen);
+        ret = head ? read_old(bs, s, cl_start + head_from, hlen, head) : -ENOMEM;
+    }
+    if (ret == 0 && tlen) {
+        tail = malloc(tlen);
+        ret = tail ? read_old(bs, s, cl_start + end_in, tlen, tail) : -ENOMEM;
+    }
+    if (ret == 0) {
+        struct sub_iov v;
+        sub_iov_make(&v, iov, cnt, iov_off, n);
+        CLEANUP_FREE struct iovec *all = malloc((v.cnt + 2) * sizeof(*all));
+        if (!all) {
+            ret = -ENOMEM;
+        } else {
+            int k = 0;
+            if (hlen)
+                all[k++] = (struct iovec){ head, hlen };
+            memcpy(all + k, v.iov, v.cnt * sizeof(*all));
+            k += v.cnt;
+            if (tlen)
+                all[k++] = (struct iovec){ tail, tlen };
+            ret = bnode_co_pwritev(s->data, newh + head_from, hlen + n + tlen, all, k,
+                                   BREQ_BEYOND_EOF);
+        }
+        sub_iov_free(&v);
+    }
+    co_mutex_lock(&s->lock);
+    if (ret < 0) {
+        if (!ext_data)
+            qcow2_update_refcount(s, newh, run_bytes, -1);
+        return ret;
+    }
+    /* link the new clusters in (the data is written) */
+    ret = get_slice(s, offset, &sl, &(uint64_t){ 0 });
+    if (ret < 0)
+        return ret;
+    slice = qcache_data(&s->l2c, sl.idx);
+    pthread_mutex_lock(&s->cache_lock);
+    for (uint64_t k = 0; k < ncl; k++) {
+        uint64_t old = l2_entry(s, slice, i + k);
+        uint64_t obm = l2_bitmap(s, slice, i + k);
+        uint64_t bmv = 0;
+        if (s->extl2) {
+            uint64_t a = k == 0 ? head_from : 0;
+            uint64_t b = k == ncl - 1 ? tail_to - k * s->cluster_size : s->cluster_size;
+            bmv = obm & ~QCOW2_SC_ALLOC_MASK;
+            if (old & QCOW2_OFLAG_COMPRESSED || (old & QCOW2_L2E_OFFSET_MASK))
+                bmv = QCOW2_SC_ALLOC_MASK;     /* the whole old cluster was copied */
+            else
+                for (uint64_t sc = a / us; sc < (b + us - 1) / us; sc++)
+                    bmv = (bmv | QCOW2_SC_ALLOC(sc)) & ~QCOW2_SC_ZERO(sc);
+        }
+        set_l2(s, slice, i + k, ((uint64_t)newh + k * s->cluster_size) | QCOW2_OFLAG_COPIED, bmv);
+        if (old & QCOW2_OFLAG_COMPRESSED) {
+            uint64_t coff = old & s->coffset_mask;
+            uint64_t nsec = ((old >> s->csize_shift) & s->csize_mask) + 1;
+            uint64_t first = coff >> s->cluster_bits;
+            uint64_t last = (coff + nsec * 512 - (coff & 511) - 1) >> s->cluster_bits;
+            pthread_mutex_unlock(&s->cache_lock);
+            qcow2_free_deferred(s, first << s->cluster_bits, last - first + 1, QFREE_OTHER);
+            pthread_mutex_lock(&s->cache_lock);
+        } else if ((old & QCOW2_L2E_OFFSET_MASK) && !ext_data) {
+            pthread_mutex_unlock(&s->cache_lock);
+            qcow2_free_deferred(s, old & QCOW2_L2E_OFFSET_MASK, 1, QFREE_OTHER);
+            pthread_mutex_lock(&s->cache_lock);
+        }
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+    qcache_mark_dirty(s, &s->l2c, sl.idx);
+    qcache_put(s, &s->l2c, sl.idx);
+    *meta_changed = true;
+    *written = n;
+    return 0;
+}
+
+static int co_write(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uint64_t bytes,
+                    const struct iovec *iov, int cnt, unsigned flags)
+{
+    struct qrange r;
+    range_lock(s, &r, offset, bytes);
+    co_mutex_lock(&s->lock);
+    int ret = 0;
+    bool meta = false;
+    uint64_t done = 0;
+    while (done < bytes) {
+        uint64_t w = 0;
+        ret = write_piece(bs, s, offset + done, bytes - done, iov, cnt, done, flags, &w, &meta);
+        if (ret < 0)
+            break;
+        done += w;
+    }
+    if (ret == 0 && (flags & BREQ_FUA) && (meta || s->l2c.ndirty || s->rbc.ndirty))
+        ret = qcow2_flush_metadata(s);   /* the data's mapping must be durable too */
+    co_mutex_unlock(&s->lock);
+    range_unlock(s, &r);
+    return ret;
+}
+
+/* ---- zeroes and discard ---- */
+
+/* Whole clusters [offset, offset+bytes): set to zero (ZERO flag / bits) or
+ * unallocate; unmap = free the host clusters. */
+static int zero_clusters(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
+                         uint64_t bytes, bool unmap, bool discard_req)
+{
+    uint64_t done = 0;
+    while (done < bytes) {
+        struct qslice sl;
+        uint64_t o = offset + done;
+        int ret = get_l2_for_write(s, o, &sl);
+        if (ret < 0)
+            return ret;
+        uint8_t *slice = qcache_data(&s->l2c, sl.idx);
+        uint64_t i = ((o >> s->cluster_bits) & (s->l2_entries - 1)) - sl.first;
+        pthread_mutex_lock(&s->cache_lock);
+        for (; i < s->l2_slice_entries && done < bytes; i++, done += s->cluster_size) {
+            uint64_t e = l2_entry(s, slice, i), bm = l2_bitmap(s, slice, i);
+            uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+            bool compressed = e & QCOW2_OFLAG_COMPRESSED;
+            bool keep = !unmap && host && !compressed && (e & QCOW2_OFLAG_COPIED);
+            uint64_t ne, nbm = 0;
+            bool reads_zero_after_unalloc = !bs->backing;
+            if (discard_req && s->version < 3) {
+                ne = 0;                  /* v2: no zero flag; backing shows through */
+            } else if (keep) {
+                ne = s->extl2 ? (e & ~QCOW2_OFLAG_ZERO) : (e | QCOW2_OFLAG_ZERO);
+                nbm = QCOW2_SC_ZERO_MASK;
+            } else if (reads_zero_after_unalloc && (discard_req || s->version < 3)) {
+                ne = 0;
+            } else if (s->extl2) {
+                ne = 0;
+                nbm = QCOW2_SC_ZERO_MASK;
+            } else {
+                ne = QCOW2_OFLAG_ZERO;
+            }
+            if (ne == e && nbm == bm)
+                continue;
+            set_l2(s, slice, i, ne, nbm);
+            if (compressed) {
+                uint64_t coff = e & s->coffset_mask;
+                uint64_t nsec = ((e >> s->csize_shift) & s->csize_mask) + 1;
+                uint64_t first = coff >> s->cluster_bits;
+                uint64_t last = (coff + nsec * 512 - (coff & 511) - 1) >> s->cluster_bits;
+                pthread_mutex_unlock(&s->cache_lock);
+                qcow2_free_deferred(s, first << s->cluster_bits, last - first + 1,
+                                    discard_req ? QFREE_REQUEST : QFREE_OTHER);
+                pthread_mutex_lock(&s->cache_lock);
+            } else if (host && !keep && s->data == s->bs->file) {
+                pthread_mutex_unlock(&s->cache_lock);
+                qcow2_free_deferred(s, host, 1, discard_req ? QFREE_REQUEST : QFREE_OTHER);
+                pthread_mutex_lock(&s->cache_lock);
+            }
+        }
+        pthread_mutex_unlock(&s->cache_lock);
+        qcache_mark_dirty(s, &s->l2c, sl.idx);
+        qcache_put(s, &s->l2c, sl.idx);
+    }
+    return 0;
+}
+
+/* Zero buffers written through the normal write path (partial clusters,
+ * images without the zero flag). */
+static int write_zero_buffers(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
+                              uint64_t bytes)
+{
+    uint64_t chunk = MIN(bytes, (uint64_t)1 << 20);
+    CLEANUP_FREE uint8_t *z = calloc(1, chunk ? chunk : 1);
+    if (!z)
+        return -ENOMEM;
+    while (bytes) {
+        uint64_t n = MIN(bytes, chunk);
+        struct iovec v = { z, n };
+        int ret = co_write(bs, s, offset, n, &v, 1, 0);
+        if (ret < 0)
+            return ret;
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+static int co_write_zeroes(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
+                           uint64_t bytes, unsigned flags)
+{
+    uint64_t cs = s->cluster_size, end = offset + bytes;
+    uint64_t a = (offset + cs - 1) & ~(cs - 1), b = end & ~(cs - 1);
+    if (s->version < 3 || s->data_file_raw || a >= b) {
+        if (flags & BREQ_NO_FALLBACK)
+            return -ENOTSUP;
+        return write_zero_buffers(bs, s, offset, bytes);
+    }
+    if ((a > offset || b < end) && (flags & BREQ_NO_FALLBACK))
+        return -ENOTSUP;
+    int ret = write_zero_buffers(bs, s, offset, a - offset);
+    if (ret == 0)
+        ret = write_zero_buffers(bs, s, b, end - b);
+    if (ret < 0)
+        return ret;
+    struct qrange r;
+    range_lock(s, &r, a, b - a);
+    co_mutex_lock(&s->lock);
+    ret = zero_clusters(bs, s, a, b - a, (flags & BREQ_MAY_UNMAP) && bs->discard, false);
+    if (ret == 0 && (flags & BREQ_FUA))
+        ret = qcow2_flush_metadata(s);
+    co_mutex_unlock(&s->lock);
+    range_unlock(s, &r);
+    return ret;
+}
+
+static int co_discard(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uint64_t bytes)
+{
+    /* As QEMU: only whole clusters, and the partial last cluster of the image. */
+    uint64_t cs = s->cluster_size, end = offset + bytes;
+    uint64_t a = (offset + cs - 1) & ~(cs - 1);
+    uint64_t b = end >= s->size ? (end + cs - 1) & ~(cs - 1) : end & ~(cs - 1);
+    if (a >= b)
+        return 0;
+    struct qrange r;
+    range_lock(s, &r, a, b - a);
+    co_mutex_lock(&s->lock);
+    int ret = zero_clusters(bs, s, a, b - a, true, true);
+    co_mutex_unlock(&s->lock);
+    range_unlock(s, &r);
+    return ret;
+}
+
+static int co_flush(struct qcow2_state *s)
+{
+    co_mutex_lock(&s->lock);
+    int ret = qcow2_flush_metadata(s);
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/* ---- coroutine entry ---- */
+
+static void co_entry(void *opaque)
+{
+    struct qreq *q = opaque;
+    struct breq *r = q->parent;
+    struct bnode *bs = q->bs;
+    struct qcow2_state *s = q->s;
+    uint64_t offset = q->offset;
+    int ret;
+    qreq_put(q);
+    switch (r->op) {
+    case BREQ_READ:
+        ret = co_read(bs, s, offset, r->len, r->iov, r->iovcnt, 0);
+        break;
+    case BREQ_WRITE:
+        ret = s->corrupt ? -EIO : co_write(bs, s, offset, r->len, r->iov, r->iovcnt, r->flags);
+        break;
+    case BREQ_WRITE_ZEROES:
+        ret = s->corrupt ? -EIO : co_write_zeroes(bs, s, offset, r->len, r->flags);
+        break;
+    case BREQ_DISCARD:
+        ret = s->corrupt ? -EIO : co_discard(bs, s, offset, r->len);
+        break;
+    case BREQ_FLUSH:
+        ret = co_flush(s);
+        break;
+    default:
+        ret = 0;
+    }
+    breq_complete(r, ret);
+}
+
+/* ---- fast path ---- */
+
+static void fast_done(struct breq *child, int ret)
+{
+    struct qreq *q = child->opaque;
+    struct breq *parent = q->parent;
+    inflight_leave(q->s, q->slot);
+    qreq_put(q);
+    breq_complete(parent, ret);
+}
+
+enum fast_kind { FAST_NONE, FAST_DATA, FAST_ZERO, FAST_BACKING };
+
+static enum fast_kind fast_map(struct qcow2_state *s, struct bnode *bs, struct breq *r,
+                               uint64_t offset, uint64_t *host, int *slot)
+{
+    bool write = r->op == BREQ_WRITE;
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t l1_i = offset / l2_cover;
+    enum fast_kind kind = FAST_NONE;
+
+    if (l1_i >= s->l1_size)
+        return FAST_NONE;
+    pthread_mutex_lock(&s->cache_lock);
+    uint64_t l1e = s->l1[l1_i];
+    uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
+    if (!l2_off) {
+        if (!write && offset % l2_cover + r->len <= l2_cover)
+            kind = bs->backing ? FAST_BACKING : FAST_ZERO;
+        goto out;
+    }
+    if (write && !(l1e & QCOW2_OFLAG_COPIED))
+        goto out;
+    uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t first = l2_i - l2_i % s->l2_slice_entries;
+    int idx = qcache_find(&s->l2c, l2_off + first * s->l2_entry_bytes);
+    if (idx < 0)
+        goto out;
+    uint64_t i = l2_i - first;
+    uint64_t avail = (s->l2_slice_entries - i) * s->cluster_size - qoffset_into_cluster(s, offset);
+    if (r->len > avail)
+        goto out;
+    struct qrun run;
+    if (scan_run(s, qcache_data(&s->l2c, idx), i, s->l2_slice_entries, offset, r->len,
+                 &run) < 0 ||
+        run.bytes < r->len)
+        goto out;
+    switch (run.type) {
+    case QT_NORMAL:
+        if (write) {
+            if (!(run.l2e & QCOW2_OFLAG_COPIED) ||
+                qoffset_into_cluster(s, run.l2e & QCOW2_L2E_OFFSET_MASK))
+                goto out;
+            if ((r->flags & BREQ_FUA) && (s->l2c.ndirty || s->rbc.ndirty || s->data != bs->file))
+                goto out;            /* FUA needs the metadata durable too */
+            unsigned hit;
+            if (qcow2_overlap_check_locked(s, 0, run.host, r->len, &hit) < 0)
+                goto out;            /* the slow path reports it */
+            /* every cluster of the run has COPIED? scan_run keeps contiguity
+             * only; check the flag of each entry */
+            const uint8_t *sd = qcache_data(&s->l2c, idx);
+            uint64_t last = i + ((qoffset_into_cluster(s, offset) + r->len - 1) >> s->cluster_bits);
+            for (uint64_t k = i; k <= last; k++)
+                if (!(l2_entry(s, sd, k) & QCOW2_OFLAG_COPIED))
+                    goto out;
+        } else if (qoffset_into_cluster(s, run.l2e & QCOW2_L2E_OFFSET_MASK)) {
+            goto out;
+        }
+        *host = run.host;
+        *slot = inflight_enter_locked(s);
+        kind = FAST_DATA;
+        break;
+    case QT_ZERO:
+    case QT_ZERO_ALLOC:
+        kind = write ? FAST_NONE : FAST_ZERO;
+        break;
+    case QT_UNALLOC:
+    case QT_UNALLOC_ALLOC:
+        kind = write ? FAST_NONE : bs->backing ? FAST_BACKING : FAST_ZERO;
+        break;
+    default:
+        break;
+    }
+out:
+    pthread_mutex_unlock(&s->cache_lock);
+    return kind;
+}
+
+static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, uint64_t offset)
+{
+    if (r->op != BREQ_READ && (r->op != BREQ_WRITE || s->corrupt))
+        return false;
+    uint64_t host = 0;
+    int slot = 0;
+    switch (fast_map(s, bs, r, offset, &host, &slot)) {
+    case FAST_NONE:
+        return false;
+    case FAST_ZERO:
+        iov_memset(r->iov, r->iovcnt, 0, 0, r->len);
+        breq_complete(r, 0);
+        return true;
+    case FAST_BACKING: {
+        struct bnode *b = bs->backing;
+        uint64_t a = b->request_alignment;
+        if (offset + r->len > __atomic_load_n(&b->size, __ATOMIC_RELAXED) ||
+            (a > 1 && ((offset | r->len) & (a - 1))))
+            return false;
+        bnode_submit_child(b, r, offset);
+        return true;
+    }
+    case FAST_DATA: {
+        struct qreq *q = qreq_get();
+        q->parent = r;
+        q->s = s;
+        q->slot = slot;
+        q->child = (struct breq){
+            .op = r->op, .flags = (r->flags & (BREQ_FUA | BREQ_COPY_INLINE)) | BREQ_BEYOND_EOF,
+            .offset = host, .len = r->len, .iov = r->iov, .iovcnt = r->iovcnt,
+            .loop = r->loop, .done = fast_done, .opaque = q,
+        };
+        bnode_submit(s->data, &q->child);
+        return true;
+    }
+    }
+    return false;
+}
+
+void qcow2_submit(struct bnode *bs, struct breq *r, uint64_t offset)
+{
+    struct qcow2_state *s = bs->opaque;
+    if (try_fast(bs, s, r, offset))
+        return;
+    if (r->op == BREQ_CACHE) {
+        breq_complete(r, 0);
+        return;
+    }
+    struct qreq *q = qreq_get();
+    q->parent = r;
+    q->bs = bs;
+    q->s = s;
+    q->offset = offset;
+    co_enter(co_create(co_entry, q));
+}
+
+/* ---- synchronous helpers (control paths, block status misses) ---- */
+
+struct sync_run {
+    struct qcow2_state *s;
+    int (*fn)(struct qcow2_state *, void *);
+    void *opaque;
+    int ret;
+    struct loop *loop;
+};
+
+static void sync_body(void *opaque)
+{
+    struct sync_run *sr = opaque;
+    sr->ret = sr->fn(sr->s, sr->opaque);
+    loop_stop(sr->loop);
+}
+
+static void sync_start(void *opaque)
+{
+    co_enter(co_create(sync_body, opaque));
+}
+
+static void *sync_thread(void *opaque)
+{
+    struct sync_run *sr = opaque;
+    loop_call(sr->loop, sync_start, sr);
+    loop_run(sr->loop);
+    co_pool_drain();
+    return NULL;
+}
+
+int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque)
+{
+    struct sync_run sr = { .s = s, .fn = fn, .opaque = opaque, .loop = loop_new("qcow2") };
+    pthread_t t;
+    if (pthread_create(&t, NULL, sync_thread, &sr) != 0) {
+        loop_free(sr.loop);
+        return -EAGAIN;
+    }
+    pthread_join(t, NULL);
+    loop_free(sr.loop);
+    return sr.ret;
+}
+
+/* ---- block status ---- */
+
+struct l2_read {
+    uint64_t off, len;
+    uint8_t *buf;
+};
+
+static int read_l2_sync(struct qcow2_state *s, void *opaque)
+{
+    struct l2_read *rd = opaque;
+    return bnode_co_pread(s->bs->file, rd->off, rd->len, rd->buf, BREQ_BEYOND_EOF);
+}
+
+int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                       uint64_t *pnum, unsigned *flags)
+{
+    struct qcow2_state *s = bs->opaque;
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t l1_i = offset / l2_cover;
+    struct qrun run = { .type = QT_UNALLOC, .bytes = MIN(bytes, l2_cover - offset % l2_cover) };
+
+    pthread_mutex_lock(&s->cache_lock);
+    uint64_t l2_off = l1_i < s->l1_size ? s->l1[l1_i] & QCOW2_L1E_OFFSET_MASK : 0;
+    bool found = !l2_off;
+    if (l2_off) {
+        uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+        uint64_t first = l2_i - l2_i % s->l2_slice_entries;
+        int idx = qcache_find(&s->l2c, l2_off + first * s->l2_entry_bytes);
+        if (idx >= 0) {
+            uint64_t avail = (s->l2_slice_entries - (l2_i - first)) * s->cluster_size -
+                             qoffset_into_cluster(s, offset);
+            if (scan_run(s, qcache_data(&s->l2c, idx), l2_i - first, s->l2_slice_entries,
+                         offset, MIN(bytes, avail), &run) < 0)
+                run.type = QT_INVALID;
+            found = true;
+        }
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+    if (!found) {
+        if (qoffset_into_cluster(s, l2_off))
+            return -EIO;
+        /* not cached: read the entries from the rest of this slice */
+        uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+        uint64_t first = l2_i - l2_i % s->l2_slice_entries;
+        uint64_t n = s->l2_slice_entries - (l2_i - first);
+        uint64_t want = (qoffset_into_cluster(s, offset) + bytes + s->cluster_size - 1) >>
+                        s->cluster_bits;
+        n = MIN(n, want);
+        struct l2_read rd = { .off = l2_off + l2_i * s->l2_entry_bytes,
+                              .len = n * s->l2_entry_bytes };
+        rd.buf = malloc(rd.len);
+        if (!rd.buf)
+            return -ENOMEM;
+        int ret = qcow2_run_sync(s, read_l2_sync, &rd);
+        if (ret == 0) {
+            if (scan_run(s, rd.buf, 0, n, offset, MIN(bytes, n * s->cluster_size -
+                                                       qoffset_into_cluster(s, offset)), &run) < 0)
+                run.type = QT_INVALID;
+        }
+        free(rd.buf);
+        if (ret < 0)
+            return ret;
+    }
+    switch (run.type) {
+    case QT_NORMAL:
+    case QT_COMPRESSED:
+        *flags = BS_DATA | BS_ALLOCATED;
+        break;
+    case QT_ZERO:
+    case QT_ZERO_ALLOC:
+        *flags = BS_ZERO | BS_ALLOCATED;
+        break;
+    case QT_UNALLOC:
+    case QT_UNALLOC_ALLOC:
+        *flags = bs->backing ? 0 : BS_ZERO;
+        break;
+    default:
+        return -EIO;
+    }
+    *pnum = run.bytes;
+    return 0;
+}

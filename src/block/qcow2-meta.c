@@ -1,0 +1,815 @@
+/*
+ * qcow2 metadata: table caches, refcounts, cluster allocation, deferred
+ * frees, the metadata overlap check and corruption reports.
+ *
+ * Theory of operation.  L2 slices and refcount blocks are cached
+ * write-back in fixed slot arrays (sizes from the options), found through a
+ * small hash.  Loads and write-backs happen under s->lock (a coroutine);
+ * the slot table and slice contents change under cache_lock as well, so
+ * the fast path may read a ready slot under cache_lock alone.
+ *
+ * Ordering, as QEMU's cache dependencies give it:
+ *   - a refcount increment reaches the disk (written and flushed) before
+ *     any L2 slice or L1 entry that may reference the cluster is written:
+ *     writing back an L2 slice first flushes the refcount cache;
+ *   - a refcount decrement is only applied once the L2 change that dropped
+ *     the reference is durable (deferred frees, see qcow2-int.h), so dirty
+ *     refcount blocks never depend on dirty L2 slices;
+ *   - new refcount blocks and tables are written and flushed before the
+ *     table entry or header that points at them.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "block/qcow2-int.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+
+/* ---- caches ---- */
+
+int qcache_init(struct qcache *c, const char *name, uint32_t entry_size, int n)
+{
+    memset(c, 0, sizeof(*c));
+    c->name = name;
+    c->entry_size = entry_size;
+    c->n = n;
+    c->nbuckets = 1;
+    while (c->nbuckets < 2 * n)
+        c->nbuckets <<= 1;
+    c->e = calloc(n, sizeof(*c->e));
+    c->hash = malloc(c->nbuckets * sizeof(int));
+    void *mem = NULL;
+    if (!c->e || !c->hash || posix_memalign(&mem, 4096, (size_t)n * entry_size))
+        return -ENOMEM;
+    c->mem = mem;
+    for (int i = 0; i < c->nbuckets; i++)
+        c->hash[i] = -1;
+    for (int i = 0; i < n; i++)
+        c->e[i].hnext = -1;
+    co_queue_init(&c->waitq);
+    return 0;
+}
+
+void qcache_free(struct qcache *c)
+{
+    free(c->e);
+    free(c->hash);
+    free(c->mem);
+    if (c->e || c->hash)
+        co_queue_destroy(&c->waitq);
+    memset(c, 0, sizeof(*c));
+}
+
+uint8_t *qcache_data(struct qcache *c, int idx)
+{
+    return c->mem + (size_t)idx * c->entry_size;
+}
+
+static int bucket(const struct qcache *c, uint64_t offset)
+{
+    return (int)(((offset >> 9) * 0x9e3779b97f4a7c15ull) >> 40) & (c->nbuckets - 1);
+}
+
+static int hash_lookup(const struct qcache *c, uint64_t offset)
+{
+    for (int i = c->hash[bucket(c, offset)]; i >= 0; i = c->e[i].hnext)
+        if (c->e[i].offset == offset)
+            return i;
+    return -1;
+}
+
+static void hash_remove(struct qcache *c, int idx)
+{
+    int *p = &c->hash[bucket(c, c->e[idx].offset)];
+    while (*p >= 0 && *p != idx)
+        p = &c->e[*p].hnext;
+    if (*p == idx)
+        *p = c->e[idx].hnext;
+    c->e[idx].hnext = -1;
+}
+
+static void hash_insert(struct qcache *c, int idx)
+{
+    int b = bucket(c, c->e[idx].offset);
+    c->e[idx].hnext = c->hash[b];
+    c->hash[b] = idx;
+}
+
+int qcache_find(struct qcache *c, uint64_t offset)
+{
+    int i = hash_lookup(c, offset);
+    return i >= 0 && !c->e[i].loading ? i : -1;
+}
+
+static int write_entry(struct qcow2_state *s, struct qcache *c, int idx)
+{
+    int ret;
+    if (c == &s->l2c && s->rbc.ndirty) {
+        /* refcounts of what this slice may reference reach the disk first */
+        ret = qcache_flush(s, &s->rbc);
+        if (ret < 0)
+            return ret;
+        ret = bnode_co_flush(s->bs->file);
+        if (ret < 0)
+            return ret;
+    }
+    uint64_t off = c->e[idx].offset;
+    ret = bnode_co_pwrite(s->bs->file, off, c->entry_size, qcache_data(c, idx), BREQ_BEYOND_EOF);
+    if (ret < 0)
+        return ret;
+    pthread_mutex_lock(&s->cache_lock);
+    if (c->e[idx].dirty) {
+        c->e[idx].dirty = false;
+        c->ndirty--;
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+    return 0;
+}
+
+int qcache_flush(struct qcow2_state *s, struct qcache *c)
+{
+    int result = 0;
+    for (int i = 0; i < c->n; i++) {
+        if (c->e[i].dirty && c->e[i].offset) {
+            int ret = write_entry(s, c, i);
+            if (ret < 0 && !result)
+                result = ret;
+        }
+    }
+    return result;
+}
+
+int qcache_get(struct qcow2_state *s, struct qcache *c, uint64_t offset, bool read_it, int *idx)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    int i = hash_lookup(c, offset);
+    if (i >= 0) {
+        c->e[i].pins++;
+        c->e[i].lru = ++c->clock;
+        pthread_mutex_unlock(&s->cache_lock);
+        if (!read_it)
+            memset(qcache_data(c, i), 0, c->entry_size);
+        *idx = i;
+        return 0;
+    }
+    /* victim: the least recently used unpinned slot, clean ones first */
+    int victim = -1;
+    for (int pass = 0; pass < 2 && victim < 0; pass++) {
+        for (int k = 0; k < c->n; k++) {
+            struct qcache_entry *e = &c->e[k];
+            if (e->pins || (pass == 0 && e->dirty))
+                continue;
+            if (!e->offset) {
+                victim = k;
+                break;
+            }
+            if (victim < 0 || e->lru < c->e[victim].lru)
+                victim = k;
+        }
+    }
+    if (victim < 0) {
+        pthread_mutex_unlock(&s->cache_lock);
+        log_error("qcow2: %s cache has no free slot", c->name);
+        return -EBUSY;
+    }
+    c->e[victim].pins++;               /* nobody else picks it meanwhile */
+    pthread_mutex_unlock(&s->cache_lock);
+    if (c->e[victim].dirty) {
+        int ret = write_entry(s, c, victim);
+        if (ret < 0) {
+            pthread_mutex_lock(&s->cache_lock);
+            c->e[victim].pins--;
+            pthread_mutex_unlock(&s->cache_lock);
+            return ret;
+        }
+    }
+    pthread_mutex_lock(&s->cache_lock);
+    if (c->e[victim].offset)
+        hash_remove(c, victim);
+    c->e[victim].offset = offset;
+    c->e[victim].loading = true;
+    c->e[victim].lru = ++c->clock;
+    hash_insert(c, victim);
+    pthread_mutex_unlock(&s->cache_lock);
+
+    int ret = 0;
+    if (read_it)
+        ret = bnode_co_pread(s->bs->file, offset, c->entry_size, qcache_data(c, victim),
+                             BREQ_BEYOND_EOF);
+    else
+        memset(qcache_data(c, victim), 0, c->entry_size);
+    pthread_mutex_lock(&s->cache_lock);
+    c->e[victim].loading = false;
+    if (ret < 0) {
+        hash_remove(c, victim);
+        c->e[victim].offset = 0;
+        c->e[victim].pins--;
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+    if (ret < 0)
+        return ret;
+    *idx = victim;
+    return 0;
+}
+
+void qcache_put(struct qcow2_state *s, struct qcache *c, int idx)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    c->e[idx].pins--;
+    pthread_mutex_unlock(&s->cache_lock);
+}
+
+void qcache_mark_dirty(struct qcow2_state *s, struct qcache *c, int idx)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    if (!c->e[idx].dirty) {
+        c->e[idx].dirty = true;
+        c->ndirty++;
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+}
+
+/* ---- metadata overlap set ---- */
+
+static const char *const overlap_names[] = {
+    "qcow2_header", "active L1 table", "active L2 table", "refcount table",
+    "refcount block", "snapshot table", "inactive L1 table", "inactive L2 table",
+    "bitmap directory",
+};
+
+/* Entries: (cluster index + 1) << 16 | kind bits; 0 = empty, ~0 = deleted. */
+static uint64_t meta_hash(uint64_t ci, uint64_t cap)
+{
+    return (ci * 0x9e3779b97f4a7c15ull >> 20) & (cap - 1);
+}
+
+static void meta_insert(struct qcow2_state *s, uint64_t ci, unsigned kind);
+
+static void meta_grow(struct qcow2_state *s)
+{
+    uint64_t old_cap = s->meta_cap;
+    uint64_t *old = s->meta_set;
+    s->meta_cap = old_cap ? old_cap * 2 : 256;
+    s->meta_set = calloc(s->meta_cap, sizeof(uint64_t));
+    if (!s->meta_set)
+        abort();
+    s->meta_count = 0;
+    for (uint64_t i = 0; i < old_cap; i++)
+        if (old[i] && old[i] != ~0ull)
+            meta_insert(s, (old[i] >> 16) - 1, old[i] & 0xffff);
+    free(old);
+}
+
+static void meta_insert(struct qcow2_state *s, uint64_t ci, unsigned kind)
+{
+    if ((s->meta_count + 1) * 2 > s->meta_cap)
+        meta_grow(s);
+    uint64_t key = (ci + 1) << 16;
+    uint64_t h = meta_hash(ci, s->meta_cap), tomb = UINT64_MAX;
+    for (;; h = (h + 1) & (s->meta_cap - 1)) {
+        uint64_t v = s->meta_set[h];
+        if (v == 0)
+            break;
+        if (v == ~0ull) {
+            if (tomb == UINT64_MAX)
+                tomb = h;
+            continue;
+        }
+        if ((v & ~0xffffull) == key) {
+            s->meta_set[h] = v | kind;
+            return;
+        }
+    }
+    s->meta_set[tomb != UINT64_MAX ? tomb : h] = key | kind;
+    s->meta_count++;
+}
+
+static unsigned meta_lookup(const struct qcow2_state *s, uint64_t ci)
+{
+    if (!s->meta_cap)
+        return 0;
+    uint64_t key = (ci + 1) << 16;
+    for (uint64_t h = meta_hash(ci, s->meta_cap);; h = (h + 1) & (s->meta_cap - 1)) {
+        uint64_t v = s->meta_set[h];
+        if (v == 0)
+            return 0;
+        if (v != ~0ull && (v & ~0xffffull) == key)
+            return v & 0xffff;
+    }
+}
+
+void qcow2_meta_add(struct qcow2_state *s, uint64_t offset, uint64_t len)
+{
+    qcow2_meta_add_kind(s, offset, len, QOL_ACTIVE_L2);
+}
+
+void qcow2_meta_add_kind(struct qcow2_state *s, uint64_t offset, uint64_t len, unsigned kind)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    for (uint64_t ci = offset >> s->cluster_bits; ci < qsize_to_clusters(s, offset + len); ci++)
+        meta_insert(s, ci, kind);
+    pthread_mutex_unlock(&s->cache_lock);
+}
+
+void qcow2_meta_del(struct qcow2_state *s, uint64_t offset, uint64_t len)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    for (uint64_t ci = offset >> s->cluster_bits; ci < qsize_to_clusters(s, offset + len); ci++) {
+        if (!s->meta_cap)
+            break;
+        uint64_t key = (ci + 1) << 16;
+        for (uint64_t h = meta_hash(ci, s->meta_cap);; h = (h + 1) & (s->meta_cap - 1)) {
+            uint64_t v = s->meta_set[h];
+            if (v == 0)
+                break;
+            if (v != ~0ull && (v & ~0xffffull) == key) {
+                s->meta_set[h] = ~0ull;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+}
+
+/* Under cache_lock. */
+int qcow2_overlap_check_locked(struct qcow2_state *s, unsigned ign, uint64_t offset,
+                               uint64_t len, unsigned *hit)
+{
+    unsigned mask = s->overlap & ~ign;
+    if (!mask || !len)
+        return 0;
+    for (uint64_t ci = offset >> s->cluster_bits; ci < qsize_to_clusters(s, offset + len); ci++) {
+        unsigned k = meta_lookup(s, ci) & mask;
+        if (k) {
+            *hit = k;
+            return -EIO;
+        }
+    }
+    return 0;
+}
+
+int qcow2_overlap_check(struct qcow2_state *s, unsigned ign, uint64_t offset, uint64_t len)
+{
+    unsigned hit = 0;
+    pthread_mutex_lock(&s->cache_lock);
+    int ret = qcow2_overlap_check_locked(s, ign, offset, len, &hit);
+    pthread_mutex_unlock(&s->cache_lock);
+    if (ret < 0)
+        qcow2_report_overlap(s, hit, offset, len);
+    return ret;
+}
+
+void qcow2_report_overlap(struct qcow2_state *s, unsigned hit, uint64_t offset, uint64_t len)
+{
+    int bit = __builtin_ctz(hit);
+    qcow2_signal_corruption(s, true, offset, len,
+                            "Preventing invalid write on metadata (overlaps with %s)",
+                            overlap_names[bit]);
+}
+
+/* ---- corruption ---- */
+
+void qcow2_signal_corruption(struct qcow2_state *s, bool fatal, int64_t offset, int64_t size,
+                             const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+
+    if (s->signaled_corruption && (!fatal || s->corrupt))
+        return;
+    if (fatal)
+        fprintf(stderr, "qcow2: Marking image as corrupt: %s; further corruption events "
+                "will be suppressed\n", msg);
+    else
+        fprintf(stderr, "qcow2: Image is corrupt: %s; further non-fatal corruption events "
+                "will be suppressed\n", msg);
+    json_t *data = json_pack("{s:s, s:s, s:s, s:b}", "device", "",
+                             "node-name", s->bs->node_name, "msg", msg, "fatal", fatal);
+    if (offset >= 0)
+        json_object_set_new(data, "offset", json_integer(offset));
+    if (size >= 0)
+        json_object_set_new(data, "size", json_integer(size));
+    qmp_event("BLOCK_IMAGE_CORRUPTED", data);
+    s->signaled_corruption = true;
+    if (fatal && !s->corrupt) {
+        s->corrupt = true;
+        s->incompat |= QCOW2_INCOMPAT_CORRUPT;
+        if (co_in_coroutine() && !s->bs->read_only && s->version >= 3) {
+            uint64_t v = htobe64(s->incompat);
+            bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, incompatible_features),
+                            8, &v, 0);
+            bnode_co_flush(s->bs->file);
+        }
+    }
+}
+
+/* ---- refcounts ---- */
+
+/* The refcount block covering cluster ci, pinned in *idx; -1 if none
+ * (all its refcounts are 0). */
+static int refblock_for(struct qcow2_state *s, uint64_t ci, int *idx)
+{
+    uint64_t rt_i = ci >> s->rb_bits;
+    *idx = -1;
+    if (rt_i >= s->reftable_size)
+        return 0;
+    uint64_t off = s->reftable[rt_i] & QCOW2_REFT_OFFSET_MASK;
+    if (!off)
+        return 0;
+    if (qoffset_into_cluster(s, off)) {
+        qcow2_signal_corruption(s, true, off, s->cluster_size,
+                                "Refblock offset %#" PRIx64 " unaligned (reftable index: %#"
+                                PRIx64 ")", off, rt_i);
+        return -EIO;
+    }
+    return qcache_get(s, &s->rbc, off, true, idx);
+}
+
+int qcow2_get_refcount(struct qcow2_state *s, uint64_t ci, uint64_t *ref)
+{
+    int idx;
+    int ret = refblock_for(s, ci, &idx);
+    if (ret < 0)
+        return ret;
+    if (idx < 0) {
+        *ref = 0;
+        return 0;
+    }
+    *ref = qcow2_refcount_get(qcache_data(&s->rbc, idx), s->refcount_order,
+                              ci & (s->rb_entries - 1));
+    qcache_put(s, &s->rbc, idx);
+    return 0;
+}
+
+static int write_reftable_entry(struct qcow2_state *s, uint64_t rt_i)
+{
+    uint64_t v = htobe64(s->reftable[rt_i]);
+    return bnode_co_pwrite(s->bs->file, s->reftable_offset + rt_i * 8, 8, &v, 0);
+}
+
+static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_start,
+                         uint64_t excl_n);
+
+/* A refcount block for reftable index rt_i, placed in the range it covers
+ * (so it counts itself), avoiding the clusters being allocated. */
+static int alloc_refblock(struct qcow2_state *s, uint64_t rt_i, uint64_t excl_start,
+                          uint64_t excl_n)
+{
+    if (rt_i >= s->reftable_size) {
+        int ret = grow_reftable(s, rt_i, excl_start, excl_n);
+        if (ret < 0)
+            return ret;
+        if (s->reftable[rt_i])
+            return 0;            /* the new area brought it */
+    }
+    /* Every cluster of the covered range has refcount 0 (its block is
+     * missing), so none was handed out before: only the allocation in
+     * progress is to avoid. */
+    uint64_t first = rt_i << s->rb_bits;
+    uint64_t b = first;
+    while (b >= excl_start && b < excl_start + excl_n)
+        b++;
+    uint64_t off = b << s->cluster_bits;
+    int idx;
+    int ret = qcache_get(s, &s->rbc, off, false, &idx);
+    if (ret < 0)
+        return ret;
+    pthread_mutex_lock(&s->cache_lock);
+    qcow2_refcount_set(qcache_data(&s->rbc, idx), s->refcount_order, b - first, 1);
+    pthread_mutex_unlock(&s->cache_lock);
+    ret = bnode_co_pwrite(s->bs->file, off, s->cluster_size, qcache_data(&s->rbc, idx),
+                          BREQ_BEYOND_EOF);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret == 0) {
+        s->reftable[rt_i] = off;
+        ret = write_reftable_entry(s, rt_i);
+        if (ret < 0)
+            s->reftable[rt_i] = 0;
+    }
+    if (ret < 0) {
+        pthread_mutex_lock(&s->cache_lock);
+        hash_remove(&s->rbc, idx);
+        s->rbc.e[idx].offset = 0;
+        s->rbc.e[idx].pins--;
+        pthread_mutex_unlock(&s->cache_lock);
+        return ret;
+    }
+    qcache_put(s, &s->rbc, idx);
+    qcow2_meta_add_kind(s, off, s->cluster_size, QOL_REFCOUNT_BLOCK);
+    if (b + 1 > s->alloc_end)
+        s->alloc_end = b + 1;
+    return 0;
+}
+
+/* Add addend to the refcounts of clusters [ci, ci+n); excl_* = an
+ * allocation in progress that new refcount blocks must avoid. */
+static int refcount_add(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t addend,
+                        uint64_t excl_start, uint64_t excl_n)
+{
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t c = ci + k;
+        int idx;
+        int ret = refblock_for(s, c, &idx);
+        if (ret < 0)
+            return ret;
+        if (idx < 0) {
+            if (addend < 0) {
+                qcow2_signal_corruption(s, true, c << s->cluster_bits, s->cluster_size,
+                                        "Refcount block of cluster %#" PRIx64 " is missing",
+                                        c);
+                return -EIO;
+            }
+            ret = alloc_refblock(s, c >> s->rb_bits, excl_start, excl_n);
+            if (ret < 0)
+                return ret;
+            ret = refblock_for(s, c, &idx);
+            if (ret < 0)
+                return ret;
+            if (idx < 0)
+                return -EIO;
+        }
+        uint8_t *blk = qcache_data(&s->rbc, idx);
+        uint64_t i = c & (s->rb_entries - 1);
+        uint64_t old = qcow2_refcount_get(blk, s->refcount_order, i), v;
+        if (addend < 0 && old < (uint64_t)-addend) {
+            qcache_put(s, &s->rbc, idx);
+            qcow2_signal_corruption(s, true, c << s->cluster_bits, s->cluster_size,
+                                    "Refcount of cluster %#" PRIx64 " would drop below 0", c);
+            return -EIO;
+        }
+        v = old + addend;
+        if (addend > 0 && (v > s->refcount_max || v < old)) {
+            qcache_put(s, &s->rbc, idx);
+            return -ERANGE;
+        }
+        pthread_mutex_lock(&s->cache_lock);
+        qcow2_refcount_set(blk, s->refcount_order, i, v);
+        pthread_mutex_unlock(&s->cache_lock);
+        qcache_mark_dirty(s, &s->rbc, idx);
+        qcache_put(s, &s->rbc, idx);
+        if (v == 0 && c < s->free_cluster_index)
+            s->free_cluster_index = c;
+    }
+    return 0;
+}
+
+int qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t length,
+                          int64_t addend)
+{
+    if (!length)
+        return 0;
+    uint64_t first = offset >> s->cluster_bits;
+    uint64_t last = (offset + length - 1) >> s->cluster_bits;
+    return refcount_add(s, first, last - first + 1, addend, 0, 0);
+}
+
+/* Move the refcount table to a bigger one at the end of the image, with
+ * the refcount blocks that the new area itself needs. */
+static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_start,
+                         uint64_t excl_n)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t max_entries = QCOW2_MAX_REFTABLE_SIZE / 8;
+    uint64_t new_size = MAX(need + 1, s->reftable_size + s->reftable_size / 2 + 1);
+    uint64_t file_end = qsize_to_clusters(s, s->bs->file->size);
+    uint64_t start = MAX(MAX(file_end, s->alloc_end), excl_start + excl_n);
+    uint64_t tc, nb = 0;
+
+    for (;;) {
+        new_size = MIN(new_size, max_entries);
+        tc = (new_size * 8 + cs - 1) / cs;
+        uint64_t area_end = start + tc + nb;
+        uint64_t last_rt = (area_end - 1) >> s->rb_bits;
+        if (last_rt >= new_size || need >= new_size) {
+            if (new_size == max_entries)
+                return -EFBIG;
+            new_size = MAX(last_rt, need) + 1;
+            continue;
+        }
+        uint64_t missing = 0;
+        for (uint64_t rt = start >> s->rb_bits; rt <= last_rt; rt++)
+            if (rt >= s->reftable_size || !s->reftable[rt])
+                missing++;
+        if (missing == nb)
+            break;
+        nb = missing;
+    }
+    uint64_t area_end = start + tc + nb;
+    CLEANUP_FREE uint64_t *table = calloc(tc * cs / 8, 8);
+    CLEANUP_FREE uint8_t *blocks = calloc(nb ? nb : 1, cs);
+    if (!table || !blocks)
+        return -ENOMEM;
+    memcpy(table, s->reftable, s->reftable_size * 8);
+    uint64_t j = 0;
+    for (uint64_t rt = start >> s->rb_bits; rt <= (area_end - 1) >> s->rb_bits; rt++) {
+        if (rt < s->reftable_size && s->reftable[rt])
+            continue;
+        table[rt] = (start + tc + j) << s->cluster_bits;
+        uint8_t *blk = blocks + j * cs;
+        uint64_t lo = MAX(start, rt << s->rb_bits), hi = MIN(area_end, (rt + 1) << s->rb_bits);
+        for (uint64_t c = lo; c < hi; c++)
+            qcow2_refcount_set(blk, s->refcount_order, c & (s->rb_entries - 1), 1);
+        j++;
+    }
+    /* area clusters covered by existing blocks: count them there first */
+    for (uint64_t c = start; c < area_end; c++) {
+        uint64_t rt = c >> s->rb_bits;
+        if (rt < s->reftable_size && s->reftable[rt]) {
+            int ret = refcount_add(s, c, 1, 1, start, area_end - start);
+            if (ret < 0)
+                return ret;
+        }
+    }
+    int ret = qcache_flush(s, &s->rbc);
+    if (ret == 0 && nb)
+        ret = bnode_co_pwrite(s->bs->file, (start + tc) << s->cluster_bits, nb * cs, blocks,
+                              BREQ_BEYOND_EOF);
+    for (uint64_t i = 0; ret == 0 && i < tc * cs / 8; i++)
+        table[i] = htobe64(table[i]);
+    if (ret == 0)
+        ret = bnode_co_pwrite(s->bs->file, start << s->cluster_bits, tc * cs, table,
+                              BREQ_BEYOND_EOF);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret < 0)
+        return ret;
+    struct __attribute__((packed)) { uint64_t off; uint32_t clusters; } hdr = {
+        htobe64(start << s->cluster_bits), htobe32((uint32_t)tc) };
+    ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, refcount_table_offset),
+                          sizeof(hdr), &hdr, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret < 0)
+        return ret;
+    for (uint64_t i = 0; i < tc * cs / 8; i++)
+        table[i] = be64toh(table[i]);
+    uint64_t old_off = s->reftable_offset, old_clusters = s->reftable_clusters;
+    uint64_t *old = s->reftable;
+    s->reftable = table;
+    table = NULL;
+    s->reftable_size = tc * cs / 8;
+    s->reftable_offset = start << s->cluster_bits;
+    s->reftable_clusters = (uint32_t)tc;
+    free(old);
+    qcow2_meta_del(s, old_off, old_clusters * cs);
+    qcow2_meta_add_kind(s, s->reftable_offset, tc * cs, QOL_REFCOUNT_TABLE);
+    if (nb)
+        qcow2_meta_add_kind(s, (start + tc) << s->cluster_bits, nb * cs, QOL_REFCOUNT_BLOCK);
+    if (area_end > s->alloc_end)
+        s->alloc_end = area_end;
+    return refcount_add(s, old_off >> s->cluster_bits, old_clusters, -1, 0, 0);
+}
+
+int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
+{
+    /* As QEMU: the hint moves past every used cluster it meets, so a
+     * fragmented front of the image is scanned once, not at each call.
+     * Refcounts are read a whole block at a time. */
+    uint64_t limit = 1ull << (56 - s->cluster_bits);
+    uint64_t start = s->free_cluster_index, ci = start;
+    while (ci - start < n) {
+        if (ci + n > limit)
+            return -EFBIG;
+        int idx;
+        int ret = refblock_for(s, ci, &idx);
+        if (ret < 0)
+            return ret;
+        if (idx < 0) {
+            /* no block: every refcount it would hold is 0 */
+            ci = MIN(start + n, ((ci >> s->rb_bits) + 1) << s->rb_bits);
+            continue;
+        }
+        const uint8_t *blk = qcache_data(&s->rbc, idx);
+        uint64_t block_end = ((ci >> s->rb_bits) + 1) << s->rb_bits;
+        while (ci < block_end && ci - start < n) {
+            if (qcow2_refcount_get(blk, s->refcount_order, ci & (s->rb_entries - 1))) {
+                start = ci + 1;
+                if (s->free_cluster_index < start)
+                    s->free_cluster_index = start;
+            }
+            ci++;
+        }
+        qcache_put(s, &s->rbc, idx);
+    }
+    int ret = refcount_add(s, start, n, 1, start, n);
+    if (ret < 0)
+        return ret;
+    if (s->free_cluster_index >= start)
+        s->free_cluster_index = start + n;
+    if (start + n > s->alloc_end)
+        s->alloc_end = start + n;
+    return (int64_t)(start << s->cluster_bits);
+}
+
+/* ---- deferred frees ---- */
+
+void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, int type)
+{
+    struct qfree *f = malloc(sizeof(*f));
+    if (!f)
+        abort();
+    *f = (struct qfree){ .offset = offset, .nb = nb, .discard_type = type, .next = s->pending };
+    s->pending = f;
+}
+
+static int release(struct qcow2_state *s, struct qfree *list)
+{
+    int result = 0;
+    while (list) {
+        struct qfree *f = list;
+        list = f->next;
+        int ret = qcow2_update_refcount(s, f->offset, f->nb << s->cluster_bits, -1);
+        if (ret == 0 && s->discard_passthrough[f->discard_type]) {
+            uint64_t ref = 1;
+            qcow2_get_refcount(s, f->offset >> s->cluster_bits, &ref);
+            if (ref == 0 && s->bs->file->discard)
+                bnode_co_pdiscard(s->bs->file, f->offset, f->nb << s->cluster_bits);
+        }
+        if (ret < 0 && !result)
+            result = ret;
+        free(f);
+    }
+    return result;
+}
+
+int qcow2_process_frees(struct qcow2_state *s, bool flushed)
+{
+    int ret = 0;
+    for (int round = 0; round < 2; round++) {
+        if (s->draining &&
+            __atomic_load_n(&s->inflight[s->draining_slot], __ATOMIC_ACQUIRE) == 0) {
+            struct qfree *d = s->draining;
+            s->draining = NULL;
+            int r = release(s, d);
+            if (r < 0 && !ret)
+                ret = r;
+        }
+        if (!flushed || !s->pending || s->draining)
+            break;
+        pthread_mutex_lock(&s->cache_lock);
+        int old = s->cur_slot;
+        if (__atomic_load_n(&s->inflight[1 - old], __ATOMIC_ACQUIRE) == 0) {
+            s->cur_slot = 1 - old;
+            s->draining_slot = old;
+            s->draining = s->pending;
+            s->pending = NULL;
+        }
+        pthread_mutex_unlock(&s->cache_lock);
+        flushed = false;
+    }
+    return ret;
+}
+
+/* ---- flush ---- */
+
+int qcow2_flush_metadata(struct qcow2_state *s)
+{
+    int ret = 0;
+    bool l2_dirty = s->l2c.ndirty > 0;
+    if (s->rbc.ndirty) {
+        ret = qcache_flush(s, &s->rbc);
+        if (ret == 0 && l2_dirty)
+            ret = bnode_co_flush(s->bs->file);
+    }
+    if (ret == 0 && l2_dirty)
+        ret = qcache_flush(s, &s->l2c);
+    if (ret == 0 && !s->bs->file->cache_no_flush)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret == 0 && s->data != s->bs->file)
+        ret = bnode_co_flush(s->data);
+    if (ret == 0)
+        ret = qcow2_process_frees(s, true);
+    return ret;
+}
+
+/* ---- L1 ---- */
+
+int qcow2_write_l1_entry(struct qcow2_state *s, uint32_t idx, uint64_t entry)
+{
+    uint32_t base = idx & ~63u;
+    uint32_t n = MIN(64u, s->l1_size - base);
+    uint64_t buf[64];
+    pthread_mutex_lock(&s->cache_lock);
+    for (uint32_t i = 0; i < n; i++)
+        buf[i] = htobe64(base + i == idx ? entry : s->l1[base + i]);
+    pthread_mutex_unlock(&s->cache_lock);
+    int ret = qcow2_overlap_check(s, QOL_ACTIVE_L1, s->l1_offset + base * 8ull, n * 8);
+    if (ret < 0)
+        return ret;
+    ret = bnode_co_pwrite(s->bs->file, s->l1_offset + base * 8ull, n * 8, buf, 0);
+    if (ret < 0)
+        return ret;
+    pthread_mutex_lock(&s->cache_lock);
+    s->l1[idx] = entry;
+    pthread_mutex_unlock(&s->cache_lock);
+    return 0;
+}

@@ -1,0 +1,986 @@
+/*
+ * Driver "qcow2": open, options, header, backing chain, queries, resize.
+ *
+ * Theory of operation.  Opening reads and checks the header, its
+ * extensions, the L1 and refcount tables (bounded as QEMU bounds them:
+ * 32 MiB of L1, 8 MiB of refcount table, 64k snapshots) in a coroutine on a
+ * helper thread (qcow2_run_sync), so the main loop needs no special case.
+ * The metadata overlap set (what the overlap-check option protects) is
+ * built from the same tables: L2 tables from the L1, refcount blocks from
+ * the refcount table, snapshot tables and their L1s.  Then the backing
+ * chain the header names is opened (or the node given by `backing`), and
+ * the caches are sized from the options with QEMU's defaults.
+ *
+ * Requests and block status are in qcow2-io.c; metadata in qcow2-meta.c.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "block/qcow2-int.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/log.h"
+
+#define DEFAULT_L2_CACHE_MAX_SIZE (32u << 20)
+#define MIN_L2_CACHE_SIZE 2            /* entries */
+#define MIN_REFCOUNT_CACHE_SIZE 4      /* clusters */
+#define MAX_BACKING_DEPTH 256
+
+const char *file_node_filename(struct bnode *bs);
+struct bnode *bnode_open_ref(json_t *ref, bool parent_ro, error **errp);
+
+/* ---- header ---- */
+
+struct open_ctx {
+    struct qcow2_header h;
+    error **errp;
+    uint8_t *cluster0;
+};
+
+static int read_all(struct qcow2_state *s, uint64_t off, uint64_t len, void *buf)
+{
+    return bnode_co_pread(s->bs->file, off, len, buf, BREQ_BEYOND_EOF);
+}
+
+static int read_extensions(struct qcow2_state *s, struct open_ctx *c, uint64_t start,
+                           uint64_t end)
+{
+    uint64_t off = start;
+    while (off + 8 <= end) {
+        struct qcow2_ext_header eh;
+        memcpy(&eh, c->cluster0 + off, 8);
+        uint32_t type = be32toh(eh.type), len = be32toh(eh.len);
+        off += 8;
+        if (type == QCOW2_EXT_END)
+            break;
+        if (len > end - off) {
+            error_setg(c->errp, "Header extension too large");
+            return -EINVAL;
+        }
+        const uint8_t *d = c->cluster0 + off;
+        switch (type) {
+        case QCOW2_EXT_BACKING_FMT:
+            if (len >= 16) {
+                error_setg(c->errp, "ERROR: ext_backing_format: len=%" PRIu32
+                           " too large (>=16)", len);
+                return -EINVAL;
+            }
+            free(s->backing_fmt);
+            s->backing_fmt = strndup((const char *)d, len);
+            break;
+        case QCOW2_EXT_BITMAPS: {
+            struct qcow2_bitmaps_ext b;
+            if (len != sizeof(b)) {
+                error_setg(c->errp, "bitmaps_ext: Invalid extension length");
+                return -EINVAL;
+            }
+            memcpy(&b, d, sizeof(b));
+            if (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
+                s->nb_bitmaps = be32toh(b.nb_bitmaps);
+                s->bitmap_dir_size = be64toh(b.bitmap_directory_size);
+                s->bitmap_dir_offset = be64toh(b.bitmap_directory_offset);
+                if (qoffset_into_cluster(s, s->bitmap_dir_offset)) {
+                    error_setg(c->errp, "bitmaps_ext: invalid bitmap directory offset");
+                    return -EINVAL;
+                }
+            }
+            break;
+        }
+        case QCOW2_EXT_DATA_FILE:
+            free(s->data_file_name);
+            s->data_file_name = strndup((const char *)d, len);
+            break;
+        default:
+            break;              /* unknown extensions are kept as they are */
+        }
+        off += (len + 7) & ~7ull;
+    }
+    s->unknown_ext_end = off;
+    return 0;
+}
+
+/* "Unsupported qcow2 feature(s): name, ..." from the feature name table. */
+static void report_unsupported(struct qcow2_state *s, struct open_ctx *c, uint64_t mask,
+                               uint64_t ext_start, uint64_t ext_end)
+{
+    char buf[512] = "";
+    size_t n = 0;
+    uint64_t off = ext_start;
+    while (off + 8 <= ext_end) {
+        struct qcow2_ext_header eh;
+        memcpy(&eh, c->cluster0 + off, 8);
+        uint32_t type = be32toh(eh.type), len = be32toh(eh.len);
+        off += 8;
+        if (type == QCOW2_EXT_END || len > ext_end - off)
+            break;
+        if (type == QCOW2_EXT_FEATURE_TABLE) {
+            for (uint32_t k = 0; k + sizeof(struct qcow2_feature_name) <= len;
+                 k += sizeof(struct qcow2_feature_name)) {
+                const struct qcow2_feature_name *f = (const void *)(c->cluster0 + off + k);
+                if (f->type == QCOW2_FEAT_TYPE_INCOMPAT && f->bit < 64 &&
+                    (mask & (1ull << f->bit))) {
+                    n += snprintf(buf + n, sizeof(buf) - MIN(n, sizeof(buf)), "%s%.46s",
+                                  n ? ", " : "", f->name);
+                    mask &= ~(1ull << f->bit);
+                }
+            }
+        }
+        off += (len + 7) & ~7ull;
+    }
+    if (mask && n < sizeof(buf))
+        snprintf(buf + n, sizeof(buf) - n, "%sUnknown incompatible feature: %" PRIx64,
+                 n ? ", " : "", mask);
+    error_setg(c->errp, "Unsupported qcow2 feature(s): %s", buf);
+}
+
+static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
+{
+    if (!s->nb_snapshots)
+        return 0;
+    if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
+        error_setg(c->errp, "Too many snapshots");
+        return -EINVAL;
+    }
+    if (qoffset_into_cluster(s, s->snapshots_offset)) {
+        error_setg(c->errp, "Invalid snapshot table offset");
+        return -EINVAL;
+    }
+    s->snapshots = calloc(s->nb_snapshots, sizeof(*s->snapshots));
+    if (!s->snapshots)
+        return -ENOMEM;
+    uint64_t off = s->snapshots_offset;
+    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+        struct qcow2_snapshot_header h;
+        if (off - s->snapshots_offset > QCOW2_MAX_SNAPSHOTS_SIZE) {
+            error_setg(c->errp, "Snapshot table exceeds the maximum size");
+            return -EFBIG;
+        }
+        int ret = read_all(s, off, sizeof(h), &h);
+        if (ret < 0) {
+            error_setg_errno(c->errp, -ret, "Failed to read snapshot table");
+            return ret;
+        }
+        s->snapshots[i].l1_table_offset = be64toh(h.l1_table_offset);
+        s->snapshots[i].l1_size = be32toh(h.l1_size);
+        off += sizeof(h) + be32toh(h.extra_data_size) + be16toh(h.id_str_size) +
+               be16toh(h.name_size);
+        off = (off + 7) & ~7ull;
+        if (s->snapshots[i].l1_size > QCOW2_MAX_L1_SIZE / 8 ||
+            qoffset_into_cluster(s, s->snapshots[i].l1_table_offset)) {
+            error_setg(c->errp, "Snapshot L1 table offset invalid");
+            return -EINVAL;
+        }
+    }
+    s->snapshots_size = off - s->snapshots_offset;
+    if (s->snapshots_size > QCOW2_MAX_SNAPSHOTS_SIZE) {
+        error_setg(c->errp, "Snapshot table exceeds the maximum size");
+        return -EFBIG;
+    }
+    return 0;
+}
+
+static int do_open(struct qcow2_state *s, void *opaque)
+{
+    struct open_ctx *c = opaque;
+    struct qcow2_header *h = &c->h;
+    struct bnode *bs = s->bs;
+    int ret = read_all(s, 0, sizeof(*h), h);
+    if (ret < 0) {
+        error_setg_errno(c->errp, -ret, "Could not read qcow2 header");
+        return ret;
+    }
+    if (be32toh(h->magic) != QCOW2_MAGIC) {
+        error_setg(c->errp, "Image is not in qcow2 format");
+        return -EINVAL;
+    }
+    s->version = be32toh(h->version);
+    if (s->version < 2 || s->version > 3) {
+        error_setg(c->errp, "Unsupported qcow2 version %" PRIu32, s->version);
+        return -ENOTSUP;
+    }
+    s->cluster_bits = be32toh(h->cluster_bits);
+    if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS || s->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
+        error_setg(c->errp, "Unsupported cluster size: 2^%" PRIu32, s->cluster_bits);
+        return -EINVAL;
+    }
+    s->cluster_size = 1ull << s->cluster_bits;
+    if (s->version == 2) {
+        s->header_length = QCOW2_V2_HEADER_LEN;
+        s->refcount_order = 4;
+    } else {
+        s->incompat = be64toh(h->incompatible_features);
+        s->compat = be64toh(h->compatible_features);
+        s->autoclear = be64toh(h->autoclear_features);
+        s->refcount_order = be32toh(h->refcount_order);
+        s->header_length = be32toh(h->header_length);
+        if (s->header_length < QCOW2_V3_HEADER_LEN) {
+            error_setg(c->errp, "qcow2 header too short");
+            return -EINVAL;
+        }
+        if (s->header_length > s->cluster_size) {
+            error_setg(c->errp, "qcow2 header exceeds cluster size");
+            return -EINVAL;
+        }
+        s->compression_type = s->header_length > 104 ? h->compression_type : 0;
+    }
+    c->cluster0 = calloc(1, s->cluster_size);
+    if (!c->cluster0)
+        return -ENOMEM;
+    ret = read_all(s, 0, s->cluster_size, c->cluster0);
+    if (ret < 0) {
+        error_setg_errno(c->errp, -ret, "Could not read qcow2 header");
+        return ret;
+    }
+    uint64_t backing_off = be64toh(h->backing_file_offset);
+    uint64_t ext_end = backing_off && backing_off < s->cluster_size ? backing_off
+                                                                    : s->cluster_size;
+    if (s->incompat & ~QCOW2_INCOMPAT_MASK) {
+        report_unsupported(s, c, s->incompat & ~QCOW2_INCOMPAT_MASK, s->header_length, ext_end);
+        return -ENOTSUP;
+    }
+    if ((s->incompat & QCOW2_INCOMPAT_CORRUPT) && !bs->read_only) {
+        error_setg(c->errp, "qcow2: Image is corrupt; cannot be opened read/write");
+        return -EACCES;
+    }
+    s->corrupt = s->incompat & QCOW2_INCOMPAT_CORRUPT;
+    if (s->refcount_order > QCOW2_MAX_REFCOUNT_ORDER) {
+        error_setg(c->errp, "Reference count entry width too large; may not exceed 64 bits");
+        return -EINVAL;
+    }
+    s->extl2 = s->incompat & QCOW2_INCOMPAT_EXTL2;
+    if (s->extl2 && s->cluster_bits < QCOW2_MIN_CLUSTER_BITS_EXTL2) {
+        error_setg(c->errp, "The cluster size must be at least 16 KiB with extended L2 entries");
+        return -EINVAL;
+    }
+    if (s->compression_type > QCOW2_COMPRESSION_ZSTD) {
+        error_setg(c->errp, "qcow2: unknown compression type: %u", s->compression_type);
+        return -ENOTSUP;
+    }
+    if (!s->compression_type != !(s->incompat & QCOW2_INCOMPAT_COMPRESSION)) {
+        error_setg(c->errp, "qcow2: Compression type incompatible feature bit must %sbe set",
+                   s->compression_type ? "" : "not ");
+        return -EINVAL;
+    }
+    uint32_t crypt = be32toh(h->crypt_method);
+    if (crypt != QCOW2_CRYPT_NONE) {
+        error_setg(c->errp, "Encrypted qcow2 images (%s) are not supported",
+                   crypt == QCOW2_CRYPT_LUKS ? "luks" : crypt == QCOW2_CRYPT_AES ? "aes" : "?");
+        return -ENOTSUP;
+    }
+    ret = read_extensions(s, c, s->version == 2 ? QCOW2_V2_HEADER_LEN : s->header_length,
+                          ext_end);
+    if (ret < 0)
+        return ret;
+
+    s->size = be64toh(h->size);
+    s->l2_entry_bytes = s->extl2 ? 16 : 8;
+    s->l2_entries = s->cluster_size / s->l2_entry_bytes;
+    s->l2_bits = __builtin_ctzll(s->l2_entries);
+    s->subcluster_size = s->extl2 ? s->cluster_size / QCOW2_SUBCLUSTERS : s->cluster_size;
+    s->csize_shift = qcow2_csize_shift(s->cluster_bits);
+    s->csize_mask = qcow2_csize_mask(s->cluster_bits);
+    s->coffset_mask = qcow2_coffset_mask(s->cluster_bits);
+    s->rb_bits = s->cluster_bits + 3 - s->refcount_order;
+    s->rb_entries = 1ull << s->rb_bits;
+    s->refcount_max = s->refcount_order == 6 ? UINT64_MAX : (1ull << (1u << s->refcount_order)) - 1;
+    s->lazy_refcounts = s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
+
+    /* backing file name */
+    if (backing_off) {
+        uint32_t len = be32toh(h->backing_file_size);
+        if (len > QCOW2_MAX_BACKING_NAME || backing_off > s->cluster_size ||
+            len > s->cluster_size - backing_off) {
+            error_setg(c->errp, "Backing file name too long");
+            return -EINVAL;
+        }
+        s->backing_file = strndup((const char *)c->cluster0 + backing_off, len);
+    }
+
+    /* L1 */
+    s->l1_size = be32toh(h->l1_size);
+    s->l1_offset = be64toh(h->l1_table_offset);
+    if (s->l1_size > QCOW2_MAX_L1_SIZE / 8) {
+        error_setg(c->errp, "Active L1 table too large");
+        return -EFBIG;
+    }
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t need = (s->size + l2_cover - 1) / l2_cover;
+    if (s->size > (UINT64_MAX >> 1) || s->l1_size < need) {
+        error_setg(c->errp, "L1 table is too small");
+        return -EINVAL;
+    }
+    if (s->l1_size && (!s->l1_offset || qoffset_into_cluster(s, s->l1_offset))) {
+        error_setg(c->errp, "Active L1 table offset invalid");
+        return -EINVAL;
+    }
+    s->l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
+    if (!s->l1)
+        return -ENOMEM;
+    if (s->l1_size) {
+        ret = read_all(s, s->l1_offset, s->l1_size * 8ull, s->l1);
+        if (ret < 0) {
+            error_setg_errno(c->errp, -ret, "Could not read L1 table");
+            return ret;
+        }
+        for (uint32_t i = 0; i < s->l1_size; i++)
+            s->l1[i] = be64toh(s->l1[i]);
+    }
+
+    /* refcount table */
+    s->reftable_offset = be64toh(h->refcount_table_offset);
+    s->reftable_clusters = be32toh(h->refcount_table_clusters);
+    if ((uint64_t)s->reftable_clusters << s->cluster_bits > QCOW2_MAX_REFTABLE_SIZE) {
+        error_setg(c->errp, "Reference count table too large");
+        return -EINVAL;
+    }
+    if (!s->reftable_clusters) {
+        error_setg(c->errp, "Image does not contain a reference count table");
+        return -EINVAL;
+    }
+    if (qoffset_into_cluster(s, s->reftable_offset) || !s->reftable_offset) {
+        error_setg(c->errp, "Reference count table offset invalid");
+        return -EINVAL;
+    }
+    s->reftable_size = ((uint64_t)s->reftable_clusters << s->cluster_bits) / 8;
+    s->reftable = calloc(s->reftable_size, 8);
+    if (!s->reftable)
+        return -ENOMEM;
+    ret = read_all(s, s->reftable_offset, s->reftable_size * 8, s->reftable);
+    if (ret < 0) {
+        error_setg_errno(c->errp, -ret, "Could not read the refcount table");
+        return ret;
+    }
+    for (uint64_t i = 0; i < s->reftable_size; i++)
+        s->reftable[i] = be64toh(s->reftable[i]);
+
+    /* snapshots */
+    s->nb_snapshots = be32toh(h->nb_snapshots);
+    s->snapshots_offset = be64toh(h->snapshots_offset);
+    ret = read_snapshots(s, c);
+    if (ret < 0)
+        return ret;
+
+    /* metadata the overlap check protects */
+    uint64_t hdr_clusters = 1;
+    qcow2_meta_add_kind(s, 0, hdr_clusters << s->cluster_bits, QOL_MAIN_HEADER);
+    qcow2_meta_add_kind(s, s->l1_offset, s->l1_size * 8ull, QOL_ACTIVE_L1);
+    qcow2_meta_add_kind(s, s->reftable_offset, s->reftable_size * 8, QOL_REFCOUNT_TABLE);
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        uint64_t o = s->l1[i] & QCOW2_L1E_OFFSET_MASK;
+        if (o)
+            qcow2_meta_add_kind(s, o, s->cluster_size, QOL_ACTIVE_L2);
+    }
+    for (uint64_t i = 0; i < s->reftable_size; i++) {
+        uint64_t o = s->reftable[i] & QCOW2_REFT_OFFSET_MASK;
+        if (o)
+            qcow2_meta_add_kind(s, o, s->cluster_size, QOL_REFCOUNT_BLOCK);
+    }
+    if (s->nb_snapshots)
+        qcow2_meta_add_kind(s, s->snapshots_offset, s->snapshots_size, QOL_SNAPSHOT_TABLE);
+    for (uint32_t i = 0; i < s->nb_snapshots; i++)
+        qcow2_meta_add_kind(s, s->snapshots[i].l1_table_offset,
+                            s->snapshots[i].l1_size * 8ull, QOL_INACTIVE_L1);
+    if (s->bitmap_dir_size)
+        qcow2_meta_add_kind(s, s->bitmap_dir_offset, s->bitmap_dir_size, QOL_BITMAP_DIRECTORY);
+
+    /* the allocator starts looking after what the file holds */
+    s->alloc_end = qsize_to_clusters(s, bs->file->size);
+    return 0;
+}
+
+/* Written when we first write: the dirty bit is not used (refcounts are
+ * kept ordered); autoclear bits we do not maintain are cleared, as the
+ * format asks of writers. */
+static int prepare_write(struct qcow2_state *s, void *opaque)
+{
+    if (s->version < 3)
+        return 0;
+    uint64_t keep = s->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+    if (keep == s->autoclear)
+        return 0;
+    uint64_t v = htobe64(keep);
+    int ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, autoclear_features),
+                              8, &v, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret == 0)
+        s->autoclear = keep;
+    return ret;
+}
+
+/* ---- options ---- */
+
+static int opt_size(json_t *opts, const char *key, uint64_t dflt, bool *set)
+{
+    json_t *v = json_object_get(opts, key);
+    *set = v != NULL;
+    return v ? (uint64_t)json_integer_value(v) : dflt;
+}
+
+static int read_cache_sizes(struct qcow2_state *s, json_t *opts, error **errp)
+{
+    bool combined_set, l2_set, rc_set, entry_set;
+    uint64_t combined = json_integer_value(json_object_get(opts, "cache-size"));
+    combined_set = json_object_get(opts, "cache-size") != NULL;
+    uint64_t l2_max = json_object_get(opts, "l2-cache-size")
+                          ? (uint64_t)json_integer_value(json_object_get(opts, "l2-cache-size"))
+                          : DEFAULT_L2_CACHE_MAX_SIZE;
+    l2_set = json_object_get(opts, "l2-cache-size") != NULL;
+    uint64_t rc = json_object_get(opts, "refcount-cache-size")
+                      ? (uint64_t)json_integer_value(json_object_get(opts, "refcount-cache-size"))
+                      : 0;
+    rc_set = json_object_get(opts, "refcount-cache-size") != NULL;
+    uint64_t entry = json_object_get(opts, "l2-cache-entry-size")
+                         ? (uint64_t)json_integer_value(json_object_get(opts, "l2-cache-entry-size"))
+                         : s->cluster_size;
+    entry_set = json_object_get(opts, "l2-cache-entry-size") != NULL;
+    uint64_t min_rc = MIN_REFCOUNT_CACHE_SIZE * s->cluster_size;
+    uint64_t max_l2_entries = (s->size + s->cluster_size - 1) / s->cluster_size;
+    uint64_t max_l2_cache = (max_l2_entries * s->l2_entry_bytes + s->cluster_size - 1) &
+                            ~(s->cluster_size - 1);
+    uint64_t l2 = MIN(max_l2_cache, l2_max);
+
+    if (combined_set) {
+        if (l2_set && rc_set) {
+            error_setg(errp, "cache-size, l2-cache-size and refcount-cache-size may not be "
+                       "set at the same time");
+            return -EINVAL;
+        } else if (l2_set && l2_max > combined) {
+            error_setg(errp, "l2-cache-size may not exceed cache-size");
+            return -EINVAL;
+        } else if (rc > combined) {
+            error_setg(errp, "refcount-cache-size may not exceed cache-size");
+            return -EINVAL;
+        }
+        if (l2_set) {
+            rc = combined - l2;
+        } else if (rc_set) {
+            l2 = combined - rc;
+        } else if (combined >= max_l2_cache + min_rc) {
+            l2 = max_l2_cache;
+            rc = combined - l2;
+        } else {
+            rc = MIN(combined, min_rc);
+            l2 = combined - rc;
+        }
+    }
+    if (l2 < max_l2_cache && !entry_set)
+        entry = MIN(s->cluster_size, 4096);
+    if (entry < 512 || entry > s->cluster_size || (entry & (entry - 1))) {
+        error_setg(errp, "L2 cache entry size must be a power of two between 512 and the "
+                   "cluster size (%" PRIu64 ")", s->cluster_size);
+        return -EINVAL;
+    }
+    /* entries of 16 bytes make a slice too small to hold whole subcluster
+     * bitmaps only below 512 bytes, which is refused above */
+    l2 /= entry;
+    if (l2 < MIN_L2_CACHE_SIZE)
+        l2 = MIN_L2_CACHE_SIZE;
+    if (l2 > INT_MAX) {
+        error_setg(errp, "L2 cache size too big");
+        return -EINVAL;
+    }
+    rc /= s->cluster_size;
+    if (rc < MIN_REFCOUNT_CACHE_SIZE)
+        rc = MIN_REFCOUNT_CACHE_SIZE;
+    if (rc > INT_MAX) {
+        error_setg(errp, "Refcount cache size too big");
+        return -EINVAL;
+    }
+    s->l2_cache_size = l2;
+    s->refcount_cache_size = rc;
+    s->l2_slice_size = entry;
+    s->l2_slice_entries = entry / s->l2_entry_bytes;
+    (void)opt_size;
+    return 0;
+}
+
+static const char *const overlap_keys[] = {
+    "main-header", "active-l1", "active-l2", "refcount-table", "refcount-block",
+    "snapshot-table", "inactive-l1", "inactive-l2", "bitmap-directory",
+};
+
+static unsigned overlap_template(const char *mode)
+{
+    if (!strcmp(mode, "none"))
+        return 0;
+    if (!strcmp(mode, "constant"))
+        return QOL_MAIN_HEADER | QOL_ACTIVE_L1 | QOL_REFCOUNT_TABLE | QOL_SNAPSHOT_TABLE |
+               QOL_INACTIVE_L1 | QOL_BITMAP_DIRECTORY;
+    if (!strcmp(mode, "all"))
+        return 0x1ff;
+    return 0x1ff & ~QOL_INACTIVE_L2;   /* cached */
+}
+
+static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
+{
+    struct bnode *bs = s->bs;
+    int ret = read_cache_sizes(s, opts, errp);
+    if (ret < 0)
+        return ret;
+    json_t *cci = json_object_get(opts, "cache-clean-interval");
+    int64_t interval = cci ? json_integer_value(cci) : 600;
+    if (interval < 0 || interval > UINT_MAX) {
+        error_setg(errp, "Cache clean interval too big");
+        return -EINVAL;
+    }
+    s->cache_clean_interval = interval;
+    s->lazy_refcounts = qmp_bool(opts, "lazy-refcounts", s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+    if (s->lazy_refcounts && s->version < 3) {
+        error_setg(errp, "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                   "compatibility level");
+        return -EINVAL;
+    }
+    json_t *ol = json_object_get(opts, "overlap-check");
+    if (json_is_string(ol)) {
+        s->overlap = overlap_template(json_string_value(ol));
+    } else {
+        s->overlap = overlap_template(qmp_str(ol, "template", "cached"));
+        for (unsigned i = 0; i < ARRAY_SIZE(overlap_keys); i++) {
+            json_t *v = json_object_get(ol, overlap_keys[i]);
+            if (json_is_boolean(v))
+                s->overlap = json_is_true(v) ? s->overlap | (1u << i) : s->overlap & ~(1u << i);
+        }
+    }
+    s->discard_passthrough[QFREE_NEVER] = false;
+    s->discard_passthrough[QFREE_REQUEST] = qmp_bool(opts, "pass-discard-request", bs->discard);
+    s->discard_passthrough[QFREE_SNAPSHOT] = qmp_bool(opts, "pass-discard-snapshot", true);
+    s->discard_passthrough[QFREE_OTHER] = qmp_bool(opts, "pass-discard-other", false);
+    json_t *enc = json_object_get(opts, "encrypt");
+    if (enc) {
+        error_setg(errp, "No encryption in image header, but options specified format '%s'",
+                   qmp_str(enc, "format", ""));
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* ---- backing chain ---- */
+
+static int chain_depth(struct bnode *bs)
+{
+    int d = 0;
+    for (struct bnode *b = bs->backing; b; b = b->backing)
+        d++;
+    return d;
+}
+
+/* The backing file name as QEMU resolves it: relative to the directory of
+ * the image's file name. */
+static char *resolve_backing(struct bnode *bs, const char *name)
+{
+    if (name[0] == '/' || strstr(name, "://"))
+        return strdup(name);
+    struct bnode *leaf = bs;
+    while (leaf->file)
+        leaf = leaf->file;
+    const char *base = strcmp(leaf->drv->name, "file") && strcmp(leaf->drv->name, "host_device")
+                           ? "" : file_node_filename(leaf);
+    const char *slash = strrchr(base, '/');
+    char *out;
+    if (asprintf(&out, "%.*s%s", slash ? (int)(slash - base + 1) : 0, base, name) < 0)
+        abort();
+    return out;
+}
+
+static const char *probe_format(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    unsigned char m[4] = { 0 };
+    if (fd >= 0) {
+        if (pread(fd, m, 4, 0) != 4)
+            memset(m, 0, 4);
+        close(fd);
+    }
+    return memcmp(m, "QFI\xfb", 4) ? "raw" : "qcow2";
+}
+
+static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **errp)
+{
+    struct bnode *bs = s->bs;
+    json_t *ref = json_object_get(opts, "backing");
+    if (json_is_null(ref))
+        return 0;
+    if (!ref && !s->backing_file)
+        return 0;
+    if (s->data_file_raw && (ref || s->backing_file)) {
+        error_setg(errp, "data-file-raw cannot be used with a backing file");
+        return -EINVAL;
+    }
+    CLEANUP_JSON json_t *made = NULL;
+    if (!ref) {
+        if (depth >= MAX_BACKING_DEPTH) {
+            error_setg(errp, "Backing chain of '%s' is deeper than %d images",
+                       bs->node_name, MAX_BACKING_DEPTH);
+            return -ELOOP;
+        }
+        CLEANUP_FREE char *path = resolve_backing(bs, s->backing_file);
+        const char *fmt = s->backing_fmt ? s->backing_fmt : probe_format(path);
+        if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+            error_setg(errp, "Unknown driver '%s'", fmt);
+            return -EINVAL;
+        }
+        made = json_pack("{s:s, s:{s:s, s:s}, s:b}", "driver", fmt, "file", "driver", "file",
+                         "filename", path, "read-only", true);
+        if (!strcmp(fmt, "qcow2"))
+            json_object_set_new(made, "x-bexd-depth", json_integer(depth + 1));
+        ref = made;
+    }
+    error *err = NULL;
+    struct bnode *b = bnode_open_ref(ref, true, &err);
+    if (!b) {
+        if (made)
+            error_setg(errp, "Could not open backing file: %s", err->msg);
+        else
+            error_propagate(errp, err);
+        if (made)
+            error_free(err);
+        return -EINVAL;
+    }
+    bs->backing = b;
+    if (chain_depth(bs) > MAX_BACKING_DEPTH) {
+        error_setg(errp, "Backing chain of '%s' is deeper than %d images", bs->node_name,
+                   MAX_BACKING_DEPTH);
+        return -ELOOP;
+    }
+    return 0;
+}
+
+/* ---- open / close ---- */
+
+static void free_state(struct qcow2_state *s)
+{
+    qcache_free(&s->l2c);
+    qcache_free(&s->rbc);
+    free(s->l1);
+    free(s->reftable);
+    free(s->snapshots);
+    free(s->backing_file);
+    free(s->backing_fmt);
+    free(s->data_file_name);
+    free(s->meta_set);
+    while (s->pending) {
+        struct qfree *f = s->pending;
+        s->pending = f->next;
+        free(f);
+    }
+    while (s->draining) {
+        struct qfree *f = s->draining;
+        s->draining = f->next;
+        free(f);
+    }
+    co_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->cache_lock);
+    free(s);
+}
+
+static int open_data_file(struct qcow2_state *s, json_t *opts, error **errp)
+{
+    struct bnode *bs = s->bs;
+    json_t *ref = json_object_get(opts, "data-file");
+    bool has = s->incompat & QCOW2_INCOMPAT_DATA_FILE;
+    s->data = bs->file;
+    if (!has) {
+        if (ref) {
+            error_setg(errp, "'data-file' can only be set for images with an external data file");
+            return -EINVAL;
+        }
+        if (s->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW) {
+            error_setg(errp, "data-file-raw requires a data file");
+            return -EINVAL;
+        }
+        return 0;
+    }
+    CLEANUP_JSON json_t *made = NULL;
+    if (!ref) {
+        if (!s->data_file_name) {
+            error_setg(errp, "Missing data file name in image header");
+            return -EINVAL;
+        }
+        CLEANUP_FREE char *path = resolve_backing(bs, s->data_file_name);
+        made = json_pack("{s:s, s:s, s:b}", "driver", "file", "filename", path,
+                         "read-only", bs->read_only);
+        ref = made;
+    }
+    error *err = NULL;
+    struct bnode *d = bnode_open_ref(ref, bs->read_only, &err);
+    if (!d) {
+        error_setg(errp, "Could not open data file: %s", err->msg);
+        error_free(err);
+        return -EINVAL;
+    }
+    CLEANUP_FREE char *me = NULL;
+    if (asprintf(&me, "node '%s'", bs->node_name) < 0)
+        abort();
+    s->data_link = bnode_attach(d, 0, PERM_ALL, me, "data-file", errp);
+    bnode_unref(d);
+    if (!s->data_link)
+        return -EINVAL;
+    s->data = d;
+    s->data_file_raw = s->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+    return 0;
+}
+
+static void qcow2_close(struct bnode *bs);
+
+static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    struct qcow2_state *s = calloc(1, sizeof(*s));
+    if (!s)
+        abort();
+    s->bs = bs;
+    co_mutex_init(&s->lock);
+    pthread_mutex_init(&s->cache_lock, NULL);
+    bs->opaque = s;
+    if (bs->file->read_only)
+        bs->read_only = true;
+
+    struct open_ctx c = { .errp = errp };
+    int ret = qcow2_run_sync(s, do_open, &c);
+    free(c.cluster0);
+    if (ret < 0) {
+        if (!*errp)
+            error_setg_errno(errp, -ret, "Could not open qcow2 image");
+        goto fail;
+    }
+    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !bs->read_only) {
+        error_setg(errp, "qcow2: image has the dirty bit set (lazy refcounts were in use "
+                   "and it was not closed cleanly); repair it with 'qemu-img check -r all' "
+                   "or open it read-only");
+        goto fail;
+    }
+    if (read_options(s, opts, errp) < 0)
+        goto fail;
+    if (qcache_init(&s->l2c, "L2", (uint32_t)s->l2_slice_size, (int)s->l2_cache_size) < 0 ||
+        qcache_init(&s->rbc, "refcount", (uint32_t)s->cluster_size,
+                    (int)s->refcount_cache_size) < 0) {
+        error_setg(errp, "Could not allocate metadata caches");
+        goto fail;
+    }
+    if (open_data_file(s, opts, errp) < 0)
+        goto fail;
+    int depth = (int)qmp_int(opts, "x-bexd-depth", 0);
+    if (open_backing(s, opts, depth, errp) < 0)
+        goto fail;
+    bs->size = s->size;
+    bs->request_alignment = bs->file->request_alignment;
+    if (!bs->read_only && (ret = qcow2_run_sync(s, prepare_write, NULL)) < 0) {
+        error_setg_errno(errp, -ret, "Could not update qcow2 header");
+        goto fail;
+    }
+    return 0;
+
+fail:
+    qcow2_close(bs);
+    bs->opaque = NULL;
+    return -1;
+}
+
+static int close_flush(struct qcow2_state *s, void *opaque)
+{
+    co_mutex_lock(&s->lock);
+    int ret = qcow2_flush_metadata(s);
+    /* nothing is in flight now: the frees of the last flush can go */
+    if (ret == 0 && (s->pending || s->draining)) {
+        qcow2_process_frees(s, true);
+        qcow2_process_frees(s, true);
+        ret = qcow2_flush_metadata(s);
+    }
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static void qcow2_close(struct bnode *bs)
+{
+    struct qcow2_state *s = bs->opaque;
+    if (!s)
+        return;
+    if (!bs->read_only && !s->corrupt && s->l2c.e && s->rbc.e) {
+        int ret = qcow2_run_sync(s, close_flush, NULL);
+        if (ret < 0)
+            log_error("qcow2: node '%s': flushing metadata at close failed: %s",
+                      bs->node_name, strerror(-ret));
+    }
+    if (bs->backing) {
+        bnode_unref(bs->backing);
+        bs->backing = NULL;
+    }
+    if (s->data_link)
+        bnode_detach(s->data_link);
+    free_state(s);
+    bs->opaque = NULL;
+}
+
+static int qcow2_flush_sync(struct bnode *bs)
+{
+    struct qcow2_state *s = bs->opaque;
+    return qcow2_run_sync(s, close_flush, NULL);
+}
+
+/* ---- resize ---- */
+
+struct resize {
+    uint64_t size;
+    error **errp;
+};
+
+static int do_grow(struct qcow2_state *s, void *opaque)
+{
+    struct resize *r = opaque;
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t need = (r->size + l2_cover - 1) / l2_cover;
+    co_mutex_lock(&s->lock);
+    int ret = 0;
+    if (need > s->l1_size) {
+        if (need > QCOW2_MAX_L1_SIZE / 8) {
+            error_setg(r->errp, "File too large");
+            co_mutex_unlock(&s->lock);
+            return -EFBIG;
+        }
+        uint64_t bytes = need * 8;
+        uint64_t ncl = qsize_to_clusters(s, bytes);
+        int64_t off = qcow2_alloc_clusters(s, ncl);
+        if (off < 0) {
+            co_mutex_unlock(&s->lock);
+            error_setg_errno(r->errp, (int)-off, "Failed to grow the L1 table");
+            return (int)off;
+        }
+        CLEANUP_FREE uint64_t *t = calloc(ncl << s->cluster_bits, 1);
+        if (!t) {
+            co_mutex_unlock(&s->lock);
+            return -ENOMEM;
+        }
+        for (uint32_t i = 0; i < s->l1_size; i++)
+            t[i] = htobe64(s->l1[i]);
+        ret = qcache_flush(s, &s->rbc);
+        if (ret == 0)
+            ret = bnode_co_pwrite(s->bs->file, off, ncl << s->cluster_bits, t, BREQ_BEYOND_EOF);
+        if (ret == 0)
+            ret = bnode_co_flush(s->bs->file);
+        struct __attribute__((packed)) { uint32_t l1_size; uint64_t l1_off; } h = {
+            htobe32((uint32_t)need), htobe64((uint64_t)off) };
+        if (ret == 0)
+            ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, l1_size),
+                                  sizeof(h), &h, 0);
+        if (ret == 0)
+            ret = bnode_co_flush(s->bs->file);
+        if (ret < 0) {
+            co_mutex_unlock(&s->lock);
+            error_setg_errno(r->errp, -ret, "Failed to grow the L1 table");
+            return ret;
+        }
+        uint64_t *l1 = calloc(need, 8);
+        if (!l1)
+            abort();
+        pthread_mutex_lock(&s->cache_lock);
+        memcpy(l1, s->l1, s->l1_size * 8ull);
+        uint64_t old_off = s->l1_offset, old_bytes = s->l1_size * 8ull;
+        free(s->l1);
+        s->l1 = l1;
+        s->l1_size = (uint32_t)need;
+        s->l1_offset = (uint64_t)off;
+        pthread_mutex_unlock(&s->cache_lock);
+        qcow2_meta_del(s, old_off, old_bytes);
+        qcow2_meta_add_kind(s, s->l1_offset, s->l1_size * 8ull, QOL_ACTIVE_L1);
+        if (old_bytes)
+            qcow2_update_refcount(s, old_off, old_bytes, -1);
+    }
+    uint64_t v = htobe64(r->size);
+    ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, size), 8, &v, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret == 0)
+        s->size = r->size;
+    else
+        error_setg_errno(r->errp, -ret, "Failed to update the image size");
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    struct qcow2_state *s = bs->opaque;
+    if (size % 512) {
+        error_setg(errp, "The new size must be a multiple of 512");
+        return -EINVAL;
+    }
+    if (s->nb_snapshots) {
+        error_setg(errp, "Can't resize an image which has snapshots");
+        return -ENOTSUP;
+    }
+    if (size < s->size) {
+        error_setg(errp, "qcow2 doesn't support shrinking images yet");
+        return -ENOTSUP;
+    }
+    struct resize r = { .size = size, .errp = errp };
+    return qcow2_run_sync(s, do_grow, &r);
+}
+
+/* ---- queries ---- */
+
+static void qcow2_query_info(struct bnode *bs, json_t *info)
+{
+    struct qcow2_state *s = bs->opaque;
+    json_t *image = json_object_get(info, "image");
+    json_object_set_new(image, "cluster-size", json_integer((json_int_t)s->cluster_size));
+    json_object_set_new(image, "format", json_string("qcow2"));
+    json_object_set_new(image, "dirty-flag", json_false());
+    json_t *data;
+    if (s->version == 2) {
+        data = json_pack("{s:s, s:s, s:i}", "compat", "0.10",
+                         "compression-type", "zlib", "refcount-bits",
+                         1 << s->refcount_order);
+    } else {
+        data = json_pack("{s:s, s:s, s:b, s:i, s:b, s:b}", "compat", "1.1",
+                         "compression-type", s->compression_type ? "zstd" : "zlib",
+                         "lazy-refcounts", (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0,
+                         "refcount-bits", 1 << s->refcount_order,
+                         "corrupt", s->corrupt, "extended-l2", s->extl2);
+        if (s->data != bs->file) {
+            if (s->data_file_name)
+                json_object_set_new(data, "data-file", json_string(s->data_file_name));
+            json_object_set_new(data, "data-file-raw", json_boolean(s->data_file_raw));
+        }
+    }
+    json_object_set_new(image, "format-specific",
+                        json_pack("{s:s, s:o}", "type", "qcow2", "data", data));
+    if (s->backing_file) {
+        json_object_set_new(image, "backing-filename", json_string(s->backing_file));
+        CLEANUP_FREE char *full = resolve_backing(bs, s->backing_file);
+        json_object_set_new(image, "full-backing-filename", json_string(full));
+        if (s->backing_fmt)
+            json_object_set_new(image, "backing-filename-format", json_string(s->backing_fmt));
+    }
+    if (bs->backing) {
+        const char *bf = s->backing_file;
+        json_object_set_new(info, "backing_file_depth", json_integer(chain_depth(bs)));
+        if (bf)
+            json_object_set_new(info, "backing_file", json_string(bf));
+    }
+}
+
+static bool qcow2_can_zero_fast(struct bnode *bs)
+{
+    struct qcow2_state *s = bs->opaque;
+    return s->version >= 3 && !s->data_file_raw;
+}
+
+static const struct bdrv bdrv_qcow2 = {
+    .name = "qcow2",
+    .is_format = true,
+    .open = qcow2_open,
+    .close = qcow2_close,
+    .submit = qcow2_submit,
+    .block_status = qcow2_block_status,
+    .truncate = qcow2_truncate,
+    .query_info = qcow2_query_info,
+    .flush_sync = qcow2_flush_sync,
+    .can_write_zeroes_fast = qcow2_can_zero_fast,
+};
+BDRV_REGISTER(bdrv_qcow2)
