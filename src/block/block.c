@@ -412,7 +412,12 @@ int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     for (struct bnode *n = bs; n; n = n->backing, d++) {
         uint64_t nsize = __atomic_load_n(&n->size, __ATOMIC_RELAXED);
         if (offset >= nsize) {
-            break;                  /* past the end of this backing layer: zeros */
+            /* past the end of a shorter backing layer: zeros that count as
+             * allocated there (QEMU's rule) */
+            *pnum = bytes;
+            *flags = BS_ZERO | BS_ALLOCATED;
+            *depth = d;
+            return 0;
         }
         bytes = MIN(bytes, nsize - offset);
         uint64_t num = bytes;

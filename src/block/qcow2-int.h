@@ -115,6 +115,7 @@ struct qcow2_state {
     bool corrupt;                    /* found inconsistent: read-only from now on */
     bool signaled_corruption;
     bool header_dirty_bit;           /* we set the dirty bit on disk */
+    bool metadata_preallocation;     /* block status asks the file about holes */
 
     char *backing_file;              /* as in the header */
     char *backing_fmt;

@@ -1275,6 +1275,23 @@ int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     }
     switch (run.type) {
     case QT_NORMAL:
+        *flags = BS_DATA | BS_ALLOCATED;
+        if (s->metadata_preallocation) {
+            /* preallocated clusters may be holes in the file: say so */
+            uint64_t fsize = __atomic_load_n(&s->data->size, __ATOMIC_RELAXED);
+            uint64_t fp;
+            unsigned ff;
+            int fd;
+            if (run.host >= fsize) {
+                *flags |= BS_ZERO;
+            } else if (bnode_block_status(s->data, run.host, run.bytes, &fp, &ff, &fd) == 0 &&
+                       fp) {
+                run.bytes = MIN(run.bytes, fp);
+                if (ff & BS_ZERO)
+                    *flags |= BS_ZERO;
+            }
+        }
+        break;
     case QT_COMPRESSED:
         *flags = BS_DATA | BS_ALLOCATED;
         break;

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "block/qcow2-int.h"
 #include "qmp/qmp.h"
@@ -144,8 +145,8 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
     if (!s->nb_snapshots)
         return 0;
     if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
-        error_setg(c->errp, "Too many snapshots");
-        return -EINVAL;
+        error_setg(c->errp, "Snapshot table too large");
+        return -EFBIG;
     }
     if (qoffset_into_cluster(s, s->snapshots_offset)) {
         error_setg(c->errp, "Invalid snapshot table offset");
@@ -158,7 +159,7 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
         struct qcow2_snapshot_header h;
         if (off - s->snapshots_offset > QCOW2_MAX_SNAPSHOTS_SIZE) {
-            error_setg(c->errp, "Snapshot table exceeds the maximum size");
+            error_setg(c->errp, "Snapshot table too large");
             return -EFBIG;
         }
         int ret = read_all(s, off, sizeof(h), &h);
@@ -179,9 +180,42 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
     }
     s->snapshots_size = off - s->snapshots_offset;
     if (s->snapshots_size > QCOW2_MAX_SNAPSHOTS_SIZE) {
-        error_setg(c->errp, "Snapshot table exceeds the maximum size");
+        error_setg(c->errp, "Snapshot table too large");
         return -EFBIG;
     }
+    return 0;
+}
+
+/* QEMU's test for preallocation=metadata: many more clusters have a
+ * reference than the file has blocks.  Block status then asks the file
+ * whether a data cluster is a hole. */
+static int detect_metadata_preallocation(struct qcow2_state *s)
+{
+    struct bnode *leaf = s->bs->file;
+    while (leaf->file)
+        leaf = leaf->file;
+    struct stat st;
+    if ((strcmp(leaf->drv->name, "file") && strcmp(leaf->drv->name, "host_device")) ||
+        stat(file_node_filename(leaf), &st) < 0)
+        return 0;
+    uint64_t real = (uint64_t)st.st_blocks * 512 / s->cluster_size;
+    uint64_t threshold = MAX(real * 10 / 9, real + 2);
+    uint64_t end = qsize_to_clusters(s, s->bs->file->size), count = 0;
+    CLEANUP_FREE uint8_t *blk = malloc(s->cluster_size);
+    if (!blk)
+        return -ENOMEM;
+    for (uint64_t rt = 0; rt < s->reftable_size && (rt << s->rb_bits) < end &&
+                          count < threshold; rt++) {
+        uint64_t off = s->reftable[rt] & QCOW2_REFT_OFFSET_MASK;
+        if (!off || qoffset_into_cluster(s, off))
+            continue;
+        int ret = read_all(s, off, s->cluster_size, blk);
+        if (ret < 0)
+            return ret;
+        for (uint64_t i = 0; i < s->rb_entries && (rt << s->rb_bits) + i < end; i++)
+            count += qcow2_refcount_get(blk, s->refcount_order, i) != 0;
+    }
+    s->metadata_preallocation = count >= threshold;
     return 0;
 }
 
@@ -389,6 +423,11 @@ static int do_open(struct qcow2_state *s, void *opaque)
     if (s->bitmap_dir_size)
         qcow2_meta_add_kind(s, s->bitmap_dir_offset, s->bitmap_dir_size, QOL_BITMAP_DIRECTORY);
 
+    ret = detect_metadata_preallocation(s);
+    if (ret < 0) {
+        error_setg_errno(c->errp, -ret, "Could not read refcount block");
+        return ret;
+    }
     /* the allocator starts looking after what the file holds */
     s->alloc_end = qsize_to_clusters(s, bs->file->size);
     return 0;
@@ -601,6 +640,22 @@ static const char *probe_format(const char *path)
     return memcmp(m, "QFI\xfb", 4) ? "raw" : "qcow2";
 }
 
+/* Images whose backing chain is being opened right now (opening runs in
+ * the main thread, one chain at a time): a backing file already on it
+ * would make the chain loop. */
+#define OPEN_STACK_MAX (MAX_BACKING_DEPTH + 2)
+static char *open_stack[OPEN_STACK_MAX];
+static int open_depth;
+
+static bool on_open_stack(const char *path)
+{
+    CLEANUP_FREE char *real = realpath(path, NULL);
+    for (int i = 0; real && i < open_depth; i++)
+        if (open_stack[i] && !strcmp(open_stack[i], real))
+            return true;
+    return false;
+}
+
 static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **errp)
 {
     struct bnode *bs = s->bs;
@@ -621,6 +676,11 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
             return -ELOOP;
         }
         CLEANUP_FREE char *path = resolve_backing(bs, s->backing_file);
+        if (on_open_stack(path)) {
+            error_setg(errp, "Backing file '%s' of node '%s' is already part of its backing "
+                       "chain (the chain loops)", s->backing_file, bs->node_name);
+            return -ELOOP;
+        }
         const char *fmt = s->backing_fmt ? s->backing_fmt : probe_format(path);
         if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
             error_setg(errp, "Unknown driver '%s'", fmt);
@@ -633,14 +693,30 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
         ref = made;
     }
     error *err = NULL;
+    bool pushed = false;
+    if (open_depth < OPEN_STACK_MAX) {
+        struct bnode *leaf = bs;
+        while (leaf->file)
+            leaf = leaf->file;
+        if (!strcmp(leaf->drv->name, "file"))
+            open_stack[open_depth] = realpath(file_node_filename(leaf), NULL);
+        open_depth++;
+        pushed = true;
+    }
     struct bnode *b = bnode_open_ref(ref, true, &err);
+    if (pushed) {
+        open_depth--;
+        free(open_stack[open_depth]);
+        open_stack[open_depth] = NULL;
+    }
     if (!b) {
-        if (made)
-            error_setg(errp, "Could not open backing file: %s", err->msg);
+        /* one prefix for the whole chain, not one per level */
+        static const char prefix[] = "Could not open backing file: ";
+        if (made && strncmp(err->msg, prefix, sizeof(prefix) - 1))
+            error_setg(errp, "%s%s", prefix, err->msg);
         else
-            error_propagate(errp, err);
-        if (made)
-            error_free(err);
+            error_propagate(errp, err), err = NULL;
+        error_free(err);
         return -EINVAL;
     }
     bs->backing = b;
@@ -959,9 +1035,10 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
     }
     if (bs->backing) {
         const char *bf = s->backing_file;
+        CLEANUP_FREE char *full_bf = bf ? resolve_backing(bs, bf) : NULL;
         json_object_set_new(info, "backing_file_depth", json_integer(chain_depth(bs)));
         if (bf)
-            json_object_set_new(info, "backing_file", json_string(bf));
+            json_object_set_new(info, "backing_file", json_string(full_bf));
     }
 }
 

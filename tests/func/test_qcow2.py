@@ -1,0 +1,487 @@
+"""qcow2 images and backing chains, against bexd and qemu-storage-daemon.
+
+Images are made by qemu-img/qemu-io 7.2 (every combination the format
+offers that changes how data is found: versions, cluster sizes, refcount
+widths, extended L2, compression, preallocation, raw and qcow2 backing
+files, chains of 2 and 10, external data files), read through the exports
+and compared byte for byte with `qemu-img convert -O raw`.  Writes go
+through a random mix of NBD writes, zeroes, trims and flushes mirrored into
+a raw file; afterwards `qemu-img check` must find no error and no leak and
+`qemu-img compare` must find the images identical.  Block status maps and
+allocation depths must be the lines qemu-storage-daemon prints.  Images live
+in /dev/shm and stay a few MiB.
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+
+import nbd
+import pytest
+
+from conftest import QMPError, run_daemon_expect_fail
+from qcow2img import MiB, READ_CASES, build_case, make_qcow2, qemu_img, qemu_io, to_raw
+
+
+@pytest.fixture
+def shm():
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    d = tempfile.mkdtemp(prefix="bxq", dir=base)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def blockdev(img, node="q0", extra=""):
+    return ["--blockdev", "driver=file,node-name=%s-file,filename=%s%s" % (node, img, extra),
+            "--blockdev", "driver=qcow2,node-name=%s,file=%s-file%s" % (node, node, extra)]
+
+
+def serve(start_daemon, impl, img, d, writable=False, extra="", node_extra="", depth=False):
+    sock = os.path.join(d, "nbd-%s.sock" % impl)
+    exp = "type=nbd,id=e0,node-name=q0,name=q0,writable=%s" % ("on" if writable else "off")
+    if depth:
+        exp += ",allocation-depth=on"
+    daemon = start_daemon(impl, *blockdev(img, extra=node_extra),
+                          "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                          "--export", exp + extra)
+    return daemon, "nbd+unix:///q0?socket=%s" % sock
+
+
+def nbd_read_all(uri):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    out = bytearray()
+    for off in range(0, size, MiB):
+        out += h.pread(min(MiB, size - off), off)
+    h.shutdown()
+    return bytes(out)
+
+
+def first_difference(a, b):
+    for i in range(0, min(len(a), len(b)), 512):
+        if a[i:i + 512] != b[i:i + 512]:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---- reads ----
+
+@pytest.mark.parametrize("case", READ_CASES)
+def test_read_matches_qemu_img_convert(impl, start_daemon, shm, case):
+    img = build_case(shm, case)
+    want = to_raw(img, os.path.join(shm, "ref.raw"))
+    d, uri = serve(start_daemon, impl, img, shm)
+    got = nbd_read_all(uri)
+    assert first_difference(got, want) is None
+
+
+@pytest.mark.parametrize("case", ["plain", "v2", "c512", "extl2", "zstd", "prealloc-metadata",
+                                  "raw-backing", "chain2", "chain10", "extl2-chain",
+                                  "data-file"])
+def test_block_status_matches_qsd(start_daemon, shm, case):
+    if not shutil.which("qemu-storage-daemon"):
+        pytest.skip("no qemu-storage-daemon")
+    img = build_case(shm, case)
+    maps = {}
+    for impl in ("bexd", "qsd"):
+        d, uri = serve(start_daemon, impl, img, shm, depth=True)
+        maps[impl] = [subprocess.run(["nbdinfo", "--map=" + ctx, uri], stdout=subprocess.PIPE,
+                                     check=True).stdout.decode()
+                      for ctx in ("base:allocation", "qemu:allocation-depth")]
+        d.stop()
+    assert maps["bexd"] == maps["qsd"]
+
+
+def fuse_available():
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3")
+
+
+@pytest.mark.parametrize("case", ["chain2", "zstd", "extl2"])
+def test_read_through_fuse(impl, start_daemon, shm, case):
+    if not fuse_available():
+        pytest.skip("no FUSE")
+    img = build_case(shm, case)
+    want = to_raw(img, os.path.join(shm, "ref.raw"))
+    mnt = os.path.join(shm, "mnt")
+    open(mnt, "w").close()
+    d = start_daemon(impl, *blockdev(img),
+                     "--export", "type=fuse,id=f0,node-name=q0,mountpoint=%s" % mnt)
+    try:
+        with open(mnt, "rb") as f:
+            got = f.read()
+    finally:
+        d.stop()
+        subprocess.run(["fusermount3", "-u", "-z", mnt], stderr=subprocess.DEVNULL)
+    assert first_difference(got, want) is None
+
+
+@pytest.mark.parametrize("case", ["chain2", "zlib"])
+def test_read_through_vhost_user_blk(impl, start_daemon, shm, case):
+    from test_vhost_user_blk import VUB, need_client
+    need_client()
+    img = build_case(shm, case)
+    want = to_raw(img, os.path.join(shm, "ref.raw"))
+    sock = os.path.join(shm, "vub.sock")
+    start_daemon(impl, *blockdev(img), "--export",
+                 "type=vhost-user-blk,id=v0,node-name=q0,addr.type=unix,addr.path=%s" % sock)
+    got = bytearray()
+    for off in range(0, len(want), MiB):
+        r = subprocess.run([VUB, sock, "read", str(off), str(MiB)], stdout=subprocess.PIPE,
+                           timeout=60)
+        assert r.returncode == 0
+        got += r.stdout
+    assert first_difference(bytes(got), want) is None
+
+
+# ---- writes ----
+
+def random_ops(uri, mirror_path, seed, nops=150):
+    """Writes, zeroes (with and without holes), trims, flushes; the raw
+    mirror gets the same bytes (a trim's result is read back)."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    rnd = random.Random(seed)
+    with open(mirror_path, "r+b") as f:
+        for _ in range(nops):
+            op = rnd.random()
+            off = rnd.randrange(0, size // 512) * 512
+            ln = min(rnd.choice([512, 4096, 65536, 100 * 1024, MiB]), size - off)
+            if op < 0.6:
+                data = bytes([rnd.randrange(1, 255)]) * ln
+                h.pwrite(data, off, nbd.CMD_FLAG_FUA if rnd.random() < 0.1 else 0)
+                f.seek(off)
+                f.write(data)
+            elif op < 0.75:
+                h.zero(ln, off, nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0)
+                f.seek(off)
+                f.write(b"\0" * ln)
+            elif op < 0.85:
+                h.trim(ln, off)
+                f.seek(off)
+                f.write(h.pread(ln, off))
+            elif op < 0.9:
+                h.flush()
+            else:
+                f.seek(off)
+                assert h.pread(ln, off) == f.read(ln), "read at %d" % off
+    h.flush()
+    h.shutdown()
+
+
+def assert_clean(img):
+    r = subprocess.run(["qemu-img", "check", "--output=json", img], stdout=subprocess.PIPE)
+    info = json.loads(r.stdout)
+    assert info.get("corruptions", 0) == 0, info
+    assert info.get("leaks", 0) == 0, info
+    assert r.returncode == 0, info
+
+
+WRITE_CASES = {
+    "plain": ([], False),
+    "c512": (["-o", "cluster_size=512"], False),
+    "c2m": (["-o", "cluster_size=2M"], True),
+    "rc1": (["-o", "refcount_bits=1"], False),
+    "extl2-backing": (["-o", "extended_l2=on"], True),
+    "backing": ([], True),
+    "v2-backing": (["-o", "compat=0.10"], True),
+    "compressed-base": (None, False),
+}
+
+
+@pytest.mark.parametrize("case", list(WRITE_CASES))
+def test_writes_check_and_compare(impl, start_daemon, shm, case):
+    size = 16 * MiB
+    img = os.path.join(shm, "w.qcow2")
+    opts, backing = WRITE_CASES[case]
+    if opts is None:                              # writes over compressed clusters
+        src = os.path.join(shm, "src.raw")
+        with open(src, "wb") as f:
+            f.write(os.urandom(4 * MiB) * 4)
+        qemu_img("convert", "-c", "-O", "qcow2", src, img)
+    else:
+        args = list(opts)
+        if backing:
+            base = os.path.join(shm, "base.qcow2")
+            qemu_img("create", "-f", "qcow2", base, str(size))
+            qemu_io(base, "write -P 0x5a 0 6M", "write -P 0x6b 10M 1M")
+            args += ["-b", "base.qcow2", "-F", "qcow2"]
+        qemu_img("create", "-f", "qcow2", *args, img, str(size))
+        qemu_io(img, "write -P 0x17 1M 200k")
+    mirror = os.path.join(shm, "mirror.raw")
+    to_raw(img, mirror)
+    d, uri = serve(start_daemon, impl, img, shm, writable=True, node_extra=",discard=unmap")
+    random_ops(uri, mirror, seed=hash(case) & 0xffff)
+    d.stop()
+    assert_clean(img)
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
+                       stdout=subprocess.PIPE)
+    assert r.returncode == 0, r.stdout.decode()
+
+
+def test_fio_verify_many_jobs(impl, start_daemon, shm):
+    if not shutil.which("fio"):
+        pytest.skip("no fio")
+    base = os.path.join(shm, "base.qcow2")
+    img = os.path.join(shm, "w.qcow2")
+    qemu_img("create", "-f", "qcow2", base, "32M")
+    qemu_io(base, "write -P 0x33 0 16M")           # half allocated below
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img, "32M")
+    d, uri = serve(start_daemon, impl, img, shm, writable=True)
+    r = subprocess.run(["fio", "--name=v", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+                        "--bs=4k", "--iodepth=16", "--numjobs=4", "--size=8M",
+                        "--io_size=4M", "--offset_increment=8M", "--verify=crc32c",
+                        "--verify_fatal=1", "--group_reporting"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert r.returncode == 0, r.stdout.decode()[-2000:]
+    d.stop()
+    assert_clean(img)
+
+
+def test_flush_persists_metadata_for_a_second_reader(start_daemon, shm):
+    """After FLUSH, qemu-img sees what was written, with the daemon still up."""
+    img = os.path.join(shm, "w.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "8M")
+    d, uri = serve(start_daemon, "bexd", img, shm, writable=True)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\x42" * 65536, 3 * MiB)
+    h.flush()
+    out = subprocess.run(["qemu-io", "-r", "-U", "-c", "read -P 0x42 3M 64k", img],
+                         stdout=subprocess.PIPE).stdout.decode()
+    assert "read 65536/65536" in out and "Pattern verification failed" not in out
+    h.shutdown()
+
+
+# ---- queries ----
+
+def strip_node(info):
+    info = dict(info)
+    info.pop("node-name", None)
+    img = dict(info["image"])
+    img.pop("actual-size", None)
+    bi = img.get("backing-image")
+    if bi:
+        bi = dict(bi)
+        bi.pop("actual-size", None)
+        img["backing-image"] = bi
+    info["image"] = img
+    return info
+
+
+def test_query_named_block_nodes_matches_qsd(start_daemon, shm):
+    if not shutil.which("qemu-storage-daemon"):
+        pytest.skip("no qemu-storage-daemon")
+    img = build_case(shm, "chain2")
+    got = {}
+    for impl in ("bexd", "qsd"):
+        d = start_daemon(impl, *blockdev(img))
+        nodes = d.qmp().execute("query-named-block-nodes")
+        got[impl] = sorted((strip_node(n) for n in nodes if n["drv"] == "qcow2"),
+                           key=lambda n: n["image"]["filename"])
+        d.stop()
+    assert got["bexd"] == got["qsd"]
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ("cache-size=1000,l2-cache-size=1000,refcount-cache-size=1000",
+     "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"),
+    ("l2-cache-entry-size=1000",
+     "L2 cache entry size must be a power of two between 512 and the cluster size (65536)"),
+    ("cache-size=100000,l2-cache-size=200000", "l2-cache-size may not exceed cache-size"),
+    ("cache-clean-interval=-1", "Cache clean interval too big"),
+    ("overlap-check=foo", "Parameter 'overlap-check' does not accept value 'foo'"),
+    ("encrypt.format=luks", "No encryption in image header, but options specified format 'luks'"),
+])
+def test_bad_options(impl, shm, opts, msg):
+    img = os.path.join(shm, "a.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    args = ["--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+            "--blockdev", "driver=qcow2,node-name=q0,file=f0," + opts]
+    rc, err = run_daemon_expect_fail(impl, args)
+    assert rc != 0
+    assert msg in err
+
+
+def test_lazy_refcounts_need_v3(impl, shm):
+    img = os.path.join(shm, "a.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", img, "1M")
+    rc, err = run_daemon_expect_fail(impl, ["--blockdev", "driver=file,node-name=f0,filename=" + img,
+                                            "--blockdev", "driver=qcow2,node-name=q0,file=f0,"
+                                            "lazy-refcounts=on"])
+    assert rc != 0
+    assert ("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            in err)
+
+
+def test_backing_null_and_by_name(impl, start_daemon, shm):
+    img = build_case(shm, "chain2")
+    base = os.path.join(shm, "layer0.qcow2")
+    d = start_daemon(impl)
+    q = d.qmp()
+    q.execute("blockdev-add", driver="file", node_name="bf", filename=base, read_only=True)
+    q.execute("blockdev-add", driver="qcow2", node_name="b", file="bf", read_only=True)
+    q.execute("blockdev-add", driver="file", node_name="tf", filename=img, read_only=True)
+    q.execute("blockdev-add", driver="qcow2", node_name="t", file="tf", backing="b",
+              read_only=True)
+    q.execute("blockdev-add", driver="file", node_name="nf", filename=img, read_only=True)
+    q.execute("blockdev-add", driver="qcow2", node_name="n", file="nf", backing=None,
+              read_only=True)
+    nodes = {n["node-name"]: n for n in q.execute("query-named-block-nodes")}
+    assert nodes["t"]["backing_file_depth"] == 1
+    assert nodes["n"]["backing_file_depth"] == 0
+    e = q.error("blockdev-del", node_name="b")
+    assert e["class"] == "GenericError"
+
+
+# ---- hostile images ----
+
+CS = 65536
+
+HOSTILE_OPEN = [
+    ("magic", dict(magic=0x12345678), "Image is not in qcow2 format"),
+    ("version", dict(version=4), "Unsupported qcow2 version 4"),
+    ("incompat", dict(incompat=1 << 20),
+     "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000"),
+    ("l1-huge", dict(l1_size=0x10000000), "Active L1 table too large"),
+    ("reftable-huge", dict(reftable_clusters=0x1000000), "Reference count table too large"),
+    ("ext-long", dict(ext=b"\x12\x34\x56\x78\x00\x10\x00\x00"), "Header extension too large"),
+    ("snapshot-bomb", dict(nb_snapshots=1000000, snapshots_offset=CS),
+     "Snapshot table too large"),
+]
+
+
+@pytest.mark.parametrize("name,kw,msg", HOSTILE_OPEN, ids=[c[0] for c in HOSTILE_OPEN])
+def test_hostile_image_refused_at_open(impl, start_daemon, shm, name, kw, msg):
+    img = os.path.join(shm, "h.qcow2")
+    make_qcow2(img, **kw)
+    d = start_daemon(impl)
+    q = d.qmp()
+    q.execute("blockdev-add", driver="file", node_name="f0", filename=img)
+    e = q.error("blockdev-add", driver="qcow2", node_name="q0", file="f0")
+    assert e["class"] == "GenericError"
+    assert msg in e["desc"]
+    assert q.execute("query-named-block-nodes")          # still serving
+
+
+def test_backing_loop_and_deep_chain_refused(start_daemon, shm):
+    a, b = os.path.join(shm, "a.qcow2"), os.path.join(shm, "b.qcow2")
+    make_qcow2(a, backing="b.qcow2", backing_fmt="qcow2")
+    make_qcow2(b, backing="a.qcow2", backing_fmt="qcow2")
+    d = start_daemon("bexd")
+    q = d.qmp()
+    q.execute("blockdev-add", driver="file", node_name="f0", filename=a)
+    e = q.error("blockdev-add", driver="qcow2", node_name="q0", file="f0", read_only=True)
+    assert "loops" in e["desc"]
+    # 300 images, each the backing file of the previous one
+    for i in range(300):
+        make_qcow2(os.path.join(shm, "d%d.qcow2" % i),
+                   backing=("d%d.qcow2" % (i + 1)) if i < 299 else None,
+                   backing_fmt="qcow2" if i < 299 else None)
+    q.execute("blockdev-add", driver="file", node_name="f1", filename=os.path.join(shm, "d0.qcow2"))
+    e = q.error("blockdev-add", driver="qcow2", node_name="q1", file="f1", read_only=True)
+    assert "deeper than 256 images" in e["desc"]
+    assert len(q.execute("query-named-block-nodes")) == 2   # nothing of the chains is left
+
+
+def events(q, name):
+    return [e for e in q.events if e["event"] == name]
+
+
+def test_unaligned_l2_entry_is_eio_and_marks_corrupt(impl, start_daemon, shm):
+    img = os.path.join(shm, "h.qcow2")
+    make_qcow2(img, l2=[(5 * CS + 512) | (1 << 63)], data=b"\x42" * CS)
+    d, uri = serve(start_daemon, impl, img, shm, writable=True)
+    q = d.qmp()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    ev = q.wait_event("BLOCK_IMAGE_CORRUPTED")
+    if impl == "qsd":
+        return              # QEMU makes the whole node unusable; bexd goes on reading
+    assert h.pread(4096, CS) == b"\0" * 4096           # other clusters still read
+    assert ev["data"]["fatal"] is True
+    assert ev["data"]["node-name"] == "q0"
+    assert "unaligned" in ev["data"]["msg"]
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"x" * 4096, 2 * CS)                  # no write after corruption
+    h.shutdown()
+    d.stop()
+    with open(img, "rb") as f:
+        f.seek(72)
+        incompat = int.from_bytes(f.read(8), "big")
+    assert incompat & 2                                 # the corrupt bit is on disk
+
+
+def test_write_into_metadata_is_prevented(impl, start_daemon, shm):
+    img = os.path.join(shm, "h.qcow2")
+    make_qcow2(img, l2=[(1 * CS) | (1 << 63)])          # guest cluster 0 -> the L1 table
+    with open(img, "rb") as f:
+        before = f.read()
+    d, uri = serve(start_daemon, impl, img, shm, writable=True)
+    q = d.qmp()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"\xff" * 4096, 0)
+    ev = q.wait_event("BLOCK_IMAGE_CORRUPTED")
+    assert ev["data"]["msg"] == ("Preventing invalid write on metadata "
+                                 "(overlaps with active L1 table)")
+    assert ev["data"]["fatal"] is True
+    h.shutdown()
+    d.stop()
+    with open(img, "rb") as f:
+        after = f.read()
+    assert after[CS:2 * CS] == before[CS:2 * CS]       # the L1 table is intact
+
+
+def test_bad_compressed_cluster_is_eio(impl, start_daemon, shm):
+    img = os.path.join(shm, "h.qcow2")
+    # a "compressed" cluster of garbage, two sectors long
+    make_qcow2(img, l2=[(1 << 62) | (5 * CS) | (1 << 54)], data=b"\x99" * CS)
+    d, uri = serve(start_daemon, impl, img, shm)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    if impl == "bexd":                  # qemu-storage-daemon drops the connection
+        assert h.pread(4096, CS) == b"\0" * 4096
+        h.shutdown()
+
+
+def test_l2_entry_past_end_of_file_reads_zeros(impl, start_daemon, shm):
+    img = os.path.join(shm, "h.qcow2")
+    make_qcow2(img, l2=[(1000 * CS) | (1 << 63)])
+    d, uri = serve(start_daemon, impl, img, shm)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.pread(CS, 0) == b"\0" * CS
+    h.shutdown()
+
+
+def test_encrypted_image_refused(start_daemon, shm):
+    img = os.path.join(shm, "e.qcow2")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "--object",
+                    "secret,id=s0,data=abc", "-o", "encrypt.format=luks,encrypt.key-secret=s0",
+                    img, "1M"], check=True, stdout=subprocess.DEVNULL)
+    rc, err = run_daemon_expect_fail("bexd", ["--blockdev", "driver=file,node-name=f0,filename=" + img,
+                                              "--blockdev", "driver=qcow2,node-name=q0,file=f0"])
+    assert rc != 0
+    assert "Encrypted qcow2 images (luks) are not supported" in err
+
+
+def test_corrupt_image_opens_read_only_only(impl, start_daemon, shm):
+    img = os.path.join(shm, "c.qcow2")
+    make_qcow2(img, incompat=2)
+    rc, err = run_daemon_expect_fail(impl, ["--blockdev", "driver=file,node-name=f0,filename=" + img,
+                                            "--blockdev", "driver=qcow2,node-name=q0,file=f0"])
+    assert rc != 0
+    assert "qcow2: Image is corrupt; cannot be opened read/write" in err
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s,read-only=on" % img,
+                     "--blockdev", "driver=qcow2,node-name=q0,file=f0,read-only=on")
+    info = [n for n in d.qmp().execute("query-named-block-nodes") if n["node-name"] == "q0"][0]
+    assert info["image"]["format-specific"]["data"]["corrupt"] is True
