@@ -92,6 +92,7 @@ struct qcow2_state {
     struct bnode *bs;
     struct bnode *data;              /* where guest data lives: file or data-file */
     struct bnode_user *data_link;    /* external data file link */
+    struct bnode_user *backing_link;
     bool data_file_raw;
     char *data_file_name;            /* from the header extension */
 

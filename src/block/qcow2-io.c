@@ -33,6 +33,7 @@
 #endif
 #include "block/qcow2-int.h"
 #include "util/cleanup.h"
+#include "util/xalloc.h"
 #include "util/loop.h"
 #include "util/log.h"
 
@@ -57,9 +58,7 @@ static struct qreq *qreq_get(void)
         qreq_pool = q->next;
         return q;
     }
-    q = calloc(1, sizeof(*q));
-    if (!q)
-        abort();
+    q = xcalloc(1, sizeof(*q));
     return q;
 }
 
@@ -105,7 +104,7 @@ static void sub_iov_make(struct sub_iov *v, const struct iovec *iov, int cnt, ui
             n++;
         }
         if (pass == 0 && n > SUB_IOV_MAX) {
-            v->heap = malloc(n * sizeof(struct iovec));
+            v->heap = xmalloc(n * sizeof(struct iovec));
             if (!v->heap)
                 abort();
             v->iov = v->heap;
@@ -369,8 +368,6 @@ int qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
 #ifdef CONFIG_ZSTD
     if (s->compression_type == QCOW2_COMPRESSION_ZSTD) {
         ZSTD_DCtx *dctx = ZSTD_createDCtx();
-        if (!dctx)
-            return -ENOMEM;
         ZSTD_inBuffer in = { src, src_len, 0 };
         ZSTD_outBuffer out = { dst, dst_len, 0 };
         int ret = 0;
@@ -400,9 +397,7 @@ static int read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *buf)
     uint64_t coff = l2e & s->coffset_mask;
     uint64_t nsec = ((l2e >> s->csize_shift) & s->csize_mask) + 1;
     uint64_t csize = nsec * 512 - (coff & 511);
-    CLEANUP_FREE uint8_t *cbuf = malloc(csize);
-    if (!cbuf)
-        return -ENOMEM;
+    CLEANUP_FREE uint8_t *cbuf = xmalloc(csize);
     int ret = bnode_co_pread(s->bs->file, coff, csize, cbuf, BREQ_BEYOND_EOF);
     if (ret < 0)
         return ret;
@@ -465,7 +460,7 @@ static int co_read(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uin
             break;
         }
         case QT_COMPRESSED: {
-            uint8_t *buf = malloc(s->cluster_size);
+            uint8_t *buf = xmalloc(s->cluster_size);
             if (!buf) {
                 ret = -ENOMEM;
                 break;
@@ -540,9 +535,7 @@ static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslic
     if (!old || !(l1e & QCOW2_OFLAG_COPIED)) {
         /* a new table: zeros, or a copy of a shared one */
         uint64_t tbytes = s->l2_entries * s->l2_entry_bytes;
-        CLEANUP_FREE uint8_t *t = calloc(1, tbytes);
-        if (!t)
-            return -ENOMEM;
+        CLEANUP_FREE uint8_t *t = xcalloc(1, tbytes);
         int ret;
         if (old) {
             if (qoffset_into_cluster(s, old))
@@ -645,7 +638,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
         co_mutex_unlock(&s->lock);
         CLEANUP_FREE uint8_t *head = NULL, *tail = NULL;
         if (need_cow_head) {
-            head = malloc(need_cow_head);
+            head = xmalloc(need_cow_head);
             ret = head ? 0 : -ENOMEM;
             if (ret == 0) {
                 /* what the guest reads there now: backing, or zeros */
@@ -659,7 +652,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
             }
         }
         if (ret == 0 && need_cow_tail) {
-            tail = malloc(need_cow_tail);
+            tail = xmalloc(need_cow_tail);
             ret = tail ? 0 : -ENOMEM;
             if (ret == 0) {
                 if (bm & QCOW2_SC_ZERO(sc1))
@@ -673,7 +666,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
         if (ret == 0) {
             struct sub_iov v;
             sub_iov_make(&v, iov, cnt, iov_off, n);
-            CLEANUP_FREE struct iovec *all = malloc((v.cnt + 2) * sizeof(*all));
+            CLEANUP_FREE struct iovec *all = xmalloc((v.cnt + 2) * sizeof(*all));
             if (!all) {
                 ret = -ENOMEM;
             } else {
@@ -755,17 +748,17 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
     uint64_t hlen = in_cl - head_from, tlen = tail_to - end_in;
     ret = 0;
     if (hlen) {
-        head = malloc(hlen);
+        head = xmalloc(hlen);
         ret = head ? read_old(bs, s, cl_start + head_from, hlen, head) : -ENOMEM;
     }
     if (ret == 0 && tlen) {
-        tail = malloc(tlen);
+        tail = xmalloc(tlen);
         ret = tail ? read_old(bs, s, cl_start + end_in, tlen, tail) : -ENOMEM;
     }
     if (ret == 0) {
         struct sub_iov v;
         sub_iov_make(&v, iov, cnt, iov_off, n);
-        CLEANUP_FREE struct iovec *all = malloc((v.cnt + 2) * sizeof(*all));
+        CLEANUP_FREE struct iovec *all = xmalloc((v.cnt + 2) * sizeof(*all));
         if (!all) {
             ret = -ENOMEM;
         } else {
@@ -921,9 +914,7 @@ static int write_zero_buffers(struct bnode *bs, struct qcow2_state *s, uint64_t 
                               uint64_t bytes)
 {
     uint64_t chunk = MIN(bytes, (uint64_t)1 << 20);
-    CLEANUP_FREE uint8_t *z = calloc(1, chunk ? chunk : 1);
-    if (!z)
-        return -ENOMEM;
+    CLEANUP_FREE uint8_t *z = xcalloc(1, chunk ? chunk : 1);
     while (bytes) {
         uint64_t n = MIN(bytes, chunk);
         struct iovec v = { z, n };
@@ -1260,9 +1251,7 @@ int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
         n = MIN(n, want);
         struct l2_read rd = { .off = l2_off + l2_i * s->l2_entry_bytes,
                               .len = n * s->l2_entry_bytes };
-        rd.buf = malloc(rd.len);
-        if (!rd.buf)
-            return -ENOMEM;
+        rd.buf = xmalloc(rd.len);
         int ret = qcow2_run_sync(s, read_l2_sync, &rd);
         if (ret == 0) {
             if (scan_run(s, rd.buf, 0, n, offset, MIN(bytes, n * s->cluster_size -

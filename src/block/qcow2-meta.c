@@ -27,6 +27,8 @@
 #include <string.h>
 #include "block/qcow2-int.h"
 #include "qmp/qmp.h"
+#include "util/opts.h"
+#include "util/xalloc.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 
@@ -41,8 +43,8 @@ int qcache_init(struct qcache *c, const char *name, uint32_t entry_size, int n)
     c->nbuckets = 1;
     while (c->nbuckets < 2 * n)
         c->nbuckets <<= 1;
-    c->e = calloc(n, sizeof(*c->e));
-    c->hash = malloc(c->nbuckets * sizeof(int));
+    c->e = xcalloc(n, sizeof(*c->e));
+    c->hash = xmalloc(c->nbuckets * sizeof(int));
     void *mem = NULL;
     if (!c->e || !c->hash || posix_memalign(&mem, 4096, (size_t)n * entry_size))
         return -ENOMEM;
@@ -255,7 +257,7 @@ static void meta_grow(struct qcow2_state *s)
     uint64_t old_cap = s->meta_cap;
     uint64_t *old = s->meta_set;
     s->meta_cap = old_cap ? old_cap * 2 : 256;
-    s->meta_set = calloc(s->meta_cap, sizeof(uint64_t));
+    s->meta_set = xcalloc(s->meta_cap, sizeof(uint64_t));
     if (!s->meta_set)
         abort();
     s->meta_count = 0;
@@ -604,10 +606,8 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_sta
         nb = missing;
     }
     uint64_t area_end = start + tc + nb;
-    CLEANUP_FREE uint64_t *table = calloc(tc * cs / 8, 8);
-    CLEANUP_FREE uint8_t *blocks = calloc(nb ? nb : 1, cs);
-    if (!table || !blocks)
-        return -ENOMEM;
+    CLEANUP_FREE uint64_t *table = xcalloc(tc * cs / 8, 8);
+    CLEANUP_FREE uint8_t *blocks = xcalloc(nb ? nb : 1, cs);
     memcpy(table, s->reftable, s->reftable_size * 8);
     uint64_t j = 0;
     for (uint64_t rt = start >> s->rb_bits; rt <= (area_end - 1) >> s->rb_bits; rt++) {
@@ -714,9 +714,7 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
 
 void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, int type)
 {
-    struct qfree *f = malloc(sizeof(*f));
-    if (!f)
-        abort();
+    struct qfree *f = xmalloc(sizeof(*f));
     *f = (struct qfree){ .offset = offset, .nb = nb, .discard_type = type, .next = s->pending };
     s->pending = f;
 }

@@ -25,6 +25,8 @@
 #include <unistd.h>
 #include "block/qcow2-int.h"
 #include "qmp/qmp.h"
+#include "util/opts.h"
+#include "util/xalloc.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 
@@ -73,7 +75,7 @@ static int read_extensions(struct qcow2_state *s, struct open_ctx *c, uint64_t s
                 return -EINVAL;
             }
             free(s->backing_fmt);
-            s->backing_fmt = strndup((const char *)d, len);
+            s->backing_fmt = xstrndup((const char *)d, len);
             break;
         case QCOW2_EXT_BITMAPS: {
             struct qcow2_bitmaps_ext b;
@@ -95,7 +97,7 @@ static int read_extensions(struct qcow2_state *s, struct open_ctx *c, uint64_t s
         }
         case QCOW2_EXT_DATA_FILE:
             free(s->data_file_name);
-            s->data_file_name = strndup((const char *)d, len);
+            s->data_file_name = xstrndup((const char *)d, len);
             break;
         default:
             break;              /* unknown extensions are kept as they are */
@@ -152,9 +154,7 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
         error_setg(c->errp, "Invalid snapshot table offset");
         return -EINVAL;
     }
-    s->snapshots = calloc(s->nb_snapshots, sizeof(*s->snapshots));
-    if (!s->snapshots)
-        return -ENOMEM;
+    s->snapshots = xcalloc(s->nb_snapshots, sizeof(*s->snapshots));
     uint64_t off = s->snapshots_offset;
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
         struct qcow2_snapshot_header h;
@@ -201,9 +201,7 @@ static int detect_metadata_preallocation(struct qcow2_state *s)
     uint64_t real = (uint64_t)st.st_blocks * 512 / s->cluster_size;
     uint64_t threshold = MAX(real * 10 / 9, real + 2);
     uint64_t end = qsize_to_clusters(s, s->bs->file->size), count = 0;
-    CLEANUP_FREE uint8_t *blk = malloc(s->cluster_size);
-    if (!blk)
-        return -ENOMEM;
+    CLEANUP_FREE uint8_t *blk = xmalloc(s->cluster_size);
     for (uint64_t rt = 0; rt < s->reftable_size && (rt << s->rb_bits) < end &&
                           count < threshold; rt++) {
         uint64_t off = s->reftable[rt] & QCOW2_REFT_OFFSET_MASK;
@@ -263,9 +261,7 @@ static int do_open(struct qcow2_state *s, void *opaque)
         }
         s->compression_type = s->header_length > 104 ? h->compression_type : 0;
     }
-    c->cluster0 = calloc(1, s->cluster_size);
-    if (!c->cluster0)
-        return -ENOMEM;
+    c->cluster0 = xcalloc(1, s->cluster_size);
     ret = read_all(s, 0, s->cluster_size, c->cluster0);
     if (ret < 0) {
         error_setg_errno(c->errp, -ret, "Could not read qcow2 header");
@@ -333,7 +329,7 @@ static int do_open(struct qcow2_state *s, void *opaque)
             error_setg(c->errp, "Backing file name too long");
             return -EINVAL;
         }
-        s->backing_file = strndup((const char *)c->cluster0 + backing_off, len);
+        s->backing_file = xstrndup((const char *)c->cluster0 + backing_off, len);
     }
 
     /* L1 */
@@ -353,9 +349,7 @@ static int do_open(struct qcow2_state *s, void *opaque)
         error_setg(c->errp, "Active L1 table offset invalid");
         return -EINVAL;
     }
-    s->l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
-    if (!s->l1)
-        return -ENOMEM;
+    s->l1 = xcalloc(s->l1_size ? s->l1_size : 1, 8);
     if (s->l1_size) {
         ret = read_all(s, s->l1_offset, s->l1_size * 8ull, s->l1);
         if (ret < 0) {
@@ -382,9 +376,7 @@ static int do_open(struct qcow2_state *s, void *opaque)
         return -EINVAL;
     }
     s->reftable_size = ((uint64_t)s->reftable_clusters << s->cluster_bits) / 8;
-    s->reftable = calloc(s->reftable_size, 8);
-    if (!s->reftable)
-        return -ENOMEM;
+    s->reftable = xcalloc(s->reftable_size, 8);
     ret = read_all(s, s->reftable_offset, s->reftable_size * 8, s->reftable);
     if (ret < 0) {
         error_setg_errno(c->errp, -ret, "Could not read the refcount table");
@@ -570,7 +562,7 @@ static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
         return -EINVAL;
     }
     s->cache_clean_interval = interval;
-    s->lazy_refcounts = qmp_bool(opts, "lazy-refcounts", s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+    s->lazy_refcounts = opt_bool(opts, "lazy-refcounts", s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
     if (s->lazy_refcounts && s->version < 3) {
         error_setg(errp, "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                    "compatibility level");
@@ -580,7 +572,7 @@ static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
     if (json_is_string(ol)) {
         s->overlap = overlap_template(json_string_value(ol));
     } else {
-        s->overlap = overlap_template(qmp_str(ol, "template", "cached"));
+        s->overlap = overlap_template(opt_str(ol, "template", "cached"));
         for (unsigned i = 0; i < ARRAY_SIZE(overlap_keys); i++) {
             json_t *v = json_object_get(ol, overlap_keys[i]);
             if (json_is_boolean(v))
@@ -588,13 +580,13 @@ static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
         }
     }
     s->discard_passthrough[QFREE_NEVER] = false;
-    s->discard_passthrough[QFREE_REQUEST] = qmp_bool(opts, "pass-discard-request", bs->discard);
-    s->discard_passthrough[QFREE_SNAPSHOT] = qmp_bool(opts, "pass-discard-snapshot", true);
-    s->discard_passthrough[QFREE_OTHER] = qmp_bool(opts, "pass-discard-other", false);
+    s->discard_passthrough[QFREE_REQUEST] = opt_bool(opts, "pass-discard-request", bs->discard);
+    s->discard_passthrough[QFREE_SNAPSHOT] = opt_bool(opts, "pass-discard-snapshot", true);
+    s->discard_passthrough[QFREE_OTHER] = opt_bool(opts, "pass-discard-other", false);
     json_t *enc = json_object_get(opts, "encrypt");
     if (enc) {
         error_setg(errp, "No encryption in image header, but options specified format '%s'",
-                   qmp_str(enc, "format", ""));
+                   opt_str(enc, "format", ""));
         return -EINVAL;
     }
     return 0;
@@ -615,17 +607,14 @@ static int chain_depth(struct bnode *bs)
 static char *resolve_backing(struct bnode *bs, const char *name)
 {
     if (name[0] == '/' || strstr(name, "://"))
-        return strdup(name);
+        return xstrdup(name);
     struct bnode *leaf = bs;
     while (leaf->file)
         leaf = leaf->file;
     const char *base = strcmp(leaf->drv->name, "file") && strcmp(leaf->drv->name, "host_device")
                            ? "" : file_node_filename(leaf);
     const char *slash = strrchr(base, '/');
-    char *out;
-    if (asprintf(&out, "%.*s%s", slash ? (int)(slash - base + 1) : 0, base, name) < 0)
-        abort();
-    return out;
+    return xasprintf("%.*s%s", slash ? (int)(slash - base + 1) : 0, base, name);
 }
 
 static const char *probe_format(const char *path)
@@ -719,6 +708,11 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
         error_free(err);
         return -EINVAL;
     }
+    /* the link holds the reference (x-debug-query-block-graph shows it) */
+    s->backing_link = bnode_attach_child(bs, b, "backing", errp);
+    bnode_unref(b);
+    if (!s->backing_link)
+        return -EINVAL;
     bs->backing = b;
     if (chain_depth(bs) > MAX_BACKING_DEPTH) {
         error_setg(errp, "Backing chain of '%s' is deeper than %d images", bs->node_name,
@@ -791,10 +785,7 @@ static int open_data_file(struct qcow2_state *s, json_t *opts, error **errp)
         error_free(err);
         return -EINVAL;
     }
-    CLEANUP_FREE char *me = NULL;
-    if (asprintf(&me, "node '%s'", bs->node_name) < 0)
-        abort();
-    s->data_link = bnode_attach(d, 0, PERM_ALL, me, "data-file", errp);
+    s->data_link = bnode_attach_child(bs, d, "data-file", errp);
     bnode_unref(d);
     if (!s->data_link)
         return -EINVAL;
@@ -807,9 +798,7 @@ static void qcow2_close(struct bnode *bs);
 
 static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
 {
-    struct qcow2_state *s = calloc(1, sizeof(*s));
-    if (!s)
-        abort();
+    struct qcow2_state *s = xcalloc(1, sizeof(*s));
     s->bs = bs;
     co_mutex_init(&s->lock);
     pthread_mutex_init(&s->cache_lock, NULL);
@@ -841,7 +830,7 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
     }
     if (open_data_file(s, opts, errp) < 0)
         goto fail;
-    int depth = (int)qmp_int(opts, "x-bexd-depth", 0);
+    int depth = (int)opt_int(opts, "x-bexd-depth", 0);
     if (open_backing(s, opts, depth, errp) < 0)
         goto fail;
     bs->size = s->size;
@@ -883,10 +872,9 @@ static void qcow2_close(struct bnode *bs)
             log_error("qcow2: node '%s': flushing metadata at close failed: %s",
                       bs->node_name, strerror(-ret));
     }
-    if (bs->backing) {
-        bnode_unref(bs->backing);
-        bs->backing = NULL;
-    }
+    bs->backing = NULL;
+    if (s->backing_link)
+        bnode_detach(s->backing_link);
     if (s->data_link)
         bnode_detach(s->data_link);
     free_state(s);
@@ -927,7 +915,7 @@ static int do_grow(struct qcow2_state *s, void *opaque)
             error_setg_errno(r->errp, (int)-off, "Failed to grow the L1 table");
             return (int)off;
         }
-        CLEANUP_FREE uint64_t *t = calloc(ncl << s->cluster_bits, 1);
+        CLEANUP_FREE uint64_t *t = xcalloc(ncl << s->cluster_bits, 1);
         if (!t) {
             co_mutex_unlock(&s->lock);
             return -ENOMEM;
@@ -951,9 +939,7 @@ static int do_grow(struct qcow2_state *s, void *opaque)
             error_setg_errno(r->errp, -ret, "Failed to grow the L1 table");
             return ret;
         }
-        uint64_t *l1 = calloc(need, 8);
-        if (!l1)
-            abort();
+        uint64_t *l1 = xcalloc(need, 8);
         pthread_mutex_lock(&s->cache_lock);
         memcpy(l1, s->l1, s->l1_size * 8ull);
         uint64_t old_off = s->l1_offset, old_bytes = s->l1_size * 8ull;

@@ -27,7 +27,7 @@ def qemu_io(img, *cmds, fmt="qcow2"):
     return out
 
 
-def pattern_writes(img, size, seed, count=12, fmt="qcow2"):
+def pattern_writes(img, size, seed, count=10, fmt="qcow2"):
     """Scattered writes of distinct patterns, some unaligned, some zero."""
     rnd = random.Random(seed)
     cmds = []
@@ -47,7 +47,7 @@ def to_raw(img, out):
         return f.read()
 
 
-def build_case(d, case, size=8 * MiB):
+def build_case(d, case, size=4 * MiB):
     """Make the image of one test case in directory d; returns its path."""
     top = os.path.join(d, "top.qcow2")
     base = os.path.join(d, "base.qcow2")

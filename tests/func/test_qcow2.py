@@ -78,9 +78,8 @@ def test_read_matches_qemu_img_convert(impl, start_daemon, shm, case):
     assert first_difference(got, want) is None
 
 
-@pytest.mark.parametrize("case", ["plain", "v2", "c512", "extl2", "zstd", "prealloc-metadata",
-                                  "raw-backing", "chain2", "chain10", "extl2-chain",
-                                  "data-file"])
+@pytest.mark.parametrize("case", ["v2", "c512", "extl2-chain", "zstd", "prealloc-metadata",
+                                  "raw-backing", "chain10", "data-file"])
 def test_block_status_matches_qsd(start_daemon, shm, case):
     if not shutil.which("qemu-storage-daemon"):
         pytest.skip("no qemu-storage-daemon")
@@ -138,7 +137,7 @@ def test_read_through_vhost_user_blk(impl, start_daemon, shm, case):
 
 # ---- writes ----
 
-def random_ops(uri, mirror_path, seed, nops=150):
+def random_ops(uri, mirror_path, seed, nops=100):
     """Writes, zeroes (with and without holes), trims, flushes; the raw
     mirror gets the same bytes (a trim's result is read back)."""
     h = nbd.NBD()
@@ -466,7 +465,7 @@ def test_l2_entry_past_end_of_file_reads_zeros(impl, start_daemon, shm):
 def test_encrypted_image_refused(start_daemon, shm):
     img = os.path.join(shm, "e.qcow2")
     subprocess.run(["qemu-img", "create", "-f", "qcow2", "--object",
-                    "secret,id=s0,data=abc", "-o", "encrypt.format=luks,encrypt.key-secret=s0",
+                    "secret,id=s0,data=abc", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
                     img, "1M"], check=True, stdout=subprocess.DEVNULL)
     rc, err = run_daemon_expect_fail("bexd", ["--blockdev", "driver=file,node-name=f0,filename=" + img,
                                               "--blockdev", "driver=qcow2,node-name=q0,file=f0"])

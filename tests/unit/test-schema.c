@@ -127,8 +127,8 @@ static void test_qmp_errors(void **state)
         "Invalid parameter type for 'file', expected: BlockdevRef");
     qmp("BlockdevOptions", "{\"driver\":\"raw\",\"file\":{\"driver\":\"file\"}}", NULL,
         "Parameter 'file.filename' is missing");
-    qmp("BlockdevOptions", "{\"driver\":\"qcow2\"}", NULL,
-        "Parameter 'driver' does not accept value 'qcow2'");
+    qmp("BlockdevOptions", "{\"driver\":\"vmdk\"}", NULL,
+        "Parameter 'driver' does not accept value 'vmdk'");
     qmp("BlockdevOptions", "{\"driver\":\"null-co\",\"size\":\"1\"}", NULL,
         "Invalid parameter type for 'size', expected: integer");
     /* members are visited in schema order: a missing one beats an unexpected one */
