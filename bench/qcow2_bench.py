@@ -86,7 +86,8 @@ def fio(uri, rw, bs, qd, runtime, size=None):
             "--output-format=json", "--norandommap", "--randrepeat=0"]
     if size:
         args.append("--size=%s" % size)
-    out = json.loads(sh(*args))
+    text = sh(*args)
+    out = json.loads(text[text.index("{"):])      # the nbd engine says hello first
     job = out["jobs"][0]
     part = job["read"] if rw.endswith("read") else job["write"]
     return part["iops"], part["bw"] * 1024

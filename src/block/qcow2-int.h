@@ -142,6 +142,8 @@ struct qcow2_state {
     uint64_t refcount_max;
     uint64_t free_cluster_index;     /* search hint */
     uint64_t alloc_end;              /* clusters handed out end below this */
+    bool last_alloc_fresh;           /* the last allocation was past alloc_end: never
+                                      * written, reads as zeros */
 
     /* options */
     unsigned overlap;                /* QOL_* checked before writes */
@@ -215,6 +217,9 @@ void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, in
 /* After a metadata flush: move pending frees on; release the drained ones. */
 int  qcow2_process_frees(struct qcow2_state *s, bool flushed);
 int  qcow2_flush_metadata(struct qcow2_state *s);
+/* Recount every reference and write new refcount structures (the image had
+ * the dirty bit); clears the dirty bit.  Coroutine, before any request. */
+int  qcow2_rebuild_refcounts(struct qcow2_state *s);
 /* Write one L1 entry to disk (its 512-byte sector) and memory. */
 int  qcow2_write_l1_entry(struct qcow2_state *s, uint32_t idx, uint64_t entry);
 /* Write a header field range from a fresh header image. */

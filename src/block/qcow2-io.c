@@ -721,10 +721,13 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
     qcache_put(s, &s->l2c, sl.idx);
 
     int64_t newh;
-    if (ext_data)
+    bool fresh = false;
+    if (ext_data) {
         newh = (int64_t)qstart_of_cluster(s, offset);   /* fixed host = guest mapping */
-    else
+    } else {
         newh = qcow2_alloc_clusters(s, ncl);
+        fresh = s->last_alloc_fresh;
+    }
     if (newh < 0)
         return (int)newh;
     uint64_t n = MIN(bytes, ncl * s->cluster_size - in_cl);
@@ -736,6 +739,18 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
     if (s->extl2 && !host && !(e & QCOW2_OFLAG_COMPRESSED)) {
         head_from = in_cl - in_cl % us;
         tail_to = MIN(run_bytes, (end_in + us - 1) / us * us);
+    }
+    /* Copy-on-write of what reads as zeros into clusters never written
+     * (past everything the image ever used: the file reads zeros there)
+     * is skipped: only the guest's data is written. */
+    if (fresh) {
+        uint64_t bsize = bs->backing ? __atomic_load_n(&bs->backing->size, __ATOMIC_RELAXED) : 0;
+        bool no_old = !host && !(e & QCOW2_OFLAG_COMPRESSED);
+        if (no_old && cl_start + head_from >= bsize)
+            head_from = in_cl;
+        /* the tail is in the last cluster: a plain unallocated one if ncl > 1 */
+        if ((ncl > 1 || no_old) && cl_start + end_in >= bsize)
+            tail_to = end_in;
     }
     ret = ext_data ? 0 : qcow2_overlap_check(s, 0, newh, run_bytes);
     if (ret < 0) {

@@ -700,6 +700,7 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
         }
         qcache_put(s, &s->rbc, idx);
     }
+    s->last_alloc_fresh = start >= s->alloc_end;
     int ret = refcount_add(s, start, n, 1, start, n);
     if (ret < 0)
         return ret;
@@ -810,4 +811,217 @@ int qcow2_write_l1_entry(struct qcow2_state *s, uint32_t idx, uint64_t entry)
     s->l1[idx] = entry;
     pthread_mutex_unlock(&s->cache_lock);
     return 0;
+}
+
+/* ---- refcount rebuild (the dirty bit: lazy refcounts after a crash) ---- */
+
+struct counts {
+    uint32_t *rc;
+    uint64_t n;                 /* clusters counted */
+    uint64_t bad;               /* references past any sane end */
+};
+
+static void count_range(struct qcow2_state *s, struct counts *c, uint64_t off, uint64_t len)
+{
+    if (!len)
+        return;
+    uint64_t first = off >> s->cluster_bits, last = (off + len - 1) >> s->cluster_bits;
+    for (uint64_t ci = first; ci <= last; ci++) {
+        if (ci >= c->n) {
+            c->bad++;
+            continue;
+        }
+        if (c->rc[ci] != UINT32_MAX)
+            c->rc[ci]++;
+    }
+}
+
+/* Count an L2 table and what it references. */
+static int count_l2(struct qcow2_state *s, struct counts *c, uint64_t l2_off, uint8_t *buf)
+{
+    count_range(s, c, l2_off, s->cluster_size);
+    int ret = bnode_co_pread(s->bs->file, l2_off, s->cluster_size, buf, BREQ_BEYOND_EOF);
+    if (ret < 0)
+        return ret;
+    for (uint64_t i = 0; i < s->l2_entries; i++) {
+        uint64_t e;
+        memcpy(&e, buf + i * s->l2_entry_bytes, 8);
+        e = be64toh(e);
+        if (e & QCOW2_OFLAG_COMPRESSED) {
+            uint64_t coff = e & s->coffset_mask;
+            uint64_t nsec = ((e >> s->csize_shift) & s->csize_mask) + 1;
+            count_range(s, c, coff & ~511ull, nsec * 512);
+        } else if ((e & QCOW2_L2E_OFFSET_MASK) && s->data == s->bs->file) {
+            count_range(s, c, e & QCOW2_L2E_OFFSET_MASK, s->cluster_size);
+        }
+    }
+    return 0;
+}
+
+static int count_l1(struct qcow2_state *s, struct counts *c, const uint64_t *l1, uint32_t n,
+                    uint8_t *buf)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t o = l1[i] & QCOW2_L1E_OFFSET_MASK;
+        if (o && !qoffset_into_cluster(s, o)) {
+            int ret = count_l2(s, c, o, buf);
+            if (ret < 0)
+                return ret;
+        }
+    }
+    return 0;
+}
+
+static int count_bitmaps(struct qcow2_state *s, struct counts *c)
+{
+    if (!s->bitmap_dir_size || s->bitmap_dir_size > (64u << 20))
+        return 0;
+    count_range(s, c, s->bitmap_dir_offset, s->bitmap_dir_size);
+    CLEANUP_FREE uint8_t *dir = xmalloc(s->bitmap_dir_size);
+    int ret = bnode_co_pread(s->bs->file, s->bitmap_dir_offset, s->bitmap_dir_size, dir,
+                             BREQ_BEYOND_EOF);
+    if (ret < 0)
+        return ret;
+    for (uint64_t p = 0; p + 24 <= s->bitmap_dir_size;) {
+        uint64_t toff;
+        uint32_t tsize, extra;
+        uint16_t name;
+        memcpy(&toff, dir + p, 8);
+        memcpy(&tsize, dir + p + 8, 4);
+        memcpy(&name, dir + p + 18, 2);
+        memcpy(&extra, dir + p + 20, 4);
+        toff = be64toh(toff);
+        tsize = be32toh(tsize);
+        count_range(s, c, toff, (uint64_t)tsize * 8);
+        if (tsize && tsize <= (1u << 24) && !qoffset_into_cluster(s, toff)) {
+            CLEANUP_FREE uint64_t *t = xcalloc(tsize, 8);
+            ret = bnode_co_pread(s->bs->file, toff, (uint64_t)tsize * 8, t, BREQ_BEYOND_EOF);
+            if (ret < 0)
+                return ret;
+            for (uint32_t i = 0; i < tsize; i++) {
+                uint64_t o = be64toh(t[i]) & QCOW2_L1E_OFFSET_MASK;
+                if (o)
+                    count_range(s, c, o, s->cluster_size);
+            }
+        }
+        p += (24 + (uint64_t)be16toh(name) + be32toh(extra) + 7) & ~7ull;
+    }
+    return 0;
+}
+
+/*
+ * Rebuild every refcount from what references clusters (QEMU's repair of
+ * a dirty image): count the header, L1/L2 tables and data, snapshots and
+ * their tables, bitmaps; then write a new refcount table and new blocks
+ * after everything in use, flush, and point the header at them.  The old
+ * refcount structures become free space.
+ */
+int qcow2_rebuild_refcounts(struct qcow2_state *s)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t file_cl = qsize_to_clusters(s, s->bs->file->size);
+    struct counts c = { .n = file_cl + 1 };
+    c.rc = xcalloc(c.n, sizeof(uint32_t));
+    CLEANUP_FREE uint8_t *buf = xmalloc(cs);
+    int ret;
+
+    count_range(s, &c, 0, cs);
+    count_range(s, &c, s->l1_offset, s->l1_size * 8ull);
+    ret = count_l1(s, &c, s->l1, s->l1_size, buf);
+    if (ret == 0 && s->nb_snapshots)
+        count_range(s, &c, s->snapshots_offset, s->snapshots_size);
+    for (uint32_t i = 0; ret == 0 && i < s->nb_snapshots; i++) {
+        struct qsnapshot *sn = &s->snapshots[i];
+        count_range(s, &c, sn->l1_table_offset, sn->l1_size * 8ull);
+        CLEANUP_FREE uint64_t *l1 = xcalloc(sn->l1_size ? sn->l1_size : 1, 8);
+        ret = bnode_co_pread(s->bs->file, sn->l1_table_offset, sn->l1_size * 8ull, l1,
+                             BREQ_BEYOND_EOF);
+        for (uint32_t k = 0; ret == 0 && k < sn->l1_size; k++)
+            l1[k] = be64toh(l1[k]);
+        if (ret == 0)
+            ret = count_l1(s, &c, l1, sn->l1_size, buf);
+    }
+    if (ret == 0)
+        ret = count_bitmaps(s, &c);
+    if (ret < 0 || c.bad) {
+        free(c.rc);
+        return ret < 0 ? ret : -EIO;
+    }
+    /* the last cluster in use */
+    uint64_t used = c.n;
+    while (used && !c.rc[used - 1])
+        used--;
+
+    /* new table and blocks right after it; the area counts itself */
+    uint64_t start = used, tc = 1, nb = 0;
+    for (;;) {
+        uint64_t end = start + tc + nb;
+        uint64_t need_nb = (end + s->rb_entries - 1) >> s->rb_bits;
+        uint64_t need_tc = (need_nb * 8 + cs - 1) / cs;
+        if (need_nb == nb && need_tc <= tc)
+            break;
+        nb = need_nb;
+        tc = MAX(tc, need_tc);
+    }
+    if (tc * cs > QCOW2_MAX_REFTABLE_SIZE) {
+        free(c.rc);
+        return -EFBIG;
+    }
+    uint64_t end = start + tc + nb;
+    uint8_t *blocks = xcalloc(nb, cs);
+    uint64_t *table = xcalloc(tc * cs / 8, 8);
+    for (uint64_t ci = 0; ci < end; ci++) {
+        uint64_t v = ci < used ? c.rc[ci] : 1;
+        if (v > s->refcount_max)
+            v = s->refcount_max;
+        if (v)
+            qcow2_refcount_set(blocks + (ci >> s->rb_bits) * cs, s->refcount_order,
+                               ci & (s->rb_entries - 1), v);
+    }
+    free(c.rc);
+    for (uint64_t j = 0; j < nb; j++)
+        table[j] = htobe64((start + tc + j) << s->cluster_bits);
+    ret = bnode_co_pwrite(s->bs->file, (start + tc) << s->cluster_bits, nb * cs, blocks,
+                          BREQ_BEYOND_EOF);
+    if (ret == 0)
+        ret = bnode_co_pwrite(s->bs->file, start << s->cluster_bits, tc * cs, table,
+                              BREQ_BEYOND_EOF);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    struct __attribute__((packed)) { uint64_t off; uint32_t clusters; } hdr = {
+        htobe64(start << s->cluster_bits), htobe32((uint32_t)tc) };
+    if (ret == 0)
+        ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, refcount_table_offset),
+                              sizeof(hdr), &hdr, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    free(blocks);
+    if (ret < 0) {
+        free(table);
+        return ret;
+    }
+    /* the new structures replace the old ones in memory too */
+    for (uint64_t i = 0; i < tc * cs / 8; i++)
+        table[i] = be64toh(table[i]);
+    for (uint64_t i = 0; i < s->reftable_size; i++)
+        if (s->reftable[i] & QCOW2_REFT_OFFSET_MASK)
+            qcow2_meta_del(s, s->reftable[i] & QCOW2_REFT_OFFSET_MASK, cs);
+    qcow2_meta_del(s, s->reftable_offset, (uint64_t)s->reftable_clusters * cs);
+    free(s->reftable);
+    s->reftable = table;
+    s->reftable_size = tc * cs / 8;
+    s->reftable_offset = start << s->cluster_bits;
+    s->reftable_clusters = (uint32_t)tc;
+    qcow2_meta_add_kind(s, s->reftable_offset, tc * cs, QOL_REFCOUNT_TABLE);
+    qcow2_meta_add_kind(s, (start + tc) << s->cluster_bits, nb * cs, QOL_REFCOUNT_BLOCK);
+    s->alloc_end = MAX(s->alloc_end, end);
+    s->free_cluster_index = 0;
+    /* consistent again: clear the dirty bit */
+    s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
+    uint64_t v = htobe64(s->incompat);
+    ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, incompatible_features), 8,
+                          &v, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    return ret;
 }

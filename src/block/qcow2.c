@@ -445,6 +445,15 @@ static int prepare_write(struct qcow2_state *s, void *opaque)
     return ret;
 }
 
+/* The dirty bit: refcounts may be stale (lazy refcounts and a crash).
+ * As QEMU, repair before writing: every refcount is recounted. */
+static int repair(struct qcow2_state *s, void *opaque)
+{
+    log_info("qcow2: node '%s': the image was not closed cleanly; repairing refcounts",
+             s->bs->node_name);
+    return qcow2_rebuild_refcounts(s);
+}
+
 /* ---- options ---- */
 
 static int opt_size(json_t *opts, const char *key, uint64_t dflt, bool *set)
@@ -814,12 +823,6 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
             error_setg_errno(errp, -ret, "Could not open qcow2 image");
         goto fail;
     }
-    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !bs->read_only) {
-        error_setg(errp, "qcow2: image has the dirty bit set (lazy refcounts were in use "
-                   "and it was not closed cleanly); repair it with 'qemu-img check -r all' "
-                   "or open it read-only");
-        goto fail;
-    }
     if (read_options(s, opts, errp) < 0)
         goto fail;
     if (qcache_init(&s->l2c, "L2", (uint32_t)s->l2_slice_size, (int)s->l2_cache_size) < 0 ||
@@ -835,6 +838,11 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
         goto fail;
     bs->size = s->size;
     bs->request_alignment = bs->file->request_alignment;
+    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !bs->read_only &&
+        (ret = qcow2_run_sync(s, repair, NULL)) < 0) {
+        error_setg_errno(errp, -ret, "Could not repair the refcounts of the dirty image");
+        goto fail;
+    }
     if (!bs->read_only && (ret = qcow2_run_sync(s, prepare_write, NULL)) < 0) {
         error_setg_errno(errp, -ret, "Could not update qcow2 header");
         goto fail;

@@ -484,3 +484,29 @@ def test_corrupt_image_opens_read_only_only(impl, start_daemon, shm):
                      "--blockdev", "driver=qcow2,node-name=q0,file=f0,read-only=on")
     info = [n for n in d.qmp().execute("query-named-block-nodes") if n["node-name"] == "q0"][0]
     assert info["image"]["format-specific"]["data"]["corrupt"] is True
+
+
+def test_dirty_image_is_repaired_on_open(impl, start_daemon, shm):
+    """A QEMU process using lazy refcounts died: refcounts are stale and the
+    dirty bit is set.  Opening read-write repairs them, as QEMU does."""
+    img = os.path.join(shm, "lazy.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", img, "16M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x77 0 3M", "-c", "write -P 0x78 9M 1M",
+                    "-c", "abort", img], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(img, "rb") as f:
+        f.seek(72)
+        assert int.from_bytes(f.read(8), "big") & 1      # dirty
+    d, uri = serve(start_daemon, impl, img, shm, writable=True)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\x79" * MiB, 5 * MiB)
+    assert h.pread(4096, 9 * MiB) == b"\x78" * 4096
+    h.flush()
+    h.shutdown()
+    d.stop()
+    assert_clean(img)
+    out = qemu_io(img, "read -P 0x77 0 3M", "read -P 0x78 9M 1M", "read -P 0x79 5M 1M")
+    assert "Pattern verification failed" not in out
+    with open(img, "rb") as f:
+        f.seek(72)
+        assert not int.from_bytes(f.read(8), "big") & 1  # clean again
