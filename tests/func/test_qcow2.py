@@ -87,11 +87,25 @@ def test_block_status_matches_qsd(start_daemon, shm, case):
     maps = {}
     for impl in ("bexd", "qsd"):
         d, uri = serve(start_daemon, impl, img, shm, depth=True)
-        maps[impl] = [subprocess.run(["nbdinfo", "--map=" + ctx, uri], stdout=subprocess.PIPE,
-                                     check=True).stdout.decode()
+        maps[impl] = [merged_map(subprocess.run(["nbdinfo", "--map=" + ctx, uri],
+                                                stdout=subprocess.PIPE,
+                                                check=True).stdout.decode())
                       for ctx in ("base:allocation", "qemu:allocation-depth")]
         d.stop()
     assert maps["bexd"] == maps["qsd"]
+
+
+def merged_map(text):
+    """nbdinfo --map lines with adjacent equal extents merged: a server may
+    answer block status in parts (bexd bounds the time of one answer)."""
+    out = []
+    for line in text.splitlines():
+        off, length, rest = line.split(None, 2)
+        if out and out[-1][2] == rest and out[-1][0] + out[-1][1] == int(off):
+            out[-1][1] += int(length)
+        else:
+            out.append([int(off), int(length), rest])
+    return out
 
 
 def fuse_available():
