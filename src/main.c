@@ -16,6 +16,7 @@
  * with status 1.
  * QMP quit skips the wait for clients, as qemu-storage-daemon's does.
  * SIGHUP reloads the TLS credentials (qemu-storage-daemon exits on it).
+ * Jobs are cancelled once the exports are gone, and bexd waits for their work.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +32,7 @@
 #include "cli/cli.h"
 #include "export/export.h"
 #include "export/nbd/nbd.h"
+#include "job/job.h"
 #include "object/object.h"
 #include "config.h"
 #include "ops/metrics.h"
@@ -62,9 +64,15 @@ static unsigned shutdown_grace_s(void)
     return SHUTDOWN_GRACE_S_DEFAULT;
 }
 
-static void all_exports_gone(void *opaque)
+static void all_jobs_stopped(void *opaque)
 {
     loop_stop(loop_main());
+}
+
+/* As qsd: exports first, then jobs are cancelled and waited for. */
+static void all_exports_gone(void *opaque)
+{
+    jobs_cancel_all(all_jobs_stopped, NULL);
 }
 
 static void nbd_clients_finished(void *opaque)
@@ -250,6 +258,7 @@ int main(int argc, char **argv)
     }
     monitors_close_all();
     chardevs_close_all();
+    jobs_free_all();
     block_close_all();
     objects_delete_all();
     if (pidfile)

@@ -29,6 +29,7 @@ struct loop;
 struct bnode;
 struct bnode_align;
 struct bstats;
+struct job;
 
 enum breq_op {
     BREQ_READ,
@@ -175,6 +176,10 @@ struct bdrv {
      * -ENOTSUP otherwise.  NULL = never. */
     int  (*splice_source)(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                           int *fd, uint64_t *fd_offset);
+    /* blockdev-create: create the image that opts (the checked
+     * BlockdevCreateOptions) describe, as the work of job (job.h), and end
+     * with blockdev_create_done().  NULL: the driver cannot create. */
+    void (*create)(struct job *job, json_t *opts);
     /* Capabilities */
     bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
@@ -269,6 +274,9 @@ int bnode_co_pwrite(struct bnode *bs, uint64_t offset, uint64_t bytes, const voi
 int bnode_co_pwrite_zeroes(struct bnode *bs, uint64_t offset, uint64_t bytes, unsigned flags);
 int bnode_co_pdiscard(struct bnode *bs, uint64_t offset, uint64_t bytes);
 int bnode_co_flush(struct bnode *bs);
+
+/* The end of a driver's create() work: ret 0 or -errno, err (stolen) why. */
+void blockdev_create_done(struct job *job, int ret, error *err);
 
 /* Driver registry */
 void bdrv_register(const struct bdrv *drv);

@@ -132,7 +132,10 @@ def _render(schema, t, seen=()):
 # on nbd-server-start).
 SAME_AS_QSD = ["qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
                "quit", "nbd-server-stop", "nbd-server-add",
-               "blockdev-del", "object-del", "BLOCK_EXPORT_DELETED"]
+               "blockdev-del", "object-del", "BLOCK_EXPORT_DELETED",
+               # the job framework
+               "query-jobs", "job-pause", "job-resume", "job-cancel", "job-complete",
+               "job-finalize", "job-dismiss", "JOB_STATUS_CHANGE"]
 
 
 def test_introspection_matches_qsd(start_daemon):

@@ -1,0 +1,74 @@
+/*
+ * blockdev-create: image creation run as a job of type "create", as
+ * qemu-storage-daemon 7.2 runs it.
+ *
+ * Theory of operation: the command checks that the driver can create
+ * images, makes a job (manual dismiss, like QEMU's) and starts it; the
+ * job's work is the driver's create(), which ends with
+ * blockdev_create_done().  Progress is 0 of 1 while the driver works and
+ * 1 of 1 afterwards, whatever the outcome.  Events: created and running
+ * before the reply; then waiting, pending, concluded on success or
+ * aborting, concluded on failure (the message is query-jobs' "error");
+ * job-dismiss takes the job to null.
+ */
+#include <stdlib.h>
+#include "block/block.h"
+#include "job/job.h"
+#include "qmp/qmp.h"
+#include "util/opts.h"
+
+struct create_job {
+    struct job common;
+    const struct bdrv *drv;
+    json_t *opts;
+};
+
+void blockdev_create_done(struct job *job, int ret, error *err)
+{
+    job_progress_update(job, 1);
+    job_work_done(job, ret, err);
+}
+
+static void create_run(struct job *job)
+{
+    struct create_job *s = (struct create_job *)job;
+    job_progress_set_remaining(job, 1);
+    s->drv->create(job, s->opts);
+}
+
+static void create_free(struct job *job)
+{
+    json_decref(((struct create_job *)job)->opts);
+}
+
+static const struct job_driver create_job_driver = {
+    .instance_size = sizeof(struct create_job),
+    .type = JOB_TYPE_CREATE,
+    .run = create_run,
+    .free = create_free,
+};
+
+static json_t *qmp_blockdev_create(json_t *args, error **errp)
+{
+    json_t *opts = json_object_get(args, "options");
+    const char *driver = opt_str(opts, "driver", "");
+    const struct bdrv *drv = bdrv_find(driver);
+
+    if (!drv) {
+        error_setg(errp, "Block driver '%s' not found or not supported", driver);
+        return NULL;
+    }
+    if (!drv->create) {
+        error_setg(errp, "Driver does not support blockdev-create");
+        return NULL;
+    }
+    struct create_job *s = job_create(opt_str(args, "job-id", ""), &create_job_driver, NULL,
+                                      JOB_DEFAULT | JOB_MANUAL_DISMISS, NULL, NULL, errp);
+    if (!s)
+        return NULL;
+    s->drv = drv;
+    s->opts = json_incref(opts);
+    job_start(&s->common);
+    return json_object();
+}
+QMP_COMMAND("blockdev-create", qmp_blockdev_create)
