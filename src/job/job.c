@@ -23,6 +23,7 @@
 #include "job/job.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/coroutine.h"
 #include "util/id.h"
 #include "util/log.h"
 #include "util/loop.h"
@@ -395,6 +396,48 @@ static void job_enter_cond(struct job *job, bool only_without_timer)
 void job_enter(struct job *job)
 {
     job_enter_cond(job, false);
+}
+
+/* ---- work in a coroutine ---- */
+
+static void job_co_entry(void *opaque)
+{
+    struct job *job = opaque;
+    error *err = NULL;
+    int ret = job->co_fn(job, &err);
+    job->co = NULL;
+    job_work_done(job, ret < 0 ? ret : 0, err);
+}
+
+void job_run_co(struct job *job, int (*fn)(struct job *job, error **errp))
+{
+    job->co_fn = fn;
+    job->co = co_create(job_co_entry, job);
+    co_enter(job->co);
+}
+
+/* The continuation of a coroutine's wait: go back into it. */
+static void job_co_reenter(struct job *job)
+{
+    co_enter(job->co);
+}
+
+void job_co_pause_point(struct job *job)
+{
+    if (job_pause_point(job, job_co_reenter))
+        co_yield();
+}
+
+void job_co_sleep(struct job *job, uint64_t ms)
+{
+    job_sleep(job, ms, job_co_reenter);
+    co_yield();
+}
+
+void job_co_yield(struct job *job)
+{
+    job_yield(job, job_co_reenter);
+    co_yield();
 }
 
 void job_transition_to_ready(struct job *job)

@@ -23,8 +23,8 @@
  * Everything here runs in the main thread.  The work itself is pluggable:
  * driver->run() starts it and the work ends, exactly once, with
  * job_work_done().  The work may be a chain of callbacks (asynchronous block
- * requests), a blocking function run with job_run_in_thread(), or (once
- * util/coroutine.h lands) a coroutine.  Work written as callbacks offers
+ * requests), a blocking function run with job_run_in_thread(), or a
+ * coroutine (job_run_co, with job_co_pause_point...).  Work written as callbacks offers
  * pause points with job_pause_point(job, continuation): the job pauses
  * there when asked to and the continuation runs on resume; job_sleep()
  * and job_yield() wait for a timer or a job_enter() kick the same way.
@@ -148,6 +148,8 @@ struct job {
     void (*cb)(void *opaque, int ret);   /* called at finalization */
     void *opaque;
     /* private to job.c */
+    struct coroutine *co;            /* job_run_co(): the work's coroutine */
+    int (*co_fn)(struct job *job, error **errp);
     job_fn *cont;                    /* where waiting work continues */
     int wait;                        /* what the work waits for, if not busy */
     enum job_status status_before_pause;
@@ -197,6 +199,15 @@ void job_sleep(struct job *job, uint64_t ms, job_fn *cont);
 void job_yield(struct job *job, job_fn *cont);
 /* Wake work waiting in job_sleep()/job_yield() now. */
 void job_enter(struct job *job);
+
+/* Work as a coroutine (util/coroutine.h): fn runs in a coroutine of the
+ * main loop and its return ends the work (job_work_done(job, ret, err)).
+ * Inside it, the job_co_* calls are the pause point, sleep and yield above,
+ * waiting by yielding the coroutine. */
+void job_run_co(struct job *job, int (*fn)(struct job *job, error **errp));
+void job_co_pause_point(struct job *job);
+void job_co_sleep(struct job *job, uint64_t ms);
+void job_co_yield(struct job *job);
 
 void job_transition_to_ready(struct job *job);
 bool job_is_cancelled(const struct job *job);        /* forced cancel asked */

@@ -309,6 +309,62 @@ static void test_sleep_cut_by_cancel_not_resume(void **state)
     job_unref(job);
 }
 
+/* The same work as a coroutine: pause points and yields inside it. */
+static int co_work(struct job *job, error **errp)
+{
+    struct tjob *t = (struct tjob *)job;
+    while (t->steps > 0 && !job_is_cancelled(job)) {
+        t->steps--;
+        job_progress_update(job, 1);
+        job_co_yield(job);
+        job_co_pause_point(job);
+    }
+    if (t->fail)
+        error_setg(errp, "the work failed");
+    return t->fail;
+}
+
+static void co_run(struct job *job)
+{
+    job_progress_set_remaining(job, ((struct tjob *)job)->steps);
+    job_run_co(job, co_work);
+}
+
+static const struct job_driver co_drv = {
+    .instance_size = sizeof(struct tjob),
+    .type = JOB_TYPE_BACKUP,
+    .run = co_run,
+    .commit = t_commit,
+    .abort = t_abort,
+};
+
+static void test_coroutine_work(void **state)
+{
+    error *err = NULL;
+    struct tjob *t = job_create("co", &co_drv, NULL, JOB_MANUAL_DISMISS, NULL, NULL, &err);
+    struct job *job = &t->common;
+    t->steps = 3;
+    t->fail = -ENOSPC;
+    job_start(job);
+    assert_int_equal(job->progress_current, 1);
+    job_user_pause(job, &err);
+    job_enter(job);                     /* out of the yield, into the pause point */
+    assert_int_equal(job->status, JOB_STATUS_PAUSED);
+    job_user_resume(job, &err);
+    assert_null(err);
+    assert_int_equal(job->status, JOB_STATUS_RUNNING);
+    assert_int_equal(job->progress_current, 2);
+    job_enter(job);
+    job_enter(job);
+    run_pending();
+    assert_int_equal(job->status, JOB_STATUS_CONCLUDED);
+    assert_int_equal(job->progress_current, 3);
+    assert_string_equal(job->err->msg, "the work failed");
+    assert_int_equal(t->aborts, 1);
+    job_dismiss(job, &err);
+    assert_null(err);
+}
+
 int main(void)
 {
     loop_main_init();
@@ -320,6 +376,7 @@ int main(void)
         cmocka_unit_test(test_cancel_paused),
         cmocka_unit_test(test_failure_aborts_transaction),
         cmocka_unit_test(test_sleep_cut_by_cancel_not_resume),
+        cmocka_unit_test(test_coroutine_work),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
