@@ -15,6 +15,7 @@
  * (offset, length or memory) to align.c, which bounces or read-modify-writes.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -137,6 +138,14 @@ static int parse_common(struct bnode *bs, json_t *opts, error **errp)
 
 static struct bnode *bnode_open(json_t *opts, bool root, error **errp);
 
+/* The file child of a node changed size: the node may follow it. */
+static void file_child_resized(struct bnode_user *u)
+{
+    struct bnode *parent = u->opaque;
+    if (parent->drv->child_resized)
+        parent->drv->child_resized(parent);
+}
+
 /* BlockdevRef: a node name (string) or inline options (object). */
 static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
 {
@@ -205,6 +214,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         bnode_unref(bs->file);          /* the link now holds the reference */
         if (!bs->file_link)
             goto fail;
+        bs->file_link->resized = file_child_resized;
+        bs->file_link->opaque = bs;
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
@@ -443,6 +454,11 @@ int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 
 int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
+    if (size > BNODE_MAX_LENGTH) {
+        error_setg(errp, "offset(%" PRIu64 ") exceeds maximum(%" PRIu64 ")",
+                   size, (uint64_t)BNODE_MAX_LENGTH);
+        return -EINVAL;
+    }
     if (bs->read_only) {
         error_setg(errp, "Image is read-only");
         return -EPERM;
@@ -452,11 +468,25 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
         return -ENOTSUP;
     }
     int ret = bs->drv->truncate(bs, size, errp);
-    if (ret == 0) {
+    if (ret < 0)
+        return ret;
+    /* A driver whose size follows its child's was told already. */
+    if (bs->size != size) {
         bs->size = size;
-        dirty_bitmaps_truncate(bs, size);
+        bnode_notify_resized(bs);
     }
-    return ret;
+    return 0;
+}
+
+void bnode_notify_resized(struct bnode *bs)
+{
+    dirty_bitmaps_truncate(bs, bs->size);
+    /* A callback may detach its user: step past it first. */
+    for (struct bnode_user *u = bs->users, *next; u; u = next) {
+        next = u->next;
+        if (u->resized)
+            u->resized(u);
+    }
 }
 
 bool bnode_can_write_zeroes_fast(struct bnode *bs)

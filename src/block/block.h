@@ -111,6 +111,10 @@ struct bnode_user {
     struct bnode *parent;       /* a child link's parent node; NULL for exports and
                                  * other root users (bnode_attach_child sets it) */
     uint64_t seq;               /* creation order, for x-debug-query-block-graph */
+    /* The node's size changed (main thread): exports tell their clients,
+     * parent nodes follow their child.  NULL: nothing to do. */
+    void (*resized)(struct bnode_user *u);
+    void *opaque;               /* for resized */
     struct bnode_user *next;
 };
 
@@ -162,6 +166,9 @@ struct bdrv {
     int  (*block_status)(struct bnode *bs, uint64_t offset, uint64_t bytes,
                          uint64_t *pnum, unsigned *flags);
     int  (*truncate)(struct bnode *bs, uint64_t size, error **errp);
+    /* The "file" child changed size (block_resize of the child): update
+     * bs->size if it follows the child's.  NULL: it does not. */
+    void (*child_resized)(struct bnode *bs);
     /* The users' permissions changed: perm = what they hold together,
      * shared = what they all share (image locking).  NULL = nothing to do. */
     int  (*set_perm)(struct bnode *bs, uint64_t perm, uint64_t shared, error **errp);
@@ -245,7 +252,15 @@ void breq_complete(struct breq *req, int ret);
  * Returns 0 or -errno. */
 int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
                        uint64_t *pnum, unsigned *flags, int *depth);
+/* The largest node size, as QEMU's BDRV_MAX_LENGTH (2^63 - 2^30). */
+#define BNODE_MAX_LENGTH (INT64_MAX - (1ll << 30) + 1)
+
+/* Resize (main thread): QEMU's errors ("Image is read-only", "Image format
+ * driver does not support resize", the driver's); on success every user
+ * whose node changed size is told (bnode_user.resized). */
 int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
+/* Tell bs's users that its size changed (drivers whose size follows a child). */
+void bnode_notify_resized(struct bnode *bs);
 /* Where a read of [offset, offset+bytes) can be spliced from (see
  * bdrv.splice_source): 0 and *fd / *fd_offset, or -ENOTSUP.  The fd lives
  * as long as the node; reading it is a READ of the node. */

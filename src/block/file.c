@@ -658,7 +658,7 @@ static int file_truncate(struct bnode *bs, uint64_t size, error **errp)
     }
     if (ftruncate(s->fd, size) < 0) {
         int err = errno;
-        error_setg_errno(errp, err, "Failed to resize file");
+        error_setg_errno(errp, err, "Could not resize file");
         return -err;
     }
     return 0;

@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include "block/block.h"
 #include "block/bitmap-sidecar.h"
@@ -69,11 +70,30 @@ static int raw_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, 
 static int raw_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     struct raw_state *s = bs->opaque;
-    if (s->offset || s->has_size) {
-        error_setg(errp, "Cannot resize a raw node with offset or size");
+    if (s->has_size) {
+        error_setg(errp, "Cannot resize fixed-size raw disks");
         return -ENOTSUP;
     }
-    return bnode_truncate(bs->file, size, errp);
+    if (size > INT64_MAX - s->offset) {
+        error_setg(errp, "Disk size too large for the chosen offset");
+        return -EINVAL;
+    }
+    /* The file follows; raw_child_resized() then sets this node's size. */
+    return bnode_truncate(bs->file, size + s->offset, errp);
+}
+
+/* Without a fixed size, a raw node is its file from offset to the end. */
+static void raw_child_resized(struct bnode *bs)
+{
+    struct raw_state *s = bs->opaque;
+    uint64_t file_size = bs->file->size;
+    if (s->has_size)
+        return;
+    uint64_t size = file_size > s->offset ? file_size - s->offset : 0;
+    if (size != bs->size) {
+        bs->size = size;
+        bnode_notify_resized(bs);
+    }
 }
 
 static bool raw_can_zero_fast(struct bnode *bs) { return bnode_can_write_zeroes_fast(bs->file); }
@@ -88,6 +108,7 @@ static const struct bdrv bdrv_raw = {
     .submit = raw_submit,
     .block_status = raw_block_status,
     .truncate = raw_truncate,
+    .child_resized = raw_child_resized,
     .splice_source = raw_splice_source,
     .can_write_zeroes_fast = raw_can_zero_fast,
     .can_discard = raw_can_discard,

@@ -59,6 +59,13 @@ int export_remove_mode_parse(const char *s)
     return -1;
 }
 
+static void export_node_resized(struct bnode_user *u)
+{
+    struct export *exp = u->opaque;
+    if (!exp->shutting_down && exp->type->node_resized)
+        exp->type->node_resized(exp);
+}
+
 int block_export_add(json_t *opts, error **errp)
 {
     const char *type_name = opt_str(opts, "type", "");
@@ -104,6 +111,8 @@ int block_export_add(json_t *opts, error **errp)
     exp->type = type;
     exp->node = bs;
     exp->user = user;
+    user->resized = export_node_resized;
+    user->opaque = exp;
     exp->writable = writable;
     exp->writethrough = opt_bool(opts, "writethrough", false);
     exp->fixed_iothread = opt_bool(opts, "fixed-iothread", false);

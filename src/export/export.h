@@ -45,6 +45,10 @@ struct export_type {
     unsigned (*nclients)(struct export *exp);
     /* Counters of everything its clients did (same members as a client's). */
     json_t *(*query_totals)(struct export *exp);
+    /* The node changed size (block_resize; main thread, never while the
+     * export shuts down): tell the clients.  NULL: they see it next time
+     * they ask (a new NBD client gets the new size). */
+    void (*node_resized)(struct export *exp);
 };
 
 struct export {

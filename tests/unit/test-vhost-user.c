@@ -165,7 +165,8 @@ static void test_features(void **state)
     assert_int_equal(msg(f, VHOST_USER_GET_PROTOCOL_FEATURES, 0, NULL, 0, NULL, 0), 0);
     assert_int_equal(reply(f, &m), 8);
     assert_int_equal(m.p.u64, 1ull << VHOST_USER_PROTOCOL_F_MQ |
-                     1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK | 1ull << VHOST_USER_PROTOCOL_F_CONFIG);
+                     1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK | 1ull << VHOST_USER_PROTOCOL_F_CONFIG |
+                     1ull << VHOST_USER_PROTOCOL_F_SLAVE_REQ);
     assert_int_equal(msg(f, VHOST_USER_GET_QUEUE_NUM, 0, NULL, 0, NULL, 0), 0);
     assert_int_equal(reply(f, &m), 8);
     assert_int_equal(m.p.u64, 4);
@@ -366,6 +367,38 @@ static void test_config(void **state)
     assert_int_equal(reply(f, &m), 0);
 }
 
+/* The back-end channel: a config change is announced there, once the
+ * front-end acked the feature and gave the socket. */
+static void test_backend_channel(void **state)
+{
+    struct fx *f = *state;
+    int ch[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, ch), 0);
+    negotiate(f);
+    assert_int_equal(vu_conn_notify_config_change(&f->c), -ENOTCONN);
+    uint64_t v = 1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK | 1ull << VHOST_USER_PROTOCOL_F_SLAVE_REQ;
+    assert_int_equal(msg(f, VHOST_USER_SET_PROTOCOL_FEATURES, 0, &v, 8, NULL, 0), 0);
+    /* no fd, or two: refused */
+    assert_int_equal(msg(f, VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_NEED_REPLY, NULL, 0, NULL, 0), 0);
+    assert_int_equal(ack(f), 1);
+    int two[2] = { ch[1], ch[1] };
+    assert_int_equal(msg(f, VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_NEED_REPLY, NULL, 0, two, 2), 0);
+    assert_int_equal(ack(f), 1);
+    assert_int_equal(vu_conn_notify_config_change(&f->c), -ENOTCONN);
+    assert_int_equal(msg(f, VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_NEED_REPLY, NULL, 0, &ch[1], 1), 0);
+    assert_int_equal(ack(f), 0);
+    close(ch[1]);
+    assert_int_equal(vu_conn_notify_config_change(&f->c), 0);
+    struct vhost_user_hdr h;
+    assert_int_equal(recv(ch[0], &h, sizeof(h) + 1, MSG_DONTWAIT), (ssize_t)sizeof(h));
+    assert_int_equal(h.request, VHOST_USER_SLAVE_CONFIG_CHANGE_MSG);
+    assert_int_equal(h.flags, VHOST_USER_VERSION);
+    assert_int_equal(h.size, 0);
+    /* the front-end went away: an error, not a signal */
+    close(ch[0]);
+    assert_true(vu_conn_notify_config_change(&f->c) < 0);
+}
+
 static void test_bad_messages(void **state)
 {
     struct fx *f = *state;
@@ -548,6 +581,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_remap_ring_not_in_new_table, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_past_file_end, setup, teardown),
         cmocka_unit_test_setup_teardown(test_config, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backend_channel, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_messages, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fatal_framing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_version, setup, teardown),

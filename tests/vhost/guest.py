@@ -151,39 +151,24 @@ def build():
     return kernel, initrd
 
 
-def run_guest(socket, workload="info", queues=1, smp=None, off=0, mb=1, seed=1,
-              timeout=90, mem_mb=256, extra_device_opts=""):
-    """Boot the guest on `socket`; return its report as a dict (raises GuestError)."""
-    why = missing()
-    if why:
-        raise GuestError(why)
+def qemu_argv(socket, workload, queues, smp, off, mb, seed, mem_mb, extra_device_opts,
+              console_chardev):
     kernel, initrd = build()
     smp = smp or max(1, min(queues, 4))
-    work = tempfile.mkdtemp(prefix="bexg")
-    console = os.path.join(work, "console.log")
     dev = "vhost-user-blk-pci,chardev=vub,num-queues=%d%s" % (queues, extra_device_opts)
-    argv = [QEMU, "-nodefaults", "-no-user-config",
+    return [QEMU, "-nodefaults", "-no-user-config",
             "-machine", "pc,accel=tcg,memory-backend=mem", "-smp", str(smp), "-m", "%dM" % mem_mb,
             "-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % mem_mb,
             "-kernel", kernel, "-initrd", initrd,
             "-append", "console=ttyS0 quiet panic=-1 bex.wl=%s bex.off=%d bex.mb=%d bex.seed=%d"
             % (workload, off, mb, seed),
             "-chardev", "socket,id=vub,path=%s" % socket, "-device", dev,
-            "-chardev", "file,id=con,path=%s" % console, "-serial", "chardev:con",
+            "-chardev", console_chardev, "-serial", "chardev:con",
             "-display", "none", "-monitor", "none", "-no-reboot"]
-    t0 = time.monotonic()
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        qemu_out, rc = p.stdout + p.stderr, p.returncode
-        timed_out = False
-    except subprocess.TimeoutExpired as e:
-        qemu_out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        rc, timed_out = None, True
-    elapsed = time.monotonic() - t0
-    text = open(console, errors="replace").read() if os.path.exists(console) else ""
-    shutil.rmtree(work, ignore_errors=True)
-    rep = {"qemu_rc": rc, "timed_out": timed_out, "seconds": round(elapsed, 2),
-           "qemu_output": qemu_out.strip()[-2000:]}
+
+
+def parse_report(text, rep):
+    """Fold the guest's "BEX: ..." console lines into rep."""
     dmesg = []
     for line in text.replace("\r", "").splitlines():
         i = line.find("BEX: ")
@@ -199,9 +184,105 @@ def run_guest(socket, workload="info", queues=1, smp=None, off=0, mb=1, seed=1,
             rep[k] = v
     if dmesg:
         rep["dmesg"] = dmesg
+    return rep
+
+
+def run_guest(socket, workload="info", queues=1, smp=None, off=0, mb=1, seed=1,
+              timeout=90, mem_mb=256, extra_device_opts=""):
+    """Boot the guest on `socket`; return its report as a dict (raises GuestError)."""
+    why = missing()
+    if why:
+        raise GuestError(why)
+    work = tempfile.mkdtemp(prefix="bexg")
+    console = os.path.join(work, "console.log")
+    argv = qemu_argv(socket, workload, queues, smp, off, mb, seed, mem_mb, extra_device_opts,
+                     "file,id=con,path=%s" % console)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        qemu_out, rc = p.stdout + p.stderr, p.returncode
+        timed_out = False
+    except subprocess.TimeoutExpired as e:
+        qemu_out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        rc, timed_out = None, True
+    elapsed = time.monotonic() - t0
+    text = open(console, errors="replace").read() if os.path.exists(console) else ""
+    shutil.rmtree(work, ignore_errors=True)
+    rep = {"qemu_rc": rc, "timed_out": timed_out, "seconds": round(elapsed, 2),
+           "qemu_output": qemu_out.strip()[-2000:]}
+    parse_report(text, rep)
     if "result" not in rep:
         rep["result"] = "FAIL no result (timeout)" if timed_out else "FAIL no result"
     return rep
+
+
+class Guest:
+    """A guest running in the background whose console the caller reads
+    line by line (a socket QEMU connects to), to act at a point of the
+    workload: wait_line("BEX: ready_for_resize"), then finish()."""
+
+    def __init__(self, socket, workload, timeout=90, **kw):
+        import socket as sk
+        why = missing()
+        if why:
+            raise GuestError(why)
+        self.work = tempfile.mkdtemp(prefix="bexg")
+        path = os.path.join(self.work, "con.sock")
+        self.listener = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.listener.settimeout(timeout)
+        self.deadline = time.monotonic() + timeout
+        argv = qemu_argv(socket, workload, kw.get("queues", 1), kw.get("smp"), kw.get("off", 0),
+                         kw.get("mb", 1), kw.get("seed", 1), kw.get("mem_mb", 256),
+                         kw.get("extra_device_opts", ""), "socket,id=con,path=%s" % path)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.conn = None
+        self.text = ""
+
+    def _read(self):
+        if self.conn is None:
+            self.conn, _ = self.listener.accept()
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise GuestError("guest timed out")
+        self.conn.settimeout(left)
+        data = self.conn.recv(65536)
+        if not data:
+            return False
+        self.text += data.decode(errors="replace")
+        return True
+
+    def wait_line(self, needle):
+        """Block until the console shows needle (GuestError if it ends first)."""
+        while needle not in self.text:
+            if not self._read():
+                raise GuestError("console closed before %r: %s" % (needle, self.text[-2000:]))
+
+    def finish(self):
+        """Read the console to its end, wait for QEMU; the report."""
+        try:
+            while "BEX: RESULT" not in self.text and self._read():
+                pass
+        finally:
+            try:
+                out = self.proc.communicate(timeout=max(1, self.deadline - time.monotonic()))[0]
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out = self.proc.communicate()[0]
+            if self.conn:
+                self.conn.close()
+            self.listener.close()
+            shutil.rmtree(self.work, ignore_errors=True)
+        rep = {"qemu_rc": self.proc.returncode, "qemu_output": (out or b"").decode(errors="replace")[-2000:]}
+        parse_report(self.text, rep)
+        rep.setdefault("result", "FAIL no result")
+        return rep
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def main():

@@ -214,6 +214,13 @@ static void fuse_export_free(struct export *e)
     fuse_export_cleanup(to_fuse(e));
 }
 
+static void fuse_export_node_resized(struct export *e)
+{
+    struct fuse_export *exp = (struct fuse_export *)e;
+    if (!exp->self_resizing && !exp->stop_requested)
+        fuse_session_node_resized(exp);
+}
+
 static const struct export_type fuse_export_type = {
     .name = "fuse",
     .instance_size = sizeof(struct fuse_export),
@@ -221,6 +228,7 @@ static const struct export_type fuse_export_type = {
     .in_use = fuse_export_in_use,
     .shutdown = fuse_export_shutdown,
     .free = fuse_export_free,
+    .node_resized = fuse_export_node_resized,
 };
 
 EXPORT_TYPE_REGISTER(fuse_export_type);

@@ -68,6 +68,7 @@ struct fuse_export {
     uid_t st_uid;
     gid_t st_gid;
     bool stop_requested;        /* main thread: shutdown() already ran */
+    bool self_resizing;         /* main thread: the resize is this export's own */
     /* Path of the leaf file for st_blocks, or NULL. */
     char *alloc_path;
 
@@ -91,6 +92,9 @@ struct fuse_export {
 extern const struct fuse_lowlevel_ops fuse_export_ops;
 void fuse_session_start(struct fuse_export *exp);     /* main thread */
 void fuse_session_stop(struct fuse_export *exp);      /* main thread */
+/* The node changed size under the export (block_resize): drop the
+ * kernel's cached size and pages. */
+void fuse_session_node_resized(struct fuse_export *exp);   /* main thread */
 /* Serve what the kernel has queued now, when called in the export's loop. */
 void fuse_session_poll_now(struct fuse_export *exp);
 void fuse_session_free_pools(struct fuse_export *exp);

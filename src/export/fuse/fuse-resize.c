@@ -22,7 +22,9 @@ static int fuse_do_resize(struct fuse_export *exp, uint64_t size, bool grow_only
         return -EFBIG;
     if (grow_only && bs->size >= size)
         return 0;
+    exp->self_resizing = true;      /* the kernel knows this size already */
     ret = bnode_truncate(bs, size, &err);
+    exp->self_resizing = false;
     error_free(err);
     if (ret >= 0)
         return 0;

@@ -26,6 +26,7 @@
  * fd is closed.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <stdlib.h>
@@ -298,6 +299,53 @@ static void fuse_maybe_drained(struct fuse_export *exp)
         return;
     exp->finishing = true;
     loop_call(exp->common.loop, fuse_drained_in_loop, exp);
+}
+
+/* ---- invalidation after block_resize ----
+ * The kernel caches the file's size (attr timeout) and pages.  The
+ * notification is written from a thread of its own: invalidating pages
+ * waits for page locks that requests being served by this loop may hold.
+ * It counts as a request in flight, so the export outlives it. */
+
+static void fuse_inval_done(void *opaque)
+{
+    struct fuse_export *exp = opaque;
+    exp->inflight--;
+    fuse_maybe_drained(exp);
+}
+
+static void *fuse_inval_thread(void *opaque)
+{
+    struct fuse_export *exp = opaque;
+    int r = fuse_lowlevel_notify_inval_inode(exp->se, FUSE_ROOT_ID, 0, 0);
+    if (r < 0 && r != -ENOENT)
+        log_warn("FUSE export %s: could not invalidate the cached size: %s",
+                 exp->common.id, strerror(-r));
+    loop_call(exp->common.loop, fuse_inval_done, exp);
+    return NULL;
+}
+
+static void fuse_inval_in_loop(void *opaque)
+{
+    struct fuse_export *exp = opaque;
+    pthread_t th;
+    pthread_attr_t attr;
+
+    if (exp->stopping)
+        return;
+    exp->inflight++;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&th, &attr, fuse_inval_thread, exp) != 0) {
+        log_warn("FUSE export %s: no thread to invalidate the cached size", exp->common.id);
+        fuse_inval_done(exp);
+    }
+    pthread_attr_destroy(&attr);
+}
+
+void fuse_session_node_resized(struct fuse_export *exp)
+{
+    loop_call(exp->common.loop, fuse_inval_in_loop, exp);
 }
 
 static void fuse_stop_in_loop(void *opaque)

@@ -689,6 +689,28 @@ static unsigned vub_nclients(struct export *exp)
     return __atomic_load_n(&vx->client, __ATOMIC_RELAXED) ? 1 : 0;
 }
 
+/* block_resize: the capacity in the config space follows the node; the
+ * front-end is told on the back-end channel (QEMU 8.1 does so, 7.2 not). */
+static void vub_resized_in_loop(void *opaque)
+{
+    struct vub_export *vx = opaque;
+    struct vub_client *cl = vx->client;
+
+    if (!cl || cl->dead || vx->stopping)
+        return;
+    int r = vu_conn_notify_config_change(&cl->conn);
+    if (r < 0 && r != -ENOTCONN)
+        log_warn("vhost-user-blk: %s: could not announce the new size: %s",
+                 vx->exp.id, strerror(-r));
+}
+
+/* Main thread, never while shutting down: the call runs in the export's
+ * loop before any shutdown step queued after it. */
+static void vub_node_resized(struct export *exp)
+{
+    loop_call(exp->loop, vub_resized_in_loop, exp);
+}
+
 static const struct export_type vhost_user_blk_type = {
     .name = "vhost-user-blk",
     .nclients = vub_nclients,
@@ -697,5 +719,6 @@ static const struct export_type vhost_user_blk_type = {
     .in_use = vub_in_use,
     .shutdown = vub_shutdown,
     .free = vub_free,
+    .node_resized = vub_node_resized,
 };
 EXPORT_TYPE_REGISTER(vhost_user_blk_type)

@@ -54,9 +54,15 @@ enum {
     VHOST_USER_PROTOCOL_F_MQ = 0,
     VHOST_USER_PROTOCOL_F_LOG_SHMFD = 1,
     VHOST_USER_PROTOCOL_F_REPLY_ACK = 3,
+    VHOST_USER_PROTOCOL_F_SLAVE_REQ = 5,     /* the back-end channel ("BACKEND_REQ") */
     VHOST_USER_PROTOCOL_F_CONFIG = 9,
     VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD = 12,
     VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS = 15,
+};
+
+/* Requests from the back-end to the front-end, on the back-end channel. */
+enum {
+    VHOST_USER_SLAVE_CONFIG_CHANGE_MSG = 2,   /* "BACKEND_CONFIG_CHANGE_MSG": no payload */
 };
 
 #define VHOST_USER_MAX_FDS        8

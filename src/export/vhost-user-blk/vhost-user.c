@@ -35,6 +35,7 @@ static uint64_t protocol_features(void)
 {
     return 1ull << VHOST_USER_PROTOCOL_F_MQ |
            1ull << VHOST_USER_PROTOCOL_F_REPLY_ACK |
+           1ull << VHOST_USER_PROTOCOL_F_SLAVE_REQ |
            1ull << VHOST_USER_PROTOCOL_F_CONFIG;
 }
 
@@ -60,6 +61,7 @@ int vu_conn_init(struct vu_conn *c, int fd, unsigned num_queues,
     c->num_queues = num_queues;
     c->nvqs = num_queues < VU_MAX_QUEUES ? num_queues : VU_MAX_QUEUES;
     c->blocked_vq = -1;
+    c->backend_fd = -1;
     c->vqs = xcalloc(c->nvqs, sizeof(*c->vqs));
     for (unsigned i = 0; i < c->nvqs; i++) {
         struct vu_vq *vq = &c->vqs[i];
@@ -128,6 +130,7 @@ void vu_conn_destroy(struct vu_conn *c)
         close_fd(&vq->err_fd);
     }
     rx_close_fds(c);
+    close_fd(&c->backend_fd);
     free(c->vqs);
     c->vqs = NULL;
     vq_mem_unref(c->mem);
@@ -504,6 +507,37 @@ static int h_set_protocol_features(struct vu_conn *c)
     return H_OK;
 }
 
+/* The back-end channel: one socket fd, no payload. */
+static int h_set_slave_req_fd(struct vu_conn *c)
+{
+    if (c->rx_nfds != 1) {
+        c->last_error = "back-end channel message without exactly one fd";
+        return -EINVAL;
+    }
+    close_fd(&c->backend_fd);
+    c->backend_fd = c->rx_fds[0];
+    c->rx_fds[0] = -1;
+    c->rx_nfds = 0;
+    return H_OK;
+}
+
+int vu_conn_notify_config_change(struct vu_conn *c)
+{
+    struct vhost_user_hdr h = { .request = VHOST_USER_SLAVE_CONFIG_CHANGE_MSG,
+                                .flags = VHOST_USER_VERSION, .size = 0 };
+    ssize_t n;
+
+    if (c->backend_fd < 0 || !(c->acked_protocol & (1ull << VHOST_USER_PROTOCOL_F_SLAVE_REQ)))
+        return -ENOTCONN;
+    /* No reply asked for: the front-end reads the config when it likes. */
+    do
+        n = send(c->backend_fd, &h, sizeof(h), MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    return n == (ssize_t)sizeof(h) ? 0 : -EIO;
+}
+
 static int h_get_queue_num(struct vu_conn *c)
 {
     return reply_u64(c, c->num_queues);
@@ -591,6 +625,7 @@ static const struct handler handlers[] = {
     [VHOST_USER_GET_CONFIG] = { h_get_config, VHOST_USER_CONFIG_HDR_SIZE, true, false, true },
     [VHOST_USER_SET_CONFIG] = { h_set_config, VHOST_USER_CONFIG_HDR_SIZE, true },
     [VHOST_USER_RESET_DEVICE] = { h_reset_owner, 0, true },
+    [VHOST_USER_SET_SLAVE_REQ_FD] = { h_set_slave_req_fd, 0, false, true },
 };
 
 static int handle(struct vu_conn *c)

@@ -77,6 +77,7 @@ struct vu_conn {
     int rx_fds[VHOST_USER_MAX_FDS];
     int rx_nfds;
     const char *last_error;          /* why the last message failed (tests, logs) */
+    int backend_fd;                  /* SET_SLAVE_REQ_FD: the back-end channel, or -1 */
 };
 
 int  vu_conn_init(struct vu_conn *c, int fd, unsigned num_queues,
@@ -90,3 +91,7 @@ int  vu_conn_readable(struct vu_conn *c);
 /* The ring GET_VRING_BASE waited for drained: send the reply. */
 int  vu_conn_unblock(struct vu_conn *c);
 bool vu_conn_has(const struct vu_conn *c, unsigned feature);
+/* Tell the front-end that the device config changed (capacity), on the
+ * back-end channel, as QEMU 8.1's vhost-user-blk server does.  0, or
+ * -ENOTCONN when the front-end gave no channel, or -errno. */
+int  vu_conn_notify_config_change(struct vu_conn *c);

@@ -1,0 +1,43 @@
+/*
+ * block_resize: change a node's size, as qemu-storage-daemon 7.2 does it,
+ * and tell the exports on it.
+ *
+ * Theory of operation: the node is looked up (QEMU looks for a device
+ * first; qsd has no devices, so a device name is never found), then a
+ * temporary user takes the RESIZE permission (a user that does not share
+ * it refuses the resize with QEMU's permission conflict), and
+ * bnode_truncate() asks the driver.  A successful resize reaches every
+ * user of the node through bnode_user.resized: parent nodes whose size
+ * follows their file child (raw without "size"), and exports, which tell
+ * their clients as their protocol allows (export.h, node_resized).
+ */
+#include <stdio.h>
+#include "block/block.h"
+#include "qmp/qmp.h"
+#include "util/opts.h"
+
+static json_t *qmp_block_resize(json_t *args, error **errp)
+{
+    const char *device = opt_str(args, "device", NULL);
+    const char *node_name = opt_str(args, "node-name", NULL);
+    long long size = opt_int(args, "size", 0);
+    struct bnode *bs = node_name ? bnode_find(node_name) : NULL;
+
+    if (!bs) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'",
+                   device ? device : "", node_name ? node_name : "");
+        return NULL;
+    }
+    if (size < 0) {
+        error_setg(errp, "Parameter 'size' expects a >0 size");
+        return NULL;
+    }
+    struct bnode_user *u = bnode_attach(bs, PERM_RESIZE, PERM_ALL, "an unnamed block device",
+                                        "root", errp);
+    if (!u)
+        return NULL;
+    int ret = bnode_truncate(bs, size, errp);
+    bnode_detach(u);
+    return ret < 0 ? NULL : json_object();
+}
+QMP_COMMAND("block_resize", qmp_block_resize)
