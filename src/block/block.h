@@ -183,10 +183,6 @@ struct bdrv {
      * -ENOTSUP otherwise.  NULL = never. */
     int  (*splice_source)(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                           int *fd, uint64_t *fd_offset);
-    /* blockdev-create: create the image that opts (the checked
-     * BlockdevCreateOptions) describe, as the work of job (job.h), and end
-     * with blockdev_create_done().  NULL: the driver cannot create. */
-    void (*create)(struct job *job, json_t *opts);
     /* Capabilities */
     bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
@@ -290,7 +286,22 @@ int bnode_co_pwrite_zeroes(struct bnode *bs, uint64_t offset, uint64_t bytes, un
 int bnode_co_pdiscard(struct bnode *bs, uint64_t offset, uint64_t bytes);
 int bnode_co_flush(struct bnode *bs);
 
-/* The end of a driver's create() work: ret 0 or -errno, err (stolen) why. */
+/* blockdev-create, per driver name (create.c).  create() starts making
+ * the image that opts (the checked BlockdevCreateOptions) describe, as the
+ * work of job (job.h; job->opaque is the driver's), and ends the work with
+ * blockdev_create_done() (or, from job_run_co(), by returning after
+ * job_progress_update(job, 1)).  A driver name without one: "Driver does
+ * not support blockdev-create". */
+struct blockdev_create_driver {
+    const char *name;
+    void (*create)(struct job *job, json_t *opts);
+    struct blockdev_create_driver *next;
+};
+void blockdev_create_register(struct blockdev_create_driver *d);
+#define BLOCKDEV_CREATE_REGISTER(drv_name, fn)                                    \
+    static struct blockdev_create_driver blockdev_create_##fn = { drv_name, fn, NULL }; \
+    __attribute__((constructor)) static void blockdev_create_register_##fn(void)   \
+    { blockdev_create_register(&blockdev_create_##fn); }
 void blockdev_create_done(struct job *job, int ret, error *err);
 
 /* Driver registry */

@@ -12,6 +12,7 @@
  * job-dismiss takes the job to null.
  */
 #include <stdlib.h>
+#include <string.h>
 #include "block/block.h"
 #include "job/job.h"
 #include "qmp/qmp.h"
@@ -19,9 +20,25 @@
 
 struct create_job {
     struct job common;
-    const struct bdrv *drv;
+    const struct blockdev_create_driver *drv;
     json_t *opts;
 };
+
+static struct blockdev_create_driver *create_drivers;
+
+void blockdev_create_register(struct blockdev_create_driver *d)
+{
+    d->next = create_drivers;
+    create_drivers = d;
+}
+
+static const struct blockdev_create_driver *create_driver_find(const char *name)
+{
+    for (const struct blockdev_create_driver *d = create_drivers; d; d = d->next)
+        if (!strcmp(d->name, name))
+            return d;
+    return NULL;
+}
 
 void blockdev_create_done(struct job *job, int ret, error *err)
 {
@@ -52,13 +69,13 @@ static json_t *qmp_blockdev_create(json_t *args, error **errp)
 {
     json_t *opts = json_object_get(args, "options");
     const char *driver = opt_str(opts, "driver", "");
-    const struct bdrv *drv = bdrv_find(driver);
+    const struct blockdev_create_driver *drv = create_driver_find(driver);
 
-    if (!drv) {
+    if (!drv && !bdrv_find(driver)) {
         error_setg(errp, "Block driver '%s' not found or not supported", driver);
         return NULL;
     }
-    if (!drv->create) {
+    if (!drv) {
         error_setg(errp, "Driver does not support blockdev-create");
         return NULL;
     }

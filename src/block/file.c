@@ -852,6 +852,7 @@ static void file_create(struct job *job, json_t *opts)
     c->extent_size_hint = (uint64_t)opt_int(opts, "extent-size-hint", 1 << 20);
     job_run_in_thread(job, file_create_sync, c, file_create_done);
 }
+BLOCKDEV_CREATE_REGISTER("file", file_create)
 
 static int file_flush_sync(struct bnode *bs)
 {
@@ -868,10 +869,9 @@ const char *file_node_filename(struct bnode *bs)
 }
 
 /* "file" and "host_device" differ only in what they accept to open. */
-#define FILE_DRIVER(drv_name, open_fn, create_fn) {   \
+#define FILE_DRIVER(drv_name, open_fn) {              \
     .name = drv_name,                                 \
     .open = open_fn,                                  \
-    .create = create_fn,                              \
     .close = file_close,                              \
     .submit = file_submit,                            \
     .block_status = file_block_status,                \
@@ -887,9 +887,9 @@ const char *file_node_filename(struct bnode *bs)
     .bitmaps_update = sidecar_update,                 \
 }
 
-static const struct bdrv bdrv_file = FILE_DRIVER("file", file_open, file_create);
+static const struct bdrv bdrv_file = FILE_DRIVER("file", file_open);
 BDRV_REGISTER(bdrv_file)
-static const struct bdrv bdrv_host_device = FILE_DRIVER("host_device", host_device_open, NULL);
+static const struct bdrv bdrv_host_device = FILE_DRIVER("host_device", host_device_open);
 BDRV_REGISTER(bdrv_host_device)
 
 __attribute__((constructor)) static void zero_iov_init(void)
