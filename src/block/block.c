@@ -334,6 +334,7 @@ void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset)
 {
     mark_dirty(child, req, offset);
     req->acct_fwd++;
+    bnode_check_write_threshold(child, req, offset);
     child->drv->submit(child, req, offset);
 }
 
@@ -396,6 +397,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         return;
     }
     mark_dirty(bs, req, req->offset);
+    bnode_check_write_threshold(bs, req, req->offset);
     if (bs->align && bnode_align_submit(bs, req))
         return;
     bs->drv->submit(bs, req, req->offset);

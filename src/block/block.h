@@ -24,6 +24,7 @@
 #include <jansson.h>
 #include "util/aio.h"
 #include "util/error.h"
+#include "util/cleanup.h"
 
 struct loop;
 struct bnode;
@@ -139,6 +140,7 @@ struct bnode {
     int refcnt;                 /* parents + exports + 1 while named (monitor-owned) */
     struct bnode_user *users;   /* who uses this node, with which permissions */
     struct bnode_user *file_link;   /* this node as a user of its file child */
+    uint64_t write_threshold;   /* block-set-write-threshold; 0 = off (atomic) */
     struct bnode *next;         /* in the named-node list */
     json_t *options;            /* the blockdev-add options, for queries */
 
@@ -248,6 +250,18 @@ void breq_complete(struct breq *req, int ret);
  * Returns 0 or -errno. */
 int bnode_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
                        uint64_t *pnum, unsigned *flags, int *depth);
+/* BLOCK_WRITE_THRESHOLD: a write or write-zeroes ending past the node's
+ * threshold emits the event once and turns the threshold off (any thread). */
+void bnode_write_threshold_hit(struct bnode *bs, uint64_t end);
+static inline void bnode_check_write_threshold(struct bnode *bs, const struct breq *req,
+                                               uint64_t offset)
+{
+    uint64_t t = __atomic_load_n(&bs->write_threshold, __ATOMIC_RELAXED);
+    if (unlikely(t) && (req->op == BREQ_WRITE || req->op == BREQ_WRITE_ZEROES) &&
+        offset + req->len > t)
+        bnode_write_threshold_hit(bs, offset + req->len);
+}
+
 /* The largest node size, as QEMU's BDRV_MAX_LENGTH (2^63 - 2^30). */
 #define BNODE_MAX_LENGTH (INT64_MAX - (1ll << 30) + 1)
 

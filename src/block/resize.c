@@ -1,4 +1,6 @@
 /*
+ * block_resize and block-set-write-threshold.
+ *
  * block_resize: change a node's size, as qemu-storage-daemon 7.2 does it,
  * and tell the exports on it.
  *
@@ -41,3 +43,33 @@ static json_t *qmp_block_resize(json_t *args, error **errp)
     return ret < 0 ? NULL : json_object();
 }
 QMP_COMMAND("block_resize", qmp_block_resize)
+
+/* The data path crossed bs's threshold (any thread; qmp_event forwards). */
+void bnode_write_threshold_hit(struct bnode *bs, uint64_t end)
+{
+    uint64_t t = __atomic_load_n(&bs->write_threshold, __ATOMIC_RELAXED);
+    /* One event per threshold, however many writers cross it at once. */
+    if (!t || end <= t ||
+        !__atomic_compare_exchange_n(&bs->write_threshold, &t, 0, false,
+                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return;
+    qmp_event("BLOCK_WRITE_THRESHOLD",
+              json_pack("{s:s, s:I, s:I}", "node-name", bs->node_name,
+                        "amount-exceeded", (json_int_t)(end - t),
+                        "write-threshold", (json_int_t)t));
+}
+
+/* block-set-write-threshold: arm (or, with 0, disarm) BLOCK_WRITE_THRESHOLD. */
+static json_t *qmp_block_set_write_threshold(json_t *args, error **errp)
+{
+    const char *name = opt_str(args, "node-name", "");
+    struct bnode *bs = bnode_find(name);
+    if (!bs) {
+        error_setg(errp, "Device '%s' not found", name);
+        return NULL;
+    }
+    __atomic_store_n(&bs->write_threshold, (uint64_t)opt_int(args, "write-threshold", 0),
+                     __ATOMIC_RELAXED);
+    return json_object();
+}
+QMP_COMMAND("block-set-write-threshold", qmp_block_set_write_threshold)

@@ -1,9 +1,15 @@
 /* QAPI definitions of operations on live nodes (QEMU 7.2
- * qapi/block-core.json): block_resize. */
+ * qapi/block-core.json): block_resize, block-set-write-threshold. */
 #include "qmp/schema-int.h"
 
 static const char text[] =
     "{ 'command': 'block_resize',\n"
     "  'data': { '*device': 'str', '*node-name': 'str', 'size': 'int' },\n"
-    "  'allow-preconfig': true }\n";
+    "  'allow-preconfig': true }\n"
+    "{ 'command': 'block-set-write-threshold',\n"
+    "  'data': { 'node-name': 'str', 'write-threshold': 'uint64' },\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'event': 'BLOCK_WRITE_THRESHOLD',\n"
+    "  'data': { 'node-name': 'str', 'amount-exceeded': 'uint64',\n"
+    "            'write-threshold': 'uint64' } }\n";
 SCHEMA_SOURCE(block_ops, text)

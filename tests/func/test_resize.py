@@ -184,3 +184,55 @@ def test_resize_seen_by_vhost_user_guest(start_daemon, image, tmpdir_short):
     assert rep["new_size"] == str(96 * MiB)
     assert rep.get("dmesg_capacity_change") == "yes"
     assert d.alive()
+
+
+# ---- block-set-write-threshold ----
+
+def nbdsh(sock, name, code):
+    subprocess.run(["nbdsh", "-u", "nbd+unix:///%s?socket=%s" % (name, sock), "-c", code],
+                   check=True)
+
+
+def threshold_events(q):
+    """BLOCK_WRITE_THRESHOLD events so far (a query flushes what is queued)."""
+    q.execute("query-block-exports")
+    evs = [e["data"] for e in q.events if e["event"] == "BLOCK_WRITE_THRESHOLD"]
+    q.events = [e for e in q.events if e["event"] != "BLOCK_WRITE_THRESHOLD"]
+    return evs
+
+
+def thresholds(q):
+    return {n["node-name"]: n["write_threshold"] for n in q.execute("query-named-block-nodes")}
+
+
+def test_write_threshold(impl, start_daemon, image, tmpdir_short):
+    img = image(MiB)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    q = start_daemon(impl, "--blockdev", "driver=file,node-name=f,filename=" + img,
+                     "--blockdev", "driver=raw,node-name=r,file=f",
+                     "--nbd-server", "addr.type=unix,addr.path=" + sock,
+                     "--export", "type=nbd,id=e,node-name=r,name=d,writable=on").qmp()
+    assert q.error("block-set-write-threshold", node_name="zz", write_threshold=1) == \
+        {"class": "GenericError", "desc": "Device 'zz' not found"}
+    q.execute("block-set-write-threshold", node_name="r", write_threshold=65536)
+    assert thresholds(q)["r"] == 65536
+    nbdsh(sock, "d", "h.pwrite(b'x' * 4096, 0); h.trim(65536, 0)")   # below it; a trim
+    assert threshold_events(q) == []
+    nbdsh(sock, "d", "h.pwrite(b'x' * 4096, 65536); h.pwrite(b'x' * 4096, 131072)")
+    assert threshold_events(q) == [{"node-name": "r", "amount-exceeded": 4096,
+                                    "write-threshold": 65536}]     # once, then off
+    assert thresholds(q)["r"] == 0
+    q.execute("block-set-write-threshold", node_name="r", write_threshold=65536)
+    nbdsh(sock, "d", "h.zero(4096 + 65536, 4096)")
+    assert threshold_events(q) == [{"node-name": "r", "amount-exceeded": 8192,
+                                    "write-threshold": 65536}]
+    # set on the file node, crossed by writes through the raw node above it
+    q.execute("block-set-write-threshold", node_name="f", write_threshold=512 * 1024)
+    nbdsh(sock, "d", "h.pwrite(b'x' * 10, 512 * 1024 - 6)")
+    assert threshold_events(q) == [{"node-name": "f", "amount-exceeded": 4,
+                                    "write-threshold": 512 * 1024}]
+    # 0 turns it off
+    q.execute("block-set-write-threshold", node_name="r", write_threshold=65536)
+    q.execute("block-set-write-threshold", node_name="r", write_threshold=0)
+    nbdsh(sock, "d", "h.pwrite(b'x' * 4096, 65536)")
+    assert threshold_events(q) == []
