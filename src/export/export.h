@@ -49,6 +49,10 @@ struct export_type {
      * export shuts down): tell the clients.  NULL: they see it next time
      * they ask (a new NBD client gets the new size). */
     void (*node_resized)(struct export *exp);
+    /* x-blockdev-set-iothread: may the export now move to another loop
+     * (main thread)?  It then runs there from its next client on.  NULL:
+     * never (the export keeps watches in its loop). */
+    bool (*can_move)(struct export *exp, error **errp);
 };
 
 struct export {

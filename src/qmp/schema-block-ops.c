@@ -1,5 +1,5 @@
 /* QAPI definitions of operations on live nodes (QEMU 7.2
- * qapi/block-core.json): block_resize, block-set-write-threshold. */
+ * qapi/block-core.json): block_resize, block-set-write-threshold, x-blockdev-set-iothread. */
 #include "qmp/schema-int.h"
 
 static const char text[] =
@@ -9,6 +9,10 @@ static const char text[] =
     "{ 'command': 'block-set-write-threshold',\n"
     "  'data': { 'node-name': 'str', 'write-threshold': 'uint64' },\n"
     "  'allow-preconfig': true }\n"
+    "{ 'alternate': 'StrOrNull', 'data': { 's': 'str', 'n': 'null' } }\n"
+    "{ 'command': 'x-blockdev-set-iothread',\n"
+    "  'data': { 'node-name': 'str', 'iothread': 'StrOrNull', '*force': 'bool' },\n"
+    "  'features': [ 'unstable' ], 'allow-preconfig': true }\n"
     "{ 'event': 'BLOCK_WRITE_THRESHOLD',\n"
     "  'data': { 'node-name': 'str', 'amount-exceeded': 'uint64',\n"
     "            'write-threshold': 'uint64' } }\n";

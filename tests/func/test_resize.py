@@ -1,12 +1,11 @@
 """block_resize, against bexd and qemu-storage-daemon 7.2: errors, file and
 raw nodes growing and shrinking, and what the exports on the node show.
 
-bexd does better than qsd 7.2 on purpose in two places, each asserted
-for both: qsd refuses to resize a node under an NBD export (its NBD
-server does not share the resize permission) where bexd resizes it and
-new clients see the new size; and qsd's FUSE file keeps its old size for
-up to a second (the kernel's attribute cache) where bexd's changes at
-once.  The vhost-user-blk front-end is told of the new capacity, as QEMU
+As qsd, a node under an NBD export is not resized (the NBD server does
+not share the resize permission); after the export is gone, the next one
+gets the new size.  bexd does better than qsd 7.2 on purpose for FUSE:
+qsd's file keeps its old size for up to a second (the kernel's attribute
+cache) where bexd's changes at once.  The vhost-user-blk front-end is told of the new capacity, as QEMU
 8.1 does (7.2 does not): a real guest sees it without rebooting.
 """
 import os
@@ -113,25 +112,27 @@ def nbd_size(sock, name):
 
 
 def test_resize_under_nbd_export(impl, start_daemon, image, tmpdir_short):
+    """As qsd: refused while the NBD export exists (it does not share
+    resize); once it is gone, the node resizes and the next export and its
+    clients get the new size."""
     img = image(MiB)
     sock = os.path.join(tmpdir_short, "nbd.sock")
     q = start_daemon(impl, "--blockdev", "driver=file,node-name=f,filename=" + img,
                      "--nbd-server", "addr.type=unix,addr.path=" + sock,
                      "--export", "type=nbd,id=e,node-name=f,name=d,writable=on").qmp()
     assert nbd_size(sock, "d") == MiB
-    if impl == "qsd":
-        # 7.2's NBD server unshares resize while the export exists
-        assert q.error("block_resize", node_name="f", size=2 * MiB)["desc"].startswith(
-            "Permission conflict on node 'f': permissions 'resize' are both required")
-        return
+    assert q.error("block_resize", node_name="f", size=2 * MiB)["desc"] == (
+        "Permission conflict on node 'f': permissions 'resize' are both required by an "
+        "unnamed block device (uses node 'f' as 'root' child) and unshared by an unnamed "
+        "block device (uses node 'f' as 'root' child).")
+    q.execute("block-export-del", id="e")
+    q.wait_event("BLOCK_EXPORT_DELETED")
     q.execute("block_resize", node_name="f", size=2 * MiB)
+    q.execute("block-export-add", type="nbd", id="e", node_name="f", name="d", writable=True)
     assert nbd_size(sock, "d") == 2 * MiB
-    # and the new end is readable and writable by a new client
     subprocess.run(["nbdsh", "-u", "nbd+unix:///d?socket=%s" % sock, "-c",
                     "h.pwrite(b'\\x5a' * 4096, 2 * 1048576 - 4096); "
                     "assert h.pread(4096, 2 * 1048576 - 4096) == b'\\x5a' * 4096"], check=True)
-    q.execute("block_resize", node_name="f", size=MiB)
-    assert nbd_size(sock, "d") == MiB
 
 
 def test_resize_under_fuse_export(impl, start_daemon, image, tmpdir_short):
@@ -236,3 +237,52 @@ def test_write_threshold(impl, start_daemon, image, tmpdir_short):
     q.execute("block-set-write-threshold", node_name="r", write_threshold=0)
     nbdsh(sock, "d", "h.pwrite(b'x' * 4096, 65536)")
     assert threshold_events(q) == []
+
+
+# ---- x-blockdev-set-iothread ----
+
+def test_set_iothread(impl, start_daemon, image, tmpdir_short):
+    img = image(MiB, data=b"\x33" * MiB)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--object", "iothread,id=io0", "--object", "iothread,id=io1",
+                     "--blockdev", "driver=file,node-name=f,filename=" + img,
+                     "--blockdev", "driver=raw,node-name=r,file=f",
+                     "--blockdev", "driver=null-co,node-name=n",
+                     "--nbd-server", "addr.type=unix,addr.path=" + sock)
+    q = d.qmp()
+
+    def err(**kw):
+        return q.error("x-blockdev-set-iothread", **kw)["desc"]
+
+    assert err(node_name="zz", iothread="io0") == "Failed to find node with node-name='zz'"
+    assert err(node_name="n", iothread="zz") == "Cannot find iothread zz"
+    assert q.execute("x-blockdev-set-iothread", node_name="n", iothread="io0") == {}
+    assert q.execute("x-blockdev-set-iothread", node_name="n", iothread=None) == {}
+    q.execute("block-export-add", type="nbd", id="e", node_name="r", name="d")
+    assert err(node_name="r", iothread="io1") == (
+        "Node r is associated with a BlockBackend and could be in use "
+        "(use force=true to override this check)")
+    # a child of the exported node moves the whole graph, export included
+    assert q.execute("x-blockdev-set-iothread", node_name="f", iothread="io1") == {}
+    assert q.execute("x-blockdev-set-iothread", node_name="r", iothread="io0", force=True) == {}
+    if impl == "bexd":   # qsd 7.2 aborts when a client leaves an iothread NBD export
+        assert nbd_size(sock, "d") == MiB
+        subprocess.run(["nbdsh", "-u", "nbd+unix:///d?socket=%s" % sock, "-c",
+                        "assert h.pread(4096, 0) == b'\\x33' * 4096"], check=True)
+        # with a client attached, bexd refuses to move the export
+        sh = subprocess.Popen(["nbdsh", "-u", "nbd+unix:///d?socket=%s" % sock, "-c",
+                               "import sys; print('up', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert sh.stdout.readline() == "up\n"
+            assert err(node_name="r", iothread="io1", force=True) == (
+                "Cannot move export 'e' to another iothread while clients are connected")
+        finally:
+            sh.stdin.close()
+            sh.wait()
+    q.execute("block-export-add", type="nbd", id="e2", node_name="n", name="n",
+              iothread="io0", fixed_iothread=True)
+    assert err(node_name="n", iothread="io1", force=True) == \
+        "Cannot change iothread of active block backend"
+    assert q.error("x-blockdev-set-iothread", node_name="n")["desc"] == \
+        "Parameter 'iothread' is missing"
