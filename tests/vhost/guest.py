@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import lzma
+import re
 import os
 import shutil
 import subprocess
@@ -262,7 +263,8 @@ class Guest:
     def finish(self):
         """Read the console to its end, wait for QEMU; the report."""
         try:
-            while "BEX: RESULT" not in self.text and self._read():
+            # the whole result line, not the first bytes of it
+            while not re.search(r"BEX: RESULT [^\r\n]*[\r\n]", self.text) and self._read():
                 pass
         finally:
             try:
