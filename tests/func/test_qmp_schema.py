@@ -135,7 +135,11 @@ SAME_AS_QSD = ["qmp_capabilities", "query-version", "query-commands", "query-qmp
                "blockdev-del", "object-del", "BLOCK_EXPORT_DELETED",
                # the job framework
                "query-jobs", "job-pause", "job-resume", "job-cancel", "job-complete",
-               "job-finalize", "job-dismiss", "JOB_STATUS_CHANGE"]
+               "job-finalize", "job-dismiss", "JOB_STATUS_CHANGE",
+               # QOM, the block graph, chardevs
+               "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties",
+               "x-debug-query-block-graph", "query-chardev", "query-chardev-backends",
+               "ringbuf-read", "ringbuf-write", "chardev-remove", "chardev-send-break"]
 
 
 def test_introspection_matches_qsd(start_daemon):
