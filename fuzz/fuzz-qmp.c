@@ -19,6 +19,8 @@
 static const char *const safe[] = {
     "qmp_capabilities", "query-version", "query-commands", "query-block-exports",
     "query-named-block-nodes", "query-iothreads", "query-block", "blockdev-del",
+    "qom-list", "qom-get", "qom-list-types", "qom-list-properties",
+    "x-debug-query-block-graph", "query-chardev", "query-chardev-backends",
     NULL,
 };
 
