@@ -25,6 +25,7 @@
 #include "block/stats.h"
 #include "util/cleanup.h"
 #include "util/log.h"
+#include "util/loop.h"
 #include "util/xalloc.h"
 #include "util/opts.h"
 #include "util/id.h"
@@ -309,9 +310,113 @@ void block_flush_all_sync(void)
 
 /* ---- data path ---- */
 
+/* ---- holding writes ---- */
+
+struct drain_waiter {
+    void (*fn)(void *opaque);
+    void *opaque;
+    struct drain_waiter *next;
+};
+
+static int writes_held;                   /* atomic: holds in force */
+static pthread_mutex_t held_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct breq *held_head, **held_tail = &held_head;
+static struct drain_waiter *drain_waiters;   /* main thread */
+static bool drain_poll_queued;               /* main thread */
+
+static bool all_writes_done(void)
+{
+    for (struct bnode *bs = nodes; bs; bs = bs->next)
+        if (__atomic_load_n(&bs->writes_in_flight, __ATOMIC_SEQ_CST))
+            return false;
+    return true;
+}
+
+static void drain_poll(void *opaque)
+{
+    drain_poll_queued = false;
+    if (!drain_waiters || !all_writes_done())
+        return;                   /* the last completion polls again */
+    struct drain_waiter *w = drain_waiters;
+    drain_waiters = NULL;
+    while (w) {
+        struct drain_waiter *next = w->next;
+        w->fn(w->opaque);
+        free(w);
+        w = next;
+    }
+}
+
+static void drain_poll_soon(void *opaque)
+{
+    if (!drain_poll_queued) {
+        drain_poll_queued = true;
+        loop_call(loop_main(), drain_poll, NULL);
+    }
+}
+
+/* From any thread: a counted write finished (or was held). */
+static void write_uncount(struct bnode *bs)
+{
+    if (__atomic_sub_fetch(&bs->writes_in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&writes_held, __ATOMIC_SEQ_CST))
+        loop_call(loop_main(), drain_poll_soon, NULL);
+}
+
+void block_writes_hold(void (*drained)(void *opaque), void *opaque)
+{
+    struct drain_waiter *w = xzalloc(sizeof(*w));
+    w->fn = drained;
+    w->opaque = opaque;
+    w->next = drain_waiters;
+    drain_waiters = w;
+    /* a writer counts itself, then looks at writes_held; we raise it, then
+     * look at the counts (both seq_cst): one of us sees the other */
+    __atomic_add_fetch(&writes_held, 1, __ATOMIC_SEQ_CST);
+    drain_poll_soon(NULL);
+}
+
+static void held_resubmit(void *opaque)
+{
+    struct breq *req = opaque;
+    bnode_submit(req->bs, req);
+}
+
+void block_writes_release(void)
+{
+    if (__atomic_sub_fetch(&writes_held, 1, __ATOMIC_SEQ_CST) > 0)
+        return;
+    pthread_mutex_lock(&held_lock);
+    struct breq *req = held_head;
+    held_head = NULL;
+    held_tail = &held_head;
+    pthread_mutex_unlock(&held_lock);
+    while (req) {
+        struct breq *next = req->held_next;
+        loop_call(req->loop, held_resubmit, req);   /* in the submitter's loop, in order */
+        req = next;
+    }
+}
+
+/* A write that found writes held: it waits in the queue, uncounted. */
+static void write_hold(struct bnode *bs, struct breq *req)
+{
+    req->write_counted = false;
+    req->held_next = NULL;
+    pthread_mutex_lock(&held_lock);
+    *held_tail = req;
+    held_tail = &req->held_next;
+    pthread_mutex_unlock(&held_lock);
+    write_uncount(bs);
+}
+
 void breq_complete(struct breq *req, int ret)
 {
     bstats_complete(req, ret);
+    if (req->write_counted) {
+        req->write_counted = false;
+        write_uncount(req->bs);
+    }
     if (unlikely(req->align_track)) {
         struct bnode_align *al = req->align_track;
         req->align_track = NULL;
@@ -330,12 +435,29 @@ static inline void mark_dirty(struct bnode *bs, const struct breq *req, uint64_t
         bnode_set_dirty(bs, offset, req->len);
 }
 
+static inline bool is_write(const struct breq *req)
+{
+    return req->op == BREQ_WRITE || req->op == BREQ_WRITE_ZEROES || req->op == BREQ_DISCARD;
+}
+
 void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset)
 {
     mark_dirty(child, req, offset);
     req->acct_fwd++;
     bnode_check_write_threshold(child, req, offset);
+    struct bnode_intercept *ic = __atomic_load_n(&child->intercept, __ATOMIC_ACQUIRE);
+    if (unlikely(ic) && is_write(req)) {
+        ic->submit(ic, child, req, offset);
+        return;
+    }
     child->drv->submit(child, req, offset);
+}
+
+void bnode_submit_driver(struct bnode *bs, struct breq *req, uint64_t offset)
+{
+    if (bs->align && offset == req->offset && req->bs == bs && bnode_align_submit(bs, req))
+        return;
+    bs->drv->submit(bs, req, offset);
 }
 
 static bool buffer_is_zero(const struct iovec *iov, int iovcnt)
@@ -354,6 +476,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
     req->bs = bs;
     req->align_track = NULL;
     bstats_submit(bs, req);
+    req->write_counted = false;
     switch (req->op) {
     case BREQ_WRITE:
     case BREQ_DISCARD:
@@ -396,8 +519,21 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         breq_complete(req, 0);
         return;
     }
-    mark_dirty(bs, req, req->offset);
-    bnode_check_write_threshold(bs, req, req->offset);
+    if (is_write(req)) {
+        __atomic_add_fetch(&bs->writes_in_flight, 1, __ATOMIC_SEQ_CST);
+        req->write_counted = true;
+        if (unlikely(__atomic_load_n(&writes_held, __ATOMIC_SEQ_CST))) {
+            write_hold(bs, req);
+            return;
+        }
+        mark_dirty(bs, req, req->offset);
+        bnode_check_write_threshold(bs, req, req->offset);
+        struct bnode_intercept *ic = __atomic_load_n(&bs->intercept, __ATOMIC_ACQUIRE);
+        if (unlikely(ic)) {
+            ic->submit(ic, bs, req, req->offset);
+            return;
+        }
+    }
     if (bs->align && bnode_align_submit(bs, req))
         return;
     bs->drv->submit(bs, req, req->offset);

@@ -79,6 +79,8 @@ struct breq {
     uint64_t acct_lat_ns;       /* set on completion: how long it took */
     uint8_t acct_op;
     uint8_t acct_fwd;
+    bool write_counted;              /* in bs->writes_in_flight (block.c) */
+    struct breq *held_next;          /* held by block_writes_hold() */
 };
 
 /* Block status flags, as in QEMU: DATA = reads return data from this layer,
@@ -150,6 +152,20 @@ struct bnode {
     int dirty_recording;                 /* atomic: bitmaps recording writes */
     void *bitmap_store;                  /* the driver's persistence state */
     struct bstats *stats;       /* I/O accounting (block/stats.h) */
+
+    /* writes issued and not completed (atomic), for block_writes_hold() */
+    int writes_in_flight;
+    /* a copy-before-write filter inserted above this node: writes reaching
+     * the node go through it (atomic; NULL = none) */
+    struct bnode_intercept *intercept;
+};
+
+/* Writes of a node diverted before they reach its driver (a backup job's
+ * copy-before-write filter).  submit() owns the request and eventually
+ * passes it on with bnode_submit_driver() or completes it. */
+struct bnode_intercept {
+    void (*submit)(struct bnode_intercept *ic, struct bnode *bs, struct breq *req,
+                   uint64_t offset);
 };
 
 struct bdrv {
@@ -201,6 +217,9 @@ struct bdrv {
     int  (*bitmap_can_store)(struct bnode *bs, const char *name, uint32_t granularity,
                              error **errp);
     int  (*bitmaps_update)(struct bnode *bs, error **errp);
+    /* Adjust what bs's file child is asked to hold and share, from what
+     * bs's users hold and share (QEMU's child_perm).  NULL = as they are. */
+    void (*child_perm)(struct bnode *bs, uint64_t *perm, uint64_t *shared);
 };
 
 /* ---- graph / control (main thread) ---- */
@@ -242,6 +261,16 @@ void bnode_unref_user(struct bnode *bs, bool write);
 void bnode_submit(struct bnode *bs, struct breq *req);
 /* Driver-to-child forwarding, no validation. */
 void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset);
+/* Past validation and interception: to bs's driver (an intercept passing a
+ * write on). */
+void bnode_submit_driver(struct bnode *bs, struct breq *req, uint64_t offset);
+
+/* Hold every new write (they wait, queued) and call drained(opaque) in the
+ * main loop, never inside this call, once the writes already issued have
+ * completed: the point where a snapshot can start (QEMU's drain).  Held
+ * writes go on when every hold is released.  Main thread. */
+void block_writes_hold(void (*drained)(void *opaque), void *opaque);
+void block_writes_release(void);
 /* Called by drivers when a request finishes. */
 void breq_complete(struct breq *req, int ret);
 

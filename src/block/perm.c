@@ -82,8 +82,10 @@ static int propagate(struct bnode *bs, error **errp)
     uint64_t perm, shared;
     cumulative(bs, &perm, &shared);
     if (bs->file_link) {
-        uint64_t child_perm = perm ? perm | PERM_CONSISTENT_READ : 0;
-        if (bnode_user_set_perm(bs->file_link, child_perm, shared, errp) < 0)
+        uint64_t child_perm = perm ? perm | PERM_CONSISTENT_READ : 0, child_shared = shared;
+        if (bs->drv->child_perm)
+            bs->drv->child_perm(bs, &child_perm, &child_shared);
+        if (bnode_user_set_perm(bs->file_link, child_perm, child_shared, errp) < 0)
             return -1;
     }
     if (bs->drv->set_perm && bs->drv->set_perm(bs, perm, shared, errp) < 0)

@@ -25,5 +25,11 @@ static const char text[] =
     "{ 'struct': 'BlockDirtyBitmapSha256', 'data': { 'sha256': 'str' } }\n"
     "{ 'command': 'x-debug-block-dirty-bitmap-sha256',\n"
     "  'data': 'BlockDirtyBitmap', 'returns': 'BlockDirtyBitmapSha256',\n"
-    "  'features': [ 'unstable' ], 'allow-preconfig': true }\n";
+    "  'features': [ 'unstable' ], 'allow-preconfig': true }\n"
+    /* the fleecing filter (block/cbw.c); snapshot-access takes GenericFormat */
+    "{ 'enum': 'OnCbwError', 'data': [ 'break-guest-write', 'break-snapshot' ] }\n"
+    "{ 'struct': 'BlockdevOptionsCbw',\n"
+    "  'base': 'BlockdevOptionsGenericFormat',\n"
+    "  'data': { 'target': 'BlockdevRef', '*bitmap': 'BlockDirtyBitmap',\n"
+    "            '*on-cbw-error': 'OnCbwError', '*cbw-timeout': 'uint32' } }\n";
 SCHEMA_SOURCE(bitmaps, text)

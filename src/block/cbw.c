@@ -1,0 +1,664 @@
+/*
+ * Driver "copy-before-write" (see cbw.h).
+ *
+ * Theory of operation.  A write (or write-zeroes, discard) reaching the
+ * filter (or, once inserted with cbw_insert, reaching its source from
+ * anywhere) checks under the lock whether any cluster it covers still
+ * needs a copy or is being read from the source by a snapshot reader.  If
+ * not, it goes straight on to the source: the common case costs a lock and
+ * a bitmap lookup.  Otherwise a coroutine in the request's loop takes over:
+ * it claims the runs of needed clusters nobody is copying, starts a copier
+ * coroutine for each (read the source, write the target), waits until every
+ * cluster is copied and no snapshot reader is on the range, then passes the
+ * write on.  Waiting is one queue woken whenever a copy or a read ends; a
+ * waiter with cbw-timeout set also wakes at its deadline.
+ *
+ * A failed copy fails the write (on-cbw-error=break-guest-write) or breaks
+ * the snapshot for good and lets writes through (break-snapshot); snapshot
+ * reads then fail with EACCES, as in QEMU.
+ *
+ * Snapshot readers (snapshot-access) read a copied cluster from the target
+ * and any other from the source, announcing the range so that writers
+ * wait for them.  The state is reference-counted: the node holds one
+ * reference, every coroutine one more, so closing the node while copies
+ * are under way is safe; the last reference is dropped in the main loop.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "block/cbw.h"
+#include "block/dirty-bitmap.h"
+#include "util/cleanup.h"
+#include "util/coroutine.h"
+#include "util/log.h"
+#include "util/loop.h"
+#include "util/opts.h"
+#include "util/pbitmap.h"
+#include "util/xalloc.h"
+
+#define CBW_CLUSTER      65536u       /* QEMU's block-copy cluster for raw targets */
+#define CBW_MAX_COPY     (16u * CBW_CLUSTER)   /* one copier's run */
+
+enum on_cbw_error { BREAK_GUEST_WRITE, BREAK_SNAPSHOT };
+
+/* A copy under way, or a snapshot read of the source, over clusters
+ * [first, first+n).  Held by the list and by whoever waits on it. */
+struct cbw_range {
+    uint64_t first, n;
+    bool read;
+    bool finished;
+    int ret;
+    bool read_failed;             /* the copy could not read the source */
+    int refs;                     /* under s->lock */
+    struct cbw_range *next;
+};
+
+struct cbw {
+    struct bnode *bs;             /* the filter node */
+    struct bnode *source, *target;
+    struct bnode_user *target_link;
+    uint64_t size;                /* bytes */
+    unsigned shift;               /* log2(cluster) */
+    uint64_t nclusters;
+    enum on_cbw_error on_error;
+    uint64_t timeout_ms;          /* 0: none */
+    pthread_mutex_t lock;
+    struct pbitmap *need, *done, *access;
+    struct cbw_range *ranges;
+    struct co_queue changed;      /* a range finished (or a deadline passed) */
+    int snapshot_error;
+    bool active;                  /* the snapshot point is set */
+    int refs;                     /* atomic */
+    /* inserted above the source */
+    struct bnode_intercept ic;
+    bool inserted;
+    void (*ready)(void *opaque);
+    void *ready_opaque;
+    /* progress of a job */
+    void (*progress)(void *opaque, uint64_t bytes);
+    void *progress_opaque;
+};
+
+static const struct bdrv bdrv_cbw;
+
+struct cbw *cbw_of(struct bnode *bs)
+{
+    return bs && bs->drv == &bdrv_cbw ? bs->opaque : NULL;
+}
+
+uint64_t cbw_cluster_size(struct cbw *s) { return 1ull << s->shift; }
+
+/* ---- references ---- */
+
+static void cbw_free_main(void *opaque)
+{
+    struct cbw *s = opaque;
+    pbitmap_free(s->need);
+    pbitmap_free(s->done);
+    pbitmap_free(s->access);
+    co_queue_destroy(&s->changed);
+    pthread_mutex_destroy(&s->lock);
+    bnode_unref(s->source);
+    bnode_unref(s->target);
+    free(s);
+}
+
+static void cbw_ref(struct cbw *s)
+{
+    __atomic_add_fetch(&s->refs, 1, __ATOMIC_RELAXED);
+}
+
+static void cbw_unref(struct cbw *s)
+{
+    if (__atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    struct loop *l = loop_current();
+    if (!l || l == loop_main())
+        cbw_free_main(s);         /* the main thread (its loop may be over: shutdown) */
+    else
+        loop_call(loop_main(), cbw_free_main, s);   /* nodes go in the main thread */
+}
+
+/* ---- clusters ---- */
+
+static void clusters_of(struct cbw *s, uint64_t offset, uint64_t bytes,
+                        uint64_t *first, uint64_t *end)
+{
+    *first = offset >> s->shift;
+    *end = bytes ? ((offset + bytes - 1) >> s->shift) + 1 : *first;
+    if (*end > s->nclusters)
+        *end = s->nclusters;
+}
+
+/* A range in the list overlapping [first, end), of the given kind. */
+static struct cbw_range *range_overlap(struct cbw *s, uint64_t first, uint64_t end, bool read)
+{
+    for (struct cbw_range *r = s->ranges; r; r = r->next)
+        if (r->read == read && r->first < end && first < r->first + r->n)
+            return r;
+    return NULL;
+}
+
+static struct cbw_range *range_add(struct cbw *s, uint64_t first, uint64_t n, bool read)
+{
+    struct cbw_range *r = xzalloc(sizeof(*r));
+    r->first = first;
+    r->n = n;
+    r->read = read;
+    r->refs = 2;                  /* the list, and its owner */
+    r->next = s->ranges;
+    s->ranges = r;
+    return r;
+}
+
+static void range_put(struct cbw_range *r)
+{
+    if (--r->refs == 0)
+        free(r);
+}
+
+/* With the lock: take r off the list, wake everyone waiting. */
+static void range_finish(struct cbw *s, struct cbw_range *r, int ret)
+{
+    for (struct cbw_range **p = &s->ranges; *p; p = &(*p)->next)
+        if (*p == r) {
+            *p = r->next;
+            break;
+        }
+    r->finished = true;
+    r->ret = ret;
+    range_put(r);
+    co_queue_wake_all(&s->changed);
+}
+
+/* ---- copying ---- */
+
+struct copier {
+    struct cbw *s;
+    struct cbw_range *r;
+};
+
+/* A coroutine: copy the clusters of one claimed range. */
+static void copier_co(void *opaque)
+{
+    struct copier *c = opaque;
+    struct cbw *s = c->s;
+    struct cbw_range *r = c->r;
+    uint64_t off = r->first << s->shift;
+    uint64_t len = MIN(r->n << s->shift, s->size - off);
+    void *buf = xmalloc(len);
+    int ret = bnode_co_pread(s->source, off, len, buf, 0);
+    bool read_failed = ret < 0;
+    if (ret == 0)
+        ret = bnode_co_pwrite(s->target, off, len, buf, 0);
+    free(buf);
+
+    pthread_mutex_lock(&s->lock);
+    if (ret == 0) {
+        pbitmap_clear_range(s->need, r->first, r->n);
+        pbitmap_set_range(s->done, r->first, r->n);
+    }
+    r->read_failed = read_failed;
+    range_finish(s, r, ret);
+    range_put(r);
+    pthread_mutex_unlock(&s->lock);
+    if (ret == 0 && s->progress)
+        s->progress(s->progress_opaque, len);
+    free(c);
+    cbw_unref(s);
+}
+
+/* With the lock: claim the first run of needed clusters in [first, end)
+ * that nobody is copying; *cp is its copier, to start once the lock is
+ * released.  false if every needed cluster there is being copied already
+ * (or none is needed). */
+static bool claim(struct cbw *s, uint64_t first, uint64_t end, struct copier **cp)
+{
+    uint64_t c = pbitmap_next_set(s->need, first, end);
+    while (c < end) {
+        struct cbw_range *busy = range_overlap(s, c, c + 1, false);
+        if (!busy)
+            break;
+        c = pbitmap_next_set(s->need, busy->first + busy->n, end);
+    }
+    if (c >= end)
+        return false;
+    uint64_t z = pbitmap_next_clear(s->need, c, MIN(end, c + (CBW_MAX_COPY >> s->shift)));
+    for (struct cbw_range *o = s->ranges; o; o = o->next)   /* stop before the next copy */
+        if (!o->read && o->first > c && o->first < z)
+            z = o->first;
+    struct cbw_range *r = range_add(s, c, z - c, false);   /* the owner's ref: the copier's */
+    *cp = xmalloc(sizeof(**cp));
+    (*cp)->s = s;
+    (*cp)->r = r;
+    cbw_ref(s);
+    return true;
+}
+
+static void wake_on_deadline(void *opaque)
+{
+    struct cbw *s = opaque;
+    co_queue_wake_all(&s->changed);
+}
+
+/* With the lock, in a coroutine: copy what [first, end) still needs and
+ * wait for copies already under way there.  0, or the first copy error
+ * (*read_failed: of the source), or -ETIMEDOUT past deadline_ms (0: none). */
+static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64_t deadline_ms,
+                             bool *read_failed)
+{
+    struct loop_timer *t = NULL;
+    int ret = 0;
+
+    for (;;) {
+        struct copier *cp;
+        if (s->snapshot_error)
+            break;                /* broken snapshot: nothing to protect */
+        if (claim(s, first, end, &cp)) {
+            /* the copier takes the lock when it ends: start it without it */
+            pthread_mutex_unlock(&s->lock);
+            co_enter(co_create(copier_co, cp));
+            pthread_mutex_lock(&s->lock);
+            continue;             /* waited for below, like anyone's copy */
+        }
+        if (pbitmap_next_set(s->need, first, end) >= end)
+            break;                /* all copied */
+        /* the remaining clusters are being copied: wait for one to end */
+        struct cbw_range *busy = range_overlap(s, first, end, false);
+        busy->refs++;
+        if (deadline_ms && !t) {
+            t = loop_timer_new(loop_current(), wake_on_deadline, s);
+            loop_timer_arm(t, deadline_ms > now_ms() ? deadline_ms - now_ms() : 0);
+        }
+        while (!busy->finished && !(deadline_ms && now_ms() >= deadline_ms))
+            co_queue_wait(&s->changed, &s->lock);
+        int r = busy->finished ? busy->ret : -ETIMEDOUT;
+        if (read_failed)
+            *read_failed = busy->finished && busy->read_failed;
+        range_put(busy);
+        if (r < 0) {
+            ret = r;
+            break;
+        }
+    }
+    if (t)
+        loop_timer_free(t);
+    return ret;
+}
+
+/* ---- writes ---- */
+
+struct cbw_write {
+    struct cbw *s;
+    struct breq *req;
+    uint64_t offset;
+    bool intercepted;
+};
+
+static void forward(struct cbw *s, struct breq *req, uint64_t offset, bool intercepted)
+{
+    if (intercepted)
+        bnode_submit_driver(s->source, req, offset);
+    else
+        bnode_submit_child(s->source, req, offset);
+}
+
+static void write_co(void *opaque)
+{
+    struct cbw_write *w = opaque;
+    struct cbw *s = w->s;
+    uint64_t first, end;
+    int ret;
+
+    clusters_of(s, w->offset, w->req->len, &first, &end);
+    pthread_mutex_lock(&s->lock);
+    ret = copy_range_locked(s, first, end, s->timeout_ms ? now_ms() + s->timeout_ms : 0, NULL);
+    if (ret < 0 && s->on_error == BREAK_SNAPSHOT) {
+        if (!s->snapshot_error)
+            s->snapshot_error = ret;
+        co_queue_wake_all(&s->changed);
+        ret = 0;
+    }
+    if (ret == 0)                 /* never change what a snapshot reader is reading */
+        while (range_overlap(s, first, end, true))
+            co_queue_wait(&s->changed, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+    if (ret < 0)
+        breq_complete(w->req, ret);
+    else
+        forward(s, w->req, w->offset, w->intercepted);
+    cbw_unref(s);
+    free(w);
+}
+
+static void cbw_write(struct cbw *s, struct breq *req, uint64_t offset, bool intercepted)
+{
+    uint64_t first, end;
+    bool fast;
+
+    clusters_of(s, offset, req->len, &first, &end);
+    pthread_mutex_lock(&s->lock);
+    fast = s->snapshot_error || !s->active ||
+           (pbitmap_next_set(s->need, first, end) >= end &&
+            !range_overlap(s, first, end, true));
+    pthread_mutex_unlock(&s->lock);
+    if (fast) {
+        forward(s, req, offset, intercepted);
+        return;
+    }
+    struct cbw_write *w = xmalloc(sizeof(*w));
+    *w = (struct cbw_write){ .s = s, .req = req, .offset = offset, .intercepted = intercepted };
+    cbw_ref(s);
+    co_enter(co_create(write_co, w));
+}
+
+static void cbw_submit(struct bnode *bs, struct breq *req, uint64_t offset)
+{
+    struct cbw *s = bs->opaque;
+    if (req->op == BREQ_WRITE || req->op == BREQ_WRITE_ZEROES || req->op == BREQ_DISCARD)
+        cbw_write(s, req, offset, false);
+    else
+        bnode_submit_child(bs->file, req, offset);
+}
+
+static void intercept_submit(struct bnode_intercept *ic, struct bnode *bs, struct breq *req,
+                             uint64_t offset)
+{
+    cbw_write(container_of(ic, struct cbw, ic), req, offset, true);
+}
+
+/* ---- the snapshot view ---- */
+
+int cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *buf)
+{
+    char *p = buf;
+
+    while (bytes) {
+        uint64_t first, end, run_end;
+        struct bnode *from;
+        struct cbw_range *reading = NULL;
+
+        clusters_of(s, offset, bytes, &first, &end);
+        pthread_mutex_lock(&s->lock);
+        while (!s->active && !s->snapshot_error)
+            co_queue_wait(&s->changed, &s->lock);
+        if (s->snapshot_error || pbitmap_next_clear(s->access, first, end) < end) {
+            pthread_mutex_unlock(&s->lock);
+            return -EACCES;
+        }
+        if (pbitmap_get(s->done, first)) {
+            run_end = pbitmap_next_clear(s->done, first, end);
+            from = s->target;
+        } else {
+            run_end = pbitmap_next_set(s->done, first, end);
+            from = s->source;
+            reading = range_add(s, first, run_end - first, true);
+        }
+        pthread_mutex_unlock(&s->lock);
+        uint64_t n = MIN(bytes, (run_end << s->shift) - offset);
+        int ret = bnode_co_pread(from, offset, n, p, 0);
+        if (reading) {
+            pthread_mutex_lock(&s->lock);
+            range_finish(s, reading, 0);
+            range_put(reading);
+            pthread_mutex_unlock(&s->lock);
+        }
+        if (ret < 0)
+            return ret;
+        offset += n;
+        p += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+int cbw_snapshot_block_status(struct cbw *s, uint64_t offset, uint64_t bytes,
+                              uint64_t *pnum, unsigned *flags)
+{
+    uint64_t first, end, run_end;
+    bool done;
+    int depth;
+
+    clusters_of(s, offset, bytes, &first, &end);
+    pthread_mutex_lock(&s->lock);
+    if (s->snapshot_error || !pbitmap_get(s->access, first)) {
+        pthread_mutex_unlock(&s->lock);
+        return -EACCES;
+    }
+    done = pbitmap_get(s->done, first);
+    run_end = done ? pbitmap_next_clear(s->done, first, end) : pbitmap_next_set(s->done, first, end);
+    run_end = MIN(run_end, pbitmap_next_clear(s->access, first, end));
+    pthread_mutex_unlock(&s->lock);
+    bytes = MIN(bytes, (run_end << s->shift) - offset);
+    if (done) {                   /* copied: the target holds it */
+        *pnum = bytes;
+        *flags = BS_DATA | BS_ALLOCATED;
+        return 0;
+    }
+    return bnode_block_status(s->source, offset, bytes, pnum, flags, &depth);
+}
+
+int cbw_co_snapshot_discard(struct cbw *s, uint64_t offset, uint64_t bytes)
+{
+    uint64_t c = cbw_cluster_size(s);
+    uint64_t a = (offset + c - 1) / c * c;
+    uint64_t z = MIN(offset + bytes, s->size);
+    z = z == s->size ? z : z / c * c;
+    if (z <= a)
+        return 0;
+    pthread_mutex_lock(&s->lock);
+    uint64_t first, end;
+    clusters_of(s, a, z - a, &first, &end);
+    pbitmap_clear_range(s->access, first, end - first);
+    pbitmap_clear_range(s->need, first, end - first);    /* nobody will read it */
+    pthread_mutex_unlock(&s->lock);
+    return bnode_co_pdiscard(s->target, a, z - a);
+}
+
+/* ---- the copy engine, for backup jobs ---- */
+
+void cbw_set_need(struct cbw *s, uint64_t offset, uint64_t bytes, bool need)
+{
+    uint64_t first, end;
+    clusters_of(s, offset, bytes, &first, &end);
+    pthread_mutex_lock(&s->lock);
+    if (need)
+        pbitmap_set_range(s->need, first, end - first);
+    else
+        pbitmap_clear_range(s->need, first, end - first);
+    pbitmap_clear_all(s->access);
+    pbitmap_merge(s->access, s->need);
+    pthread_mutex_unlock(&s->lock);
+}
+
+void cbw_need_from_bitmap(struct cbw *s, struct dirty_bitmap *bm)
+{
+    pthread_mutex_lock(&s->lock);
+    pbitmap_clear_all(s->need);
+    dirty_bitmaps_lock(bm->bs);
+    uint64_t off = 0, len;
+    while (dirty_bitmap_next_dirty_area_locked(bm, &off, bm->size, UINT64_MAX, &len)) {
+        uint64_t first, end;
+        clusters_of(s, off, len, &first, &end);
+        pbitmap_set_range(s->need, first, end - first);
+        off += len;
+    }
+    dirty_bitmaps_unlock(bm->bs);
+    pbitmap_clear_all(s->access);
+    pbitmap_merge(s->access, s->need);
+    pthread_mutex_unlock(&s->lock);
+}
+
+uint64_t cbw_need_bytes(struct cbw *s)
+{
+    pthread_mutex_lock(&s->lock);
+    uint64_t n = pbitmap_count(s->need);
+    bool last = n && pbitmap_get(s->need, s->nclusters - 1);
+    pthread_mutex_unlock(&s->lock);
+    uint64_t bytes = n << s->shift;
+    if (last && s->size % cbw_cluster_size(s))   /* the short last cluster */
+        bytes -= cbw_cluster_size(s) - s->size % cbw_cluster_size(s);
+    return bytes;
+}
+
+uint64_t cbw_next_need(struct cbw *s, uint64_t offset)
+{
+    pthread_mutex_lock(&s->lock);
+    uint64_t c = pbitmap_next_set(s->need, offset >> s->shift, s->nclusters);
+    pthread_mutex_unlock(&s->lock);
+    return c >= s->nclusters ? s->size : MAX(offset, c << s->shift);
+}
+
+int cbw_co_copy(struct cbw *s, uint64_t offset, uint64_t bytes, bool *error_is_read)
+{
+    uint64_t first, end;
+    clusters_of(s, offset, bytes, &first, &end);
+    bool read_failed = false;
+    pthread_mutex_lock(&s->lock);
+    int ret = copy_range_locked(s, first, end, 0, &read_failed);
+    pthread_mutex_unlock(&s->lock);
+    if (error_is_read)
+        *error_is_read = read_failed;
+    return ret;
+}
+
+void cbw_set_progress(struct cbw *s, void (*fn)(void *opaque, uint64_t bytes), void *opaque)
+{
+    s->progress_opaque = opaque;
+    s->progress = fn;
+}
+
+/* ---- inserting above the source ---- */
+
+static void inserted_ready(void *opaque)
+{
+    struct cbw *s = opaque;
+    pthread_mutex_lock(&s->lock);
+    s->active = true;             /* the snapshot point */
+    co_queue_wake_all(&s->changed);
+    pthread_mutex_unlock(&s->lock);
+    __atomic_store_n(&s->source->intercept, &s->ic, __ATOMIC_RELEASE);
+    block_writes_release();
+    if (s->ready)
+        s->ready(s->ready_opaque);
+    cbw_unref(s);
+}
+
+void cbw_insert(struct bnode *fbs, void (*ready)(void *opaque), void *opaque)
+{
+    struct cbw *s = cbw_of(fbs);
+    s->active = false;
+    s->inserted = true;
+    s->ready = ready;
+    s->ready_opaque = opaque;
+    cbw_ref(s);
+    block_writes_hold(inserted_ready, s);
+}
+
+void cbw_remove(struct bnode *fbs)
+{
+    struct cbw *s = cbw_of(fbs);
+    if (!s || !s->inserted)
+        return;
+    if (__atomic_load_n(&s->source->intercept, __ATOMIC_ACQUIRE) == &s->ic)
+        __atomic_store_n(&s->source->intercept, NULL, __ATOMIC_RELEASE);
+    s->inserted = false;
+}
+
+/* ---- the driver ---- */
+
+static int cbw_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    json_t *bitmap = json_object_get(opts, "bitmap");
+    struct dirty_bitmap *bm = NULL;
+
+    if (bitmap) {
+        bm = dirty_bitmap_lookup(opt_str(bitmap, "node", ""), opt_str(bitmap, "name", ""),
+                                 NULL, errp);
+        if (!bm)
+            return -1;
+    }
+    struct bnode *target = bnode_open_ref(json_object_get(opts, "target"), bs->read_only, errp);
+    if (!target)
+        return -1;
+    struct cbw *s = xzalloc(sizeof(*s));
+    s->bs = bs;
+    s->source = bs->file;
+    s->target = target;           /* our reference, until the state goes */
+    bnode_ref(s->source);
+    s->target_link = bnode_attach_child(bs, target, "target", errp);
+    if (!s->target_link ||
+        bnode_user_set_perm(s->target_link, PERM_WRITE, PERM_ALL & ~PERM_RESIZE, errp) < 0) {
+        if (s->target_link)
+            bnode_detach(s->target_link);
+        bnode_unref(s->source);
+        bnode_unref(target);
+        free(s);
+        return -1;
+    }
+    s->size = bs->file->size;
+    s->shift = (unsigned)__builtin_ctz(CBW_CLUSTER);
+    s->nclusters = (s->size + CBW_CLUSTER - 1) / CBW_CLUSTER;
+    const char *e = opt_str(opts, "on-cbw-error", "break-guest-write");
+    s->on_error = !strcmp(e, "break-snapshot") ? BREAK_SNAPSHOT : BREAK_GUEST_WRITE;
+    s->timeout_ms = (uint64_t)opt_int(opts, "cbw-timeout", 0) * 1000;
+    pthread_mutex_init(&s->lock, NULL);
+    co_queue_init(&s->changed);
+    s->need = pbitmap_new(s->nclusters);
+    s->done = pbitmap_new(s->nclusters);
+    s->access = pbitmap_new(s->nclusters);
+    if (!s->need || !s->done || !s->access)
+        abort();                  /* a few bits per 64 KiB: only a broken system fails here */
+    pbitmap_set_all(s->need);
+    s->active = true;
+    s->refs = 1;
+    s->ic.submit = intercept_submit;
+    bs->opaque = s;
+    bs->size = s->size;
+    if (bm)
+        cbw_need_from_bitmap(s, bm);
+    else
+        pbitmap_set_all(s->access);
+    return 0;
+}
+
+static void cbw_close(struct bnode *bs)
+{
+    struct cbw *s = bs->opaque;
+    if (!s)
+        return;
+    cbw_remove(bs);
+    bnode_detach(s->target_link);
+    bs->opaque = NULL;
+    cbw_unref(s);
+}
+
+static int cbw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                            uint64_t *pnum, unsigned *flags)
+{
+    int depth;
+    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
+}
+
+/* QEMU's cbw_child_perm: once the filter has users, nobody else may write
+ * its source behind its back. */
+static void cbw_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
+{
+    if (bs->users) {
+        *perm |= PERM_CONSISTENT_READ;
+        *shared &= ~(PERM_WRITE | PERM_RESIZE);
+    }
+}
+
+static const struct bdrv bdrv_cbw = {
+    .name = "copy-before-write",
+    .is_filter = true,
+    .open = cbw_open,
+    .close = cbw_close,
+    .submit = cbw_submit,
+    .block_status = cbw_block_status,
+    .child_perm = cbw_child_perm,
+};
+BDRV_REGISTER(bdrv_cbw)
