@@ -1,0 +1,267 @@
+#!/usr/bin/python3
+"""Dirty bitmaps and backup, bexd beside qemu-storage-daemon in one run.
+
+Rows (each daemon serves its own RAM-backed image in /dev/shm over a UNIX
+socket; fio's nbd engine is the client):
+
+  bitmaps   4 KiB random writes, queue depth 32, with no dirty bitmap and
+            with two enabled ones (64 KiB and 4 KiB granularity) on the
+            exported node: the cost of tracking, as a ratio of IOPS.
+  cbw       4 KiB random writes, qd 32, through a copy-before-write filter
+            (blockdev-add copy-before-write over the disk, a RAM target,
+            the export on the filter): every first write to a 64 KiB
+            cluster copies it first.
+  backup    incremental backup of the image with 10% of it dirty (random
+            64 KiB clusters written after a bitmap was added): the time
+            from the freeze (transaction: new bitmap, blockdev-backup
+            sync=none with a filter) to the copy done, the copy being a
+            libnbd client that reads the dirty extents of
+            qemu:dirty-bitmap:NAME from the snapshot-access export into a
+            file (pull mode, as docs/backup.md shows).
+
+Configurations are interleaved (bexd, qsd, bexd, qsd ...) and repeated;
+the median of the repeats is reported, with the ratio bexd/qsd.  The
+machine may be shared: compare ratios of one run, not absolute figures.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests", "func"))
+from conftest import QMP  # noqa: E402
+
+MiB = 1 << 20
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Server:
+    def __init__(self, impl, binary, workdir, img):
+        self.impl, self.binary, self.workdir, self.img = impl, binary, workdir, img
+        self.sock = os.path.join(workdir, "nbd-%s.sock" % impl)
+        self.qmp_path = os.path.join(workdir, "qmp-%s.sock" % impl)
+        self.pidfile = os.path.join(workdir, "pid-%s" % impl)
+
+    def start(self, *extra):
+        for p in (self.sock, self.qmp_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        argv = [self.binary,
+                "--chardev", "socket,id=m,path=%s,server=on,wait=off" % self.qmp_path,
+                "--monitor", "chardev=m",
+                "--blockdev", "driver=file,node-name=f0,filename=%s" % self.img,
+                "--blockdev", "driver=raw,node-name=disk,file=f0",
+                "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock] + list(extra) + [
+                "--daemonize", "--pidfile", self.pidfile]
+        subprocess.run(argv, check=True)
+        with open(self.pidfile) as f:
+            self.pid = int(f.read())
+        self.qmp = QMP(self.qmp_path)
+        return self
+
+    def uri(self, name):
+        return "nbd+unix:///%s?socket=%s" % (name, self.sock)
+
+    def stop(self):
+        self.qmp.close()
+        try:
+            os.kill(self.pid, 15)
+            fd = os.pidfd_open(self.pid)
+            import select
+            select.select([fd], [], [], 30)
+            os.close(fd)
+        except ProcessLookupError:
+            pass
+
+
+def fio_iops(uri, runtime, size, workdir):
+    out = os.path.join(workdir, "fio.json")
+    subprocess.run(["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+                    "--bs=4k", "--iodepth=32", "--size=%d" % size, "--time_based",
+                    "--runtime=%d" % runtime, "--ramp_time=1", "--randrepeat=0",
+                    "--output-format=json", "--output=" + out], check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        return json.load(f)["jobs"][0]["write"]["iops"]
+
+
+def make_image(path, size):
+    with open(path, "wb") as f:
+        chunk = os.urandom(MiB)
+        for _ in range(size // MiB):
+            f.write(chunk)
+
+
+def row_bitmaps(srv, nbitmaps, args):
+    srv.start()
+    for i in range(nbitmaps):
+        srv.qmp.execute("block-dirty-bitmap-add", node="disk", name="b%d" % i,
+                        granularity=65536 if i == 0 else 4096)
+    srv.qmp.execute("block-export-add", type="nbd", id="e", node_name="disk", name="e",
+                    writable=True)
+    try:
+        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir)
+    finally:
+        srv.stop()
+
+
+def row_cbw(srv, args):
+    tmp = os.path.join(args.workdir, "cbw-target-%s.img" % srv.impl)
+    with open(tmp, "wb") as f:
+        f.truncate(args.size)
+    srv.start("--blockdev", "driver=file,node-name=tmp,filename=%s" % tmp)
+    srv.qmp.execute("blockdev-add", driver="copy-before-write", node_name="c0", file="disk",
+                    target="tmp")
+    srv.qmp.execute("block-export-add", type="nbd", id="e", node_name="c0", name="e",
+                    writable=True)
+    try:
+        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir)
+    finally:
+        srv.stop()
+        os.unlink(tmp)
+
+
+BACKUP_CLIENT = r"""
+import nbd, sys
+uri, ctx, out = sys.argv[1], sys.argv[2], sys.argv[3]
+h = nbd.NBD()
+h.add_meta_context(ctx)
+h.set_opt_mode(False)
+h.connect_uri(uri)
+size = h.get_size()
+dirty = []
+off = 0
+while off < size:
+    def cb(meta, o, entries, err):
+        global off
+        if meta != ctx:
+            return 0
+        p = o
+        for i in range(0, len(entries), 2):
+            if entries[i + 1] & 1:
+                dirty.append((p, entries[i]))
+            p += entries[i]
+        off = p
+        return 0
+    h.block_status(min(size - off, 1 << 30), off, cb)
+fd = open(out, "r+b")
+for o, l in dirty:
+    while l:
+        n = min(l, 4 << 20)
+        fd.seek(o)
+        fd.write(h.pread(n, o))
+        o += n
+        l -= n
+fd.close()
+print(sum(l for _, l in dirty))
+"""
+
+
+def row_backup(srv, args):
+    """Pull-mode incremental backup of 10% dirty: seconds from freeze to copy done."""
+    tmp = os.path.join(args.workdir, "fleece-%s.img" % srv.impl)
+    copy = os.path.join(args.workdir, "copy-%s.img" % srv.impl)
+    for p in (tmp, copy):
+        with open(p, "wb") as f:
+            f.truncate(args.size)
+    srv.start("--blockdev", "driver=file,node-name=tmp,filename=%s" % tmp)
+    q = srv.qmp
+    q.execute("block-dirty-bitmap-add", node="disk", name="b0")
+    q.execute("block-export-add", type="nbd", id="w", node_name="disk", name="w",
+              writable=True)
+    # dirty 10% of the clusters, spread out
+    nclusters = args.size // 65536
+    script = ("import nbd, random\nh = nbd.NBD()\nh.connect_uri(%r)\n"
+              "r = random.Random(3)\nbuf = bytes(65536)\n"
+              "for c in r.sample(range(%d), %d):\n    h.pwrite(buf, c * 65536)\n"
+              % (srv.uri("w"), nclusters, nclusters // 10))
+    subprocess.run(["/usr/bin/python3", "-c", script], check=True)
+    try:
+        t0 = time.monotonic()
+        q.execute("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "b1"}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk", "name": "b0"}},
+            {"type": "blockdev-backup", "data": {"job-id": "fleece", "device": "disk",
+                                                 "target": "tmp", "sync": "none",
+                                                 "filter-node-name": "cbw0"}}])
+        q.execute("blockdev-add", driver="snapshot-access", node_name="snap", file="cbw0")
+        q.execute("block-export-add", type="nbd", id="s", node_name="snap", name="s",
+                  bitmaps=[{"node": "disk", "name": "b0"}])
+        r = subprocess.run(["/usr/bin/python3", "-c", BACKUP_CLIENT, srv.uri("s"),
+                            "qemu:dirty-bitmap:b0", copy], check=True, stdout=subprocess.PIPE)
+        dt = time.monotonic() - t0
+        assert int(r.stdout) == nclusters // 10 * 65536, r.stdout
+        return dt
+    finally:
+        srv.stop()
+        os.unlink(tmp)
+        os.unlink(copy)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-t", "--runtime", type=int, default=6, help="seconds per fio row")
+    p.add_argument("-r", "--repeat", type=int, default=3, help="repeats of each row")
+    p.add_argument("--size", type=int, default=1024, help="image size in MiB (1024)")
+    p.add_argument("-w", "--rows", default="bitmaps,cbw,backup")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    args.size *= MiB
+    bexd = os.environ.get("BEXD", os.path.join(ROOT, "build", "bexd"))
+    impls = {"bexd": bexd, "qsd": shutil.which("qemu-storage-daemon")}
+    args.workdir = tempfile.mkdtemp(prefix="bmbench", dir="/dev/shm")
+    results = {}
+    try:
+        img = os.path.join(args.workdir, "disk.img")
+        make_image(img, args.size)
+        servers = {k: Server(k, v, args.workdir, img) for k, v in impls.items() if v}
+        rows = args.rows.split(",")
+        for rep in range(args.repeat):
+            for name, srv in servers.items():
+                if "bitmaps" in rows:
+                    for n in (0, 2):
+                        v = row_bitmaps(srv, n, args)
+                        results.setdefault("bitmaps%d" % n, {}).setdefault(name, []).append(v)
+                        log("%s bitmaps=%d: %.0f IOPS" % (name, n, v))
+                if "cbw" in rows:
+                    v = row_cbw(srv, args)
+                    results.setdefault("cbw", {}).setdefault(name, []).append(v)
+                    log("%s cbw: %.0f IOPS" % (name, v))
+                if "backup" in rows:
+                    v = row_backup(srv, args)
+                    results.setdefault("backup", {}).setdefault(name, []).append(v)
+                    log("%s backup: %.2f s" % (name, v))
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    med = {r: {s: statistics.median(v) for s, v in d.items()} for r, d in results.items()}
+    print("%-28s %12s %12s %8s" % ("row", "bexd", "qsd", "ratio"))
+    for r, label, unit in (("bitmaps0", "4k randwrite, no bitmap", "IOPS"),
+                           ("bitmaps2", "4k randwrite, 2 bitmaps", "IOPS"),
+                           ("cbw", "4k randwrite through cbw", "IOPS"),
+                           ("backup", "incr. backup 10% (s)", "s")):
+        if r not in med:
+            continue
+        b, q = med[r].get("bexd"), med[r].get("qsd")
+        ratio = (q / b if unit == "s" else b / q) if b and q else float("nan")
+        print("%-28s %12.2f %12.2f %8.2f" % (label, b or 0, q or 0, ratio))
+    for s in ("bexd", "qsd"):
+        if "bitmaps0" in med and s in med["bitmaps0"]:
+            print("%s: two enabled bitmaps cost %.1f%% of 4k random write IOPS" %
+                  (s, 100 * (1 - med["bitmaps2"][s] / med["bitmaps0"][s])))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": results, "median": med}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
