@@ -52,6 +52,7 @@ struct qcache {
     int *hash;               /* nbuckets heads */
     int nbuckets;
     uint64_t clock;
+    uint64_t clean_clock;    /* clock at the last cache-clean-interval tick */
     int ndirty;
     struct co_queue waitq;   /* coroutines waiting for a slot or a load */
 };
@@ -67,9 +68,12 @@ struct qfree {
     uint64_t offset;         /* host cluster */
     uint64_t nb;             /* clusters */
     int discard_type;        /* QFREE_* */
+    bool external;           /* a range of the data file: only discarded */
     struct qfree *next;
 };
-enum { QFREE_NEVER, QFREE_REQUEST, QFREE_SNAPSHOT, QFREE_OTHER };
+/* Why a cluster is freed, as QEMU's discard types: whether the file is
+ * told (discarded) follows the pass-discard-* options; ALWAYS = truncate. */
+enum { QFREE_NEVER, QFREE_ALWAYS, QFREE_REQUEST, QFREE_SNAPSHOT, QFREE_OTHER, QFREE__MAX };
 
 enum qcow2_overlap_bits {
     QOL_MAIN_HEADER = 1 << 0,
@@ -115,7 +119,6 @@ struct qcow2_state {
     bool lazy_refcounts;
     bool corrupt;                    /* found inconsistent: read-only from now on */
     bool signaled_corruption;
-    bool header_dirty_bit;           /* we set the dirty bit on disk */
     bool metadata_preallocation;     /* block status asks the file about holes */
 
     char *backing_file;              /* as in the header */
@@ -147,9 +150,10 @@ struct qcow2_state {
 
     /* options */
     unsigned overlap;                /* QOL_* checked before writes */
-    bool discard_passthrough[4];
+    bool discard_passthrough[QFREE__MAX];
     uint64_t l2_cache_size, refcount_cache_size, l2_slice_size;
-    uint64_t cache_clean_interval;
+    uint64_t cache_clean_interval;   /* seconds, 0 = never */
+    struct loop_timer *clean_timer;  /* main loop */
 
     /* caches */
     struct qcache l2c, rbc;
@@ -203,6 +207,11 @@ int  qcache_find(struct qcache *c, uint64_t offset);
 int  qcache_get(struct qcow2_state *s, struct qcache *c, uint64_t offset, bool read_it, int *idx);
 void qcache_put(struct qcow2_state *s, struct qcache *c, int idx);
 void qcache_mark_dirty(struct qcow2_state *s, struct qcache *c, int idx);
+/* Under cache_lock: a fast-path reader used slot idx. */
+static inline void qcache_touch(struct qcache *c, int idx) { c->e[idx].lru = ++c->clock; }
+/* Drop the clean, unpinned entries not used since the last call, and give
+ * their memory back (cache-clean-interval); returns how many. */
+int  qcache_clean_unused(struct qcow2_state *s, struct qcache *c);
 /* Write every dirty entry of c (refcounts first if c is the L2 cache). */
 int  qcache_flush(struct qcow2_state *s, struct qcache *c);
 
@@ -214,9 +223,22 @@ int  qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t leng
 int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
 /* Queue clusters whose mapping was just removed (see the file comment). */
 void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, int type);
+/* A data file cluster whose mapping was removed: discarded later (no
+ * refcount), if the pass-discard option of type says so. */
+void qcow2_free_deferred_external(struct qcow2_state *s, uint64_t offset, int type);
 /* After a metadata flush: move pending frees on; release the drained ones. */
 int  qcow2_process_frees(struct qcow2_state *s, bool flushed);
 int  qcow2_flush_metadata(struct qcow2_state *s);
+/* Lazy refcounts (QEMU's): before the first allocating write the dirty bit
+ * goes on disk, and refcount blocks no longer have to reach the disk before
+ * the L2 slices that need them (a crash leaves refcounts to repair at the
+ * next read-write open); a clean close writes everything and clears it. */
+static inline bool qcow2_need_accurate_refcounts(const struct qcow2_state *s)
+{
+    return !(s->incompat & QCOW2_INCOMPAT_DIRTY);
+}
+int  qcow2_mark_dirty(struct qcow2_state *s);
+int  qcow2_mark_clean(struct qcow2_state *s);
 /* Recount every reference and write new refcount structures (the image had
  * the dirty bit); clears the dirty bit.  Coroutine, before any request. */
 int  qcow2_rebuild_refcounts(struct qcow2_state *s);

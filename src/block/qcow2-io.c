@@ -796,6 +796,12 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
         return ret;
     }
     /* link the new clusters in (the data is written) */
+    ret = qcow2_mark_dirty(s);
+    if (ret < 0) {
+        if (!ext_data)
+            qcow2_update_refcount(s, newh, run_bytes, -1);
+        return ret;
+    }
     ret = get_slice(s, offset, &sl, &(uint64_t){ 0 });
     if (ret < 0)
         return ret;
@@ -822,11 +828,11 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
             uint64_t first = coff >> s->cluster_bits;
             uint64_t last = (coff + nsec * 512 - (coff & 511) - 1) >> s->cluster_bits;
             pthread_mutex_unlock(&s->cache_lock);
-            qcow2_free_deferred(s, first << s->cluster_bits, last - first + 1, QFREE_OTHER);
+            qcow2_free_deferred(s, first << s->cluster_bits, last - first + 1, QFREE_NEVER);
             pthread_mutex_lock(&s->cache_lock);
         } else if ((old & QCOW2_L2E_OFFSET_MASK) && !ext_data) {
             pthread_mutex_unlock(&s->cache_lock);
-            qcow2_free_deferred(s, old & QCOW2_L2E_OFFSET_MASK, 1, QFREE_OTHER);
+            qcow2_free_deferred(s, old & QCOW2_L2E_OFFSET_MASK, 1, QFREE_NEVER);
             pthread_mutex_lock(&s->cache_lock);
         }
     }
@@ -863,61 +869,107 @@ static int co_write(struct bnode *bs, struct qcow2_state *s, uint64_t offset, ui
 
 /* ---- zeroes and discard ---- */
 
-/* Whole clusters [offset, offset+bytes): set to zero (ZERO flag / bits) or
- * unallocate; unmap = free the host clusters. */
+/* Give up the host cluster(s) entry e referenced (its mapping is gone). */
+static void free_entry(struct qcow2_state *s, uint64_t e, int type)
+{
+    if (e & QCOW2_OFLAG_COMPRESSED) {
+        uint64_t coff = e & s->coffset_mask;
+        uint64_t nsec = ((e >> s->csize_shift) & s->csize_mask) + 1;
+        uint64_t first = coff >> s->cluster_bits;
+        uint64_t last = (coff + nsec * 512 - (coff & 511) - 1) >> s->cluster_bits;
+        qcow2_free_deferred(s, first << s->cluster_bits, last - first + 1, type);
+    } else if (s->data != s->bs->file) {
+        if ((e & QCOW2_L2E_OFFSET_MASK) || (e & QCOW2_OFLAG_COPIED))
+            qcow2_free_deferred_external(s, e & QCOW2_L2E_OFFSET_MASK, type);
+    } else if (e & QCOW2_L2E_OFFSET_MASK) {
+        qcow2_free_deferred(s, e & QCOW2_L2E_OFFSET_MASK, 1, type);
+    }
+}
+
+static bool entry_allocated(const struct qcow2_state *s, uint64_t e)
+{
+    return (e & QCOW2_OFLAG_COMPRESSED) || (e & QCOW2_L2E_OFFSET_MASK) ||
+           (s->data != s->bs->file && (e & QCOW2_OFLAG_COPIED));
+}
+
+/*
+ * Whole clusters [offset, offset+bytes), as QEMU's zero_in_l2_slice and
+ * discard_in_l2_slice decide each entry:
+ *   Z_ZERO     reads as zeros (ZERO flag / zero bits); the host cluster is
+ *              kept unless unmap (may-unmap) or compressed;
+ *   Z_DISCARD  a discard request: unallocated if nothing shows through
+ *              (v2: always), else zeros; the host cluster is freed;
+ *   Z_FULL     unallocated, freed, the file told (truncate).
+ */
+enum zmode { Z_ZERO, Z_DISCARD, Z_FULL };
+
 static int zero_clusters(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
-                         uint64_t bytes, bool unmap, bool discard_req)
+                         uint64_t bytes, enum zmode mode, bool unmap)
 {
     uint64_t done = 0;
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    int type = mode == Z_FULL ? QFREE_ALWAYS : QFREE_REQUEST;
     while (done < bytes) {
         struct qslice sl;
         uint64_t o = offset + done;
+        if (mode == Z_FULL) {
+            /* nothing to drop where no L2 table is */
+            uint64_t l1_i = o / l2_cover;
+            pthread_mutex_lock(&s->cache_lock);
+            bool none = l1_i >= s->l1_size || !(s->l1[l1_i] & QCOW2_L1E_OFFSET_MASK);
+            pthread_mutex_unlock(&s->cache_lock);
+            if (none) {
+                done += l2_cover - o % l2_cover;
+                continue;
+            }
+        }
         int ret = get_l2_for_write(s, o, &sl);
         if (ret < 0)
             return ret;
         uint8_t *slice = qcache_data(&s->l2c, sl.idx);
         uint64_t i = ((o >> s->cluster_bits) & (s->l2_entries - 1)) - sl.first;
+        bool changed = false;
         pthread_mutex_lock(&s->cache_lock);
         for (; i < s->l2_slice_entries && done < bytes; i++, done += s->cluster_size) {
             uint64_t e = l2_entry(s, slice, i), bm = l2_bitmap(s, slice, i);
-            uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
-            bool compressed = e & QCOW2_OFLAG_COMPRESSED;
-            bool keep = !unmap && host && !compressed && (e & QCOW2_OFLAG_COPIED);
-            uint64_t ne, nbm = 0;
-            bool reads_zero_after_unalloc = !bs->backing;
-            if (discard_req && s->version < 3) {
-                ne = 0;                  /* v2: no zero flag; backing shows through */
-            } else if (keep) {
-                ne = s->extl2 ? (e & ~QCOW2_OFLAG_ZERO) : (e | QCOW2_OFLAG_ZERO);
-                nbm = QCOW2_SC_ZERO_MASK;
-            } else if (reads_zero_after_unalloc && (discard_req || s->version < 3)) {
-                ne = 0;
-            } else if (s->extl2) {
-                ne = 0;
-                nbm = QCOW2_SC_ZERO_MASK;
+            bool allocated = entry_allocated(s, e);
+            bool drop;
+            uint64_t ne = e, nbm = bm;
+            if (mode == Z_ZERO) {
+                drop = (e & QCOW2_OFLAG_COMPRESSED) || (unmap && allocated);
+                if (drop)
+                    ne = 0;
+                if (s->extl2)
+                    nbm = QCOW2_SC_ZERO_MASK;
+                else
+                    ne |= QCOW2_OFLAG_ZERO;
+            } else if (mode == Z_FULL) {
+                drop = true;
+                ne = nbm = 0;
             } else {
-                ne = QCOW2_OFLAG_ZERO;
+                drop = true;
+                if (bs->backing || allocated) {
+                    if (s->extl2) {
+                        ne = 0;
+                        nbm = QCOW2_SC_ZERO_MASK;
+                    } else {
+                        ne = s->version >= 3 ? QCOW2_OFLAG_ZERO : 0;
+                    }
+                }
             }
             if (ne == e && nbm == bm)
                 continue;
             set_l2(s, slice, i, ne, nbm);
-            if (compressed) {
-                uint64_t coff = e & s->coffset_mask;
-                uint64_t nsec = ((e >> s->csize_shift) & s->csize_mask) + 1;
-                uint64_t first = coff >> s->cluster_bits;
-                uint64_t last = (coff + nsec * 512 - (coff & 511) - 1) >> s->cluster_bits;
+            changed = true;
+            if (drop && allocated) {
                 pthread_mutex_unlock(&s->cache_lock);
-                qcow2_free_deferred(s, first << s->cluster_bits, last - first + 1,
-                                    discard_req ? QFREE_REQUEST : QFREE_OTHER);
-                pthread_mutex_lock(&s->cache_lock);
-            } else if (host && !keep && s->data == s->bs->file) {
-                pthread_mutex_unlock(&s->cache_lock);
-                qcow2_free_deferred(s, host, 1, discard_req ? QFREE_REQUEST : QFREE_OTHER);
+                free_entry(s, e, type);
                 pthread_mutex_lock(&s->cache_lock);
             }
         }
         pthread_mutex_unlock(&s->cache_lock);
-        qcache_mark_dirty(s, &s->l2c, sl.idx);
+        if (changed)
+            qcache_mark_dirty(s, &s->l2c, sl.idx);
         qcache_put(s, &s->l2c, sl.idx);
     }
     return 0;
@@ -947,7 +999,10 @@ static int co_write_zeroes(struct bnode *bs, struct qcow2_state *s, uint64_t off
 {
     uint64_t cs = s->cluster_size, end = offset + bytes;
     uint64_t a = (offset + cs - 1) & ~(cs - 1), b = end & ~(cs - 1);
-    if (s->version < 3 || s->data_file_raw || a >= b) {
+    /* v2 has no zero flag, but with nothing below an unallocated cluster
+     * reads as zeros (as QEMU: a discard) */
+    bool v2_discard = s->version < 3 && !bs->backing;
+    if (s->data_file_raw || a >= b || (s->version < 3 && !v2_discard)) {
         if (flags & BREQ_NO_FALLBACK)
             return -ENOTSUP;
         return write_zero_buffers(bs, s, offset, bytes);
@@ -962,7 +1017,10 @@ static int co_write_zeroes(struct bnode *bs, struct qcow2_state *s, uint64_t off
     struct qrange r;
     range_lock(s, &r, a, b - a);
     co_mutex_lock(&s->lock);
-    ret = zero_clusters(bs, s, a, b - a, (flags & BREQ_MAY_UNMAP) && bs->discard, false);
+    if (v2_discard)
+        ret = zero_clusters(bs, s, a, b - a, Z_DISCARD, true);
+    else
+        ret = zero_clusters(bs, s, a, b - a, Z_ZERO, (flags & BREQ_MAY_UNMAP) && bs->discard);
     if (ret == 0 && (flags & BREQ_FUA))
         ret = qcow2_flush_metadata(s);
     co_mutex_unlock(&s->lock);
@@ -972,6 +1030,10 @@ static int co_write_zeroes(struct bnode *bs, struct qcow2_state *s, uint64_t off
 
 static int co_discard(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uint64_t bytes)
 {
+    /* As QEMU: v2 has no zero flag, so an unallocated cluster would show
+     * the backing file's stale data: discard does nothing there. */
+    if (s->version < 3 && bs->backing)
+        return 0;
     /* As QEMU: only whole clusters, and the partial last cluster of the image. */
     uint64_t cs = s->cluster_size, end = offset + bytes;
     uint64_t a = (offset + cs - 1) & ~(cs - 1);
@@ -981,7 +1043,7 @@ static int co_discard(struct bnode *bs, struct qcow2_state *s, uint64_t offset, 
     struct qrange r;
     range_lock(s, &r, a, b - a);
     co_mutex_lock(&s->lock);
-    int ret = zero_clusters(bs, s, a, b - a, true, true);
+    int ret = zero_clusters(bs, s, a, b - a, Z_DISCARD, true);
     co_mutex_unlock(&s->lock);
     range_unlock(s, &r);
     return ret;
@@ -1066,6 +1128,7 @@ static enum fast_kind fast_map(struct qcow2_state *s, struct bnode *bs, struct b
     int idx = qcache_find(&s->l2c, l2_off + first * s->l2_entry_bytes);
     if (idx < 0)
         goto out;
+    qcache_touch(&s->l2c, idx);
     uint64_t i = l2_i - first;
     uint64_t avail = (s->l2_slice_entries - i) * s->cluster_size - qoffset_into_cluster(s, offset);
     if (r->len > avail)
@@ -1245,6 +1308,7 @@ int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
         uint64_t first = l2_i - l2_i % s->l2_slice_entries;
         int idx = qcache_find(&s->l2c, l2_off + first * s->l2_entry_bytes);
         if (idx >= 0) {
+            qcache_touch(&s->l2c, idx);
             uint64_t avail = (s->l2_slice_entries - (l2_i - first)) * s->cluster_size -
                              qoffset_into_cluster(s, offset);
             if (scan_run(s, qcache_data(&s->l2c, idx), l2_i - first, s->l2_slice_entries,

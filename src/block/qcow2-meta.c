@@ -25,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include "block/qcow2-int.h"
 #include "qmp/qmp.h"
 #include "util/opts.h"
@@ -111,7 +113,7 @@ int qcache_find(struct qcache *c, uint64_t offset)
 static int write_entry(struct qcow2_state *s, struct qcache *c, int idx)
 {
     int ret;
-    if (c == &s->l2c && s->rbc.ndirty) {
+    if (c == &s->l2c && s->rbc.ndirty && qcow2_need_accurate_refcounts(s)) {
         /* refcounts of what this slice may reference reach the disk first */
         ret = qcache_flush(s, &s->rbc);
         if (ret < 0)
@@ -217,6 +219,45 @@ int qcache_get(struct qcow2_state *s, struct qcache *c, uint64_t offset, bool re
         return ret;
     *idx = victim;
     return 0;
+}
+
+/* Give the pages of slots [first, first+n) back to the system (they read
+ * as zeros afterwards; the slots are free, so nobody reads them). */
+static void release_slots(struct qcache *c, int first, int n)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)qcache_data(c, first);
+    uintptr_t b = a + (uintptr_t)n * c->entry_size;
+    a = (a + page - 1) & ~(uintptr_t)(page - 1);
+    b &= ~(uintptr_t)(page - 1);
+    if (a < b)
+        madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+int qcache_clean_unused(struct qcow2_state *s, struct qcache *c)
+{
+    int cleaned = 0;
+    pthread_mutex_lock(&s->cache_lock);
+    for (int i = 0; i < c->n;) {
+        int run = 0;
+        for (; i < c->n; i++, run++) {
+            struct qcache_entry *e = &c->e[i];
+            if (!e->offset || e->pins || e->dirty || e->loading || e->lru > c->clean_clock)
+                break;
+            hash_remove(c, i);
+            e->offset = 0;
+            e->lru = 0;
+        }
+        if (run) {
+            release_slots(c, i - run, run);
+            cleaned += run;
+        } else {
+            i++;
+        }
+    }
+    c->clean_clock = c->clock;
+    pthread_mutex_unlock(&s->cache_lock);
+    return cleaned;
 }
 
 void qcache_put(struct qcow2_state *s, struct qcache *c, int idx)
@@ -720,12 +761,28 @@ void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, in
     s->pending = f;
 }
 
+void qcow2_free_deferred_external(struct qcow2_state *s, uint64_t offset, int type)
+{
+    if (!s->discard_passthrough[type])
+        return;                  /* nothing is counted in a data file */
+    struct qfree *f = xmalloc(sizeof(*f));
+    *f = (struct qfree){ .offset = offset, .nb = 1, .discard_type = type, .external = true,
+                         .next = s->pending };
+    s->pending = f;
+}
+
 static int release(struct qcow2_state *s, struct qfree *list)
 {
     int result = 0;
     while (list) {
         struct qfree *f = list;
         list = f->next;
+        if (f->external) {
+            if (s->data->discard)
+                bnode_co_pdiscard(s->data, f->offset, f->nb << s->cluster_bits);
+            free(f);
+            continue;
+        }
         int ret = qcow2_update_refcount(s, f->offset, f->nb << s->cluster_bits, -1);
         if (ret == 0 && s->discard_passthrough[f->discard_type]) {
             uint64_t ref = 1;
@@ -776,7 +833,7 @@ int qcow2_flush_metadata(struct qcow2_state *s)
     bool l2_dirty = s->l2c.ndirty > 0;
     if (s->rbc.ndirty) {
         ret = qcache_flush(s, &s->rbc);
-        if (ret == 0 && l2_dirty)
+        if (ret == 0 && l2_dirty && qcow2_need_accurate_refcounts(s))
             ret = bnode_co_flush(s->bs->file);
     }
     if (ret == 0 && l2_dirty)
@@ -787,6 +844,49 @@ int qcow2_flush_metadata(struct qcow2_state *s)
         ret = bnode_co_flush(s->data);
     if (ret == 0)
         ret = qcow2_process_frees(s, true);
+    return ret;
+}
+
+/* ---- the dirty bit (lazy refcounts) ---- */
+
+static int write_incompat(struct qcow2_state *s, uint64_t incompat)
+{
+    uint64_t v = htobe64(incompat);
+    int ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, incompatible_features),
+                              8, &v, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    return ret;
+}
+
+int qcow2_mark_dirty(struct qcow2_state *s)
+{
+    if (!s->lazy_refcounts || s->version < 3 || (s->incompat & QCOW2_INCOMPAT_DIRTY))
+        return 0;
+    /* what is on disk so far is consistent: make it durable first */
+    int ret = bnode_co_flush(s->bs->file);
+    if (ret == 0)
+        ret = write_incompat(s, s->incompat | QCOW2_INCOMPAT_DIRTY);
+    if (ret < 0)
+        return ret;
+    s->incompat |= QCOW2_INCOMPAT_DIRTY;
+    return 0;
+}
+
+int qcow2_mark_clean(struct qcow2_state *s)
+{
+    if (!(s->incompat & QCOW2_INCOMPAT_DIRTY))
+        return 0;
+    /* every refcount is written and durable: the image is consistent */
+    int ret = qcache_flush(s, &s->rbc);
+    if (ret == 0)
+        ret = qcache_flush(s, &s->l2c);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    if (ret == 0)
+        ret = write_incompat(s, s->incompat & ~QCOW2_INCOMPAT_DIRTY);
+    if (ret == 0)
+        s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
     return ret;
 }
 

@@ -29,6 +29,7 @@
 #include "util/xalloc.h"
 #include "util/cleanup.h"
 #include "util/log.h"
+#include "util/loop.h"
 
 #define DEFAULT_L2_CACHE_MAX_SIZE (32u << 20)
 #define MIN_L2_CACHE_SIZE 2            /* entries */
@@ -425,9 +426,30 @@ static int do_open(struct qcow2_state *s, void *opaque)
     return 0;
 }
 
-/* Written when we first write: the dirty bit is not used (refcounts are
- * kept ordered); autoclear bits we do not maintain are cleared, as the
- * format asks of writers. */
+/* overlap-check with inactive-l2 (the "all" template): the L2 tables of
+ * the snapshots join the overlap set.  QEMU reads every snapshot's L1 on
+ * each check; they never change here (no snapshot commands), so once. */
+static int load_inactive_l2(struct qcow2_state *s, void *opaque)
+{
+    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+        struct qsnapshot *sn = &s->snapshots[i];
+        if (!sn->l1_size)
+            continue;
+        CLEANUP_FREE uint64_t *l1 = xcalloc(sn->l1_size, 8);
+        int ret = read_all(s, sn->l1_table_offset, sn->l1_size * 8ull, l1);
+        if (ret < 0)
+            return ret;
+        for (uint32_t k = 0; k < sn->l1_size; k++) {
+            uint64_t o = be64toh(l1[k]) & QCOW2_L1E_OFFSET_MASK;
+            if (o && !qoffset_into_cluster(s, o))
+                qcow2_meta_add_kind(s, o, s->cluster_size, QOL_INACTIVE_L2);
+        }
+    }
+    return 0;
+}
+
+/* On a read-write open: autoclear bits we do not maintain are cleared, as
+ * the format asks of writers. */
 static int prepare_write(struct qcow2_state *s, void *opaque)
 {
     if (s->version < 3)
@@ -589,6 +611,7 @@ static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
         }
     }
     s->discard_passthrough[QFREE_NEVER] = false;
+    s->discard_passthrough[QFREE_ALWAYS] = true;
     s->discard_passthrough[QFREE_REQUEST] = opt_bool(opts, "pass-discard-request", bs->discard);
     s->discard_passthrough[QFREE_SNAPSHOT] = opt_bool(opts, "pass-discard-snapshot", true);
     s->discard_passthrough[QFREE_OTHER] = opt_bool(opts, "pass-discard-other", false);
@@ -805,6 +828,26 @@ static int open_data_file(struct qcow2_state *s, json_t *opts, error **errp)
 
 static void qcow2_close(struct bnode *bs);
 
+/* cache-clean-interval: every interval, entries nobody used since the last
+ * tick leave the caches and their memory goes back to the system (QEMU's
+ * cache_clean_timer).  Runs in the main loop, under cache_lock. */
+static void cache_clean_tick(void *opaque)
+{
+    struct qcow2_state *s = opaque;
+    int n = qcache_clean_unused(s, &s->l2c) + qcache_clean_unused(s, &s->rbc);
+    if (n)
+        log_debug("qcow2: node '%s': dropped %d unused cache entries", s->bs->node_name, n);
+    loop_timer_arm(s->clean_timer, s->cache_clean_interval * 1000);
+}
+
+static void start_cache_clean(struct qcow2_state *s)
+{
+    if (!s->cache_clean_interval || !loop_main())
+        return;
+    s->clean_timer = loop_timer_new(loop_main(), cache_clean_tick, s);
+    loop_timer_arm(s->clean_timer, s->cache_clean_interval * 1000);
+}
+
 static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
 {
     struct qcow2_state *s = xcalloc(1, sizeof(*s));
@@ -812,8 +855,11 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
     co_mutex_init(&s->lock);
     pthread_mutex_init(&s->cache_lock, NULL);
     bs->opaque = s;
-    if (bs->file->read_only)
-        bs->read_only = true;
+    if (bs->file->read_only && !bs->read_only) {
+        /* qcow2 writes metadata: it needs to write its file (QEMU's words) */
+        error_setg(errp, "Block node is read-only");
+        goto fail;
+    }
 
     struct open_ctx c = { .errp = errp };
     int ret = qcow2_run_sync(s, do_open, &c);
@@ -825,6 +871,11 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
     }
     if (read_options(s, opts, errp) < 0)
         goto fail;
+    if ((s->overlap & QOL_INACTIVE_L2) && s->nb_snapshots &&
+        (ret = qcow2_run_sync(s, load_inactive_l2, NULL)) < 0) {
+        error_setg_errno(errp, -ret, "Could not read the snapshot L1 tables");
+        goto fail;
+    }
     if (qcache_init(&s->l2c, "L2", (uint32_t)s->l2_slice_size, (int)s->l2_cache_size) < 0 ||
         qcache_init(&s->rbc, "refcount", (uint32_t)s->cluster_size,
                     (int)s->refcount_cache_size) < 0) {
@@ -847,6 +898,7 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
         error_setg_errno(errp, -ret, "Could not update qcow2 header");
         goto fail;
     }
+    start_cache_clean(s);
     return 0;
 
 fail:
@@ -869,13 +921,26 @@ static int close_flush(struct qcow2_state *s, void *opaque)
     return ret;
 }
 
+static int close_clean(struct qcow2_state *s, void *opaque)
+{
+    int ret = close_flush(s, opaque);
+    co_mutex_lock(&s->lock);
+    if (ret == 0)
+        ret = qcow2_mark_clean(s);
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
 static void qcow2_close(struct bnode *bs)
 {
     struct qcow2_state *s = bs->opaque;
     if (!s)
         return;
+    if (s->clean_timer)
+        loop_timer_free(s->clean_timer);
+    s->clean_timer = NULL;
     if (!bs->read_only && !s->corrupt && s->l2c.e && s->rbc.e) {
-        int ret = qcow2_run_sync(s, close_flush, NULL);
+        int ret = qcow2_run_sync(s, close_clean, NULL);
         if (ret < 0)
             log_error("qcow2: node '%s': flushing metadata at close failed: %s",
                       bs->node_name, strerror(-ret));
@@ -1000,7 +1065,7 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
     json_t *image = json_object_get(info, "image");
     json_object_set_new(image, "cluster-size", json_integer((json_int_t)s->cluster_size));
     json_object_set_new(image, "format", json_string("qcow2"));
-    json_object_set_new(image, "dirty-flag", json_false());
+    json_object_set_new(image, "dirty-flag", json_boolean(s->incompat & QCOW2_INCOMPAT_DIRTY));
     json_t *data;
     if (s->version == 2) {
         data = json_pack("{s:s, s:s, s:i}", "compat", "0.10",
