@@ -1,0 +1,293 @@
+#!/usr/bin/python3
+"""Real-disk benchmark: bexd, qemu-storage-daemon and nbdkit on an image on
+a real disk with the page cache bypassed, against the device's own limit.
+
+Theory of operation: one image (1 GiB by default, random data written with
+O_DIRECT so that every block is allocated) on a real file system
+(/var/tmp, not tmpfs).  The limit row is fio's io_uring engine with
+direct=1 on that file, no server in between.  Then each server serves the
+same file in turn with cache.direct=on and aio=io_uring or aio=native
+(nbdkit: its file plugin with cache=none), over:
+
+  nbd    fio's nbd engine (libnbd) over a UNIX socket;
+  vhost  tests/vhost/vub-client driving the virtqueue directly (no guest),
+         as bench/vhost-bench.sh;
+  fuse   fio (libaio, direct=1) on the FUSE mount point.
+
+Rows: 4k random read and write at qd1 and qd32, 1M sequential read and
+write at qd8.  Each row records IOPS, MiB/s and the server's CPU time per
+request (utime+stime of its process tree, /proc), and its ratio to the
+limit row of the same run.  With --runs N the whole matrix is repeated and
+medians are printed (the machine is shared: look at the load column).
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from nbd_bench import tree_cpu_ticks  # noqa: E402
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+# name: (label, fio rw, bs, iodepth)
+WORKLOADS = {
+    "rr4k1": ("4k randread qd1", "randread", 4096, 1),
+    "rr4k32": ("4k randread qd32", "randread", 4096, 32),
+    "rw4k1": ("4k randwrite qd1", "randwrite", 4096, 1),
+    "rw4k32": ("4k randwrite qd32", "randwrite", 4096, 32),
+    "sr1m8": ("1M read qd8", "read", 1 << 20, 8),
+    "sw1m8": ("1M write qd8", "write", 1 << 20, 8),
+}
+TRANSPORTS = ["nbd", "vhost", "fuse"]
+SERVERS = ["bexd-io_uring", "bexd-native", "qsd-io_uring", "qsd-native", "nbdkit"]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+class Server:
+    """One daemon serving IMG over one transport."""
+
+    def __init__(self, name, transport, img, work, a):
+        self.name, self.transport, self.img, self.work, self.a = name, transport, img, work, a
+        self.sock = os.path.join(work, "srv.sock")
+        self.pidfile = os.path.join(work, "srv.pid")
+        self.mnt = os.path.join(work, "mnt")
+        self.pid = None
+
+    def argv(self):
+        if self.name == "nbdkit":
+            return ["nbdkit", "-U", self.sock, "-P", self.pidfile, "file", self.img,
+                    "cache=none"]
+        impl, aio = self.name.split("-", 1)
+        exe = self.a.bexd if impl == "bexd" else "qemu-storage-daemon"
+        node = "driver=file,node-name=f0,filename=%s,cache.direct=on,aio=%s" % (self.img, aio)
+        argv = [exe, "--blockdev", node]
+        if self.transport == "nbd":
+            argv += ["--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
+                     "--export", "type=nbd,id=e0,node-name=f0,writable=on,name="]
+        elif self.transport == "vhost":
+            argv += ["--export", "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
+                     "addr.path=%s,writable=on,num-queues=1" % self.sock]
+        else:
+            argv += ["--export", "type=fuse,id=e0,node-name=f0,mountpoint=%s,writable=on"
+                     % self.mnt]
+        return argv + ["--daemonize", "--pidfile", self.pidfile]
+
+    def supports(self):
+        return self.name != "nbdkit" or self.transport == "nbd"
+
+    def start(self):
+        for p in (self.sock, self.pidfile):
+            if os.path.exists(p):
+                os.unlink(p)
+        if self.transport == "fuse":
+            open(self.mnt, "a").close()
+        r = subprocess.run(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError("%s failed to start: %s" % (self.name, r.stderr.decode().strip()))
+        with open(self.pidfile) as f:
+            self.pid = int(f.read().strip())
+
+    def stop(self):
+        if self.pid is None:
+            return
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            fd = None
+        if fd is not None:
+            try:
+                import select
+                os.kill(self.pid, signal.SIGTERM)
+                if not select.select([fd], [], [], 10)[0]:
+                    os.kill(self.pid, signal.SIGKILL)
+                    select.select([fd], [], [], 10)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(fd)
+        self.pid = None
+        if self.transport == "fuse":
+            with open("/proc/mounts") as f:
+                if (" %s " % self.mnt) in f.read():
+                    subprocess.run(["fusermount3", "-u", "-z", self.mnt])
+
+
+def fio(args, runtime, out):
+    argv = ["fio", "--name=b", "--time_based", "--runtime=%d" % runtime,
+            "--output-format=json", "--output=" + out] + args
+    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=runtime + 120)
+    if r.returncode != 0:
+        raise RuntimeError("fio: " + r.stderr.decode().strip()[-300:])
+    with open(out) as f:
+        job = json.load(f)["jobs"][0]
+    io = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
+    return {"ops": io["total_ios"], "iops": io["iops"], "mibs": io["bw_bytes"] / 1048576.0}
+
+
+def fio_common(w, size):
+    _, rw, bs, qd = WORKLOADS[w]
+    return ["--rw=" + rw, "--bs=%d" % bs, "--iodepth=%d" % qd, "--size=%d" % size,
+            "--norandommap", "--randrepeat=0"]
+
+
+def run_row(transport, srv, w, a, img, work):
+    out = os.path.join(work, "fio.json")
+    if transport == "limit":
+        return fio(["--ioengine=io_uring", "--direct=1", "--filename=" + img]
+                   + fio_common(w, a.size), a.runtime, out)
+    if transport == "nbd":
+        uri = "nbd+unix:///?socket=" + srv.sock
+        return fio(["--ioengine=nbd", "--uri=" + uri] + fio_common(w, a.size), a.runtime, out)
+    if transport == "fuse":
+        return fio(["--ioengine=libaio", "--direct=1", "--filename=" + srv.mnt]
+                   + fio_common(w, a.size), a.runtime, out)
+    _, rw, bs, qd = WORKLOADS[w]
+    argv = [a.vub] + (["-i"] if bs > 65536 else []) + [srv.sock, "bench", rw, str(bs),
+                                                       str(qd), str(a.runtime)]
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=a.runtime + 60)
+    if r.returncode != 0:
+        raise RuntimeError("vub-client: " + r.stderr.decode().strip()[-300:])
+    j = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    return {"ops": j["ios"], "iops": j["iops"], "mibs": j["MiBps"]}
+
+
+def measure(transport, srv, w, a, img, work):
+    t0 = tree_cpu_ticks(srv.pid) if srv else 0
+    l0 = loadavg()
+    res = run_row(transport, srv, w, a, img, work)
+    t1 = tree_cpu_ticks(srv.pid) if srv else 0
+    cpu = (t1 - t0) / HZ
+    res["cpu_us_op"] = 1e6 * cpu / res["ops"] if srv and res["ops"] else None
+    res["load"] = (l0 + loadavg()) / 2
+    return res
+
+
+def make_image(path, size):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.close(fd)
+    subprocess.run(["fio", "--name=fill", "--filename=" + path, "--rw=write", "--bs=1M",
+                    "--size=%d" % size, "--ioengine=libaio", "--iodepth=8", "--direct=1",
+                    "--refill_buffers", "--output=/dev/null"], check=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="disk-bench.sh", description=__doc__.split("\n")[0])
+    p.add_argument("-t", "--runtime", type=int, default=5, help="seconds per row (5)")
+    p.add_argument("-r", "--runs", type=int, default=1, help="repeat the matrix, print medians")
+    p.add_argument("-x", "--transports", default=",".join(TRANSPORTS))
+    p.add_argument("-s", "--servers", default=",".join(SERVERS))
+    p.add_argument("-w", "--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--size", default="1G")
+    p.add_argument("--dir", default="/var/tmp", help="directory on the real disk (/var/tmp)")
+    p.add_argument("--bexd", default=os.environ.get("BEXD", os.path.join(ROOT, "build", "bexd")))
+    p.add_argument("--vub", default=None, help="vub-client (default next to bexd)")
+    p.add_argument("--json", help="also write all results here")
+    a = p.parse_args(argv)
+    a.transports = [x for x in a.transports.split(",") if x]
+    a.servers = [x for x in a.servers.split(",") if x]
+    a.workloads = [x for x in a.workloads.split(",") if x]
+    for x in a.transports:
+        if x not in TRANSPORTS:
+            p.error("unknown transport %r" % x)
+    for x in a.servers:
+        if x not in SERVERS:
+            p.error("unknown server %r" % x)
+    for x in a.workloads:
+        if x not in WORKLOADS:
+            p.error("unknown workload %r" % x)
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = a.size.upper()
+    a.size = int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
+    if not a.vub:
+        a.vub = os.path.join(os.path.dirname(a.bexd), "tests", "vhost", "vub-client")
+    return a
+
+
+def fmt(v, spec):
+    return "-" if v is None else spec % v
+
+
+def main(argv):
+    a = parse_args(argv)
+    work = tempfile.mkdtemp(prefix="diskbench.", dir=a.dir)
+    img = os.path.join(work, "disk.img")
+    results = {}          # (transport, server, workload) -> [result per run]
+    try:
+        log("writing %d MiB image in %s ..." % (a.size >> 20, work))
+        make_image(img, a.size)
+        print("runtime %ds per row, %d run(s), image %d MiB in %s, %d CPUs" % (
+            a.runtime, a.runs, a.size >> 20, a.dir, os.cpu_count()), flush=True)
+        hdr = "%-6s %-14s %-18s %9s %8s %7s %8s %5s" % (
+            "xport", "server", "workload", "IOPS", "MiB/s", "%limit", "us/op", "load")
+        for run in range(a.runs):
+            print("-- run %d" % (run + 1))
+            print(hdr, flush=True)
+            plan = [("limit", None)] + [(t, s) for t in a.transports for s in a.servers]
+            limit = {}
+            for t, name in plan:
+                srv = Server(name, t, img, work, a) if name else None
+                if srv and not srv.supports():
+                    continue
+                try:
+                    if srv:
+                        srv.start()
+                    for w in a.workloads:
+                        try:
+                            r = measure(t, srv, w, a, img, work)
+                        except Exception as e:  # report, go on
+                            print("%-6s %-14s %-18s error: %s" % (t, name or "fio", WORKLOADS[w][0], e),
+                                  flush=True)
+                            continue
+                        if t == "limit":
+                            limit[w] = r["iops"]
+                        r["pct"] = 100.0 * r["iops"] / limit[w] if limit.get(w) else None
+                        results.setdefault((t, name or "fio", w), []).append(r)
+                        print("%-6s %-14s %-18s %9.0f %8.1f %7s %8s %5.1f" % (
+                            t, name or "fio", WORKLOADS[w][0], r["iops"], r["mibs"],
+                            fmt(r["pct"], "%.0f"), fmt(r["cpu_us_op"], "%.1f"), r["load"]),
+                            flush=True)
+                except Exception as e:
+                    print("%-6s %-14s skipped: %s" % (t, name, e), flush=True)
+                finally:
+                    if srv:
+                        srv.stop()
+        if a.runs > 1:
+            print("\n-- medians of %d runs (%%limit: median of each run's ratio)" % a.runs)
+            print(hdr)
+            for (t, name, w), rs in results.items():
+                med = lambda k: (statistics.median([r[k] for r in rs if r[k] is not None])
+                                 if any(r[k] is not None for r in rs) else None)
+                print("%-6s %-14s %-18s %9.0f %8.1f %7s %8s %5.1f" % (
+                    t, name, WORKLOADS[w][0], med("iops"), med("mibs"), fmt(med("pct"), "%.0f"),
+                    fmt(med("cpu_us_op"), "%.1f"), med("load")))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump([dict(transport=t, server=s, workload=w, runs=rs)
+                           for (t, s, w), rs in results.items()], f, indent=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
