@@ -10,8 +10,11 @@
  * completions are pushed on the engine's lock-free list and signalled on the
  * same eventfd, once per batch (only the push onto an empty list writes it).
  * Completion callbacks always run in the owning loop thread.  While worker
- * threads hold requests of a loop, the loop sleeps rather than polls: a
- * blocking call or a large copy takes far longer than the poll window.
+ * threads or the ring hold requests of a loop, the loop sleeps rather than
+ * polls: a blocking call, a large copy or a device (only what would block
+ * goes to the ring) takes far longer than the poll window, and on a small
+ * machine the polling loop takes the CPU its client needs (4k O_DIRECT
+ * reads at qd32 over NBD: 10.7 instead of 13.4 us of server CPU per read).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,6 +41,7 @@ struct aio_engine {
     struct loop_defer flush;
     unsigned queued;            /* SQEs prepared, not yet submitted */
     unsigned in_pool;           /* requests at the worker pool (loop thread only) */
+    unsigned in_ring;           /* requests in the ring: they wait for a device */
     struct aio_req *done_head;  /* thread completions: atomic push, atomic take-all */
 };
 
@@ -157,6 +161,7 @@ static void reap_ring(struct aio_engine *e)
         struct aio_req *r = io_uring_cqe_get_data(cqe);
         int res = cqe->res;
         io_uring_cqe_seen(&e->ring, cqe);
+        e->in_ring--;
         r->done(r, res);
     }
 }
@@ -241,6 +246,7 @@ static bool ring_submit(struct aio_engine *e, struct aio_req *r)
     }
     io_uring_sqe_set_data(sqe, r);
     e->queued++;
+    e->in_ring++;
     loop_defer(e->loop, &e->flush);
     return true;
 }
@@ -273,7 +279,7 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
 
 bool aio_engine_waits_for_pool(struct aio_engine *e)
 {
-    return e->in_pool > 0;
+    return e->in_pool > 0 || e->in_ring > 0;
 }
 
 int aio_kind_parse(const char *s)

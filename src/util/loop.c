@@ -3,8 +3,8 @@
  *
  * Theory of operation: each iteration (1) runs deferred functions and
  * cross-thread calls queued so far, (2) polls the fds for up to poll_ns
- * (unless worker threads hold some of its file I/O: they take longer than
- * that), then sleeps in epoll_wait until an fd is ready or the earliest
+ * (unless worker threads or the io_uring ring hold some of its file I/O:
+ * they take longer than that), then sleeps in epoll_wait until an fd is ready or the earliest
  * timer is due, (3) dispatches ready fds, (4) fires
  * due timers, (5) frees watches deleted during the iteration.  A deleted
  * watch is only marked dead, so an event already fetched for it in the same
