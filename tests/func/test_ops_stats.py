@@ -1,12 +1,17 @@
 """query-blockstats (QEMU 7.2's shape, against qsd too), latency histograms
 and the downstream __org.bexd_query-export-clients command."""
+import json
+import mmap
 import os
 import subprocess
+import time
 
 import nbd
 import pytest
 
-from conftest import QMPError
+from conftest import BUILD, QMPError
+
+VUB = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
 
 STATS_KEYS = {
     "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
@@ -159,6 +164,73 @@ def test_export_clients(start_daemon, image, tmpdir_short):
     assert d2["totals"]["write-bytes"] == 8192
     e = q.error("__org.bexd_query-export-clients", id="nope")
     assert e["desc"] == "Export 'nope' is not found"
+
+
+def test_export_clients_vhost_user(start_daemon, tmpdir_short):
+    """The front-end of a vhost-user-blk export is its client: its pid, the
+    request it has in flight, and what it did, kept in the totals after it
+    left."""
+    if not os.path.exists(VUB):
+        pytest.skip("vub-client not built")
+    sock = os.path.join(tmpdir_short, "vu.sock")
+    d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n0,size=1048576,"
+                     "read-zeroes=on,latency-ns=%d" % int(0.5e9), "--export",
+                     "type=vhost-user-blk,id=v0,node-name=n0,addr.type=unix,addr.path=" + sock)
+    q = d.qmp()
+    [e] = q.execute("__org.bexd_query-export-clients")
+    assert e["type"] == "vhost-user-blk" and e["clients"] == []
+    assert e["totals"]["read-operations"] == 0
+    p = subprocess.Popen([VUB, sock, "inflight", "0", "4096"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        # GET_ID came back; the READ behind it waits on the slow node
+        assert json.loads(p.stdout.readline()) == {"submitted": True}
+        [c] = q.execute("__org.bexd_query-export-clients", id="v0")[0]["clients"]
+        assert c["transport"] == "vhost-user" and c["peer"] == "pid=%d" % p.pid
+        assert c["tls"] is False and c["requests-in-flight"] == 1
+        assert c["read-operations"] == 0 and c["failed-operations"] == 0
+        assert abs(c["connected-since"] - time.time()) < 60
+        assert json.loads(p.stdout.readline()) == {"status": 0}
+    finally:
+        assert p.wait(timeout=30) == 0
+    t = q.execute("__org.bexd_query-export-clients", id="v0")[0]["totals"]
+    assert (t["read-operations"], t["read-bytes"]) == (1, 4096)
+    assert t["read-total-time-ns"] >= 0.4e9
+    # a write to a read-only export fails and is counted as failed
+    r = subprocess.run([VUB, sock, "write", "0", "4096", "1"], capture_output=True, timeout=30)
+    assert json.loads(r.stdout) == {"status": 1}
+    t = q.execute("__org.bexd_query-export-clients", id="v0")[0]["totals"]
+    assert t["failed-operations"] == 1 and t["write-operations"] == 0
+
+
+def test_export_clients_fuse(start_daemon, image, tmpdir_short):
+    """A FUSE export's one client is the kernel's mount."""
+    img = image(4 << 20)
+    mnt = os.path.join(tmpdir_short, "mnt")
+    open(mnt, "w").close()
+    d = start_daemon("bexd", "--blockdev", "driver=file,node-name=f0,filename=" + img,
+                     "--export", "type=fuse,id=u0,node-name=f0,writable=on,mountpoint=" + mnt)
+    q = d.qmp()
+    buf = mmap.mmap(-1, 8192)
+    buf.write(b"y" * 8192)
+    fd = os.open(mnt, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], 0) == 8192
+        os.fsync(fd)
+        assert os.preadv(fd, [memoryview(buf)[:4096]], 4096) == 4096
+    finally:
+        os.close(fd)
+    [e] = q.execute("__org.bexd_query-export-clients", id="u0")
+    [c] = e["clients"]
+    assert c["transport"] == "fuse" and c["peer"] == mnt and c["tls"] is False
+    assert c["requests-in-flight"] == 0
+    assert (c["write-operations"], c["write-bytes"]) == (1, 8192)
+    assert (c["read-operations"], c["read-bytes"]) == (1, 4096)
+    assert c["flush-operations"] >= 1 and c["failed-operations"] == 0
+    assert e["totals"]["write-bytes"] == 8192
+    q.execute("block-export-del", id="u0")
+    q.wait_event("BLOCK_EXPORT_DELETED")
+    assert q.execute("__org.bexd_query-export-clients") == []
 
 
 def test_downstream_commands_in_schema(start_daemon):

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include "export/fuse/fuse-export.h"
@@ -112,6 +113,7 @@ static int fuse_mount(struct fuse_export *exp, bool allow_other, error **errp)
     }
     exp->se = se;
     exp->mounted = true;
+    exp->mounted_at = time(NULL);
     exp->allow_other = allow_other;
     return 0;
 }
@@ -221,7 +223,43 @@ static void fuse_export_node_resized(struct export *e)
         fuse_session_node_resized(exp);
 }
 
+static unsigned fuse_export_nclients(struct export *e)
+{
+    return ((struct fuse_export *)e)->mounted ? 1 : 0;
+}
+
+static json_t *fuse_export_totals(struct export *e)
+{
+    struct client_stats v;
+
+    client_stats_read(&((struct fuse_export *)e)->st, &v);
+    return client_stats_json(&v);
+}
+
+/* The one client of a FUSE export is the kernel's mount: every process
+ * using the file reaches bexd through it. */
+static json_t *fuse_export_clients(struct export *e)
+{
+    struct fuse_export *exp = (struct fuse_export *)e;
+    json_t *list = json_array();
+
+    if (!exp->mounted)
+        return list;
+    json_t *o = fuse_export_totals(e);
+    json_object_set_new(o, "transport", json_string("fuse"));
+    json_object_set_new(o, "peer", json_string(exp->mountpoint));
+    json_object_set_new(o, "tls", json_false());
+    json_object_set_new(o, "connected-since", json_integer(exp->mounted_at));
+    json_object_set_new(o, "requests-in-flight",
+                        json_integer(__atomic_load_n(&exp->inflight, __ATOMIC_RELAXED)));
+    json_array_append_new(list, o);
+    return list;
+}
+
 static const struct export_type fuse_export_type = {
+    .nclients = fuse_export_nclients,
+    .query_clients = fuse_export_clients,
+    .query_totals = fuse_export_totals,
     .name = "fuse",
     .instance_size = sizeof(struct fuse_export),
     .create = fuse_export_create,

@@ -18,6 +18,7 @@
 #include <sys/types.h>
 #include <fuse_lowlevel.h>
 #include "block/block.h"
+#include "export/client-stats.h"
 #include "export/export.h"
 
 /* Largest read/write we accept in one request (and advertise as max_read /
@@ -52,6 +53,7 @@ struct fuse_ioreq {
     struct stat attr;           /* setattr: requested attributes */
     int to_set;                 /* setattr: FUSE_SET_ATTR_* */
     fuse_ioreq_fn *next_step;   /* continuation after a resize */
+    void (*breq_done)(struct breq *, int);   /* after accounting */
     int resize_ret;
     struct fuse_ioreq *next_free;
 };
@@ -86,6 +88,8 @@ struct fuse_export {
 
     /* ---- any thread ---- */
     int open_handles;           /* __atomic: files open on the mountpoint */
+    int64_t mounted_at;         /* the kernel's mount is this export's one client */
+    struct client_stats st;     /* what it did (written by the loop) */
 };
 
 /* fuse-session.c */

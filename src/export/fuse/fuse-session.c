@@ -143,6 +143,18 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
     return 0;
 }
 
+static void fuse_ioreq_done(struct breq *b, int ret)
+{
+    struct fuse_ioreq *r = b->opaque;
+    enum client_op op = b->op == BREQ_READ ? CLIENT_OP_READ
+                      : b->op == BREQ_WRITE || b->op == BREQ_WRITE_ZEROES ? CLIENT_OP_WRITE
+                      : b->op == BREQ_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
+
+    client_stats_account(&r->exp->st, op, b->len, b->acct_lat_ns,
+                         ret == -ENOTSUP && b->op == BREQ_DISCARD ? 0 : ret);
+    r->breq_done(b, ret);
+}
+
 void fuse_ioreq_submit(struct fuse_ioreq *r, enum breq_op op, unsigned flags,
                        uint64_t offset, uint64_t len,
                        void (*done)(struct breq *, int))
@@ -159,8 +171,9 @@ void fuse_ioreq_submit(struct fuse_ioreq *r, enum breq_op op, unsigned flags,
         b->iovcnt = 1;
     }
     b->loop = r->exp->common.loop;
-    b->done = done;
+    b->done = fuse_ioreq_done;
     b->opaque = r;
+    r->breq_done = done;
     bnode_submit(r->exp->common.node, b);
 }
 

@@ -111,38 +111,6 @@ bool nbd_conn_tryref(struct nbd_conn *c)
     return false;
 }
 
-/* ---- accounting ---- */
-
-#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
-
-void nbd_client_stats_read(const struct nbd_client_stats *st, struct nbd_client_stats *out)
-{
-    out->rd_ops = LOAD(st->rd_ops);
-    out->rd_bytes = LOAD(st->rd_bytes);
-    out->rd_ns = LOAD(st->rd_ns);
-    out->wr_ops = LOAD(st->wr_ops);
-    out->wr_bytes = LOAD(st->wr_bytes);
-    out->wr_ns = LOAD(st->wr_ns);
-    out->flush_ops = LOAD(st->flush_ops);
-    out->other_ops = LOAD(st->other_ops);
-    out->errors = LOAD(st->errors);
-}
-
-void nbd_client_stats_add(struct nbd_client_stats *sum, const struct nbd_client_stats *st)
-{
-    struct nbd_client_stats v;
-    nbd_client_stats_read(st, &v);
-    sum->rd_ops += v.rd_ops;
-    sum->rd_bytes += v.rd_bytes;
-    sum->rd_ns += v.rd_ns;
-    sum->wr_ops += v.wr_ops;
-    sum->wr_bytes += v.wr_bytes;
-    sum->wr_ns += v.wr_ns;
-    sum->flush_ops += v.flush_ops;
-    sum->other_ops += v.other_ops;
-    sum->errors += v.errors;
-}
-
 static const char *nbd_transport_of(int fd)
 {
     struct sockaddr_storage ss;
@@ -172,12 +140,12 @@ static void nbd_conn_finalize(void *opaque)
     nbd_server_conn_gone();
     loop_pool_release(c->pool_slot);
     if (c->exp) {
-        struct nbd_client_stats v;
-        nbd_client_stats_read(&c->st, &v);
+        struct client_stats v;
+        client_stats_read(&c->st, &v);
         log_info("nbd: client %s left export '%s' (%s): %" PRIu64 " reads, %" PRIu64
                  " writes, %" PRIu64 " errors", c->peer, c->exp->common.id,
                  c->close_reason ? c->close_reason : "closed", v.rd_ops, v.wr_ops, v.errors);
-        nbd_client_stats_add(&c->exp->gone, &c->st);
+        client_stats_add(&c->exp->gone, &c->st);
         nbd_export_client_gone(c->exp);
     }
     free(c->tls_identity);

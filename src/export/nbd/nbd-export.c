@@ -249,29 +249,16 @@ void nbd_exports_close_all(void)
 
 /* ---- operations: clients and their counters ---- */
 
-static json_t *nbd_stats_json(const struct nbd_client_stats *v)
-{
-    return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
-                     "read-operations", (json_int_t)v->rd_ops,
-                     "read-bytes", (json_int_t)v->rd_bytes,
-                     "read-total-time-ns", (json_int_t)v->rd_ns,
-                     "write-operations", (json_int_t)v->wr_ops,
-                     "write-bytes", (json_int_t)v->wr_bytes,
-                     "write-total-time-ns", (json_int_t)v->wr_ns,
-                     "flush-operations", (json_int_t)v->flush_ops,
-                     "failed-operations", (json_int_t)v->errors);
-}
-
 static json_t *nbd_exp_query_clients(struct export *e)
 {
     json_t *list = json_array();
 
     for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next) {
-        struct nbd_client_stats v;
+        struct client_stats v;
         if (c->exp != (struct nbd_export *)e || c->state == CONN_CLOSED)
             continue;
-        nbd_client_stats_read(&c->st, &v);
-        json_t *o = nbd_stats_json(&v);
+        client_stats_read(&c->st, &v);
+        json_t *o = client_stats_json(&v);
         json_object_set_new(o, "transport", json_string(c->transport));
         json_object_set_new(o, "peer", json_string(c->peer));
         json_object_set_new(o, "tls", json_boolean(c->tls));
@@ -289,12 +276,12 @@ static json_t *nbd_exp_query_clients(struct export *e)
 json_t *nbd_export_totals(struct export *e)
 {
     struct nbd_export *exp = (struct nbd_export *)e;
-    struct nbd_client_stats sum = exp->gone;
+    struct client_stats sum = exp->gone;
 
     for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
         if (c->exp == exp)
-            nbd_client_stats_add(&sum, &c->st);
-    return nbd_stats_json(&sum);
+            client_stats_add(&sum, &c->st);
+    return client_stats_json(&sum);
 }
 
 static unsigned nbd_exp_nclients(struct export *e)

@@ -19,6 +19,7 @@
 #include <sys/uio.h>
 #include <jansson.h>
 #include "block/block.h"
+#include "export/client-stats.h"
 #include "export/export.h"
 #include "util/accept.h"
 #include "util/loop.h"
@@ -79,12 +80,6 @@ struct nbd_server {
 extern struct nbd_server nbd_srv;
 
 /* ---- a client's counters (ops) ---- */
-struct nbd_client_stats {
-    uint64_t rd_ops, rd_bytes, rd_ns;
-    uint64_t wr_ops, wr_bytes, wr_ns;
-    uint64_t flush_ops, other_ops, errors;
-};
-
 /* ---- exports ---- */
 struct nbd_export {
     struct export common;         /* first */
@@ -101,7 +96,7 @@ struct nbd_export {
     int nbitmaps;                 /* published dirty bitmaps, busy while here */
     struct dirty_bitmap *bitmaps[NBD_MAX_EXPORT_BITMAPS];
     char *bitmap_ctx[NBD_MAX_EXPORT_BITMAPS];   /* "qemu:dirty-bitmap:NAME" */
-    struct nbd_client_stats gone; /* clients that left, summed (main thread) */
+    struct client_stats gone;      /* clients that left, summed (main thread) */
     struct nbd_export *next;
 };
 
@@ -225,7 +220,7 @@ struct nbd_conn {
     int64_t connected_at;         /* CLOCK_REALTIME seconds */
     bool draining;                /* graceful stop: finish what was read, then close */
     const char *close_reason;     /* static string, for the log */
-    struct nbd_client_stats st;
+    struct client_stats st;
 };
 
 /* server.c: a connection was finalized (main thread) */
@@ -241,9 +236,6 @@ void nbd_conn_close_remote(struct nbd_conn *c, const char *reason);  /* main thr
 void nbd_conns_close(struct nbd_export *exp, const char *reason);      /* main thread */
 /* Main thread: graceful stop of every connection (see nbd_server_drain). */
 void nbd_conns_drain(void);
-/* A client's counters, read from any thread. */
-void nbd_client_stats_read(const struct nbd_client_stats *st, struct nbd_client_stats *out);
-void nbd_client_stats_add(struct nbd_client_stats *sum, const struct nbd_client_stats *st);
 void nbd_conn_update_watch(struct nbd_conn *c);
 void nbd_conn_io(void *opaque, uint32_t revents);   /* the socket watch's callback */
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */

@@ -420,35 +420,14 @@ static void reply_read(struct nbd_slot *s)
 }
 
 /* The client's counters (one writer: this loop; main reads them). */
-#define BUMP(x, v) __atomic_store_n(&(x), (x) + (v), __ATOMIC_RELAXED)
-
 static void client_account(struct nbd_conn *c, uint16_t type, uint64_t bytes, uint64_t ns,
                            int ret)
 {
-    struct nbd_client_stats *st = &c->st;
+    enum client_op op = type == NBD_CMD_READ ? CLIENT_OP_READ
+                      : type == NBD_CMD_WRITE || type == NBD_CMD_WRITE_ZEROES ? CLIENT_OP_WRITE
+                      : type == NBD_CMD_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
 
-    if (ret < 0) {
-        BUMP(st->errors, 1);
-        return;
-    }
-    switch (type) {
-    case NBD_CMD_READ:
-        BUMP(st->rd_ops, 1);
-        BUMP(st->rd_bytes, bytes);
-        BUMP(st->rd_ns, ns);
-        break;
-    case NBD_CMD_WRITE: case NBD_CMD_WRITE_ZEROES:
-        BUMP(st->wr_ops, 1);
-        BUMP(st->wr_bytes, bytes);
-        BUMP(st->wr_ns, ns);
-        break;
-    case NBD_CMD_FLUSH:
-        BUMP(st->flush_ops, 1);
-        break;
-    default:
-        BUMP(st->other_ops, 1);
-        break;
-    }
+    client_stats_account(&c->st, op, bytes, ns, ret);
 }
 
 /* A large READ of a RAM-backed file: the page cache goes to the socket by

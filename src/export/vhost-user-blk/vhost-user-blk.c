@@ -35,11 +35,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include "export/client-stats.h"
 #include "export/export.h"
 #include "export/vhost-user-blk/vhost-user.h"
 #include "export/vhost-user-blk/virtio-blk.h"
@@ -92,8 +95,19 @@ struct vub_client {
     struct loop_defer resume;
 };
 
+/* A queue's counters: one writer (the loop serving the queue), read by the
+ * main thread for __org.bexd_query-export-clients and /metrics. */
+struct vub_qacct {
+    struct client_stats st;
+    uint64_t started;            /* requests taken from the ring */
+};
+
 struct vub_export {
     struct export exp;           /* first */
+    struct vub_qacct *acct;      /* one per queue, for the export's life */
+    struct client_stats base;    /* the sum of acct when the front-end connected */
+    int peer_pid;                /* of the front-end connected now (SO_PEERCRED) */
+    int64_t connected_at;
     json_t *addr;
     int listen_fd;
     struct loop_watch *listen_w;
@@ -201,11 +215,24 @@ static bool client_mem_faulted(struct vub_client *cl, struct vq_mem *extra)
     return false;
 }
 
+static void slot_account(struct vub_slot *s)
+{
+    struct vub_qacct *a = &s->q->cl->vx->acct[s->q - s->q->cl->queues];
+    const struct breq *b = &s->r.breq;
+    enum client_op op = b->op == BREQ_READ ? CLIENT_OP_READ
+                      : b->op == BREQ_WRITE || b->op == BREQ_WRITE_ZEROES ? CLIENT_OP_WRITE
+                      : b->op == BREQ_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
+
+    client_stats_account(&a->st, op, b->len, b->acct_lat_ns,
+                         s->r.result == VIRTIO_BLK_S_OK ? 0 : -EIO);
+}
+
 static void slot_complete(struct vblk_req *r)
 {
     struct vub_slot *s = (struct vub_slot *)r;
     struct vub_client *cl = s->q->cl;
 
+    slot_account(s);
     slot_push(s, r->in_len);
     if (!cl->dead && client_mem_faulted(cl, s->mem))
         client_drop(cl, "the front-end truncated its guest memory");
@@ -225,7 +252,11 @@ static struct vub_slot *slot_get(struct vub_queue *q)
     s->gen = q->vq->gen;
     s->mem = q->cl->conn.mem;
     vq_mem_ref(s->mem);
+    s->r.breq.op = BREQ_CACHE;   /* "other" until the handler submits it */
     s->r.breq.len = 0;
+    s->r.breq.acct_lat_ns = 0;
+    struct vub_qacct *a = &q->cl->vx->acct[q - q->cl->queues];
+    __atomic_store_n(&a->started, a->started + 1, __ATOMIC_RELAXED);
     return s;
 }
 
@@ -526,11 +557,18 @@ static void listen_cb(void *opaque, uint32_t revents)
         close(fd);
         return;
     }
-    struct ucred cr;
+    struct ucred cr = { .pid = 0 };
     socklen_t crlen = sizeof(cr);
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crlen) == 0)
         log_info("vhost-user-blk: front-end unix:pid=%d connected to export '%s'",
                  (int)cr.pid, vx->exp.id);
+    /* what this front-end does counts from here */
+    struct client_stats sum = { 0 };
+    for (unsigned i = 0; i < vx->dev.num_queues; i++)
+        client_stats_add(&sum, &vx->acct[i].st);
+    client_stats_store(&vx->base, &sum);
+    __atomic_store_n(&vx->peer_pid, (int)cr.pid, __ATOMIC_RELAXED);
+    __atomic_store_n(&vx->connected_at, (int64_t)time(NULL), __ATOMIC_RELAXED);
     loop_watch_set(vx->listen_w, 0);    /* one front-end at a time */
 }
 
@@ -608,6 +646,7 @@ static int vub_create(struct export *exp, json_t *opts, error **errp)
     vx->dev.loop = exp->loop;
     vx->dev.blk_size = lbs;
     vx->dev.num_queues = nq;
+    vx->acct = xcalloc(nq, sizeof(*vx->acct));
     vx->dev.writable = exp->writable;
     vx->dev.write_cache = !exp->writethrough;
     vx->wce = 0;
@@ -680,6 +719,7 @@ static void vub_free(struct export *exp)
     if (vx->listen_fd >= 0)
         close(vx->listen_fd);
     json_decref(vx->addr);
+    free(vx->acct);
 }
 
 /* The front-end connected (one at most); read from the main thread. */
@@ -687,6 +727,56 @@ static unsigned vub_nclients(struct export *exp)
 {
     struct vub_export *vx = (struct vub_export *)exp;
     return __atomic_load_n(&vx->client, __ATOMIC_RELAXED) ? 1 : 0;
+}
+
+/* Everything front-ends did on this export, from any thread. */
+static void vub_sum(struct vub_export *vx, struct client_stats *sum, uint64_t *started)
+{
+    *sum = (struct client_stats){ 0 };
+    *started = 0;
+    for (unsigned i = 0; i < vx->dev.num_queues; i++) {
+        client_stats_add(sum, &vx->acct[i].st);
+        *started += __atomic_load_n(&vx->acct[i].started, __ATOMIC_RELAXED);
+    }
+}
+
+static json_t *vub_query_totals(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+    struct client_stats sum;
+    uint64_t started;
+
+    vub_sum(vx, &sum, &started);
+    return client_stats_json(&sum);
+}
+
+/* The front-end connected now (vhost-user serves one at a time): its own
+ * counters are the export's since it connected. */
+static json_t *vub_query_clients(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+    struct client_stats sum, base;
+    uint64_t started, done;
+    json_t *list = json_array();
+    char peer[32];
+
+    if (!vub_nclients(exp))
+        return list;
+    vub_sum(vx, &sum, &started);
+    client_stats_read(&vx->base, &base);
+    done = sum.rd_ops + sum.wr_ops + sum.flush_ops + sum.other_ops + sum.errors;
+    client_stats_sub(&sum, &base);
+    json_t *o = client_stats_json(&sum);
+    snprintf(peer, sizeof(peer), "pid=%d", __atomic_load_n(&vx->peer_pid, __ATOMIC_RELAXED));
+    json_object_set_new(o, "transport", json_string("vhost-user"));
+    json_object_set_new(o, "peer", json_string(peer));
+    json_object_set_new(o, "tls", json_false());
+    json_object_set_new(o, "connected-since",
+                        json_integer(__atomic_load_n(&vx->connected_at, __ATOMIC_RELAXED)));
+    json_object_set_new(o, "requests-in-flight",
+                        json_integer(started > done ? (json_int_t)(started - done) : 0));
+    json_array_append_new(list, o);
+    return list;
 }
 
 /* block_resize: the capacity in the config space follows the node; the
@@ -714,6 +804,8 @@ static void vub_node_resized(struct export *exp)
 static const struct export_type vhost_user_blk_type = {
     .name = "vhost-user-blk",
     .nclients = vub_nclients,
+    .query_clients = vub_query_clients,
+    .query_totals = vub_query_totals,
     .instance_size = sizeof(struct vub_export),
     .create = vub_create,
     .in_use = vub_in_use,

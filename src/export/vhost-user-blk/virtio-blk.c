@@ -76,6 +76,7 @@ static bool range_ok(const struct vblk_dev *d, uint64_t sector, uint64_t bytes)
 
 static void finish(struct vblk_req *r, uint8_t status)
 {
+    r->result = status;
     *r->status = status;
     r->complete(r);
 }

@@ -35,6 +35,7 @@ struct vblk_req {
     struct vblk_dev *dev;
     volatile uint8_t *status;    /* the status byte, in guest memory */
     uint32_t in_len;             /* bytes the device wrote to the guest */
+    uint8_t result;              /* the status written (VIRTIO_BLK_S_*) */
     bool alone;                  /* nothing else in flight or waiting in the rings */
     /* Called once per request, possibly from inside vblk_handle(). */
     void (*complete)(struct vblk_req *r);

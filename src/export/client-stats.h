@@ -1,0 +1,33 @@
+/*
+ * What one export client did: operations, bytes, time and errors, kept by
+ * the loop that serves it (a single writer per counter set) and read from
+ * the main thread for __org.bexd_query-export-clients and /metrics.  The
+ * same counters for every export type (NBD connection, vhost-user-blk
+ * front-end, FUSE mount), so the operator sees one shape.
+ */
+#pragma once
+#include <stdint.h>
+#include <jansson.h>
+
+enum client_op { CLIENT_OP_READ, CLIENT_OP_WRITE, CLIENT_OP_FLUSH, CLIENT_OP_OTHER };
+
+struct client_stats {
+    uint64_t rd_ops, rd_bytes, rd_ns;
+    uint64_t wr_ops, wr_bytes, wr_ns;
+    uint64_t flush_ops, other_ops, errors;
+};
+
+/* One finished request (its writer's thread only): ret < 0 counts as an
+ * error; ns is its latency as the block layer measured it (breq). */
+void client_stats_account(struct client_stats *st, enum client_op op, uint64_t bytes,
+                          uint64_t ns, int ret);
+/* A consistent-enough copy, from any thread. */
+void client_stats_read(const struct client_stats *st, struct client_stats *out);
+/* sum += st (sum is the caller's own). */
+void client_stats_add(struct client_stats *sum, const struct client_stats *st);
+/* *dst = *src, published field by field (dst's single writer). */
+void client_stats_store(struct client_stats *dst, const struct client_stats *src);
+/* sum -= base, each counter (base an earlier reading of the same counters). */
+void client_stats_sub(struct client_stats *sum, const struct client_stats *base);
+/* The schema's __org.bexd_ExportIOCounters object. */
+json_t *client_stats_json(const struct client_stats *v);
