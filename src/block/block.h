@@ -64,6 +64,7 @@ struct breq {
     struct loop *loop;           /* submitting loop; done runs there */
     void (*done)(struct breq *req, int ret);  /* ret: 0 or -errno */
     void *opaque;                /* for the submitter */
+    struct aio_fixed *fixed;     /* optional: a buffer holding iov (util/aio.h) */
     /* private to the block layer and drivers */
     struct aio_req aio;
     struct bnode *bs;

@@ -261,7 +261,7 @@ static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
         .flags = aio_flags(bs, r, op, len, &pool),
-        .done = file_aio_done,
+        .done = file_aio_done, .fixed = r->fixed,
     };
     aio_submit(r->loop, pool ? AIO_THREADS : s->aio, &r->aio);
 }

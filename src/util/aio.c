@@ -31,6 +31,7 @@
 
 #define RING_ENTRIES 256
 #define POOL_MAX_THREADS 16
+#define FIXED_BUFS 1024         /* registered buffers per ring */
 
 struct aio_engine {
     struct loop *loop;
@@ -43,6 +44,11 @@ struct aio_engine {
     unsigned in_pool;           /* requests at the worker pool (loop thread only) */
     unsigned in_ring;           /* requests in the ring: they wait for a device */
     struct aio_req *done_head;  /* thread completions: atomic push, atomic take-all */
+    /* registered buffers: the ring's sparse table; a free list of indexes */
+    pthread_mutex_t fixed_lock; /* registration may be released from other threads */
+    bool fixed_ok;
+    int fixed_free[FIXED_BUFS];
+    int nfixed_free;
 };
 
 /* ---- worker pools (shared by all loops) ----
@@ -208,6 +214,13 @@ struct aio_engine *aio_engine_new(struct loop *l)
         io_uring_queue_exit(&e->ring);
     if (!e->ring_ok)
         log_debug("io_uring unavailable (%s); using the thread pool", strerror(-ret));
+    pthread_mutex_init(&e->fixed_lock, NULL);
+    if (e->ring_ok && io_uring_register_buffers_sparse(&e->ring, FIXED_BUFS) == 0) {
+        e->fixed_ok = true;
+        for (int i = 0; i < FIXED_BUFS; i++)
+            e->fixed_free[i] = FIXED_BUFS - 1 - i;
+        e->nfixed_free = FIXED_BUFS;
+    }
     e->watch = loop_watch_fd(l, e->efd, LOOP_IN, engine_event, e);
     return e;
 }
@@ -217,12 +230,72 @@ void aio_engine_free(struct aio_engine *e)
     loop_watch_del(e->watch);
     if (e->ring_ok)
         io_uring_queue_exit(&e->ring);
+    pthread_mutex_destroy(&e->fixed_lock);
     close(e->efd);
     free(e);
 }
 
+/* Register f with e's ring (loop thread); false: use the ordinary path. */
+static bool fixed_register(struct aio_engine *e, struct aio_fixed *f)
+{
+    bool ok = false;
+
+    pthread_mutex_lock(&e->fixed_lock);
+    if (e->fixed_ok && e->nfixed_free > 0) {
+        int idx = e->fixed_free[e->nfixed_free - 1];
+        struct iovec iov = { f->base, f->len };
+        __u64 tag = 0;
+        int ret = io_uring_register_buffers_update_tag(&e->ring, idx, &iov, &tag, 1);
+        if (ret == 1) {
+            e->nfixed_free--;
+            f->engine = e;
+            f->index = idx;
+            ok = true;
+        } else if (ret == -ENOMEM || ret == -EPERM) {
+            /* out of locked memory (RLIMIT_MEMLOCK): stop trying */
+            log_debug("io_uring buffer registration: %s; not registering more",
+                      strerror(-ret));
+            e->fixed_ok = false;
+        }
+    }
+    pthread_mutex_unlock(&e->fixed_lock);
+    return ok;
+}
+
+void aio_fixed_release(struct aio_fixed *f)
+{
+    struct aio_engine *e = f->engine;
+
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->fixed_lock);
+    struct iovec iov = { NULL, 0 };
+    __u64 tag = 0;
+    io_uring_register_buffers_update_tag(&e->ring, f->index, &iov, &tag, 1);
+    e->fixed_free[e->nfixed_free++] = f->index;
+    pthread_mutex_unlock(&e->fixed_lock);
+    f->engine = NULL;
+}
+
+/* The registered buffer index for r's single iovec, or -1. */
+static int fixed_index(struct aio_engine *e, struct aio_req *r)
+{
+    struct aio_fixed *f = r->fixed;
+
+    if (!f || r->iovcnt != 1 || (f->engine && f->engine != e))
+        return -1;
+    const char *b = r->iov[0].iov_base, *fb = f->base;
+    if (b < fb || b + r->iov[0].iov_len > fb + f->len)
+        return -1;
+    if (!f->engine && !fixed_register(e, f))
+        return -1;
+    return f->index;
+}
+
 static bool ring_submit(struct aio_engine *e, struct aio_req *r)
 {
+    int fidx;
+
     struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
     if (!sqe) {
         engine_flush(e);
@@ -232,10 +305,18 @@ static bool ring_submit(struct aio_engine *e, struct aio_req *r)
     }
     switch (r->op) {
     case AIO_OP_READ:
-        io_uring_prep_readv(sqe, r->fd, r->iov, r->iovcnt, r->offset);
+        if ((fidx = fixed_index(e, r)) >= 0)
+            io_uring_prep_read_fixed(sqe, r->fd, r->iov[0].iov_base, r->iov[0].iov_len,
+                                     r->offset, fidx);
+        else
+            io_uring_prep_readv(sqe, r->fd, r->iov, r->iovcnt, r->offset);
         break;
     case AIO_OP_WRITE:
-        io_uring_prep_writev(sqe, r->fd, r->iov, r->iovcnt, r->offset);
+        if ((fidx = fixed_index(e, r)) >= 0)
+            io_uring_prep_write_fixed(sqe, r->fd, r->iov[0].iov_base, r->iov[0].iov_len,
+                                      r->offset, fidx);
+        else
+            io_uring_prep_writev(sqe, r->fd, r->iov, r->iovcnt, r->offset);
         break;
     case AIO_OP_FSYNC:
         io_uring_prep_fsync(sqe, r->fd, IORING_FSYNC_DATASYNC);

@@ -134,6 +134,7 @@ struct nbd_slot {
     struct iovec data_iov;
     char *buf;                    /* READ/WRITE data, page aligned */
     size_t bufsize;
+    struct aio_fixed fixed;       /* buf, for rings that register it (O_DIRECT) */
     uint32_t payload_got;         /* WRITE payload received so far */
     struct nbd_block_descriptor *ext;   /* block status, lazily allocated */
     /* the reply: headers serialized into hdr, iov over hdr and buf */

@@ -68,15 +68,21 @@ static size_t buf_size_for(uint32_t len)
     return (want + 4095) & ~(size_t)4095;
 }
 
+static void slot_free_buf(struct nbd_slot *s)
+{
+    aio_fixed_release(&s->fixed);
+    free(s->buf);
+    s->buf = NULL;
+}
+
 /* Free the buffers of idle slots (kept for reuse) but keep. */
 static void trim_idle(struct nbd_conn *c, struct nbd_slot *keep)
 {
     for (struct nbd_slot *s = c->free_slots; s; s = s->next) {
         if (s == keep || !s->buf)
             continue;
-        free(s->buf);
+        slot_free_buf(s);
         buf_account(c, -(ssize_t)s->bufsize);
-        s->buf = NULL;
         s->bufsize = 0;
     }
 }
@@ -115,10 +121,11 @@ static bool slot_get_buf(struct nbd_conn *c, struct nbd_slot *s, uint32_t len, b
         *oom = true;
         return true;
     }
-    free(s->buf);
+    slot_free_buf(s);
     __atomic_store_n(&c->buf_total, c->buf_total + grow, __ATOMIC_RELAXED);
     s->buf = p;
     s->bufsize = want;
+    s->fixed = (struct aio_fixed){ .base = p, .len = want };
     return true;
 }
 
@@ -140,7 +147,7 @@ void nbd_slots_free(struct nbd_conn *c)
     if (!c->slots)
         return;
     for (int i = 0; i < NBD_SLOTS; i++) {
-        free(c->slots[i].buf);
+        slot_free_buf(&c->slots[i]);
         free(c->slots[i].ext);
     }
     buf_account(c, -(ssize_t)c->buf_total);
@@ -171,9 +178,8 @@ void nbd_slot_release(struct nbd_slot *s)
     struct nbd_conn *c = s->conn;
 
     if (s->bufsize > NBD_KEEP_BUF || (s->buf && nbd_budget_pressure())) {
-        free(s->buf);
+        slot_free_buf(s);
         buf_account(c, -(ssize_t)s->bufsize);
-        s->buf = NULL;
         s->bufsize = 0;
     }
     s->state = SLOT_FREE;
@@ -550,6 +556,7 @@ static void submit(struct nbd_slot *s, enum breq_op op, unsigned flags)
         s->data_iov.iov_len = s->req.count;
         r->iov = &s->data_iov;
         r->iovcnt = 1;
+        r->fixed = &s->fixed;
     }
     r->loop = c->loop;
     if (c->pool_slot >= 0)           /* clients spread over loops: copy in this one */
