@@ -277,6 +277,10 @@ int blockdev_del(const char *node_name, error **errp)
             return -1;
         }
     }
+    if (bs->blocker) {
+        error_setg(errp, "Node '%s' is busy: %s", node_name, bs->blocker);
+        return -1;
+    }
     if (bs->refcnt > 1 || has_parent(bs)) {
         error_setg(errp, "Block device %s is in use", node_name);
         return -1;
@@ -415,7 +419,7 @@ void breq_complete(struct breq *req, int ret)
     bstats_complete(req, ret);
     if (req->write_counted) {
         req->write_counted = false;
-        write_uncount(req->bs);
+        write_uncount(req->counted_bs);   /* req->bs may be a child's by now */
     }
     if (unlikely(req->align_track)) {
         struct bnode_align *al = req->align_track;
@@ -520,13 +524,18 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         return;
     }
     if (is_write(req)) {
+        /* Marked before the hold is looked at (and again when a held write
+         * goes on): a write a transaction's new bitmap misses passed its
+         * hold, so it is before the snapshot and in the frozen bitmap. */
+        mark_dirty(bs, req, req->offset);
         __atomic_add_fetch(&bs->writes_in_flight, 1, __ATOMIC_SEQ_CST);
         req->write_counted = true;
-        if (unlikely(__atomic_load_n(&writes_held, __ATOMIC_SEQ_CST))) {
+        req->counted_bs = bs;
+        if (unlikely(__atomic_load_n(&writes_held, __ATOMIC_SEQ_CST)) &&
+            !(req->flags & BREQ_NO_HOLD)) {
             write_hold(bs, req);
             return;
         }
-        mark_dirty(bs, req, req->offset);
         bnode_check_write_threshold(bs, req, req->offset);
         struct bnode_intercept *ic = __atomic_load_n(&bs->intercept, __ATOMIC_ACQUIRE);
         if (unlikely(ic)) {

@@ -49,6 +49,9 @@ enum {
                                  * submitting loop (its clients are spread over loops
                                  * already, or it has no other work to overlap the copy
                                  * with) rather than in the worker pool */
+    BREQ_NO_HOLD    = 1u << 5,  /* internal: a WRITE that block_writes_hold() lets
+                                 * through (copy-before-write copies, which a held
+                                 * guest write may be waiting for) */
     BREQ_BEYOND_EOF = 1u << 4,  /* internal (a format driver on its file child, image
                                  * creation): a WRITE may extend a protocol node,
                                  * whose size grows; a READ past its end reads zeros */
@@ -81,6 +84,7 @@ struct breq {
     uint8_t acct_op;
     uint8_t acct_fwd;
     bool write_counted;              /* in bs->writes_in_flight (block.c) */
+    struct bnode *counted_bs;        /* ... of this node (drivers change bs) */
     struct breq *held_next;          /* held by block_writes_hold() */
 };
 
@@ -159,6 +163,10 @@ struct bnode {
     /* a copy-before-write filter inserted above this node: writes reaching
      * the node go through it (atomic; NULL = none) */
     struct bnode_intercept *intercept;
+    /* why operations on the node are blocked (a block job uses it), as
+     * QEMU's op blockers: "block device is in use by block job: backup";
+     * NULL = free.  Main thread. */
+    const char *blocker;
 };
 
 /* Writes of a node diverted before they reach its driver (a backup job's

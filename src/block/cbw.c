@@ -191,8 +191,8 @@ static void copier_co(void *opaque)
     void *buf = xmalloc(len);
     int ret = bnode_co_pread(s->source, off, len, buf, 0);
     bool read_failed = ret < 0;
-    if (ret == 0)
-        ret = bnode_co_pwrite(s->target, off, len, buf, 0);
+    if (ret == 0)                 /* a held guest write may be waiting for this copy */
+        ret = bnode_co_pwrite(s->target, off, len, buf, BREQ_NO_HOLD);
     free(buf);
 
     pthread_mutex_lock(&s->lock);
@@ -643,10 +643,12 @@ static int cbw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 }
 
 /* QEMU's cbw_child_perm: once the filter has users, nobody else may write
- * its source behind its back. */
+ * its source behind its back.  A filter inserted above its source (a backup
+ * job's) sees every write of the source's users, so they keep writing. */
 static void cbw_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
 {
-    if (bs->users) {
+    struct cbw *s = bs->opaque;
+    if (bs->users && !(s && s->inserted)) {
         *perm |= PERM_CONSISTENT_READ;
         *shared &= ~(PERM_WRITE | PERM_RESIZE);
     }

@@ -17,6 +17,7 @@
 #include "block/dirty-bitmap.h"
 #include "block/dirty-bitmap-qmp.h"
 #include "block/transaction.h"
+#include "job/job.h"
 #include "qmp/qmp.h"
 #include "util/opts.h"
 #include "util/pbitmap.h"
@@ -50,6 +51,7 @@ static json_t *qmp_transaction(json_t *args, error **errp)
     struct txn_action *st = xcalloc(n ? n : 1, sizeof(*st));
     size_t nheld;
     struct bnode **held = dirty_bitmaps_freeze_all(&nheld);
+    struct job_txn *jtxn = grouped ? job_txn_new() : NULL;   /* jobs fail together */
     int ret = 0;
 
     for (size_t i = 0; i < n; i++) {
@@ -69,6 +71,7 @@ static json_t *qmp_transaction(json_t *args, error **errp)
         }
         st[i].ops = ops;
         st[i].grouped = grouped;
+        st[i].job_txn = jtxn;
         done = i + 1;
         if (ops->prepare(&st[i], json_object_get(act, "data"), errp) < 0) {
             ret = -1;
@@ -89,6 +92,7 @@ static json_t *qmp_transaction(json_t *args, error **errp)
         if (st[i].ops->clean)
             st[i].ops->clean(&st[i]);
     free(st);
+    job_txn_unref(jtxn);          /* its jobs hold it now */
     return ret < 0 ? NULL : json_object();
 }
 QMP_COMMAND("transaction", qmp_transaction)

@@ -13,6 +13,7 @@
 #include "util/error.h"
 
 struct txn_action;
+struct job_txn;
 
 struct txn_ops {
     const char *type;             /* TransactionActionKind */
@@ -29,7 +30,8 @@ struct txn_ops {
 /* Per-action state, owned by the command for its duration. */
 struct txn_action {
     const struct txn_ops *ops;
-    struct txn_group *group;      /* completion-mode=grouped: shared by the actions */
+    struct job_txn *job_txn;      /* completion-mode=grouped: the jobs' shared
+                                   * transaction (job.h); NULL otherwise */
     bool grouped;
     void *opaque;                 /* the kind's own state */
 };

@@ -622,6 +622,10 @@ static void job_completed(struct job *job)
 static void job_pause(struct job *job)
 {
     job->pause_count++;
+    /* Work waiting (asleep, yielded) goes to its pause point now, as in
+     * QEMU: a rate-limited job shows "paused" at once. */
+    if (!job->paused)
+        job_enter(job);
 }
 
 static void job_resume(struct job *job)
@@ -697,6 +701,11 @@ static void job_cancel(struct job *job, bool force)
         job_enter(job);
     }
     job_unref(job);
+}
+
+void job_early_fail(struct job *job)
+{
+    job_do_dismiss(job);
 }
 
 void job_user_cancel(struct job *job, bool force, error **errp)

@@ -174,6 +174,9 @@ void *job_create(const char *id, const struct job_driver *drv, struct job_txn *t
                  unsigned flags, void (*cb)(void *opaque, int ret), void *opaque,
                  error **errp);
 void job_start(struct job *job);
+/* A job still created (never started) that cannot go on: it goes to null
+ * and is freed at once, as QEMU's job_early_fail(). */
+void job_early_fail(struct job *job);
 
 /* The work is over: ret 0 or -errno; err (stolen, may be NULL) says why
  * it failed.  Completion (waiting/pending/finalize...) follows in the main

@@ -88,6 +88,7 @@ const char *error_class_name(enum err_class cls)
     switch (cls) {
     case ERR_COMMAND_NOT_FOUND: return "CommandNotFound";
     case ERR_DEVICE_NOT_FOUND:  return "DeviceNotFound";
+    case ERR_DEVICE_NOT_ACTIVE: return "DeviceNotActive";
     case ERR_GENERIC:           break;
     }
     return "GenericError";

@@ -11,6 +11,7 @@ enum err_class {
     ERR_GENERIC,            /* "GenericError" */
     ERR_COMMAND_NOT_FOUND,  /* "CommandNotFound" */
     ERR_DEVICE_NOT_FOUND,   /* "DeviceNotFound" */
+    ERR_DEVICE_NOT_ACTIVE,  /* "DeviceNotActive" (no such block job) */
 };
 
 typedef struct error {

@@ -136,6 +136,12 @@ SAME_AS_QSD = ["qmp_capabilities", "query-version", "query-commands", "query-qmp
                # the job framework
                "query-jobs", "job-pause", "job-resume", "job-cancel", "job-complete",
                "job-finalize", "job-dismiss", "JOB_STATUS_CHANGE",
+               # block jobs
+               "blockdev-backup", "query-block-jobs", "block-job-set-speed",
+               "block-job-cancel", "block-job-pause", "block-job-resume",
+               "block-job-complete", "block-job-finalize", "block-job-dismiss",
+               "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
+               "BLOCK_JOB_READY", "BLOCK_JOB_PENDING",
                # QOM, the block graph, chardevs
                "qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties",
                "x-debug-query-block-graph", "query-chardev", "query-chardev-backends",

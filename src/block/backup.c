@@ -1,0 +1,476 @@
+/*
+ * blockdev-backup: QEMU 7.2's backup block job (block/backup.c), as a QMP
+ * command and as a `transaction` action.
+ *
+ * Theory of operation.  Preparing a backup checks the arguments in QEMU's
+ * order with QEMU's words, then opens a copy-before-write node (cbw.c)
+ * over the source with the target as its target (named filter-node-name,
+ * or generated), freezes the sync bitmap (its successor records the
+ * writes from now on) and, for sync=bitmap, makes the filter copy only the
+ * bitmap's clusters.  Committing inserts the filter above the source:
+ * writes are held until those already issued have completed, which is the
+ * point in time the target receives (QEMU drains instead), and the job
+ * starts.  Its work, a coroutine in the main loop, waits for that point,
+ * then (except for sync=none, which only waits for its cancel while guest
+ * writes copy old data) copies every cluster the filter still needs in
+ * pieces, rate-limited by the speed, with pause points between pieces.
+ * Guest writes copy what they overwrite first; each cluster is copied once.
+ *
+ * Both paths run with every bitmap frozen (dirty_bitmaps_freeze_all), as a
+ * transaction's actions do, so bitmap actions of the same transaction and
+ * the freeze are one instant for every writer.  The block layer marks a
+ * write in the bitmaps before it looks at the hold, so a write missing
+ * from the new bitmaps passed the hold: it is before the point in time
+ * and in the frozen bitmap.
+ *
+ * At finalization the sync bitmap is settled as QEMU does (bitmap-mode:
+ * on-success abdicates to the successor on success, always abdicates in
+ * every case and adds back what was not copied, never reclaims), then the
+ * filter leaves the source and the job's nodes are released.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <string.h>
+#include "block/block.h"
+#include "block/block-job.h"
+#include "block/cbw.h"
+#include "block/dirty-bitmap.h"
+#include "block/transaction.h"
+#include "qmp/qmp.h"
+#include "util/coroutine.h"
+#include "util/opts.h"
+#include "util/xalloc.h"
+
+#define BACKUP_PIECE      (16u << 20)   /* bytes copied between pause points */
+#define BACKUP_PIECE_SLOW (1u << 20)    /* ... under a speed limit */
+
+enum sync_mode { SYNC_TOP, SYNC_FULL, SYNC_NONE, SYNC_INCREMENTAL, SYNC_BITMAP };
+static const char *const sync_names[] = { "top", "full", "none", "incremental", "bitmap" };
+enum bitmap_mode { BM_ON_SUCCESS, BM_NEVER, BM_ALWAYS };
+static const char *const bitmap_mode_names[] = { "on-success", "never", "always" };
+
+struct backup_job {
+    struct block_job common;
+    struct bnode *source, *target;
+    struct bnode *filter;            /* our reference to the copy-before-write node */
+    struct cbw *cbw;
+    enum sync_mode sync;
+    struct dirty_bitmap *sync_bitmap;   /* frozen, with a successor, until settled */
+    enum bitmap_mode bitmap_mode;
+    enum block_on_error on_source_error, on_target_error;
+    uint64_t len;
+    uint64_t max_chunk;              /* x-perf max-chunk, 0 = none */
+    bool inserted;                   /* the filter is above the source */
+    bool frozen;                     /* ... and the point in time is set */
+    struct coroutine *freeze_waiter;
+};
+
+static int parse_enum(const char *s, const char *const *names, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (!strcmp(s, names[i]))
+            return i;
+    return 0;
+}
+
+/* ---- settling the bitmap, releasing the nodes ---- */
+
+static void backup_settle_bitmap(struct backup_job *s, int ret)
+{
+    struct dirty_bitmap *bm = s->sync_bitmap;
+    if (!bm)
+        return;
+    s->sync_bitmap = NULL;
+    bool sync = (ret == 0 || s->bitmap_mode == BM_ALWAYS) && s->bitmap_mode != BM_NEVER;
+    bm = sync ? dirty_bitmap_abdicate(bm) : dirty_bitmap_reclaim(bm);
+    if (ret < 0 && s->bitmap_mode == BM_ALWAYS && bm && s->cbw) {
+        /* what was not copied stays dirty */
+        uint64_t c = cbw_cluster_size(s->cbw);
+        for (uint64_t off = cbw_next_need(s->cbw, 0); off < s->len;
+             off = cbw_next_need(s->cbw, off + c)) {
+            off -= off % c;
+            dirty_bitmap_set_range(bm, off, MIN(c, s->len - off));
+        }
+    }
+}
+
+static void backup_release(struct backup_job *s)
+{
+    backup_settle_bitmap(s, -1);
+    if (s->filter) {
+        if (s->cbw)
+            cbw_set_progress(s->cbw, NULL, NULL);
+        cbw_remove(s->filter);
+        bnode_unref(s->filter);
+        s->filter = NULL;
+        s->cbw = NULL;
+    }
+    block_job_remove_nodes(&s->common);
+}
+
+/* ---- the work ---- */
+
+static void backup_progress(void *opaque, uint64_t bytes)
+{
+    struct job *job = opaque;
+    __atomic_add_fetch(&job->progress_current, bytes, __ATOMIC_RELAXED);
+}
+
+static void backup_frozen(void *opaque)
+{
+    struct backup_job *s = opaque;
+    s->frozen = true;
+    if (s->freeze_waiter) {
+        struct coroutine *co = s->freeze_waiter;
+        s->freeze_waiter = NULL;
+        co_enter(co);
+    }
+    job_unref(&s->common.job);       /* taken by backup_commit */
+}
+
+/* sync=top: clusters unallocated in the whole chain of the source need no copy. */
+static int backup_skip_unallocated(struct backup_job *s)
+{
+    uint64_t c = cbw_cluster_size(s->cbw);
+    for (uint64_t off = 0; off < s->len;) {
+        uint64_t pnum;
+        unsigned flags;
+        int depth;
+        if (job_is_cancelled(&s->common.job))
+            return 0;
+        int ret = bnode_block_status(s->source, off, s->len - off, &pnum, &flags, &depth);
+        if (ret < 0)
+            return ret;
+        if (depth == 0) {
+            uint64_t a = (off + c - 1) / c * c;
+            uint64_t z = off + pnum == s->len ? s->len : (off + pnum) / c * c;
+            if (z > a)
+                cbw_set_need(s->cbw, a, z - a, false);
+        }
+        off += pnum;
+    }
+    return 0;
+}
+
+static int backup_co_run(struct job *job, error **errp)
+{
+    struct backup_job *s = (struct backup_job *)job;
+
+    while (!s->frozen) {
+        s->freeze_waiter = co_self();
+        co_yield();
+    }
+    if (s->sync == SYNC_TOP) {
+        int ret = backup_skip_unallocated(s);
+        if (ret < 0)
+            return ret;
+    }
+    job_progress_set_remaining(job, cbw_need_bytes(s->cbw));
+
+    if (s->sync == SYNC_NONE) {
+        /* guest writes copy what they overwrite; nothing else to do */
+        while (!job_is_cancelled(job))
+            job_co_yield(job);
+        return 0;
+    }
+
+    uint64_t off = 0;
+    for (;;) {
+        if (job_is_cancelled(job))
+            return 0;
+        off = cbw_next_need(s->cbw, off);
+        if (off >= s->len) {
+            if (!cbw_need_bytes(s->cbw))
+                return 0;
+            off = 0;                 /* clusters left behind by an ignored error */
+            job_co_sleep(job, 0);
+            continue;
+        }
+        uint64_t delay = block_job_ratelimit(&s->common, 0);
+        if (delay) {                 /* still over the limit (woken early: a pause...) */
+            job_co_sleep(job, delay);
+            continue;
+        }
+        uint64_t piece = s->common.speed ? BACKUP_PIECE_SLOW : BACKUP_PIECE;
+        if (s->max_chunk && s->max_chunk < piece)
+            piece = s->max_chunk;
+        piece = MIN(piece, s->len - off);
+        bool is_read = false;
+        int ret = cbw_co_copy(s->cbw, off, piece, &is_read);
+        if (ret < 0) {
+            enum block_error_action a = block_job_error_action(
+                &s->common, is_read ? s->on_source_error : s->on_target_error, is_read, -ret);
+            if (a == ERROR_ACTION_REPORT)
+                return ret;
+            if (a == ERROR_ACTION_STOP)
+                job_co_pause_point(job);     /* then try again */
+            else
+                job_co_sleep(job, 0);
+            continue;
+        }
+        off += piece;
+        delay = block_job_ratelimit(&s->common, piece);
+        if (delay)
+            job_co_sleep(job, delay);
+        else
+            job_co_pause_point(job);
+    }
+}
+
+static void backup_run(struct job *job)
+{
+    job_run_co(job, backup_co_run);
+}
+
+/* ---- finalization ---- */
+
+static void backup_commit_job(struct job *job)
+{
+    backup_settle_bitmap((struct backup_job *)job, 0);
+}
+
+static void backup_abort_job(struct job *job)
+{
+    backup_settle_bitmap((struct backup_job *)job, -1);
+}
+
+static void backup_clean(struct job *job)
+{
+    backup_release((struct backup_job *)job);
+}
+
+static void backup_free(struct job *job)
+{
+    backup_release((struct backup_job *)job);
+}
+
+static const struct job_driver backup_driver = {
+    .instance_size = sizeof(struct backup_job),
+    .type = JOB_TYPE_BACKUP,
+    .run = backup_run,
+    .commit = backup_commit_job,
+    .abort = backup_abort_job,
+    .clean = backup_clean,
+    .free = backup_free,
+    .user_resume = block_job_user_resume,
+    .on_ready = block_job_on_ready,
+    .on_pending = block_job_on_pending,
+    .on_finalized = block_job_on_finalized,
+};
+
+/* ---- preparing (QEMU's do_backup_common and backup_job_create) ---- */
+
+static struct bnode *lookup_bs(const char *name, error **errp)
+{
+    struct bnode *bs = bnode_find(name);
+    if (!bs)
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", name, name);
+    return bs;
+}
+
+/* Open the copy-before-write node over bs, writing to target. */
+static struct bnode *open_filter(struct bnode *bs, struct bnode *target, const char *name,
+                                 error **errp)
+{
+    json_t *opts = json_pack("{s:s, s:s, s:s}", "driver", "copy-before-write",
+                             "file", bs->node_name, "target", target->node_name);
+    if (name)
+        json_object_set_new(opts, "node-name", json_string(name));
+    struct bnode *f = bnode_open_ref(opts, false, errp);
+    json_decref(opts);
+    if (!f)
+        error_prepend(errp, "Could not create node: ");
+    return f;
+}
+
+static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error **errp)
+{
+    struct bnode *bs = lookup_bs(opt_str(a, "device", ""), errp);
+    if (!bs)
+        return NULL;
+    struct bnode *target = lookup_bs(opt_str(a, "target", ""), errp);
+    if (!target)
+        return NULL;
+
+    enum sync_mode sync = parse_enum(opt_str(a, "sync", "full"), sync_names, 5);
+    bool has_bitmap = opt_has(a, "bitmap"), has_mode = opt_has(a, "bitmap-mode");
+    enum bitmap_mode mode = parse_enum(opt_str(a, "bitmap-mode", "on-success"),
+                                       bitmap_mode_names, 3);
+    struct dirty_bitmap *bm = NULL;
+
+    if ((sync == SYNC_BITMAP || sync == SYNC_INCREMENTAL) && !has_bitmap) {
+        error_setg(errp, "must provide a valid bitmap name for '%s' sync mode",
+                   sync_names[sync]);
+        return NULL;
+    }
+    if (sync == SYNC_INCREMENTAL) {
+        if (has_mode && mode != BM_ON_SUCCESS) {
+            error_setg(errp, "Bitmap sync mode must be 'on-success' when using sync mode "
+                       "'incremental'");
+            return NULL;
+        }
+        has_mode = true;
+        sync = SYNC_BITMAP;
+        mode = BM_ON_SUCCESS;
+    }
+    if (has_bitmap) {
+        const char *name = opt_str(a, "bitmap", "");
+        bm = dirty_bitmap_find(bs, name);
+        if (!bm) {
+            error_setg(errp, "Bitmap '%s' could not be found", name);
+            return NULL;
+        }
+        if (!has_mode) {
+            error_setg(errp, "Bitmap sync mode must be given when providing a bitmap");
+            return NULL;
+        }
+        if (dirty_bitmap_check(bm, DBM_CHECK_ALLOW_RO, errp) < 0)
+            return NULL;
+        if (sync == SYNC_NONE) {
+            error_setg(errp, "sync mode 'none' does not produce meaningful bitmap outputs");
+            return NULL;
+        }
+        if (mode == BM_NEVER && sync != SYNC_BITMAP) {
+            error_setg(errp, "Bitmap sync mode 'never' has no meaningful effect when combined "
+                       "with sync mode '%s'", sync_names[sync]);
+            return NULL;
+        }
+    }
+    if (!has_bitmap && has_mode) {
+        error_setg(errp, "Cannot specify bitmap sync mode without a bitmap");
+        return NULL;
+    }
+
+    /* backup_job_create() */
+    if (bs == target) {
+        error_setg(errp, "Source and target cannot be the same");
+        return NULL;
+    }
+    if (opt_bool(a, "compress", false)) {
+        /* bexd's drivers write no compressed clusters */
+        error_setg(errp, "Compression is not supported for this drive ");
+        return NULL;
+    }
+    if (block_node_check_busy(bs, errp) < 0 || block_node_check_busy(target, errp) < 0)
+        return NULL;
+    json_t *perf = json_object_get(a, "x-perf");
+    long long workers = opt_int(perf, "max-workers", 64);
+    long long max_chunk = opt_int(perf, "max-chunk", 0);
+    if (workers < 1 || workers > INT_MAX) {
+        error_setg(errp, "max-workers must be between 1 and %d", INT_MAX);
+        return NULL;
+    }
+    if (max_chunk < 0) {
+        error_setg(errp, "max-chunk must be zero (which means no limit) or positive");
+        return NULL;
+    }
+    if (bm && mode != BM_NEVER && dirty_bitmap_check(bm, DBM_CHECK_DEFAULT, errp) < 0)
+        return NULL;
+    if (bm && dirty_bitmap_create_successor(bm, errp) < 0)
+        return NULL;
+
+    struct bnode *filter = NULL;
+    struct backup_job *s = NULL;
+    if (bs->size != target->size) {
+        error_setg(errp, "Source and target image have different sizes");
+        goto fail;
+    }
+    filter = open_filter(bs, target, opt_str(a, "filter-node-name", NULL), errp);
+    if (!filter)
+        goto fail;
+    struct cbw *cbw = cbw_of(filter);
+    if (max_chunk && (uint64_t)max_chunk < cbw_cluster_size(cbw)) {
+        error_setg(errp, "Required max-chunk (%lld) is less than backup cluster size (%" PRIu64
+                   ")", max_chunk, cbw_cluster_size(cbw));
+        goto fail;
+    }
+    unsigned flags = JOB_DEFAULT;
+    if (!opt_bool(a, "auto-finalize", true))
+        flags |= JOB_MANUAL_FINALIZE;
+    if (!opt_bool(a, "auto-dismiss", true))
+        flags |= JOB_MANUAL_DISMISS;
+    s = block_job_create(opt_str(a, "job-id", ""), &backup_driver, txn, opt_int(a, "speed", 0),
+                         flags, errp);
+    if (!s)
+        goto fail;
+    s->source = bs;
+    s->target = target;
+    s->filter = filter;
+    s->cbw = cbw;
+    s->sync = sync;
+    s->sync_bitmap = bm;
+    s->bitmap_mode = mode;
+    s->on_source_error = block_on_error_parse(opt_str(a, "on-source-error", NULL));
+    s->on_target_error = block_on_error_parse(opt_str(a, "on-target-error", NULL));
+    s->len = bs->size;
+    s->max_chunk = (uint64_t)max_chunk;
+    block_job_add_node(&s->common, filter);
+    block_job_add_node(&s->common, target);
+    if (sync == SYNC_BITMAP)
+        cbw_need_from_bitmap(cbw, bm);
+    cbw_set_progress(cbw, backup_progress, &s->common.job);
+    job_progress_set_remaining(&s->common.job, cbw_need_bytes(cbw));
+    return s;
+
+fail:
+    if (filter)
+        bnode_unref(filter);
+    if (bm)
+        dirty_bitmap_reclaim(bm);
+    return NULL;
+}
+
+/* The point in time is now: hold writes until the issued ones are done,
+ * insert the filter, start the job. */
+static void backup_commit(struct backup_job *s)
+{
+    s->inserted = true;
+    job_ref(&s->common.job);         /* until backup_frozen */
+    cbw_insert(s->filter, backup_frozen, s);
+    job_start(&s->common.job);
+}
+
+/* A prepared job that must not run (a later action failed). */
+static void backup_abort(struct backup_job *s)
+{
+    job_user_cancel(&s->common.job, true, NULL);
+}
+
+static json_t *qmp_blockdev_backup(json_t *args, error **errp)
+{
+    size_t nheld;
+    struct bnode **held = dirty_bitmaps_freeze_all(&nheld);
+    struct backup_job *s = backup_prepare(args, NULL, errp);
+    if (s)
+        backup_commit(s);
+    dirty_bitmaps_thaw_all(held, nheld);
+    return NULL;
+}
+QMP_COMMAND("blockdev-backup", qmp_blockdev_backup)
+
+/* ---- the transaction action ---- */
+
+static int txn_backup_prepare(struct txn_action *a, json_t *data, error **errp)
+{
+    struct backup_job *s = backup_prepare(data, a->job_txn, errp);
+    a->opaque = s;
+    return s ? 0 : -1;
+}
+
+static void txn_backup_commit(struct txn_action *a)
+{
+    backup_commit(a->opaque);
+}
+
+static void txn_backup_abort(struct txn_action *a)
+{
+    if (a->opaque)
+        backup_abort(a->opaque);
+}
+
+static struct txn_ops backup_ops = {
+    .type = "blockdev-backup", .grouped = true,
+    .prepare = txn_backup_prepare, .commit = txn_backup_commit, .abort = txn_backup_abort,
+};
+TRANSACTION_ACTION(backup_ops)

@@ -1,0 +1,621 @@
+"""blockdev-backup and the block-job-* commands, as qemu-storage-daemon 7.2.
+
+Against bexd and qsd (impl): every argument error in qsd's words; the verbs
+on a running job (a null-co source with speed 1 stays running after its
+first piece); the events of a job's life in QEMU's order; transactions
+with bitmap actions and backups, all or nothing; guest writes during a
+push backup reach the target as old data (copy-before-write); and the two
+incremental backup flows with real clients: push (sync=incremental into
+qcow2 images, checked with qemu-img compare) and pull (fleecing with
+sync=none, a snapshot-access export publishing the bitmap, a libnbd client
+copying only the dirty extents), three generations each.
+
+QEMU pauses and resumes every job around each drained section (any
+blockdev-backup, transaction, blockdev-add...): its JOB_STATUS_CHANGE
+stream has extra paused/running pairs that say nothing about the job.
+Event comparisons drop such pairs (logical()).
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+MiB = 1 << 20
+
+
+def logical(events, ids=None):
+    """JOB_STATUS_CHANGE and BLOCK_JOB_* events as (event, id, status),
+    without QEMU's drain pairs (a job's paused followed by its running)."""
+    out = []
+    for e in events:
+        name, d = e["event"], e.get("data", {})
+        if name == "JOB_STATUS_CHANGE":
+            item = (name, d["id"], d["status"])
+        elif name.startswith("BLOCK_JOB_"):
+            item = (name, d.get("device", d.get("id")), d.get("action", d.get("error")))
+        else:
+            continue
+        if ids and item[1] not in ids:
+            continue
+        mine = [i for i, x in enumerate(out) if x[1] == item[1]]
+        if (item[0] == "JOB_STATUS_CHANGE" and item[2] == "running" and mine and
+                out[mine[-1]] == ("JOB_STATUS_CHANGE", item[1], "paused")):
+            del out[mine[-1]]
+            continue
+        out.append(item)
+    return out
+
+
+def drain_events(qmp, until, job, status=None):
+    """Every event (kept or new) up to and including the event `until` of
+    job (with that status, for JOB_STATUS_CHANGE); they leave qmp.events."""
+    i = 0
+    while True:
+        while i >= len(qmp.events):
+            qmp.events.append(qmp.recv())
+        e = qmp.events[i]
+        d = e.get("data", {})
+        if (e["event"] == until and job in (d.get("device"), d.get("id")) and
+                (status is None or d.get("status") == status)):
+            got = qmp.events[:i + 1]
+            del qmp.events[:i + 1]
+            return got
+        i += 1
+
+
+def null_daemon(start_daemon, impl, size=1 * MiB, *extra):
+    d = start_daemon(impl, "--blockdev", "null-co,node-name=src,size=%d" % size,
+                     "--blockdev", "null-co,node-name=tgt,size=%d" % size,
+                     "--blockdev", "null-co,node-name=t2,size=%d" % (2 * size),
+                     "--blockdev", "null-co,node-name=s3,size=%d" % size, *extra)
+    qmp = d.qmp()
+    qmp.execute("block-dirty-bitmap-add", node="src", name="b")
+    return qmp
+
+
+B = dict(device="src", target="tgt")
+ERRORS = [
+    (dict(device="nosuch", target="tgt", sync="full"),
+     "Cannot find device='nosuch' nor node-name='nosuch'"),
+    (dict(device="src", target="nosuch", sync="full"),
+     "Cannot find device='nosuch' nor node-name='nosuch'"),
+    (dict(device="src", target="src", sync="full"), "Source and target cannot be the same"),
+    (dict(sync="incremental", **B), "must provide a valid bitmap name for 'incremental' sync mode"),
+    (dict(sync="bitmap", **B), "must provide a valid bitmap name for 'bitmap' sync mode"),
+    (dict(sync="full", bitmap="nosuch", bitmap_mode="on-success", **B),
+     "Bitmap 'nosuch' could not be found"),
+    (dict(sync="full", bitmap="b", **B), "Bitmap sync mode must be given when providing a bitmap"),
+    (dict(sync="full", bitmap_mode="always", **B),
+     "Cannot specify bitmap sync mode without a bitmap"),
+    (dict(sync="none", bitmap="b", bitmap_mode="always", **B),
+     "sync mode 'none' does not produce meaningful bitmap outputs"),
+    (dict(sync="full", bitmap="b", bitmap_mode="never", **B),
+     "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'"),
+    (dict(sync="incremental", bitmap="b", bitmap_mode="always", **B),
+     "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"),
+    (dict(sync="incremental", bitmap="nosuch", **B), "Bitmap 'nosuch' could not be found"),
+    (dict(device="src", target="t2", sync="full"), "Source and target image have different sizes"),
+    (dict(sync="full", compress=True, **B), "Compression is not supported for this drive "),
+    (dict(sync="full", speed=-1, **B), "Parameter 'speed' expects a non-negative value"),
+    (dict(job_id=None, sync="full", **B), "Invalid job ID ''"),
+    (dict(job_id="1bad", sync="full", **B), "Invalid job ID '1bad'"),
+    (dict(sync="full", x_perf={"max-workers": 0}, **B),
+     "max-workers must be between 1 and 2147483647"),
+    (dict(sync="full", x_perf={"max-chunk": -1}, **B),
+     "max-chunk must be zero (which means no limit) or positive"),
+    (dict(sync="full", x_perf={"max-chunk": 512}, **B),
+     "Required max-chunk (512) is less than backup cluster size (65536)"),
+    (dict(sync="full", filter_node_name="src", **B),
+     "Could not create node: Duplicate nodes with node-name='src'"),
+    (dict(sync="full", filter_node_name="1x", **B),
+     "Could not create node: Invalid node-name: '1x'"),
+]
+
+
+def args_of(c):
+    a = {"job-id": "j"}
+    for k, v in c.items():
+        k = k.replace("_", "-")
+        if v is None:
+            a.pop(k, None)
+        else:
+            a[k] = v
+    return a
+
+
+def test_argument_errors(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl)
+    for c, desc in ERRORS:
+        r = qmp.request("blockdev-backup", args_of(c))
+        assert r.get("error") == {"class": "GenericError", "desc": desc}, (c, r)
+        # the same through a transaction, and nothing was left behind
+        r = qmp.request("transaction", {"actions": [{"type": "blockdev-backup",
+                                                     "data": args_of(c)}]})
+        assert r.get("error") == {"class": "GenericError", "desc": desc}, (c, r)
+    assert qmp.execute("query-block-jobs") == []
+    assert sorted(n["node-name"] for n in qmp.execute("query-named-block-nodes")) == \
+        ["s3", "src", "t2", "tgt"]
+    bm = [b for n in qmp.execute("query-named-block-nodes") for b in n.get("dirty-bitmaps", [])]
+    assert [b.get("name") for b in bm] == ["b"] and not bm[0]["busy"]
+    # a failed speed made the job and dropped it, as QEMU's job_early_fail
+    assert logical(qmp.events) == [("JOB_STATUS_CHANGE", "j", "created"),
+                                   ("JOB_STATUS_CHANGE", "j", "null")] * 2
+
+
+def test_block_job_not_found(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl)
+    for cmd, a in (("block-job-cancel", {"device": "x"}), ("block-job-pause", {"device": "x"}),
+                   ("block-job-resume", {"device": "x"}), ("block-job-complete", {"device": "x"}),
+                   ("block-job-set-speed", {"device": "x", "speed": 1}),
+                   ("block-job-finalize", {"id": "x"}), ("block-job-dismiss", {"id": "x"})):
+        assert qmp.request(cmd, a)["error"] == {"class": "DeviceNotActive",
+                                                "desc": "Block job 'x' not found"}
+    assert qmp.execute("query-block-jobs") == []
+
+
+def job_info(qmp, job):
+    [info] = [j for j in qmp.execute("query-block-jobs") if j["device"] == job]
+    return info
+
+
+def test_running_job_verbs_and_events(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl, 64 * MiB,
+                      "--blockdev", "null-co,node-name=t4,size=%d" % (64 * MiB))
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full",
+                speed=1, filter_node_name="f", bitmap="b", bitmap_mode="on-success")
+    info = job_info(qmp, "r")
+    assert info == {"type": "backup", "device": "r", "len": 64 * MiB, "offset": MiB,
+                    "busy": False, "paused": False, "speed": 1, "io-status": "ok",
+                    "ready": False, "status": "running", "auto-finalize": True,
+                    "auto-dismiss": True}
+    assert [j["id"] for j in qmp.execute("query-jobs")] == ["r"]
+    busy = "Node '%s' is busy: block device is in use by block job: backup"
+    assert qmp.error("blockdev-del", node_name="f")["desc"] == busy % "f"
+    assert qmp.error("blockdev-del", node_name="tgt")["desc"] == busy % "tgt"
+    assert qmp.error("blockdev-backup", job_id="r2", device="s3", target="tgt",
+                     sync="full")["desc"] == busy % "tgt"
+    assert qmp.error("blockdev-backup", job_id="r2", device="src", target="t2", sync="full",
+                     bitmap="b", bitmap_mode="always")["desc"] == \
+        "Bitmap 'b' is currently in use by another operation and cannot be used"
+    assert qmp.error("block-dirty-bitmap-clear", node="src", name="b")["desc"] == \
+        "Bitmap 'b' is currently in use by another operation and cannot be used"
+    assert qmp.error("blockdev-backup", job_id="r", device="s3", target="t4",
+                     sync="full")["desc"] == "Job ID 'r' already in use"
+    assert qmp.error("block-job-set-speed", device="r", speed=-1)["desc"] == \
+        "Parameter 'speed' expects a non-negative value"
+    assert qmp.error("block-job-complete", device="r")["desc"] == \
+        "Job 'r' in state 'running' cannot accept command verb 'complete'"
+    assert qmp.error("block-job-resume", device="r")["desc"] == \
+        "Can't resume a job that was not paused"
+    assert qmp.error("block-job-finalize", id="r")["desc"] == \
+        "Job 'r' in state 'running' cannot accept command verb 'finalize'"
+    assert qmp.error("block-job-dismiss", id="r")["desc"] == \
+        "Job 'r' in state 'running' cannot accept command verb 'dismiss'"
+    qmp.execute("block-job-pause", device="r")
+    assert qmp.error("block-job-pause", device="r")["desc"] == "Job is already paused"
+    info = job_info(qmp, "r")
+    assert (info["status"], info["paused"], info["offset"]) == ("paused", True, MiB)
+    assert qmp.error("block-job-cancel", device="r")["desc"] == \
+        "The block job for device 'r' is currently paused"
+    qmp.execute("block-job-resume", device="r")
+    qmp.execute("block-job-cancel", device="r", force=True)
+    ev = drain_events(qmp, "JOB_STATUS_CHANGE", "r", "null")
+    [c] = [e for e in ev if e["event"] == "BLOCK_JOB_CANCELLED"]
+    assert c["data"] == {"type": "backup", "device": "r", "len": 64 * MiB, "offset": MiB,
+                         "speed": 1}
+    assert logical(ev, ["r"]) == [
+        # (the user's pause and resume look like a drain's: dropped)
+        ("JOB_STATUS_CHANGE", "r", "created"), ("JOB_STATUS_CHANGE", "r", "running"),
+        ("JOB_STATUS_CHANGE", "r", "aborting"), ("BLOCK_JOB_CANCELLED", "r", None),
+        ("JOB_STATUS_CHANGE", "r", "concluded"), ("JOB_STATUS_CHANGE", "r", "null")]
+    assert qmp.execute("query-block-jobs") == []
+    nodes = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes")}
+    assert sorted(nodes) == ["s3", "src", "t2", "t4", "tgt"]
+    # cancelled: bitmap-mode on-success gave the bitmap back, recording
+    [b] = [b for b in nodes["src"]["dirty-bitmaps"] if b.get("name") == "b"]
+    assert (b["busy"], b["recording"]) == (False, True)
+    qmp.execute("blockdev-del", node_name="tgt")
+
+
+def test_set_speed_lets_the_job_finish(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl, 64 * MiB)
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full", speed=1)
+    while job_info(qmp, "r")["offset"] < MiB:     # the first piece, then the limit
+        pass
+    qmp.execute("block-job-set-speed", device="r", speed=0)
+    e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert e["data"] == {"type": "backup", "device": "r", "len": 64 * MiB,
+                         "offset": 64 * MiB, "speed": 0}
+
+
+def test_manual_finalize_and_dismiss(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl, 4 * MiB)
+    qmp.execute("blockdev-backup", job_id="m", device="src", target="tgt", sync="full",
+                auto_finalize=False, auto_dismiss=False)
+    ev = drain_events(qmp, "BLOCK_JOB_PENDING", "m")
+    info = job_info(qmp, "m")
+    assert (info["status"], info["offset"], info["len"]) == ("pending", 4 * MiB, 4 * MiB)
+    assert qmp.error("block-job-dismiss", id="m")["desc"] == \
+        "Job 'm' in state 'pending' cannot accept command verb 'dismiss'"
+    qmp.execute("block-job-finalize", id="m")
+    assert job_info(qmp, "m")["status"] == "concluded"
+    qmp.execute("block-job-dismiss", id="m")
+    ev += drain_events(qmp, "JOB_STATUS_CHANGE", "m", "null")
+    assert logical(ev, ["m"]) == [
+        ("JOB_STATUS_CHANGE", "m", "created"), ("JOB_STATUS_CHANGE", "m", "running"),
+        ("JOB_STATUS_CHANGE", "m", "waiting"), ("JOB_STATUS_CHANGE", "m", "pending"),
+        ("BLOCK_JOB_PENDING", "m", None), ("BLOCK_JOB_COMPLETED", "m", None),
+        ("JOB_STATUS_CHANGE", "m", "concluded"), ("JOB_STATUS_CHANGE", "m", "null")]
+    assert qmp.execute("query-block-jobs") == []
+
+
+def test_transaction_all_or_nothing(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl, 64 * MiB)
+    # a backup that fails takes the bitmap added before it away
+    r = qmp.request("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "n"}},
+        {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "t2",
+                                             "sync": "full"}}]})
+    assert r["error"]["desc"] == "Source and target image have different sizes"
+    names = [b.get("name") for n in qmp.execute("query-named-block-nodes")
+             for b in n.get("dirty-bitmaps", [])]
+    assert names == ["b"]
+    # a backup prepared before a failing action is cancelled before it runs
+    r = qmp.request("transaction", {"actions": [
+        {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "tgt",
+                                             "sync": "full", "bitmap": "b",
+                                             "bitmap-mode": "on-success"}},
+        {"type": "abort", "data": {}}]})
+    assert r["error"]["desc"] == "Transaction aborted using Abort action"
+    assert qmp.execute("query-block-jobs") == []
+    assert logical(qmp.events) == [
+        ("JOB_STATUS_CHANGE", "j", "created"), ("JOB_STATUS_CHANGE", "j", "aborting"),
+        ("JOB_STATUS_CHANGE", "j", "concluded"), ("JOB_STATUS_CHANGE", "j", "null")]
+    qmp.events.clear()
+    nodes = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes")}
+    assert sorted(nodes) == ["s3", "src", "t2", "tgt"]
+    assert [(b.get("name"), b["busy"]) for b in nodes["src"]["dirty-bitmaps"]] == [("b", False)]
+    # bitmap actions do not take completion-mode grouped
+    r = qmp.request("transaction", {"properties": {"completion-mode": "grouped"}, "actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "n"}}]})
+    assert r["error"]["desc"] == ("Action 'block-dirty-bitmap-add' does not support "
+                                  "Transaction property completion-mode = grouped")
+
+
+def test_grouped_jobs_fail_together(impl, start_daemon):
+    qmp = null_daemon(start_daemon, impl, 64 * MiB,
+                      "--blockdev", "null-co,node-name=t3,size=%d" % (64 * MiB))
+    qmp.execute("transaction", properties={"completion-mode": "grouped"}, actions=[
+        {"type": "blockdev-backup", "data": {"job-id": "g1", "device": "src", "target": "tgt",
+                                             "sync": "full", "speed": 1}},
+        {"type": "blockdev-backup", "data": {"job-id": "g2", "device": "s3", "target": "t3",
+                                             "sync": "full", "speed": 1}}])
+    assert logical(qmp.events) == [
+        ("JOB_STATUS_CHANGE", "g1", "created"), ("JOB_STATUS_CHANGE", "g2", "created"),
+        ("JOB_STATUS_CHANGE", "g1", "running"), ("JOB_STATUS_CHANGE", "g2", "running")]
+    qmp.events.clear()
+    qmp.execute("block-job-cancel", device="g1")
+    got = set()
+    while len(got) < 2:
+        e = qmp.wait_event("BLOCK_JOB_CANCELLED")
+        got.add(e["data"]["device"])
+    assert got == {"g1", "g2"}
+
+
+def write_random(path, size, seed):
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(0, size, 2 * MiB):
+            f.seek(i)
+            f.write(rnd.randbytes(MiB))
+
+
+def qemu_io(uri, *cmds):
+    argv = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        argv += ["-c", c]
+    r = subprocess.run(argv + [uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=120)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and "failed" not in out and "error" not in out.lower(), out
+    return out
+
+
+def img_compare(a, b, fmt_b="raw", fmt_a="raw"):
+    return subprocess.run(["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, a, b],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+
+
+def test_guest_writes_copy_old_data_first(impl, start_daemon, tmpdir_short):
+    """A write during a push backup reaches the target as the old data."""
+    size = 16 * MiB
+    img = os.path.join(tmpdir_short, "src.img")
+    tgt = os.path.join(tmpdir_short, "tgt.img")
+    ref = os.path.join(tmpdir_short, "ref.img")
+    write_random(img, size, 1)
+    shutil.copyfile(img, ref)
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0",
+                     "--blockdev", "driver=file,node-name=tgt,filename=%s" % tgt,
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "nbd,id=w,node-name=disk,name=w,writable=on")
+    qmp = d.qmp()
+    uri = "nbd+unix:///w?socket=" + sock
+    qmp.execute("block-dirty-bitmap-add", node="tgt", name="t")
+    qmp.execute("blockdev-backup", job_id="p", device="disk", target="tgt", sync="full",
+                speed=1)
+    while job_info(qmp, "p")["offset"] < MiB:     # the first piece, then the limit
+        pass
+    # overwrite data the job has not copied yet, and some it has
+    qemu_io(uri, "write -P 0x61 8M 100k", "write -z 12M 1M", "write -P 0x62 4k 4k")
+    qmp.execute("block-job-set-speed", device="p", speed=0)
+    e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in e["data"] and e["data"]["offset"] == size
+    assert img_compare(ref, tgt).returncode == 0
+    assert img_compare(img, tgt).returncode == 1      # the live image moved on
+    # the job's writes marked the target's bitmap
+    [t] = [b for n in qmp.execute("query-named-block-nodes") if n["node-name"] == "tgt"
+           for b in n["dirty-bitmaps"]]
+    assert t["count"] == size
+
+
+def test_push_incremental_three_generations(impl, start_daemon, tmpdir_short):
+    """sync=full into a qcow2 image, then twice sync=incremental into qcow2
+    overlays of the previous one: each chain equals the image at its
+    backup's start, and holds only the clusters written since."""
+    size = 16 * MiB
+    img = os.path.join(tmpdir_short, "src.img")
+    write_random(img, size, 2)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0",
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "nbd,id=w,node-name=disk,name=w,writable=on")
+    qmp = d.qmp()
+    uri = "nbd+unix:///w?socket=" + sock
+    prev = None
+    writes = [None, ("write -P 0x11 1M 64k", "write -P 0x12 5M 200k"),
+              ("write -P 0x21 1M 4k", "write -z 9M 1M", "write -P 0x22 15M 64k")]
+    for gen in range(3):
+        if writes[gen]:
+            qemu_io(uri, *writes[gen])
+        ref = os.path.join(tmpdir_short, "ref%d.img" % gen)
+        shutil.copyfile(img, ref)
+        path = os.path.join(tmpdir_short, "gen%d.qcow2" % gen)
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)]
+        if prev:
+            argv[5:5] = ["-b", prev, "-F", "qcow2"]
+        subprocess.run(argv, check=True)
+        qmp.execute("blockdev-add", node_name="t%d" % gen, driver="qcow2",
+                    file={"driver": "file", "filename": path})
+        if gen == 0:
+            qmp.execute("transaction", actions=[
+                {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "inc"}},
+                {"type": "blockdev-backup", "data": {"job-id": "b0", "device": "disk",
+                                                     "target": "t0", "sync": "full"}}])
+        else:
+            qmp.execute("blockdev-backup", job_id="b%d" % gen, device="disk",
+                        target="t%d" % gen, sync="incremental", bitmap="inc")
+        # a write after the start is not in this generation
+        qemu_io(uri, "write -P 0x7%d 3M 64k" % gen)
+        e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        assert e["data"]["device"] == "b%d" % gen and "error" not in e["data"], e
+        qmp.execute("blockdev-del", node_name="t%d" % gen)
+        r = img_compare(ref, path, "qcow2")
+        assert r.returncode == 0, r.stdout
+        if gen:
+            # only the clusters written since the previous backup were copied
+            m = json.loads(subprocess.run(["qemu-img", "map", "-U", "--output=json", path],
+                                          check=True, stdout=subprocess.PIPE).stdout)
+            own = sum(x["length"] for x in m if x["depth"] == 0 and x["data"])
+            dirty = {1: 64 * 1024 + 4 * 64 * 1024 + 64 * 1024,   # 5M+200k spans 4 clusters
+                     2: 64 * 1024 + MiB + 64 * 1024 + 64 * 1024}[gen]
+            assert own <= dirty, (own, m)
+        # the bitmap now holds the write made after the start
+        [b] = [b for n in qmp.execute("query-named-block-nodes") if n["node-name"] == "disk"
+               for b in n["dirty-bitmaps"]]
+        assert (b["name"], b["count"], b["busy"]) == ("inc", 64 * 1024, False)
+        prev = path
+
+
+# ---- pull mode: fleecing, a snapshot export with the bitmap, a libnbd client ----
+
+def dirty_extents(h, ctx, size):
+    """(offset, length) of the dirty extents of meta context ctx."""
+    out = []
+    off = 0
+    while off < size:
+        got = []
+
+        def cb(meta, o, entries, err):
+            if meta == ctx:
+                got.append((o, list(entries)))
+            return 0
+        h.block_status(min(size - off, 1 << 30), off, cb)
+        [(o, entries)] = got
+        for i in range(0, len(entries), 2):
+            if entries[i + 1] & 1:
+                if out and out[-1][0] + out[-1][1] == o:
+                    out[-1] = (out[-1][0], out[-1][1] + entries[i])
+                else:
+                    out.append((o, entries[i]))
+            o += entries[i]
+        off = o
+    return out
+
+
+def copy_dirty(uri, bitmap, path):
+    """The backup client: read only the extents dirty in qemu:dirty-bitmap:
+    bitmap from the export into the previous copy at path.  Returns bytes copied."""
+    import nbd
+    ctx = "qemu:dirty-bitmap:" + bitmap
+    h = nbd.NBD()
+    h.add_meta_context(ctx)
+    h.connect_uri(uri)
+    assert h.can_meta_context(ctx)
+    size = h.get_size()
+    done = 0
+    with open(path, "r+b") as f:
+        for o, n in dirty_extents(h, ctx, size):
+            done += n
+            while n:
+                k = min(n, 4 * MiB)
+                f.seek(o)
+                f.write(h.pread(k, o))
+                o += k
+                n -= k
+    h.shutdown()
+    return done
+
+
+class Pull:
+    """A daemon serving a raw image over NBD (export w), and the pull-mode
+    backup flow of docs/backup.md around it."""
+
+    def __init__(self, impl, start_daemon, tmp, size, img=None, persistent=False):
+        self.impl, self.tmp, self.size = impl, tmp, size
+        self.img = img or os.path.join(tmp, "disk.img")
+        if not img:
+            write_random(self.img, size, 5)
+        self.sock = os.path.join(tmp, "nbd.sock")
+        self.start_daemon = start_daemon
+        self.persistent = persistent
+        self.start()
+
+    def start(self):
+        self.d = self.start_daemon(
+            self.impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % self.img,
+            "--blockdev", "driver=raw,node-name=disk,file=f0",
+            "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
+            "--export", "nbd,id=w,node-name=disk,name=w,writable=on")
+        self.qmp = self.d.qmp()
+
+    def uri(self, name):
+        return "nbd+unix:///%s?socket=%s" % (name, self.sock)
+
+    def fio(self, seed):
+        subprocess.run(["fio", "--name=w", "--ioengine=nbd", "--uri=" + self.uri("w"),
+                        "--rw=randwrite", "--bs=4k", "--size=%d" % self.size,
+                        "--io_size=1M", "--iodepth=8", "--randseed=%d" % seed,
+                        "--output=/dev/null"], check=True, timeout=300)
+
+    def bitmaps(self):
+        return {b["name"]: b for n in self.qmp.execute("query-named-block-nodes")
+                if n["node-name"] == "disk" for b in n.get("dirty-bitmaps", []) if "name" in b}
+
+    def generation(self, gen, since, new, copy):
+        """Freeze (a new bitmap `new`; the bitmap `since`, if any, stops),
+        write after the freeze, copy the frozen view into copy: everything,
+        or what `since` says changed.  Returns (bytes copied, reference)."""
+        ref = os.path.join(self.tmp, "ref%d.img" % gen)
+        shutil.copyfile(self.img, ref)       # nothing writes now: the frozen view
+        tmp = os.path.join(self.tmp, "fleece%d.img" % gen)
+        with open(tmp, "wb") as f:
+            f.truncate(self.size)
+        q = self.qmp
+        q.execute("blockdev-add", driver="file", node_name="tmp%d" % gen, filename=tmp)
+        add = {"node": "disk", "name": new}
+        if self.persistent:
+            add["persistent"] = True
+        actions = [{"type": "block-dirty-bitmap-add", "data": add}]
+        if since:
+            actions.append({"type": "block-dirty-bitmap-disable",
+                            "data": {"node": "disk", "name": since}})
+        actions.append({"type": "blockdev-backup", "data": {
+            "job-id": "fleece%d" % gen, "device": "disk", "target": "tmp%d" % gen,
+            "sync": "none", "filter-node-name": "cbw%d" % gen}})
+        q.execute("transaction", actions=actions)
+        q.execute("blockdev-add", driver="snapshot-access", node_name="snap%d" % gen,
+                  file="cbw%d" % gen)
+        exp = {"type": "nbd", "id": "s%d" % gen, "node-name": "snap%d" % gen,
+               "name": "s%d" % gen}
+        if since:
+            exp["bitmaps"] = [{"node": "disk", "name": since}]
+        q.execute("block-export-add", **exp)
+        # a write after the freeze is absent from the copy
+        qemu_io(self.uri("w"), "write -P 0x%02x %d 64k" % (0x40 + gen, (gen * 5 + 1) * MiB))
+        if since:
+            copied = copy_dirty(self.uri("s%d" % gen), since, copy)
+        else:
+            subprocess.run(["nbdcopy", self.uri("s%d" % gen), copy], check=True, timeout=300)
+            copied = self.size
+        q.execute("block-export-del", id="s%d" % gen)
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        q.execute("blockdev-del", node_name="snap%d" % gen)
+        q.execute("block-job-cancel", device="fleece%d" % gen)
+        e = q.wait_event("BLOCK_JOB_CANCELLED")
+        assert e["data"]["device"] == "fleece%d" % gen
+        q.execute("blockdev-del", node_name="tmp%d" % gen)
+        if since:
+            q.execute("block-dirty-bitmap-remove", node="disk", name=since)
+        os.unlink(tmp)
+        return copied, ref
+
+
+def check_copy(copy, ref, img, gen):
+    r = img_compare(ref, copy)
+    assert r.returncode == 0, r.stdout        # the frozen view, whole
+    with open(copy, "rb") as f, open(img, "rb") as g:
+        at = (gen * 5 + 1) * MiB
+        f.seek(at)
+        g.seek(at)
+        assert f.read(65536) != g.read(65536)  # the later write is not in it
+
+
+def test_pull_incremental_three_generations(impl, start_daemon, tmpdir_short):
+    size = 32 * MiB
+    p = Pull(impl, start_daemon, tmpdir_short, size)
+    copy = os.path.join(tmpdir_short, "copy.img")
+    copied, ref = p.generation(0, None, "b0", copy)
+    check_copy(copy, ref, p.img, 0)
+    for gen in (1, 2):
+        p.fio(gen)
+        dirty = p.bitmaps()["b%d" % (gen - 1)]["count"]
+        assert 0 < dirty < size // 2
+        copied, ref = p.generation(gen, "b%d" % (gen - 1), "b%d" % gen, copy)
+        assert copied == dirty                # only what changed since the last one
+        check_copy(copy, ref, p.img, gen)
+    assert list(p.bitmaps()) == ["b2"]
+
+
+def test_pull_after_restart_and_after_kill(start_daemon, tmpdir_short):
+    """bexd only (persistent bitmaps of raw images, kept in a sidecar): the
+    bitmap survives a clean restart and the next backup is incremental;
+    after kill -9 it comes back inconsistent and the flow falls back to a
+    full copy."""
+    size = 16 * MiB
+    p = Pull("bexd", start_daemon, tmpdir_short, size, persistent=True)
+    copy = os.path.join(tmpdir_short, "copy.img")
+    copied, ref = p.generation(0, None, "b0", copy)
+    check_copy(copy, ref, p.img, 0)
+    p.fio(1)
+    dirty = p.bitmaps()["b0"]["count"]
+    p.qmp.execute("quit")
+    p.d.wait_exit()
+    p.start()
+    b = p.bitmaps()["b0"]
+    assert (b["count"], b["persistent"], b.get("inconsistent", False)) == (dirty, True, False)
+    copied, ref = p.generation(1, "b0", "b1", copy)
+    assert copied == dirty
+    check_copy(copy, ref, p.img, 1)
+    p.fio(2)
+    p.d.stop(signal.SIGKILL)
+    p.start()
+    b = p.bitmaps()["b1"]
+    assert b["inconsistent"] is True
+    assert p.qmp.error("block-dirty-bitmap-disable", node="disk", name="b1")["desc"].startswith(
+        "Bitmap 'b1' is inconsistent and cannot be used")
+    # fall back: drop it, start over with a full copy and a new bitmap
+    p.qmp.execute("block-dirty-bitmap-remove", node="disk", name="b1")
+    copied, ref = p.generation(2, None, "b2", copy)
+    assert copied == size
+    check_copy(copy, ref, p.img, 2)
+    assert p.bitmaps()["b2"]["persistent"] is True
