@@ -143,12 +143,10 @@ static void test_pause_resume_complete(void **state)
     assert_int_equal(job->status, JOB_STATUS_RUNNING);
     assert_int_equal(job->progress_current, 1);
     assert_int_equal(job->progress_total, 2);
-    /* pausing takes effect at the next pause point */
+    /* pausing wakes the waiting work, which pauses at once (QEMU's job_pause) */
     job_user_pause(job, &err);
     assert_null(err);
     expect_verb_error(job, job_user_pause, "Job is already paused");
-    assert_int_equal(job->status, JOB_STATUS_RUNNING);
-    job_enter(job);
     assert_int_equal(job->status, JOB_STATUS_PAUSED);
     assert_true(job->paused);
     assert_int_equal(job->progress_current, 1);
@@ -159,7 +157,6 @@ static void test_pause_resume_complete(void **state)
     assert_int_equal(t->readies, 1);
     expect_verb_error(job, job_finalize, "Job 'p' in state 'ready' cannot accept command verb 'finalize'");
     job_user_pause(job, &err);
-    job_enter(job);
     assert_int_equal(job->status, JOB_STATUS_STANDBY);
     expect_verb_error(job, job_complete, "Job 'p' in state 'standby' cannot accept command verb 'complete'");
     job_user_resume(job, &err);
@@ -236,7 +233,6 @@ static void test_cancel_paused(void **state)
     t->steps = 5;
     job_start(job);
     job_user_pause(job, &err);
-    job_enter(job);
     assert_int_equal(job->status, JOB_STATUS_PAUSED);
     job_user_cancel(job, true, &err);
     assert_null(err);
@@ -287,7 +283,7 @@ static void test_failure_aborts_transaction(void **state)
     job_unref(&b->common);
 }
 
-static void test_sleep_cut_by_cancel_not_resume(void **state)
+static void test_sleep_cut_by_pause_and_cancel(void **state)
 {
     struct tjob *t = new_job("s", JOB_MANUAL_DISMISS, NULL);
     struct job *job = &t->common;
@@ -296,15 +292,20 @@ static void test_sleep_cut_by_cancel_not_resume(void **state)
     t->sleep_long = true;
     job_start(job);
     assert_int_equal(job->progress_current, 1);
+    /* a pause wakes the sleeper, which pauses; the resume goes on from
+     * there (QEMU: the sleep is cut), and it sleeps again */
     job_user_pause(job, &err);
+    assert_int_equal(job->status, JOB_STATUS_PAUSED);
+    assert_int_equal(job->progress_current, 1);
     job_user_resume(job, &err);
     assert_null(err);
-    assert_int_equal(job->progress_current, 1);       /* still asleep */
+    assert_int_equal(job->progress_current, 2);
+    assert_int_equal(job->status, JOB_STATUS_RUNNING);
     job_user_cancel(job, true, &err);
     assert_null(err);
     run_pending();
     assert_int_equal(job->status, JOB_STATUS_CONCLUDED);
-    assert_int_equal(job->progress_current, 1);
+    assert_int_equal(job->progress_current, 2);
     job_dismiss(job, &err);
     job_unref(job);
 }
@@ -375,7 +376,7 @@ int main(void)
         cmocka_unit_test(test_cancel_pending),
         cmocka_unit_test(test_cancel_paused),
         cmocka_unit_test(test_failure_aborts_transaction),
-        cmocka_unit_test(test_sleep_cut_by_cancel_not_resume),
+        cmocka_unit_test(test_sleep_cut_by_pause_and_cancel),
         cmocka_unit_test(test_coroutine_work),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
