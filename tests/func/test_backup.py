@@ -619,3 +619,67 @@ def test_pull_after_restart_and_after_kill(start_daemon, tmpdir_short):
     assert copied == size
     check_copy(copy, ref, p.img, 2)
     assert p.bitmaps()["b2"]["persistent"] is True
+
+
+# ---- I/O errors: a target on a full file system ----
+
+@pytest.fixture
+def small_fs(tmpdir_short):
+    """A 2 MiB tmpfs (needs the right to mount): writes past it fail with ENOSPC."""
+    mnt = os.path.join(tmpdir_short, "mnt")
+    os.mkdir(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", mnt],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode:
+        pytest.skip("cannot mount a tmpfs: %s" % r.stdout.decode().strip())
+    yield mnt
+    subprocess.run(["umount", "-l", mnt])
+
+
+def enospc_daemon(impl, start_daemon, mnt):
+    size = 8 * MiB
+    with open(os.path.join(mnt, "t.img"), "wb") as f:
+        f.truncate(size)
+    d = start_daemon(impl, "--blockdev", "null-co,node-name=src,size=%d" % size,
+                     "--blockdev", "driver=file,node-name=tgt,filename=%s/t.img" % mnt)
+    qmp = d.qmp()
+    qmp.execute("block-dirty-bitmap-add", node="src", name="b")
+    return qmp
+
+
+def test_target_error_report(impl, start_daemon, small_fs):
+    qmp = enospc_daemon(impl, start_daemon, small_fs)
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full",
+                bitmap="b", bitmap_mode="always")
+    ev = drain_events(qmp, "JOB_STATUS_CHANGE", "r", "null")
+    assert logical(ev) == [
+        ("JOB_STATUS_CHANGE", "r", "created"), ("JOB_STATUS_CHANGE", "r", "running"),
+        ("BLOCK_JOB_ERROR", "r", "report"), ("JOB_STATUS_CHANGE", "r", "aborting"),
+        ("BLOCK_JOB_COMPLETED", "r", "No space left on device"),
+        ("JOB_STATUS_CHANGE", "r", "concluded"), ("JOB_STATUS_CHANGE", "r", "null")]
+    [done] = [e["data"] for e in ev if e["event"] == "BLOCK_JOB_COMPLETED"]
+    assert 0 < done["offset"] < done["len"] == 8 * MiB
+    # bitmap-mode always: the bitmap holds what was not copied
+    [b] = [b for n in qmp.execute("query-named-block-nodes") if n["node-name"] == "src"
+           for b in n["dirty-bitmaps"]]
+    assert (b["name"], b["count"], b["busy"]) == ("b", done["len"] - done["offset"], False)
+
+
+def test_target_error_stop_and_resume(impl, start_daemon, small_fs):
+    qmp = enospc_daemon(impl, start_daemon, small_fs)
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full",
+                on_target_error="enospc")
+    ev = drain_events(qmp, "BLOCK_JOB_ERROR", "r")
+    assert ev[-1]["data"] == {"device": "r", "operation": "write", "action": "stop"}
+    info = job_info(qmp, "r")
+    assert (info["status"], info["paused"], info["io-status"]) == ("paused", True, "nospace")
+    assert qmp.error("block-job-cancel", device="r")["desc"] == \
+        "The block job for device 'r' is currently paused"
+    # resuming clears the io-status and tries again: the same error stops it again
+    qmp.execute("block-job-resume", device="r")
+    ev = drain_events(qmp, "BLOCK_JOB_ERROR", "r")
+    assert ev[-1]["data"]["action"] == "stop"
+    qmp.execute("block-job-cancel", device="r", force=True)
+    ev = drain_events(qmp, "JOB_STATUS_CHANGE", "r", "null")
+    assert ("BLOCK_JOB_CANCELLED", "r", None) in logical(ev)
+    assert qmp.execute("query-block-jobs") == []
