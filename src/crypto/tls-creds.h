@@ -2,7 +2,7 @@
  * TLS credentials objects (tls-creds-x509, tls-creds-psk, tls-creds-anon):
  * QEMU 7.2's properties, files and messages, loaded once into GnuTLS
  * credentials when the object is created.  Users look them up by id
- * (tls_creds_lookup) and pin them with obj.refcnt while they use them.
+ * (tls_creds_lookup) and pin them with object_ref() while they use them.
  */
 #pragma once
 #include <stdbool.h>

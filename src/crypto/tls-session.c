@@ -144,7 +144,7 @@ struct tls_session *tls_session_new_server(struct tls_creds *c, int fd, error **
     s->rbuf = xmalloc(TLS_RBUF);
     s->fd = fd;
     s->creds = c;
-    __atomic_add_fetch(&c->obj.refcnt, 1, __ATOMIC_ACQ_REL);
+    object_ref(&c->obj);
     r = gnutls_init(&s->sess, GNUTLS_SERVER | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
     if (r < 0) {
         s->sess = NULL;
@@ -169,7 +169,7 @@ void tls_session_free(struct tls_session *s)
         return;
     if (s->sess)
         gnutls_deinit(s->sess);
-    __atomic_sub_fetch(&s->creds->obj.refcnt, 1, __ATOMIC_ACQ_REL);
+    object_unref(&s->creds->obj);
     free(s->peer);
     free(s->rbuf);
     free(s);

@@ -78,9 +78,9 @@ static json_t *qmp_x_blockdev_set_iothread(json_t *args, error **errp)
         if (!affected(e, bs) || e->iothread == iot)
             continue;
         if (e->iothread)
-            e->iothread->obj.refcnt--;
+            object_unref(&e->iothread->obj);
         if (iot)
-            iot->obj.refcnt++;
+            object_ref(&iot->obj);
         e->iothread = iot;
         e->loop = iot ? iot->loop : loop_main();
     }

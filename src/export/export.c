@@ -119,10 +119,10 @@ int block_export_add(json_t *opts, error **errp)
     exp->iothread = iot;
     exp->loop = iot ? iot->loop : loop_main();
     if (iot)
-        iot->obj.refcnt++;
+        object_ref(&iot->obj);
     if (type->create(exp, opts, errp) < 0) {
         if (iot)
-            iot->obj.refcnt--;
+            object_unref(&iot->obj);
         bnode_detach(user);
         free(exp->id);
         free(exp);
@@ -173,7 +173,7 @@ void export_shutdown_done(struct export *exp)
     char *id = exp->id;
     bnode_detach(exp->user);
     if (exp->iothread)
-        exp->iothread->obj.refcnt--;
+        object_unref(&exp->iothread->obj);
     if (exp->type->free)
         exp->type->free(exp);
     free(exp);

@@ -2,6 +2,7 @@
  * User-creatable objects: registry shared by --object, object-add and
  * object-del.  Type-specific work lives in each type's hooks.
  */
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
@@ -29,6 +30,18 @@ static const struct object_type *type_find(const char *name)
         if (!strcmp(types[i]->name, name))
             return types[i];
     return NULL;
+}
+
+void object_ref(struct object *o)
+{
+    __atomic_add_fetch(&o->refcnt, 1, __ATOMIC_ACQ_REL);
+}
+
+void object_unref(struct object *o)
+{
+    int left = __atomic_sub_fetch(&o->refcnt, 1, __ATOMIC_ACQ_REL);
+    assert(left >= 0);
+    (void)left;
 }
 
 struct object *object_find(const char *id)
@@ -95,7 +108,8 @@ int object_del(const char *id, error **errp)
         error_setg(errp, "object '%s' not found", id);
         return -1;
     }
-    if (o->refcnt > 0 || (o->type->can_delete && !o->type->can_delete(o, NULL))) {
+    bool pinned = __atomic_load_n(&o->refcnt, __ATOMIC_ACQUIRE) > 0;
+    if (pinned || (o->type->can_delete && !o->type->can_delete(o, NULL))) {
         if (o->type->can_delete && !o->type->can_delete(o, errp))
             return -1;
         error_setg(errp, "object '%s' is in use, can not be deleted", id);

@@ -33,7 +33,7 @@ struct object_type {
 struct object {
     char *id;
     const struct object_type *type;
-    int refcnt;                       /* users that pin the object */
+    int refcnt;                       /* users that pin it: object_ref/unref only */
     json_t *props;                    /* its properties as last set (object-add, qom-set) */
     struct object *next;
 };
@@ -42,6 +42,10 @@ void object_type_register(const struct object_type *t);
 int  object_add(json_t *props, error **errp);
 int  object_del(const char *id, error **errp);
 struct object *object_find(const char *id);
+/* Pin an object in use (object-del refuses it until unpinned), from any
+ * thread. */
+void object_ref(struct object *o);
+void object_unref(struct object *o);
 void objects_delete_all(void);
 /* Reload object id (NULL: every object that can); each result is logged.
  * Returns -1 with errp set if one failed (the first failure). */

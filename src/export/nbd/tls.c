@@ -244,8 +244,10 @@ void nbd_tls_pin_creds(const char *id, bool pin)
 {
     struct object *o = object_find(id);
 
-    if (o)
-        __atomic_add_fetch(&o->refcnt, pin ? 1 : -1, __ATOMIC_ACQ_REL);
+    if (o && pin)
+        object_ref(o);
+    else if (o)
+        object_unref(o);
 }
 
 #else /* !CONFIG_TLS: no credentials object can exist */
