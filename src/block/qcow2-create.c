@@ -4,23 +4,24 @@
  *
  * Theory of operation: QEMU writes a header and a refcount table with one
  * refcount block, opens the image, allocates its first three clusters,
- * grows the L1 table to the requested size (and, with an external data
- * file and metadata preallocation, allocates the L2 tables that map it
- * 1:1), then sets the backing file.  Its allocator places every cluster,
- * and every refcount block it needs on the way, by a fixed algorithm
- * (first free cluster; a new refcount block where it can describe
- * itself, or counted in another block; retry when a block lands where the
- * data was going).  qc_alloc() replays that algorithm on an in-memory
- * model, so the final tables are known before anything is written; then
- * each structure is written once, in its final state, through the file
- * node (and the data file node is resized).  The file ends where QEMU's
- * does (an L1 table is written to its last entry, not to the end of its
- * cluster).
+ * grows the L1 table to the requested size, preallocates (metadata: L2
+ * tables and data clusters by its cluster allocator, one run per L2 table,
+ * the tail of the last cluster written by copy-on-write; falloc/full: new
+ * refcount structures at the end of the file covering everything, the
+ * data area after them, then the L2 tables; with an external data file
+ * only the L2 tables that map it 1:1), then sets the backing file.  Its
+ * allocator places every cluster, and every refcount block it needs on the
+ * way, by a fixed algorithm (first free cluster; a new refcount block where
+ * it can describe itself, or counted in another block; retry from the same
+ * clusters when a block lands where the data was going; a new, larger
+ * refcount table past the end of the file when the table is full, the old
+ * one freed).  The model below replays that algorithm in memory, so the
+ * final tables are known before anything is written; then each structure
+ * is written once, in its final state, through the file node (over the
+ * bytes of the refcount tables QEMU gave up, which stay in its file), and
+ * the file is made as long as QEMU's.
  *
- * Not made (clear errors): preallocation other than "metadata" with an
- * external data file (the qcow2 driver will do it once it writes),
- * encryption, and images whose metadata needs more than one cluster of
- * refcount table (very large images with tiny clusters).
+ * Not made (clear error): encryption.
  */
 #include <endian.h>
 #include <errno.h>
@@ -54,57 +55,49 @@ struct qc_opts {
     unsigned compression_type;
 };
 
-/* ---- the allocator model ---- */
-
-struct qc_refblock {
-    uint64_t offset;
-    uint8_t *data;
-};
+/* ---- the allocator model ----
+ *
+ * QEMU's refcount code (alloc_clusters_noref, update_refcount with its
+ * undo, alloc_refcount_block, qcow2_refcount_area, qcow2_free_clusters)
+ * replayed on tables in memory.  Refcount blocks are kept by refcount
+ * table index; a block made before the table that will point at it (the
+ * table grows) waits at its index until the new table takes it. */
 
 struct qc_image {
     unsigned cluster_bits, order, rb_bits;  /* rb_bits: log2(entries per refcount block) */
     uint64_t cs;
-    uint64_t *reftable;                     /* one cluster of entries */
-    uint64_t rt_entries;
-    struct qc_refblock *rbs;
-    unsigned n_rbs;
+    uint64_t *reftable;                     /* rt_size entries */
+    uint64_t rt_size, rt_offset;
+    uint8_t **rbs;                          /* by reftable index; rbs_cap entries */
+    uint64_t rbs_cap;
     uint64_t free_idx;                      /* QEMU's free_cluster_index */
+    /* Tables given up when the reftable grew: their bytes stay in the file
+     * wherever nothing else is written later. */
+    struct qc_stale { uint64_t offset, bytes; uint8_t *data; } *stale;
+    unsigned n_stale;
 };
 
-static uint8_t *qc_refblock(struct qc_image *m, uint64_t offset)
+static uint8_t **qc_rb_slot(struct qc_image *m, uint64_t ti)
 {
-    for (unsigned i = 0; i < m->n_rbs; i++)
-        if (m->rbs[i].offset == offset)
-            return m->rbs[i].data;
-    return NULL;
-}
-
-static void qc_new_refblock(struct qc_image *m, uint64_t offset)
-{
-    m->rbs = xrealloc(m->rbs, (m->n_rbs + 1) * sizeof(*m->rbs));
-    m->rbs[m->n_rbs].offset = offset;
-    m->rbs[m->n_rbs].data = xzalloc(m->cs);
-    m->n_rbs++;
+    if (ti >= m->rbs_cap) {
+        uint64_t cap = MAX(ti + 1, m->rbs_cap * 2);
+        m->rbs = xrealloc(m->rbs, cap * sizeof(*m->rbs));
+        memset(m->rbs + m->rbs_cap, 0, (cap - m->rbs_cap) * sizeof(*m->rbs));
+        m->rbs_cap = cap;
+    }
+    return &m->rbs[ti];
 }
 
 static uint64_t qc_get_refcount(struct qc_image *m, uint64_t idx)
 {
     uint64_t ti = idx >> m->rb_bits;
-    if (ti >= m->rt_entries || !m->reftable[ti])
+    if (ti >= m->rt_size || !m->reftable[ti])
         return 0;
-    return qcow2_refcount_get(qc_refblock(m, m->reftable[ti]), m->order,
-                              idx & ((1ull << m->rb_bits) - 1));
-}
-
-static void qc_add_refcount(struct qc_image *m, uint64_t idx, int64_t addend)
-{
-    uint8_t *rb = qc_refblock(m, m->reftable[idx >> m->rb_bits]);
-    uint64_t i = idx & ((1ull << m->rb_bits) - 1);
-    qcow2_refcount_set(rb, m->order, i, qcow2_refcount_get(rb, m->order, i) + addend);
+    return qcow2_refcount_get(m->rbs[ti], m->order, idx & ((1ull << m->rb_bits) - 1));
 }
 
 /* First n free clusters from the free index (QEMU's alloc_clusters_noref). */
-static uint64_t qc_alloc_noref(struct qc_image *m, uint64_t n)
+static int64_t qc_alloc_noref(struct qc_image *m, uint64_t n)
 {
     uint64_t found = 0;
     while (found < n) {
@@ -113,63 +106,94 @@ static uint64_t qc_alloc_noref(struct qc_image *m, uint64_t n)
         else
             found++;
     }
-    return m->free_idx - n;
+    if (m->free_idx > 0 && m->free_idx - 1 > (uint64_t)(INT64_MAX >> m->cluster_bits))
+        return -EFBIG;
+    return (int64_t)(m->free_idx - n);
 }
 
-static int qc_update_refcount(struct qc_image *m, uint64_t start, uint64_t n);
+static int qc_update_refcount(struct qc_image *m, uint64_t start, uint64_t n, bool decrease);
+static int64_t qc_refcount_area(struct qc_image *m, uint64_t start_offset, uint64_t additional,
+                                bool exact, uint64_t new_index, uint64_t new_offset);
 
 /* The refcount block for cluster idx (QEMU's alloc_refcount_block): 0 if
  * it exists, -EAGAIN once a new one is hooked up (the caller's clusters
- * may now be taken), -EFBIG when the table itself would have to grow. */
+ * may now be taken, so it searches again). */
 static int qc_alloc_refblock(struct qc_image *m, uint64_t idx)
 {
     uint64_t ti = idx >> m->rb_bits;
-    if (ti < m->rt_entries && m->reftable[ti])
+    if (ti < m->rt_size && m->reftable[ti])
         return 0;
-    uint64_t nb = qc_alloc_noref(m, 1);
-    if (ti >= m->rt_entries)
-        return -EFBIG;
-    if ((nb >> m->rb_bits) == ti) {
-        qc_new_refblock(m, nb << m->cluster_bits);
-        m->reftable[ti] = nb << m->cluster_bits;         /* it describes itself */
-        qc_add_refcount(m, nb, 1);
+    int64_t nb = qc_alloc_noref(m, 1);
+    if (nb < 0)
+        return (int)nb;
+    uint8_t *block;
+    if (((uint64_t)nb >> m->rb_bits) == ti) {
+        block = xzalloc(m->cs);                          /* it describes itself */
+        qcow2_refcount_set(block, m->order, (uint64_t)nb & ((1ull << m->rb_bits) - 1), 1);
+    } else {
+        int ret = qc_update_refcount(m, (uint64_t)nb, 1, false);
+        if (ret < 0)
+            return ret;
+        block = xzalloc(m->cs);
+    }
+    uint8_t **slot = qc_rb_slot(m, ti);
+    free(*slot);
+    *slot = block;
+    uint64_t nb_off = (uint64_t)nb << m->cluster_bits;
+    if (ti < m->rt_size) {
+        m->reftable[ti] = nb_off;
         return -EAGAIN;
     }
-    int ret = qc_update_refcount(m, nb, 1);
-    if (ret < 0)
-        return ret;
-    qc_new_refblock(m, nb << m->cluster_bits);
-    m->reftable[ti] = nb << m->cluster_bits;
-    return -EAGAIN;
+    /* The table is full: new self-describing structures past everything
+     * counted so far. */
+    uint64_t rbsize = 1ull << m->rb_bits;
+    uint64_t blocks_used = (MAX(idx + 1, (uint64_t)nb + 1) + rbsize - 1) / rbsize;
+    int64_t ret = qc_refcount_area(m, (blocks_used * rbsize) << m->cluster_bits, 0, false,
+                                   ti, nb_off);
+    return ret < 0 ? (int)ret : -EAGAIN;
 }
 
-static int qc_update_refcount(struct qc_image *m, uint64_t start, uint64_t n)
+static int qc_update_refcount(struct qc_image *m, uint64_t start, uint64_t n, bool decrease)
 {
-    uint64_t old_ti = UINT64_MAX;
-    for (uint64_t idx = start; idx < start + n; idx++) {
+    uint64_t old_ti = UINT64_MAX, idx;
+    uint64_t max = m->order == 6 ? UINT64_MAX : (1ull << (1u << m->order)) - 1;
+    int ret = 0;
+    for (idx = start; idx < start + n; idx++) {
         uint64_t ti = idx >> m->rb_bits;
         if (ti != old_ti) {
-            int ret = qc_alloc_refblock(m, idx);
-            if (ret < 0) {
-                if (ret == -EAGAIN && m->free_idx > start)
-                    m->free_idx = start;
-                for (uint64_t j = start; j < idx; j++)     /* undo what was counted */
-                    qc_add_refcount(m, j, -1);
-                return ret;
-            }
+            ret = qc_alloc_refblock(m, idx);
+            /* the caller searches again, from the same clusters first */
+            if (ret == -EAGAIN && m->free_idx > start)
+                m->free_idx = start;
+            if (ret < 0)
+                break;
         }
         old_ti = ti;
-        qc_add_refcount(m, idx, 1);
+        uint8_t *rb = m->rbs[ti];
+        uint64_t i = idx & ((1ull << m->rb_bits) - 1);
+        uint64_t r = qcow2_refcount_get(rb, m->order, i);
+        if (decrease ? r == 0 : r == max) {
+            ret = -EINVAL;
+            break;
+        }
+        r = decrease ? r - 1 : r + 1;
+        if (r == 0 && idx < m->free_idx)
+            m->free_idx = idx;
+        qcow2_refcount_set(rb, m->order, i, r);
     }
-    return 0;
+    if (ret < 0 && idx > start)                          /* undo what was counted */
+        (void)qc_update_refcount(m, start, idx - start, !decrease);
+    return ret;
 }
 
 /* n clusters, counted (QEMU's qcow2_alloc_clusters); first index or -errno. */
 static int64_t qc_alloc(struct qc_image *m, uint64_t n)
 {
     for (;;) {
-        uint64_t idx = qc_alloc_noref(m, n);
-        int ret = qc_update_refcount(m, idx, n);
+        int64_t idx = qc_alloc_noref(m, n);
+        if (idx < 0)
+            return idx;
+        int ret = qc_update_refcount(m, (uint64_t)idx, n, false);
         if (ret == 0)
             return idx;
         if (ret != -EAGAIN)
@@ -177,12 +201,128 @@ static int64_t qc_alloc(struct qc_image *m, uint64_t n)
     }
 }
 
+/* As many of n clusters at idx as are free (QEMU's qcow2_alloc_clusters_at). */
+static int64_t qc_alloc_at(struct qc_image *m, uint64_t idx, uint64_t n)
+{
+    for (;;) {
+        uint64_t i = 0;
+        while (i < n && qc_get_refcount(m, idx + i) == 0)
+            i++;
+        int ret = qc_update_refcount(m, idx, i, false);
+        if (ret == 0)
+            return (int64_t)i;
+        if (ret != -EAGAIN)
+            return ret;
+    }
+}
+
+/* QEMU's qcow2_refcount_metadata_size: refcount blocks needed to count
+ * clusters and the refcount structures themselves. */
+static uint64_t qc_refblock_count(uint64_t clusters, const struct qc_image *m, bool generous)
+{
+    uint64_t per_table_cluster = m->cs / 8, per_block = 1ull << m->rb_bits;
+    uint64_t table = 0, blocks = 0, n = 0, last;
+    do {
+        last = n;
+        blocks = (clusters + table + blocks + per_block - 1) / per_block;
+        table = (blocks + per_table_cluster - 1) / per_table_cluster;
+        n = clusters + blocks + table;
+        if (n == last && generous) {
+            clusters += (table + 1) / 2;
+            n = 0;
+            generous = false;
+        }
+    } while (n != last);
+    return blocks;
+}
+
+/* QEMU's qcow2_refcount_area: from start_offset (the end of everything
+ * counted) new refcount blocks and a new table that count themselves and
+ * `additional` clusters after them; the old table is freed.  Returns where
+ * the additional clusters go. */
+static int64_t qc_refcount_area(struct qc_image *m, uint64_t start_offset, uint64_t additional,
+                                bool exact, uint64_t new_index, uint64_t new_offset)
+{
+    uint64_t rbsize = 1ull << m->rb_bits;
+    uint64_t total = qc_refblock_count((start_offset >> m->cluster_bits) + additional, m, !exact);
+    if (total > QCOW2_MAX_REFTABLE_SIZE)                 /* QEMU compares entries to bytes */
+        return -EFBIG;
+    uint64_t area_index = (start_offset >> m->cluster_bits) / rbsize;
+    uint64_t table_size = exact ? total : total + (total + 1) / 2;
+    uint64_t per_cluster = m->cs / 8;
+    table_size = (table_size + per_cluster - 1) / per_cluster * per_cluster;
+    uint64_t table_clusters = table_size / per_cluster;
+    if (table_size > QCOW2_MAX_REFTABLE_SIZE)
+        return -EFBIG;
+    uint64_t *nt = xcalloc(table_size, 8);
+    uint64_t max_used = 0;
+    for (uint64_t i = 0; i < m->rt_size; i++)
+        if (m->reftable[i])
+            max_used = i;
+    memcpy(nt, m->reftable, MIN(table_size, max_used + 1) * 8);
+    if (new_offset)
+        nt[new_index] = new_offset;
+    uint64_t added = 0;
+    for (uint64_t i = area_index; i < total; i++)
+        if (!nt[i])
+            added++;
+    uint64_t table_offset = start_offset + (added << m->cluster_bits);
+    uint64_t end_offset = table_offset + (table_clusters << m->cluster_bits);
+    uint64_t block_offset = start_offset;
+    for (uint64_t i = area_index; i < total; i++) {
+        uint8_t **slot = qc_rb_slot(m, i);
+        if (!nt[i]) {
+            free(*slot);
+            *slot = xzalloc(m->cs);
+            nt[i] = block_offset;
+            block_offset += m->cs;
+        }
+        uint64_t first = (i * rbsize) << m->cluster_bits;
+        if (first >= end_offset)
+            continue;
+        uint64_t j = first < start_offset ? (start_offset - first) >> m->cluster_bits : 0;
+        uint64_t end_j = MIN((end_offset - first) >> m->cluster_bits, rbsize);
+        for (; j < end_j; j++)
+            qcow2_refcount_set(*slot, m->order, j, 1);
+    }
+    /* the old table's bytes stay where they were */
+    m->stale = xrealloc(m->stale, (m->n_stale + 1) * sizeof(*m->stale));
+    struct qc_stale *st = &m->stale[m->n_stale++];
+    st->offset = m->rt_offset;
+    st->bytes = m->rt_size * 8;
+    st->data = xmalloc(st->bytes);
+    for (uint64_t i = 0; i < m->rt_size; i++) {
+        uint64_t v = htobe64(m->reftable[i]);
+        memcpy(st->data + i * 8, &v, 8);
+    }
+    uint64_t old_offset = m->rt_offset, old_size = m->rt_size;
+    free(m->reftable);
+    m->reftable = nt;
+    m->rt_size = table_size;
+    m->rt_offset = table_offset;
+    (void)qc_update_refcount(m, old_offset >> m->cluster_bits,
+                             (old_size * 8 + m->cs - 1) >> m->cluster_bits, true);
+    return (int64_t)end_offset;
+}
+
+/* The last cluster with a reference below file_len (qcow2_get_last_cluster). */
+static int64_t qc_last_cluster(struct qc_image *m, uint64_t file_len)
+{
+    for (int64_t i = (int64_t)((file_len + m->cs - 1) >> m->cluster_bits) - 1; i >= 0; i--)
+        if (qc_get_refcount(m, (uint64_t)i))
+            return i;
+    return -EIO;
+}
+
 static void qc_image_free(struct qc_image *m)
 {
-    for (unsigned i = 0; i < m->n_rbs; i++)
-        free(m->rbs[i].data);
+    for (uint64_t i = 0; i < m->rbs_cap; i++)
+        free(m->rbs[i]);
     free(m->rbs);
     free(m->reftable);
+    for (unsigned i = 0; i < m->n_stale; i++)
+        free(m->stale[i].data);
+    free(m->stale);
 }
 
 /* ---- options ---- */
@@ -286,12 +426,6 @@ static int qc_validate_late(struct qc_opts *q, error **errp)
                    opt_str(q->encrypt, "format", "?"));
         return -ENOTSUP;
     }
-    bool prealloc_off = !strcmp(q->prealloc, "off");
-    if (!prealloc_off && !(q->data_ref && !strcmp(q->prealloc, "metadata"))) {
-        error_setg(errp, "bexd cannot preallocate qcow2 images yet (preallocation=%s); "
-                   "only 'off', or 'metadata' with an external data file", q->prealloc);
-        return -ENOTSUP;
-    }
     return 0;
 }
 
@@ -338,8 +472,8 @@ static int qc_header(const struct qc_opts *q, const struct qc_image *m,
         .crypt_method = htobe32(QCOW2_CRYPT_NONE),
         .l1_size = htobe32(lay->l1_size),
         .l1_table_offset = htobe64(lay->l1_offset),
-        .refcount_table_offset = htobe64(m->cs),
-        .refcount_table_clusters = htobe32(1),
+        .refcount_table_offset = htobe64(m->rt_offset),
+        .refcount_table_clusters = htobe32((uint32_t)(m->rt_size * 8 / m->cs)),
         .refcount_order = htobe32(m->order),
         .header_length = htobe32(sizeof(struct qcow2_header)),
         .compression_type = q->compression_type,
@@ -424,16 +558,159 @@ static int qc_write(struct bnode *bs, uint64_t off, const void *buf, uint64_t le
     return ret;
 }
 
+/* What preallocation adds to the model: L2 tables (and data clusters,
+ * when they live in the image) mapping the whole disk. */
+struct qc_prealloc {
+    uint64_t *l2_offsets;           /* by L1 index */
+    uint8_t **l2;                   /* the tables' contents, by L1 index */
+    uint64_t file_len;              /* where QEMU's file ends */
+    uint64_t data_start, data_len;  /* falloc/full: the data area */
+};
+
+static uint8_t *qc_l2(struct qc_prealloc *p, const struct qc_image *m, uint64_t i)
+{
+    if (!p->l2[i])
+        p->l2[i] = xzalloc(m->cs);
+    return p->l2[i];
+}
+
+/* The L2 table for L1 index i, allocated if new (QEMU's l2_allocate). */
+static int qc_l2_table(struct qc_image *m, struct qc_prealloc *p, uint64_t i)
+{
+    if (p->l2_offsets[i])
+        return 0;
+    int64_t idx = qc_alloc(m, 1);
+    if (idx < 0)
+        return (int)idx;
+    p->l2_offsets[i] = (uint64_t)idx << m->cluster_bits;
+    qc_l2(p, m, i);
+    p->file_len = MAX(p->file_len, p->l2_offsets[i] + m->cs);
+    return 0;
+}
+
+static void qc_map(struct qc_prealloc *p, const struct qc_image *m, unsigned entry_size,
+                   uint64_t guest_cluster, uint64_t host)
+{
+    uint64_t per_l2 = m->cs / entry_size;
+    uint64_t e = htobe64(host | QCOW2_OFLAG_COPIED);
+    memcpy(qc_l2(p, m, guest_cluster / per_l2) + (guest_cluster % per_l2) * entry_size, &e, 8);
+}
+
+/* preallocation=metadata with data clusters in the image (QEMU's
+ * preallocate_co: calls of qcow2_alloc_host_offset of at most INT_MAX
+ * bytes; each maps one contiguous run of new clusters and allocates the
+ * L2 table of the run that follows before finding it cannot continue). */
+static int qc_prealloc_metadata(struct qc_image *m, struct qc_prealloc *p, uint64_t size,
+                                unsigned entry_size)
+{
+    uint64_t per_l2 = m->cs / entry_size, chunk = (INT32_MAX / m->cs) * m->cs;
+    uint64_t guest = 0, remaining = size, last_host = 0, last_bytes = 0;
+    while (remaining) {
+        uint64_t start = guest, rem = MIN(remaining, chunk), call = rem;
+        int64_t host = -1, next = -1;
+        while (rem) {
+            uint64_t gcl = start >> m->cluster_bits;
+            int ret = qc_l2_table(m, p, gcl / per_l2);
+            if (ret < 0)
+                return ret;
+            uint64_t in_cl = start & (m->cs - 1);
+            uint64_t n = MIN((in_cl + rem + m->cs - 1) >> m->cluster_bits,
+                             per_l2 - gcl % per_l2);
+            int64_t d;
+            if (next < 0) {
+                d = qc_alloc(m, n);
+                if (d < 0)
+                    return (int)d;
+            } else {
+                int64_t got = qc_alloc_at(m, (uint64_t)next, n);
+                if (got < 0)
+                    return (int)got;
+                if (got == 0)
+                    break;
+                n = (uint64_t)got;
+                d = next;
+            }
+            for (uint64_t k = 0; k < n; k++)
+                qc_map(p, m, entry_size, gcl + k, ((uint64_t)d + k) << m->cluster_bits);
+            if (host < 0)
+                host = d;
+            next = d + (int64_t)n;
+            uint64_t done = MIN(rem, (n << m->cluster_bits) - in_cl);
+            start += done;
+            rem -= done;
+        }
+        uint64_t processed = call - rem;
+        guest += processed;
+        remaining -= processed;
+        last_host = (uint64_t)host << m->cluster_bits;
+        last_bytes = processed;
+    }
+    /* the copy-on-write of the last cluster's tail (a subcluster's with
+     * extended L2) writes zeros up to its end */
+    uint64_t granule = entry_size == 16 ? m->cs / 32 : m->cs;
+    uint64_t end = last_host + last_bytes;
+    p->file_len = MAX(p->file_len, (end + granule - 1) / granule * granule);
+    return 0;
+}
+
+/* preallocation=falloc/full (QEMU's qcow2_co_truncate): refcount
+ * structures for everything at the end of the file, the data area after
+ * them, then the L2 tables wherever the allocator puts them. */
+static int qc_prealloc_data(struct qc_image *m, struct qc_prealloc *p, uint64_t size,
+                            unsigned entry_size)
+{
+    uint64_t per_l2 = m->cs / entry_size;
+    int64_t last = qc_last_cluster(m, p->file_len);
+    uint64_t old_end = last >= 0 ? ((uint64_t)last + 1) << m->cluster_bits
+                                 : (p->file_len + m->cs - 1) & ~(m->cs - 1);
+    uint64_t nb_data = (size + m->cs - 1) >> m->cluster_bits;
+    uint64_t nb_l2 = (nb_data + per_l2 - 1) / per_l2 + 1;
+    int64_t start = qc_refcount_area(m, old_end, nb_data + nb_l2, true, 0, 0);
+    if (start < 0)
+        return (int)start;
+    p->file_len = MAX(p->file_len, (uint64_t)start);
+    int64_t got = qc_alloc_at(m, (uint64_t)start >> m->cluster_bits, nb_data);
+    if (got < 0)
+        return (int)got;
+    if ((uint64_t)got != nb_data)
+        return -ENOSPC;
+    p->data_start = (uint64_t)start;
+    p->data_len = nb_data << m->cluster_bits;
+    p->file_len = MAX(p->file_len, p->data_start + p->data_len);
+    for (uint64_t c = 0; c < nb_data; c++) {
+        int ret = qc_l2_table(m, p, c / per_l2);
+        if (ret < 0)
+            return ret;
+        qc_map(p, m, entry_size, c, p->data_start + (c << m->cluster_bits));
+    }
+    return 0;
+}
+
+static int qc_zero_area(struct bnode *bs, uint64_t off, uint64_t len, bool full, error **errp)
+{
+    int ret = 0;
+    if (!full) {
+        ret = bnode_co_pwrite_zeroes(bs, off, len, BREQ_BEYOND_EOF);
+    } else {
+        size_t chunk = 1 << 20;
+        CLEANUP_FREE uint8_t *z = xzalloc(chunk);
+        for (uint64_t o = 0; ret == 0 && o < len; o += chunk)
+            ret = bnode_co_pwrite(bs, off + o, MIN(chunk, len - o), z, BREQ_BEYOND_EOF);
+    }
+    if (ret < 0)
+        error_setg_errno(errp, -ret, "Could not preallocate data for the new area");
+    return ret;
+}
+
 /* Build the image in memory and write it (in the job's coroutine). */
 static int qc_make(struct qc_job_state *s, error **errp)
 {
     struct qc_opts *q = &s->q;
     struct qc_image m = { 0 };
     struct qc_layout lay = { 0 };
+    struct qc_prealloc p = { 0 };
     CLEANUP_FREE uint8_t *hdr = NULL;
     CLEANUP_FREE uint64_t *l1 = NULL;
-    CLEANUP_FREE uint8_t *l2 = NULL;
-    CLEANUP_FREE uint64_t *l2_offsets = NULL;
     CLEANUP_FREE uint64_t *rt = NULL;
     char namebuf[64];
     int ret;
@@ -451,10 +728,12 @@ static int qc_make(struct qc_job_state *s, error **errp)
     m.cs = q->cluster_size;
     m.order = __builtin_ctzll(q->refcount_bits);
     m.rb_bits = m.cluster_bits + 3 - m.order;
-    m.rt_entries = m.cs / 8;
-    m.reftable = xcalloc(m.rt_entries, sizeof(uint64_t));
+    m.rt_size = m.cs / 8;
+    m.rt_offset = m.cs;
+    m.reftable = xcalloc(m.rt_size, sizeof(uint64_t));
     m.reftable[0] = 2 * m.cs;
-    qc_new_refblock(&m, 2 * m.cs);
+    *qc_rb_slot(&m, 0) = xzalloc(m.cs);
+    p.file_len = 3 * m.cs;                                  /* header, reftable, refblock */
 
     unsigned entry_size = q->extended_l2 ? 16 : 8;
     uint64_t l2_entries = m.cs / entry_size;
@@ -466,34 +745,36 @@ static int qc_make(struct qc_job_state *s, error **errp)
         ret = -EFBIG;
         goto out;
     }
-    bool map_data = q->data_ref && !strcmp(q->prealloc, "metadata");
-    ret = qc_alloc(&m, 3) < 0 ? -EFBIG : 0;             /* header, reftable, refblock */
+    bool prealloc = strcmp(q->prealloc, "off") != 0;
+    bool map_data = q->data_ref && prealloc;
+    bool in_image = !q->data_ref && prealloc;
+    ret = qc_alloc(&m, 3) < 0 ? -EFBIG : 0;
     int64_t l1_idx = 0;
     if (!ret && lay.l1_size) {
         l1_idx = qc_alloc(&m, (lay.l1_size * 8 + m.cs - 1) / m.cs);
         ret = l1_idx < 0 ? (int)l1_idx : 0;
         lay.l1_offset = (uint64_t)l1_idx << m.cluster_bits;
+        p.file_len = MAX(p.file_len, lay.l1_offset + lay.l1_size * 8);
     }
     l1 = xcalloc(lay.l1_size + 1, sizeof(uint64_t));
-    l2_offsets = xcalloc(lay.l1_size + 1, sizeof(uint64_t));
-    for (uint64_t i = 0; !ret && map_data && i < lay.l1_size; i++) {
-        int64_t idx = qc_alloc(&m, 1);
-        if (idx < 0) {
-            ret = (int)idx;
-            break;
-        }
-        l2_offsets[i] = (uint64_t)idx << m.cluster_bits;
-        l1[i] = htobe64(l2_offsets[i] | QCOW2_OFLAG_COPIED);
-    }
-    if (ret == -EFBIG) {
-        error_setg(errp, "bexd cannot create this image yet: its metadata needs more than one "
-                   "cluster of refcount table (use a larger cluster size)");
-        goto out;
-    }
+    p.l2_offsets = xcalloc(lay.l1_size + 1, sizeof(uint64_t));
+    p.l2 = xcalloc(lay.l1_size + 1, sizeof(uint8_t *));
+    for (uint64_t i = 0; !ret && map_data && i < lay.l1_size; i++)
+        ret = qc_l2_table(&m, &p, i);
+    if (!ret && in_image && !strcmp(q->prealloc, "metadata"))
+        ret = qc_prealloc_metadata(&m, &p, (uint64_t)q->size, entry_size);
+    else if (!ret && in_image)
+        ret = qc_prealloc_data(&m, &p, (uint64_t)q->size, entry_size);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "Could not allocate the image's metadata");
         goto out;
     }
+    for (uint64_t i = 0; i < lay.l1_size; i++)
+        if (p.l2_offsets[i])
+            l1[i] = htobe64(p.l2_offsets[i] | QCOW2_OFLAG_COPIED);
+    for (uint64_t i = 0; map_data && i < lay.l1_size; i++)        /* data file: 1:1 */
+        for (uint64_t j = 0; j < l2_entries && i * l2_span + j * m.cs < (uint64_t)q->size; j++)
+            qc_map(&p, &m, entry_size, i * l2_entries + j, i * l2_span + j * m.cs);
 
     hdr = xmalloc(m.cs);
     if (s->data)
@@ -515,31 +796,42 @@ static int qc_make(struct qc_job_state *s, error **errp)
         goto out;
     }
 
-    /* Write every structure in its final state. */
-    ret = qc_write(s->file, 0, hdr, m.cs, errp, "qcow2 header");
-    rt = xcalloc(m.rt_entries, sizeof(uint64_t));
-    for (uint64_t i = 0; i < m.rt_entries; i++)
+    /* Write every structure in its final state, over what QEMU leaves
+     * behind of the tables it replaced. */
+    for (unsigned i = 0; !ret && i < m.n_stale; i++)
+        ret = qc_write(s->file, m.stale[i].offset, m.stale[i].data, m.stale[i].bytes, errp,
+                       "refcount table");
+    if (!ret && p.data_len) {
+        ret = bnode_truncate(s->file, p.data_start + p.data_len, errp);
+        if (!ret)
+            ret = qc_zero_area(s->file, p.data_start, p.data_len,
+                               !strcmp(q->prealloc, "full"), errp);
+    }
+    if (!ret)
+        ret = qc_write(s->file, 0, hdr, m.cs, errp, "qcow2 header");
+    rt = xcalloc(m.rt_size, sizeof(uint64_t));
+    for (uint64_t i = 0; i < m.rt_size; i++)
         rt[i] = htobe64(m.reftable[i]);
     if (!ret)
-        ret = qc_write(s->file, m.cs, rt, m.cs, errp, "refcount table");
-    for (unsigned i = 0; !ret && i < m.n_rbs; i++)
-        ret = qc_write(s->file, m.rbs[i].offset, m.rbs[i].data, m.cs, errp, "refcount block");
+        ret = qc_write(s->file, m.rt_offset, rt, m.rt_size * 8, errp, "refcount table");
+    for (uint64_t i = 0; !ret && i < m.rt_size; i++)
+        if (m.reftable[i])
+            ret = qc_write(s->file, m.reftable[i], m.rbs[i], m.cs, errp, "refcount block");
     if (!ret && lay.l1_size)
         ret = qc_write(s->file, lay.l1_offset, l1, lay.l1_size * 8, errp, "L1 table");
-    if (map_data) {
-        l2 = xmalloc(m.cs);
-    }
-    for (uint64_t i = 0; !ret && map_data && i < lay.l1_size; i++) {
-        memset(l2, 0, m.cs);
-        for (uint64_t j = 0; j < l2_entries; j++) {
-            uint64_t guest = i * l2_span + j * m.cs;
-            if (guest >= (uint64_t)q->size)
-                break;
-            uint64_t e = htobe64(guest | QCOW2_OFLAG_COPIED);
-            memcpy(l2 + j * entry_size, &e, 8);
-        }
-        ret = qc_write(s->file, l2_offsets[i], l2, m.cs, errp, "L2 table");
-    }
+    for (uint64_t i = 0; !ret && i < lay.l1_size; i++)
+        if (p.l2_offsets[i])
+            ret = qc_write(s->file, p.l2_offsets[i], p.l2[i], m.cs, errp, "L2 table");
+    /* QEMU's last step may have been a truncate past everything written */
+    uint64_t written = MAX(m.rt_offset + m.rt_size * 8, lay.l1_offset + lay.l1_size * 8);
+    for (uint64_t i = 0; i < m.rt_size; i++)
+        written = MAX(written, m.reftable[i] + m.cs);
+    for (uint64_t i = 0; i < lay.l1_size; i++)
+        written = MAX(written, p.l2_offsets[i] + m.cs);
+    for (unsigned i = 0; i < m.n_stale; i++)
+        written = MAX(written, m.stale[i].offset + m.stale[i].bytes);
+    if (!ret && in_image && p.file_len > MAX(written, p.data_start + p.data_len))
+        ret = bnode_truncate(s->file, p.file_len, errp);
     if (!ret && s->data) {
         uint64_t old = s->data->size;
         ret = bnode_truncate(s->data, q->size, errp);
@@ -550,6 +842,9 @@ static int qc_make(struct qc_job_state *s, error **errp)
             static const uint8_t zeros[4096];
             ret = qc_write(s->data, 0, zeros, q->size < 4096 ? 512 : 4096, errp, "data file");
         }
+        if (!ret && (!strcmp(q->prealloc, "falloc") || !strcmp(q->prealloc, "full")))
+            ret = qc_zero_area(s->data, 0, (uint64_t)q->size, !strcmp(q->prealloc, "full"),
+                               errp);
     }
     if (!ret) {
         ret = bnode_co_flush(s->file);
@@ -568,6 +863,10 @@ static int qc_make(struct qc_job_state *s, error **errp)
         }
     }
 out:
+    for (uint64_t i = 0; p.l2 && i < lay.l1_size; i++)
+        free(p.l2[i]);
+    free(p.l2);
+    free(p.l2_offsets);
     qc_image_free(&m);
     return ret;
 }

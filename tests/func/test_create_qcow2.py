@@ -2,8 +2,10 @@
 
 For every combination of creation options that shapes the image (version,
 cluster size, refcount width, lazy refcounts, extended L2, compression
-type, backing file and format, external data file, data-file-raw, sizes
-from 0 to 5 TiB, images whose L1 table needs more refcount blocks), bexd
+type, backing file and format, external data file, data-file-raw,
+preallocation off/metadata/falloc/full, sizes from 0 to 5 TiB, images whose
+L1 table or preallocated data needs more refcount blocks or a refcount
+table of more than one cluster), bexd
 and qsd each create an image from an empty file node, and the two files
 must be identical byte for byte (the data file's name, which contains the
 directory, aside); `qemu-img check` finds bexd's clean and `qemu-img
@@ -74,6 +76,31 @@ SHAPES = {
                              "cluster-size": 4096},
     "5tib": {"size": 5 << 40},
     "refblocks-grow": {"size": 1 << 30, "cluster-size": 512, "refcount-bits": 64},
+    "reftable-grows": {"size": 10 << 30, "cluster-size": 512, "refcount-bits": 64},
+    "reftable-grows-v2": {"size": 10 << 30, "cluster-size": 512, "version": "v2"},
+    "metadata": {"size": 3 * MiB + 512, "preallocation": "metadata"},
+    "metadata-extl2": {"size": 5 * MiB + 512, "preallocation": "metadata", "extended-l2": True,
+                       "cluster-size": 16384},
+    "metadata-c512": {"size": 2 * MiB, "cluster-size": 512, "preallocation": "metadata"},
+    "metadata-c2m": {"size": 9 * MiB, "cluster-size": 2 * MiB, "preallocation": "metadata"},
+    "metadata-rc1": {"size": 2 * MiB, "cluster-size": 4096, "refcount-bits": 1,
+                     "preallocation": "metadata"},
+    "metadata-reftable-grows": {"size": 8 * MiB, "cluster-size": 512, "refcount-bits": 64,
+                                "preallocation": "metadata"},
+    "metadata-backing-extl2": {"size": 2 * MiB, "backing-file": "b.qcow2",
+                               "extended-l2": True, "preallocation": "metadata"},
+    "metadata-empty": {"size": 0, "preallocation": "metadata"},
+    "falloc": {"size": 3 * MiB, "preallocation": "falloc"},
+    "falloc-c512": {"size": MiB + 512, "cluster-size": 512, "preallocation": "falloc"},
+    "falloc-extl2": {"size": 3 * MiB, "preallocation": "falloc", "extended-l2": True},
+    "falloc-reftable-grows": {"size": 8 * MiB, "cluster-size": 512, "refcount-bits": 64,
+                              "preallocation": "falloc"},
+    "falloc-empty": {"size": 0, "preallocation": "falloc"},
+    "full": {"size": 3 * MiB + 512, "preallocation": "full"},
+    "full-c4k-rc8": {"size": 5 * MiB, "cluster-size": 4096, "refcount-bits": 8,
+                     "preallocation": "full"},
+    "datafile-falloc": {"size": 3 * MiB, "data-file": "d", "preallocation": "falloc"},
+    "datafile-full": {"size": MiB, "data-file": "d", "preallocation": "full"},
 }
 
 
@@ -211,18 +238,9 @@ def test_inline_file_node(impl, start_daemon, image):
 
 
 @pytest.mark.parametrize("opts,error", [
-    ({"preallocation": "falloc"},
-     "bexd cannot preallocate qcow2 images yet (preallocation=falloc); "
-     "only 'off', or 'metadata' with an external data file"),
-    ({"preallocation": "metadata"},
-     "bexd cannot preallocate qcow2 images yet (preallocation=metadata); "
-     "only 'off', or 'metadata' with an external data file"),
     ({"encrypt": {"format": "luks", "key-secret": "s"}},
      "Encrypted qcow2 images (encrypt.format=luks) are not supported by bexd"),
-    ({"size": 64 << 30, "cluster-size": 512, "refcount-bits": 64},
-     "bexd cannot create this image yet: its metadata needs more than one cluster of "
-     "refcount table (use a larger cluster size)"),
-], ids=["falloc", "metadata", "luks", "reftable-grows"])
+], ids=["luks"])
 def test_bexd_refuses_what_it_cannot_make(start_daemon, image, opts, error):
     img = image(0, name="x.qcow2")
     q = start_daemon("bexd", "--blockdev", "driver=file,node-name=f,filename=" + img).qmp()
