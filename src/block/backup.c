@@ -129,7 +129,8 @@ static void backup_frozen(void *opaque)
     job_unref(&s->common.job);       /* taken by backup_commit */
 }
 
-/* sync=top: clusters unallocated in the whole chain of the source need no copy. */
+/* sync=top: clusters the source's own layer does not allocate (its backing
+ * chain's, or nobody's) need no copy, as QEMU's bdrv_is_allocated() says. */
 static int backup_skip_unallocated(struct backup_job *s)
 {
     uint64_t c = cbw_cluster_size(s->cbw);
@@ -142,7 +143,7 @@ static int backup_skip_unallocated(struct backup_job *s)
         int ret = bnode_block_status(s->source, off, s->len - off, &pnum, &flags, &depth);
         if (ret < 0)
             return ret;
-        if (depth == 0) {
+        if (depth != 1) {
             uint64_t a = (off + c - 1) / c * c;
             uint64_t z = off + pnum == s->len ? s->len : (off + pnum) / c * c;
             if (z > a)

@@ -683,3 +683,33 @@ def test_target_error_stop_and_resume(impl, start_daemon, small_fs):
     ev = drain_events(qmp, "JOB_STATUS_CHANGE", "r", "null")
     assert ("BLOCK_JOB_CANCELLED", "r", None) in logical(ev)
     assert qmp.execute("query-block-jobs") == []
+
+
+def test_sync_top_copies_the_top_layer(impl, start_daemon, tmpdir_short):
+    size = 8 * MiB
+    base = os.path.join(tmpdir_short, "base.qcow2")
+    top = os.path.join(tmpdir_short, "top.qcow2")
+    tgt = os.path.join(tmpdir_short, "tgt.img")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(size)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 8M", base], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                    top, str(size)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 64k",
+                    "-c", "write -P 0x33 5M 128k", top], check=True, stdout=subprocess.DEVNULL)
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % top,
+                     "--blockdev", "driver=qcow2,node-name=disk,file=f0",
+                     "--blockdev", "driver=file,node-name=tgt,filename=%s" % tgt)
+    qmp = d.qmp()
+    qmp.execute("blockdev-backup", job_id="t", device="disk", target="tgt", sync="top")
+    e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in e["data"]
+    assert e["data"]["len"] == e["data"]["offset"] == 192 * 1024
+    with open(tgt, "rb") as f:
+        data = f.read()
+    want = bytearray(size)
+    want[MiB:MiB + 65536] = b"\x22" * 65536
+    want[5 * MiB:5 * MiB + 131072] = b"\x33" * 131072
+    assert data == bytes(want)
