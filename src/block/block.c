@@ -99,6 +99,9 @@ static void node_list_remove(struct bnode *bs)
 static void bnode_close(struct bnode *bs)
 {
     node_list_remove(bs);
+    for (struct bnode *n = nodes; n; n = n->next)
+        if (n->inherits_from == bs)
+            n->inherits_from = NULL;
     if (bs->drv->bitmaps_store)
         bs->drv->bitmaps_store(bs);
     dirty_bitmaps_release_all(bs);
@@ -162,9 +165,13 @@ static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
     }
     CLEANUP_JSON json_t *copy = json_deep_copy(ref);
     /* An inline child inherits read-only from its parent, as in QEMU. */
-    if (parent_ro && !json_object_get(copy, "read-only"))
+    bool inherit_ro = parent_ro && !json_object_get(copy, "read-only");
+    if (inherit_ro)
         json_object_set_new(copy, "read-only", json_true());
-    return bnode_open(copy, false, errp);   /* reference owned by the parent */
+    struct bnode *bs = bnode_open(copy, false, errp);   /* reference owned by the parent */
+    if (bs)
+        bs->ro_inherited = inherit_ro;
+    return bs;
 }
 
 static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
@@ -210,6 +217,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         bs->file = open_child(ref, bs->read_only, errp);
         if (!bs->file)
             goto fail;
+        if (json_is_object(ref))
+            bs->file->inherits_from = bs;
         /* The parent's users' permissions reach the child through this link. */
         bs->file_link = bnode_attach_child(bs, bs->file, "file", errp);
         bnode_unref(bs->file);          /* the link now holds the reference */
@@ -289,8 +298,51 @@ int blockdev_del(const char *node_name, error **errp)
     return 0;
 }
 
+static struct bnode *retired;      /* children a reopen unlinked, kept open */
+
+/* Out of the node list: bs and the children only it holds (they close with it). */
+static void hide_subtree(struct bnode *bs)
+{
+    node_list_remove(bs);
+    bs->next = NULL;
+    struct bnode *kids[] = { bs->file, bs->backing };
+    for (unsigned i = 0; i < ARRAY_SIZE(kids); i++) {
+        struct bnode *c = kids[i];
+        if (!c || c->refcnt != 1)
+            continue;
+        bool only_bs = true;
+        for (struct bnode_user *u = c->users; u; u = u->next)
+            only_bs &= u->parent == bs;
+        if (only_bs)
+            hide_subtree(c);
+    }
+}
+
+void bnode_retire_link(struct bnode_user *u)
+{
+    struct bnode *child = u->bs;
+    if (child->refcnt > 1) {
+        bnode_detach(u);
+        return;
+    }
+    /* The last reference: give the permissions back (image locks), leave
+     * the graph, stay open. */
+    bnode_user_set_perm(u, 0, PERM_ALL, NULL);
+    bnode_ref(child);
+    bnode_detach(u);
+    hide_subtree(child);
+    child->next = retired;
+    retired = child;
+}
+
 void block_close_all(void)
 {
+    while (retired) {
+        struct bnode *bs = retired;
+        retired = bs->next;
+        bs->next = nodes;          /* closed below with the others */
+        nodes = bs;
+    }
     /* Exports are gone by now; drop the monitor's reference of every root. */
     bool progress = true;
     while (nodes && progress) {

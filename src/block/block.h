@@ -167,6 +167,28 @@ struct bnode {
      * QEMU's op blockers: "block device is in use by block job: backup";
      * NULL = free.  Main thread. */
     const char *blocker;
+
+    /* blockdev-reopen (reopen.c): the parent that opened this node from an
+     * inline definition (it is reopened with that parent), or NULL; and
+     * whether "read-only" in options was inherited rather than given. */
+    struct bnode *inherits_from;
+    bool ro_inherited;
+};
+
+/* blockdev-reopen of one node (reopen.c): the new explicit options (as
+ * checked by the schema) and the generic values they give; the driver
+ * checks its own options in reopen_prepare, keeps what it needs in drv,
+ * and applies it in reopen_commit (or frees it in reopen_abort). */
+struct reopen_state {
+    struct bnode *bs;
+    json_t *opts;
+    bool read_only;
+    bool discard;
+    enum detect_zeroes detect_zeroes;
+    bool cache_direct, cache_no_flush;
+    struct bnode *new_file;      /* the "file" child after the reopen */
+    bool was_read_only;          /* before the reopen */
+    void *drv;
 };
 
 /* Writes of a node diverted before they reach its driver (a backup job's
@@ -229,6 +251,23 @@ struct bdrv {
     /* Adjust what bs's file child is asked to hold and share, from what
      * bs's users hold and share (QEMU's child_perm).  NULL = as they are. */
     void (*child_perm)(struct bnode *bs, uint64_t *perm, uint64_t *shared);
+    /* blockdev-reopen (QEMU's bdrv_reopen_prepare/commit/abort).  NULL
+     * prepare: the driver cannot be reopened.  reopen_keys: the driver's
+     * options that a reopen may change (a key, or the prefix of flattened
+     * "key.sub" names); any other must keep its value.  reopen_resettable:
+     * those of them that may be left out (back to their default).
+     * prepare checks and returns 0 or -1 with errp; commit cannot fail. */
+    const char *const *reopen_keys;
+    const char *const *reopen_resettable;
+    int  (*reopen_prepare)(struct reopen_state *rs, error **errp);
+    void (*reopen_commit)(struct reopen_state *rs);
+    void (*reopen_abort)(struct reopen_state *rs);
+    /* after every entry committed (a format node's file is writable now) */
+    void (*reopen_commit_post)(struct reopen_state *rs);
+    /* read-write needs a read-write "file" child (it writes metadata) */
+    bool reopen_needs_rw_file;
+    /* where the driver keeps its "backing" link: reopen may change it */
+    struct bnode_user **(*reopen_backing_link)(struct bnode *bs);
 };
 
 /* ---- graph / control (main thread) ---- */
@@ -362,6 +401,14 @@ const struct bdrv *bdrv_find(const char *name);
 
 #define BDRV_REGISTER(drv) \
     __attribute__((constructor)) static void bdrv_register_##drv(void) { bdrv_register(&drv); }
+
+/* blockdev-reopen of a list of BlockdevOptions (reopen.c), all or nothing. */
+int bnode_reopen_multiple(json_t *list, error **errp);
+/* A child link a reopen replaced: its permissions go now; the child goes
+ * once nothing can still be reading it (a node other users keep at once;
+ * an inline child only when the daemon exits: requests forwarded to it
+ * before the change are not tracked). */
+void bnode_retire_link(struct bnode_user *u);
 
 /* Iterate every node (named and generated) with ->next. */
 struct bnode *bnode_first(void);

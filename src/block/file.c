@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <unistd.h>
 #include "block/block.h"
+#include "block/align.h"
 #include "block/bitmap-sidecar.h"
 #include "job/job.h"
 #include "util/cleanup.h"
@@ -50,6 +51,7 @@ struct file_state {
      * fallocate or truncate empties it. */
     pthread_mutex_t data_lock;
     uint64_t data_lo, data_hi;
+    unsigned lock_held, lock_unshared;  /* the locks taken (apply_locks) */
 };
 
 static const unsigned char zero_buf[ZERO_CHUNK] __attribute__((aligned(4096)));  /* O_DIRECT-safe */
@@ -90,6 +92,8 @@ static int apply_locks(struct file_state *s, unsigned held, unsigned unshared, e
         lock_byte(s->fd, 100 + b, held & (1u << b));
         lock_byte(s->fd, 200 + b, unshared & (1u << b));
     }
+    s->lock_held = held;
+    s->lock_unshared = unshared;
     return 0;
 }
 
@@ -860,6 +864,82 @@ static int file_flush_sync(struct bnode *bs)
     return fdatasync(s->fd) < 0 ? -errno : 0;
 }
 
+/* ---- blockdev-reopen ----
+ * read-only and cache.direct change the open flags: prepare opens the file
+ * again with the new ones; commit takes the same locks on it and puts it
+ * in place of the old descriptor with dup3(), so the fd number every loop
+ * uses stays valid and a request in flight finishes on the old file.
+ * drop-cache and x-check-cache-dropped are accepted as QEMU does. */
+static const char *const file_reopen_keys[] = { "drop-cache", "x-check-cache-dropped", NULL };
+static const char *const file_reopen_resettable[] = { "x-check-cache-dropped", NULL };
+
+static int file_reopen_prepare(struct reopen_state *rs, error **errp)
+{
+    struct bnode *bs = rs->bs;
+    struct file_state *s = bs->opaque;
+    if (rs->read_only == bs->read_only && rs->cache_direct == bs->cache_direct)
+        return 0;
+    int flags = (rs->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    if (rs->cache_direct)
+        flags |= O_DIRECT;
+    int fd = open(s->filename, flags);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Could not open '%s'", s->filename);
+        return -1;
+    }
+    rs->drv = (void *)(intptr_t)(fd + 1);
+    return 0;
+}
+
+static void file_reopen_abort(struct reopen_state *rs)
+{
+    int fd = (int)(intptr_t)rs->drv - 1;
+    if (fd >= 0)
+        close(fd);
+    rs->drv = NULL;
+}
+
+static void file_reopen_commit(struct reopen_state *rs)
+{
+    struct bnode *bs = rs->bs;
+    struct file_state *s = bs->opaque;
+    int fd = (int)(intptr_t)rs->drv - 1;
+    rs->drv = NULL;
+    if (fd < 0)
+        return;
+    if (s->locking)
+        for (int b = 0; b < 4; b++) {
+            lock_byte(fd, 100 + b, s->lock_held & (1u << b));
+            lock_byte(fd, 200 + b, s->lock_unshared & (1u << b));
+        }
+    if (rs->cache_direct != bs->cache_direct) {
+        uint32_t align = 1;
+        if (rs->cache_direct) {
+            align = 512;
+            int lbs;
+            if (s->is_blockdev && ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs > 0)
+                align = lbs;
+            s->ram_backed = false;
+        }
+        s->nowait_read = s->nowait_write = !rs->cache_direct;
+        /* this node and the format nodes over it bounce what does not fit */
+        for (struct bnode *n = bs; n; ) {
+            if (align > 1 && !n->align)
+                n->align = bnode_align_new();
+            n->request_alignment = align;
+            struct bnode *up = NULL;
+            for (struct bnode_user *u = n->users; u; u = u->next)
+                if (u->parent && u->parent->file == n)
+                    up = u->parent;
+            n = up;
+        }
+    }
+    if (dup3(fd, s->fd, O_CLOEXEC) < 0)
+        log_error("file: node '%s': could not switch to the reopened file: %s",
+                  bs->node_name, strerror(errno));
+    close(fd);
+}
+
 static bool file_can_zero_fast(struct bnode *bs) { return true; }
 static bool file_can_discard(struct bnode *bs) { return true; }
 
@@ -885,6 +965,11 @@ const char *file_node_filename(struct bnode *bs)
     .bitmaps_store = sidecar_file_store,              \
     .bitmap_can_store = sidecar_can_store,            \
     .bitmaps_update = sidecar_update,                 \
+    .reopen_keys = file_reopen_keys,                  \
+    .reopen_resettable = file_reopen_resettable,      \
+    .reopen_prepare = file_reopen_prepare,            \
+    .reopen_commit = file_reopen_commit,              \
+    .reopen_abort = file_reopen_abort,                \
 }
 
 static const struct bdrv bdrv_file = FILE_DRIVER("file", file_open);

@@ -76,6 +76,9 @@ static int null_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 
 static bool null_true(struct bnode *bs) { return true; }
 
+/* Nothing of its own changes (QEMU's null_reopen_prepare). */
+static int null_reopen_prepare(struct reopen_state *rs, error **errp) { return 0; }
+
 static const struct bdrv bdrv_null_co = {
     .name = "null-co",
     .open = null_open,
@@ -83,5 +86,6 @@ static const struct bdrv bdrv_null_co = {
     .submit = null_submit,
     .block_status = null_block_status,
     .can_write_zeroes_fast = null_true,
+    .reopen_prepare = null_reopen_prepare,
 };
 BDRV_REGISTER(bdrv_null_co)

@@ -580,9 +580,8 @@ static unsigned overlap_template(const char *mode)
     return 0x1ff & ~QOL_INACTIVE_L2;   /* cached */
 }
 
-static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
+static int read_options(struct qcow2_state *s, json_t *opts, bool discard, error **errp)
 {
-    struct bnode *bs = s->bs;
     int ret = read_cache_sizes(s, opts, errp);
     if (ret < 0)
         return ret;
@@ -612,7 +611,7 @@ static int read_options(struct qcow2_state *s, json_t *opts, error **errp)
     }
     s->discard_passthrough[QFREE_NEVER] = false;
     s->discard_passthrough[QFREE_ALWAYS] = true;
-    s->discard_passthrough[QFREE_REQUEST] = opt_bool(opts, "pass-discard-request", bs->discard);
+    s->discard_passthrough[QFREE_REQUEST] = opt_bool(opts, "pass-discard-request", discard);
     s->discard_passthrough[QFREE_SNAPSHOT] = opt_bool(opts, "pass-discard-snapshot", true);
     s->discard_passthrough[QFREE_OTHER] = opt_bool(opts, "pass-discard-other", false);
     json_t *enc = json_object_get(opts, "encrypt");
@@ -725,6 +724,11 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
         pushed = true;
     }
     struct bnode *b = bnode_open_ref(ref, true, &err);
+    if (b && json_is_object(ref)) {
+        b->inherits_from = bs;          /* reopened with bs (blockdev-reopen) */
+        if (made)
+            b->ro_inherited = true;     /* QEMU's default for backing files */
+    }
     if (pushed) {
         open_depth--;
         free(open_stack[open_depth]);
@@ -869,7 +873,7 @@ static int qcow2_open(struct bnode *bs, json_t *opts, error **errp)
             error_setg_errno(errp, -ret, "Could not open qcow2 image");
         goto fail;
     }
-    if (read_options(s, opts, errp) < 0)
+    if (read_options(s, opts, bs->discard, errp) < 0)
         goto fail;
     if ((s->overlap & QOL_INACTIVE_L2) && s->nb_snapshots &&
         (ret = qcow2_run_sync(s, load_inactive_l2, NULL)) < 0) {
@@ -1107,6 +1111,165 @@ static bool qcow2_can_zero_fast(struct bnode *bs)
     return s->version >= 3 && !s->data_file_raw;
 }
 
+/* ---- blockdev-reopen ----
+ * QEMU's qcow2_reopen_prepare/commit: the runtime options (cache sizes,
+ * cache-clean-interval, lazy-refcounts, pass-discard-*, overlap-check) may
+ * change and may be left out; read-write to read-only writes the metadata
+ * back and marks the image clean first; read-only to read-write, once the
+ * file is writable, repairs a dirty image and updates the header as a
+ * read-write open does. */
+static const char *const qcow2_reopen_resettable[] = {
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+    "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
+    "refcount-cache-size", "cache-clean-interval", NULL
+};
+static const char *const qcow2_reopen_keys[] = {
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+    "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
+    "refcount-cache-size", "cache-clean-interval", "encrypt", NULL
+};
+
+static int qcow2_reopen_prepare(struct reopen_state *rs, error **errp)
+{
+    struct bnode *bs = rs->bs;
+    struct qcow2_state *s = bs->opaque;
+    struct qcow2_state *n = xmalloc(sizeof(*n));
+    memcpy(n, s, sizeof(*n));           /* scalars only: read_options sets no pointer */
+    if (read_options(n, rs->opts, rs->discard, errp) < 0) {
+        free(n);
+        return -1;
+    }
+    if (!json_object_get(rs->opts, "backing") && (bs->backing || s->backing_file)) {
+        error_setg(errp, "backing is missing for '%s'", bs->node_name);
+        free(n);
+        return -1;
+    }
+    rs->drv = n;
+    return 0;
+}
+
+static void qcow2_reopen_abort(struct reopen_state *rs)
+{
+    free(rs->drv);
+    rs->drv = NULL;
+}
+
+/* New cache sizes: the caches are written back and rebuilt while no
+ * coroutine holds or waits for an entry (metadata lock and cache lock
+ * held; entries in use are released within a request, so this waits a
+ * moment at most). */
+static int resize_caches(struct qcow2_state *s, void *opaque)
+{
+    struct qcow2_state *n = opaque;
+    for (int tries = 0;; tries++) {
+        co_mutex_lock(&s->lock);
+        int ret = qcache_flush(s, &s->l2c);
+        if (ret == 0)
+            ret = qcache_flush(s, &s->rbc);
+        if (ret < 0) {
+            co_mutex_unlock(&s->lock);
+            return ret;
+        }
+        pthread_mutex_lock(&s->cache_lock);
+        bool busy = !co_queue_empty(&s->l2c.waitq) || !co_queue_empty(&s->rbc.waitq) ||
+                    s->l2c.ndirty || s->rbc.ndirty;
+        for (int i = 0; !busy && i < s->l2c.n; i++)
+            busy = s->l2c.e[i].pins || s->l2c.e[i].loading;
+        for (int i = 0; !busy && i < s->rbc.n; i++)
+            busy = s->rbc.e[i].pins || s->rbc.e[i].loading;
+        if (!busy) {
+            struct qcache l2c, rbc;
+            ret = qcache_init(&l2c, "L2", (uint32_t)n->l2_slice_size, (int)n->l2_cache_size);
+            if (ret == 0)
+                ret = qcache_init(&rbc, "refcount", (uint32_t)s->cluster_size,
+                                  (int)n->refcount_cache_size);
+            if (ret == 0) {
+                qcache_free(&s->l2c);
+                qcache_free(&s->rbc);
+                s->l2c = l2c;
+                s->rbc = rbc;
+                s->l2_cache_size = n->l2_cache_size;
+                s->refcount_cache_size = n->refcount_cache_size;
+                s->l2_slice_size = n->l2_slice_size;
+                s->l2_slice_entries = n->l2_slice_entries;
+            }
+        }
+        pthread_mutex_unlock(&s->cache_lock);
+        co_mutex_unlock(&s->lock);
+        if (!busy || ret < 0 || tries >= 5000)
+            return busy ? -EBUSY : ret;
+        usleep(1000);                   /* this helper thread runs only us */
+    }
+}
+
+static int reopen_clean(struct qcow2_state *s, void *opaque)
+{
+    return close_clean(s, opaque);
+}
+
+static int reopen_mark_clean(struct qcow2_state *s, void *opaque)
+{
+    co_mutex_lock(&s->lock);
+    int ret = qcow2_mark_clean(s);
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+static void qcow2_reopen_commit(struct reopen_state *rs)
+{
+    struct bnode *bs = rs->bs;
+    struct qcow2_state *s = bs->opaque, *n = rs->drv;
+    rs->drv = NULL;
+    int ret;
+    if (!bs->read_only && rs->read_only && !s->corrupt) {
+        /* the file is still writable: write everything back, mark clean */
+        if ((ret = qcow2_run_sync(s, reopen_clean, NULL)) < 0)
+            log_error("qcow2: node '%s': flushing metadata for read-only failed: %s",
+                      bs->node_name, strerror(-ret));
+    } else if (!bs->read_only && s->lazy_refcounts && !n->lazy_refcounts &&
+               (ret = qcow2_run_sync(s, reopen_mark_clean, NULL)) < 0) {
+        log_error("qcow2: node '%s': marking the image clean failed: %s", bs->node_name,
+                  strerror(-ret));
+    }
+    if ((n->l2_cache_size != s->l2_cache_size || n->refcount_cache_size != s->refcount_cache_size ||
+         n->l2_slice_size != s->l2_slice_size) &&
+        (ret = qcow2_run_sync(s, resize_caches, n)) < 0)
+        log_error("qcow2: node '%s': the caches keep their size: %s", bs->node_name,
+                  strerror(-ret));
+    s->lazy_refcounts = n->lazy_refcounts;
+    __atomic_store_n(&s->overlap, n->overlap, __ATOMIC_RELAXED);
+    for (int i = 0; i < QFREE__MAX; i++)
+        s->discard_passthrough[i] = n->discard_passthrough[i];
+    if (n->cache_clean_interval != s->cache_clean_interval) {
+        s->cache_clean_interval = n->cache_clean_interval;
+        if (s->clean_timer)
+            loop_timer_free(s->clean_timer);
+        s->clean_timer = NULL;
+        start_cache_clean(s);
+    }
+    free(n);
+}
+
+static void qcow2_reopen_commit_post(struct reopen_state *rs)
+{
+    struct bnode *bs = rs->bs;
+    struct qcow2_state *s = bs->opaque;
+    int ret;
+    if (bs->read_only || !rs->was_read_only)
+        return;
+    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && (ret = qcow2_run_sync(s, repair, NULL)) < 0)
+        log_error("qcow2: node '%s': could not repair the refcounts of the dirty image: %s",
+                  bs->node_name, strerror(-ret));
+    if ((ret = qcow2_run_sync(s, prepare_write, NULL)) < 0)
+        log_error("qcow2: node '%s': could not update the qcow2 header: %s", bs->node_name,
+                  strerror(-ret));
+}
+
+static struct bnode_user **qcow2_backing_link(struct bnode *bs)
+{
+    return &((struct qcow2_state *)bs->opaque)->backing_link;
+}
+
 static const struct bdrv bdrv_qcow2 = {
     .name = "qcow2",
     .is_format = true,
@@ -1118,5 +1281,13 @@ static const struct bdrv bdrv_qcow2 = {
     .query_info = qcow2_query_info,
     .flush_sync = qcow2_flush_sync,
     .can_write_zeroes_fast = qcow2_can_zero_fast,
+    .reopen_keys = qcow2_reopen_keys,
+    .reopen_resettable = qcow2_reopen_resettable,
+    .reopen_prepare = qcow2_reopen_prepare,
+    .reopen_commit = qcow2_reopen_commit,
+    .reopen_abort = qcow2_reopen_abort,
+    .reopen_commit_post = qcow2_reopen_commit_post,
+    .reopen_needs_rw_file = true,
+    .reopen_backing_link = qcow2_backing_link,
 };
 BDRV_REGISTER(bdrv_qcow2)

@@ -13,7 +13,30 @@
 struct raw_state {
     uint64_t offset;
     bool has_size;
+    uint64_t size;              /* reopen: the new size */
 };
+
+/* QEMU's raw_apply_options checks, in its order and words. */
+static int raw_check(uint64_t file_size, uint64_t offset, bool has_size, uint64_t size,
+                     error **errp)
+{
+    if (offset > file_size) {
+        error_setg(errp, "Offset (%" PRIu64 ") cannot be greater than size of the "
+                   "containing file (%" PRIu64 ")", offset, file_size);
+        return -1;
+    }
+    if (has_size && file_size - offset < size) {
+        error_setg(errp, "The sum of offset (%" PRIu64 ") and size (%" PRIu64 ") has to be "
+                   "smaller or equal to the  actual size of the containing file (%" PRIu64 ")",
+                   offset, size, file_size);
+        return -1;
+    }
+    if (has_size && size % 512) {
+        error_setg(errp, "Specified size is not multiple of 512");
+        return -1;
+    }
+    return 0;
+}
 
 static int raw_open(struct bnode *bs, json_t *opts, error **errp)
 {
@@ -24,17 +47,49 @@ static int raw_open(struct bnode *bs, json_t *opts, error **errp)
     s->has_size = json_object_get(opts, "size") != NULL;
     uint64_t size = s->has_size ? (uint64_t)json_integer_value(json_object_get(opts, "size"))
                                 : (s->offset <= file_size ? file_size - s->offset : 0);
-    if (s->offset > file_size || size > file_size - s->offset) {
-        error_setg(errp, "The sum of offset (%" PRIu64 ") and size (%" PRIu64 ") has to be "
-                   "smaller or equal to the  actual size of the containing file (%" PRIu64 ")",
-                   s->offset, size, file_size);
+    if (raw_check(file_size, s->offset, s->has_size, size, errp) < 0)
         return -1;
-    }
     bs->size = size;
     bs->request_alignment = bs->file->request_alignment;
     if (bs->file->read_only)
         bs->read_only = true;
     return 0;
+}
+
+/* blockdev-reopen: offset and size may change (QEMU's raw_reopen_prepare). */
+static const char *const raw_reopen_keys[] = { "offset", "size", NULL };
+
+static int raw_reopen_prepare(struct reopen_state *rs, error **errp)
+{
+    struct bnode *bs = rs->bs;
+    struct raw_state *n = xzalloc(sizeof(*n));
+    uint64_t file_size = bs->file->size;
+    n->offset = json_integer_value(json_object_get(rs->opts, "offset"));
+    n->has_size = json_object_get(rs->opts, "size") != NULL;
+    n->size = n->has_size ? (uint64_t)json_integer_value(json_object_get(rs->opts, "size"))
+                          : (n->offset <= file_size ? file_size - n->offset : 0);
+    if (raw_check(file_size, n->offset, n->has_size, n->size, errp) < 0) {
+        free(n);
+        return -1;
+    }
+    rs->drv = n;
+    return 0;
+}
+
+static void raw_reopen_commit(struct reopen_state *rs)
+{
+    struct raw_state *s = rs->bs->opaque, *n = rs->drv;
+    __atomic_store_n(&s->offset, n->offset, __ATOMIC_RELAXED);
+    s->has_size = n->has_size;
+    __atomic_store_n(&rs->bs->size, n->size, __ATOMIC_RELAXED);
+    free(n);
+    rs->drv = NULL;
+}
+
+static void raw_reopen_abort(struct reopen_state *rs)
+{
+    free(rs->drv);
+    rs->drv = NULL;
 }
 
 static void raw_close(struct bnode *bs)
@@ -49,7 +104,8 @@ static void raw_submit(struct bnode *bs, struct breq *r, uint64_t offset)
         breq_complete(r, 0);
         return;
     }
-    bnode_submit_child(bs->file, r, offset + s->offset);
+    bnode_submit_child(__atomic_load_n(&bs->file, __ATOMIC_ACQUIRE), r,
+                       offset + __atomic_load_n(&s->offset, __ATOMIC_RELAXED));
 }
 
 static int raw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
@@ -116,5 +172,10 @@ static const struct bdrv bdrv_raw = {
     .bitmaps_store = sidecar_raw_store,
     .bitmap_can_store = sidecar_can_store,
     .bitmaps_update = sidecar_update,
+    .reopen_keys = raw_reopen_keys,
+    .reopen_resettable = raw_reopen_keys,
+    .reopen_prepare = raw_reopen_prepare,
+    .reopen_commit = raw_reopen_commit,
+    .reopen_abort = raw_reopen_abort,
 };
 BDRV_REGISTER(bdrv_raw)
