@@ -62,7 +62,7 @@ static json_t *node_info(struct bnode *bs)
         leaf = leaf->file;
     if (leaf->drv->query_info)
         leaf->drv->query_info(leaf, info);
-    if (bs != leaf && bs->drv->is_format && bs->drv->query_info)
+    if (bs != leaf && (bs->drv->is_format || bs->drv->is_filter) && bs->drv->query_info)
         bs->drv->query_info(bs, info);          /* qcow2: its own image info */
     if (bs->backing) {
         /* as QEMU: the chain's image info nests under "backing-image" */

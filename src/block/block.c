@@ -209,9 +209,10 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     if (parse_common(bs, opts, errp) < 0)
         goto fail;
     if (drv->is_format || drv->is_filter) {
-        json_t *ref = json_object_get(opts, "file");
+        const char *key = drv->child_key ? drv->child_key : "file";
+        json_t *ref = json_object_get(opts, key);
         if (!ref) {
-            error_setg(errp, "A block device must be specified for \"file\"");
+            error_setg(errp, "A block device must be specified for \"%s\"", key);
             goto fail;
         }
         bs->file = open_child(ref, bs->read_only, errp);
@@ -220,7 +221,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         if (json_is_object(ref))
             bs->file->inherits_from = bs;
         /* The parent's users' permissions reach the child through this link. */
-        bs->file_link = bnode_attach_child(bs, bs->file, "file", errp);
+        bs->file_link = bnode_attach_child(bs, bs->file, key, errp);
         bnode_unref(bs->file);          /* the link now holds the reference */
         if (!bs->file_link)
             goto fail;
@@ -496,8 +497,33 @@ static inline bool is_write(const struct breq *req)
     return req->op == BREQ_WRITE || req->op == BREQ_WRITE_ZEROES || req->op == BREQ_DISCARD;
 }
 
+void bnode_debug_event_slow(struct bnode *bs, int event)
+{
+    while (bs && !bs->drv->debug_event)
+        bs = bs->file;
+    if (bs)
+        bs->drv->debug_event(bs, event);
+}
+
+/* The events QEMU's generic block layer raises as a request reaches bs. */
+static inline void request_events(struct bnode *bs, const struct breq *req)
+{
+    if (likely(!__atomic_load_n(&blkdebug_nodes, __ATOMIC_RELAXED)))
+        return;
+    if (req->op == BREQ_WRITE)
+        bnode_debug_event_slow(bs, BLKDBG_PWRITEV);
+    else if (req->op == BREQ_WRITE_ZEROES)
+        bnode_debug_event_slow(bs, BLKDBG_PWRITEV_ZERO);
+    else if (req->op == BREQ_FLUSH && bs->file) {
+        bnode_debug_event_slow(bs->file, BLKDBG_FLUSH_TO_OS);
+        if (!bs->cache_no_flush)
+            bnode_debug_event_slow(bs->file, BLKDBG_FLUSH_TO_DISK);
+    }
+}
+
 void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset)
 {
+    request_events(child, req);
     mark_dirty(child, req, offset);
     req->acct_fwd++;
     bnode_check_write_threshold(child, req, offset);
@@ -595,6 +621,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
             return;
         }
     }
+    request_events(bs, req);
     if (bs->align && bnode_align_submit(bs, req))
         return;
     bs->drv->submit(bs, req, req->offset);

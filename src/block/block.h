@@ -203,6 +203,7 @@ struct bdrv {
     const char *name;                   /* "file", "raw", ... */
     bool is_format;                     /* sits on a "file" child */
     bool is_filter;
+    const char *child_key;              /* the option naming that child; NULL = "file" */
     /* Open: opts is the validated blockdev-add object.  Set bs->size. */
     int  (*open)(struct bnode *bs, json_t *opts, error **errp);
     void (*close)(struct bnode *bs);
@@ -268,7 +269,30 @@ struct bdrv {
     bool reopen_needs_rw_file;
     /* where the driver keeps its "backing" link: reopen may change it */
     struct bnode_user **(*reopen_backing_link)(struct bnode *bs);
+    /* A node above (or this one) raised a BLKDBG_* event (blkdebug). */
+    void (*debug_event)(struct bnode *bs, int event);
 };
+
+/* Events of QEMU's BlkdebugEvent that bexd raises (numbers as QEMU's enum). */
+enum {
+    BLKDBG_READ_AIO = 9,
+    BLKDBG_WRITE_AIO = 12,
+    BLKDBG_FLUSH_TO_OS = 33,
+    BLKDBG_FLUSH_TO_DISK = 34,
+    BLKDBG_PWRITEV = 39,
+    BLKDBG_PWRITEV_ZERO = 40,
+    BLKDBG_PWRITEV_DONE = 41,
+};
+extern int blkdebug_nodes;             /* atomic: blkdebug nodes open */
+void bnode_debug_event_slow(struct bnode *bs, int event);
+/* Raise an event on bs: the first node down its primary (file) children
+ * that handles events gets it, as QEMU's bdrv_debug_event.  Costs one
+ * load while no blkdebug node exists. */
+static inline void bnode_debug_event(struct bnode *bs, int event)
+{
+    if (unlikely(__atomic_load_n(&blkdebug_nodes, __ATOMIC_RELAXED)))
+        bnode_debug_event_slow(bs, event);
+}
 
 /* ---- graph / control (main thread) ---- */
 /* blockdev-add: opts validated by the QMP schema (BlockdevOptions). */

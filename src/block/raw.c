@@ -51,6 +51,7 @@ static int raw_open(struct bnode *bs, json_t *opts, error **errp)
         return -1;
     bs->size = size;
     bs->request_alignment = bs->file->request_alignment;
+    bs->max_transfer = bs->file->max_transfer;
     if (bs->file->read_only)
         bs->read_only = true;
     return 0;
@@ -104,8 +105,12 @@ static void raw_submit(struct bnode *bs, struct breq *r, uint64_t offset)
         breq_complete(r, 0);
         return;
     }
-    bnode_submit_child(__atomic_load_n(&bs->file, __ATOMIC_ACQUIRE), r,
-                       offset + __atomic_load_n(&s->offset, __ATOMIC_RELAXED));
+    struct bnode *file = __atomic_load_n(&bs->file, __ATOMIC_ACQUIRE);
+    if (r->op == BREQ_READ)
+        bnode_debug_event(file, BLKDBG_READ_AIO);
+    else if (r->op == BREQ_WRITE)
+        bnode_debug_event(file, BLKDBG_WRITE_AIO);
+    bnode_submit_child(file, r, offset + __atomic_load_n(&s->offset, __ATOMIC_RELAXED));
 }
 
 static int raw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,

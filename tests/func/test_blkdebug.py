@@ -1,0 +1,324 @@
+"""The blkdebug driver (QEMU 7.2's fault injection): blockdev-add answers
+as QEMU's, and the errors its rules inject reach NBD clients as QEMU's do.
+
+Every scenario runs against bexd and qemu-storage-daemon (`impl`) and
+checks the same expected answer, so a difference between the two fails
+one of them.
+
+qemu-storage-daemon 7.2 drops the connection when a READ fails under
+structured replies (its sparse-read path treats the error as a failure to
+send the reply); bexd sends the error and goes on serving.  The parity
+scenarios therefore use simple replies, and
+test_read_error_structured_reply_keeps_connection checks the difference.
+"""
+import errno
+import os
+
+import pytest
+
+from conftest import QMPError
+
+nbd = pytest.importorskip("nbd")
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+class Setup:
+    """A daemon with an NBD server on a UNIX socket and an image file."""
+
+    def __init__(self, start_daemon, impl, tmpdir, size=4 * MiB):
+        self.impl = impl
+        self.img = os.path.join(tmpdir, "disk.img")
+        with open(self.img, "wb") as f:
+            f.write(bytes(range(256)) * (size // 256))
+        self.sock = os.path.join(tmpdir, "nbd.sock")
+        self.daemon = start_daemon(
+            impl, "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock)
+        self.qmp = self.daemon.qmp()
+
+    def image(self, **extra):
+        d = {"driver": "file", "filename": self.img}
+        d.update(extra)
+        return d
+
+    def add(self, node, opts):
+        o = dict(opts)
+        o["node-name"] = node
+        return self.qmp.execute("blockdev-add", **o)
+
+    def export(self, node, name="e"):
+        self.qmp.execute("block-export-add", type="nbd", id=name, **{"node-name": node},
+                         name=name, writable=True)
+
+    def blkdebug(self, raw=True, discard=False, **opts):
+        """raw (if asked) over blkdebug over the image, exported as "e"."""
+        bd = {"driver": "blkdebug", "image": self.image(**({"discard": "unmap"} if discard else {}))}
+        bd.update(opts)
+        if discard:
+            bd["discard"] = "unmap"
+        if raw:
+            top = {"driver": "raw", "file": bd}
+            if discard:
+                top["discard"] = "unmap"
+            self.add("top", top)
+        else:
+            self.add("top", bd)
+        self.export("top")
+
+    def handle(self, name="e", structured=False):
+        h = nbd.NBD()
+        h.set_request_structured_replies(structured)
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
+        h.set_export_name(name)
+        h.connect_unix(self.sock)
+        return h
+
+
+@pytest.fixture
+def setup(start_daemon, impl, tmpdir_short):
+    return Setup(start_daemon, impl, tmpdir_short)
+
+
+def nbd_errno(fn, *args):
+    """The errno an NBD request fails with, or 0 if it succeeds."""
+    try:
+        fn(*args)
+        return 0
+    except nbd.Error as e:
+        return e.errnum
+
+
+# ---- blockdev-add: the same answers as QEMU 7.2 ----
+
+BAD_OPTIONS = [
+    ({"align": 3}, "Cannot meet constraints with align 3"),
+    ({"align": -1}, "Parameter 'align' expects a non-negative number below 2^64"),
+    ({"align": 1 << 31}, "Cannot meet constraints with align 2147483648"),
+    ({"align": 4096, "max-transfer": 1000}, "Cannot meet constraints with max-transfer 1000"),
+    ({"max-transfer": -5}, "Parameter 'max-transfer' expects a non-negative number below 2^64"),
+    ({"max-transfer": 1 << 31}, "Parameter 'max-transfer' expects int32_t"),
+    ({"opt-write-zero": 4096, "max-write-zero": 6000},
+     "Cannot meet constraints with max-write-zero 6000"),
+    ({"align": 512, "opt-write-zero": 1000}, "Cannot meet constraints with opt-write-zero 1000"),
+    ({"align": 512, "opt-discard": 1000}, "Cannot meet constraints with opt-discard 1000"),
+    ({"opt-discard": 8192, "max-discard": 4096}, "Cannot meet constraints with max-discard 4096"),
+    ({"config": "/nonexistent/blkdebug.conf"},
+     "Could not read blkdebug config file: No such file or directory"),
+    ({"inject-error": [{"event": "preadv"}]}, "Parameter 'event' does not accept value 'preadv'"),
+    ({"inject-error": [{"event": "read_aio", "iotype": "trim"}]},
+     "Parameter 'iotype' does not accept value 'trim'"),
+    ({"set-state": [{"event": "read_aio"}]}, "Parameter 'set-state[0].new_state' is missing"),
+    ({"take-child-perms": ["everything"]},
+     "Parameter 'null' does not accept value 'everything'"),
+]
+
+
+@pytest.mark.parametrize("opts,desc", BAD_OPTIONS, ids=[str(i) for i in range(len(BAD_OPTIONS))])
+def test_blockdev_add_refuses_as_qemu(setup, opts, desc):
+    o = {"driver": "blkdebug", "image": setup.image()}
+    o.update(opts)
+    with pytest.raises(QMPError) as e:
+        setup.add("bd", o)
+    assert (e.value.cls, e.value.desc) == ("GenericError", desc)
+    with pytest.raises(QMPError) as e:
+        setup.add("bd", {"driver": "blkdebug"})
+    assert e.value.desc == "Parameter 'image' is missing"
+
+
+def test_blockdev_add_accepts_as_qemu(setup, tmpdir_short):
+    ok = [
+        {"opt-discard": 3},                     # aligned to the image's 1-byte alignment
+        {"inject-error": [{"event": "read_aio", "errno": -5}]},
+        {"inject-error": [{"event": "l2_load", "iotype": "block-status", "sector": 3,
+                           "once": True, "immediately": True, "state": 2}],
+         "set-state": [{"event": "none", "state": 1, "new_state": 2}],
+         "take-child-perms": ["write"], "unshare-child-perms": ["resize"]},
+        {"align": 4096, "max-transfer": 65536, "opt-write-zero": 8192,
+         "max-write-zero": 65536, "opt-discard": 8192, "max-discard": 1 << 20},
+    ]
+    for i, opts in enumerate(ok):
+        o = {"driver": "blkdebug", "image": setup.image()}
+        o.update(opts)
+        setup.add("bd%d" % i, o)
+        setup.qmp.execute("blockdev-del", **{"node-name": "bd%d" % i})
+
+
+CONFIGS = [
+    ('[inject-error]\nevent = "read_aio"\nerrno = "28"\n\n# comment\n'
+     '[set-state]\nevent = "write_aio"\nnew_state = "2"\n', None),
+    ('[inject-error]\nevent = "nope"\n', "invalid parameter value: nope"),
+    ('[foo]\nevent = "read_aio"\n', "There is no option group 'foo'"),
+    ('event = "read_aio"\n', "no group defined"),
+    ('[inject-error]\nbogus = "x"\n', "Invalid parameter 'bogus'"),
+    ('[inject-error]\nsector = "1"\n', "Missing event name for rule"),
+    ('[set-state]\nevent = "read_aio"\nnew_state = "x"\n',
+     "Parameter 'new_state' expects a number"),
+    ('[inject-error]\nevent = "read_aio"\nonce = "maybe"\n',
+     "Parameter 'once' expects 'on' or 'off'"),
+    ('[inject-error]\nevent "read_aio"\n', "invalid parameter value: "),
+    ('[inject-error]\n  \t\n', "parse error"),
+]
+
+
+@pytest.mark.parametrize("text,desc", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
+def test_config_file_as_qemu(setup, tmpdir_short, text, desc):
+    path = os.path.join(tmpdir_short, "blkdebug.conf")
+    with open(path, "w") as f:
+        f.write(text)
+    o = {"driver": "blkdebug", "image": setup.image(), "config": path}
+    if desc is None:
+        setup.add("bd", o)
+        return
+    with pytest.raises(QMPError) as e:
+        setup.add("bd", o)
+    assert e.value.desc == desc
+
+
+# ---- errors reach the clients ----
+
+def test_read_error_reaches_nbd_client(setup):
+    setup.blkdebug(**{"inject-error": [{"event": "read_aio", "errno": errno.EIO}]})
+    h = setup.handle()
+    assert nbd_errno(h.pread, 4096, 0) == errno.EIO
+    # The rule stays active until another event fires rules: a write (its
+    # write_aio fires none) fails too, and a flush; block status does not.
+    assert nbd_errno(h.pwrite, b"x" * 512, 0) == errno.EIO
+    assert nbd_errno(h.flush) == errno.EIO
+    assert nbd_errno(h.pread, 512, 8192) == errno.EIO
+    h.shutdown()
+    assert setup.daemon.alive()
+
+
+def test_config_file_rules_reach_the_client(setup, tmpdir_short):
+    path = os.path.join(tmpdir_short, "blkdebug.conf")
+    with open(path, "w") as f:
+        f.write('[inject-error]\nevent = "read_aio"\nerrno = "28"\niotype = "read"\n')
+    setup.add("top", {"driver": "raw", "file": {"driver": "blkdebug", "config": path,
+                                                  "image": setup.image()}})
+    setup.export("top")
+    h = setup.handle()
+    assert nbd_errno(h.pread, 512, 0) == errno.ENOSPC
+    assert nbd_errno(h.pwrite, b"y" * 512, 0) == 0
+    h.shutdown()
+
+
+def test_sector_once_and_iotype(setup):
+    setup.blkdebug(**{"inject-error": [{"event": "read_aio", "errno": errno.ENOSPC,
+                                        "sector": 16, "once": True, "iotype": "read"}]})
+    h = setup.handle()
+    assert nbd_errno(h.pread, 8192, 0) == 0                 # sectors 0-15
+    assert nbd_errno(h.pwrite, b"z" * 4096, 8192) == 0      # a write: not its iotype
+    assert nbd_errno(h.pread, 4096, 6144) == errno.ENOSPC   # covers sector 16
+    assert nbd_errno(h.pread, 4096, 6144) == 0              # once: gone
+    assert h.pread(512, 8192) == b"z" * 512
+    h.shutdown()
+
+
+def test_set_state_arms_a_rule(setup):
+    setup.blkdebug(**{
+        "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}],
+        "inject-error": [{"event": "read_aio", "state": 2, "errno": errno.EIO,
+                          "iotype": "read"}]})
+    h = setup.handle()
+    assert nbd_errno(h.pread, 512, 0) == 0
+    assert nbd_errno(h.pread, 512, 0) == 0
+    assert nbd_errno(h.pwrite, b"a" * 512, 0) == 0          # state 1 -> 2
+    assert nbd_errno(h.pread, 512, 0) == errno.EIO
+    assert nbd_errno(h.pread, 512, 4096) == errno.EIO
+    h.shutdown()
+
+
+def test_flush_error(setup):
+    setup.blkdebug(**{"inject-error": [{"event": "flush_to_disk", "iotype": "flush",
+                                        "errno": errno.EIO, "immediately": True}]})
+    h = setup.handle()
+    assert nbd_errno(h.pwrite, b"b" * 4096, 0) == 0
+    assert nbd_errno(h.flush) == errno.EIO
+    assert nbd_errno(h.pread, 4096, 0) == 0
+    assert nbd_errno(h.pwrite, b"b" * 4096, 0) == 0
+    # FUA is a write and a flush below raw (QEMU emulates it): the flush fails
+    assert nbd_errno(h.pwrite, b"b" * 4096, 0, nbd.CMD_FLAG_FUA) == errno.EIO
+    h.shutdown()
+
+
+def test_discard_error(setup):
+    setup.blkdebug(discard=True,
+                   **{"inject-error": [{"event": "write_aio", "iotype": "discard",
+                                        "errno": errno.ENOSPC}]})
+    h = setup.handle()
+    assert nbd_errno(h.trim, 65536, 0) == 0                 # no event fired yet
+    assert nbd_errno(h.pwrite, b"c" * 4096, 0) == 0         # write_aio arms the rule
+    assert nbd_errno(h.trim, 65536, 0) == errno.ENOSPC
+    assert nbd_errno(h.pread, 4096, 0) == 0
+    h.shutdown()
+
+
+def test_pwritev_event_on_the_exported_node(setup):
+    """Without raw above, a write raises pwritev on the blkdebug node itself."""
+    setup.blkdebug(raw=False, **{"inject-error": [{"event": "pwritev", "iotype": "write",
+                                                   "errno": errno.EIO}]})
+    h = setup.handle()
+    assert nbd_errno(h.pread, 4096, 0) == 0
+    assert nbd_errno(h.pwrite, b"d" * 4096, 0) == errno.EIO
+    assert nbd_errno(h.pread, 4096, 0) == 0
+    h.shutdown()
+
+
+def test_write_zeroes_fallback_and_fast_zero(setup):
+    """opt-write-zero: unaligned head and tail become writes of zeros (the
+    write rule then fails them), aligned ranges stay write-zeroes; with
+    FAST_ZERO the fallback is refused instead."""
+    setup.blkdebug(**{"opt-write-zero": 65536,
+                      "inject-error": [{"event": "pwritev_zero", "iotype": "write",
+                                        "errno": errno.EIO}]})
+    h = setup.handle()
+    assert nbd_errno(h.zero, 131072, 65536) == 0            # aligned: write-zeroes only
+    assert h.pread(512, 65536) == bytes(512)
+    assert nbd_errno(h.zero, 70000, 1000) == errno.EIO      # head: a write of zeros
+    assert nbd_errno(h.zero, 70000, 1000, nbd.CMD_FLAG_FAST_ZERO) == errno.ENOTSUP
+    h.shutdown()
+
+
+def test_limits_reach_the_client(setup):
+    setup.blkdebug(raw=False, **{"align": 4096, "max-transfer": 65536})
+    h = setup.handle()
+    assert h.get_block_size(nbd.SIZE_MINIMUM) == 4096
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 65536
+    data = os.urandom(1 * MiB)
+    # one request larger than max-transfer: split below, whole to the client
+    h.set_strict_mode(0)
+    h.pwrite(data, 0)
+    assert h.pread(1 * MiB, 0) == data
+    h.pwrite(b"e" * 100, 5000)                               # unaligned: read-modify-write
+    assert h.pread(200, 4950) == data[4950:5000] + b"e" * 100 + data[5100:5150]
+    h.shutdown()
+    with open(setup.img, "rb") as f:
+        assert f.read(4950)[:4950] == data[:4950]
+
+
+def test_errno_that_nbd_cannot_carry(setup):
+    """An errno NBD has no code for goes to the client as EINVAL (QEMU's
+    mapping); the daemon keeps serving."""
+    setup.blkdebug(**{"inject-error": [{"event": "read_aio", "errno": errno.ENOENT,
+                                        "iotype": "read", "once": True}]})
+    h = setup.handle()
+    assert nbd_errno(h.pread, 512, 0) == errno.EINVAL
+    assert nbd_errno(h.pread, 512, 0) == 0
+    h.shutdown()
+
+
+def test_read_error_structured_reply_keeps_connection(setup):
+    """bexd answers a failed READ with an error chunk and keeps the
+    connection; qemu-storage-daemon 7.2 disconnects the client."""
+    setup.blkdebug(**{"inject-error": [{"event": "read_aio", "errno": errno.EIO,
+                                        "iotype": "read", "once": True}]})
+    h = setup.handle(structured=True)
+    assert h.get_structured_replies_negotiated()
+    err = nbd_errno(h.pread, 4096, 0)
+    if setup.impl == "qsd":
+        assert err == errno.ENOTCONN        # QEMU 7.2: "Failed to send reply"
+        return
+    assert err == errno.EIO
+    assert h.pread(4096, 0) == bytes(range(256)) * 16
+    h.shutdown()
