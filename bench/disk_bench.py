@@ -229,6 +229,8 @@ def fmt(v, spec):
 
 def main(argv):
     a = parse_args(argv)
+    # SIGTERM: stop the server in hand and remove the image (finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = tempfile.mkdtemp(prefix="diskbench.", dir=a.dir)
     img = os.path.join(work, "disk.img")
     results = {}          # (transport, server, workload) -> [result per run]

@@ -18,6 +18,7 @@
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
+#include "util/cleanup.h"
 #include "util/loop.h"
 #include "util/log.h"
 #include "util/xalloc.h"
@@ -61,7 +62,8 @@ struct loop {
     struct loop_timer *timers_tail;
     struct loop_watch *dead;
     struct aio_engine *aio;
-    uint64_t poll_ns;                  /* busy-poll this long before sleeping */
+    uint64_t poll_ns;                  /* busy-poll at most this long before sleeping */
+    uint64_t poll_cur;                 /* ... and now this long (adaptive, loop thread) */
 };
 
 static __thread struct loop *current_loop;
@@ -375,19 +377,39 @@ int loop_run(struct loop *l)
             break;
         int timeout = next_timeout(l);
         int n = 0;
-        uint64_t poll_ns = __atomic_load_n(&l->poll_ns, __ATOMIC_RELAXED);
-        if (timeout != 0 && poll_ns && !(l->aio && aio_engine_waits_for_pool(l->aio))) {
-            /* Poll briefly before sleeping: a client answering at once is
-             * served without the cost of a sleep and a wake-up. */
-            uint64_t now = now_ns(), until = now + poll_ns;
-            if (timeout > 0 && until > now + (uint64_t)timeout * 1000000)
-                until = now + (uint64_t)timeout * 1000000;   /* timers stay on time */
-            do {
-                n = epoll_wait(l->epfd, evs, 64, 0);
-            } while (n == 0 && now_ns() < until);
+        uint64_t poll_max = __atomic_load_n(&l->poll_ns, __ATOMIC_RELAXED), t0 = 0;
+        bool adapt = timeout != 0 && poll_max && !(l->aio && aio_engine_waits_for_pool(l->aio));
+        if (l->poll_cur > poll_max)
+            l->poll_cur = poll_max;
+        if (adapt) {
+            t0 = now_ns();
+            if (l->poll_cur) {
+                /* Poll briefly before sleeping: a client answering at once
+                 * is served without the cost of a sleep and a wake-up. */
+                uint64_t until = t0 + l->poll_cur;
+                if (timeout > 0 && until > t0 + (uint64_t)timeout * 1000000)
+                    until = t0 + (uint64_t)timeout * 1000000;   /* timers stay on time */
+                do {
+                    n = epoll_wait(l->epfd, evs, 64, 0);
+                } while (n == 0 && now_ns() < until);
+            }
         }
-        if (n == 0)
+        if (n == 0) {
             n = epoll_wait(l->epfd, evs, 64, timeout);
+            if (adapt) {
+                /* QEMU's adaptive window: a wait longer than the most we
+                 * may poll would not have been saved by polling, so stop
+                 * (a client that thinks, or a loaded machine: polling only
+                 * takes the CPU the client needs); a shorter one would
+                 * have, so poll longer, from 4 us up to the maximum. */
+                uint64_t waited = now_ns() - t0;
+                if (waited > poll_max)
+                    l->poll_cur = 0;
+                else if (waited > l->poll_cur)
+                    l->poll_cur = l->poll_cur ? MIN(l->poll_cur * 2, poll_max)
+                                              : MIN((uint64_t)4000, poll_max);
+            }
+        }
         if (n < 0 && errno != EINTR) {
             log_error("epoll_wait: %s", strerror(errno));
             break;
