@@ -234,14 +234,18 @@ def test_kill9_under_write_load_keeps_flushed_writes():
     assert out.rstrip().splitlines()[-1].endswith(" 0 lost"), out
 
 
-def test_soak_short():
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_soak_short(tls):
     """The soak, short (tests/soak/soak.py runs an hour): NBD clients
-    killed and stopped at random, QMP adding and removing exports, FUSE
-    I/O, for 30 s; fds and threads flat, data intact, no sanitizer report
-    (the suite's ASan build)."""
+    (plain, or over TLS with plain ones refused) killed and stopped at
+    random, QMP adding and removing exports, FUSE I/O, vhost-user-blk
+    rounds checked and front-ends killed mid-I/O, for 30 s; fds and
+    threads flat, data intact, no sanitizer report (the suite's ASan
+    build)."""
     import conftest
     script = os.path.join(os.path.dirname(__file__), "..", "soak", "soak.py")
-    r = subprocess.run(["/usr/bin/python3", script, "30", "--bexd", conftest.BEXD],
+    r = subprocess.run(["/usr/bin/python3", script, "30", "--bexd", conftest.BEXD] +
+                       (["--tls"] if tls else []),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     out = r.stdout.decode()
     assert r.returncode == 0, out
