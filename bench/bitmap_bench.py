@@ -17,7 +17,7 @@ socket; fio's nbd engine is the client):
             sync=none with a filter) to the copy done, the copy being a
             libnbd client that reads the dirty extents of
             qemu:dirty-bitmap:NAME from the snapshot-access export into a
-            file (pull mode, as docs/backup.md shows).
+            file, 16 reads in flight (pull mode, as docs/backup.md shows).
 
 Configurations are interleaved (bexd, qsd, bexd, qsd ...) and repeated;
 the median of the repeats is reported, with the ratio bexd/qsd.  The
@@ -84,15 +84,34 @@ class Server:
             pass
 
 
-def fio_iops(uri, runtime, size, workdir):
+def proc_cpu(pid):
+    """utime + stime of a process, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU_PER_WRITE = {}      # (row, impl) -> [server CPU microseconds per write]
+
+
+def fio_iops(uri, runtime, size, workdir, pid=None, key=None):
+    """IOPS of the run; with pid, also records the server's CPU time per
+    write (less sensitive than IOPS to a loaded machine) under key."""
+    cpu0 = proc_cpu(pid) if pid else 0
     out = os.path.join(workdir, "fio.json")
     subprocess.run(["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
                     "--bs=4k", "--iodepth=32", "--size=%d" % size, "--time_based",
                     "--runtime=%d" % runtime, "--ramp_time=1", "--randrepeat=0",
                     "--output-format=json", "--output=" + out], check=True,
                    stdout=subprocess.DEVNULL)
+    cpu = proc_cpu(pid) - cpu0 if pid else 0
     with open(out) as f:
-        return json.load(f)["jobs"][0]["write"]["iops"]
+        w = json.load(f)["jobs"][0]["write"]
+    if pid and w["total_ios"]:
+        # CPU over the whole run (ramp included) per write over the whole run
+        ios = w["total_ios"] + w["iops"]         # + the 1 s ramp, at the same rate
+        CPU_PER_WRITE.setdefault(key, []).append(1e6 * cpu / ios)
+    return w["iops"]
 
 
 def make_image(path, size):
@@ -110,7 +129,8 @@ def row_bitmaps(srv, nbitmaps, args):
     srv.qmp.execute("block-export-add", type="nbd", id="e", node_name="disk", name="e",
                     writable=True)
     try:
-        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir)
+        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir, srv.pid,
+                        ("bitmaps%d" % nbitmaps, srv.impl))
     finally:
         srv.stop()
 
@@ -125,7 +145,8 @@ def row_cbw(srv, args):
     srv.qmp.execute("block-export-add", type="nbd", id="e", node_name="c0", name="e",
                     writable=True)
     try:
-        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir)
+        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir, srv.pid,
+                        ("cbw", srv.impl))
     finally:
         srv.stop()
         os.unlink(tmp)
@@ -154,14 +175,30 @@ while off < size:
         off = p
         return 0
     h.block_status(min(size - off, 1 << 30), off, cb)
-fd = open(out, "r+b")
+# pieces of at most 4 MiB, DEPTH reads in flight (as a real backup client,
+# nbdcopy for one, keeps the connection busy)
+pieces = []
 for o, l in dirty:
     while l:
         n = min(l, 4 << 20)
-        fd.seek(o)
-        fd.write(h.pread(n, o))
+        pieces.append((o, n))
         o += n
         l -= n
+fd = open(out, "r+b")
+DEPTH = 16
+inflight = {}
+def done(o, buf, err):
+    fd.seek(o)
+    fd.write(buf)
+    return 1          # retire the command
+i = 0
+while i < len(pieces) or h.aio_in_flight():
+    while i < len(pieces) and h.aio_in_flight() < DEPTH:
+        o, n = pieces[i]
+        buf = nbd.Buffer(n)
+        h.aio_pread(buf, o, completion=lambda err, o=o, b=buf: done(o, b.to_bytearray(), err))
+        i += 1
+    h.poll(-1)
 fd.close()
 print(sum(l for _, l in dirty))
 """
@@ -254,13 +291,25 @@ def main(argv):
         b, q = med[r].get("bexd"), med[r].get("qsd")
         ratio = (q / b if unit == "s" else b / q) if b and q else float("nan")
         print("%-28s %12.2f %12.2f %8.2f" % (label, b or 0, q or 0, ratio))
+    cpu = {k: statistics.median(v) for k, v in CPU_PER_WRITE.items()}
+    if cpu:
+        print("server CPU per write (us, median):")
+        for r in ("bitmaps0", "bitmaps2", "cbw"):
+            if (r, "bexd") in cpu or (r, "qsd") in cpu:
+                print("  %-10s bexd %7.1f   qsd %7.1f" % (r, cpu.get((r, "bexd"), 0),
+                                                        cpu.get((r, "qsd"), 0)))
     for s in ("bexd", "qsd"):
         if "bitmaps0" in med and s in med["bitmaps0"]:
             print("%s: two enabled bitmaps cost %.1f%% of 4k random write IOPS" %
                   (s, 100 * (1 - med["bitmaps2"][s] / med["bitmaps0"][s])))
+        if ("bitmaps0", s) in cpu and ("bitmaps2", s) in cpu:
+            print("%s: two enabled bitmaps cost %.1f%% more server CPU per write" %
+                  (s, 100 * (cpu[("bitmaps2", s)] / cpu[("bitmaps0", s)] - 1)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": results, "median": med}, f, indent=1)
+            json.dump({"runs": results, "median": med,
+                   "cpu_us_per_write": {"%s/%s" % k: v for k, v in CPU_PER_WRITE.items()}},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

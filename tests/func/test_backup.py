@@ -713,3 +713,37 @@ def test_sync_top_copies_the_top_layer(impl, start_daemon, tmpdir_short):
     want[MiB:MiB + 65536] = b"\x22" * 65536
     want[5 * MiB:5 * MiB + 131072] = b"\x33" * 131072
     assert data == bytes(want)
+
+
+def test_quit_with_running_jobs(impl, start_daemon, tmpdir_short):
+    """quit cancels a rate-limited push backup and a fleecing job (with a
+    snapshot export over its filter) and exits."""
+    size = 16 * MiB
+    img = os.path.join(tmpdir_short, "src.img")
+    write_random(img, size, 3)
+    for n in ("t1.img", "t2.img"):
+        with open(os.path.join(tmpdir_short, n), "wb") as f:
+            f.truncate(size)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0",
+                     "--blockdev", "driver=file,node-name=t1,filename=%s/t1.img" % tmpdir_short,
+                     "--blockdev", "driver=file,node-name=t2,filename=%s/t2.img" % tmpdir_short,
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "nbd,id=w,node-name=disk,name=w,writable=on")
+    qmp = d.qmp()
+    qmp.execute("block-dirty-bitmap-add", node="disk", name="b")
+    qmp.execute("transaction", actions=[
+        {"type": "blockdev-backup", "data": {"job-id": "push", "device": "disk",
+                                             "target": "t1", "sync": "full", "speed": 1}},
+        {"type": "blockdev-backup", "data": {"job-id": "fleece", "device": "disk",
+                                             "target": "t2", "sync": "none",
+                                             "filter-node-name": "cbw"}}])
+    qmp.execute("blockdev-add", driver="snapshot-access", node_name="snap", file="cbw")
+    qmp.execute("block-export-add", type="nbd", id="s", node_name="snap", name="s")
+    qemu_io("nbd+unix:///w?socket=" + sock, "write -P 0x55 0 2M")
+    assert {j["device"]: j["status"] for j in qmp.execute("query-block-jobs")} == \
+        {"push": "running", "fleece": "running"}
+    qmp.execute("quit")
+    d.wait_exit()
+    assert not d.alive()
