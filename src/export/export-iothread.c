@@ -60,13 +60,13 @@ static json_t *qmp_x_blockdev_set_iothread(json_t *args, error **errp)
     }
     /* Check every export first: all move or none does. */
     for (struct export *e = export_first(); e; e = e->next) {
-        if (!affected(e, bs) || e->iothread == iot)
+        if (!affected(e, bs) || (e->iothread == iot && !e->n_loops))
             continue;
         if (e->fixed_iothread) {
             error_setg(errp, "Cannot change iothread of active block backend");
             return NULL;
         }
-        if (e->shutting_down || !e->type->can_move) {
+        if (e->shutting_down || !e->type->can_move || e->n_loops) {
             error_setg(errp, "Cannot move export '%s' (%s) to another iothread", e->id,
                        e->type->name);
             return NULL;

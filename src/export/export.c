@@ -66,12 +66,66 @@ static void export_node_resized(struct bnode_user *u)
         exp->type->node_resized(exp);
 }
 
+/* Hold (+1) or drop (-1) the export's iothreads: they cannot be deleted
+ * while it runs in them. */
+static void export_iothreads_ref(struct export *exp, int d)
+{
+    unsigned n = exp->n_loops ? exp->n_loops : exp->iothread ? 1 : 0;
+
+    for (unsigned i = 0; i < n; i++) {
+        struct iothread *t = exp->n_loops ? exp->iothreads[i] : exp->iothread;
+        if (d > 0)
+            object_ref(&t->obj);
+        else
+            object_unref(&t->obj);
+    }
+}
+
+/* `iothread` as a list (QEMU 10.1's BlockExportIothreads 'multi'): every
+ * member must name an iothread; the same one twice counts once. */
+static struct iothread **multi_iothreads(const struct export_type *type, json_t *opts,
+                                         json_t *list, unsigned *n, error **errp)
+{
+    size_t len = json_array_size(list);
+    struct iothread **v;
+
+    if (!type->multi_iothread) {
+        error_setg(errp, "The %s export does not support multi-threading", type->name);
+        return NULL;
+    }
+    if (opt_bool(opts, "fixed-iothread", false)) {
+        error_setg(errp, "fixed-iothread cannot be used with multiple iothreads");
+        return NULL;
+    }
+    if (!len) {
+        error_setg(errp, "The set of iothreads must not be empty");
+        return NULL;
+    }
+    v = xcalloc(len, sizeof(*v));
+    *n = 0;
+    for (size_t i = 0; i < len; i++) {
+        struct iothread *t = iothread_find(json_string_value(json_array_get(list, i)), errp);
+        unsigned j;
+        if (!t) {
+            free(v);
+            return NULL;
+        }
+        for (j = 0; j < *n && v[j] != t; j++)
+            ;
+        if (j == *n)
+            v[(*n)++] = t;
+    }
+    return v;
+}
+
 int block_export_add(json_t *opts, error **errp)
 {
     const char *type_name = opt_str(opts, "type", "");
     const char *id = opt_str(opts, "id", "");
     const char *node_name = opt_str(opts, "node-name", "");
     const char *iothread_id = opt_str(opts, "iothread", NULL);
+    json_t *iothread_list = json_is_array(json_object_get(opts, "iothread")) ?
+                            json_object_get(opts, "iothread") : NULL;
     const struct export_type *type = type_find(type_name);
 
     if (!type) {
@@ -95,6 +149,12 @@ int block_export_add(json_t *opts, error **errp)
         if (!iot)
             return -1;
     }
+    struct iothread **iots = NULL;
+    unsigned n_iots = 0;
+    if (iothread_list && !(iots = multi_iothreads(type, opts, iothread_list, &n_iots, errp)))
+        return -1;
+    if (iots)
+        iot = iots[0];
     bool writable = opt_bool(opts, "writable", false);
     if (writable && bs->read_only) {
         error_setg(errp, "Cannot export read-only node as writable");
@@ -103,8 +163,10 @@ int block_export_add(json_t *opts, error **errp)
     struct bnode_user *user = bnode_attach(bs, PERM_CONSISTENT_READ |
                                            (writable ? PERM_WRITE : 0), PERM_ALL,
                                            "an unnamed block device", "root", errp);
-    if (!user)
+    if (!user) {
+        free(iots);
         return -1;
+    }
 
     struct export *exp = xzalloc(type->instance_size);
     exp->id = xstrdup(id);
@@ -118,12 +180,19 @@ int block_export_add(json_t *opts, error **errp)
     exp->fixed_iothread = opt_bool(opts, "fixed-iothread", false);
     exp->iothread = iot;
     exp->loop = iot ? iot->loop : loop_main();
-    if (iot)
-        object_ref(&iot->obj);
+    if (iots) {
+        exp->iothreads = iots;
+        exp->n_loops = n_iots;
+        exp->loops = xcalloc(n_iots, sizeof(*exp->loops));
+        for (unsigned i = 0; i < n_iots; i++)
+            exp->loops[i] = iots[i]->loop;
+    }
+    export_iothreads_ref(exp, 1);
     if (type->create(exp, opts, errp) < 0) {
-        if (iot)
-            object_unref(&iot->obj);
+        export_iothreads_ref(exp, -1);
         bnode_detach(user);
+        free(exp->iothreads);
+        free(exp->loops);
         free(exp->id);
         free(exp);
         return -1;
@@ -172,10 +241,11 @@ void export_shutdown_done(struct export *exp)
         *p = exp->next;
     char *id = exp->id;
     bnode_detach(exp->user);
-    if (exp->iothread)
-        object_unref(&exp->iothread->obj);
+    export_iothreads_ref(exp, -1);
     if (exp->type->free)
         exp->type->free(exp);
+    free(exp->iothreads);
+    free(exp->loops);
     free(exp);
     qmp_event("BLOCK_EXPORT_DELETED", json_pack("{s:s}", "id", id));
     free(id);

@@ -53,6 +53,9 @@ struct export_type {
      * (main thread)?  It then runs there from its next client on.  NULL:
      * never (the export keeps watches in its loop). */
     bool (*can_move)(struct export *exp, error **errp);
+    /* The type serves one export from several loops: `iothread` may be a
+     * list (QEMU 10.1's BlockExportIothreads 'multi' branch). */
+    bool multi_iothread;
 };
 
 struct export {
@@ -65,6 +68,12 @@ struct export {
     bool fixed_iothread;
     struct iothread *iothread;   /* NULL = main loop */
     struct loop *loop;           /* where the export runs (iothread's or main) */
+    /* `iothread` given as a list (multi-threaded export): the iothreads, in
+     * the order given, duplicates dropped; loops[i] is iothreads[i]->loop
+     * and loop == loops[0].  n_loops is 0 for a single-threaded export. */
+    struct iothread **iothreads;
+    struct loop **loops;
+    unsigned n_loops;
     bool shutting_down;
     enum export_remove_mode del_mode;
     struct export *next;

@@ -591,7 +591,9 @@ static json_t *check_alternate(struct ck *c, json_t *def, json_t *v,
     json_object_foreach(json_object_get(def, "data"), key, spec) {
         json_t *t = member_type(spec);
         const char *tn = json_string_value(t);
-        if (json_is_object(v) ? type_is_object(t)
+        if (json_is_object(v) ? type_is_object(t) ||
+                                (c->keyval && json_is_array(t) && json_object_get(v, "0"))
+            : json_is_array(v) ? json_is_array(t)
             : json_is_string(v) ? type_accepts_string(t) || (c->keyval && tn && !type_is_object(t))
             : json_is_integer(v) ? tn && (find_int_type(tn) || !strcmp(tn, "number"))
             : json_is_real(v) ? tn && !strcmp(tn, "number")

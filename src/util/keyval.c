@@ -36,7 +36,14 @@ static int index_len(const char *s)
 static int name_len(const char *s)
 {
     int n = 0;
-    if (!isalpha((unsigned char)*s))
+    if (s[0] == '_' && s[1] == '_') {
+        /* QAPI downstream name: __RFQDN_name (QEMU's parse_qapi_name) */
+        const char *u = strchr(s + 2, '_');
+        if (!u || u[1] == '\0' || strcspn(s + 2, ",=") < (size_t)(u - s - 2))
+            return 0;
+        n = u + 1 - s;
+    }
+    if (!isalpha((unsigned char)s[n]))
         return 0;
     while (isalnum((unsigned char)s[n]) || s[n] == '-' || s[n] == '_')
         n++;

@@ -132,6 +132,7 @@ static int fuse_mount_auto(struct fuse_export *exp, const char *mode, error **er
 
 static void fuse_export_cleanup(struct fuse_export *exp)
 {
+    fuse_queues_free(exp);   /* rings and clone fds before the session */
     if (exp->se) {
         if (exp->mounted)
             fuse_session_unmount(exp->se);
@@ -139,7 +140,6 @@ static void fuse_export_cleanup(struct fuse_export *exp)
         exp->se = NULL;
         exp->mounted = false;
     }
-    fuse_session_free_pools(exp);
     free(exp->mountpoint);
     exp->mountpoint = NULL;
     free(exp->alloc_path);
@@ -178,6 +178,12 @@ static int fuse_export_create(struct export *e, json_t *opts, error **errp)
     exp->alloc_path = leaf_file_path(e->node);
 
     ret = fuse_mount_auto(exp, ao ? ao : "auto", errp);
+    if (ret < 0) {
+        fuse_export_cleanup(exp);
+        return ret;
+    }
+    ret = fuse_queues_setup(exp, json_is_true(json_object_get(opts, "__org.bexd_io-uring")),
+                            errp);
     if (ret < 0) {
         fuse_export_cleanup(exp);
         return ret;
@@ -230,10 +236,23 @@ static unsigned fuse_export_nclients(struct export *e)
 
 static json_t *fuse_export_totals(struct export *e)
 {
-    struct client_stats v;
+    struct fuse_export *exp = (struct fuse_export *)e;
+    struct client_stats sum = { 0 }, v;
 
-    client_stats_read(&((struct fuse_export *)e)->st, &v);
-    return client_stats_json(&v);
+    /* each queue counts what it served (one writer per counter set) */
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        client_stats_read(&exp->queues[i].st, &v);
+        client_stats_add(&sum, &v);
+    }
+    return client_stats_json(&sum);
+}
+
+static unsigned fuse_inflight(struct fuse_export *exp)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < exp->nqueues; i++)
+        n += __atomic_load_n(&exp->queues[i].inflight, __ATOMIC_RELAXED);
+    return n;
 }
 
 /* The one client of a FUSE export is the kernel's mount: every process
@@ -251,7 +270,7 @@ static json_t *fuse_export_clients(struct export *e)
     json_object_set_new(o, "tls", json_false());
     json_object_set_new(o, "connected-since", json_integer(exp->mounted_at));
     json_object_set_new(o, "requests-in-flight",
-                        json_integer(__atomic_load_n(&exp->inflight, __ATOMIC_RELAXED)));
+                        json_integer(fuse_inflight(exp)));
     json_array_append_new(list, o);
     return list;
 }
@@ -267,6 +286,7 @@ static const struct export_type fuse_export_type = {
     .shutdown = fuse_export_shutdown,
     .free = fuse_export_free,
     .node_resized = fuse_export_node_resized,
+    .multi_iothread = true,
 };
 
 EXPORT_TYPE_REGISTER(fuse_export_type);

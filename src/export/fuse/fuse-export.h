@@ -6,10 +6,16 @@
  *                   receive-buffer pool, in-flight accounting and draining
  *   fuse-ops.c      the low-level operations (getattr, read, write, ...)
  *   fuse-resize.c   growing/truncating the node from the main thread
+ *   fuse-uring.c    FUSE over io_uring: the request rings of a queue
  *
- * Threads: create/shutdown/free and the mount run in the main thread; all
- * session I/O (receive, process, reply) runs in exp->common.loop's thread.
- * The two meet only through loop_call() and the atomic open-handle count.
+ * Threads: create/shutdown/free and the mount run in the main thread.  The
+ * session is served by one or more queues (struct fuse_queue), one per
+ * loop: the export's loop, or each iothread of a multi-threaded export
+ * (`iothread` given as a list).  Queue 0 reads the session's /dev/fuse fd,
+ * the others a clone of it (FUSE_DEV_IOC_CLONE); with io_uring, the queue
+ * of a loop also owns the FUSE io_uring queues (one per CPU) given to it.
+ * A request is received, processed and replied in its queue's loop; the
+ * threads meet only through loop_call() and the atomic open-handle count.
  */
 #pragma once
 #define FUSE_USE_VERSION 31
@@ -35,6 +41,8 @@
 
 struct fuse_export;
 struct fuse_ioreq;
+struct fuse_queue;
+struct fuse_uring;
 
 typedef void fuse_ioreq_fn(struct fuse_ioreq *r, int ret);
 
@@ -42,6 +50,7 @@ typedef void fuse_ioreq_fn(struct fuse_ioreq *r, int ret);
 struct fuse_ioreq {
     struct breq breq;
     struct fuse_export *exp;
+    struct fuse_queue *q;       /* the queue that received it: replies from its loop */
     fuse_req_t req;
     void *mem;                  /* owned buffer (a receive buffer) or NULL */
     struct iovec iov;
@@ -56,6 +65,28 @@ struct fuse_ioreq {
     void (*breq_done)(struct breq *, int);   /* after accounting */
     int resize_ret;
     struct fuse_ioreq *next_free;
+};
+
+/* One queue: a /dev/fuse fd (and io_uring rings) served by one loop. */
+struct fuse_queue {
+    struct fuse_export *exp;
+    unsigned index;
+    struct loop *loop;
+    int fd;                     /* the session fd (queue 0) or a clone */
+    /* ---- this queue's loop thread only ---- */
+    struct loop_watch *watch;
+    struct fuse_buf fbuf;       /* receive buffer of the request being processed */
+    size_t rx_size;             /* usable size of libfuse's receive buffers */
+    unsigned inflight;          /* requests started and not yet replied */
+    bool stopping;              /* shutdown requested: read no more requests */
+    bool drained_posted;        /* this queue's drain has been reported */
+    void *buf_pool;             /* idle receive buffers (singly linked through their first word) */
+    unsigned buf_pool_len;
+    struct fuse_ioreq *req_pool;
+    unsigned req_pool_len;
+    struct fuse_uring *ur;      /* FUSE io_uring queues served here, or NULL */
+    uint64_t n_dev, n_uring;    /* requests received over /dev/fuse and io_uring */
+    struct client_stats st;     /* what this queue served (its loop writes) */
 };
 
 struct fuse_export {
@@ -74,26 +105,26 @@ struct fuse_export {
     /* Path of the leaf file for st_blocks, or NULL. */
     char *alloc_path;
 
-    /* ---- loop thread only ---- */
-    struct loop_watch *watch;
-    struct fuse_buf fbuf;       /* receive buffer of the request being processed */
-    size_t rx_size;             /* usable size of libfuse's receive buffers */
-    unsigned inflight;          /* requests started and not yet replied */
-    bool stopping;              /* shutdown requested: read no more requests */
-    bool finishing;             /* the main-thread finish has been queued */
-    void *buf_pool;             /* idle receive buffers (singly linked through their first word) */
-    unsigned buf_pool_len;
-    struct fuse_ioreq *req_pool;
-    unsigned req_pool_len;
+    struct fuse_queue *queues;
+    unsigned nqueues;
+    unsigned queues_drained;    /* main thread: queues done after a stop */
+    bool finishing;             /* main thread: unmount queued or done */
+    /* __org.bexd_io-uring asked and usable (the rings exist): INIT asks the
+     * kernel for FUSE over io_uring, then the queues register. */
+    bool want_uring;
+    uint64_t init_unique;       /* queue 0: the INIT request being answered */
 
     /* ---- any thread ---- */
     int open_handles;           /* __atomic: files open on the mountpoint */
     int64_t mounted_at;         /* the kernel's mount is this export's one client */
-    struct client_stats st;     /* what it did (written by the loop) */
 };
 
 /* fuse-session.c */
 extern const struct fuse_lowlevel_ops fuse_export_ops;
+/* Make the queues (clone fds, io_uring rings) and install the session's
+ * custom I/O; main thread, after the mount. */
+int  fuse_queues_setup(struct fuse_export *exp, bool io_uring, error **errp);
+void fuse_queues_free(struct fuse_export *exp);
 void fuse_session_start(struct fuse_export *exp);     /* main thread */
 void fuse_session_stop(struct fuse_export *exp);      /* main thread */
 /* The node changed size under the export (block_resize): drop the
@@ -101,7 +132,12 @@ void fuse_session_stop(struct fuse_export *exp);      /* main thread */
 void fuse_session_node_resized(struct fuse_export *exp);   /* main thread */
 /* Serve what the kernel has queued now, when called in the export's loop. */
 void fuse_session_poll_now(struct fuse_export *exp);
-void fuse_session_free_pools(struct fuse_export *exp);
+/* The queue whose request is being processed in this thread (set around
+ * fuse_session_process_buf), or NULL. */
+struct fuse_queue *fuse_current_queue(void);
+/* Process one request held in buf (either transport). */
+void fuse_queue_process(struct fuse_queue *q, struct fuse_buf *buf);
+void fuse_queue_maybe_drained(struct fuse_queue *q);
 struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req);
 void fuse_ioreq_put(struct fuse_ioreq *r);
 /* Take the receive buffer holding `data` for r (no copy), or copy `len`
@@ -121,3 +157,24 @@ void fuse_resize(struct fuse_ioreq *r, bool grow_only, fuse_ioreq_fn *next);
 
 /* fuse-ops.c helpers used by setattr after a resize */
 void fuse_reply_attr_of(struct fuse_export *exp, fuse_req_t req);
+
+/* fuse-uring.c: FUSE over io_uring (Linux 6.14+).  A queue's rings serve the
+ * kernel's io_uring queues qids[0..nqids); all of it runs in q's loop except
+ * new/free (main thread, before start / after the loop let go). */
+bool fuse_uring_kernel_enabled(const char **why);
+unsigned fuse_uring_nr_cpu_queues(void);
+struct fuse_uring *fuse_uring_new(struct fuse_queue *q, const uint16_t *qids, unsigned nqids,
+                                  error **errp);
+void fuse_uring_free(struct fuse_uring *ur);
+/* After the INIT reply: register every entry (q's loop). */
+void fuse_uring_register(struct fuse_queue *q);
+/* Stop watching the ring (q's loop). */
+void fuse_uring_stop(struct fuse_uring *ur);
+/* Reap what the kernel delivered (q's loop). */
+void fuse_uring_poll(struct fuse_uring *ur);
+/* A reply to a request that came over q's rings: true if it was one (sent
+ * or failed), false to send it on /dev/fuse. */
+bool fuse_uring_reply(struct fuse_uring *ur, const struct iovec *iov, int count, ssize_t *ret);
+/* The payload buffer of the ring entry whose request is being processed
+ * (a page-aligned buffer of *size bytes), or NULL. */
+void *fuse_uring_current_payload(struct fuse_uring *ur, size_t *size);

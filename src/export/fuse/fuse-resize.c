@@ -43,7 +43,7 @@ static void fuse_resize_in_main(void *opaque)
     bool grow_only = r->resize_ret;
 
     r->resize_ret = fuse_do_resize(r->exp, r->new_size, grow_only);
-    loop_call(r->exp->common.loop, fuse_resize_back, r);
+    loop_call(r->q->loop, fuse_resize_back, r);
 }
 
 void fuse_resize(struct fuse_ioreq *r, bool grow_only, fuse_ioreq_fn *next)

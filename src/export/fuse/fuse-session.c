@@ -1,118 +1,182 @@
 /*
- * FUSE export: the session fd driven by the export's event loop.
+ * FUSE export: the session served by the export's loops.
  *
- * Theory of operation.  The /dev/fuse fd of the session is non-blocking and
- * watched by exp->common.loop.  Each readable event reads up to
- * FUSE_RX_BATCH requests with fuse_session_receive_buf() and hands each to
- * fuse_session_process_buf(), which calls the operation in fuse-ops.c.  An
- * operation either replies at once or takes a request slot (struct
- * fuse_ioreq), submits a struct breq to the block layer and returns; the
- * breq completion replies with fuse_reply_*.  No thread per request, no
- * blocking read: when the fd has nothing more, the loop goes back to sleep.
+ * Theory of operation.  The session is served by queues (struct
+ * fuse_queue), one per loop: a single-threaded export has one, on the
+ * export's loop; a multi-threaded one (`iothread` given as a list) one per
+ * iothread.  Queue 0 reads the session's /dev/fuse fd; every other queue
+ * reads a clone of it (FUSE_DEV_IOC_CLONE): the kernel hands each request
+ * to whichever fd reads it first, and takes its reply only on that fd.
+ * Each fd is non-blocking and watched by its queue's loop.  Each readable
+ * event reads up to FUSE_RX_BATCH requests with fuse_session_receive_buf()
+ * and hands each to fuse_session_process_buf(), which calls the operation
+ * in fuse-ops.c.  An operation either replies at once or takes a request
+ * slot (struct fuse_ioreq), submits a struct breq to the block layer of
+ * its queue's loop and returns; the breq completion replies with
+ * fuse_reply_*.  No thread per request, no blocking read.
  *
- * Buffers.  libfuse reads each request into exp->fbuf.mem (allocated by
+ * libfuse reads and writes through the session's custom I/O (fuse_io_read,
+ * fuse_io_writev): a read goes to the fd of the queue receiving, a reply to
+ * the fd of the queue whose loop sends it, or into its io_uring entry when
+ * the request came over FUSE io_uring (fuse-uring.c).  With io_uring, the
+ * INIT reply also asks the kernel for it (FUSE_OVER_IO_URING), and the
+ * queues register their ring entries once the kernel has taken that reply;
+ * /dev/fuse still carries INIT, FORGET and INTERRUPT, and everything when
+ * the kernel refuses the rings (it then falls back by itself).
+ *
+ * Buffers.  libfuse reads each request into q->fbuf.mem (allocated by
  * libfuse itself, one payload-sized buffer).  A WRITE keeps its payload where
  * the kernel put it: the request slot takes the whole receive buffer and the
  * next receive gets another from the pool, so data is never copied.  READs
  * borrow a pooled buffer of the same size for the data they return.  Slots
- * and buffers go back to small free lists, so a steady workload allocates
- * nothing.
+ * and buffers go back to small per-queue free lists, so a steady workload
+ * allocates nothing.  Over io_uring both use the ring entry's payload buffer,
+ * which stays the request's until its reply.
  *
- * Shutdown.  fuse_session_stop() (main thread) asks the loop to stop
- * watching the fd; requests already handed to the block layer are still
- * answered.  When the last one has replied, the main thread unmounts,
- * destroys the session and reports export_shutdown_done().  Requests the
- * kernel still holds are failed by the kernel (ENOTCONN) once the session
- * fd is closed.
+ * Shutdown.  fuse_session_stop() (main thread) asks each queue's loop to
+ * stop reading; requests already handed to the block layer are still
+ * answered.  When every queue has none left, the main thread tears the
+ * rings down, unmounts, destroys the session and reports
+ * export_shutdown_done().  Requests the kernel still holds are failed by
+ * the kernel (ENOTCONN) once the session fds are closed.
  */
 #include <errno.h>
 #include <pthread.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <malloc.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <linux/fuse.h>
 #include "export/fuse/fuse-export.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
 #include "util/xalloc.h"
 
-/* ---- buffer pool (loop thread) ---- */
+#ifndef FUSE_DEV_IOC_CLONE
+#define FUSE_DEV_IOC_CLONE _IOR(229, 0, uint32_t)
+#endif
+#define FUSE_OVER_IO_URING_FLAGS2 (1u << (41 - 32))   /* FUSE_OVER_IO_URING in flags2 */
 
-static void *buf_pool_get(struct fuse_export *exp)
+static __thread struct fuse_queue *cur_q;
+
+struct fuse_queue *fuse_current_queue(void)
 {
-    void *b = exp->buf_pool;
+    return cur_q;
+}
+
+/* The queue of this export served by the calling thread's loop, or NULL. */
+static struct fuse_queue *queue_here(struct fuse_export *exp)
+{
+    struct loop *l;
+
+    if (cur_q && cur_q->exp == exp)
+        return cur_q;
+    l = loop_current();
+    for (unsigned i = 0; l && i < exp->nqueues; i++)
+        if (exp->queues[i].loop == l)
+            return &exp->queues[i];
+    return NULL;
+}
+
+/* ---- buffer pool (queue's loop) ---- */
+
+static void *buf_pool_get(struct fuse_queue *q)
+{
+    void *b = q->buf_pool;
     if (b) {
-        exp->buf_pool = *(void **)b;
-        exp->buf_pool_len--;
+        q->buf_pool = *(void **)b;
+        q->buf_pool_len--;
     }
     return b;
 }
 
-static void buf_pool_put(struct fuse_export *exp, void *b)
+static void buf_pool_put(struct fuse_queue *q, void *b)
 {
     if (!b)
         return;
-    if (exp->buf_pool_len >= FUSE_POOL_KEEP) {
+    if (q->buf_pool_len >= FUSE_POOL_KEEP) {
         free(b);
         return;
     }
-    *(void **)b = exp->buf_pool;
-    exp->buf_pool = b;
-    exp->buf_pool_len++;
+    *(void **)b = q->buf_pool;
+    q->buf_pool = b;
+    q->buf_pool_len++;
 }
 
-/* ---- request slots (loop thread) ---- */
+/* ---- request slots (queue's loop) ---- */
 
 struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req)
 {
-    struct fuse_ioreq *r = exp->req_pool;
+    struct fuse_queue *q = queue_here(exp);
+    struct fuse_ioreq *r;
+
+    if (!q)
+        q = &exp->queues[0];
+    r = q->req_pool;
     if (r) {
-        exp->req_pool = r->next_free;
-        exp->req_pool_len--;
+        q->req_pool = r->next_free;
+        q->req_pool_len--;
     } else {
         r = xmalloc(sizeof(*r));
     }
     memset(r, 0, sizeof(*r));
     r->exp = exp;
+    r->q = q;
     r->req = req;
-    exp->inflight++;
+    q->inflight++;
     return r;
 }
 
-static void fuse_maybe_drained(struct fuse_export *exp);
-
 void fuse_ioreq_put(struct fuse_ioreq *r)
 {
-    struct fuse_export *exp = r->exp;
+    struct fuse_queue *q = r->q;
 
-    buf_pool_put(exp, r->mem);
+    buf_pool_put(q, r->mem);
     r->mem = NULL;
-    if (exp->req_pool_len < FUSE_POOL_KEEP) {
-        r->next_free = exp->req_pool;
-        exp->req_pool = r;
-        exp->req_pool_len++;
+    if (q->req_pool_len < FUSE_POOL_KEEP) {
+        r->next_free = q->req_pool;
+        q->req_pool = r;
+        q->req_pool_len++;
     } else {
         free(r);
     }
-    exp->inflight--;
-    fuse_maybe_drained(exp);
+    q->inflight--;
+    fuse_queue_maybe_drained(q);
 }
 
 int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
 {
-    struct fuse_export *exp = r->exp;
-    char *mem = exp->fbuf.mem;
+    struct fuse_queue *q = r->q;
+    char *mem = q->fbuf.mem;
 
     /* O_DIRECT nodes need aligned memory: copy then (the payload sits
      * just after the request header, at no useful alignment). */
-    bool any_alignment = exp->common.node->request_alignment <= 1;
+    bool any_alignment = r->exp->common.node->request_alignment <= 1;
 
-    if (any_alignment && mem && !(exp->fbuf.flags & FUSE_BUF_IS_FD) &&
+    if (q->ur && cur_q == q) {
+        /* Over io_uring the payload stays in the ring entry until the
+         * reply; it starts page-aligned. */
+        size_t size;
+        char *p = fuse_uring_current_payload(q->ur, &size);
+        if (p && (const char *)data >= p && (const char *)data + len <= p + size &&
+            (any_alignment || ((uintptr_t)data & (FUSE_BUF_ALIGN - 1)) == 0)) {
+            r->mem = NULL;
+            r->iov.iov_base = (void *)data;
+            r->iov.iov_len = len;
+            return 0;
+        }
+    }
+    if (any_alignment && mem && !(q->fbuf.flags & FUSE_BUF_IS_FD) &&
         (const char *)data >= mem &&
-        (const char *)data + len <= mem + exp->fbuf.size) {
+        (const char *)data + len <= mem + q->fbuf.size) {
         r->mem = mem;                 /* steal: the next receive uses another */
-        exp->fbuf.mem = NULL;
+        q->fbuf.mem = NULL;
         r->iov.iov_base = (void *)data;
         r->iov.iov_len = len;
         return 0;
@@ -125,9 +189,22 @@ int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
 
 int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
 {
-    struct fuse_export *exp = r->exp;
-    void *b = buf_pool_get(exp);
+    struct fuse_queue *q = r->q;
+    void *b;
 
+    if (q->ur && cur_q == q) {
+        /* Over io_uring, read into the ring entry's payload: the reply
+         * then needs no copy of ours. */
+        size_t size;
+        void *p = fuse_uring_current_payload(q->ur, &size);
+        if (p && len <= size) {
+            r->mem = NULL;
+            r->iov.iov_base = p;
+            r->iov.iov_len = len;
+            return 0;
+        }
+    }
+    b = buf_pool_get(q);
     /* The data starts page-aligned inside the buffer (O_DIRECT nodes need
      * that); pooled receive buffers are usually big enough for it. */
     if (b && malloc_usable_size(b) < len + FUSE_BUF_ALIGN) {
@@ -136,7 +213,7 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
     }
     /* Big enough to serve as a receive buffer later, when pooled. */
     if (!b)
-        b = xmalloc(MAX(len + FUSE_BUF_ALIGN, exp->rx_size));
+        b = xmalloc(MAX(len + FUSE_BUF_ALIGN, q->rx_size));
     r->mem = b;
     r->iov.iov_base = (void *)(((uintptr_t)b + FUSE_BUF_ALIGN - 1) & ~(uintptr_t)(FUSE_BUF_ALIGN - 1));
     r->iov.iov_len = len;
@@ -150,7 +227,7 @@ static void fuse_ioreq_done(struct breq *b, int ret)
                       : b->op == BREQ_WRITE || b->op == BREQ_WRITE_ZEROES ? CLIENT_OP_WRITE
                       : b->op == BREQ_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
 
-    client_stats_account(&r->exp->st, op, b->len, b->acct_lat_ns,
+    client_stats_account(&r->q->st, op, b->len, b->acct_lat_ns,
                          ret == -ENOTSUP && b->op == BREQ_DISCARD ? 0 : ret);
     r->breq_done(b, ret);
 }
@@ -170,54 +247,144 @@ void fuse_ioreq_submit(struct fuse_ioreq *r, enum breq_op op, unsigned flags,
         b->iov = &r->iov;
         b->iovcnt = 1;
     }
-    b->loop = r->exp->common.loop;
+    b->loop = r->q->loop;
     b->done = fuse_ioreq_done;
     b->opaque = r;
     r->breq_done = done;
     bnode_submit(r->exp->common.node, b);
 }
 
-void fuse_session_free_pools(struct fuse_export *exp)
+static void queue_free_pools(struct fuse_queue *q)
 {
     void *b;
-    while ((b = buf_pool_get(exp)))
+    while ((b = buf_pool_get(q)))
         free(b);
-    while (exp->req_pool) {
-        struct fuse_ioreq *r = exp->req_pool;
-        exp->req_pool = r->next_free;
+    while (q->req_pool) {
+        struct fuse_ioreq *r = q->req_pool;
+        q->req_pool = r->next_free;
         free(r);
     }
-    exp->req_pool_len = 0;
-    free(exp->fbuf.mem);
-    exp->fbuf.mem = NULL;
+    q->req_pool_len = 0;
+    free(q->fbuf.mem);
+    q->fbuf.mem = NULL;
 }
+
+/* ---- the session's I/O (libfuse calls these in the queue's thread) ---- */
+
+static ssize_t fuse_io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    struct fuse_queue *q = queue_here(userdata);
+    ssize_t n = read(q ? q->fd : fd, buf, len);
+
+    return n;   /* libfuse reads errno itself */
+}
+
+/* INIT reply: ask for FUSE over io_uring (libfuse 3.14 cannot). */
+static void patch_init_reply(struct fuse_export *exp, struct iovec *iov, int count)
+{
+    struct fuse_out_header *oh = iov[0].iov_base;
+    struct fuse_init_out *out;
+
+    if (oh->error || count < 2 || iov[1].iov_len < offsetof(struct fuse_init_out, flags2) +
+                                                  sizeof(uint32_t))
+        return;
+    out = iov[1].iov_base;
+    out->flags |= FUSE_INIT_EXT;
+    out->flags2 |= FUSE_OVER_IO_URING_FLAGS2;
+}
+
+static void register_in_loop(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+    if (!q->stopping && q->ur)
+        fuse_uring_register(q);
+}
+
+static ssize_t fuse_io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    struct fuse_export *exp = userdata;
+    struct fuse_queue *q = queue_here(exp);
+    struct fuse_out_header *oh = iov[0].iov_base;
+    bool init = false;
+    ssize_t ret;
+
+    if (q && q->ur && oh->unique && fuse_uring_reply(q->ur, iov, count, &ret))
+        return ret;
+    if (exp->want_uring && oh->unique && oh->unique == exp->init_unique) {
+        exp->init_unique = 0;
+        patch_init_reply(exp, iov, count);
+        init = true;
+    }
+    /* Notifications (unique 0) may go on any fd of the session; a reply
+     * only on the fd that read its request. */
+    ret = writev(q ? q->fd : fd, iov, count);
+    if (init && ret >= 0) {
+        /* The kernel took the INIT reply: the rings may register now. */
+        for (unsigned i = 0; i < exp->nqueues; i++) {
+            if (exp->queues[i].loop == loop_current())
+                register_in_loop(&exp->queues[i]);
+            else
+                loop_call(exp->queues[i].loop, register_in_loop, &exp->queues[i]);
+        }
+    }
+    return ret;
+}
+
+static const struct fuse_custom_io fuse_export_io = {
+    .read = fuse_io_read,
+    .writev = fuse_io_writev,
+};
 
 /* ---- receiving ---- */
 
-static void fuse_stop_watching(struct fuse_export *exp)
+void fuse_queue_process(struct fuse_queue *q, struct fuse_buf *buf)
 {
-    if (exp->watch) {
-        loop_watch_del(exp->watch);
-        exp->watch = NULL;
+    struct fuse_export *exp = q->exp;
+    struct fuse_queue *outer = cur_q;
+
+    if (exp->want_uring && buf->size >= sizeof(struct fuse_in_header)) {
+        const struct fuse_in_header *ih = buf->mem;
+        if (ih->opcode == FUSE_INIT)
+            exp->init_unique = ih->unique;
+    }
+    /* Count this request in flight while processing, so that a reply made
+     * inside cannot make a stopping queue look drained too early. */
+    q->inflight++;
+    cur_q = q;
+    fuse_session_process_buf(exp->se, buf);
+    cur_q = outer;
+    q->inflight--;
+    fuse_queue_maybe_drained(q);
+}
+
+static void fuse_stop_watching(struct fuse_queue *q)
+{
+    if (q->watch) {
+        loop_watch_del(q->watch);
+        q->watch = NULL;
     }
 }
 
 /* Returns false when no more requests should be read now. */
-static bool fuse_receive_one(struct fuse_export *exp)
+static bool fuse_receive_one(struct fuse_queue *q)
 {
+    struct fuse_export *exp = q->exp;
+    struct fuse_queue *outer = cur_q;
     bool fresh;
     int ret;
 
-    if (!exp->fbuf.mem)
-        exp->fbuf.mem = buf_pool_get(exp);   /* NULL: libfuse allocates one */
-    if (exp->fbuf.mem && malloc_usable_size(exp->fbuf.mem) < exp->rx_size) {
-        free(exp->fbuf.mem);                 /* libfuse reads se->bufsize bytes */
-        exp->fbuf.mem = NULL;
+    if (!q->fbuf.mem)
+        q->fbuf.mem = buf_pool_get(q);       /* NULL: libfuse allocates one */
+    if (q->fbuf.mem && malloc_usable_size(q->fbuf.mem) < q->rx_size) {
+        free(q->fbuf.mem);                   /* libfuse reads se->bufsize bytes */
+        q->fbuf.mem = NULL;
     }
-    fresh = !exp->fbuf.mem;
-    exp->fbuf.size = 0;
-    exp->fbuf.flags = 0;
-    ret = fuse_session_receive_buf(exp->se, &exp->fbuf);
+    fresh = !q->fbuf.mem;
+    q->fbuf.size = 0;
+    q->fbuf.flags = 0;
+    cur_q = q;                               /* fuse_io_read reads q->fd */
+    ret = fuse_session_receive_buf(exp->se, &q->fbuf);
+    cur_q = outer;
     if (ret == -EINTR)
         return true;
     if (ret == -EAGAIN)
@@ -229,161 +396,298 @@ static bool fuse_receive_one(struct fuse_export *exp)
         log_warn("FUSE export '%s': session on '%s' ended (%s)",
                  exp->common.id, exp->mountpoint,
                  ret < 0 ? strerror(-ret) : "unmounted");
-        fuse_stop_watching(exp);
+        fuse_stop_watching(q);
+        if (q->ur)
+            fuse_uring_stop(q->ur);
         return false;
     }
     if (fresh)   /* learn the size libfuse wants (the first receive is fresh) */
-        exp->rx_size = MAX(exp->rx_size, malloc_usable_size(exp->fbuf.mem));
-    /* Count this request in flight while processing, so that a reply made
-     * inside cannot make a stopping export look drained too early. */
-    exp->inflight++;
-    fuse_session_process_buf(exp->se, &exp->fbuf);
-    exp->inflight--;
-    fuse_maybe_drained(exp);
-    return !exp->stopping;
+        q->rx_size = MAX(q->rx_size, malloc_usable_size(q->fbuf.mem));
+    q->n_dev++;
+    fuse_queue_process(q, &q->fbuf);
+    return !q->stopping;
 }
 
 static void fuse_on_readable(void *opaque, uint32_t revents)
 {
-    struct fuse_export *exp = opaque;
+    struct fuse_queue *q = opaque;
 
-    for (int i = 0; i < FUSE_RX_BATCH && exp->watch; i++) {
-        if (!fuse_receive_one(exp))
+    for (int i = 0; i < FUSE_RX_BATCH && q->watch; i++) {
+        if (!fuse_receive_one(q))
             break;
     }
 }
 
 void fuse_session_poll_now(struct fuse_export *exp)
 {
-    if (exp->watch && loop_in_thread(exp->common.loop))
-        fuse_on_readable(exp, LOOP_IN);
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        struct fuse_queue *q = &exp->queues[i];
+        if (!loop_in_thread(q->loop))
+            continue;
+        if (q->ur && !q->stopping)
+            fuse_uring_poll(q->ur);
+        if (q->watch)
+            fuse_on_readable(q, LOOP_IN);
+    }
 }
 
 static void fuse_start_in_loop(void *opaque)
 {
-    struct fuse_export *exp = opaque;
+    struct fuse_queue *q = opaque;
 
-    if (exp->stopping)
+    if (q->stopping)
         return;
-    exp->watch = loop_watch_fd(exp->common.loop, fuse_session_fd(exp->se),
-                               LOOP_IN, fuse_on_readable, exp);
-    if (!exp->watch)
-        log_error("FUSE export '%s': cannot watch the session fd", exp->common.id);
+    q->watch = loop_watch_fd(q->loop, q->fd, LOOP_IN, fuse_on_readable, q);
+    if (!q->watch)
+        log_error("FUSE export '%s': cannot watch the session fd", q->exp->common.id);
 }
 
 void fuse_session_start(struct fuse_export *exp)
 {
-    int fd = fuse_session_fd(exp->se);
-    int fl = fcntl(fd, F_GETFL);
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        struct fuse_queue *q = &exp->queues[i];
+        int fl = fcntl(q->fd, F_GETFL);
 
-    if (fl >= 0)
-        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-    if (loop_in_thread(exp->common.loop))
-        fuse_start_in_loop(exp);
-    else
-        loop_call(exp->common.loop, fuse_start_in_loop, exp);
+        if (fl >= 0)
+            fcntl(q->fd, F_SETFL, fl | O_NONBLOCK);
+        if (loop_in_thread(q->loop))
+            fuse_start_in_loop(q);
+        else
+            loop_call(q->loop, fuse_start_in_loop, q);
+    }
+}
+
+/* ---- queues ---- */
+
+static int clone_fd(int master, error **errp)
+{
+    uint32_t m = master;
+    int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to open /dev/fuse for another queue");
+        return -1;
+    }
+    if (ioctl(fd, FUSE_DEV_IOC_CLONE, &m) < 0) {
+        error_setg_errno(errp, errno, "Failed to clone the FUSE session fd");
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+int fuse_queues_setup(struct fuse_export *exp, bool io_uring, error **errp)
+{
+    struct export *e = &exp->common;
+    unsigned n = e->n_loops ? e->n_loops : 1;
+    const char *why = NULL;
+
+    if (fuse_session_custom_io(exp->se, &fuse_export_io, fuse_session_fd(exp->se)) < 0) {
+        error_setg(errp, "Failed to set up FUSE session I/O");
+        return -EIO;
+    }
+    exp->queues = xcalloc(n, sizeof(*exp->queues));
+    exp->nqueues = n;
+    for (unsigned i = 0; i < n; i++) {
+        struct fuse_queue *q = &exp->queues[i];
+        q->exp = exp;
+        q->index = i;
+        q->loop = e->n_loops ? e->loops[i] : e->loop;
+        q->fd = i ? clone_fd(fuse_session_fd(exp->se), errp) : fuse_session_fd(exp->se);
+        if (q->fd < 0)
+            return -EIO;
+    }
+    if (!io_uring)
+        return 0;
+    if (!fuse_uring_kernel_enabled(&why)) {
+        log_warn("FUSE export '%s': io-uring unavailable (%s): serving /dev/fuse", e->id, why);
+        return 0;
+    }
+    /* The kernel wants every CPU's queue registered; queue i of ours
+     * serves the kernel's queues i, i + n, i + 2n... */
+    unsigned ncpu = fuse_uring_nr_cpu_queues();
+    uint16_t *qids = xcalloc(ncpu, sizeof(*qids));
+    for (unsigned i = 0; i < n && i < ncpu; i++) {
+        unsigned k = 0;
+        error *err = NULL;
+        for (unsigned c = i; c < ncpu; c += n)
+            qids[k++] = c;
+        exp->queues[i].ur = fuse_uring_new(&exp->queues[i], qids, k, &err);
+        if (!exp->queues[i].ur) {
+            log_warn("FUSE export '%s': io-uring unavailable (%s): serving /dev/fuse",
+                     e->id, err ? err->msg : "?");
+            error_free(err);
+            for (unsigned j = 0; j < i; j++) {
+                fuse_uring_free(exp->queues[j].ur);
+                exp->queues[j].ur = NULL;
+            }
+            free(qids);
+            return 0;
+        }
+    }
+    free(qids);
+    exp->want_uring = true;
+    return 0;
+}
+
+void fuse_queues_free(struct fuse_export *exp)
+{
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        struct fuse_queue *q = &exp->queues[i];
+        if (q->ur) {
+            fuse_uring_free(q->ur);
+            q->ur = NULL;
+        }
+        if (i && q->fd >= 0)
+            close(q->fd);
+        q->fd = -1;
+        queue_free_pools(q);
+    }
+    free(exp->queues);
+    exp->queues = NULL;
+    exp->nqueues = 0;
 }
 
 /* ---- shutdown ---- */
 
-static void fuse_finish_in_main(void *opaque)
+static void fuse_finish_in_main(struct fuse_export *exp)
 {
-    struct fuse_export *exp = opaque;
+    char dev[256] = "", uring[256] = "";
+    size_t ld = 0, lu = 0;
 
+    /* What each queue served, for operators (and tests): "N M" per queue. */
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        if (ld < sizeof(dev))
+            ld += snprintf(dev + ld, sizeof(dev) - ld, "%s%" PRIu64, i ? " " : "",
+                           exp->queues[i].n_dev);
+        if (lu < sizeof(uring))
+            lu += snprintf(uring + lu, sizeof(uring) - lu, "%s%" PRIu64, i ? " " : "",
+                           exp->queues[i].n_uring);
+    }
+    log_info("FUSE export '%s': requests served per queue: /dev/fuse %s; io_uring %s",
+             exp->common.id, dev, uring);
+    /* The rings first: their pending commands pin the session's file. */
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        if (exp->queues[i].ur) {
+            fuse_uring_free(exp->queues[i].ur);
+            exp->queues[i].ur = NULL;
+        }
+    }
     if (exp->mounted) {
         fuse_session_unmount(exp->se);
         exp->mounted = false;
     }
+    fuse_queues_free(exp);
     fuse_session_destroy(exp->se);
     exp->se = NULL;
     export_shutdown_done(&exp->common);
 }
 
-/* Posted to the export's own loop so that the completion which released
+static void fuse_queue_drained_in_main(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+    struct fuse_export *exp = q->exp;
+
+    if (++exp->queues_drained == exp->nqueues && !exp->finishing) {
+        exp->finishing = true;
+        fuse_finish_in_main(exp);
+    }
+}
+
+/* Posted to the queue's own loop so that the completion which released
  * the last request has fully returned before the main thread frees it. */
 static void fuse_drained_in_loop(void *opaque)
 {
-    loop_call(loop_main(), fuse_finish_in_main, opaque);
+    loop_call(loop_main(), fuse_queue_drained_in_main, opaque);
 }
 
-static void fuse_maybe_drained(struct fuse_export *exp)
+void fuse_queue_maybe_drained(struct fuse_queue *q)
 {
-    if (!exp->stopping || exp->inflight || exp->finishing)
+    if (!q->stopping || q->inflight || q->drained_posted)
         return;
-    exp->finishing = true;
-    loop_call(exp->common.loop, fuse_drained_in_loop, exp);
+    q->drained_posted = true;
+    loop_call(q->loop, fuse_drained_in_loop, q);
 }
 
 /* ---- invalidation after block_resize ----
  * The kernel caches the file's size (attr timeout) and pages.  The
  * notification is written from a thread of its own: invalidating pages
  * waits for page locks that requests being served by this loop may hold.
- * It counts as a request in flight, so the export outlives it. */
+ * It counts as a request in flight of queue 0, so the export outlives it. */
 
 static void fuse_inval_done(void *opaque)
 {
-    struct fuse_export *exp = opaque;
-    exp->inflight--;
-    fuse_maybe_drained(exp);
+    struct fuse_queue *q = opaque;
+    q->inflight--;
+    fuse_queue_maybe_drained(q);
 }
 
 static void *fuse_inval_thread(void *opaque)
 {
-    struct fuse_export *exp = opaque;
-    int r = fuse_lowlevel_notify_inval_inode(exp->se, FUSE_ROOT_ID, 0, 0);
+    struct fuse_queue *q = opaque;
+    int r = fuse_lowlevel_notify_inval_inode(q->exp->se, FUSE_ROOT_ID, 0, 0);
     if (r < 0 && r != -ENOENT)
         log_warn("FUSE export %s: could not invalidate the cached size: %s",
-                 exp->common.id, strerror(-r));
-    loop_call(exp->common.loop, fuse_inval_done, exp);
+                 q->exp->common.id, strerror(-r));
+    loop_call(q->loop, fuse_inval_done, q);
     return NULL;
 }
 
 static void fuse_inval_in_loop(void *opaque)
 {
-    struct fuse_export *exp = opaque;
+    struct fuse_queue *q = opaque;
     pthread_t th;
     pthread_attr_t attr;
 
-    if (exp->stopping)
+    if (q->stopping)
         return;
-    exp->inflight++;
+    q->inflight++;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    if (pthread_create(&th, &attr, fuse_inval_thread, exp) != 0) {
-        log_warn("FUSE export %s: no thread to invalidate the cached size", exp->common.id);
-        fuse_inval_done(exp);
+    if (pthread_create(&th, &attr, fuse_inval_thread, q) != 0) {
+        log_warn("FUSE export %s: no thread to invalidate the cached size", q->exp->common.id);
+        fuse_inval_done(q);
     }
     pthread_attr_destroy(&attr);
 }
 
 void fuse_session_node_resized(struct fuse_export *exp)
 {
-    loop_call(exp->common.loop, fuse_inval_in_loop, exp);
+    loop_call(exp->queues[0].loop, fuse_inval_in_loop, &exp->queues[0]);
 }
 
 static void fuse_stop_in_loop(void *opaque)
 {
-    struct fuse_export *exp = opaque;
+    struct fuse_queue *q = opaque;
 
-    exp->stopping = true;
-    fuse_stop_watching(exp);
-    fuse_maybe_drained(exp);
+    q->stopping = true;
+    fuse_stop_watching(q);
+    if (q->ur)
+        fuse_uring_stop(q->ur);
+    fuse_queue_maybe_drained(q);
 }
 
 void fuse_session_stop(struct fuse_export *exp)
 {
-    if (loop_in_thread(exp->common.loop) && loop_in_thread(loop_main()) &&
-        !exp->inflight && !exp->finishing) {
+    struct fuse_queue *q0 = &exp->queues[0];
+
+    if (exp->nqueues == 1 && loop_in_thread(q0->loop) && loop_in_thread(loop_main()) &&
+        !q0->inflight && !exp->finishing) {
         /* Nothing in flight, already in the main thread: unmount now, so
          * BLOCK_EXPORT_DELETED precedes the command's reply as in QEMU. */
-        exp->stopping = true;
+        q0->stopping = true;
         exp->finishing = true;
-        fuse_stop_watching(exp);
+        fuse_stop_watching(q0);
+        if (q0->ur)
+            fuse_uring_stop(q0->ur);
         fuse_finish_in_main(exp);
         return;
     }
-    if (loop_in_thread(exp->common.loop))
-        fuse_stop_in_loop(exp);
-    else
-        loop_call(exp->common.loop, fuse_stop_in_loop, exp);
+    for (unsigned i = 0; i < exp->nqueues; i++) {
+        struct fuse_queue *q = &exp->queues[i];
+        if (loop_in_thread(q->loop))
+            fuse_stop_in_loop(q);
+        else
+            loop_call(q->loop, fuse_stop_in_loop, q);
+    }
 }

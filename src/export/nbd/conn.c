@@ -139,6 +139,8 @@ static void nbd_conn_finalize(void *opaque)
     nbd_srv.nconns--;
     nbd_server_conn_gone();
     loop_pool_release(c->pool_slot);
+    if (c->exp && c->iot_slot >= 0)
+        c->exp->loop_users[c->iot_slot]--;
     if (c->exp) {
         struct client_stats v;
         client_stats_read(&c->st, &v);
@@ -232,6 +234,7 @@ bool nbd_conn_new(int fd, const char *peer)
     c->pipe[0] = c->pipe[1] = -1;
     c->loop = loop_main();
     c->pool_slot = -1;
+    c->iot_slot = -1;
     c->transport = nbd_transport_of(fd);
     c->connected_at = time(NULL);
     c->peer = xstrdup(peer ? peer : "?");
@@ -368,10 +371,25 @@ static void nbd_conn_attach_cb(void *opaque)
 
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp)
 {
-    /* An export's iothread serves all its clients; otherwise clients are
-     * spread over the worker loops so that several of them use every core. */
-    struct loop *target = exp->common.iothread ? exp->common.loop
-                                               : loop_pool_pick(&c->pool_slot);
+    /* An export's iothread serves all its clients; several iothreads (a
+     * list in `iothread`) share them, least busy first; otherwise clients
+     * are spread over the worker loops so that several of them use every
+     * core. */
+    struct loop *target;
+
+    if (exp->common.n_loops) {
+        unsigned best = 0;
+        if (!exp->loop_users)
+            exp->loop_users = xcalloc(exp->common.n_loops, sizeof(*exp->loop_users));
+        for (unsigned i = 1; i < exp->common.n_loops; i++)
+            if (exp->loop_users[i] < exp->loop_users[best])
+                best = i;
+        exp->loop_users[best]++;
+        c->iot_slot = best;
+        target = exp->common.loops[best];
+    } else {
+        target = exp->common.iothread ? exp->common.loop : loop_pool_pick(&c->pool_slot);
+    }
 
     c->exp = exp;
     exp->nclients++;

@@ -229,6 +229,8 @@ static void nbd_exp_free(struct export *e)
     nbd_exp_bitmaps_release(exp);
     free(exp->name);
     free(exp->description);
+    free(exp->loop_users);
+    exp->loop_users = NULL;
     exp->name = exp->description = NULL;
 }
 
@@ -306,6 +308,7 @@ static const struct export_type nbd_export_type = {
     .name = "nbd",
     .instance_size = sizeof(struct nbd_export),
     .can_move = nbd_export_can_move,
+    .multi_iothread = true,
     .create = nbd_exp_create,
     .in_use = nbd_exp_in_use,
     .shutdown = nbd_exp_shutdown,

@@ -97,6 +97,7 @@ struct nbd_export {
     struct dirty_bitmap *bitmaps[NBD_MAX_EXPORT_BITMAPS];
     char *bitmap_ctx[NBD_MAX_EXPORT_BITMAPS];   /* "qemu:dirty-bitmap:NAME" */
     struct client_stats gone;      /* clients that left, summed (main thread) */
+    unsigned *loop_users;         /* clients per common.loops[i] (main thread) */
     struct nbd_export *next;
 };
 
@@ -162,6 +163,7 @@ struct nbd_conn {
     enum nbd_conn_state state;
     struct loop *loop;            /* where its I/O runs; changed in main only */
     int pool_slot;                /* worker loop taken (loop-pool.h), -1 if none */
+    int iot_slot;                 /* index in exp->common.loops (multi-threaded export), -1 if none */
     struct loop_watch *watch;
     char *peer;                   /* for log messages */
     struct nbd_conn *next;        /* server list (main thread) */

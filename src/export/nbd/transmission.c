@@ -559,7 +559,7 @@ static void submit(struct nbd_slot *s, enum breq_op op, unsigned flags)
         r->fixed = &s->fixed;
     }
     r->loop = c->loop;
-    if (c->pool_slot >= 0)           /* clients spread over loops: copy in this one */
+    if (c->pool_slot >= 0 || c->iot_slot >= 0)   /* clients spread over loops: copy in this one */
         r->flags |= BREQ_COPY_INLINE;
     r->done = breq_done;
     r->opaque = s;

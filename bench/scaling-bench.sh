@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# How one export scales with iothreads: NBD clients spread over an
+# `iothread` list, FUSE queues (cloned /dev/fuse fds) and FUSE over
+# io_uring, 1 against 2 iothreads, on a RAM-backed image.
+#
+# Usage: bench/scaling-bench.sh [runtime_s]
+#   BEXD=path (default build/bexd); SIZE (default 512M); ROUNDS (default 1:
+#   each configuration once; more alternate them and print every round).
+#
+# NBD rows: fio's nbd engine, 2 jobs (one connection each, one per CPU) at
+# qd 16, 4k random read and 1M sequential read, against an export on
+#   io1   one iothread           (iothread=io0)
+#   io2   two iothreads          (iothread.0=io0,iothread.1=io1)
+#   pool  no iothread: bexd's worker loops (one per CPU)
+# FUSE rows: bench/fuse-bench.sh with JOBS_N=2 (two fio jobs, one per CPU)
+# for bexd-io1, bexd-q2, bexd-uring and bexd-uring-q2.
+# Every row prints IOPS, MiB/s and the server's CPU microseconds per op.
+set -u
+RT=${1:-4}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+BEXD=${BEXD:-$HERE/build/bexd}
+SIZE=${SIZE:-512M}
+ROUNDS=${ROUNDS:-1}
+D=$(mktemp -d /dev/shm/scalebench.XXXX)
+T=$(mktemp -d /tmp/scalebench.XXXX)
+IMG=$D/disk.img
+PID=
+cleanup() {
+  [ -n "$PID" ] && kill "$PID" 2>/dev/null
+  rm -rf "$D" "$T"
+}
+trap cleanup EXIT
+truncate -s "$SIZE" "$IMG"
+fio --name=fill --filename="$IMG" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
+    --refill_buffers --output=/dev/null
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14+$15}' "/proc/$PID/stat" 2>/dev/null || echo 0; }
+
+start_nbd() {
+  local xo
+  case $1 in
+    io1) xo=,iothread=io0 ;;
+    io2) xo=,iothread.0=io0,iothread.1=io1 ;;
+    pool) xo= ;;
+  esac
+  rm -f "$T/pid" "$T/nbd.sock"
+  "$BEXD" --object iothread,id=io0 --object iothread,id=io1 \
+      --blockdev "driver=file,node-name=d,filename=$IMG" \
+      --nbd-server "addr.type=unix,addr.path=$T/nbd.sock" \
+      --export "type=nbd,id=e,node-name=d,writable=on$xo" \
+      --daemonize --pidfile "$T/pid" || return 1
+  PID=$(cat "$T/pid")
+}
+stop() {
+  kill "$PID" 2>/dev/null
+  while kill -0 "$PID" 2>/dev/null; do sleep 0.05; done
+  PID=
+}
+
+printf '%-13s %-32s %9s %9s %9s\n' config workload IOPS MiB/s cpu_us/op
+for r in $(seq "$ROUNDS"); do
+  for J in "randread 4k" "read 1M"; do
+    set -- $J
+    for C in io1 io2 pool; do
+      start_nbd "$C" || continue
+      T0=$(cpu_ticks)
+      R=$(fio --name=t --ioengine=nbd --uri="nbd+unix:///d?socket=$T/nbd.sock" \
+              --rw="$1" --bs="$2" --iodepth=16 --numjobs=2 --group_reporting \
+              --cpus_allowed=0-$(( $(nproc) - 1 )) --cpus_allowed_policy=split \
+              --time_based --runtime="$RT" --size="$SIZE" --norandommap \
+              --output-format=terse 2>/dev/null | awk -F';' '{print $8+$49, ($7+$48)/1024}')
+      T1=$(cpu_ticks)
+      read -r IOPS MIBS <<<"${R:-0 0}"
+      US=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
+           'BEGIN { printf "%.1f", (i>0 ? 1e6*(t/hz)/(i*rt) : 0) }')
+      printf '%-13s %-32s %9s %9.0f %9s\n' "nbd-$C" "$1 $2 qd16 x2 conns" "$IOPS" "$MIBS" "$US"
+      stop
+    done
+  done
+  BEXD=$BEXD SIZE=$SIZE JOBS_N=2 ONLY='libaio' \
+      "$HERE/bench/fuse-bench.sh" "$RT" bexd-io1 bexd-q2 bexd-uring bexd-uring-q2 | tail -n +2
+done
