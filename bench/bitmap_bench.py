@@ -17,7 +17,7 @@ socket; fio's nbd engine is the client):
             sync=none with a filter) to the copy done, the copy being a
             libnbd client that reads the dirty extents of
             qemu:dirty-bitmap:NAME from the snapshot-access export into a
-            file, 16 reads in flight (pull mode, as docs/backup.md shows).
+            file, one read at a time (pull mode, as docs/backup.md shows).
 
 Configurations are interleaved (bexd, qsd, bexd, qsd ...) and repeated;
 the median of the repeats is reported, with the ratio bexd/qsd.  The
@@ -175,30 +175,14 @@ while off < size:
         off = p
         return 0
     h.block_status(min(size - off, 1 << 30), off, cb)
-# pieces of at most 4 MiB, DEPTH reads in flight (as a real backup client,
-# nbdcopy for one, keeps the connection busy)
-pieces = []
+fd = open(out, "r+b")
 for o, l in dirty:
     while l:
         n = min(l, 4 << 20)
-        pieces.append((o, n))
+        fd.seek(o)
+        fd.write(h.pread(n, o))
         o += n
         l -= n
-fd = open(out, "r+b")
-DEPTH = 16
-inflight = {}
-def done(o, buf, err):
-    fd.seek(o)
-    fd.write(buf)
-    return 1          # retire the command
-i = 0
-while i < len(pieces) or h.aio_in_flight():
-    while i < len(pieces) and h.aio_in_flight() < DEPTH:
-        o, n = pieces[i]
-        buf = nbd.Buffer(n)
-        h.aio_pread(buf, o, completion=lambda err, o=o, b=buf: done(o, b.to_bytearray(), err))
-        i += 1
-    h.poll(-1)
 fd.close()
 print(sum(l for _, l in dirty))
 """
