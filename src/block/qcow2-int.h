@@ -212,6 +212,9 @@ static inline void qcache_touch(struct qcache *c, int idx) { c->e[idx].lru = ++c
 /* Drop the clean, unpinned entries not used since the last call, and give
  * their memory back (cache-clean-interval); returns how many. */
 int  qcache_clean_unused(struct qcow2_state *s, struct qcache *c);
+/* Forget the unpinned entries of a freed table at [offset, offset+len),
+ * dirty or not (the cluster may come back as another table). */
+void qcache_drop(struct qcow2_state *s, struct qcache *c, uint64_t offset, uint64_t len);
 /* Write every dirty entry of c (refcounts first if c is the L2 cache). */
 int  qcache_flush(struct qcow2_state *s, struct qcache *c);
 
@@ -229,6 +232,8 @@ void qcow2_free_deferred_external(struct qcow2_state *s, uint64_t offset, int ty
 /* After a metadata flush: move pending frees on; release the drained ones. */
 int  qcow2_process_frees(struct qcow2_state *s, bool flushed);
 int  qcow2_flush_metadata(struct qcow2_state *s);
+/* Drop refcount blocks that count nothing but themselves (after a shrink). */
+int  qcow2_shrink_reftable(struct qcow2_state *s);
 /* Lazy refcounts (QEMU's): before the first allocating write the dirty bit
  * goes on disk, and refcount blocks no longer have to reach the disk before
  * the L2 slices that need them (a crash leaves refcounts to repair at the
@@ -272,4 +277,7 @@ int  qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
                       const void *src, size_t src_len);
 /* Run fn(opaque) in a new coroutine and wait for it in the main loop
  * (open, close, truncate: control paths). */
+/* block_resize to a smaller size (coroutine); *file_end: where the last
+ * referenced cluster ends. */
+int  qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end);
 int  qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque);

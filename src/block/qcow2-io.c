@@ -1057,6 +1057,87 @@ static int co_flush(struct qcow2_state *s)
     return ret;
 }
 
+/* ---- shrink (QEMU 7.2's qcow2_co_truncate, offset < old length) ---- */
+
+/*
+ * The clusters past the new end are dropped as a full discard (freed, the
+ * file told), L1 entries past the new L1 size are zeroed on disk and their
+ * L2 tables freed (the header's L1 size stays, as QEMU leaves it), the new
+ * size goes in the header; *file_end is where the last cluster still
+ * referenced ends, for the caller to cut the file there.
+ */
+int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end)
+{
+    uint64_t cs = s->cluster_size, old = s->size;
+    uint64_t a = (size + cs - 1) & ~(cs - 1);
+    uint64_t end = (old + cs - 1) & ~(cs - 1);
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t new_l1 = (size + l2_cover - 1) / l2_cover;
+    struct qrange r;
+    int ret = 0;
+
+    if (a < end)
+        range_lock(s, &r, a, end - a);
+    co_mutex_lock(&s->lock);
+    if (a < end)
+        ret = zero_clusters(bs, s, a, end - a, Z_FULL, false);
+    if (ret == 0 && new_l1 < s->l1_size) {
+        /* the discarded slices reach their tables before the tables go */
+        ret = qcow2_flush_metadata(s);
+        uint64_t n = s->l1_size - new_l1;
+        CLEANUP_FREE uint8_t *z = xzalloc(n * 8);
+        if (ret == 0)
+            ret = bnode_co_pwrite(s->bs->file, s->l1_offset + new_l1 * 8, n * 8, z, 0);
+        if (ret == 0)
+            ret = bnode_co_flush(s->bs->file);
+        for (uint64_t i = s->l1_size; ret == 0 && i-- > new_l1;) {
+            pthread_mutex_lock(&s->cache_lock);
+            uint64_t l2 = s->l1[i] & QCOW2_L1E_OFFSET_MASK;
+            s->l1[i] = 0;
+            pthread_mutex_unlock(&s->cache_lock);
+            if (!l2)
+                continue;
+            qcache_drop(s, &s->l2c, l2, cs);
+            qcow2_meta_del(s, l2, cs);
+            qcow2_free_deferred(s, l2, 1, QFREE_ALWAYS);
+        }
+    }
+    if (ret == 0) {
+        uint64_t v = htobe64(size);
+        ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, size), 8, &v, 0);
+    }
+    if (ret == 0) {
+        s->size = size;
+        /* two rounds: the frees queued above are released once drained */
+        ret = qcow2_flush_metadata(s);
+        if (ret == 0)
+            ret = qcow2_flush_metadata(s);
+        if (ret == 0)
+            ret = qcow2_shrink_reftable(s);
+        if (ret == 0)
+            ret = qcow2_flush_metadata(s);
+    }
+    if (ret == 0) {
+        /* QEMU's qcow2_get_last_cluster over the file as it is now */
+        uint64_t n = qsize_to_clusters(s, s->bs->file->size);
+        *file_end = 0;
+        for (uint64_t i = n; i-- > 0;) {
+            uint64_t ref = 0;
+            ret = qcow2_get_refcount(s, i, &ref);
+            if (ret < 0)
+                break;
+            if (ref) {
+                *file_end = (i + 1) << s->cluster_bits;
+                break;
+            }
+        }
+    }
+    co_mutex_unlock(&s->lock);
+    if (a < end)
+        range_unlock(s, &r);
+    return ret;
+}
+
 /* ---- coroutine entry ---- */
 
 static void co_entry(void *opaque)

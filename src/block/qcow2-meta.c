@@ -260,6 +260,25 @@ int qcache_clean_unused(struct qcow2_state *s, struct qcache *c)
     return cleaned;
 }
 
+void qcache_drop(struct qcow2_state *s, struct qcache *c, uint64_t offset, uint64_t len)
+{
+    pthread_mutex_lock(&s->cache_lock);
+    for (int i = 0; i < c->n; i++) {
+        struct qcache_entry *e = &c->e[i];
+        if (!e->offset || e->offset < offset || e->offset >= offset + len || e->pins ||
+            e->loading)
+            continue;
+        if (e->dirty) {
+            e->dirty = false;
+            c->ndirty--;
+        }
+        hash_remove(c, i);
+        e->offset = 0;
+        e->lru = 0;
+    }
+    pthread_mutex_unlock(&s->cache_lock);
+}
+
 void qcache_put(struct qcow2_state *s, struct qcache *c, int idx)
 {
     pthread_mutex_lock(&s->cache_lock);
@@ -490,6 +509,80 @@ int qcow2_get_refcount(struct qcow2_state *s, uint64_t ci, uint64_t *ref)
                               ci & (s->rb_entries - 1));
     qcache_put(s, &s->rbc, idx);
     return 0;
+}
+
+static bool refblock_unused(struct qcow2_state *s, uint64_t rt_i, uint64_t off, uint8_t *rb)
+{
+    /* a block that counts itself is unused if it counts nothing else */
+    bool self = ((off >> s->cluster_bits) >> s->rb_bits) == rt_i;
+    uint64_t bi = (off >> s->cluster_bits) & (s->rb_entries - 1), ref = 0;
+    if (self) {
+        ref = qcow2_refcount_get(rb, s->refcount_order, bi);
+        qcow2_refcount_set(rb, s->refcount_order, bi, 0);
+    }
+    bool zero = true;
+    for (uint64_t i = 0; zero && i < s->cluster_size; i += 8) {
+        uint64_t v;
+        memcpy(&v, rb + i, 8);
+        zero = v == 0;
+    }
+    if (self)
+        qcow2_refcount_set(rb, s->refcount_order, bi, ref);
+    return zero;
+}
+
+/* QEMU's qcow2_shrink_reftable: refcount blocks that count nothing but
+ * themselves leave the table (written whole), and their clusters are
+ * freed in the block that counts them. */
+int qcow2_shrink_reftable(struct qcow2_state *s)
+{
+    uint64_t n = s->reftable_size;
+    CLEANUP_FREE uint64_t *tmp = xcalloc(n ? n : 1, 8);
+    CLEANUP_FREE bool *gone = xcalloc(n ? n : 1, sizeof(bool));
+    int ret = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t off = s->reftable[i] & QCOW2_REFT_OFFSET_MASK;
+        if (!off)
+            continue;
+        int idx;
+        ret = qcache_get(s, &s->rbc, off, true, &idx);
+        if (ret < 0)
+            return ret;
+        pthread_mutex_lock(&s->cache_lock);
+        gone[i] = refblock_unused(s, i, off, qcache_data(&s->rbc, idx));
+        pthread_mutex_unlock(&s->cache_lock);
+        qcache_put(s, &s->rbc, idx);
+        tmp[i] = gone[i] ? 0 : htobe64(s->reftable[i]);
+    }
+    ret = bnode_co_pwrite(s->bs->file, s->reftable_offset, n * 8, tmp, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    for (uint64_t i = 0; i < n; i++) {
+        if (!gone[i])
+            continue;
+        uint64_t off = s->reftable[i] & QCOW2_REFT_OFFSET_MASK;
+        uint64_t ci = off >> s->cluster_bits;
+        uint64_t owner = ci >> s->rb_bits;
+        if (ret == 0 && owner != i && owner < n && s->reftable[owner]) {
+            int idx;
+            ret = qcache_get(s, &s->rbc, s->reftable[owner] & QCOW2_REFT_OFFSET_MASK, true,
+                             &idx);
+            if (ret == 0) {
+                pthread_mutex_lock(&s->cache_lock);
+                qcow2_refcount_set(qcache_data(&s->rbc, idx), s->refcount_order,
+                                   ci & (s->rb_entries - 1), 0);
+                pthread_mutex_unlock(&s->cache_lock);
+                qcache_mark_dirty(s, &s->rbc, idx);
+                qcache_put(s, &s->rbc, idx);
+            }
+        }
+        qcache_drop(s, &s->rbc, off, s->cluster_size);
+        qcow2_meta_del(s, off, s->cluster_size);
+        s->reftable[i] = 0;
+        if (ret == 0 && s->bs->file->discard)
+            bnode_co_pdiscard(s->bs->file, off, s->cluster_size);
+    }
+    return ret;
 }
 
 static int write_reftable_entry(struct qcow2_state *s, uint64_t rt_i)

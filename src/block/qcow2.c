@@ -1042,6 +1042,16 @@ static int do_grow(struct qcow2_state *s, void *opaque)
     return ret;
 }
 
+struct shrink {
+    uint64_t size, file_end;
+};
+
+static int do_shrink(struct qcow2_state *s, void *opaque)
+{
+    struct shrink *sh = opaque;
+    return qcow2_co_shrink(s->bs, s, sh->size, &sh->file_end);
+}
+
 static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     struct qcow2_state *s = bs->opaque;
@@ -1049,13 +1059,27 @@ static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
         error_setg(errp, "The new size must be a multiple of 512");
         return -EINVAL;
     }
-    if (s->nb_snapshots) {
-        error_setg(errp, "Can't resize an image which has snapshots");
+    /* version 2 does not record a snapshot's disk size */
+    if (s->nb_snapshots && s->version < 3) {
+        error_setg(errp, "Can't resize a v2 image which has snapshots");
         return -ENOTSUP;
     }
     if (size < s->size) {
-        error_setg(errp, "qcow2 doesn't support shrinking images yet");
-        return -ENOTSUP;
+        struct shrink sh = { .size = size };
+        int ret = qcow2_run_sync(s, do_shrink, &sh);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "Failed to discard cropped clusters");
+            return ret;
+        }
+        /* As QEMU: the file loses its unused tail; failing that only warns. */
+        if (sh.file_end && sh.file_end < bs->file->size) {
+            error *err = NULL;
+            if (bnode_truncate(bs->file, sh.file_end, &err) < 0) {
+                log_warn("Failed to truncate the tail of the image: %s", err->msg);
+                error_free(err);
+            }
+        }
+        return 0;
     }
     struct resize r = { .size = size, .errp = errp };
     return qcow2_run_sync(s, do_grow, &r);
