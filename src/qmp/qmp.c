@@ -46,9 +46,16 @@ const struct qmp_cmd *qmp_first(void)
 /* ------------------------------------------------------------------ */
 /* Responses */
 
+/* A message may quote a string the client sent, \u0000 included (kept as
+ * QEMU keeps it, the bytes C0 80: json-stream.c): no UTF-8 check. */
+static json_t *error_object(const char *cls, const char *desc)
+{
+    return json_pack("{s:s, s:o}", "class", cls, "desc", json_string_nocheck(desc));
+}
+
 json_t *qmp_error_response(const char *cls, const char *desc)
 {
-    return json_pack("{s:{s:s, s:s}}", "error", "class", cls, "desc", desc);
+    return json_pack("{s:o}", "error", error_object(cls, desc));
 }
 
 static json_t *error_response(json_t *id, error *err)
@@ -56,8 +63,7 @@ static json_t *error_response(json_t *id, error *err)
     json_t *rsp = json_object();
     if (id)
         json_object_set(rsp, "id", id);
-    json_object_set_new(rsp, "error", json_pack("{s:s, s:s}",
-                        "class", error_class_name(err->cls), "desc", err->msg));
+    json_object_set_new(rsp, "error", error_object(error_class_name(err->cls), err->msg));
     error_free(err);
     return rsp;
 }

@@ -114,8 +114,9 @@ static size_t put_utf8(char *o, unsigned cp)
 static json_t *parse_string(struct pctx *c, const struct token *t)
 {
     const char *p = c->text + t->off + 1, *end = c->text + t->off + t->len - 1;
-    CLEANUP_FREE char *out = malloc(t->len + 1);
+    CLEANUP_FREE char *out = calloc(1, t->len + 1);
     size_t n = 0;
+    bool has_nul = false;
 
     if (!out) {
         perr(c, "%sout of memory", "");
@@ -155,8 +156,13 @@ static json_t *parse_string(struct pctx *c, const struct token *t)
                 return NULL;
             }
             if (cp == 0) {
-                perr(c, "%s\\u0000 is not supported", "");
-                return NULL;
+                /* as QEMU's parser: U+0000 becomes the overlong form C0 80,
+                 * so the string stays a C string (and is written back as
+                 * \u0000); no name or path then matches it */
+                out[n++] = (char)0xc0;
+                out[n++] = (char)0x80;
+                has_nul = true;
+                break;
             }
             n += put_utf8(out + n, cp);
             break;
@@ -168,6 +174,17 @@ static json_t *parse_string(struct pctx *c, const struct token *t)
         p++;
     }
     json_t *s = json_stringn(out, n);
+    if (!s && has_nul) {
+        /* valid UTF-8 but for the C0 80 pairs? */
+        CLEANUP_FREE char *chk = xstrndup(out, n);
+        for (size_t i = 0; i + 1 < n; i++)
+            if ((unsigned char)chk[i] == 0xc0 && (unsigned char)chk[i + 1] == 0x80)
+                chk[i] = chk[i + 1] = 'x';
+        json_t *valid = json_stringn(chk, n);
+        if (valid)
+            s = json_stringn_nocheck(out, n);
+        json_decref(valid);
+    }
     if (!s)
         perr(c, "%sinvalid UTF-8 sequence in string", "");
     return s;
@@ -246,7 +263,7 @@ static int parse_pair(struct pctx *c, json_t *obj)
         perr(c, "%sduplicate key", "");
         return -1;
     }
-    json_object_set_new(obj, k, val);
+    json_object_set_new_nocheck(obj, k, val);   /* k may hold C0 80 (\u0000) */
     return 0;
 }
 

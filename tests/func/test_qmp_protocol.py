@@ -416,3 +416,66 @@ def test_huge_token_before_negotiation(impl, start_daemon, blob, desc):
     m.execute("qmp_capabilities")
     assert "qemu" in m.execute("query-version")
     assert d.alive()
+
+
+# \u0000 in a string: QEMU's parser keeps it (as the bytes C0 80, so C
+# strings stay whole) and writes it back as \u0000; no name, id or path
+# then matches, and the check that meets it fails with its usual words.
+NUL_CASES = [
+    ('{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "a\\u0000b"}}',
+     "GenericError", "Invalid node-name: 'a\\u0000b'"),
+    ('{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "\\u0000"}}',
+     "GenericError", "Invalid node-name: '\\u0000'"),
+    ('{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f0", '
+     '"filename": "DIR/a.img\\u0000junk"}}',
+     "GenericError", "Could not open 'DIR/a.img\\u0000junk': No such file or directory"),
+    ('{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e\\u0000x", '
+     '"node-name": "n1"}}', "GenericError", "Invalid block export id"),
+    ('{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", '
+     '"node-name": "n1\\u0000zz"}}',
+     "GenericError", "Cannot find device='' nor node-name='n1\\u0000zz'"),
+    ('{"execute": "block-export-del", "arguments": {"id": "e1\\u0000q"}}',
+     "GenericError", "Export 'e1\\u0000q' is not found"),
+    ('{"execute": "qom-list", "arguments": {"path": "/objects\\u0000x"}}',
+     "DeviceNotFound", "Device '/objects\\u0000x' not found"),
+    ('{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io\\u00001"}}',
+     "GenericError", "Parameter 'id' expects an identifier"),
+    ('{"execute": "blockdev-del", "arguments": {"node-name": "n1\\u0000"}}',
+     "GenericError", "Failed to find node with node-name='n1\\u0000'"),
+    ('{"execute\\u0000": "query-version"}',
+     "GenericError", "QMP input member 'execute\\u0000' is unexpected"),
+    ('{"execute": "query-version\\u0000"}',
+     "CommandNotFound", "The command query-version\\u0000 has not been found"),
+    ('{"execute": "blockdev-add", "arguments": {"driver": "null-co\\u0000", "node-name": "n2"}}',
+     "GenericError", "Parameter 'driver' does not accept value 'null-co\\u0000'"),
+    ('{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n4", '
+     '"x\\u0000": 1}}', "GenericError", "Parameter 'x\\u0000' is unexpected"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NUL_CASES)))
+def test_nul_in_strings(impl, start_daemon, tmpdir_short, case):
+    raw, cls, desc = NUL_CASES[case]
+    raw = raw.replace("DIR", tmpdir_short)
+    desc = desc.replace("DIR", tmpdir_short)
+    open(os.path.join(tmpdir_short, "a.img"), "wb").close()
+    d = start_daemon(impl)
+    m = d.qmp()
+    m.execute("blockdev-add", driver="null-co", node_name="n1")
+    m.send_raw(raw + "\n")
+    line = m.file.readline()
+    # the bytes on the wire: \u0000 written back as QEMU writes it
+    assert (b"\\u0000" in line) == ("\\u0000" in desc)
+    resp = json.loads(line)
+    assert resp["error"] == {"class": cls, "desc": desc.encode().decode("unicode_escape")}
+    assert m.execute("query-named-block-nodes")[0]["node-name"] == "n1"
+    assert len(m.execute("query-named-block-nodes")) == 1
+
+
+def test_nul_in_id_echoed(impl, start_daemon):
+    d = start_daemon(impl)
+    m = d.qmp()
+    m.send_raw('{"execute": "query-block-exports", "id": "x\\u0000y"}\n')
+    line = m.file.readline()
+    assert b'"id": "x\\u0000y"' in line
+    assert json.loads(line) == {"return": [], "id": "x\0y"}
