@@ -5,7 +5,8 @@
 #
 # Usage: bench/scaling-bench.sh [runtime_s]
 #   BEXD=path (default build/bexd); SIZE (default 512M); ROUNDS (default 1:
-#   each configuration once; more alternate them and print every round).
+#   each configuration once; more alternate them and print every round);
+#   FUSE=0 skips the FUSE rows.
 #
 # NBD rows: fio's nbd engine, 2 jobs (one connection each, one per CPU) at
 # qd 16, 4k random read and 1M sequential read, against an export on
@@ -68,7 +69,7 @@ for r in $(seq "$ROUNDS"); do
               --rw="$1" --bs="$2" --iodepth=16 --numjobs=2 --group_reporting \
               --cpus_allowed=0-$(( $(nproc) - 1 )) --cpus_allowed_policy=split \
               --time_based --runtime="$RT" --size="$SIZE" --norandommap \
-              --output-format=terse 2>/dev/null | awk -F';' '{print $8+$49, ($7+$48)/1024}')
+              --output-format=terse 2>/dev/null | grep '^3;' | awk -F';' '{print $8+$49, ($7+$48)/1024}')
       T1=$(cpu_ticks)
       read -r IOPS MIBS <<<"${R:-0 0}"
       US=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
@@ -77,6 +78,7 @@ for r in $(seq "$ROUNDS"); do
       stop
     done
   done
+  [ "${FUSE:-1}" = 0 ] && continue
   BEXD=$BEXD SIZE=$SIZE JOBS_N=2 ONLY='libaio' \
-      "$HERE/bench/fuse-bench.sh" "$RT" bexd-io1 bexd-q2 bexd-uring bexd-uring-q2 | tail -n +2
+      "$HERE/bench/fuse-bench.sh" "$RT" bexd-io1 bexd-q2 bexd-uring bexd-uring-q2 2>/dev/null | tail -n +2
 done
