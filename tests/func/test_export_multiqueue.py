@@ -426,3 +426,47 @@ def test_nbd_clients_spread(daemon, image):
         h.shutdown()
     with open(img, "rb") as f:
         assert f.read(4096) == b"\x01" * 4096
+
+
+@fuse_only
+@pytest.mark.parametrize("uring", [False, True])
+def test_fuse_queues_o_direct_and_growable(daemon, image, tmpdir_short, uring_param, uring):
+    # the request paths that leave the queue's loop and come back (a resize
+    # in the main thread) and that need aligned memory (cache.direct=on),
+    # on two queues, over /dev/fuse and over io_uring
+    uring_param(uring)
+    img = image(4 * MiB)
+    mnt = os.path.join(tmpdir_short, "mnt")
+    open(mnt, "w").close()
+    d = daemon(*IOTHREADS2, "--blockdev",
+               "driver=file,node-name=d,filename=%s,cache.direct=on" % img,
+               "--export", "type=fuse,id=f,node-name=d,mountpoint=%s,writable=on,"
+               "growable=on,iothread.0=io0,iothread.1=io1,__org.bexd_io-uring=%s"
+               % (mnt, "on" if uring else "off"))
+    try:
+        data = os.urandom(100000)
+        fd = os.open(mnt, os.O_RDWR)
+        try:
+            assert os.pwrite(fd, data, 4 * MiB + 333) == len(data)   # grows, unaligned
+            # (an O_DIRECT node grows in whole sectors)
+            assert 0 <= os.fstat(fd).st_size - (4 * MiB + 333 + len(data)) < 512
+            assert os.pread(fd, len(data), 4 * MiB + 333) == data
+            os.ftruncate(fd, 3 * MiB)
+            assert os.fstat(fd).st_size == 3 * MiB
+            assert os.pwrite(fd, b"x" * 7, 12345) == 7
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert os.path.getsize(img) == 3 * MiB
+        with open(img, "rb") as f:
+            f.seek(12345)
+            assert f.read(7) == b"x" * 7
+        os.truncate(mnt, 16 * MiB)          # room for the two verify jobs
+        verify_job(mnt, tmpdir_short, jobs=2)
+    finally:
+        d.m.execute("block-export-del", id="f")
+        d.m.wait_event("BLOCK_EXPORT_DELETED")
+    dev, ur = served(d.stop())
+    assert sum(ur if uring else dev) > 100
+    if uring:
+        assert sum(dev) <= 3
