@@ -128,8 +128,10 @@ void bnode_set_dirty(struct bnode *bs, uint64_t offset, uint64_t bytes)
 
     dirty_bitmaps_lock(bs);
     for (struct dirty_bitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next)
-        if (!bm->disabled && touched(bm, offset, bytes, &first, &n))
+        if (!bm->disabled && touched(bm, offset, bytes, &first, &n)) {
             pbitmap_set_range(bm->bits, first, n);
+            bm->changes++;
+        }
     dirty_bitmaps_unlock(bs);
 }
 
@@ -233,6 +235,7 @@ void dirty_bitmaps_truncate(struct bnode *bs, uint64_t size)
     for (struct dirty_bitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
         if (pbitmap_resize(bm->bits, nbits_for(size, bm->shift))) {
             bm->size = size;
+            bm->changes++;
         } else {
             log_warn("dirty bitmap '%s' of node '%s' could not follow a resize",
                      bm->name ? bm->name : "", bs->node_name);
@@ -297,11 +300,13 @@ int dirty_bitmap_clear(struct dirty_bitmap *bm, struct pbitmap **backup)
         dirty_bitmaps_lock(bm->bs);
         *backup = bm->bits;
         bm->bits = fresh;
+        bm->changes++;
         dirty_bitmaps_unlock(bm->bs);
         return 0;
     }
     dirty_bitmaps_lock(bm->bs);
     pbitmap_clear_all(bm->bits);
+    bm->changes++;
     dirty_bitmaps_unlock(bm->bs);
     return 0;
 }
@@ -311,6 +316,7 @@ void dirty_bitmap_restore(struct dirty_bitmap *bm, struct pbitmap *backup)
     dirty_bitmaps_lock(bm->bs);
     struct pbitmap *old = bm->bits;
     bm->bits = backup;
+    bm->changes++;
     dirty_bitmaps_unlock(bm->bs);
     pbitmap_free(old);
 }
@@ -341,6 +347,7 @@ static void merge_locked(struct dirty_bitmap *dst, struct dirty_bitmap *src)
 {
     if (dst == src)
         return;
+    dst->changes++;
     if (dst->granularity == src->granularity) {
         pbitmap_merge(dst->bits, src->bits);
         return;
@@ -391,6 +398,7 @@ void dirty_bitmap_set_range(struct dirty_bitmap *bm, uint64_t offset, uint64_t b
     dirty_bitmaps_lock(bm->bs);
     if (touched(bm, offset, bytes, &first, &n))
         pbitmap_set_range(bm->bits, first, n);
+    bm->changes++;
     dirty_bitmaps_unlock(bm->bs);
 }
 
@@ -400,6 +408,7 @@ void dirty_bitmap_reset_range(struct dirty_bitmap *bm, uint64_t offset, uint64_t
     dirty_bitmaps_lock(bm->bs);
     if (covered(bm, offset, bytes, &first, &n))
         pbitmap_clear_range(bm->bits, first, n);
+    bm->changes++;
     dirty_bitmaps_unlock(bm->bs);
 }
 
@@ -407,6 +416,7 @@ void dirty_bitmap_set_all(struct dirty_bitmap *bm)
 {
     dirty_bitmaps_lock(bm->bs);
     pbitmap_set_all(bm->bits);
+    bm->changes++;
     dirty_bitmaps_unlock(bm->bs);
 }
 

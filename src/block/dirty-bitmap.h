@@ -42,6 +42,8 @@ struct dirty_bitmap {
     bool persistent;              /* stored with the image */
     bool inconsistent;            /* stored in use by a crashed writer */
     struct dirty_bitmap *successor;   /* records for it while a job runs */
+    uint64_t changes;             /* bumped whenever bits may have changed (a
+                                   * driver storing them skips unchanged ones) */
     struct dirty_bitmap *next;
 };
 

@@ -128,6 +128,7 @@ struct qcow2_state {
     struct qsnapshot *snapshots;
     uint64_t bitmap_dir_offset, bitmap_dir_size;
     uint32_t nb_bitmaps;
+    struct qbm *bitmaps;             /* the bitmap directory (qcow2-bitmap.c) */
     uint64_t unknown_ext_end;        /* end of the header extensions */
 
     /* L1 (host order) */
@@ -265,6 +266,23 @@ void qcow2_meta_del(struct qcow2_state *s, uint64_t offset, uint64_t len);
  * corrupt and stop writing. */
 void qcow2_signal_corruption(struct qcow2_state *s, bool fatal, int64_t offset, int64_t size,
                              const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* ---- qcow2-bitmap.c: persistent dirty bitmaps (the bdrv hooks) ---- */
+int  qcow2_bitmaps_load(struct bnode *bs, error **errp);
+void qcow2_bitmaps_store(struct bnode *bs);
+int  qcow2_bitmap_can_store(struct bnode *bs, const char *name, uint32_t granularity,
+                            error **errp);
+int  qcow2_bitmaps_update(struct bnode *bs, error **errp);
+/* A FLUSH: write the bits that changed since the last write (coroutine,
+ * s->lock held; the bitmaps stay in use). */
+int  qcow2_bitmaps_flush(struct qcow2_state *s);
+void qcow2_bitmaps_free(struct qcow2_state *s);
+/* format-specific "bitmaps" (QEMU's Qcow2BitmapInfo list), NULL if none */
+json_t *qcow2_bitmaps_info(struct qcow2_state *s);
+int  qcow2_bitmaps_truncate_check(struct bnode *bs, error **errp);
+/* blockdev-reopen: store and make readonly / mark in use and writable */
+void qcow2_bitmaps_reopen_ro(struct bnode *bs);
+void qcow2_bitmaps_reopen_rw(struct bnode *bs);
 
 /* ---- qcow2-io.c ---- */
 void qcow2_submit(struct bnode *bs, struct breq *req, uint64_t offset);

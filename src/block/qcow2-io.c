@@ -1052,6 +1052,10 @@ static int co_discard(struct bnode *bs, struct qcow2_state *s, uint64_t offset, 
 static int co_flush(struct qcow2_state *s)
 {
     co_mutex_lock(&s->lock);
+    /* bits first, so one file flush makes both durable; a failure there
+     * is logged, not the guest's: the bitmaps are in use on disk anyway */
+    if (s->bitmaps && !s->bs->read_only)
+        qcow2_bitmaps_flush(s);
     int ret = qcow2_flush_metadata(s);
     co_mutex_unlock(&s->lock);
     return ret;

@@ -449,12 +449,13 @@ static int load_inactive_l2(struct qcow2_state *s, void *opaque)
 }
 
 /* On a read-write open: autoclear bits we do not maintain are cleared, as
- * the format asks of writers. */
+ * the format asks of writers.  The bitmaps bit stays: qcow2-bitmap.c keeps
+ * the bitmaps (marked in use now, stored at close). */
 static int prepare_write(struct qcow2_state *s, void *opaque)
 {
     if (s->version < 3)
         return 0;
-    uint64_t keep = s->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+    uint64_t keep = s->autoclear & (QCOW2_AUTOCLEAR_DATA_FILE_RAW | QCOW2_AUTOCLEAR_BITMAPS);
     if (keep == s->autoclear)
         return 0;
     uint64_t v = htobe64(keep);
@@ -771,6 +772,7 @@ static void free_state(struct qcow2_state *s)
     free(s->backing_fmt);
     free(s->data_file_name);
     free(s->meta_set);
+    qcow2_bitmaps_free(s);
     while (s->pending) {
         struct qfree *f = s->pending;
         s->pending = f->next;
@@ -1081,6 +1083,8 @@ static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
         }
         return 0;
     }
+    if (qcow2_bitmaps_truncate_check(bs, errp) < 0)
+        return -ENOTSUP;
     struct resize r = { .size = size, .errp = errp };
     return qcow2_run_sync(s, do_grow, &r);
 }
@@ -1105,6 +1109,9 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
                          "lazy-refcounts", (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0,
                          "refcount-bits", 1 << s->refcount_order,
                          "corrupt", s->corrupt, "extended-l2", s->extl2);
+        json_t *bitmaps = qcow2_bitmaps_info(s);
+        if (bitmaps)
+            json_object_set_new(data, "bitmaps", bitmaps);
         if (s->data != bs->file) {
             if (s->data_file_name)
                 json_object_set_new(data, "data-file", json_string(s->data_file_name));
@@ -1247,6 +1254,7 @@ static void qcow2_reopen_commit(struct reopen_state *rs)
     int ret;
     if (!bs->read_only && rs->read_only && !s->corrupt) {
         /* the file is still writable: write everything back, mark clean */
+        qcow2_bitmaps_reopen_ro(bs);
         if ((ret = qcow2_run_sync(s, reopen_clean, NULL)) < 0)
             log_error("qcow2: node '%s': flushing metadata for read-only failed: %s",
                       bs->node_name, strerror(-ret));
@@ -1287,11 +1295,19 @@ static void qcow2_reopen_commit_post(struct reopen_state *rs)
     if ((ret = qcow2_run_sync(s, prepare_write, NULL)) < 0)
         log_error("qcow2: node '%s': could not update the qcow2 header: %s", bs->node_name,
                   strerror(-ret));
+    else
+        qcow2_bitmaps_reopen_rw(bs);
 }
 
 static struct bnode_user **qcow2_backing_link(struct bnode *bs)
 {
     return &((struct qcow2_state *)bs->opaque)->backing_link;
+}
+
+static uint32_t qcow2_cluster_size(struct bnode *bs)
+{
+    struct qcow2_state *s = bs->opaque;
+    return (uint32_t)s->cluster_size;
 }
 
 static const struct bdrv bdrv_qcow2 = {
@@ -1313,5 +1329,10 @@ static const struct bdrv bdrv_qcow2 = {
     .reopen_commit_post = qcow2_reopen_commit_post,
     .reopen_needs_rw_file = true,
     .reopen_backing_link = qcow2_backing_link,
+    .cluster_size = qcow2_cluster_size,
+    .bitmaps_load = qcow2_bitmaps_load,
+    .bitmaps_store = qcow2_bitmaps_store,
+    .bitmap_can_store = qcow2_bitmap_can_store,
+    .bitmaps_update = qcow2_bitmaps_update,
 };
 BDRV_REGISTER(bdrv_qcow2)
