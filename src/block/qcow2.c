@@ -86,11 +86,31 @@ static int read_extensions(struct qcow2_state *s, struct open_ctx *c, uint64_t s
             }
             memcpy(&b, d, sizeof(b));
             if (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
+                /* QEMU's checks and words */
                 s->nb_bitmaps = be32toh(b.nb_bitmaps);
                 s->bitmap_dir_size = be64toh(b.bitmap_directory_size);
                 s->bitmap_dir_offset = be64toh(b.bitmap_directory_offset);
+                if (b.reserved) {
+                    error_setg(c->errp, "bitmaps_ext: Reserved field is not zero");
+                    return -EINVAL;
+                }
+                if (s->nb_bitmaps > 65535) {
+                    error_setg(c->errp, "bitmaps_ext: Image has %" PRIu32 " bitmaps, exceeding "
+                               "the QEMU supported maximum of %d", s->nb_bitmaps, 65535);
+                    return -EINVAL;
+                }
+                if (s->nb_bitmaps == 0) {
+                    error_setg(c->errp, "bitmaps_ext: found bitmaps extension with zero bitmaps");
+                    return -EINVAL;
+                }
+                if (s->bitmap_dir_size > 1024ull * 65535) {
+                    error_setg(c->errp, "bitmaps_ext: bitmap directory size (%" PRIu64 ") exceeds "
+                               "the maximum supported size (%d)", s->bitmap_dir_size,
+                               1024 * 65535);
+                    return -EINVAL;
+                }
                 if (qoffset_into_cluster(s, s->bitmap_dir_offset)) {
-                    error_setg(c->errp, "bitmaps_ext: invalid bitmap directory offset");
+                    error_setg(c->errp, "bitmaps_ext: invalid dir offset");
                     return -EINVAL;
                 }
             }

@@ -446,6 +446,84 @@ def test_terabyte_image_map_is_fast(daemon):
         os.rmdir(d0)
 
 
+@pytest.mark.parametrize("cluster,gran", [("512", 4096), ("16k", 16384), ("2M", 65536)])
+def test_default_granularity_follows_cluster_size(impl, daemon, tmpdir_short, cluster, gran):
+    img = make_image(os.path.join(tmpdir_short, "a.qcow2"), "64M", "-o",
+                     "cluster_size=" + cluster)
+    d, qmp, uri = daemon(impl, img)
+    qmp.execute("block-dirty-bitmap-add", node="q0", name="b", persistent=True)
+    assert node_bitmaps(qmp)[0]["b"]["granularity"] == gran
+    write(uri, "write 0 100k")
+    d.stop()
+    assert info_bitmaps(img) == [{"flags": ["auto"], "name": "b", "granularity": gran}]
+    assert check(img)[0] == 0
+
+
+def patch_first_entry(img, offset_in_entry, fmt, value):
+    """Change a field of the first bitmap directory entry."""
+    with open(img, "r+b") as f:
+        data = f.read(65536)
+        hlen, = struct.unpack_from(">I", data, 100)
+        at = hlen
+        while True:
+            typ, ln = struct.unpack_from(">II", data, at)
+            if typ == 0x23852875:
+                break
+            at += 8 + (ln + 7) // 8 * 8
+        doff, = struct.unpack_from(">Q", data, at + 8 + 16)
+        f.seek(doff + offset_in_entry)
+        f.write(struct.pack(fmt, value))
+
+
+@pytest.mark.parametrize("field,fmt,value", [
+    (16, ">B", 2),              # type: not a dirty tracking bitmap
+    (17, ">B", 40),             # granularity bits
+    (12, ">I", 0x10),           # reserved flag
+    (8, ">I", 0),               # table size
+    (18, ">H", 2000),           # name size past the directory
+])
+def test_damaged_directory_refused_as_qemu(start_daemon, tmpdir_short, field, fmt, value):
+    """An image whose bitmap directory breaks the format's rules does not
+    open, with qsd's message, in bexd too."""
+    img = make_image(os.path.join(tmpdir_short, "a.qcow2"))
+    qemu_img("bitmap", "--add", img, "b")
+    patch_first_entry(img, field, fmt, value)
+    errs = {}
+    for impl in ("bexd", "qsd"):
+        d = start_daemon(impl)
+        qmp = d.qmp()
+        e = qmp.error("blockdev-add", driver="qcow2", node_name="q0", read_only=True,
+                      file={"driver": "file", "filename": img})
+        errs[impl] = (e["class"], e["desc"])
+        d.stop()
+    assert errs["bexd"] == errs["qsd"]
+
+
+def test_resize_carries_bitmaps(impl, start_daemon, daemon, tmpdir_short):
+    """Growing a node with persistent bitmaps: they follow (new bytes clean)
+    and go to disk at the new size."""
+    img = make_image(os.path.join(tmpdir_short, "a.qcow2"))
+    qemu_img("bitmap", "--add", img, "b")
+    qemu_img("bitmap", "--add", "-g", "512", img, "fine")
+    run("qemu-io", "-f", "qcow2", "-c", "write 63M 1M", "-c", "write 0 4k", img)
+    d = start_daemon(impl)
+    qmp = d.qmp()
+    qmp.execute("blockdev-add", driver="qcow2", node_name="q0",
+                file={"driver": "file", "filename": img})
+    qmp.execute("block_resize", node_name="q0", size=200 * MiB)
+    want = {n: sha(qmp, n) for n in ("b", "fine")}
+    qmp.execute("blockdev-del", node_name="q0")
+    assert check(img)[0] == 0
+    assert [b["flags"] for b in info_bitmaps(img)] == [["auto"], ["auto"]]
+    qmp.execute("blockdev-add", driver="qcow2", node_name="q1",
+                file={"driver": "file", "filename": img})
+    assert {n: sha(qmp, n, node="q1") for n in ("b", "fine")} == want
+    d.stop()
+    other = state("qsd" if impl == "bexd" else "bexd", daemon, img)
+    assert {n: other[n][1] for n in ("b", "fine")} == want
+    assert other["fine"][0]["count"] == 1 * MiB + 4096
+
+
 def test_reopen_read_only_and_back(impl, start_daemon, tmpdir_short):
     """blockdev-reopen read-only stores the bitmaps (in-use clear) and makes
     them readonly; read-write again marks them in use and lets them change."""
