@@ -51,6 +51,9 @@ static void test_keyval_good(void **state)
     check_kv("r.0.m=x,r.0.p=y,r.1.m=z", NULL,
              "{\"r\":[{\"m\":\"x\",\"p\":\"y\"},{\"m\":\"z\"}]}", NULL);
     check_kv("x_y-z=1", NULL, "{\"x_y-z\":\"1\"}", NULL);
+    /* QAPI downstream names (__RFQDN_name), whose prefix holds dots */
+    check_kv("__org.bexd_io-uring=on", NULL, "{\"__org.bexd_io-uring\":\"on\"}", NULL);
+    check_kv("a.__org.bexd_x.y=1", NULL, "{\"a\":{\"__org.bexd_x\":{\"y\":\"1\"}}}", NULL);
 }
 
 static void test_keyval_errors(void **state)
@@ -68,6 +71,9 @@ static void test_keyval_errors(void **state)
     check_kv(",driver=x", "driver", NULL, "Invalid parameter ''");
     check_kv("=x", "driver", NULL, "Invalid parameter ''");
     check_kv("a=1,help", NULL, NULL, "Help is not available for this option");
+    check_kv("__org=1", NULL, NULL, "Invalid parameter '__org'");
+    check_kv("__org.bexd_=1", NULL, NULL, "Invalid parameter '__org.bexd_'");
+    check_kv("__org.bexd_1=1", NULL, NULL, "Invalid parameter '__org.bexd_1'");
     char longkey[200];
     memset(longkey, 'k', 130);
     strcpy(longkey + 130, "=1");
