@@ -380,6 +380,10 @@ static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error *
     filter = open_filter(bs, target, opt_str(a, "filter-node-name", NULL), errp);
     if (!filter)
         goto fail;
+    /* the job's length is fixed: nobody resizes the source meanwhile (QEMU's
+     * copy-before-write unshares resize on it) */
+    if (bnode_user_set_perm(filter->file_link, 0, PERM_ALL & ~PERM_RESIZE, errp) < 0)
+        goto fail;
     struct cbw *cbw = cbw_of(filter);
     if (max_chunk && (uint64_t)max_chunk < cbw_cluster_size(cbw)) {
         error_setg(errp, "Required max-chunk (%lld) is less than backup cluster size (%" PRIu64

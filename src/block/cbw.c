@@ -251,12 +251,32 @@ static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64
 {
     struct loop_timer *t = NULL;
     int ret = 0;
+    /* the copies this call started: a failed one ends the call with its
+     * error even if it finished before we came to wait for it (else its
+     * clusters, still needed, would be claimed again and again) */
+    struct cbw_range **mine = NULL;
+    size_t nmine = 0, cap = 0;
 
+    if (read_failed)
+        *read_failed = false;
     for (;;) {
         struct copier *cp;
+        for (size_t i = 0; i < nmine; i++)
+            if (mine[i]->finished && mine[i]->ret < 0) {
+                ret = mine[i]->ret;
+                if (read_failed)
+                    *read_failed = mine[i]->read_failed;
+                goto out;
+            }
         if (s->snapshot_error)
             break;                /* broken snapshot: nothing to protect */
         if (claim(s, first, end, &cp)) {
+            if (nmine == cap) {
+                cap = cap ? 2 * cap : 8;
+                mine = xrealloc(mine, cap * sizeof(*mine));
+            }
+            cp->r->refs++;
+            mine[nmine++] = cp->r;
             /* the copier takes the lock when it ends: start it without it */
             pthread_mutex_unlock(&s->lock);
             co_enter(co_create(copier_co, cp));
@@ -267,6 +287,8 @@ static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64
             break;                /* all copied */
         /* the remaining clusters are being copied: wait for one to end */
         struct cbw_range *busy = range_overlap(s, first, end, false);
+        if (!busy)
+            continue;             /* one of ours just failed: seen above */
         busy->refs++;
         if (deadline_ms && !t) {
             t = loop_timer_new(loop_current(), wake_on_deadline, s);
@@ -283,6 +305,10 @@ static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64
             break;
         }
     }
+out:
+    for (size_t i = 0; i < nmine; i++)
+        range_put(mine[i]);
+    free(mine);
     if (t)
         loop_timer_free(t);
     return ret;
@@ -648,6 +674,8 @@ static int cbw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 static void cbw_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
 {
     struct cbw *s = bs->opaque;
+    if (s && s->inserted)         /* a backup job's: its size is fixed */
+        *shared &= ~PERM_RESIZE;
     if (bs->users && !(s && s->inserted)) {
         *perm |= PERM_CONSISTENT_READ;
         *shared &= ~(PERM_WRITE | PERM_RESIZE);
