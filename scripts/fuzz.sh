@@ -2,7 +2,8 @@
 # Run one libFuzzer target for SECONDS (default 60):
 #   scripts/fuzz.sh TARGET [SECONDS] [libFuzzer options...]
 #   scripts/fuzz.sh list
-# Targets live in fuzz/ (fuzz-nbd, fuzz-vhost-user, fuzz-qmp, fuzz-keyval);
+# Targets live in fuzz/ (fuzz-nbd, fuzz-vhost-user, fuzz-qmp, fuzz-keyval,
+# fuzz-qcow2, fuzz-fuse when libfuse3 is there);
 # they are built with clang 14, ASan, UBSan and libFuzzer in build-fuzz/.
 # The run starts from the seed corpus fuzz/corpus/TARGET (copied: the
 # repository is not written) and from fuzz/regressions/TARGET (inputs that
@@ -18,7 +19,10 @@ if [ ! -f "$BUILD/build.ninja" ]; then
 fi
 nice ninja -C "$BUILD" >/dev/null
 if [ "${1:-}" = list ] || [ $# -eq 0 ]; then
-    ls fuzz/*.c | sed 's|fuzz/||; s|\.c$||'
+    for f in fuzz/*.c; do
+        t=${f#fuzz/}; t=${t%.c}
+        [ -x "$BUILD/fuzz/$t" ] && echo "$t"
+    done
     exit 0
 fi
 T=$1
