@@ -44,13 +44,19 @@ class Bexd:
             [IMPLS[impl], "--chardev", "socket,id=m,path=%s,server=on,wait=off" % self.qmp_path,
              "--monitor", "chardev=m"] + list(args),
             stdout=self.log, stderr=subprocess.STDOUT)
+        # the socket file appears at bind(), before listen(): retry refusals
+        self.m = None
         for _ in range(600):
-            if os.path.exists(self.qmp_path):
-                break
             if self.proc.poll() is not None:
                 raise RuntimeError("daemon failed: " + self.text())
+            if os.path.exists(self.qmp_path):
+                try:
+                    self.m = QMP(self.qmp_path)
+                    break
+                except ConnectionRefusedError:
+                    pass
             time.sleep(0.05)
-        self.m = QMP(self.qmp_path)
+        assert self.m, "no QMP socket: " + self.text()
 
     def text(self):
         with open(self.log_path) as f:
