@@ -230,6 +230,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
+    if (drv->reopen_needs_rw_file && bs->file_link && bnode_refresh_perms(bs, errp) < 0)
+        goto fail;
     if (drv->bitmaps_load && drv->bitmaps_load(bs, errp) < 0)
         goto fail;
     if (bs->request_alignment > 1)

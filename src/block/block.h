@@ -324,6 +324,9 @@ struct bnode_user *bnode_attach_child(struct bnode *parent, struct bnode *child,
                                       const char *role, error **errp);
 int  bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp);
 void bnode_detach(struct bnode_user *u);
+/* Work out again what bs asks of its file child (its read-only changed,
+ * or it was just opened): QEMU's "Failed to get \"write\" lock" etc. */
+int  bnode_refresh_perms(struct bnode *bs, error **errp);
 const char *bnode_perm_name(int bit);   /* bit 0 = "consistent read", ... */
 /* Shorthand for an unnamed user reading (and writing) that shares everything. */
 int  bnode_ref_user(struct bnode *bs, bool write, error **errp);

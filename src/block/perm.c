@@ -85,12 +85,24 @@ static int propagate(struct bnode *bs, error **errp)
         uint64_t child_perm = perm ? perm | PERM_CONSISTENT_READ : 0, child_shared = shared;
         if (bs->drv->child_perm)
             bs->drv->child_perm(bs, &child_perm, &child_shared);
+        if (bs->drv->reopen_needs_rw_file) {
+            /* a format node writing metadata (QEMU's METADATA child role):
+             * it reads its file consistently, writes it when read-write even
+             * without users, and lets nobody else write or resize it */
+            child_perm |= PERM_CONSISTENT_READ | (bs->read_only ? 0 : PERM_WRITE | PERM_RESIZE);
+            child_shared &= ~(uint64_t)(PERM_WRITE | PERM_RESIZE);
+        }
         if (bnode_user_set_perm(bs->file_link, child_perm, child_shared, errp) < 0)
             return -1;
     }
     if (bs->drv->set_perm && bs->drv->set_perm(bs, perm, shared, errp) < 0)
         return -1;
     return 0;
+}
+
+int bnode_refresh_perms(struct bnode *bs, error **errp)
+{
+    return propagate(bs, errp);
 }
 
 int bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp)

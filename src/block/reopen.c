@@ -28,6 +28,7 @@
 #include "block/block.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/log.h"
 #include "util/opts.h"
 #include "util/xalloc.h"
 
@@ -406,6 +407,25 @@ static bool new_read_only(struct entry *q, struct bnode *bs)
     return e ? e->rs.read_only : bs->read_only;
 }
 
+/* Will this user still write the node after the reopen?  A parent's link
+ * writes for the parent's own users, and for a metadata-writing parent
+ * that stays (or turns) read-write. */
+static bool link_needs_write(struct entry *q, struct bnode_user *u)
+{
+    if (!(u->perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) && !u->parent)
+        return false;
+    if (!u->parent)
+        return true;
+    struct bnode *p = u->parent;
+    if (!find_entry(q, p))
+        return u->perm & (PERM_WRITE | PERM_WRITE_UNCHANGED);
+    for (struct bnode_user *pu = p->users; pu; pu = pu->next)
+        if (pu->perm & (PERM_WRITE | PERM_WRITE_UNCHANGED))
+            return true;
+    return p->drv->reopen_needs_rw_file && !new_read_only(q, p) &&
+           !strcmp(u->role, "file");
+}
+
 static int check_perms(struct entry *q, error **errp)
 {
     for (struct entry *e = q; e; e = e->next) {
@@ -413,7 +433,7 @@ static int check_perms(struct entry *q, error **errp)
         if (!e->rs.read_only)
             continue;
         for (struct bnode_user *u = bs->users; u; u = u->next) {
-            if (u->perm & (PERM_WRITE | PERM_WRITE_UNCHANGED)) {
+            if (link_needs_write(q, u)) {
                 if (bs->read_only)
                     error_setg(errp, "Block node is read-only");
                 else
@@ -530,6 +550,14 @@ int bnode_reopen_multiple(json_t *list, error **errp)
         e->rs.was_read_only = e->rs.bs->read_only;
     for (struct entry *e = q; e; e = e->next)
         commit(e);
+    /* what the nodes ask of their children follows their new read-only */
+    for (struct entry *e = q; e; e = e->next) {
+        error *err = NULL;
+        if (bnode_refresh_perms(e->rs.bs, &err) < 0) {
+            log_error("blockdev-reopen: node '%s': %s", e->rs.bs->node_name, err->msg);
+            error_free(err);
+        }
+    }
     for (struct entry *e = q; e; e = e->next)
         if (e->rs.bs->drv->reopen_commit_post)
             e->rs.bs->drv->reopen_commit_post(&e->rs);

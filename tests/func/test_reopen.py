@@ -450,3 +450,37 @@ def test_reopen_empty_list(start_daemon):
     d = start_daemon("bexd")
     m = d.qmp()
     assert m.execute("blockdev-reopen", options=[]) == {}
+
+
+def test_reopen_qcow2_takes_its_file(impl, start_daemon, tmpdir_short):
+    """A read-write qcow2 node writes its file even without users (QEMU's
+    metadata child): a second read-write node on the same image cannot get
+    the write lock, the file cannot turn read-only under it; reopened
+    read-only, the qcow2 node gives the write lock back."""
+    d = start_daemon(impl)
+    m = d.qmp()
+    q = qcow2(tmpdir_short, "q.qcow2")
+    m.execute("blockdev-add", driver="file", node_name="f0", filename=q)
+    m.execute("blockdev-add", driver="qcow2", node_name="q0", file="f0")
+    e = m.error("blockdev-add", driver="qcow2", node_name="q1",
+                file={"driver": "file", "filename": q})
+    assert e["desc"] == 'Failed to get "write" lock'
+    assert reopen_error(m, {"driver": "file", "node-name": "f0", "filename": q,
+                            "read-only": True}) == (
+        "Read-only block node 'f0' cannot support read-write users")
+    # both at once: the qcow2 node stops writing its file
+    reopen(m, {"driver": "qcow2", "node-name": "q0", "file": "f0", "read-only": True},
+           {"driver": "file", "node-name": "f0", "filename": q, "read-only": True})
+    n = nodes(m)
+    assert (n["q0"]["ro"], n["f0"]["ro"]) == (True, True)
+    m.execute("blockdev-add", driver="qcow2", node_name="q1", read_only=True,
+              file={"driver": "file", "filename": q, "read-only": True})
+    m.execute("blockdev-del", node_name="q1")
+    # read-write again needs the file read-write first, or with it
+    assert reopen_error(m, {"driver": "qcow2", "node-name": "q0", "file": "f0"}) == (
+        "Block node is read-only")
+    reopen(m, {"driver": "qcow2", "node-name": "q0", "file": "f0"},
+           {"driver": "file", "node-name": "f0", "filename": q})
+    e = m.error("blockdev-add", driver="qcow2", node_name="q1",
+                file={"driver": "file", "filename": q})
+    assert e["desc"] == 'Failed to get "write" lock'
