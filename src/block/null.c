@@ -76,6 +76,13 @@ static int null_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 
 static bool null_true(struct bnode *bs) { return true; }
 
+/* QEMU's null-co has no bdrv_get_info: its image info (and that of a raw
+ * node over it) carries no dirty-flag. */
+static void null_query_info(struct bnode *bs, json_t *info)
+{
+    json_object_del(json_object_get(info, "image"), "dirty-flag");
+}
+
 /* Nothing of its own changes (QEMU's null_reopen_prepare). */
 static int null_reopen_prepare(struct reopen_state *rs, error **errp) { return 0; }
 
@@ -87,5 +94,6 @@ static const struct bdrv bdrv_null_co = {
     .block_status = null_block_status,
     .can_write_zeroes_fast = null_true,
     .reopen_prepare = null_reopen_prepare,
+    .query_info = null_query_info,
 };
 BDRV_REGISTER(bdrv_null_co)

@@ -484,3 +484,17 @@ def test_reopen_qcow2_takes_its_file(impl, start_daemon, tmpdir_short):
     e = m.error("blockdev-add", driver="qcow2", node_name="q1",
                 file={"driver": "file", "filename": q})
     assert e["desc"] == 'Failed to get "write" lock'
+
+
+def test_null_co_image_info_has_no_dirty_flag(impl, start_daemon):
+    """query-named-block-nodes: null-co has no image info of its own in QEMU,
+    so its image (and a raw node's over it) carries no dirty-flag; a file
+    node's does."""
+    d = start_daemon(impl)
+    m = d.qmp()
+    m.execute("blockdev-add", driver="null-co", node_name="n0")
+    m.execute("blockdev-add", driver="raw", node_name="r0", file="n0")
+    n = nodes(m)
+    for name in ("n0", "r0"):
+        assert sorted(n[name]["image"]) == ["actual-size", "filename", "format",
+                                            "virtual-size"], name
