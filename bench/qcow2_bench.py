@@ -5,12 +5,16 @@ a UNIX socket):
   read-4k-qd32       4 KiB random reads, queue depth 32, fully allocated
                      qcow2 (bexd's raw figure on the same data in the same run)
   alloc-write-4k     4 KiB random writes at queue depth 32 on an empty image
-                     (every write allocates: the hard path); server CPU per
-                     request from /proc
-  alloc-write-1m     1 MiB sequential writes on an empty image
+                     of --alloc-size (64 GiB: writes land in clusters never
+                     used before, so every write allocates: the hard path);
+                     server CPU per request from /proc
+  alloc-write-1m     1 MiB sequential writes at queue depth 8 on an empty
+                     image of --alloc-size
   chain1 / chain10   4 KiB random reads at queue depth 32 through a backing
                      chain of 1 and 10 images (data in the bottom one)
-Images live in /dev/shm, or with --direct in /var/tmp with cache.direct=on.
+Images live in /dev/shm, or with --direct in /var/tmp with cache.direct=on
+(aio=io_uring).  --repeat N runs every row N times, servers interleaved,
+and prints the median of each (and the load average before the run).
 """
 import argparse
 import json
@@ -122,6 +126,8 @@ def main():
     ap.add_argument("-s", "--servers", default="bexd,qsd,qemu-nbd")
     ap.add_argument("-w", "--workloads",
                     default="read-4k-qd32,alloc-write-4k,alloc-write-1m,chain")
+    ap.add_argument("--alloc-size", type=int, default=64 << 30)
+    ap.add_argument("-r", "--repeat", type=int, default=1)
     ap.add_argument("--direct", action="store_true", help="/var/tmp, cache.direct=on")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -129,52 +135,70 @@ def main():
     servers = a.servers.split(",")
     work = a.workloads.split(",")
     rows = []
+    load = os.getloadavg()
     try:
-        if "read-4k-qd32" in work:
-            img = os.path.join(d, "full.qcow2")
-            make_allocated(img, a.size)
-            raw = os.path.join(d, "full.raw")
-            make_allocated(raw, a.size, fmt="raw")
-            s = Server("bexd", raw, d, fmt="raw", direct=a.direct)
-            iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
-            s.stop()
-            rows.append(("read-4k-qd32", "bexd (raw)", iops, None))
-            for k in servers:
-                s = Server(k, img, d, direct=a.direct)
+        for _ in range(a.repeat):
+            if "read-4k-qd32" in work:
+                img = os.path.join(d, "full.qcow2")
+                make_allocated(img, a.size)
+                raw = os.path.join(d, "full.raw")
+                make_allocated(raw, a.size, fmt="raw")
+                s = Server("bexd", raw, d, fmt="raw", direct=a.direct)
                 c0 = cpu_seconds(s.pid)
                 iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
                 cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
                 s.stop()
-                rows.append(("read-4k-qd32", k, iops, cpu))
-        for name, rw, bs in (("alloc-write-4k", "randwrite", "4k"),
-                             ("alloc-write-1m", "write", "1m")):
-            if name not in work:
-                continue
-            for k in servers:
-                img = os.path.join(d, "empty.qcow2")
-                if os.path.exists(img):
-                    os.unlink(img)
-                sh("qemu-img", "create", "-f", "qcow2", img, str(a.size))
-                s = Server(k, img, d, direct=a.direct)
-                c0 = cpu_seconds(s.pid)
-                iops, bw = fio(s.uri, rw, bs, 32 if bs == "4k" else 8, a.runtime)
-                cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
-                s.stop()
-                rows.append((name, k, iops if bs == "4k" else bw / (1 << 20), cpu))
-        if "chain" in work:
-            size = min(a.size, 256 << 20)
-            tops = {n: make_chain(d, n, size) for n in (1, 10)}
-            for k in servers:
-                for n in (1, 10):
-                    s = Server(k, tops[n], d, direct=a.direct)
+                rows.append(("read-4k-qd32", "bexd (raw)", iops, cpu))
+                for k in servers:
+                    s = Server(k, img, d, direct=a.direct)
+                    c0 = cpu_seconds(s.pid)
                     iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
+                    cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
                     s.stop()
-                    rows.append(("chain%d-read-4k-qd32" % n, k, iops, None))
+                    rows.append(("read-4k-qd32", k, iops, cpu))
+            for name, rw, bs in (("alloc-write-4k", "randwrite", "4k"),
+                                 ("alloc-write-1m", "write", "1m")):
+                if name not in work:
+                    continue
+                for k in servers:
+                    img = os.path.join(d, "empty.qcow2")
+                    if os.path.exists(img):
+                        os.unlink(img)
+                    sh("qemu-img", "create", "-f", "qcow2", img, str(a.alloc_size))
+                    s = Server(k, img, d, direct=a.direct)
+                    c0 = cpu_seconds(s.pid)
+                    iops, bw = fio(s.uri, rw, bs, 32 if bs == "4k" else 8, a.runtime)
+                    cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
+                    s.stop()
+                    rows.append((name, k, iops if bs == "4k" else bw / (1 << 20), cpu))
+            if "chain" in work:
+                size = min(a.size, 256 << 20)
+                tops = {n: make_chain(d, n, size) for n in (1, 10)}
+                for k in servers:
+                    for n in (1, 10):
+                        s = Server(k, tops[n], d, direct=a.direct)
+                        iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
+                        s.stop()
+                        rows.append(("chain%d-read-4k-qd32" % n, k, iops, None))
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    print("load average before the run: %.1f %.1f %.1f; %d run(s), medians" %
+          (load + (a.repeat,)))
     print("%-22s %-12s %12s %14s" % ("row", "server", "IOPS or MiB/s", "CPU us/req"))
+    seen = []
     for r in rows:
-        print("%-22s %-12s %12.0f %14s" % (r[0], r[1], r[2], "%.1f" % r[3] if r[3] else "-"))
+        if (r[0], r[1]) not in seen:
+            seen.append((r[0], r[1]))
+    med = []
+    for key in seen:
+        vals = sorted(x[2] for x in rows if (x[0], x[1]) == key)
+        cpus = sorted(x[3] for x in rows if (x[0], x[1]) == key and x[3])
+        v = vals[len(vals) // 2]
+        c = cpus[len(cpus) // 2] if cpus else None
+        med.append((key[0], key[1], v, c, vals))
+        print("%-22s %-12s %12.0f %14s   %s" % (key[0], key[1], v, "%.1f" % c if c else "-",
+                                             " ".join("%.0f" % x for x in vals)))
+    rows = {"load": load, "repeat": a.repeat, "rows": rows, "medians": med}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
