@@ -298,4 +298,6 @@ int  qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
 /* block_resize to a smaller size (coroutine); *file_end: where the last
  * referenced cluster ends. */
 int  qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end);
+/* Zeroes over [old, size) after a grow (coroutine). */
+int  qcow2_co_zero_grown(struct bnode *bs, struct qcow2_state *s, uint64_t old, uint64_t size);
 int  qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque);

@@ -1061,6 +1061,14 @@ static int co_flush(struct qcow2_state *s)
     return ret;
 }
 
+/* After a grow over a backing file longer than the old size: the new area
+ * reads as zeros, not as the backing file (QEMU 7.2's bdrv_co_truncate
+ * asks for BDRV_REQ_ZERO_WRITE then). */
+int qcow2_co_zero_grown(struct bnode *bs, struct qcow2_state *s, uint64_t old, uint64_t size)
+{
+    return size > old ? co_write_zeroes(bs, s, old, size - old, 0) : 0;
+}
+
 /* ---- shrink (QEMU 7.2's qcow2_co_truncate, offset < old length) ---- */
 
 /*

@@ -1074,6 +1074,12 @@ static int do_shrink(struct qcow2_state *s, void *opaque)
     return qcow2_co_shrink(s->bs, s, sh->size, &sh->file_end);
 }
 
+static int do_zero_grown(struct qcow2_state *s, void *opaque)
+{
+    struct shrink *z = opaque;          /* size: the old size, file_end: the new */
+    return qcow2_co_zero_grown(s->bs, s, z->size, z->file_end);
+}
+
 static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     struct qcow2_state *s = bs->opaque;
@@ -1106,7 +1112,21 @@ static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
     if (qcow2_bitmaps_truncate_check(bs, errp) < 0)
         return -ENOTSUP;
     struct resize r = { .size = size, .errp = errp };
-    return qcow2_run_sync(s, do_grow, &r);
+    uint64_t old = s->size;
+    bool zero = bs->backing && __atomic_load_n(&bs->backing->size, __ATOMIC_RELAXED) > old;
+    if (zero && s->version < 3) {
+        /* no zero flag: QEMU refuses before it changes the size */
+        error_setg_errno(errp, ENOTSUP, "Failed to zero out new clusters");
+        return -ENOTSUP;
+    }
+    int ret = qcow2_run_sync(s, do_grow, &r);
+    if (ret == 0 && zero) {
+        struct shrink z = { .size = old, .file_end = size };
+        ret = qcow2_run_sync(s, do_zero_grown, &z);
+        if (ret < 0)
+            error_setg_errno(errp, -ret, "Failed to zero out new clusters");
+    }
+    return ret;
 }
 
 /* ---- queries ---- */

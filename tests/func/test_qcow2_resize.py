@@ -161,3 +161,26 @@ def test_shrink_seen_by_new_nbd_client(impl, start_daemon, shm, fmt):
     qemu_io(img, "read -P 0x42 0 3068k", "read -P 0x43 3068k 4k", fmt=fmt)
     assert json.loads(qemu_img("info", "--output=json", "-f", fmt, img))["virtual-size"] == \
         3 * MiB
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_grow_over_longer_backing_reads_zeros(impl, start_daemon, shm, compat):
+    """As QEMU 7.2: growing over a backing file longer than the old size
+    zeroes the new area rather than showing the backing file's bytes."""
+    base = os.path.join(shm, "base.qcow2")
+    img = os.path.join(shm, "top.qcow2")
+    qemu_img("create", "-f", "qcow2", base, str(8 * MiB))
+    qemu_io(base, "write -P 0x77 0 8M")
+    qemu_img("create", "-f", "qcow2", "-o", "compat=" + compat, "-b", "base.qcow2",
+             "-F", "qcow2", img, str(3 * MiB + 512))
+    got = resize(start_daemon, impl, img, 8 * MiB)
+    assert_clean(img)
+    size = json.loads(qemu_img("info", "--output=json", img))["virtual-size"]
+    if compat == "0.10":
+        # no zero flag: QEMU refuses, and the size stays
+        assert got == [{"class": "GenericError",
+                        "desc": "Failed to zero out new clusters: Operation not supported"}]
+        assert size == 3 * MiB + 512
+        return
+    assert got == [None] and size == 8 * MiB
+    qemu_io(img, "read -P 0x77 0 3146240", "read -P 0 3146240 5242368")
