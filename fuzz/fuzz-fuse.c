@@ -21,10 +21,11 @@
  *   u8 opcode, u8 nodeid (0 = root), u16 body length (LE), body
  * The harness keeps what the kernel guarantees and the dispatcher relies
  * on: the header's length is the message's, a WRITE's size is its
- * payload's, a name is NUL-terminated; no INTERRUPT is sent (the kernel
- * interrupts only requests it has in flight, and libfuse keeps one it
- * cannot match until the session ends, then leaks it: not the export's
- * code, and LeakSanitizer would stop every run on it).
+ * payload's, a name is NUL-terminated; no INTERRUPT or NOTIFY_REPLY is
+ * sent (the kernel interrupts only requests it has in flight and answers
+ * only retrieves it was sent; libfuse keeps one it cannot match forever
+ * and leaks it: not the export's code, and LeakSanitizer would stop every
+ * run on it).
  */
 #include <errno.h>
 #include <poll.h>
@@ -60,7 +61,7 @@ struct write_in {
     uint64_t lock_owner;
     uint32_t flags, padding;
 };
-enum { OP_LOOKUP = 1, OP_WRITE = 16, OP_INTERRUPT = 36, OP_INIT = 26, OP_CREATE = 35, OP_MKNOD = 8, OP_MKDIR = 9,
+enum { OP_LOOKUP = 1, OP_WRITE = 16, OP_INTERRUPT = 36, OP_NOTIFY_REPLY = 41, OP_INIT = 26, OP_CREATE = 35, OP_MKNOD = 8, OP_MKDIR = 9,
        OP_UNLINK = 10, OP_RMDIR = 11, OP_GETXATTR = 22, OP_REMOVEXATTR = 24 };
 
 struct ctx {
@@ -263,7 +264,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uint8_t *body = (uint8_t *)(h + 1);
         memcpy(body, data + pos, blen);
         pos += blen;
-        if (op == OP_INTERRUPT)
+        if (op == OP_INTERRUPT || op == OP_NOTIFY_REPLY)
             continue;
         memset(h, 0, sizeof(*h));
         h->opcode = op;
