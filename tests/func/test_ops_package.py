@@ -83,3 +83,33 @@ def test_lintian_no_errors(package):
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
     assert not [line for line in out.splitlines() if line.startswith("E:")], out
+
+
+def test_build_depends_complete():
+    """Every library a meson.build asks pkg-config for comes from a package
+    named in Build-Depends: a clean build root installs exactly that list
+    (the package build above runs where everything is installed, so it
+    cannot notice a missing entry)."""
+    import glob
+    text = open(os.path.join(ROOT, "debian", "control")).read()
+    field = re.search(r"^Build-Depends:(.*?)^\S", text, re.M | re.S).group(1)
+    build_deps = {re.sub(r"\s*\(.*\)", "", alt).strip()
+                  for dep in field.split(",") for alt in dep.split("|")}
+    # threads is libc's; cmocka only builds the tests (-Dtests=disabled here)
+    skip = {"threads", "cmocka"}
+    names = set()
+    for f in glob.glob(os.path.join(ROOT, "**", "meson.build"), recursive=True):
+        names |= set(re.findall(r"dependency\(\s*'([^']+)'", open(f).read()))
+    missing = []
+    for name in sorted(names - skip):
+        r = subprocess.run(["pkg-config", "--path", name], capture_output=True, text=True)
+        if r.returncode != 0:
+            continue            # an optional library this machine lacks
+        owner = subprocess.run(["dpkg", "-S", r.stdout.strip()], capture_output=True,
+                               text=True)
+        # "zlib1g-dev:amd64: /usr/lib/x86_64-linux-gnu/pkgconfig/zlib.pc"
+        owners = owner.stdout.split(": ")[0] if owner.returncode == 0 else ""
+        pkgs = {p.strip().split(":")[0] for p in owners.split(",") if p.strip()}
+        if pkgs and not pkgs & build_deps:
+            missing.append("%s (%s)" % (name, ", ".join(sorted(pkgs))))
+    assert not missing, "meson dependencies missing from Build-Depends: " + "; ".join(missing)
