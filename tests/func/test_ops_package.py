@@ -21,16 +21,39 @@ pytestmark = pytest.mark.skipif(not DPKG_BUILDPACKAGE or not shutil.which("dh"),
                                 reason="dpkg-dev/debhelper not installed")
 
 
+def source_files():
+    """The tree as committed, as a source package would have it (plus local
+    changes of tracked files, so a developer tests what they edit).  Without
+    git (a tree unpacked from an archive, as on a fresh machine): every file
+    but what .gitignore names as build output."""
+    try:
+        r = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True)
+        if r.returncode == 0:
+            return r.stdout.decode().split("\0")
+    except FileNotFoundError:
+        pass
+    ignored_top = ("build", "obj-", ".git")
+    ignored_debian = {".debhelper", "bexd", "files", "debhelper-build-stamp"}
+    out = []
+    for top, dirs, names in os.walk(ROOT):
+        rel = os.path.relpath(top, ROOT)
+        if rel == ".":
+            dirs[:] = [d for d in dirs if not d.startswith(ignored_top)]
+            names = [n for n in names if n != ".git"]
+        elif rel == "debian":
+            dirs[:] = [d for d in dirs if d not in ignored_debian]
+            names = [n for n in names if n not in ignored_debian and not n.endswith(".substvars")]
+        dirs[:] = [d for d in dirs if d not in ("__pycache__", ".pytest_cache")]
+        out += [os.path.normpath(os.path.join(rel, n)) for n in names if not n.endswith(".pyc")]
+    return out
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("pkg"))
     src = os.path.join(base, "bexd")
     os.mkdir(src)
-    # the tree as committed, as a source package would have it (plus local
-    # changes of tracked files, so a developer tests what they edit)
-    files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for f in files:
+    for f in source_files():
         if f and os.path.isfile(os.path.join(ROOT, f)):
             os.makedirs(os.path.dirname(os.path.join(src, f)), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, f), os.path.join(src, f))
