@@ -68,6 +68,16 @@ static void qreq_put(struct qreq *q)
     qreq_pool = q;
 }
 
+/* A thread that ends (the synchronous helpers') frees its idle requests. */
+static void qreq_pool_drain(void)
+{
+    while (qreq_pool) {
+        struct qreq *q = qreq_pool;
+        qreq_pool = q->next;
+        free(q);
+    }
+}
+
 /* ---- iovec helpers ---- */
 
 #define SUB_IOV_MAX 64
@@ -1356,6 +1366,7 @@ static void *sync_thread(void *opaque)
     loop_call(sr->loop, sync_start, sr);
     loop_run(sr->loop);
     co_pool_drain();
+    qreq_pool_drain();
     return NULL;
 }
 
