@@ -8,6 +8,7 @@
 #pragma once
 #include <stdint.h>
 #include <jansson.h>
+#include "block/block.h"
 
 enum client_op { CLIENT_OP_READ, CLIENT_OP_WRITE, CLIENT_OP_FLUSH, CLIENT_OP_OTHER };
 
@@ -16,6 +17,14 @@ struct client_stats {
     uint64_t wr_ops, wr_bytes, wr_ns;
     uint64_t flush_ops, other_ops, errors;
 };
+
+/* What a block request counts as. */
+static inline enum client_op client_op_of(enum breq_op op)
+{
+    return op == BREQ_READ ? CLIENT_OP_READ
+         : op == BREQ_WRITE || op == BREQ_WRITE_ZEROES ? CLIENT_OP_WRITE
+         : op == BREQ_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
+}
 
 /* One finished request (its writer's thread only): ret < 0 counts as an
  * error; ns is its latency as the block layer measured it (breq). */

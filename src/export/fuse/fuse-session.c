@@ -223,11 +223,7 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
 static void fuse_ioreq_done(struct breq *b, int ret)
 {
     struct fuse_ioreq *r = b->opaque;
-    enum client_op op = b->op == BREQ_READ ? CLIENT_OP_READ
-                      : b->op == BREQ_WRITE || b->op == BREQ_WRITE_ZEROES ? CLIENT_OP_WRITE
-                      : b->op == BREQ_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
-
-    client_stats_account(&r->q->st, op, b->len, b->acct_lat_ns,
+    client_stats_account(&r->q->st, client_op_of(b->op), b->len, b->acct_lat_ns,
                          ret == -ENOTSUP && b->op == BREQ_DISCARD ? 0 : ret);
     r->breq_done(b, ret);
 }

@@ -219,11 +219,7 @@ static void slot_account(struct vub_slot *s)
 {
     struct vub_qacct *a = &s->q->cl->vx->acct[s->q - s->q->cl->queues];
     const struct breq *b = &s->r.breq;
-    enum client_op op = b->op == BREQ_READ ? CLIENT_OP_READ
-                      : b->op == BREQ_WRITE || b->op == BREQ_WRITE_ZEROES ? CLIENT_OP_WRITE
-                      : b->op == BREQ_FLUSH ? CLIENT_OP_FLUSH : CLIENT_OP_OTHER;
-
-    client_stats_account(&a->st, op, b->len, b->acct_lat_ns,
+    client_stats_account(&a->st, client_op_of(b->op), b->len, b->acct_lat_ns,
                          s->r.result == VIRTIO_BLK_S_OK ? 0 : -EIO);
 }
 
