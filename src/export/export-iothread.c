@@ -7,8 +7,14 @@
  * the node, one of its parents or one of its children, as QEMU moves the
  * whole connected graph.  QEMU's checks and words: a node used directly
  * by an export needs force=true; an export with fixed-iothread refuses.
- * An export moves when its type allows it now (NBD without clients);
- * otherwise the command fails and nothing moved.
+ * An export moves when its type allows it (all three do; an export whose
+ * iothread is a list does not: see docs/operations.md); otherwise the
+ * command fails and nothing moved.  The reply comes once the export is
+ * the new loop's: new clients start there.  Clients and queues already
+ * running follow asynchronously, each quiesced first (requests in flight
+ * complete in the old loop, none is lost or answered twice), usually
+ * within a millisecond; until then the old iothread stays pinned, so
+ * object-del of it may still answer that it is in use.
  */
 #include <string.h>
 #include "block/block.h"
@@ -66,7 +72,12 @@ static json_t *qmp_x_blockdev_set_iothread(json_t *args, error **errp)
             error_setg(errp, "Cannot change iothread of active block backend");
             return NULL;
         }
-        if (e->shutting_down || !e->type->can_move || e->n_loops) {
+        if (e->n_loops) {
+            error_setg(errp, "Cannot move export '%s': it runs in several iothreads "
+                       "(its iothread is a list)", e->id);
+            return NULL;
+        }
+        if (e->shutting_down || !e->type->can_move) {
             error_setg(errp, "Cannot move export '%s' (%s) to another iothread", e->id,
                        e->type->name);
             return NULL;
@@ -83,6 +94,8 @@ static json_t *qmp_x_blockdev_set_iothread(json_t *args, error **errp)
             object_ref(&iot->obj);
         e->iothread = iot;
         e->loop = iot ? iot->loop : loop_main();
+        if (e->type->moved)
+            e->type->moved(e);
     }
     return json_object();
 }

@@ -50,9 +50,12 @@ struct export_type {
      * they ask (a new NBD client gets the new size). */
     void (*node_resized)(struct export *exp);
     /* x-blockdev-set-iothread: may the export now move to another loop
-     * (main thread)?  It then runs there from its next client on.  NULL:
-     * never (the export keeps watches in its loop). */
+     * (main thread)?  NULL: never. */
     bool (*can_move)(struct export *exp, error **errp);
+    /* ... it did: exp->iothread and exp->loop are the new ones.  The type
+     * moves what runs in the old loop (clients, queues) there, quiescing
+     * each first; new clients start there.  NULL: nothing to move. */
+    void (*moved)(struct export *exp);
     /* The type serves one export from several loops: `iothread` may be a
      * list (QEMU 10.1's BlockExportIothreads 'multi' branch). */
     bool multi_iothread;

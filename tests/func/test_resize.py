@@ -269,14 +269,19 @@ def test_set_iothread(impl, start_daemon, image, tmpdir_short):
         assert nbd_size(sock, "d") == MiB
         subprocess.run(["nbdsh", "-u", "nbd+unix:///d?socket=%s" % sock, "-c",
                         "assert h.pread(4096, 0) == b'\\x33' * 4096"], check=True)
-        # with a client attached, bexd refuses to move the export
+        # with a client attached the export moves, client included
+        # (tests/func/test_set_iothread.py has the clients doing I/O)
         sh = subprocess.Popen(["nbdsh", "-u", "nbd+unix:///d?socket=%s" % sock, "-c",
-                               "import sys; print('up', flush=True); sys.stdin.read()"],
+                               "import sys; print('up', flush=True); sys.stdin.readline(); "
+                               "assert h.pread(4096, 0) == b'\\x33' * 4096; print('read')"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert sh.stdout.readline() == "up\n"
-            assert err(node_name="r", iothread="io1", force=True) == (
-                "Cannot move export 'e' to another iothread while clients are connected")
+            assert q.execute("x-blockdev-set-iothread", node_name="r", iothread="io1",
+                             force=True) == {}
+            sh.stdin.write("go\n")
+            sh.stdin.flush()
+            assert sh.stdout.readline() == "read\n"
         finally:
             sh.stdin.close()
             sh.wait()

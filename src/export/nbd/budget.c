@@ -133,7 +133,7 @@ static void pressure_tick(void *opaque)
                      "%llu ms and others wait for buffer memory", c->peer,
                      (unsigned long long)(now - since));
             nbd_conn_close_remote(c, "stalled while others wait for memory");
-        } else if (nbd_conn_tryref(c)) {
+        } else if (!c->moving && nbd_conn_tryref(c)) {   /* moving: no loop owns it */
             loop_call(c->loop, trim_cb, c);
         }
     }

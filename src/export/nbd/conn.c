@@ -35,6 +35,7 @@
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "nbd-internal.h"
+#include "object/iothread.h"
 #include "util/loop-pool.h"
 #include "util/xalloc.h"
 
@@ -139,6 +140,8 @@ static void nbd_conn_finalize(void *opaque)
     nbd_srv.nconns--;
     nbd_server_conn_gone();
     loop_pool_release(c->pool_slot);
+    if (c->iot)
+        object_unref(&c->iot->obj);
     if (c->exp && c->iot_slot >= 0)
         c->exp->loop_users[c->iot_slot]--;
     if (c->exp) {
@@ -180,10 +183,19 @@ static void nbd_conn_destroy(struct nbd_conn *c)
         loop_call(loop_main(), nbd_conn_finalize, c);
 }
 
+static void nbd_conn_quiesced(struct nbd_conn *c);
+static void nbd_conn_moved_cb(void *opaque);
+
+/* Every unref but the move's own runs in the connection's loop, so a
+ * quiescing connection notices here when its last pending work is done. */
 void nbd_conn_unref(struct nbd_conn *c)
 {
-    if (__atomic_sub_fetch(&c->refcnt, 1, __ATOMIC_ACQ_REL) == 0)
+    int left = __atomic_sub_fetch(&c->refcnt, 1, __ATOMIC_ACQ_REL);
+
+    if (left == 0)
         nbd_conn_destroy(c);
+    else if (left == 2 && c->quiescing)
+        nbd_conn_quiesced(c);   /* only the socket and the move hold it */
 }
 
 /* ---- watch ---- */
@@ -195,7 +207,7 @@ void nbd_conn_update_watch(struct nbd_conn *c)
     if (!c->watch)
         return;
     if (c->state != CONN_CLOSED) {
-        if (!c->rx_paused && !c->rx_yield && !c->disc && !c->rx_eof &&
+        if (!c->rx_paused && !c->rx_yield && !c->disc && !c->rx_eof && !c->quiescing &&
             !(c->draining && c->rx_state == RX_HDR))
             ev |= LOOP_IN;
         if (c->want_out)
@@ -277,6 +289,12 @@ void nbd_conn_close(struct nbd_conn *c, const char *reason)
     if (c->rx_slot)
         nbd_slot_release(c->rx_slot);
     c->rx_slot = NULL;
+    if (c->quiescing) {
+        /* it will not move: the main thread gets the move's reference back */
+        c->quiescing = false;
+        c->move_closed = true;
+        loop_call(loop_main(), nbd_conn_moved_cb, c);
+    }
     nbd_conn_unref(c);   /* the socket's reference */
 }
 
@@ -290,6 +308,10 @@ static void nbd_conn_close_cb(void *opaque)
 /* Main thread: close a connection whatever loop it runs in. */
 void nbd_conn_close_remote(struct nbd_conn *c, const char *reason)
 {
+    if (c->moving) {
+        c->close_after_move = true;   /* no loop owns it now: done after the move */
+        return;
+    }
     if (c->loop == loop_main()) {
         nbd_conn_close(c, reason);
         return;
@@ -344,6 +366,8 @@ void nbd_conns_drain(void)
         next = c->next;
         if (!c->exp) {
             nbd_conn_close_remote(c, "server shutting down");
+        } else if (c->moving) {
+            c->drain_after_move = true;
         } else if (nbd_conn_tryref(c)) {
             if (c->loop == loop_main())
                 nbd_conn_drain_cb(c);
@@ -355,18 +379,33 @@ void nbd_conns_drain(void)
 
 /* ---- moving to the export's loop after NBD_OPT_GO ---- */
 
+/* In the connection's new loop: watch its socket there, send what was
+ * queued and parse what was buffered (also after a move). */
 static void nbd_conn_attach_cb(void *opaque)
 {
     struct nbd_conn *c = opaque;
 
     if (c->state != CONN_CLOSED) {
         c->watch = loop_watch_fd(c->loop, c->fd, 0, nbd_conn_io, c);
-        if (c->out_sent < c->out_len)
-            nbd_conn_flush(c);
+        nbd_conn_flush(c);
         nbd_conn_update_watch(c);
         nbd_transmission_kick(c);
     }
     nbd_conn_unref(c);
+}
+
+/* The loop an attached connection of exp belongs in (main thread): the
+ * export's iothread, else a worker loop (its slot in c->pool_slot). */
+static struct loop *nbd_conn_pick_loop(struct nbd_conn *c, struct nbd_export *exp)
+{
+    struct iothread *iot = exp->common.iothread;
+
+    if (iot)
+        object_ref(&iot->obj);    /* not deleted while the connection runs there */
+    if (c->iot)
+        object_unref(&c->iot->obj);
+    c->iot = iot;
+    return iot ? exp->common.loop : loop_pool_pick(&c->pool_slot);
 }
 
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp)
@@ -387,8 +426,10 @@ void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp)
         exp->loop_users[best]++;
         c->iot_slot = best;
         target = exp->common.loops[best];
+        c->iot = exp->common.iothreads[best];
+        object_ref(&c->iot->obj);
     } else {
-        target = exp->common.iothread ? exp->common.loop : loop_pool_pick(&c->pool_slot);
+        target = nbd_conn_pick_loop(c, exp);
     }
 
     c->exp = exp;
@@ -624,4 +665,87 @@ void nbd_conn_schedule_flush(struct nbd_conn *c)
     c->flush_defer.fn = nbd_conn_flush_cb;
     c->flush_defer.opaque = c;
     loop_defer(c->loop, &c->flush_defer);
+}
+
+/* ---- moving to another loop (x-blockdev-set-iothread) ----
+ *
+ * As QEMU drains a node before it changes its AioContext: the main thread
+ * asks the connection's loop to quiesce it (nbd_conn_move).  There it stops
+ * taking requests (a WRITE payload half received stays in its buffers),
+ * lets every request in flight complete and its reply queue, and waits for
+ * its deferred flush, parser kick, budget wake-up or time-slice resume to
+ * run: each of those holds a reference, so the connection is idle when only
+ * the socket's and the move's remain (nbd_conn_unref notices).  The loop
+ * then drops its socket watch and hands the connection to the main thread,
+ * which owns it alone until it posts it to the export's loop (wherever the
+ * export is by then, so moves requested meanwhile fold into one); that loop
+ * watches the socket, sends the queued replies and parses what was
+ * buffered.  While a move is under way the main thread posts nothing to
+ * the connection (a close or a graceful stop waits for the move's end), so
+ * at every moment exactly one thread touches it. */
+
+static void nbd_conn_quiesce_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+
+    if (c->state != CONN_TRANSMISSION) {
+        c->move_closed = true;
+        loop_call(loop_main(), nbd_conn_moved_cb, c);
+        return;
+    }
+    c->quiescing = true;
+    nbd_conn_update_watch(c);
+    if (__atomic_load_n(&c->refcnt, __ATOMIC_ACQUIRE) == 2)
+        nbd_conn_quiesced(c);
+}
+
+/* The connection's loop, idle: let go of it (nothing of it is pending here). */
+static void nbd_conn_quiesced(struct nbd_conn *c)
+{
+    c->quiescing = false;
+    c->move_closed = false;
+    loop_watch_del(c->watch);
+    c->watch = NULL;
+    /* buffers registered with this loop's ring: the next loop registers its own */
+    for (int i = 0; i < NBD_SLOTS; i++)
+        aio_fixed_release(&c->slots[i].fixed);
+    loop_call(loop_main(), nbd_conn_moved_cb, c);
+}
+
+/* Main thread, the connection idle and unowned (or closed): post it to its
+ * export's loop now, then what was asked of it meanwhile. */
+static void nbd_conn_moved_cb(void *opaque)
+{
+    struct nbd_conn *c = opaque;
+    bool close = c->close_after_move, drain = c->drain_after_move;
+
+    c->moving = c->close_after_move = c->drain_after_move = false;
+    if (c->move_closed) {
+        nbd_conn_unref(c);
+        return;
+    }
+    loop_pool_release(c->pool_slot);
+    c->pool_slot = -1;
+    c->loop = nbd_conn_pick_loop(c, c->exp);
+    if (close || drain)
+        nbd_conn_ref(c);
+    loop_call(c->loop, nbd_conn_attach_cb, c);     /* the move's reference goes along */
+    if (close)
+        loop_call(c->loop, nbd_conn_close_cb, c);
+    else if (drain)
+        loop_call(c->loop, nbd_conn_drain_cb, c);
+}
+
+void nbd_conn_move(struct nbd_conn *c)
+{
+    struct nbd_export *exp = c->exp;
+
+    if (c->moving)
+        return;                 /* the move under way ends where the export is */
+    if (c->iot_slot >= 0 || c->iot == exp->common.iothread)
+        return;                 /* already there (any worker loop will do for main) */
+    if (!nbd_conn_tryref(c))
+        return;                 /* being torn down */
+    c->moving = true;
+    loop_call(c->loop, nbd_conn_quiesce_cb, c);
 }

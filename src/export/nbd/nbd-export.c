@@ -291,23 +291,25 @@ static unsigned nbd_exp_nclients(struct export *e)
     return ((struct nbd_export *)e)->nclients;
 }
 
-/* New clients go to the export's loop: an export without clients moves
- * freely; one with clients would leave them on the old iothread. */
+/* New clients go to the export's loop; those attached follow it, each
+ * quiesced first (conn.c). */
 static bool nbd_export_can_move(struct export *e, error **errp)
 {
-    struct nbd_export *exp = (struct nbd_export *)e;
-    if (exp->nclients) {
-        error_setg(errp, "Cannot move export '%s' to another iothread while clients are "
-                   "connected", e->id);
-        return false;
-    }
     return true;
+}
+
+static void nbd_export_moved(struct export *e)
+{
+    for (struct nbd_conn *c = nbd_srv.conns; c; c = c->next)
+        if (c->exp == (struct nbd_export *)e)
+            nbd_conn_move(c);
 }
 
 static const struct export_type nbd_export_type = {
     .name = "nbd",
     .instance_size = sizeof(struct nbd_export),
     .can_move = nbd_export_can_move,
+    .moved = nbd_export_moved,
     .multi_iothread = true,
     .create = nbd_exp_create,
     .in_use = nbd_exp_in_use,

@@ -162,6 +162,7 @@ struct nbd_conn {
     void *tr_opaque;
     enum nbd_conn_state state;
     struct loop *loop;            /* where its I/O runs; changed in main only */
+    struct iothread *iot;         /* the iothread owning loop, pinned; NULL: main/worker */
     int pool_slot;                /* worker loop taken (loop-pool.h), -1 if none */
     int iot_slot;                 /* index in exp->common.loops (multi-threaded export), -1 if none */
     struct loop_watch *watch;
@@ -224,6 +225,13 @@ struct nbd_conn {
     bool draining;                /* graceful stop: finish what was read, then close */
     const char *close_reason;     /* static string, for the log */
     struct client_stats st;
+
+    /* moving to another loop (x-blockdev-set-iothread, see conn.c) */
+    bool quiescing;               /* loop: no new requests; hands over when idle */
+    bool move_closed;             /* loop -> main: it closed instead */
+    bool moving;                  /* main: a move is under way */
+    bool close_after_move;        /* main: close or drain requested meanwhile */
+    bool drain_after_move;
 };
 
 /* server.c: a connection was finalized (main thread) */
@@ -242,6 +250,7 @@ void nbd_conns_drain(void);
 void nbd_conn_update_watch(struct nbd_conn *c);
 void nbd_conn_io(void *opaque, uint32_t revents);   /* the socket watch's callback */
 void nbd_conn_attach(struct nbd_conn *c, struct nbd_export *exp);   /* after GO */
+void nbd_conn_move(struct nbd_conn *c);   /* main: follow the export to its loop now */
 void nbd_conn_flush(struct nbd_conn *c);
 bool nbd_conn_can_splice(struct nbd_conn *c);
 void nbd_conn_schedule_flush(struct nbd_conn *c);

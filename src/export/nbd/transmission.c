@@ -783,7 +783,7 @@ static void process_rx(struct nbd_conn *c)
 {
     uint64_t t0 = now_ms();
 
-    while (c->state == CONN_TRANSMISSION && !c->disc && !c->rx_yield) {
+    while (c->state == CONN_TRANSMISSION && !c->disc && !c->rx_yield && !c->quiescing) {
         size_t avail = c->rx_end - c->rx_start;
 
         if (c->rx_state == RX_HDR) {
@@ -854,7 +854,7 @@ void nbd_transmission_readable(struct nbd_conn *c)
 
         process_rx(c);
         if (c->state != CONN_TRANSMISSION || c->disc || c->rx_paused || c->rx_eof ||
-            c->rx_yield || (c->draining && c->rx_state == RX_HDR))
+            c->rx_yield || c->quiescing || (c->draining && c->rx_state == RX_HDR))
             break;
         n = recv_more(c, &asked);
         if (n == -EAGAIN)
