@@ -19,6 +19,7 @@ qemu-storage-daemon 7.2 can:
   calls each iothread makes (/proc/PID/task/TID/io) while a client runs
   requests after a move.
 """
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import threading
 
 import pytest
 
-from conftest import QMPError
+from conftest import BUILD, QMPError
 from nbdwire import CMD_BLOCK_STATUS, CMD_READ, Conn
 
 nbd = pytest.importorskip("nbd")
@@ -60,6 +61,17 @@ def thread_reads(pid, tid):
             if line.startswith("syscr:"):
                 return int(line.split()[1])
     raise AssertionError("no syscr for thread %d" % tid)
+
+
+def reads_grow(pid, tid, n, timeout=30):
+    """Wait until thread tid made n more read system calls."""
+    start = thread_reads(pid, tid)
+    ev = threading.Event()
+    for _ in range(int(timeout * 100)):
+        if thread_reads(pid, tid) - start >= n:
+            return
+        ev.wait(0.01)
+    raise AssertionError("thread %d did not read" % tid)
 
 
 def iothread_tids(q):
@@ -373,4 +385,95 @@ def test_multi_iothread_export_refused(start_daemon, image, tmpdir_short):
     assert v.errors == []
     v.close()
     v.check_file(img)
+    stop_clean(d)
+
+
+# ---- vhost-user-blk ----
+
+VUB = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
+
+
+def vub_fill(n, seed):
+    """vub-client's fill(): xorshift64 bytes."""
+    x = (seed * 0x9e3779b97f4a7c15 + 1) & 0xFFFFFFFFFFFFFFFF
+    out = bytearray(n)
+    for i in range(n):
+        x ^= (x << 13) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 7
+        x ^= (x << 17) & 0xFFFFFFFFFFFFFFFF
+        out[i] = x & 0xFF
+    return bytes(out)
+
+
+def vub_daemon(impl, start_daemon, image, tmpdir_short, iothread="io0"):
+    if not os.path.exists(VUB):
+        pytest.skip("vub-client not built")
+    img = image(8 * MiB)
+    sock = os.path.join(tmpdir_short, "vub.sock")
+    exp = "type=vhost-user-blk,id=v,node-name=f,writable=on,addr.type=unix,addr.path=" + sock
+    if iothread:
+        exp += ",iothread=" + iothread
+    d = start_daemon(impl, *(IOTHREADS + ["--blockdev", "driver=file,node-name=f,filename=" + img,
+                                          "--export", exp]))
+    return d, img, sock
+
+
+def vub_verify_while(q, sock, targets, img, secs=3):
+    """vub-client writes and reads back 64 KiB patterns for secs while the
+    export moves through targets (cyclically); returns the number of moves."""
+    p = subprocess.Popen([VUB, sock, "verify", str(secs)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stdout.readline()) == {"started": True}
+    moves = 0
+    while p.poll() is None:
+        assert move(q, "f", targets[moves % len(targets)]) == {}
+        moves += 1
+    out, err = p.communicate()
+    res = json.loads(out)
+    assert p.returncode == 0 and "error" not in res, (out, err)
+    assert res["ios"] > 20
+    with open(img, "rb") as f:          # a few blocks as the client left them
+        for blk in (0, 1, 63):
+            if res["seeds"][blk]:
+                f.seek(blk * BLK)
+                assert f.read(BLK) == vub_fill(BLK, res["seeds"][blk]), blk
+    return moves
+
+
+def test_vhost_move_under_io(impl, start_daemon, image, tmpdir_short):
+    """A front-end does verified I/O on its queue while the export moves
+    between an iothread and the main loop (what qsd 7.2 survives), then
+    reconnects and checks again."""
+    d, img, sock = vub_daemon(impl, start_daemon, image, tmpdir_short)
+    q = d.qmp()
+    assert vub_verify_while(q, sock, ["io1", None], img) > 3
+    assert q.execute("query-block-exports") == [
+        {"type": "vhost-user-blk", "id": "v", "node-name": "f", "shutting-down": False}]
+    # the listener moved too: a new front-end is served
+    assert vub_verify_while(q, sock, [None], img, secs=0.5) >= 1
+    if impl == "bexd":
+        stop_clean(d)
+
+
+def test_vhost_move_between_iothreads(start_daemon, image, tmpdir_short):
+    """Iothread to iothread, back and forth under verified I/O, and a
+    request stream that keeps the ring busy (bench) through 20 moves.
+    bexd only: qsd 7.2 aborts on the first such move with I/O running."""
+    d, img, sock = vub_daemon("bexd", start_daemon, image, tmpdir_short)
+    q = d.qmp()
+    tids = iothread_tids(q)
+    assert vub_verify_while(q, sock, ["io1", "io0", None, "io0"], img) > 3
+    p = subprocess.Popen([VUB, sock, "bench", "randwrite", "4096", "16",
+                          "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stdout.readline()) == {"started": True}
+    for k in range(20):
+        assert move(q, "f", ["io1", "io0"][k % 2]) == {}
+    # the queue ends up served by io0: its kicks are read there, none by io1
+    reads_grow(d.pid, tids["io0"], 10)
+    r0 = {t: thread_reads(d.pid, tids[t]) for t in tids}
+    reads_grow(d.pid, tids["io0"], 100)
+    r1 = {t: thread_reads(d.pid, tids[t]) for t in tids}
+    assert r1["io1"] - r0["io1"] < 3, (r0, r1)
+    p.kill()
+    p.wait()
     stop_clean(d)

@@ -15,6 +15,7 @@
  *   vub-client SOCK hostile KIND            a crafted bad ring (see below)
  *   vub-client SOCK badmsg KIND             a malformed vhost-user message
  *   vub-client SOCK bench RW BS DEPTH SECS [QUEUES] [SERVER_PID]
+ *   vub-client SOCK verify SECS            write patterns, read each back, for SECS
  * Options before SOCK: -q N (queues to set up, default 1), -n N (ring size,
  * default 256), -i (use indirect descriptors).
  * Output: one JSON object per line.  Exit 0 unless the front-end itself
@@ -581,6 +582,43 @@ static int cmd_badmsg(const char *kind)
     return 0;
 }
 
+/* ---- verified I/O ------------------------------------------------------------------------------ */
+
+/* 64 KiB writes of a pattern each, cycling over the first 4 MiB, every one
+ * read back and compared, until secs have passed.  Exit 2 (die) at the
+ * first failed request or wrong byte; the last pattern of each block is
+ * printed ("seeds", fill()'s) so the caller can check the image afterwards. */
+static double now_s(void);
+
+static int cmd_verify(double secs)
+{
+    enum { BS = 65536, NBLK = 64 };
+    uint8_t *wbuf = DATA(0, BS), *rbuf = DATA(1, BS);
+    uint64_t seeds[NBLK] = { 0 }, k = 0;
+    double t0 = now_s();
+
+    if (cfg.capacity * 512 < (uint64_t)BS * NBLK)
+        die("verify: the disk is smaller than 4 MiB");
+    printf("{\"started\": true}\n");
+    for (; now_s() - t0 < secs; k++) {
+        unsigned blk = k % NBLK;
+        fill(wbuf, BS, k + 1);
+        if (one_req(VIRTIO_BLK_T_OUT, blk * (BS / 512), wbuf, BS) != 0)
+            die("verify: write failed");
+        seeds[blk] = k + 1;
+        memset(rbuf, 0, BS);
+        if (one_req(VIRTIO_BLK_T_IN, blk * (BS / 512), rbuf, BS) != 0)
+            die("verify: read failed");
+        if (memcmp(wbuf, rbuf, BS))
+            die("verify: read back wrong data");
+    }
+    printf("{\"ios\": %llu, \"seeds\": [", (unsigned long long)k * 2);
+    for (unsigned i = 0; i < NBLK; i++)
+        printf("%s%llu", i ? ", " : "", (unsigned long long)seeds[i]);
+    printf("]}\n");
+    return 0;
+}
+
 /* ---- benchmark ------------------------------------------------------------------------------ */
 
 static double now_s(void)
@@ -729,6 +767,8 @@ int main(int argc, char **argv)
         return cmd_hostile(a[0]);
     if (!strcmp(cmd, "badmsg") && na >= 1)
         return cmd_badmsg(a[0]);
+    if (!strcmp(cmd, "verify") && na >= 1)
+        return cmd_verify(atof(a[0]));
     if (!strcmp(cmd, "bench") && na >= 4)
         return cmd_bench(a[0], strtoul(a[1], 0, 0), strtoul(a[2], 0, 0), atof(a[3]),
                          na > 4 ? atoi(a[4]) : 0);

@@ -31,6 +31,17 @@
  * stops listening, drops the client (or, for mode hide, waits for it to
  * leave), and once nothing is in flight calls export_shutdown_done() back
  * in the main thread.
+ *
+ * Moving (x-blockdev-set-iothread), as QEMU drains then moves: the main
+ * thread asks the loop that runs the export (vx->loop) to quiesce it.  It
+ * drops its watches at once (listener, vhost-user socket, kicks: no new
+ * message or request is taken), lets the requests in flight complete and
+ * their deferred notify / resume / free run, then hands the export to the
+ * main thread, which posts it to the export's new loop; there the watches
+ * come back as they were and every started ring is processed (the guest
+ * may have queued requests meanwhile; their kicks are still pending on the
+ * eventfds).  The main thread posts nothing else to it during a move: a
+ * shutdown or a resize notice waits for the move's end.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -79,6 +90,7 @@ struct vub_queue {
     struct loop_defer notify;
     bool notify_queued;
     bool starved;
+    bool kick_on;                /* watched its kick fd before a move */
     uint64_t unsignalled_bytes;  /* completed since the last signal */
 };
 
@@ -117,7 +129,15 @@ struct vub_export {
     struct vub_client *client;
     bool stopping;
     enum export_remove_mode mode;
+    struct loop *loop;           /* runs the export; main changes it only during a move */
+    bool quiescing;              /* vx->loop: handing over once idle */
+    bool listen_on;              /* ... watched its listener before */
+    bool moving;                 /* main: a move is under way */
+    bool stop_after_move;        /* main: shutdown() came meanwhile */
+    bool resize_after_move;      /* main: node_resized() came meanwhile */
 };
+
+static void vub_try_handoff(struct vub_export *vx);
 
 static void client_drop(struct vub_client *cl, const char *why);
 static void client_free_fn(void *opaque);
@@ -140,6 +160,10 @@ static void notify_fn(void *opaque)
         return;
     }
     notify_now(q);
+    if (q->cl->vx->quiescing) {
+        vub_try_handoff(q->cl->vx);      /* starved stays: resumed after the move */
+        return;
+    }
     if (q->starved && vq->started) {
         q->starved = false;
         process_queue(q);
@@ -160,7 +184,7 @@ static void schedule_notify(struct vub_queue *q)
 {
     if (!q->notify_queued) {
         q->notify_queued = true;
-        loop_defer(q->cl->vx->exp.loop, &q->notify);
+        loop_defer(q->cl->vx->loop, &q->notify);
     }
 }
 
@@ -181,8 +205,10 @@ static void slot_release(struct vub_slot *s)
     }
     if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0 && !cl->resume_queued) {
         cl->resume_queued = true;
-        loop_defer(cl->vx->exp.loop, &cl->resume);
+        loop_defer(cl->vx->loop, &cl->resume);
     }
+    if (cl->vx->quiescing)
+        vub_try_handoff(cl->vx);
 }
 
 /* Put a head on the used ring, unless the ring was forgotten meanwhile. */
@@ -396,7 +422,7 @@ static int op_queue_start(void *opaque, struct vu_vq *vq)
     if (r < 0)
         return r;
     fcntl(vq->kick_fd, F_SETFL, fcntl(vq->kick_fd, F_GETFL) | O_NONBLOCK);
-    q->kick_w = loop_watch_fd(cl->vx->exp.loop, vq->kick_fd, LOOP_IN, kick_cb, q);
+    q->kick_w = loop_watch_fd(cl->vx->loop, vq->kick_fd, LOOP_IN, kick_cb, q);
     if (!q->kick_w)
         return -EINVAL;
     process_queue(q);     /* the guest may have queued requests already */
@@ -454,6 +480,10 @@ static void resume_fn(void *opaque)
         client_drop(cl, "could not send reply");
         return;
     }
+    if (cl->vx->quiescing) {
+        vub_try_handoff(cl->vx);         /* the socket is read again after the move */
+        return;
+    }
     loop_watch_set(cl->sock_w, LOOP_IN);
     client_sock_cb(cl, LOOP_IN);
 }
@@ -474,6 +504,8 @@ static void client_free_fn(void *opaque)
         maybe_finish(vx);
     else if (vx->listen_w)
         loop_watch_set(vx->listen_w, LOOP_IN);
+    if (vx->quiescing)
+        vub_try_handoff(vx);
 }
 
 static void client_drop(struct vub_client *cl, const char *why)
@@ -502,7 +534,7 @@ static void client_try_free(struct vub_client *cl)
         if (cl->queues[i].notify_queued)
             return;
     cl->free_queued = true;
-    loop_call(cl->vx->exp.loop, client_free_fn, cl);
+    loop_call(cl->vx->loop, client_free_fn, cl);
 }
 
 static struct vub_client *client_new(struct vub_export *vx, int fd)
@@ -522,7 +554,7 @@ static struct vub_client *client_new(struct vub_export *vx, int fd)
     }
     cl->resume.fn = resume_fn;
     cl->resume.opaque = cl;
-    cl->sock_w = loop_watch_fd(vx->exp.loop, fd, LOOP_IN, client_sock_cb, cl);
+    cl->sock_w = loop_watch_fd(vx->loop, fd, LOOP_IN, client_sock_cb, cl);
     if (!cl->sock_w)
         goto fail;
     return cl;
@@ -585,10 +617,10 @@ static void start_listen_fn(void *opaque)
 
     if (vx->stopping)
         return;
-    vx->backoff = (struct accept_backoff){ .who = vx->exp.id, .loop = vx->exp.loop,
+    vx->backoff = (struct accept_backoff){ .who = vx->exp.id, .loop = vx->loop,
                                            .resume = listen_resume, .opaque = vx };
     accept_reserve_refill();
-    vx->listen_w = loop_watch_fd(vx->exp.loop, vx->listen_fd, LOOP_IN, listen_cb, vx);
+    vx->listen_w = loop_watch_fd(vx->loop, vx->listen_fd, LOOP_IN, listen_cb, vx);
     if (!vx->listen_w)
         log_error("vhost-user-blk: %s: cannot watch the listening socket", vx->exp.id);
 }
@@ -639,6 +671,7 @@ static int vub_create(struct export *exp, json_t *opts, error **errp)
     vx->listen_fd = fds[0];
     vx->addr = json_deep_copy(addr);
     vx->dev.bs = exp->node;
+    vx->loop = exp->loop;
     vx->dev.loop = exp->loop;
     vx->dev.blk_size = lbs;
     vx->dev.num_queues = nq;
@@ -646,7 +679,7 @@ static int vub_create(struct export *exp, json_t *opts, error **errp)
     vx->dev.writable = exp->writable;
     vx->dev.write_cache = !exp->writethrough;
     vx->wce = 0;
-    loop_call(exp->loop, start_listen_fn, vx);
+    loop_call(vx->loop, start_listen_fn, vx);
     return 0;
 }
 
@@ -702,10 +735,12 @@ static void vub_shutdown(struct export *exp, enum export_remove_mode mode)
     struct vub_export *vx = (struct vub_export *)exp;
 
     vx->mode = mode;
-    if (loop_in_thread(exp->loop))
+    if (vx->moving)
+        vx->stop_after_move = true;      /* no loop owns it now */
+    else if (loop_in_thread(vx->loop))
         stop_fn(vx);
     else
-        loop_call(exp->loop, stop_fn, vx);
+        loop_call(vx->loop, stop_fn, vx);
 }
 
 static void vub_free(struct export *exp)
@@ -794,7 +829,124 @@ static void vub_resized_in_loop(void *opaque)
  * loop before any shutdown step queued after it. */
 static void vub_node_resized(struct export *exp)
 {
-    loop_call(exp->loop, vub_resized_in_loop, exp);
+    struct vub_export *vx = (struct vub_export *)exp;
+
+    if (vx->moving)
+        vx->resize_after_move = true;
+    else
+        loop_call(vx->loop, vub_resized_in_loop, exp);
+}
+
+/* ---- moving to another loop (see the top) ---------------------------------------- */
+
+static bool vub_idle(struct vub_export *vx)
+{
+    struct vub_client *cl = vx->client;
+
+    if (!cl)
+        return true;
+    if (cl->inflight || cl->resume_queued || cl->free_queued)
+        return false;
+    for (unsigned i = 0; i < cl->conn.nvqs; i++)
+        if (cl->queues[i].notify_queued)
+            return false;
+    return true;
+}
+
+static void vub_moved_main(void *opaque);
+
+/* vx->loop, quiescing: once nothing of the export is pending here, give it
+ * to the main thread (and touch it no more). */
+static void vub_try_handoff(struct vub_export *vx)
+{
+    if (!vx->quiescing || !vub_idle(vx))
+        return;
+    vx->quiescing = false;
+    accept_backoff_cleanup(&vx->backoff);    /* its timer is this loop's */
+    loop_call(loop_main(), vub_moved_main, vx);
+}
+
+static void vub_quiesce_fn(void *opaque)
+{
+    struct vub_export *vx = opaque;
+    struct vub_client *cl = vx->client;
+
+    vx->quiescing = true;
+    vx->listen_on = vx->listen_w != NULL;
+    if (vx->listen_w)
+        loop_watch_del(vx->listen_w);
+    vx->listen_w = NULL;
+    if (cl && !cl->dead) {
+        if (cl->sock_w)
+            loop_watch_del(cl->sock_w);
+        cl->sock_w = NULL;
+        for (unsigned i = 0; i < cl->conn.nvqs; i++) {
+            struct vub_queue *q = &cl->queues[i];
+            q->kick_on = q->kick_w != NULL;
+            if (q->kick_w)
+                loop_watch_del(q->kick_w);
+            q->kick_w = NULL;
+        }
+    }
+    vub_try_handoff(vx);
+}
+
+/* The new loop: watch what was watched, take what the guest queued. */
+static void vub_resume_fn(void *opaque)
+{
+    struct vub_export *vx = opaque;
+    struct vub_client *cl = vx->client;
+
+    if (vx->listen_on && !vx->stopping) {
+        vx->backoff = (struct accept_backoff){ .who = vx->exp.id, .loop = vx->loop,
+                                               .resume = listen_resume, .opaque = vx };
+        vx->listen_w = loop_watch_fd(vx->loop, vx->listen_fd, cl ? 0 : LOOP_IN, listen_cb, vx);
+    }
+    if (!cl || cl->dead)
+        return;
+    cl->sock_w = loop_watch_fd(vx->loop, cl->fd, cl->conn.blocked_vq >= 0 ? 0 : LOOP_IN,
+                               client_sock_cb, cl);
+    for (unsigned i = 0; i < cl->conn.nvqs && !cl->dead; i++) {
+        struct vub_queue *q = &cl->queues[i];
+        if (!q->kick_on)
+            continue;
+        q->kick_on = false;
+        q->starved = false;
+        q->kick_w = loop_watch_fd(vx->loop, q->vq->kick_fd, LOOP_IN, kick_cb, q);
+        process_queue(q);
+    }
+}
+
+/* Main thread: the export is idle and no loop's; post it to its new one,
+ * then what was asked of it meanwhile. */
+static void vub_moved_main(void *opaque)
+{
+    struct vub_export *vx = opaque;
+
+    vx->moving = false;
+    vx->loop = vx->exp.loop;
+    vx->dev.loop = vx->exp.loop;
+    loop_call(vx->loop, vub_resume_fn, vx);
+    if (vx->resize_after_move)
+        loop_call(vx->loop, vub_resized_in_loop, vx);
+    if (vx->stop_after_move)
+        loop_call(vx->loop, stop_fn, vx);
+    vx->resize_after_move = vx->stop_after_move = false;
+}
+
+static bool vub_can_move(struct export *exp, error **errp)
+{
+    return true;
+}
+
+static void vub_moved(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+
+    if (vx->moving || vx->loop == exp->loop)
+        return;            /* a move under way ends where the export is then */
+    vx->moving = true;
+    loop_call(vx->loop, vub_quiesce_fn, vx);
 }
 
 static const struct export_type vhost_user_blk_type = {
@@ -808,5 +960,7 @@ static const struct export_type vhost_user_blk_type = {
     .shutdown = vub_shutdown,
     .free = vub_free,
     .node_resized = vub_node_resized,
+    .can_move = vub_can_move,
+    .moved = vub_moved,
 };
 EXPORT_TYPE_REGISTER(vhost_user_blk_type)
