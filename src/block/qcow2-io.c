@@ -40,8 +40,10 @@
 /* ---- per-request context (per-thread free list) ---- */
 
 struct qreq {
-    struct breq child;          /* fast path: the request to the data node */
+    struct breq child;          /* fast path, external data file: the request to it */
     struct breq *parent;
+    void (*parent_done)(struct breq *, int);   /* fast path, forwarded: restored at */
+    void *parent_opaque;                       /* completion */
     struct bnode *bs;
     struct qcow2_state *s;
     uint64_t offset;            /* guest offset of parent */
@@ -1204,6 +1206,19 @@ static void fast_done(struct breq *child, int ret)
     breq_complete(parent, ret);
 }
 
+/* A request forwarded to the image file itself (as raw.c forwards): one
+ * request, accounted once with the file node through acct_fwd, its fixed
+ * buffer kept; only done and opaque are borrowed until it completes. */
+static void fast_fwd_done(struct breq *r, int ret)
+{
+    struct qreq *q = r->opaque;
+    r->done = q->parent_done;
+    r->opaque = q->parent_opaque;
+    inflight_leave(q->s, q->slot);
+    qreq_put(q);
+    r->done(r, ret);
+}
+
 enum fast_kind { FAST_NONE, FAST_DATA, FAST_ZERO, FAST_BACKING };
 
 static enum fast_kind fast_map(struct qcow2_state *s, struct bnode *bs, struct breq *r,
@@ -1233,7 +1248,20 @@ static enum fast_kind fast_map(struct qcow2_state *s, struct bnode *bs, struct b
         goto out;
     qcache_touch(&s->l2c, idx);
     uint64_t i = l2_i - first;
-    uint64_t avail = (s->l2_slice_entries - i) * s->cluster_size - qoffset_into_cluster(s, offset);
+    uint64_t in_cl = qoffset_into_cluster(s, offset);
+    if (!write && !s->extl2 && in_cl + r->len <= s->cluster_size) {
+        /* the common read: one cluster, a plain data entry */
+        uint64_t e = l2_entry(s, qcache_data(&s->l2c, idx), i);
+        uint64_t h = e & QCOW2_L2E_OFFSET_MASK;
+        if (h && !(e & (QCOW2_OFLAG_COMPRESSED | QCOW2_OFLAG_ZERO)) &&
+            !qoffset_into_cluster(s, h)) {
+            *host = h + in_cl;
+            *slot = inflight_enter_locked(s);
+            kind = FAST_DATA;
+            goto out;
+        }
+    }
+    uint64_t avail = (s->l2_slice_entries - i) * s->cluster_size - in_cl;
     if (r->len > avail)
         goto out;
     struct qrun run;
@@ -1306,9 +1334,17 @@ static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, ui
     }
     case FAST_DATA: {
         struct qreq *q = qreq_get();
-        q->parent = r;
         q->s = s;
         q->slot = slot;
+        if (s->data == bs->file) {
+            q->parent_done = r->done;
+            q->parent_opaque = r->opaque;
+            r->done = fast_fwd_done;
+            r->opaque = q;
+            bnode_submit_child(s->data, r, host);
+            return true;
+        }
+        q->parent = r;
         q->child = (struct breq){
             .op = r->op, .flags = (r->flags & (BREQ_FUA | BREQ_COPY_INLINE)) | BREQ_BEYOND_EOF,
             .offset = host, .len = r->len, .iov = r->iov, .iovcnt = r->iovcnt,
