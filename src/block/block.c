@@ -629,6 +629,13 @@ void bnode_submit(struct bnode *bs, struct breq *req)
     bs->drv->submit(bs, req, req->offset);
 }
 
+int bnode_pread_sync(struct bnode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    if (!bs->drv->pread_sync)
+        return -ENOTSUP;
+    return bs->drv->pread_sync(bs, offset, bytes, buf);
+}
+
 int bnode_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                         int *fd, uint64_t *fd_offset)
 {

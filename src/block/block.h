@@ -233,6 +233,10 @@ struct bdrv {
      * -ENOTSUP otherwise.  NULL = never. */
     int  (*splice_source)(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                           int *fd, uint64_t *fd_offset);
+    /* Read [offset, offset+bytes) into buf now, in the calling thread,
+     * where that cannot wait on a device (the page cache: not O_DIRECT);
+     * past the end reads zeros.  -ENOTSUP where it would.  NULL = never. */
+    int  (*pread_sync)(struct bnode *bs, uint64_t offset, uint64_t bytes, void *buf);
     /* Capabilities */
     bool (*can_write_zeroes_fast)(struct bnode *bs);   /* NULL = false */
     bool (*can_discard)(struct bnode *bs);             /* NULL = false */
@@ -378,6 +382,10 @@ void bnode_notify_resized(struct bnode *bs);
 /* Where a read of [offset, offset+bytes) can be spliced from (see
  * bdrv.splice_source): 0 and *fd / *fd_offset, or -ENOTSUP.  The fd lives
  * as long as the node; reading it is a READ of the node. */
+/* Read now without a loop or a coroutine (bdrv.pread_sync): a format's
+ * block status reads its metadata this way.  -ENOTSUP where the node
+ * cannot; the caller then reads as usual. */
+int bnode_pread_sync(struct bnode *bs, uint64_t offset, uint64_t bytes, void *buf);
 int bnode_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes, bool need_holes,
                         int *fd, uint64_t *fd_offset);
 bool bnode_can_write_zeroes_fast(struct bnode *bs);

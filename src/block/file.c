@@ -858,6 +858,30 @@ static void file_create(struct job *job, json_t *opts)
 }
 BLOCKDEV_CREATE_REGISTER("file", file_create)
 
+/* A format's metadata for block status, read on the caller's loop: from
+ * the page cache only (an O_DIRECT node says no; one reopened to O_DIRECT
+ * under us fails the unaligned read, and the caller reads as usual). */
+static int file_pread_sync(struct bnode *bs, uint64_t offset, uint64_t bytes, void *buf)
+{
+    struct file_state *s = bs->opaque;
+    uint64_t done = 0;
+    if (__atomic_load_n(&bs->cache_direct, __ATOMIC_RELAXED))
+        return -ENOTSUP;
+    while (done < bytes) {
+        ssize_t n = pread(s->fd, (char *)buf + done, bytes - done, offset + done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0) {
+            memset((char *)buf + done, 0, bytes - done);
+            break;
+        }
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
 static int file_flush_sync(struct bnode *bs)
 {
     struct file_state *s = bs->opaque;
@@ -959,6 +983,7 @@ const char *file_node_filename(struct bnode *bs)
     .splice_source = file_splice_source,              \
     .set_perm = file_set_perm,                        \
     .flush_sync = file_flush_sync,                    \
+    .pread_sync = file_pread_sync,                    \
     .can_write_zeroes_fast = file_can_zero_fast,      \
     .can_discard = file_can_discard,                  \
     .bitmaps_load = sidecar_file_load,                \

@@ -229,9 +229,12 @@ static bool type_has_host(enum qtype t)
 }
 
 /* One run from guest offset (entry i of slice, which holds nent entries),
- * at most bytes.  -EIO for an invalid entry. */
-static int scan_run(const struct qcow2_state *s, const uint8_t *slice, uint64_t i,
-                    uint64_t nent, uint64_t offset, uint64_t bytes, struct qrun *run)
+ * at most bytes.  -EIO for an invalid entry.  With contig, a run with host
+ * clusters is contiguous in the file (I/O); without, it has one type only
+ * (block status). */
+static int scan_run_any(const struct qcow2_state *s, const uint8_t *slice, uint64_t i,
+                        uint64_t nent, uint64_t offset, uint64_t bytes, struct qrun *run,
+                        bool contig)
 {
     uint64_t us = unit_size(s);
     uint64_t in_cl = qoffset_into_cluster(s, offset);
@@ -247,7 +250,8 @@ static int scan_run(const struct qcow2_state *s, const uint8_t *slice, uint64_t 
         if (done == 0) {
             run->type = t;
             run->host = host + in_cl % us;
-        } else if (t != run->type || t == QT_COMPRESSED || (type_has_host(t) && host != expect)) {
+        } else if (t != run->type || t == QT_COMPRESSED ||
+                   (contig && type_has_host(t) && host != expect)) {
             break;
         }
         expect = host + us;
@@ -263,6 +267,12 @@ static int scan_run(const struct qcow2_state *s, const uint8_t *slice, uint64_t 
     if (run->type == QT_COMPRESSED)
         run->bytes = MIN(run->bytes, s->cluster_size - in_cl);
     return 0;
+}
+
+static int scan_run(const struct qcow2_state *s, const uint8_t *slice, uint64_t i,
+                    uint64_t nent, uint64_t offset, uint64_t bytes, struct qrun *run)
+{
+    return scan_run_any(s, slice, i, nent, offset, bytes, run, true);
 }
 
 static int corrupt_entry(struct qcow2_state *s, uint64_t l2_off, uint64_t guest)
@@ -1419,17 +1429,151 @@ int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *
     return sr.ret;
 }
 
-/* ---- block status ---- */
+/* ---- block status ----
+ *
+ * Block status runs on the caller's loop, outside any coroutine, and never
+ * takes s->lock: a coroutine of this very loop may hold it while it waits
+ * for I/O that only this loop completes.  A cached slice answers under
+ * cache_lock.  A slice not cached is read, not cached: at once from the
+ * page cache where the file allows it (bnode_pread_sync), otherwise in one
+ * helper-thread run for the whole batch.  A batch is up to BS_BATCH slices
+ * from the asked offset and answers with one run across them while their
+ * entries have one type, so mapping an image of 512-byte clusters (an L2
+ * table per 32 KiB) costs a small read per table and, on O_DIRECT, a
+ * thread per 64 tables, not a thread per table.
+ */
 
-struct l2_read {
-    uint64_t off, len;
+#define BS_BATCH 64
+#define BS_BATCH_BYTES (256u << 10)
+
+struct bs_seg {
+    uint64_t guest;             /* guest offset of the first byte asked */
+    uint64_t cover;             /* guest bytes this segment answers for */
+    uint64_t l2_off;            /* its L2 table; 0 = none (unallocated) */
+    uint64_t src;               /* host offset of the entries in buf */
+    uint64_t nent;              /* entries in buf */
     uint8_t *buf;
+    bool need_read;             /* buf is to be read from the file */
+    int ret;                    /* reading it failed */
 };
 
-static int read_l2_sync(struct qcow2_state *s, void *opaque)
+struct bs_batch {
+    struct bs_seg seg[BS_BATCH];
+    int n;
+};
+
+static int read_batch_sync(struct qcow2_state *s, void *opaque)
 {
-    struct l2_read *rd = opaque;
-    return bnode_co_pread(s->bs->file, rd->off, rd->len, rd->buf, BREQ_BEYOND_EOF);
+    struct bs_batch *b = opaque;
+    for (int k = 0; k < b->n; k++) {
+        struct bs_seg *g = &b->seg[k];
+        if (g->need_read)
+            g->ret = bnode_co_pread(s->bs->file, g->src, g->nent * s->l2_entry_bytes, g->buf,
+                                    BREQ_BEYOND_EOF);
+        g->need_read = false;
+    }
+    return 0;
+}
+
+/* The segments from offset (cache_lock held); entries of cached slices
+ * are copied, the others are to be read. */
+static void plan_batch(struct qcow2_state *s, uint64_t offset, uint64_t bytes,
+                       struct bs_batch *b)
+{
+    uint64_t l2_cover = s->l2_entries << s->cluster_bits;
+    uint64_t end = offset + bytes, budget = BS_BATCH_BYTES;
+
+    b->n = 0;
+    while (offset < end && b->n < BS_BATCH) {
+        struct bs_seg *g = &b->seg[b->n];
+        uint64_t l1_i = offset / l2_cover;
+        uint64_t l2_off = l1_i < s->l1_size ? s->l1[l1_i] & QCOW2_L1E_OFFSET_MASK : 0;
+        *g = (struct bs_seg){ .guest = offset, .l2_off = l2_off };
+        if (!l2_off) {
+            g->cover = MIN(end - offset, l2_cover - offset % l2_cover);
+        } else {
+            if (qoffset_into_cluster(s, l2_off))
+                break;          /* the caller reports it when it gets there */
+            uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+            uint64_t first = l2_i - l2_i % s->l2_slice_entries;
+            uint64_t in_cl = qoffset_into_cluster(s, offset);
+            g->cover = MIN(end - offset,
+                           (s->l2_slice_entries - (l2_i - first)) * s->cluster_size - in_cl);
+            g->nent = (in_cl + g->cover + s->cluster_size - 1) >> s->cluster_bits;
+            uint64_t len = g->nent * s->l2_entry_bytes;
+            if (b->n > 0 && len > budget)
+                break;
+            budget -= MIN(budget, len);
+            g->src = l2_off + l2_i * s->l2_entry_bytes;
+            g->buf = xmalloc(len);
+            int idx = qcache_find(&s->l2c, l2_off + first * s->l2_entry_bytes);
+            if (idx >= 0)
+                memcpy(g->buf, qcache_data(&s->l2c, idx) + (l2_i - first) * s->l2_entry_bytes,
+                       len);
+            else
+                g->need_read = true;
+        }
+        offset += g->cover;
+        b->n++;
+    }
+}
+
+/* One run of the segment g, or false if it cannot say. */
+static bool seg_run(struct qcow2_state *s, const struct bs_seg *g, bool contig,
+                    struct qrun *run)
+{
+    if (!g->l2_off) {
+        *run = (struct qrun){ .type = QT_UNALLOC, .bytes = g->cover };
+        return true;
+    }
+    if (g->ret < 0 || g->need_read ||
+        scan_run_any(s, g->buf, 0, g->nent, g->guest, g->cover, run, contig) < 0)
+        return false;
+    return true;
+}
+
+static int batch_status(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
+                        uint64_t bytes, bool contig, struct qrun *run)
+{
+    struct bs_batch *b = xmalloc(sizeof(*b));
+    int ret = 0;
+
+    pthread_mutex_lock(&s->cache_lock);
+    plan_batch(s, offset, bytes, b);
+    pthread_mutex_unlock(&s->cache_lock);
+    bool helper = false;
+    for (int k = 0; k < b->n; k++) {
+        struct bs_seg *g = &b->seg[k];
+        if (!g->need_read || helper)
+            continue;
+        int r = bnode_pread_sync(bs->file, g->src, g->nent * s->l2_entry_bytes, g->buf);
+        if (r == 0)
+            g->need_read = false;
+        else
+            helper = true;      /* the rest in one run of a helper thread */
+    }
+    if (helper)
+        ret = qcow2_run_sync(s, read_batch_sync, b);
+    if (ret == 0 && b->seg[0].ret < 0)
+        ret = b->seg[0].ret;
+    if (ret == 0 && !seg_run(s, &b->seg[0], contig, run))
+        run->type = QT_INVALID;
+    if (ret == 0 && run->type != QT_INVALID) {
+        /* one type on: the segments after it extend the run */
+        uint64_t reach = b->seg[0].cover;
+        for (int k = 1; k < b->n && run->bytes == reach && run->type != QT_COMPRESSED; k++) {
+            struct qrun next;
+            if (!seg_run(s, &b->seg[k], contig, &next) || next.type != run->type ||
+                (contig && type_has_host(run->type) && next.host != run->host + run->bytes))
+                break;
+            run->bytes += next.bytes;
+            reach += b->seg[k].cover;
+        }
+    }
+    for (int k = 0; k < b->n; k++)
+        free(b->seg[k].buf);
+    free(b);
+    return ret;
 }
 
 int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
@@ -1439,6 +1583,8 @@ int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     uint64_t l2_cover = s->l2_entries << s->cluster_bits;
     uint64_t l1_i = offset / l2_cover;
     struct qrun run = { .type = QT_UNALLOC, .bytes = MIN(bytes, l2_cover - offset % l2_cover) };
+    /* preallocated metadata: a data run is also looked up in the file */
+    bool contig = s->metadata_preallocation;
 
     pthread_mutex_lock(&s->cache_lock);
     uint64_t l2_off = l1_i < s->l1_size ? s->l1[l1_i] & QCOW2_L1E_OFFSET_MASK : 0;
@@ -1451,8 +1597,8 @@ int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
             qcache_touch(&s->l2c, idx);
             uint64_t avail = (s->l2_slice_entries - (l2_i - first)) * s->cluster_size -
                              qoffset_into_cluster(s, offset);
-            if (scan_run(s, qcache_data(&s->l2c, idx), l2_i - first, s->l2_slice_entries,
-                         offset, MIN(bytes, avail), &run) < 0)
+            if (scan_run_any(s, qcache_data(&s->l2c, idx), l2_i - first, s->l2_slice_entries,
+                             offset, MIN(bytes, avail), &run, contig) < 0)
                 run.type = QT_INVALID;
             found = true;
         }
@@ -1461,23 +1607,7 @@ int qcow2_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     if (!found) {
         if (qoffset_into_cluster(s, l2_off))
             return -EIO;
-        /* not cached: read the entries from the rest of this slice */
-        uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
-        uint64_t first = l2_i - l2_i % s->l2_slice_entries;
-        uint64_t n = s->l2_slice_entries - (l2_i - first);
-        uint64_t want = (qoffset_into_cluster(s, offset) + bytes + s->cluster_size - 1) >>
-                        s->cluster_bits;
-        n = MIN(n, want);
-        struct l2_read rd = { .off = l2_off + l2_i * s->l2_entry_bytes,
-                              .len = n * s->l2_entry_bytes };
-        rd.buf = xmalloc(rd.len);
-        int ret = qcow2_run_sync(s, read_l2_sync, &rd);
-        if (ret == 0) {
-            if (scan_run(s, rd.buf, 0, n, offset, MIN(bytes, n * s->cluster_size -
-                                                       qoffset_into_cluster(s, offset)), &run) < 0)
-                run.type = QT_INVALID;
-        }
-        free(rd.buf);
+        int ret = batch_status(bs, s, offset, bytes, contig, &run);
         if (ret < 0)
             return ret;
     }
