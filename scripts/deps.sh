@@ -14,7 +14,7 @@ PKGS="build-essential meson ninja-build pkg-config
  qemu-utils qemu-system-common qemu-block-extra qemu-system-x86
  linux-image-amd64 busybox-static cpio kmod
  ceph-mon ceph-osd ceph-common ceph-base uuid-runtime
- procps psmisc iproute2 util-linux coreutils file
+ procps psmisc iproute2 util-linux coreutils file openssl
  clang-14 libclang-rt-14-dev"
 # operations (issue 14): socket activation and unit checks (systemd), man
 # pages (scdoc, man-db), the Debian package (debhelper, dpkg-dev, fakeroot,

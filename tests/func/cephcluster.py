@@ -152,7 +152,9 @@ class CephCluster:
 def _start(client_timeout=None):
     missing = missing_binaries()
     if missing:
-        pytest.skip("Ceph not installed (missing %s)" % ", ".join(missing))
+        pytest.fail("Ceph is not installed (missing %s; Debian packages ceph-mon, ceph-osd, "
+                    "ceph-common, ceph-base: run scripts/deps.sh)" % ", ".join(missing),
+                    pytrace=False)
     os.makedirs(CLUSTERS, exist_ok=True)
     return CephCluster(tempfile.mkdtemp(prefix="c", dir=CLUSTERS), client_timeout)
 

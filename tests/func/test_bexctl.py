@@ -11,9 +11,13 @@ import subprocess
 
 import pytest
 
+import needs
 from conftest import BEXCTL
 
-pytestmark = pytest.mark.skipif(not os.path.exists(BEXCTL), reason="bexctl not built")
+
+@pytest.fixture(autouse=True)
+def bexctl_built():
+    needs.built(BEXCTL, "bexctl")
 
 
 def ctl(sock, *args):

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import QMPError
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 MiB = 1 << 20
 KiB = 1 << 10

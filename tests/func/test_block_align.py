@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 MiB = 1 << 20
 SIZE = 4 * MiB

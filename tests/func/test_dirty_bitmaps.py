@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import needs
 from conftest import BUILD
 
 MiB = 1 << 20
@@ -329,8 +330,7 @@ def test_discard_marks_with_unmap(impl, daemon):
 
 
 def test_vhost_user_blk_writes_mark(impl, start_daemon, image, tmpdir_short):
-    if not os.path.exists(VUB):
-        pytest.skip("vub-client not built")
+    needs.built(VUB, "vub-client")
     img = image(SIZE, name="%s.img" % impl)
     sock = os.path.join(tmpdir_short, "vub-%s.sock" % impl)
     d = start_daemon(impl, "--blockdev", "driver=file,node-name=disk,filename=%s" % img,

@@ -25,8 +25,7 @@ import subprocess
 import threading
 import time
 
-import pytest
-
+import needs
 from conftest import BUILD
 from nbdwire import CMD_BLOCK_STATUS, CMD_READ, Conn
 
@@ -88,8 +87,7 @@ def start_vub(sock):
 
 
 def test_vhost_user_blk(impl, start_daemon, tmpdir_short):
-    if not os.path.exists(VUB):
-        pytest.skip("vub-client not built")
+    needs.built(VUB, "vub-client")
     sock = os.path.join(tmpdir_short, "vu.sock")
     d = start_daemon(impl, *slow_node(), "--export",
                      "type=vhost-user-blk,id=v0,node-name=n0,addr.type=unix,addr.path=" + sock)

@@ -28,9 +28,10 @@ import time
 
 import pytest
 
+import needs
 from conftest import BUILD
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -148,8 +149,7 @@ class VubFront:
     expect = staticmethod(lambda err: VIRTIO_BLK_S_IOERR)
 
     def __init__(self, g):
-        if not os.path.exists(VUB):
-            pytest.skip("vub-client not built (%s)" % VUB)
+        needs.built(VUB, "vub-client")
         self.g = g
         for n in node_names() + ["ok", "slow"]:
             g.qmp.execute("block-export-add", type="vhost-user-blk", id=n, writable=True,

@@ -16,7 +16,7 @@ from conftest import QMPError
 from nbdwire import (OPT_LIST, REP_ACK, REP_ERR_UNKNOWN, REP_SERVER, Closed, Conn,
                      ESHUTDOWN, HEAD)
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 
 class Env:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 MiB = 1 << 20
 SIZE = 24 * MiB

@@ -10,6 +10,7 @@ import time
 import nbd
 import pytest
 
+import needs
 from conftest import BEXCTL
 
 TMUX = shutil.which("tmux")
@@ -69,8 +70,8 @@ def test_top_batch(served):
                          f, re.M), f
 
 
-@pytest.mark.skipif(not TMUX, reason="tmux not installed")
 def test_top_in_tmux(served, tmpdir_short):
+    needs.tool("tmux", "tmux")
     d, sock = served
     stop = threading.Event()
     ops = [0]

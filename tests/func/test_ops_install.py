@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+import needs
 from conftest import BUILD
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -76,8 +77,8 @@ def test_bexctl_manual(installed):
         assert word in text, word
 
 
-@pytest.mark.skipif(not SYSTEMD_ANALYZE, reason="systemd-analyze not installed")
 def test_units_verify(installed, tmp_path):
+    needs.tool("systemd-analyze", "systemd")
     dest, files = installed
     bexd = os.path.join(dest, find(files, "sbin/bexd"))
     for u in UNITS:
@@ -105,9 +106,7 @@ def test_default_arguments_start_a_socket_activated_daemon(installed, tmp_path):
     """The shipped /etc/default/bexd works as is, with the NBD socket passed
     as bexd.socket passes it (paths moved into a temporary directory)."""
     dest, files = installed
-    sa = shutil.which("systemd-socket-activate")
-    if not sa:
-        pytest.skip("systemd-socket-activate not installed")
+    sa = needs.tool("systemd-socket-activate", "systemd")
     args = open(os.path.join(dest, find(files, "etc/default/bexd"))).read()
     m = re.search(r'^BEXD_ARGS="([^"]*)"', args, re.M)
     argv = m.group(1).replace("/run/bexd", str(tmp_path)).split()

@@ -13,6 +13,7 @@ import urllib.request
 import nbd
 import pytest
 
+import needs
 from conftest import run_daemon_expect_fail
 from nbdwire import free_tcp_port
 
@@ -147,8 +148,8 @@ def test_metrics_option_errors(image):
                            "Parameter 'addr.port' is missing")
 
 
-@pytest.mark.skipif(not PROMETHEUS, reason="prometheus not installed")
 def test_prometheus_scrapes_loaded_daemon(served, tmpdir_short):
+    needs.tool("prometheus", "prometheus")
     d, sock, port = served
     load = Load(sock)
     pport = free_tcp_port()

@@ -12,13 +12,18 @@ import subprocess
 
 import pytest
 
+import needs
 from conftest import ROOT
 
 DPKG_BUILDPACKAGE = shutil.which("dpkg-buildpackage")
 LINTIAN = shutil.which("lintian")
 
-pytestmark = pytest.mark.skipif(not DPKG_BUILDPACKAGE or not shutil.which("dh"),
-                                reason="dpkg-dev/debhelper not installed")
+
+
+@pytest.fixture(autouse=True)
+def packaging_tools():
+    needs.tool("dpkg-buildpackage", "dpkg-dev")
+    needs.tool("dh", "debhelper")
 
 
 def source_files():
@@ -98,8 +103,8 @@ def test_contents(package):
     assert r.returncode == 0 and r.stdout.startswith(b"bexd version ")
 
 
-@pytest.mark.skipif(not LINTIAN, reason="lintian not installed")
 def test_lintian_no_errors(package):
+    needs.tool("lintian", "lintian")
     _, changes = package
     r = subprocess.run([LINTIAN, "--fail-on", "error", changes], capture_output=True,
                        timeout=600)

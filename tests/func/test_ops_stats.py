@@ -9,6 +9,7 @@ import time
 import nbd
 import pytest
 
+import needs
 from conftest import BUILD, QMPError
 
 VUB = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
@@ -170,8 +171,7 @@ def test_export_clients_vhost_user(start_daemon, tmpdir_short):
     """The front-end of a vhost-user-blk export is its client: its pid, the
     request it has in flight, and what it did, kept in the totals after it
     left."""
-    if not os.path.exists(VUB):
-        pytest.skip("vub-client not built")
+    needs.built(VUB, "vub-client")
     sock = os.path.join(tmpdir_short, "vu.sock")
     d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n0,size=1048576,"
                      "read-zeroes=on,latency-ns=%d" % int(0.5e9), "--export",

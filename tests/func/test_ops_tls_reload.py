@@ -14,10 +14,16 @@ import signal
 import nbd
 import pytest
 
+import needs
 import tlscerts
 from nbdwire import free_tcp_port, pattern
 
-pytestmark = pytest.mark.skipif(not tlscerts.available(), reason="certtool missing")
+
+
+@pytest.fixture(autouse=True)
+def gnutls_tools():
+    needs.tool("certtool", "gnutls-bin")
+    needs.tool("psktool", "gnutls-bin")
 
 SIZE = 1 << 20
 

@@ -21,6 +21,7 @@ import tempfile
 import nbd
 import pytest
 
+import needs
 from conftest import QMPError, run_daemon_expect_fail
 from qcow2img import MiB, READ_CASES, build_case, make_qcow2, qemu_img, qemu_io, to_raw
 
@@ -182,14 +183,11 @@ def test_block_status_with_dirty_slices_matches_qsd(start_daemon, shm, direct):
     assert got == want
 
 
-def fuse_available():
-    return os.path.exists("/dev/fuse") and shutil.which("fusermount3")
-
-
 @pytest.mark.parametrize("case", ["chain2", "zstd", "extl2"])
 def test_read_through_fuse(impl, start_daemon, shm, case):
-    if not fuse_available():
-        pytest.skip("no FUSE")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    needs.tool("fusermount3", "fuse3")
     img = build_case(shm, case)
     want = to_raw(img, os.path.join(shm, "ref.raw"))
     mnt = os.path.join(shm, "mnt")
@@ -310,8 +308,7 @@ def test_writes_check_and_compare(impl, start_daemon, shm, case):
 
 
 def test_fio_verify_many_jobs(impl, start_daemon, shm):
-    if not shutil.which("fio"):
-        pytest.skip("no fio")
+    needs.tool("fio", "fio")
     base = os.path.join(shm, "base.qcow2")
     img = os.path.join(shm, "w.qcow2")
     qemu_img("create", "-f", "qcow2", base, "32M")

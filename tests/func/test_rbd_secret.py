@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+import needs
 from conftest import run_daemon_expect_fail
 
 CASES = [
@@ -63,8 +64,8 @@ def test_secret_on_command_line(impl, tmpdir_short):
     assert err.splitlines()[0].endswith("'file' and 'data' are mutually exclusive")
 
 
-@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
 def test_encrypted_secret(impl, start_daemon, tmpdir_short):
+    needs.tool("openssl", "openssl")
     key, iv = os.urandom(32), os.urandom(16)
     plain = b"the rbd key"
     enc = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],

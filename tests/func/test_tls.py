@@ -24,15 +24,21 @@ import time
 
 import pytest
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
+import needs
 import tlscerts
 from conftest import QMPError, require_localhost
 from nbdwire import (OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS,
                      OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY,
                      REP_ERR_TLS_REQD, Closed, Conn, free_tcp_port, info_data, pattern)
 
-pytestmark = pytest.mark.skipif(not tlscerts.available(), reason="certtool/psktool missing")
+
+
+@pytest.fixture(autouse=True)
+def gnutls_tools():
+    needs.tool("certtool", "gnutls-bin")
+    needs.tool("psktool", "gnutls-bin")
 
 SIZE = 8 << 20
 

@@ -19,8 +19,14 @@ import guest  # noqa: E402
 
 SIZE = 64 << 20
 
-if not guest.QEMU:
-    pytest.skip("qemu-system-x86_64 is not installed", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def guest_tools():
+    # qemu-system-x86 and the guest's kernel come from scripts/deps.sh
+    if guest.missing():
+        pytest.fail("cannot boot a guest: %s (run scripts/deps.sh)" % guest.missing(),
+                    pytrace=False)
 
 
 def start(start_daemon, image, tmpdir_short, impl, extra="", ro=False):
