@@ -17,8 +17,9 @@ import pytest
 
 from conftest import tool_json, tool_text
 from nbdwire import HEAD, Conn, free_tcp_port, pattern, serve
+from pagecache import unsynced_pages
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 SIZE = 16 << 20
 DATA_OFF = 4 << 20
@@ -320,14 +321,40 @@ def test_multi_conn_flush_makes_writes_visible(exp):
 
 
 def test_flushed_data_survives_kill9(exp):
+    """What a FLUSH or a FUA write acknowledged is on the disk, not only in
+    the page cache (which outlives a daemon killed with SIGKILL, so reading
+    the file afterwards alone proves nothing): its pages are neither dirty
+    nor under writeback when the reply arrives.  A write that was not
+    flushed is not claimed durable; it only shows that the check can see
+    dirty pages at all."""
     h = exp.handle()
-    data = pattern(1 << 20, seed=5)
-    h.pwrite(data, 2 << 20)
+    a, b, c = (pattern(1 << 20, seed=s) for s in (5, 6, 7))
+    A, B, C = 8 << 20, 10 << 20, 12 << 20
+    # a plain write is in the page cache, not yet on the disk (unless the
+    # kernel wrote it back on its own in between: then try again)
+    for attempt in range(5):
+        h.pwrite(a, A)
+        if unsynced_pages(exp.img, A, 1 << 20):
+            break
+    else:
+        pytest.fail("the kernel wrote every unflushed write back at once: nothing to observe")
     h.flush()
+    assert unsynced_pages(exp.img, A, 1 << 20) == 0, "FLUSH answered before fdatasync"
+    h.pwrite(b, B, nbd.CMD_FLAG_FUA)
+    if exp.daemon.impl == "bexd":
+        # qemu-storage-daemon 7.2 answers this FUA write with its pages still
+        # dirty: on a file node without native FUA its emulated flush finds
+        # nothing written since the last flush (the write it follows is not
+        # counted yet) and skips fdatasync.  bexd makes FUA durable.
+        assert unsynced_pages(exp.img, B, 1 << 20) == 0, \
+            "FUA write answered before it was durable"
+    h.pwrite(c, C)            # never flushed: nothing is claimed about it
     exp.daemon.stop(sig=signal.SIGKILL)
     with open(exp.img, "rb") as f:
-        f.seek(2 << 20)
-        assert f.read(1 << 20) == data
+        f.seek(A)
+        assert f.read(1 << 20) == a
+        f.seek(B)
+        assert f.read(1 << 20) == b
 
 
 # -- TCP -----------------------------------------------------------------------

@@ -14,15 +14,38 @@ import subprocess
 
 import pytest
 
+import needs
 from conftest import BUILD, QMP, run_daemon_expect_fail
+from pagecache import unsynced_pages
 
 VUB = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
 SIZE = 64 << 20
+MiB = 1 << 20
 
 
 def need_client():
-    if not os.path.exists(VUB):
-        pytest.skip("vub-client not built (%s)" % VUB)
+    needs.built(VUB, "vub-client")
+
+
+def vub_pattern(length, seed):
+    """What `vub-client write OFF LEN SEED` writes: its xorshift64 fill
+    (fill() in tests/vhost/vub-client.c), computed here independently so a
+    read is compared with what was written, not with what came back."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9e3779b97f4a7c15 + 1) & mask
+    out = bytearray(length)
+    for i in range(length):
+        x ^= (x << 13) & mask
+        x ^= x >> 7
+        x ^= (x << 17) & mask
+        out[i] = x & 0xff
+    return bytes(out)
+
+
+def file_range(img, off, length):
+    with open(img, "rb") as f:
+        f.seek(off)
+        return f.read(length)
 
 
 def vub(sock, *args, opts=(), check=True, env=None, binary=False):
@@ -133,9 +156,7 @@ def test_logical_block_size_zero_is_unset(impl, start_daemon, image, tmpdir_shor
         assert info["discard_sector_alignment"] == 1
     assert vub(sock, "write", 512, 4096, 6) == {"status": 0}
     back = vub(sock, "read", 512, 4096, binary=True).stdout
-    with open(img, "rb") as f:
-        f.seek(512)
-        assert f.read(4096) == back
+    assert back == file_range(img, 512, 4096) == vub_pattern(4096, 6)
 
 
 def test_writable_on_read_only_node(impl, image, tmpdir_short):
@@ -182,13 +203,19 @@ def test_read_only_export(impl, served):
 def test_data_round_trip(impl, served, indirect):
     d, sock, img = served(impl, ",num-queues=2")
     opts = ["-i"] if indirect else []
+    want = vub_pattern(256 << 10, 42)
     assert vub(sock, "write", 1 << 20, 256 << 10, 42, opts=opts) == {"status": 0}
+    assert file_range(img, 1 << 20, 256 << 10) == want      # the pattern reached the file
     back = vub(sock, "read", 1 << 20, 256 << 10, opts=opts, binary=True).stdout
-    with open(img, "rb") as f:
-        f.seek(1 << 20)
-        on_disk = f.read(256 << 10)
-    assert back == on_disk
-    assert len(set(on_disk)) > 200              # a real pattern reached the file
+    assert back == want
+    # and a read returns the file, not a copy of what was written: change
+    # the file underneath (the daemon caches nothing: cache.direct=off reads
+    # the page cache this write goes to)
+    with open(img, "r+b") as f:
+        f.seek((1 << 20) + 4096)
+        f.write(b"\x5a" * 4096)
+    back = vub(sock, "read", 1 << 20, 256 << 10, opts=opts, binary=True).stdout
+    assert back == want[:4096] + b"\x5a" * 4096 + want[8192:]
 
 
 def test_request_types(impl, served):
@@ -321,17 +348,41 @@ def test_iothread(impl, start_daemon, image, tmpdir_short):
     d = start_daemon(impl, "--object", "iothread,id=io0", *export_args(img, sock, ",iothread=io0,num-queues=2"))
     assert vub(sock, "write", 8192, 65536, 4, opts=["-q", "2"]) == {"status": 0}
     r = vub(sock, "read", 8192, 65536, binary=True).stdout
-    with open(img, "rb") as f:
-        f.seek(8192)
-        assert f.read(65536) == r
+    assert r == file_range(img, 8192, 65536) == vub_pattern(65536, 4)
     r = vub(sock, "bench", "randread", 4096, 8, 0.3, opts=["-q", "2"])
     assert r["ios"] > 0
 
 
-def test_writethrough(impl, served):
-    d, sock, img = served(impl, ",writethrough=on")
-    assert vub(sock, "write", 0, 4096, 11) == {"status": 0}
+@pytest.mark.parametrize("writethrough", [True, False])
+def test_writethrough(impl, start_daemon, image, tmpdir_short, writethrough):
+    """writethrough=on makes every write durable before it completes (QEMU
+    turns the export's write cache off: each write is followed by a flush
+    below it).  Seen in the page cache: when the reply arrives, the pages
+    written are neither dirty nor under writeback.  With the write cache on
+    (the default) they stay dirty until the guest's FLUSH.  (QEMU's config
+    space says wce=0 either way, so the device's config proves nothing.)"""
+    need_client()
+    img = image(SIZE, name="%s.img" % impl)
+    sock = os.path.join(tmpdir_short, "%s.sock" % impl)
+    start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=" + img,
+                 "--blockdev", "driver=raw,node-name=disk,file=f0",
+                 "--export", "type=vhost-user-blk,id=vub0,node-name=disk,writable=on,"
+                 "writethrough=%s,addr.type=unix,addr.path=%s" % ("on" if writethrough else "off",
+                                                                 sock))
     assert vub(sock, "info")["wce"] == 0
+    ln = 256 << 10
+    for seed in range(11, 16):
+        assert vub(sock, "write", MiB, ln, seed) == {"status": 0}
+        assert file_range(img, MiB, ln) == vub_pattern(ln, seed)
+        left = unsynced_pages(img, MiB, ln)
+        if writethrough or left:
+            break           # else the kernel wrote it back on its own: again
+    if writethrough:
+        assert left == 0, "a writethrough write was answered before it was durable"
+    else:
+        assert left > 0, "the kernel wrote every unflushed write back at once"
+        assert vub(sock, "req", 4) == {"status": 0}                  # FLUSH
+        assert unsynced_pages(img, MiB, ln) == 0
 
 
 def test_fd_address(impl, image, tmpdir_short):
