@@ -7,8 +7,6 @@ Encrypted secrets (keyid + iv, AES-256-CBC, made with the system's openssl)
 are checked end to end as an rbd key in test_rbd.py.
 """
 import base64
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -64,23 +62,51 @@ def test_secret_on_command_line(impl, tmpdir_short):
     assert err.splitlines()[0].endswith("'file' and 'data' are mutually exclusive")
 
 
-def test_encrypted_secret(impl, start_daemon, tmpdir_short):
+# Fixed AES-256-CBC vectors (openssl enc -aes-256-cbc; test_encrypted_secret_vectors
+# checks them) so that a wrong key's outcome is known.  QEMU takes the last
+# decrypted byte as the padding length and refuses only one larger than the
+# data: a random key and iv passed that check one run in sixteen, and the
+# test then proved nothing.  Both outcomes are fixed here.
+SECRET_KEY = bytes(range(32))
+SECRET_PLAIN = b"the rbd key"
+# with the all-zero key, this one decrypts to a last byte of 108: refused
+IV_BAD_PAD = bytes.fromhex("36710664d61b9295e5425ff00d65fbfa")
+ENC_BAD_PAD = bytes.fromhex("6bcc2af83f6e7e33261217ae3031bf0d")
+# and this one to garbage ending in 0x01, which looks padded: taken as is
+IV_LOOKS_PADDED = bytes.fromhex("0eeac37063b1eeaade159fb955f9d720")
+ENC_LOOKS_PADDED = bytes.fromhex("8790dc7d8770e66cc8e8f5993a8ab666")
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def test_encrypted_secret_vectors():
+    """The vectors are what openssl makes of SECRET_PLAIN under SECRET_KEY."""
     needs.tool("openssl", "openssl")
-    key, iv = os.urandom(32), os.urandom(16)
-    plain = b"the rbd key"
-    enc = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
-                         input=plain, stdout=subprocess.PIPE, check=True).stdout
+    for iv, enc in ((IV_BAD_PAD, ENC_BAD_PAD), (IV_LOOKS_PADDED, ENC_LOOKS_PADDED)):
+        r = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", SECRET_KEY.hex(),
+                            "-iv", iv.hex()], input=SECRET_PLAIN, stdout=subprocess.PIPE,
+                           check=True)
+        assert r.stdout == enc
+
+
+def test_encrypted_secret(impl, start_daemon, tmpdir_short):
     q = start_daemon(impl).qmp()
-    q.execute("object-add", qom_type="secret", id="master",
-              data=base64.b64encode(key).decode(), format="base64")
-    q.execute("object-add", qom_type="secret", id="s0", keyid="master", format="base64",
-              data=base64.b64encode(enc).decode(), iv=base64.b64encode(iv).decode())
-    # a wrong key gives bad padding (or, 1 time in 16 or so, garbage that
-    # happens to look padded): creation must not crash either way
-    other = base64.b64encode(bytes(32)).decode()
-    q.execute("object-add", qom_type="secret", id="zero", data=other, format="base64")
-    resp = q.request("object-add", {"qom-type": "secret", "id": "s1", "keyid": "zero",
-                                    "format": "base64", "data": base64.b64encode(enc).decode(),
-                                    "iv": base64.b64encode(iv).decode()})
-    if "error" in resp:
-        assert resp["error"]["desc"].startswith("Incorrect number of padding bytes")
+    q.execute("object-add", qom_type="secret", id="master", data=b64(SECRET_KEY),
+              format="base64")
+    for n, (iv, enc) in enumerate(((IV_BAD_PAD, ENC_BAD_PAD),
+                                   (IV_LOOKS_PADDED, ENC_LOOKS_PADDED))):
+        q.execute("object-add", qom_type="secret", id="s%d" % n, keyid="master",
+                  format="base64", data=b64(enc), iv=b64(iv))
+    # a wrong key: bad padding is refused with QEMU's message ...
+    q.execute("object-add", qom_type="secret", id="zero", data=b64(bytes(32)), format="base64")
+    e = q.error("object-add", qom_type="secret", id="w0", keyid="zero", format="base64",
+                data=b64(ENC_BAD_PAD), iv=b64(IV_BAD_PAD))
+    assert (e["class"], e["desc"]) == (
+        "GenericError", "Incorrect number of padding bytes (108) found on decrypted data")
+    # ... and garbage that looks padded is taken (QEMU cannot tell)
+    q.execute("object-add", qom_type="secret", id="w1", keyid="zero", format="base64",
+              data=b64(ENC_LOOKS_PADDED), iv=b64(IV_LOOKS_PADDED))
+    ids = {o["name"] for o in q.execute("qom-list", path="/objects")}
+    assert {"master", "s0", "s1", "zero", "w1"} <= ids and "w0" not in ids
