@@ -32,6 +32,11 @@ void client_stats_account(struct client_stats *st, enum client_op op, uint64_t b
     }
 }
 
+void client_stats_spliced(struct client_stats *st, uint64_t n)
+{
+    BUMP(st->spliced_bytes, n);
+}
+
 void client_stats_read(const struct client_stats *st, struct client_stats *out)
 {
     out->rd_ops = LOAD(st->rd_ops);
@@ -43,6 +48,7 @@ void client_stats_read(const struct client_stats *st, struct client_stats *out)
     out->flush_ops = LOAD(st->flush_ops);
     out->other_ops = LOAD(st->other_ops);
     out->errors = LOAD(st->errors);
+    out->spliced_bytes = LOAD(st->spliced_bytes);
 }
 
 void client_stats_add(struct client_stats *sum, const struct client_stats *st)
@@ -59,6 +65,7 @@ void client_stats_add(struct client_stats *sum, const struct client_stats *st)
     sum->flush_ops += v.flush_ops;
     sum->other_ops += v.other_ops;
     sum->errors += v.errors;
+    sum->spliced_bytes += v.spliced_bytes;
 }
 
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
@@ -74,6 +81,7 @@ void client_stats_store(struct client_stats *dst, const struct client_stats *src
     STORE(dst->flush_ops, src->flush_ops);
     STORE(dst->other_ops, src->other_ops);
     STORE(dst->errors, src->errors);
+    STORE(dst->spliced_bytes, src->spliced_bytes);
 }
 
 /* Counters only grow, but a reading may be a little older than base. */
@@ -90,14 +98,16 @@ void client_stats_sub(struct client_stats *sum, const struct client_stats *base)
     SUB(flush_ops);
     SUB(other_ops);
     SUB(errors);
+    SUB(spliced_bytes);
 }
 
 json_t *client_stats_json(const struct client_stats *v)
 {
-    return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
+    return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
                      "read-operations", (json_int_t)v->rd_ops,
                      "read-bytes", (json_int_t)v->rd_bytes,
                      "read-total-time-ns", (json_int_t)v->rd_ns,
+                     "read-spliced-bytes", (json_int_t)v->spliced_bytes,
                      "write-operations", (json_int_t)v->wr_ops,
                      "write-bytes", (json_int_t)v->wr_bytes,
                      "write-total-time-ns", (json_int_t)v->wr_ns,

@@ -16,6 +16,7 @@ struct client_stats {
     uint64_t rd_ops, rd_bytes, rd_ns;
     uint64_t wr_ops, wr_bytes, wr_ns;
     uint64_t flush_ops, other_ops, errors;
+    uint64_t spliced_bytes;      /* of rd_bytes: sent from the page cache by splice (NBD) */
 };
 
 /* What a block request counts as. */
@@ -30,6 +31,9 @@ static inline enum client_op client_op_of(enum breq_op op)
  * error; ns is its latency as the block layer measured it (breq). */
 void client_stats_account(struct client_stats *st, enum client_op op, uint64_t bytes,
                           uint64_t ns, int ret);
+/* A READ reply of n bytes goes to the socket by splice(2), not copied
+ * (its writer's thread only; counted when the reply is queued). */
+void client_stats_spliced(struct client_stats *st, uint64_t n);
 /* A consistent-enough copy, from any thread. */
 void client_stats_read(const struct client_stats *st, struct client_stats *out);
 /* sum += st (sum is the caller's own). */

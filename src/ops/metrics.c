@@ -108,6 +108,8 @@ static void export_metrics(struct text *t)
         { "bexd_export_read_operations_total", "read-operations", "Read requests completed." },
         { "bexd_export_read_bytes_total", "read-bytes", "Bytes read by clients." },
         { "bexd_export_read_seconds_total", "read-total-time-ns", "Time spent in reads." },
+        { "bexd_export_read_spliced_bytes_total", "read-spliced-bytes",
+          "Bytes of reads sent from the page cache by splice (NBD)." },
         { "bexd_export_write_operations_total", "write-operations", "Write requests completed." },
         { "bexd_export_write_bytes_total", "write-bytes", "Bytes written by clients." },
         { "bexd_export_write_seconds_total", "write-total-time-ns", "Time spent in writes." },

@@ -55,7 +55,8 @@ static const char text[] =
     /* ---- downstream extensions (bexd) ---- */
     "{ 'struct': '__org.bexd_ExportIOCounters',\n"
     "  'data': { 'read-operations': 'int', 'read-bytes': 'int',\n"
-    "            'read-total-time-ns': 'int', 'write-operations': 'int',\n"
+    "            'read-total-time-ns': 'int', 'read-spliced-bytes': 'int',\n"
+    "            'write-operations': 'int',\n"
     "            'write-bytes': 'int', 'write-total-time-ns': 'int',\n"
     "            'flush-operations': 'int', 'failed-operations': 'int' } }\n"
     "{ 'struct': '__org.bexd_ExportClientInfo',\n"
