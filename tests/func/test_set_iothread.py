@@ -27,10 +27,11 @@ import threading
 
 import pytest
 
+import needs
 from conftest import BUILD, QMPError
 from nbdwire import CMD_BLOCK_STATUS, CMD_READ, Conn
 
-nbd = pytest.importorskip("nbd")
+import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 MiB = 1 << 20
 BLK = 64 << 10
@@ -406,8 +407,7 @@ def vub_fill(n, seed):
 
 
 def vub_daemon(impl, start_daemon, image, tmpdir_short, iothread="io0"):
-    if not os.path.exists(VUB):
-        pytest.skip("vub-client not built")
+    needs.built(VUB, "vub-client")
     img = image(8 * MiB)
     sock = os.path.join(tmpdir_short, "vub.sock")
     exp = "type=vhost-user-blk,id=v,node-name=f,writable=on,addr.type=unix,addr.path=" + sock
