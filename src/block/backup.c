@@ -348,8 +348,9 @@ static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error *
         error_setg(errp, "Source and target cannot be the same");
         return NULL;
     }
-    if (opt_bool(a, "compress", false)) {
-        /* bexd's drivers write no compressed clusters */
+    bool compress = opt_bool(a, "compress", false);
+    if (compress && !target->drv->compressed_writes) {
+        /* QEMU names the target's device: a node has none */
         error_setg(errp, "Compression is not supported for this drive ");
         return NULL;
     }
@@ -414,6 +415,7 @@ static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error *
     block_job_add_node(&s->common, target);
     if (sync == SYNC_BITMAP)
         cbw_need_from_bitmap(cbw, bm);
+    cbw_set_compress(cbw, compress);
     cbw_set_progress(cbw, backup_progress, &s->common.job);
     job_progress_set_remaining(&s->common.job, cbw_need_bytes(cbw));
     return s;

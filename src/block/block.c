@@ -581,6 +581,12 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         breq_complete(req, -EINVAL);
         return;
     }
+    if (unlikely(req->flags & BREQ_WRITE_COMPRESSED) &&
+        (req->op != BREQ_WRITE || !bs->drv->compressed_writes)) {
+        bstats_invalid(req);
+        breq_complete(req, -ENOTSUP);
+        return;
+    }
     if (req->op == BREQ_FLUSH && bs->cache_no_flush) {
         breq_complete(req, 0);
         return;

@@ -52,6 +52,10 @@ enum {
     BREQ_NO_HOLD    = 1u << 5,  /* internal: a WRITE that block_writes_hold() lets
                                  * through (copy-before-write copies, which a held
                                  * guest write may be waiting for) */
+    BREQ_WRITE_COMPRESSED = 1u << 6, /* WRITE: store compressed (QEMU's
+                                 * BDRV_REQ_WRITE_COMPRESSED): whole clusters of a
+                                 * driver with bdrv.compressed_writes, into clusters
+                                 * not allocated yet; -ENOTSUP on other nodes */
     BREQ_BEYOND_EOF = 1u << 4,  /* internal (a format driver on its file child, image
                                  * creation): a WRITE may extend a protocol node,
                                  * whose size grows; a READ past its end reads zeros */
@@ -203,6 +207,7 @@ struct bdrv {
     const char *name;                   /* "file", "raw", ... */
     bool is_format;                     /* sits on a "file" child */
     bool is_filter;
+    bool compressed_writes;             /* takes BREQ_WRITE_COMPRESSED */
     const char *child_key;              /* the option naming that child; NULL = "file" */
     /* Open: opts is the validated blockdev-add object.  Set bs->size. */
     int  (*open)(struct bnode *bs, json_t *opts, error **errp);
@@ -279,8 +284,10 @@ struct bdrv {
 
 /* Events of QEMU's BlkdebugEvent that bexd raises (numbers as QEMU's enum). */
 enum {
+    BLKDBG_L2_UPDATE_COMPRESSED = 6,
     BLKDBG_READ_AIO = 9,
     BLKDBG_WRITE_AIO = 12,
+    BLKDBG_WRITE_COMPRESSED = 13,
     BLKDBG_FLUSH_TO_OS = 33,
     BLKDBG_FLUSH_TO_DISK = 34,
     BLKDBG_PWRITEV = 39,

@@ -70,6 +70,7 @@ struct cbw {
     struct co_queue changed;      /* a range finished (or a deadline passed) */
     int snapshot_error;
     bool active;                  /* the snapshot point is set */
+    bool compress;                /* data goes to the target as compressed writes */
     int refs;                     /* atomic */
     /* inserted above the source */
     struct bnode_intercept ic;
@@ -180,6 +181,54 @@ struct copier {
     struct cbw_range *r;
 };
 
+/* The extent at off (cluster-aligned, before end) that copies the same
+ * way, as QEMU's block_copy_block_status: whole clusters the source reads
+ * as zeros (a hole, a zero cluster) are written as zeroes; anything else,
+ * and an extent shorter than a cluster or a status error, is data. */
+static uint64_t copy_extent(struct cbw *s, uint64_t off, uint64_t end, bool *zero)
+{
+    uint64_t c = cbw_cluster_size(s), pnum;
+    unsigned flags;
+    int depth;
+    *zero = false;
+    if (bnode_block_status(s->source, off, end - off, &pnum, &flags, &depth) < 0 ||
+        (pnum < c && off + pnum < s->size))
+        return MIN(c, end - off);
+    *zero = flags & BS_ZERO;
+    if (off + pnum < s->size)
+        pnum -= pnum % c;
+    return MIN(pnum, end - off);
+}
+
+/* Copy [off, end) of the source to the target; *read_failed: the error
+ * came from the source.  Every write passes a hold: a held guest write may
+ * be waiting for this copy. */
+static int copy_data(struct cbw *s, uint64_t off, uint64_t end, bool *read_failed)
+{
+    void *buf = NULL;
+    int ret = 0;
+    *read_failed = false;
+    while (ret == 0 && off < end) {
+        bool zero;
+        uint64_t n = copy_extent(s, off, end, &zero);
+        if (zero) {
+            /* never compressed, and no unmap: QEMU's write flags */
+            ret = bnode_co_pwrite_zeroes(s->target, off, n, BREQ_NO_HOLD);
+        } else {
+            if (!buf)
+                buf = xmalloc(end - off);
+            ret = bnode_co_pread(s->source, off, n, buf, 0);
+            *read_failed = ret < 0;
+            if (ret == 0)
+                ret = bnode_co_pwrite(s->target, off, n, buf,
+                                      BREQ_NO_HOLD | (s->compress ? BREQ_WRITE_COMPRESSED : 0));
+        }
+        off += n;
+    }
+    free(buf);
+    return ret;
+}
+
 /* A coroutine: copy the clusters of one claimed range. */
 static void copier_co(void *opaque)
 {
@@ -188,12 +237,8 @@ static void copier_co(void *opaque)
     struct cbw_range *r = c->r;
     uint64_t off = r->first << s->shift;
     uint64_t len = MIN(r->n << s->shift, s->size - off);
-    void *buf = xmalloc(len);
-    int ret = bnode_co_pread(s->source, off, len, buf, 0);
-    bool read_failed = ret < 0;
-    if (ret == 0)                 /* a held guest write may be waiting for this copy */
-        ret = bnode_co_pwrite(s->target, off, len, buf, BREQ_NO_HOLD);
-    free(buf);
+    bool read_failed;
+    int ret = copy_data(s, off, off + len, &read_failed);
 
     pthread_mutex_lock(&s->lock);
     if (ret == 0) {
@@ -458,10 +503,11 @@ int cbw_snapshot_block_status(struct cbw *s, uint64_t offset, uint64_t bytes,
     run_end = MIN(run_end, pbitmap_next_clear(s->access, first, end));
     pthread_mutex_unlock(&s->lock);
     bytes = MIN(bytes, (run_end << s->shift) - offset);
-    if (done) {                   /* copied: the target holds it */
-        *pnum = bytes;
-        *flags = BS_DATA | BS_ALLOCATED;
-        return 0;
+    if (done) {                   /* copied: the target holds it (data, or zeroes) */
+        int ret = bnode_block_status(s->target, offset, bytes, pnum, flags, &depth);
+        if (ret == 0)
+            *flags |= BS_ALLOCATED;   /* never "see the layer below" */
+        return ret;
     }
     return bnode_block_status(s->source, offset, bytes, pnum, flags, &depth);
 }
@@ -550,6 +596,11 @@ int cbw_co_copy(struct cbw *s, uint64_t offset, uint64_t bytes, bool *error_is_r
     return ret;
 }
 
+void cbw_set_compress(struct cbw *s, bool compress)
+{
+    s->compress = compress;
+}
+
 void cbw_set_progress(struct cbw *s, void (*fn)(void *opaque, uint64_t bytes), void *opaque)
 {
     s->progress_opaque = opaque;
@@ -625,8 +676,15 @@ static int cbw_open(struct bnode *bs, json_t *opts, error **errp)
         return -1;
     }
     s->size = bs->file->size;
-    s->shift = (unsigned)__builtin_ctz(CBW_CLUSTER);
-    s->nclusters = (s->size + CBW_CLUSTER - 1) / CBW_CLUSTER;
+    /* QEMU's block-copy cluster: 64 KiB, or the target's cluster if larger
+     * (a copy never writes part of a target cluster: no copy-on-write
+     * there, and compressed writes need whole clusters) */
+    uint64_t cluster = CBW_CLUSTER;
+    uint32_t tcs = target->drv->cluster_size ? target->drv->cluster_size(target) : 0;
+    if (tcs > cluster && !(tcs & (tcs - 1)))
+        cluster = tcs;
+    s->shift = (unsigned)__builtin_ctzll(cluster);
+    s->nclusters = (s->size + cluster - 1) / cluster;
     const char *e = opt_str(opts, "on-cbw-error", "break-guest-write");
     s->on_error = !strcmp(e, "break-snapshot") ? BREAK_SNAPSHOT : BREAK_GUEST_WRITE;
     s->timeout_ms = (uint64_t)opt_int(opts, "cbw-timeout", 0) * 1000;

@@ -9,6 +9,8 @@
  * the snapshot may be read there at all ("access").  A write reaching the
  * source first copies the clusters it covers that still need it; each
  * cluster is copied once, by whichever writer or job gets to it first.
+ * Clusters the source reads as zeros (holes, zero clusters) are copied as
+ * zero writes, so a sparse source gives a sparse target.
  */
 #pragma once
 #include <stdbool.h>
@@ -43,6 +45,9 @@ uint64_t cbw_need_bytes(struct cbw *s);
 int  cbw_co_copy(struct cbw *s, uint64_t offset, uint64_t bytes, bool *error_is_read);
 /* The first byte offset >= offset that still needs a copy, or the size. */
 uint64_t cbw_next_need(struct cbw *s, uint64_t offset);
+/* Data reaches the target as compressed writes (BREQ_WRITE_COMPRESSED;
+ * zeroes stay zero writes), as QEMU's block-copy with compress. */
+void cbw_set_compress(struct cbw *s, bool compress);
 /* Called (any thread) with the bytes of every finished copy. */
 void cbw_set_progress(struct cbw *s, void (*fn)(void *opaque, uint64_t bytes), void *opaque);
 

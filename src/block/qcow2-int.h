@@ -148,6 +148,8 @@ struct qcow2_state {
     uint64_t alloc_end;              /* clusters handed out end below this */
     bool last_alloc_fresh;           /* the last allocation was past alloc_end: never
                                       * written, reads as zeros */
+    uint64_t free_byte_offset;       /* compressed clusters: where the next one may
+                                      * start, inside a cluster they share; 0 = none */
 
     /* options */
     unsigned overlap;                /* QOL_* checked before writes */
@@ -225,6 +227,10 @@ int  qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t leng
                            int64_t addend);
 /* Allocate n contiguous clusters (refcount 1); returns the host offset or -errno. */
 int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n);
+/* Allocate size bytes (<= a cluster) for a compressed cluster, packed
+ * after the previous one (QEMU's qcow2_alloc_bytes): every host cluster
+ * the bytes touch gains a reference.  Returns the host offset or -errno. */
+int64_t qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size);
 /* Queue clusters whose mapping was just removed (see the file comment). */
 void qcow2_free_deferred(struct qcow2_state *s, uint64_t offset, uint64_t nb, int type);
 /* A data file cluster whose mapping was removed: discarded later (no

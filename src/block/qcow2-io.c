@@ -413,6 +413,43 @@ int qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
     return -ENOTSUP;
 }
 
+/* Compress a cluster into dst (at most dst_len bytes) as QEMU does: raw
+ * deflate with a 4 KiB window, or one zstd frame.  The length, -ENOMEM if
+ * it does not fit (the caller writes the cluster uncompressed), or -EIO. */
+static ssize_t qcow2_compress(const struct qcow2_state *s, void *dst, size_t dst_len,
+                              const void *src, size_t src_len)
+{
+    if (s->compression_type == QCOW2_COMPRESSION_ZLIB) {
+        z_stream z = { .next_in = (Bytef *)src, .avail_in = src_len,
+                       .next_out = dst, .avail_out = dst_len };
+        if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                         Z_DEFAULT_STRATEGY) != Z_OK)
+            return -EIO;
+        int r = deflate(&z, Z_FINISH);
+        ssize_t ret = r == Z_STREAM_END ? (ssize_t)(dst_len - z.avail_out) :
+                      r == Z_OK ? -ENOMEM : -EIO;
+        deflateEnd(&z);
+        return ret;
+    }
+#ifdef CONFIG_ZSTD
+    if (s->compression_type == QCOW2_COMPRESSION_ZSTD) {
+        ZSTD_CCtx *cctx = ZSTD_createCCtx();
+        if (!cctx)
+            return -EIO;
+        ZSTD_inBuffer in = { src, src_len, 0 };
+        ZSTD_outBuffer out = { dst, dst_len, 0 };
+        /* one call with the whole input; anything left to flush means
+         * the output did not fit */
+        size_t r = ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_end);
+        ZSTD_freeCCtx(cctx);
+        if (ZSTD_isError(r))
+            return -EIO;
+        return r ? -ENOMEM : (ssize_t)out.pos;
+    }
+#endif
+    return -ENOTSUP;
+}
+
 /* Read and inflate the compressed cluster of entry l2e into buf (a cluster). */
 static int read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *buf)
 {
@@ -889,6 +926,103 @@ static int co_write(struct bnode *bs, struct qcow2_state *s, uint64_t offset, ui
     return ret;
 }
 
+/* ---- compressed writes (QEMU's qcow2_co_pwritev_compressed_part) ---- */
+
+/* Store cluster `guest` (cluster-aligned) as the len compressed bytes of
+ * data: into a cluster not allocated yet (QEMU: "compression can't
+ * overwrite anything"), the data first, then its L2 entry. */
+static int write_compressed_cluster(struct bnode *bs, struct qcow2_state *s, uint64_t guest,
+                                    const uint8_t *data, uint64_t len)
+{
+    struct qrange r;
+    struct qslice sl;
+    range_lock(s, &r, guest, s->cluster_size);
+    co_mutex_lock(&s->lock);
+    int ret = get_l2_for_write(s, guest, &sl);
+    if (ret < 0)
+        goto out;
+    uint64_t i = ((guest >> s->cluster_bits) & (s->l2_entries - 1)) - sl.first;
+    pthread_mutex_lock(&s->cache_lock);
+    uint64_t e = l2_entry(s, qcache_data(&s->l2c, sl.idx), i);
+    pthread_mutex_unlock(&s->cache_lock);
+    qcache_put(s, &s->l2c, sl.idx);
+    if (e & QCOW2_L2E_OFFSET_MASK) {
+        ret = -EIO;
+        goto out;
+    }
+    int64_t host = qcow2_alloc_bytes(s, len);
+    if (host < 0) {
+        ret = (int)host;
+        goto out;
+    }
+    ret = qcow2_overlap_check(s, 0, (uint64_t)host, len);
+    if (ret == 0) {
+        co_mutex_unlock(&s->lock);
+        bnode_debug_event(s->bs->file, BLKDBG_WRITE_COMPRESSED);
+        ret = bnode_co_pwrite(s->bs->file, (uint64_t)host, len, data, BREQ_BEYOND_EOF);
+        co_mutex_lock(&s->lock);
+    }
+    if (ret == 0)
+        ret = qcow2_mark_dirty(s);
+    if (ret == 0)
+        ret = get_slice(s, guest, &sl, &(uint64_t){ 0 });
+    if (ret < 0) {
+        qcow2_update_refcount(s, (uint64_t)host, len, -1);
+        goto out;
+    }
+    /* the count of 512-byte sectors after the first that the bytes touch */
+    uint64_t nsec = ((uint64_t)host + len - 1) / 512 - (uint64_t)host / 512;
+    pthread_mutex_lock(&s->cache_lock);
+    set_l2(s, qcache_data(&s->l2c, sl.idx), i,
+           (uint64_t)host | QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift), 0);
+    pthread_mutex_unlock(&s->cache_lock);
+    bnode_debug_event(s->bs->file, BLKDBG_L2_UPDATE_COMPRESSED);
+    qcache_mark_dirty(s, &s->l2c, sl.idx);
+    qcache_put(s, &s->l2c, sl.idx);
+out:
+    co_mutex_unlock(&s->lock);
+    range_unlock(s, &r);
+    return ret;
+}
+
+/* Whole clusters (the last one may end at the end of the image), each
+ * compressed, or written as it is if it does not compress. */
+static int co_write_compressed(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
+                               uint64_t bytes, const struct iovec *iov, int cnt)
+{
+    uint64_t cs = s->cluster_size;
+    if (s->data != s->bs->file)
+        return -ENOTSUP;
+    if (qoffset_into_cluster(s, offset) ||
+        (qoffset_into_cluster(s, bytes) && offset + bytes != s->size))
+        return -EINVAL;
+    CLEANUP_FREE uint8_t *buf = xmalloc(cs);
+    CLEANUP_FREE uint8_t *out = xmalloc(cs);
+    int ret = 0;
+    for (uint64_t done = 0; ret == 0 && done < bytes; done += cs) {
+        uint64_t n = MIN(cs, bytes - done);
+        struct sub_iov v;
+        sub_iov_make(&v, iov, cnt, done, n);
+        uint64_t pos = 0;
+        for (int k = 0; k < v.cnt; k++) {
+            memcpy(buf + pos, v.iov[k].iov_base, v.iov[k].iov_len);
+            pos += v.iov[k].iov_len;
+        }
+        sub_iov_free(&v);
+        memset(buf + n, 0, cs - n);      /* the image's short last cluster */
+        ssize_t len = qcow2_compress(s, out, cs - 1, buf, cs);
+        if (len == -ENOMEM) {            /* does not compress: a normal cluster */
+            struct iovec one = { buf, n };
+            ret = co_write(bs, s, offset + done, n, &one, 1, 0);
+        } else if (len < 0) {
+            ret = -EINVAL;
+        } else {
+            ret = write_compressed_cluster(bs, s, offset + done, out, (uint64_t)len);
+        }
+    }
+    return ret;
+}
+
 /* ---- zeroes and discard ---- */
 
 /* Give up the host cluster(s) entry e referenced (its mapping is gone). */
@@ -1188,7 +1322,12 @@ static void co_entry(void *opaque)
         ret = co_read(bs, s, offset, r->len, r->iov, r->iovcnt, 0);
         break;
     case BREQ_WRITE:
-        ret = s->corrupt ? -EIO : co_write(bs, s, offset, r->len, r->iov, r->iovcnt, r->flags);
+        if (s->corrupt)
+            ret = -EIO;
+        else if (r->flags & BREQ_WRITE_COMPRESSED)
+            ret = co_write_compressed(bs, s, offset, r->len, r->iov, r->iovcnt);
+        else
+            ret = co_write(bs, s, offset, r->len, r->iov, r->iovcnt, r->flags);
         break;
     case BREQ_WRITE_ZEROES:
         ret = s->corrupt ? -EIO : co_write_zeroes(bs, s, offset, r->len, r->flags);
@@ -1322,7 +1461,8 @@ out:
 
 static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, uint64_t offset)
 {
-    if (r->op != BREQ_READ && (r->op != BREQ_WRITE || s->corrupt))
+    if (r->op != BREQ_READ &&
+        (r->op != BREQ_WRITE || s->corrupt || (r->flags & BREQ_WRITE_COMPRESSED)))
         return false;
     uint64_t host = 0;
     int slot = 0;

@@ -694,6 +694,8 @@ static int refcount_add(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t 
         qcache_put(s, &s->rbc, idx);
         if (v == 0 && c < s->free_cluster_index)
             s->free_cluster_index = c;
+        if (v == 0 && s->free_byte_offset && (s->free_byte_offset >> s->cluster_bits) == c)
+            s->free_byte_offset = 0;     /* freed: may come back as anything */
     }
     return 0;
 }
@@ -843,6 +845,47 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
     if (start + n > s->alloc_end)
         s->alloc_end = start + n;
     return (int64_t)(start << s->cluster_bits);
+}
+
+int64_t qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size)
+{
+    uint64_t off = s->free_byte_offset;
+    int ret;
+    if (off) {
+        uint64_t ref = 0;
+        ret = qcow2_get_refcount(s, off >> s->cluster_bits, &ref);
+        if (ret < 0)
+            return ret;
+        if (ref == 0 || ref >= s->refcount_max)
+            off = 0;                    /* start a new cluster */
+    }
+    uint64_t room = off ? s->cluster_size - qoffset_into_cluster(s, off) : 0;
+    if (off && room >= size) {
+        ret = qcow2_update_refcount(s, off, size, 1);
+    } else {
+        /* a new cluster (referenced once already); the bytes continue
+         * into it if it follows the current one, else start there */
+        int64_t c = qcow2_alloc_clusters(s, 1);
+        if (c < 0)
+            return c;
+        if (c == 0) {
+            qcow2_signal_corruption(s, true, -1, -1, "Preventing invalid allocation of "
+                                    "compressed cluster at offset 0");
+            return -EIO;
+        }
+        if (off && (uint64_t)c == qstart_of_cluster(s, off) + s->cluster_size) {
+            ret = qcow2_update_refcount(s, off, 1, 1);
+            if (ret < 0)
+                qcow2_update_refcount(s, (uint64_t)c, s->cluster_size, -1);
+        } else
+            off = (uint64_t)c, ret = 0;
+    }
+    if (ret < 0)
+        return ret;
+    s->free_byte_offset = off + size;
+    if (!qoffset_into_cluster(s, s->free_byte_offset))
+        s->free_byte_offset = 0;
+    return (int64_t)off;
 }
 
 /* ---- deferred frees ---- */

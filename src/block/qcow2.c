@@ -1353,6 +1353,7 @@ static uint32_t qcow2_cluster_size(struct bnode *bs)
 static const struct bdrv bdrv_qcow2 = {
     .name = "qcow2",
     .is_format = true,
+    .compressed_writes = true,
     .open = qcow2_open,
     .close = qcow2_close,
     .submit = qcow2_submit,

@@ -798,3 +798,262 @@ def test_source_read_error(impl, start_daemon, tmpdir_short, policy):
     else:
         assert "error" not in done and done["offset"] == done["len"] == size
         assert img_compare(img, tgt).returncode == 0
+
+
+# ---- what the target receives: zero writes for zeros, compressed clusters ----
+
+K64 = 64 * 1024
+
+
+def sparse_source(path, size=4 * MiB):
+    """A raw image of 64 KiB pieces whose kind is known: R random (does not
+    compress), H half random half zeros, T text, Z zeros written as data,
+    a hole, and a hole with one random 4 KiB block in it (I)."""
+    rnd = random.Random(12)
+    layout = "RHTTZZZZ" + "." * 8 + "I" + "." * 47
+    assert len(layout) * K64 == size
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i, k in enumerate(layout):
+            f.seek(i * K64)
+            if k == "R":
+                f.write(rnd.randbytes(K64))
+            elif k == "H":
+                f.write(rnd.randbytes(K64 // 2) + bytes(K64 // 2))
+            elif k == "T":
+                f.write((b"backup %d " % i) * (K64 // 10) + b"x" * (K64 % 10))
+            elif k == "Z":
+                f.write(bytes(K64))
+            elif k == "I":
+                f.seek(i * K64 + 4096)
+                f.write(rnd.randbytes(4096))
+    return layout
+
+
+def expected_kinds(layout, cs, compress):
+    """Per target cluster of cs bytes: d data, c compressed, z zero cluster.
+    The copy unit is max(64 KiB, cs); a unit all hole is written as zeroes;
+    a compressed cluster that does not shrink (all random) stays data."""
+    unit = max(K64, cs)
+    per = unit // K64
+    out = []
+    for u in range(len(layout) // per):
+        pieces = layout[u * per:(u + 1) * per]
+        for c in range(unit // cs):
+            if set(pieces) == {"."}:
+                out.append("z")
+                continue
+            if not compress:
+                out.append("d")
+                continue
+            if cs < K64:
+                k = pieces[0]
+                off = c * cs                  # inside the 64 KiB piece
+                random_part = {"R": K64, "H": K64 // 2, "I": 0}.get(k, 0)
+                if k == "I":
+                    rnd_here = off == 4096
+                else:
+                    rnd_here = off + cs <= random_part
+                out.append("d" if rnd_here else "c")
+            else:
+                out.append("d" if set(pieces) == {"R"} else "c")
+    return "".join(out)
+
+
+def cluster_kinds(path, cs):
+    """What qemu-img map says of each cluster: d data at an offset,
+    c data without one (compressed), z zeros, - unallocated."""
+    m = json.loads(subprocess.run(["qemu-img", "map", "-U", "--output=json", path],
+                                  check=True, stdout=subprocess.PIPE).stdout)
+    out = []
+    for x in m:
+        if x["data"]:
+            k = "d" if "offset" in x else "c"
+        else:
+            k = "z" if x["present"] else "-"
+        assert x["start"] % cs == 0 and x["length"] % cs == 0, x
+        out.append(k * (x["length"] // cs))
+    return "".join(out)
+
+
+def img_check(path):
+    r = subprocess.run(["qemu-img", "check", "-U", "--output=json", path],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    c = json.loads(r.stdout)
+    assert (c["check-errors"], c.get("corruptions", 0), c.get("leaks", 0)) == (0, 0, 0), c
+    return c
+
+
+TARGETS = [  # (qemu-img create -o options, cluster size, compress)
+    ("", K64, False),
+    ("", K64, True),
+    ("compression_type=zstd", K64, True),
+    ("cluster_size=4096", 4096, True),
+    ("cluster_size=131072", 131072, True),
+]
+
+
+def test_target_allocation(impl, start_daemon, tmpdir_short):
+    """A full backup of a sparse raw image into fresh qcow2 images: holes
+    become zero clusters (no data), the rest data; with compress=true every
+    cluster that shrinks is stored compressed (zlib or zstd, per the
+    image), whatever the cluster size.  qemu-img check finds no error and
+    compare no difference; the map is the same for bexd and qsd."""
+    img = os.path.join(tmpdir_short, "src.img")
+    layout = sparse_source(img)
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0")
+    qmp = d.qmp()
+    for n, (opts, cs, compress) in enumerate(TARGETS):
+        path = os.path.join(tmpdir_short, "t%d.qcow2" % n)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2"] + (["-o", opts] if opts else [])
+                       + [path, str(4 * MiB)], check=True)
+        qmp.execute("blockdev-add", node_name="t", driver="qcow2",
+                    file={"driver": "file", "filename": path})
+        qmp.execute("blockdev-backup", job_id="j", device="disk", target="t", sync="full",
+                    compress=compress)
+        e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in e["data"] and e["data"]["offset"] == 4 * MiB, e
+        qmp.execute("blockdev-del", node_name="t")
+        want = expected_kinds(layout, cs, compress)
+        assert cluster_kinds(path, cs) == want, (opts, compress)
+        c = img_check(path)
+        stats = c.get("image-end-offset"), c.get("compressed-clusters", 0)
+        assert stats[1] == want.count("c"), (opts, c)
+        assert img_compare(img, path, "qcow2").returncode == 0
+        if "zstd" in opts:
+            info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+                                             check=True, stdout=subprocess.PIPE).stdout)
+            assert info["format-specific"]["data"]["compression-type"] == "zstd"
+
+
+def test_zero_clusters_of_a_qcow2_source(impl, start_daemon, tmpdir_short):
+    """Zero clusters and unallocated clusters of a qcow2 source are zero
+    writes; only the data cluster is copied as data (raw target: a hole)."""
+    size = 2 * MiB
+    src = os.path.join(tmpdir_short, "s.qcow2")
+    tgt = os.path.join(tmpdir_short, "t.qcow2")
+    raw = os.path.join(tmpdir_short, "t.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, str(size)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 64k",
+                    "-c", "write -P 0x42 1M 128k", "-c", "write -z 1M 128k", src],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size)], check=True)
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % src,
+                     "--blockdev", "driver=qcow2,node-name=disk,file=f0",
+                     "--blockdev", "driver=file,node-name=f1,filename=%s" % tgt,
+                     "--blockdev", "driver=qcow2,node-name=t,file=f1",
+                     "--blockdev", "driver=file,node-name=r,filename=%s" % raw)
+    qmp = d.qmp()
+    for job, target in (("j", "t"), ("k", "r")):
+        qmp.execute("blockdev-backup", job_id=job, device="disk", target=target, sync="full")
+        e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in e["data"], e
+    qmp.execute("blockdev-del", node_name="t")
+    qmp.execute("blockdev-del", node_name="f1")
+    assert cluster_kinds(tgt, K64) == "d" + "z" * 31
+    img_check(tgt)
+    assert img_compare(src, tgt, "qcow2", "qcow2").returncode == 0
+    assert img_compare(src, raw, "raw", "qcow2").returncode == 0
+    m = json.loads(subprocess.run(["qemu-img", "map", "-U", "-f", "raw", "--output=json", raw],
+                                  check=True, stdout=subprocess.PIPE).stdout)
+    assert sum(x["length"] for x in m if x["data"]) == K64, m
+
+
+def test_compress_refused_and_failing(impl, start_daemon, tmpdir_short):
+    """compress=true: refused for a raw (or file) target in QEMU's words; a
+    qcow2 target whose cluster is allocated already fails the job with EIO
+    (compression cannot overwrite), one with a data file with ENOTSUP."""
+    size = 2 * MiB
+    img = os.path.join(tmpdir_short, "src.img")
+    with open(img, "wb") as f:
+        f.truncate(size)
+        f.write(b"abc" * 100000)
+    raw = os.path.join(tmpdir_short, "t.raw")
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    full = os.path.join(tmpdir_short, "full.qcow2")
+    ext = os.path.join(tmpdir_short, "ext.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", full, str(size)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 64k 64k", full], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=%s.data" % ext,
+                    ext, str(size)], check=True)
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0",
+                     "--blockdev", "driver=file,node-name=rf,filename=%s" % raw,
+                     "--blockdev", "driver=raw,node-name=rr,file=rf")
+    qmp = d.qmp()
+    for t in ("rf", "rr"):
+        err = qmp.error("blockdev-backup", job_id="j", device="disk", target=t, sync="full",
+                        compress=True)
+        assert (err["class"], err["desc"]) == ("GenericError",
+                                               "Compression is not supported for this drive ")
+    for node, path, msg in (("full", full, "Input/output error"),
+                            ("ext", ext, "Operation not supported")):
+        qmp.execute("blockdev-add", node_name=node, driver="qcow2",
+                    file={"driver": "file", "filename": path})
+        qmp.events.clear()
+        qmp.execute("blockdev-backup", job_id="j", device="disk", target=node, sync="full",
+                    compress=True)
+        ev = drain_events(qmp, "JOB_STATUS_CHANGE", "j", "null")
+        assert [e["data"] for e in ev if e["event"] == "BLOCK_JOB_ERROR"] == [
+            {"device": "j", "operation": "write", "action": "report"}]
+        [done] = [e["data"] for e in ev if e["event"] == "BLOCK_JOB_COMPLETED"]
+        assert done["error"] == msg
+        qmp.execute("blockdev-del", node_name=node)
+    img_check(full)
+    assert qmp.execute("query-block-jobs") == []
+
+
+def test_compressed_incremental_with_guest_writes(impl, start_daemon, tmpdir_short):
+    """Push mode with compress=true: a full backup, then an incremental one
+    into an overlay, while a client writes (its copies are compressed too):
+    each chain equals the image at its backup's start."""
+    size = 4 * MiB
+    img = os.path.join(tmpdir_short, "src.img")
+    sparse_source(img)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0",
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "nbd,id=w,node-name=disk,name=w,writable=on")
+    qmp = d.qmp()
+    uri = "nbd+unix:///w?socket=" + sock
+    prev = None
+    for gen in range(2):
+        if gen:
+            qemu_io(uri, "write -P 0x31 2M 192k", "write -z 0 64k")
+        ref = os.path.join(tmpdir_short, "ref%d.img" % gen)
+        shutil.copyfile(img, ref)
+        path = os.path.join(tmpdir_short, "gen%d.qcow2" % gen)
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)]
+        if prev:
+            argv[5:5] = ["-b", prev, "-F", "qcow2"]
+        subprocess.run(argv, check=True)
+        qmp.execute("blockdev-add", node_name="t%d" % gen, driver="qcow2",
+                    file={"driver": "file", "filename": path})
+        a = dict(job_id="b%d" % gen, device="disk", target="t%d" % gen, compress=True,
+                 speed=1)
+        if gen == 0:
+            qmp.execute("transaction", actions=[
+                {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "inc"}},
+                {"type": "blockdev-backup", "data": {k.replace("_", "-"): v for k, v in
+                                                     dict(a, sync="full").items()}}])
+        else:
+            qmp.execute("blockdev-backup", sync="incremental", bitmap="inc", **a)
+        # overwrite what the job has not copied yet: the old data is copied first
+        qemu_io(uri, "write -P 0x7%d 128k 256k" % gen, "write -P 0x6%d 3M 64k" % gen)
+        qmp.execute("block-job-set-speed", device="b%d" % gen, speed=0)
+        e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        assert e["data"]["device"] == "b%d" % gen and "error" not in e["data"], e
+        qmp.execute("blockdev-del", node_name="t%d" % gen)
+        img_check(path)
+        r = img_compare(ref, path, "qcow2")
+        assert r.returncode == 0, r.stdout
+        c = img_check(path)
+        assert c.get("compressed-clusters", 0) > 0, c
+        prev = path

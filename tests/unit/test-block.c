@@ -104,6 +104,25 @@ static void test_out_of_range_and_read_only(void **state)
     assert_int_equal(blockdev_del("ro", NULL), 0);
 }
 
+/* Only drivers that store compressed clusters take a compressed write:
+ * file and raw refuse it, and write nothing. */
+static void test_compressed_write_refused(void **state)
+{
+    struct bnode *bs = add_file("cw", false);
+    struct bnode *r = add("{\"driver\":\"raw\",\"node-name\":\"cr\",\"file\":\"cw\"}");
+    char w[65536], rd[65536];
+    memset(w, 0x77, sizeof(w));
+    assert_int_equal(run(bs, BREQ_WRITE, 1 << 20, sizeof(w), w, BREQ_WRITE_COMPRESSED),
+                     -ENOTSUP);
+    assert_int_equal(run(r, BREQ_WRITE, 1 << 20, sizeof(w), w, BREQ_WRITE_COMPRESSED),
+                     -ENOTSUP);
+    assert_int_equal(run(bs, BREQ_READ, 1 << 20, sizeof(rd), rd, 0), 0);
+    for (size_t i = 0; i < sizeof(rd); i++)
+        assert_int_not_equal((unsigned char)rd[i], 0x77);
+    assert_int_equal(blockdev_del("cr", NULL), 0);
+    assert_int_equal(blockdev_del("cw", NULL), 0);
+}
+
 static void test_block_status_sees_holes(void **state)
 {
     struct bnode *bs = add_file("bs", true);
@@ -247,6 +266,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_read_write_roundtrip),
         cmocka_unit_test(test_out_of_range_and_read_only),
+        cmocka_unit_test(test_compressed_write_refused),
         cmocka_unit_test(test_block_status_sees_holes),
         cmocka_unit_test(test_block_status_cost_bounded_by_request),
         cmocka_unit_test(test_write_zeroes_and_raw_window),
