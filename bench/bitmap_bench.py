@@ -92,12 +92,15 @@ def proc_cpu(pid):
 
 
 CPU_PER_WRITE = {}      # (row, impl) -> [server CPU microseconds per write]
+SERVER_BUSY = {}        # (row, impl) -> [server CPU seconds per second of the run]
+CLIENT_BUSY = {}        # (row, impl) -> [fio's own CPU (usr + sys), fraction of a core]
 
 
 def fio_iops(uri, runtime, size, workdir, pid=None, key=None):
     """IOPS of the run; with pid, also records the server's CPU time per
     write (less sensitive than IOPS to a loaded machine) under key."""
     cpu0 = proc_cpu(pid) if pid else 0
+    t0 = time.monotonic()
     out = os.path.join(workdir, "fio.json")
     subprocess.run(["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
                     "--bs=4k", "--iodepth=32", "--size=%d" % size, "--time_based",
@@ -105,8 +108,15 @@ def fio_iops(uri, runtime, size, workdir, pid=None, key=None):
                     "--output-format=json", "--output=" + out], check=True,
                    stdout=subprocess.DEVNULL)
     cpu = proc_cpu(pid) - cpu0 if pid else 0
+    wall = time.monotonic() - t0
     with open(out) as f:
-        w = json.load(f)["jobs"][0]["write"]
+        job = json.load(f)["jobs"][0]
+    w = job["write"]
+    if pid:
+        # who was the limit: a server busy well below one core while fio
+        # is busy near one is a run the client (or the machine) bounded
+        SERVER_BUSY.setdefault(key, []).append(cpu / wall)
+        CLIENT_BUSY.setdefault(key, []).append((job["usr_cpu"] + job["sys_cpu"]) / 100)
     if pid and w["total_ios"]:
         # CPU over the whole run (ramp included) per write over the whole run
         ios = w["total_ios"] + w["iops"]         # + the 1 s ramp, at the same rate
@@ -282,6 +292,17 @@ def main(argv):
             if (r, "bexd") in cpu or (r, "qsd") in cpu:
                 print("  %-10s bexd %7.1f   qsd %7.1f" % (r, cpu.get((r, "bexd"), 0),
                                                         cpu.get((r, "qsd"), 0)))
+    if SERVER_BUSY:
+        print("busy, fraction of one core (median): server / fio client")
+        for r in ("bitmaps0", "bitmaps2", "cbw"):
+            line = []
+            for impl in ("bexd", "qsd"):
+                if (r, impl) in SERVER_BUSY:
+                    line.append("%s %.2f / %.2f" % (
+                        impl, statistics.median(SERVER_BUSY[(r, impl)]),
+                        statistics.median(CLIENT_BUSY[(r, impl)])))
+            if line:
+                print("  %-10s %s" % (r, "   ".join(line)))
     for s in ("bexd", "qsd"):
         if "bitmaps0" in med and s in med["bitmaps0"]:
             print("%s: two enabled bitmaps cost %.1f%% of 4k random write IOPS" %
@@ -292,8 +313,10 @@ def main(argv):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": results, "median": med,
-                   "cpu_us_per_write": {"%s/%s" % k: v for k, v in CPU_PER_WRITE.items()}},
-                  f, indent=1)
+                       "cpu_us_per_write": {"%s/%s" % k: v for k, v in CPU_PER_WRITE.items()},
+                       "server_busy": {"%s/%s" % k: v for k, v in SERVER_BUSY.items()},
+                       "client_busy": {"%s/%s" % k: v for k, v in CLIENT_BUSY.items()}},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
