@@ -11,6 +11,11 @@ socket; fio's nbd engine is the client):
             (blockdev-add copy-before-write over the disk, a RAM target,
             the export on the filter): every first write to a 64 KiB
             cluster copies it first.
+  push      the same 10% as a push-mode incremental backup inside the
+            daemon: blockdev-backup sync=incremental into a fresh qcow2
+            image in /dev/shm, seconds from the command to
+            BLOCK_JOB_COMPLETED (no client round trips: the daemon's own
+            copy speed).
   backup    incremental backup of the image with 10% of it dirty (random
             64 KiB clusters written after a bitmap was added): the time
             from the freeze (transaction: new bitmap, blockdev-backup
@@ -198,6 +203,50 @@ print(sum(l for _, l in dirty))
 """
 
 
+BACKUP_CPU = {}         # (row, impl) -> [server CPU seconds of the backup]
+
+
+def dirty_tenth(srv):
+    """Write 10% of the image's 64 KiB clusters (spread out) through an
+    export; returns how many."""
+    nclusters = srv.size // 65536
+    script = ("import nbd, random\nh = nbd.NBD()\nh.connect_uri(%r)\n"
+              "r = random.Random(3)\nbuf = bytes(65536)\n"
+              "for c in r.sample(range(%d), %d):\n    h.pwrite(buf, c * 65536)\n"
+              % (srv.uri("w"), nclusters, nclusters // 10))
+    subprocess.run(["/usr/bin/python3", "-c", script], check=True)
+    return nclusters // 10
+
+
+def row_push(srv, args):
+    """Push-mode incremental backup of 10% dirty: seconds from the command
+    to the job's completion."""
+    tgt = os.path.join(args.workdir, "push-%s.qcow2" % srv.impl)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(args.size)], check=True)
+    srv.size = args.size
+    srv.start()
+    q = srv.qmp
+    q.execute("block-dirty-bitmap-add", node="disk", name="b0")
+    q.execute("block-export-add", type="nbd", id="w", node_name="disk", name="w",
+              writable=True)
+    n = dirty_tenth(srv)
+    q.execute("blockdev-add", node_name="tgt", driver="qcow2",
+              file={"driver": "file", "filename": tgt})
+    try:
+        cpu0 = proc_cpu(srv.pid)
+        t0 = time.monotonic()
+        q.execute("blockdev-backup", job_id="push", device="disk", target="tgt",
+                  sync="incremental", bitmap="b0")
+        e = q.wait_event("BLOCK_JOB_COMPLETED")
+        dt = time.monotonic() - t0
+        BACKUP_CPU.setdefault(("push", srv.impl), []).append(proc_cpu(srv.pid) - cpu0)
+        assert "error" not in e["data"] and e["data"]["len"] == n * 65536, e
+        return dt
+    finally:
+        srv.stop()
+        os.unlink(tgt)
+
+
 def row_backup(srv, args):
     """Pull-mode incremental backup of 10% dirty: seconds from freeze to copy done."""
     tmp = os.path.join(args.workdir, "fleece-%s.img" % srv.impl)
@@ -210,14 +259,10 @@ def row_backup(srv, args):
     q.execute("block-dirty-bitmap-add", node="disk", name="b0")
     q.execute("block-export-add", type="nbd", id="w", node_name="disk", name="w",
               writable=True)
-    # dirty 10% of the clusters, spread out
-    nclusters = args.size // 65536
-    script = ("import nbd, random\nh = nbd.NBD()\nh.connect_uri(%r)\n"
-              "r = random.Random(3)\nbuf = bytes(65536)\n"
-              "for c in r.sample(range(%d), %d):\n    h.pwrite(buf, c * 65536)\n"
-              % (srv.uri("w"), nclusters, nclusters // 10))
-    subprocess.run(["/usr/bin/python3", "-c", script], check=True)
+    srv.size = args.size
+    nclusters = dirty_tenth(srv) * 10
     try:
+        cpu0 = proc_cpu(srv.pid)
         t0 = time.monotonic()
         q.execute("transaction", actions=[
             {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "b1"}},
@@ -231,6 +276,7 @@ def row_backup(srv, args):
         r = subprocess.run(["/usr/bin/python3", "-c", BACKUP_CLIENT, srv.uri("s"),
                             "qemu:dirty-bitmap:b0", copy], check=True, stdout=subprocess.PIPE)
         dt = time.monotonic() - t0
+        BACKUP_CPU.setdefault(("backup", srv.impl), []).append(proc_cpu(srv.pid) - cpu0)
         assert int(r.stdout) == nclusters // 10 * 65536, r.stdout
         return dt
     finally:
@@ -244,7 +290,7 @@ def main(argv):
     p.add_argument("-t", "--runtime", type=int, default=6, help="seconds per fio row")
     p.add_argument("-r", "--repeat", type=int, default=3, help="repeats of each row")
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (1024)")
-    p.add_argument("-w", "--rows", default="bitmaps,cbw,backup")
+    p.add_argument("-w", "--rows", default="bitmaps,cbw,push,backup")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.size *= MiB
@@ -268,6 +314,10 @@ def main(argv):
                     v = row_cbw(srv, args)
                     results.setdefault("cbw", {}).setdefault(name, []).append(v)
                     log("%s cbw: %.0f IOPS" % (name, v))
+                if "push" in rows:
+                    v = row_push(srv, args)
+                    results.setdefault("push", {}).setdefault(name, []).append(v)
+                    log("%s push: %.2f s" % (name, v))
                 if "backup" in rows:
                     v = row_backup(srv, args)
                     results.setdefault("backup", {}).setdefault(name, []).append(v)
@@ -279,6 +329,7 @@ def main(argv):
     for r, label, unit in (("bitmaps0", "4k randwrite, no bitmap", "IOPS"),
                            ("bitmaps2", "4k randwrite, 2 bitmaps", "IOPS"),
                            ("cbw", "4k randwrite through cbw", "IOPS"),
+                           ("push", "push incr. 10% (s)", "s"),
                            ("backup", "incr. backup 10% (s)", "s")):
         if r not in med:
             continue
@@ -292,6 +343,13 @@ def main(argv):
             if (r, "bexd") in cpu or (r, "qsd") in cpu:
                 print("  %-10s bexd %7.1f   qsd %7.1f" % (r, cpu.get((r, "bexd"), 0),
                                                         cpu.get((r, "qsd"), 0)))
+    if BACKUP_CPU:
+        print("server CPU seconds per backup (median):")
+        for r in ("push", "backup"):
+            if (r, "bexd") in BACKUP_CPU or (r, "qsd") in BACKUP_CPU:
+                print("  %-10s bexd %7.2f   qsd %7.2f" % (
+                    r, statistics.median(BACKUP_CPU.get((r, "bexd"), [0])),
+                    statistics.median(BACKUP_CPU.get((r, "qsd"), [0]))))
     if SERVER_BUSY:
         print("busy, fraction of one core (median): server / fio client")
         for r in ("bitmaps0", "bitmaps2", "cbw"):
@@ -315,7 +373,8 @@ def main(argv):
             json.dump({"runs": results, "median": med,
                        "cpu_us_per_write": {"%s/%s" % k: v for k, v in CPU_PER_WRITE.items()},
                        "server_busy": {"%s/%s" % k: v for k, v in SERVER_BUSY.items()},
-                       "client_busy": {"%s/%s" % k: v for k, v in CLIENT_BUSY.items()}},
+                       "client_busy": {"%s/%s" % k: v for k, v in CLIENT_BUSY.items()},
+                       "backup_cpu_s": {"%s/%s" % k: v for k, v in BACKUP_CPU.items()}},
                       f, indent=1)
 
 

@@ -39,7 +39,8 @@
 #include "util/xalloc.h"
 
 #define CBW_CLUSTER      65536u       /* QEMU's block-copy cluster for raw targets */
-#define CBW_MAX_COPY     (16u * CBW_CLUSTER)   /* one copier's run */
+#define CBW_MAX_COPY     (16u * CBW_CLUSTER)   /* one copier's run (at least a cluster) */
+#define CBW_SPARE_BUFS   8            /* copy buffers kept for the next copies */
 
 enum on_cbw_error { BREAK_GUEST_WRITE, BREAK_SNAPSHOT };
 
@@ -77,6 +78,12 @@ struct cbw {
     bool inserted;
     void (*ready)(void *opaque);
     void *ready_opaque;
+    /* copy buffers kept (under lock): a fresh buffer costs a page fault
+     * per page on its first use, more than the copy itself */
+    uint64_t max_run;             /* clusters per copier run */
+    void *spare[CBW_SPARE_BUFS];
+    uint64_t spare_size[CBW_SPARE_BUFS];
+    int nspare;
     /* progress of a job */
     void (*progress)(void *opaque, uint64_t bytes);
     void *progress_opaque;
@@ -96,6 +103,8 @@ uint64_t cbw_cluster_size(struct cbw *s) { return 1ull << s->shift; }
 static void cbw_free_main(void *opaque)
 {
     struct cbw *s = opaque;
+    while (s->nspare)
+        free(s->spare[--s->nspare]);
     pbitmap_free(s->need);
     pbitmap_free(s->done);
     pbitmap_free(s->access);
@@ -200,12 +209,59 @@ static uint64_t copy_extent(struct cbw *s, uint64_t off, uint64_t end, bool *zer
     return MIN(pnum, end - off);
 }
 
+/* A buffer of at least len bytes (*size: how many). */
+static void *buf_get(struct cbw *s, uint64_t len, uint64_t *size)
+{
+    void *b = NULL;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < s->nspare; i++)
+        if (s->spare_size[i] >= len) {
+            b = s->spare[i];
+            *size = s->spare_size[i];
+            s->nspare--;
+            s->spare[i] = s->spare[s->nspare];
+            s->spare_size[i] = s->spare_size[s->nspare];
+            break;
+        }
+    pthread_mutex_unlock(&s->lock);
+    if (!b) {
+        b = xmalloc(len);
+        *size = len;
+    }
+    return b;
+}
+
+/* Keep b for another copy, in place of a smaller spare if need be. */
+static void buf_put(struct cbw *s, void *b, uint64_t size)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->nspare < CBW_SPARE_BUFS) {
+        s->spare[s->nspare] = b;
+        s->spare_size[s->nspare++] = size;
+        b = NULL;
+    } else {
+        int small = 0;
+        for (int i = 1; i < s->nspare; i++)
+            if (s->spare_size[i] < s->spare_size[small])
+                small = i;
+        if (s->spare_size[small] < size) {
+            void *old = s->spare[small];
+            s->spare[small] = b;
+            s->spare_size[small] = size;
+            b = old;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    free(b);
+}
+
 /* Copy [off, end) of the source to the target; *read_failed: the error
  * came from the source.  Every write passes a hold: a held guest write may
  * be waiting for this copy. */
 static int copy_data(struct cbw *s, uint64_t off, uint64_t end, bool *read_failed)
 {
     void *buf = NULL;
+    uint64_t bufsize = 0;
     int ret = 0;
     *read_failed = false;
     while (ret == 0 && off < end) {
@@ -216,7 +272,7 @@ static int copy_data(struct cbw *s, uint64_t off, uint64_t end, bool *read_faile
             ret = bnode_co_pwrite_zeroes(s->target, off, n, BREQ_NO_HOLD);
         } else {
             if (!buf)
-                buf = xmalloc(end - off);
+                buf = buf_get(s, end - off, &bufsize);
             ret = bnode_co_pread(s->source, off, n, buf, 0);
             *read_failed = ret < 0;
             if (ret == 0)
@@ -225,7 +281,8 @@ static int copy_data(struct cbw *s, uint64_t off, uint64_t end, bool *read_faile
         }
         off += n;
     }
-    free(buf);
+    if (buf)
+        buf_put(s, buf, bufsize);
     return ret;
 }
 
@@ -270,7 +327,7 @@ static bool claim(struct cbw *s, uint64_t first, uint64_t end, struct copier **c
     }
     if (c >= end)
         return false;
-    uint64_t z = pbitmap_next_clear(s->need, c, MIN(end, c + (CBW_MAX_COPY >> s->shift)));
+    uint64_t z = pbitmap_next_clear(s->need, c, MIN(end, c + s->max_run));
     for (struct cbw_range *o = s->ranges; o; o = o->next)   /* stop before the next copy */
         if (!o->read && o->first > c && o->first < z)
             z = o->first;
@@ -685,6 +742,7 @@ static int cbw_open(struct bnode *bs, json_t *opts, error **errp)
         cluster = tcs;
     s->shift = (unsigned)__builtin_ctzll(cluster);
     s->nclusters = (s->size + cluster - 1) / cluster;
+    s->max_run = MAX(1, CBW_MAX_COPY >> s->shift);
     const char *e = opt_str(opts, "on-cbw-error", "break-guest-write");
     s->on_error = !strcmp(e, "break-snapshot") ? BREAK_SNAPSHOT : BREAK_GUEST_WRITE;
     s->timeout_ms = (uint64_t)opt_int(opts, "cbw-timeout", 0) * 1000;

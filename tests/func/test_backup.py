@@ -891,6 +891,7 @@ TARGETS = [  # (qemu-img create -o options, cluster size, compress)
     ("compression_type=zstd", K64, True),
     ("cluster_size=4096", 4096, True),
     ("cluster_size=131072", 131072, True),
+    ("cluster_size=2097152", 2 * MiB, True),    # a copy unit above the 1 MiB run
 ]
 
 
