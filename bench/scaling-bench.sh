@@ -15,6 +15,11 @@
 #   pool  no iothread: bexd's worker loops (one per CPU)
 # FUSE rows: bench/fuse-bench.sh with JOBS_N=2 (two fio jobs, one per CPU)
 # for bexd-io1, bexd-q2, bexd-uring and bexd-uring-q2.
+# vhost-user-blk rows (VHOST=0 skips them): tests/vhost/vub-client drives 2
+# virtqueues at 16 requests each (32 in flight), 4k random read and write,
+# against an export with num-queues=2 on one iothread (vub-io1) or on two
+# (vub-io2: queue 0 in io0, queue 1 in io1).  VUB=path (default
+# build/tests/vhost/vub-client).
 # Every row prints IOPS, MiB/s and the server's CPU microseconds per op.
 set -u
 RT=${1:-4}
@@ -52,6 +57,20 @@ start_nbd() {
       --daemonize --pidfile "$T/pid" || return 1
   PID=$(cat "$T/pid")
 }
+VUB=${VUB:-$HERE/build/tests/vhost/vub-client}
+start_vub() {
+  local xo
+  case $1 in
+    io1) xo=,iothread=io0 ;;
+    io2) xo=,iothread.0=io0,iothread.1=io1 ;;
+  esac
+  rm -f "$T/pid" "$T/vub.sock"
+  "$BEXD" --object iothread,id=io0 --object iothread,id=io1 \
+      --blockdev "driver=file,node-name=d,filename=$IMG" \
+      --export "type=vhost-user-blk,id=e,node-name=d,writable=on,num-queues=2,addr.type=unix,addr.path=$T/vub.sock$xo" \
+      --daemonize --pidfile "$T/pid" || return 1
+  PID=$(cat "$T/pid")
+}
 stop() {
   kill "$PID" 2>/dev/null
   while kill -0 "$PID" 2>/dev/null; do sleep 0.05; done
@@ -78,6 +97,19 @@ for r in $(seq "$ROUNDS"); do
       stop
     done
   done
+  if [ "${VHOST:-1}" != 0 ] && [ -x "$VUB" ]; then
+    for W in randread randwrite; do
+      for C in io1 io2; do
+        start_vub "$C" || continue
+        R=$("$VUB" -q 2 "$T/vub.sock" bench "$W" 4096 16 "$RT" "$PID" | tail -1)
+        IOPS=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["iops"])' 2>/dev/null)
+        US=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["server_us_per_io"])' 2>/dev/null)
+        MIBS=$(awk -v i="${IOPS:-0}" 'BEGIN { print i * 4096 / 1048576 }')
+        printf '%-13s %-32s %9s %9.0f %9s\n' "vub-$C" "$W 4k qd16 x2 queues" "${IOPS:-0}" "$MIBS" "${US:-0}"
+        stop
+      done
+    done
+  fi
   [ "${FUSE:-1}" = 0 ] && continue
   BEXD=$BEXD SIZE=$SIZE JOBS_N=2 ONLY='libaio' \
       "$HERE/bench/fuse-bench.sh" "$RT" bexd-io1 bexd-q2 bexd-uring bexd-uring-q2 2>/dev/null | tail -n +2

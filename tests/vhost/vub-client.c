@@ -12,10 +12,17 @@
  *   vub-client SOCK read OFF LEN            data to stdout (binary)
  *   vub-client SOCK req TYPE [SECTOR [LEN]] one request of any type: prints status
  *   vub-client SOCK inflight OFF LEN        a READ known to be in flight, then its status
- *   vub-client SOCK hostile KIND            a crafted bad ring (see below)
+ *   vub-client SOCK hostile KIND            a crafted bad ring (see below; VUB_QUEUE=n
+ *                                           breaks queue n instead of 0)
  *   vub-client SOCK badmsg KIND             a malformed vhost-user message
  *   vub-client SOCK bench RW BS DEPTH SECS [QUEUES] [SERVER_PID]
  *   vub-client SOCK verify SECS            write patterns, read each back, for SECS
+ *   vub-client SOCK mqverify BS DEPTH ROUNDS [HOLD_FD]
+ *                                           every queue writes DEPTH patterned blocks at
+ *                                           once, then reads back another queue's; with
+ *                                           HOLD_FD, writes "ready" and the kick fds'
+ *                                           eventfd-ids there after the first round
+ *                                           and waits for a byte on stdin
  * Options before SOCK: -q N (queues to set up, default 1), -n N (ring size,
  * default 256), -i (use indirect descriptors).
  * Output: one JSON object per line.  Exit 0 unless the front-end itself
@@ -459,7 +466,8 @@ static int report_hostile(struct q *q, uint8_t *status)
 
 static int cmd_hostile(const char *kind)
 {
-    struct q *q = &qs[0];
+    const char *qn = getenv("VUB_QUEUE");   /* the queue to break, default 0 */
+    struct q *q = &qs[qn && (unsigned)atoi(qn) < nq ? atoi(qn) : 0];
     struct vring_desc *t = q->desc;
     uint8_t *h = SLOT_HDR(0), *status = h + 32;
     struct virtio_blk_outhdr *oh = (void *)h;
@@ -619,6 +627,154 @@ static int cmd_verify(double secs)
     return 0;
 }
 
+/* ---- verified I/O on every queue ----------------------------------------------------------- */
+
+/* Wait until every queue has had n completions; count bad statuses. */
+static int wait_all(unsigned n, unsigned depth, uint64_t *failed)
+{
+    for (unsigned qi = 0; qi < nq; qi++) {
+        unsigned got = 0;
+        while (got < n) {
+            uint32_t ids[256];
+            int k = harvest(&qs[qi], ids, 256, TIMEOUT_MS);
+            if (k < 0)
+                return -1;
+            for (int j = 0; j < k; j++) {
+                unsigned i = use_indirect ? ids[j] : ids[j] / 3;
+                if (i >= depth || *(SLOT_HDR(qi * depth + i) + 32) != 0)
+                    (*failed)++;
+            }
+            got += k;
+        }
+    }
+    return 0;
+}
+
+/* Stop every ring while its requests are in flight (GET_VRING_BASE is
+ * answered once the ring drained), hand the memory table over again and
+ * restart the rings where they stopped, as QEMU does around a stop/cont.
+ * Returns the number of rings stopped before they popped all we queued
+ * (they go on from their base after the restart). */
+static unsigned restart_queues(void)
+{
+    struct vhost_user_msg m;
+    unsigned early = 0;
+    uint16_t base[64];
+
+    for (unsigned i = 0; i < nq; i++) {
+        struct vhost_user_vring_state s = { i, 0 };
+        if (send_msg(VHOST_USER_GET_VRING_BASE, 0, &s, 8, NULL, 0) < 0 || recv_reply(&m) != 8)
+            die("get vring base");
+        if (m.p.state.index != i || m.p.state.num > 0xffff ||
+            (uint16_t)(qs[i].avail_idx - m.p.state.num) > qsize)
+            die("get vring base: bad answer");
+        base[i] = m.p.state.num;
+        early += base[i] != qs[i].avail_idx;
+    }
+    struct vhost_user_mem_table t = { .nregions = 1 };
+    t.regions[0] = (struct vhost_user_mem_region){ 0, MEM_SIZE, (uintptr_t)mem, 0 };
+    if (send_ack(VHOST_USER_SET_MEM_TABLE, &t, 8 + sizeof(t.regions[0]), &memfd, 1) != 0)
+        die("set mem table again");
+    for (unsigned i = 0; i < nq; i++) {
+        struct q *q = &qs[i];
+        struct vhost_user_vring_state s = { i, qsize };
+        if (send_ack(VHOST_USER_SET_VRING_NUM, &s, 8, NULL, 0) != 0)
+            die("vring num");
+        s.num = base[i];
+        if (send_ack(VHOST_USER_SET_VRING_BASE, &s, 8, NULL, 0) != 0)
+            die("vring base");
+        struct vhost_user_vring_addr a = { i, 0, (uintptr_t)q->desc, (uintptr_t)q->used,
+                                           (uintptr_t)q->avail, 0 };
+        if (send_ack(VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0) != 0)
+            die("vring addr");
+        uint64_t v = i;
+        if (send_ack(VHOST_USER_SET_VRING_KICK, &v, 8, &q->kick, 1) != 0)
+            die("vring kick");
+    }
+    return early;
+}
+
+static int cmd_mqverify(uint32_t bs, unsigned depth, unsigned rounds, int hold_fd)
+{
+    bool cycle = getenv("VUB_CYCLE") != NULL;
+    unsigned restarts = 0, early = 0;
+    uint64_t nblk = cfg.capacity * 512 / bs, failed = 0, bad = 0, checked = 0;
+    unsigned total = depth * nq;
+    uint8_t *want = malloc(bs);
+
+    if (!want || !nblk || depth * 3 > qsize || bs % 512 ||
+        (uint64_t)total * bs > MEM_SIZE - DATA_AREA - (2u << 20))
+        die("mqverify: depth or block size too large for the ring or memory");
+    for (unsigned r = 0; r < rounds; r++) {
+        /* every queue writes its blocks, all at once */
+        for (unsigned qi = 0; qi < nq; qi++) {
+            for (unsigned i = 0; i < depth; i++) {
+                unsigned b = qi * depth + i;
+                uint64_t blk = ((uint64_t)r * total + b) % nblk;
+                fill(DATA(b, bs), bs, (uint64_t)r << 32 | b);
+                publish(&qs[qi], build(&qs[qi], i, b, VIRTIO_BLK_T_OUT, blk * bs / 512,
+                                       DATA(b, bs), bs));
+            }
+        }
+        for (unsigned qi = 0; qi < nq; qi++)
+            kick(&qs[qi]);
+        if (cycle) {
+            /* the writes are in flight: the rings stop only once they completed */
+            early += restart_queues();
+            restarts++;
+        }
+        if (wait_all(depth, depth, &failed) < 0)
+            die("mqverify: server stopped answering");
+        /* then reads back the blocks the next queue wrote */
+        for (unsigned qi = 0; qi < nq; qi++) {
+            for (unsigned i = 0; i < depth; i++) {
+                unsigned b = qi * depth + i, src = ((qi + 1) % nq) * depth + i;
+                uint64_t blk = ((uint64_t)r * total + src) % nblk;
+                memset(DATA(b, bs), 0, bs);
+                publish(&qs[qi], build(&qs[qi], i, b, VIRTIO_BLK_T_IN, blk * bs / 512,
+                                       DATA(b, bs), bs));
+            }
+        }
+        for (unsigned qi = 0; qi < nq; qi++)
+            kick(&qs[qi]);
+        if (wait_all(depth, depth, &failed) < 0)
+            die("mqverify: server stopped answering");
+        for (unsigned qi = 0; qi < nq; qi++) {
+            for (unsigned i = 0; i < depth; i++) {
+                unsigned b = qi * depth + i, src = ((qi + 1) % nq) * depth + i;
+                fill(want, bs, (uint64_t)r << 32 | src);
+                bad += memcmp(want, DATA(b, bs), bs) != 0;
+                checked++;
+            }
+        }
+        if (r == 0 && hold_fd >= 0) {
+            /* "ready" and the eventfd-id of every kick fd (Linux 6.8+, else -1):
+             * the test finds which of the server's loops watches each */
+            char line[64 * 24] = "ready", c;
+            for (unsigned qi = 0; qi < nq; qi++) {
+                char path[64], buf[512];
+                long id = -1;
+                snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", qs[qi].kick);
+                FILE *f = fopen(path, "r");
+                while (f && fgets(buf, sizeof(buf), f))
+                    sscanf(buf, "eventfd-id: %ld", &id);
+                if (f)
+                    fclose(f);
+                snprintf(line + strlen(line), sizeof(line) - strlen(line), " %ld", id);
+            }
+            strcat(line, "\n");
+            if (write(hold_fd, line, strlen(line)) != (ssize_t)strlen(line) || read(0, &c, 1) < 0)
+                die("mqverify: hold");
+        }
+    }
+    free(want);
+    printf("{\"rounds\": %u, \"queues\": %u, \"checked\": %llu, \"mismatches\": %llu, "
+           "\"failed\": %llu, \"restarts\": %u, \"stopped_early\": %u}\n", rounds, nq,
+           (unsigned long long)checked, (unsigned long long)bad, (unsigned long long)failed,
+           restarts, early);
+    return 0;
+}
+
 /* ---- benchmark ------------------------------------------------------------------------------ */
 
 static double now_s(void)
@@ -767,6 +923,9 @@ int main(int argc, char **argv)
         return cmd_hostile(a[0]);
     if (!strcmp(cmd, "badmsg") && na >= 1)
         return cmd_badmsg(a[0]);
+    if (!strcmp(cmd, "mqverify") && na >= 3)
+        return cmd_mqverify(strtoul(a[0], 0, 0), strtoul(a[1], 0, 0), strtoul(a[2], 0, 0),
+                            na > 3 ? atoi(a[3]) : -1);
     if (!strcmp(cmd, "verify") && na >= 1)
         return cmd_verify(atof(a[0]));
     if (!strcmp(cmd, "bench") && na >= 4)

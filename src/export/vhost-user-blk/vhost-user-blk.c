@@ -5,7 +5,9 @@
  * and with its messages (logical-block-size, num-queues, address type),
  * listens on the UNIX socket (or the passed fd) from the main thread, and
  * hands the listening fd to the export's loop (exp->loop: an iothread's or
- * the main loop), where everything else runs.
+ * the main loop), where everything else runs, except the virtqueues of an
+ * export whose `iothread` is a list: queue i runs in iothread i mod n (see
+ * "queues in other loops" below).
  *
  * One front-end at a time, as QEMU: while a client is connected, or while
  * a disconnected one still has requests in flight, the listening socket is
@@ -41,7 +43,8 @@
  * come back as they were and every started ring is processed (the guest
  * may have queued requests meanwhile; their kicks are still pending on the
  * eventfds).  The main thread posts nothing else to it during a move: a
- * shutdown or a resize notice waits for the move's end.
+ * shutdown or a resize notice waits for the move's end.  An export on
+ * several iothreads is never moved (the registry refuses).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -76,13 +79,18 @@ struct vub_slot {
     struct vq_mem *mem;          /* pins the mapping the iovecs point into */
     unsigned gen;
     uint16_t head;
-    struct vub_slot *next_free;
+    struct vub_slot *next_free;  /* also: completed while the queue was parked */
     struct iovec iov[VUB_MAX_IOV];
 };
 
+/* Everything here belongs to the queue's loop (q->loop), except where the
+ * control loop may touch it while the queue is parked (see "Queues in other
+ * loops" below). */
 struct vub_queue {
     struct vub_client *cl;
     struct vu_vq *vq;
+    struct loop *loop;           /* serves the kick fd, pops, completions, calls */
+    bool remote;                 /* loop is not the client's control loop */
     struct loop_watch *kick_w;
     struct vub_slot *slots;
     unsigned nslots, busy;
@@ -91,6 +99,11 @@ struct vub_queue {
     bool notify_queued;
     bool starved;
     bool kick_on;                /* watched its kick fd before a move */
+    bool parked;                 /* remote: the control loop owns the ring state now */
+    bool broken;                 /* remote: asked the control loop to drop the client */
+    bool released;               /* dropped its reference on the dead client */
+    const char *drop_why;
+    struct vub_slot *parked_done;  /* completed while parked: pushed when unparked */
     uint64_t unsignalled_bytes;  /* completed since the last signal */
 };
 
@@ -98,11 +111,17 @@ struct vub_client {
     struct vub_export *vx;
     struct vu_conn conn;
     int fd;
+    struct loop *ctl;            /* the control loop: socket, messages, lifetime */
     struct loop_watch *sock_w;
     struct vub_queue *queues;
-    unsigned inflight;
-    bool dead;
-    bool free_queued;
+    unsigned nremote;            /* queues served by other loops */
+    int refs;                    /* atomic: freed (in ctl) when it reaches 0 */
+    int parking;                 /* atomic: remote queues yet to park */
+    bool park_active;            /* ctl: a park round is under way */
+    bool want_read, want_resume; /* ctl: what to do once the queues are parked */
+    bool dropping;               /* ctl: client_drop waits for the park */
+    bool all_parked;             /* ctl: in park_done_fn, every remote queue parked */
+    bool dead;                   /* atomic loads where queues read it */
     bool resume_queued;
     struct loop_defer resume;
 };
@@ -112,6 +131,8 @@ struct vub_client {
 struct vub_qacct {
     struct client_stats st;
     uint64_t started;            /* requests taken from the ring */
+    int tid;                     /* the thread that completed the last request */
+    const char *iothread;        /* the iothread serving the queue, or NULL */
 };
 
 struct vub_export {
@@ -143,10 +164,34 @@ static void client_drop(struct vub_client *cl, const char *why);
 static void client_free_fn(void *opaque);
 static void process_queue(struct vub_queue *q);
 static void maybe_finish(struct vub_export *vx);
+static void queue_request_drop(struct vub_queue *q, const char *why);
+static void queue_maybe_release(struct vub_queue *q);
+
+static bool client_dead(struct vub_client *cl)
+{
+    return __atomic_load_n(&cl->dead, __ATOMIC_ACQUIRE);
+}
+
+static void client_ref(struct vub_client *cl)
+{
+    __atomic_add_fetch(&cl->refs, 1, __ATOMIC_RELAXED);
+}
+
+/* From any loop; the client is freed in its control loop. */
+static void client_unref(struct vub_client *cl)
+{
+    if (__atomic_sub_fetch(&cl->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        loop_call(cl->ctl, client_free_fn, cl);
+}
+
+/* May the queue's loop work on the ring now? */
+static bool queue_live(struct vub_queue *q)
+{
+    return !q->parked && !q->broken && !client_dead(q->cl);
+}
 
 /* ---- completions -------------------------------------------------------------- */
 
-static void client_try_free(struct vub_client *cl);
 static void notify_now(struct vub_queue *q);
 
 static void notify_fn(void *opaque)
@@ -155,16 +200,18 @@ static void notify_fn(void *opaque)
     struct vu_vq *vq = q->vq;
 
     q->notify_queued = false;
-    if (q->cl->dead) {
-        client_try_free(q->cl);
+    if (client_dead(q->cl)) {
+        queue_maybe_release(q);
         return;
     }
+    if (q->parked)
+        return;                 /* unparking signals and pops */
     notify_now(q);
     if (q->cl->vx->quiescing) {
         vub_try_handoff(q->cl->vx);      /* starved stays: resumed after the move */
         return;
     }
-    if (q->starved && vq->started) {
+    if (q->starved && vq->started && queue_live(q)) {
         q->starved = false;
         process_queue(q);
     }
@@ -184,9 +231,11 @@ static void schedule_notify(struct vub_queue *q)
 {
     if (!q->notify_queued) {
         q->notify_queued = true;
-        loop_defer(q->cl->vx->loop, &q->notify);
+        loop_defer(q->loop, &q->notify);
     }
 }
+
+static void resume_call_fn(void *opaque);
 
 static void slot_release(struct vub_slot *s)
 {
@@ -198,16 +247,24 @@ static void slot_release(struct vub_slot *s)
     s->next_free = q->free;
     q->free = s;
     q->busy--;
-    cl->inflight--;
-    if (cl->dead) {
-        client_try_free(cl);
+    if (client_dead(cl)) {
+        queue_maybe_release(q);
         return;
     }
-    if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0 && !cl->resume_queued) {
-        cl->resume_queued = true;
-        loop_defer(cl->vx->loop, &cl->resume);
+    /* blocked_vq changes only while this queue is parked (or in this loop) */
+    if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0) {
+        if (!q->remote) {
+            if (!cl->resume_queued) {
+                cl->resume_queued = true;
+                client_ref(cl);
+                loop_defer(cl->ctl, &cl->resume);
+            }
+        } else {
+            client_ref(cl);
+            loop_call(cl->ctl, resume_call_fn, cl);
+        }
     }
-    if (cl->vx->quiescing)
+    if (!q->remote && cl->vx->quiescing)
         vub_try_handoff(cl->vx);
 }
 
@@ -216,7 +273,7 @@ static void slot_push(struct vub_slot *s, uint32_t len)
 {
     struct vub_queue *q = s->q;
 
-    if (!q->cl->dead && s->gen == q->vq->gen && q->vq->q.used) {
+    if (!client_dead(q->cl) && s->gen == q->vq->gen && q->vq->q.used) {
         virtq_push(&q->vq->q, s->head, len);
         /* Small requests are signalled in one batch per loop iteration;
          * after large ones (page-cache hits complete inline, one after
@@ -241,24 +298,50 @@ static bool client_mem_faulted(struct vub_client *cl, struct vq_mem *extra)
     return false;
 }
 
+static int thread_id(void)
+{
+    static __thread int tid;
+
+    if (!tid)
+        tid = (int)gettid();
+    return tid;
+}
+
 static void slot_account(struct vub_slot *s)
 {
     struct vub_qacct *a = &s->q->cl->vx->acct[s->q - s->q->cl->queues];
     const struct breq *b = &s->r.breq;
+
+    if (a->tid != thread_id())
+        __atomic_store_n(&a->tid, thread_id(), __ATOMIC_RELAXED);
     client_stats_account(&a->st, client_op_of(b->op), b->len, b->acct_lat_ns,
                          s->r.result == VIRTIO_BLK_S_OK ? 0 : -EIO);
+}
+
+/* Push a completed slot and let it go (the queue is not parked). */
+static void slot_finish(struct vub_slot *s)
+{
+    struct vub_queue *q = s->q;
+
+    slot_push(s, s->r.in_len);
+    if (!client_dead(q->cl) && !q->broken && client_mem_faulted(q->cl, s->mem))
+        queue_request_drop(q, "the front-end truncated its guest memory");
+    slot_release(s);
 }
 
 static void slot_complete(struct vblk_req *r)
 {
     struct vub_slot *s = (struct vub_slot *)r;
-    struct vub_client *cl = s->q->cl;
+    struct vub_queue *q = s->q;
 
     slot_account(s);
-    slot_push(s, r->in_len);
-    if (!cl->dead && client_mem_faulted(cl, s->mem))
-        client_drop(cl, "the front-end truncated its guest memory");
-    slot_release(s);
+    if (q->parked && !client_dead(q->cl)) {
+        /* the control loop may be re-pointing the ring: push when unparked */
+        s->next_free = q->parked_done;
+        q->parked_done = s;
+        return;
+    }
+    slot_finish(s);
 }
 
 /* ---- request intake -------------------------------------------------------------- */
@@ -269,11 +352,11 @@ static struct vub_slot *slot_get(struct vub_queue *q)
 
     q->free = s->next_free;
     q->busy++;
-    q->cl->inflight++;
     s->q = q;
     s->gen = q->vq->gen;
     s->mem = q->cl->conn.mem;
     vq_mem_ref(s->mem);
+    s->r.loop = q->loop;
     s->r.breq.op = BREQ_CACHE;   /* "other" until the handler submits it */
     s->r.breq.len = 0;
     s->r.breq.acct_lat_ns = 0;
@@ -294,10 +377,11 @@ static bool pop_one(struct vub_queue *q, bool *empty)
     if (r == 0)
         return true;
     if (r == -EPROTO) {
-        client_drop(cl, "virtqueue avail ring is corrupt");
+        queue_request_drop(q, "virtqueue avail ring is corrupt");
         return false;
     }
-    bool alone = cl->inflight == 0 && virtq_avail(&q->vq->q) == 0;
+    /* The queue's own requests: other queues may run in other loops. */
+    bool alone = q->busy == 0 && virtq_avail(&q->vq->q) == 0;
     s = slot_get(q);
     s->head = e.head;
     s->r.alone = alone;
@@ -306,7 +390,7 @@ static bool pop_one(struct vub_queue *q, bool *empty)
                  cl->vx->exp.id, q->vq->idx, e.head, strerror(-r));
         slot_push(s, 0);
         slot_release(s);
-        client_drop(cl, "malformed descriptor chain");
+        queue_request_drop(q, "malformed descriptor chain");
         return false;
     }
     s->r.complete = slot_complete;
@@ -321,19 +405,18 @@ static bool pop_one(struct vub_queue *q, bool *empty)
 
 static void process_queue(struct vub_queue *q)
 {
-    struct vub_client *cl = q->cl;
     bool empty = false;
 
     for (;;) {
-        while (q->free && !cl->dead && q->vq->started) {
+        while (q->free && queue_live(q) && q->vq->started) {
             if (!pop_one(q, &empty))
                 return;
             if (empty)
                 break;
         }
-        if (!cl->dead && client_mem_faulted(cl, NULL))
-            client_drop(cl, "the front-end truncated its guest memory");
-        if (cl->dead || !q->vq->started)
+        if (queue_live(q) && client_mem_faulted(q->cl, NULL))
+            queue_request_drop(q, "the front-end truncated its guest memory");
+        if (!queue_live(q) || !q->vq->started)
             return;
         if (!q->free) {
             q->starved = true;      /* resumed by the next completion's notify */
@@ -352,10 +435,151 @@ static void kick_cb(void *opaque, uint32_t revents)
     ssize_t n = read(q->vq->kick_fd, &v, sizeof(v));
 
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-        client_drop(q->cl, "kick fd closed or failed");
+        queue_request_drop(q, "kick fd closed or failed");
         return;
     }
     process_queue(q);
+}
+
+/* ---- queues in other loops ---------------------------------------------------------
+ *
+ * With `iothread` given as a list, queue i is served by iothread i % n (as
+ * QEMU's iothread-vq-mapping assigns virtqueues round-robin): its kick fd,
+ * its pops, its completions and its call fd live in that loop, and nothing
+ * on the data path is shared with another queue but the memory table's
+ * atomic reference count.  The front-end's socket, the vhost-user state and
+ * the client's lifetime stay in the control loop (the export's first
+ * iothread).
+ *
+ * A vhost-user message may re-point rings (SET_MEM_TABLE, SET_VRING_ADDR),
+ * stop them (GET_VRING_BASE, SET_VRING_KICK, RESET_OWNER) or start them.
+ * So before the control loop reads the socket it parks every remote queue:
+ * each queue's loop stops watching its kick fd and keeps the completions
+ * that arrive meanwhile instead of pushing them; when the last queue has
+ * parked, the control loop reads and applies the messages, and unparks
+ * the queues: each pushes what completed meanwhile, watches its kick fd
+ * again if its ring runs, and pops.  Messages are rare after set-up, so
+ * this costs nothing on the data path.  No thread ever waits for another.
+ *
+ * A queue's loop that finds the ring broken (or the memory truncated) stops
+ * the queue and asks the control loop to drop the client.  Dropping parks
+ * the queues first too; the client is freed when every queue's loop has
+ * let go of it (no request in flight, no signal queued).
+ */
+
+static void park_done_fn(void *opaque);
+
+static void park_fn(void *opaque)
+{
+    struct vub_queue *q = opaque;
+    struct vub_client *cl = q->cl;
+
+    q->parked = true;
+    if (q->kick_w)
+        loop_watch_del(q->kick_w);
+    q->kick_w = NULL;
+    if (__atomic_sub_fetch(&cl->parking, 1, __ATOMIC_ACQ_REL) == 0)
+        loop_call(cl->ctl, park_done_fn, cl);     /* passes this call's reference on */
+    else
+        client_unref(cl);
+}
+
+/* Control loop: park every remote queue, then run what is wanted. */
+static void park_start(struct vub_client *cl)
+{
+    if (cl->park_active)
+        return;
+    cl->park_active = true;
+    if (cl->sock_w)
+        loop_watch_set(cl->sock_w, 0);
+    __atomic_store_n(&cl->parking, (int)cl->nremote, __ATOMIC_RELEASE);
+    for (unsigned i = 0; i < cl->conn.nvqs; i++) {
+        struct vub_queue *q = &cl->queues[i];
+        if (q->remote) {
+            client_ref(cl);
+            loop_call(q->loop, park_fn, q);
+        }
+    }
+}
+
+static void unpark_fn(void *opaque)
+{
+    struct vub_queue *q = opaque;
+    struct vub_client *cl = q->cl;
+    struct vub_slot *done = q->parked_done;
+
+    q->parked = false;
+    q->parked_done = NULL;
+    while (done) {
+        struct vub_slot *s = done;
+        done = s->next_free;
+        slot_finish(s);
+    }
+    if (queue_live(q)) {
+        notify_now(q);
+        if (q->vq->started && q->vq->kick_fd >= 0) {
+            q->kick_w = loop_watch_fd(q->loop, q->vq->kick_fd, LOOP_IN, kick_cb, q);
+            if (!q->kick_w)
+                queue_request_drop(q, "cannot watch the kick fd");
+            else
+                process_queue(q);
+        }
+    }
+    client_unref(cl);
+}
+
+/* A remote queue of a client now dead: let go of what it still holds. */
+static void dead_fn(void *opaque)
+{
+    struct vub_queue *q = opaque;
+    struct vub_client *cl = q->cl;
+    struct vub_slot *done = q->parked_done;
+
+    q->parked_done = NULL;
+    while (done) {
+        struct vub_slot *s = done;
+        done = s->next_free;
+        slot_release(s);
+    }
+    queue_maybe_release(q);
+    client_unref(cl);
+}
+
+/* In the queue's loop: a dead client's queue lets go of it once nothing of
+ * it is in flight or queued there. */
+static void queue_maybe_release(struct vub_queue *q)
+{
+    if (q->released || !client_dead(q->cl) || q->busy || q->notify_queued || q->parked_done)
+        return;
+    q->released = true;
+    client_unref(q->cl);
+}
+
+static void drop_req_fn(void *opaque)
+{
+    struct vub_queue *q = opaque;
+    struct vub_client *cl = q->cl;
+
+    client_drop(cl, q->drop_why);
+    client_unref(cl);
+}
+
+/* In the queue's loop: the ring or the memory is broken. */
+static void queue_request_drop(struct vub_queue *q, const char *why)
+{
+    if (!q->remote) {
+        client_drop(q->cl, why);
+        return;
+    }
+    if (q->broken)
+        return;
+    q->broken = true;
+    q->drop_why = why;
+    if (q->kick_w)
+        loop_watch_del(q->kick_w);
+    q->kick_w = NULL;
+    client_ref(q->cl);
+    loop_call(q->cl->ctl, drop_req_fn, q);
 }
 
 /* ---- device ops (called from vu_conn_readable) ------------------------------------ */
@@ -414,15 +638,17 @@ static int op_queue_start(void *opaque, struct vu_vq *vq)
     struct vub_queue *q = &cl->queues[vq->idx];
     int r;
 
-    if (cl->dead)
+    if (cl->dead || cl->dropping)
         return -EIO;
     q->vq = vq;
     vq->priv = q;
-    r = queue_slots(q, vq->num);
+    r = queue_slots(q, vq->num);      /* a remote queue is parked: its slots are ours */
     if (r < 0)
         return r;
     fcntl(vq->kick_fd, F_SETFL, fcntl(vq->kick_fd, F_GETFL) | O_NONBLOCK);
-    q->kick_w = loop_watch_fd(cl->vx->loop, vq->kick_fd, LOOP_IN, kick_cb, q);
+    if (q->remote)
+        return 0;                     /* its loop watches the kick fd when unparked */
+    q->kick_w = loop_watch_fd(q->loop, vq->kick_fd, LOOP_IN, kick_cb, q);
     if (!q->kick_w)
         return -EINVAL;
     process_queue(q);     /* the guest may have queued requests already */
@@ -434,6 +660,7 @@ static void op_queue_stop(void *opaque, struct vu_vq *vq)
     struct vub_client *cl = opaque;
     struct vub_queue *q = &cl->queues[vq->idx];
 
+    /* a remote queue is parked: its loop deleted the watch already */
     if (q->kick_w)
         loop_watch_del(q->kick_w);
     q->kick_w = NULL;
@@ -450,9 +677,9 @@ static const struct vu_dev_ops vub_ops = {
 
 /* ---- client lifetime -------------------------------------------------------------- */
 
-static void client_sock_cb(void *opaque, uint32_t revents)
+/* Read and apply the front-end's messages (remote queues parked). */
+static void client_read(struct vub_client *cl)
 {
-    struct vub_client *cl = opaque;
     int r = vu_conn_readable(&cl->conn);
 
     if (r < 0) {
@@ -464,18 +691,15 @@ static void client_sock_cb(void *opaque, uint32_t revents)
         loop_watch_set(cl->sock_w, 0);      /* until that ring drained */
 }
 
-/* The ring GET_VRING_BASE waits for is idle: answer, read again. */
-static void resume_fn(void *opaque)
+/* The ring GET_VRING_BASE waits for is idle: answer, read again.
+ * Remote queues parked. */
+static void client_resume(struct vub_client *cl)
 {
-    struct vub_client *cl = opaque;
-
-    cl->resume_queued = false;
-    if (cl->dead) {
-        client_try_free(cl);
-        return;
-    }
     if (cl->conn.blocked_vq < 0)
         return;
+    struct vu_vq *vq = &cl->conn.vqs[cl->conn.blocked_vq];
+    if (vq->q.avail && vq->q.inflight > 0)
+        return;                              /* a late word from an older ring */
     if (vu_conn_unblock(&cl->conn) < 0) {
         client_drop(cl, "could not send reply");
         return;
@@ -485,7 +709,82 @@ static void resume_fn(void *opaque)
         return;
     }
     loop_watch_set(cl->sock_w, LOOP_IN);
-    client_sock_cb(cl, LOOP_IN);
+    client_read(cl);
+}
+
+static void client_sock_cb(void *opaque, uint32_t revents)
+{
+    struct vub_client *cl = opaque;
+
+    if (!cl->nremote) {
+        client_read(cl);
+        return;
+    }
+    cl->want_read = true;
+    park_start(cl);
+}
+
+static void finish_drop(struct vub_client *cl);
+
+/* Control loop: every remote queue is parked. */
+static void park_done_fn(void *opaque)
+{
+    struct vub_client *cl = opaque;
+
+    cl->park_active = false;
+    cl->all_parked = true;
+    if (!cl->dropping && cl->want_resume) {
+        cl->want_resume = false;
+        client_resume(cl);
+    }
+    if (!cl->dropping && cl->want_read) {
+        cl->want_read = false;
+        client_read(cl);
+    }
+    if (cl->dropping) {
+        if (!cl->dead)
+            finish_drop(cl);       /* the queues stay parked */
+    } else {
+        cl->all_parked = false;
+        for (unsigned i = 0; i < cl->conn.nvqs; i++) {
+            struct vub_queue *q = &cl->queues[i];
+            if (q->remote) {
+                client_ref(cl);
+                loop_call(q->loop, unpark_fn, q);
+            }
+        }
+        if (cl->sock_w && cl->conn.blocked_vq < 0)
+            loop_watch_set(cl->sock_w, LOOP_IN);
+    }
+    client_unref(cl);
+}
+
+static void resume_body(struct vub_client *cl)
+{
+    if (!cl->dead && !cl->dropping) {
+        if (cl->nremote) {
+            cl->want_resume = true;
+            park_start(cl);
+        } else {
+            client_resume(cl);
+        }
+    }
+    client_unref(cl);
+}
+
+/* Deferred by a queue served in the control loop. */
+static void resume_fn(void *opaque)
+{
+    struct vub_client *cl = opaque;
+
+    cl->resume_queued = false;
+    resume_body(cl);
+}
+
+/* Called by a queue served in another loop. */
+static void resume_call_fn(void *opaque)
+{
+    resume_body(opaque);
 }
 
 static void client_free_fn(void *opaque)
@@ -508,53 +807,67 @@ static void client_free_fn(void *opaque)
         vub_try_handoff(vx);
 }
 
+/* Control loop, all remote queues parked (or none): the client is dead. */
+static void finish_drop(struct vub_client *cl)
+{
+    __atomic_store_n(&cl->dead, true, __ATOMIC_RELEASE);
+    for (unsigned i = 0; i < cl->conn.nvqs; i++) {
+        struct vub_queue *q = &cl->queues[i];
+        if (q->remote) {
+            client_ref(cl);
+            loop_call(q->loop, dead_fn, q);
+        } else {
+            op_queue_stop(cl, &cl->conn.vqs[i]);
+            queue_maybe_release(q);
+        }
+    }
+    client_unref(cl);               /* the control loop's own reference */
+}
+
 static void client_drop(struct vub_client *cl, const char *why)
 {
-    if (cl->dead)
+    if (cl->dead || cl->dropping)
         return;
     if (why)
         log_warn("vhost-user-blk: %s: dropping front-end: %s", cl->vx->exp.id, why);
-    cl->dead = true;
-    for (unsigned i = 0; i < cl->conn.nvqs; i++)
-        op_queue_stop(cl, &cl->conn.vqs[i]);
+    cl->dropping = true;
     if (cl->sock_w)
         loop_watch_del(cl->sock_w);
     cl->sock_w = NULL;
     shutdown(cl->fd, SHUT_RDWR);
-    client_try_free(cl);
-}
-
-/* A dead client is freed once nothing refers to it: no request in flight
- * and no deferred call queued (those are never queued again once dead). */
-static void client_try_free(struct vub_client *cl)
-{
-    if (!cl->dead || cl->inflight || cl->free_queued || cl->resume_queued)
-        return;
-    for (unsigned i = 0; i < cl->conn.nvqs; i++)
-        if (cl->queues[i].notify_queued)
-            return;
-    cl->free_queued = true;
-    loop_call(cl->vx->loop, client_free_fn, cl);
+    if (!cl->nremote || cl->all_parked)
+        finish_drop(cl);
+    else if (!cl->park_active)
+        park_start(cl);
+    /* else the park under way finishes the drop */
 }
 
 static struct vub_client *client_new(struct vub_export *vx, int fd)
 {
     struct vub_client *cl = xzalloc(sizeof(*cl));
+    struct export *exp = &vx->exp;
 
     cl->vx = vx;
     cl->fd = fd;
+    cl->ctl = vx->loop;
     if (vu_conn_init(&cl->conn, fd, vx->dev.num_queues, &vub_ops, cl) < 0)
         goto fail;
     cl->queues = xcalloc(cl->conn.nvqs, sizeof(*cl->queues));
+    cl->refs = 1 + cl->conn.nvqs;   /* the control loop's, and one per queue */
     for (unsigned i = 0; i < cl->conn.nvqs; i++) {
-        cl->queues[i].cl = cl;
-        cl->queues[i].vq = &cl->conn.vqs[i];
-        cl->queues[i].notify.fn = notify_fn;
-        cl->queues[i].notify.opaque = &cl->queues[i];
+        struct vub_queue *q = &cl->queues[i];
+        q->cl = cl;
+        q->vq = &cl->conn.vqs[i];
+        /* QEMU's iothread-vq-mapping without explicit vqs: round-robin */
+        q->loop = exp->n_loops ? exp->loops[i % exp->n_loops] : vx->loop;
+        q->remote = q->loop != cl->ctl;
+        cl->nremote += q->remote;
+        q->notify.fn = notify_fn;
+        q->notify.opaque = q;
     }
     cl->resume.fn = resume_fn;
     cl->resume.opaque = cl;
-    cl->sock_w = loop_watch_fd(vx->loop, fd, LOOP_IN, client_sock_cb, cl);
+    cl->sock_w = loop_watch_fd(cl->ctl, fd, LOOP_IN, client_sock_cb, cl);
     if (!cl->sock_w)
         goto fail;
     return cl;
@@ -590,6 +903,10 @@ static void listen_cb(void *opaque, uint32_t revents)
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crlen) == 0)
         log_info("vhost-user-blk: front-end unix:pid=%d connected to export '%s'",
                  (int)cr.pid, vx->exp.id);
+    if (vx->exp.n_loops > 1)
+        log_info("vhost-user-blk: export '%s': %u queues over %u iothreads, queue i in "
+                 "iothread i mod %u (first: '%s')", vx->exp.id, (unsigned)vx->dev.num_queues,
+                 vx->exp.n_loops, vx->exp.n_loops, loop_name(vx->exp.loops[0]));
     /* what this front-end does counts from here */
     struct client_stats sum = { 0 };
     for (unsigned i = 0; i < vx->dev.num_queues; i++)
@@ -676,6 +993,9 @@ static int vub_create(struct export *exp, json_t *opts, error **errp)
     vx->dev.blk_size = lbs;
     vx->dev.num_queues = nq;
     vx->acct = xcalloc(nq, sizeof(*vx->acct));
+    for (long long i = 0; i < nq; i++)
+        if (exp->n_loops)
+            vx->acct[i].iothread = loop_name(exp->loops[i % exp->n_loops]);
     vx->dev.writable = exp->writable;
     vx->dev.write_cache = !exp->writethrough;
     vx->wce = 0;
@@ -806,6 +1126,23 @@ static json_t *vub_query_clients(struct export *exp)
                         json_integer(__atomic_load_n(&vx->connected_at, __ATOMIC_RELAXED)));
     json_object_set_new(o, "requests-in-flight",
                         json_integer(started > done ? (json_int_t)(started - done) : 0));
+    /* which thread serves which virtqueue, and how much it did */
+    json_t *qs = json_array();
+    for (unsigned i = 0; i < vx->dev.num_queues && i < VU_MAX_QUEUES; i++) {
+        json_t *qi = json_object();
+        int tid = __atomic_load_n(&vx->acct[i].tid, __ATOMIC_RELAXED);
+        json_object_set_new(qi, "index", json_integer(i));
+        if (vx->acct[i].iothread)
+            json_object_set_new(qi, "iothread", json_string(vx->acct[i].iothread));
+        else if (vx->exp.iothread)
+            json_object_set_new(qi, "iothread", json_string(loop_name(vx->exp.loop)));
+        if (tid)
+            json_object_set_new(qi, "thread-id", json_integer(tid));
+        json_object_set_new(qi, "requests",
+                            json_integer(__atomic_load_n(&vx->acct[i].started, __ATOMIC_RELAXED)));
+        json_array_append_new(qs, qi);
+    }
+    json_object_set_new(o, "queues", qs);
     json_array_append_new(list, o);
     return list;
 }
@@ -845,10 +1182,12 @@ static bool vub_idle(struct vub_export *vx)
 
     if (!cl)
         return true;
-    if (cl->inflight || cl->resume_queued || cl->free_queued)
+    /* a dead client is not idle until freed (client_free_fn tries again);
+     * an export that moves runs in one loop: no queue is remote */
+    if (cl->dead || cl->dropping || cl->resume_queued)
         return false;
     for (unsigned i = 0; i < cl->conn.nvqs; i++)
-        if (cl->queues[i].notify_queued)
+        if (cl->queues[i].busy || cl->queues[i].notify_queued)
             return false;
     return true;
 }
@@ -904,6 +1243,9 @@ static void vub_resume_fn(void *opaque)
     }
     if (!cl || cl->dead)
         return;
+    cl->ctl = vx->loop;
+    for (unsigned i = 0; i < cl->conn.nvqs; i++)
+        cl->queues[i].loop = vx->loop;
     cl->sock_w = loop_watch_fd(vx->loop, cl->fd, cl->conn.blocked_vq >= 0 ? 0 : LOOP_IN,
                                client_sock_cb, cl);
     for (unsigned i = 0; i < cl->conn.nvqs && !cl->dead; i++) {
@@ -962,5 +1304,6 @@ static const struct export_type vhost_user_blk_type = {
     .node_resized = vub_node_resized,
     .can_move = vub_can_move,
     .moved = vub_moved,
+    .multi_iothread = true,
 };
 EXPORT_TYPE_REGISTER(vhost_user_blk_type)

@@ -100,7 +100,7 @@ static void submit(struct vblk_dev *d, struct vblk_req *r, enum breq_op op,
     b->len = len;
     b->iov = iov;
     b->iovcnt = iovcnt;
-    b->loop = d->loop;
+    b->loop = r->loop ? r->loop : d->loop;
     b->done = breq_done;
     b->opaque = r;
     if (d->submit)

@@ -37,6 +37,7 @@ struct vblk_req {
     uint32_t in_len;             /* bytes the device wrote to the guest */
     uint8_t result;              /* the status written (VIRTIO_BLK_S_*) */
     bool alone;                  /* nothing else in flight or waiting in the rings */
+    struct loop *loop;           /* completes in this loop (NULL: the device's) */
     /* Called once per request, possibly from inside vblk_handle(). */
     void (*complete)(struct vblk_req *r);
     void *opaque;

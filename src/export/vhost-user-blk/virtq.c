@@ -123,14 +123,16 @@ struct vq_mem *vq_mem_new(void)
     return m;
 }
 
+/* Atomic: the loops serving a device's queues take and drop references
+ * from their own threads (one per in-flight request). */
 void vq_mem_ref(struct vq_mem *m)
 {
-    m->refcnt++;
+    __atomic_add_fetch(&m->refcnt, 1, __ATOMIC_RELAXED);
 }
 
 void vq_mem_unref(struct vq_mem *m)
 {
-    if (!m || --m->refcnt > 0)
+    if (!m || __atomic_sub_fetch(&m->refcnt, 1, __ATOMIC_ACQ_REL) > 0)
         return;
     for (unsigned i = 0; i < m->nregions; i++) {
         guard_del(m->guard[i]);
