@@ -223,40 +223,163 @@ static void test_json_huge_tokens(void **state)
     assert_string_equal(c.out, "JSON parse error, invalid keyword 'nul'|");
 }
 
-static void count_cb(void *opaque, json_t *value, error *err)
+/* What a stream made of one input: values (compact JSON, keys sorted) and
+ * errors, in order, '|'-separated. */
+struct record { char *out; size_t len, cap; };
+
+static void record_cb(void *opaque, json_t *value, error *err)
 {
-    (*(int *)opaque)++;
+    struct record *r = opaque;
+    char *s = err ? strdup(err->msg)
+                  : json_dumps(value, JSON_COMPACT | JSON_ENCODE_ANY | JSON_SORT_KEYS);
+    size_t n = strlen(s);
+    if (r->len + n + 2 > r->cap) {
+        r->cap = (r->len + n + 2) * 2;
+        r->out = realloc(r->out, r->cap);
+    }
+    memcpy(r->out + r->len, s, n);
+    r->len += n;
+    r->out[r->len++] = '|';
+    r->out[r->len] = 0;
+    free(s);
     json_decref(value);
     error_free(err);
 }
 
-/* Hostile input: random bytes from a JSON-ish alphabet, fed in random
- * pieces, must never crash the reader, and a newline plus a fresh value
- * afterwards must still come out (after closing whatever was open). */
+static unsigned lcg(unsigned *seed)
+{
+    *seed = *seed * 1103515245 + 12345;
+    return *seed >> 16;
+}
+
+/* Feed buf whole, or in random pieces of 1..64 bytes; then end the input. */
+static char *stream_of(const char *buf, size_t n, unsigned *seed)
+{
+    struct record r = { NULL, 0, 0 };
+    struct json_stream *js = json_stream_new(record_cb, &r);
+    size_t off = 0;
+    while (off < n) {
+        size_t piece = seed ? 1 + lcg(seed) % 64 : n;     /* MIN() evaluates twice */
+        size_t len = MIN(n - off, piece);
+        assert_int_equal(json_stream_feed(js, buf + off, len), len);
+        off += len;
+    }
+    json_stream_flush(js);
+    json_stream_free(js);
+    return r.out ? r.out : strdup("");
+}
+
+/* Hostile input: random bytes from a JSON-ish alphabet.  The reader must
+ * not crash, and what comes out must not depend on how the bytes were cut
+ * into pieces (a lexer that loses state at a piece boundary answers
+ * differently); after a control character (a lexical error wherever the
+ * lexer is: it resets the value being read) a fresh value comes out. */
 static void test_json_stream_random(void **state)
 {
     static const char alphabet[] = "{}[]:,\"'\\ \n\tabntrulfe0123456789.-+eE\x01\xff\xc3\xa9u";
+    static const char tail[] = "\x01{\"ok\":1}";
     unsigned seed = 12345;
+    int values = 0, errors = 0;
     for (int round = 0; round < 200; round++) {
-        char buf[4096];
-        size_t n = 1 + (seed = seed * 1103515245 + 12345) % sizeof(buf);
-        for (size_t i = 0; i < n; i++) {
-            seed = seed * 1103515245 + 12345;
-            buf[i] = alphabet[(seed >> 16) % (sizeof(alphabet) - 1)];
+        char buf[4096 + sizeof(tail)];
+        size_t n = 1 + lcg(&seed) % 4096;
+        for (size_t i = 0; i < n; i++)
+            buf[i] = alphabet[lcg(&seed) % (sizeof(alphabet) - 1)];
+        char *whole = stream_of(buf, n, NULL);
+        char *pieces = stream_of(buf, n, &seed);
+        assert_string_equal(pieces, whole);
+        for (char *p = whole; (p = strchr(p, '|')); p++)
+            values++;
+        errors += strstr(whole, "JSON parse error") != NULL;
+        free(whole);
+        free(pieces);
+        memcpy(buf + n, tail, sizeof(tail) - 1);
+        whole = stream_of(buf, n + sizeof(tail) - 1, &seed);
+        size_t wl = strlen(whole);
+        assert_true(wl >= 9);
+        assert_string_equal(whole + wl - 9, "{\"ok\":1}|");
+        free(whole);
+    }
+    assert_true(values > 200 && errors > 100);     /* the inputs did reach the parser */
+}
+
+/* A random JSON value: objects, arrays, strings (escapes, UTF-8), integers,
+ * true/false/null; depth at most 4. */
+static json_t *random_value(unsigned *seed, int depth)
+{
+    unsigned kind = lcg(seed) % (depth >= 4 ? 5 : 7);
+    switch (kind) {
+    case 0: return json_integer((json_int_t)lcg(seed) * 40503 - (1 << 30));
+    case 1: {
+        static const char *const pieces[] = { "a", "\"", "\\", "\n", "\xc3\xa9", "'", " ",
+                                              "\xf0\x9f\x98\x80", "{", "]", "\t" };
+        char s[64] = "";
+        unsigned len = lcg(seed) % 8;
+        for (unsigned i = 0; i < len; i++)
+            strcat(s, pieces[lcg(seed) % (sizeof(pieces) / sizeof(pieces[0]))]);
+        return json_string(s);
+    }
+    case 2: return json_true();
+    case 3: return json_false();
+    case 4: return json_null();
+    case 5: {
+        json_t *a = json_array();
+        for (unsigned i = lcg(seed) % 5; i > 0; i--)
+            json_array_append_new(a, random_value(seed, depth + 1));
+        return a;
+    }
+    default: {
+        json_t *o = json_object();
+        for (unsigned i = lcg(seed) % 5; i > 0; i--) {
+            char key[16];
+            snprintf(key, sizeof(key), "k%u", lcg(seed) % 8);
+            json_object_set_new(o, key, random_value(seed, depth + 1));
         }
-        int count = 0;
-        struct json_stream *js = json_stream_new(count_cb, &count);
-        size_t off = 0;
-        while (off < n) {
-            seed = seed * 1103515245 + 12345;
-            size_t len = MIN(n - off, 1 + (seed >> 16) % 64);
-            json_stream_feed(js, buf + off, len);
-            off += len;
+        return o;
+    }
+    }
+}
+
+/* Random valid values, separated by random whitespace and fed in random
+ * pieces: exactly those values come out, in order. */
+static void test_json_stream_random_values(void **state)
+{
+    static const char *const ws[] = { "", " ", "\n", "\t", "\r\n", "  \n " };
+    unsigned seed = 777;
+    for (int round = 0; round < 100; round++) {
+        size_t cap = 1 << 16, len = 0;
+        char *buf = malloc(cap);
+        char *want = strdup("");
+        int count = 1 + lcg(&seed) % 16;
+        for (int i = 0; i < count; i++) {
+            json_t *v = random_value(&seed, i % 2);   /* top level: objects and arrays too */
+            if (i % 2 == 0 && !json_is_object(v) && !json_is_array(v)) {
+                json_t *o = json_pack("{s:o}", "v", v);
+                v = o;
+            }
+            char *text = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+            char *sorted = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_SORT_KEYS);
+            const char *sep = ws[lcg(&seed) % (sizeof(ws) / sizeof(ws[0]))];
+            /* a scalar needs a delimiter after it to end (QEMU's lexer too) */
+            if (!json_is_object(v) && !json_is_array(v))
+                sep = "\n";
+            size_t need = len + strlen(text) + strlen(sep) + 1;
+            if (need > cap)
+                buf = realloc(buf, cap = need * 2);
+            len += sprintf(buf + len, "%s%s", text, sep);
+            char *w = malloc(strlen(want) + strlen(sorted) + 2);
+            sprintf(w, "%s%s|", want, sorted);
+            free(want);
+            want = w;
+            free(text);
+            free(sorted);
+            json_decref(v);
         }
-        /* close any open string and containers: an error or a value results */
-        json_stream_feed(js, "\n", 1);
-        json_stream_flush(js);
-        json_stream_free(js);
+        char *got = stream_of(buf, len, &seed);
+        assert_string_equal(got, want);
+        free(got);
+        free(want);
+        free(buf);
     }
 }
 
@@ -271,6 +394,7 @@ int main(void)
         cmocka_unit_test(test_json_token_size_limit),
         cmocka_unit_test(test_json_huge_tokens),
         cmocka_unit_test(test_json_stream_random),
+        cmocka_unit_test(test_json_stream_random_values),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
