@@ -347,17 +347,79 @@ static void test_random_values(void **state)
                                    "SocketAddress", "SocketAddressLegacy", "NbdServerOptions",
                                    "MonitorOptions" };
     unsigned seed = 4242;
+    int accepted = 0, refused = 0;
     for (int i = 0; i < 20000; i++) {
         json_t *v = random_json(&seed, 0);
+        const char *type = types[i % ARRAY_SIZE(types)];
         for (int keyval = 0; keyval < 2; keyval++) {
             error *err = NULL;
-            json_t *r = schema_check_type(types[i % ARRAY_SIZE(types)], v, keyval, "", &err);
+            json_t *r = schema_check_type(type, v, keyval, "", &err);
             assert_true((r != NULL) != (err != NULL));
+            if (r) {
+                /* what was accepted is a value of the type: checked again
+                 * (as JSON) it is accepted unchanged */
+                error *err2 = NULL;
+                json_t *again = schema_check_type(type, r, false, "", &err2);
+                if (!again)
+                    fail_msg("%s: %s accepted as %s, which is refused: %s", type,
+                             json_dumps(v, JSON_COMPACT), json_dumps(r, JSON_COMPACT),
+                             err2->msg);
+                assert_true(json_equal(again, r));
+                json_decref(again);
+                accepted++;
+            } else {
+                assert_true(err->msg && err->msg[0]);
+                refused++;
+            }
             json_decref(r);
             error_free(err);
         }
         json_decref(v);
     }
+    assert_true(accepted > 0 && refused > 0);
+    /* most random values are refused at once: valid values with a random
+     * change reach deeper, and more of them are accepted */
+    static const char *const valid[][2] = {
+        { "SocketAddress", "{\"type\":\"unix\",\"path\":\"/x\"}" },
+        { "SocketAddress", "{\"type\":\"inet\",\"host\":\"h\",\"port\":\"1\"}" },
+        { "BlockdevOptions", "{\"driver\":\"null-co\",\"node-name\":\"n\"}" },
+        { "BlockdevOptions", "{\"driver\":\"raw\",\"node-name\":\"r\",\"file\":\"f\"}" },
+        { "BlockExportOptions", "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"n\"}" },
+        { "ObjectOptions", "{\"qom-type\":\"iothread\",\"id\":\"io\"}" },
+        { "NbdServerOptions", "{\"addr\":{\"type\":\"unix\",\"path\":\"/x\"}}" },
+    };
+    int mutated_ok = 0;
+    for (int i = 0; i < 5000; i++) {
+        const char *type = valid[i % ARRAY_SIZE(valid)][0];
+        json_t *v = json_loads(valid[i % ARRAY_SIZE(valid)][1], 0, NULL);
+        error *err = NULL;
+        json_t *r = schema_check_type(type, v, false, "", &err);
+        assert_non_null(r);                 /* the unchanged value is valid */
+        json_decref(r);
+        seed = seed * 1103515245 + 12345;
+        const char *keys[] = { "path", "host", "port", "node-name", "id", "file", "x",
+                               "read-only", "cache", "writable", "tls-creds", "size" };
+        const char *k = keys[(seed >> 16) % ARRAY_SIZE(keys)];
+        if (seed & 1)
+            json_object_del(v, k);
+        else
+            json_object_set_new(v, k, random_json(&seed, 3));
+        r = schema_check_type(type, v, false, "", &err);
+        assert_true((r != NULL) != (err != NULL));
+        if (r) {
+            json_t *again = schema_check_type(type, r, false, "", NULL);
+            assert_non_null(again);
+            assert_true(json_equal(again, r));
+            json_decref(again);
+            mutated_ok++;
+        }
+        json_decref(r);
+        error_free(err);
+        json_decref(v);
+    }
+    assert_true(mutated_ok > 500);
+    print_message("schema: %d random values accepted, %d refused; %d of 5000 changed valid "
+                  "values accepted\n", accepted, refused, mutated_ok);
 }
 
 static int setup(void **state)
