@@ -229,6 +229,16 @@ static void fuse_export_node_resized(struct export *e)
         fuse_session_node_resized(exp);
 }
 
+static bool fuse_export_can_move(struct export *e, error **errp)
+{
+    return fuse_session_can_move(to_fuse(e), errp);
+}
+
+static void fuse_export_moved(struct export *e)
+{
+    fuse_session_move(to_fuse(e));
+}
+
 static unsigned fuse_export_nclients(struct export *e)
 {
     return ((struct fuse_export *)e)->mounted ? 1 : 0;
@@ -286,6 +296,8 @@ static const struct export_type fuse_export_type = {
     .shutdown = fuse_export_shutdown,
     .free = fuse_export_free,
     .node_resized = fuse_export_node_resized,
+    .can_move = fuse_export_can_move,
+    .moved = fuse_export_moved,
     .multi_iothread = true,
 };
 

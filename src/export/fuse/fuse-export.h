@@ -80,6 +80,9 @@ struct fuse_queue {
     unsigned inflight;          /* requests started and not yet replied */
     bool stopping;              /* shutdown requested: read no more requests */
     bool drained_posted;        /* this queue's drain has been reported */
+    bool quiescing;             /* moving: no more reading; hand over when idle */
+    bool handoff_posted;        /* ... the hand-over is queued */
+    bool watch_on;              /* ... it watched its fd before */
     void *buf_pool;             /* idle receive buffers (singly linked through their first word) */
     unsigned buf_pool_len;
     struct fuse_ioreq *req_pool;
@@ -109,6 +112,10 @@ struct fuse_export {
     unsigned nqueues;
     unsigned queues_drained;    /* main thread: queues done after a stop */
     bool finishing;             /* main thread: unmount queued or done */
+    bool moving;                /* main thread: x-blockdev-set-iothread under way */
+    bool stop_after_move;       /* main thread: shutdown came meanwhile */
+    unsigned invals;            /* main thread: cache invalidation threads running */
+    bool finish_after_invals;   /* main thread: drained, waiting for them */
     /* __org.bexd_io-uring asked and usable (the rings exist): INIT asks the
      * kernel for FUSE over io_uring, then the queues register. */
     bool want_uring;
@@ -128,8 +135,12 @@ void fuse_queues_free(struct fuse_export *exp);
 void fuse_session_start(struct fuse_export *exp);     /* main thread */
 void fuse_session_stop(struct fuse_export *exp);      /* main thread */
 /* The node changed size under the export (block_resize): drop the
- * kernel's cached size and pages. */
+ * kernel's cached size and pages (from a thread of its own). */
 void fuse_session_node_resized(struct fuse_export *exp);   /* main thread */
+/* x-blockdev-set-iothread (main thread): can the session move, and move it
+ * to exp->common.loop (quiesced first; see fuse-session.c). */
+bool fuse_session_can_move(struct fuse_export *exp, error **errp);
+void fuse_session_move(struct fuse_export *exp);
 /* Serve what the kernel has queued now, when called in the export's loop. */
 void fuse_session_poll_now(struct fuse_export *exp);
 /* The queue whose request is being processed in this thread (set around

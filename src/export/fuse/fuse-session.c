@@ -33,6 +33,15 @@
  * allocates nothing.  Over io_uring both use the ring entry's payload buffer,
  * which stays the request's until its reply.
  *
+ * Moving (x-blockdev-set-iothread; one queue over /dev/fuse): the main
+ * thread asks the queue's loop to quiesce it.  The loop stops watching the
+ * fd (the kernel keeps new requests queued), answers the requests in
+ * flight, then (from a call of its own, so the last completion has
+ * returned) hands the queue to the main thread, which sets its loop and
+ * posts it there; the new loop watches the fd again and serves what the
+ * kernel queued meanwhile.  A shutdown that comes during a move waits for
+ * its end.
+ *
  * Shutdown.  fuse_session_stop() (main thread) asks each queue's loop to
  * stop reading; requests already handed to the block layer are still
  * answered.  When every queue has none left, the main thread tears the
@@ -585,6 +594,10 @@ static void fuse_queue_drained_in_main(void *opaque)
     struct fuse_export *exp = q->exp;
 
     if (++exp->queues_drained == exp->nqueues && !exp->finishing) {
+        if (exp->invals) {
+            exp->finish_after_invals = true;   /* fuse_inval_done_main finishes */
+            return;
+        }
         exp->finishing = true;
         fuse_finish_in_main(exp);
     }
@@ -597,8 +610,15 @@ static void fuse_drained_in_loop(void *opaque)
     loop_call(loop_main(), fuse_queue_drained_in_main, opaque);
 }
 
+static void fuse_handoff_in_loop(void *opaque);
+static void fuse_moved_in_main(void *opaque);
+
 void fuse_queue_maybe_drained(struct fuse_queue *q)
 {
+    if (q->quiescing && !q->inflight && !q->handoff_posted) {
+        q->handoff_posted = true;
+        loop_call(q->loop, fuse_handoff_in_loop, q);
+    }
     if (!q->stopping || q->inflight || q->drained_posted)
         return;
     q->drained_posted = true;
@@ -608,48 +628,47 @@ void fuse_queue_maybe_drained(struct fuse_queue *q)
 /* ---- invalidation after block_resize ----
  * The kernel caches the file's size (attr timeout) and pages.  The
  * notification is written from a thread of its own: invalidating pages
- * waits for page locks that requests being served by this loop may hold.
- * It counts as a request in flight of queue 0, so the export outlives it. */
+ * waits for page locks that requests the queues have yet to read may hold
+ * (so it must not hold up a queue's drain before a move either).  The
+ * main thread counts these threads (exp->invals): the export is finished
+ * only after the last one has returned. */
 
-static void fuse_inval_done(void *opaque)
+static void fuse_inval_done_main(void *opaque)
 {
-    struct fuse_queue *q = opaque;
-    q->inflight--;
-    fuse_queue_maybe_drained(q);
+    struct fuse_export *exp = opaque;
+
+    if (--exp->invals == 0 && exp->finish_after_invals && !exp->finishing) {
+        exp->finishing = true;
+        fuse_finish_in_main(exp);
+    }
 }
 
 static void *fuse_inval_thread(void *opaque)
 {
-    struct fuse_queue *q = opaque;
-    int r = fuse_lowlevel_notify_inval_inode(q->exp->se, FUSE_ROOT_ID, 0, 0);
+    struct fuse_export *exp = opaque;
+    int r = fuse_lowlevel_notify_inval_inode(exp->se, FUSE_ROOT_ID, 0, 0);
     if (r < 0 && r != -ENOENT)
         log_warn("FUSE export %s: could not invalidate the cached size: %s",
-                 q->exp->common.id, strerror(-r));
-    loop_call(q->loop, fuse_inval_done, q);
+                 exp->common.id, strerror(-r));
+    loop_call(loop_main(), fuse_inval_done_main, exp);
     return NULL;
-}
-
-static void fuse_inval_in_loop(void *opaque)
-{
-    struct fuse_queue *q = opaque;
-    pthread_t th;
-    pthread_attr_t attr;
-
-    if (q->stopping)
-        return;
-    q->inflight++;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    if (pthread_create(&th, &attr, fuse_inval_thread, q) != 0) {
-        log_warn("FUSE export %s: no thread to invalidate the cached size", q->exp->common.id);
-        fuse_inval_done(q);
-    }
-    pthread_attr_destroy(&attr);
 }
 
 void fuse_session_node_resized(struct fuse_export *exp)
 {
-    loop_call(exp->queues[0].loop, fuse_inval_in_loop, &exp->queues[0]);
+    pthread_t th;
+    pthread_attr_t attr;
+
+    if (exp->finishing)
+        return;
+    exp->invals++;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&th, &attr, fuse_inval_thread, exp) != 0) {
+        log_warn("FUSE export %s: no thread to invalidate the cached size", exp->common.id);
+        exp->invals--;
+    }
+    pthread_attr_destroy(&attr);
 }
 
 static void fuse_stop_in_loop(void *opaque)
@@ -667,8 +686,12 @@ void fuse_session_stop(struct fuse_export *exp)
 {
     struct fuse_queue *q0 = &exp->queues[0];
 
+    if (exp->moving) {
+        exp->stop_after_move = true;      /* after the move (fuse_moved_in_main) */
+        return;
+    }
     if (exp->nqueues == 1 && loop_in_thread(q0->loop) && loop_in_thread(loop_main()) &&
-        !q0->inflight && !exp->finishing) {
+        !q0->inflight && !exp->invals && !exp->finishing) {
         /* Nothing in flight, already in the main thread: unmount now, so
          * BLOCK_EXPORT_DELETED precedes the command's reply as in QEMU. */
         q0->stopping = true;
@@ -686,4 +709,73 @@ void fuse_session_stop(struct fuse_export *exp)
         else
             loop_call(q->loop, fuse_stop_in_loop, q);
     }
+}
+
+/* ---- moving to another loop (see the top) ---- */
+
+bool fuse_session_can_move(struct fuse_export *exp, error **errp)
+{
+    if (exp->want_uring || exp->queues[0].ur) {
+        error_setg(errp, "Cannot move export '%s': it is served over io_uring "
+                   "(__org.bexd_io-uring)", exp->common.id);
+        return false;
+    }
+    return true;
+}
+
+/* The old loop, idle since the call was queued: let go of the queue. */
+static void fuse_handoff_in_loop(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+
+    q->handoff_posted = false;
+    if (!q->quiescing)
+        return;
+    if (q->inflight)
+        return;                 /* cannot happen (nothing is read), but wait */
+    q->quiescing = false;
+    loop_call(loop_main(), fuse_moved_in_main, q);
+}
+
+static void fuse_quiesce_in_loop(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+
+    q->quiescing = true;
+    q->watch_on = q->watch != NULL;
+    fuse_stop_watching(q);
+    fuse_queue_maybe_drained(q);
+}
+
+static void fuse_resume_in_loop(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+
+    if (q->watch_on && !q->stopping)
+        fuse_start_in_loop(q);
+    q->watch_on = false;
+}
+
+/* Main thread: the queue is idle and no loop's. */
+static void fuse_moved_in_main(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+    struct fuse_export *exp = q->exp;
+
+    exp->moving = false;
+    q->loop = exp->common.loop;
+    loop_call(q->loop, fuse_resume_in_loop, q);
+    if (exp->stop_after_move)
+        loop_call(q->loop, fuse_stop_in_loop, q);
+    exp->stop_after_move = false;
+}
+
+void fuse_session_move(struct fuse_export *exp)
+{
+    struct fuse_queue *q = &exp->queues[0];
+
+    if (exp->moving || q->loop == exp->common.loop)
+        return;                 /* a move under way ends where the export is then */
+    exp->moving = true;
+    loop_call(q->loop, fuse_quiesce_in_loop, q);
 }
