@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+import needs
 from conftest import IMPLS, QMP, QMPError
 
 MiB = 1 << 20
@@ -485,8 +486,7 @@ VUB = os.environ.get("VUB_CLIENT", os.path.join(os.environ.get("BEXD_BUILD", "bu
 
 
 def vub_cmd(sock, *args, nq=1):
-    if not os.path.exists(VUB):
-        pytest.skip("vub-client not built (%s)" % VUB)
+    needs.built(VUB, "vub-client")
     return [VUB, "-q", str(nq), sock] + [str(a) for a in args]
 
 
