@@ -632,3 +632,38 @@ def test_vhost_queues_hostile_ring(daemon, image, tmpdir_short, queue, kind):
     assert res["connected"] is False, res
     assert "dropping front-end" in d.text()
     assert vub_json(sock, "mqverify", 4096, 8, 2, nq=4)["mismatches"] == 0
+
+
+@fuse_only
+def test_fuse_io_uring_entries_bounded(fuse_setup, uring_param, tmpdir_short, monkeypatch):
+    # the io_uring entries (a 1 MiB payload buffer each) are an export-wide
+    # budget shared by every CPU's kernel queue, not 32 per CPU: with a
+    # budget of 8 each of this machine's kernel queues gets 8 / ncpu (at
+    # least 2), and the rings still carry the I/O
+    with open("/sys/devices/system/cpu/possible") as f:
+        ncpu = max(int(x.split("-")[-1]) for x in f.read().strip().split(",")) + 1
+    uring_param(True)
+    monkeypatch.setenv("BEXD_FUSE_URING_ENTRIES", "8")
+    d, mnt, img = fuse_setup(",__org.bexd_io-uring=on")
+    verify_job(mnt, tmpdir_short, jobs=2)
+    d.m.execute("block-export-del", id="f")
+    d.m.wait_event("BLOCK_EXPORT_DELETED")
+    log = d.stop()
+    depth = max(2, min(32, 8 // ncpu))
+    assert "queue 0 registered %d io_uring entries" % (depth * ncpu) in log, log
+    dev, uring = served(log)
+    assert sum(uring) > 100 and sum(dev) <= 3, log
+
+
+@fuse_only
+def test_fuse_io_uring_entries_default(fuse_setup, uring_param, tmpdir_short, monkeypatch):
+    with open("/sys/devices/system/cpu/possible") as f:
+        ncpu = max(int(x.split("-")[-1]) for x in f.read().strip().split(",")) + 1
+    uring_param(True)
+    monkeypatch.delenv("BEXD_FUSE_URING_ENTRIES", raising=False)
+    d, mnt, img = fuse_setup(",__org.bexd_io-uring=on")
+    d.m.execute("block-export-del", id="f")
+    d.m.wait_event("BLOCK_EXPORT_DELETED")
+    log = d.stop()
+    depth = max(2, min(32, 256 // ncpu))
+    assert "queue 0 registered %d io_uring entries" % (depth * ncpu) in log, log

@@ -21,8 +21,10 @@
  * do).
  *
  * Each struct fuse_queue (one per loop) owns one io_uring with 128-byte
- * SQEs (the command's arguments live in the SQE) and UR_DEPTH entries for
- * each kernel queue given to it; the ring fd is watched by the queue's
+ * SQEs (the command's arguments live in the SQE) and ur_depth() entries
+ * (the export's budget of UR_BUDGET entries shared by every CPU's queue,
+ * 2 to 32 each) for each kernel queue given to it; the ring fd is watched
+ * by the queue's
  * loop.  A completion carries a request: its headers are copied in front
  * of the payload, so that libfuse sees the same contiguous request as from
  * /dev/fuse, and processed like one.  READs read straight into the entry's
@@ -75,7 +77,13 @@ struct ur_cmd_req {
 };
 
 /* ---- ours ---- */
-#define UR_DEPTH 32          /* entries per kernel queue */
+#define UR_DEPTH 32          /* entries per kernel queue, at most */
+#define UR_MIN_DEPTH 2       /* ... and at least */
+/* Entries of one export over all kernel queues (each has a 1 MiB payload
+ * buffer, touched only as far as requests use it): 64 on 2 CPUs (32 per
+ * queue), 256 MiB of address space on 32 CPUs (8 per queue) instead of
+ * 1 GiB.  BEXD_FUSE_URING_ENTRIES overrides it. */
+#define UR_BUDGET 256
 #define UR_GAP   4096        /* room for the headers in front of the payload */
 
 struct ur_ent {
@@ -348,12 +356,25 @@ void *fuse_uring_current_payload(struct fuse_uring *ur, size_t *size)
     return ur->cur->payload;
 }
 
+/* Entries per kernel queue: the export's budget shared by every CPU's
+ * queue, within [UR_MIN_DEPTH, UR_DEPTH]. */
+static unsigned ur_depth(void)
+{
+    const char *env = getenv("BEXD_FUSE_URING_ENTRIES");
+    unsigned long budget = env && *env ? strtoul(env, NULL, 10) : UR_BUDGET;
+    unsigned ncpu = fuse_uring_nr_cpu_queues();
+    unsigned long d = budget / (ncpu ? ncpu : 1);
+
+    return d < UR_MIN_DEPTH ? UR_MIN_DEPTH : d > UR_DEPTH ? UR_DEPTH : (unsigned)d;
+}
+
 struct fuse_uring *fuse_uring_new(struct fuse_queue *q, const uint16_t *qids, unsigned nqids,
                                   error **errp)
 {
     struct fuse_uring *ur = xzalloc(sizeof(*ur));
     struct io_uring_params p;
-    unsigned n = nqids * UR_DEPTH;
+    unsigned depth = ur_depth();
+    unsigned n = nqids * depth;
     int ret;
 
     ur->q = q;
@@ -377,7 +398,7 @@ struct fuse_uring *fuse_uring_new(struct fuse_queue *q, const uint16_t *qids, un
     for (unsigned i = 0; i < n; i++) {
         struct ur_ent *e = &ur->ents[i];
         e->ur = ur;
-        e->qid = qids[i / UR_DEPTH];
+        e->qid = qids[i / depth];
         if (posix_memalign((void **)&e->hdr, 64, sizeof(*e->hdr)) ||
             posix_memalign((void **)&e->mem, FUSE_BUF_ALIGN, UR_GAP + ur->payload_sz)) {
             error_setg(errp, "out of memory for the io_uring buffers");
