@@ -150,6 +150,9 @@ struct qcow2_state {
                                       * written, reads as zeros */
     uint64_t free_byte_offset;       /* compressed clusters: where the next one may
                                       * start, inside a cluster they share; 0 = none */
+    uint64_t grown_to;               /* an O_DIRECT file grown ahead of the clusters
+                                      * handed out to this length (qcow2-io.c), 0 = not;
+                                      * bs->file->size stays what was written */
 
     /* options */
     unsigned overlap;                /* QOL_* checked before writes */
@@ -306,4 +309,6 @@ int  qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
 int  qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end);
 /* Zeroes over [old, size) after a grow (coroutine). */
 int  qcow2_co_zero_grown(struct bnode *bs, struct qcow2_state *s, uint64_t old, uint64_t size);
+/* Cut an image file grown ahead back to what was written (close, shrink). */
+void qcow2_trim_grown(struct qcow2_state *s);
 int  qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque);

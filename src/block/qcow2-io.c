@@ -635,6 +635,52 @@ static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslic
 
 /* ---- writes ---- */
 
+/* ---- growing an O_DIRECT file ahead (QEMU's preallocate filter) ----
+ * A fresh cluster lies past the end of the file, so its data write extends
+ * the file: on ext4 an O_DIRECT write that extends the file takes the inode
+ * lock exclusively and waits for the device under it, and io_uring punts
+ * each one to a worker, where they queue on that lock.  Growing the file
+ * (sparse, ftruncate) GROW_STEP ahead of the clusters handed out turns
+ * them into writes inside the file.  bs->file->size keeps following what
+ * was written (file.c grows it as writes complete), so the allocator,
+ * shrink and the rest see the image as it is; the file is cut back to that
+ * length at close (a crash leaves up to GROW_STEP of unreferenced zeros at
+ * the end, which qemu-img check accepts).  s->lock held. */
+#define GROW_STEP (128ull << 20)
+#define GROW_ALIGN (1ull << 20)
+
+static void grow_ahead(struct qcow2_state *s, uint64_t need)
+{
+    struct bnode *f = s->bs->file;
+    if (s->data != f || !f->cache_direct || strcmp(f->drv->name, "file") ||
+        need <= s->grown_to || need <= __atomic_load_n(&f->size, __ATOMIC_RELAXED))
+        return;
+    uint64_t to = (need + GROW_STEP + GROW_ALIGN - 1) / GROW_ALIGN * GROW_ALIGN;
+    error *err = NULL;
+    if (f->drv->truncate(f, to, &err) < 0) {
+        error_free(err);         /* only slower: the writes extend the file */
+        return;
+    }
+    s->grown_to = to;
+}
+
+void qcow2_trim_grown(struct qcow2_state *s)
+{
+    struct bnode *f = s->bs->file;
+    uint64_t size = __atomic_load_n(&f->size, __ATOMIC_RELAXED);
+    if (!s->grown_to)
+        return;
+    s->grown_to = 0;
+    if (f->read_only)
+        return;
+    error *err = NULL;
+    if (f->drv->truncate(f, size, &err) < 0) {
+        log_warn("qcow2: node '%s': could not cut the file back to %" PRIu64 " bytes: %s",
+                 s->bs->node_name, size, err->msg);
+        error_free(err);
+    }
+}
+
 /* What a guest cluster holds now, for copy-on-write into a new cluster. */
 static int read_old(struct bnode *bs, struct qcow2_state *s, uint64_t guest, uint64_t len,
                     uint8_t *buf)
@@ -816,6 +862,8 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
         qcow2_update_refcount(s, newh, run_bytes, -1);
         return ret;
     }
+    if (fresh)
+        grow_ahead(s, newh + run_bytes);
     co_mutex_unlock(&s->lock);
 
     CLEANUP_FREE uint8_t *head = NULL, *tail = NULL;

@@ -971,6 +971,7 @@ static void qcow2_close(struct bnode *bs)
             log_error("qcow2: node '%s': flushing metadata at close failed: %s",
                       bs->node_name, strerror(-ret));
     }
+    qcow2_trim_grown(s);
     bs->backing = NULL;
     if (s->backing_link)
         bnode_detach(s->backing_link);
@@ -1105,6 +1106,8 @@ static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
             if (bnode_truncate(bs->file, sh.file_end, &err) < 0) {
                 log_warn("Failed to truncate the tail of the image: %s", err->msg);
                 error_free(err);
+            } else {
+                s->grown_to = 0;         /* cut below anything grown ahead */
             }
         }
         return 0;

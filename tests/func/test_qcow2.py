@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 
@@ -323,6 +324,83 @@ def test_fio_verify_many_jobs(impl, start_daemon, shm):
     assert r.returncode == 0, r.stdout.decode()[-2000:]
     d.stop()
     assert_clean(img)
+
+
+def written_end(img):
+    """Where the last host cluster qemu-img knows of ends."""
+    r = subprocess.run(["qemu-img", "check", "--output=json", img], stdout=subprocess.PIPE)
+    return json.loads(r.stdout)["image-end-offset"]
+
+
+def test_o_direct_file_grown_ahead_and_cut_back(start_daemon, shm):
+    """Allocating writes on an O_DIRECT image grow the file ahead (no write
+    extends it); at close it is cut back to what was written, the image is
+    clean and holds the writes."""
+    img = os.path.join(shm, "g.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "1G")
+    size0 = os.path.getsize(img)
+    mirror = os.path.join(shm, "mirror.raw")
+    to_raw(img, mirror)
+    d, uri = serve(start_daemon, "bexd", img, shm, writable=True,
+                   node_extra=",cache.direct=on")
+    rng = random.Random(5)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    with open(mirror, "r+b") as m:
+        for _ in range(200):
+            off = rng.randrange(0, 1024 * MiB - 8192) & ~4095
+            data = bytes([rng.randrange(1, 256)]) * 4096
+            h.pwrite(data, off)
+            m.seek(off)
+            m.write(data)
+    h.flush()
+    grown = os.path.getsize(img)
+    assert grown >= size0 + 128 * MiB          # ahead of the ~13 MiB of clusters
+    h.shutdown()
+    d.stop()
+    end = os.path.getsize(img)
+    assert end < grown
+    assert written_end(img) - 64 * 1024 < end <= written_end(img)
+    assert_clean(img)
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
+                       stdout=subprocess.PIPE)
+    assert r.returncode == 0, r.stdout.decode()
+
+
+def test_o_direct_file_grown_ahead_survives_kill(start_daemon, shm):
+    """Killed while the file is grown ahead: the image is clean (the tail is
+    unreferenced zeros), flushed writes are there, and the next session
+    takes its new clusters from that tail (past the clusters in use it reads
+    as zeros) without growing the file again."""
+    img = os.path.join(shm, "k.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "1G")
+    d, uri = serve(start_daemon, "bexd", img, shm, writable=True,
+                   node_extra=",cache.direct=on")
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for i in range(50):
+        h.pwrite(bytes([i + 1]) * 4096, i * 7 * MiB)
+    h.flush()
+    d.stop(signal.SIGKILL)
+    killed = os.path.getsize(img)
+    assert killed > written_end(img)
+    assert_clean(img)
+    for i in range(50):
+        out = qemu_io(img, "read -P %d %d 4096" % (i + 1, i * 7 * MiB))
+        assert "verification failed" not in out.lower(), out
+    d, uri = serve(start_daemon, "bexd", img, shm, writable=True,
+                   node_extra=",cache.direct=on")
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for i in range(50):
+        h.pwrite(bytes([i + 100]) * 4096, i * 7 * MiB + 3 * MiB)
+    h.shutdown()
+    d.stop()
+    assert os.path.getsize(img) == killed        # its clusters came from the tail
+    assert_clean(img)
+    for i in range(50):
+        out = qemu_io(img, "read -P %d %d 4096" % (i + 100, i * 7 * MiB + 3 * MiB))
+        assert "verification failed" not in out.lower(), out
 
 
 def test_flush_persists_metadata_for_a_second_reader(start_daemon, shm):
