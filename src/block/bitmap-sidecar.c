@@ -36,7 +36,6 @@
 #include "util/sha256.h"
 #include "util/xalloc.h"
 
-const char *file_node_filename(struct bnode *bs);
 
 /* ---- on disk (little-endian) ---- */
 
@@ -441,7 +440,7 @@ int sidecar_file_load(struct bnode *bs, error **errp)
     struct sidecar *sc = xzalloc(sizeof(*sc));
     struct sc_record *list, *next;
 
-    sc->path = xasprintf("%s.bitmaps", file_node_filename(bs));
+    sc->path = xasprintf("%s.bitmaps", bnode_leaf_path(bs));
     sc->writable = !bs->read_only;
     bs->bitmap_store = sc;
     if (sidecar_read(sc, &list, errp) < 0)

@@ -7,7 +7,6 @@
 #include "qmp/qmp.h"
 #include "util/opts.h"
 
-const char *file_node_filename(struct bnode *bs);
 
 static json_t *qmp_blockdev_add(json_t *args, error **errp)
 {
@@ -21,21 +20,10 @@ static json_t *qmp_blockdev_del(json_t *args, error **errp)
 }
 QMP_COMMAND("blockdev-del", qmp_blockdev_del)
 
-/* The leaf's file name, as QEMU reports bs->filename ("null-co://" etc.). */
-static const char *node_filename(struct bnode *bs, char *buf, size_t len)
-{
-    while (bs->file)
-        bs = bs->file;
-    if (!strcmp(bs->drv->name, "file") || !strcmp(bs->drv->name, "host_device"))
-        return file_node_filename(bs);
-    snprintf(buf, len, "%s://", bs->drv->name);
-    return buf;
-}
-
 static json_t *node_info(struct bnode *bs)
 {
     char buf[64];
-    const char *filename = node_filename(bs, buf, sizeof(buf));
+    const char *filename = bnode_leaf_filename(bs, buf, sizeof(buf));
     struct stat st;
     json_int_t actual = 0;
     if (filename[0] == '/' && stat(filename, &st) == 0)

@@ -454,3 +454,9 @@ void bnode_retire_link(struct bnode_user *u);
 
 /* Iterate every node (named and generated) with ->next. */
 struct bnode *bnode_first(void);
+
+/* The path of the file or host device at the bottom of bs's file chain,
+ * or NULL when that leaf is another driver (null-co, rbd, ...). */
+const char *bnode_leaf_path(struct bnode *bs);
+/* What QEMU reports as bs->filename: the leaf's path, or "DRIVER://". */
+const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len);

@@ -967,9 +967,26 @@ static void file_reopen_commit(struct reopen_state *rs)
 static bool file_can_zero_fast(struct bnode *bs) { return true; }
 static bool file_can_discard(struct bnode *bs) { return true; }
 
-const char *file_node_filename(struct bnode *bs)
+static const struct bdrv bdrv_file, bdrv_host_device;
+
+const char *bnode_leaf_path(struct bnode *bs)
 {
+    while (bs->file)
+        bs = bs->file;
+    if (bs->drv != &bdrv_file && bs->drv != &bdrv_host_device)
+        return NULL;
     return ((struct file_state *)bs->opaque)->filename;
+}
+
+const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len)
+{
+    const char *path = bnode_leaf_path(bs);
+    if (path)
+        return path;
+    while (bs->file)
+        bs = bs->file;
+    snprintf(buf, len, "%s://", bs->drv->name);
+    return buf;
 }
 
 /* "file" and "host_device" differ only in what they accept to open. */

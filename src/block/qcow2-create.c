@@ -37,7 +37,6 @@
 #include "util/xalloc.h"
 #include "util/opts.h"
 
-const char *file_node_filename(struct bnode *bs);
 
 #define QC_DEFAULT_CLUSTER_SIZE 65536
 #define QC_SECTOR 512
@@ -539,16 +538,6 @@ struct qc_job_state {
     struct bnode_user *file_user, *data_user;
 };
 
-static const char *leaf_filename(struct bnode *bs, char *buf, size_t len)
-{
-    while (bs->file)
-        bs = bs->file;
-    if (!strcmp(bs->drv->name, "file") || !strcmp(bs->drv->name, "host_device"))
-        return file_node_filename(bs);
-    snprintf(buf, len, "%s://", bs->drv->name);
-    return buf;
-}
-
 static int qc_write(struct bnode *bs, uint64_t off, const void *buf, uint64_t len, error **errp,
                     const char *what)
 {
@@ -778,7 +767,7 @@ static int qc_make(struct qc_job_state *s, error **errp)
 
     hdr = xmalloc(m.cs);
     if (s->data)
-        lay.data_file_name = leaf_filename(s->data, namebuf, sizeof(namebuf));
+        lay.data_file_name = bnode_leaf_filename(s->data, namebuf, sizeof(namebuf));
     /* QEMU writes the header before it sets the backing file: which step
      * finds no room says which error it is. */
     struct qc_opts plain = *q;

@@ -36,7 +36,6 @@
 #define MIN_REFCOUNT_CACHE_SIZE 4      /* clusters */
 #define MAX_BACKING_DEPTH 256
 
-const char *file_node_filename(struct bnode *bs);
 struct bnode *bnode_open_ref(json_t *ref, bool parent_ro, error **errp);
 
 /* ---- header ---- */
@@ -212,12 +211,9 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
  * whether a data cluster is a hole. */
 static int detect_metadata_preallocation(struct qcow2_state *s)
 {
-    struct bnode *leaf = s->bs->file;
-    while (leaf->file)
-        leaf = leaf->file;
+    const char *path = bnode_leaf_path(s->bs->file);
     struct stat st;
-    if ((strcmp(leaf->drv->name, "file") && strcmp(leaf->drv->name, "host_device")) ||
-        stat(file_node_filename(leaf), &st) < 0)
+    if (!path || stat(path, &st) < 0)
         return 0;
     uint64_t real = (uint64_t)st.st_blocks * 512 / s->cluster_size;
     uint64_t threshold = MAX(real * 10 / 9, real + 2);
@@ -660,11 +656,9 @@ static char *resolve_backing(struct bnode *bs, const char *name)
 {
     if (name[0] == '/' || strstr(name, "://"))
         return xstrdup(name);
-    struct bnode *leaf = bs;
-    while (leaf->file)
-        leaf = leaf->file;
-    const char *base = strcmp(leaf->drv->name, "file") && strcmp(leaf->drv->name, "host_device")
-                           ? "" : file_node_filename(leaf);
+    const char *base = bnode_leaf_path(bs);
+    if (!base)
+        base = "";
     const char *slash = strrchr(base, '/');
     return xasprintf("%.*s%s", slash ? (int)(slash - base + 1) : 0, base, name);
 }
@@ -736,11 +730,9 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
     error *err = NULL;
     bool pushed = false;
     if (open_depth < OPEN_STACK_MAX) {
-        struct bnode *leaf = bs;
-        while (leaf->file)
-            leaf = leaf->file;
-        if (!strcmp(leaf->drv->name, "file"))
-            open_stack[open_depth] = realpath(file_node_filename(leaf), NULL);
+        const char *path = bnode_leaf_path(bs);
+        if (path)
+            open_stack[open_depth] = realpath(path, NULL);
         open_depth++;
         pushed = true;
     }
