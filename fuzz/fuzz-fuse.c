@@ -38,9 +38,7 @@
 #include <sys/socket.h>
 #include "block/block.h"
 #include "export/fuse/fuse-export.h"
-#include "qmp/qmp.h"
-#include "qmp/schema.h"
-#include "util/log.h"
+#include "fuzz-daemon.h"
 #include "util/loop.h"
 #include "util/xalloc.h"
 
@@ -92,39 +90,16 @@ static void wait_state(struct ctx *c, int state)
 
 /* ---- the loop thread ---- */
 
-static void run_qmp(const char *text)
-{
-    json_t *req = json_loads(text, 0, NULL);
-    json_t *rsp = qmp_dispatch(req, true);
-    if (!json_object_get(rsp, "return")) {
-        char *s = json_dumps(rsp, 0);
-        fprintf(stderr, "fuzz-fuse set-up failed: %s -> %s\n", text, s);
-        abort();
-    }
-    json_decref(rsp);
-    json_decref(req);
-}
-
 static void setup_cb(void *opaque)
 {
-    run_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"null-co\","
+    fuzz_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"null-co\","
             "\"node-name\":\"n0\",\"size\":67108864,\"read-zeroes\":true}}");
-    run_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"r0\","
+    fuzz_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"r0\","
             "\"file\":{\"driver\":\"blkdebug\",\"image\":{\"driver\":\"null-co\","
             "\"size\":1048576,\"read-zeroes\":true},\"align\":512,\"max-transfer\":65536,"
             "\"inject-error\":[{\"event\":\"write_aio\",\"iotype\":\"write\",\"sector\":8,"
             "\"errno\":28},{\"event\":\"read_aio\",\"iotype\":\"read\",\"sector\":100,"
             "\"once\":true},{\"event\":\"flush_to_disk\",\"errno\":5,\"immediately\":true}]}}}");
-    signal_state(opaque, 1);
-}
-
-static void *main_loop_thread(void *opaque)
-{
-    loop_main_init();
-    schema_init();
-    loop_call(loop_main(), setup_cb, opaque);
-    loop_run(loop_main());
-    return NULL;
 }
 
 static void start_cb(void *opaque)
@@ -190,16 +165,6 @@ static void teardown_cb(void *opaque)
 
 /* ---- the fuzzer thread: the kernel's part ---- */
 
-static struct ctx boot = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
-
-static void init(void)
-{
-    pthread_t t;
-    log_debug_enabled = false;
-    pthread_create(&t, NULL, main_loop_thread, &boot);
-    wait_state(&boot, 1);
-}
-
 static char sink[FUSE_RW_MAX + 4096];
 
 static void drain(int fd)
@@ -232,7 +197,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint64_t unique = 1;
 
     if (!inited) {
-        init();
+        fuzz_daemon_start(setup_cb, NULL);
         inited = 1;
     }
     if (size < 1)

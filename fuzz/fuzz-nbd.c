@@ -17,38 +17,9 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
-#include "qmp/qmp.h"
-#include "qmp/schema.h"
-#include "util/log.h"
+#include "fuzz-daemon.h"
 #include "util/loop.h"
 #include "export/nbd/nbd-internal.h"
-
-static void setup_cb(void *opaque);
-
-/* The main loop belongs to the thread that made it (loop_main_init). */
-static void *main_loop_thread(void *opaque)
-{
-    loop_main_init();
-    schema_init();
-    loop_call(loop_main(), setup_cb, opaque);
-    loop_run(loop_main());
-    return NULL;
-}
-
-static void run_qmp(const char *text)
-{
-    json_t *req = json_loads(text, 0, NULL);
-    json_t *rsp = qmp_dispatch(req, true);
-    if (!json_object_get(rsp, "return")) {
-        char *s = json_dumps(rsp, 0);
-        fprintf(stderr, "fuzz-nbd set-up failed: %s -> %s\n", text, s);
-        abort();
-    }
-    json_decref(rsp);
-    json_decref(req);
-}
-
-struct start { int fd; pthread_mutex_t lock; pthread_cond_t cond; int done; };
 
 static char sock[64];
 
@@ -59,26 +30,18 @@ static void remove_sock(void)
 
 static void setup_cb(void *opaque)
 {
-    struct start *st = opaque;
-    char cmd[256];
-
     snprintf(sock, sizeof(sock), "/tmp/bexd-fuzz-nbd-%d.sock", (int)getpid());
     atexit(remove_sock);
-    run_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"null-co\","
+    fuzz_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"null-co\","
             "\"node-name\":\"n0\",\"size\":67108864,\"read-zeroes\":true}}");
-    snprintf(cmd, sizeof(cmd), "{\"execute\":\"nbd-server-start\",\"arguments\":{\"addr\":"
+    fuzz_qmp("{\"execute\":\"nbd-server-start\",\"arguments\":{\"addr\":"
              "{\"type\":\"unix\",\"data\":{\"path\":\"%s\"}}}}", sock);
-    run_qmp(cmd);
-    run_qmp("{\"execute\":\"block-export-add\",\"arguments\":{\"type\":\"nbd\",\"id\":\"e0\","
+    fuzz_qmp("{\"execute\":\"block-export-add\",\"arguments\":{\"type\":\"nbd\",\"id\":\"e0\","
             "\"node-name\":\"n0\",\"name\":\"\",\"writable\":true}}");
-    run_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"r0\","
+    fuzz_qmp("{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"r0\","
             "\"file\":\"n0\",\"offset\":4096,\"size\":1048576}}");
-    run_qmp("{\"execute\":\"block-export-add\",\"arguments\":{\"type\":\"nbd\",\"id\":\"e1\","
+    fuzz_qmp("{\"execute\":\"block-export-add\",\"arguments\":{\"type\":\"nbd\",\"id\":\"e1\","
             "\"node-name\":\"r0\",\"name\":\"r\",\"description\":\"raw\"}}");
-    pthread_mutex_lock(&st->lock);
-    st->done = 1;
-    pthread_cond_signal(&st->cond);
-    pthread_mutex_unlock(&st->lock);
 }
 
 static void new_conn_cb(void *opaque)
@@ -86,20 +49,6 @@ static void new_conn_cb(void *opaque)
     int fd = (int)(intptr_t)opaque;
     if (!nbd_conn_new(fd, "fuzz"))
         close(fd);
-}
-
-static void init(void)
-{
-    static struct start st = { .lock = PTHREAD_MUTEX_INITIALIZER,
-                               .cond = PTHREAD_COND_INITIALIZER };
-    pthread_t t;
-
-    log_debug_enabled = false;
-    pthread_create(&t, NULL, main_loop_thread, &st);
-    pthread_mutex_lock(&st.lock);
-    while (!st.done)
-        pthread_cond_wait(&st.cond, &st.lock);
-    pthread_mutex_unlock(&st.lock);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -111,7 +60,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     bool shut = false;
 
     if (!inited) {
-        init();
+        fuzz_daemon_start(setup_cb, NULL);
         inited = 1;
     }
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
