@@ -11,28 +11,19 @@ a raw file; afterwards `qemu-img check` must find no error and no leak and
 allocation depths must be the lines qemu-storage-daemon prints.  Images live
 in /dev/shm and stay a few MiB.
 """
-import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import tempfile
 
 import nbd
 import pytest
 
 import needs
-from conftest import QMPError, run_daemon_expect_fail
-from qcow2img import MiB, READ_CASES, build_case, make_qcow2, qemu_img, qemu_io, to_raw
-
-
-@pytest.fixture
-def shm():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    d = tempfile.mkdtemp(prefix="bxq", dir=base)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+from conftest import run_daemon_expect_fail
+from qcow2img import (MiB, READ_CASES, assert_clean, build_case, first_difference,  # noqa: F401
+                      make_qcow2, nbd_random_ops, qemu_img, qemu_io, shm, to_raw)
 
 
 def blockdev(img, node="q0", extra=""):
@@ -60,13 +51,6 @@ def nbd_read_all(uri):
         out += h.pread(min(MiB, size - off), off)
     h.shutdown()
     return bytes(out)
-
-
-def first_difference(a, b):
-    for i in range(0, min(len(a), len(b)), 512):
-        if a[i:i + 512] != b[i:i + 512]:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 # ---- reads ----
@@ -224,48 +208,6 @@ def test_read_through_vhost_user_blk(impl, start_daemon, shm, case):
 
 # ---- writes ----
 
-def random_ops(uri, mirror_path, seed, nops=100):
-    """Writes, zeroes (with and without holes), trims, flushes; the raw
-    mirror gets the same bytes (a trim's result is read back)."""
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    size = h.get_size()
-    rnd = random.Random(seed)
-    with open(mirror_path, "r+b") as f:
-        for _ in range(nops):
-            op = rnd.random()
-            off = rnd.randrange(0, size // 512) * 512
-            ln = min(rnd.choice([512, 4096, 65536, 100 * 1024, MiB]), size - off)
-            if op < 0.6:
-                data = bytes([rnd.randrange(1, 255)]) * ln
-                h.pwrite(data, off, nbd.CMD_FLAG_FUA if rnd.random() < 0.1 else 0)
-                f.seek(off)
-                f.write(data)
-            elif op < 0.75:
-                h.zero(ln, off, nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0)
-                f.seek(off)
-                f.write(b"\0" * ln)
-            elif op < 0.85:
-                h.trim(ln, off)
-                f.seek(off)
-                f.write(h.pread(ln, off))
-            elif op < 0.9:
-                h.flush()
-            else:
-                f.seek(off)
-                assert h.pread(ln, off) == f.read(ln), "read at %d" % off
-    h.flush()
-    h.shutdown()
-
-
-def assert_clean(img):
-    r = subprocess.run(["qemu-img", "check", "--output=json", img], stdout=subprocess.PIPE)
-    info = json.loads(r.stdout)
-    assert info.get("corruptions", 0) == 0, info
-    assert info.get("leaks", 0) == 0, info
-    assert r.returncode == 0, info
-
-
 WRITE_CASES = {
     "plain": ([], False),
     "c512": (["-o", "cluster_size=512"], False),
@@ -300,7 +242,7 @@ def test_writes_check_and_compare(impl, start_daemon, shm, case):
     mirror = os.path.join(shm, "mirror.raw")
     to_raw(img, mirror)
     d, uri = serve(start_daemon, impl, img, shm, writable=True, node_extra=",discard=unmap")
-    random_ops(uri, mirror, seed=hash(case) & 0xffff)
+    nbd_random_ops(uri, mirror, seed=hash(case) & 0xffff)
     d.stop()
     assert_clean(img)
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],

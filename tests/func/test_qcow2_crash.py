@@ -20,7 +20,8 @@ import time
 import nbd
 import pytest
 
-from test_qcow2 import serve, shm  # noqa: F401  (fixture)
+from qcow2img import shm  # noqa: F401  (fixture)
+from test_qcow2 import serve
 from qcow2img import qemu_img
 
 RUNS = int(os.environ.get("QCOW2_CRASH_RUNS", "4"))

@@ -2,21 +2,12 @@
 bexd and qemu-storage-daemon (nothing accepted is silently ignored)."""
 import os
 import shutil
-import tempfile
 import time
 
 import nbd
 import pytest
 
-from qcow2img import MiB, qemu_img, qemu_io
-
-
-@pytest.fixture
-def shm():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    d = tempfile.mkdtemp(prefix="bxo", dir=base)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+from qcow2img import MiB, qemu_img, qemu_io, shm  # noqa: F401  (fixture)
 
 
 def rss_kib(pid):

@@ -13,23 +13,12 @@ sees the new size.
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 
 import nbd
 import pytest
 
 from conftest import QSD
-from qcow2img import MiB, qemu_img, qemu_io, to_raw
-from test_qcow2 import assert_clean, first_difference
-
-
-@pytest.fixture
-def shm():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    d = tempfile.mkdtemp(prefix="bxr", dir=base)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+from qcow2img import MiB, assert_clean, first_difference, qemu_img, qemu_io, shm, to_raw  # noqa: F401
 
 
 def resize(start_daemon, impl, img, *sizes, extra=""):

@@ -12,60 +12,20 @@ same scenario runs against qemu-storage-daemon.
 """
 import json
 import os
-import random
 import shutil
 import subprocess
-import tempfile
 
 import nbd
 import pytest
 
-from qcow2img import MiB, qemu_img, qemu_io, to_raw
-from test_qcow2 import assert_clean, first_difference, serve
-
-
-@pytest.fixture
-def shm():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    d = tempfile.mkdtemp(prefix="bxs", dir=base)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+from qcow2img import (MiB, assert_clean, first_difference, nbd_random_ops, qemu_img,  # noqa: F401
+                      qemu_io, shm, to_raw)
+from test_qcow2 import serve
 
 
 def snapshot_names(img):
     out = json.loads(qemu_img("info", "--output=json", "-U", img))
     return [s["name"] for s in out.get("snapshots", [])]
-
-
-def nbd_writes(uri, mirror_path, seed, nops=80, size=None):
-    """Writes (partial and whole clusters, unaligned), zeroes, trims and
-    flushes through NBD; the raw mirror gets the same bytes."""
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    size = h.get_size()
-    rnd = random.Random(seed)
-    with open(mirror_path, "r+b") as f:
-        for _ in range(nops):
-            op = rnd.random()
-            off = rnd.randrange(0, size // 512) * 512
-            ln = min(rnd.choice([512, 4096, 65536, 70 * 1024, MiB]), size - off)
-            if op < 0.65:
-                data = bytes([rnd.randrange(1, 255)]) * ln
-                h.pwrite(data, off)
-                f.seek(off)
-                f.write(data)
-            elif op < 0.8:
-                h.zero(ln, off, nbd.CMD_FLAG_NO_HOLE if rnd.random() < 0.5 else 0)
-                f.seek(off)
-                f.write(b"\0" * ln)
-            elif op < 0.9:
-                h.trim(ln, off)
-                f.seek(off)
-                f.write(h.pread(ln, off))
-            else:
-                h.flush()
-    h.flush()
-    h.shutdown()
 
 
 def check_snapshot_data(img, d, snaps):
@@ -98,7 +58,7 @@ def test_writes_keep_snapshots(impl, start_daemon, shm, opts):
     mirror = os.path.join(shm, "mirror.raw")
     to_raw(img, mirror)
     d, uri = serve(start_daemon, impl, img, shm, writable=True, node_extra=",discard=unmap")
-    nbd_writes(uri, mirror, seed=7)
+    nbd_random_ops(uri, mirror, seed=7, nops=80)
     d.stop()
 
     assert snapshot_names(img) == ["first", "second"]
@@ -148,13 +108,13 @@ def test_snapshot_made_after_daemon_writes(impl, start_daemon, shm):
     mirror = os.path.join(shm, "mirror.raw")
     to_raw(img, mirror)
     d, uri = serve(start_daemon, impl, img, shm, writable=True)
-    nbd_writes(uri, mirror, seed=1, nops=40)
+    nbd_random_ops(uri, mirror, seed=1, nops=40)
     d.stop()
     qemu_img("snapshot", "-c", "mid", img)
     with open(mirror, "rb") as f:
         mid = f.read()
     d, uri = serve(start_daemon, impl, img, shm, writable=True)
-    nbd_writes(uri, mirror, seed=2, nops=40)
+    nbd_random_ops(uri, mirror, seed=2, nops=40)
     d.stop()
     assert_clean(img)
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
