@@ -11,6 +11,7 @@ a raw file; afterwards `qemu-img check` must find no error and no leak and
 allocation depths must be the lines qemu-storage-daemon prints.  Images live
 in /dev/shm and stay a few MiB.
 """
+import json
 import os
 import random
 import shutil
