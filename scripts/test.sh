@@ -1,7 +1,9 @@
 #!/bin/sh
 # Set up and run the whole test suite: unit tests (cmocka) and functional
 # tests (pytest, real daemons and clients), the latter against the
-# ASan/UBSan build.  Ends with "N passed, N failed".
+# ASan/UBSan build.  Ends with "N passed, N failed, N skipped" (xfailed too
+# when there are any), after a line splitting the functional tests into
+# bexd's and the reference daemon's.
 set -u
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh || exit 1
@@ -56,7 +58,9 @@ unit_pass=$((unit_pass + fuzz_pass)); unit_fail=$((unit_fail + fuzz_fail))
 
 # Functional tests against the sanitizer build; sanitizer reports go to files.
 export BEXD_BUILD=$PWD/build-asan
-export ASAN_OPTIONS="log_path=$ASAN_DIR/asan:detect_leaks=1:abort_on_error=0"
+# handle_abort: an abort() or failed assert() prints a stack (a report
+# file) and is an error exit, not a silent SIGABRT.
+export ASAN_OPTIONS="log_path=$ASAN_DIR/asan:detect_leaks=1:abort_on_error=0:handle_abort=1"
 export UBSAN_OPTIONS="log_path=$ASAN_DIR/ubsan:print_stacktrace=1"
 export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp"
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/func "$@" >"$LOG/func.txt" 2>&1
@@ -66,8 +70,18 @@ summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$LOG/fu
 func_pass=$(echo "$summary" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+'); func_pass=${func_pass:-0}
 func_fail=$(echo "$summary" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+'); func_fail=${func_fail:-0}
 func_err=$(echo "$summary" | grep -oE '[0-9]+ error' | grep -oE '[0-9]+'); func_err=${func_err:-0}
+func_skip=$(echo "$summary" | grep -oE '[0-9]+ skipped' | grep -oE '[0-9]+'); func_skip=${func_skip:-0}
+func_xfail=$(echo "$summary" | grep -oE '[0-9]+ xfailed' | grep -oE '[0-9]+'); func_xfail=${func_xfail:-0}
 func_fail=$((func_fail + func_err))
-[ "$func_rc" -ne 0 ] && [ "$func_rc" -ne 5 ] && [ "$func_fail" -eq 0 ] && func_fail=1
+# rc 5: pytest collected nothing - nothing was checked, that is a failure
+if [ "$func_rc" -eq 5 ]; then
+    echo "pytest collected no functional test"
+    func_fail=$((func_fail + 1))
+fi
+[ "$func_rc" -ne 0 ] && [ "$func_fail" -eq 0 ] && func_fail=1
+# conftest's line: which of the functional tests ran bexd and which the
+# reference daemon (qemu-storage-daemon), so nobody reads one total as checks of bexd
+split=$(grep -E '^bexd: [0-9]+ passed' "$LOG/func.txt" | tail -1)
 
 # Any sanitizer report from bexd is a failure of its own.
 san_fail=0
@@ -79,5 +93,11 @@ fi
 
 passed=$((unit_pass + func_pass))
 failed=$((unit_fail + func_fail + san_fail))
-echo "$passed passed, $failed failed"
+echo "unit: $unit_pass passed, $unit_fail failed (plain, sanitizer and fuzz runs); functional: $func_pass passed, $func_fail failed, $func_skip skipped"
+echo "${split:-bexd: (no per-daemon count: conftest did not report)}"
+if [ "$func_xfail" -gt 0 ]; then
+    echo "$passed passed, $failed failed, $func_skip skipped, $func_xfail xfailed"
+else
+    echo "$passed passed, $failed failed, $func_skip skipped"
+fi
 [ "$failed" -eq 0 ]

@@ -175,13 +175,19 @@ static int daemonize_start(void)
     return p[1];
 }
 
+/* BEXD_KEEP_STDERR=1 keeps standard error where the caller pointed it (a
+ * test harness's file, so a daemonized bexd's log, a failed assert and a
+ * sanitizer report are not lost); by default it goes to /dev/null with
+ * stdin and stdout, as qemu-storage-daemon's. */
 static void daemonize_finish(int fd)
 {
+    const char *keep = getenv("BEXD_KEEP_STDERR");
     int null = open("/dev/null", O_RDWR);
     if (null >= 0) {
         dup2(null, STDIN_FILENO);
         dup2(null, STDOUT_FILENO);
-        dup2(null, STDERR_FILENO);
+        if (!keep || strcmp(keep, "1"))
+            dup2(null, STDERR_FILENO);
         if (null > STDERR_FILENO)
             close(null);
     }

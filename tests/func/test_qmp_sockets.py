@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import IMPLS, run_daemon_expect_fail
+from conftest import IMPLS, adopting, run_daemon_expect_fail, stop_daemonized
 
 PREFIX = re.compile(r"^(\S*/)?(bexd|qemu-storage-daemon): ")
 NBD_MAGIC = b"NBDMAGIC"
@@ -113,9 +113,10 @@ def test_inherited_fd(impl, tmpdir_short):
     lsock.bind(path)
     fd = lsock.fileno()
     pidfile = os.path.join(tmpdir_short, "pid")
-    r = subprocess.run([IMPLS[impl], "--nbd-server", "addr.type=fd,addr.str=%d" % fd,
-                        "--daemonize", "--pidfile", pidfile],
-                       pass_fds=[fd], stderr=subprocess.PIPE, timeout=60)
+    with adopting():
+        r = subprocess.run([IMPLS[impl], "--nbd-server", "addr.type=fd,addr.str=%d" % fd,
+                            "--daemonize", "--pidfile", pidfile],
+                           pass_fds=[fd], stderr=subprocess.PIPE, timeout=60)
     lsock.close()
     assert r.returncode == 0, r.stderr
     with open(pidfile) as f:
@@ -123,4 +124,4 @@ def test_inherited_fd(impl, tmpdir_short):
     try:
         assert nbd_hello(socket.AF_UNIX, path) == NBD_MAGIC
     finally:
-        os.kill(pid, 15)
+        stop_daemonized(impl, pid)

@@ -388,7 +388,7 @@ def test_writethrough(impl, start_daemon, image, tmpdir_short, writethrough):
 def test_fd_address(impl, image, tmpdir_short):
     """addr.type=fd: a listening socket inherited from the parent."""
     import socket
-    from conftest import IMPLS
+    from conftest import IMPLS, adopting, stop_daemonized
     need_client()
     img = image(SIZE)
     path = os.path.join(tmpdir_short, "fd.sock")
@@ -397,10 +397,12 @@ def test_fd_address(impl, image, tmpdir_short):
     ls.listen(1)
     fd = ls.fileno()
     pidfile = os.path.join(tmpdir_short, "fd.pid")
-    r = subprocess.run([IMPLS[impl], "--blockdev", "driver=file,node-name=disk,filename=" + img,
-                        "--export", "type=vhost-user-blk,id=vub0,node-name=disk,writable=on,"
-                        "addr.type=fd,addr.str=%d" % fd, "--daemonize", "--pidfile", pidfile],
-                       pass_fds=[fd], capture_output=True, timeout=30)
+    with adopting():
+        r = subprocess.run([IMPLS[impl], "--blockdev",
+                            "driver=file,node-name=disk,filename=" + img,
+                            "--export", "type=vhost-user-blk,id=vub0,node-name=disk,writable=on,"
+                            "addr.type=fd,addr.str=%d" % fd, "--daemonize", "--pidfile", pidfile],
+                           pass_fds=[fd], capture_output=True, timeout=30)
     ls.close()
     assert r.returncode == 0, r.stderr
     pid = int(open(pidfile).read())
@@ -408,7 +410,7 @@ def test_fd_address(impl, image, tmpdir_short):
         assert vub(path, "write", 0, 4096, 8) == {"status": 0}
         assert vub(path, "info")["capacity"] == SIZE // 512      # and again: listens again
     finally:
-        os.kill(pid, signal.SIGTERM)
+        stop_daemonized(impl, pid, log=r.stderr)
 
 
 def test_fd_address_not_a_socket(impl, image):

@@ -83,6 +83,33 @@ class QMP:
                 return m
 
 
+def become_subreaper():
+    """The daemonized bexd becomes our child (not init's) when its parent
+    exits, so its exit status can be read at the end."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:        # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def exit_status(pid, timeout):
+    """bexd's exit status once it ends (-N: signal N), None if it is still
+    running after timeout seconds."""
+    import select
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = None
+    if fd is not None:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        ready = p.poll(timeout * 1000)
+        os.close(fd)
+        if not ready:
+            return None
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("seconds", type=int, nargs="?", default=3600)
@@ -119,6 +146,7 @@ def main():
         creds = tlscerts.make_credentials(os.path.join(tmp, "tls"))
         a.certs = creds.client
         tls_args = ["--object", "tls-creds-x509,id=tls0,endpoint=server,dir=%s" % creds.server]
+    become_subreaper()
     subprocess.run([a.bexd] + tls_args +
                    ["--blockdev", "driver=file,node-name=d,filename=%s" % img,
                     "--blockdev", "driver=file,node-name=f,filename=%s" % fimg,
@@ -270,18 +298,23 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
     with open(img, "rb") as f:
         same = f.read(8 * MiB) == golden
     q.cmd("quit")
+    # quit ends bexd with status 0 within its stop deadline (30 s)
+    rc = exit_status(pid, 60)
+    if rc is None:
+        print("soak: bexd did not exit within 60 s of quit", flush=True)
     first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
     # Threads start on demand and are kept: worker loops (one per CPU) and
     # the I/O pool (at most 16, util/aio.c).  Bounded, not flat.
-    ok = (ok and alive and same and vub.bad == 0 and client_failed == 0 and last[2] <= first[2] + 4 and
+    ok = (ok and alive and same and rc == 0 and vub.bad == 0 and client_failed == 0 and last[2] <= first[2] + 4 and
           last[3] <= first[3] + os.cpu_count() + 16)
     print("soak: %ds, %d %sNBD connections cycled, %d exports churned, %d FUSE rounds, "
           "%d vhost-user rounds (%d bad, %d front-ends killed mid-I/O, %d retries), "
           "%d plain clients refused, %d NBD clients failed; "
-          "rss %d -> %d KiB, fds %d -> %d, threads %d -> %d; data %s; %s"
+          "rss %d -> %d KiB, fds %d -> %d, threads %d -> %d; bexd %s; data %s; %s"
           % (last[0], cycled, "TLS " if a.tls else "", churned, fuse_ops, vub.rounds, vub.bad,
              vub.killed, vub.refused, refused_plain, client_failed, first[1], last[1], first[2], last[2],
-             first[3], last[3], "intact" if same else "CHANGED", "ok" if ok else "FAILED"))
+             first[3], last[3], "exit status %s" % rc if rc is not None else "HUNG",
+             "intact" if same else "CHANGED", "ok" if ok else "FAILED"))
     return 0 if ok else 1
 
 
