@@ -8,7 +8,6 @@ Each case runs an inner pytest session (pytester, in a subprocess) with
 this directory's conftest.py and checks its verdicts.
 """
 import os
-import signal
 
 import pytest
 
