@@ -1058,3 +1058,50 @@ def test_compressed_incremental_with_guest_writes(impl, start_daemon, tmpdir_sho
         c = img_check(path)
         assert c.get("compressed-clusters", 0) > 0, c
         prev = path
+
+
+def test_compressed_clusters_rewritten_and_discarded(impl, start_daemon, tmpdir_short):
+    """The packed compressed clusters a backup wrote are counted right: the
+    same daemon then overwrites some (they become normal clusters), zeroes
+    and discards others, and qemu-img check finds no leak and no error."""
+    img = os.path.join(tmpdir_short, "src.img")
+    tgt = os.path.join(tmpdir_short, "t.qcow2")
+    layout = sparse_source(img)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(4 * MiB)], check=True)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=f0,filename=%s" % img,
+                     "--blockdev", "driver=raw,node-name=disk,file=f0",
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock)
+    qmp = d.qmp()
+    qmp.execute("blockdev-add", node_name="t", driver="qcow2", discard="unmap",
+                file={"driver": "file", "filename": tgt, "discard": "unmap"})
+    qmp.execute("blockdev-backup", job_id="j", device="disk", target="t", sync="full",
+                compress=True)
+    e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in e["data"], e
+    want_kinds = expected_kinds(layout, K64, True)
+    assert want_kinds[:8] == "dccccccc" and want_kinds.count("c") == 8
+    qmp.execute("blockdev-del", node_name="t")
+    assert img_check(tgt).get("compressed-clusters", 0) == 8
+    qmp.execute("blockdev-add", node_name="t", driver="qcow2", discard="unmap",
+                file={"driver": "file", "filename": tgt, "discard": "unmap"})
+    qmp.execute("block-export-add", type="nbd", id="e", node_name="t", name="e",
+                writable=True)
+    qemu_io("nbd+unix:///e?socket=" + sock, "write -P 0x55 64k 64k", "write -P 0x56 160k 4k",
+            "write -z -u 256k 128k", "discard 384k 64k", "write -z 448k 64k")
+    qmp.execute("block-export-del", id="e")
+    qmp.wait_event("BLOCK_EXPORT_DELETED")
+    qmp.execute("blockdev-del", node_name="t")
+    # clusters 3 and 16 are left compressed; 1, 2 rewritten, 4-7 zeroed or discarded
+    c = img_check(tgt)
+    assert c.get("compressed-clusters", 0) == 2, c
+    assert cluster_kinds(tgt, K64)[:17] == "dddczzzz" + "z" * 8 + "c"
+    want = bytearray(open(img, "rb").read())
+    want[64 * 1024:128 * 1024] = b"\x55" * 65536
+    want[160 * 1024:164 * 1024] = b"\x56" * 4096
+    want[256 * 1024:512 * 1024] = bytes(256 * 1024)
+    ref = os.path.join(tmpdir_short, "ref.img")
+    with open(ref, "wb") as f:
+        f.write(want)
+    r = img_compare(ref, tgt, "qcow2")
+    assert r.returncode == 0, r.stdout
