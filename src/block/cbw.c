@@ -408,8 +408,13 @@ static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64
         }
     }
 out:
-    for (size_t i = 0; i < nmine; i++)
+    /* an error ends the call early: our other copies still run, and the
+     * caller (a job about to fail and go) must not outlive them */
+    for (size_t i = 0; i < nmine; i++) {
+        while (!mine[i]->finished)
+            co_queue_wait(&s->changed, &s->lock);
         range_put(mine[i]);
+    }
     free(mine);
     if (t)
         loop_timer_free(t);
