@@ -17,8 +17,11 @@
  * by raw on its file child before a read or write; flush_to_os and
  * flush_to_disk on the primary child of a node being flushed; pwritev /
  * pwritev_zero on each node a write / write-zeroes is issued to and
- * pwritev_done when it completes.  The other names (qcow2 metadata events
- * and so on) are accepted and fire never, as in QEMU under raw images.
+ * pwritev_done when it completes; qcow2's events (l1_update, l2_load,
+ * l2_update, l2_alloc_*, refblock_*, reftable_load, cluster_alloc,
+ * cluster_free, cow_read/write, read_aio, read_backing_aio,
+ * read_compressed, write_aio) by qcow2 on its file child where QEMU's
+ * qcow2 raises them.  The other names are accepted and fire never.
  *
  * Limits, as QEMU's refresh_limits and generic block layer apply them:
  * align (request alignment), max-transfer (reads and writes are split),
@@ -57,9 +60,10 @@ static const char *const event_names[] = {
     "l1_shrink_free_l2_clusters", "cor_write", "cluster_alloc_space", "none",
 };
 #define N_EVENTS ((int)ARRAY_SIZE(event_names))
-_Static_assert(BLKDBG_READ_AIO == 9 && BLKDBG_WRITE_AIO == 12 && BLKDBG_FLUSH_TO_OS == 33 &&
-               BLKDBG_FLUSH_TO_DISK == 34 && BLKDBG_PWRITEV == 39 &&
-               BLKDBG_PWRITEV_ZERO == 40 && BLKDBG_PWRITEV_DONE == 41,
+_Static_assert(BLKDBG_L1_UPDATE == 0 && BLKDBG_L2_LOAD == 4 && BLKDBG_READ_AIO == 9 &&
+               BLKDBG_WRITE_AIO == 12 && BLKDBG_COW_READ == 16 && BLKDBG_REFBLOCK_LOAD == 21 &&
+               BLKDBG_CLUSTER_ALLOC == 30 && BLKDBG_FLUSH_TO_OS == 33 &&
+               BLKDBG_PWRITEV == 39 && BLKDBG_PWRITEV_DONE == 41,
                "event numbers as in event_names");
 
 enum io_type { IO_READ, IO_WRITE, IO_WRITE_ZEROES, IO_DISCARD, IO_FLUSH, IO_BLOCK_STATUS };

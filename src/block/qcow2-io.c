@@ -457,6 +457,7 @@ static int read_compressed(struct qcow2_state *s, uint64_t l2e, uint8_t *buf)
     uint64_t nsec = ((l2e >> s->csize_shift) & s->csize_mask) + 1;
     uint64_t csize = nsec * 512 - (coff & 511);
     CLEANUP_FREE uint8_t *cbuf = xmalloc(csize);
+    bnode_debug_event(s->bs->file, BLKDBG_READ_COMPRESSED);
     int ret = bnode_co_pread(s->bs->file, coff, csize, cbuf, BREQ_BEYOND_EOF);
     if (ret < 0)
         return ret;
@@ -505,6 +506,8 @@ static int co_read(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uin
         switch (run.type) {
         case QT_UNALLOC:
         case QT_UNALLOC_ALLOC:
+            if (bs->backing)
+                bnode_debug_event(s->bs->file, BLKDBG_READ_BACKING_AIO);
             ret = read_backing(bs, offset + done, run.bytes, iov, cnt, iov_off + done);
             break;
         case QT_ZERO:
@@ -514,6 +517,7 @@ static int co_read(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uin
         case QT_NORMAL: {
             struct sub_iov v;
             sub_iov_make(&v, iov, cnt, iov_off + done, run.bytes);
+            bnode_debug_event(s->bs->file, BLKDBG_READ_AIO);
             ret = bnode_co_preadv(s->data, run.host, run.bytes, v.iov, v.cnt, BREQ_BEYOND_EOF);
             sub_iov_free(&v);
             break;
@@ -602,6 +606,8 @@ static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslic
             /* dirty slices of the old table must be on disk before copying it */
             ret = qcache_flush(s, &s->l2c);
             if (ret == 0)
+                bnode_debug_event(s->bs->file, BLKDBG_L2_ALLOC_COW_READ);
+            if (ret == 0)
                 ret = bnode_co_pread(s->bs->file, old, tbytes, t, BREQ_BEYOND_EOF);
             if (ret < 0)
                 return ret;
@@ -612,15 +618,32 @@ static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslic
         ret = qcache_flush(s, &s->rbc);
         if (ret == 0)
             ret = qcow2_overlap_check(s, 0, n, s->cluster_size);
-        if (ret == 0)
+        if (ret == 0) {
+            /* QEMU writes the new table by flushing its cache entry */
+            bnode_debug_event(s->bs->file, BLKDBG_L2_ALLOC_WRITE);
+            bnode_debug_event(s->bs->file, BLKDBG_L2_UPDATE);
             ret = bnode_co_pwrite(s->bs->file, n, s->cluster_size, t, BREQ_BEYOND_EOF);
+        }
         if (ret == 0)
             ret = bnode_co_flush(s->bs->file);
         if (ret == 0) {
+            /* The slice about to be used goes into the cache from memory,
+             * as QEMU fills a new table (no read back: no l2_load).  Nobody
+             * finds it before the L1 entry points to the table. */
+            uint64_t l2_i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+            uint64_t first = l2_i - l2_i % s->l2_slice_entries;
+            int idx;
+            if (qcache_get(s, &s->l2c, n + first * s->l2_entry_bytes, false, &idx) == 0) {
+                memcpy(qcache_data(&s->l2c, idx), t + first * s->l2_entry_bytes,
+                       s->l2_slice_entries * s->l2_entry_bytes);
+                qcache_put(s, &s->l2c, idx);
+            }
             qcow2_meta_add_kind(s, n, s->cluster_size, QOL_ACTIVE_L2);
             ret = qcow2_write_l1_entry(s, (uint32_t)l1_i, (uint64_t)n | QCOW2_OFLAG_COPIED);
-            if (ret < 0)
+            if (ret < 0) {
                 qcow2_meta_del(s, n, s->cluster_size);
+                qcache_drop(s, &s->l2c, n, s->cluster_size);
+            }
         }
         if (ret < 0) {
             qcow2_update_refcount(s, n, s->cluster_size, -1);
@@ -686,6 +709,7 @@ static int read_old(struct bnode *bs, struct qcow2_state *s, uint64_t guest, uin
                     uint8_t *buf)
 {
     struct iovec iov = { buf, len };
+    bnode_debug_event(s->bs->file, BLKDBG_COW_READ);    /* as do_perform_cow_read */
     return co_read(bs, s, guest, len, &iov, 1, 0);
 }
 
@@ -752,6 +776,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
                     memset(head, 0, need_cow_head);
                 else {
                     struct iovec hv = { head, need_cow_head };
+                    bnode_debug_event(s->bs->file, BLKDBG_COW_READ);
                     ret = read_backing(bs, offset - need_cow_head, need_cow_head, &hv, 1, 0);
                 }
             }
@@ -764,6 +789,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
                     memset(tail, 0, need_cow_tail);
                 else {
                     struct iovec tv = { tail, need_cow_tail };
+                    bnode_debug_event(s->bs->file, BLKDBG_COW_READ);
                     ret = read_backing(bs, offset + n, need_cow_tail, &tv, 1, 0);
                 }
             }
@@ -782,6 +808,11 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
                 k += v.cnt;
                 if (need_cow_tail)
                     all[k++] = (struct iovec){ tail, need_cow_tail };
+                /* the copy-on-write merged with the data: one write, for
+                 * which QEMU raises cow_write and write_aio */
+                if (need_cow_head || need_cow_tail)
+                    bnode_debug_event(s->bs->file, BLKDBG_COW_WRITE);
+                bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
                 ret = bnode_co_pwritev(s->data, host + in_cl - need_cow_head,
                                        n + need_cow_head + need_cow_tail, all, k,
                                        BREQ_BEYOND_EOF | (flags & BREQ_FUA));
@@ -891,6 +922,9 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
             k += v.cnt;
             if (tlen)
                 all[k++] = (struct iovec){ tail, tlen };
+            if (hlen || tlen)
+                bnode_debug_event(s->bs->file, BLKDBG_COW_WRITE);
+            bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
             ret = bnode_co_pwritev(s->data, newh + head_from, hlen + n + tlen, all, k,
                                    BREQ_BEYOND_EOF);
         }
@@ -1527,6 +1561,7 @@ static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, ui
         if (offset + r->len > __atomic_load_n(&b->size, __ATOMIC_RELAXED) ||
             (a > 1 && ((offset | r->len) & (a - 1))))
             return false;
+        bnode_debug_event(bs->file, BLKDBG_READ_BACKING_AIO);
         bnode_submit_child(b, r, offset);
         return true;
     }
@@ -1548,6 +1583,7 @@ static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, ui
             .offset = host, .len = r->len, .iov = r->iov, .iovcnt = r->iovcnt,
             .loop = r->loop, .done = fast_done, .opaque = q,
         };
+        bnode_debug_event(bs->file, r->op == BREQ_READ ? BLKDBG_READ_AIO : BLKDBG_WRITE_AIO);
         bnode_submit(s->data, &q->child);
         return true;
     }

@@ -123,6 +123,8 @@ static int write_entry(struct qcow2_state *s, struct qcache *c, int idx)
             return ret;
     }
     uint64_t off = c->e[idx].offset;
+    /* as QEMU's qcow2_cache_entry_flush */
+    bnode_debug_event(s->bs->file, c == &s->rbc ? BLKDBG_REFBLOCK_UPDATE_PART : BLKDBG_L2_UPDATE);
     ret = bnode_co_pwrite(s->bs->file, off, c->entry_size, qcache_data(c, idx), BREQ_BEYOND_EOF);
     if (ret < 0)
         return ret;
@@ -202,6 +204,8 @@ int qcache_get(struct qcow2_state *s, struct qcache *c, uint64_t offset, bool re
     pthread_mutex_unlock(&s->cache_lock);
 
     int ret = 0;
+    if (read_it && c == &s->l2c)
+        bnode_debug_event(s->bs->file, BLKDBG_L2_LOAD);     /* as qcow2_cache_do_get */
     if (read_it)
         ret = bnode_co_pread(s->bs->file, offset, c->entry_size, qcache_data(c, victim),
                              BREQ_BEYOND_EOF);
@@ -621,12 +625,14 @@ static int alloc_refblock(struct qcow2_state *s, uint64_t rt_i, uint64_t excl_st
     pthread_mutex_lock(&s->cache_lock);
     qcow2_refcount_set(qcache_data(&s->rbc, idx), s->refcount_order, b - first, 1);
     pthread_mutex_unlock(&s->cache_lock);
+    bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_WRITE);
     ret = bnode_co_pwrite(s->bs->file, off, s->cluster_size, qcache_data(&s->rbc, idx),
                           BREQ_BEYOND_EOF);
     if (ret == 0)
         ret = bnode_co_flush(s->bs->file);
     if (ret == 0) {
         s->reftable[rt_i] = off;
+        bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_HOOKUP);
         ret = write_reftable_entry(s, rt_i);
         if (ret < 0)
             s->reftable[rt_i] = 0;
@@ -651,9 +657,18 @@ static int alloc_refblock(struct qcow2_state *s, uint64_t rt_i, uint64_t excl_st
 static int refcount_add(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t addend,
                         uint64_t excl_start, uint64_t excl_n)
 {
+    uint64_t prev_rt = UINT64_MAX;
     for (uint64_t k = 0; k < n; k++) {
         uint64_t c = ci + k;
         int idx;
+        if (c >> s->rb_bits != prev_rt) {
+            /* QEMU's update_refcount: alloc_refcount_block for each block
+             * it moves to, which loads the block if there is one */
+            prev_rt = c >> s->rb_bits;
+            bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC);
+            if (prev_rt < s->reftable_size && s->reftable[prev_rt])
+                bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_LOAD);
+        }
         int ret = refblock_for(s, c, &idx);
         if (ret < 0)
             return ret;
@@ -765,12 +780,15 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_sta
                 return ret;
         }
     }
+    bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS);
     int ret = qcache_flush(s, &s->rbc);
     if (ret == 0 && nb)
         ret = bnode_co_pwrite(s->bs->file, (start + tc) << s->cluster_bits, nb * cs, blocks,
                               BREQ_BEYOND_EOF);
     for (uint64_t i = 0; ret == 0 && i < tc * cs / 8; i++)
         table[i] = htobe64(table[i]);
+    if (ret == 0)
+        bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_WRITE_TABLE);
     if (ret == 0)
         ret = bnode_co_pwrite(s->bs->file, start << s->cluster_bits, tc * cs, table,
                               BREQ_BEYOND_EOF);
@@ -780,6 +798,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_sta
         return ret;
     struct __attribute__((packed)) { uint64_t off; uint32_t clusters; } hdr = {
         htobe64(start << s->cluster_bits), htobe32((uint32_t)tc) };
+    bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE);
     ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, refcount_table_offset),
                           sizeof(hdr), &hdr, 0);
     if (ret == 0)
@@ -812,6 +831,8 @@ int64_t qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n)
      * Refcounts are read a whole block at a time. */
     uint64_t limit = 1ull << (56 - s->cluster_bits);
     uint64_t start = s->free_cluster_index, ci = start;
+
+    bnode_debug_event(s->bs->file, BLKDBG_CLUSTER_ALLOC);
     while (ci - start < n) {
         if (ci + n > limit)
             return -EFBIG;
@@ -919,6 +940,7 @@ static int release(struct qcow2_state *s, struct qfree *list)
             free(f);
             continue;
         }
+        bnode_debug_event(s->bs->file, BLKDBG_CLUSTER_FREE);     /* qcow2_free_clusters */
         int ret = qcow2_update_refcount(s, f->offset, f->nb << s->cluster_bits, -1);
         if (ret == 0 && s->discard_passthrough[f->discard_type]) {
             uint64_t ref = 1;
@@ -1040,6 +1062,7 @@ int qcow2_write_l1_entry(struct qcow2_state *s, uint32_t idx, uint64_t entry)
     int ret = qcow2_overlap_check(s, QOL_ACTIVE_L1, s->l1_offset + base * 8ull, n * 8);
     if (ret < 0)
         return ret;
+    bnode_debug_event(s->bs->file, BLKDBG_L1_UPDATE);
     ret = bnode_co_pwrite(s->bs->file, s->l1_offset + base * 8ull, n * 8, buf, 0);
     if (ret < 0)
         return ret;

@@ -394,6 +394,7 @@ static int do_open(struct qcow2_state *s, void *opaque)
     }
     s->reftable_size = ((uint64_t)s->reftable_clusters << s->cluster_bits) / 8;
     s->reftable = xcalloc(s->reftable_size, 8);
+    bnode_debug_event(s->bs->file, BLKDBG_REFTABLE_LOAD);       /* qcow2_refcount_init */
     ret = read_all(s, s->reftable_offset, s->reftable_size * 8, s->reftable);
     if (ret < 0) {
         error_setg_errno(c->errp, -ret, "Could not read the refcount table");
