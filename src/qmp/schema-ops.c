@@ -77,5 +77,12 @@ static const char text[] =
     "  'returns': ['__org.bexd_ExportClients'], 'allow-preconfig': true }\n"
     "{ 'command': '__org.bexd_reload-tls-creds', 'data': { '*id': 'str' },\n"
     "  'allow-preconfig': true }\n"
+    "{ 'struct': '__org.bexd_MemoryInfo',\n"
+    "  'data': { 'allocator': 'str', 'heap-in-use': 'int', 'heap-free': 'int',\n"
+    "            'heap-arena-bytes': 'int', 'heap-mmapped-bytes': 'int',\n"
+    "            'heap-top-releasable': 'int', 'arenas': 'int',\n"
+    "            'nbd-buffer-bytes': 'int' } }\n"
+    "{ 'command': '__org.bexd_x-query-memory',\n"
+    "  'returns': '__org.bexd_MemoryInfo', 'allow-preconfig': true }\n"
     "{ 'struct': '__org.bexd_MetricsOptions', 'data': { 'addr': 'SocketAddress' } }\n";
 SCHEMA_SOURCE(ops, text)

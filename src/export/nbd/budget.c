@@ -63,6 +63,11 @@ bool nbd_budget_take(size_t bytes)
     return true;
 }
 
+size_t nbd_budget_used(void)
+{
+    return __atomic_load_n(&budget_used, __ATOMIC_RELAXED);
+}
+
 bool nbd_budget_pressure(void)
 {
     return __atomic_load_n(&nwaiters, __ATOMIC_ACQUIRE) > 0;

@@ -1,6 +1,7 @@
 /* NBD server: the shared operation behind nbd-server-start and --nbd-server. */
 #pragma once
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <jansson.h>
 #include "util/error.h"
@@ -23,3 +24,5 @@ struct nbd_server_counters {
     uint64_t accepted, handshake_failures, tls_failures;
 };
 void nbd_server_counters(struct nbd_server_counters *out);
+/* Bytes of request buffers the connections hold now (budget.c; any thread). */
+size_t nbd_budget_used(void);
