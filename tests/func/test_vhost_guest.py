@@ -99,3 +99,53 @@ def test_guest_too_many_queues(impl, start_daemon, image, tmpdir_short):
     assert rep["result"] != "PASS"
     assert "The maximum number of queues supported by the backend is 1" in rep["qemu_output"]
     check_pass(guest.run_guest(sock, "info", queues=1))
+
+
+def test_guest_io_through_export_churn_and_a_killed_front_end(start_daemon, image, tmpdir_short):
+    """Reliability with a real front-end (the long version runs in
+    tests/soak/soak.py --guest): while QMP adds and removes other nodes
+    and vhost-user-blk exports in a loop, a guest streaming I/O is killed
+    with SIGKILL mid-stream; the export takes the next guest, whose
+    pattern is written, read back and found in the image; the daemon
+    stays up with its export, and the churn never failed."""
+    import threading
+    d, sock, img = start(start_daemon, image, tmpdir_short, "bexd", ",num-queues=2")
+    q = d.qmp()                         # one monitor: the churn thread's until it ends
+    churn_q = q
+    stop, churned, errors = threading.Event(), [0], []
+
+    def churn():
+        try:
+            while not stop.is_set():
+                i = churned[0]
+                churn_q.execute("blockdev-add", driver="null-co", node_name="c%d" % i)
+                churn_q.execute("block-export-add", type="vhost-user-blk", id="x%d" % i,
+                                node_name="c%d" % i,
+                                addr={"type": "unix", "path": os.path.join(tmpdir_short, "x.sock")})
+                churn_q.execute("block-export-del", id="x%d" % i)
+                churn_q.wait_event("BLOCK_EXPORT_DELETED")
+                churn_q.execute("blockdev-del", node_name="c%d" % i)
+                churned[0] += 1
+        except Exception as e:          # reported by the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        g = guest.Guest(sock, "stream", queues=2, off=8 << 20, mb=1)
+        try:
+            g.wait_line("BEX: streaming")
+        finally:
+            g.kill()                      # SIGKILL: requests in flight on both queues
+            g.finish()
+        off = 20 << 20
+        rep = guest.run_guest(sock, "rw", queues=2, off=off, mb=4)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    assert churned[0] > 0
+    check_pass(rep)
+    assert image_sha(img, off, 4 << 20) == rep["pattern_sha256"]
+    assert d.alive()
+    assert [e["id"] for e in q.execute("query-block-exports")] == ["vub0"]

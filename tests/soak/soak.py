@@ -10,15 +10,26 @@ driven by the test front-end (tests/vhost/vub-client): a pattern written
 and read back each round, and now and then a front-end pushing I/O that is
 killed with SIGKILL mid-stream.  With --tls the NBD server requires TLS
 (x509 certificates made at start): the clients connect with it, and a
-plain client that tries without is refused now and then.  Every 5 s RSS,
-open fds and threads of the daemon are sampled.  Prints the samples, then a summary:
-duration, connections cycled, exports churned, RSS/fds/threads first and
-last, and exits 1 if the data changed, the daemon died, fds grew, or
-threads passed what the worker loops and the I/O pool may start.
+plain client that tries without is refused now and then.  With --guest a
+QEMU guest (tests/vhost/guest.py, TCG) is a second vhost-user-blk
+front-end: guests one after the other write a 4 MiB pattern that the
+image must then hold, and guests streaming I/O are killed with SIGKILL
+mid-stream.  Every 5 s RSS, open fds and threads of the daemon are
+sampled, with its anonymous memory and what its heap holds
+(__org.bexd_x-query-memory).  An NBD client that ends by itself is a
+failure, printed with its exit status and stderr; the daemon's sanitizer
+reports (LeakSanitizer at exit included) go to files that must stay
+empty.  Prints the samples, then a summary: duration, connections
+cycled, exports churned, RSS/fds/threads first and last, and exits 1 if
+the data changed, the daemon died, fds grew, threads passed what the
+worker loops and the I/O pool may start, or memory broke the verdict of
+memory_verdict() (memory outside the heap blocks in use grew, or the heap
+in use did not come back after the run).
 
-  tests/soak/soak.py [SECONDS] [--bexd PATH] [--tls] [--vub PATH]
+  tests/soak/soak.py [SECONDS] [--bexd PATH] [--tls] [--guest] [--vub PATH]
 """
 import argparse
+import glob
 import json
 import os
 import random
@@ -27,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 MiB = 1 << 20
@@ -67,6 +79,37 @@ def status(pid):
     return int(out["VmRSS"]), len(os.listdir("/proc/%d/fd" % pid)), int(out["Threads"])
 
 
+def anon_kib(pid):
+    """Anonymous memory of the daemon (KiB): the heap, thread stacks and
+    buffers, without the mapped binary and libraries."""
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_no_nbd_client(q):
+    """The daemon has let the last NBD clients go (and freed their
+    buffers) once no NBD export lists one."""
+    for _ in range(600):
+        if not any(e["clients"] for e in q.cmd("__org.bexd_query-export-clients")["return"]
+                   if e["type"] == "nbd"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("NBD clients stayed")
+
+
+def memory(q, pid):
+    """What the daemon's memory is made of (KiB): anonymous memory from
+    the kernel, and the heap as the allocator sees it
+    (__org.bexd_x-query-memory)."""
+    m = q.cmd("__org.bexd_x-query-memory")["return"]
+    out = {k: (v >> 10 if isinstance(v, int) and k != "arenas" else v) for k, v in m.items()}
+    out["anon"] = anon_kib(pid)
+    return out
+
+
 class QMP:
     def __init__(self, path):
         self.s = socket.socket(socket.AF_UNIX)
@@ -83,31 +126,40 @@ class QMP:
                 return m
 
 
-def become_subreaper():
-    """The daemonized bexd becomes our child (not init's) when its parent
-    exits, so its exit status can be read at the end."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, 1, 0, 0, 0) != 0:        # PR_SET_CHILD_SUBREAPER
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+# What the memory verdict allows (KiB): memory outside the heap's blocks
+# in use (free blocks the allocator keeps, thread stacks, static data) may
+# grow by SLACK plus SLACK_THREAD per thread started during the run; the
+# blocks in use once every client is gone may exceed those after the
+# warm-up by LEAK_SLACK.  The I/O pool's threads start on demand during
+# the run; state made once on first use is made in the warm-up.  A leak
+# smaller than LEAK_SLACK over the run is LeakSanitizer's to find (the
+# soak under the ASan build).
+SLACK = 2048
+SLACK_THREAD = 512
+LEAK_SLACK = 256
 
 
-def exit_status(pid, timeout):
-    """bexd's exit status once it ends (-N: signal N), None if it is still
-    running after timeout seconds."""
-    import select
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        fd = None
-    if fd is not None:
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        ready = p.poll(timeout * 1000)
-        os.close(fd)
-        if not ready:
-            return None
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+def memory_verdict(samples, mem):
+    """(ok, why): RSS follows what the daemon holds.  The daemon's anonymous
+    memory minus its heap blocks in use must not grow past the slack at any
+    sample (what an allocator that keeps freed memory, or a leak outside
+    malloc, would show), and the heap in use after the run, NBD buffers
+    apart, must be back near where it started (a leak)."""
+    if mem[0]["allocator"] != "glibc":
+        return True, "not checked under a sanitizer's allocator (LeakSanitizer checks leaks)"
+    base = mem[0]["anon"] - mem[0]["heap-in-use"]
+    worst, at = 0, 0
+    for (t, _, _, threads), m in zip(samples, mem):
+        over = (m["anon"] - m["heap-in-use"]) - base - SLACK_THREAD * max(0, threads - samples[0][3])
+        if over > worst:
+            worst, at = over, t
+    start = mem[0]["heap-in-use"] - mem[0]["nbd-buffer-bytes"]
+    end = mem[-1]["heap-in-use"] - mem[-1]["nbd-buffer-bytes"]
+    why = ("anon - heap in use grew by at most %d KiB over the thread allowance (t=%ds, "
+           "limit %d); heap in use %d -> %d KiB without NBD buffers (limit +%d); "
+           "heap free at the end %d KiB in %d arenas"
+           % (worst, at, SLACK, start, end, LEAK_SLACK, mem[-1]["heap-free"], mem[-1]["arenas"]))
+    return worst <= SLACK and end - start <= LEAK_SLACK, why
 
 
 def main():
@@ -116,6 +168,8 @@ def main():
     ap.add_argument("--bexd", default=os.path.join(HERE, "..", "..", "build", "bexd"))
     ap.add_argument("--vub", default=None, help="vub-client (default: next to --bexd)")
     ap.add_argument("--tls", action="store_true", help="NBD over TLS")
+    ap.add_argument("--guest", action="store_true",
+                    help="also a QEMU guest on a vhost-user-blk export (tests/vhost/guest.py)")
     a = ap.parse_args()
     # SIGTERM (and SIGINT, ignored in background jobs) end the run cleanly:
     # the clients and the daemon go, the images are removed
@@ -135,6 +189,15 @@ def main():
     vimg = os.path.join("/dev/shm", "bexd-soak-v-%d.img" % os.getpid())
     with open(vimg, "wb") as f:
         f.truncate(16 * MiB)
+    a.gimg = os.path.join("/dev/shm", "bexd-soak-g-%d.img" % os.getpid())
+    guest_args = []
+    if a.guest:
+        with open(a.gimg, "wb") as f:
+            f.truncate(64 * MiB)
+        a.gsock = os.path.join(tmp, "guest.sock")
+        guest_args = ["--blockdev", "driver=file,node-name=g,filename=%s" % a.gimg,
+                      "--export", "type=vhost-user-blk,id=vg,node-name=g,writable=on,"
+                                  "num-queues=2,addr.type=unix,addr.path=%s" % a.gsock]
     mnt = os.path.join(tmp, "mnt")
     open(mnt, "w").close()
     sock, qsock, pidf, vsock = (os.path.join(tmp, n)
@@ -146,7 +209,12 @@ def main():
         creds = tlscerts.make_credentials(os.path.join(tmp, "tls"))
         a.certs = creds.client
         tls_args = ["--object", "tls-creds-x509,id=tls0,endpoint=server,dir=%s" % creds.server]
-    become_subreaper()
+    # Sanitizer reports (ASan, LSan at exit, UBSan) of the daemon go to
+    # files: its stderr is /dev/null once daemonized.
+    env = dict(os.environ)
+    a.san = os.path.join(tmp, "san")
+    for k in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
+        env[k] = (env[k] + ":" if env.get(k) else "") + "log_path=" + a.san
     subprocess.run([a.bexd] + tls_args +
                    ["--blockdev", "driver=file,node-name=d,filename=%s" % img,
                     "--blockdev", "driver=file,node-name=f,filename=%s" % fimg,
@@ -157,8 +225,9 @@ def main():
                                 "addr.type=unix,addr.path=%s" % vsock,
                     "--export", "type=nbd,id=e,node-name=d,name=d,writable=on",
                     "--export", "type=fuse,id=fx,node-name=f,mountpoint=%s,writable=on" % mnt,
-                    "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qsock,
-                    "--monitor", "chardev=m", "--daemonize", "--pidfile", pidf], check=True)
+                    "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qsock] + guest_args +
+                   [
+                    "--monitor", "chardev=m", "--daemonize", "--pidfile", pidf], check=True, env=env)
     pid = int(open(pidf).read())
     try:
         return soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden)
@@ -166,7 +235,7 @@ def main():
         if os.path.exists("/proc/%d" % pid):
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["fusermount3", "-u", "-z", mnt], stderr=subprocess.DEVNULL)
-        for p in (img, fimg, vimg):
+        for p in (img, fimg, vimg, a.gimg):
             if os.path.exists(p):
                 os.unlink(p)
 
@@ -215,14 +284,120 @@ class Vub:
             self.streaming.wait()
 
 
+class GuestLoop(threading.Thread):
+    """QEMU guests on the "vg" export, one after the other until stopped:
+    a guest writes a 4 MiB pattern, reads it back and the image must hold
+    it; then a guest streaming I/O is killed with SIGKILL mid-stream."""
+
+    def __init__(self, a, seed):
+        super().__init__()
+        sys.path.insert(0, os.path.join(HERE, "..", "vhost"))
+        import guest
+        self.guest, self.a, self.rng = guest, a, random.Random(seed)
+        self.stop = threading.Event()
+        self.rounds = self.killed = 0
+        self.bad = []
+
+    def run(self):
+        import hashlib
+        while True:
+            off = self.rng.randrange(0, 60) * MiB
+            try:
+                g = self.guest.Guest(self.a.gsock, "rw", queues=2, off=off, mb=4,
+                                     seed=self.rng.randrange(1 << 30), timeout=300)
+                rep = g.finish()
+                with open(self.a.gimg, "rb") as f:
+                    f.seek(off)
+                    sha = hashlib.sha256(f.read(4 * MiB)).hexdigest()
+                self.rounds += 1
+                if rep["result"] != "PASS" or rep.get("pattern_sha256") != sha:
+                    self.bad.append(rep)
+                    print("guest round failed: %r; console:\n%s" % (rep, g.text[-3000:]), flush=True)
+                if self.stop.is_set():
+                    return
+                g = self.guest.Guest(self.a.gsock, "stream", queues=2, timeout=300,
+                                     off=self.rng.randrange(0, 63) * MiB, mb=1)
+                try:
+                    g.wait_line("BEX: streaming")
+                    time.sleep(self.rng.random() * 2)     # a while into the stream
+                finally:
+                    g.kill()
+                    g.finish()
+                self.killed += 1
+            except Exception as e:
+                self.bad.append(repr(e))
+                print("guest round failed: %r" % e, flush=True)
+                return
+
+
 def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
     q = QMP(qsock)
     uri = "nbd%s+unix:///d?socket=%s" % ("s" if a.tls else "", sock)
     rng = random.Random(7)
     clients, stopped = [], []
-    cycled = churned = fuse_ops = refused_plain = client_failed = 0
+    errdir = os.path.join(os.path.dirname(sock), "clients")
+    os.makedirs(errdir, exist_ok=True)
+    failures = []                        # (pid, status, stderr) of clients that ended by themselves
+
+    def client_ended(c, killed=False):
+        """c has been reaped: a client dies only of our SIGKILL; any other
+        end is a failure, reported with its status and stderr."""
+        if not (killed and c.returncode == -signal.SIGKILL):
+            c.errf.seek(0)
+            err = c.errf.read().decode(errors="replace")
+            failures.append((c.pid, c.returncode, err))
+            print("t=%ds NBD client %d ended by itself, status %d; its stderr:\n%s"
+                  % (time.monotonic() - t0, c.pid, c.returncode, err), flush=True)
+        c.errf.close()
+    cycled = churned = fuse_ops = refused_plain = 0
     vub = Vub(a, vsock, rng)
+
+    def churn():
+        # QMP churn: a node and an export on it, added and removed
+        nonlocal churned
+        churned += 1
+        q.cmd("blockdev-add", driver="null-co", **{"node-name": "c%d" % churned})
+        q.cmd("block-export-add", type="nbd", id="x%d" % churned,
+              **{"node-name": "c%d" % churned})
+        q.cmd("block-export-del", id="x%d" % churned, mode="hard")
+        q.cmd("blockdev-del", **{"node-name": "c%d" % churned})
+
+    def fuse_round():
+        nonlocal fuse_ops
+        with open(mnt, "r+b") as f:
+            off = rng.randrange(0, 15) * MiB
+            f.seek(off)
+            f.write(os.urandom(65536))
+            f.seek(off)
+            f.read(65536)
+            fuse_ops += 1
+
+    # Warm-up: each kind of work once before the baseline, so that what the
+    # daemon makes on first use and keeps (worker loops and their I/O
+    # engines, FUSE and vhost-user buffers, TLS state) is in the baseline
+    # the leak check compares the end with.
+    warm = subprocess.Popen([sys.executable, "-c", CLIENT, uri, "1"] +
+                            ([a.certs] if a.tls else []), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(cl["read-operations"] + cl["write-operations"] >= 4
+                  for e in q.cmd("__org.bexd_query-export-clients")["return"]
+                  if e["type"] == "nbd" for cl in e["clients"]):
+        if warm.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the warm-up NBD client did not get going")
+        time.sleep(0.1)
+    warm.kill()
+    warm.wait()
+    churn()
+    fuse_round()
+    vub.step()
+    vub.stop()
+    wait_no_nbd_client(q)
+    guests = None
+    if a.guest:
+        guests = GuestLoop(a, rng.randrange(1 << 30))
+        guests.start()
     samples = [(0, *status(pid))]
+    mem = [memory(q, pid)]
     t0 = time.monotonic()
     next_sample = 5
     ok = True
@@ -230,15 +405,17 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
         while time.monotonic() - t0 < a.seconds:
             for c in list(clients):          # a client that ended by itself failed
                 if c.poll() is not None:
-                    client_failed += 1
                     clients.remove(c)
                     if c in stopped:
                         stopped.remove(c)
+                    client_ended(c)
             while len(clients) < 6:
-                clients.append(subprocess.Popen([sys.executable, "-c", CLIENT, uri,
-                                                 str(rng.randrange(1 << 30))] +
-                                                ([a.certs] if a.tls else []),
-                                                stderr=subprocess.DEVNULL))
+                errf = tempfile.TemporaryFile(dir=errdir)   # its stderr, read if it fails
+                c = subprocess.Popen([sys.executable, "-c", CLIENT, uri,
+                                      str(rng.randrange(1 << 30))] +
+                                     ([a.certs] if a.tls else []), stderr=errf)
+                c.errf = errf
+                clients.append(c)
                 cycled += 1
             c = rng.choice(clients)
             r = rng.random()
@@ -246,6 +423,9 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
                 c.kill()
                 c.wait()
                 clients.remove(c)
+                if c in stopped:
+                    stopped.remove(c)
+                client_ended(c, killed=True)
             elif r < 0.4 and c not in stopped:
                 c.send_signal(signal.SIGSTOP)
                 stopped.append(c)
@@ -253,20 +433,8 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
                 s = stopped.pop(0)
                 if s.poll() is None:
                     s.send_signal(signal.SIGCONT)
-            # QMP churn: a node and an export on it, added and removed
-            churned += 1
-            q.cmd("blockdev-add", driver="null-co", **{"node-name": "c%d" % churned})
-            q.cmd("block-export-add", type="nbd", id="x%d" % churned,
-                  **{"node-name": "c%d" % churned})
-            q.cmd("block-export-del", id="x%d" % churned, mode="hard")
-            q.cmd("blockdev-del", **{"node-name": "c%d" % churned})
-            with open(mnt, "r+b") as f:
-                off = rng.randrange(0, 15) * MiB
-                f.seek(off)
-                f.write(os.urandom(65536))
-                f.seek(off)
-                f.read(65536)
-                fuse_ops += 1
+            churn()
+            fuse_round()
             vub.step()
             if a.tls and rng.random() < 0.1:
                 # a client without TLS: refused (NBD_REP_ERR_TLS_REQD)
@@ -282,39 +450,59 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
             time.sleep(0.2)
             if time.monotonic() - t0 >= next_sample:
                 samples.append((int(time.monotonic() - t0), *status(pid)))
-                print("t=%ds rss=%d KiB fds=%d threads=%d" % samples[-1], flush=True)
-                next_sample += 5
+                mem.append(memory(q, pid))
+                print("t=%ds rss=%d KiB fds=%d threads=%d" % samples[-1] +
+                      " anon=%(anon)d KiB heap-in-use=%(heap-in-use)d KiB heap=%(heap-arena-bytes)d KiB "
+                      "heap-free=%(heap-free)d KiB arenas=%(arenas)d nbd-buffers=%(nbd-buffer-bytes)d KiB"
+                      % mem[-1], flush=True)
+                next_sample = time.monotonic() - t0 + 5
     finally:
         vub.stop()
+        if guests:
+            guests.stop.set()
+            guests.join()
         for c in stopped:
             if c.poll() is None:
                 c.send_signal(signal.SIGCONT)
         for c in clients:
             c.kill()
             c.wait()
-    time.sleep(1)                          # let the daemon see the last clients go
+            client_ended(c, killed=True)
+    wait_no_nbd_client(q)
     samples.append((int(time.monotonic() - t0), *status(pid)))
+    mem.append(memory(q, pid))
+    mem_ok, mem_why = memory_verdict(samples, mem)
+    print("memory: %s" % mem_why, flush=True)
     alive = os.path.exists("/proc/%d" % pid)
     with open(img, "rb") as f:
         same = f.read(8 * MiB) == golden
     q.cmd("quit")
-    # quit ends bexd with status 0 within its stop deadline (30 s)
-    rc = exit_status(pid, 60)
-    if rc is None:
-        print("soak: bexd did not exit within 60 s of quit", flush=True)
+    gone = False
+    for _ in range(600):                   # LeakSanitizer runs at exit: wait for it
+        if not os.path.exists("/proc/%d" % pid):
+            gone = True
+            break
+        time.sleep(0.1)
+    reports = []
+    for f in sorted(glob.glob(a.san + ".*")):
+        reports.append(open(f, errors="replace").read())
+        print("sanitizer report %s:\n%s" % (f, reports[-1]), flush=True)
     first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
     # Threads start on demand and are kept: worker loops (one per CPU) and
     # the I/O pool (at most 16, util/aio.c).  Bounded, not flat.
-    ok = (ok and alive and same and rc == 0 and vub.bad == 0 and client_failed == 0 and last[2] <= first[2] + 4 and
+    if guests:
+        print("guests: %d rounds verified, %d killed mid-I/O, %d failed"
+              % (guests.rounds, guests.killed, len(guests.bad)), flush=True)
+        ok = ok and not guests.bad and guests.rounds > 0
+    ok = (ok and mem_ok and alive and gone and not reports and same and vub.bad == 0 and not failures and last[2] <= first[2] + 4 and
           last[3] <= first[3] + os.cpu_count() + 16)
     print("soak: %ds, %d %sNBD connections cycled, %d exports churned, %d FUSE rounds, "
           "%d vhost-user rounds (%d bad, %d front-ends killed mid-I/O, %d retries), "
-          "%d plain clients refused, %d NBD clients failed; "
-          "rss %d -> %d KiB, fds %d -> %d, threads %d -> %d; bexd %s; data %s; %s"
+          "%d plain clients refused, %d NBD clients failed, %d sanitizer reports; "
+          "rss %d -> %d KiB, fds %d -> %d, threads %d -> %d; data %s; %s"
           % (last[0], cycled, "TLS " if a.tls else "", churned, fuse_ops, vub.rounds, vub.bad,
-             vub.killed, vub.refused, refused_plain, client_failed, first[1], last[1], first[2], last[2],
-             first[3], last[3], "exit status %s" % rc if rc is not None else "HUNG",
-             "intact" if same else "CHANGED", "ok" if ok else "FAILED"))
+             vub.killed, vub.refused, refused_plain, len(failures), len(reports), first[1], last[1], first[2], last[2],
+             first[3], last[3], "intact" if same else "CHANGED", "ok" if ok else "FAILED"))
     return 0 if ok else 1
 
 
