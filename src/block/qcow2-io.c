@@ -1569,6 +1569,7 @@ static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, ui
         struct qreq *q = qreq_get();
         q->s = s;
         q->slot = slot;
+        bnode_debug_event(bs->file, r->op == BREQ_READ ? BLKDBG_READ_AIO : BLKDBG_WRITE_AIO);
         if (s->data == bs->file) {
             q->parent_done = r->done;
             q->parent_opaque = r->opaque;
@@ -1583,7 +1584,6 @@ static bool try_fast(struct bnode *bs, struct qcow2_state *s, struct breq *r, ui
             .offset = host, .len = r->len, .iov = r->iov, .iovcnt = r->iovcnt,
             .loop = r->loop, .done = fast_done, .opaque = q,
         };
-        bnode_debug_event(bs->file, r->op == BREQ_READ ? BLKDBG_READ_AIO : BLKDBG_WRITE_AIO);
         bnode_submit(s->data, &q->child);
         return true;
     }

@@ -200,8 +200,7 @@ def main():
                                   "num-queues=2,addr.type=unix,addr.path=%s" % a.gsock]
     mnt = os.path.join(tmp, "mnt")
     open(mnt, "w").close()
-    sock, qsock, pidf, vsock = (os.path.join(tmp, n)
-                                for n in ("nbd.sock", "qmp.sock", "pid", "vub.sock"))
+    sock, qsock, vsock = (os.path.join(tmp, n) for n in ("nbd.sock", "qmp.sock", "vub.sock"))
     tls_args, a.certs = [], None
     if a.tls:
         sys.path.insert(0, os.path.join(HERE, "..", "func"))
@@ -209,13 +208,15 @@ def main():
         creds = tlscerts.make_credentials(os.path.join(tmp, "tls"))
         a.certs = creds.client
         tls_args = ["--object", "tls-creds-x509,id=tls0,endpoint=server,dir=%s" % creds.server]
-    # Sanitizer reports (ASan, LSan at exit, UBSan) of the daemon go to
-    # files: its stderr is /dev/null once daemonized.
+    # The daemon is our child (its exit status is checked) with its output
+    # in bexd.log; sanitizer reports (ASan, LSan at exit, UBSan) go to
+    # files of their own.
     env = dict(os.environ)
     a.san = os.path.join(tmp, "san")
     for k in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
         env[k] = (env[k] + ":" if env.get(k) else "") + "log_path=" + a.san
-    subprocess.run([a.bexd] + tls_args +
+    log = open(os.path.join(tmp, "bexd.log"), "wb")
+    a.proc = subprocess.Popen([a.bexd] + tls_args +
                    ["--blockdev", "driver=file,node-name=d,filename=%s" % img,
                     "--blockdev", "driver=file,node-name=f,filename=%s" % fimg,
                     "--blockdev", "driver=file,node-name=v,filename=%s" % vimg,
@@ -226,14 +227,25 @@ def main():
                     "--export", "type=nbd,id=e,node-name=d,name=d,writable=on",
                     "--export", "type=fuse,id=fx,node-name=f,mountpoint=%s,writable=on" % mnt,
                     "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qsock] + guest_args +
-                   [
-                    "--monitor", "chardev=m", "--daemonize", "--pidfile", pidf], check=True, env=env)
-    pid = int(open(pidf).read())
+                   ["--monitor", "chardev=m"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    pid = a.proc.pid
     try:
+        # the command line is applied in order: the monitor's socket last
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.socket(socket.AF_UNIX).connect(qsock)
+                break                      # (a monitor takes one client: this one is gone)
+            except OSError:
+                if a.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bexd did not start: %s"
+                                       % open(log.name, errors="replace").read())
+                time.sleep(0.05)
         return soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden)
     finally:
-        if os.path.exists("/proc/%d" % pid):
-            os.kill(pid, signal.SIGKILL)
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
         subprocess.run(["fusermount3", "-u", "-z", mnt], stderr=subprocess.DEVNULL)
         for p in (img, fimg, vimg, a.gimg):
             if os.path.exists(p):
@@ -477,12 +489,13 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
     with open(img, "rb") as f:
         same = f.read(8 * MiB) == golden
     q.cmd("quit")
-    gone = False
-    for _ in range(600):                   # LeakSanitizer runs at exit: wait for it
-        if not os.path.exists("/proc/%d" % pid):
-            gone = True
-            break
-        time.sleep(0.1)
+    try:
+        exit_status = a.proc.wait(timeout=120)  # LeakSanitizer runs at exit
+    except subprocess.TimeoutExpired:
+        exit_status = None
+    print("bexd exit status after quit: %s" % exit_status, flush=True)
+    if exit_status != 0:
+        print(open(os.path.join(os.path.dirname(qsock), "bexd.log"), errors="replace").read()[-3000:])
     reports = []
     for f in sorted(glob.glob(a.san + ".*")):
         reports.append(open(f, errors="replace").read())
@@ -494,7 +507,7 @@ def soak(a, pid, img, fimg, mnt, sock, qsock, vsock, golden):
         print("guests: %d rounds verified, %d killed mid-I/O, %d failed"
               % (guests.rounds, guests.killed, len(guests.bad)), flush=True)
         ok = ok and not guests.bad and guests.rounds > 0
-    ok = (ok and mem_ok and alive and gone and not reports and same and vub.bad == 0 and not failures and last[2] <= first[2] + 4 and
+    ok = (ok and mem_ok and alive and exit_status == 0 and not reports and same and vub.bad == 0 and not failures and last[2] <= first[2] + 4 and
           last[3] <= first[3] + os.cpu_count() + 16)
     print("soak: %ds, %d %sNBD connections cycled, %d exports churned, %d FUSE rounds, "
           "%d vhost-user rounds (%d bad, %d front-ends killed mid-I/O, %d retries), "
