@@ -407,6 +407,10 @@ def test_iothread_export_serves_and_goes_hard(impl, start_daemon, tmpdir_short):
     d, sock = serve(start_daemon, impl, tmpdir_short, img, export_opts=",iothread=io0",
                     args=("--object", "iothread,id=io0"))
     q = d.qmp()
+    if impl == "qsd":
+        # qsd 7.2 aborts (SIGABRT) once a client of an export in an iothread
+        # leaves after the checks below have passed: its bug, not the test's
+        d.expect_exit()
     hs = []
     for i in range(4):
         h = nbd.NBD()
