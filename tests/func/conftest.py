@@ -26,6 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BUILD = os.environ.get("BEXD_BUILD", os.path.join(ROOT, "build"))
 BEXD = os.environ.get("BEXD", os.path.join(BUILD, "bexd"))
 BEXCTL = os.environ.get("BEXCTL", os.path.join(BUILD, "bexctl"))
+# The build without sanitizers (scripts/test.sh makes both): for the few
+# checks of glibc's own allocator, which a sanitizer build replaces.
+RELEASE_BEXD = os.path.join(ROOT, "build", "bexd")
 QSD = shutil.which("qemu-storage-daemon")
 
 IMPLS = {"bexd": BEXD, "qsd": QSD}
@@ -335,9 +338,9 @@ class Daemon:
     d.expect_exit(...) before it kills it or makes it exit.
     qemu-storage-daemon (the reference) is only held to being alive."""
 
-    def __init__(self, impl, tmpdir, args=(), monitor=True, env=None):
+    def __init__(self, impl, tmpdir, args=(), monitor=True, env=None, binary=None):
         self.impl = impl
-        self.binary = IMPLS[impl]
+        self.binary = binary or IMPLS[impl]
         self.tmpdir = tmpdir
         self.qmp_path = os.path.join(tmpdir, "qmp-%d.sock" % id(self))
         self.pidfile = os.path.join(tmpdir, "pid-%d" % id(self))
