@@ -186,6 +186,14 @@ static void handshake(void)
     set_u64(VHOST_USER_SET_FEATURES, features);
 }
 
+static void send_mem_table(const char *what)
+{
+    struct vhost_user_mem_table t = { .nregions = 1 };
+    t.regions[0] = (struct vhost_user_mem_region){ 0, MEM_SIZE, (uintptr_t)mem, 0 };
+    if (send_ack(VHOST_USER_SET_MEM_TABLE, &t, 8 + sizeof(t.regions[0]), &memfd, 1) != 0)
+        die(what);
+}
+
 static void setup_mem(void)
 {
     memfd = memfd_create("vub-guest", MFD_CLOEXEC);
@@ -194,13 +202,27 @@ static void setup_mem(void)
     mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (mem == MAP_FAILED)
         die("mmap");
-    struct vhost_user_mem_table t = { .nregions = 1 };
-    t.regions[0] = (struct vhost_user_mem_region){ 0, MEM_SIZE, (uintptr_t)mem, 0 };
-    if (send_ack(VHOST_USER_SET_MEM_TABLE, &t, 8 + sizeof(t.regions[0]), &memfd, 1) != 0)
-        die("set mem table");
+    send_mem_table("set mem table");
 }
 
 static uint64_t gpa(const void *p) { return (const uint8_t *)p - mem; }
+
+/* Ring i's size, where it starts (its avail index) and its addresses;
+ * its call and kick fds follow (the kick starts it). */
+static void program_ring(unsigned i, uint16_t base)
+{
+    struct q *q = &qs[i];
+    struct vhost_user_vring_state s = { i, qsize };
+    if (send_ack(VHOST_USER_SET_VRING_NUM, &s, 8, NULL, 0) != 0)
+        die("vring num");
+    s.num = base;
+    if (send_ack(VHOST_USER_SET_VRING_BASE, &s, 8, NULL, 0) != 0)
+        die("vring base");
+    struct vhost_user_vring_addr a = { i, 0, (uintptr_t)q->desc, (uintptr_t)q->used,
+                                       (uintptr_t)q->avail, 0 };
+    if (send_ack(VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0) != 0)
+        die("vring addr");
+}
 
 static void setup_queue(unsigned i)
 {
@@ -211,22 +233,13 @@ static void setup_queue(unsigned i)
     q->used = (void *)(base + ((16 * qsize + 6 + 2 * qsize + 4095) & ~4095u));
     q->kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->call = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    struct vhost_user_vring_state s = { i, qsize };
-    if (send_ack(VHOST_USER_SET_VRING_NUM, &s, 8, NULL, 0) != 0)
-        die("vring num");
-    s.num = 0;
-    if (send_ack(VHOST_USER_SET_VRING_BASE, &s, 8, NULL, 0) != 0)
-        die("vring base");
-    struct vhost_user_vring_addr a = { i, 0, (uintptr_t)q->desc, (uintptr_t)q->used,
-                                       (uintptr_t)q->avail, 0 };
-    if (send_ack(VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0) != 0)
-        die("vring addr");
+    program_ring(i, 0);
     uint64_t v = i;
     if (send_ack(VHOST_USER_SET_VRING_CALL, &v, 8, &q->call, 1) != 0)
         die("vring call");
     if (send_ack(VHOST_USER_SET_VRING_KICK, &v, 8, &q->kick, 1) != 0)
         die("vring kick");
-    s.num = 1;
+    struct vhost_user_vring_state s = { i, 1 };
     if (send_ack(VHOST_USER_SET_VRING_ENABLE, &s, 8, NULL, 0) != 0)
         die("vring enable");
 }
@@ -671,24 +684,11 @@ static unsigned restart_queues(void)
         base[i] = m.p.state.num;
         early += base[i] != qs[i].avail_idx;
     }
-    struct vhost_user_mem_table t = { .nregions = 1 };
-    t.regions[0] = (struct vhost_user_mem_region){ 0, MEM_SIZE, (uintptr_t)mem, 0 };
-    if (send_ack(VHOST_USER_SET_MEM_TABLE, &t, 8 + sizeof(t.regions[0]), &memfd, 1) != 0)
-        die("set mem table again");
+    send_mem_table("set mem table again");
     for (unsigned i = 0; i < nq; i++) {
-        struct q *q = &qs[i];
-        struct vhost_user_vring_state s = { i, qsize };
-        if (send_ack(VHOST_USER_SET_VRING_NUM, &s, 8, NULL, 0) != 0)
-            die("vring num");
-        s.num = base[i];
-        if (send_ack(VHOST_USER_SET_VRING_BASE, &s, 8, NULL, 0) != 0)
-            die("vring base");
-        struct vhost_user_vring_addr a = { i, 0, (uintptr_t)q->desc, (uintptr_t)q->used,
-                                           (uintptr_t)q->avail, 0 };
-        if (send_ack(VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0) != 0)
-            die("vring addr");
+        program_ring(i, base[i]);
         uint64_t v = i;
-        if (send_ack(VHOST_USER_SET_VRING_KICK, &v, 8, &q->kick, 1) != 0)
+        if (send_ack(VHOST_USER_SET_VRING_KICK, &v, 8, &qs[i].kick, 1) != 0)
             die("vring kick");
     }
     return early;
