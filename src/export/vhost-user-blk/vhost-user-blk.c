@@ -799,9 +799,11 @@ static void client_free_fn(void *opaque)
     close(cl->fd);
     free(cl);
     vx->client = NULL;
-    if (vx->stopping)
-        maybe_finish(vx);
-    else if (vx->listen_w)
+    if (vx->stopping) {
+        maybe_finish(vx);           /* the main loop may free vx from here on */
+        return;
+    }
+    if (vx->listen_w)
         loop_watch_set(vx->listen_w, LOOP_IN);
     if (vx->quiescing)
         vub_try_handoff(vx);
