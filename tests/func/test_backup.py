@@ -367,6 +367,22 @@ def test_guest_writes_copy_old_data_first(impl, start_daemon, tmpdir_short):
     assert t["count"] == size
 
 
+def new_generation(qmp, d, img, gen, size, prev):
+    """Generation gen of a push backup chain: a copy of the image as it is
+    now (ref<gen>.img, what the backup must hold) and a qcow2 target
+    gen<gen>.qcow2 over the previous one, added as node t<gen>."""
+    ref = os.path.join(d, "ref%d.img" % gen)
+    shutil.copyfile(img, ref)
+    path = os.path.join(d, "gen%d.qcow2" % gen)
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)]
+    if prev:
+        argv[5:5] = ["-b", prev, "-F", "qcow2"]
+    subprocess.run(argv, check=True)
+    qmp.execute("blockdev-add", node_name="t%d" % gen, driver="qcow2",
+                file={"driver": "file", "filename": path})
+    return ref, path
+
+
 def test_push_incremental_three_generations(impl, start_daemon, tmpdir_short):
     """sync=full into a qcow2 image, then twice sync=incremental into qcow2
     overlays of the previous one: each chain equals the image at its
@@ -387,15 +403,7 @@ def test_push_incremental_three_generations(impl, start_daemon, tmpdir_short):
     for gen in range(3):
         if writes[gen]:
             qemu_io(uri, *writes[gen])
-        ref = os.path.join(tmpdir_short, "ref%d.img" % gen)
-        shutil.copyfile(img, ref)
-        path = os.path.join(tmpdir_short, "gen%d.qcow2" % gen)
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)]
-        if prev:
-            argv[5:5] = ["-b", prev, "-F", "qcow2"]
-        subprocess.run(argv, check=True)
-        qmp.execute("blockdev-add", node_name="t%d" % gen, driver="qcow2",
-                    file={"driver": "file", "filename": path})
+        ref, path = new_generation(qmp, tmpdir_short, img, gen, size, prev)
         if gen == 0:
             qmp.execute("transaction", actions=[
                 {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "inc"}},
@@ -1028,15 +1036,7 @@ def test_compressed_incremental_with_guest_writes(impl, start_daemon, tmpdir_sho
     for gen in range(2):
         if gen:
             qemu_io(uri, "write -P 0x31 2M 192k", "write -z 0 64k")
-        ref = os.path.join(tmpdir_short, "ref%d.img" % gen)
-        shutil.copyfile(img, ref)
-        path = os.path.join(tmpdir_short, "gen%d.qcow2" % gen)
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)]
-        if prev:
-            argv[5:5] = ["-b", prev, "-F", "qcow2"]
-        subprocess.run(argv, check=True)
-        qmp.execute("blockdev-add", node_name="t%d" % gen, driver="qcow2",
-                    file={"driver": "file", "filename": path})
+        ref, path = new_generation(qmp, tmpdir_short, img, gen, size, prev)
         a = dict(job_id="b%d" % gen, device="disk", target="t%d" % gen, compress=True,
                  speed=1)
         if gen == 0:

@@ -116,7 +116,7 @@ def test_vhost_user_blk_by_name(activated, image):
                        capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().strip().endswith('{"status": 0}')
-    from test_vhost_user_blk import vub_pattern
+    from vubpattern import vub_pattern
     with open(img, "rb") as f:
         assert f.read(4096) == vub_pattern(4096, 7)     # the pattern reached the image
 

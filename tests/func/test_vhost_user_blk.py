@@ -17,6 +17,7 @@ import pytest
 import needs
 from conftest import BUILD, QMP, run_daemon_expect_fail
 from pagecache import unsynced_pages
+from vubpattern import vub_pattern
 
 VUB = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
 SIZE = 64 << 20
@@ -25,21 +26,6 @@ MiB = 1 << 20
 
 def need_client():
     needs.built(VUB, "vub-client")
-
-
-def vub_pattern(length, seed):
-    """What `vub-client write OFF LEN SEED` writes: its xorshift64 fill
-    (fill() in tests/vhost/vub-client.c), computed here independently so a
-    read is compared with what was written, not with what came back."""
-    mask = (1 << 64) - 1
-    x = (seed * 0x9e3779b97f4a7c15 + 1) & mask
-    out = bytearray(length)
-    for i in range(length):
-        x ^= (x << 13) & mask
-        x ^= x >> 7
-        x ^= (x << 17) & mask
-        out[i] = x & 0xff
-    return bytes(out)
 
 
 def file_range(img, off, length):

@@ -43,19 +43,10 @@ import time
 
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "func"))
+from vubpattern import vub_pattern  # noqa: E402
 
 
-def vub_pattern(length, seed):
-    """The bytes `vub-client write OFF LEN SEED` writes (its fill())."""
-    m = (1 << 64) - 1
-    x = (seed * 0x9e3779b97f4a7c15 + 1) & m
-    out = bytearray(length)
-    for i in range(length):
-        x ^= (x << 13) & m
-        x ^= x >> 7
-        x ^= (x << 17) & m
-        out[i] = x & 0xff
-    return bytes(out)
 CLIENT = r'''
 import nbd, os, random, sys
 h = nbd.NBD(); r = random.Random(int(sys.argv[2]))
@@ -203,7 +194,6 @@ def main():
     sock, qsock, vsock = (os.path.join(tmp, n) for n in ("nbd.sock", "qmp.sock", "vub.sock"))
     tls_args, a.certs = [], None
     if a.tls:
-        sys.path.insert(0, os.path.join(HERE, "..", "func"))
         import tlscerts
         creds = tlscerts.make_credentials(os.path.join(tmp, "tls"))
         a.certs = creds.client
