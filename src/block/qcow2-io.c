@@ -141,11 +141,13 @@ static void iov_memset(const struct iovec *iov, int cnt, uint64_t off, int c, ui
     }
 }
 
-static void iov_from_buf(const struct iovec *iov, int cnt, uint64_t off, const void *buf,
-                         uint64_t len)
+/* Copy len bytes between buf and the iov's bytes from off on: into the
+ * iov (to_iov) or out of it. */
+static void iov_xfer(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t len,
+                     bool to_iov)
 {
     uint64_t pos = 0;
-    const char *p = buf;
+    char *p = buf;
     for (int i = 0; i < cnt && len; i++) {
         uint64_t a = pos, b = pos + iov[i].iov_len;
         pos = b;
@@ -153,11 +155,18 @@ static void iov_from_buf(const struct iovec *iov, int cnt, uint64_t off, const v
             continue;
         uint64_t from = off > a ? off - a : 0;
         uint64_t n = MIN(iov[i].iov_len - from, len);
-        memcpy((char *)iov[i].iov_base + from, p, n);
+        char *at = (char *)iov[i].iov_base + from;
+        memcpy(to_iov ? at : p, to_iov ? p : at, n);
         p += n;
         off += n;
         len -= n;
     }
+}
+
+static void iov_from_buf(const struct iovec *iov, int cnt, uint64_t off, const void *buf,
+                         uint64_t len)
+{
+    iov_xfer(iov, cnt, off, (void *)buf, len, true);
 }
 
 /* ---- entry classification ---- */
@@ -1083,14 +1092,7 @@ static int co_write_compressed(struct bnode *bs, struct qcow2_state *s, uint64_t
     int ret = 0;
     for (uint64_t done = 0; ret == 0 && done < bytes; done += cs) {
         uint64_t n = MIN(cs, bytes - done);
-        struct sub_iov v;
-        sub_iov_make(&v, iov, cnt, done, n);
-        uint64_t pos = 0;
-        for (int k = 0; k < v.cnt; k++) {
-            memcpy(buf + pos, v.iov[k].iov_base, v.iov[k].iov_len);
-            pos += v.iov[k].iov_len;
-        }
-        sub_iov_free(&v);
+        iov_xfer(iov, cnt, done, buf, n, false);
         memset(buf + n, 0, cs - n);      /* the image's short last cluster */
         ssize_t len = qcow2_compress(s, out, cs - 1, buf, cs);
         if (len == -ENOMEM) {            /* does not compress: a normal cluster */
