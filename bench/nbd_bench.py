@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HZ = os.sysconf("SC_CLK_TCK")
 ALL_SERVERS = ["bexd", "qsd", "qemu-nbd", "nbdkit", "nbd-server"]
+# bexd variants, run only when asked for (-s): the export on one iothread
+# (bexd-io1), on an `iothread` list of two (bexd-io2: iothread.0=io0,
+# iothread.1=io1), or on one iothread that never busy-polls (bexd-io1-nopoll:
+# poll-max-ns=0; the default polls up to 32 us before it sleeps)
+VARIANTS = ["bexd-io1", "bexd-io2", "bexd-io1-nopoll"]
+VARIANT_ARGS = {
+    "bexd-io1": (["iothread,id=io0"], ",iothread=io0"),
+    "bexd-io2": (["iothread,id=io0", "iothread,id=io1"], ",iothread.0=io0,iothread.1=io1"),
+    "bexd-io1-nopoll": (["iothread,id=io0,poll-max-ns=0"], ",iothread=io0"),
+}
 
 # name: (label, kind, fio rw, bs, iodepth, numjobs)
 WORKLOADS = {
@@ -102,12 +113,17 @@ class Server:
 
     def argv(self):
         blockdev = "driver=file,node-name=f0,filename=%s%s" % (self.img, self.node_opts)
+        export = "type=nbd,id=e0,node-name=f0,writable=on,name="
+        objects, export_opts = VARIANT_ARGS.get(self.name, ([], ""))
+        export += export_opts
         qsd_like = ["--blockdev", blockdev,
                     "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
-                    "--export", "type=nbd,id=e0,node-name=f0,writable=on,name=",
+                    "--export", export,
                     "--daemonize", "--pidfile", self.pidfile]
         if self.name == "bexd":
             return [self.bexd] + qsd_like
+        if self.name in VARIANT_ARGS:
+            return [self.bexd] + [x for o in objects for x in ("--object", o)] + qsd_like
         if self.name == "qsd":
             return ["qemu-storage-daemon"] + qsd_like
         if self.name == "qemu-nbd":
@@ -225,37 +241,85 @@ def fmt(v, spec):
     return "-" if v is None else spec % v
 
 
-def print_row(server, wname, r):
+def print_row(server, wname, r, run=None):
+    tag = server if run is None else "%s #%d" % (server, run + 1)
     if "error" in r:
-        print("%-11s %-24s  error: %s" % (server, WORKLOADS[wname][0], r["error"]), flush=True)
+        print("%-18s %-24s  error: %s" % (tag, WORKLOADS[wname][0], r["error"]), flush=True)
         return
-    print("%-11s %-24s %10s %9s %9s %7s %10s" % (
-        server, WORKLOADS[wname][0], fmt(r["iops"], "%.0f"), fmt(r["mibs"], "%.1f"),
-        fmt(r["p99_us"], "%.1f"), fmt(r["cpu_pct"], "%.0f"), fmt(r["cpu_us_op"], "%.2f")),
-        flush=True)
+    print("%-18s %-24s %10s %9s %9s %7s %10s %5s" % (
+        tag, WORKLOADS[wname][0], fmt(r["iops"], "%.0f"), fmt(r["mibs"], "%.1f"),
+        fmt(r["p99_us"], "%.1f"), fmt(r["cpu_pct"], "%.0f"), fmt(r["cpu_us_op"], "%.2f"),
+        fmt(r.get("load"), "%.1f")), flush=True)
 
 
-def summary(results, servers, workloads):
-    peers = [s for s in servers if s != "bexd"]
-    if "bexd" not in servers or not peers:
-        return
-    print("\nbexd vs best peer (IOPS ratio >1 is better; CPU/op ratio <1 is better)")
-    print("%-24s %12s %10s %12s %10s" % ("workload", "IOPS ratio", "best", "CPU/op ratio", "best"))
-    for w in workloads:
-        b = results.get(("bexd", w))
-        ok = [(s, results[(s, w)]) for s in peers if "error" not in results.get((s, w), {"error": 1})]
-        if not b or "error" in b or not ok:
-            print("%-24s %12s" % (WORKLOADS[w][0], "n/a"))
-            continue
-        best_iops = max(ok, key=lambda x: x[1]["iops"])
-        cpu_ok = [x for x in ok if x[1]["cpu_us_op"]]
-        best_cpu = min(cpu_ok, key=lambda x: x[1]["cpu_us_op"]) if cpu_ok else None
-        iops_ratio = b["iops"] / best_iops[1]["iops"] if best_iops[1]["iops"] else None
-        cpu_ratio = (b["cpu_us_op"] / best_cpu[1]["cpu_us_op"]
-                     if best_cpu and b["cpu_us_op"] is not None else None)
-        print("%-24s %12s %10s %12s %10s" % (
-            WORKLOADS[w][0], fmt(iops_ratio, "%.2f"), best_iops[0],
-            fmt(cpu_ratio, "%.2f"), best_cpu[0] if best_cpu else "-"))
+def is_bexd(name):
+    return name == "bexd" or name.startswith("bexd-")
+
+
+def ratios(results, name, peers, w, run):
+    """(IOPS ratio to the fastest peer, CPU/op ratio to the most frugal
+    peer, fastest, most frugal) of server `name` in one run, or None."""
+    b = results.get((name, w), [])
+    b = b[run] if run < len(b) else None
+    ok = []
+    for s in peers:
+        rs = results.get((s, w), [])
+        if run < len(rs) and "error" not in rs[run]:
+            ok.append((s, rs[run]))
+    if not b or "error" in b or not ok:
+        return None
+    best_iops = max(ok, key=lambda x: x[1]["iops"])
+    cpu_ok = [x for x in ok if x[1]["cpu_us_op"]]
+    best_cpu = min(cpu_ok, key=lambda x: x[1]["cpu_us_op"]) if cpu_ok else None
+    iops_ratio = b["iops"] / best_iops[1]["iops"] if best_iops[1]["iops"] else None
+    cpu_ratio = (b["cpu_us_op"] / best_cpu[1]["cpu_us_op"]
+                 if best_cpu and b["cpu_us_op"] is not None else None)
+    return iops_ratio, cpu_ratio, best_iops[0], best_cpu[0] if best_cpu else "-"
+
+
+def med_range(vals, spec):
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return spec % vals[0]
+    return (spec + " [" + spec + ".." + spec + "]") % (statistics.median(vals), vals[0], vals[-1])
+
+
+def summary(results, servers, workloads, runs):
+    if runs > 1:
+        print("\nmedians of %d runs [min..max]" % runs)
+        print("%-16s %-24s %26s %26s" % ("server", "workload", "IOPS", "cpu_us/op"))
+        for name in servers:
+            for w in workloads:
+                rs = [r for r in results.get((name, w), []) if "error" not in r]
+                if rs:
+                    print("%-16s %-24s %26s %26s" % (
+                        name, WORKLOADS[w][0], med_range([r["iops"] for r in rs], "%.0f"),
+                        med_range([r["cpu_us_op"] for r in rs], "%.2f")))
+    peers = [s for s in servers if not is_bexd(s)]
+    for name in [s for s in servers if is_bexd(s)]:
+        if not peers:
+            break
+        print("\n%s vs best peer, per run (IOPS ratio >1 is better; CPU/op ratio <1 is better)"
+              % name)
+        print("%-24s %5s %12s %10s %12s %10s" % ("workload", "run", "IOPS ratio", "best",
+                                                 "CPU/op ratio", "best"))
+        for w in workloads:
+            got = []
+            for run in range(runs):
+                r = ratios(results, name, peers, w, run)
+                if r is None:
+                    print("%-24s %5d %12s" % (WORKLOADS[w][0], run + 1, "n/a"))
+                    continue
+                got.append(r)
+                print("%-24s %5d %12s %10s %12s %10s" % (
+                    WORKLOADS[w][0], run + 1, fmt(r[0], "%.2f"), r[2], fmt(r[1], "%.2f"), r[3]))
+            if runs > 1 and got:
+                print("%-24s %5s %12s %10s %12s" % (
+                    WORKLOADS[w][0], "min", fmt(min(g[0] for g in got if g[0] is not None), "%.2f"),
+                    "", fmt(max((g[1] for g in got if g[1] is not None), default=None), "%.2f")
+                    + " (max)"))
 
 
 def parse_args(argv):
@@ -265,7 +329,10 @@ def parse_args(argv):
                     "nbdkit and nbd-server on one RAM-backed image.")
     p.add_argument("-t", "--runtime", type=int, default=8, help="seconds per fio row (8)")
     p.add_argument("-s", "--servers", default=",".join(ALL_SERVERS),
-                   help="comma-separated subset of: " + ",".join(ALL_SERVERS))
+                   help="comma-separated subset of: " + ",".join(ALL_SERVERS + VARIANTS))
+    p.add_argument("-r", "--runs", type=int, default=1,
+                   help="repeat every row N times, servers interleaved (each run starts "
+                        "every server in turn); medians, ranges and per-run ratios")
     p.add_argument("-w", "--workloads", default=",".join(WORKLOADS),
                    help="comma-separated subset of: " + ",".join(WORKLOADS))
     p.add_argument("--size", default="1G", help="image size (1G); suffix K/M/G")
@@ -281,7 +348,7 @@ def parse_args(argv):
     a.servers = [s for s in a.servers.split(",") if s]
     a.workloads = [w for w in a.workloads.split(",") if w]
     for s in a.servers:
-        if s not in ALL_SERVERS:
+        if s not in ALL_SERVERS + VARIANTS:
             p.error("unknown server %r" % s)
     for w in a.workloads:
         if w not in WORKLOADS:
@@ -315,32 +382,39 @@ def main(argv):
         make_image(img, a.size)
         print("runtime %ds per fio row, image %d MiB in %s, %d CPUs" % (
             a.runtime, a.size >> 20, a.shm, os.cpu_count()))
-        print("%-11s %-24s %10s %9s %9s %7s %10s" % (
-            "server", "workload", "IOPS", "MiB/s", "p99_us", "srvCPU%", "cpu_us/op"))
-        for name in a.servers:
-            srv = Server(name, work, img, a.bexd, a.node_opts if name in ("bexd", "qsd") else "")
-            if not srv.available():
-                print("%-11s skipped: %s not found" % (name, srv.argv()[0]), flush=True)
-                continue
-            try:
-                srv.start()
-            except Exception as e:  # report and go on with the other servers
-                print("%-11s skipped: %s" % (name, e), flush=True)
-                srv.stop()
-                continue
-            try:
-                for w in a.workloads:
-                    try:
-                        results[(name, w)] = measure(srv, w, a.runtime, a.size, work)
-                    except Exception as e:
-                        results[(name, w)] = {"error": str(e)}
-                    print_row(name, w, results[(name, w)])
-            finally:
-                srv.stop()
-        summary(results, [s for s in a.servers if any(k[0] == s for k in results)], a.workloads)
+        print("%-18s %-24s %10s %9s %9s %7s %10s %5s" % (
+            "server", "workload", "IOPS", "MiB/s", "p99_us", "srvCPU%", "cpu_us/op", "load"))
+        for run in range(a.runs):
+            for name in a.servers:
+                srv = Server(name, work, img, a.bexd,
+                             a.node_opts if is_bexd(name) or name == "qsd" else "")
+                if not srv.available():
+                    print("%-11s skipped: %s not found" % (name, srv.argv()[0]), flush=True)
+                    continue
+                try:
+                    srv.start()
+                except Exception as e:  # report and go on with the other servers
+                    print("%-11s skipped: %s" % (name, e), flush=True)
+                    srv.stop()
+                    continue
+                try:
+                    for w in a.workloads:
+                        l0 = os.getloadavg()[0]
+                        try:
+                            r = measure(srv, w, a.runtime, a.size, work)
+                            r["load"] = (l0 + os.getloadavg()[0]) / 2
+                        except Exception as e:
+                            r = {"error": str(e)}
+                        results.setdefault((name, w), []).append(r)
+                        print_row(name, w, r, run if a.runs > 1 else None)
+                finally:
+                    srv.stop()
+        summary(results, [s for s in a.servers if any(k[0] == s for k in results)],
+                a.workloads, a.runs)
         if a.json:
             with open(a.json, "w") as f:
-                json.dump([dict(server=s, workload=w, **r) for (s, w), r in results.items()],
+                json.dump([dict(server=s, workload=w, run=i, **r)
+                           for (s, w), rs in results.items() for i, r in enumerate(rs)],
                           f, indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
