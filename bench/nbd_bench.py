@@ -201,8 +201,11 @@ def run_fio(srv, w, runtime, size, workdir):
     pct = io["clat_ns"].get("percentile", {})
     p99 = pct.get("99.000000", 0) / 1000.0
     seconds = job["job_runtime"] / 1000.0 / max(jobs, 1) if job.get("job_runtime") else runtime
+    # fio's own CPU (usr+sys, % of one core per job): with the server and
+    # the client on the same cores, a client near 100% bounds the row
     return {"ops": io["total_ios"], "bytes": io["io_bytes"], "seconds": seconds,
-            "iops": io["iops"], "mibs": io["bw_bytes"] / 1048576.0, "p99_us": p99}
+            "iops": io["iops"], "mibs": io["bw_bytes"] / 1048576.0, "p99_us": p99,
+            "client_pct": job["usr_cpu"] + job["sys_cpu"]}
 
 
 def run_nbdcopy(srv, w, runtime, size, workdir):
@@ -246,10 +249,10 @@ def print_row(server, wname, r, run=None):
     if "error" in r:
         print("%-18s %-24s  error: %s" % (tag, WORKLOADS[wname][0], r["error"]), flush=True)
         return
-    print("%-18s %-24s %10s %9s %9s %7s %10s %5s" % (
+    print("%-18s %-24s %10s %9s %9s %7s %10s %7s %5s" % (
         tag, WORKLOADS[wname][0], fmt(r["iops"], "%.0f"), fmt(r["mibs"], "%.1f"),
         fmt(r["p99_us"], "%.1f"), fmt(r["cpu_pct"], "%.0f"), fmt(r["cpu_us_op"], "%.2f"),
-        fmt(r.get("load"), "%.1f")), flush=True)
+        fmt(r.get("client_pct"), "%.0f"), fmt(r.get("load"), "%.1f")), flush=True)
 
 
 def is_bexd(name):
@@ -382,8 +385,9 @@ def main(argv):
         make_image(img, a.size)
         print("runtime %ds per fio row, image %d MiB in %s, %d CPUs" % (
             a.runtime, a.size >> 20, a.shm, os.cpu_count()))
-        print("%-18s %-24s %10s %9s %9s %7s %10s %5s" % (
-            "server", "workload", "IOPS", "MiB/s", "p99_us", "srvCPU%", "cpu_us/op", "load"))
+        print("%-18s %-24s %10s %9s %9s %7s %10s %7s %5s" % (
+            "server", "workload", "IOPS", "MiB/s", "p99_us", "srvCPU%", "cpu_us/op", "cliCPU%",
+            "load"))
         for run in range(a.runs):
             for name in a.servers:
                 srv = Server(name, work, img, a.bexd,
