@@ -176,8 +176,11 @@ static void engine_event(void *opaque, uint32_t revents)
 {
     struct aio_engine *e = opaque;
     uint64_t v;
-    while (read(e->efd, &v, sizeof(v)) > 0)
-        ;
+    /* One read empties a (non-semaphore) eventfd; a loop would pay a
+     * second syscall every time just to learn EAGAIN.  A completion that
+     * arrives after this read writes it again and wakes the loop again. */
+    if (read(e->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        log_error("aio eventfd read: %s", strerror(errno));
     struct aio_req *r = __atomic_exchange_n(&e->done_head, NULL, __ATOMIC_ACQUIRE);
     while (r) {
         struct aio_req *next = r->next;

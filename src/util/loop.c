@@ -92,8 +92,9 @@ static void wake_read(void *opaque, uint32_t revents)
 {
     struct loop *l = opaque;
     uint64_t v;
-    while (read(l->wakefd, &v, sizeof(v)) > 0)
-        ;
+    /* one read empties the eventfd (see aio.c engine_event) */
+    if (read(l->wakefd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        log_error("loop wake-up read: %s", strerror(errno));
 }
 
 struct loop *loop_new(const char *name)
