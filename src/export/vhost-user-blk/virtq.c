@@ -253,14 +253,12 @@ static void desc_read(const uint8_t *table, unsigned i, struct vring_desc *d)
     __asm__ volatile("" ::: "memory");    /* d is the copy; never re-read the guest's */
 }
 
-/* Append the buffer of d to e; device-readable ones must all come first. */
+/* Append the buffer of d to e. */
 static int elem_add(struct virtq_elem *e, const struct vq_mem *m, const struct vring_desc *d)
 {
     unsigned used = e->out_num + e->in_num;
     int n;
 
-    if (!(d->flags & VRING_DESC_F_WRITE) && e->in_num > 0)
-        return -EINVAL;                 /* readable after writable */
     if (d->len == 0)
         return 0;
     n = vq_mem_gpa_iov(m, d->addr, d->len, e->iov + used, e->max_iov - used);
@@ -280,6 +278,7 @@ static int walk_chain(struct virtq_elem *e, const struct vq_mem *m,
 {
     struct vring_desc d;
     unsigned i = first, steps = 0;
+    bool writable = false;
     int r;
 
     for (;;) {
@@ -290,6 +289,11 @@ static int walk_chain(struct virtq_elem *e, const struct vq_mem *m,
         desc_read(table, i, &d);
         if (d.flags & VRING_DESC_F_INDIRECT)
             return -EINVAL;   /* nested, or not at the head */
+        /* Device-readable buffers all come first (virtio 2.7.4.2): one
+         * after a writable one is refused even if that one was empty. */
+        if (!(d.flags & VRING_DESC_F_WRITE) && writable)
+            return -EINVAL;
+        writable |= (d.flags & VRING_DESC_F_WRITE) != 0;
         r = elem_add(e, m, &d);
         if (r < 0)
             return r;
