@@ -14,10 +14,12 @@ import ctypes
 import faulthandler
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -146,6 +148,32 @@ STOP_BOUND = float(os.environ.get("BEXD_TEST_STOP_BOUND", STOP_GRACE + 20))
 
 # Every daemon started during the current test (see the hooks at the end).
 _test_daemons = []
+
+# Time bounds.  A test that bounds a duration takes the limit from bexd
+# itself (the option it set, or bexd's source through bexd_define()) and
+# allows only for:
+#  - TIMER_EARLY: bexd's timers run on a millisecond clock (src/util/loop.c
+#    now_ms() truncates), so one fires up to 1 ms before its nominal time:
+#    lower bounds are limit - TIMER_EARLY;
+#  - LATE: how late a loaded two-core machine may run a due timer in the
+#    ASan build (scheduling only: the loop runs due timers before it
+#    sleeps).  The one allowance for upper bounds (BEXD_TEST_LATE).
+TIMER_EARLY = 0.001
+LATE = float(os.environ.get("BEXD_TEST_LATE", 5))
+
+
+def bexd_define(name, header):
+    """The integer value of `#define name value` in bexd's src/<header>,
+    so a test's bound follows the code's constant."""
+    with open(os.path.join(ROOT, "src", header)) as f:
+        for line in f:
+            w = line.split()
+            if len(w) >= 3 and w[0] == "#define" and w[1] == name:
+                expr = re.sub(r"\b(\d+)[uUlL]+\b", r"\1", " ".join(w[2:]).split("/*")[0])
+                if not re.fullmatch(r"[0-9xa-fA-F ()<>*+-]+", expr):
+                    raise ValueError("%s: not an integer expression: %r" % (name, expr))
+                return int(eval(expr, {"__builtins__": {}}))   # digits and operators only
+    raise LookupError("%s not defined in src/%s" % (name, header))
 
 
 def _status_text(rc):
@@ -625,7 +653,12 @@ TEST_TIMEOUT = float(os.environ.get("BEXD_TEST_TIMEOUT", 600))
 _OUTCOMES = {}      # nodeid -> {"kind": "bexd"|"reference", "passed": True, ...}
 
 
+_CONFIG = None
+
+
 def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
     _set_subreaper(False)      # fails here, not in a test, without prctl
     config.addinivalue_line(
         "markers", "timeout(seconds): this test's limit per phase (setup, call, "
@@ -707,7 +740,42 @@ def pytest_runtest_teardown(item):
         _reap_orphans()
 
 
+def _failure_line(report):
+    """'FAILED nodeid (phase): first line of the reason'."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        why = crash.message
+    elif isinstance(report.longrepr, tuple):       # (path, line, message)
+        why = str(report.longrepr[-1])
+    else:
+        why = str(report.longrepr or "")
+    lines = [ln for ln in why.splitlines() if ln.strip()]
+    why = lines[0].strip() if lines else "(no message)"
+    if len(why) > 200:
+        why = why[:197] + "..."
+    word = "FAILED" if report.when == "call" else "ERROR"
+    return "%s %s (%s): %s" % (word, report.nodeid, report.when, why)
+
+
+def _say_failure_now(report):
+    # Named the moment it fails, even under -q (which names failures only
+    # at the end): a run stopped half-way still says what failed.
+    tr = _CONFIG.pluginmanager.get_plugin("terminalreporter") if _CONFIG else None
+    line = _failure_line(report)
+    if tr is not None:
+        if tr._tw.width_of_current_line:      # after -q's progress letters
+            tr._tw.line()
+        tr.write_line(line, red=True, bold=True)
+        tr._tw.flush()
+    else:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+@pytest.hookimpl(trylast=True)     # after the terminal's own F/E letter
 def pytest_runtest_logreport(report):
+    if report.failed and not hasattr(report, "wasxfail"):
+        _say_failure_now(report)
     o = _OUTCOMES.setdefault(report.nodeid, {})
     if hasattr(report, "wasxfail"):
         o["xfail"] = "xpassed" if report.passed else "xfailed"

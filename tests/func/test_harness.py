@@ -8,6 +8,7 @@ Each case runs an inner pytest session (pytester, in a subprocess) with
 this directory's conftest.py and checks its verdicts.
 """
 import os
+import signal
 
 import pytest
 
@@ -220,3 +221,38 @@ def test_killed_ok(start_daemon):
     d.qmp().execute("quit")
 ''')
     r.assert_outcomes(passed=2)
+
+
+def test_failure_named_the_moment_it_fails(inner):
+    # -q names failures only in its final summary; this run is killed before
+    # it gets there and still says which tests failed, in which phase, why.
+    r = inner('''
+def test_fails():
+    assert 1 + 1 == 3, "arithmetic"
+
+
+@pytest.fixture
+def broken_teardown():
+    yield
+    raise RuntimeError("teardown broke")
+
+
+def test_teardown_error(broken_teardown):
+    pass
+
+
+def test_xfail_is_no_failure():
+    pytest.xfail("expected")
+
+
+def test_run_stopped_here():
+    os.kill(os.getpid(), signal.SIGKILL)
+''', "-q")
+    out = r.stdout.str()
+    assert r.ret == -signal.SIGKILL, out
+    r.stdout.fnmatch_lines([
+        "FAILED test_inner.py::test_fails (call): AssertionError: arithmetic",
+        "ERROR test_inner.py::test_teardown_error (teardown): RuntimeError: teardown broke",
+    ])
+    assert "test_xfail_is_no_failure" not in out
+    assert " passed" not in out and "short test summary" not in out   # no summary: stopped
