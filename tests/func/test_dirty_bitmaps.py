@@ -10,7 +10,6 @@ against bexd only and says why.
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -418,9 +417,12 @@ def test_merge_empty_list(daemon):
     assert bitmap(qmp, "r0", "b")["count"] == 0
 
 
-def test_terabyte_map_is_fast(start_daemon, tmpdir_short):
+def test_terabyte_map_is_exact(start_daemon, tmpdir_short):
     """A 1 TiB export's bitmap with scattered dirty areas: nbdinfo --map
-    answers in well under a second (memory follows dirty pages only)."""
+    gives exactly those areas, and the whole size.  (How fast the walk
+    over 1 TiB is, is test-pbitmap's test_terabyte_walk: nbdinfo's own
+    start-up on a loaded machine made a wall-clock bound here say nothing
+    about bexd.)"""
     sock = os.path.join(tmpdir_short, "nbd.sock")
     d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n0,size=%d" % (1 << 40),
                      "--nbd-server", "addr.type=unix,addr.path=%s" % sock)
@@ -432,10 +434,7 @@ def test_terabyte_map_is_fast(start_daemon, tmpdir_short):
     script = "import nbd\nh = nbd.NBD()\nh.connect_uri(%r)\n" % uri(sock, "x")
     script += "for o in %r:\n    h.pwrite(b'x', o)\n" % offsets
     subprocess.run(["/usr/bin/python3", "-c", script], check=True, timeout=60)
-    t0 = time.monotonic()
     m = nbdinfo_map(sock, "x", "qemu:dirty-bitmap:b")
-    dt = time.monotonic() - t0
     dirty = sorted(int(a) for a, _, f, _ in m if f == "1")
     assert dirty == sorted(o - o % 65536 for o in offsets)
     assert sum(int(b) for _, b, _, _ in m) == 1 << 40
-    assert dt < 1.0, dt

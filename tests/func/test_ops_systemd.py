@@ -17,7 +17,7 @@ import time
 import pytest
 
 import needs
-from conftest import BEXD, QMP, BUILD, adopting, stop_daemonized, stop_process
+from conftest import BEXD, LATE, QMP, BUILD, adopting, stop_daemonized, stop_process
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 VUB = os.path.join(BUILD, "tests", "vhost", "vub-client")
@@ -220,15 +220,24 @@ def test_ready_status_stopping(notify, image, tmpdir_short):
 
 
 def test_watchdog(notify, image):
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000")
+    usec = 200000
+    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(usec))
+    # bexd kicks at once when ready, then every half interval (src/ops/service.c)
+    every = usec / 2 / 1e6
     p = start_foreground(["--blockdev", "driver=null-co,node-name=n0"], env)
     try:
         assert notify.next()["READY"] == "1"
         t0 = time.monotonic()
-        for _ in range(3):
+        seen = []
+        for _ in range(7):
             notify.wait_for("WATCHDOG")
-        # three keep-alives at half of 200 ms come well within a second or so
-        assert time.monotonic() - t0 < 5
+            seen.append(time.monotonic())
+        # six intervals after the first kick, late by at most LATE in all
+        assert seen[-1] - t0 <= 6 * every + LATE, seen[-1] - t0
+        # the service manager's own limit, on the median of six gaps (one
+        # sample could be any scheduling hiccup)
+        gaps = sorted(b - a for a, b in zip(seen, seen[1:]))
+        assert (gaps[2] + gaps[3]) / 2 < usec / 1e6, gaps
     finally:
         p.kill()
         p.wait()

@@ -13,7 +13,6 @@ import os
 import signal
 import struct
 import subprocess
-import time
 
 import pytest
 
@@ -415,10 +414,12 @@ def test_many_cycles_keep_refcounts_right(daemon, tmpdir_short):
     assert state("bexd", daemon, img) == state("qsd", daemon, img)
 
 
-def test_terabyte_image_map_is_fast(daemon):
+def test_terabyte_image_map_is_exact(daemon):
     """A 1 TiB qcow2 (sparse, on /var/tmp) with a persistent bitmap:
-    nbdinfo --map over it answers well under a second, before and after the
-    bitmap went to disk and came back."""
+    nbdinfo --map over it gives exactly the dirty areas after the bitmap
+    went to disk and came back.  (The walk's speed: test-pbitmap's
+    test_terabyte_walk; nbdinfo's start-up made a wall-clock bound here
+    say nothing about bexd.)"""
     d0 = "/var/tmp/bexd-qbitmaps-%d" % os.getpid()
     os.makedirs(d0, exist_ok=True)
     img = make_image(os.path.join(d0, "tb.qcow2"), "1T")
@@ -433,12 +434,9 @@ def test_terabyte_image_map_is_fast(daemon):
         qmp.wait_event("BLOCK_EXPORT_DELETED")
         qmp.execute("block-export-add", type="nbd", id="e1", node_name="q0", name="x",
                     bitmaps=["b"], writable=True)
-        t0 = time.monotonic()
         out = run("nbdinfo", "--map=qemu:dirty-bitmap:b", uri)
-        dt = time.monotonic() - t0
         dirty = sorted(int(l.split()[0]) for l in out.splitlines() if l.split()[2] == "1")
         assert dirty == sorted(o - o % 65536 for o in offsets)
-        assert dt < 1.0, dt
         d.stop()
         assert check(img)[0] == 0
     finally:

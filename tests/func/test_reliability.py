@@ -11,7 +11,7 @@ import time
 import pytest
 
 import needs
-from conftest import QMP, RELEASE_BEXD
+from conftest import BUF_SLACK, QMP, RELEASE_BEXD, TIMER_EARLY
 
 MiB = 1 << 20
 
@@ -181,7 +181,7 @@ def test_nbd_buffer_budget_is_global_and_hard(start_daemon, tmpdir_short):
         d = start_daemon("bexd", "--blockdev", "driver=file,node-name=disk,filename=%s" % img,
                          "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
                          "--export", "type=nbd,id=e0,node-name=disk,name=disk", env=env)
-        base = vm_kib(d.pid, "VmRSS")
+        base = vm_kib(d.pid, "VmHWM")           # peaks, not one RSS sample
         stalled = []
         for _ in range(8):
             c = Conn(sock).connect("disk")
@@ -194,7 +194,7 @@ def test_nbd_buffer_budget_is_global_and_hard(start_daemon, tmpdir_short):
         r = ok.read(4096, 4096)
         assert r.err == 0 and len(r.data) == 4096
         peak = vm_kib(d.pid, "VmHWM")
-        assert (peak - base) * 1024 < 64 * MiB + 48 * MiB, (peak - base) // 1024
+        assert (peak - base) * 1024 < 64 * MiB + BUF_SLACK, (peak - base) // 1024
         for c in stalled:
             c.close()
         assert ok.read(0, 32 * MiB).err == 0   # their memory came back to the budget
@@ -209,8 +209,9 @@ def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):
     accepted and ignored); the slow node of the fault-injection tests."""
     import nbd
     sock = os.path.join(tmpdir_short, "nbd.sock")
+    lat_ns = 300000000
     start_daemon(impl, "--blockdev", "driver=null-co,node-name=n,size=16777216,"
-                                      "latency-ns=300000000",
+                                      "latency-ns=%d" % lat_ns,
                  "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
                  "--export", "type=nbd,id=e0,node-name=n,name=n,writable=on")
     h = nbd.NBD()
@@ -220,7 +221,7 @@ def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):
                      ("write", lambda: h.pwrite(b"x" * 4096, 0)), ("flush", h.flush)]:
         t0 = time.monotonic()
         op()
-        took[name] = time.monotonic() - t0 >= 0.29
+        took[name] = time.monotonic() - t0 >= lat_ns / 1e9 - TIMER_EARLY
     assert took == {"read": True, "write": True, "flush": True}, took
     h.shutdown()
 
