@@ -37,6 +37,11 @@ void client_stats_spliced(struct client_stats *st, uint64_t n)
     BUMP(st->spliced_bytes, n);
 }
 
+void client_stats_copied(struct client_stats *st, uint64_t n)
+{
+    BUMP(st->copied_bytes, n);
+}
+
 void client_stats_read(const struct client_stats *st, struct client_stats *out)
 {
     out->rd_ops = LOAD(st->rd_ops);
@@ -49,6 +54,7 @@ void client_stats_read(const struct client_stats *st, struct client_stats *out)
     out->other_ops = LOAD(st->other_ops);
     out->errors = LOAD(st->errors);
     out->spliced_bytes = LOAD(st->spliced_bytes);
+    out->copied_bytes = LOAD(st->copied_bytes);
 }
 
 void client_stats_add(struct client_stats *sum, const struct client_stats *st)
@@ -66,6 +72,7 @@ void client_stats_add(struct client_stats *sum, const struct client_stats *st)
     sum->other_ops += v.other_ops;
     sum->errors += v.errors;
     sum->spliced_bytes += v.spliced_bytes;
+    sum->copied_bytes += v.copied_bytes;
 }
 
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
@@ -82,6 +89,7 @@ void client_stats_store(struct client_stats *dst, const struct client_stats *src
     STORE(dst->other_ops, src->other_ops);
     STORE(dst->errors, src->errors);
     STORE(dst->spliced_bytes, src->spliced_bytes);
+    STORE(dst->copied_bytes, src->copied_bytes);
 }
 
 /* Counters only grow, but a reading may be a little older than base. */
@@ -99,11 +107,12 @@ void client_stats_sub(struct client_stats *sum, const struct client_stats *base)
     SUB(other_ops);
     SUB(errors);
     SUB(spliced_bytes);
+    SUB(copied_bytes);
 }
 
 json_t *client_stats_json(const struct client_stats *v)
 {
-    return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
+    return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
                      "read-operations", (json_int_t)v->rd_ops,
                      "read-bytes", (json_int_t)v->rd_bytes,
                      "read-total-time-ns", (json_int_t)v->rd_ns,
@@ -111,6 +120,7 @@ json_t *client_stats_json(const struct client_stats *v)
                      "write-operations", (json_int_t)v->wr_ops,
                      "write-bytes", (json_int_t)v->wr_bytes,
                      "write-total-time-ns", (json_int_t)v->wr_ns,
+                     "write-copied-bytes", (json_int_t)v->copied_bytes,
                      "flush-operations", (json_int_t)v->flush_ops,
                      "failed-operations", (json_int_t)v->errors);
 }

@@ -17,6 +17,7 @@ struct client_stats {
     uint64_t wr_ops, wr_bytes, wr_ns;
     uint64_t flush_ops, other_ops, errors;
     uint64_t spliced_bytes;      /* of rd_bytes: sent from the page cache by splice (NBD) */
+    uint64_t copied_bytes;       /* of wr_bytes: payload copied before the write (FUSE) */
 };
 
 /* What a block request counts as. */
@@ -34,6 +35,9 @@ void client_stats_account(struct client_stats *st, enum client_op op, uint64_t b
 /* A READ reply of n bytes goes to the socket by splice(2), not copied
  * (its writer's thread only; counted when the reply is queued). */
 void client_stats_spliced(struct client_stats *st, uint64_t n);
+/* A WRITE payload of n bytes had to be copied to another buffer before it
+ * could be written (its writer's thread only; counted when copied). */
+void client_stats_copied(struct client_stats *st, uint64_t n);
 /* A consistent-enough copy, from any thread. */
 void client_stats_read(const struct client_stats *st, struct client_stats *out);
 /* sum += st (sum is the caller's own). */

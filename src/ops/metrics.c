@@ -113,6 +113,8 @@ static void export_metrics(struct text *t)
         { "bexd_export_write_operations_total", "write-operations", "Write requests completed." },
         { "bexd_export_write_bytes_total", "write-bytes", "Bytes written by clients." },
         { "bexd_export_write_seconds_total", "write-total-time-ns", "Time spent in writes." },
+        { "bexd_export_write_copied_bytes_total", "write-copied-bytes",
+          "Bytes of writes copied to another buffer before being written (FUSE)." },
         { "bexd_export_flush_operations_total", "flush-operations", "Flush requests completed." },
         { "bexd_export_errors_total", "failed-operations", "Requests that failed." },
     };

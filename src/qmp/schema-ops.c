@@ -58,6 +58,7 @@ static const char text[] =
     "            'read-total-time-ns': 'int', 'read-spliced-bytes': 'int',\n"
     "            'write-operations': 'int',\n"
     "            'write-bytes': 'int', 'write-total-time-ns': 'int',\n"
+    "            'write-copied-bytes': 'int',\n"
     "            'flush-operations': 'int', 'failed-operations': 'int' } }\n"
     "{ 'struct': '__org.bexd_ExportQueueInfo',\n"
     "  'data': { 'index': 'int', '*iothread': 'str', '*thread-id': 'int',\n"

@@ -494,6 +494,60 @@ def test_fuse_queues_o_direct_and_growable(daemon, image, tmpdir_short, uring_pa
         assert sum(dev) <= 3
 
 
+def fuse_totals(d):
+    (e,) = d.m.execute("__org.bexd_query-export-clients", id="f")
+    return e["totals"]
+
+
+@fuse_only
+@pytest.mark.parametrize("uring", [False, True])
+def test_fuse_o_direct_writes_not_copied(daemon, image, tmpdir_short, uring_param, uring):
+    # On an O_DIRECT node (cache.direct=on, image on the real disk) a WRITE
+    # is written from the buffer it arrived in: /dev/fuse requests are read
+    # so that the payload lands on a page, FUSE io_uring payloads start on
+    # one.  write-copied-bytes counts payloads that had to be copied into
+    # an aligned buffer first (every O_DIRECT write over /dev/fuse before).
+    uring_param(uring)
+    img = image(16 * MiB)
+    mnt = os.path.join(tmpdir_short, "mnt")
+    open(mnt, "w").close()
+    d = daemon("--blockdev", "driver=file,node-name=d,filename=%s,cache.direct=on" % img,
+               "--export", "type=fuse,id=f,node-name=d,mountpoint=%s,writable=on,"
+               "__org.bexd_io-uring=%s" % (mnt, "on" if uring else "off"))
+    # 1 MiB O_DIRECT writes at depth 8 (one FUSE WRITE each: max_write),
+    # read back and checked through the mount
+    out = fio(mnt, tmpdir_short, "--rw=write", "--bs=1M", "--iodepth=8", "--size=8M",
+              "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+              "--verify_state_save=0")
+    assert out["jobs"][0]["error"] == 0
+    t = fuse_totals(d)
+    assert t["write-bytes"] == 8 * MiB and t["write-operations"] == 8, t
+    assert t["write-copied-bytes"] == 0, t
+    # small writes at odd offsets through the page cache: the node's
+    # read-modify-write aligns the range, the payload is still not copied
+    data = os.urandom(100)
+    fd = os.open(mnt, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, data, 12 * MiB + 7) == 100
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    t = fuse_totals(d)
+    assert t["write-bytes"] == 8 * MiB + 100 and t["write-copied-bytes"] == 0, t
+    assert t["failed-operations"] == 0, t
+    with open(img, "rb") as f:
+        f.seek(12 * MiB + 7)
+        assert f.read(100) == data
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", mnt, img], check=True)
+    d.m.execute("block-export-del", id="f")
+    d.m.wait_event("BLOCK_EXPORT_DELETED")
+    dev, ur = served(d.stop())
+    if uring:       # the writes went over the rings, not /dev/fuse
+        assert sum(ur) > 8 and sum(dev) <= 3, (dev, ur)
+    else:
+        assert sum(dev) > 8 and sum(ur) == 0, (dev, ur)
+
+
 # ---- vhost-user-blk: virtqueues over the given iothreads ----
 
 VUB = os.environ.get("VUB_CLIENT", os.path.join(os.environ.get("BEXD_BUILD", "build"),

@@ -75,15 +75,15 @@ struct fuse_queue {
     int fd;                     /* the session fd (queue 0) or a clone */
     /* ---- this queue's loop thread only ---- */
     struct loop_watch *watch;
-    struct fuse_buf fbuf;       /* receive buffer of the request being processed */
-    size_t rx_size;             /* usable size of libfuse's receive buffers */
+    struct fuse_buf fbuf;       /* request being processed: fbuf.mem = rx_buf + FUSE_RX_SKEW */
+    char *rx_buf;               /* receive buffer behind fbuf.mem, or NULL (taken by a WRITE) */
     unsigned inflight;          /* requests started and not yet replied */
     bool stopping;              /* shutdown requested: read no more requests */
     bool drained_posted;        /* this queue's drain has been reported */
     bool quiescing;             /* moving: no more reading; hand over when idle */
     bool handoff_posted;        /* ... the hand-over is queued */
     bool watch_on;              /* ... it watched its fd before */
-    void *buf_pool;             /* idle receive buffers (singly linked through their first word) */
+    void *buf_pool;             /* idle buffers of FUSE_RX_ALLOC bytes (linked through their first word) */
     unsigned buf_pool_len;
     struct fuse_ioreq *req_pool;
     unsigned req_pool_len;
@@ -152,8 +152,8 @@ void fuse_queue_maybe_drained(struct fuse_queue *q);
 struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req);
 void fuse_ioreq_put(struct fuse_ioreq *r);
 /* Take the receive buffer holding `data` for r (no copy), or copy `len`
- * bytes into an aligned buffer (data not in the receive buffer, or a node
- * that needs aligned memory). */
+ * bytes into an aligned buffer (data not in the receive buffer, or not
+ * aligned as the node needs: counted in the queue's write-copied-bytes). */
 int  fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len);
 /* r->mem: a buffer holding len bytes at a page-aligned r->iov.iov_base. */
 int  fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len);

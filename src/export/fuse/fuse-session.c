@@ -24,14 +24,20 @@
  * /dev/fuse still carries INIT, FORGET and INTERRUPT, and everything when
  * the kernel refuses the rings (it then falls back by itself).
  *
- * Buffers.  libfuse reads each request into q->fbuf.mem (allocated by
- * libfuse itself, one payload-sized buffer).  A WRITE keeps its payload where
- * the kernel put it: the request slot takes the whole receive buffer and the
- * next receive gets another from the pool, so data is never copied.  READs
- * borrow a pooled buffer of the same size for the data they return.  Slots
- * and buffers go back to small per-queue free lists, so a steady workload
- * allocates nothing.  Over io_uring both use the ring entry's payload buffer,
- * which stays the request's until its reply.
+ * Buffers.  Every buffer of a queue is a page-aligned receive buffer of
+ * FUSE_RX_ALLOC bytes (q->rx_buf).  libfuse reads a request into it at
+ * FUSE_RX_SKEW (q->fbuf.mem): the WRITE headers (fuse_in_header and
+ * fuse_write_in) end on the page boundary, so a WRITE's payload starts
+ * page-aligned, as O_DIRECT nodes need it.  A WRITE keeps its payload where
+ * the kernel put it: the request slot takes the whole receive buffer (the
+ * allocation, not fbuf.mem) and the next receive gets another from the pool,
+ * so data is never copied, on O_DIRECT nodes too.  READs borrow a pooled
+ * buffer for the data they return, from its start.  Slots and buffers go
+ * back to small per-queue free lists, so a steady workload allocates
+ * nothing.  Over io_uring both use the ring entry's payload buffer (page-
+ * aligned, apart from the headers), which stays the request's until its
+ * reply.  A payload that still had to be copied for alignment is counted
+ * in the queue's write-copied-bytes (none is, with the kernel's layout).
  *
  * Moving (x-blockdev-set-iothread; one queue over /dev/fuse): the main
  * thread asks the queue's loop to quiesce it.  The loop stops watching the
@@ -53,7 +59,6 @@
 #include <pthread.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,6 +76,17 @@
 #define FUSE_DEV_IOC_CLONE _IOR(229, 0, uint32_t)
 #endif
 #define FUSE_OVER_IO_URING_FLAGS2 (1u << (41 - 32))   /* FUSE_OVER_IO_URING in flags2 */
+
+/* Receive buffers (see Buffers above).  A WRITE request is the two headers
+ * and then its payload; reading it at FUSE_RX_SKEW puts the payload on a
+ * page.  One read fills at most FUSE_RX_LEN bytes (libfuse asks for its
+ * bufsize, max_pages of payload plus a page for headers; the kernel sends
+ * at most max_write of payload). */
+#define FUSE_WRITE_HDRS (sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
+#define FUSE_RX_SKEW    (FUSE_BUF_ALIGN - FUSE_WRITE_HDRS)
+#define FUSE_RX_LEN     ((size_t)FUSE_RW_MAX + FUSE_BUF_ALIGN)
+#define FUSE_RX_ALLOC   (FUSE_RX_SKEW + FUSE_RX_LEN)
+_Static_assert(FUSE_WRITE_HDRS == 80, "the WRITE headers of FUSE protocol 7.9+");
 
 static __thread struct fuse_queue *cur_q;
 
@@ -95,6 +111,7 @@ static struct fuse_queue *queue_here(struct fuse_export *exp)
 
 /* ---- buffer pool (queue's loop) ---- */
 
+/* An idle buffer of FUSE_RX_ALLOC bytes, page-aligned, or NULL. */
 static void *buf_pool_get(struct fuse_queue *q)
 {
     void *b = q->buf_pool;
@@ -102,6 +119,16 @@ static void *buf_pool_get(struct fuse_queue *q)
         q->buf_pool = *(void **)b;
         q->buf_pool_len--;
     }
+    return b;
+}
+
+/* A buffer of FUSE_RX_ALLOC bytes, page-aligned: from the pool, else new. */
+static char *buf_get(struct fuse_queue *q)
+{
+    void *b = buf_pool_get(q);
+
+    if (!b && posix_memalign(&b, FUSE_BUF_ALIGN, FUSE_RX_ALLOC))
+        xalloc_die();
     return b;
 }
 
@@ -162,29 +189,29 @@ void fuse_ioreq_put(struct fuse_ioreq *r)
 int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
 {
     struct fuse_queue *q = r->q;
-    char *mem = q->fbuf.mem;
+    const char *d = data;
+    const char *mem = q->fbuf.mem;
+    /* O_DIRECT nodes need memory aligned to their request alignment; the
+     * payloads of both transports start on a page (see Buffers above). */
+    uint32_t a = r->exp->common.node->request_alignment;
+    bool aligned = a <= 1 || (a <= FUSE_BUF_ALIGN && ((uintptr_t)d & (a - 1)) == 0);
 
-    /* O_DIRECT nodes need aligned memory: copy then (the payload sits
-     * just after the request header, at no useful alignment). */
-    bool any_alignment = r->exp->common.node->request_alignment <= 1;
-
-    if (q->ur && cur_q == q) {
+    if (q->ur && cur_q == q && aligned) {
         /* Over io_uring the payload stays in the ring entry until the
-         * reply; it starts page-aligned. */
+         * reply. */
         size_t size;
         char *p = fuse_uring_current_payload(q->ur, &size);
-        if (p && (const char *)data >= p && (const char *)data + len <= p + size &&
-            (any_alignment || ((uintptr_t)data & (FUSE_BUF_ALIGN - 1)) == 0)) {
+        if (p && d >= p && d + len <= p + size) {
             r->mem = NULL;
             r->iov.iov_base = (void *)data;
             r->iov.iov_len = len;
             return 0;
         }
     }
-    if (any_alignment && mem && !(q->fbuf.flags & FUSE_BUF_IS_FD) &&
-        (const char *)data >= mem &&
-        (const char *)data + len <= mem + q->fbuf.size) {
-        r->mem = mem;                 /* steal: the next receive uses another */
+    if (aligned && q->rx_buf && mem && !(q->fbuf.flags & FUSE_BUF_IS_FD) &&
+        d >= mem && d + len <= mem + q->fbuf.size) {
+        r->mem = q->rx_buf;           /* steal: the next receive uses another */
+        q->rx_buf = NULL;
         q->fbuf.mem = NULL;
         r->iov.iov_base = (void *)data;
         r->iov.iov_len = len;
@@ -193,6 +220,7 @@ int fuse_ioreq_take_data(struct fuse_ioreq *r, const void *data, size_t len)
     if (fuse_ioreq_alloc(r, len) < 0)
         return -ENOMEM;
     memcpy(r->iov.iov_base, data, len);
+    client_stats_copied(&q->st, len);
     return 0;
 }
 
@@ -213,18 +241,13 @@ int fuse_ioreq_alloc(struct fuse_ioreq *r, size_t len)
             return 0;
         }
     }
-    b = buf_pool_get(q);
-    /* The data starts page-aligned inside the buffer (O_DIRECT nodes need
-     * that); pooled receive buffers are usually big enough for it. */
-    if (b && malloc_usable_size(b) < len + FUSE_BUF_ALIGN) {
-        free(b);
-        b = NULL;
-    }
-    /* Big enough to serve as a receive buffer later, when pooled. */
-    if (!b)
-        b = xmalloc(MAX(len + FUSE_BUF_ALIGN, q->rx_size));
+    if (len > FUSE_RX_ALLOC)
+        return -EINVAL;         /* never: reads and writes are at most FUSE_RW_MAX */
+    /* A receive buffer from its start: page-aligned, as O_DIRECT nodes
+     * need; it goes back to the pool with the request. */
+    b = buf_get(q);
     r->mem = b;
-    r->iov.iov_base = (void *)(((uintptr_t)b + FUSE_BUF_ALIGN - 1) & ~(uintptr_t)(FUSE_BUF_ALIGN - 1));
+    r->iov.iov_base = b;
     r->iov.iov_len = len;
     return 0;
 }
@@ -270,7 +293,8 @@ static void queue_free_pools(struct fuse_queue *q)
         free(r);
     }
     q->req_pool_len = 0;
-    free(q->fbuf.mem);
+    free(q->rx_buf);
+    q->rx_buf = NULL;
     q->fbuf.mem = NULL;
 }
 
@@ -279,9 +303,13 @@ static void queue_free_pools(struct fuse_queue *q)
 static ssize_t fuse_io_read(int fd, void *buf, size_t len, void *userdata)
 {
     struct fuse_queue *q = queue_here(userdata);
-    ssize_t n = read(q ? q->fd : fd, buf, len);
 
-    return n;   /* libfuse reads errno itself */
+    /* Our receive buffer holds FUSE_RX_LEN bytes from fbuf.mem (libfuse
+     * asks for as much, or more should its bufsize ever grow: the kernel
+     * fills no more than max_write and the headers). */
+    if (q && buf == q->fbuf.mem && len > FUSE_RX_LEN)
+        len = FUSE_RX_LEN;
+    return read(q ? q->fd : fd, buf, len);   /* libfuse reads errno itself */
 }
 
 /* INIT reply: ask for FUSE over io_uring (libfuse 3.14 cannot). */
@@ -375,16 +403,12 @@ static bool fuse_receive_one(struct fuse_queue *q)
 {
     struct fuse_export *exp = q->exp;
     struct fuse_queue *outer = cur_q;
-    bool fresh;
     int ret;
 
-    if (!q->fbuf.mem)
-        q->fbuf.mem = buf_pool_get(q);       /* NULL: libfuse allocates one */
-    if (q->fbuf.mem && malloc_usable_size(q->fbuf.mem) < q->rx_size) {
-        free(q->fbuf.mem);                   /* libfuse reads se->bufsize bytes */
-        q->fbuf.mem = NULL;
-    }
-    fresh = !q->fbuf.mem;
+    /* Ours, never libfuse's: it would malloc one without the skew. */
+    if (!q->rx_buf)
+        q->rx_buf = buf_get(q);
+    q->fbuf.mem = q->rx_buf + FUSE_RX_SKEW;
     q->fbuf.size = 0;
     q->fbuf.flags = 0;
     cur_q = q;                               /* fuse_io_read reads q->fd */
@@ -406,8 +430,6 @@ static bool fuse_receive_one(struct fuse_queue *q)
             fuse_uring_stop(q->ur);
         return false;
     }
-    if (fresh)   /* learn the size libfuse wants (the first receive is fresh) */
-        q->rx_size = MAX(q->rx_size, malloc_usable_size(q->fbuf.mem));
     q->n_dev++;
     fuse_queue_process(q, &q->fbuf);
     return !q->stopping;
