@@ -344,6 +344,21 @@ void loop_defer(struct loop *l, struct loop_defer *d)
     l->defer_tail = &d->next;
 }
 
+void loop_defer_cancel(struct loop *l, struct loop_defer *d)
+{
+    if (!d->pending)
+        return;
+    for (struct loop_defer **pp = &l->defer_head; *pp; pp = &(*pp)->next) {
+        if (*pp == d) {
+            *pp = d->next;
+            if (l->defer_tail == &d->next)
+                l->defer_tail = pp;
+            break;
+        }
+    }
+    d->pending = false;
+}
+
 static void run_defers(struct loop *l)
 {
     while (l->defer_head) {

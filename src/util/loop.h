@@ -75,6 +75,9 @@ struct loop_defer {
     bool pending;
 };
 void loop_defer(struct loop *l, struct loop_defer *d);
+/* Same-thread: unqueue d if it is pending (its owner is going away; the
+ * loop may stop before it would have run, and nothing may run it later). */
+void loop_defer_cancel(struct loop *l, struct loop_defer *d);
 
 /* The I/O engine of this loop (created lazily, in the loop's thread). */
 struct aio_engine *loop_aio(struct loop *l);

@@ -344,6 +344,93 @@ def test_fuse_io_uring_hard_del_under_load(fuse_setup, uring_param, tmpdir_short
     d.m.wait_event("BLOCK_EXPORT_DELETED")
 
 
+def io_running(d, n=300, bound=120):
+    """Poll the export's counters until n requests were answered: I/O is
+    flowing (a condition polled with a bound, not a sleep)."""
+    deadline = time.monotonic() + bound
+    while True:
+        (e,) = d.m.execute("__org.bexd_query-export-clients", id="f")
+        t = e["totals"]
+        if t["read-operations"] + t["write-operations"] >= n:
+            return
+        assert time.monotonic() < deadline, "no I/O through the export: %r" % t
+        time.sleep(0.02)
+
+
+def load_ends(load, how):
+    try:
+        load.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("%s: the load still runs 60 s after the export went" % how)
+
+
+def teardown_load(mnt, cwd):
+    # direct and buffered I/O from 3 processes; it runs until the export
+    # goes (then fails), the runtime is only a bound
+    return subprocess.Popen(
+        ["fio", "--filename=" + mnt, "--ioengine=libaio", "--time_based", "--runtime=120",
+         "--size=32M", "--name=d", "--rw=randrw", "--bsrange=4k-256k", "--iodepth=16",
+         "--direct=1", "--numjobs=2", "--name=b", "--rw=randwrite", "--bs=64k",
+         "--iodepth=1", "--direct=0", "--fsync=4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+
+
+@fuse_only
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("opts", ["", ",iothread.0=io0,iothread.1=io1"])
+def test_fuse_io_uring_teardown_under_io(daemon, image, tmpdir_short, uring_param, opts):
+    # The export goes while the rings still complete commands: a hard
+    # block-export-del, SIGTERM, QMP quit, and an unmount behind our back
+    # (umount -f aborts the connection) followed by a delete, each with
+    # I/O running, in turn.  Each queue's rings are closed and freed in
+    # the queue's own loop (the thread whose task work the kernel copies
+    # requests in), so no copy meets freed buffers and the deferred submit
+    # is never cancelled from another thread.  Every bexd must exit 0 with
+    # no sanitizer report, the mount must go, the load must end, and after
+    # a delete the daemon serves a new export on the same node.
+    uring_param(True)
+    img = image(32 * MiB)
+    mnt = os.path.join(tmpdir_short, "mnt")
+    open(mnt, "w").close()
+    export = ("type=fuse,id=f,node-name=d,mountpoint=%s,writable=on,__org.bexd_io-uring=on%s"
+              % (mnt, opts))
+    for how in ["hard-del", "sigterm", "quit", "abort", "hard-del", "sigterm"]:
+        d = daemon(*IOTHREADS2, "--blockdev", "driver=file,node-name=d,filename=" + img,
+                   "--export", export)
+        load = teardown_load(mnt, tmpdir_short)
+        try:
+            io_running(d)
+            if how == "abort":
+                # our own mount, forced: the kernel aborts the connection
+                subprocess.run(["umount", "-f", mnt], stderr=subprocess.DEVNULL)
+                load_ends(load, how)
+                subprocess.run(["umount", "-l", mnt], stderr=subprocess.DEVNULL)
+            if how in ("hard-del", "abort"):
+                d.m.execute("block-export-del", id="f", mode="hard")
+                d.m.wait_event("BLOCK_EXPORT_DELETED")
+                assert not mounted(mnt)
+                load_ends(load, how)
+                assert d.proc.poll() is None
+                # the daemon lives on and serves the node again
+                assert "return" in d.m.request("block-export-add", {
+                    "type": "fuse", "id": "f2", "node-name": "d", "mountpoint": mnt,
+                    "writable": True, "__org.bexd_io-uring": True})
+                with open(mnt, "r+b") as f:
+                    f.write(b"again")
+                d.m.execute("block-export-del", id="f2")
+                d.m.wait_event("BLOCK_EXPORT_DELETED")
+            elif how == "quit":
+                d.m.request("quit")
+            log = d.stop()        # SIGTERM unless it has ended; exit 0 or fail
+        finally:
+            if load.poll() is None:
+                load.kill()
+            load.wait()
+        assert not mounted(mnt), how
+        dev, ur = served(log)
+        assert sum(ur) > 0, (how, log)
+
+
 # ---- bad values ----
 
 def test_bad_iothread_lists(daemon, image, tmpdir_short):

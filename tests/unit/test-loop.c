@@ -59,6 +59,37 @@ static void test_defer_runs_once_before_sleep(void **state)
     assert_int_equal(order[0], 7);
 }
 
+static void test_defer_cancel(void **state)
+{
+    /* a cancelled defer never runs, wherever it sat in the queue, and the
+     * queue stays usable (its tail too) */
+    norder = 0;
+    struct loop_defer a = { .fn = record, .opaque = (void *)1 };
+    struct loop_defer b = { .fn = record, .opaque = (void *)2 };
+    struct loop_defer c = { .fn = record, .opaque = (void *)3 };
+    struct loop_defer s = { .fn = stop_main };
+    loop_defer(loop_main(), &a);
+    loop_defer(loop_main(), &b);
+    loop_defer(loop_main(), &c);
+    loop_defer_cancel(loop_main(), &b);     /* middle */
+    loop_defer_cancel(loop_main(), &c);     /* tail */
+    loop_defer_cancel(loop_main(), &c);     /* not pending: nothing */
+    assert_false(b.pending);
+    assert_false(c.pending);
+    loop_defer(loop_main(), &c);            /* queued again, after a */
+    loop_defer(loop_main(), &s);
+    loop_run(loop_main());
+    assert_int_equal(norder, 2);
+    assert_int_equal(order[0], 1);
+    assert_int_equal(order[1], 3);
+    norder = 0;
+    loop_defer(loop_main(), &a);
+    loop_defer_cancel(loop_main(), &a);     /* the only one: head and tail */
+    loop_defer(loop_main(), &s);
+    loop_run(loop_main());
+    assert_int_equal(norder, 0);
+}
+
 static void *caller_thread(void *arg)
 {
     loop_call(loop_main(), record, (void *)5);
@@ -115,6 +146,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_timers_fire_in_deadline_order),
         cmocka_unit_test(test_defer_runs_once_before_sleep),
+        cmocka_unit_test(test_defer_cancel),
         cmocka_unit_test(test_call_from_other_thread_wakes_loop),
         cmocka_unit_test(test_watch_delete_inside_callback),
     };

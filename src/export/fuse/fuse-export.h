@@ -116,6 +116,7 @@ struct fuse_export {
     bool stop_after_move;       /* main thread: shutdown came meanwhile */
     unsigned invals;            /* main thread: cache invalidation threads running */
     bool finish_after_invals;   /* main thread: drained, waiting for them */
+    unsigned rings_open;        /* main thread: finishing, queue rings not yet closed (+1) */
     /* __org.bexd_io-uring asked and usable (the rings exist): INIT asks the
      * kernel for FUSE over io_uring, then the queues register. */
     bool want_uring;
@@ -171,7 +172,8 @@ void fuse_reply_attr_of(struct fuse_export *exp, fuse_req_t req);
 
 /* fuse-uring.c: FUSE over io_uring (Linux 6.14+).  A queue's rings serve the
  * kernel's io_uring queues qids[0..nqids); all of it runs in q's loop except
- * new/free (main thread, before start / after the loop let go). */
+ * new (main thread, before start) and a free before start (main thread): once
+ * registered, the rings are freed in q's loop (fuse-session.c). */
 bool fuse_uring_kernel_enabled(const char **why);
 unsigned fuse_uring_nr_cpu_queues(void);
 struct fuse_uring *fuse_uring_new(struct fuse_queue *q, const uint16_t *qids, unsigned nqids,

@@ -50,10 +50,12 @@
  *
  * Shutdown.  fuse_session_stop() (main thread) asks each queue's loop to
  * stop reading; requests already handed to the block layer are still
- * answered.  When every queue has none left, the main thread tears the
- * rings down, unmounts, destroys the session and reports
- * export_shutdown_done().  Requests the kernel still holds are failed by
- * the kernel (ENOTCONN) once the session fds are closed.
+ * answered.  When every queue has none left, each queue's loop closes its
+ * io_uring rings (the thread that submitted their commands: see
+ * fuse_ring_close_in_loop), then the main thread unmounts, destroys the
+ * session and reports export_shutdown_done().  Requests the kernel still
+ * holds are failed by the kernel (ENOTCONN) once the session fds are
+ * closed.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -577,6 +579,49 @@ void fuse_queues_free(struct fuse_export *exp)
 
 /* ---- shutdown ---- */
 
+/* The rings are closed: unmount, end the session, report. */
+static void fuse_finish_unmount(struct fuse_export *exp)
+{
+    if (exp->mounted) {
+        fuse_session_unmount(exp->se);
+        exp->mounted = false;
+    }
+    fuse_queues_free(exp);
+    fuse_session_destroy(exp->se);
+    exp->se = NULL;
+    export_shutdown_done(&exp->common);
+}
+
+static void fuse_ring_closed_in_main(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+    struct fuse_export *exp = q->exp;
+
+    if (--exp->rings_open == 0)
+        fuse_finish_unmount(exp);
+}
+
+/* Close a queue's rings and free their buffers in the queue's own loop.
+ * The kernel copies a request into a ring entry's buffers in task work of
+ * the thread that submitted the entry's command (this loop's), or inside
+ * our own submit calls, which run here too: done in this thread, the close
+ * cannot overlap such a copy, and once it has returned the ring is dying
+ * and the kernel no longer copies into it (its task work ends the command
+ * instead).  Freed from another thread, the buffers could be written while
+ * or after they were freed.  The deferred submit of the ring is also only
+ * safe to cancel from here. */
+static void fuse_ring_close_in_loop(void *opaque)
+{
+    struct fuse_queue *q = opaque;
+
+    fuse_uring_free(q->ur);
+    q->ur = NULL;
+    if (loop_in_thread(loop_main()))
+        fuse_ring_closed_in_main(q);
+    else
+        loop_call(loop_main(), fuse_ring_closed_in_main, q);
+}
+
 static void fuse_finish_in_main(struct fuse_export *exp)
 {
     char dev[256] = "", uring[256] = "";
@@ -593,21 +638,22 @@ static void fuse_finish_in_main(struct fuse_export *exp)
     }
     log_info("FUSE export '%s': requests served per queue: /dev/fuse %s; io_uring %s",
              exp->common.id, dev, uring);
-    /* The rings first: their pending commands pin the session's file. */
+    /* The rings first: their pending commands pin the session's file.
+     * Each closes in its queue's loop (see fuse_ring_close_in_loop); one
+     * count more than there are rings keeps this loop's inline closes from
+     * finishing the export under it. */
+    exp->rings_open = 1;
     for (unsigned i = 0; i < exp->nqueues; i++) {
-        if (exp->queues[i].ur) {
-            fuse_uring_free(exp->queues[i].ur);
-            exp->queues[i].ur = NULL;
-        }
+        struct fuse_queue *q = &exp->queues[i];
+        if (!q->ur)
+            continue;
+        exp->rings_open++;
+        if (loop_in_thread(q->loop))
+            fuse_ring_close_in_loop(q);
+        else
+            loop_call(q->loop, fuse_ring_close_in_loop, q);
     }
-    if (exp->mounted) {
-        fuse_session_unmount(exp->se);
-        exp->mounted = false;
-    }
-    fuse_queues_free(exp);
-    fuse_session_destroy(exp->se);
-    exp->se = NULL;
-    export_shutdown_done(&exp->common);
+    fuse_ring_closed_in_main(&exp->queues[0]);
 }
 
 static void fuse_queue_drained_in_main(void *opaque)

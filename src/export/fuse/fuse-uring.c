@@ -98,13 +98,6 @@ struct ur_ent {
     struct iovec iov[2];
 };
 
-/* The deferred submit: it may still be queued in the loop when the ring
- * goes, so it lives apart and frees itself then. */
-struct ur_submit {
-    struct loop_defer d;
-    struct fuse_uring *ur;   /* NULL: the ring is gone */
-};
-
 struct fuse_uring {
     struct fuse_queue *q;
     struct io_uring ring;
@@ -114,7 +107,7 @@ struct fuse_uring {
     unsigned nents;
     size_t payload_sz;
     struct ur_ent *cur;      /* entry whose request is being processed */
-    struct ur_submit *submit;
+    struct loop_defer submit;   /* the commands prepared this iteration go in one call */
     unsigned unsubmitted;
     bool stopped;
     bool failed_logged;
@@ -178,12 +171,7 @@ static void ur_submit_now(struct fuse_uring *ur)
 
 static void ur_submit_deferred(void *opaque)
 {
-    struct ur_submit *s = opaque;
-
-    if (s->ur)
-        ur_submit_now(s->ur);
-    else
-        free(s);
+    ur_submit_now(opaque);
 }
 
 static void ur_prep(struct fuse_uring *ur, struct ur_ent *e, uint32_t op, uint64_t commit_id)
@@ -214,8 +202,8 @@ static void ur_prep(struct fuse_uring *ur, struct ur_ent *e, uint32_t op, uint64
     io_uring_sqe_set_data(sqe, e);
     e->in_kernel = true;
     ur->unsubmitted++;
-    if (!ur->submit->d.pending)
-        loop_defer(ur->q->loop, &ur->submit->d);
+    if (!ur->submit.pending)
+        loop_defer(ur->q->loop, &ur->submit);
 }
 
 static void ur_log_failure(struct fuse_uring *ur, struct ur_ent *e, int err)
@@ -379,10 +367,8 @@ struct fuse_uring *fuse_uring_new(struct fuse_queue *q, const uint16_t *qids, un
 
     ur->q = q;
     ur->payload_sz = FUSE_RW_MAX;   /* max_write and max_pages are both 1 MiB */
-    ur->submit = xzalloc(sizeof(*ur->submit));
-    ur->submit->d.fn = ur_submit_deferred;
-    ur->submit->d.opaque = ur->submit;
-    ur->submit->ur = ur;
+    ur->submit.fn = ur_submit_deferred;
+    ur->submit.opaque = ur;
     memset(&p, 0, sizeof(p));
     p.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
     p.cq_entries = 2 * n;
@@ -456,9 +442,8 @@ void fuse_uring_free(struct fuse_uring *ur)
         free(ur->ents[i].mem);
     }
     free(ur->ents);
-    if (ur->submit->d.pending)
-        ur->submit->ur = NULL;   /* it frees itself when it runs */
-    else
-        free(ur->submit);
+    /* Pending only after registration, and then freed in q's loop (a
+     * loop stopping right after would never run it). */
+    loop_defer_cancel(ur->q->loop, &ur->submit);
     free(ur);
 }
