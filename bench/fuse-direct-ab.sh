@@ -68,7 +68,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         stop
         read -r MIBS IOPS <<<"${R:-0 0}"
         US=$(awk -v t=$((T1 - T0)) -v hz="$HZ" -v rt="$RT" -v i="$IOPS" \
-             'BEGIN { printf "%.1f", i > 0 ? 1e6 * t / hz / (i * rt) : 0 }')
+             'BEGIN { printf "%.1f", (i > 0 ? 1e6 * t / hz / (i * rt) : 0) }')
         printf '%-4s %-6s %-22s %9.0f %9.0f %9s\n' $BIN $X "$1 $2 qd$3" "$MIBS" "$IOPS" "$US" |
           tee -a "$RES"
       done
