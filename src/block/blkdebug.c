@@ -421,9 +421,7 @@ static int bd_open(struct bnode *bs, json_t *opts, error **errp)
     bs->size = bs->file->size;
     bs->request_alignment = MAX(s->align, bs->file->request_alignment);
     bs->max_transfer = s->max_transfer ? s->max_transfer : bs->file->max_transfer;
-    if (bs->file->read_only)
-        bs->read_only = true;
-    return 0;
+    return 0;     /* read-write over a read-only image, as QEMU: writers are refused */
 }
 
 /* ---- requests ---- */

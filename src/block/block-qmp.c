@@ -24,10 +24,8 @@ static json_t *node_info(struct bnode *bs)
 {
     char buf[64];
     const char *filename = bnode_leaf_filename(bs, buf, sizeof(buf));
-    struct stat st;
-    json_int_t actual = 0;
-    if (filename[0] == '/' && stat(filename, &st) == 0)
-        actual = (json_int_t)st.st_blocks * 512;
+    int64_t allocated = bnode_leaf_allocated(bs);
+    json_int_t actual = allocated > 0 ? allocated : 0;
     static const char *const dz[] = { "off", "on", "unmap" };
     json_t *image = json_pack("{s:I, s:s, s:s, s:I, s:b}",
                               "virtual-size", (json_int_t)bs->size, "filename", filename,

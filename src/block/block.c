@@ -68,7 +68,7 @@ struct bnode *bnode_lookup(const char *name, error **errp)
 static char *generate_node_name(void)
 {
     char *s;
-    s = xasprintf("#block%03u%02d", auto_name_counter++, rand() % 100);
+    s = xasprintf("#block%u%02d", auto_name_counter++, rand() % 100);
     return s;
 }
 
@@ -150,8 +150,14 @@ static void file_child_resized(struct bnode_user *u)
         parent->drv->child_resized(parent);
 }
 
-/* BlockdevRef: a node name (string) or inline options (object). */
-static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
+/* BlockdevRef: a node name (string) or inline options (object).  An inline
+ * child takes what QEMU's bdrv_inherited_options gives it, unless it says
+ * otherwise: read-only from its parent (on for a backing file: cow), the
+ * parent's cache.direct and cache.no-flush, and discard=unmap (the parent
+ * already applies its own discard policy to what it passes down).  parent
+ * NULL: read-only from parent_ro only. */
+static struct bnode *open_child_of(json_t *ref, struct bnode *parent, bool parent_ro,
+                                   bool cow, error **errp)
 {
     if (json_is_string(ref)) {
         struct bnode *child = bnode_find(json_string_value(ref));
@@ -164,14 +170,47 @@ static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
         return child;
     }
     CLEANUP_JSON json_t *copy = json_deep_copy(ref);
-    /* An inline child inherits read-only from its parent, as in QEMU. */
-    bool inherit_ro = parent_ro && !json_object_get(copy, "read-only");
+    bool inherit_ro = (cow || parent_ro) && !json_object_get(copy, "read-only");
     if (inherit_ro)
         json_object_set_new(copy, "read-only", json_true());
+    unsigned cache_inh = 0;
+    bool discard_inh = false;
+    if (parent && json_is_object(copy)) {
+        json_t *cache = json_object_get(copy, "cache");
+        if (!json_is_object(cache)) {
+            cache = json_object();
+            json_object_set_new(copy, "cache", cache);
+        }
+        if (!json_object_get(cache, "direct")) {
+            json_object_set_new(cache, "direct", json_boolean(parent->cache_direct));
+            cache_inh |= INHERITED_DIRECT;
+        }
+        if (!json_object_get(cache, "no-flush")) {
+            json_object_set_new(cache, "no-flush", json_boolean(parent->cache_no_flush));
+            cache_inh |= INHERITED_NO_FLUSH;
+        }
+        if (!json_object_get(copy, "discard")) {
+            json_object_set_new(copy, "discard", json_string("unmap"));
+            discard_inh = true;
+        }
+    }
     struct bnode *bs = bnode_open(copy, false, errp);   /* reference owned by the parent */
-    if (bs)
+    if (bs) {
         bs->ro_inherited = inherit_ro;
+        bs->cache_inherited = cache_inh;
+        bs->discard_inherited = discard_inh;
+    }
     return bs;
+}
+
+static struct bnode *open_child(json_t *ref, bool parent_ro, error **errp)
+{
+    return open_child_of(ref, NULL, parent_ro, false, errp);
+}
+
+struct bnode *bnode_open_child(json_t *ref, struct bnode *parent, bool cow, error **errp)
+{
+    return open_child_of(ref, parent, parent->read_only, cow, errp);
 }
 
 static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
@@ -215,7 +254,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             error_setg(errp, "A block device must be specified for \"%s\"", key);
             goto fail;
         }
-        bs->file = open_child(ref, bs->read_only, errp);
+        bs->file = bnode_open_child(ref, bs, false, errp);
         if (!bs->file)
             goto fail;
         if (json_is_object(ref))
@@ -230,6 +269,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     }
     if (drv->open(bs, opts, errp) < 0)
         goto fail;
+    bs->size = bnode_round_size(bs->size);
     if (drv->reopen_needs_rw_file && bs->file_link && bnode_refresh_perms(bs, errp) < 0)
         goto fail;
     if (drv->bitmaps_load && drv->bitmaps_load(bs, errp) < 0)
@@ -712,6 +752,7 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
     if (ret < 0)
         return ret;
     /* A driver whose size follows its child's was told already. */
+    size = bnode_round_size(size);
     if (bs->size != size) {
         bs->size = size;
         bnode_notify_resized(bs);

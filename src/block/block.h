@@ -177,7 +177,12 @@ struct bnode {
      * whether "read-only" in options was inherited rather than given. */
     struct bnode *inherits_from;
     bool ro_inherited;
+    /* ... likewise cache.direct / cache.no-flush (INHERITED_*) and discard */
+    unsigned cache_inherited;
+    bool discard_inherited;
 };
+#define INHERITED_DIRECT   1u
+#define INHERITED_NO_FLUSH 2u
 
 /* blockdev-reopen of one node (reopen.c): the new explicit options (as
  * checked by the schema) and the generic values they give; the driver
@@ -333,6 +338,10 @@ struct bnode *blockdev_add(json_t *opts, error **errp);
  * children of their own (backing, data-file).  An inline child inherits
  * read-only from its parent unless it says otherwise. */
 struct bnode *bnode_open_ref(json_t *ref, bool parent_ro, error **errp);
+/* A child of parent (file, backing when cow, data-file, target) given as a
+ * BlockdevRef: inline options inherit from the parent as in QEMU's
+ * bdrv_inherited_options (read-only, cache modes, discard=unmap). */
+struct bnode *bnode_open_child(json_t *ref, struct bnode *parent, bool cow, error **errp);
 int  blockdev_del(const char *node_name, error **errp);
 struct bnode *bnode_find(const char *node_name);
 /* "Cannot find device=X nor node-name=X"-style lookup used by exports */
@@ -399,6 +408,13 @@ static inline void bnode_check_write_threshold(struct bnode *bs, const struct br
 
 /* The largest node size, as QEMU's BDRV_MAX_LENGTH (2^63 - 2^30). */
 #define BNODE_MAX_LENGTH (INT64_MAX - (1ll << 30) + 1)
+
+/* A node's size as QEMU reports it: a length rounded up to whole 512-byte
+ * sectors (bdrv_getlength); reads of the rest of the last sector give zeros. */
+static inline uint64_t bnode_round_size(uint64_t len)
+{
+    return len > UINT64_MAX - 511 ? len : (len + 511) & ~511ull;
+}
 
 /* Resize (main thread): QEMU's errors ("Image is read-only", "Image format
  * driver does not support resize", the driver's); on success every user
@@ -478,5 +494,9 @@ struct bnode *bnode_first(void);
 /* The path of the file or host device at the bottom of bs's file chain,
  * or NULL when that leaf is another driver (null-co, rbd, ...). */
 const char *bnode_leaf_path(struct bnode *bs);
+/* The bytes allocated to the leaf file under bs (fstat: never the path,
+ * which an export of ours may have been mounted over), or -errno /
+ * -ENOTSUP when the leaf is not a file.  Any thread. */
+int64_t bnode_leaf_allocated(struct bnode *bs);
 /* What QEMU reports as bs->filename: the leaf's path, or "DRIVER://". */
 const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len);

@@ -719,7 +719,7 @@ static int cbw_open(struct bnode *bs, json_t *opts, error **errp)
         if (!bm)
             return -1;
     }
-    struct bnode *target = bnode_open_ref(json_object_get(opts, "target"), bs->read_only, errp);
+    struct bnode *target = bnode_open_child(json_object_get(opts, "target"), bs, false, errp);
     if (!target)
         return -1;
     struct cbw *s = xzalloc(sizeof(*s));

@@ -51,6 +51,9 @@ struct file_state {
      * fallocate or truncate empties it. */
     pthread_mutex_t data_lock;
     uint64_t data_lo, data_hi;
+    /* The file's length in bytes (atomic).  The node's size is this rounded
+     * up to 512, as QEMU's; the rest of the last sector reads as zeros. */
+    uint64_t length;
     unsigned lock_held, lock_unshared;  /* the locks taken (apply_locks) */
 };
 
@@ -176,10 +179,11 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
     }
     int64_t size = fd_size(s->fd, s->is_blockdev);
     if (size < 0) {
-        error_setg_errno(errp, (int)-size, "Could not get the size of '%s'", filename);
+        error_setg_errno(errp, (int)-size, "Could not refresh total sector count");
         return -1;
     }
-    bs->size = size;
+    s->length = size;
+    bs->size = bnode_round_size(size);
     if (bs->cache_direct) {
         bs->request_alignment = 512;
         if (s->is_blockdev) {
@@ -393,13 +397,21 @@ static void zero_next_extent(struct bnode *bs, struct breq *r, uint64_t from)
     zero_step(bs, r);
 }
 
-/* A write past the end (BREQ_BEYOND_EOF) made the file bigger. */
+static void atomic_max(uint64_t *p, uint64_t v)
+{
+    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true,
+                                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+/* A write past the end made the file bigger (QEMU: total_sectors grows to
+ * the sector the write ended in). */
 static void grow_size(struct bnode *bs, uint64_t end)
 {
-    uint64_t cur = __atomic_load_n(&bs->size, __ATOMIC_RELAXED);
-    while (end > cur && !__atomic_compare_exchange_n(&bs->size, &cur, end, true,
-                                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-        ;
+    struct file_state *s = bs->opaque;
+    atomic_max(&s->length, end);
+    atomic_max(&bs->size, bnode_round_size(end));
 }
 
 static void file_aio_done(struct aio_req *a, int64_t res)
@@ -623,8 +635,9 @@ static int file_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes,
     struct file_state *s = bs->opaque;
     bool known = true;
 
-    if (!s->ram_backed || bs->cache_direct)
-        return -ENOTSUP;
+    if (!s->ram_backed || bs->cache_direct ||
+        offset + bytes > __atomic_load_n(&s->length, __ATOMIC_RELAXED))
+        return -ENOTSUP;        /* the tail of the last sector is not in the file */
     if (need_holes) {
         pthread_mutex_lock(&s->data_lock);
         known = offset >= s->data_lo && offset + bytes <= s->data_hi;
@@ -665,6 +678,7 @@ static int file_truncate(struct bnode *bs, uint64_t size, error **errp)
         error_setg_errno(errp, err, "Could not resize file");
         return -err;
     }
+    __atomic_store_n(&s->length, size, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -976,6 +990,19 @@ const char *bnode_leaf_path(struct bnode *bs)
     if (bs->drv != &bdrv_file && bs->drv != &bdrv_host_device)
         return NULL;
     return ((struct file_state *)bs->opaque)->filename;
+}
+
+int64_t bnode_leaf_allocated(struct bnode *bs)
+{
+    struct bnode *f;
+    while ((f = __atomic_load_n(&bs->file, __ATOMIC_ACQUIRE)))
+        bs = f;
+    if (bs->drv != &bdrv_file && bs->drv != &bdrv_host_device)
+        return -ENOTSUP;
+    struct stat st;
+    if (fstat(((struct file_state *)bs->opaque)->fd, &st) < 0)
+        return -errno;
+    return (int64_t)st.st_blocks * 512;
 }
 
 const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len)

@@ -211,11 +211,10 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
  * whether a data cluster is a hole. */
 static int detect_metadata_preallocation(struct qcow2_state *s)
 {
-    const char *path = bnode_leaf_path(s->bs->file);
-    struct stat st;
-    if (!path || stat(path, &st) < 0)
+    int64_t allocated = bnode_leaf_allocated(s->bs->file);
+    if (allocated < 0)
         return 0;
-    uint64_t real = (uint64_t)st.st_blocks * 512 / s->cluster_size;
+    uint64_t real = (uint64_t)allocated / s->cluster_size;
     uint64_t threshold = MAX(real * 10 / 9, real + 2);
     uint64_t end = qsize_to_clusters(s, s->bs->file->size), count = 0;
     CLEANUP_FREE uint8_t *blk = xmalloc(s->cluster_size);
@@ -737,7 +736,7 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
         open_depth++;
         pushed = true;
     }
-    struct bnode *b = bnode_open_ref(ref, true, &err);
+    struct bnode *b = bnode_open_child(ref, bs, true, &err);
     if (b && json_is_object(ref)) {
         b->inherits_from = bs;          /* reopened with bs (blockdev-reopen) */
         if (made)
@@ -830,7 +829,7 @@ static int open_data_file(struct qcow2_state *s, json_t *opts, error **errp)
         ref = made;
     }
     error *err = NULL;
-    struct bnode *d = bnode_open_ref(ref, bs->read_only, &err);
+    struct bnode *d = bnode_open_child(ref, bs, false, &err);
     if (!d) {
         error_setg(errp, "Could not open data file: %s", err->msg);
         error_free(err);

@@ -52,8 +52,8 @@ static int raw_open(struct bnode *bs, json_t *opts, error **errp)
     bs->size = size;
     bs->request_alignment = bs->file->request_alignment;
     bs->max_transfer = bs->file->max_transfer;
-    if (bs->file->read_only)
-        bs->read_only = true;
+    /* Over a read-only file, the node stays read-write as in QEMU: a
+     * writer is refused by the permissions ("Block node is read-only"). */
     return 0;
 }
 
@@ -82,7 +82,7 @@ static void raw_reopen_commit(struct reopen_state *rs)
     struct raw_state *s = rs->bs->opaque, *n = rs->drv;
     __atomic_store_n(&s->offset, n->offset, __ATOMIC_RELAXED);
     s->has_size = n->has_size;
-    __atomic_store_n(&rs->bs->size, n->size, __ATOMIC_RELAXED);
+    __atomic_store_n(&rs->bs->size, bnode_round_size(n->size), __ATOMIC_RELAXED);
     free(n);
     rs->drv = NULL;
 }
@@ -150,7 +150,7 @@ static void raw_child_resized(struct bnode *bs)
     uint64_t file_size = bs->file->size;
     if (s->has_size)
         return;
-    uint64_t size = file_size > s->offset ? file_size - s->offset : 0;
+    uint64_t size = bnode_round_size(file_size > s->offset ? file_size - s->offset : 0);
     if (size != bs->size) {
         bs->size = size;
         bnode_notify_resized(bs);

@@ -107,6 +107,15 @@ static json_t *old_explicit(struct bnode *bs)
     json_t *o = json_deep_copy(bs->options);
     if (bs->ro_inherited)
         json_object_del(o, "read-only");
+    json_t *cache = json_object_get(o, "cache");
+    if (bs->cache_inherited & INHERITED_DIRECT)
+        json_object_del(cache, "direct");
+    if (bs->cache_inherited & INHERITED_NO_FLUSH)
+        json_object_del(cache, "no-flush");
+    if (json_is_object(cache) && !json_object_size(cache))
+        json_object_del(o, "cache");
+    if (bs->discard_inherited)
+        json_object_del(o, "discard");
     return o;
 }
 
@@ -500,6 +509,8 @@ static void commit(struct entry *e)
         json_decref(bs->options);
         bs->options = o;
         bs->ro_inherited = false;
+        bs->cache_inherited = 0;
+        bs->discard_inherited = false;
     }
     if (bs->size != old_size)
         bnode_notify_resized(bs);

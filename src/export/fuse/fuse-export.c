@@ -73,23 +73,6 @@ static bool check_mountpoint(const char *path, error **errp)
     return true;
 }
 
-/* The file that holds the data, for st_blocks (as QEMU's allocated size). */
-static char *leaf_file_path(struct bnode *bs)
-{
-    const char *name;
-    json_t *fn;
-
-    while (bs && bs->file)
-        bs = bs->file;
-    if (!bs || !bs->drv || !bs->options)
-        return NULL;
-    name = bs->drv->name;
-    if (strcmp(name, "file") != 0 && strcmp(name, "host_device") != 0)
-        return NULL;
-    fn = json_object_get(bs->options, "filename");
-    return json_is_string(fn) ? xstrdup(json_string_value(fn)) : NULL;
-}
-
 static int fuse_mount(struct fuse_export *exp, bool allow_other, error **errp)
 {
     char opts[128];
@@ -142,8 +125,6 @@ static void fuse_export_cleanup(struct fuse_export *exp)
     }
     free(exp->mountpoint);
     exp->mountpoint = NULL;
-    free(exp->alloc_path);
-    exp->alloc_path = NULL;
 }
 
 static int fuse_export_create(struct export *e, json_t *opts, error **errp)
@@ -175,7 +156,6 @@ static int fuse_export_create(struct export *e, json_t *opts, error **errp)
     exp->st_mode = S_IFREG | S_IRUSR | (e->writable ? S_IWUSR : 0);
     exp->st_uid = getuid();
     exp->st_gid = getgid();
-    exp->alloc_path = leaf_file_path(e->node);
 
     ret = fuse_mount_auto(exp, ao ? ao : "auto", errp);
     if (ret < 0) {

@@ -105,8 +105,6 @@ struct fuse_export {
     gid_t st_gid;
     bool stop_requested;        /* main thread: shutdown() already ran */
     bool self_resizing;         /* main thread: the resize is this export's own */
-    /* Path of the leaf file for st_blocks, or NULL. */
-    char *alloc_path;
 
     struct fuse_queue *queues;
     unsigned nqueues;

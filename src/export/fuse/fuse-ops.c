@@ -64,11 +64,10 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 
 static uint64_t alloc_blocks(struct fuse_export *exp, uint64_t size)
 {
-    struct stat st;
-
-    if (exp->alloc_path && stat(exp->alloc_path, &st) == 0 && st.st_blocks > 0)
-        return st.st_blocks;
-    return (size + 511) / 512;
+    /* fstat of the image, not stat of its path: the mount may cover that
+     * path, and a stat there would wait for this very request. */
+    int64_t allocated = bnode_leaf_allocated(exp->common.node);
+    return allocated > 0 ? (uint64_t)allocated / 512 : (size + 511) / 512;
 }
 
 void fuse_reply_attr_of(struct fuse_export *exp, fuse_req_t req)

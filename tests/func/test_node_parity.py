@@ -1,0 +1,228 @@
+"""Small behaviours of block nodes where bexd used to differ from
+qemu-storage-daemon 7.2, each run as the same QMP steps on both daemons
+(issue 15): a node's size is its length rounded up to 512 bytes, inline
+children inherit cache modes and discard=unmap from their parent, a raw or
+blkdebug node over a read-only file stays read-write (writers are refused
+by the permissions), a FUSE export mounted over its own image file answers
+stat() and queries, and the generated node names and size errors are
+QEMU's.
+"""
+import os
+import re
+import subprocess
+
+import nbd
+import pytest
+
+from conftest import IMPLS
+
+
+def nodes(m):
+    return {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+
+
+def child_of(m, filename, drv="file"):
+    return [n for n in m.execute("query-named-block-nodes")
+            if n["node-name"].startswith("#") and n["drv"] == drv
+            and n["image"]["filename"] == filename]
+
+
+def connect(sock, name):
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///%s?socket=%s" % (name, sock))
+    return h
+
+
+def odd_file(tmpdir, name="odd.img", length=1000, byte=b"X"):
+    path = os.path.join(tmpdir, name)
+    with open(path, "wb") as f:
+        f.write(byte * length)
+    return path
+
+
+def test_sizes_are_rounded_up_to_sectors(impl, start_daemon, tmpdir_short):
+    path = odd_file(tmpdir_short)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon(impl, "--nbd-server", "addr.type=unix,addr.path=%s" % sock)
+    m = d.qmp()
+    m.execute("blockdev-add", driver="file", node_name="f0", filename=path)
+    m.execute("blockdev-add", driver="raw", node_name="r0", file="f0")
+    m.execute("blockdev-add", driver="null-co", node_name="n1", size=1)
+    m.execute("blockdev-add", driver="null-co", node_name="n0", size=1000)
+    n = nodes(m)
+    assert {k: n[k]["image"]["virtual-size"] for k in n} == \
+        {"f0": 1024, "r0": 1024, "n1": 512, "n0": 1024}
+    m.execute("block-export-add", type="nbd", id="e0", node_name="f0", writable=True)
+    m.execute("block-export-add", type="nbd", id="e1", node_name="n0")
+    h = connect(sock, "f0")
+    assert h.get_size() == 1024
+    assert connect(sock, "n0").get_size() == 1024
+    # the rest of the last sector reads as zeros; a write there makes the
+    # file longer, up to the sector's end and no further
+    assert h.pread(48, 976) == b"X" * 24 + b"\0" * 24
+    h.pwrite(b"Y" * 8, 1010)
+    assert os.path.getsize(path) == 1018
+    h.pwrite(b"Z" * 8, 1016)
+    assert os.path.getsize(path) == 1024
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"Z" * 8, 1020)
+    assert h.pread(24, 1000) == b"\0" * 10 + b"Y" * 6 + b"Z" * 8
+    h.shutdown()
+    m.execute("block-export-del", id="e0")
+    m.wait_event("BLOCK_EXPORT_DELETED")
+    # a resize to an odd length: the file gets it, the node the next sector
+    m.execute("block_resize", node_name="r0", size=1500)
+    assert os.path.getsize(path) == 1500
+    n = nodes(m)
+    assert (n["f0"]["image"]["virtual-size"], n["r0"]["image"]["virtual-size"]) == (1536, 1536)
+
+
+def test_size_error_is_qemus(impl, start_daemon):
+    m = start_daemon(impl).qmp()
+    e = m.error("blockdev-add", driver="file", node_name="f0", filename="/proc/version",
+                auto_read_only=True)
+    assert e == {"class": "GenericError",
+                 "desc": "Could not refresh total sector count: Invalid argument"}
+
+
+def test_generated_node_names(impl, start_daemon, image):
+    m = start_daemon(impl).qmp()
+    for i in range(12):
+        m.execute("blockdev-add", driver="raw", node_name="r%d" % i,
+                  file={"driver": "file", "filename": image(1 << 20, "g%d.img" % i)})
+    names = sorted((n for n in nodes(m) if n.startswith("#")), key=lambda s: int(s[6:-2]))
+    # QEMU's id_generate(): "#block", a counter from 0, two random digits
+    assert [int(s[6:-2]) for s in names] == list(range(12))
+    assert all(re.fullmatch(r"#block(0|[1-9][0-9]*)[0-9][0-9]", s) for s in names)
+
+
+def blocks_of(path):
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize("raw_discard, file_discard, punched", [
+    ("unmap", None, True),          # the inline file inherits discard=unmap
+    (None, None, False),            # raw ignores the trim itself
+    ("unmap", "ignore", False),     # the file's own setting wins
+])
+def test_inline_file_child_discards(impl, start_daemon, tmpdir_short, raw_discard,
+                                    file_discard, punched):
+    path = os.path.join(tmpdir_short, "d.img")
+    with open(path, "wb") as f:
+        f.write(b"D" * (1 << 20))
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    m = start_daemon(impl, "--nbd-server", "addr.type=unix,addr.path=%s" % sock).qmp()
+    fopts = {"driver": "file", "filename": path}
+    if file_discard:
+        fopts["discard"] = file_discard
+    opts = {"driver": "raw", "node-name": "r0", "file": fopts}
+    if raw_discard:
+        opts["discard"] = raw_discard
+    m.execute("blockdev-add", **opts)
+    m.execute("block-export-add", type="nbd", id="e", node_name="r0", writable=True)
+    h = connect(sock, "r0")
+    h.trim(512 << 10, 0)
+    h.flush()
+    assert h.pread(4, 600 << 10) == b"DDDD"
+    h.shutdown()
+    assert blocks_of(path) == (512 << 10 if punched else 1 << 20)
+
+
+def test_qcow2_inline_file_inherits_discard(impl, start_daemon, tmpdir_short):
+    # qcow2 passes a discard of its clusters down (pass-discard-request,
+    # on with the node's discard=unmap): the inline file punches it
+    path = os.path.join(tmpdir_short, "q.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 2M", path], check=True,
+                   stdout=subprocess.DEVNULL)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    m = start_daemon(impl, "--nbd-server", "addr.type=unix,addr.path=%s" % sock).qmp()
+    m.execute("blockdev-add", driver="qcow2", node_name="q", discard="unmap",
+              file={"driver": "file", "filename": path})
+    m.execute("block-export-add", type="nbd", id="e", node_name="q", writable=True)
+    before = blocks_of(path)
+    h = connect(sock, "q")
+    h.trim(2 << 20, 0)
+    h.flush()
+    h.shutdown()
+    assert before - blocks_of(path) >= 2 << 20
+
+
+def test_inline_children_inherit_cache_modes(impl, start_daemon, image):
+    a, b = image(1 << 20, "a.img"), image(1 << 20, "b.img")
+    m = start_daemon(impl).qmp()
+    m.execute("blockdev-add", driver="raw", node_name="r0", read_only=True,
+              cache={"direct": True, "no-flush": True},
+              file={"driver": "file", "filename": a})
+    m.execute("blockdev-add", driver="raw", node_name="r1", cache={"direct": True},
+              file={"driver": "file", "filename": b, "cache": {"direct": False}})
+    c0, = child_of(m, a)
+    c1, = child_of(m, b)
+    assert c0["cache"] == {"direct": True, "no-flush": True, "writeback": True}
+    assert c0["ro"] is True
+    assert c1["cache"] == {"direct": False, "no-flush": False, "writeback": True}
+
+
+def test_raw_over_read_only_file(impl, start_daemon, tmpdir_short):
+    path = odd_file(tmpdir_short, "ro.img", 1 << 20, b"R")
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    m = start_daemon(impl, "--nbd-server", "addr.type=unix,addr.path=%s" % sock).qmp()
+    m.execute("blockdev-add", driver="file", node_name="f0", read_only=True, filename=path)
+    m.execute("blockdev-add", driver="raw", node_name="r0", file="f0")
+    m.execute("blockdev-add", driver="raw", node_name="r1", read_only=True, file="f0")
+    m.execute("blockdev-add", driver="blkdebug", node_name="b0", image="f0")
+    m.execute("blockdev-add", driver="raw", node_name="rb", file="b0")
+    m.execute("blockdev-add", driver="raw", node_name="ri",
+              file={"driver": "file", "filename": path, "read-only": True})
+    ro = {k: v["ro"] for k, v in nodes(m).items() if not k.startswith("#")}
+    assert ro == {"f0": True, "r0": False, "r1": True, "b0": False, "rb": False, "ri": False}
+    # a writer is refused by the permissions, a read-only node up front
+    for node in ("r0", "b0", "rb", "ri"):
+        e = m.error("block-export-add", type="nbd", id="e", node_name=node, writable=True)
+        assert e == {"class": "GenericError", "desc": "Block node is read-only"}
+    e = m.error("block-export-add", type="nbd", id="e", node_name="r1", writable=True)
+    assert e == {"class": "GenericError", "desc": "Cannot export read-only node as writable"}
+    e = m.error("blockdev-add", driver="qcow2", node_name="q0", file="f0")
+    assert e == {"class": "GenericError", "desc": "Block node is read-only"}
+    e = m.error("block_resize", node_name="r0", size=2 << 20)
+    assert e == {"class": "GenericError", "desc": "Image is read-only"}
+    # readers are served
+    m.execute("block-export-add", type="nbd", id="e", node_name="r0")
+    h = connect(sock, "r0")
+    assert h.is_read_only()
+    assert h.pread(4, 0) == b"RRRR"
+    h.shutdown()
+    # reopened read-only and back: still fine without writers
+    m.execute("blockdev-reopen", options=[{"driver": "raw", "node-name": "r0", "file": "f0",
+                                           "read-only": True}])
+    m.execute("blockdev-reopen", options=[{"driver": "raw", "node-name": "r0", "file": "f0"}])
+    assert nodes(m)["r0"]["ro"] is False
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+def test_fuse_mounted_over_its_own_image(impl, start_daemon, tmpdir_short):
+    # QEMU's documented use: the export shadows the image file it serves.
+    # bexd used to stat() that path for st_blocks and actual-size, which
+    # then waited for its own FUSE request (a hang).
+    path = odd_file(tmpdir_short, "self.img", 1 << 20, b"S")
+    d = start_daemon(impl)
+    m = d.qmp()
+    m.execute("blockdev-add", driver="raw", node_name="r0",
+              file={"driver": "file", "filename": path})
+    m.execute("block-export-add", type="fuse", id="fu", node_name="r0", mountpoint=path,
+              writable=True)
+    try:
+        st = os.stat(path)
+        assert st.st_size == 1 << 20
+        assert st.st_blocks * 512 >= 1 << 20
+        actual = {n["image"]["actual-size"] for n in m.execute("query-named-block-nodes")}
+        assert actual == {st.st_blocks * 512}
+        with open(path, "r+b") as f:
+            f.write(b"T" * 4096)
+        with open(path, "rb") as f:
+            assert f.read(4100) == b"T" * 4096 + b"SSSS"
+    finally:
+        m.execute("block-export-del", id="fu")
+        m.wait_event("BLOCK_EXPORT_DELETED")
+    with open(path, "rb") as f:
+        assert f.read(4100) == b"T" * 4096 + b"SSSS"
