@@ -298,6 +298,50 @@ static void step_write_bounce(struct align_op *op)
     op_finish(op, 0);
 }
 
+/*
+ * QEMU's pwritev_rmw_* events (bdrv_padding_rmw_read), raised on the node
+ * whose alignment asked for the read-modify-write.  QEMU reads head and
+ * tail in one request when the padded range is one block, or two blocks
+ * both padded ("merge_reads"): then the head and tail events come before
+ * that read and both after-events after it; otherwise each read has its
+ * own pair.  bexd reads the two blocks separately, so for a merged pair
+ * the events go before the first read and after the last.
+ * At stage 0 (before the head read), 1 (before the tail read) and 2
+ * (after both), with the stage's reads of this op.
+ */
+static void rmw_events(struct align_op *op, int at, bool head_read, bool tail_read)
+{
+    struct breq *req = op->req;
+    uint64_t a = op->a, off = req->offset, end = off + req->len, sum = op->aend - op->aoff;
+    bool h = off % a, t = end % a;
+    bool merge = sum == ((sum > a && h && t) ? 2 * a : a);
+
+    if (likely(!__atomic_load_n(&blkdebug_nodes, __ATOMIC_RELAXED)))
+        return;
+    if (merge) {
+        if (at == 0) {
+            if (h)
+                bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_HEAD);
+            if (t)
+                bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_TAIL);
+        } else if (at == 2) {
+            if (h)
+                bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_AFTER_HEAD);
+            if (t)
+                bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_AFTER_TAIL);
+        }
+        return;
+    }
+    if (at == 0 && head_read)
+        bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_HEAD);
+    if (at == 1 && head_read)
+        bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_AFTER_HEAD);
+    if (at == 1 && tail_read)
+        bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_TAIL);
+    if (at == 2 && tail_read)
+        bnode_debug_event_slow(op->bs, BLKDBG_PWRITEV_RMW_AFTER_TAIL);
+}
+
 /* Stages: 0 read head block, 1 read tail block, 2 merge and write, 3 done. */
 static void step_write_rmw(struct align_op *op)
 {
@@ -307,6 +351,7 @@ static void step_write_rmw(struct align_op *op)
 
     switch (op->stage) {
     case 0:
+        rmw_events(op, 0, head, tail);
         if (head) {
             sub_submit(op, BREQ_READ, 0, op->aoff, a, op->buf);
             return;
@@ -314,6 +359,7 @@ static void step_write_rmw(struct align_op *op)
         op->stage++;
         /* fall through */
     case 1:
+        rmw_events(op, 1, head, tail);
         if (tail) {
             sub_submit(op, BREQ_READ, 0, op->aend - a, a, op->buf + (op->aend - a - op->aoff));
             return;
@@ -321,6 +367,7 @@ static void step_write_rmw(struct align_op *op)
         op->stage++;
         /* fall through */
     case 2:
+        rmw_events(op, 2, head, tail);
         iov_to_buf(req, op->buf + (off - op->aoff));
         sub_submit(op, BREQ_WRITE, req->flags & BREQ_FUA, op->aoff, op->aend - op->aoff,
                    op->buf);
@@ -344,6 +391,7 @@ static void step_zero_rmw(struct align_op *op)
 
     switch (op->stage) {
     case 0:
+        rmw_events(op, 0, head, tail);
         if (head) {
             sub_submit(op, BREQ_READ, 0, op->aoff, a, hb);
             return;
@@ -351,6 +399,7 @@ static void step_zero_rmw(struct align_op *op)
         op->stage++;
         /* fall through */
     case 1:
+        rmw_events(op, 1, head, tail);
         if (tail) {
             sub_submit(op, BREQ_READ, 0, op->aend - a, a, tb);
             return;
@@ -358,6 +407,7 @@ static void step_zero_rmw(struct align_op *op)
         op->stage++;
         /* fall through */
     case 2:
+        rmw_events(op, 2, head, tail);
         if (head) {
             memset(hb + (off - op->aoff), 0, MIN(end, op->aoff + a) - off);
             sub_submit(op, BREQ_WRITE, fua, op->aoff, a, hb);

@@ -63,7 +63,8 @@ static const char *const event_names[] = {
 _Static_assert(BLKDBG_L1_UPDATE == 0 && BLKDBG_L2_LOAD == 4 && BLKDBG_READ_AIO == 9 &&
                BLKDBG_WRITE_AIO == 12 && BLKDBG_COW_READ == 16 && BLKDBG_REFBLOCK_LOAD == 21 &&
                BLKDBG_CLUSTER_ALLOC == 30 && BLKDBG_FLUSH_TO_OS == 33 &&
-               BLKDBG_PWRITEV == 39 && BLKDBG_PWRITEV_DONE == 41,
+               BLKDBG_PWRITEV == 39 && BLKDBG_PWRITEV_DONE == 41 &&
+               BLKDBG_L1_SHRINK_WRITE_TABLE == 43 && BLKDBG_CLUSTER_ALLOC_SPACE == 46,
                "event numbers as in event_names");
 
 enum io_type { IO_READ, IO_WRITE, IO_WRITE_ZEROES, IO_DISCARD, IO_FLUSH, IO_BLOCK_STATUS };
@@ -450,6 +451,17 @@ static void bd_finish_now(struct bd_req *d)
 {
     struct breq *r = d->parent;
     int ret = d->ret;
+    if (ret == 0 && (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES)) {
+        /* A write past the end (BREQ_BEYOND_EOF: qcow2 allocating) grew the
+         * image: this node's length follows it (QEMU's blkdebug has no
+         * length of its own), or the next request there would be refused
+         * as past the end. */
+        uint64_t fsz = __atomic_load_n(&d->bs->file->size, __ATOMIC_RELAXED);
+        uint64_t cur = __atomic_load_n(&d->bs->size, __ATOMIC_RELAXED);
+        while (fsz > cur && !__atomic_compare_exchange_n(&d->bs->size, &cur, fsz, true,
+                                                          __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            ;
+    }
     for (int i = 0; i < d->levels; i++)
         bd_debug_event(d->bs, BLKDBG_PWRITEV_DONE);
     free(d->iov);

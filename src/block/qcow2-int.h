@@ -306,7 +306,9 @@ int  qcow2_decompress(const struct qcow2_state *s, void *dst, size_t dst_len,
  * (open, close, truncate: control paths). */
 /* block_resize to a smaller size (coroutine); *file_end: where the last
  * referenced cluster ends. */
-int  qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end);
+int  qcow2_trim_stale_tail(struct qcow2_state *s);
+int  qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end,
+                     const char **what);
 /* Zeroes over [old, size) after a grow (coroutine). */
 int  qcow2_co_zero_grown(struct bnode *bs, struct qcow2_state *s, uint64_t old, uint64_t size);
 /* Cut an image file grown ahead back to what was written (close, shrink). */

@@ -713,6 +713,56 @@ void qcow2_trim_grown(struct qcow2_state *s)
     }
 }
 
+/*
+ * At a read-write open: a tail that grow_ahead() left behind a kill -9 is
+ * cut off.  It is recognised as ours, and so safe to cut, when it is no
+ * longer than one grow step, no cluster in it has a refcount, and the file
+ * holds no data there (a hole: what the sparse ftruncate made).  Anything
+ * else past the last referenced cluster is left as found.  The refcounts
+ * are the repaired ones if the image was dirty.
+ */
+int qcow2_trim_stale_tail(struct qcow2_state *s)
+{
+    struct bnode *f = s->bs->file;
+    if (s->data != f || f->read_only || strcmp(f->drv->name, "file"))
+        return 0;
+    uint64_t fsize = __atomic_load_n(&f->size, __ATOMIC_RELAXED);
+    uint64_t n = fsize >> s->cluster_bits;          /* whole clusters in the file */
+    uint64_t limit = (GROW_STEP + GROW_ALIGN) >> s->cluster_bits;
+    uint64_t end = 0;
+    bool found = false;
+    for (uint64_t i = n; i-- > 0 && n - i <= limit + 1;) {
+        uint64_t ref = 0;
+        int ret = qcow2_get_refcount(s, i, &ref);
+        if (ret < 0)
+            return ret;
+        if (ref) {
+            end = (i + 1) << s->cluster_bits;
+            found = true;
+            break;
+        }
+    }
+    if (!found || end >= fsize || fsize - end < GROW_ALIGN)
+        return 0;                /* nothing worth cutting, or not ours */
+    uint64_t pnum = 0;
+    unsigned flags = 0;
+    int depth = 0;
+    if (bnode_block_status(f, end, fsize - end, &pnum, &flags, &depth) < 0 ||
+        (flags & BS_DATA) || pnum < fsize - end)
+        return 0;                /* data there: not a tail we grew */
+    error *err = NULL;
+    if (f->drv->truncate(f, end, &err) < 0) {
+        log_warn("qcow2: node '%s': could not cut the unused tail of the file: %s",
+                 s->bs->node_name, err->msg);
+        error_free(err);
+        return 0;
+    }
+    __atomic_store_n(&f->size, end, __ATOMIC_RELAXED);
+    log_info("qcow2: node '%s': cut %" PRIu64 " unused bytes (grown ahead before a crash) "
+             "off the end of the file", s->bs->node_name, fsize - end);
+    return 0;
+}
+
 /* What a guest cluster holds now, for copy-on-write into a new cluster. */
 static int read_old(struct bnode *bs, struct qcow2_state *s, uint64_t guest, uint64_t len,
                     uint8_t *buf)
@@ -887,15 +937,20 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
     }
     /* Copy-on-write of what reads as zeros into clusters never written
      * (past everything the image ever used: the file reads zeros there)
-     * is skipped: only the guest's data is written. */
+     * is skipped: only the guest's data is written.  That is where QEMU's
+     * handle_alloc_space() zeroes the new clusters instead of copying
+     * (cluster_alloc_space). */
     if (fresh) {
         uint64_t bsize = bs->backing ? __atomic_load_n(&bs->backing->size, __ATOMIC_RELAXED) : 0;
         bool no_old = !host && !(e & QCOW2_OFLAG_COMPRESSED);
+        uint64_t hf = head_from, tt = tail_to;
         if (no_old && cl_start + head_from >= bsize)
             head_from = in_cl;
         /* the tail is in the last cluster: a plain unallocated one if ncl > 1 */
         if ((ncl > 1 || no_old) && cl_start + end_in >= bsize)
             tail_to = end_in;
+        if ((hf < in_cl || tt > end_in) && head_from == in_cl && tail_to == end_in)
+            bnode_debug_event(s->bs->file, BLKDBG_CLUSTER_ALLOC_SPACE);
     }
     ret = ext_data ? 0 : qcow2_overlap_check(s, 0, newh, run_bytes);
     if (ret < 0) {
@@ -1312,13 +1367,16 @@ int qcow2_co_zero_grown(struct bnode *bs, struct qcow2_state *s, uint64_t old, u
 /* ---- shrink (QEMU 7.2's qcow2_co_truncate, offset < old length) ---- */
 
 /*
- * The clusters past the new end are dropped as a full discard (freed, the
- * file told), L1 entries past the new L1 size are zeroed on disk and their
- * L2 tables freed (the header's L1 size stays, as QEMU leaves it), the new
- * size goes in the header; *file_end is where the last cluster still
+ * QEMU 7.2's order and messages: the clusters past the new end are dropped
+ * as a full discard (freed, the file told); L1 entries past the new L1
+ * size are zeroed on disk and their L2 tables freed (the header's L1 size
+ * stays, as QEMU leaves it); refcount blocks left counting nothing leave
+ * the table; the new size goes in the header last.  *what names the step
+ * that failed (QEMU's message); *file_end is where the last cluster still
  * referenced ends, for the caller to cut the file there.
  */
-int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end)
+int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint64_t *file_end,
+                    const char **what)
 {
     uint64_t cs = s->cluster_size, old = s->size;
     uint64_t a = (size + cs - 1) & ~(cs - 1);
@@ -1331,6 +1389,7 @@ int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint
     if (a < end)
         range_lock(s, &r, a, end - a);
     co_mutex_lock(&s->lock);
+    *what = "Failed to discard cropped clusters";
     if (a < end)
         ret = zero_clusters(bs, s, a, end - a, Z_FULL, false);
     if (ret == 0 && new_l1 < s->l1_size) {
@@ -1338,10 +1397,16 @@ int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint
         ret = qcow2_flush_metadata(s);
         uint64_t n = s->l1_size - new_l1;
         CLEANUP_FREE uint8_t *z = xzalloc(n * 8);
-        if (ret == 0)
+        if (ret == 0) {
+            /* QEMU's qcow2_shrink_l1_table */
+            *what = "Failed to reduce the number of L2 tables";
+            bnode_debug_event(s->bs->file, BLKDBG_L1_SHRINK_WRITE_TABLE);
             ret = bnode_co_pwrite(s->bs->file, s->l1_offset + new_l1 * 8, n * 8, z, 0);
+        }
         if (ret == 0)
             ret = bnode_co_flush(s->bs->file);
+        if (ret == 0)
+            bnode_debug_event(s->bs->file, BLKDBG_L1_SHRINK_FREE_L2_CLUSTERS);
         for (uint64_t i = s->l1_size; ret == 0 && i-- > new_l1;) {
             pthread_mutex_lock(&s->cache_lock);
             uint64_t l2 = s->l1[i] & QCOW2_L1E_OFFSET_MASK;
@@ -1351,16 +1416,21 @@ int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint
                 continue;
             qcache_drop(s, &s->l2c, l2, cs);
             qcow2_meta_del(s, l2, cs);
-            qcow2_free_deferred(s, l2, 1, QFREE_ALWAYS);
+            /* freed now, as QEMU's qcow2_free_clusters: the L1 entry is
+             * gone on disk and the range is locked, so nothing uses the
+             * table; the discard's own failure is ignored (it is advice) */
+            bnode_debug_event(s->bs->file, BLKDBG_CLUSTER_FREE);
+            ret = qcow2_update_refcount(s, l2, cs, -1);
+            uint64_t ref = 1;
+            if (ret == 0 && s->discard_passthrough[QFREE_ALWAYS] &&
+                qcow2_get_refcount(s, l2 >> s->cluster_bits, &ref) == 0 && ref == 0 &&
+                s->bs->file->discard)
+                bnode_co_pdiscard(s->bs->file, l2, cs);
         }
     }
     if (ret == 0) {
-        uint64_t v = htobe64(size);
-        ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, size), 8, &v, 0);
-    }
-    if (ret == 0) {
-        s->size = size;
         /* two rounds: the frees queued above are released once drained */
+        *what = "Failed to discard unused refblocks";
         ret = qcow2_flush_metadata(s);
         if (ret == 0)
             ret = qcow2_flush_metadata(s);
@@ -1371,6 +1441,7 @@ int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint
     }
     if (ret == 0) {
         /* QEMU's qcow2_get_last_cluster over the file as it is now */
+        *what = "Failed to find the last cluster";
         uint64_t n = qsize_to_clusters(s, s->bs->file->size);
         *file_end = 0;
         for (uint64_t i = n; i-- > 0;) {
@@ -1383,6 +1454,15 @@ int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint
                 break;
             }
         }
+    }
+    if (ret == 0) {
+        *what = "Failed to update the image size";
+        uint64_t v = htobe64(size);
+        ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, size), 8, &v, 0);
+        if (ret == 0)
+            ret = bnode_co_flush(s->bs->file);
+        if (ret == 0)
+            s->size = size;
     }
     co_mutex_unlock(&s->lock);
     if (a < end)

@@ -654,13 +654,14 @@ static int alloc_refblock(struct qcow2_state *s, uint64_t rt_i, uint64_t excl_st
 
 /* Add addend to the refcounts of clusters [ci, ci+n); excl_* = an
  * allocation in progress that new refcount blocks must avoid. */
-static int refcount_add(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t addend,
-                        uint64_t excl_start, uint64_t excl_n)
+static int refcount_add_n(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t addend,
+                          uint64_t excl_start, uint64_t excl_n, uint64_t *done)
 {
     uint64_t prev_rt = UINT64_MAX;
     for (uint64_t k = 0; k < n; k++) {
         uint64_t c = ci + k;
         int idx;
+        *done = k;
         if (c >> s->rb_bits != prev_rt) {
             /* QEMU's update_refcount: alloc_refcount_block for each block
              * it moves to, which loads the block if there is one */
@@ -712,7 +713,24 @@ static int refcount_add(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t 
         if (v == 0 && s->free_byte_offset && (s->free_byte_offset >> s->cluster_bits) == c)
             s->free_byte_offset = 0;     /* freed: may come back as anything */
     }
+    *done = n;
     return 0;
+}
+
+/* Add addend to the refcounts of clusters [ci, ci+n); excl_* = an
+ * allocation in progress that new refcount blocks must avoid.  On failure
+ * the clusters already changed are changed back (QEMU's update_refcount
+ * rolls back too), so a failed allocation leaks nothing. */
+static int refcount_add(struct qcow2_state *s, uint64_t ci, uint64_t n, int64_t addend,
+                        uint64_t excl_start, uint64_t excl_n)
+{
+    uint64_t done = 0;
+    int ret = refcount_add_n(s, ci, n, addend, excl_start, excl_n, &done);
+    if (ret < 0 && done) {
+        uint64_t undone = 0;
+        refcount_add_n(s, ci, done, -addend, 0, 0, &undone);
+    }
+    return ret;
 }
 
 int qcow2_update_refcount(struct qcow2_state *s, uint64_t offset, uint64_t length,
@@ -736,6 +754,8 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_sta
     uint64_t file_end = qsize_to_clusters(s, s->bs->file->size);
     uint64_t start = MAX(MAX(file_end, s->alloc_end), excl_start + excl_n);
     uint64_t tc, nb = 0;
+
+    bnode_debug_event(s->bs->file, BLKDBG_REFTABLE_GROW);   /* as alloc_refcount_block */
 
     for (;;) {
         new_size = MIN(new_size, max_entries);
@@ -771,17 +791,23 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_sta
             qcow2_refcount_set(blk, s->refcount_order, c & (s->rb_entries - 1), 1);
         j++;
     }
-    /* area clusters covered by existing blocks: count them there first */
-    for (uint64_t c = start; c < area_end; c++) {
-        uint64_t rt = c >> s->rb_bits;
+    /* area clusters covered by existing blocks: count them there first
+     * (and uncount them if the new table does not make it, as QEMU's
+     * qcow2_refcount_area frees them: no leak) */
+    uint64_t counted = start;
+    int ret = 0;
+    for (; counted < area_end; counted++) {
+        uint64_t rt = counted >> s->rb_bits;
         if (rt < s->reftable_size && s->reftable[rt]) {
-            int ret = refcount_add(s, c, 1, 1, start, area_end - start);
+            ret = refcount_add(s, counted, 1, 1, start, area_end - start);
             if (ret < 0)
-                return ret;
+                break;
         }
     }
-    bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS);
-    int ret = qcache_flush(s, &s->rbc);
+    if (ret == 0) {
+        bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS);
+        ret = qcache_flush(s, &s->rbc);
+    }
     if (ret == 0 && nb)
         ret = bnode_co_pwrite(s->bs->file, (start + tc) << s->cluster_bits, nb * cs, blocks,
                               BREQ_BEYOND_EOF);
@@ -794,17 +820,23 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need, uint64_t excl_sta
                               BREQ_BEYOND_EOF);
     if (ret == 0)
         ret = bnode_co_flush(s->bs->file);
-    if (ret < 0)
-        return ret;
     struct __attribute__((packed)) { uint64_t off; uint32_t clusters; } hdr = {
         htobe64(start << s->cluster_bits), htobe32((uint32_t)tc) };
-    bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE);
-    ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, refcount_table_offset),
-                          sizeof(hdr), &hdr, 0);
+    if (ret == 0) {
+        bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE);
+        ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, refcount_table_offset),
+                              sizeof(hdr), &hdr, 0);
+    }
     if (ret == 0)
         ret = bnode_co_flush(s->bs->file);
-    if (ret < 0)
+    if (ret < 0) {
+        for (uint64_t c = start; c < counted; c++) {
+            uint64_t rt = c >> s->rb_bits;
+            if (rt < s->reftable_size && s->reftable[rt])
+                refcount_add(s, c, 1, -1, 0, 0);
+        }
         return ret;
+    }
     for (uint64_t i = 0; i < tc * cs / 8; i++)
         table[i] = be64toh(table[i]);
     uint64_t old_off = s->reftable_offset, old_clusters = s->reftable_clusters;
@@ -872,6 +904,8 @@ int64_t qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size)
 {
     uint64_t off = s->free_byte_offset;
     int ret;
+
+    bnode_debug_event(s->bs->file, BLKDBG_CLUSTER_ALLOC_BYTES);
     if (off) {
         uint64_t ref = 0;
         ret = qcow2_get_refcount(s, off >> s->cluster_bits, &ref);

@@ -469,14 +469,18 @@ static int load_inactive_l2(struct qcow2_state *s, void *opaque)
  * the bitmaps (marked in use now, stored at close). */
 static int prepare_write(struct qcow2_state *s, void *opaque)
 {
+    int ret = qcow2_trim_stale_tail(s);
+    if (ret < 0)
+        return ret;
+    s->alloc_end = qsize_to_clusters(s, s->bs->file->size);
     if (s->version < 3)
         return 0;
     uint64_t keep = s->autoclear & (QCOW2_AUTOCLEAR_DATA_FILE_RAW | QCOW2_AUTOCLEAR_BITMAPS);
     if (keep == s->autoclear)
         return 0;
     uint64_t v = htobe64(keep);
-    int ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, autoclear_features),
-                              8, &v, 0);
+    ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, autoclear_features),
+                          8, &v, 0);
     if (ret == 0)
         ret = bnode_co_flush(s->bs->file);
     if (ret == 0)
@@ -1001,6 +1005,9 @@ static int do_grow(struct qcow2_state *s, void *opaque)
         }
         uint64_t bytes = need * 8;
         uint64_t ncl = qsize_to_clusters(s, bytes);
+        /* QEMU's qcow2_grow_l1_table: its events, and on failure the new
+         * table's clusters are freed again */
+        bnode_debug_event(s->bs->file, BLKDBG_L1_GROW_ALLOC_TABLE);
         int64_t off = qcow2_alloc_clusters(s, ncl);
         if (off < 0) {
             co_mutex_unlock(&s->lock);
@@ -1009,24 +1016,30 @@ static int do_grow(struct qcow2_state *s, void *opaque)
         }
         CLEANUP_FREE uint64_t *t = xcalloc(ncl << s->cluster_bits, 1);
         if (!t) {
+            qcow2_update_refcount(s, (uint64_t)off, ncl << s->cluster_bits, -1);
             co_mutex_unlock(&s->lock);
             return -ENOMEM;
         }
         for (uint32_t i = 0; i < s->l1_size; i++)
             t[i] = htobe64(s->l1[i]);
         ret = qcache_flush(s, &s->rbc);
-        if (ret == 0)
+        if (ret == 0) {
+            bnode_debug_event(s->bs->file, BLKDBG_L1_GROW_WRITE_TABLE);
             ret = bnode_co_pwrite(s->bs->file, off, ncl << s->cluster_bits, t, BREQ_BEYOND_EOF);
+        }
         if (ret == 0)
             ret = bnode_co_flush(s->bs->file);
         struct __attribute__((packed)) { uint32_t l1_size; uint64_t l1_off; } h = {
             htobe32((uint32_t)need), htobe64((uint64_t)off) };
-        if (ret == 0)
+        if (ret == 0) {
+            bnode_debug_event(s->bs->file, BLKDBG_L1_GROW_ACTIVATE_TABLE);
             ret = bnode_co_pwrite(s->bs->file, offsetof(struct qcow2_header, l1_size),
                                   sizeof(h), &h, 0);
+        }
         if (ret == 0)
             ret = bnode_co_flush(s->bs->file);
         if (ret < 0) {
+            qcow2_update_refcount(s, (uint64_t)off, ncl << s->cluster_bits, -1);
             co_mutex_unlock(&s->lock);
             error_setg_errno(r->errp, -ret, "Failed to grow the L1 table");
             return ret;
@@ -1059,12 +1072,13 @@ static int do_grow(struct qcow2_state *s, void *opaque)
 
 struct shrink {
     uint64_t size, file_end;
+    const char *what;
 };
 
 static int do_shrink(struct qcow2_state *s, void *opaque)
 {
     struct shrink *sh = opaque;
-    return qcow2_co_shrink(s->bs, s, sh->size, &sh->file_end);
+    return qcow2_co_shrink(s->bs, s, sh->size, &sh->file_end, &sh->what);
 }
 
 static int do_zero_grown(struct qcow2_state *s, void *opaque)
@@ -1089,7 +1103,7 @@ static int qcow2_truncate(struct bnode *bs, uint64_t size, error **errp)
         struct shrink sh = { .size = size };
         int ret = qcow2_run_sync(s, do_shrink, &sh);
         if (ret < 0) {
-            error_setg_errno(errp, -ret, "Failed to discard cropped clusters");
+            error_setg_errno(errp, -ret, "%s", sh.what);
             return ret;
         }
         /* As QEMU: the file loses its unused tail; failing that only warns. */

@@ -312,9 +312,10 @@ def test_o_direct_file_grown_ahead_and_cut_back(start_daemon, shm):
 
 def test_o_direct_file_grown_ahead_survives_kill(start_daemon, shm):
     """Killed while the file is grown ahead: the image is clean (the tail is
-    unreferenced zeros), flushed writes are there, and the next session
-    takes its new clusters from that tail (past the clusters in use it reads
-    as zeros) without growing the file again."""
+    unreferenced zeros: qemu-img check reports no leak), flushed writes are
+    there, and the next read-write open cuts that tail off (a hole of at
+    most one grow step past the last referenced cluster); its writes land
+    and the file is cut back to them at close."""
     img = os.path.join(shm, "k.qcow2")
     qemu_img("create", "-f", "qcow2", img, "1G")
     d, uri = serve(start_daemon, "bexd", img, shm, writable=True,
@@ -331,19 +332,45 @@ def test_o_direct_file_grown_ahead_survives_kill(start_daemon, shm):
     for i in range(50):
         out = qemu_io(img, "read -P %d %d 4096" % (i + 1, i * 7 * MiB))
         assert "verification failed" not in out.lower(), out
+    end = written_end(img)
     d, uri = serve(start_daemon, "bexd", img, shm, writable=True,
                    node_extra=",cache.direct=on")
+    assert os.path.getsize(img) == end           # the stale tail is gone
     h = nbd.NBD()
     h.connect_uri(uri)
     for i in range(50):
         h.pwrite(bytes([i + 100]) * 4096, i * 7 * MiB + 3 * MiB)
     h.shutdown()
     d.stop()
-    assert os.path.getsize(img) == killed        # its clusters came from the tail
+    # cut back within the last cluster (a fresh cluster's write skips its
+    # zeros past the end of the file)
+    assert end < written_end(img) - 65536 < os.path.getsize(img) <= written_end(img)
     assert_clean(img)
     for i in range(50):
         out = qemu_io(img, "read -P %d %d 4096" % (i + 100, i * 7 * MiB + 3 * MiB))
         assert "verification failed" not in out.lower(), out
+
+
+@pytest.mark.parametrize("tail", ["data", "long-hole"])
+def test_unreferenced_tail_not_ours_is_kept(start_daemon, shm, tail):
+    """Only a tail bexd could have grown is cut at open: one holding data,
+    or a hole longer than one grow step, stays as it was."""
+    img = os.path.join(shm, "t.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "64M")
+    qemu_io(img, "write -P 7 1M 64k")
+    size = os.path.getsize(img)
+    with open(img, "r+b") as f:
+        if tail == "data":
+            f.seek(size)
+            f.write(b"\x5a" * (2 * MiB))
+        else:
+            f.truncate(size + 256 * MiB)
+    before = os.path.getsize(img)
+    d, uri = serve(start_daemon, "bexd", img, shm, writable=True)
+    assert os.path.getsize(img) == before
+    d.stop()
+    res = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
 
 
 def test_flush_persists_metadata_for_a_second_reader(start_daemon, shm):
