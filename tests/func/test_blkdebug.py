@@ -591,3 +591,28 @@ def test_pwritev_rmw_events(setup, event, op, off, length, err, read_fails):
     h.pwrite(b"x" * 4096, 1 * MiB)
     assert h.pread(4096, 1 * MiB) == b"x" * 4096
     h.shutdown()
+
+
+# Compressed writes (a backup with compress=true into qcow2): QEMU raises
+# cluster_alloc_bytes as it allocates the bytes, write_compressed before
+# the data and l2_update_compressed before the L2 entry.  A rule on one
+# fails the backup with EIO in both daemons; the target stays consistent.
+
+@pytest.mark.parametrize("event", ["cluster_alloc_bytes", "write_compressed",
+                                   "l2_update_compressed"])
+def test_compressed_write_events_fail_the_backup(setup, tmpdir_short, event):
+    tgt = os.path.join(tmpdir_short, "t.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, "4M"], check=True)
+    setup.add("src", setup.image())
+    setup.add("t", {"driver": "qcow2", "file": {
+        "driver": "blkdebug", "image": {"driver": "file", "filename": tgt},
+        "inject-error": [{"event": event, "errno": errno.EIO, "once": True}]}})
+    setup.qmp.execute("blockdev-backup", **{"job-id": "j", "device": "src", "target": "t",
+                                            "sync": "full", "compress": True})
+    e = setup.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert e["data"].get("error") == "Input/output error", e
+    assert e["data"]["offset"] < 4 * MiB
+    setup.qmp.execute("blockdev-del", **{"node-name": "t"})
+    assert setup.daemon.alive()
+    res = subprocess.run(["qemu-img", "check", tgt], capture_output=True, text=True)
+    assert res.returncode == 0 and "No errors were found" in res.stdout, res.stdout

@@ -76,11 +76,11 @@ def test_guest_read_only(impl, start_daemon, image, tmpdir_short):
     assert rep["head_sha256"] == image_sha(img, 0, 1 << 20)
 
 
-def test_guest_reconnect(start_daemon, image, tmpdir_short):
+def test_guest_reconnect(impl, start_daemon, image, tmpdir_short):
     """Two guests one after the other on the same export: the first
     front-end disconnects, the export listens again without being
     recreated, and the second sees the first one's data."""
-    d, sock, img = start(start_daemon, image, tmpdir_short, "bexd", ",num-queues=2")
+    d, sock, img = start(start_daemon, image, tmpdir_short, impl, ",num-queues=2")
     q = d.qmp()
     rep1 = guest.run_guest(sock, "rw", queues=2, off=0, mb=1)
     check_pass(rep1)
@@ -101,15 +101,17 @@ def test_guest_too_many_queues(impl, start_daemon, image, tmpdir_short):
     check_pass(guest.run_guest(sock, "info", queues=1))
 
 
-def test_guest_io_through_export_churn_and_a_killed_front_end(start_daemon, image, tmpdir_short):
+def test_guest_io_through_export_churn_and_a_killed_front_end(impl, start_daemon, image,
+                                                             tmpdir_short):
     """Reliability with a real front-end (the long version runs in
     tests/soak/soak.py --guest): while QMP adds and removes other nodes
     and vhost-user-blk exports in a loop, a guest streaming I/O is killed
     with SIGKILL mid-stream; the export takes the next guest, whose
     pattern is written, read back and found in the image; the daemon
-    stays up with its export, and the churn never failed."""
+    stays up with its export, and the churn never failed.  The same
+    against qemu-storage-daemon."""
     import threading
-    d, sock, img = start(start_daemon, image, tmpdir_short, "bexd", ",num-queues=2")
+    d, sock, img = start(start_daemon, image, tmpdir_short, impl, ",num-queues=2")
     q = d.qmp()                         # one monitor: the churn thread's until it ends
     churn_q = q
     stop, churned, errors = threading.Event(), [0], []
