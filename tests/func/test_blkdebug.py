@@ -447,8 +447,9 @@ def test_qcow2_metadata_event_fails_the_request(setup, tmpdir_short, event, scen
     bd = {"driver": "blkdebug", "image": {"driver": "file", "filename": img},
           "inject-error": [{"event": event, "errno": errno.EIO, "once": True}]}
     if scenario == "shrink":
-        # QEMU defaults a format's inline file child to discard=unmap;
-        # bexd does not: say it, so that freed L2 tables are discarded in both
+        # a format's inline file child defaults to discard=unmap in both
+        # daemons; the row depends on it (freed L2 tables are discarded), so
+        # it is said here
         bd["discard"] = "unmap"
     setup.add("top", {"driver": "qcow2", "file": bd})
     setup.export("top")
