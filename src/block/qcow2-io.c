@@ -1416,16 +1416,18 @@ int qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uint
                 continue;
             qcache_drop(s, &s->l2c, l2, cs);
             qcow2_meta_del(s, l2, cs);
-            /* freed now, as QEMU's qcow2_free_clusters: the L1 entry is
-             * gone on disk and the range is locked, so nothing uses the
-             * table; the discard's own failure is ignored (it is advice) */
-            bnode_debug_event(s->bs->file, BLKDBG_CLUSTER_FREE);
-            ret = qcow2_update_refcount(s, l2, cs, -1);
-            uint64_t ref = 1;
-            if (ret == 0 && s->discard_passthrough[QFREE_ALWAYS] &&
-                qcow2_get_refcount(s, l2 >> s->cluster_bits, &ref) == 0 && ref == 0 &&
-                s->bs->file->discard)
+            /* Discarded now, as QEMU's qcow2_free_clusters discards it (the
+             * L1 entry is gone on disk, so nothing on disk uses the table;
+             * the discard's failure is ignored: it is advice).  The cluster
+             * itself is freed once the lockless block-status readers that
+             * may still hold its old L1 entry have drained: such a reader
+             * sees zeros (unallocated), never a reused cluster.  A table
+             * a snapshot shares (refcount > 1) stays, as in QEMU. */
+            uint64_t ref = 0;
+            if (s->discard_passthrough[QFREE_ALWAYS] && s->bs->file->discard &&
+                qcow2_get_refcount(s, l2 >> s->cluster_bits, &ref) == 0 && ref == 1)
                 bnode_co_pdiscard(s->bs->file, l2, cs);
+            qcow2_free_deferred(s, l2, 1, QFREE_ALWAYS);
         }
     }
     if (ret == 0) {
