@@ -17,12 +17,18 @@ socket; fio's nbd engine is the client):
             BLOCK_JOB_COMPLETED (no client round trips: the daemon's own
             copy speed).
   backup    incremental backup of the image with 10% of it dirty (random
-            64 KiB clusters written after a bitmap was added): the time
-            from the freeze (transaction: new bitmap, blockdev-backup
-            sync=none with a filter) to the copy done, the copy being a
-            libnbd client that reads the dirty extents of
+            data in random 64 KiB clusters written after a bitmap was
+            added): the time from the freeze (transaction: new bitmap,
+            blockdev-backup sync=none with a filter) to the copy done, the
+            copy being a libnbd client that reads the dirty extents of
             qemu:dirty-bitmap:NAME from the snapshot-access export into a
-            file, one read at a time (pull mode, as docs/backup.md shows).
+            file, as a backup client does it: --depth reads in flight
+            (default 16; aio_pread, runs of dirty clusters split at 1 MiB),
+            each written to the copy as it completes (pull mode, as
+            docs/backup.md shows).  The client process is started, its
+            buffers made, before the freeze and connects when the export
+            exists; its own CPU time is reported beside the row (a client
+            near its wall time would be the limit, not the server).
 
 Configurations are interleaved (bexd, qsd, bexd, qsd ...) and repeated;
 the median of the repeats is reported, with the ratio bexd/qsd.  The
@@ -168,8 +174,16 @@ def row_cbw(srv, args):
 
 
 BACKUP_CLIENT = r"""
-import nbd, sys
-uri, ctx, out = sys.argv[1], sys.argv[2], sys.argv[3]
+import nbd, os, resource, sys, time
+uri, ctx, out, depth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+CHUNK = 1 << 20                   # largest read: a run of dirty clusters is split
+# buffers made (and their pages touched) before the start
+free = [memoryview(bytearray(CHUNK)) for _ in range(depth)]
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+sys.stdin.readline()              # the export exists: go
+t0 = time.monotonic()
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
 h = nbd.NBD()
 h.add_meta_context(ctx)
 h.set_opt_mode(False)
@@ -190,28 +204,58 @@ while off < size:
         off = p
         return 0
     h.block_status(min(size - off, 1 << 30), off, cb)
-fd = open(out, "r+b")
+reqs = []
 for o, l in dirty:
     while l:
-        n = min(l, 4 << 20)
-        fd.seek(o)
-        fd.write(h.pread(n, o))
+        n = min(l, CHUNK)
+        reqs.append((o, n))
         o += n
         l -= n
-fd.close()
-print(sum(l for _, l in dirty))
+reqs.reverse()
+fd = os.open(out, os.O_WRONLY)
+failed = []
+
+
+def done(buf, o, n, err):
+    if err.value:
+        failed.append((o, err.value))
+    else:
+        os.pwrite(fd, buf[:n], o)
+    free.append(buf)
+    return 1                      # retire the command
+
+
+inflight = 0
+while reqs or h.aio_in_flight():
+    while reqs and free:
+        o, n = reqs.pop()
+        buf = free.pop()
+        h.aio_pread(nbd.Buffer.from_buffer(buf[:n]), o,
+                    lambda err, buf=buf, o=o, n=n: done(buf, o, n, err))
+    h.poll(-1)
+os.close(fd)
+if failed:
+    sys.exit("read failed: %r" % failed[:3])
+h.shutdown()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(sum(l for _, l in dirty), time.monotonic() - t0,
+      ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime)
 """
 
 
 BACKUP_CPU = {}         # (row, impl) -> [server CPU seconds of the backup]
+CLIENT_CPU = {}         # impl -> [the pull client's CPU seconds (usr + sys)]
+CLIENT_WALL = {}        # impl -> [the pull client's seconds from "go" to done]
+FREEZE_S = {}           # impl -> [seconds of the QMP part: freeze, node, export]
 
 
 def dirty_tenth(srv):
     """Write 10% of the image's 64 KiB clusters (spread out) through an
-    export; returns how many."""
+    export, with random data (a zero cluster would read back as a hole: a
+    cheaper reply than real data); returns how many."""
     nclusters = srv.size // 65536
     script = ("import nbd, random\nh = nbd.NBD()\nh.connect_uri(%r)\n"
-              "r = random.Random(3)\nbuf = bytes(65536)\n"
+              "r = random.Random(3)\nbuf = r.randbytes(65536)\n"
               "for c in r.sample(range(%d), %d):\n    h.pwrite(buf, c * 65536)\n"
               % (srv.uri("w"), nclusters, nclusters // 10))
     subprocess.run(["/usr/bin/python3", "-c", script], check=True)
@@ -261,7 +305,13 @@ def row_backup(srv, args):
               writable=True)
     srv.size = args.size
     nclusters = dirty_tenth(srv) * 10
+    # the client is started (interpreter, libnbd loaded) before the freeze
+    # and connects when told: its start-up is not the server's time
+    client = subprocess.Popen([os.environ.get("PULL_PY", "/usr/bin/python3"), "-c", BACKUP_CLIENT, srv.uri("s"),
+                               "qemu:dirty-bitmap:b0", copy, str(args.depth)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert client.stdout.readline() == "ready\n"
         cpu0 = proc_cpu(srv.pid)
         t0 = time.monotonic()
         q.execute("transaction", actions=[
@@ -273,13 +323,22 @@ def row_backup(srv, args):
         q.execute("blockdev-add", driver="snapshot-access", node_name="snap", file="cbw0")
         q.execute("block-export-add", type="nbd", id="s", node_name="snap", name="s",
                   bitmaps=[{"node": "disk", "name": "b0"}])
-        r = subprocess.run(["/usr/bin/python3", "-c", BACKUP_CLIENT, srv.uri("s"),
-                            "qemu:dirty-bitmap:b0", copy], check=True, stdout=subprocess.PIPE)
+        FREEZE_S.setdefault(srv.impl, []).append(time.monotonic() - t0)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out = client.stdout.read()
+        assert client.wait() == 0, client.returncode
         dt = time.monotonic() - t0
         BACKUP_CPU.setdefault(("backup", srv.impl), []).append(proc_cpu(srv.pid) - cpu0)
-        assert int(r.stdout) == nclusters // 10 * 65536, r.stdout
+        copied, client_s, client_cpu = out.split()
+        CLIENT_WALL.setdefault(srv.impl, []).append(float(client_s))
+        CLIENT_CPU.setdefault(srv.impl, []).append(float(client_cpu))
+        assert int(copied) == nclusters // 10 * 65536, out
         return dt
     finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
         srv.stop()
         os.unlink(tmp)
         os.unlink(copy)
@@ -291,6 +350,8 @@ def main(argv):
     p.add_argument("-r", "--repeat", type=int, default=3, help="repeats of each row")
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (1024)")
     p.add_argument("-w", "--rows", default="bitmaps,cbw,push,backup")
+    p.add_argument("-d", "--depth", type=int, default=16,
+                   help="reads the pull client keeps in flight (16)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.size *= MiB
@@ -350,6 +411,14 @@ def main(argv):
                 print("  %-10s bexd %7.2f   qsd %7.2f" % (
                     r, statistics.median(BACKUP_CPU.get((r, "bexd"), [0])),
                     statistics.median(BACKUP_CPU.get((r, "qsd"), [0]))))
+    if CLIENT_CPU:
+        print("pull (depth %d), median: QMP s (freeze, node, export); client CPU s / wall s "
+              "from connect to done" % args.depth)
+        for impl in ("bexd", "qsd"):
+            if impl in CLIENT_CPU:
+                print("  %-10s %.2f; %.2f / %.2f" % (impl, statistics.median(FREEZE_S[impl]),
+                                                   statistics.median(CLIENT_CPU[impl]),
+                                                   statistics.median(CLIENT_WALL[impl])))
     if SERVER_BUSY:
         print("busy, fraction of one core (median): server / fio client")
         for r in ("bitmaps0", "bitmaps2", "cbw"):
@@ -374,7 +443,9 @@ def main(argv):
                        "cpu_us_per_write": {"%s/%s" % k: v for k, v in CPU_PER_WRITE.items()},
                        "server_busy": {"%s/%s" % k: v for k, v in SERVER_BUSY.items()},
                        "client_busy": {"%s/%s" % k: v for k, v in CLIENT_BUSY.items()},
-                       "backup_cpu_s": {"%s/%s" % k: v for k, v in BACKUP_CPU.items()}},
+                       "backup_cpu_s": {"%s/%s" % k: v for k, v in BACKUP_CPU.items()},
+                       "pull_qmp_s": FREEZE_S, "pull_client_cpu_s": CLIENT_CPU, "pull_client_wall_s": CLIENT_WALL,
+                       "pull_depth": args.depth},
                       f, indent=1)
 
 

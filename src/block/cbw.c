@@ -504,7 +504,8 @@ static void intercept_submit(struct bnode_intercept *ic, struct bnode *bs, struc
 
 /* ---- the snapshot view ---- */
 
-int cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *buf)
+int cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *buf,
+                         unsigned flags)
 {
     char *p = buf;
 
@@ -531,7 +532,7 @@ int cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *b
         }
         pthread_mutex_unlock(&s->lock);
         uint64_t n = MIN(bytes, (run_end << s->shift) - offset);
-        int ret = bnode_co_pread(from, offset, n, p, 0);
+        int ret = bnode_co_pread(from, offset, n, p, flags);
         if (reading) {
             pthread_mutex_lock(&s->lock);
             range_finish(s, reading, 0);

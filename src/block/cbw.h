@@ -26,7 +26,9 @@ struct dirty_bitmap;
 struct cbw *cbw_of(struct bnode *bs);
 
 /* ---- the snapshot view (snapshot-access), in a coroutine ---- */
-int  cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *buf);
+/* flags: the reader's BREQ_COPY_INLINE, passed to the reads it makes */
+int  cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *buf,
+                          unsigned flags);
 int  cbw_co_snapshot_discard(struct cbw *s, uint64_t offset, uint64_t bytes);
 /* Status of the first extent of [offset, offset+bytes) in the snapshot. */
 int  cbw_snapshot_block_status(struct cbw *s, uint64_t offset, uint64_t bytes,

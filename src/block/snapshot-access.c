@@ -31,15 +31,19 @@ static void read_co(void *opaque)
     struct sa_req *r = opaque;
     struct breq *req = r->req;
     struct cbw *s = cbw_of(r->bs->file);
+    /* a reader that copies in its own loop (an NBD client on a worker
+     * loop) has that done for the reads of the snapshot too: handing each
+     * cluster run to the copy pool cost more thread switches than copying */
+    unsigned flags = req->flags & BREQ_COPY_INLINE;
     int ret;
 
     if (!s) {
         ret = -ENOTSUP;
     } else if (req->iovcnt == 1) {
-        ret = cbw_co_snapshot_read(s, r->offset, req->len, req->iov[0].iov_base);
+        ret = cbw_co_snapshot_read(s, r->offset, req->len, req->iov[0].iov_base, flags);
     } else {
         char *buf = xmalloc(req->len);
-        ret = cbw_co_snapshot_read(s, r->offset, req->len, buf);
+        ret = cbw_co_snapshot_read(s, r->offset, req->len, buf, flags);
         for (int i = 0, at = 0; ret == 0 && i < req->iovcnt; at += req->iov[i].iov_len, i++)
             memcpy(req->iov[i].iov_base, buf + at, req->iov[i].iov_len);
         free(buf);
