@@ -307,7 +307,7 @@ def row_backup(srv, args):
     nclusters = dirty_tenth(srv) * 10
     # the client is started (interpreter, libnbd loaded) before the freeze
     # and connects when told: its start-up is not the server's time
-    client = subprocess.Popen([os.environ.get("PULL_PY", "/usr/bin/python3"), "-c", BACKUP_CLIENT, srv.uri("s"),
+    client = subprocess.Popen(["/usr/bin/python3", "-c", BACKUP_CLIENT, srv.uri("s"),
                                "qemu:dirty-bitmap:b0", copy, str(args.depth)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

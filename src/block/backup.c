@@ -13,8 +13,10 @@
  * starts.  Its work, a coroutine in the main loop, waits for that point,
  * then (except for sync=none, which only waits for its cancel while guest
  * writes copy old data) copies every cluster the filter still needs in
- * pieces, rate-limited by the speed, with pause points between pieces.
- * Guest writes copy what they overwrite first; each cluster is copied once.
+ * pieces, rate-limited by the speed, with pause points between pieces; a
+ * piece's copies run on while the next piece starts, at most x-perf
+ * max-workers of them (backup_copy).  Guest writes copy what they
+ * overwrite first; each cluster is copied once.
  *
  * Both paths run with every bitmap frozen (dirty_bitmaps_freeze_all), as a
  * transaction's actions do, so bitmap actions of the same transaction and
@@ -42,7 +44,7 @@
 #include "util/opts.h"
 #include "util/xalloc.h"
 
-#define BACKUP_PIECE      (16u << 20)   /* bytes copied between pause points */
+#define BACKUP_PIECE      (16u << 20)   /* address space started between pause points */
 #define BACKUP_PIECE_SLOW (1u << 20)    /* ... under a speed limit */
 
 enum sync_mode { SYNC_TOP, SYNC_FULL, SYNC_NONE, SYNC_INCREMENTAL, SYNC_BITMAP };
@@ -61,6 +63,7 @@ struct backup_job {
     enum block_on_error on_source_error, on_target_error;
     uint64_t len;
     uint64_t max_chunk;              /* x-perf max-chunk, 0 = none */
+    unsigned max_workers;            /* x-perf max-workers: copies side by side */
     bool inserted;                   /* the filter is above the source */
     bool frozen;                     /* ... and the point in time is set */
     struct coroutine *freeze_waiter;
@@ -154,6 +157,91 @@ static int backup_skip_unallocated(struct backup_job *s)
     return 0;
 }
 
+/* The error action for a failed copy: < 0 to end the job with it, else go
+ * on (after a pause for "stop"). */
+static int backup_copy_failed(struct backup_job *s, int ret, bool is_read)
+{
+    struct job *job = &s->common.job;
+    enum block_error_action a = block_job_error_action(
+        &s->common, is_read ? s->on_source_error : s->on_target_error, is_read, -ret);
+    if (a == ERROR_ACTION_REPORT)
+        return ret;
+    if (a == ERROR_ACTION_STOP)
+        job_co_pause_point(job);     /* then try again */
+    else
+        job_co_sleep(job, 0);
+    return 0;
+}
+
+/* Copy what the filter still needs: pieces of address space, each started
+ * as copies that run side by side, at most max-workers of them (QEMU's
+ * block-copy call); the next piece starts while they run.  The copies are
+ * waited for before a pause, a rate-limit sleep, the end and an error
+ * action, so that a paused or finished job has nothing in flight.  Once
+ * the end is reached, what is still needed (a copy that failed and was
+ * ignored, or clusters a guest write was copying) is copied piece by piece,
+ * waiting for copies under way there. */
+static int backup_copy(struct backup_job *s, struct cbw_call *call)
+{
+    struct job *job = &s->common.job;
+    bool leftovers = false;
+    uint64_t off = 0;
+
+    for (;;) {
+        bool is_read = false;
+        int ret;
+        if (job_is_cancelled(job))
+            return 0;
+        off = cbw_next_need(s->cbw, off);
+        if (off >= s->len) {
+            ret = cbw_co_call_drain(s->cbw, call, &is_read);
+            if (ret < 0) {
+                if ((ret = backup_copy_failed(s, ret, is_read)) < 0)
+                    return ret;
+                off = 0;
+                continue;
+            }
+            if (!cbw_need_bytes(s->cbw))
+                return 0;
+            off = 0;
+            leftovers = true;
+            job_co_sleep(job, 0);
+            continue;
+        }
+        uint64_t delay = block_job_ratelimit(&s->common, 0);
+        if (delay) {                 /* still over the limit (woken early: a pause...) */
+            if ((ret = cbw_co_call_drain(s->cbw, call, &is_read)) == 0) {
+                job_co_sleep(job, delay);
+                continue;
+            }
+        } else {
+            uint64_t piece = s->common.speed ? BACKUP_PIECE_SLOW : BACKUP_PIECE;
+            piece = MIN(piece, s->len - off);
+            if (leftovers)
+                ret = cbw_co_copy(s->cbw, off, piece, &is_read);
+            else
+                ret = cbw_co_copy_async(s->cbw, call, off, piece, &is_read);
+            if (ret == 0) {
+                off += piece;
+                delay = block_job_ratelimit(&s->common, piece);
+                if (delay || job->pause_count > 0)
+                    ret = cbw_co_call_drain(s->cbw, call, &is_read);
+                if (ret == 0) {
+                    if (delay)
+                        job_co_sleep(job, delay);
+                    else
+                        job_co_pause_point(job);
+                    continue;
+                }
+            }
+        }
+        /* a copy failed (every copy of the call has ended) */
+        if ((ret = backup_copy_failed(s, ret, is_read)) < 0)
+            return ret;
+        off = 0;                     /* what failed is still needed: found again */
+    }
+}
+
 static int backup_co_run(struct job *job, error **errp)
 {
     struct backup_job *s = (struct backup_job *)job;
@@ -176,47 +264,10 @@ static int backup_co_run(struct job *job, error **errp)
         return 0;
     }
 
-    uint64_t off = 0;
-    for (;;) {
-        if (job_is_cancelled(job))
-            return 0;
-        off = cbw_next_need(s->cbw, off);
-        if (off >= s->len) {
-            if (!cbw_need_bytes(s->cbw))
-                return 0;
-            off = 0;                 /* clusters left behind by an ignored error */
-            job_co_sleep(job, 0);
-            continue;
-        }
-        uint64_t delay = block_job_ratelimit(&s->common, 0);
-        if (delay) {                 /* still over the limit (woken early: a pause...) */
-            job_co_sleep(job, delay);
-            continue;
-        }
-        uint64_t piece = s->common.speed ? BACKUP_PIECE_SLOW : BACKUP_PIECE;
-        if (s->max_chunk && s->max_chunk < piece)
-            piece = s->max_chunk;
-        piece = MIN(piece, s->len - off);
-        bool is_read = false;
-        int ret = cbw_co_copy(s->cbw, off, piece, &is_read);
-        if (ret < 0) {
-            enum block_error_action a = block_job_error_action(
-                &s->common, is_read ? s->on_source_error : s->on_target_error, is_read, -ret);
-            if (a == ERROR_ACTION_REPORT)
-                return ret;
-            if (a == ERROR_ACTION_STOP)
-                job_co_pause_point(job);     /* then try again */
-            else
-                job_co_sleep(job, 0);
-            continue;
-        }
-        off += piece;
-        delay = block_job_ratelimit(&s->common, piece);
-        if (delay)
-            job_co_sleep(job, delay);
-        else
-            job_co_pause_point(job);
-    }
+    struct cbw_call *call = cbw_call_new(s->cbw, s->max_workers, s->max_chunk);
+    int ret = backup_copy(s, call);
+    cbw_call_free(s->cbw, call);     /* waits for the copies still running */
+    return ret;
 }
 
 static void backup_run(struct job *job)
@@ -411,6 +462,7 @@ static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error *
     s->on_target_error = block_on_error_parse(opt_str(a, "on-target-error", NULL));
     s->len = bs->size;
     s->max_chunk = (uint64_t)max_chunk;
+    s->max_workers = (unsigned)workers;
     block_job_add_node(&s->common, filter);
     block_job_add_node(&s->common, target);
     if (sync == SYNC_BITMAP)

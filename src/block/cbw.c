@@ -40,7 +40,8 @@
 
 #define CBW_CLUSTER      65536u       /* QEMU's block-copy cluster for raw targets */
 #define CBW_MAX_COPY     (16u * CBW_CLUSTER)   /* one copier's run (at least a cluster) */
-#define CBW_SPARE_BUFS   8            /* copy buffers kept for the next copies */
+#define CBW_SPARE_BUFS   64           /* copy buffers kept for the next copies: one per */
+#define CBW_SPARE_BYTES  (8u << 20)   /* ... job worker (max-workers default), 8 MiB at most */
 
 enum on_cbw_error { BREAK_GUEST_WRITE, BREAK_SNAPSHOT };
 
@@ -83,6 +84,7 @@ struct cbw {
     uint64_t max_run;             /* clusters per copier run */
     void *spare[CBW_SPARE_BUFS];
     uint64_t spare_size[CBW_SPARE_BUFS];
+    uint64_t spare_bytes;
     int nspare;
     /* progress of a job */
     void (*progress)(void *opaque, uint64_t bytes);
@@ -209,20 +211,24 @@ static uint64_t copy_extent(struct cbw *s, uint64_t off, uint64_t end, bool *zer
     return MIN(pnum, end - off);
 }
 
-/* A buffer of at least len bytes (*size: how many). */
+/* A buffer of at least len bytes (*size: how many): the smallest spare
+ * that fits, else a new one. */
 static void *buf_get(struct cbw *s, uint64_t len, uint64_t *size)
 {
     void *b = NULL;
+    int best = -1;
     pthread_mutex_lock(&s->lock);
     for (int i = 0; i < s->nspare; i++)
-        if (s->spare_size[i] >= len) {
-            b = s->spare[i];
-            *size = s->spare_size[i];
-            s->nspare--;
-            s->spare[i] = s->spare[s->nspare];
-            s->spare_size[i] = s->spare_size[s->nspare];
-            break;
-        }
+        if (s->spare_size[i] >= len && (best < 0 || s->spare_size[i] < s->spare_size[best]))
+            best = i;
+    if (best >= 0) {
+        b = s->spare[best];
+        *size = s->spare_size[best];
+        s->spare_bytes -= *size;
+        s->nspare--;
+        s->spare[best] = s->spare[s->nspare];
+        s->spare_size[best] = s->spare_size[s->nspare];
+    }
     pthread_mutex_unlock(&s->lock);
     if (!b) {
         b = xmalloc(len);
@@ -231,21 +237,25 @@ static void *buf_get(struct cbw *s, uint64_t len, uint64_t *size)
     return b;
 }
 
-/* Keep b for another copy, in place of a smaller spare if need be. */
+/* Keep b for another copy (within CBW_SPARE_BUFS and CBW_SPARE_BYTES), in
+ * place of a smaller spare if need be. */
 static void buf_put(struct cbw *s, void *b, uint64_t size)
 {
     pthread_mutex_lock(&s->lock);
-    if (s->nspare < CBW_SPARE_BUFS) {
+    if (s->nspare < CBW_SPARE_BUFS && s->spare_bytes + size <= CBW_SPARE_BYTES) {
         s->spare[s->nspare] = b;
         s->spare_size[s->nspare++] = size;
+        s->spare_bytes += size;
         b = NULL;
-    } else {
+    } else if (s->nspare) {
         int small = 0;
         for (int i = 1; i < s->nspare; i++)
             if (s->spare_size[i] < s->spare_size[small])
                 small = i;
-        if (s->spare_size[small] < size) {
+        if (s->spare_size[small] < size &&
+            s->spare_bytes - s->spare_size[small] + size <= CBW_SPARE_BYTES) {
             void *old = s->spare[small];
+            s->spare_bytes += size - s->spare_size[small];
             s->spare[small] = b;
             s->spare_size[small] = size;
             b = old;
@@ -312,11 +322,12 @@ static void copier_co(void *opaque)
     cbw_unref(s);
 }
 
-/* With the lock: claim the first run of needed clusters in [first, end)
- * that nobody is copying; *cp is its copier, to start once the lock is
- * released.  false if every needed cluster there is being copied already
- * (or none is needed). */
-static bool claim(struct cbw *s, uint64_t first, uint64_t end, struct copier **cp)
+/* With the lock: claim the first run (at most max_run clusters) of needed
+ * clusters in [first, end) that nobody is copying; *cp is its copier, to
+ * start once the lock is released.  false if every needed cluster there is
+ * being copied already (or none is needed). */
+static bool claim(struct cbw *s, uint64_t first, uint64_t end, uint64_t max_run,
+                  struct copier **cp)
 {
     uint64_t c = pbitmap_next_set(s->need, first, end);
     while (c < end) {
@@ -327,7 +338,7 @@ static bool claim(struct cbw *s, uint64_t first, uint64_t end, struct copier **c
     }
     if (c >= end)
         return false;
-    uint64_t z = pbitmap_next_clear(s->need, c, MIN(end, c + s->max_run));
+    uint64_t z = pbitmap_next_clear(s->need, c, MIN(end, c + max_run));
     for (struct cbw_range *o = s->ranges; o; o = o->next)   /* stop before the next copy */
         if (!o->read && o->first > c && o->first < z)
             z = o->first;
@@ -372,7 +383,7 @@ static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64
             }
         if (s->snapshot_error)
             break;                /* broken snapshot: nothing to protect */
-        if (claim(s, first, end, &cp)) {
+        if (claim(s, first, end, s->max_run, &cp)) {
             if (nmine == cap) {
                 cap = cap ? 2 * cap : 8;
                 mine = xrealloc(mine, cap * sizeof(*mine));
@@ -657,6 +668,120 @@ int cbw_co_copy(struct cbw *s, uint64_t offset, uint64_t bytes, bool *error_is_r
     if (error_is_read)
         *error_is_read = read_failed;
     return ret;
+}
+
+/* ---- a backup job's copies, at most max_workers at a time ---- */
+
+struct cbw_call {
+    struct cbw_range **r;         /* started, not yet reaped (each holds a ref) */
+    size_t n, cap;
+    size_t max_workers;
+    uint64_t max_run;             /* clusters per copy (max-chunk) */
+    int ret;                      /* the first error of a reaped copy */
+    bool read_failed;
+};
+
+struct cbw_call *cbw_call_new(struct cbw *s, unsigned max_workers, uint64_t max_chunk)
+{
+    struct cbw_call *call = xzalloc(sizeof(*call));
+    call->max_workers = MAX(1u, max_workers);
+    call->max_run = s->max_run;
+    if (max_chunk)
+        call->max_run = MAX(1, MIN(call->max_run, max_chunk >> s->shift));
+    return call;
+}
+
+/* With the lock: drop the call's finished copies, keeping the first error. */
+static void call_reap(struct cbw_call *call)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < call->n; i++) {
+        struct cbw_range *r = call->r[i];
+        if (!r->finished) {
+            call->r[k++] = r;
+            continue;
+        }
+        if (r->ret < 0 && call->ret == 0) {
+            call->ret = r->ret;
+            call->read_failed = r->read_failed;
+        }
+        range_put(r);
+    }
+    call->n = k;
+}
+
+/* With the lock: wait for every copy of the call; its first error (and
+ * then the call starts afresh). */
+static int call_drain_locked(struct cbw *s, struct cbw_call *call, bool *read_failed)
+{
+    for (;;) {
+        call_reap(call);
+        if (!call->n)
+            break;
+        co_queue_wait(&s->changed, &s->lock);
+    }
+    int ret = call->ret;
+    if (read_failed)
+        *read_failed = ret < 0 && call->read_failed;
+    call->ret = 0;
+    call->read_failed = false;
+    return ret;
+}
+
+int cbw_co_call_drain(struct cbw *s, struct cbw_call *call, bool *error_is_read)
+{
+    pthread_mutex_lock(&s->lock);
+    int ret = call_drain_locked(s, call, error_is_read);
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+int cbw_co_copy_async(struct cbw *s, struct cbw_call *call, uint64_t offset, uint64_t bytes,
+                      bool *error_is_read)
+{
+    uint64_t first, end;
+    int ret = 0;
+
+    clusters_of(s, offset, bytes, &first, &end);
+    if (error_is_read)
+        *error_is_read = false;
+    pthread_mutex_lock(&s->lock);
+    while (first < end && !s->snapshot_error) {
+        struct copier *cp;
+        call_reap(call);
+        if (call->ret < 0)
+            break;                /* a copy failed: stop, report it below */
+        if (call->n >= call->max_workers) {
+            co_queue_wait(&s->changed, &s->lock);
+            continue;
+        }
+        /* clusters someone else copies are theirs: not waited for here */
+        if (!claim(s, first, end, call->max_run, &cp))
+            break;
+        first = cp->r->first + cp->r->n;
+        if (call->n == call->cap) {
+            call->cap = call->cap ? 2 * call->cap : 16;
+            call->r = xrealloc(call->r, call->cap * sizeof(*call->r));
+        }
+        cp->r->refs++;
+        call->r[call->n++] = cp->r;
+        pthread_mutex_unlock(&s->lock);
+        co_enter(co_create(copier_co, cp));
+        pthread_mutex_lock(&s->lock);
+    }
+    if (call->ret < 0)            /* nothing of the call outlives its error */
+        ret = call_drain_locked(s, call, error_is_read);
+    pthread_mutex_unlock(&s->lock);
+    return ret;
+}
+
+void cbw_call_free(struct cbw *s, struct cbw_call *call)
+{
+    if (!call)
+        return;
+    cbw_co_call_drain(s, call, NULL);
+    free(call->r);
+    free(call);
 }
 
 void cbw_set_compress(struct cbw *s, bool compress)

@@ -45,6 +45,21 @@ uint64_t cbw_need_bytes(struct cbw *s);
  * waiting for copies already under way there.  0 or -errno (*error_is_read:
  * the source failed, else the target). */
 int  cbw_co_copy(struct cbw *s, uint64_t offset, uint64_t bytes, bool *error_is_read);
+/* A job's copies running side by side (QEMU's block-copy call with
+ * x-perf max-workers and max-chunk): cbw_co_copy_async() starts copies of
+ * what [offset, offset+bytes) still needs, at most max_workers of the call
+ * at a time (it waits for one to end when at the cap), each at most
+ * max_chunk bytes (0: no limit but the engine's own run), and returns
+ * without waiting for them; clusters being copied by others (a guest
+ * write's copy) are left to them.  An error of any copy of the call is
+ * returned by the next cbw_co_copy_async() or cbw_co_call_drain(), after
+ * the call's other copies ended.  In a coroutine; cbw_call_free() drains. */
+struct cbw_call;
+struct cbw_call *cbw_call_new(struct cbw *s, unsigned max_workers, uint64_t max_chunk);
+int  cbw_co_copy_async(struct cbw *s, struct cbw_call *call, uint64_t offset, uint64_t bytes,
+                       bool *error_is_read);
+int  cbw_co_call_drain(struct cbw *s, struct cbw_call *call, bool *error_is_read);
+void cbw_call_free(struct cbw *s, struct cbw_call *call);
 /* The first byte offset >= offset that still needs a copy, or the size. */
 uint64_t cbw_next_need(struct cbw *s, uint64_t offset);
 /* Data reaches the target as compressed writes (BREQ_WRITE_COMPRESSED;

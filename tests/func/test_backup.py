@@ -808,6 +808,63 @@ def test_source_read_error(impl, start_daemon, tmpdir_short, policy):
         assert img_compare(img, tgt).returncode == 0
 
 
+def x_perf_daemon(impl, start_daemon, tmpdir, size, fail_at=None):
+    """A random source (1 MiB of data every 2 MiB) and a raw target whose
+    writes covering byte fail_at fail with EIO (blkdebug)."""
+    img = os.path.join(tmpdir, "src.img")
+    tgt = os.path.join(tmpdir, "tgt.img")
+    write_random(img, size, 21)
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    target = {"driver": "raw", "node-name": "tgt",
+              "file": {"driver": "file", "filename": tgt}}
+    if fail_at is not None:
+        target["file"] = {"driver": "blkdebug", "image": target["file"],
+                          "inject-error": [{"event": "write_aio", "errno": 5,
+                                            "sector": fail_at // 512}]}
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=src,filename=%s" % img,
+                     "--blockdev", json.dumps(target))
+    return d.qmp(), img, tgt
+
+
+@pytest.mark.parametrize("chunk", [None, 65536])
+def test_x_perf_one_worker_copies_in_order(impl, start_daemon, tmpdir_short, chunk):
+    """x-perf max-workers=1: one copy at a time, in order, so a target write
+    failing at 4 MiB + 68 KiB ends the job with exactly what precedes its
+    copy copied: the whole 1 MiB data extent at 4 MiB is one copy, or with
+    max-chunk=64 KiB one cluster is.  (With more workers the copies after
+    it run too and the offset is larger.)"""
+    size = 8 * MiB
+    qmp, img, tgt = x_perf_daemon(impl, start_daemon, tmpdir_short, size,
+                                  fail_at=4 * MiB + 68 * 1024)
+    perf = {"max-workers": 1}
+    if chunk:
+        perf["max-chunk"] = chunk
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full",
+                x_perf=perf)
+    ev = drain_events(qmp, "JOB_STATUS_CHANGE", "r", "null")
+    [done] = [e["data"] for e in ev if e["event"] == "BLOCK_JOB_COMPLETED"]
+    assert done["error"] == "Input/output error"
+    assert (done["offset"], done["len"]) == (4 * MiB + (chunk or 0), size)
+    with open(img, "rb") as a, open(tgt, "rb") as b:
+        assert a.read(done["offset"]) == b.read(done["offset"])
+
+
+@pytest.mark.parametrize("perf", [{"max-workers": 3, "max-chunk": 131072},
+                                  {"max-workers": 64}, {"use-copy-range": False}])
+def test_x_perf_backup_is_whole(impl, start_daemon, tmpdir_short, perf):
+    """Any x-perf setting gives the same backup, with the progress whole."""
+    size = 8 * MiB
+    qmp, img, tgt = x_perf_daemon(impl, start_daemon, tmpdir_short, size)
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full",
+                x_perf=perf)
+    ev = drain_events(qmp, "JOB_STATUS_CHANGE", "r", "null")
+    [done] = [e["data"] for e in ev if e["event"] == "BLOCK_JOB_COMPLETED"]
+    assert "error" not in done and done["offset"] == done["len"] == size
+    qmp.execute("blockdev-del", node_name="tgt")
+    assert img_compare(img, tgt).returncode == 0
+
+
 # ---- what the target receives: zero writes for zeros, compressed clusters ----
 
 K64 = 64 * 1024
@@ -1105,3 +1162,4 @@ def test_compressed_clusters_rewritten_and_discarded(impl, start_daemon, tmpdir_
         f.write(want)
     r = img_compare(ref, tgt, "qcow2")
     assert r.returncode == 0, r.stdout
+
