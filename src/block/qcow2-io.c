@@ -32,7 +32,9 @@
 #include <zstd.h>
 #endif
 #include "block/qcow2-int.h"
+#include "util/aio.h"
 #include "util/cleanup.h"
+#include "util/coroutine.h"
 #include "util/xalloc.h"
 #include "util/loop.h"
 #include "util/log.h"
@@ -1131,6 +1133,62 @@ out:
     return ret;
 }
 
+/* Compression in a worker of the CPU pool (QEMU's qcow2_co_compress uses
+ * its thread pool too): deflate or zstd of a 64 KiB cluster takes about a
+ * millisecond, which the loop running the coroutine would otherwise spend
+ * away from every other request it serves.  The coroutine yields until
+ * the worker is done; outside a loop it compresses in place. */
+struct compress_call {
+    struct aio_req aio;
+    const struct qcow2_state *s;
+    void *dst;
+    size_t dst_len;
+    const void *src;
+    size_t src_len;
+    struct coroutine *co;
+    int64_t res;
+    bool done, waiting;
+};
+
+static int64_t compress_fn(struct aio_req *a)
+{
+    struct compress_call *c = container_of(a, struct compress_call, aio);
+    return qcow2_compress(c->s, c->dst, c->dst_len, c->src, c->src_len);
+}
+
+static void compress_done(struct aio_req *a, int64_t res)
+{
+    struct compress_call *c = container_of(a, struct compress_call, aio);
+    c->res = res;
+    c->done = true;
+    if (!c->waiting)
+        return;
+    if (co_in_coroutine())
+        co_wake(c->co);
+    else
+        co_enter(c->co);
+}
+
+static ssize_t co_compress(const struct qcow2_state *s, void *dst, size_t dst_len,
+                           const void *src, size_t src_len)
+{
+    struct loop *l = loop_current();
+    if (!l || !co_in_coroutine())
+        return qcow2_compress(s, dst, dst_len, src, src_len);
+    struct compress_call c = {
+        .aio = { .op = AIO_OP_CALL, .fd = -1, .flags = AIO_NO_INLINE | AIO_CPU_BOUND,
+                 .fn = compress_fn, .done = compress_done },
+        .s = s, .dst = dst, .dst_len = dst_len, .src = src, .src_len = src_len,
+        .co = co_self(),
+    };
+    aio_submit(l, AIO_THREADS, &c.aio);
+    if (!c.done) {
+        c.waiting = true;
+        co_yield();
+    }
+    return (ssize_t)c.res;
+}
+
 /* Whole clusters (the last one may end at the end of the image), each
  * compressed, or written as it is if it does not compress. */
 static int co_write_compressed(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
@@ -1149,7 +1207,7 @@ static int co_write_compressed(struct bnode *bs, struct qcow2_state *s, uint64_t
         uint64_t n = MIN(cs, bytes - done);
         iov_xfer(iov, cnt, done, buf, n, false);
         memset(buf + n, 0, cs - n);      /* the image's short last cluster */
-        ssize_t len = qcow2_compress(s, out, cs - 1, buf, cs);
+        ssize_t len = co_compress(s, out, cs - 1, buf, cs);
         if (len == -ENOMEM) {            /* does not compress: a normal cluster */
             struct iovec one = { buf, n };
             ret = co_write(bs, s, offset + done, n, &one, 1, 0);

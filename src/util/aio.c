@@ -89,6 +89,8 @@ static int64_t do_sync(struct aio_req *r, int rwflags)
     case AIO_OP_FALLOCATE:
         n = fallocate(r->fd, r->mode, r->offset, r->len);
         break;
+    case AIO_OP_CALL:
+        return r->fn(r);
     default:
         return -EINVAL;
     }
@@ -299,6 +301,8 @@ static bool ring_submit(struct aio_engine *e, struct aio_req *r)
 {
     int fidx;
 
+    if (r->op == AIO_OP_CALL)
+        return false;               /* work for a thread */
     struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
     if (!sqe) {
         engine_flush(e);
@@ -326,6 +330,8 @@ static bool ring_submit(struct aio_engine *e, struct aio_req *r)
         break;
     case AIO_OP_FALLOCATE:
         io_uring_prep_fallocate(sqe, r->fd, r->mode, r->offset, r->len);
+        break;
+    case AIO_OP_CALL:               /* refused above */
         break;
     }
     io_uring_sqe_set_data(sqe, r);

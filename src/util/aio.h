@@ -24,6 +24,9 @@ enum aio_op {
     AIO_OP_WRITE,      /* pwritev */
     AIO_OP_FSYNC,      /* fdatasync */
     AIO_OP_FALLOCATE,  /* fallocate(fd, mode, offset, len) */
+    AIO_OP_CALL,       /* res = fn(req) in a pool worker (never inline, never a ring):
+                          CPU work kept off the loop; with AIO_CPU_BOUND in the pool
+                          sized to the CPUs */
 };
 
 #define AIO_NO_INLINE   1u   /* never try inline (O_DIRECT: "non-blocking" still waits for the device) */
@@ -63,6 +66,7 @@ struct aio_req {
     /* res: bytes transferred (READ/WRITE) or 0, or -errno. */
     void (*done)(struct aio_req *req, int64_t res);
     struct aio_fixed *fixed;     /* READ/WRITE, optional: a buffer holding iov[0] */
+    int64_t (*fn)(struct aio_req *req);   /* CALL: the work (its result is res) */
     /* private */
     struct aio_req *next;
     struct loop *loop;
