@@ -7,9 +7,11 @@
  * the node, one of its parents or one of its children, as QEMU moves the
  * whole connected graph.  QEMU's checks and words: a node used directly
  * by an export needs force=true; an export with fixed-iothread refuses.
- * An export moves when its type allows it (all three do; an export whose
- * iothread is a list does not: see docs/operations.md); otherwise the
- * command fails and nothing moved.  The reply comes once the export is
+ * An export moves when its type allows it (all three do); otherwise the
+ * command fails and nothing moved.  An export whose iothread is a list
+ * stays where it is, as QEMU 10.1's multi-threaded exports do: its threads
+ * were chosen for it and are not the node's (QEMU moves the node's
+ * context and leaves the export's queues in theirs).  The reply comes once the export is
  * the new loop's: new clients start there.  Clients and queues already
  * running follow asynchronously, each quiesced first (requests in flight
  * complete in the old loop, none is lost or answered twice), usually
@@ -66,15 +68,10 @@ static json_t *qmp_x_blockdev_set_iothread(json_t *args, error **errp)
     }
     /* Check every export first: all move or none does. */
     for (struct export *e = export_first(); e; e = e->next) {
-        if (!affected(e, bs) || (e->iothread == iot && !e->n_loops))
+        if (!affected(e, bs) || e->n_loops || e->iothread == iot)
             continue;
         if (e->fixed_iothread) {
             error_setg(errp, "Cannot change iothread of active block backend");
-            return NULL;
-        }
-        if (e->n_loops) {
-            error_setg(errp, "Cannot move export '%s': it runs in several iothreads "
-                       "(its iothread is a list)", e->id);
             return NULL;
         }
         if (e->shutting_down || !e->type->can_move) {
@@ -86,7 +83,7 @@ static json_t *qmp_x_blockdev_set_iothread(json_t *args, error **errp)
             return NULL;
     }
     for (struct export *e = export_first(); e; e = e->next) {
-        if (!affected(e, bs) || e->iothread == iot)
+        if (!affected(e, bs) || e->n_loops || e->iothread == iot)
             continue;
         if (e->iothread)
             object_unref(&e->iothread->obj);

@@ -94,11 +94,11 @@ static struct iothread **multi_iothreads(const struct export_type *type, json_t 
         return NULL;
     }
     if (opt_bool(opts, "fixed-iothread", false)) {
-        error_setg(errp, "fixed-iothread cannot be used with multiple iothreads");
+        error_setg(errp, "Cannot use fixed-iothread for a multi-threaded export");
         return NULL;
     }
     if (!len) {
-        error_setg(errp, "The set of iothreads must not be empty");
+        error_setg(errp, "The set of I/O threads must not be empty");
         return NULL;
     }
     v = xcalloc(len, sizeof(*v));

@@ -188,11 +188,19 @@ def test_nbd_moves_between_requests(impl, start_daemon, image, tmpdir_short):
         h.connect_unix(sock)
         hs.append(h)
     for k, t in enumerate(["io1", None, "io0", "io1", "io0", None, "io1", None]):
-        assert move(q, "r" if k % 3 else "f", t) == {}
-        for i, h in enumerate(hs):
-            data = bytes([k * 2 + i + 1]) * BLK
-            h.pwrite(data, i * MiB + k * BLK)
-            assert h.pread(BLK, i * MiB + k * BLK) == data
+        try:
+            assert move(q, "r" if k % 3 else "f", t) == {}
+            for i, h in enumerate(hs):
+                data = bytes([k * 2 + i + 1]) * BLK
+                h.pwrite(data, i * MiB + k * BLK)
+                assert h.pread(BLK, i * MiB + k * BLK) == data
+        except (ConnectionResetError, BrokenPipeError, nbd.Error):
+            if impl != "qsd" or d.wait_exit() != -signal.SIGABRT:
+                raise
+            # qsd 7.2 aborts in some runs here although the clients are idle
+            # while it moves (seen once in a full run of this file)
+            d.expect_exit(-signal.SIGABRT)
+            pytest.xfail("qemu-storage-daemon 7.2 aborted on x-blockdev-set-iothread")
     for h in hs:
         h.flush()
         h.shutdown()
@@ -367,10 +375,11 @@ def test_moving_refusals(impl, start_daemon, image, tmpdir_short):
         stop_clean(d)
 
 
-def test_multi_iothread_export_refused(start_daemon, image, tmpdir_short):
-    """An export whose iothread is a list (QEMU 10.1's form, bexd's
-    extension to 7.2) does not move: which of its iothreads would the new
-    one replace?  Refused, with clients connected, nothing changed."""
+def test_multi_iothread_export_stays(start_daemon, image, tmpdir_short):
+    """An export whose iothread is a list (QEMU 10.1's multi-threaded form,
+    bexd's extension to 7.2) keeps its iothreads when its node moves, as
+    QEMU 10.1's multi-threaded exports do: the command succeeds, clients go
+    on, and the export still holds io0 (object-del refuses it)."""
     d, img, sock = nbd_daemon("bexd", start_daemon, image, tmpdir_short, iothread=None)
     q = d.qmp()
     q.execute("block-export-del", id="e")
@@ -378,12 +387,14 @@ def test_multi_iothread_export_refused(start_daemon, image, tmpdir_short):
     q.execute("block-export-add", type="nbd", id="e", node_name="r", name="d",
               writable=True, iothread=["io0", "io1"])
     with Verifier(sock, "d", nclients=2) as v:
-        for t in ("io1", None):
-            with pytest.raises(QMPError) as e:
-                move(q, "r", t)
-            assert (e.value.cls, e.value.desc) == (
-                "GenericError", "Cannot move export 'e': it runs in several iothreads "
-                "(its iothread is a list)")
+        for t in ("io1", None, "io0", None):
+            assert move(q, "r", t) == {}
+            before = list(v.ops)
+            while min(a - b for a, b in zip(v.ops, before)) < 5 and not v.errors:
+                threading.Event().wait(0.01)
+        e = q.error("object-del", id="io0")
+        assert (e["class"], e["desc"]) == ("GenericError",
+                                           "object 'io0' is in use, can not be deleted")
     assert v.errors == []
     v.close()
     v.check_file(img)

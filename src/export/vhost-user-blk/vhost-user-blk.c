@@ -44,7 +44,7 @@
  * may have queued requests meanwhile; their kicks are still pending on the
  * eventfds).  The main thread posts nothing else to it during a move: a
  * shutdown or a resize notice waits for the move's end.  An export on
- * several iothreads is never moved (the registry refuses).
+ * several iothreads is never moved (it stays in them, as in QEMU 10.1).
  */
 #include <errno.h>
 #include <fcntl.h>
