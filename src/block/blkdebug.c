@@ -753,40 +753,15 @@ static bool bd_can_discard(struct bnode *bs)
     return bs->file->drv->can_discard && bs->file->drv->can_discard(bs->file);
 }
 
-/* query-named-block-nodes: QEMU's filename for a blkdebug node without
- * rules or limits is "blkdebug:CONFIG:IMAGE"; with them, a json: name. */
-static void bd_query_info(struct bnode *bs, json_t *info)
-{
-    const char *keys_plain[] = { "driver", "image", "config", "node-name", "discard", "cache",
-                                 "read-only", "auto-read-only", "force-share",
-                                 "detect-zeroes", NULL };
-    const char *k;
-    json_t *v;
-    json_t *image = json_object_get(info, "image");
-    const char *leaf = json_string_value(json_object_get(image, "filename"));
-    bool plain = true;
-    json_object_foreach(bs->options, k, v)
-        if (!key_in(keys_plain, k))
-            plain = false;
-    char *name;
-    if (plain) {
-        struct bd_state *s = bs->opaque;
-        name = xasprintf("blkdebug:%s:%s", s->config ? s->config : "", leaf ? leaf : "");
-    } else {
-        json_t *o = json_deep_copy(bs->options);
-        json_object_del(o, "node-name");
-        char *dump = json_dumps(o, JSON_COMPACT);
-        name = xasprintf("json:%s", dump);
-        free(dump);
-        json_decref(o);
-    }
-    json_object_set_new(info, "file", json_string(name));
-    json_object_set_new(image, "filename", json_string(name));
-    json_object_set_new(image, "format", json_string("blkdebug"));
-    free(name);
-}
+static const char *const bd_strong_opts[] = {
+    "config", "inject-error.", "set-state.", "align", "max-transfer", "opt-write-zero",
+    "max-write-zero", "opt-discard", "max-discard", NULL
+};
 
 static const struct bdrv bdrv_blkdebug = {
+    .is_protocol = true,
+    .strong_opts = bd_strong_opts,
+    .filename_rule = FNAME_BLKDEBUG,
     .name = "blkdebug",
     .is_filter = true,
     .child_key = "image",
@@ -798,7 +773,6 @@ static const struct bdrv bdrv_blkdebug = {
     .child_resized = bd_child_resized,
     .child_perm = bd_child_perm,
     .debug_event = bd_debug_event,
-    .query_info = bd_query_info,
     .can_write_zeroes_fast = bd_can_zero_fast,
     .can_discard = bd_can_discard,
 };

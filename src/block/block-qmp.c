@@ -5,6 +5,7 @@
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
 #include "qmp/qmp.h"
+#include "util/cleanup.h"
 #include "util/opts.h"
 
 
@@ -22,8 +23,7 @@ QMP_COMMAND("blockdev-del", qmp_blockdev_del)
 
 static json_t *node_info(struct bnode *bs)
 {
-    char buf[64];
-    const char *filename = bnode_leaf_filename(bs, buf, sizeof(buf));
+    CLEANUP_FREE char *filename = bnode_filename(bs);
     int64_t allocated = bnode_leaf_allocated(bs);
     json_int_t actual = allocated > 0 ? allocated : 0;
     static const char *const dz[] = { "off", "on", "unmap" };

@@ -114,6 +114,7 @@ static void bnode_close(struct bnode *bs)
         bnode_unref(bs->backing);
     json_decref(bs->options);
     bstats_free(bs->stats);
+    free(bs->auto_backing_file);
     free(bs->node_name);
     free(bs);
 }
@@ -288,6 +289,7 @@ fail:
     dirty_bitmaps_release_all(bs);
     bstats_free(bs->stats);
     json_decref(bs->options);
+    free(bs->auto_backing_file);
     free(bs->node_name);
     free(bs);
     return NULL;

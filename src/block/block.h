@@ -180,6 +180,10 @@ struct bnode {
     /* ... likewise cache.direct / cache.no-flush (INHERITED_*) and discard */
     unsigned cache_inherited;
     bool discard_inherited;
+    /* The backing file the image header names, or that backing node's
+     * file name when bexd opened it from the header (QEMU's
+     * auto_backing_file); NULL = none.  Set by the driver at open. */
+    char *auto_backing_file;
 };
 #define INHERITED_DIRECT   1u
 #define INHERITED_NO_FLUSH 2u
@@ -208,10 +212,25 @@ struct bnode_intercept {
                    uint64_t offset);
 };
 
+/* How a driver names its nodes beyond the generic rule (filename.c). */
+enum fname_rule {
+    FNAME_DEFAULT,      /* "filename" option, or the primary child's exact name */
+    FNAME_NULL,         /* null-co: "null-co://" without strong options */
+    FNAME_BLKDEBUG,     /* "blkdebug:CONFIG:IMAGE" without rules or limits */
+    FNAME_FILE_CHILD,   /* the file child's name (copy-before-write, snapshot-access) */
+};
+
 struct bdrv {
     const char *name;                   /* "file", "raw", ... */
     bool is_format;                     /* sits on a "file" child */
     bool is_filter;
+    /* File names (filename.c, QEMU's bdrv_refresh_filename): a protocol
+     * driver (QEMU's bdrv_file_open), the options that change the data
+     * (strong runtime options; a name ending in '.' is a prefix), and the
+     * driver's own naming rule. */
+    bool is_protocol;
+    const char *const *strong_opts;
+    enum fname_rule filename_rule;
     bool compressed_writes;             /* takes BREQ_WRITE_COMPRESSED */
     const char *child_key;              /* the option naming that child; NULL = "file" */
     /* Open: opts is the validated blockdev-add object.  Set bs->size. */
@@ -510,5 +529,9 @@ const char *bnode_leaf_path(struct bnode *bs);
  * which an export of ours may have been mounted over), or -errno /
  * -ENOTSUP when the leaf is not a file.  Any thread. */
 int64_t bnode_leaf_allocated(struct bnode *bs);
+/* QEMU's bs->filename after bdrv_refresh_filename: the exact file name, or
+ * "json:{...}" of the options that make the node (filename.c).  Main
+ * thread; caller frees. */
+char *bnode_filename(struct bnode *bs);
 /* What QEMU reports as bs->filename: the leaf's path, or "DRIVER://". */
 const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len);

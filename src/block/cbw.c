@@ -930,6 +930,7 @@ static void cbw_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
 }
 
 static const struct bdrv bdrv_cbw = {
+    .filename_rule = FNAME_FILE_CHILD,
     .name = "copy-before-write",
     .is_filter = true,
     .open = cbw_open,

@@ -1019,6 +1019,7 @@ const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len)
 /* "file" and "host_device" differ only in what they accept to open. */
 #define FILE_DRIVER(drv_name, open_fn) {              \
     .name = drv_name,                                 \
+    .is_protocol = true,                              \
     .open = open_fn,                                  \
     .close = file_close,                              \
     .submit = file_submit,                            \

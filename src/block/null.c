@@ -86,7 +86,12 @@ static void null_query_info(struct bnode *bs, json_t *info)
 /* Nothing of its own changes (QEMU's null_reopen_prepare). */
 static int null_reopen_prepare(struct reopen_state *rs, error **errp) { return 0; }
 
+static const char *const null_strong_opts[] = { "size", "read-zeroes", NULL };
+
 static const struct bdrv bdrv_null_co = {
+    .is_protocol = true,
+    .strong_opts = null_strong_opts,
+    .filename_rule = FNAME_NULL,
     .name = "null-co",
     .open = null_open,
     .close = null_close,

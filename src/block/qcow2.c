@@ -699,6 +699,8 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
 {
     struct bnode *bs = s->bs;
     json_t *ref = json_object_get(opts, "backing");
+    free(bs->auto_backing_file);
+    bs->auto_backing_file = s->backing_file ? xstrdup(s->backing_file) : NULL;
     if (json_is_null(ref))
         return 0;
     if (!ref && !s->backing_file)
@@ -767,6 +769,11 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
     if (!s->backing_link)
         return -EINVAL;
     bs->backing = b;
+    if (made) {
+        /* opened from the header: that is the backing file (QEMU) */
+        free(bs->auto_backing_file);
+        bs->auto_backing_file = bnode_filename(b);
+    }
     if (chain_depth(bs) > MAX_BACKING_DEPTH) {
         error_setg(errp, "Backing chain of '%s' is deeper than %d images", bs->node_name,
                    MAX_BACKING_DEPTH);
@@ -1177,11 +1184,10 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
             json_object_set_new(image, "backing-filename-format", json_string(s->backing_fmt));
     }
     if (bs->backing) {
-        const char *bf = s->backing_file;
-        CLEANUP_FREE char *full_bf = bf ? resolve_backing(bs, bf) : NULL;
         json_object_set_new(info, "backing_file_depth", json_integer(chain_depth(bs)));
-        if (bf)
-            json_object_set_new(info, "backing_file", json_string(full_bf));
+        /* QEMU: the backing node's file name, whatever the header says */
+        CLEANUP_FREE char *bf = bnode_filename(bs->backing);
+        json_object_set_new(info, "backing_file", json_string(bf));
     }
 }
 
@@ -1359,7 +1365,10 @@ static uint32_t qcow2_cluster_size(struct bnode *bs)
     return (uint32_t)s->cluster_size;
 }
 
+static const char *const qcow2_strong_opts[] = { "encrypt.", NULL };
+
 static const struct bdrv bdrv_qcow2 = {
+    .strong_opts = qcow2_strong_opts,
     .name = "qcow2",
     .is_format = true,
     .compressed_writes = true,

@@ -161,7 +161,10 @@ static bool raw_can_zero_fast(struct bnode *bs) { return bnode_can_write_zeroes_
 static bool raw_can_discard(struct bnode *bs) { return bs->file->drv->can_discard &&
                                                        bs->file->drv->can_discard(bs->file); }
 
+static const char *const raw_strong_opts[] = { "offset", "size", NULL };
+
 static const struct bdrv bdrv_raw = {
+    .strong_opts = raw_strong_opts,
     .name = "raw",
     .is_format = true,
     .open = raw_open,

@@ -761,36 +761,26 @@ static int rbd_flush_sync(struct bnode *bs)
 
 static bool rbd_true(struct bnode *bs) { return true; }
 
-/* QEMU names an rbd node by its options ("json:{...}") and reports the
- * object size as the cluster size. */
+/* QEMU reports the object size as the cluster size (the node's json:
+ * name comes from filename.c: rbd is a protocol without a "filename"). */
 static void rbd_query_info(struct bnode *bs, json_t *info)
 {
     struct rbd_state *s = bs->opaque;
-    json_t *desc = json_object();
-    static const char *const keys[] = { "pool", "namespace", "image", "snapshot", "conf",
-                                        "user", "server", "driver" };
-    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
-        json_t *v = json_object_get(bs->options, keys[i]);
-        if (v)
-            json_object_set(desc, keys[i], v);
-    }
-    char *dumped = json_dumps(desc, JSON_PRESERVE_ORDER);
-    if (!dumped)
-        xalloc_die();
-    char *name = xasprintf("json:%s", dumped);
     json_t *image = json_object_get(info, "image");
-    json_object_set_new(info, "file", json_string(name));
-    json_object_set_new(image, "filename", json_string(name));
     json_object_del(image, "actual-size");
     json_object_set_new(image, "cluster-size", json_integer(s->object_size));
     json_object_set_new(image, "format-specific",
                         json_pack("{s:s, s:{}}", "type", "rbd", "data"));
-    free(dumped);
-    free(name);
-    json_decref(desc);
 }
 
+static const char *const rbd_strong_opts[] = {
+    "pool", "namespace", "image", "conf", "snapshot", "user", "server.", "password-secret",
+    NULL
+};
+
 static const struct bdrv bdrv_rbd = {
+    .is_protocol = true,
+    .strong_opts = rbd_strong_opts,
     .query_info = rbd_query_info,
     .name = "rbd",
     .open = rbd_open_node,

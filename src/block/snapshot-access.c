@@ -97,6 +97,7 @@ static int sa_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 }
 
 static const struct bdrv bdrv_snapshot_access = {
+    .filename_rule = FNAME_FILE_CHILD,
     .name = "snapshot-access",
     .is_filter = true,
     .open = sa_open,

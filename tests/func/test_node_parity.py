@@ -226,3 +226,96 @@ def test_fuse_mounted_over_its_own_image(impl, start_daemon, tmpdir_short):
         m.wait_event("BLOCK_EXPORT_DELETED")
     with open(path, "rb") as f:
         assert f.read(4100) == b"T" * 4096 + b"SSSS"
+
+
+def qcow2_image(path, backing=None):
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing:
+        cmd += ["-b", backing, "-F", "qcow2"]
+    subprocess.run(cmd + [path, "1M"], check=True)
+    return path
+
+
+def test_file_names_as_qemu(impl, start_daemon, tmpdir_short):
+    """query-named-block-nodes' "file" and image "filename": the plain file
+    name where it opens the same data, else QEMU's json: name (its key
+    order, separators and rules for each driver)."""
+    t = tmpdir_short
+    r, r2 = os.path.join(t, "r.img"), os.path.join(t, "r2.img")
+    for p in (r, r2):
+        with open(p, "wb") as f:
+            f.truncate(1 << 20)
+    base = qcow2_image(os.path.join(t, "base.qcow2"))
+    top = qcow2_image(os.path.join(t, "top.qcow2"), backing=base)
+    plain = qcow2_image(os.path.join(t, "plain.qcow2"))
+    m = start_daemon(impl).qmp()
+
+    def add(**o):
+        m.execute("blockdev-add", **o)
+
+    add(driver="file", node_name="f0", filename=r)
+    add(driver="file", node_name="f1", filename=r, locking="off", aio="threads",
+        discard="unmap", cache={"direct": False})
+    add(driver="raw", node_name="r0", file="f0")
+    add(driver="raw", node_name="r1", file={"driver": "file", "filename": r2})
+    add(driver="raw", node_name="r2", file="f1", offset=0)
+    add(driver="raw", node_name="r3", file="f1", size=512, offset=512)
+    add(driver="raw", node_name="r4", file="f1", discard="unmap", read_only=True)
+    add(driver="null-co", node_name="n0")
+    add(driver="null-co", node_name="n1", size=1 << 20)
+    add(driver="null-co", node_name="n2", read_zeroes=True)
+    add(driver="null-co", node_name="n3", latency_ns=5)
+    add(driver="raw", node_name="rn", file="n1")
+    add(driver="raw", node_name="rn0", file="n0")
+    add(driver="raw", node_name="rr", file="r0")
+    add(driver="qcow2", node_name="q0", file={"driver": "file", "filename": plain})
+    add(driver="qcow2", node_name="q1", read_only=True, file={"driver": "file", "filename": top})
+    add(driver="file", node_name="tf", filename=top, read_only=True)
+    add(driver="qcow2", node_name="q2", file="tf", backing=None, read_only=True)
+    add(driver="qcow2", node_name="q3", file="tf", backing="q0", read_only=True)
+    add(driver="qcow2", node_name="q4", file="tf", read_only=True, cache_size=1 << 20,
+        lazy_refcounts=True)
+    add(driver="blkdebug", node_name="b0", image="f1")
+    add(driver="blkdebug", node_name="b1", image="f1", align=4096)
+    add(driver="blkdebug", node_name="b2", image="f1", inject_error=[
+        {"event": "read_aio", "errno": 5, "once": True}])
+    add(driver="raw", node_name="rb", file="b0")
+    add(driver="raw", node_name="rb1", file="b1")
+    n = nodes(m)
+    for name, info in n.items():
+        assert info["image"]["filename"] == info["file"], name
+
+    def fj(path):
+        return '{"driver": "file", "filename": "%s"}' % path
+
+    want = {
+        "f0": r, "f1": r, "r0": r, "r1": r2, "r4": r,
+        "r2": 'json:{"offset": 0, "driver": "raw", "file": %s}' % fj(r),
+        "r3": 'json:{"offset": 512, "driver": "raw", "size": 512, "file": %s}' % fj(r),
+        "n0": "null-co://", "n3": "null-co://", "rn0": "null-co://",
+        "n1": 'json:{"driver": "null-co", "size": 1048576}',
+        "n2": 'json:{"read-zeroes": true, "driver": "null-co"}',
+        "rn": 'json:{"driver": "raw", "file": {"driver": "null-co", "size": 1048576}}',
+        "rr": 'json:{"driver": "raw", "file": {"driver": "raw", "file": %s}}' % fj(r),
+        "q0": plain, "q1": top, "q4": top, "tf": top,
+        "q2": 'json:{"backing": null, "driver": "qcow2", "file": %s}' % fj(top),
+        "q3": 'json:{"backing": {"driver": "qcow2", "file": %s}, "driver": "qcow2", '
+              '"file": %s}' % (fj(plain), fj(top)),
+        "b0": "blkdebug::" + r, "rb": "blkdebug::" + r,
+        "b1": 'json:{"image": %s, "driver": "blkdebug", "align": 4096}' % fj(r),
+        "b2": 'json:{"inject-error.0.once": true, "image": %s, "driver": "blkdebug", '
+              '"inject-error.0.event": "read_aio", "inject-error.0.errno": 5}' % fj(r),
+        "rb1": 'json:{"driver": "raw", "file": {"image": %s, "driver": "blkdebug", '
+               '"align": 4096}}' % fj(r),
+    }
+    assert {k: n[k]["file"] for k in want} == want
+    # BlockDeviceInfo's backing_file: the backing node's name, none without
+    assert n["q1"]["backing_file"] == base
+    assert "backing_file" not in n["q2"]
+    assert n["q3"]["backing_file"] == plain
+    # the header's backing file still shows in the image info
+    assert [n[q]["image"].get("backing-filename") for q in ("q1", "q2", "q3")] == [base] * 3
+    # a reopen that changes the backing node: no longer the header's
+    m.execute("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q4", "file": "tf",
+                                           "read-only": True, "backing": "q0"}])
+    assert nodes(m)["q4"]["file"] == n["q3"]["file"]
