@@ -695,7 +695,11 @@ void fuse_queue_maybe_drained(struct fuse_queue *q)
 
 /* ---- invalidation after block_resize ----
  * The kernel caches the file's size (attr timeout) and pages.  The
- * notification is written from a thread of its own: invalidating pages
+ * cached attributes are dropped at once, from the main thread, before
+ * block_resize answers: that notification touches no page, so it cannot
+ * wait, and the next stat() asks for the new size (a shrink then also
+ * truncates the kernel's pages past it).  The pages are dropped by a
+ * notification written from a thread of its own: invalidating pages
  * waits for page locks that requests the queues have yet to read may hold
  * (so it must not hold up a queue's drain before a move either).  The
  * main thread counts these threads (exp->invals): the export is finished
@@ -729,6 +733,10 @@ void fuse_session_node_resized(struct fuse_export *exp)
 
     if (exp->finishing)
         return;
+    int r = fuse_lowlevel_notify_inval_inode(exp->se, FUSE_ROOT_ID, -1, 0);
+    if (r < 0 && r != -ENOENT)
+        log_warn("FUSE export %s: could not invalidate the cached size: %s",
+                 exp->common.id, strerror(-r));
     exp->invals++;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
