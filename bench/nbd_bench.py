@@ -96,8 +96,12 @@ def tree_cpu_ticks(root):
 # -- servers -----------------------------------------------------------------------
 
 class Server:
-    def __init__(self, name, workdir, img, bexd, node_opts):
+    def __init__(self, name, workdir, img, bexd, node_opts, bexd_b=None):
         self.name = name
+        # "<bexd or variant>-b": the same set-up with the --bexd-b binary (A/B)
+        self.kind = name[:-2] if name.endswith("-b") and is_bexd(name) else name
+        if self.kind != name:
+            bexd = bexd_b
         self.dir = workdir
         self.img = img
         self.sock = os.path.join(workdir, "%s.sock" % name)
@@ -114,15 +118,15 @@ class Server:
     def argv(self):
         blockdev = "driver=file,node-name=f0,filename=%s%s" % (self.img, self.node_opts)
         export = "type=nbd,id=e0,node-name=f0,writable=on,name="
-        objects, export_opts = VARIANT_ARGS.get(self.name, ([], ""))
+        objects, export_opts = VARIANT_ARGS.get(self.kind, ([], ""))
         export += export_opts
         qsd_like = ["--blockdev", blockdev,
                     "--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
                     "--export", export,
                     "--daemonize", "--pidfile", self.pidfile]
-        if self.name == "bexd":
+        if self.kind == "bexd":
             return [self.bexd] + qsd_like
-        if self.name in VARIANT_ARGS:
+        if self.kind in VARIANT_ARGS:
             return [self.bexd] + [x for o in objects for x in ("--object", o)] + qsd_like
         if self.name == "qsd":
             return ["qemu-storage-daemon"] + qsd_like
@@ -342,6 +346,8 @@ def parse_args(argv):
     p.add_argument("--shm", default="/dev/shm", help="RAM-backed directory for the image")
     p.add_argument("--bexd", default=os.environ.get("BEXD", os.path.join(ROOT, "build", "bexd")),
                    help="bexd binary ($BEXD or build/bexd)")
+    p.add_argument("--bexd-b", help="a second bexd binary, for an A/B: a server named like "
+                        "a bexd one plus '-b' (bexd-b, bexd-io1-b, ...) runs this binary")
     p.add_argument("--node-opts", default="",
                    help="extra ,key=value for the file node of bexd and qsd (same for both)")
     p.add_argument("--tls", default="off", choices=["off", "psk", "x509"],
@@ -351,8 +357,12 @@ def parse_args(argv):
     a.servers = [s for s in a.servers.split(",") if s]
     a.workloads = [w for w in a.workloads.split(",") if w]
     for s in a.servers:
-        if s not in ALL_SERVERS + VARIANTS:
+        base = s[:-2] if s.endswith("-b") else s
+        if s not in ALL_SERVERS + VARIANTS and not (base != s and is_bexd(base) and
+                                                   base in ["bexd"] + VARIANTS):
             p.error("unknown server %r" % s)
+        if base != s and not a.bexd_b:
+            p.error("server %r needs --bexd-b" % s)
     for w in a.workloads:
         if w not in WORKLOADS:
             p.error("unknown workload %r" % w)
@@ -391,7 +401,7 @@ def main(argv):
         for run in range(a.runs):
             for name in a.servers:
                 srv = Server(name, work, img, a.bexd,
-                             a.node_opts if is_bexd(name) or name == "qsd" else "")
+                             a.node_opts if is_bexd(name) or name == "qsd" else "", a.bexd_b)
                 if not srv.available():
                     print("%-11s skipped: %s not found" % (name, srv.argv()[0]), flush=True)
                     continue

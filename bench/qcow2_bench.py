@@ -20,6 +20,7 @@ median of each (and the load average before the run).
 """
 import argparse
 import json
+import resource
 import os
 import shutil
 import subprocess
@@ -86,17 +87,24 @@ class Server:
             pass
 
 
-def fio(uri, rw, bs, qd, runtime, size=None):
+def fio(uri, rw, bs, qd, runtime, size=None, jobs=1):
+    """IOPS and bytes/s; with jobs > 1, that many fio jobs (one NBD connection
+    each) share the queue depth qd.  Also fio's own CPU seconds (usr+sys)."""
     args = ["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
-            "--iodepth=%d" % qd, "--time_based", "--runtime=%d" % runtime,
+            "--iodepth=%d" % max(1, qd // jobs), "--time_based", "--runtime=%d" % runtime,
             "--output-format=json", "--norandommap", "--randrepeat=0"]
+    if jobs > 1:
+        args += ["--numjobs=%d" % jobs, "--group_reporting"]
     if size:
         args.append("--size=%s" % size)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = sh(*args)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = json.loads(text[text.index("{"):])      # the nbd engine says hello first
     job = out["jobs"][0]
     part = job["read"] if rw.endswith("read") else job["write"]
-    return part["iops"], part["bw"] * 1024
+    cli = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return part["iops"], part["bw"] * 1024, cli
 
 
 def make_allocated(path, size, fmt="qcow2"):
@@ -130,6 +138,9 @@ def main():
                     default="read-4k-qd32,alloc-write-4k,alloc-write-1m,chain")
     ap.add_argument("--alloc-size", type=int, default=64 << 30)
     ap.add_argument("-r", "--repeat", type=int, default=1)
+    ap.add_argument("-j", "--read-jobs", type=int, default=1,
+                    help="fio jobs (NBD connections) sharing the read row's queue depth "
+                         "of 32: 2 shows whether one fio job is the bound")
     ap.add_argument("--direct", action="store_true", help="/var/tmp, cache.direct=on")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -149,19 +160,14 @@ def main():
             tops = {n: make_chain(d, n, min(a.size, 256 << 20)) for n in (1, 10)}
         for _ in range(a.repeat):
             if "read-4k-qd32" in work:
-                s = Server("bexd", raw, d, fmt="raw", direct=a.direct)
-                c0 = cpu_seconds(s.pid)
-                iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
-                cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
-                s.stop()
-                rows.append(("read-4k-qd32", "bexd (raw)", iops, cpu))
-                for k in servers:
-                    s = Server(k, img, d, direct=a.direct)
+                for k, path, fmt in [("bexd (raw)", raw, "raw")] + \
+                                    [(k, img, "qcow2") for k in servers]:
+                    s = Server(k.split()[0], path, d, fmt=fmt, direct=a.direct)
                     c0 = cpu_seconds(s.pid)
-                    iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
+                    iops, _, cli = fio(s.uri, "randread", "4k", 32, a.runtime, jobs=a.read_jobs)
                     cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
                     s.stop()
-                    rows.append(("read-4k-qd32", k, iops, cpu))
+                    rows.append(("read-4k-qd32", k, iops, cpu, cli * 1e6 / (iops * a.runtime)))
             for name, rw, bs in (("alloc-write-4k", "randwrite", "4k"),
                                  ("alloc-write-1m", "write", "1m")):
                 if name not in work:
@@ -173,22 +179,25 @@ def main():
                     sh("qemu-img", "create", "-f", "qcow2", img, str(a.alloc_size))
                     s = Server(k, img, d, direct=a.direct)
                     c0 = cpu_seconds(s.pid)
-                    iops, bw = fio(s.uri, rw, bs, 32 if bs == "4k" else 8, a.runtime)
+                    iops, bw, cli = fio(s.uri, rw, bs, 32 if bs == "4k" else 8, a.runtime)
                     cpu = (cpu_seconds(s.pid) - c0) / (iops * a.runtime) * 1e6
                     s.stop()
-                    rows.append((name, k, iops if bs == "4k" else bw / (1 << 20), cpu))
+                    rows.append((name, k, iops if bs == "4k" else bw / (1 << 20), cpu,
+                                 cli * 1e6 / (iops * a.runtime)))
             if "chain" in work:
                 for k in servers:
                     for n in (1, 10):
                         s = Server(k, tops[n], d, direct=a.direct)
-                        iops, _ = fio(s.uri, "randread", "4k", 32, a.runtime)
+                        iops, _, cli = fio(s.uri, "randread", "4k", 32, a.runtime)
                         s.stop()
-                        rows.append(("chain%d-read-4k-qd32" % n, k, iops, None))
+                        rows.append(("chain%d-read-4k-qd32" % n, k, iops, None,
+                                     cli * 1e6 / (iops * a.runtime)))
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    print("load average before the run: %.1f %.1f %.1f; %d run(s), medians" %
-          (load + (a.repeat,)))
-    print("%-22s %-12s %12s %14s" % ("row", "server", "IOPS or MiB/s", "CPU us/req"))
+    print("load average before the run: %.1f %.1f %.1f; %d run(s), medians; read row: "
+          "%d fio job(s)" % (load + (a.repeat, a.read_jobs)))
+    print("%-22s %-12s %12s %14s %14s" % ("row", "server", "IOPS or MiB/s", "CPU us/req",
+                                          "fio us/req"))
     seen = []
     for r in rows:
         if (r[0], r[1]) not in seen:
@@ -197,12 +206,15 @@ def main():
     for key in seen:
         vals = sorted(x[2] for x in rows if (x[0], x[1]) == key)
         cpus = sorted(x[3] for x in rows if (x[0], x[1]) == key and x[3])
+        clis = sorted(x[4] for x in rows if (x[0], x[1]) == key)
         v = vals[len(vals) // 2]
         c = cpus[len(cpus) // 2] if cpus else None
-        med.append((key[0], key[1], v, c, vals))
-        print("%-22s %-12s %12.0f %14s   %s" % (key[0], key[1], v, "%.1f" % c if c else "-",
-                                             " ".join("%.0f" % x for x in vals)))
-    rows = {"load": load, "repeat": a.repeat, "rows": rows, "medians": med}
+        cl = clis[len(clis) // 2]
+        med.append((key[0], key[1], v, c, vals, cl))
+        print("%-22s %-12s %12.0f %14s %14.1f   %s" % (
+            key[0], key[1], v, "%.1f" % c if c else "-", cl, " ".join("%.0f" % x for x in vals)))
+    rows = {"load": load, "repeat": a.repeat, "read_jobs": a.read_jobs, "rows": rows,
+            "medians": med}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -72,6 +72,7 @@ static int iothread_complete(struct object *obj, json_t *props, error **errp)
         return -1;
     t->loop = loop_new(obj->id);
     loop_set_poll_ns(t->loop, t->poll_max_ns);
+    loop_set_poll_grow_shrink(t->loop, t->poll_grow, t->poll_shrink);
     struct iothread_start st = { .t = t };
     pthread_mutex_init(&st.lock, NULL);
     pthread_cond_init(&st.cond, NULL);
@@ -100,8 +101,8 @@ static void iothread_finalize(struct object *obj)
     loop_free(t->loop);
 }
 
-/* qom-set: poll-max-ns takes effect at once; the others are recorded (bexd
- * sizes its worker pools itself and adapts no polling window). */
+/* qom-set: the polling parameters take effect at once, as QEMU's; the
+ * others are recorded (bexd sizes its worker pools itself). */
 static int iothread_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
 {
     struct iothread *t = (struct iothread *)obj;
@@ -119,8 +120,10 @@ static int iothread_set_prop(struct object *obj, const char *name, json_t *value
         loop_set_poll_ns(t->loop, v);
     } else if (!strcmp(name, "poll-grow")) {
         t->poll_grow = v;
+        loop_set_poll_grow_shrink(t->loop, t->poll_grow, t->poll_shrink);
     } else if (!strcmp(name, "poll-shrink")) {
         t->poll_shrink = v;
+        loop_set_poll_grow_shrink(t->loop, t->poll_grow, t->poll_shrink);
     } else if (!strcmp(name, "aio-max-batch")) {
         t->aio_max_batch = v;
     }

@@ -63,7 +63,10 @@ struct loop {
     struct loop_watch *dead;
     struct aio_engine *aio;
     uint64_t poll_ns;                  /* busy-poll at most this long before sleeping */
+    uint64_t poll_grow, poll_shrink;   /* QEMU's poll-grow / poll-shrink (0: defaults) */
     uint64_t poll_cur;                 /* ... and now this long (adaptive, loop thread) */
+    bool poll_skip;                    /* loop thread: no polling before the next sleep */
+    struct loop_poll_stats stats;      /* loop thread */
 };
 
 static __thread struct loop *current_loop;
@@ -124,6 +127,46 @@ const char *loop_name(const struct loop *l) { return l->name; }
 void loop_set_poll_ns(struct loop *l, uint64_t ns)
 {
     __atomic_store_n(&l->poll_ns, ns, __ATOMIC_RELAXED);
+}
+
+void loop_set_poll_grow_shrink(struct loop *l, uint64_t grow, uint64_t shrink)
+{
+    __atomic_store_n(&l->poll_grow, grow, __ATOMIC_RELAXED);
+    __atomic_store_n(&l->poll_shrink, shrink, __ATOMIC_RELAXED);
+}
+
+void loop_poll_skip(struct loop *l)
+{
+    l->poll_skip = true;
+}
+
+void loop_get_poll_stats(const struct loop *l, struct loop_poll_stats *st)
+{
+    *st = l->stats;
+    st->window_ns = l->poll_cur;
+}
+
+/* QEMU's adjust_polling_time (util/aio-posix.c): a sleep that polling of
+ * the current window would have covered changes nothing; one longer than the
+ * most we may poll would not have been saved by polling, so poll less
+ * (divide by shrink, or stop at once: a client that thinks, or a loaded
+ * machine, where polling only takes the CPU the client needs); one in
+ * between would have been, so poll longer (times grow, default 2), from
+ * 4 us up to the maximum. */
+uint64_t loop_poll_adjust(uint64_t cur, uint64_t blocked, uint64_t max,
+                          uint64_t grow, uint64_t shrink)
+{
+    if (blocked <= cur)
+        return cur;
+    if (blocked > max)
+        return shrink ? cur / shrink : 0;
+    if (cur < max && blocked < max) {
+        uint64_t next = cur ? cur * (grow ? grow : 2) : 4000;
+        if (next > max || (cur && next / cur != (grow ? grow : 2)))   /* or overflowed */
+            next = max;
+        return next;
+    }
+    return cur;
 }
 
 static void free_dead(struct loop *l)
@@ -397,6 +440,13 @@ int loop_run(struct loop *l)
         bool adapt = timeout != 0 && poll_max && !(l->aio && aio_engine_waits_for_pool(l->aio));
         if (l->poll_cur > poll_max)
             l->poll_cur = poll_max;
+        if (adapt && l->poll_skip) {
+            /* a client is in the middle of sending (see loop_poll_skip):
+             * neither poll nor let this wait move the window */
+            adapt = false;
+            l->stats.skipped++;
+        }
+        l->poll_skip = false;
         if (adapt) {
             t0 = now_ns();
             if (l->poll_cur) {
@@ -405,6 +455,7 @@ int loop_run(struct loop *l)
                 uint64_t until = t0 + l->poll_cur;
                 if (timeout > 0 && until > t0 + (uint64_t)timeout * 1000000)
                     until = t0 + (uint64_t)timeout * 1000000;   /* timers stay on time */
+                l->stats.polled++;
                 do {
                     n = epoll_wait(l->epfd, evs, 64, 0);
                 } while (n == 0 && now_ns() < until);
@@ -412,19 +463,10 @@ int loop_run(struct loop *l)
         }
         if (n == 0) {
             n = epoll_wait(l->epfd, evs, 64, timeout);
-            if (adapt) {
-                /* QEMU's adaptive window: a wait longer than the most we
-                 * may poll would not have been saved by polling, so stop
-                 * (a client that thinks, or a loaded machine: polling only
-                 * takes the CPU the client needs); a shorter one would
-                 * have, so poll longer, from 4 us up to the maximum. */
-                uint64_t waited = now_ns() - t0;
-                if (waited > poll_max)
-                    l->poll_cur = 0;
-                else if (waited > l->poll_cur)
-                    l->poll_cur = l->poll_cur ? MIN(l->poll_cur * 2, poll_max)
-                                              : MIN((uint64_t)4000, poll_max);
-            }
+            if (adapt)
+                l->poll_cur = loop_poll_adjust(l->poll_cur, now_ns() - t0, poll_max,
+                                               __atomic_load_n(&l->poll_grow, __ATOMIC_RELAXED),
+                                               __atomic_load_n(&l->poll_shrink, __ATOMIC_RELAXED));
         }
         if (n < 0 && errno != EINTR) {
             log_error("epoll_wait: %s", strerror(errno));

@@ -36,6 +36,27 @@ const char *loop_name(const struct loop *l);
  * is then served without a sleep and a wake-up.  0 disables polling. */
 #define LOOP_POLL_NS_DEFAULT 32768
 void loop_set_poll_ns(struct loop *l, uint64_t ns);
+/* How the window adapts (QEMU's poll-grow / poll-shrink): a sleep shorter
+ * than poll-max-ns multiplies it by grow (0: by 2, starting at 4 us), a
+ * longer one divides it by shrink (0: polling stops).  Any thread. */
+void loop_set_poll_grow_shrink(struct loop *l, uint64_t grow, uint64_t shrink);
+/* The new window after a sleep of blocked ns (pure; the rule above). */
+uint64_t loop_poll_adjust(uint64_t cur, uint64_t blocked, uint64_t max,
+                          uint64_t grow, uint64_t shrink);
+/* Same-thread: do not poll before the loop next sleeps, and do not let that
+ * sleep move the window.  For a reader left waiting for the rest of a large
+ * payload: the rest comes as fast as the sender can copy it, polling for it
+ * only takes CPU from the sender, and a short wait there says nothing about
+ * how soon the next request comes (an NBD WRITE of 1 MiB arrives in about 6
+ * pieces: polling made 1M writes 10-40% slower). */
+void loop_poll_skip(struct loop *l);
+struct loop_poll_stats {
+    uint64_t polled;      /* sleeps preceded by polling */
+    uint64_t skipped;     /* sleeps that would have polled but for loop_poll_skip */
+    uint64_t window_ns;   /* the current window */
+};
+/* Same-thread (or with the loop stopped). */
+void loop_get_poll_stats(const struct loop *l, struct loop_poll_stats *st);
 
 /* Run until loop_stop(); returns 0.  Must be called in the thread that owns the loop. */
 int loop_run(struct loop *l);

@@ -373,7 +373,7 @@ def test_iothread_poll_live(start_daemon, tmpdir_short):
     d = start_daemon("bexd", "--object", "iothread,id=io0",
                      "--blockdev", "driver=file,node-name=disk0,filename=" + img,
                      "--nbd-server", "addr.type=unix,addr.path=" + sock,
-                     "--export", "type=nbd,id=e0,node-name=disk0,iothread=io0")
+                     "--export", "type=nbd,id=e0,node-name=disk0,iothread=io0,writable=on")
     q = d.qmp()
     for ns in (0, 123456, 32768):
         q.execute("qom-set", path="/objects/io0", property="poll-max-ns", value=ns)
@@ -384,8 +384,20 @@ def test_iothread_poll_live(start_daemon, tmpdir_short):
         h.connect_uri("nbd+unix:///disk0?socket=" + sock)
         assert h.pread(4096, 0) == bytes(4096)
         h.shutdown()
-    q.execute("qom-set", path="io0", property="poll-grow", value=2)
-    assert q.execute("query-iothreads")[0]["poll-grow"] == 2
+    # poll-grow / poll-shrink steer the loop's window as QEMU's; a 1 MiB
+    # WRITE (its payload arrives in pieces, which the loop sleeps for
+    # instead of polling) and a read of it back, with them in use
+    q.execute("qom-set", path="io0", property="poll-grow", value=3)
+    q.execute("qom-set", path="io0", property="poll-shrink", value=4)
+    info = q.execute("query-iothreads")[0]
+    assert (info["poll-grow"], info["poll-shrink"]) == (3, 4)
+    import nbd
+    data = os.urandom(1 << 20)
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///disk0?socket=" + sock)
+    h.pwrite(data, 0)
+    assert h.pread(1 << 20, 0) == data
+    h.shutdown()
 
 
 def test_authz_simple_identity_live(impl, start_daemon, creds, tmpdir_short):

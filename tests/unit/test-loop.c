@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <unistd.h>
 #include "util/loop.h"
 
@@ -140,6 +141,101 @@ static void test_watch_delete_inside_callback(void **state)
     close(a[0]); close(a[1]); close(b[0]); close(b[1]);
 }
 
+/* QEMU's adjust_polling_time, with poll-grow / poll-shrink */
+static void test_poll_adjust_rules(void **state)
+{
+    const uint64_t max = 32768;
+    /* covered by the window: no change */
+    assert_int_equal(loop_poll_adjust(8000, 8000, max, 0, 0), 8000);
+    assert_int_equal(loop_poll_adjust(0, 0, max, 0, 0), 0);
+    /* short sleeps grow it: from 4 us, doubling by default, capped */
+    assert_int_equal(loop_poll_adjust(0, 1000, max, 0, 0), 4000);
+    assert_int_equal(loop_poll_adjust(4000, 5000, max, 0, 0), 8000);
+    assert_int_equal(loop_poll_adjust(16384, 20000, max, 0, 0), max);
+    assert_int_equal(loop_poll_adjust(20000, 30000, max, 0, 0), max);
+    /* poll-grow multiplies instead */
+    assert_int_equal(loop_poll_adjust(4000, 5000, max, 3, 0), 12000);
+    assert_int_equal(loop_poll_adjust(12000, 20000, max, 3, 0), max);
+    /* a sleep of exactly the maximum: neither grows nor shrinks */
+    assert_int_equal(loop_poll_adjust(8000, max, max, 0, 0), 8000);
+    /* a long sleep: polling stops, or poll-shrink divides */
+    assert_int_equal(loop_poll_adjust(max, max + 1, max, 0, 0), 0);
+    assert_int_equal(loop_poll_adjust(max, 1000000, max, 0, 4), max / 4);
+    assert_int_equal(loop_poll_adjust(8192, 1000000, max, 2, 2), 4096);
+    /* no overflow with a huge grow factor */
+    assert_int_equal(loop_poll_adjust(4000, 5000, UINT64_MAX, UINT64_MAX, 0), UINT64_MAX);
+}
+
+struct skip_test {
+    struct loop *l;
+    int fds[2];
+    int calls;
+    struct loop_poll_stats st[4];
+};
+
+/* The pipe is written again at once, so every wait is far shorter than the
+ * (1 s) maximum: deterministic whatever the machine's load. */
+static void skip_readable(void *opaque, uint32_t ev)
+{
+    struct skip_test *t = opaque;
+    char c;
+    assert_int_equal(read(t->fds[0], &c, 1), 1);
+    loop_get_poll_stats(t->l, &t->st[t->calls]);
+    t->calls++;
+    if (t->calls == 3) {
+        loop_stop(t->l);
+        return;
+    }
+    assert_int_equal(write(t->fds[1], "x", 1), 1);
+    if (t->calls == 2)
+        loop_poll_skip(t->l);
+}
+
+static void test_poll_skip(void **state)
+{
+    struct skip_test t = { .l = loop_new("skip") };
+    assert_int_equal(pipe(t.fds), 0);
+    loop_set_poll_ns(t.l, 1000000000);
+    assert_int_equal(write(t.fds[1], "x", 1), 1);
+    struct loop_watch *w = loop_watch_fd(t.l, t.fds[0], LOOP_IN, skip_readable, &t);
+    loop_run(t.l);
+    assert_int_equal(t.calls, 3);
+    /* 1st sleep: no window yet, so no polling; it was short: 4 us */
+    assert_int_equal(t.st[0].polled, 0);
+    assert_int_equal(t.st[0].window_ns, 4000);
+    /* 2nd: polled (and found the pipe at once: the window stays) */
+    assert_int_equal(t.st[1].polled, 1);
+    assert_int_equal(t.st[1].skipped, 0);
+    assert_int_equal(t.st[1].window_ns, 4000);
+    /* 3rd: skipped as asked, neither polled nor adapted */
+    assert_int_equal(t.st[2].polled, 1);
+    assert_int_equal(t.st[2].skipped, 1);
+    assert_int_equal(t.st[2].window_ns, 4000);
+    loop_watch_del(w);
+    close(t.fds[0]);
+    close(t.fds[1]);
+    loop_free(t.l);
+}
+
+/* poll-max-ns=0: never polls, and a skip then counts nothing */
+static void test_poll_disabled(void **state)
+{
+    struct skip_test t = { .l = loop_new("nopoll") };
+    assert_int_equal(pipe(t.fds), 0);
+    loop_set_poll_ns(t.l, 0);
+    assert_int_equal(write(t.fds[1], "x", 1), 1);
+    struct loop_watch *w = loop_watch_fd(t.l, t.fds[0], LOOP_IN, skip_readable, &t);
+    loop_run(t.l);
+    assert_int_equal(t.calls, 3);
+    assert_int_equal(t.st[2].polled, 0);
+    assert_int_equal(t.st[2].skipped, 0);
+    assert_int_equal(t.st[2].window_ns, 0);
+    loop_watch_del(w);
+    close(t.fds[0]);
+    close(t.fds[1]);
+    loop_free(t.l);
+}
+
 int main(void)
 {
     loop_main_init();
@@ -149,6 +245,9 @@ int main(void)
         cmocka_unit_test(test_defer_cancel),
         cmocka_unit_test(test_call_from_other_thread_wakes_loop),
         cmocka_unit_test(test_watch_delete_inside_callback),
+        cmocka_unit_test(test_poll_adjust_rules),
+        cmocka_unit_test(test_poll_skip),
+        cmocka_unit_test(test_poll_disabled),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

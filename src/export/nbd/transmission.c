@@ -849,6 +849,16 @@ static ssize_t recv_more(struct nbd_conn *c, size_t *asked)
     return n;
 }
 
+/* The socket is drained: if a large WRITE payload is still arriving, its
+ * rest comes as fast as the client copies it in, so the loop had better
+ * sleep than poll for it (loop_poll_skip). */
+static void waiting_for_socket(struct nbd_conn *c)
+{
+    if ((c->rx_state == RX_PAYLOAD && c->rx_slot->req.count >= NBD_DIRECT_RECV) ||
+        (c->rx_state == RX_DRAIN && c->drain_left >= NBD_DIRECT_RECV))
+        loop_poll_skip(c->loop);
+}
+
 void nbd_transmission_readable(struct nbd_conn *c)
 {
     for (int rounds = 0; rounds < 16; rounds++) {
@@ -860,8 +870,10 @@ void nbd_transmission_readable(struct nbd_conn *c)
             c->rx_yield || c->quiescing || (c->draining && c->rx_state == RX_HDR))
             break;
         n = recv_more(c, &asked);
-        if (n == -EAGAIN)
+        if (n == -EAGAIN) {
+            waiting_for_socket(c);
             break;
+        }
         if (n == 0) {
             /* the client may have only shut down its sending side: answer
              * what it sent in full, forget a request it sent in part */
@@ -881,6 +893,8 @@ void nbd_transmission_readable(struct nbd_conn *c)
         }
         if ((size_t)n < asked) {
             process_rx(c);
+            if (c->state == CONN_TRANSMISSION)
+                waiting_for_socket(c);
             break;
         }
     }
