@@ -28,7 +28,11 @@ socket; fio's nbd engine is the client):
             docs/backup.md shows).  The client process is started, its
             buffers made, before the freeze and connects when the export
             exists; its own CPU time is reported beside the row (a client
-            near its wall time would be the limit, not the server).
+            near its wall time would be the limit, not the server).  The
+            client is bench/nbd_backup_client.c (--client c, the default),
+            built here with libnbd-dev, which is installed with apt-get if
+            it is missing; --client python runs the same steps in Python
+            (python3-libnbd), whose own loop took as long as the server.
 
 Configurations are interleaved (bexd, qsd, bexd, qsd ...) and repeated;
 the median of the repeats is reported, with the ratio bexd/qsd.  The
@@ -291,6 +295,20 @@ def row_push(srv, args):
         os.unlink(tgt)
 
 
+def build_c_client(workdir):
+    """Compile bench/nbd_backup_client.c (installing libnbd-dev first if
+    its header is missing); returns the binary's path."""
+    if not os.path.exists("/usr/include/libnbd.h"):
+        log("libnbd-dev is missing: installing it with apt-get (bench only)")
+        subprocess.run(["apt-get", "install", "-y", "-q", "libnbd-dev"], check=True,
+                       stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    exe = os.path.join(workdir, "nbd-backup-client")
+    subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(HERE, "nbd_backup_client.c"),
+                    "-lnbd"], check=True)
+    return exe
+
+
 def row_backup(srv, args):
     """Pull-mode incremental backup of 10% dirty: seconds from freeze to copy done."""
     tmp = os.path.join(args.workdir, "fleece-%s.img" % srv.impl)
@@ -307,8 +325,9 @@ def row_backup(srv, args):
     nclusters = dirty_tenth(srv) * 10
     # the client is started (interpreter, libnbd loaded) before the freeze
     # and connects when told: its start-up is not the server's time
-    client = subprocess.Popen(["/usr/bin/python3", "-c", BACKUP_CLIENT, srv.uri("s"),
-                               "qemu:dirty-bitmap:b0", copy, str(args.depth)],
+    argv = [args.c_client] if args.c_client else ["/usr/bin/python3", "-c", BACKUP_CLIENT]
+    client = subprocess.Popen(argv + [srv.uri("s"), "qemu:dirty-bitmap:b0", copy,
+                                      str(args.depth)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline() == "ready\n"
@@ -352,6 +371,8 @@ def main(argv):
     p.add_argument("-w", "--rows", default="bitmaps,cbw,push,backup")
     p.add_argument("-d", "--depth", type=int, default=16,
                    help="reads the pull client keeps in flight (16)")
+    p.add_argument("--client", choices=("c", "python"), default="c",
+                   help="the pull client: bench/nbd_backup_client.c (default) or Python")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.size *= MiB
@@ -360,6 +381,9 @@ def main(argv):
     args.workdir = tempfile.mkdtemp(prefix="bmbench", dir="/dev/shm")
     results = {}
     try:
+        args.c_client = None
+        if "backup" in args.rows.split(",") and args.client == "c":
+            args.c_client = build_c_client(args.workdir)
         img = os.path.join(args.workdir, "disk.img")
         make_image(img, args.size)
         servers = {k: Server(k, v, args.workdir, img) for k, v in impls.items() if v}
@@ -412,8 +436,8 @@ def main(argv):
                     r, statistics.median(BACKUP_CPU.get((r, "bexd"), [0])),
                     statistics.median(BACKUP_CPU.get((r, "qsd"), [0]))))
     if CLIENT_CPU:
-        print("pull (depth %d), median: QMP s (freeze, node, export); client CPU s / wall s "
-              "from connect to done" % args.depth)
+        print("pull (%s client, depth %d), median: QMP s (freeze, node, export); client CPU s / "
+              "wall s from connect to done" % (args.client, args.depth))
         for impl in ("bexd", "qsd"):
             if impl in CLIENT_CPU:
                 print("  %-10s %.2f; %.2f / %.2f" % (impl, statistics.median(FREEZE_S[impl]),
@@ -445,7 +469,7 @@ def main(argv):
                        "client_busy": {"%s/%s" % k: v for k, v in CLIENT_BUSY.items()},
                        "backup_cpu_s": {"%s/%s" % k: v for k, v in BACKUP_CPU.items()},
                        "pull_qmp_s": FREEZE_S, "pull_client_cpu_s": CLIENT_CPU, "pull_client_wall_s": CLIENT_WALL,
-                       "pull_depth": args.depth},
+                       "pull_depth": args.depth, "pull_client": args.client},
                       f, indent=1)
 
 

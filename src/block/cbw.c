@@ -43,6 +43,21 @@
 #define CBW_SPARE_BUFS   64           /* copy buffers kept for the next copies: one per */
 #define CBW_SPARE_BYTES  (8u << 20)   /* ... job worker (max-workers default), 8 MiB at most */
 
+/* Copy buffers kept for the next copies, of any filter or job, for the
+ * daemon's life: a fresh buffer costs a page fault per page on its first
+ * use, more than the copy itself, and giving one back to the system (a
+ * buffer of 128 KiB or more is its own mapping) costs a TLB shootdown of
+ * every thread, which a loaded VM makes last milliseconds.  Freeing the
+ * spares of a filter when it closed put ten of those into a backup job's
+ * finalization, between its last copy and BLOCK_JOB_COMPLETED. */
+static struct {
+    pthread_mutex_t lock;
+    void *buf[CBW_SPARE_BUFS];
+    uint64_t size[CBW_SPARE_BUFS];
+    uint64_t bytes;
+    int n;
+} spares = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
 enum on_cbw_error { BREAK_GUEST_WRITE, BREAK_SNAPSHOT };
 
 /* A copy under way, or a snapshot read of the source, over clusters
@@ -79,13 +94,7 @@ struct cbw {
     bool inserted;
     void (*ready)(void *opaque);
     void *ready_opaque;
-    /* copy buffers kept (under lock): a fresh buffer costs a page fault
-     * per page on its first use, more than the copy itself */
     uint64_t max_run;             /* clusters per copier run */
-    void *spare[CBW_SPARE_BUFS];
-    uint64_t spare_size[CBW_SPARE_BUFS];
-    uint64_t spare_bytes;
-    int nspare;
     /* progress of a job */
     void (*progress)(void *opaque, uint64_t bytes);
     void *progress_opaque;
@@ -105,8 +114,6 @@ uint64_t cbw_cluster_size(struct cbw *s) { return 1ull << s->shift; }
 static void cbw_free_main(void *opaque)
 {
     struct cbw *s = opaque;
-    while (s->nspare)
-        free(s->spare[--s->nspare]);
     pbitmap_free(s->need);
     pbitmap_free(s->done);
     pbitmap_free(s->access);
@@ -190,6 +197,7 @@ static void range_finish(struct cbw *s, struct cbw_range *r, int ret)
 struct copier {
     struct cbw *s;
     struct cbw_range *r;
+    unsigned flags;               /* BREQ_COPY_INLINE: as its starter's requests */
 };
 
 /* The extent at off (cluster-aligned, before end) that copies the same
@@ -213,23 +221,23 @@ static uint64_t copy_extent(struct cbw *s, uint64_t off, uint64_t end, bool *zer
 
 /* A buffer of at least len bytes (*size: how many): the smallest spare
  * that fits, else a new one. */
-static void *buf_get(struct cbw *s, uint64_t len, uint64_t *size)
+static void *buf_get(uint64_t len, uint64_t *size)
 {
     void *b = NULL;
     int best = -1;
-    pthread_mutex_lock(&s->lock);
-    for (int i = 0; i < s->nspare; i++)
-        if (s->spare_size[i] >= len && (best < 0 || s->spare_size[i] < s->spare_size[best]))
+    pthread_mutex_lock(&spares.lock);
+    for (int i = 0; i < spares.n; i++)
+        if (spares.size[i] >= len && (best < 0 || spares.size[i] < spares.size[best]))
             best = i;
     if (best >= 0) {
-        b = s->spare[best];
-        *size = s->spare_size[best];
-        s->spare_bytes -= *size;
-        s->nspare--;
-        s->spare[best] = s->spare[s->nspare];
-        s->spare_size[best] = s->spare_size[s->nspare];
+        b = spares.buf[best];
+        *size = spares.size[best];
+        spares.bytes -= *size;
+        spares.n--;
+        spares.buf[best] = spares.buf[spares.n];
+        spares.size[best] = spares.size[spares.n];
     }
-    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&spares.lock);
     if (!b) {
         b = xmalloc(len);
         *size = len;
@@ -239,36 +247,37 @@ static void *buf_get(struct cbw *s, uint64_t len, uint64_t *size)
 
 /* Keep b for another copy (within CBW_SPARE_BUFS and CBW_SPARE_BYTES), in
  * place of a smaller spare if need be. */
-static void buf_put(struct cbw *s, void *b, uint64_t size)
+static void buf_put(void *b, uint64_t size)
 {
-    pthread_mutex_lock(&s->lock);
-    if (s->nspare < CBW_SPARE_BUFS && s->spare_bytes + size <= CBW_SPARE_BYTES) {
-        s->spare[s->nspare] = b;
-        s->spare_size[s->nspare++] = size;
-        s->spare_bytes += size;
+    pthread_mutex_lock(&spares.lock);
+    if (spares.n < CBW_SPARE_BUFS && spares.bytes + size <= CBW_SPARE_BYTES) {
+        spares.buf[spares.n] = b;
+        spares.size[spares.n++] = size;
+        spares.bytes += size;
         b = NULL;
-    } else if (s->nspare) {
+    } else if (spares.n) {
         int small = 0;
-        for (int i = 1; i < s->nspare; i++)
-            if (s->spare_size[i] < s->spare_size[small])
+        for (int i = 1; i < spares.n; i++)
+            if (spares.size[i] < spares.size[small])
                 small = i;
-        if (s->spare_size[small] < size &&
-            s->spare_bytes - s->spare_size[small] + size <= CBW_SPARE_BYTES) {
-            void *old = s->spare[small];
-            s->spare_bytes += size - s->spare_size[small];
-            s->spare[small] = b;
-            s->spare_size[small] = size;
+        if (spares.size[small] < size &&
+            spares.bytes - spares.size[small] + size <= CBW_SPARE_BYTES) {
+            void *old = spares.buf[small];
+            spares.bytes += size - spares.size[small];
+            spares.buf[small] = b;
+            spares.size[small] = size;
             b = old;
         }
     }
-    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&spares.lock);
     free(b);
 }
 
 /* Copy [off, end) of the source to the target; *read_failed: the error
  * came from the source.  Every write passes a hold: a held guest write may
  * be waiting for this copy. */
-static int copy_data(struct cbw *s, uint64_t off, uint64_t end, bool *read_failed)
+static int copy_data(struct cbw *s, uint64_t off, uint64_t end, unsigned flags,
+                     bool *read_failed)
 {
     void *buf = NULL;
     uint64_t bufsize = 0;
@@ -282,17 +291,17 @@ static int copy_data(struct cbw *s, uint64_t off, uint64_t end, bool *read_faile
             ret = bnode_co_pwrite_zeroes(s->target, off, n, BREQ_NO_HOLD);
         } else {
             if (!buf)
-                buf = buf_get(s, end - off, &bufsize);
-            ret = bnode_co_pread(s->source, off, n, buf, 0);
+                buf = buf_get(end - off, &bufsize);
+            ret = bnode_co_pread(s->source, off, n, buf, flags);
             *read_failed = ret < 0;
             if (ret == 0)
-                ret = bnode_co_pwrite(s->target, off, n, buf,
-                                      BREQ_NO_HOLD | (s->compress ? BREQ_WRITE_COMPRESSED : 0));
+                ret = bnode_co_pwrite(s->target, off, n, buf, BREQ_NO_HOLD | flags |
+                                      (s->compress ? BREQ_WRITE_COMPRESSED : 0));
         }
         off += n;
     }
     if (buf)
-        buf_put(s, buf, bufsize);
+        buf_put(buf, bufsize);
     return ret;
 }
 
@@ -305,7 +314,7 @@ static void copier_co(void *opaque)
     uint64_t off = r->first << s->shift;
     uint64_t len = MIN(r->n << s->shift, s->size - off);
     bool read_failed;
-    int ret = copy_data(s, off, off + len, &read_failed);
+    int ret = copy_data(s, off, off + len, c->flags, &read_failed);
 
     pthread_mutex_lock(&s->lock);
     if (ret == 0) {
@@ -327,7 +336,7 @@ static void copier_co(void *opaque)
  * start once the lock is released.  false if every needed cluster there is
  * being copied already (or none is needed). */
 static bool claim(struct cbw *s, uint64_t first, uint64_t end, uint64_t max_run,
-                  struct copier **cp)
+                  unsigned flags, struct copier **cp)
 {
     uint64_t c = pbitmap_next_set(s->need, first, end);
     while (c < end) {
@@ -346,6 +355,7 @@ static bool claim(struct cbw *s, uint64_t first, uint64_t end, uint64_t max_run,
     *cp = xmalloc(sizeof(**cp));
     (*cp)->s = s;
     (*cp)->r = r;
+    (*cp)->flags = flags & BREQ_COPY_INLINE;
     cbw_ref(s);
     return true;
 }
@@ -360,7 +370,7 @@ static void wake_on_deadline(void *opaque)
  * wait for copies already under way there.  0, or the first copy error
  * (*read_failed: of the source), or -ETIMEDOUT past deadline_ms (0: none). */
 static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64_t deadline_ms,
-                             bool *read_failed)
+                             unsigned flags, bool *read_failed)
 {
     struct loop_timer *t = NULL;
     int ret = 0;
@@ -383,7 +393,7 @@ static int copy_range_locked(struct cbw *s, uint64_t first, uint64_t end, uint64
             }
         if (s->snapshot_error)
             break;                /* broken snapshot: nothing to protect */
-        if (claim(s, first, end, s->max_run, &cp)) {
+        if (claim(s, first, end, s->max_run, flags, &cp)) {
             if (nmine == cap) {
                 cap = cap ? 2 * cap : 8;
                 mine = xrealloc(mine, cap * sizeof(*mine));
@@ -458,7 +468,8 @@ static void write_co(void *opaque)
 
     clusters_of(s, w->offset, w->req->len, &first, &end);
     pthread_mutex_lock(&s->lock);
-    ret = copy_range_locked(s, first, end, s->timeout_ms ? now_ms() + s->timeout_ms : 0, NULL);
+    ret = copy_range_locked(s, first, end, s->timeout_ms ? now_ms() + s->timeout_ms : 0,
+                            w->req->flags, NULL);
     if (ret < 0 && s->on_error == BREAK_SNAPSHOT) {
         if (!s->snapshot_error)
             s->snapshot_error = ret;
@@ -605,6 +616,12 @@ int cbw_co_snapshot_discard(struct cbw *s, uint64_t offset, uint64_t bytes)
 
 /* ---- the copy engine, for backup jobs ---- */
 
+/* A job's copies run in its loop (the main loop), which only waits for
+ * them: copies of RAM-backed images are done there (BREQ_COPY_INLINE)
+ * rather than handed to the worker pool and back, two thread switches per
+ * read and per write that a loaded machine makes slow. */
+#define JOB_COPY_FLAGS BREQ_COPY_INLINE
+
 void cbw_set_need(struct cbw *s, uint64_t offset, uint64_t bytes, bool need)
 {
     uint64_t first, end;
@@ -663,7 +680,7 @@ int cbw_co_copy(struct cbw *s, uint64_t offset, uint64_t bytes, bool *error_is_r
     clusters_of(s, offset, bytes, &first, &end);
     bool read_failed = false;
     pthread_mutex_lock(&s->lock);
-    int ret = copy_range_locked(s, first, end, 0, &read_failed);
+    int ret = copy_range_locked(s, first, end, 0, JOB_COPY_FLAGS, &read_failed);
     pthread_mutex_unlock(&s->lock);
     if (error_is_read)
         *error_is_read = read_failed;
@@ -756,7 +773,7 @@ int cbw_co_copy_async(struct cbw *s, struct cbw_call *call, uint64_t offset, uin
             continue;
         }
         /* clusters someone else copies are theirs: not waited for here */
-        if (!claim(s, first, end, call->max_run, &cp))
+        if (!claim(s, first, end, call->max_run, JOB_COPY_FLAGS, &cp))
             break;
         first = cp->r->first + cp->r->n;
         if (call->n == call->cap) {

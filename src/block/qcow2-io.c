@@ -876,7 +876,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
                 bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
                 ret = bnode_co_pwritev(s->data, host + in_cl - need_cow_head,
                                        n + need_cow_head + need_cow_tail, all, k,
-                                       BREQ_BEYOND_EOF | (flags & BREQ_FUA));
+                                       BREQ_BEYOND_EOF | (flags & (BREQ_FUA | BREQ_COPY_INLINE)));
             }
             sub_iov_free(&v);
         }
@@ -992,7 +992,7 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
                 bnode_debug_event(s->bs->file, BLKDBG_COW_WRITE);
             bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
             ret = bnode_co_pwritev(s->data, newh + head_from, hlen + n + tlen, all, k,
-                                   BREQ_BEYOND_EOF);
+                                   BREQ_BEYOND_EOF | (flags & BREQ_COPY_INLINE));
         }
         sub_iov_free(&v);
     }
