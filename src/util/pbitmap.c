@@ -34,6 +34,15 @@ struct pbitmap {
     uint64_t *notfull;           /* one bit per page: counts[p] < page_bits(p) */
 };
 
+/* Words read by sum_next() and page_scan() in this thread (one add per
+ * call, not per word). */
+static _Thread_local uint64_t words_read;
+
+uint64_t pbitmap_words_read(void)
+{
+    return words_read;
+}
+
 static uint64_t div_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 static uint64_t page_bits(const struct pbitmap *b, uint64_t p)
@@ -58,12 +67,16 @@ static uint64_t sum_next(const struct pbitmap *b, const uint64_t *sum, uint64_t 
 
     if (p >= b->npages)
         return b->npages;
+    uint64_t w0 = w;
     uint64_t word = sum[w] & (~0ull << (p % 64));
     while (!word) {
-        if (++w >= nwords)
+        if (++w >= nwords) {
+            words_read += w - w0;
             return b->npages;
+        }
         word = sum[w];
     }
+    words_read += w - w0 + 1;
     p = w * 64 + (uint64_t)__builtin_ctzll(word);
     return p < b->npages ? p : b->npages;
 }
@@ -241,15 +254,18 @@ void pbitmap_clear_all(struct pbitmap *b)
 /* Within an allocated page: first bit in [lo, hi) equal to `want`, or hi. */
 static uint64_t page_scan(const uint64_t *pg, uint64_t lo, uint64_t hi, bool want)
 {
-    for (uint64_t w = lo / 64; w * 64 < hi; w++) {
+    uint64_t w = lo / 64;
+    for (; w * 64 < hi; w++) {
         uint64_t word = want ? pg[w] : ~pg[w];
         if (w == lo / 64)
             word &= ~0ull << (lo % 64);
         if (word) {
+            words_read += w - lo / 64 + 1;
             uint64_t bit = w * 64 + (uint64_t)__builtin_ctzll(word);
             return bit < hi ? bit : hi;
         }
     }
+    words_read += w - lo / 64;
     return hi;
 }
 

@@ -46,6 +46,10 @@ void pbitmap_clear_all(struct pbitmap *b);
 /* First set (clear) bit in [start, end), or end if none. */
 uint64_t pbitmap_next_set(const struct pbitmap *b, uint64_t start, uint64_t end);
 uint64_t pbitmap_next_clear(const struct pbitmap *b, uint64_t start, uint64_t end);
+/* How many 64-bit words (of pages and of the page summaries) the searches
+ * above have read in this thread so far: the work a walk costs, counted
+ * instead of timed (test-pbitmap bounds it by what the walk covers). */
+uint64_t pbitmap_words_read(void);
 
 /* dst |= src, both of the same size. */
 void pbitmap_merge(struct pbitmap *dst, const struct pbitmap *src);
