@@ -11,6 +11,7 @@ or polls to wait for a daemon.
 """
 import contextlib
 import ctypes
+import fcntl
 import faulthandler
 import json
 import os
@@ -599,6 +600,39 @@ def require_localhost():
     except socket.gaierror as e:
         pytest.fail("this test needs the name 'localhost' to resolve "
                     "(a line for it in /etc/hosts): %s" % e)
+
+
+FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+@pytest.fixture
+def uring_param():
+    """set(True/False): the fuse module's enable_uring, restored afterwards.
+    The parameter is one for the whole machine: the fixture holds an
+    exclusive lock on it from setup to restore, so test sessions sharing
+    the machine (or pytest workers) do not flip it under each other's
+    exports (test_fuse_io_uring_teardown_under_io found the rings
+    'disabled in the kernel' 2 runs in 10 while another session ran)."""
+    if not os.path.exists(FUSE_URING_PARAM):
+        pytest.skip("kernel without FUSE over io_uring")
+    lock = open("/tmp/bexd-test-fuse-enable-uring.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(FUSE_URING_PARAM) as f:
+            old = f.read().strip()
+
+        def set_(on):
+            try:
+                with open(FUSE_URING_PARAM, "w") as f:
+                    f.write("Y" if on else "N")
+            except OSError as e:
+                pytest.skip("cannot set enable_uring: %s" % e)
+
+        yield set_
+        with open(FUSE_URING_PARAM, "w") as f:
+            f.write(old)
+    finally:
+        lock.close()
 
 
 @pytest.fixture

@@ -21,10 +21,9 @@ import time
 import pytest
 
 import needs
-from conftest import IMPLS, QMP, QMPError, DaemonFailure, stop_process
+from conftest import IMPLS, QMP, QMPError, DaemonFailure, stop_process, tool_text, tool_json
 
 MiB = 1 << 20
-URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 fuse_only = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -106,26 +105,6 @@ def daemon(tmpdir_short):
     assert not failures, "\n\n".join(failures)
 
 
-@pytest.fixture
-def uring_param():
-    """set(True/False): the fuse module's enable_uring, restored afterwards."""
-    if not os.path.exists(URING_PARAM):
-        pytest.skip("kernel without FUSE over io_uring")
-    with open(URING_PARAM) as f:
-        old = f.read().strip()
-
-    def set_(on):
-        try:
-            with open(URING_PARAM, "w") as f:
-                f.write("Y" if on else "N")
-        except OSError as e:
-            pytest.skip("cannot set enable_uring: %s" % e)
-
-    yield set_
-    with open(URING_PARAM, "w") as f:
-        f.write(old)
-
-
 def epoll_watch(pid):
     """{watched fd: set of epoll fds watching it} of process pid."""
     out = {}
@@ -170,9 +149,9 @@ def fio(path, cwd, *extra, runtime=None):
     args += list(extra)
     r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
                        timeout=300)
-    assert r.returncode == 0, r.stderr.decode()
+    assert r.returncode == 0, tool_text(r.stderr)
     # fio may print a note before the JSON
-    return json.loads(r.stdout[r.stdout.index(b"{"):])
+    return tool_json(r.stdout[r.stdout.index(b"{"):])
 
 
 def verify_job(path, cwd, jobs=1):
@@ -651,8 +630,8 @@ def vub_cmd(sock, *args, nq=1):
 def vub_json(sock, *args, nq=1, env=None):
     r = subprocess.run(vub_cmd(sock, *args, nq=nq), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=120, env=env)
-    out = r.stdout.decode().strip().splitlines()
-    assert r.returncode == 0, (r.returncode, out, r.stderr.decode())
+    out = tool_text(r.stdout).strip().splitlines()
+    assert r.returncode == 0, (r.returncode, out, tool_text(r.stderr))
     return json.loads(out[-1])
 
 
@@ -714,7 +693,7 @@ def test_vhost_queues_over_iothreads(daemon, image, tmpdir_short):
             p.kill()
             p.wait()
     assert p.returncode == 0, err
-    res = json.loads(out.decode().strip().splitlines()[-1])
+    res = json.loads(tool_text(out).strip().splitlines()[-1])
     assert res == dict(res, checked=4 * 16 * 6, mismatches=0, failed=0), res
     # the data is in the image: what queue 1 wrote in round 5 ...
     assert vub_json(sock, "mqverify", 4096, 16, 1, nq=4)["mismatches"] == 0

@@ -434,7 +434,7 @@ def vub_verify_while(q, sock, targets, img, secs=3):
     """vub-client writes and reads back 64 KiB patterns for secs while the
     export moves through targets (cyclically); returns the number of moves."""
     p = subprocess.Popen([VUB, sock, "verify", str(secs)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, errors="replace")
     assert json.loads(p.stdout.readline()) == {"started": True}
     moves = 0
     while targets and p.poll() is None:
@@ -493,7 +493,8 @@ def test_vhost_move_between_iothreads(start_daemon, image, tmpdir_short):
     tids = iothread_tids(q)
     assert vub_verify_while(q, sock, ["io1", "io0", None, "io0"], img) > 3
     p = subprocess.Popen([VUB, sock, "bench", "randwrite", "4096", "16",
-                          "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, errors="replace")
     assert json.loads(p.stdout.readline()) == {"started": True}
     for k in range(20):
         assert move(q, "f", ["io1", "io0"][k % 2]) == {}
@@ -645,9 +646,11 @@ def test_fuse_move_under_io(fuse_daemon):
 
 
 @fuse_only
-def test_fuse_uring_export_refused(fuse_daemon):
+def test_fuse_uring_export_refused(fuse_daemon, uring_param):
     """Over io_uring (bexd's __org.bexd_io-uring) the rings stay in their
-    loop: refused, nothing moved."""
+    loop: refused, nothing moved.  The kernel must allow the rings (with
+    enable_uring N the export serves /dev/fuse and may move)."""
+    uring_param(True)
     d, mnt, img = fuse_daemon("bexd", extra=",__org.bexd_io-uring=on")
     q = d.qmp()
     with pytest.raises(QMPError) as e:
