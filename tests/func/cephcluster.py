@@ -27,6 +27,7 @@ import time
 import uuid
 
 import pytest
+from conftest import tool_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UP = os.path.join(ROOT, "tests", "ceph", "ceph-up.sh")
@@ -65,8 +66,8 @@ class CephCluster:
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90, env=env)
         if r.returncode != 0:
             subprocess.run(["bash", DOWN, path], timeout=30)
-            raise RuntimeError("ceph-up.sh failed:\n" + r.stderr.decode())
-        self.env = dict(l.split("=", 1) for l in r.stdout.decode().split())
+            raise RuntimeError("ceph-up.sh failed:\n" + tool_text(r.stderr))
+        self.env = dict(l.split("=", 1) for l in tool_text(r.stdout).split())
         self.conf = self.env["CEPH_CONF"]
         self.timeout_conf = self.env.get("CEPH_CONF_TIMEOUT")
         self.mon_port = self.env["CEPH_MON_PORT"]
@@ -76,7 +77,7 @@ class CephCluster:
         r = subprocess.run(["rbd", "-c", self.conf] + list(args), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, timeout=timeout)
         if check and r.returncode != 0:
-            raise AssertionError("rbd %s -> %d: %s" % (args, r.returncode, r.stderr.decode()))
+            raise AssertionError("rbd %s -> %d: %s" % (args, r.returncode, tool_text(r.stderr)))
         return r
 
     def key(self):
@@ -84,7 +85,7 @@ class CephCluster:
         if self._key is None:
             self._key = subprocess.check_output(
                 ["ceph-authtool", "-p", "-n", "client.admin", self.env["CEPH_KEYRING"]],
-                timeout=30).decode().strip()
+                timeout=30).decode(errors="replace").strip()
         return self._key
 
     def new_image(self, size="16M", prefix="img"):
@@ -142,7 +143,7 @@ class CephCluster:
                 break
             if r.returncode == 0:
                 return
-            last = r.stderr.decode()
+            last = tool_text(r.stderr)
         raise AssertionError("cluster not serving again by the deadline: %s" % last)
 
     def stop(self):

@@ -1,6 +1,5 @@
 """Helpers for the qcow2 tests: images made by qemu-img/qemu-io 7.2, and a
 generator of small hand-made (possibly hostile) qcow2 files."""
-import json
 import os
 import random
 import shutil
@@ -9,6 +8,7 @@ import subprocess
 import tempfile
 
 import pytest
+from conftest import tool_text, tool_json
 
 MiB = 1 << 20
 
@@ -33,7 +33,7 @@ def first_difference(a, b):
 def assert_clean(img):
     """qemu-img check finds neither corruption nor leak."""
     r = subprocess.run(["qemu-img", "check", "--output=json", img], stdout=subprocess.PIPE)
-    info = json.loads(r.stdout)
+    info = tool_json(r.stdout)
     assert info.get("corruptions", 0) == 0, info
     assert info.get("leaks", 0) == 0, info
     assert r.returncode == 0, info
@@ -78,8 +78,8 @@ def nbd_random_ops(uri, mirror_path, seed, nops=100):
 
 def run(*args):
     r = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert r.returncode == 0, (args, r.stderr.decode())
-    return r.stdout.decode()
+    assert r.returncode == 0, (args, tool_text(r.stderr))
+    return tool_text(r.stdout)
 
 
 def qemu_img(*args):

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 
 import pytest
+from conftest import tool_text, tool_json
 
 MiB = 1 << 20
 
@@ -322,7 +323,7 @@ def qemu_io(uri, *cmds):
         argv += ["-c", c]
     r = subprocess.run(argv + [uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=120)
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     assert r.returncode == 0 and "failed" not in out and "error" not in out.lower(), out
     return out
 
@@ -640,7 +641,7 @@ def small_fs(tmpdir_short):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", mnt],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if r.returncode:
-        pytest.skip("cannot mount a tmpfs: %s" % r.stdout.decode().strip())
+        pytest.skip("cannot mount a tmpfs: %s" % tool_text(r.stdout).strip())
     yield mnt
     subprocess.run(["umount", "-l", mnt])
 
@@ -946,7 +947,7 @@ def img_check(path):
     r = subprocess.run(["qemu-img", "check", "-U", "--output=json", path],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert r.returncode == 0, r.stdout
-    c = json.loads(r.stdout)
+    c = tool_json(r.stdout)
     assert (c["check-errors"], c.get("corruptions", 0), c.get("leaks", 0)) == (0, 0, 0), c
     return c
 

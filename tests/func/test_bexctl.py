@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 import needs
-from conftest import BEXCTL
+from conftest import BEXCTL, tool_text
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def bexctl_built():
 def ctl(sock, *args):
     r = subprocess.run([BEXCTL, "-s", sock] + list(args), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=30)
-    return r.returncode, r.stdout.decode(), r.stderr.decode()
+    return r.returncode, tool_text(r.stdout), tool_text(r.stderr)
 
 
 def test_query_pretty_and_one_line(impl, start_daemon):

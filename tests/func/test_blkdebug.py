@@ -511,7 +511,8 @@ def test_qcow2_metadata_event_fails_the_request(setup, tmpdir_short, event, scen
     setup.qmp.wait_event("BLOCK_EXPORT_DELETED")
     setup.qmp.execute("blockdev-del", **{"node-name": "top"})
     assert setup.daemon.alive()
-    res = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
+    res = subprocess.run(["qemu-img", "check", img], capture_output=True,
+                         text=True, errors="replace")
     assert res.returncode == 0 and "No errors were found" in res.stdout, res.stdout
     raw = os.path.join(tmpdir_short, "q.raw")
     subprocess.run(["qemu-img", "convert", "-O", "raw", img, raw], check=True)
@@ -521,7 +522,7 @@ def test_qcow2_metadata_event_fails_the_request(setup, tmpdir_short, event, scen
     if scenario == "snapshot":
         # the snapshot still holds what it held
         res = subprocess.run(["qemu-img", "snapshot", "-l", img], capture_output=True,
-                             text=True, check=True)
+                             text=True, errors="replace", check=True)
         assert "s1" in res.stdout
         snap = os.path.join(tmpdir_short, "s.raw")
         subprocess.run(["qemu-img", "convert", "-O", "raw", "-l", "snapshot.name=s1", img,
@@ -615,5 +616,6 @@ def test_compressed_write_events_fail_the_backup(setup, tmpdir_short, event):
     assert e["data"]["offset"] < 4 * MiB
     setup.qmp.execute("blockdev-del", **{"node-name": "t"})
     assert setup.daemon.alive()
-    res = subprocess.run(["qemu-img", "check", tgt], capture_output=True, text=True)
+    res = subprocess.run(["qemu-img", "check", tgt], capture_output=True,
+                         text=True, errors="replace")
     assert res.returncode == 0 and "No errors were found" in res.stdout, res.stdout

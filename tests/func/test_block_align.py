@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
+from conftest import tool_text
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -184,9 +185,9 @@ def test_nbdsh_unaligned(setup):
               "print(h.pread(400, 1000000).hex())\n" % (setup.uri, data))
     r = subprocess.run(["nbdsh", "-c", script], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=60, env=ENV)
-    assert r.returncode == 0, r.stderr.decode()
+    assert r.returncode == 0, tool_text(r.stderr)
     setup.model[1000001:1000001 + 333] = data
-    assert bytes.fromhex(r.stdout.decode().strip()) == bytes(setup.model[1000000:1000400])
+    assert bytes.fromhex(tool_text(r.stdout).strip()) == bytes(setup.model[1000000:1000400])
     setup.check_image()
 
 
@@ -198,8 +199,8 @@ def test_qemu_io_unaligned(setup):
         argv += ["-c", c]
     r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=60, env=ENV)
-    out = r.stdout.decode()
-    assert r.returncode == 0, r.stderr.decode()
+    out = tool_text(r.stdout)
+    assert r.returncode == 0, tool_text(r.stderr)
     assert "Pattern verification failed" not in out, out
     assert out.count("read ") == 3, out
     setup.model[1000:4000] = b"\x5a" * 3000

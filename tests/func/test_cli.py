@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import IMPLS, run_daemon_expect_fail
+from conftest import IMPLS, run_daemon_expect_fail, tool_text
 
 # getopt's own messages carry argv[0] as invoked (qsd); bexd always says "bexd"
 PREFIX = re.compile(r"^(\S*/)?(bexd|qemu-storage-daemon): ")
@@ -136,7 +136,7 @@ def test_monitor_readline_refused(impl, tmpdir_short):
 def test_help(impl):
     r = subprocess.run([IMPLS[impl], "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert r.returncode == 0 and r.stderr == b""
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     assert re.match(r"Usage: (bexd|qemu-storage-daemon) \[options\]\n", out)
     for opt in ("-h, --help", "-V, --version", "--blockdev", "--chardev", "--daemonize",
                 "--export", "--monitor", "--nbd-server", "--object", "--pidfile", "-T, --trace"):
@@ -149,7 +149,7 @@ def test_version(impl):
     for opt in ("-V", "--version"):
         r = subprocess.run([IMPLS[impl], opt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert r.returncode == 0 and r.stderr == b""
-        first = r.stdout.decode().splitlines()[0]
+        first = tool_text(r.stdout).splitlines()[0]
         assert re.match(r"(bexd|qemu-storage-daemon) version \d+\.\d+\.\d+", first), first
 
 
@@ -166,13 +166,13 @@ def test_version(impl):
 def test_object_type_help(impl, type, props):
     r = subprocess.run([IMPLS[impl], "--object", type + ",help"], stdout=subprocess.PIPE)
     assert r.returncode == 0
-    assert r.stdout.decode() == "%s options:\n" % type + "".join("  %s\n" % p for p in props)
+    assert tool_text(r.stdout) == "%s options:\n" % type + "".join("  %s\n" % p for p in props)
 
 
 def test_object_help(impl):
     r = subprocess.run([IMPLS[impl], "--object", "help"], stdout=subprocess.PIPE)
     assert r.returncode == 0
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     assert out.startswith("List of user creatable objects:\n")
     for t in ("iothread", "secret", "authz-simple", "tls-creds-x509"):
         assert "  %s\n" % t in out

@@ -128,7 +128,7 @@ def test_same_image_as_qsd(start_daemon, tmpdir_short, name):
     img = os.path.join(files["bexd"], name + ".qcow2")
     spec = {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": img}}
     r = subprocess.run(["qemu-img", "check", "--output=json", "json:" + json.dumps(spec)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     assert r.returncode == 0, r.stdout + r.stderr
     check = json.loads(r.stdout)
     assert check.get("leaks", 0) == 0 and check.get("corruptions", 0) == 0
@@ -145,7 +145,7 @@ def test_qemu_img_reads_it_as_qsds(start_daemon, tmpdir_short):
         q = start_daemon(impl).qmp()
         assert "error" not in create_qcow2(q, tmp, "i", opts)
         r = subprocess.run(["qemu-img", "info", "--output=json", os.path.join(tmp, "i.qcow2")],
-                           stdout=subprocess.PIPE, check=True, text=True)
+                           stdout=subprocess.PIPE, check=True, text=True, errors="replace")
         infos[impl] = json.loads(r.stdout.replace(tmp, "@DIR@"))
     for i in infos.values():
         i.pop("actual-size", None)
@@ -162,7 +162,8 @@ def test_writable_by_qemu_io(start_daemon, tmpdir_short):
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", img],
                    check=True, stdout=subprocess.DEVNULL)
     r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 1M 64k",
-                        "-c", "read -P 0 0 1M", img], stdout=subprocess.PIPE, text=True)
+                        "-c", "read -P 0 0 1M", img], stdout=subprocess.PIPE,
+                        text=True, errors="replace")
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout
     subprocess.run(["qemu-img", "check", "-f", "qcow2", img], check=True,
                    stdout=subprocess.DEVNULL)
@@ -233,7 +234,7 @@ def test_inline_file_node(impl, start_daemon, image):
     # the inline node was only for the job
     assert q.execute("query-named-block-nodes") == []
     r = subprocess.run(["qemu-img", "info", "--output=json", img], stdout=subprocess.PIPE,
-                       check=True, text=True)
+                       check=True, text=True, errors="replace")
     assert json.loads(r.stdout)["virtual-size"] == 2 * MiB
 
 

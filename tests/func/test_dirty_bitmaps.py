@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import needs
-from conftest import BUILD
+from conftest import BUILD, tool_text, tool_json
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -73,7 +73,7 @@ def nbdinfo_map(sock, name, ctx):
     r = subprocess.run(["nbdinfo", "--map=" + ctx, uri(sock, name)], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, timeout=60)
     assert r.returncode == 0, r.stderr
-    return [l.split() for l in r.stdout.decode().splitlines()]
+    return [l.split() for l in tool_text(r.stdout).splitlines()]
 
 
 def expect_error(qmp, cmd, desc, cls="GenericError", **args):
@@ -274,12 +274,12 @@ def test_nbd_writes_and_maps(impl, daemon):
                         "driver=nbd,export=x,server.type=unix,server.path=%s,"
                         "x-dirty-bitmap=qemu:dirty-bitmap:en" % sock],
                        stdout=subprocess.PIPE, check=True, timeout=60)
-    got = [(m["start"], m["length"], m["data"]) for m in json.loads(r.stdout)]
+    got = [(m["start"], m["length"], m["data"]) for m in tool_json(r.stdout)]
     assert got == [(int(a), int(b), c == "clean") for a, b, _, c in MAP_64K]
     # the contexts listed, in QEMU's order
     r = subprocess.run(["nbdinfo", "--list", "--json", uri(sock, "x")],
                        stdout=subprocess.PIPE, check=True, timeout=60)
-    ctx = json.loads(r.stdout)["exports"][0]["contexts"]
+    ctx = tool_json(r.stdout)["exports"][0]["contexts"]
     assert ctx == ["base:allocation", "qemu:dirty-bitmap:dis", "qemu:dirty-bitmap:en",
                    "qemu:dirty-bitmap:en512"]
 
@@ -310,7 +310,7 @@ print(json.dumps(out))
     r = subprocess.run(["/usr/bin/python3", "-c", script.replace("URI", repr(uri(sock, "x")))],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = tool_json(r.stdout)
     assert out["qemu:dirty-bitmap:a"] == [
         [65536, 0, 65536, 1, 3 * MiB - 131072, 0, MiB, 1, 4 * MiB, 0],
         [65536, 1]]
@@ -339,10 +339,10 @@ def test_vhost_user_blk_writes_mark(impl, start_daemon, image, tmpdir_short):
     qmp.execute("block-dirty-bitmap-add", node="disk", name="b", granularity=4096)
     r = subprocess.run([VUB, sock, "write", str(5 * MiB), "8192", "7"],
                        stdout=subprocess.PIPE, timeout=60)
-    assert json.loads(r.stdout.decode().splitlines()[-1])["status"] == 0
+    assert json.loads(tool_text(r.stdout).splitlines()[-1])["status"] == 0
     # write zeroes (type 13) of 8 sectors at sector 100
     r = subprocess.run([VUB, sock, "req", "13", "100", "8"], stdout=subprocess.PIPE, timeout=60)
-    assert json.loads(r.stdout.decode().splitlines()[-1])["status"] == 0
+    assert json.loads(tool_text(r.stdout).splitlines()[-1])["status"] == 0
     assert bitmap(qmp, "disk", "b")["count"] == 8192 + 2 * 4096   # 51200..55296: 2 granules
 
 

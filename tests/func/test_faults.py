@@ -29,7 +29,7 @@ import time
 import pytest
 
 import needs
-from conftest import BUILD, TIMER_EARLY
+from conftest import BUILD, TIMER_EARLY, tool_text
 
 import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
@@ -166,13 +166,13 @@ class VubFront:
         return r
 
     def status(self, n, *args):
-        return json.loads(self.run(n, *args).stdout.decode().strip().splitlines()[-1])["status"]
+        return json.loads(tool_text(self.run(n, *args).stdout).strip().splitlines()[-1])["status"]
 
     def read(self, n, off=0, ln=4096):
         r = self.run(n, "read", off, ln)
         if len(r.stdout) == ln:
             return 0, r.stdout
-        return json.loads(r.stderr.decode().strip().splitlines()[-1])["status"], None
+        return json.loads(tool_text(r.stderr).strip().splitlines()[-1])["status"], None
 
     def write(self, n, data, off=0):
         # vub-client writes its own pattern: the data check reads it back

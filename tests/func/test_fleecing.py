@@ -14,6 +14,7 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import tool_text
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -61,7 +62,7 @@ def qemu_io(uri, *cmds, ro=False, check=True):
         argv += ["-c", c]
     r = subprocess.run(argv + [uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=120)
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     if check:
         assert r.returncode == 0 and "failed" not in out and "error" not in out.lower(), out
     return out

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import QMPError, run_daemon_expect_fail, IMPLS
+from conftest import QMPError, run_daemon_expect_fail, IMPLS, tool_text, tool_json
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -424,9 +424,9 @@ def test_many_in_flight(impl, fuse, image, tmpdir_short):
     if impl == "qsd" and r.returncode != 0:
         # qsd 7.2 serves requests from nested event-loop polls that reuse its
         # one receive buffer: concurrent writes land with the wrong payload.
-        pytest.xfail("qsd 7.2 corrupts concurrent FUSE writes: " + r.stderr.decode()[:200])
-    assert r.returncode == 0, r.stderr.decode()
-    job = json.loads(r.stdout)["jobs"][0]
+        pytest.xfail("qsd 7.2 corrupts concurrent FUSE writes: " + tool_text(r.stderr)[:200])
+    assert r.returncode == 0, tool_text(r.stderr)
+    job = tool_json(r.stdout)["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 32 * MiB
 

@@ -183,7 +183,7 @@ def test_nbdinfo_unknown_export_fails(exp):
 def test_nbdsh_script(exp):
     script = ("h.set_export_name('disk0'); h.connect_unix(%r); "
               "print(h.get_size()); print(h.pread(8, 0).hex())" % exp.sock)
-    out = run("nbdsh", "-c", script).stdout.decode().split()
+    out = tool_text(run("nbdsh", "-c", script).stdout).split()
     assert out == [str(SIZE), HEAD[:8].hex()]
 
 
@@ -486,7 +486,7 @@ def test_fio_verify(exp):
             "--bs=4k", "--iodepth=8", "--size=8M", "--offset=8M", "--verify=crc32c",
             "--do_verify=1", "--verify_state_save=0", "--runtime=5",
             "--output-format=json", timeout=120)
-    job = json.loads(r.stdout[r.stdout.index(b"{"):])["jobs"][0]
+    job = tool_json(r.stdout[r.stdout.index(b"{"):])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 8 << 20
     assert job["read"]["io_bytes"] == 8 << 20    # the verify pass

@@ -11,14 +11,14 @@ import nbd
 import pytest
 
 import needs
-from conftest import BEXCTL
+from conftest import BEXCTL, tool_text
 
 TMUX = shutil.which("tmux")
 
 
 def ctl(sock, *args):
     r = subprocess.run([BEXCTL, "-s", sock] + list(args), capture_output=True, timeout=60)
-    return r.returncode, r.stdout.decode(), r.stderr.decode()
+    return r.returncode, tool_text(r.stdout), tool_text(r.stderr)
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_top_in_tmux(served, tmpdir_short):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             screen = subprocess.run([TMUX] + sock_opt + ["capture-pane", "-p", "-t", session],
-                                    capture_output=True, timeout=30).stdout.decode()
+                                    capture_output=True, timeout=30).stdout.decode(errors="replace")
             m = re.search(r"^e0\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
                           screen, re.M)
             # a frame with a rate: writes per second and MiB/s above zero

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import needs
-from conftest import BUILD
+from conftest import BUILD, tool_text
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 UNITS = ["bexd.service", "bexd.socket", "bexd@.service", "bexd@.socket"]
@@ -20,7 +20,7 @@ def installed(tmp_path_factory):
     dest = str(tmp_path_factory.mktemp("destdir"))
     r = subprocess.run(["meson", "install", "-C", BUILD, "--no-rebuild", "--destdir", dest],
                        capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    assert r.returncode == 0, tool_text(r.stdout) + tool_text(r.stderr)
     files = set()
     for root, _, names in os.walk(dest):
         for n in names:
@@ -45,21 +45,21 @@ def test_files(installed):
 def man_text(dest, files, page):
     r = subprocess.run(["man", "-l", os.path.join(dest, find(files, page))],
                        capture_output=True, timeout=60, env=dict(os.environ, MANWIDTH="100"))
-    assert r.returncode == 0, r.stderr.decode()
-    return r.stdout.decode()
+    assert r.returncode == 0, tool_text(r.stderr)
+    return tool_text(r.stdout)
 
 
 def test_bexd_manual_covers_every_option(installed):
     dest, files = installed
     text = man_text(dest, files, "man8/bexd.8")
     bexd = os.path.join(dest, find(files, "sbin/bexd"))
-    help_text = subprocess.run([bexd, "--help"], capture_output=True, timeout=60).stdout.decode()
+    help_text = tool_text(subprocess.run([bexd, "--help"], capture_output=True, timeout=60).stdout)
     options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", help_text))
     assert len(options) >= 10
     for opt in options:
         assert opt in text, "bexd(8) does not mention %s" % opt
     objs = subprocess.run([bexd, "--object", "help"], capture_output=True,
-                          timeout=60).stdout.decode().splitlines()[1:]
+                          timeout=60).stdout.decode(errors="replace").splitlines()[1:]
     objs = [o.strip() for o in objs if o.strip()]
     for o in objs:
         assert o in text, "bexd(8) does not mention object %s" % o
@@ -90,7 +90,7 @@ def test_units_verify(installed, tmp_path):
                         str(tmp_path / "bexd.socket"), str(tmp_path / "bexd.service"),
                         str(tmp_path / "bexd@demo.service"), str(tmp_path / "bexd@demo.socket")],
                        capture_output=True, timeout=120)
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr.decode()
+    assert r.returncode == 0 and not r.stderr.strip(), tool_text(r.stderr)
     service = (tmp_path / "bexd.service").read_text()
     for line in ["Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID",
                  "NoNewPrivileges=yes", "ProtectSystem=full", "SystemCallFilter=@system-service"]:
@@ -118,7 +118,7 @@ def test_default_arguments_start_a_socket_activated_daemon(installed, tmp_path):
         assert b"Listening on" in p.stderr.readline()
         r = subprocess.run(["nbdinfo", "--list", "nbd+unix://?socket=" + nbd_sock],
                            capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stderr.decode()     # no exports yet, but serving
+        assert r.returncode == 0, tool_text(r.stderr)     # no exports yet, but serving
         from conftest import QMP
         q = QMP(str(tmp_path / "qmp.sock"))
         assert q.execute("query-block-exports") == []

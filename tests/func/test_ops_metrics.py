@@ -14,7 +14,7 @@ import nbd
 import pytest
 
 import needs
-from conftest import run_daemon_expect_fail
+from conftest import run_daemon_expect_fail, tool_text
 from nbdwire import free_tcp_port
 
 PROMETHEUS = shutil.which("prometheus")
@@ -23,7 +23,7 @@ PROMTOOL = shutil.which("promtool")
 
 def scrape(port, path="/metrics"):
     with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
-        return r.status, r.headers.get("Content-Type"), r.read().decode()
+        return r.status, r.headers.get("Content-Type"), tool_text(r.read())
 
 
 def parse(text):
@@ -114,7 +114,7 @@ def test_exposition(served):
     if PROMTOOL:
         r = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
                            capture_output=True, timeout=60)
-        assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+        assert r.returncode == 0, tool_text(r.stdout) + tool_text(r.stderr)
     # other paths and methods
     with pytest.raises(urllib.error.HTTPError) as e:
         scrape(port, "/")

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import needs
-from conftest import ROOT
+from conftest import ROOT, tool_text
 
 DPKG_BUILDPACKAGE = shutil.which("dpkg-buildpackage")
 LINTIAN = shutil.which("lintian")
@@ -34,7 +34,7 @@ def source_files():
     try:
         r = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True)
         if r.returncode == 0:
-            return r.stdout.decode().split("\0")
+            return tool_text(r.stdout).split("\0")
     except FileNotFoundError:
         pass
     ignored_top = ("build", "obj-", ".git")
@@ -65,7 +65,7 @@ def package(tmp_path_factory):
     env = dict(os.environ, DEB_BUILD_OPTIONS="nocheck noautodbgsym parallel=%d" % (os.cpu_count() or 1))
     r = subprocess.run([DPKG_BUILDPACKAGE, "-us", "-uc", "-b"], cwd=src, env=env,
                        capture_output=True, timeout=1200)
-    assert r.returncode == 0, (r.stdout.decode() + r.stderr.decode())[-4000:]
+    assert r.returncode == 0, (tool_text(r.stdout) + tool_text(r.stderr))[-4000:]
     [deb] = [os.path.join(base, f) for f in os.listdir(base)
              if re.match(r"bexd_.*_amd64\.deb$", f) or re.match(r"bexd_.*_[a-z0-9]+\.deb$", f)]
     changes = [os.path.join(base, f) for f in os.listdir(base) if f.endswith(".changes")][0]
@@ -75,7 +75,7 @@ def package(tmp_path_factory):
 def test_contents(package):
     deb, _ = package
     listing = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, check=True,
-                             timeout=60).stdout.decode()
+                             timeout=60).stdout.decode(errors="replace")
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
     for p in ["/usr/sbin/bexd", "/usr/bin/bexctl", "/usr/share/man/man8/bexd.8.gz",
               "/usr/share/man/man1/bexctl.1.gz", "/lib/systemd/system/bexd.service",
@@ -87,7 +87,7 @@ def test_contents(package):
     # nothing of the test tree
     assert not [p for p in paths if "vub-client" in p or "/tests/" in p]
     info = subprocess.run(["dpkg-deb", "-I", deb], capture_output=True, check=True,
-                          timeout=60).stdout.decode()
+                          timeout=60).stdout.decode(errors="replace")
     assert "Package: bexd" in info and "Depends:" in info
     tmp = os.path.dirname(deb) + "/ctl"
     subprocess.run(["dpkg-deb", "-e", deb, tmp], check=True, timeout=60)
@@ -108,8 +108,8 @@ def test_lintian_no_errors(package):
     _, changes = package
     r = subprocess.run([LINTIAN, "--fail-on", "error", changes], capture_output=True,
                        timeout=600)
-    out = r.stdout.decode()
-    assert r.returncode == 0, out + r.stderr.decode()
+    out = tool_text(r.stdout)
+    assert r.returncode == 0, out + tool_text(r.stderr)
     assert not [line for line in out.splitlines() if line.startswith("E:")], out
 
 
@@ -130,11 +130,12 @@ def test_build_depends_complete():
         names |= set(re.findall(r"dependency\(\s*'([^']+)'", open(f).read()))
     missing = []
     for name in sorted(names - skip):
-        r = subprocess.run(["pkg-config", "--path", name], capture_output=True, text=True)
+        r = subprocess.run(["pkg-config", "--path", name], capture_output=True,
+                           text=True, errors="replace")
         if r.returncode != 0:
             continue            # an optional library this machine lacks
         owner = subprocess.run(["dpkg", "-S", r.stdout.strip()], capture_output=True,
-                               text=True)
+                               text=True, errors="replace")
         # "zlib1g-dev:amd64: /usr/lib/x86_64-linux-gnu/pkgconfig/zlib.pc"
         owners = owner.stdout.split(": ")[0] if owner.returncode == 0 else ""
         pkgs = {p.strip().split(":")[0] for p in owners.split(",") if p.strip()}

@@ -11,7 +11,7 @@ import time
 import nbd
 import pytest
 
-from conftest import BEXD
+from conftest import BEXD, tool_text
 from nbdwire import CMD_READ, Conn
 
 BLOCK = 4096
@@ -98,7 +98,7 @@ def test_sigterm_under_load_keeps_acknowledged_writes(image, tmpdir_short):
             if p.poll() is not None and all(not inflight[h] for h in handles):
                 break
         assert p.wait(timeout=60) == 0
-        err = p.stderr.read().decode()
+        err = tool_text(p.stderr.read())
         assert "shutting down (Terminated)" in err
         assert "left export 'e0' (server shutting down)" in err
         assert err.rstrip().endswith("bexd: info: stopped")
@@ -136,11 +136,11 @@ def test_deadline_names_stuck_client(image, tmpdir_short):
             c.request(CMD_READ, 0, 1 << 20)
         # the connection is attached and its requests queued once the QMP-less
         # log line shows it; then stop
-        line = p.stderr.readline().decode()
+        line = tool_text(p.stderr.readline())
         assert "attached to export 'e0'" in line, line
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 1
-        err = p.stderr.read().decode()
+        err = tool_text(p.stderr.read())
         assert "shutdown did not finish within 1 s; exiting anyway" in err
         assert "of export 'e0' still has" in err and "requests in flight" in err
         assert "export 'e0' (nbd, node 'disk') not removed yet: 1 clients" in err

@@ -10,7 +10,7 @@ import nbd
 import pytest
 
 import needs
-from conftest import BUILD, QMPError
+from conftest import BUILD, QMPError, tool_text, tool_json
 
 VUB = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
 
@@ -41,7 +41,7 @@ def qemu_io(sock, *cmds):
         argv += ["-c", c]
     r = subprocess.run(argv + ["nbd+unix:///disk?socket=" + sock], capture_output=True,
                        timeout=60)
-    assert r.returncode == 0, r.stderr.decode()
+    assert r.returncode == 0, tool_text(r.stderr)
 
 
 def test_blockstats_shape(impl, start_daemon, image, tmpdir_short):
@@ -201,7 +201,7 @@ def test_export_clients_vhost_user(start_daemon, tmpdir_short):
     assert t["read-total-time-ns"] >= 0.4e9
     # a write to a read-only export fails and is counted as failed
     r = subprocess.run([VUB, sock, "write", "0", "4096", "1"], capture_output=True, timeout=30)
-    assert json.loads(r.stdout) == {"status": 1}
+    assert tool_json(r.stdout) == {"status": 1}
     t = q.execute("__org.bexd_query-export-clients", id="v0")[0]["totals"]
     assert t["failed-operations"] == 1 and t["write-operations"] == 0
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import needs
-from conftest import BEXD, LATE, QMP, BUILD, adopting, stop_daemonized, stop_process
+from conftest import BEXD, LATE, QMP, BUILD, adopting, stop_daemonized, stop_process, tool_text
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 VUB = os.path.join(BUILD, "tests", "vhost", "vub-client")
@@ -27,8 +27,8 @@ def nbd_read(sock, name, length=512):
     r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -v 0 %d" % length,
                         "nbd+unix:///%s?socket=%s" % (name, sock)],
                        capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr.decode()
-    return r.stdout.decode()
+    assert r.returncode == 0, tool_text(r.stderr)
+    return tool_text(r.stdout)
 
 
 class Activated:
@@ -46,7 +46,7 @@ class Activated:
                                      stderr=subprocess.PIPE, env=env)
         # the listening sockets exist once the tool says so on stderr
         for n in names:
-            line = self.proc.stderr.readline().decode()
+            line = tool_text(self.proc.stderr.readline())
             assert "Listening on" in line, line
 
     def stop(self):
@@ -114,8 +114,8 @@ def test_vhost_user_blk_by_name(activated, image):
         "--chardev", "socket,id=mon,fd=qmp,server=on,wait=off", "--monitor", "mon"])
     r = subprocess.run([VUB, a.paths["vhost"], "write", "0", "4096", "7"],
                        capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr.decode()
-    assert r.stdout.decode().strip().endswith('{"status": 0}')
+    assert r.returncode == 0, tool_text(r.stderr)
+    assert tool_text(r.stdout).strip().endswith('{"status": 0}')
     from vubpattern import vub_pattern
     with open(img, "rb") as f:
         assert f.read(4096) == vub_pattern(4096, 7)     # the pattern reached the image
@@ -129,7 +129,7 @@ def test_unknown_name_is_refused(activated, image):
     s = socket.socket(socket.AF_UNIX)
     s.connect(a.paths["nbd"])        # triggers the start
     assert a.proc.wait(timeout=30) == 1
-    err = a.proc.stderr.read().decode()
+    err = tool_text(a.proc.stderr.read())
     assert "--nbd-server addr.type=fd,addr.str=other: Unable to parse FD number other" in err
     s.close()
 
@@ -277,16 +277,16 @@ def test_journal_priority_prefixes(image, tmpdir_short):
     os.close(w)
     f = os.fdopen(r, "rb")
     try:
-        assert f.readline().decode() == "<6>info: ready: 1 export, 0 clients\n"
+        assert tool_text(f.readline()) == "<6>info: ready: 1 export, 0 clients\n"
         nbd_read(nsock, "disk", 512)
-        attach = f.readline().decode()
+        attach = tool_text(f.readline())
         assert attach.startswith("<6>info: nbd: client unix:pid=")
         assert attach.rstrip().endswith("attached to export 'e0'")
-        left = f.readline().decode()
+        left = tool_text(f.readline())
         assert left.startswith("<6>info: nbd: client unix:pid=")
         assert "left export 'e0' (client disconnected): 1 reads, 0 writes, 0 errors" in left
         p.send_signal(signal.SIGTERM)
-        rest = f.read().decode().splitlines()
+        rest = tool_text(f.read()).splitlines()
         assert rest[0] == "<6>info: shutting down (Terminated): 1 export, 0 clients; " \
                           "finishing in-flight requests"
         assert rest[-1] == "<6>info: stopped"
@@ -301,7 +301,7 @@ def test_journal_priority_prefixes(image, tmpdir_short):
     p = subprocess.Popen([BEXD] + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=env)
     try:
-        assert p.stderr.readline().decode() == "bexd: info: ready: 1 export, 0 clients\n"
+        assert tool_text(p.stderr.readline()) == "bexd: info: ready: 1 export, 0 clients\n"
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0
     finally:

@@ -16,6 +16,7 @@ import pytest
 
 import needs
 import tlscerts
+from conftest import require_localhost
 from nbdwire import free_tcp_port, pattern
 
 
@@ -59,6 +60,7 @@ def connect(sock, certs):
     h.set_export_name("disk")
     h.set_tls(nbd.TLS_REQUIRE)
     h.set_tls_certificates(certs)
+    require_localhost()
     h.connect_tcp("localhost", str(sock))   # TCP: libnbd checks the name and chain
     return h
 

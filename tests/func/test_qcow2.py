@@ -11,7 +11,6 @@ a raw file; afterwards `qemu-img check` must find no error and no leak and
 allocation depths must be the lines qemu-storage-daemon prints.  Images live
 in /dev/shm and stay a few MiB.
 """
-import json
 import os
 import random
 import shutil
@@ -22,7 +21,7 @@ import nbd
 import pytest
 
 import needs
-from conftest import run_daemon_expect_fail
+from conftest import run_daemon_expect_fail, tool_text, tool_json
 from qcow2img import (MiB, READ_CASES, assert_clean, build_case, first_difference,  # noqa: F401
                       make_qcow2, nbd_random_ops, qemu_img, qemu_io, shm, to_raw)
 
@@ -76,7 +75,7 @@ def test_block_status_matches_qsd(start_daemon, shm, case):
         d, uri = serve(start_daemon, impl, img, shm, depth=True)
         maps[impl] = [merged_map(subprocess.run(["nbdinfo", "--map=" + ctx, uri],
                                                 stdout=subprocess.PIPE,
-                                                check=True).stdout.decode())
+                                                check=True).stdout.decode(errors="replace"))
                       for ctx in ("base:allocation", "qemu:allocation-depth")]
         d.stop()
     assert maps["bexd"] == maps["qsd"]
@@ -108,7 +107,7 @@ def small_cluster_image(d, size=16 * MiB):
 
 def maps_of(uri):
     return [merged_map(subprocess.run(["nbdinfo", "--map=" + ctx, uri], stdout=subprocess.PIPE,
-                                      check=True).stdout.decode())
+                                      check=True).stdout.decode(errors="replace"))
             for ctx in ("base:allocation", "qemu:allocation-depth")]
 
 
@@ -248,7 +247,7 @@ def test_writes_check_and_compare(impl, start_daemon, shm, case):
     assert_clean(img)
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
                        stdout=subprocess.PIPE)
-    assert r.returncode == 0, r.stdout.decode()
+    assert r.returncode == 0, tool_text(r.stdout)
 
 
 def test_fio_verify_many_jobs(impl, start_daemon, shm):
@@ -264,7 +263,7 @@ def test_fio_verify_many_jobs(impl, start_daemon, shm):
                         "--io_size=4M", "--offset_increment=8M", "--verify=crc32c",
                         "--verify_fatal=1", "--verify_state_save=0", "--group_reporting"],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    assert r.returncode == 0, r.stdout.decode()[-2000:]
+    assert r.returncode == 0, tool_text(r.stdout)[-2000:]
     d.stop()
     assert_clean(img)
 
@@ -272,7 +271,7 @@ def test_fio_verify_many_jobs(impl, start_daemon, shm):
 def written_end(img):
     """Where the last host cluster qemu-img knows of ends."""
     r = subprocess.run(["qemu-img", "check", "--output=json", img], stdout=subprocess.PIPE)
-    return json.loads(r.stdout)["image-end-offset"]
+    return tool_json(r.stdout)["image-end-offset"]
 
 
 def test_o_direct_file_grown_ahead_and_cut_back(start_daemon, shm):
@@ -307,7 +306,7 @@ def test_o_direct_file_grown_ahead_and_cut_back(start_daemon, shm):
     assert_clean(img)
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
                        stdout=subprocess.PIPE)
-    assert r.returncode == 0, r.stdout.decode()
+    assert r.returncode == 0, tool_text(r.stdout)
 
 
 def test_o_direct_file_grown_ahead_survives_kill(start_daemon, shm):
@@ -369,7 +368,8 @@ def test_unreferenced_tail_not_ours_is_kept(start_daemon, shm, tail):
     d, uri = serve(start_daemon, "bexd", img, shm, writable=True)
     assert os.path.getsize(img) == before
     d.stop()
-    res = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
+    res = subprocess.run(["qemu-img", "check", img], capture_output=True,
+                         text=True, errors="replace")
     assert res.returncode == 0, res.stdout
 
 
@@ -383,7 +383,7 @@ def test_flush_persists_metadata_for_a_second_reader(start_daemon, shm):
     h.pwrite(b"\x42" * 65536, 3 * MiB)
     h.flush()
     out = subprocess.run(["qemu-io", "-r", "-U", "-c", "read -P 0x42 3M 64k", img],
-                         stdout=subprocess.PIPE).stdout.decode()
+                         stdout=subprocess.PIPE).stdout.decode(errors="replace")
     assert "read 65536/65536" in out and "Pattern verification failed" not in out
     h.shutdown()
 

@@ -15,6 +15,7 @@ import struct
 import subprocess
 
 import pytest
+from conftest import tool_text
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -26,8 +27,8 @@ IN_USE, AUTO = 1, 2
 def run(*args, check=True):
     r = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     if check:
-        assert r.returncode == 0, (args, r.stdout.decode())
-    return r.stdout.decode()
+        assert r.returncode == 0, (args, tool_text(r.stdout))
+    return tool_text(r.stdout)
 
 
 def qemu_img(*args, check=True):
@@ -49,7 +50,7 @@ def check(img):
     """qemu-img check: (exit status, output without the end offset line)."""
     r = subprocess.run(["qemu-img", "check", img], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=120)
-    lines = [l for l in r.stdout.decode().splitlines() if not l.startswith("Image end offset")]
+    lines = [l for l in tool_text(r.stdout).splitlines() if not l.startswith("Image end offset")]
     return r.returncode, "\n".join(lines)
 
 

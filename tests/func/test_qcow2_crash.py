@@ -9,7 +9,6 @@ write acknowledged before a FLUSH completed, and every FUA write, must
 read back.  QCOW2_CRASH_RUNS sets the number of rounds (the suite runs a
 few; docs/qcow2.md reports a run of 100).
 """
-import json
 import os
 import random
 import signal
@@ -23,6 +22,7 @@ import pytest
 from qcow2img import shm  # noqa: F401  (fixture)
 from test_qcow2 import serve
 from qcow2img import qemu_img
+from conftest import tool_json
 
 RUNS = int(os.environ.get("QCOW2_CRASH_RUNS", "4"))
 BLOCK = 4096
@@ -88,7 +88,7 @@ def test_kill9_during_allocating_writes(start_daemon, shm, cluster):  # noqa: F8
         for t in threads:
             t.join(60)
         r = subprocess.run(["qemu-img", "check", "--output=json", img], stdout=subprocess.PIPE)
-        info = json.loads(r.stdout)
+        info = tool_json(r.stdout)
         assert info.get("corruptions", 0) == 0, (run, info)
         assert "check-errors" not in info or info["check-errors"] == 0, (run, info)
         raw = os.path.join(shm, "c.raw")

@@ -21,6 +21,7 @@ import pytest
 from qcow2img import (MiB, assert_clean, first_difference, nbd_random_ops, qemu_img,  # noqa: F401
                       qemu_io, shm, to_raw)
 from test_qcow2 import serve
+from conftest import tool_text
 
 
 def snapshot_names(img):
@@ -67,7 +68,7 @@ def test_writes_keep_snapshots(impl, start_daemon, shm, opts):
     assert_clean(img)
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
                        stdout=subprocess.PIPE)
-    assert r.returncode == 0, r.stdout.decode()
+    assert r.returncode == 0, tool_text(r.stdout)
     check_snapshot_data(img, shm, snaps)
 
 
@@ -119,5 +120,5 @@ def test_snapshot_made_after_daemon_writes(impl, start_daemon, shm):
     assert_clean(img)
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, mirror],
                        stdout=subprocess.PIPE)
-    assert r.returncode == 0, r.stdout.decode()
+    assert r.returncode == 0, tool_text(r.stdout)
     check_snapshot_data(img, shm, {"mid": mid})

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import IMPLS, QMP
+from conftest import IMPLS, QMP, tool_text
 
 
 def monitor_args(path, id="qmp1", pretty=False):
@@ -329,7 +329,7 @@ def test_chardev_server_waits_for_first_client(impl, tmpdir_short):
     p = subprocess.Popen([IMPLS[impl], "--chardev", "socket,id=w,path=%s,server=on" % path,
                           "--monitor", "w"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        line = p.stderr.readline().decode()
+        line = tool_text(p.stderr.readline())
         assert line.endswith("info: QEMU waiting for connection on: "
                              "disconnected:unix:%s,server=on\n" % path), line
         m = QMP(path)

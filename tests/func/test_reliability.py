@@ -11,7 +11,7 @@ import time
 import pytest
 
 import needs
-from conftest import BUF_SLACK, QMP, RELEASE_BEXD, TIMER_EARLY
+from conftest import BUF_SLACK, QMP, RELEASE_BEXD, TIMER_EARLY, tool_text
 
 MiB = 1 << 20
 
@@ -235,7 +235,7 @@ def test_kill9_under_write_load_keeps_flushed_writes():
     script = os.path.join(os.path.dirname(__file__), "..", "crash", "kill9.py")
     r = subprocess.run(["/usr/bin/python3", script, "5", "--bexd", conftest.BEXD],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     assert r.returncode == 0, out
     assert out.rstrip().splitlines()[-1].endswith(" 0 lost"), out
 
@@ -253,7 +253,7 @@ def test_soak_short(tls):
     r = subprocess.run(["/usr/bin/python3", script, "30", "--bexd", conftest.BEXD] +
                        (["--tls"] if tls else []),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     assert r.returncode == 0, out
     assert out.rstrip().splitlines()[-1].endswith("; ok"), out
 

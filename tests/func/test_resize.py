@@ -107,7 +107,8 @@ def test_resize_keeps_data(impl, start_daemon, image):
 
 def nbd_size(sock, name):
     r = subprocess.run(["nbdinfo", "--size", "nbd+unix:///%s?socket=%s" % (name, sock)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, errors="replace", check=True)
     return int(r.stdout)
 
 
@@ -276,7 +277,8 @@ def test_set_iothread(impl, start_daemon, image, tmpdir_short):
         sh = subprocess.Popen(["nbdsh", "-u", "nbd+unix:///d?socket=%s" % sock, "-c",
                                "import sys; print('up', flush=True); sys.stdin.readline(); "
                                "assert h.pread(4096, 0) == b'\\x33' * 4096; print('read')"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, errors="replace")
         try:
             assert sh.stdout.readline() == "up\n"
             assert q.execute("x-blockdev-set-iothread", node_name="r", iothread="io1",

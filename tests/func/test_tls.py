@@ -28,7 +28,7 @@ import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 import needs
 import tlscerts
-from conftest import QMPError, require_localhost
+from conftest import QMPError, require_localhost, tool_text, tool_json
 from nbdwire import (OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS,
                      OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY,
                      REP_ERR_TLS_REQD, Closed, Conn, free_tcp_port, info_data, pattern)
@@ -280,7 +280,7 @@ def test_qemu_io_client(impl, start_daemon, creds, tmpdir_short):
     r = subprocess.run(["qemu-io", "--object", obj, "--image-opts", opts,
                         "-c", "write -P 0x5a 65536 4096", "-c", "read -P 0x5a 65536 4096"],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    out = r.stdout.decode()
+    out = tool_text(r.stdout)
     assert r.returncode == 0 and "Pattern verification failed" not in out, out
     with open(srv.img, "rb") as f:
         f.seek(65536)
@@ -299,8 +299,8 @@ def test_qemu_img_client_anon_psk(impl, start_daemon, creds, tmpdir_short, kind)
     opts = "driver=nbd,server.type=unix,server.path=%s,export=disk0,tls-creds=tc" % srv.sock
     r = subprocess.run(["qemu-img", "info", "--output=json", "--object", cli, "--image-opts", opts],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    assert r.returncode == 0, r.stdout.decode()
-    assert json.loads(r.stdout)["virtual-size"] == SIZE
+    assert r.returncode == 0, tool_text(r.stdout)
+    assert tool_json(r.stdout)["virtual-size"] == SIZE
 
 
 # -- authorization --------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 import needs
-from conftest import BUILD, QMP, run_daemon_expect_fail
+from conftest import BUILD, QMP, run_daemon_expect_fail, tool_text
 from pagecache import unsynced_pages
 from vubpattern import vub_pattern
 
@@ -39,9 +39,9 @@ def vub(sock, *args, opts=(), check=True, env=None, binary=False):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, env=env)
     if binary:
         return r
-    out = r.stdout.decode().strip().splitlines()
+    out = tool_text(r.stdout).strip().splitlines()
     if check:
-        assert r.returncode == 0, (r.returncode, out, r.stderr.decode())
+        assert r.returncode == 0, (r.returncode, out, tool_text(r.stderr))
     return json.loads(out[-1]) if out else None
 
 
