@@ -93,6 +93,10 @@ struct rbd_state {
     int inflight;                   /* atomic */
     pthread_mutex_t chan_lock;
     struct rbd_chan *chans;
+    /* The image's size in bytes as librbd has it (atomic to read; changed
+     * under size_lock): a write past it resizes the image first. */
+    uint64_t image_size;
+    pthread_mutex_t size_lock;
 };
 
 enum { ST_OP, ST_FUA_FLUSH };
@@ -254,6 +258,41 @@ static void op_start(struct rbd_state *s, struct breq *r)
     }
 }
 
+static void atomic_max(uint64_t *p, uint64_t v)
+{
+    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true,
+                                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+/*
+ * librbd refuses a write that does not fit in the image (EINVAL), so a
+ * write past the end (a format driver such as qcow2 allocating clusters
+ * past it: BREQ_BEYOND_EOF) grows the image to the write's end first, as
+ * QEMU 7.2's qemu_rbd_start_co() does.  rbd_resize() waits for the
+ * cluster, in the caller's loop, as in QEMU.  The image only ever grows
+ * here: concurrent writes past the end, from any loop, resize under
+ * size_lock to the largest end asked.
+ */
+static int grow_for_write(struct bnode *bs, struct rbd_state *s, uint64_t end)
+{
+    int r = 0;
+    pthread_mutex_lock(&s->size_lock);
+    if (end > s->image_size) {
+        r = rbd_resize(s->image, end);
+        if (r == 0) {
+            __atomic_store_n(&s->image_size, end, __ATOMIC_RELAXED);
+            atomic_max(&bs->size, bnode_round_size(end));
+        } else {
+            log_debug("rbd %s: growing the image to %" PRIu64 " for a write failed: %s",
+                      s->image_name, end, strerror(-r));
+        }
+    }
+    pthread_mutex_unlock(&s->size_lock);
+    return r;
+}
+
 static void rbd_submit(struct bnode *bs, struct breq *r, uint64_t offset)
 {
     struct rbd_state *s = bs->opaque;
@@ -261,6 +300,14 @@ static void rbd_submit(struct bnode *bs, struct breq *r, uint64_t offset)
     if (r->op == BREQ_CACHE) {
         breq_complete(r, 0);
         return;
+    }
+    if ((r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES) &&
+        offset + r->len > __atomic_load_n(&s->image_size, __ATOMIC_RELAXED)) {
+        int ret = grow_for_write(bs, s, offset + r->len);
+        if (ret < 0) {
+            breq_complete(r, map_err(ret));
+            return;
+        }
     }
     r->bs = bs;
     r->drv_offset = offset;
@@ -492,6 +539,7 @@ static void state_free(struct rbd_state *s)
         free(c);
     }
     pthread_mutex_destroy(&s->chan_lock);
+    pthread_mutex_destroy(&s->size_lock);
     free(s->image_name);
     free(s);
 }
@@ -561,6 +609,7 @@ static int open_image(struct bnode *bs, struct rbd_state *s, json_t *opts, error
         return r;
     }
     bs->size = info.size;
+    s->image_size = info.size;
     s->object_size = info.obj_size;
     if (snap && !bs->read_only) {
         if (!opt_bool(opts, "auto-read-only", false)) {
@@ -578,6 +627,7 @@ static int rbd_open_node(struct bnode *bs, json_t *opts, error **errp)
     int r;
 
     pthread_mutex_init(&s->chan_lock, NULL);
+    pthread_mutex_init(&s->size_lock, NULL);
     s->image_name = xstrdup(opt_str(opts, "image", ""));
     r = connect_cluster(bs, s, opts, errp);
     if (r == 0)
@@ -745,7 +795,11 @@ static int rbd_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 static int rbd_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     struct rbd_state *s = bs->opaque;
+    pthread_mutex_lock(&s->size_lock);
     int r = rbd_resize(s->image, size);
+    if (r == 0)
+        __atomic_store_n(&s->image_size, size, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&s->size_lock);
     if (r < 0) {
         error_setg_errno(errp, -r, "failed to resize rbd image %s", s->image_name);
         return r;

@@ -14,9 +14,11 @@ import base64
 import errno
 import json
 import os
+import random
 import subprocess
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -517,3 +519,73 @@ def test_luks2_encrypted_image(ceph, luks2_image, start_daemon, tmpdir_short):
     h.shutdown()
     raw = ceph.export_image(name, os.path.join(tmpdir_short, "raw.img"))
     assert data[:4096] not in raw          # what RADOS holds is ciphertext
+
+
+# ---- qcow2 on RBD: the image grows (issue 11) ----
+
+@pytest.mark.parametrize("iothread", [False, True], ids=["main", "iothread"])
+def test_qcow2_allocating_writes_grow_the_rbd_image(impl, ceph, start_daemon, tmpdir_short,
+                                                    iothread):
+    """A qcow2 image on RBD that holds only its header (an `rbd import` of
+    a fresh qemu-img image, 192 KiB): clusters allocated past the end of
+    the RBD image grow it, as QEMU 7.2's rbd driver resizes the image before
+    a write that does not fit (librbd refuses such a write: bexd answered
+    EINVAL to every allocating write).  32 writes at once, to distinct
+    places, partial clusters and whole ones, some FUA; with an iothread
+    the export's loop grows it.  Afterwards `qemu-img check` of the
+    exported image finds no error and no leak, and it holds exactly the
+    writes."""
+    hdr = os.path.join(tmpdir_short, "hdr.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", hdr, str(32 * MiB))
+    img = "q2grow-%s" % uuid.uuid4().hex[:8]
+    ceph.rbd("import", "--no-progress", hdr, "rbd/" + img)
+    size0 = json.loads(ceph.rbd("info", "--format", "json", "rbd/" + img).stdout)["size"]
+    sock = os.path.join(tmpdir_short, "q.sock")
+    args = ["--blockdev", rbd_opts(ceph, img),
+            "--blockdev", "driver=qcow2,node-name=q0,file=r0",
+            "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+            "--export", "type=nbd,id=e0,node-name=q0,name=q0,writable=on%s"
+            % (",iothread=io0" if iothread else "")]
+    if iothread:
+        args = ["--object", "iothread,id=io0"] + args
+    d = start_daemon(impl, *args)
+    size = 32 * MiB
+    mirror = bytearray(size)
+    rnd = random.Random(23)
+    slot = 256 * 1024
+    h = handle(sock, "q0")
+    for round_ in range(2):
+        cookies = []
+        for n, s in enumerate(rnd.sample(range(size // slot), 32)):
+            off = s * slot + rnd.choice([0, 512, 4096, 65536, 65536 + 1024])
+            ln = min(rnd.choice([4096, 65536, 150 * 1024]), (s + 1) * slot - off)
+            data = bytes([n + 1 + 32 * round_]) * ln
+            mirror[off:off + ln] = data
+            cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off,
+                                        flags=nbd.CMD_FLAG_FUA if n % 5 == 0 else 0))
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for c in cookies:
+            assert h.aio_command_completed(c)     # raises the write's error
+    h.flush()
+    got = bytearray()
+    for off in range(0, size, 4 * MiB):
+        got += h.pread(4 * MiB, off)
+    assert got == mirror
+    h.shutdown()
+    d.stop()
+    grown = json.loads(ceph.rbd("info", "--format", "json", "rbd/" + img).stdout)["size"]
+    exported = os.path.join(tmpdir_short, "exported.qcow2")
+    ceph.export_image(img, exported)
+    check = json.loads(subprocess.run(["qemu-img", "check", "--output=json", exported],
+                                      stdout=subprocess.PIPE, timeout=60).stdout)
+    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0, check
+    # the image grew to the end of the last write; its last cluster may end
+    # after it (bexd skips zeroing a fresh cluster's unwritten tail)
+    assert size0 < grown and size0 < check["image-end-offset"] < grown + 65536, \
+        (size0, check, grown)
+    ref = os.path.join(tmpdir_short, "mirror.raw")
+    with open(ref, "wb") as f:
+        f.write(mirror)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", exported, ref)
+    ceph.rbd("rm", "--no-progress", "rbd/" + img)
