@@ -66,13 +66,8 @@ static struct qreq *qreq_get(void)
     return q;
 }
 
-static void qreq_put(struct qreq *q)
-{
-    q->next = qreq_pool;
-    qreq_pool = q;
-}
-
-/* A thread that ends (the synchronous helpers') frees its idle requests. */
+/* A thread that ends (the synchronous helpers', an iothread whose object
+ * is deleted) frees its idle requests. */
 static void qreq_pool_drain(void)
 {
     while (qreq_pool) {
@@ -80,6 +75,35 @@ static void qreq_pool_drain(void)
         qreq_pool = q->next;
         free(q);
     }
+}
+
+/* The pool's head is thread-local: a thread that ends with requests in its
+ * pool drains it from this key's destructor (armed at its first put). */
+static pthread_key_t qreq_key;
+static pthread_once_t qreq_key_once = PTHREAD_ONCE_INIT;
+static __thread bool qreq_armed;
+
+static void qreq_at_thread_exit(void *unused)
+{
+    (void)unused;
+    qreq_pool_drain();
+}
+
+static void qreq_key_init(void)
+{
+    if (pthread_key_create(&qreq_key, qreq_at_thread_exit) != 0)
+        abort();
+}
+
+static void qreq_put(struct qreq *q)
+{
+    if (!qreq_armed) {
+        pthread_once(&qreq_key_once, qreq_key_init);
+        pthread_setspecific(qreq_key, &qreq_pool);
+        qreq_armed = true;
+    }
+    q->next = qreq_pool;
+    qreq_pool = q;
 }
 
 /* ---- iovec helpers ---- */

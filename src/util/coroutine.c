@@ -22,6 +22,7 @@
  * in __sanitizer_start_switch_fiber / __sanitizer_finish_switch_fiber.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,12 +241,38 @@ static void co_free(struct coroutine *co)
     free(co);
 }
 
+/* A thread's pool is freed when the thread ends (an iothread whose object
+ * is deleted, any worker): its head lives in thread-local storage, so the
+ * pooled coroutines (and what their last arguments point to) would
+ * otherwise be lost with it.  The key's destructor runs at thread exit
+ * once a coroutine was pooled there. */
+static pthread_key_t pool_key;
+static pthread_once_t pool_key_once = PTHREAD_ONCE_INIT;
+static __thread bool pool_armed;
+
+static void pool_at_thread_exit(void *unused)
+{
+    (void)unused;
+    co_pool_drain();
+}
+
+static void pool_key_init(void)
+{
+    if (pthread_key_create(&pool_key, pool_at_thread_exit) != 0)
+        abort();
+}
+
 static void recycle(struct coroutine *co)
 {
     __atomic_sub_fetch(&alive, 1, __ATOMIC_RELAXED);
     if (tc.pool_len >= POOL_MAX) {
         co_free(co);
         return;
+    }
+    if (!pool_armed) {
+        pthread_once(&pool_key_once, pool_key_init);
+        pthread_setspecific(pool_key, &tc);
+        pool_armed = true;
     }
     co->next = tc.pool;
     tc.pool = co;
