@@ -11,11 +11,13 @@ a raw file; afterwards `qemu-img check` must find no error and no leak and
 allocation depths must be the lines qemu-storage-daemon prints.  Images live
 in /dev/shm and stay a few MiB.
 """
+import errno
 import os
 import random
 import shutil
 import signal
 import subprocess
+import tempfile
 
 import nbd
 import pytest
@@ -643,3 +645,118 @@ def test_dirty_image_is_repaired_on_open(impl, start_daemon, shm):
     with open(img, "rb") as f:
         f.seek(72)
         assert not int.from_bytes(f.read(8), "big") & 1  # clean again
+
+
+# ---- image growth on a block device (issue 11) ----
+
+@pytest.fixture
+def loop_device():
+    """A 16 MiB loop device over a file in /var/tmp (root and the loop
+    driver are needed: without them the test skips, a missing kernel
+    feature)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
+        pytest.skip("no loop devices here (needs root, /dev/loop-control and losetup)")
+    fd, backing = tempfile.mkstemp(prefix="bxloop", dir="/var/tmp")
+    os.ftruncate(fd, 16 * MiB)
+    os.close(fd)
+    r = subprocess.run(["losetup", "-f", "--show", backing], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=30)
+    if r.returncode != 0:
+        os.unlink(backing)
+        pytest.skip("losetup failed: %s" % tool_text(r.stderr).strip())
+    dev = tool_text(r.stdout).strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], timeout=30)
+        os.unlink(backing)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_host_device_image_grows_until_the_device_is_full(impl, start_daemon, shm,
+                                                          loop_device, direct):
+    """qcow2 on a block device (host_device): allocating writes place new
+    clusters further into the device, block_resize grows the virtual size,
+    and once the device is full an allocating write fails with ENOSPC
+    (each of its sectors old or new data), while writes into clusters
+    already allocated go on.
+    Afterwards `qemu-img check` finds no error and no leak, the image ends
+    inside the device, and it holds exactly the writes that succeeded."""
+    dev = loop_device
+    qemu_img("create", "-f", "qcow2", dev, str(24 * MiB))      # virtual size > device
+    extra = ",cache.direct=on" if direct else ""
+    sock = os.path.join(shm, "nbd.sock")
+    d = start_daemon(impl,
+                     "--blockdev", "driver=host_device,node-name=f0,filename=%s%s" % (dev, extra),
+                     "--blockdev", "driver=qcow2,node-name=q0,file=f0%s" % extra,
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "type=nbd,id=e0,node-name=q0,name=q0,writable=on")
+    uri = "nbd+unix:///q0?socket=%s" % sock
+    size = 40 * MiB
+    mirror = bytearray(size)
+    rnd = random.Random(11)
+    slot = 128 * 1024
+    slots = list(range(size // slot))
+    rnd.shuffle(slots)
+    first = [s for s in slots if s * slot < 24 * MiB][:40]
+
+    done = []
+
+    def in_slot(s):
+        off = s * slot + rnd.choice([0, 512, 4096, 65536 - 512])
+        return off, min(rnd.choice([4096, 65536, 100 * 1024]), (s + 1) * slot - off)
+
+    def write(h, where, n, flags=0):
+        off, ln = where
+        data = bytes([(n % 254) + 1]) * ln
+        try:
+            h.pwrite(data, off, flags)
+        except nbd.Error as e:
+            assert e.errnum == errno.ENOSPC, e
+            # a write over several clusters may have placed the ones that
+            # fitted (both daemons do): each sector is old or new, never other
+            got = h.pread(ln, off)
+            for i in range(0, ln, 512):
+                assert got[i:i + 512] in (bytes(mirror[off + i:off + i + 512]),
+                                          data[i:i + 512]), "sector %d" % (off + i)
+            mirror[off:off + ln] = got
+            return False
+        mirror[off:off + ln] = data
+        done.append((off, ln))
+        return True
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for n, s in enumerate(first):                 # 40 slots: fits in the device
+        assert write(h, in_slot(s), n, nbd.CMD_FLAG_FUA if n % 7 == 0 else 0)
+    h.flush()
+    h.shutdown()
+    q = d.qmp()                                   # an NBD export does not share resize
+    q.execute("block-export-del", id="e0")
+    q.wait_event("BLOCK_EXPORT_DELETED")
+    q.execute("block_resize", node_name="q0", size=size)
+    q.execute("block-export-add", type="nbd", id="e0", node_name="q0", name="q0",
+              writable=True)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.get_size() == size
+    rest = [s for s in slots if s not in first]
+    results = [write(h, in_slot(s), 100 + n) for n, s in enumerate(rest)]   # 280 slots: no room
+    assert results[0] and not results[-1], "the device never filled up"
+    for n, where in enumerate(done[:10]):         # allocated clusters stay writable
+        assert write(h, where, 200 + n)
+    h.flush()
+    got = bytearray()
+    for off in range(0, size, MiB):
+        got += h.pread(MiB, off)
+    assert first_difference(bytes(got), bytes(mirror)) is None
+    h.shutdown()
+    d.stop()
+    assert_clean(dev)
+    assert written_end(dev) <= 16 * MiB
+    ref = os.path.join(shm, "mirror.raw")
+    with open(ref, "wb") as f:
+        f.write(mirror)
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", dev, ref],
+                       stdout=subprocess.PIPE)
+    assert r.returncode == 0, tool_text(r.stdout)

@@ -24,7 +24,7 @@ import pytest
 
 import needs
 from cephcluster import CLIENT_TIMEOUT, ceph, private_ceph, rbd_image  # noqa: F401 (fixtures)
-from conftest import BUILD, tool_text
+from conftest import BUILD, tool_json, tool_text
 from nbdwire import free_tcp_port, pattern
 
 import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
@@ -539,7 +539,7 @@ def test_qcow2_allocating_writes_grow_the_rbd_image(impl, ceph, start_daemon, tm
     run("qemu-img", "create", "-q", "-f", "qcow2", hdr, str(32 * MiB))
     img = "q2grow-%s" % uuid.uuid4().hex[:8]
     ceph.rbd("import", "--no-progress", hdr, "rbd/" + img)
-    size0 = json.loads(ceph.rbd("info", "--format", "json", "rbd/" + img).stdout)["size"]
+    size0 = tool_json(ceph.rbd("info", "--format", "json", "rbd/" + img).stdout)["size"]
     sock = os.path.join(tmpdir_short, "q.sock")
     args = ["--blockdev", rbd_opts(ceph, img),
             "--blockdev", "driver=qcow2,node-name=q0,file=r0",
@@ -574,10 +574,10 @@ def test_qcow2_allocating_writes_grow_the_rbd_image(impl, ceph, start_daemon, tm
     assert got == mirror
     h.shutdown()
     d.stop()
-    grown = json.loads(ceph.rbd("info", "--format", "json", "rbd/" + img).stdout)["size"]
+    grown = tool_json(ceph.rbd("info", "--format", "json", "rbd/" + img).stdout)["size"]
     exported = os.path.join(tmpdir_short, "exported.qcow2")
     ceph.export_image(img, exported)
-    check = json.loads(subprocess.run(["qemu-img", "check", "--output=json", exported],
+    check = tool_json(subprocess.run(["qemu-img", "check", "--output=json", exported],
                                       stdout=subprocess.PIPE, timeout=60).stdout)
     assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0, check
     # the image grew to the end of the last write; its last cluster may end
