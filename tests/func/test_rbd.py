@@ -549,6 +549,11 @@ def test_qcow2_allocating_writes_grow_the_rbd_image(impl, ceph, start_daemon, tm
     if iothread:
         args = ["--object", "iothread,id=io0"] + args
     d = start_daemon(impl, *args)
+    if impl == "qsd" and iothread:
+        # qsd 7.2 aborts once the client of an export in an iothread leaves
+        # (as in test_nbd_server.py::test_iothread_export_serves_and_goes_hard),
+        # after the data is flushed and checked: its bug, not the test's
+        d.expect_exit()
     size = 32 * MiB
     mirror = bytearray(size)
     rnd = random.Random(23)
