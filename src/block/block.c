@@ -34,6 +34,7 @@ static struct bnode *nodes;           /* all nodes, named or generated */
 static const struct bdrv *drivers[16];
 static int n_drivers;
 static unsigned auto_name_counter;
+static uint64_t name_seq_counter;
 
 void bdrv_register(const struct bdrv *drv)
 {
@@ -70,6 +71,43 @@ static char *generate_node_name(void)
     char *s;
     s = xasprintf("#block%u%02d", auto_name_counter++, rand() % 100);
     return s;
+}
+
+/* QEMU's bdrv_assign_node_name: the name is checked (or generated) when
+ * the node's own open starts, after its "file" child. */
+static int assign_node_name(struct bnode *bs, const char *name, error **errp)
+{
+    if (name) {
+        if (!id_wellformed(name)) {
+            error_setg(errp, "Invalid node-name: '%s'", name);
+            return -1;
+        }
+        if (bnode_find(name)) {
+            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
+            return -1;
+        }
+    }
+    bs->node_name = name ? xstrdup(name) : generate_node_name();
+    bs->auto_named = !name;
+    bs->name_seq = ++name_seq_counter;
+    /* checked after the name, as in bdrv_open_common */
+    if (bs->detect_zeroes == DETECT_ZEROES_UNMAP && !bs->discard) {
+        error_setg(errp, "setting detect-zeroes to unmap is not allowed "
+                         "without setting discard operation to unmap");
+        return -1;
+    }
+    return 0;
+}
+
+/* A node joins the list once it is open (a half-open node is never listed),
+ * at the place its name gave it: newest name first. */
+static void node_list_insert(struct bnode *bs)
+{
+    struct bnode **p = &nodes;
+    while (*p && (*p)->name_seq > bs->name_seq)
+        p = &(*p)->next;
+    bs->next = *p;
+    *p = bs;
 }
 
 /* ---- references ---- */
@@ -129,11 +167,6 @@ static int parse_common(struct bnode *bs, json_t *opts, error **errp)
     const char *dz = opt_str(opts, "detect-zeroes", "off");
     bs->detect_zeroes = !strcmp(dz, "unmap") ? DETECT_ZEROES_UNMAP :
                         !strcmp(dz, "on") ? DETECT_ZEROES_ON : DETECT_ZEROES_OFF;
-    if (bs->detect_zeroes == DETECT_ZEROES_UNMAP && !bs->discard) {
-        error_setg(errp, "setting detect-zeroes to unmap is not allowed "
-                         "without setting discard operation to unmap");
-        return -1;
-    }
     json_t *cache = json_object_get(opts, "cache");
     bs->cache_direct = opt_bool(cache, "direct", false);
     bs->cache_no_flush = opt_bool(cache, "no-flush", false);
@@ -228,25 +261,21 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         error_setg(errp, "'node-name' must be specified for the root node");
         return NULL;
     }
-    if (name) {
-        if (!id_wellformed(name)) {
-            error_setg(errp, "Invalid node-name: '%s'", name);
-            return NULL;
-        }
-        if (bnode_find(name)) {
-            error_setg(errp, "Duplicate nodes with node-name='%s'", name);
-            return NULL;
-        }
-    }
+    /* QEMU opens the "file" child of a format or filter driver before the
+     * node itself gets its name (bdrv_open_inherit, then bdrv_open_common);
+     * blkdebug's image and every other child (backing, data-file, target)
+     * come after.  The node list and the generated names follow that order. */
+    bool child_first = (drv->is_format || drv->is_filter) &&
+                       (!drv->child_key || !strcmp(drv->child_key, "file"));
     struct bnode *bs = xzalloc(sizeof(*bs));
     dirty_bitmaps_init(bs);
     bs->drv = drv;
     bs->refcnt = 1;
     bs->options = json_incref(opts);
-    bs->node_name = name ? xstrdup(name) : generate_node_name();
-    bs->auto_named = !name;
     bs->stats = bstats_new();
     if (parse_common(bs, opts, errp) < 0)
+        goto fail;
+    if (!child_first && assign_node_name(bs, name, errp) < 0)
         goto fail;
     if (drv->is_format || drv->is_filter) {
         const char *key = drv->child_key ? drv->child_key : "file";
@@ -260,6 +289,11 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             goto fail;
         if (json_is_object(ref))
             bs->file->inherits_from = bs;
+        if (child_first && assign_node_name(bs, name, errp) < 0) {
+            bnode_unref(bs->file);
+            bs->file = NULL;
+            goto fail;
+        }
         /* The parent's users' permissions reach the child through this link. */
         bs->file_link = bnode_attach_child(bs, bs->file, key, errp);
         bnode_unref(bs->file);          /* the link now holds the reference */
@@ -277,8 +311,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         goto fail;
     if (bs->request_alignment > 1)
         bs->align = bnode_align_new();
-    bs->next = nodes;
-    nodes = bs;
+    node_list_insert(bs);
     return bs;
 
 fail:
@@ -306,10 +339,15 @@ struct bnode *blockdev_add(json_t *opts, error **errp)
     return bnode_open(opts, true, errp);
 }
 
+/* Linked below another node: as file or backing, or as any other child
+ * (a copy-before-write target, a qcow2 data file). */
 static bool has_parent(struct bnode *child)
 {
     for (struct bnode *bs = nodes; bs; bs = bs->next)
         if (bs->file == child || bs->backing == child)
+            return true;
+    for (struct bnode_user *u = child->users; u; u = u->next)
+        if (u->parent)
             return true;
     return false;
 }

@@ -136,6 +136,9 @@ struct dirty_bitmap;
 struct bnode {
     char *node_name;
     bool auto_named;
+    /* when the node got its name (QEMU's bdrv_assign_node_name): the node
+     * list, newest first, is in this order, as QEMU's graph_bdrv_states */
+    uint64_t name_seq;
     const struct bdrv *drv;
     void *opaque;               /* driver state */
     struct bnode *file;         /* "file" child or NULL */

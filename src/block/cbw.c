@@ -654,6 +654,30 @@ void cbw_need_from_bitmap(struct cbw *s, struct dirty_bitmap *bm)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* QEMU keeps this state in anonymous, disabled dirty bitmaps of the
+ * cluster's granularity, which query-named-block-nodes lists: block-copy's
+ * copy bitmap on the source; the filter's done and access bitmaps on the
+ * filter node itself (newest first: access, done). */
+static void bitmap_entry(json_t *list, struct cbw *s, struct pbitmap *b)
+{
+    json_array_append_new(list, json_pack("{s:b, s:b, s:b, s:I, s:I}",
+                                          "recording", 0, "persistent", 0, "busy", 0,
+                                          "granularity", (json_int_t)cbw_cluster_size(s),
+                                          "count", (json_int_t)(pbitmap_count(b) << s->shift)));
+}
+
+void cbw_query_bitmaps(struct cbw *s, bool filter_node, json_t *list)
+{
+    pthread_mutex_lock(&s->lock);
+    if (filter_node) {
+        bitmap_entry(list, s, s->access);
+        bitmap_entry(list, s, s->done);
+    } else {
+        bitmap_entry(list, s, s->need);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
 uint64_t cbw_need_bytes(struct cbw *s)
 {
     pthread_mutex_lock(&s->lock);
@@ -941,7 +965,13 @@ static void cbw_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
     if (s && s->inserted)         /* a backup job's: its size is fixed */
         *shared &= ~PERM_RESIZE;
     if (bs->users && !(s && s->inserted)) {
-        *perm |= PERM_CONSISTENT_READ;
+        /* QEMU: the users' permissions, consistent reads added for writes
+         * (which the filter copies out first) */
+        uint64_t users = 0;
+        for (struct bnode_user *u = bs->users; u; u = u->next)
+            users |= u->perm;
+        if (!(users & (PERM_WRITE | PERM_CONSISTENT_READ)))
+            *perm &= ~PERM_CONSISTENT_READ;
         *shared &= ~(PERM_WRITE | PERM_RESIZE);
     }
 }

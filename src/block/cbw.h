@@ -25,6 +25,10 @@ struct dirty_bitmap;
 /* The state of a copy-before-write node (NULL if bs is not one). */
 struct cbw *cbw_of(struct bnode *bs);
 
+/* query-named-block-nodes "dirty-bitmaps": append QEMU's anonymous bitmaps
+ * of the filter (filter_node) or of its source. */
+void cbw_query_bitmaps(struct cbw *s, bool filter_node, json_t *list);
+
 /* ---- the snapshot view (snapshot-access), in a coroutine ---- */
 /* flags: the reader's BREQ_COPY_INLINE, passed to the reads it makes */
 int  cbw_co_snapshot_read(struct cbw *s, uint64_t offset, uint64_t bytes, void *buf,

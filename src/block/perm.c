@@ -95,6 +95,17 @@ static int propagate(struct bnode *bs, error **errp)
         if (bnode_user_set_perm(bs->file_link, child_perm, child_shared, errp) < 0)
             return -1;
     }
+    struct bnode_user *bl = bs->drv->reopen_backing_link ?
+                            *bs->drv->reopen_backing_link(bs) : NULL;
+    if (bl) {
+        /* QEMU's bdrv_default_perms_for_cow: consistent reads if the
+         * parent's users read so; writes and resizes shared only where
+         * they share them */
+        uint64_t cow_shared = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED |
+                              ((shared & PERM_WRITE) ? PERM_WRITE | PERM_RESIZE : 0);
+        if (bnode_user_set_perm(bl, perm & PERM_CONSISTENT_READ, cow_shared, errp) < 0)
+            return -1;
+    }
     if (bs->drv->set_perm && bs->drv->set_perm(bs, perm, shared, errp) < 0)
         return -1;
     return 0;

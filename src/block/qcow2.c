@@ -1184,7 +1184,6 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
             json_object_set_new(image, "backing-filename-format", json_string(s->backing_fmt));
     }
     if (bs->backing) {
-        json_object_set_new(info, "backing_file_depth", json_integer(chain_depth(bs)));
         /* QEMU: the backing node's file name, whatever the header says */
         CLEANUP_FREE char *bf = bnode_filename(bs->backing);
         json_object_set_new(info, "backing_file", json_string(bf));

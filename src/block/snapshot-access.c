@@ -96,6 +96,14 @@ static int sa_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     return cbw_snapshot_block_status(s, offset, bytes, pnum, flags);
 }
 
+/* QEMU's snapshot_access_child_perm: it reads through the filter's own
+ * snapshot API, so it takes nothing of its child and shares everything. */
+static void sa_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
+{
+    *perm = 0;
+    *shared = PERM_ALL;
+}
+
 static const struct bdrv bdrv_snapshot_access = {
     .filename_rule = FNAME_FILE_CHILD,
     .name = "snapshot-access",
@@ -103,5 +111,6 @@ static const struct bdrv bdrv_snapshot_access = {
     .open = sa_open,
     .submit = sa_submit,
     .block_status = sa_block_status,
+    .child_perm = sa_child_perm,
 };
 BDRV_REGISTER(bdrv_snapshot_access)

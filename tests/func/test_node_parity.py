@@ -7,6 +7,7 @@ by the permissions), a FUSE export mounted over its own image file answers
 stat() and queries, and the generated node names and size errors are
 QEMU's.
 """
+import json
 import os
 import re
 import subprocess
@@ -319,3 +320,77 @@ def test_file_names_as_qemu(impl, start_daemon, tmpdir_short):
     m.execute("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q4", "file": "tf",
                                            "read-only": True, "backing": "q0"}])
     assert nodes(m)["q4"]["file"] == n["q3"]["file"]
+
+
+def whole_replies(start_daemon, impl, t):
+    """query-named-block-nodes (flat and not) and the block graph after
+    blockdev-adds that open implicit nodes: backing chains from the image
+    headers, inline files and targets, filters."""
+    base = qcow2_image(os.path.join(t, "base.qcow2"))
+    mid = qcow2_image(os.path.join(t, "mid.qcow2"), backing=base)
+    top = qcow2_image(os.path.join(t, "top.qcow2"), backing=mid)
+    r = os.path.join(t, "r.img")
+    with open(r, "wb") as f:
+        f.truncate(1 << 20)
+    m = start_daemon(impl).qmp()
+
+    def add(**o):
+        m.execute("blockdev-add", **o)
+
+    add(driver="file", node_name="x0", filename=base)
+    add(driver="qcow2", node_name="top", file={"driver": "file", "filename": top})
+    add(driver="file", node_name="x1", filename=base)
+    add(driver="qcow2", node_name="top2", read_only=True,
+        file={"driver": "file", "filename": mid})
+    add(driver="qcow2", node_name="top3", read_only=True, file="x1", backing=None)
+    add(driver="file", node_name="f1", filename=r)
+    add(driver="blkdebug", node_name="b0", image="f1")
+    add(driver="raw", node_name="rb", file="b0")
+    add(driver="blkdebug", node_name="b1", align=4096,
+        image={"driver": "raw", "file": {"driver": "file", "filename": r}})
+    add(driver="null-co", node_name="n0", size=1 << 20)
+    add(driver="raw", node_name="rn", file={"driver": "null-co"})
+    add(driver="raw", node_name="rq", file="top")
+    add(driver="copy-before-write", node_name="cbw", file="rq",
+        target={"driver": "null-co", "size": 1 << 20})
+    add(driver="snapshot-access", node_name="sa", file="cbw")
+    sock = os.path.join(t, "nbd.sock")
+    m.execute("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    m.execute("block-export-add", type="nbd", id="e0", node_name="sa")
+    m.execute("block-export-add", type="nbd", id="e1", node_name="top")
+    m.execute("block-export-add", type="nbd", id="e2", node_name="top2")
+    m.execute("block-export-add", type="nbd", id="e3", node_name="cbw", writable=True)
+    # the permissions the graph shows refuse the same writers
+    errs = [m.request("block-export-add", {"type": "nbd", "id": "w", "node-name": n,
+                                           "writable": True})
+            for n in ("top", "x0", "rq")]
+    out = {"errs": errs,"flat": m.execute("query-named-block-nodes", flat=True),
+           "nested": m.execute("query-named-block-nodes"),
+           "default": m.execute("query-named-block-nodes", flat=False),
+           "graph": m.execute("x-debug-query-block-graph")}
+    s = json.dumps(out).replace(t, "@T@")
+    return json.loads(re.sub(r"#block(\d+)\d\d", r"#block\1XX", s))
+
+
+@pytest.mark.skipif(not IMPLS["qsd"], reason="qemu-storage-daemon not installed")
+def test_named_block_nodes_same_as_qsd(start_daemon, tmpdir_short):
+    """Whole replies, node by node in the list's order: the implicit nodes
+    a blockdev-add opens come where QEMU puts them (a node after its file
+    child, before its backing chain, newest first) with QEMU's generated
+    names; flat leaves out backing-image; actual-size, cluster-size and
+    dirty-flag as QEMU's drivers give them (none for blkdebug, through raw
+    and filters), copy-before-write's anonymous bitmaps; the graph's
+    permissions (backing links, copy-before-write, snapshot-access)."""
+    res = {}
+    for impl in ("bexd", "qsd"):
+        t = os.path.join(tmpdir_short, impl)
+        os.mkdir(t)
+        res[impl] = whole_replies(start_daemon, impl, t)
+    assert res["bexd"]["errs"] == res["qsd"]["errs"]
+    assert all("error" in e for e in res["bexd"]["errs"])
+    for k in ("flat", "nested", "default"):
+        assert [n["node-name"] for n in res["bexd"][k]] == \
+            [n["node-name"] for n in res["qsd"][k]], k
+        for b, q in zip(res["bexd"][k], res["qsd"][k]):
+            assert b == q, (k, b["node-name"])
+    assert res["bexd"]["graph"] == res["qsd"]["graph"]
