@@ -60,12 +60,12 @@ static int read_extensions(struct qcow2_state *s, struct open_ctx *c, uint64_t s
         memcpy(&eh, c->cluster0 + off, 8);
         uint32_t type = be32toh(eh.type), len = be32toh(eh.len);
         off += 8;
-        if (type == QCOW2_EXT_END)
-            break;
-        if (len > end - off) {
+        if (len > end - off) {          /* QEMU checks the end marker's length too */
             error_setg(c->errp, "Header extension too large");
             return -EINVAL;
         }
+        if (type == QCOW2_EXT_END)
+            break;
         const uint8_t *d = c->cluster0 + off;
         switch (type) {
         case QCOW2_EXT_BACKING_FMT:
@@ -164,16 +164,17 @@ static void report_unsupported(struct qcow2_state *s, struct open_ctx *c, uint64
 
 static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
 {
-    if (!s->nb_snapshots)
-        return 0;
     if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
         error_setg(c->errp, "Snapshot table too large");
         return -EFBIG;
     }
+    /* QEMU's qcow2_validate_table: the offset is checked with no snapshots too */
     if (qoffset_into_cluster(s, s->snapshots_offset)) {
-        error_setg(c->errp, "Invalid snapshot table offset");
+        error_setg(c->errp, "Snapshot table offset invalid");
         return -EINVAL;
     }
+    if (!s->nb_snapshots)
+        return 0;
     s->snapshots = xcalloc(s->nb_snapshots, sizeof(*s->snapshots));
     uint64_t off = s->snapshots_offset;
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {

@@ -483,6 +483,11 @@ HOSTILE_OPEN = [
     ("l1-huge", dict(l1_size=0x10000000), "Active L1 table too large"),
     ("reftable-huge", dict(reftable_clusters=0x1000000), "Reference count table too large"),
     ("ext-long", dict(ext=b"\x12\x34\x56\x78\x00\x10\x00\x00"), "Header extension too large"),
+    # the end marker's length is checked too (found by test-qcow2-open's model)
+    ("ext-end-long", dict(ext=b"\x00\x00\x00\x00\x00\x10\x00\x00"),
+     "Header extension too large"),
+    # with no snapshots too (qcow2_validate_table)
+    ("snapshot-offset", dict(snapshots_offset=512), "Snapshot table offset invalid"),
     ("snapshot-bomb", dict(nb_snapshots=1000000, snapshots_offset=CS),
      "Snapshot table too large"),
 ]

@@ -151,6 +151,12 @@ static void model_open(struct model *m, const uint8_t *img, size_t n, const uint
         REFUSE("misaligned refcount table offset");
     if (be32at(img + 56) == 0)
         REFUSE("no refcount table");
+    if (be64at(img + 64) % cs)          /* even with no snapshots */
+        REFUSE("misaligned snapshot table offset");
+    uint32_t ext_at = version == 3 ? be32at(img + 100) : 72;
+    if (ext_at + 8 <= cs && ext_at + 8 <= n && be32at(img + ext_at) == 0 &&
+        be32at(img + ext_at + 4) > cs - ext_at - 8)
+        REFUSE("the end-of-extensions marker's length runs past the cluster");
 #undef REFUSE
     if (!memcmp(img, base, CS)) {
         m->open = MUST_OPEN;
