@@ -64,6 +64,7 @@ def test_kill9_during_allocating_writes(start_daemon, shm, cluster):  # noqa: F8
             "512": "cluster_size=512"}[cluster]
     size = 64 << 20 if cluster != "512" else 8 << 20
     rnd = random.Random(cluster)
+    checked = leaks = 0
     for run in range(RUNS):
         img = os.path.join(shm, "c.qcow2")
         if os.path.exists(img):
@@ -98,3 +99,8 @@ def test_kill9_during_allocating_writes(start_daemon, shm, cluster):  # noqa: F8
                 f.seek(b * BLOCK)
                 assert f.read(BLOCK) == (b"%08d" % b) * (BLOCK // 8), (run, b)
         os.unlink(raw)
+        checked += len(durable)
+        leaks += info.get("leaks", 0)
+    # the figures docs/qcow2.md reports (seen with pytest -s)
+    print("\nqcow2 kill -9 [%s]: %d rounds, %d durable 4 KiB writes checked, all present; "
+          "0 corruptions; %d leaked clusters in all" % (cluster, RUNS, checked, leaks))
