@@ -16,12 +16,15 @@ The read rows' images are made once and read in every repeat; each
 allocating-write row gets a fresh empty image.  Images live in /dev/shm,
 or with --direct in /var/tmp with cache.direct=on (aio=io_uring).
 --repeat N runs every row N times, servers interleaved, and prints the
-median of each (and the load average before the run).
+median of each (and the load average before the run).  --read-jobs N
+splits the read row's queue depth of 32 over N fio jobs (N connections):
+with one job fio itself can be the bound, which the "fio us/req" column
+(fio's own CPU per request) shows.
 """
 import argparse
 import json
-import resource
 import os
+import resource
 import shutil
 import subprocess
 import sys
