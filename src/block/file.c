@@ -238,6 +238,8 @@ static unsigned aio_flags(struct bnode *bs, struct breq *r, enum aio_op op, uint
     bool large = !bs->cache_direct && len >= LARGE_COPY;
 
     *pool = false;
+    if (op == AIO_OP_FSYNC && s->ram_backed)
+        return AIO_INLINE_SYNC;     /* nothing to wait for: tmpfs has no device */
     if (op != AIO_OP_READ && op != AIO_OP_WRITE)
         return AIO_NO_INLINE;
     if (s->ram_backed && (!large || (r->flags & BREQ_COPY_INLINE)))

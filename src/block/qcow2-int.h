@@ -33,6 +33,15 @@
 #include "block/qcow2.h"
 #include "util/coroutine.h"
 
+/* Metadata reads and writes (cache entries, new L2 tables) run with the image lock held, so
+ * every request of the image waits for them: on a RAM-backed file they are
+ * done in the caller's loop (BREQ_COPY_INLINE) rather than handed to the
+ * worker pool.  A write-back that waited for the pool while holding the lock
+ * queued the next copies of a backup job behind it, and the queue then
+ * handed the lock from coroutine to coroutine through the loop for the
+ * rest of the job (twice the CPU of the same copies one after another). */
+#define QCOW2_META_IO BREQ_COPY_INLINE
+
 /* One cached table slice (an L2 slice or a refcount block). */
 struct qcache_entry {
     uint64_t offset;         /* host offset; 0 = free slot */

@@ -643,7 +643,8 @@ static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslic
             if (ret == 0)
                 bnode_debug_event(s->bs->file, BLKDBG_L2_ALLOC_COW_READ);
             if (ret == 0)
-                ret = bnode_co_pread(s->bs->file, old, tbytes, t, BREQ_BEYOND_EOF);
+                ret = bnode_co_pread(s->bs->file, old, tbytes, t,
+                                     BREQ_BEYOND_EOF | QCOW2_META_IO);
             if (ret < 0)
                 return ret;
         }
@@ -657,7 +658,8 @@ static int get_l2_for_write(struct qcow2_state *s, uint64_t offset, struct qslic
             /* QEMU writes the new table by flushing its cache entry */
             bnode_debug_event(s->bs->file, BLKDBG_L2_ALLOC_WRITE);
             bnode_debug_event(s->bs->file, BLKDBG_L2_UPDATE);
-            ret = bnode_co_pwrite(s->bs->file, n, s->cluster_size, t, BREQ_BEYOND_EOF);
+            ret = bnode_co_pwrite(s->bs->file, n, s->cluster_size, t,
+                                  BREQ_BEYOND_EOF | QCOW2_META_IO);
         }
         if (ret == 0)
             ret = bnode_co_flush(s->bs->file);

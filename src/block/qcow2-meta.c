@@ -125,7 +125,8 @@ static int write_entry(struct qcow2_state *s, struct qcache *c, int idx)
     uint64_t off = c->e[idx].offset;
     /* as QEMU's qcow2_cache_entry_flush */
     bnode_debug_event(s->bs->file, c == &s->rbc ? BLKDBG_REFBLOCK_UPDATE_PART : BLKDBG_L2_UPDATE);
-    ret = bnode_co_pwrite(s->bs->file, off, c->entry_size, qcache_data(c, idx), BREQ_BEYOND_EOF);
+    ret = bnode_co_pwrite(s->bs->file, off, c->entry_size, qcache_data(c, idx),
+                          BREQ_BEYOND_EOF | QCOW2_META_IO);
     if (ret < 0)
         return ret;
     pthread_mutex_lock(&s->cache_lock);
@@ -208,7 +209,7 @@ int qcache_get(struct qcow2_state *s, struct qcache *c, uint64_t offset, bool re
         bnode_debug_event(s->bs->file, BLKDBG_L2_LOAD);     /* as qcow2_cache_do_get */
     if (read_it)
         ret = bnode_co_pread(s->bs->file, offset, c->entry_size, qcache_data(c, victim),
-                             BREQ_BEYOND_EOF);
+                             BREQ_BEYOND_EOF | QCOW2_META_IO);
     else
         memset(qcache_data(c, victim), 0, c->entry_size);
     pthread_mutex_lock(&s->cache_lock);
@@ -627,7 +628,7 @@ static int alloc_refblock(struct qcow2_state *s, uint64_t rt_i, uint64_t excl_st
     pthread_mutex_unlock(&s->cache_lock);
     bnode_debug_event(s->bs->file, BLKDBG_REFBLOCK_ALLOC_WRITE);
     ret = bnode_co_pwrite(s->bs->file, off, s->cluster_size, qcache_data(&s->rbc, idx),
-                          BREQ_BEYOND_EOF);
+                          BREQ_BEYOND_EOF | QCOW2_META_IO);
     if (ret == 0)
         ret = bnode_co_flush(s->bs->file);
     if (ret == 0) {
