@@ -11,7 +11,7 @@ import time
 import pytest
 
 import needs
-from conftest import BUF_SLACK, QMP, RELEASE_BEXD, TIMER_EARLY, tool_text
+from conftest import BUF_SLACK, QMP, RELEASE_BEXD, TIMER_EARLY, bexd_define, tool_text
 
 MiB = 1 << 20
 
@@ -202,6 +202,44 @@ def test_nbd_buffer_budget_is_global_and_hard(start_daemon, tmpdir_short):
         assert d.alive()
     finally:
         os.unlink(img)
+
+
+def test_nbd_requests_in_flight_per_connection_are_bounded(start_daemon, tmpdir_short):
+    """Issue 13, limits: a client pipelining more requests than a
+    connection's slots (NBD_SLOTS) has at most that many in flight
+    (`__org.bexd_query-export-clients`): parsing pauses, the rest stay in
+    the socket and are read as slots free; every request is answered.  On
+    a null-co node with a latency, the request past the slots can start
+    only after one has finished, so the last answer comes after two
+    latencies."""
+    from nbdwire import Conn, CMD_READ
+    slots = bexd_define("NBD_SLOTS", "export/nbd/nbd-internal.h")
+    lat = 3.0
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n,size=16777216,"
+                                           "latency-ns=%d" % int(lat * 1e9),
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "type=nbd,id=e0,node-name=n,name=n")
+    q = d.qmp()
+    c = Conn(sock, timeout=60).connect("n")
+    t0 = time.monotonic()
+    cookies = {c.request(CMD_READ, i * 4096, 512) for i in range(slots + 36)}
+    seen = []
+    while not seen or seen[-1] < slots:
+        [cl] = q.execute("__org.bexd_query-export-clients", id="e0")[0]["clients"]
+        seen.append(cl["requests-in-flight"])
+        # none can finish before the latency: the slots fill up before it
+        assert time.monotonic() - t0 < lat - TIMER_EARLY, seen
+    [cl] = q.execute("__org.bexd_query-export-clients", id="e0")[0]["clients"]
+    seen.append(cl["requests-in-flight"])
+    assert max(seen) == slots and seen[-1] == slots, seen
+    for _ in range(slots + 36):
+        r = c.reply(read_len=512)
+        assert r.err == 0 and len(r.data) == 512     # null-co reads no set bytes
+        cookies.remove(r.cookie)
+    assert cookies == set()
+    assert time.monotonic() - t0 >= 2 * (lat - TIMER_EARLY)
+    c.close()
 
 
 def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):
