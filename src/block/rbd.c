@@ -821,10 +821,41 @@ static void rbd_query_info(struct bnode *bs, json_t *info)
 {
     struct rbd_state *s = bs->opaque;
     json_t *image = json_object_get(info, "image");
+    const char *drv = json_string_value(json_object_get(info, "drv"));
     json_object_del(image, "actual-size");
     json_object_set_new(image, "cluster-size", json_integer(s->object_size));
-    json_object_set_new(image, "format-specific",
-                        json_pack("{s:s, s:{}}", "type", "rbd", "data"));
+    /* QEMU 7.2's raw has no format-specific info of its own: only the rbd
+     * node shows rbd's */
+    if (drv && !strcmp(drv, "rbd"))
+        json_object_set_new(image, "format-specific",
+                            json_pack("{s:s, s:{}}", "type", "rbd", "data"));
+    /* The image's snapshots, as qemu_rbd_snap_list gives them (id and name
+     * the snapshot's name, vm-state-size its size), on the rbd node and the
+     * raw nodes and filters over it (bdrv_snapshot_list falls back to the
+     * file child); a qcow2 node lists its own. */
+    if (drv && !strcmp(drv, "qcow2"))
+        return;
+    int max = 16, n;
+    rbd_snap_info_t *snaps;
+    for (;;) {
+        snaps = xcalloc(max, sizeof(*snaps));
+        n = rbd_snap_list(s->image, snaps, &max);
+        if (n != -ERANGE)
+            break;
+        free(snaps);
+    }
+    if (n > 0) {
+        json_t *list = json_array();
+        for (int i = 0; i < n; i++)
+            json_array_append_new(list, json_pack(
+                "{s:s, s:s, s:I, s:i, s:i, s:i, s:i, s:i}", "id", snaps[i].name,
+                "name", snaps[i].name, "vm-state-size", (json_int_t)snaps[i].size,
+                "date-sec", 0, "date-nsec", 0, "vm-clock-sec", 0, "vm-clock-nsec", 0,
+                "icount", 0));
+        json_object_set_new(image, "snapshots", list);
+        rbd_snap_list_end(snaps);
+    }
+    free(snaps);
 }
 
 static const char *const rbd_strong_opts[] = {

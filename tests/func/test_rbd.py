@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import random
+import re
 import subprocess
 import threading
 import time
@@ -591,3 +592,37 @@ def test_qcow2_allocating_writes_grow_the_rbd_image(impl, ceph, start_daemon, tm
         f.write(mirror)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", exported, ref)
     ceph.rbd("rm", "--no-progress", "rbd/" + img)
+
+
+def test_named_block_nodes_same_as_qsd(ceph, rbd_image, start_daemon, tmpdir_short):
+    """query-named-block-nodes over rbd nodes, whole replies, the same in
+    both daemons: by name and inline, with options that enter QEMU's json:
+    file name (user, snapshot, server) and one that does not (key-secret)."""
+    if not QEMU_RBD:
+        pytest.skip("qemu-storage-daemon has no rbd module (qemu-block-extra)")
+    ceph.rbd("snap", "create", "rbd/%s@s1" % rbd_image)
+    keyfile = os.path.join(tmpdir_short, "key")
+    with open(keyfile, "w") as f:
+        f.write(ceph.key())
+    base = {"driver": "rbd", "pool": "rbd", "image": rbd_image, "conf": ceph.conf}
+    res = {}
+    for impl in ("bexd", "qsd"):
+        q = start_daemon(impl).qmp()
+        q.execute("object-add", qom_type="secret", id="k0", file=keyfile, format="base64")
+        q.execute("blockdev-add", node_name="r0", read_only=True, **base)
+        q.execute("blockdev-add", node_name="r1", read_only=True, user="admin", snapshot="s1",
+                  **base)
+        q.execute("blockdev-add", node_name="r2", read_only=True, key_secret="k0", **base)
+        q.execute("blockdev-add", read_only=True, **dict(key_args(ceph, rbd_image, "k0"),
+                                                         node_name="r3"))
+        q.execute("blockdev-add", driver="raw", node_name="w0", file="r0")
+        q.execute("blockdev-add", driver="raw", node_name="w1", read_only=True,
+                  file=dict(base, snapshot="s1"))
+        q.execute("blockdev-add", driver="raw", node_name="w2", read_only=True, offset=512,
+                  file=dict(base, user="admin"))
+        res[impl] = [json.loads(re.sub(r"#block(\d+)\d\d", r"#block\1XX", json.dumps(n)))
+                     for n in q.execute("query-named-block-nodes")]
+        q.execute("quit")
+    assert [n["node-name"] for n in res["bexd"]] == [n["node-name"] for n in res["qsd"]]
+    for b, q in zip(res["bexd"], res["qsd"]):
+        assert b == q, b["node-name"]
