@@ -95,16 +95,19 @@ static json_t *node_info(struct bnode *bs, bool flat)
     /* QEMU's bdrv_get_info, which gives cluster-size and dirty-flag: raw and
      * the filters pass it to their file child; snapshot-access has none. */
     struct bnode *src = bs;
-    while (src->file && (!strcmp(src->drv->name, "raw") || qemu_filter(src)))
+    bool snap_fallback = true;      /* bdrv_snapshot_list falls back to it */
+    while (src->file && (!strcmp(src->drv->name, "raw") || qemu_filter(src))) {
+        snap_fallback &= !cbw_of(src);      /* its target is a second data child */
         src = src->file;
+    }
     if (!strcmp(src->drv->name, "snapshot-access")) {
         json_object_del(image, "dirty-flag");
     } else if (src != bs && src != leaf && src->drv->query_info) {
         json_t *si = json_pack("{s:{}}", "image");
         src->drv->query_info(src, si);
         json_t *simg = json_object_get(si, "image");
-        const char *keys[] = { "cluster-size", "dirty-flag" };
-        for (unsigned i = 0; i < ARRAY_SIZE(keys); i++)
+        const char *keys[] = { "cluster-size", "dirty-flag", "snapshots" };
+        for (unsigned i = 0; i < ARRAY_SIZE(keys) - !snap_fallback; i++)
             if (json_object_get(simg, keys[i]))
                 json_object_set(image, keys[i], json_object_get(simg, keys[i]));
         json_decref(si);

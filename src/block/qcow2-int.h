@@ -99,6 +99,11 @@ enum qcow2_overlap_bits {
 struct qsnapshot {
     uint64_t l1_table_offset;
     uint32_t l1_size;
+    /* what query-named-block-nodes lists (QEMU's QEMUSnapshotInfo) */
+    char *id, *name;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec, vm_state_size;
+    uint64_t icount;                 /* UINT64_MAX: not recorded */
 };
 
 struct qcow2_state {

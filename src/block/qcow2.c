@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -188,10 +189,36 @@ static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
             error_setg_errno(c->errp, -ret, "Failed to read snapshot table");
             return ret;
         }
-        s->snapshots[i].l1_table_offset = be64toh(h.l1_table_offset);
-        s->snapshots[i].l1_size = be32toh(h.l1_size);
-        off += sizeof(h) + be32toh(h.extra_data_size) + be16toh(h.id_str_size) +
-               be16toh(h.name_size);
+        struct qsnapshot *sn = &s->snapshots[i];
+        sn->l1_table_offset = be64toh(h.l1_table_offset);
+        sn->l1_size = be32toh(h.l1_size);
+        sn->date_sec = be32toh(h.date_sec);
+        sn->date_nsec = be32toh(h.date_nsec);
+        sn->vm_clock_nsec = be64toh(h.vm_clock_nsec);
+        sn->vm_state_size = be32toh(h.vm_state_size);
+        sn->icount = UINT64_MAX;
+        /* as qcow2_read_snapshots: the extra data may hold the large state
+         * size and the icount; then the id and the name */
+        uint32_t extra_size = be32toh(h.extra_data_size);
+        uint16_t id_size = be16toh(h.id_str_size), name_size = be16toh(h.name_size);
+        struct qcow2_snapshot_extra extra;
+        memset(&extra, 0, sizeof(extra));
+        uint32_t extra_read = extra_size < sizeof(extra) ? extra_size : sizeof(extra);
+        sn->id = xzalloc((size_t)id_size + 1);
+        sn->name = xzalloc((size_t)name_size + 1);
+        if ((extra_read && (ret = read_all(s, off + sizeof(h), extra_read, &extra)) < 0) ||
+            (id_size && (ret = read_all(s, off + sizeof(h) + extra_size, id_size,
+                                        sn->id)) < 0) ||
+            (name_size && (ret = read_all(s, off + sizeof(h) + extra_size + id_size,
+                                          name_size, sn->name)) < 0)) {
+            error_setg_errno(c->errp, -ret, "Failed to read snapshot table");
+            return ret;
+        }
+        if (extra_size >= offsetof(struct qcow2_snapshot_extra, vm_state_size_large) + 8)
+            sn->vm_state_size = be64toh(extra.vm_state_size_large);
+        if (extra_size >= offsetof(struct qcow2_snapshot_extra, icount) + 8)
+            sn->icount = be64toh(extra.icount);
+        off += sizeof(h) + extra_size + id_size + name_size;
         off = (off + 7) & ~7ull;
         if (s->snapshots[i].l1_size > QCOW2_MAX_L1_SIZE / 8 ||
             qoffset_into_cluster(s, s->snapshots[i].l1_table_offset)) {
@@ -791,6 +818,10 @@ static void free_state(struct qcow2_state *s)
     qcache_free(&s->rbc);
     free(s->l1);
     free(s->reftable);
+    for (uint32_t i = 0; s->snapshots && i < s->nb_snapshots; i++) {
+        free(s->snapshots[i].id);
+        free(s->snapshots[i].name);
+    }
     free(s->snapshots);
     free(s->backing_file);
     free(s->backing_fmt);
@@ -1155,6 +1186,26 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
     json_object_set_new(image, "cluster-size", json_integer((json_int_t)s->cluster_size));
     json_object_set_new(image, "format", json_string("qcow2"));
     json_object_set_new(image, "dirty-flag", json_boolean(s->incompat & QCOW2_INCOMPAT_DIRTY));
+    /* the internal snapshots, as bdrv_query_snapshot_info_list lists them */
+    json_t *snaps = json_array();
+    for (uint32_t i = 0; s->snapshots && i < s->nb_snapshots; i++) {
+        struct qsnapshot *sn = &s->snapshots[i];
+        json_t *si = json_pack("{s:s, s:s, s:I, s:I, s:I, s:I, s:I}", "id", sn->id,
+                               "name", sn->name, "vm-state-size", (json_int_t)sn->vm_state_size,
+                               "date-sec", (json_int_t)sn->date_sec,
+                               "date-nsec", (json_int_t)sn->date_nsec,
+                               "vm-clock-sec", (json_int_t)(sn->vm_clock_nsec / 1000000000),
+                               "vm-clock-nsec", (json_int_t)(sn->vm_clock_nsec % 1000000000));
+        if (!si)
+            continue;               /* a name that is not UTF-8 */
+        if (sn->icount != UINT64_MAX)
+            json_object_set_new(si, "icount", json_integer((json_int_t)sn->icount));
+        json_array_append_new(snaps, si);
+    }
+    if (json_array_size(snaps))
+        json_object_set_new(image, "snapshots", snaps);
+    else
+        json_decref(snaps);
     json_t *data;
     if (s->version == 2) {
         data = json_pack("{s:s, s:s, s:i}", "compat", "0.10",

@@ -10,6 +10,7 @@ QEMU's.
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import nbd
@@ -322,7 +323,7 @@ def test_file_names_as_qemu(impl, start_daemon, tmpdir_short):
     assert nodes(m)["q4"]["file"] == n["q3"]["file"]
 
 
-def whole_replies(start_daemon, impl, t):
+def whole_replies(start_daemon, impl, t, snapshotted):
     """query-named-block-nodes (flat and not) and the block graph after
     blockdev-adds that open implicit nodes: backing chains from the image
     headers, inline files and targets, filters."""
@@ -332,6 +333,8 @@ def whole_replies(start_daemon, impl, t):
     r = os.path.join(t, "r.img")
     with open(r, "wb") as f:
         f.truncate(1 << 20)
+    snap = os.path.join(t, "snap.qcow2")
+    shutil.copy(snapshotted, snap)
     m = start_daemon(impl).qmp()
 
     def add(**o):
@@ -351,6 +354,10 @@ def whole_replies(start_daemon, impl, t):
     add(driver="null-co", node_name="n0", size=1 << 20)
     add(driver="raw", node_name="rn", file={"driver": "null-co"})
     add(driver="raw", node_name="rq", file="top")
+    # internal snapshots (made once, copied: the same dates in both runs)
+    add(driver="qcow2", node_name="qs", read_only=True,
+        file={"driver": "file", "filename": snap})
+    add(driver="raw", node_name="rs", file="qs")
     add(driver="copy-before-write", node_name="cbw", file="rq",
         target={"driver": "null-co", "size": 1 << 20})
     add(driver="snapshot-access", node_name="sa", file="cbw")
@@ -379,13 +386,17 @@ def test_named_block_nodes_same_as_qsd(start_daemon, tmpdir_short):
     child, before its backing chain, newest first) with QEMU's generated
     names; flat leaves out backing-image; actual-size, cluster-size and
     dirty-flag as QEMU's drivers give them (none for blkdebug, through raw
-    and filters), copy-before-write's anonymous bitmaps; the graph's
+    and filters), internal snapshots (also on a raw node over the qcow2),
+    copy-before-write's anonymous bitmaps; the graph's
     permissions (backing links, copy-before-write, snapshot-access)."""
+    snapshotted = qcow2_image(os.path.join(tmpdir_short, "snapshotted.qcow2"))
+    for name in ("s1", "s2"):
+        subprocess.run(["qemu-img", "snapshot", "-q", "-c", name, snapshotted], check=True)
     res = {}
     for impl in ("bexd", "qsd"):
         t = os.path.join(tmpdir_short, impl)
         os.mkdir(t)
-        res[impl] = whole_replies(start_daemon, impl, t)
+        res[impl] = whole_replies(start_daemon, impl, t, snapshotted)
     assert res["bexd"]["errs"] == res["qsd"]["errs"]
     assert all("error" in e for e in res["bexd"]["errs"])
     for k in ("flat", "nested", "default"):
