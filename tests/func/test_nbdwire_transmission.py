@@ -176,15 +176,22 @@ def test_disc_closes(served):
     served.assert_serving()
 
 
-def test_disc_after_pipelined_write_completes_it(served):
-    # requests sent before DISC are still carried out
+def test_disc_after_pipelined_write_completes_it(impl, served):
+    # requests sent before DISC are carried out before the server closes
+    # (proto.md: it "MUST handle all outstanding requests")
     c = served.client()
     data = pattern(4096, seed=11)
     c.request(CMD_WRITE, 3 << 20, 4096, CMD_FLAG_FUA, data)
     c.disc()
     c.eof()
     d = served.client()
-    assert d.read(3 << 20, 4096).data == data
+    got = d.read(3 << 20, 4096).data
+    if impl == "qsd" and got != data:
+        # qsd 7.2's client_close() shuts the socket down at DISC while the
+        # write's coroutine still runs: the EOF can come before the write
+        # lands (seen once under load in a fresh-root run)
+        pytest.xfail("qemu-storage-daemon 7.2 closed at DISC before a pipelined write landed")
+    assert got == data
 
 
 def test_pipelined_requests_all_answered(served):

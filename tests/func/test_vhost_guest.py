@@ -95,7 +95,7 @@ def test_guest_too_many_queues(impl, start_daemon, image, tmpdir_short):
     """A front-end asking for more queues than the export offers is refused
     by QEMU with the export's number; the export stays usable."""
     d, sock, img = start(start_daemon, image, tmpdir_short, impl, ",num-queues=1")
-    rep = guest.run_guest(sock, "info", queues=2, timeout=60)
+    rep = guest.run_guest(sock, "info", queues=2, timeout=guest.GUEST_TIMEOUT)
     assert rep["result"] != "PASS"
     assert "The maximum number of queues supported by the backend is 1" in rep["qemu_output"]
     check_pass(guest.run_guest(sock, "info", queues=1))
