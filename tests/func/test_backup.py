@@ -1179,6 +1179,25 @@ def thread_cpu(pid):
     return out
 
 
+def backup_cpu_split(start_daemon, img, tgt, size, **opts):
+    """A full blockdev-backup of img into the qcow2 tgt; returns the CPU
+    seconds the main thread (the job's loop) spent meanwhile and those of
+    each other thread.  The backup must be whole; tgt's node is deleted."""
+    d = start_daemon("bexd", "--blockdev", "driver=file,node-name=src,filename=%s" % img,
+                     "--blockdev", "driver=qcow2,node-name=tgt,file.driver=file,"
+                     "file.filename=%s" % tgt)
+    qmp = d.qmp()
+    before = thread_cpu(d.pid)
+    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full", **opts)
+    e = qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in e["data"] and e["data"]["offset"] == size, e
+    after = thread_cpu(d.pid)
+    spent = {t: c - before.get(t, 0) for t, c in after.items()}
+    main = spent.pop(d.pid)
+    qmp.execute("blockdev-del", node_name="tgt")
+    return main, spent
+
+
 def test_compression_runs_off_the_loop(start_daemon, tmpdir_short):
     """A compressed backup's deflate runs in worker threads, not in the
     loop that runs the job (the main thread): the main thread's CPU during
@@ -1193,21 +1212,9 @@ def test_compression_runs_off_the_loop(start_daemon, tmpdir_short):
         while f.tell() < size:
             f.write(b" ".join(rnd.choice(words) for _ in range(8192))[:size - f.tell()])
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size)], check=True)
-    d = start_daemon("bexd", "--blockdev", "driver=file,node-name=src,filename=%s" % img,
-                     "--blockdev", "driver=qcow2,node-name=tgt,file.driver=file,"
-                     "file.filename=%s" % tgt)
-    qmp = d.qmp()
-    before = thread_cpu(d.pid)
-    qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full",
-                compress=True)
-    e = qmp.wait_event("BLOCK_JOB_COMPLETED")
-    assert "error" not in e["data"] and e["data"]["offset"] == size, e
-    after = thread_cpu(d.pid)
-    spent = {t: c - before.get(t, 0) for t, c in after.items()}
-    main = spent.pop(d.pid)
+    main, spent = backup_cpu_split(start_daemon, img, tgt, size, compress=True)
     workers = sum(spent.values())
     assert main < workers / 2, (main, spent)
-    qmp.execute("blockdev-del", node_name="tgt")
     c = img_check(tgt)
     assert c["compressed-clusters"] == size // K64, c
     assert img_compare(img, tgt, "qcow2").returncode == 0
@@ -1229,20 +1236,9 @@ def test_ram_backed_copies_run_in_the_loop(start_daemon):
         with open(img, "wb") as f:
             f.write(random.Random(7).randbytes(size))
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size)], check=True)
-        dm = start_daemon("bexd", "--blockdev", "driver=file,node-name=src,filename=%s" % img,
-                          "--blockdev", "driver=qcow2,node-name=tgt,file.driver=file,"
-                          "file.filename=%s" % tgt)
-        qmp = dm.qmp()
-        before = thread_cpu(dm.pid)
-        qmp.execute("blockdev-backup", job_id="r", device="src", target="tgt", sync="full")
-        e = qmp.wait_event("BLOCK_JOB_COMPLETED")
-        assert "error" not in e["data"] and e["data"]["offset"] == size, e
-        after = thread_cpu(dm.pid)
-        spent = {t: c - before.get(t, 0) for t, c in after.items()}
-        main = spent.pop(dm.pid)
+        main, spent = backup_cpu_split(start_daemon, img, tgt, size)
         others = sum(spent.values())
         assert main > 2 * others, (main, spent)
-        qmp.execute("blockdev-del", node_name="tgt")
         assert img_compare(img, tgt, "qcow2").returncode == 0
     finally:
         shutil.rmtree(d, ignore_errors=True)

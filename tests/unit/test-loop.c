@@ -191,15 +191,27 @@ static void skip_readable(void *opaque, uint32_t ev)
         loop_poll_skip(t->l);
 }
 
+/* Run a loop with poll-max-ns = max_ns over a pipe that skip_readable
+ * keeps readable; t->st holds the poll statistics of its three sleeps. */
+static void run_skip_loop(struct skip_test *t, const char *name, uint64_t max_ns)
+{
+    t->l = loop_new(name);
+    assert_int_equal(pipe(t->fds), 0);
+    loop_set_poll_ns(t->l, max_ns);
+    assert_int_equal(write(t->fds[1], "x", 1), 1);
+    struct loop_watch *w = loop_watch_fd(t->l, t->fds[0], LOOP_IN, skip_readable, t);
+    loop_run(t->l);
+    assert_int_equal(t->calls, 3);
+    loop_watch_del(w);
+    close(t->fds[0]);
+    close(t->fds[1]);
+    loop_free(t->l);
+}
+
 static void test_poll_skip(void **state)
 {
-    struct skip_test t = { .l = loop_new("skip") };
-    assert_int_equal(pipe(t.fds), 0);
-    loop_set_poll_ns(t.l, 1000000000);
-    assert_int_equal(write(t.fds[1], "x", 1), 1);
-    struct loop_watch *w = loop_watch_fd(t.l, t.fds[0], LOOP_IN, skip_readable, &t);
-    loop_run(t.l);
-    assert_int_equal(t.calls, 3);
+    struct skip_test t = { 0 };
+    run_skip_loop(&t, "skip", 1000000000);
     /* 1st sleep: no window yet, so no polling; it was short: 4 us */
     assert_int_equal(t.st[0].polled, 0);
     assert_int_equal(t.st[0].window_ns, 4000);
@@ -211,29 +223,16 @@ static void test_poll_skip(void **state)
     assert_int_equal(t.st[2].polled, 1);
     assert_int_equal(t.st[2].skipped, 1);
     assert_int_equal(t.st[2].window_ns, 4000);
-    loop_watch_del(w);
-    close(t.fds[0]);
-    close(t.fds[1]);
-    loop_free(t.l);
 }
 
 /* poll-max-ns=0: never polls, and a skip then counts nothing */
 static void test_poll_disabled(void **state)
 {
-    struct skip_test t = { .l = loop_new("nopoll") };
-    assert_int_equal(pipe(t.fds), 0);
-    loop_set_poll_ns(t.l, 0);
-    assert_int_equal(write(t.fds[1], "x", 1), 1);
-    struct loop_watch *w = loop_watch_fd(t.l, t.fds[0], LOOP_IN, skip_readable, &t);
-    loop_run(t.l);
-    assert_int_equal(t.calls, 3);
+    struct skip_test t = { 0 };
+    run_skip_loop(&t, "nopoll", 0);
     assert_int_equal(t.st[2].polled, 0);
     assert_int_equal(t.st[2].skipped, 0);
     assert_int_equal(t.st[2].window_ns, 0);
-    loop_watch_del(w);
-    close(t.fds[0]);
-    close(t.fds[1]);
-    loop_free(t.l);
 }
 
 int main(void)
