@@ -25,7 +25,10 @@ import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# BEXD_SOURCE_ROOT: for a copy of this file elsewhere (test_harness.py runs
+# one in a pytester directory, and it still reads bexd's constants)
+ROOT = os.environ.get("BEXD_SOURCE_ROOT") or \
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.environ.get("BEXD_BUILD", os.path.join(ROOT, "build"))
 BEXD = os.environ.get("BEXD", os.path.join(BUILD, "bexd"))
 BEXCTL = os.environ.get("BEXCTL", os.path.join(BUILD, "bexctl"))
@@ -641,7 +644,9 @@ def uring_param():
     'disabled in the kernel' 2 runs in 10 while another session ran)."""
     if not os.path.exists(FUSE_URING_PARAM):
         pytest.skip("kernel without FUSE over io_uring")
-    lock = open("/tmp/bexd-test-fuse-enable-uring.lock", "a")
+    # in /dev/shm, which a chroot on the machine (fresh-root.sh) shares
+    lock = open(os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+                             "bexd-test-fuse-enable-uring.lock"), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with open(FUSE_URING_PARAM) as f:

@@ -33,6 +33,7 @@ def inner(pytester, monkeypatch):
     with open(os.path.join(HERE, "conftest.py")) as f:
         pytester.makeconftest(f.read())
     monkeypatch.setenv("BEXD", conftest.BEXD)
+    monkeypatch.setenv("BEXD_SOURCE_ROOT", conftest.ROOT)
     # the inner daemons crash on purpose: their sanitizer reports go to
     # their own stderr files, not to the outer run's log_path (which
     # scripts/test.sh counts as bexd's failures)
