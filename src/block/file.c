@@ -23,6 +23,7 @@
 #include <linux/magic.h>
 #include <pthread.h>
 #include <unistd.h>
+#include "util/atomic.h"
 #include "block/block.h"
 #include "block/align.h"
 #include "block/bitmap-sidecar.h"
@@ -399,21 +400,13 @@ static void zero_next_extent(struct bnode *bs, struct breq *r, uint64_t from)
     zero_step(bs, r);
 }
 
-static void atomic_max(uint64_t *p, uint64_t v)
-{
-    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
-    while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true,
-                                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-        ;
-}
-
 /* A write past the end made the file bigger (QEMU: total_sectors grows to
  * the sector the write ended in). */
 static void grow_size(struct bnode *bs, uint64_t end)
 {
     struct file_state *s = bs->opaque;
-    atomic_max(&s->length, end);
-    atomic_max(&bs->size, bnode_round_size(end));
+    atomic_max_u64(&s->length, end);
+    atomic_max_u64(&bs->size, bnode_round_size(end));
 }
 
 static void file_aio_done(struct aio_req *a, int64_t res)

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <rados/librados.h>
 #include <rbd/librbd.h>
+#include "util/atomic.h"
 #include "block/block.h"
 #include "object/secret.h"
 #include "util/cleanup.h"
@@ -258,14 +259,6 @@ static void op_start(struct rbd_state *s, struct breq *r)
     }
 }
 
-static void atomic_max(uint64_t *p, uint64_t v)
-{
-    uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
-    while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, true,
-                                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-        ;
-}
-
 /*
  * librbd refuses a write that does not fit in the image (EINVAL), so a
  * write past the end (a format driver such as qcow2 allocating clusters
@@ -283,7 +276,7 @@ static int grow_for_write(struct bnode *bs, struct rbd_state *s, uint64_t end)
         r = rbd_resize(s->image, end);
         if (r == 0) {
             __atomic_store_n(&s->image_size, end, __ATOMIC_RELAXED);
-            atomic_max(&bs->size, bnode_round_size(end));
+            atomic_max_u64(&bs->size, bnode_round_size(end));
         } else {
             log_debug("rbd %s: growing the image to %" PRIu64 " for a write failed: %s",
                       s->image_name, end, strerror(-r));
