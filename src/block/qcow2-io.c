@@ -38,6 +38,7 @@
 #include "util/xalloc.h"
 #include "util/loop.h"
 #include "util/log.h"
+#include "util/thread-exit.h"
 
 /* ---- per-request context (per-thread free list) ---- */
 
@@ -78,30 +79,12 @@ static void qreq_pool_drain(void)
 }
 
 /* The pool's head is thread-local: a thread that ends with requests in its
- * pool drains it from this key's destructor (armed at its first put). */
-static pthread_key_t qreq_key;
-static pthread_once_t qreq_key_once = PTHREAD_ONCE_INIT;
-static __thread bool qreq_armed;
-
-static void qreq_at_thread_exit(void *unused)
-{
-    (void)unused;
-    qreq_pool_drain();
-}
-
-static void qreq_key_init(void)
-{
-    if (pthread_key_create(&qreq_key, qreq_at_thread_exit) != 0)
-        abort();
-}
+ * pool drains it at exit (armed at its first put). */
+static __thread struct thread_exit_hook qreq_exit = THREAD_EXIT_HOOK(qreq_pool_drain);
 
 static void qreq_put(struct qreq *q)
 {
-    if (!qreq_armed) {
-        pthread_once(&qreq_key_once, qreq_key_init);
-        pthread_setspecific(qreq_key, &qreq_pool);
-        qreq_armed = true;
-    }
+    thread_exit_arm(&qreq_exit);
     q->next = qreq_pool;
     qreq_pool = q;
 }

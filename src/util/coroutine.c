@@ -31,6 +31,7 @@
 #include "util/coroutine.h"
 #include "util/loop.h"
 #include "util/log.h"
+#include "util/thread-exit.h"
 #include "util/xalloc.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -244,23 +245,9 @@ static void co_free(struct coroutine *co)
 /* A thread's pool is freed when the thread ends (an iothread whose object
  * is deleted, any worker): its head lives in thread-local storage, so the
  * pooled coroutines (and what their last arguments point to) would
- * otherwise be lost with it.  The key's destructor runs at thread exit
- * once a coroutine was pooled there. */
-static pthread_key_t pool_key;
-static pthread_once_t pool_key_once = PTHREAD_ONCE_INIT;
-static __thread bool pool_armed;
-
-static void pool_at_thread_exit(void *unused)
-{
-    (void)unused;
-    co_pool_drain();
-}
-
-static void pool_key_init(void)
-{
-    if (pthread_key_create(&pool_key, pool_at_thread_exit) != 0)
-        abort();
-}
+ * otherwise be lost with it.  The hook is armed when the thread first
+ * pools a coroutine. */
+static __thread struct thread_exit_hook pool_exit = THREAD_EXIT_HOOK(co_pool_drain);
 
 static void recycle(struct coroutine *co)
 {
@@ -269,11 +256,7 @@ static void recycle(struct coroutine *co)
         co_free(co);
         return;
     }
-    if (!pool_armed) {
-        pthread_once(&pool_key_once, pool_key_init);
-        pthread_setspecific(pool_key, &tc);
-        pool_armed = true;
-    }
+    thread_exit_arm(&pool_exit);
     co->next = tc.pool;
     tc.pool = co;
     tc.pool_len++;
