@@ -2,7 +2,7 @@
 # Run one libFuzzer target for SECONDS (default 60):
 #   scripts/fuzz.sh TARGET [SECONDS] [libFuzzer options...]
 #   scripts/fuzz.sh list
-# Targets live in fuzz/ (fuzz-nbd, fuzz-vhost-user, fuzz-qmp, fuzz-keyval,
+# Targets live in fuzz/ (fuzz-nbd, fuzz-vhost-user, fuzz-qmp, fuzz-keyval, fuzz-cli,
 # fuzz-qcow2, fuzz-fuse when libfuse3 is there);
 # they are built with clang 14, ASan, UBSan and libFuzzer in build-fuzz/.
 # The run starts from the seed corpus fuzz/corpus/TARGET (copied: the

@@ -243,10 +243,17 @@ int main(int argc, char **argv)
 
     struct cli_result res = { 0 };
     error *err = NULL;
-    if (cli_apply(argc, argv, &res, &err) < 0) {
+    int r = cli_parse(argc, argv, &cli_ops_apply, &res, &err);
+    if (r < 0) {
         fprintf(stderr, "bexd: %s\n", err->msg);
         error_free(err);
         exit(1);
+    }
+    if (r > 0) {
+        /* help or version (not daemonized: cli_wants_daemonize() saw it),
+         * or --object help, which qsd too prints after forking */
+        cli_print(&res);
+        exit(0);
     }
     /* Absolute, since --daemonize changes to "/" before the file is removed. */
     pidfile = res.pidfile ? realpath_for_create(res.pidfile) : NULL;

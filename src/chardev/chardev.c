@@ -286,46 +286,60 @@ static int check_keys(json_t *opts, const char *const *keys, error **errp)
     return 0;
 }
 
-int chardev_add_opts(json_t *opts, error **errp)
+json_t *chardev_check_opts(json_t *opts, const char **idp, const char **backendp, error **errp)
 {
     const char *backend = chardev_opt_text(opts, "backend");
     const char *id = chardev_opt_text(opts, "id");
 
     if (!id) {
         error_setg(errp, "chardev: no id specified");
-        return -1;
+        return NULL;
     }
     if (!id_wellformed(id)) {
         error_setg(errp, "Parameter 'id' expects an identifier");
-        return -1;
+        return NULL;
     }
     if (!backend) {
         error_setg(errp, "chardev: \"%s\" missing backend", id);
-        return -1;
+        return NULL;
     }
     const struct chardev_backend *be = backend_find(backend);
     if (!be) {
         error_setg(errp, "'%s' is not a valid char driver name", backend);
-        return -1;
+        return NULL;
     }
     if (check_keys(opts, be->cli_keys, errp) < 0)
-        return -1;
+        return NULL;
     if (chardev_find(id)) {
         error_setg(errp, !strcmp(backend, "socket") ? "duplicate yank instance"
                    : "attempt to add duplicate property '%s' to object (type 'container')", id);
-        return -1;
+        return NULL;
     }
-    CLEANUP_JSON json_t *data = be->parse_cli(opts, errp);
+    json_t *data = be->parse_cli(opts, errp);
     if (!data)
-        return -1;
+        return NULL;
     const char *logfile = chardev_opt_text(opts, "logfile");
     bool append;
-    if (chardev_opt_bool(opts, "logappend", false, &append, errp) < 0)
-        return -1;
+    if (chardev_opt_bool(opts, "logappend", false, &append, errp) < 0) {
+        json_decref(data);
+        return NULL;
+    }
     if (logfile) {
         json_object_set_new(data, "logfile", json_string(logfile));
         json_object_set_new(data, "logappend", json_boolean(append));
     }
+    *idp = id;
+    *backendp = backend;
+    return data;
+}
+
+int chardev_add_opts(json_t *opts, error **errp)
+{
+    const char *id, *backend;
+    CLEANUP_JSON json_t *data = chardev_check_opts(opts, &id, &backend, errp);
+
+    if (!data)
+        return -1;
     return chardev_new(id, backend, data, errp) ? 0 : -1;
 }
 

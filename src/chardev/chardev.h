@@ -31,6 +31,11 @@ struct chardev_fe_ops {
 int  chardev_add(const char *id, json_t *backend, error **errp);
 /* --chardev: QemuOpts-style flat options (backend=, id=, path=...). */
 int  chardev_add_opts(json_t *opts, error **errp);
+/* The checking half of chardev_add_opts(): the backend's data (new
+ * reference; *idp and *backendp point into opts), or NULL with errp set.
+ * Creates nothing. */
+json_t *chardev_check_opts(json_t *opts, const char **idp, const char **backendp,
+                           error **errp);
 struct chardev *chardev_find(const char *id);
 const char *chardev_id(const struct chardev *c);
 

@@ -193,6 +193,27 @@ static int op_export(json_t *o, error **errp) { return block_export_add(o, errp)
 static int op_nbd(json_t *o, error **errp) { return nbd_server_start(o, errp); }
 static int op_object(json_t *o, error **errp) { return object_add(o, errp); }
 static int op_monitor(json_t *o, error **errp) { return monitor_add(o, errp); }
+#ifndef CONFIG_METRICS
+static int op_metrics(json_t *o, error **errp)
+{
+    error_setg(errp, "this bexd was built without the metrics endpoint (libmicrohttpd)");
+    return -1;
+}
+#endif
+
+const struct cli_ops cli_ops_apply = {
+    .blockdev = op_blockdev,
+    .export = op_export,
+    .nbd_server = op_nbd,
+    .object = op_object,
+    .monitor = op_monitor,
+    .chardev = chardev_add_opts,
+#ifdef CONFIG_METRICS
+    .metrics = metrics_start,
+#else
+    .metrics = op_metrics,
+#endif
+};
 
 static const char *const object_types[] = {
     "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread",
@@ -239,13 +260,16 @@ static void print_object_props(const char *type)
 }
 
 /* QEMU's --object help handling: "help" (or "?") as an item asks for help:
- * on the type named first (or by qom-type=), else the list of types. */
-static bool object_help(const char *arg)
+ * on the type named first (or by qom-type=), else the list of types.
+ * Returns whether help was asked; *typep is the type to describe, or NULL
+ * for the list. */
+static bool object_help(const char *arg, const char **typep)
 {
     CLEANUP_FREE char *copy = xstrdup(arg);
     char *type = NULL, *save, *item;
     bool help = false, first = true;
 
+    *typep = NULL;
     if (arg[0] == '{')
         return false;
     for (item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
@@ -259,45 +283,40 @@ static bool object_help(const char *arg)
     }
     if (!help)
         return false;
-    for (size_t i = 0; type && i < ARRAY_SIZE(object_types); i++) {
-        if (!strcmp(type, object_types[i])) {
-            print_object_props(type);
-            return true;
-        }
-    }
-    print_object_types();
+    for (size_t i = 0; type && i < ARRAY_SIZE(object_types); i++)
+        if (!strcmp(type, object_types[i]))
+            *typep = object_types[i];
     return true;
 }
 
-static int apply_one(int c, const char *arg, struct cli_result *res, error **errp)
+/* 0: applied; -1: error; 1: help asked (res->print says which) */
+static int apply_one(int c, const char *arg, const struct cli_ops *ops,
+                     struct cli_result *res, error **errp)
 {
     switch (c) {
     case OPT_BLOCKDEV:
-        return apply_checked(arg, "driver", "BlockdevOptions", op_blockdev, errp);
+        return apply_checked(arg, "driver", "BlockdevOptions", ops->blockdev, errp);
     case OPT_EXPORT:
-        return apply_checked(arg, "type", "BlockExportOptions", op_export, errp);
+        return apply_checked(arg, "type", "BlockExportOptions", ops->export, errp);
     case OPT_NBD_SERVER:
-        return apply_checked(arg, NULL, "NbdServerOptions", op_nbd, errp);
+        return apply_checked(arg, NULL, "NbdServerOptions", ops->nbd_server, errp);
     case OPT_MONITOR:
-        return apply_checked(arg, "chardev", "MonitorOptions", op_monitor, errp);
+        return apply_checked(arg, "chardev", "MonitorOptions", ops->monitor, errp);
     case OPT_OBJECT:
-        if (object_help(arg))
-            exit(0);
-        return apply_checked(arg, "qom-type", "ObjectOptions", op_object, errp);
+        if (object_help(arg, &res->print_type)) {
+            res->print = res->print_type ? CLI_PRINT_OBJECT_PROPS : CLI_PRINT_OBJECT_TYPES;
+            return 1;
+        }
+        return apply_checked(arg, "qom-type", "ObjectOptions", ops->object, errp);
     case OPT_CHARDEV: {
         CLEANUP_JSON json_t *o = qemu_opts_parse(arg, "backend", errp);
-        return o ? chardev_add_opts(o, errp) : -1;
+        return o ? (ops->chardev(o, errp) < 0 ? -1 : 0) : -1;
     }
     case OPT_PIDFILE:
         res->pidfile = arg;
         return 0;
     case OPT_METRICS:
-#ifdef CONFIG_METRICS
-        return apply_checked(arg, NULL, "__org.bexd_MetricsOptions", metrics_start, errp);
-#else
-        error_setg(errp, "this bexd was built without the metrics endpoint (libmicrohttpd)");
-        return -1;
-#endif
+        return apply_checked(arg, NULL, "__org.bexd_MetricsOptions", ops->metrics, errp);
     case OPT_DAEMONIZE:
         res->daemonize = true;
         return 0;
@@ -335,7 +354,8 @@ static int option_error(int c, char **argv, error **errp)
     return -1;
 }
 
-int cli_apply(int argc, char **argv, struct cli_result *res, error **errp)
+int cli_parse(int argc, char **argv, const struct cli_ops *ops, struct cli_result *res,
+              error **errp)
 {
     int c;
 
@@ -347,18 +367,18 @@ int cli_apply(int argc, char **argv, struct cli_result *res, error **errp)
         case ':':
             return option_error(c, argv, errp);
         case 'h':
-            print_help();
-            exit(0);
+            res->print = CLI_PRINT_HELP;
+            return 1;
         case 'V':
-            printf("bexd version " BEXD_VERSION "\n"
-                   "A block export daemon compatible with qemu-storage-daemon\n");
-            exit(0);
+            res->print = CLI_PRINT_VERSION;
+            return 1;
         case 1:
             error_setg(errp, "%s: Unexpected argument", optarg);
             return -1;
         }
         error *err = NULL;
-        if (apply_one(c, optarg, res, &err) < 0) {
+        int r = apply_one(c, optarg, ops, res, &err);
+        if (r < 0) {
             /* location: "--option arg", or "--option=arg" as given */
             const char *last = argv[optind - 1];
             if (last != optarg)
@@ -368,23 +388,56 @@ int cli_apply(int argc, char **argv, struct cli_result *res, error **errp)
             error_free(err);
             return -1;
         }
+        if (r > 0)
+            return 1;
     }
     return 0;
 }
 
+void cli_print(const struct cli_result *res)
+{
+    switch (res->print) {
+    case CLI_PRINT_NONE:
+        break;
+    case CLI_PRINT_HELP:
+        print_help();
+        break;
+    case CLI_PRINT_VERSION:
+        printf("bexd version " BEXD_VERSION "\n"
+               "A block export daemon compatible with qemu-storage-daemon\n");
+        break;
+    case CLI_PRINT_OBJECT_TYPES:
+        print_object_types();
+        break;
+    case CLI_PRINT_OBJECT_PROPS:
+        print_object_props(res->print_type);
+        break;
+    }
+}
+
+/*
+ * The pass before anything is applied, as qemu-storage-daemon's pre-init
+ * pass: the same getopt_long walk over the same table, so --daemonize is
+ * seen exactly where the real pass sees it (an abbreviation such as
+ * --daemon included, nothing after "--", nothing that is another option's
+ * argument).  It stops at the first getopt error, -h or -V: those are the
+ * real pass's to report, in the foreground, as qsd's pre-init pass does.
+ * `--object help` is not among them: qsd prints it in its second pass,
+ * after forking (the parent, never told "ready", then exits 1), and so
+ * does bexd.
+ */
 bool cli_wants_daemonize(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--daemonize"))
-            return true;
-        /* skip the argument of options that take one */
-        bool takes_arg = !strcmp(argv[i], "-T");
-        for (const struct option *o = long_options; o->name; o++)
-            if (o->has_arg == required_argument && !strncmp(argv[i], "--", 2) &&
-                !strcmp(argv[i] + 2, o->name))
-                takes_arg = true;
-        if (takes_arg)
-            i++;
+    bool daemonize = false;
+    int c;
+
+    optind = 0;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, short_options, long_options, NULL)) != -1) {
+        if (c == '?' || c == ':' || c == 1 || c == 'h' || c == 'V')
+            return false;
+        if (c == OPT_DAEMONIZE)
+            daemonize = true;
     }
-    return false;
+    return daemonize;
 }
