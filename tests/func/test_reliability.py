@@ -3,6 +3,7 @@ bexd (issue 13).  Each test is the regression test of one defect or the
 check of one limit; most are bexd-only because qemu-storage-daemon has the
 defect (a note says so where it matters).
 """
+import json
 import os
 import socket
 import subprocess
@@ -240,6 +241,184 @@ def test_nbd_requests_in_flight_per_connection_are_bounded(start_daemon, tmpdir_
     assert cookies == set()
     assert time.monotonic() - t0 >= 2 * (lat - TIMER_EARLY)
     c.close()
+
+
+def test_vhost_user_requests_in_flight_per_queue_are_bounded(start_daemon, tmpdir_short):
+    """Issue 13, limits: a vhost-user front-end picks its ring size (up to
+    32768) and bexd gave every queue a slot per ring entry (about 4.3 KiB
+    each: 141 MiB for one queue of 32768).  Now a queue has at most
+    VUB_MAX_INFLIGHT slots (QEMU's own rings are at most 1024): a
+    front-end with more requests in its ring has that many in flight, never
+    more; the rest wait in the ring and are taken as slots free, and every
+    one is answered."""
+    from conftest import BUILD
+    vub = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
+    needs.built(vub, "vub-client")
+    cap = bexd_define("VUB_MAX_INFLIGHT", "export/vhost-user-blk/vhost-user-blk.c")
+    depth = cap + 76
+    lat = 2.0
+    sock = os.path.join(tmpdir_short, "vub.sock")
+    d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n,size=16777216,"
+                                           "latency-ns=%d" % int(lat * 1e9),
+                     "--export", "type=vhost-user-blk,id=v0,node-name=n,"
+                                 "addr.type=unix,addr.path=%s" % sock)
+    q = d.qmp()
+    # a ring of 4096 entries, one indirect descriptor per request, `depth`
+    # READs put in it at once and each put back as soon as it is answered
+    p = subprocess.Popen([vub, "-n", "4096", "-i", sock, "bench", "read", "512", str(depth),
+                          str(3 * lat)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == b'{"started": true}'
+        t0 = time.monotonic()
+        seen = []
+        while not seen or seen[-1] < cap:
+            cl = q.execute("__org.bexd_query-export-clients", id="v0")[0]["clients"]
+            seen.append(cl[0]["requests-in-flight"] if cl else 0)
+            # none can finish before the latency: the slots fill up before it
+            assert time.monotonic() - t0 < lat - TIMER_EARLY, seen
+        while time.monotonic() - t0 < lat - TIMER_EARLY:
+            cl = q.execute("__org.bexd_query-export-clients", id="v0")[0]["clients"]
+            seen.append(cl[0]["requests-in-flight"])
+        assert max(seen) == cap and seen[-1] == cap, seen
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, (out, err)
+    res = json.loads(tool_text(out).strip().splitlines()[-1])
+    # the ones past the slots were served too (after the first latency),
+    # and the front-end put more in as answers came
+    assert res["ios"] >= depth, res
+    assert d.alive()
+
+
+def test_fuse_requests_in_flight_per_queue_are_bounded(start_daemon, tmpdir_short):
+    """Issue 13, limits: a FUSE queue has at most FUSE_MAX_INFLIGHT requests
+    in flight, each holding a buffer of 1 MiB: past it the queue stops
+    reading /dev/fuse (the kernel keeps the rest) and reads again as answers
+    go.  The kernel's own max_background (which bexd sets to the same
+    number) bounds the asynchronous requests it sends, and it serializes a
+    file's writes, so the bound is shown twice: at bexd's number, where
+    either would hold it, and with BEXD_FUSE_MAX_INFLIGHT lowering bexd's
+    below the kernel's, where only bexd's can (it fails without the limit:
+    the kernel sends 64).  O_DIRECT reads from more threads than that:
+    exactly the limit in flight, never more, every read answered."""
+    import mmap
+    import threading
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    cap = bexd_define("FUSE_MAX_INFLIGHT", "export/fuse/fuse-export.h")
+    for limit in (cap, cap // 4):
+        fuse_reads_at_the_limit(start_daemon, tmpdir_short, cap, limit)
+
+
+def fuse_reads_at_the_limit(start_daemon, tmpdir_short, cap, limit):
+    import mmap
+    import threading
+    readers = cap + 16
+    lat = 2.0
+    mnt = os.path.join(tmpdir_short, "mnt")
+    open(mnt, "w").close()
+    env = dict(os.environ)
+    if limit < cap:
+        env["BEXD_FUSE_MAX_INFLIGHT"] = str(limit)
+    d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n,size=16777216,"
+                                           "latency-ns=%d" % int(lat * 1e9),
+                     "--export", "type=fuse,id=f,node-name=n,mountpoint=%s" % mnt, env=env)
+    q = d.qmp()
+    results = []
+
+    def read_one(i):
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            results.append(os.preadv(fd, [buf], i * 4096))
+        finally:
+            os.close(fd)
+
+    try:
+        threads = [threading.Thread(target=read_one, args=(i,)) for i in range(readers)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        seen = []
+        while not seen or seen[-1] < limit:
+            [cl] = q.execute("__org.bexd_query-export-clients", id="f")[0]["clients"]
+            seen.append(cl["requests-in-flight"])
+            # none can finish before the latency: the queue fills up before it
+            assert time.monotonic() - t0 < lat - TIMER_EARLY, seen
+        while time.monotonic() - t0 < lat - TIMER_EARLY:
+            [cl] = q.execute("__org.bexd_query-export-clients", id="f")[0]["clients"]
+            seen.append(cl["requests-in-flight"])
+        assert max(seen) == limit and seen[-1] == limit, (limit, seen)
+        for t in threads:
+            t.join(timeout=60)
+        assert results == [4096] * readers
+        # the ones past the limit waited for a first answer
+        assert time.monotonic() - t0 >= 2 * (lat - TIMER_EARLY)
+    finally:
+        d.stop()
+        subprocess.run(["fusermount3", "-u", "-z", mnt], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_nbd_fixed_cost_per_connection_is_bounded(start_daemon, tmpdir_short, tls):
+    """Issue 13, limits: with max-connections=0 (QEMU's default: no limit)
+    the number of NBD connections is bounded by the process's fd limit
+    (`test_out_of_fds_*`), so the memory of idle connections is that
+    number times what one connection costs besides its request buffers
+    (which the global budget holds): the receive buffer (NBD_RX_BUF), the
+    request slots, the handshake state, and under TLS the session and its
+    record buffers.  That cost is bounded here: 64 connections, each having
+    read 4 KiB, cost at most NBD_RX_BUF + 2 KiB per slot + 16 KiB each in
+    heap blocks (glibc's figures, so the build without sanitizers; 256 KiB
+    measured), and TLS at most 128 KiB more (gnutls' session and record
+    buffers; 93 KiB measured)."""
+    import nbd
+    import tlscerts
+    needs.built(RELEASE_BEXD, "bexd (build without sanitizers)")
+    rx = bexd_define("NBD_RX_BUF", "export/nbd/nbd-internal.h")
+    slots = bexd_define("NBD_SLOTS", "export/nbd/nbd-internal.h")
+    bound = rx + slots * 2048 + (16 << 10) + (128 << 10 if tls else 0)
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    args = ["--blockdev", "driver=null-co,node-name=n,size=67108864",
+            "--nbd-server", "addr.type=unix,addr.path=%s,max-connections=0%s"
+            % (sock, ",tls-creds=tls0" if tls else ""),
+            "--export", "type=nbd,id=e,node-name=n,name=e"]
+    if tls:
+        creds = tlscerts.make_credentials(os.path.join(tmpdir_short, "tls"))
+        args = ["--object", "tls-creds-x509,id=tls0,endpoint=server,dir=%s" % creds.server] + args
+    d = start_daemon("bexd", *args, binary=RELEASE_BEXD)
+    q = d.qmp()
+
+    def connect():
+        h = nbd.NBD()
+        if tls:
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(creds.client)
+        h.connect_uri("nbd+unix:///e?socket=%s" % sock)
+        h.pread(4096, 0)
+        return h
+
+    def clients():
+        return len(q.execute("__org.bexd_query-export-clients", id="e")[0]["clients"])
+
+    for h in [connect() for _ in range(4)]:     # what the first clients make once
+        h.shutdown()
+    wait_no_nbd_client(q)
+    m0 = q.execute("__org.bexd_x-query-memory")
+    n = 64
+    hs = [connect() for _ in range(n)]
+    assert clients() == n
+    m1 = q.execute("__org.bexd_x-query-memory")
+    fixed = (m1["heap-in-use"] - m0["heap-in-use"]) - (m1["nbd-buffer-bytes"] - m0["nbd-buffer-bytes"])
+    print("NBD %s: %d bytes per idle connection (bound %d)" % ("TLS" if tls else "plain", fixed // n, bound))
+    assert fixed // n <= bound, (fixed // n, bound)
+    for h in hs:
+        h.shutdown()
+    wait_no_nbd_client(q)
 
 
 def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):

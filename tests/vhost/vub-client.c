@@ -24,7 +24,8 @@
  *                                           eventfd-ids there after the first round
  *                                           and waits for a byte on stdin
  * Options before SOCK: -q N (queues to set up, default 1), -n N (ring size,
- * default 256), -i (use indirect descriptors).
+ * default 256, at most 4096), -i (use indirect descriptors: one ring entry
+ * per request, so bench may keep a whole ring of them in flight).
  * Output: one JSON object per line.  Exit 0 unless the front-end itself
  * failed (the server's answers are in the output).
  */
@@ -816,7 +817,8 @@ static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, i
     unsigned per_q = depth, total = depth * nq;
     uint64_t x = 88172645463325252ull;
 
-    if (per_q * 3 > qsize || (uint64_t)total * bs > MEM_SIZE - DATA_AREA - (1u << 20) - (1u << 20))
+    if (per_q * (use_indirect ? 1 : 3) > qsize || per_q > 4096 ||
+        (uint64_t)total * bs > MEM_SIZE - DATA_AREA - (1u << 20) - (1u << 20))
         die("depth too large for the ring or memory");
     double c0 = pid ? proc_cpu_s(pid) : 0, t0 = now_s(), t1;
     for (unsigned qi = 0; qi < nq; qi++)
@@ -892,7 +894,8 @@ int main(int argc, char **argv)
         else
             return 2;
     }
-    if (argc - optind < 2 || nq < 1 || nq > 64 || qsize < 8 || qsize > 1024 || (qsize & (qsize - 1))) {
+    /* a queue's rings live in RING_AREA / 64 (128 KiB): up to 4096 entries */
+    if (argc - optind < 2 || nq < 1 || nq > 64 || qsize < 8 || qsize > 4096 || (qsize & (qsize - 1))) {
         fprintf(stderr, "usage: vub-client [-q N] [-n N] [-i] SOCK CMD ARGS...\n");
         return 2;
     }

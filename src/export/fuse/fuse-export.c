@@ -156,6 +156,12 @@ static int fuse_export_create(struct export *e, json_t *opts, error **errp)
     exp->st_mode = S_IFREG | S_IRUSR | (e->writable ? S_IWUSR : 0);
     exp->st_uid = getuid();
     exp->st_gid = getgid();
+    exp->max_inflight = FUSE_MAX_INFLIGHT;
+    /* test knob: a lower limit than the kernel's own max_background, so a
+     * test can show bexd's limit holding (tests/func/test_reliability.py) */
+    const char *knob = getenv("BEXD_FUSE_MAX_INFLIGHT");
+    if (knob && atoi(knob) > 0 && atoi(knob) < FUSE_MAX_INFLIGHT)
+        exp->max_inflight = atoi(knob);
 
     ret = fuse_mount_auto(exp, ao ? ao : "auto", errp);
     if (ret < 0) {

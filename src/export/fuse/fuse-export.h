@@ -34,6 +34,16 @@
 #define FUSE_RX_BATCH      32
 /* Idle request slots and receive buffers kept for reuse. */
 #define FUSE_POOL_KEEP     64
+/* Requests in flight per queue: past it the queue stops reading its
+ * /dev/fuse fd (the kernel keeps the rest queued) until one is answered.
+ * Each holds a receive buffer (a WRITE) or a pooled one (a READ) of
+ * FUSE_RX_ALLOC bytes.  The kernel bounds background requests (readahead,
+ * asynchronous direct I/O) by max_background, which bexd sets to this
+ * same number at INIT, and serializes writes, fsync and fallocate on the
+ * inode; this makes the bound bexd's own rather than the kernel's.
+ * BEXD_FUSE_MAX_INFLIGHT (environment, read at export creation) may lower
+ * it, for tests.  io_uring entries are a fixed set, bounded by themselves. */
+#define FUSE_MAX_INFLIGHT  64
 /* Alignment of data buffers we allocate (O_DIRECT memory alignment). */
 #define FUSE_BUF_ALIGN     4096u
 /* Largest single write-zeroes/discard handed to the block layer. */
@@ -78,6 +88,7 @@ struct fuse_queue {
     struct fuse_buf fbuf;       /* request being processed: fbuf.mem = rx_buf + FUSE_RX_SKEW */
     char *rx_buf;               /* receive buffer behind fbuf.mem, or NULL (taken by a WRITE) */
     unsigned inflight;          /* requests started and not yet replied */
+    bool rx_paused;             /* fd not watched: FUSE_MAX_INFLIGHT in flight */
     bool stopping;              /* shutdown requested: read no more requests */
     bool drained_posted;        /* this queue's drain has been reported */
     bool quiescing;             /* moving: no more reading; hand over when idle */
@@ -108,6 +119,7 @@ struct fuse_export {
 
     struct fuse_queue *queues;
     unsigned nqueues;
+    unsigned max_inflight;      /* FUSE_MAX_INFLIGHT, or lower (test knob) */
     unsigned queues_drained;    /* main thread: queues done after a stop */
     bool finishing;             /* main thread: unmount queued or done */
     bool moving;                /* main thread: x-blockdev-set-iothread under way */

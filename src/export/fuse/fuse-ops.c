@@ -53,7 +53,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     /* Payloads must arrive in memory so writes can keep them (no splice). */
     conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_MOVE);
     /* Let the kernel keep more asynchronous reads/direct I/O in flight. */
-    conn->max_background = 64;
+    conn->max_background = FUSE_MAX_INFLIGHT;
     conn->congestion_threshold = 48;
 }
 

@@ -171,6 +171,8 @@ struct fuse_ioreq *fuse_ioreq_get(struct fuse_export *exp, fuse_req_t req)
     return r;
 }
 
+static void fuse_rx_resume(struct fuse_queue *q);
+
 void fuse_ioreq_put(struct fuse_ioreq *r)
 {
     struct fuse_queue *q = r->q;
@@ -185,6 +187,7 @@ void fuse_ioreq_put(struct fuse_ioreq *r)
         free(r);
     }
     q->inflight--;
+    fuse_rx_resume(q);
     fuse_queue_maybe_drained(q);
 }
 
@@ -437,11 +440,26 @@ static bool fuse_receive_one(struct fuse_queue *q)
     return !q->stopping;
 }
 
+/* A request was answered: read again if the limit had paused the fd. */
+static void fuse_rx_resume(struct fuse_queue *q)
+{
+    if (q->rx_paused && q->inflight < q->exp->max_inflight) {
+        q->rx_paused = false;
+        if (q->watch)
+            loop_watch_set(q->watch, LOOP_IN);
+    }
+}
+
 static void fuse_on_readable(void *opaque, uint32_t revents)
 {
     struct fuse_queue *q = opaque;
 
     for (int i = 0; i < FUSE_RX_BATCH && q->watch; i++) {
+        if (q->inflight >= q->exp->max_inflight) {
+            q->rx_paused = true;      /* fuse_rx_resume() watches it again */
+            loop_watch_set(q->watch, 0);
+            break;
+        }
         if (!fuse_receive_one(q))
             break;
     }
@@ -466,6 +484,7 @@ static void fuse_start_in_loop(void *opaque)
 
     if (q->stopping)
         return;
+    q->rx_paused = false;
     q->watch = loop_watch_fd(q->loop, q->fd, LOOP_IN, fuse_on_readable, q);
     if (!q->watch)
         log_error("FUSE export '%s': cannot watch the session fd", q->exp->common.id);

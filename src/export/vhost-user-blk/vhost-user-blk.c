@@ -16,8 +16,10 @@
  * front-end is accepted.  The export is never recreated for a reconnect.
  *
  * Data path.  A kick (eventfd readable) pops every available chain into a
- * preallocated slot of its queue (as many slots as ring entries, so the
- * data path never allocates) and gives it to the virtio-blk handler, whose
+ * preallocated slot of its queue (as many slots as ring entries, at most
+ * VUB_MAX_INFLIGHT, so the data path never allocates; with every slot busy
+ * the rest wait in the ring until a slot is released) and gives it to the
+ * virtio-blk handler, whose
  * block requests point straight into guest memory.  A completion puts the
  * head on the used ring at once; the call eventfd is signalled once per
  * loop iteration per queue (loop_defer), EVENT_IDX permitting.
@@ -70,6 +72,13 @@
 
 #define VUB_EARLY_NOTIFY_BYTES (256u << 10)
 #define VUB_MAX_IOV 258          /* seg_max + header + status, with room for region splits */
+/* Requests in flight per queue: slots are allocated for min(ring size,
+ * this).  The front-end picks the ring size (up to VIRTQ_MAX_SIZE, 32768);
+ * QEMU's own virtqueues are at most 1024 entries, so no guest QEMU runs
+ * has more in flight, and past it the rest wait in the ring, taken as
+ * slots free.  Bounds a queue's slots at 1024 * sizeof(struct vub_slot)
+ * (about 4.3 MiB) instead of 32768 of them (141 MiB). */
+#define VUB_MAX_INFLIGHT 1024
 
 struct vub_queue;
 
@@ -251,6 +260,8 @@ static void slot_release(struct vub_slot *s)
         queue_maybe_release(q);
         return;
     }
+    if (q->starved)
+        schedule_notify(q);     /* notify_fn pops what waits in the ring */
     /* blocked_vq changes only while this queue is parked (or in this loop) */
     if (cl->conn.blocked_vq == (int)q->vq->idx && q->vq->q.inflight == 0) {
         if (!q->remote) {
@@ -419,8 +430,7 @@ static void process_queue(struct vub_queue *q)
         if (!queue_live(q) || !q->vq->started)
             return;
         if (!q->free) {
-            q->starved = true;      /* resumed by the next completion's notify */
-            schedule_notify(q);
+            q->starved = true;      /* resumed when a slot is released */
             return;
         }
         if (!virtq_enable_kick(&q->vq->q))
@@ -642,7 +652,8 @@ static int op_queue_start(void *opaque, struct vu_vq *vq)
         return -EIO;
     q->vq = vq;
     vq->priv = q;
-    r = queue_slots(q, vq->num);      /* a remote queue is parked: its slots are ours */
+    /* a remote queue is parked: its slots are ours */
+    r = queue_slots(q, vq->num < VUB_MAX_INFLIGHT ? vq->num : VUB_MAX_INFLIGHT);
     if (r < 0)
         return r;
     fcntl(vq->kick_fd, F_SETFL, fcntl(vq->kick_fd, F_GETFL) | O_NONBLOCK);
