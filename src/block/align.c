@@ -34,6 +34,23 @@
  * An op runs in its request's loop: its internal requests carry req->loop,
  * and a waiter is woken with loop_call(req->loop), whichever thread
  * released the range it waited for, so req->done runs there too.
+ *
+ * Memory.  Bounce buffers are as large as the request's aligned range (a
+ * virtio-blk request may be 2 GiB; QEMU bounces whole requests too), and a
+ * peer has many requests in flight, so their bytes are reserved from one
+ * budget for all nodes (ALIGN_BOUNCE_BUDGET) before the buffer is
+ * allocated.  A peer's request (BREQ_PEER, set by the exports) that does
+ * not fit waits, before it holds anything (not listed, no buffer), in one
+ * FIFO; releases start the waiters at its head that now fit, each in its
+ * request's loop.  One larger than the whole budget starts once nothing
+ * else holds any, alone.  The block layer's own requests (a driver's on
+ * its child, a job's) reserve without waiting: one may be issued while
+ * serving a peer's request that holds budget, which must not wait for it
+ * (an op's internal requests drop BREQ_PEER).  So peers' bounce buffers
+ * never hold more than the budget or one request, and the others are
+ * bounded by the requests that issue them.  Ops that hold budget only wait
+ * for each other's ranges and for fast writes, never for budget, so they
+ * all finish.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -45,6 +62,10 @@
 #include "util/xalloc.h"
 
 struct align_op;
+
+/* Bounce buffers of all nodes together; BEXD_BOUNCE_BUDGET (environment,
+ * bytes, read at the first bounce) lowers it for tests. */
+#define ALIGN_BOUNCE_BUDGET (256ull << 20)
 
 struct bnode_align {
     pthread_mutex_t lock;
@@ -71,10 +92,109 @@ struct align_op {
     bool tracked, rmw, waiting;  /* in the list; serialising; not yet started */
     struct align_op *next;       /* in the list */
     char *buf;                   /* aligned bounce buffer */
+    size_t bsize;                /* its size, reserved from the budget */
+    struct align_op *bnext;      /* waiting for budget */
     int stage;
     struct breq sub;             /* internal request to the driver */
     struct iovec iov;
 };
+
+/* ---- the bounce budget (see Memory above) ---- */
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_once_t once;
+    uint64_t limit, used, peak;
+    struct align_op *head, *tail;    /* waiting, in arrival order */
+} bounce = { .lock = PTHREAD_MUTEX_INITIALIZER, .once = PTHREAD_ONCE_INIT };
+
+static void bounce_init(void)
+{
+    const char *knob = getenv("BEXD_BOUNCE_BUDGET");
+    unsigned long long v = knob ? strtoull(knob, NULL, 10) : 0;
+
+    bounce.limit = v > 0 && v < ALIGN_BOUNCE_BUDGET ? v : ALIGN_BOUNCE_BUDGET;
+}
+
+/* Under bounce.lock: may `size` more bytes be reserved now? */
+static bool bounce_fits(uint64_t size)
+{
+    return bounce.used == 0 || bounce.used + size <= bounce.limit;
+}
+
+static void bounce_reserve(uint64_t size)
+{
+    bounce.used += size;
+    if (bounce.used > bounce.peak)
+        bounce.peak = bounce.used;
+}
+
+void bnode_bounce_stats(uint64_t *used, uint64_t *peak, uint64_t *limit)
+{
+    pthread_once(&bounce.once, bounce_init);
+    pthread_mutex_lock(&bounce.lock);
+    *used = bounce.used;
+    *peak = bounce.peak;
+    *limit = bounce.limit;
+    pthread_mutex_unlock(&bounce.lock);
+}
+
+static void op_begin(struct align_op *op);
+
+static void op_begin_fn(void *opaque)
+{
+    op_begin(opaque);
+}
+
+/* Reserve op->bsize; false: op waits in the FIFO, op_begin() runs later in
+ * its request's loop.  Only a peer's request waits: the block layer's own
+ * (a driver's request on its child, issued while serving one that may
+ * hold budget; a job's) take theirs at once, or an op holding budget could
+ * wait for its own child's. */
+static bool bounce_take(struct align_op *op, bool may_wait)
+{
+    bool ok;
+
+    pthread_once(&bounce.once, bounce_init);
+    pthread_mutex_lock(&bounce.lock);
+    ok = !may_wait || (!bounce.head && bounce_fits(op->bsize));
+    if (ok) {
+        bounce_reserve(op->bsize);
+    } else {
+        op->bnext = NULL;
+        if (bounce.tail)
+            bounce.tail->bnext = op;
+        else
+            bounce.head = op;
+        bounce.tail = op;
+    }
+    pthread_mutex_unlock(&bounce.lock);
+    return ok;
+}
+
+static void bounce_give(uint64_t size)
+{
+    struct align_op *start = NULL, **last = &start;
+
+    pthread_mutex_lock(&bounce.lock);
+    bounce.used -= size;
+    while (bounce.head && bounce_fits(bounce.head->bsize)) {
+        struct align_op *w = bounce.head;
+        bounce.head = w->bnext;
+        if (!bounce.head)
+            bounce.tail = NULL;
+        bounce_reserve(w->bsize);
+        w->bnext = NULL;
+        *last = w;
+        last = &w->bnext;
+    }
+    pthread_mutex_unlock(&bounce.lock);
+    while (start) {
+        struct align_op *w = start;
+        start = w->bnext;
+        loop_call(w->req->loop, op_begin_fn, w);
+    }
+}
 
 static uint64_t round_down(uint64_t x, uint64_t a) { return x - x % a; }
 static uint64_t round_up(uint64_t x, uint64_t a) { return round_down(x + a - 1, a); }
@@ -232,6 +352,8 @@ static void op_finish(struct align_op *op, int ret)
     if (op->tracked)
         op_release(op);
     free(op->buf);
+    if (op->bsize)
+        bounce_give(op->bsize);
     free(op);
     breq_complete(req, ret);
 }
@@ -256,7 +378,7 @@ static void sub_submit_iov(struct align_op *op, enum breq_op bop, unsigned flags
 
     memset(s, 0, sizeof(*s));
     s->op = bop;
-    s->flags = flags;
+    s->flags = flags & ~BREQ_PEER;    /* this op holds the budget already */
     s->offset = offset;
     s->len = len;
     s->iov = iov;
@@ -477,21 +599,32 @@ static bool op_start(struct bnode *bs, struct breq *req, enum align_kind kind,
     uint64_t a = bs->request_alignment;
     size_t size = buf_size(kind, a, aoff, aend);
     struct align_op *op = xzalloc(sizeof(*op));
+
+    *op = (struct align_op){ .kind = kind, .req = req, .bs = bs, .al = bs->align,
+                             .a = a, .aoff = aoff, .aend = aend, .bsize = size,
+                             .rmw = kind == AK_WRITE_RMW || kind == AK_ZERO_RMW };
+    if (!size || bounce_take(op, req->flags & BREQ_PEER))
+        op_begin(op);
+    return true;
+}
+
+/* The op's budget is reserved: allocate its buffer and start it. */
+static void op_begin(struct align_op *op)
+{
     void *buf = NULL;
 
-    if (!op || (size && posix_memalign(&buf, MAX(a, (uint64_t)4096), size))) {
+    if (op->bsize && posix_memalign(&buf, MAX(op->a, (uint64_t)4096), op->bsize)) {
+        struct breq *req = op->req;
+        bounce_give(op->bsize);
         free(op);
         breq_complete(req, -ENOMEM);
-        return true;
+        return;
     }
-    *op = (struct align_op){ .kind = kind, .req = req, .bs = bs, .al = bs->align,
-                             .a = a, .aoff = aoff, .aend = aend, .buf = buf,
-                             .rmw = kind == AK_WRITE_RMW || kind == AK_ZERO_RMW };
-    if (kind == AK_READ)
+    op->buf = buf;
+    if (op->kind == AK_READ)
         op_step(op);                 /* reads are never held back */
     else
         op_admit(op);
-    return true;
 }
 
 static bool plain_write(struct bnode *bs, struct breq *req)

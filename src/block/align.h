@@ -18,3 +18,4 @@ bool bnode_align_submit(struct bnode *bs, struct breq *req);
 
 /* A counted fast-path write finished (breq_complete). */
 void bnode_align_fast_end(struct bnode_align *al);
+

@@ -59,6 +59,10 @@ enum {
     BREQ_BEYOND_EOF = 1u << 4,  /* internal (a format driver on its file child, image
                                  * creation): a WRITE may extend a protocol node,
                                  * whose size grows; a READ past its end reads zeros */
+    BREQ_PEER       = 1u << 7,  /* a peer's request, as an export submits it: its
+                                 * bounce buffer (block/align.c) waits for the
+                                 * bounce budget; the block layer's own requests
+                                 * (drivers, jobs, an align op's) never wait there */
 };
 
 struct breq {
@@ -408,6 +412,9 @@ void bnode_unref_user(struct bnode *bs, bool write);
 
 /* ---- data path (any loop thread) ---- */
 void bnode_submit(struct bnode *bs, struct breq *req);
+/* Bounce buffers of unaligned requests, all nodes together (bytes): held
+ * now, the most ever held, and the budget (block/align.c, "Memory"). */
+void bnode_bounce_stats(uint64_t *used, uint64_t *peak, uint64_t *limit);
 /* Driver-to-child forwarding, no validation. */
 void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset);
 /* Past validation and interception: to bs's driver (an intercept passing a

@@ -97,7 +97,10 @@ static json_t *qmp_x_query_memory(json_t *args, error **errp)
     const char *allocator = "glibc";
 #endif
 
-    return json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:i, s:I}",
+    uint64_t bused, bpeak, blimit;
+
+    bnode_bounce_stats(&bused, &bpeak, &blimit);
+    return json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:i, s:I, s:I, s:I, s:I}",
                      "allocator", allocator,
                      "heap-in-use", (json_int_t)(m.uordblks + m.hblkhd),
                      "heap-free", (json_int_t)m.fordblks,
@@ -105,6 +108,9 @@ static json_t *qmp_x_query_memory(json_t *args, error **errp)
                      "heap-mmapped-bytes", (json_int_t)m.hblkhd,
                      "heap-top-releasable", (json_int_t)m.keepcost,
                      "arenas", count_arenas(),
-                     "nbd-buffer-bytes", (json_int_t)nbd_budget_used());
+                     "nbd-buffer-bytes", (json_int_t)nbd_budget_used(),
+                     "bounce-bytes", (json_int_t)bused,
+                     "bounce-bytes-peak", (json_int_t)bpeak,
+                     "bounce-budget", (json_int_t)blimit);
 }
 QMP_COMMAND("__org.bexd_x-query-memory", qmp_x_query_memory)

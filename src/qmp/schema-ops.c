@@ -82,7 +82,8 @@ static const char text[] =
     "  'data': { 'allocator': 'str', 'heap-in-use': 'int', 'heap-free': 'int',\n"
     "            'heap-arena-bytes': 'int', 'heap-mmapped-bytes': 'int',\n"
     "            'heap-top-releasable': 'int', 'arenas': 'int',\n"
-    "            'nbd-buffer-bytes': 'int' } }\n"
+    "            'nbd-buffer-bytes': 'int', 'bounce-bytes': 'int',\n"
+    "            'bounce-bytes-peak': 'int', 'bounce-budget': 'int' } }\n"
     "{ 'command': '__org.bexd_x-query-memory',\n"
     "  'returns': '__org.bexd_MemoryInfo', 'allow-preconfig': true }\n"
     "{ 'struct': '__org.bexd_MetricsOptions', 'data': { 'addr': 'SocketAddress' } }\n";

@@ -479,3 +479,28 @@ def test_nul_in_id_echoed(impl, start_daemon):
     line = m.file.readline()
     assert b'"id": "x\\u0000y"' in line
     assert json.loads(line) == {"return": [], "id": "x\0y"}
+
+
+def test_one_client_per_monitor_the_next_waits(impl, start_daemon):
+    """Issue 13, limits: a monitor serves one client at a time, as QEMU's
+    socket chardev: while one is connected the listening socket is not
+    watched, so a second client's connection waits in the backlog without a
+    greeting (and costs bexd nothing), and is greeted when the first leaves.
+    QMP's memory in total is therefore the sum over the --monitor options."""
+    d = start_daemon(impl)
+    first = d.qmp()
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    second.connect(d.qmp_path)            # into the backlog
+    # a round trip on the first after the second connected: the main loop
+    # has run since, and still did not greet the second
+    assert "qemu" in first.execute("query-version")
+    second.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        second.recv(1)
+    first.close()
+    second.setblocking(True)
+    second.settimeout(30)
+    f = second.makefile("rb")
+    assert "QMP" in json.loads(f.readline())
+    f.close()
+    second.close()

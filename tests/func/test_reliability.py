@@ -265,11 +265,11 @@ def test_vhost_user_requests_in_flight_per_queue_are_bounded(start_daemon, tmpdi
     q = d.qmp()
     # a ring of 4096 entries, one indirect descriptor per request, `depth`
     # READs put in it at once and each put back as soon as it is answered
+    t0 = time.monotonic()            # before any request can start
     p = subprocess.Popen([vub, "-n", "4096", "-i", sock, "bench", "read", "512", str(depth),
                           str(3 * lat)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert p.stdout.readline().strip() == b'{"started": true}'
-        t0 = time.monotonic()
         seen = []
         while not seen or seen[-1] < cap:
             cl = q.execute("__org.bexd_query-export-clients", id="v0")[0]["clients"]
@@ -419,6 +419,52 @@ def test_nbd_fixed_cost_per_connection_is_bounded(start_daemon, tmpdir_short, tl
     for h in hs:
         h.shutdown()
     wait_no_nbd_client(q)
+
+
+def test_bounce_buffers_are_bounded_in_total(start_daemon, tmpdir_short):
+    """Issue 13, limits: a request not aligned to a node's request alignment
+    (O_DIRECT; here blkdebug's `align`) is served through a bounce buffer of
+    its aligned range, and a peer has many requests in flight (up to 1024
+    per vhost-user queue, each up to 2 GiB).  The buffers' bytes are now
+    reserved from one budget for all nodes first (BEXD_BOUNCE_BUDGET lowers
+    it here to four buffers): a front-end with 32 misaligned READs in flight
+    on a slow node has at most the budget bounced at once, exactly reached,
+    and every request is answered (the rest wait their turn).  Without the
+    budget all 32 bounce at once."""
+    from conftest import BUILD
+    vub = os.environ.get("VUB_CLIENT", os.path.join(BUILD, "tests", "vhost", "vub-client"))
+    needs.built(vub, "vub-client")
+    align, depth, lat = 4096, 32, 0.5
+    budget = 4 * align          # a 512-byte READ bounces its 4096-byte block
+    sock = os.path.join(tmpdir_short, "vub.sock")
+    env = dict(os.environ, BEXD_BOUNCE_BUDGET=str(budget))
+    d = start_daemon("bexd", "--blockdev", "driver=null-co,node-name=n,size=16777216,"
+                                           "latency-ns=%d" % int(lat * 1e9),
+                     "--blockdev", "driver=blkdebug,node-name=b,image=n,align=%d" % align,
+                     "--export", "type=vhost-user-blk,id=v0,node-name=b,"
+                                 "addr.type=unix,addr.path=%s" % sock, env=env)
+    q = d.qmp()
+    assert q.execute("__org.bexd_x-query-memory")["bounce-budget"] == budget
+    # 512-byte READs into buffers 512 bytes apart: neither their range nor
+    # their memory is aligned to 4096; each is put back when answered
+    rounds = depth * align // budget
+    t0 = time.monotonic()
+    r = subprocess.run([vub, sock, "bench", "read", "512", str(depth), str((rounds + 4) * lat)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    res = json.loads(tool_text(r.stdout).strip().splitlines()[-1])
+    m = q.execute("__org.bexd_x-query-memory")
+    assert m["bounce-bytes-peak"] == budget, m
+    # the first `depth` take `rounds` latencies, four at a time: all answered
+    assert res["ios"] >= depth, res
+    assert time.monotonic() - t0 >= (rounds - 1) * (lat - TIMER_EARLY)
+    # a request whose buffer is larger than the whole budget runs alone
+    r = subprocess.run([vub, sock, "read", "512", "65536"], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode == 0 and len(r.stdout) == 65536, (r.returncode, r.stderr)
+    assert q.execute("__org.bexd_x-query-memory")["bounce-bytes-peak"] == 65536 + align
+    assert q.execute("__org.bexd_x-query-memory")["bounce-bytes"] == 0
+    assert d.alive()
 
 
 def test_null_co_latency_ns_is_honoured(impl, start_daemon, tmpdir_short):

@@ -273,7 +273,7 @@ void fuse_ioreq_submit(struct fuse_ioreq *r, enum breq_op op, unsigned flags,
 
     memset(b, 0, sizeof(*b));
     b->op = op;
-    b->flags = flags;
+    b->flags = flags | BREQ_PEER;
     b->offset = offset;
     b->len = len;
     if (op == BREQ_READ || op == BREQ_WRITE) {

@@ -551,7 +551,7 @@ static void submit(struct nbd_slot *s, enum breq_op op, unsigned flags)
 
     memset(r, 0, sizeof(*r));
     r->op = op;
-    r->flags = flags;
+    r->flags = flags | BREQ_PEER;
     r->offset = op == BREQ_FLUSH ? 0 : s->req.offset;
     r->len = op == BREQ_FLUSH ? 0 : s->req.count;
     if (op == BREQ_READ || op == BREQ_WRITE) {

@@ -95,7 +95,7 @@ static void submit(struct vblk_dev *d, struct vblk_req *r, enum breq_op op,
 {
     struct breq *b = &r->breq;
     b->op = op;
-    b->flags = flags;
+    b->flags = flags | BREQ_PEER;
     b->offset = offset;
     b->len = len;
     b->iov = iov;
