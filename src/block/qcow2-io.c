@@ -790,6 +790,35 @@ struct wpiece {
 /* Write [offset, offset+bytes) that lies within one L2 slice, into
  * clusters that need allocation or in place.  s->lock held on entry and
  * exit (released around data I/O). */
+/* The guest's n bytes (iov from iov_off) written at host offset `at`
+ * with the copy-on-write head before them and tail after them (either
+ * may be empty): one write, for which QEMU raises cow_write and
+ * write_aio. */
+static int write_with_cow(struct qcow2_state *s, uint64_t at, uint8_t *head, uint64_t hlen,
+                          const struct iovec *iov, int cnt, uint64_t iov_off, uint64_t n,
+                          uint8_t *tail, uint64_t tlen, unsigned wflags)
+{
+    struct sub_iov v;
+    sub_iov_make(&v, iov, cnt, iov_off, n);
+    CLEANUP_FREE struct iovec *all = xmalloc((v.cnt + 2) * sizeof(*all));
+    int ret = -ENOMEM;
+    if (all) {
+        int k = 0;
+        if (hlen)
+            all[k++] = (struct iovec){ head, hlen };
+        memcpy(all + k, v.iov, v.cnt * sizeof(*all));
+        k += v.cnt;
+        if (tlen)
+            all[k++] = (struct iovec){ tail, tlen };
+        if (hlen || tlen)
+            bnode_debug_event(s->bs->file, BLKDBG_COW_WRITE);
+        bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
+        ret = bnode_co_pwritev(s->data, at, hlen + n + tlen, all, k, BREQ_BEYOND_EOF | wflags);
+    }
+    sub_iov_free(&v);
+    return ret;
+}
+
 static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset, uint64_t bytes,
                        const struct iovec *iov, int cnt, uint64_t iov_off, unsigned flags,
                        uint64_t *written, bool *meta_changed)
@@ -864,31 +893,10 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
                 }
             }
         }
-        if (ret == 0) {
-            struct sub_iov v;
-            sub_iov_make(&v, iov, cnt, iov_off, n);
-            CLEANUP_FREE struct iovec *all = xmalloc((v.cnt + 2) * sizeof(*all));
-            if (!all) {
-                ret = -ENOMEM;
-            } else {
-                int k = 0;
-                if (need_cow_head)
-                    all[k++] = (struct iovec){ head, need_cow_head };
-                memcpy(all + k, v.iov, v.cnt * sizeof(*all));
-                k += v.cnt;
-                if (need_cow_tail)
-                    all[k++] = (struct iovec){ tail, need_cow_tail };
-                /* the copy-on-write merged with the data: one write, for
-                 * which QEMU raises cow_write and write_aio */
-                if (need_cow_head || need_cow_tail)
-                    bnode_debug_event(s->bs->file, BLKDBG_COW_WRITE);
-                bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
-                ret = bnode_co_pwritev(s->data, host + in_cl - need_cow_head,
-                                       n + need_cow_head + need_cow_tail, all, k,
-                                       BREQ_BEYOND_EOF | (flags & (BREQ_FUA | BREQ_COPY_INLINE)));
-            }
-            sub_iov_free(&v);
-        }
+        if (ret == 0)
+            ret = write_with_cow(s, host + in_cl - need_cow_head, head, need_cow_head,
+                                 iov, cnt, iov_off, n, tail, need_cow_tail,
+                                 flags & (BREQ_FUA | BREQ_COPY_INLINE));
         inflight_leave(s, slot);
         co_mutex_lock(&s->lock);
         if (ret < 0)
@@ -983,28 +991,9 @@ static int write_piece(struct bnode *bs, struct qcow2_state *s, uint64_t offset,
         tail = xmalloc(tlen);
         ret = tail ? read_old(bs, s, cl_start + end_in, tlen, tail) : -ENOMEM;
     }
-    if (ret == 0) {
-        struct sub_iov v;
-        sub_iov_make(&v, iov, cnt, iov_off, n);
-        CLEANUP_FREE struct iovec *all = xmalloc((v.cnt + 2) * sizeof(*all));
-        if (!all) {
-            ret = -ENOMEM;
-        } else {
-            int k = 0;
-            if (hlen)
-                all[k++] = (struct iovec){ head, hlen };
-            memcpy(all + k, v.iov, v.cnt * sizeof(*all));
-            k += v.cnt;
-            if (tlen)
-                all[k++] = (struct iovec){ tail, tlen };
-            if (hlen || tlen)
-                bnode_debug_event(s->bs->file, BLKDBG_COW_WRITE);
-            bnode_debug_event(s->bs->file, BLKDBG_WRITE_AIO);
-            ret = bnode_co_pwritev(s->data, newh + head_from, hlen + n + tlen, all, k,
-                                   BREQ_BEYOND_EOF | (flags & BREQ_COPY_INLINE));
-        }
-        sub_iov_free(&v);
-    }
+    if (ret == 0)
+        ret = write_with_cow(s, newh + head_from, head, hlen, iov, cnt, iov_off, n,
+                             tail, tlen, flags & BREQ_COPY_INLINE);
     co_mutex_lock(&s->lock);
     if (ret < 0) {
         if (!ext_data)
