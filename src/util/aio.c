@@ -6,9 +6,12 @@
  * hit completes with no ring round trip at all); what would block goes to
  * the ring (io_uring) or to the worker pool (threads).  Ring submissions are
  * batched: one io_uring_submit() per loop iteration, from a loop_defer.  The
- * ring signals completions on the eventfd, which the loop watches; thread
- * completions are pushed on the engine's lock-free list and signalled on the
- * same eventfd, once per batch (only the push onto an empty list writes it).
+ * loop watches the ring's own fd, readable while its completion queue holds
+ * entries, so reaping them needs no system call (an eventfd registered with
+ * the ring cost a read() per wake-up: one of the 7 system calls per 4k
+ * O_DIRECT read at qd1 over NBD, 0.09 of 0.65 per read at qd32).  Thread completions are pushed on the
+ * engine's lock-free list and signalled on an eventfd, once per batch (only
+ * the push onto an empty list writes it).
  * Completion callbacks always run in the owning loop thread.  While worker
  * threads or the ring hold requests of a loop, the loop sleeps rather than
  * polls: a blocking call, a large copy or a device (only what would block
@@ -37,8 +40,10 @@ struct aio_engine {
     struct loop *loop;
     bool ring_ok;
     struct io_uring ring;
-    int efd;
-    struct loop_watch *watch;
+    int efd;                    /* thread completions */
+    struct loop_watch *watch;   /* on efd */
+    struct loop_watch *ring_watch;  /* on the ring's fd: completions to reap */
+    struct aio_stats stats;     /* loop thread */
     struct loop_defer flush;
     unsigned queued;            /* SQEs prepared, not yet submitted */
     unsigned in_pool;           /* requests at the worker pool (loop thread only) */
@@ -162,14 +167,20 @@ static void pool_submit(struct aio_req *r)
 
 /* ---- completions ---- */
 
-static void reap_ring(struct aio_engine *e)
+/* The ring's fd is readable: reap every completion (a done callback may
+ * submit more; those are flushed at the end of the iteration). */
+static void ring_event(void *opaque, uint32_t revents)
 {
+    struct aio_engine *e = opaque;
     struct io_uring_cqe *cqe;
+
+    e->stats.ring_wakeups++;
     while (io_uring_peek_cqe(&e->ring, &cqe) == 0) {
         struct aio_req *r = io_uring_cqe_get_data(cqe);
         int res = cqe->res;
         io_uring_cqe_seen(&e->ring, cqe);
         e->in_ring--;
+        e->stats.ring_completions++;
         r->done(r, res);
     }
 }
@@ -181,6 +192,7 @@ static void engine_event(void *opaque, uint32_t revents)
     /* One read empties a (non-semaphore) eventfd; a loop would pay a
      * second syscall every time just to learn EAGAIN.  A completion that
      * arrives after this read writes it again and wakes the loop again. */
+    e->stats.efd_reads++;
     if (read(e->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
         log_error("aio eventfd read: %s", strerror(errno));
     struct aio_req *r = __atomic_exchange_n(&e->done_head, NULL, __ATOMIC_ACQUIRE);
@@ -190,8 +202,6 @@ static void engine_event(void *opaque, uint32_t revents)
         r->done(r, r->res);
         r = next;
     }
-    if (e->ring_ok)
-        reap_ring(e);
 }
 
 static void engine_flush(void *opaque)
@@ -199,6 +209,7 @@ static void engine_flush(void *opaque)
     struct aio_engine *e = opaque;
     if (e->queued) {
         e->queued = 0;
+        e->stats.submit_calls++;
         int ret = io_uring_submit(&e->ring);
         if (ret < 0)
             log_error("io_uring_submit: %s", strerror(-ret));
@@ -213,12 +224,12 @@ struct aio_engine *aio_engine_new(struct loop *l)
     e->flush.fn = engine_flush;
     e->flush.opaque = e;
     int ret = io_uring_queue_init(RING_ENTRIES, &e->ring, 0);
-    if (ret == 0 && io_uring_register_eventfd(&e->ring, e->efd) == 0)
+    if (ret == 0) {
+        e->ring_watch = loop_watch_fd(l, e->ring.ring_fd, LOOP_IN, ring_event, e);
         e->ring_ok = true;
-    else if (ret == 0)
-        io_uring_queue_exit(&e->ring);
-    if (!e->ring_ok)
+    } else {
         log_debug("io_uring unavailable (%s); using the thread pool", strerror(-ret));
+    }
     pthread_mutex_init(&e->fixed_lock, NULL);
     if (e->ring_ok && io_uring_register_buffers_sparse(&e->ring, FIXED_BUFS) == 0) {
         e->fixed_ok = true;
@@ -233,6 +244,7 @@ struct aio_engine *aio_engine_new(struct loop *l)
 void aio_engine_free(struct aio_engine *e)
 {
     loop_watch_del(e->watch);
+    loop_watch_del(e->ring_watch);
     if (e->ring_ok)
         io_uring_queue_exit(&e->ring);
     pthread_mutex_destroy(&e->fixed_lock);
@@ -365,6 +377,11 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
         return;
     e->in_pool++;
     pool_submit(r);
+}
+
+void aio_get_stats(struct loop *l, struct aio_stats *st)
+{
+    *st = loop_aio(l)->stats;
 }
 
 bool aio_engine_waits_for_pool(struct aio_engine *e)

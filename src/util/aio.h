@@ -2,7 +2,8 @@
  * File I/O engine.  Requests are submitted from a loop's thread and complete
  * in that same thread via req->done.  Engines:
  *   AIO_IO_URING  liburing ring per loop; submissions batched until the loop
- *                 sleeps; completion via an eventfd watched by the loop.
+ *                 sleeps; completions reaped when the loop sees the ring's
+ *                 fd readable.
  *   AIO_THREADS   shared worker pools doing preadv/pwritev/...: one for calls
  *                 that may block, one sized to the CPUs for AIO_CPU_BOUND
  *                 copies; completions go back to the submitting loop.
@@ -74,5 +75,14 @@ struct aio_req {
 };
 
 void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *req);
+
+/* What l's engine has done (l's thread, or with l stopped). */
+struct aio_stats {
+    uint64_t submit_calls;      /* io_uring_submit: one per loop iteration with new entries */
+    uint64_t ring_wakeups;      /* the ring's fd was readable */
+    uint64_t ring_completions;  /* completions reaped from the ring */
+    uint64_t efd_reads;         /* reads of the eventfd: thread completions only */
+};
+void aio_get_stats(struct loop *l, struct aio_stats *st);
 /* "threads" / "io_uring" / "native" -> kind; returns -1 if unknown. */
 int aio_kind_parse(const char *s);
