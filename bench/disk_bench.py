@@ -15,14 +15,23 @@ same file in turn with cache.direct=on and aio=io_uring or aio=native
   fuse   fio (libaio, direct=1) on the FUSE mount point.
 
 Rows: 4k random read and write at qd1 and qd32, 1M sequential read and
-write at qd8.  Each row records IOPS, MiB/s and the server's CPU time per
-request (utime+stime of its process tree, /proc), and its ratio to the
-limit row of the same run.  With --runs N the whole matrix is repeated and
-medians are printed (the machine is shared: look at the load column).
+write at qd8.  Each row records IOPS, MiB/s, the server's CPU time per
+request (utime+stime of its process tree, /proc), the client's (fio or
+vub-client with its children, getrusage), and its ratio to the limit row
+of the same run.  With --pair-limit the limit row is measured again just
+before every server row and the ratio is to that one (the device's speed
+drifts within a run).  Server `bexd-ram` is the same transport to bexd
+serving a copy of the image in /dev/shm (page cache, no device): its qd1
+rows are the round trip the transport adds to every request, and the
+summary's "limit+hop" line is the IOPS a server would have at qd1 if it
+added nothing but that round trip to the limit row's device time.  With
+--runs N the whole matrix is repeated and medians are printed (the machine
+is shared: look at the load column).
 """
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -48,7 +57,8 @@ WORKLOADS = {
     "sw1m8": ("1M write qd8", "write", 1 << 20, 8),
 }
 TRANSPORTS = ["nbd", "vhost", "fuse"]
-SERVERS = ["bexd-io_uring", "bexd-native", "qsd-io_uring", "qsd-native", "nbdkit"]
+SERVERS = ["bexd-io_uring", "bexd-native", "qsd-io_uring", "qsd-native", "nbdkit", "bexd-ram"]
+RAM_MAX = 256 << 20     # bexd-ram's copy of the image (the rows touch its first --size bytes)
 
 
 def log(*a):
@@ -65,6 +75,8 @@ class Server:
 
     def __init__(self, name, transport, img, work, a):
         self.name, self.transport, self.img, self.work, self.a = name, transport, img, work, a
+        if name == "bexd-ram":
+            self.img = a.ram_img
         self.sock = os.path.join(work, "srv.sock")
         self.pidfile = os.path.join(work, "srv.pid")
         self.mnt = os.path.join(work, "mnt")
@@ -77,6 +89,8 @@ class Server:
         impl, aio = self.name.split("-", 1)
         exe = self.a.bexd if impl == "bexd" else "qemu-storage-daemon"
         node = "driver=file,node-name=f0,filename=%s,cache.direct=on,aio=%s" % (self.img, aio)
+        if aio == "ram":
+            node = "driver=file,node-name=f0,filename=%s" % self.img
         argv = [exe, "--blockdev", node]
         if self.transport == "nbd":
             argv += ["--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
@@ -130,6 +144,12 @@ class Server:
                     subprocess.run(["fusermount3", "-u", "-z", self.mnt])
 
 
+def client_cpu():
+    """CPU seconds of our reaped children (fio's forked jobs roll up into fio)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def fio(args, runtime, out):
     argv = ["fio", "--name=b", "--time_based", "--runtime=%d" % runtime,
             "--output-format=json", "--output=" + out] + args
@@ -154,12 +174,13 @@ def run_row(transport, srv, w, a, img, work):
     if transport == "limit":
         return fio(["--ioengine=io_uring", "--direct=1", "--filename=" + img]
                    + fio_common(w, a.size), a.runtime, out)
+    size = min(a.size, RAM_MAX) if srv.name == "bexd-ram" else a.size
     if transport == "nbd":
         uri = "nbd+unix:///?socket=" + srv.sock
-        return fio(["--ioengine=nbd", "--uri=" + uri] + fio_common(w, a.size), a.runtime, out)
+        return fio(["--ioengine=nbd", "--uri=" + uri] + fio_common(w, size), a.runtime, out)
     if transport == "fuse":
         return fio(["--ioengine=libaio", "--direct=1", "--filename=" + srv.mnt]
-                   + fio_common(w, a.size), a.runtime, out)
+                   + fio_common(w, size), a.runtime, out)
     _, rw, bs, qd = WORKLOADS[w]
     argv = [a.vub] + (["-i"] if bs > 65536 else []) + [srv.sock, "bench", rw, str(bs),
                                                        str(qd), str(a.runtime)]
@@ -173,11 +194,14 @@ def run_row(transport, srv, w, a, img, work):
 
 def measure(transport, srv, w, a, img, work):
     t0 = tree_cpu_ticks(srv.pid) if srv else 0
+    c0 = client_cpu()
     l0 = loadavg()
     res = run_row(transport, srv, w, a, img, work)
     t1 = tree_cpu_ticks(srv.pid) if srv else 0
+    c1 = client_cpu()
     cpu = (t1 - t0) / HZ
     res["cpu_us_op"] = 1e6 * cpu / res["ops"] if srv and res["ops"] else None
+    res["cli_us_op"] = 1e6 * (c1 - c0) / res["ops"] if res["ops"] else None
     res["load"] = (l0 + loadavg()) / 2
     return res
 
@@ -202,6 +226,8 @@ def parse_args(argv):
     p.add_argument("--bexd", default=os.environ.get("BEXD", os.path.join(ROOT, "build", "bexd")))
     p.add_argument("--vub", default=None, help="vub-client (default next to bexd)")
     p.add_argument("--json", help="also write all results here")
+    p.add_argument("--pair-limit", action="store_true",
+                   help="measure the limit row again just before each server row")
     a = p.parse_args(argv)
     a.transports = [x for x in a.transports.split(",") if x]
     a.servers = [x for x in a.servers.split(",") if x]
@@ -223,6 +249,39 @@ def parse_args(argv):
     return a
 
 
+def hop_summary(results, a):
+    """qd1: the limit row's device time plus the transport's own round trip
+    (bexd-ram's qd1 latency), as IOPS; and each server's share of it, run by
+    run against the limit row that run's ratio used."""
+    lines = []
+    for t in a.transports:
+        for w in a.workloads:
+            if WORKLOADS[w][3] != 1:
+                continue
+            hop = [r["iops"] for r in results.get((t, "bexd-ram", w), [])]
+            if not hop:
+                continue
+            h = statistics.median(hop)
+            lims, servers = [], []
+            for name in a.servers:
+                rs = [r for r in results.get((t, name, w), []) if r.get("limit")]
+                if name == "bexd-ram" or not rs:
+                    continue
+                lims += [r["limit"] for r in rs]
+                servers.append("%s %.0f%%" % (name, statistics.median(
+                    [100.0 * r["iops"] * (1.0 / r["limit"] + 1.0 / h) for r in rs])))
+            if not lims:
+                continue
+            l = statistics.median(lims)
+            lines.append("%-6s %-18s limit %7.0f  hop %7.0f  limit+hop %7.0f  %s" % (
+                t, WORKLOADS[w][0], l, h, 1.0 / (1.0 / l + 1.0 / h), ", ".join(servers)))
+    if lines:
+        print("\n-- qd1 against limit+hop = 1 / (1/limit + 1/hop), medians; "
+              "% of it run by run (each row's own limit row)")
+        for x in lines:
+            print(x)
+
+
 def fmt(v, spec):
     return "-" if v is None else spec % v
 
@@ -234,60 +293,86 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="diskbench.", dir=a.dir)
     img = os.path.join(work, "disk.img")
     results = {}          # (transport, server, workload) -> [result per run]
+    a.ram_img = None
     try:
         log("writing %d MiB image in %s ..." % (a.size >> 20, work))
         make_image(img, a.size)
-        print("runtime %ds per row, %d run(s), image %d MiB in %s, %d CPUs" % (
-            a.runtime, a.runs, a.size >> 20, a.dir, os.cpu_count()), flush=True)
-        hdr = "%-6s %-14s %-18s %9s %8s %7s %8s %5s" % (
-            "xport", "server", "workload", "IOPS", "MiB/s", "%limit", "us/op", "load")
+        if "bexd-ram" in a.servers:
+            a.ram_img = tempfile.mktemp(prefix="diskbench-ram.", dir="/dev/shm")
+            with open(img, "rb") as src, open(a.ram_img, "wb") as dst:
+                dst.write(src.read(min(a.size, RAM_MAX)))
+        print("runtime %ds per row, %d run(s), image %d MiB in %s, %d CPUs%s" % (
+            a.runtime, a.runs, a.size >> 20, a.dir, os.cpu_count(),
+            ", limit row before each row" if a.pair_limit else ""), flush=True)
+        hdr = "%-6s %-14s %-18s %9s %8s %7s %8s %8s %5s" % (
+            "xport", "server", "workload", "IOPS", "MiB/s", "%limit", "us/op", "cli_us", "load")
+        row = "%-6s %-14s %-18s %9.0f %8.1f %7s %8s %8s %5.1f"
+
+        def show(t, name, w, r):
+            print(row % (t, name, WORKLOADS[w][0], r["iops"], r["mibs"], fmt(r["pct"], "%.0f"),
+                         fmt(r["cpu_us_op"], "%.1f"), fmt(r["cli_us_op"], "%.1f"), r["load"]),
+                  flush=True)
+
+        def run_limit(w, limit):
+            try:
+                r = measure("limit", None, w, a, img, work)
+            except Exception as e:  # report, go on
+                print("%-6s %-14s %-18s error: %s" % ("limit", "fio", WORKLOADS[w][0], e), flush=True)
+                return
+            limit[w] = r["iops"]
+            r["pct"] = 100.0
+            results.setdefault(("limit", "fio", w), []).append(r)
+            show("limit", "fio", w, r)
+
         for run in range(a.runs):
             print("-- run %d" % (run + 1))
             print(hdr, flush=True)
-            plan = [("limit", None)] + [(t, s) for t in a.transports for s in a.servers]
             limit = {}
-            for t, name in plan:
-                srv = Server(name, t, img, work, a) if name else None
-                if srv and not srv.supports():
+            if not a.pair_limit:
+                for w in a.workloads:
+                    run_limit(w, limit)
+            for t, name in [(t, s) for t in a.transports for s in a.servers]:
+                srv = Server(name, t, img, work, a)
+                if not srv.supports():
                     continue
                 try:
-                    if srv:
-                        srv.start()
+                    srv.start()
                     for w in a.workloads:
+                        if a.pair_limit and name != "bexd-ram":
+                            run_limit(w, limit)
                         try:
                             r = measure(t, srv, w, a, img, work)
                         except Exception as e:  # report, go on
-                            print("%-6s %-14s %-18s error: %s" % (t, name or "fio", WORKLOADS[w][0], e),
+                            print("%-6s %-14s %-18s error: %s" % (t, name, WORKLOADS[w][0], e),
                                   flush=True)
                             continue
-                        if t == "limit":
-                            limit[w] = r["iops"]
-                        r["pct"] = 100.0 * r["iops"] / limit[w] if limit.get(w) else None
-                        results.setdefault((t, name or "fio", w), []).append(r)
-                        print("%-6s %-14s %-18s %9.0f %8.1f %7s %8s %5.1f" % (
-                            t, name or "fio", WORKLOADS[w][0], r["iops"], r["mibs"],
-                            fmt(r["pct"], "%.0f"), fmt(r["cpu_us_op"], "%.1f"), r["load"]),
-                            flush=True)
+                        r["pct"] = (100.0 * r["iops"] / limit[w]
+                                    if limit.get(w) and name != "bexd-ram" else None)
+                        r["limit"] = limit.get(w)
+                        results.setdefault((t, name, w), []).append(r)
+                        show(t, name, w, r)
                 except Exception as e:
                     print("%-6s %-14s skipped: %s" % (t, name, e), flush=True)
                 finally:
-                    if srv:
-                        srv.stop()
+                    srv.stop()
         if a.runs > 1:
             print("\n-- medians of %d runs (%%limit: median of each run's ratio)" % a.runs)
             print(hdr)
             for (t, name, w), rs in results.items():
-                med = lambda k: (statistics.median([r[k] for r in rs if r[k] is not None])
-                                 if any(r[k] is not None for r in rs) else None)
-                print("%-6s %-14s %-18s %9.0f %8.1f %7s %8s %5.1f" % (
-                    t, name, WORKLOADS[w][0], med("iops"), med("mibs"), fmt(med("pct"), "%.0f"),
-                    fmt(med("cpu_us_op"), "%.1f"), med("load")))
+                med = lambda k: (statistics.median([r[k] for r in rs if r.get(k) is not None])
+                                 if any(r.get(k) is not None for r in rs) else None)
+                print(row % (t, name, WORKLOADS[w][0], med("iops"), med("mibs"),
+                             fmt(med("pct"), "%.0f"), fmt(med("cpu_us_op"), "%.1f"),
+                             fmt(med("cli_us_op"), "%.1f"), med("load")))
+        hop_summary(results, a)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump([dict(transport=t, server=s, workload=w, runs=rs)
                            for (t, s, w), rs in results.items()], f, indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if a.ram_img and os.path.exists(a.ram_img):
+            os.unlink(a.ram_img)
     return 0
 
 
