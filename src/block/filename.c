@@ -26,6 +26,7 @@
 #include <string.h>
 #include "block/block.h"
 #include "qmp/json-out.h"
+#include "util/keyval.h"
 #include "util/cleanup.h"
 #include "util/xalloc.h"
 
@@ -83,36 +84,13 @@ static json_t *qdict_ordered(json_t *obj)
     return out;
 }
 
-/* QEMU's qdict_flatten: nested objects and lists become "a.b", "a.0". */
-static void flatten_into(json_t *out, const char *prefix, json_t *v)
-{
-    if (json_is_object(v) && json_object_size(v)) {
-        const char *k;
-        json_t *x;
-        json_object_foreach(v, k, x) {
-            CLEANUP_FREE char *key = prefix ? xasprintf("%s.%s", prefix, k) : xstrdup(k);
-            flatten_into(out, key, x);
-        }
-    } else if (json_is_array(v) && json_array_size(v)) {
-        size_t i;
-        json_t *x;
-        json_array_foreach(v, i, x) {
-            CLEANUP_FREE char *key = xasprintf("%s.%zu", prefix, i);
-            flatten_into(out, key, x);
-        }
-    } else if (prefix) {
-        json_object_set(out, prefix, v);
-    }
-}
-
 /* QEMU's append_strong_runtime_options: copies "driver", "filename" and
  * the driver's strong options (a name ending in '.' is a prefix) from the
  * node's options into d; true if one other than driver/filename was there. */
 static bool append_strong(json_t *d, struct bnode *bs)
 {
     static const char *const global[] = { "driver", "filename", NULL };
-    CLEANUP_JSON json_t *flat = json_object();
-    flatten_into(flat, NULL, bs->options);
+    CLEANUP_JSON json_t *flat = keyval_flatten(bs->options);
     bool found = false;
     for (int pass = 0; pass < 2; pass++) {
         const char *const *names = pass ? bs->drv->strong_opts : global;

@@ -28,6 +28,7 @@
 #include "block/block.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/keyval.h"
 #include "util/log.h"
 #include "util/opts.h"
 #include "util/xalloc.h"
@@ -47,35 +48,6 @@ struct entry {
 };
 
 /* ---- options ---- */
-
-/* QEMU's qdict_flatten: nested objects and lists become "a.b", "a.0". */
-static void flatten_into(json_t *out, const char *prefix, json_t *v)
-{
-    if (json_is_object(v) && json_object_size(v)) {
-        const char *k;
-        json_t *x;
-        json_object_foreach(v, k, x) {
-            CLEANUP_FREE char *key = prefix ? xasprintf("%s.%s", prefix, k) : xstrdup(k);
-            flatten_into(out, key, x);
-        }
-    } else if (json_is_array(v) && json_array_size(v)) {
-        size_t i;
-        json_t *x;
-        json_array_foreach(v, i, x) {
-            CLEANUP_FREE char *key = xasprintf("%s.%zu", prefix, i);
-            flatten_into(out, key, x);
-        }
-    } else if (prefix) {
-        json_object_set(out, prefix, v);
-    }
-}
-
-static json_t *flatten(json_t *obj)
-{
-    json_t *out = json_object();
-    flatten_into(out, NULL, obj);
-    return out;
-}
 
 static bool key_in(const char *key, const char *const *list)
 {
@@ -369,8 +341,8 @@ static int prepare(struct entry *e, error **errp)
     /* Options given before and left out now go back to their default:
      * only those the driver allows. */
     CLEANUP_JSON json_t *old = old_explicit(bs);
-    CLEANUP_JSON json_t *oldf = flatten(old);
-    CLEANUP_JSON json_t *newf = flatten(e->rs.opts);
+    CLEANUP_JSON json_t *oldf = keyval_flatten(old);
+    CLEANUP_JSON json_t *newf = keyval_flatten(e->rs.opts);
     const char *k;
     json_t *v;
     json_object_foreach(oldf, k, v) {
@@ -386,8 +358,8 @@ static int prepare(struct entry *e, error **errp)
     if (parse_backing(e, errp) < 0 || parse_file(e, errp) < 0)
         return -1;
     /* Whatever is left must not change. */
-    CLEANUP_JSON json_t *cur = flatten(bs->options);
-    CLEANUP_JSON json_t *rest = flatten(e->rs.opts);
+    CLEANUP_JSON json_t *cur = keyval_flatten(bs->options);
+    CLEANUP_JSON json_t *rest = keyval_flatten(e->rs.opts);
     json_object_foreach(rest, k, v) {
         if (key_in(k, absorbed_opts) || key_in(k, drv->reopen_keys))
             continue;

@@ -251,3 +251,31 @@ json_t *keyval_or_json_parse(const char *arg, const char *implied_key,
         *is_json = false;
     return keyval_parse(arg, implied_key, errp);
 }
+
+static void flatten_into(json_t *out, const char *prefix, json_t *v)
+{
+    if (json_is_object(v) && json_object_size(v)) {
+        const char *k;
+        json_t *x;
+        json_object_foreach(v, k, x) {
+            CLEANUP_FREE char *key = prefix ? xasprintf("%s.%s", prefix, k) : xstrdup(k);
+            flatten_into(out, key, x);
+        }
+    } else if (json_is_array(v) && json_array_size(v)) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(v, i, x) {
+            CLEANUP_FREE char *key = xasprintf("%s.%zu", prefix, i);
+            flatten_into(out, key, x);
+        }
+    } else if (prefix) {
+        json_object_set(out, prefix, v);
+    }
+}
+
+json_t *keyval_flatten(json_t *obj)
+{
+    json_t *out = json_object();
+    flatten_into(out, NULL, obj);
+    return out;
+}

@@ -15,3 +15,7 @@ json_t *keyval_parse(const char *params, const char *implied_key, error **errp);
 /* --object/--blockdev etc. accept JSON when the argument starts with '{'. */
 json_t *keyval_or_json_parse(const char *arg, const char *implied_key,
                              bool *is_json, error **errp);
+/* The other way, QEMU's qdict_flatten: a new object where nested objects
+ * and lists have become dotted keys ("a.b", "a.0"); empty ones stay as
+ * values, as in QEMU; leaves are shared with obj. */
+json_t *keyval_flatten(json_t *obj);

@@ -82,6 +82,28 @@ static void test_keyval_errors(void **state)
              "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk' is too long");
 }
 
+/* keyval_flatten is QEMU's qdict_flatten: the inverse of keyval's nesting,
+ * empty objects and lists kept as values, leaves kept with their types. */
+static void test_keyval_flatten(void **state)
+{
+    CLEANUP_JSON json_t *in = json_loads(
+        "{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"a\","
+        " \"aio\": {}}, \"l\": [1, {\"x\": true}, []], \"n\": null}", 0, NULL);
+    CLEANUP_JSON json_t *want = json_loads(
+        "{\"driver\": \"qcow2\", \"file.driver\": \"file\", \"file.filename\": \"a\","
+        " \"file.aio\": {}, \"l.0\": 1, \"l.1.x\": true, \"l.2\": [], \"n\": null}", 0, NULL);
+    assert_non_null(in);
+    CLEANUP_JSON json_t *flat = keyval_flatten(in);
+    assert_true(json_equal(flat, want));
+
+    /* and back: keyval's dotted keys give the nested object again */
+    CLEANUP_JSON json_t *kv = keyval_parse("a.b=1,a.c.0=x,a.c.1=y,d=z", NULL, NULL);
+    CLEANUP_JSON json_t *kvflat = keyval_flatten(kv);
+    CLEANUP_JSON json_t *kvwant = json_loads(
+        "{\"a.b\": \"1\", \"a.c.0\": \"x\", \"a.c.1\": \"y\", \"d\": \"z\"}", 0, NULL);
+    assert_true(json_equal(kvflat, kvwant));
+}
+
 static void test_keyval_or_json(void **state)
 {
     error *err = NULL;
@@ -389,6 +411,7 @@ int main(void)
         cmocka_unit_test(test_keyval_good),
         cmocka_unit_test(test_keyval_errors),
         cmocka_unit_test(test_keyval_or_json),
+        cmocka_unit_test(test_keyval_flatten),
         cmocka_unit_test(test_json_stream),
         cmocka_unit_test(test_json_nesting_limit),
         cmocka_unit_test(test_json_token_size_limit),
