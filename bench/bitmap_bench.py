@@ -5,8 +5,16 @@ Rows (each daemon serves its own RAM-backed image in /dev/shm over a UNIX
 socket; fio's nbd engine is the client):
 
   bitmaps   4 KiB random writes, queue depth 32, with no dirty bitmap and
-            with two enabled ones (64 KiB and 4 KiB granularity) on the
-            exported node: the cost of tracking, as a ratio of IOPS.
+            with two enabled ones (64 KiB and 4 KiB granularity, added
+            empty) on the exported node: the cost of tracking.  Measured
+            in pairs on one running daemon: --pairs pairs of short fio runs
+            (--pair-time s each), none then two, two then none, ... (A B B
+            A ...), each daemon's pairs interleaved with the other's; per
+            pair the ratio of IOPS and of the server's CPU time per write
+            (the process CPU clock over the run / the writes fio made).
+            Reported: the median paired ratio with a distribution-free 95%
+            confidence interval, and a verdict on "costs at most 3%":
+            shown, refuted, or not resolved by this run.
   cbw       4 KiB random writes, qd 32, through a copy-before-write filter
             (blockdev-add copy-before-write over the disk, a RAM target,
             the export on the filter): every first write to a 64 KiB
@@ -25,7 +33,14 @@ socket; fio's nbd engine is the client):
             file, as a backup client does it: --depth reads in flight
             (default 16; aio_pread, runs of dirty clusters split at 1 MiB),
             each written to the copy as it completes (pull mode, as
-            docs/backup.md shows).  The client process is started, its
+            docs/backup.md shows).  The copy is the previous backup (the
+            image before this round's writes, as large as the image); with
+            --copy-write mmap (the default) the client maps it and each
+            read lands there (received straight into the copy's page cache),
+            with pwrite it reads into buffers and pwrites them.  "Copy done"
+            is when the client reports it (its exit, which unmaps the copy,
+            is not timed); the copy is then compared with the image
+            (cmp: nothing is written after the freeze, so they must match).  The client process is started, its
             buffers made, before the freeze and connects when the export
             exists; its own CPU time is reported beside the row (a client
             near its wall time would be the limit, not the server).  The
@@ -40,6 +55,7 @@ machine may be shared: compare ratios of one run, not absolute figures.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -100,10 +116,11 @@ class Server:
 
 
 def proc_cpu(pid):
-    """utime + stime of a process, in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process (all its threads, exited ones included), in
+    seconds, to the nanosecond: the kernel's process CPU clock of another
+    process (clock_getcpuclockid), not /proc's ticks of 10 ms, which are
+    15% of a pull backup's 0.07 s."""
+    return time.clock_gettime_ns((~pid << 3) | 2) / 1e9
 
 
 CPU_PER_WRITE = {}      # (row, impl) -> [server CPU microseconds per write]
@@ -146,18 +163,113 @@ def make_image(path, size):
             f.write(chunk)
 
 
-def row_bitmaps(srv, nbitmaps, args):
-    srv.start()
-    for i in range(nbitmaps):
-        srv.qmp.execute("block-dirty-bitmap-add", node="disk", name="b%d" % i,
-                        granularity=65536 if i == 0 else 4096)
-    srv.qmp.execute("block-export-add", type="nbd", id="e", node_name="disk", name="e",
-                    writable=True)
+def fio_run(uri, runtime, size, workdir, pid):
+    """One fio run of 4 KiB random writes at qd 32 (no ramp: every write
+    is counted); returns (IOPS, writes, server CPU seconds over the run)."""
+    out = os.path.join(workdir, "fio.json")
+    cpu0 = proc_cpu(pid)
+    subprocess.run(["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
+                    "--bs=4k", "--iodepth=32", "--size=%d" % size, "--time_based",
+                    "--runtime=%dms" % round(1000 * runtime), "--randrepeat=0",
+                    "--output-format=json", "--output=" + out], check=True,
+                   stdout=subprocess.DEVNULL)
+    cpu = proc_cpu(pid) - cpu0
+    with open(out) as f:
+        w = json.load(f)["jobs"][0]["write"]
+    return w["iops"], w["total_ios"], cpu
+
+
+def median_ci(xs, conf=0.95):
+    """Median of xs with a distribution-free confidence interval for it:
+    order statistics k and n+1-k, k the largest with P(B <= k-1) <=
+    (1-conf)/2 for B ~ binomial(n, 1/2).  Returns (median, lo, hi, the
+    interval's actual coverage); lo and hi are None with too few values."""
+    xs = sorted(xs)
+    n = len(xs)
+    med = statistics.median(xs)
+    k, cum = 0, 0.0
+    for j in range(n + 1):
+        cum += math.comb(n, j) / 2 ** n
+        if cum > (1 - conf) / 2:
+            break
+        k = j + 1
+    if k == 0:
+        return med, None, None, 0.0
+    below = sum(math.comb(n, j) for j in range(k)) / 2 ** n
+    return med, xs[k - 1], xs[n - k], 1 - 2 * below
+
+
+BITMAP_PAIRS = {}       # impl -> [{"none": (IOPS, CPU us/write), "two": (...)}]
+
+
+def bitmaps_on(srv, on):
+    """Two empty enabled bitmaps on the exported node, or none at all."""
+    for i in range(2):
+        if on:
+            srv.qmp.execute("block-dirty-bitmap-add", node="disk", name="b%d" % i,
+                            granularity=65536 if i == 0 else 4096)
+        else:
+            srv.qmp.execute("block-dirty-bitmap-remove", node="disk", name="b%d" % i)
+
+
+def row_bitmap_pairs(impls, args, img):
+    """The bitmaps row: paired runs on one daemon per implementation (each
+    on its own copy of the image), A B B A ..., the daemons' pairs
+    interleaved."""
+    servers = {}
     try:
-        return fio_iops(srv.uri("e"), args.runtime, args.size, args.workdir, srv.pid,
-                        ("bitmaps%d" % nbitmaps, srv.impl))
+        for name, binary in impls.items():
+            own = os.path.join(args.workdir, "bm-%s.img" % name)
+            shutil.copyfile(img, own)
+            srv = servers[name] = Server(name, binary, args.workdir, own).start()
+            srv.qmp.execute("block-export-add", type="nbd", id="e", node_name="disk",
+                            name="e", writable=True)
+            srv.has = False
+            fio_run(srv.uri("e"), 1, args.size, args.workdir, srv.pid)   # warm-up
+        for i in range(args.pairs):
+            order = ("none", "two") if i % 2 == 0 else ("two", "none")
+            for name, srv in servers.items():
+                res = {}
+                for conf in order:
+                    if srv.has:
+                        bitmaps_on(srv, False)
+                        srv.has = False
+                    if conf == "two":
+                        bitmaps_on(srv, True)
+                        srv.has = True
+                    iops, n, cpu = fio_run(srv.uri("e"), args.pair_time, args.size,
+                                           args.workdir, srv.pid)
+                    res[conf] = (iops, 1e6 * cpu / n)
+                BITMAP_PAIRS.setdefault(name, []).append(res)
+                log("%s pair %d: none %.0f IOPS %.2f us/write, two %.0f IOPS %.2f us/write" % (
+                    name, i, res["none"][0], res["none"][1], res["two"][0], res["two"][1]))
     finally:
-        srv.stop()
+        for srv in servers.values():
+            srv.stop()
+            os.unlink(srv.img)
+
+
+def bitmap_verdict(name, pairs):
+    """Lines on "two enabled bitmaps cost at most 3%" for one daemon."""
+    lines = []
+    iops = [p["two"][0] / p["none"][0] for p in pairs]
+    cpu = [p["two"][1] / p["none"][1] for p in pairs]
+    for what, ratios, cost_of in (("IOPS", iops, lambda r: 1 - r),
+                                  ("CPU per write", cpu, lambda r: r - 1)):
+        med, lo, hi, cover = median_ci(ratios)
+        if lo is None:
+            lines.append("%s: %s cost %.1f%% (median of %d pairs; too few pairs for an "
+                         "interval: not resolved)" % (name, what, 100 * cost_of(med), len(ratios)))
+            continue
+        worst, best = max(cost_of(lo), cost_of(hi)), min(cost_of(lo), cost_of(hi))
+        verdict = ("at most 3%: shown" if worst < 0.03 else
+                   "more than 3%: shown" if best > 0.03 else
+                   "at most 3%: not resolved by this run")
+        lines.append("%s: two enabled bitmaps cost %.1f%% of %s (median of %d paired ratios; "
+                     "%.0f%% interval %.1f%% .. %.1f%%): %s" % (
+                         name, 100 * cost_of(med), what, len(ratios), 100 * cover,
+                         100 * best, 100 * worst, verdict))
+    return lines
 
 
 def row_cbw(srv, args):
@@ -251,17 +363,21 @@ BACKUP_CPU = {}         # (row, impl) -> [server CPU seconds of the backup]
 CLIENT_CPU = {}         # impl -> [the pull client's CPU seconds (usr + sys)]
 CLIENT_WALL = {}        # impl -> [the pull client's seconds from "go" to done]
 FREEZE_S = {}           # impl -> [seconds of the QMP part: freeze, node, export]
+PHASES = {}             # impl -> [[connected, extents known, last read] s from the go]
 
 
 def dirty_tenth(srv):
     """Write 10% of the image's 64 KiB clusters (spread out) through an
     export, with random data (a zero cluster would read back as a hole: a
-    cheaper reply than real data); returns how many."""
+    cheaper reply than real data); returns how many.  Each call of a
+    server picks other clusters and data (a backup that copied nothing
+    would leave its copy different from the image)."""
     nclusters = srv.size // 65536
+    srv.rounds = getattr(srv, "rounds", 0) + 1
     script = ("import nbd, random\nh = nbd.NBD()\nh.connect_uri(%r)\n"
-              "r = random.Random(3)\nbuf = r.randbytes(65536)\n"
+              "r = random.Random(%d)\nbuf = r.randbytes(65536)\n"
               "for c in r.sample(range(%d), %d):\n    h.pwrite(buf, c * 65536)\n"
-              % (srv.uri("w"), nclusters, nclusters // 10))
+              % (srv.uri("w"), 3 + srv.rounds, nclusters, nclusters // 10))
     subprocess.run(["/usr/bin/python3", "-c", script], check=True)
     return nclusters // 10
 
@@ -312,10 +428,13 @@ def build_c_client(workdir):
 def row_backup(srv, args):
     """Pull-mode incremental backup of 10% dirty: seconds from freeze to copy done."""
     tmp = os.path.join(args.workdir, "fleece-%s.img" % srv.impl)
+    # the previous backup: the image before this round's writes (made
+    # once, then kept up to date by each round's backup)
     copy = os.path.join(args.workdir, "copy-%s.img" % srv.impl)
-    for p in (tmp, copy):
-        with open(p, "wb") as f:
-            f.truncate(args.size)
+    with open(tmp, "wb") as f:
+        f.truncate(args.size)
+    if not os.path.exists(copy):
+        shutil.copyfile(srv.img, copy)
     srv.start("--blockdev", "driver=file,node-name=tmp,filename=%s" % tmp)
     q = srv.qmp
     q.execute("block-dirty-bitmap-add", node="disk", name="b0")
@@ -325,7 +444,8 @@ def row_backup(srv, args):
     nclusters = dirty_tenth(srv) * 10
     # the client is started (interpreter, libnbd loaded) before the freeze
     # and connects when told: its start-up is not the server's time
-    argv = [args.c_client] if args.c_client else ["/usr/bin/python3", "-c", BACKUP_CLIENT]
+    argv = ([args.c_client] + (["-m"] if args.copy_write == "mmap" else [])
+            if args.c_client else ["/usr/bin/python3", "-c", BACKUP_CLIENT])
     client = subprocess.Popen(argv + [srv.uri("s"), "qemu:dirty-bitmap:b0", copy,
                                       str(args.depth)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -345,14 +465,20 @@ def row_backup(srv, args):
         FREEZE_S.setdefault(srv.impl, []).append(time.monotonic() - t0)
         client.stdin.write("go\n")
         client.stdin.flush()
-        out = client.stdout.read()
-        assert client.wait() == 0, client.returncode
+        out = client.stdout.readline()      # the copy is done
         dt = time.monotonic() - t0
         BACKUP_CPU.setdefault(("backup", srv.impl), []).append(proc_cpu(srv.pid) - cpu0)
-        copied, client_s, client_cpu = out.split()
+        assert client.wait() == 0, client.returncode
+        fields = out.split()
+        copied, client_s, client_cpu = fields[:3]
         CLIENT_WALL.setdefault(srv.impl, []).append(float(client_s))
         CLIENT_CPU.setdefault(srv.impl, []).append(float(client_cpu))
+        if len(fields) >= 6:                # the C client's phases, from its go
+            PHASES.setdefault(srv.impl, []).append([float(x) for x in fields[3:6]])
         assert int(copied) == nclusters // 10 * 65536, out
+        if args.verify:
+            assert subprocess.run(["cmp", "-s", copy, srv.img]).returncode == 0, \
+                "%s: the copy differs from the image" % srv.impl
         return dt
     finally:
         if client.poll() is None:
@@ -360,7 +486,6 @@ def row_backup(srv, args):
             client.wait()
         srv.stop()
         os.unlink(tmp)
-        os.unlink(copy)
 
 
 def main(argv):
@@ -373,11 +498,22 @@ def main(argv):
                    help="reads the pull client keeps in flight (16)")
     p.add_argument("--client", choices=("c", "python"), default="c",
                    help="the pull client: bench/nbd_backup_client.c (default) or Python")
+    p.add_argument("--copy-write", choices=("mmap", "pwrite"), default="mmap",
+                   help="how the C pull client writes the copy: into a mapping of it "
+                   "(default) or by pwrite from buffers")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not compare each pull backup's copy with the image")
+    p.add_argument("--pairs", type=int, default=12,
+                   help="bitmaps row: pairs of runs per daemon (12)")
+    p.add_argument("--pair-time", type=float, default=2,
+                   help="bitmaps row: seconds per fio run of a pair (2)")
+    p.add_argument("--impls", default="bexd,qsd", help="daemons to run (bexd,qsd)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.size *= MiB
     bexd = os.environ.get("BEXD", os.path.join(ROOT, "build", "bexd"))
     impls = {"bexd": bexd, "qsd": shutil.which("qemu-storage-daemon")}
+    impls = {k: v for k, v in impls.items() if v and k in args.impls.split(",")}
     args.workdir = tempfile.mkdtemp(prefix="bmbench", dir="/dev/shm")
     results = {}
     try:
@@ -386,15 +522,16 @@ def main(argv):
             args.c_client = build_c_client(args.workdir)
         img = os.path.join(args.workdir, "disk.img")
         make_image(img, args.size)
-        servers = {k: Server(k, v, args.workdir, img) for k, v in impls.items() if v}
+        servers = {k: Server(k, v, args.workdir, img) for k, v in impls.items()}
         rows = args.rows.split(",")
+        if "bitmaps" in rows:
+            row_bitmap_pairs(impls, args, img)
+            for name, pairs in BITMAP_PAIRS.items():
+                for n, conf in ((0, "none"), (2, "two")):
+                    results.setdefault("bitmaps%d" % n, {})[name] = [p[conf][0] for p in pairs]
+                    CPU_PER_WRITE[("bitmaps%d" % n, name)] = [p[conf][1] for p in pairs]
         for rep in range(args.repeat):
             for name, srv in servers.items():
-                if "bitmaps" in rows:
-                    for n in (0, 2):
-                        v = row_bitmaps(srv, n, args)
-                        results.setdefault("bitmaps%d" % n, {}).setdefault(name, []).append(v)
-                        log("%s bitmaps=%d: %.0f IOPS" % (name, n, v))
                 if "cbw" in rows:
                     v = row_cbw(srv, args)
                     results.setdefault("cbw", {}).setdefault(name, []).append(v)
@@ -454,13 +591,24 @@ def main(argv):
                         statistics.median(CLIENT_BUSY[(r, impl)])))
             if line:
                 print("  %-10s %s" % (r, "   ".join(line)))
-    for s in ("bexd", "qsd"):
-        if "bitmaps0" in med and s in med["bitmaps0"]:
-            print("%s: two enabled bitmaps cost %.1f%% of 4k random write IOPS" %
-                  (s, 100 * (1 - med["bitmaps2"][s] / med["bitmaps0"][s])))
-        if ("bitmaps0", s) in cpu and ("bitmaps2", s) in cpu:
-            print("%s: two enabled bitmaps cost %.1f%% more server CPU per write" %
-                  (s, 100 * (cpu[("bitmaps2", s)] / cpu[("bitmaps0", s)] - 1)))
+    for name, pairs in BITMAP_PAIRS.items():
+        for line in bitmap_verdict(name, pairs):
+            print(line)
+    if PHASES:
+        print("pull, seconds from the client's go (median): connected, dirty extents "
+              "known, last read done")
+        for impl in ("bexd", "qsd"):
+            if impl in PHASES:
+                print("  %-10s %s" % (impl, " ".join(
+                    "%.3f" % statistics.median(ph[i] for ph in PHASES[impl]) for i in range(3))))
+    if "backup" in results and len(results["backup"]) == 2:
+        b, q = results["backup"]["bexd"], results["backup"]["qsd"]
+        med_r, lo, hi, cover = median_ci([y / x for x, y in zip(b, q)])
+        print("pull, qsd/bexd by repeat (each pair run back to back): median %.2fx, "
+              "range %.2f-%.2fx%s" % (
+                  med_r, min(y / x for x, y in zip(b, q)), max(y / x for x, y in zip(b, q)),
+                  ", %.0f%% interval of the median %.2f-%.2fx" % (100 * cover, lo, hi)
+                  if lo is not None else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": results, "median": med,
@@ -469,7 +617,9 @@ def main(argv):
                        "client_busy": {"%s/%s" % k: v for k, v in CLIENT_BUSY.items()},
                        "backup_cpu_s": {"%s/%s" % k: v for k, v in BACKUP_CPU.items()},
                        "pull_qmp_s": FREEZE_S, "pull_client_cpu_s": CLIENT_CPU, "pull_client_wall_s": CLIENT_WALL,
-                       "pull_depth": args.depth, "pull_client": args.client},
+                       "pull_depth": args.depth, "pull_client": args.client,
+                       "pull_copy_write": args.copy_write, "pull_phases_s": PHASES,
+                       "bitmap_pairs": BITMAP_PAIRS, "pair_time_s": args.pair_time},
                       f, indent=1)
 
 

@@ -126,13 +126,13 @@ void bnode_set_dirty(struct bnode *bs, uint64_t offset, uint64_t bytes)
 {
     uint64_t first, n;
 
-    dirty_bitmaps_lock(bs);
+    pthread_mutex_lock(&bs->dirty_lock);
     for (struct dirty_bitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next)
         if (!bm->disabled && touched(bm, offset, bytes, &first, &n)) {
             pbitmap_set_range(bm->bits, first, n);
             bm->changes++;
         }
-    dirty_bitmaps_unlock(bs);
+    pthread_mutex_unlock(&bs->dirty_lock);
 }
 
 /* ---- lifetime ---- */

@@ -231,8 +231,34 @@ static bool range_change(struct pbitmap *b, uint64_t start, uint64_t n, bool set
     return ok;
 }
 
+/* Marking a write (dirty-bitmap.c, for every write of a node with a
+ * recording bitmap) sets a few bits of one word, and most of the time they
+ * are set already: that case reads one word and returns; bits new to a
+ * page that stays partly set change the word and the counts, whose
+ * summaries cannot change (an allocated page is neither empty nor full
+ * before or after).  Anything else takes the general walk. */
 void pbitmap_set_range(struct pbitmap *b, uint64_t start, uint64_t n)
 {
+    if (start < b->nbits && n && n <= 64 - start % 64 && n <= b->nbits - start) {
+        uint64_t p = start >> PBITMAP_PAGE_SHIFT;
+        uint64_t *pg = b->pages[p];
+        if (pg == FULL)
+            return;
+        if (pg && b->counts[p]) {
+            uint64_t i = start & (PBITMAP_PAGE_BITS - 1);
+            uint64_t m = word_mask((unsigned)(i % 64), (unsigned)(i % 64 + n));
+            uint64_t old = pg[i / 64];
+            if ((old & m) == m)
+                return;
+            uint64_t nc = b->counts[p] + (uint64_t)__builtin_popcountll(m & ~old);
+            if (nc < page_bits(b, p)) {
+                pg[i / 64] = old | m;
+                b->count += nc - b->counts[p];
+                b->counts[p] = (uint32_t)nc;
+                return;
+            }
+        }
+    }
     range_change(b, start, n, true);
 }
 

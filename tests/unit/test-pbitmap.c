@@ -143,6 +143,63 @@ static void test_empty(void **state)
     pbitmap_free(b);
 }
 
+/* Marks as a write path makes them (pbitmap_set_range's one-word fast
+ * path): one to a few bits inside one word, in random order, many of them
+ * already set, until every page is full.  The model, the count, both
+ * searches (which read the page summaries) and the layout must agree
+ * throughout; a page filled bit by bit must end as the shared full page
+ * (the search skips it whole: no word of it is read). */
+static void test_word_marks(void **state)
+{
+    uint64_t nbits = 2 * PBITMAP_PAGE_BITS + 77, s = 11;
+    struct pbitmap *b = pbitmap_new(nbits);
+    struct model m = { nbits, calloc(nbits, 1) };
+    uint64_t left = nbits, round = 0;
+
+    while (left) {
+        uint64_t a = rnd(&s) % nbits;
+        uint64_t room = 64 - a % 64;            /* inside a's word */
+        uint64_t n = 1 + rnd(&s) % (rnd(&s) % 8 == 0 ? room : 3);
+        if (n > room)
+            n = room;
+        if (n > nbits - a)
+            n = nbits - a;
+        pbitmap_set_range(b, a, n);
+        for (uint64_t i = a; i < a + n; i++) {
+            left -= !m.bit[i];
+            m.bit[i] = 1;
+        }
+        assert_int_equal(pbitmap_count(b), nbits - left);
+        if (++round % 4099 == 0) {
+            check_same(b, &m);
+            uint64_t x = rnd(&s) % nbits;
+            assert_int_equal(pbitmap_next_clear(b, x, nbits), model_next(&m, x, nbits, 0));
+            assert_int_equal(pbitmap_next_set(b, x, nbits), model_next(&m, x, nbits, 1));
+        }
+    }
+    check_same(b, &m);
+    uint64_t before = pbitmap_words_read();
+    assert_int_equal(pbitmap_next_clear(b, 0, nbits), nbits);
+    assert_true(pbitmap_words_read() - before <= 2);    /* summary words only */
+    /* setting bits of a full page changes nothing */
+    pbitmap_set_range(b, PBITMAP_PAGE_BITS + 3, 5);
+    assert_int_equal(pbitmap_count(b), nbits);
+    /* one clear bit, set again through the fast path, fills the page again */
+    assert_true(pbitmap_clear_range(b, 70, 1));
+    assert_int_equal(pbitmap_next_clear(b, 0, nbits), 70);
+    assert_true(pbitmap_clear_range(b, 129, 2));
+    pbitmap_set_range(b, 70, 1);
+    assert_int_equal(pbitmap_count(b), nbits - 2);
+    assert_int_equal(pbitmap_next_clear(b, 0, nbits), 129);
+    pbitmap_set_range(b, 129, 2);
+    assert_int_equal(pbitmap_count(b), nbits);
+    before = pbitmap_words_read();
+    assert_int_equal(pbitmap_next_clear(b, 0, nbits), nbits);
+    assert_true(pbitmap_words_read() - before <= 2);
+    pbitmap_free(b);
+    free(m.bit);
+}
+
 static void test_full_pages_serialize(void **state)
 {
     /* a whole-page set becomes the shared full page; the flat layout must
@@ -497,6 +554,7 @@ int main(void)
         cmocka_unit_test(test_random_small),
         cmocka_unit_test(test_random_pages),
         cmocka_unit_test(test_empty),
+        cmocka_unit_test(test_word_marks),
         cmocka_unit_test(test_full_pages_serialize),
         cmocka_unit_test(test_merge_dup_resize),
         cmocka_unit_test(test_memory_bounded),
