@@ -31,16 +31,14 @@ socket; fio's nbd engine is the client):
             copy being a libnbd client that reads the dirty extents of
             qemu:dirty-bitmap:NAME from the snapshot-access export into a
             file, as a backup client does it: --depth reads in flight
-            (default 16; aio_pread, runs of dirty clusters split at 1 MiB),
+            (default 16; aio_pread, runs of dirty clusters split at 1 MiB;
+            --pin puts the daemon on CPU 0 and the client on CPU 1),
             each written to the copy as it completes (pull mode, as
             docs/backup.md shows).  The copy is the previous backup (the
-            image before this round's writes, as large as the image); with
-            --copy-write mmap (the default) the client maps it and each
-            read lands there (received straight into the copy's page cache),
-            with pwrite it reads into buffers and pwrites them.  "Copy done"
-            is when the client reports it (its exit, which unmaps the copy,
-            is not timed); the copy is then compared with the image
-            (cmp: nothing is written after the freeze, so they must match).  The client process is started, its
+            image before this round's writes, as large as the image).
+            "Copy done" is when the client reports it (not its exit); the
+            copy's dirtied clusters are then compared with the image's
+            (nothing is written after the freeze, so they must match).  The client process is started, its
             buffers made, before the freeze and connects when the export
             exists; its own CPU time is reported beside the row (a client
             near its wall time would be the limit, not the server).  The
@@ -56,6 +54,7 @@ machine may be shared: compare ratios of one run, not absolute figures.
 import argparse
 import json
 import math
+import random
 import os
 import shutil
 import statistics
@@ -83,11 +82,12 @@ class Server:
         self.qmp_path = os.path.join(workdir, "qmp-%s.sock" % impl)
         self.pidfile = os.path.join(workdir, "pid-%s" % impl)
 
-    def start(self, *extra):
+    def start(self, *extra, cpu=None):
+        """cpu: pin the daemon (all its threads) to this CPU."""
         for p in (self.sock, self.qmp_path):
             if os.path.exists(p):
                 os.unlink(p)
-        argv = [self.binary,
+        argv = (["taskset", "-c", str(cpu)] if cpu is not None else []) + [self.binary,
                 "--chardev", "socket,id=m,path=%s,server=on,wait=off" % self.qmp_path,
                 "--monitor", "chardev=m",
                 "--blockdev", "driver=file,node-name=f0,filename=%s" % self.img,
@@ -163,10 +163,22 @@ def make_image(path, size):
             f.write(chunk)
 
 
-def fio_run(uri, runtime, size, workdir, pid):
+def proc_user_sys(pid):
+    """(user, system) CPU ticks of a process, from /proc (10 ms each)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+USER_SYS = {}           # (impl, conf) -> [user ticks, system ticks] over its runs
+
+
+def fio_run(uri, runtime, size, workdir, pid, key=None):
     """One fio run of 4 KiB random writes at qd 32 (no ramp: every write
-    is counted); returns (IOPS, writes, server CPU seconds over the run)."""
+    is counted); returns (IOPS, writes, server CPU seconds over the run).
+    With key, adds the run's user and system ticks to USER_SYS[key]."""
     out = os.path.join(workdir, "fio.json")
+    us0 = proc_user_sys(pid)
     cpu0 = proc_cpu(pid)
     subprocess.run(["fio", "--name=b", "--ioengine=nbd", "--uri=" + uri, "--rw=randwrite",
                     "--bs=4k", "--iodepth=32", "--size=%d" % size, "--time_based",
@@ -174,6 +186,10 @@ def fio_run(uri, runtime, size, workdir, pid):
                     "--output-format=json", "--output=" + out], check=True,
                    stdout=subprocess.DEVNULL)
     cpu = proc_cpu(pid) - cpu0
+    if key:
+        us = USER_SYS.setdefault(key, [0, 0])
+        for i, v in enumerate(proc_user_sys(pid)):
+            us[i] += v - us0[i]
     with open(out) as f:
         w = json.load(f)["jobs"][0]["write"]
     return w["iops"], w["total_ios"], cpu
@@ -238,7 +254,7 @@ def row_bitmap_pairs(impls, args, img):
                         bitmaps_on(srv, True)
                         srv.has = True
                     iops, n, cpu = fio_run(srv.uri("e"), args.pair_time, args.size,
-                                           args.workdir, srv.pid)
+                                           args.workdir, srv.pid, (name, conf))
                     res[conf] = (iops, 1e6 * cpu / n)
                 BITMAP_PAIRS.setdefault(name, []).append(res)
                 log("%s pair %d: none %.0f IOPS %.2f us/write, two %.0f IOPS %.2f us/write" % (
@@ -374,12 +390,26 @@ def dirty_tenth(srv):
     would leave its copy different from the image)."""
     nclusters = srv.size // 65536
     srv.rounds = getattr(srv, "rounds", 0) + 1
+    r = random.Random(3 + srv.rounds)         # the same draws as the script's
+    r.randbytes(65536)
+    srv.dirtied = r.sample(range(nclusters), nclusters // 10)
     script = ("import nbd, random\nh = nbd.NBD()\nh.connect_uri(%r)\n"
               "r = random.Random(%d)\nbuf = r.randbytes(65536)\n"
               "for c in r.sample(range(%d), %d):\n    h.pwrite(buf, c * 65536)\n"
               % (srv.uri("w"), 3 + srv.rounds, nclusters, nclusters // 10))
     subprocess.run(["/usr/bin/python3", "-c", script], check=True)
     return nclusters // 10
+
+
+def check_copy(copy, img, clusters, impl):
+    """The pull copy must equal the image in every cluster this round
+    dirtied (elsewhere the copy is the previous round's, and nothing else
+    was written); a full cmp of 1 GiB took 1.6 s a round here."""
+    with open(copy, "rb") as a, open(img, "rb") as b:
+        for c in clusters:
+            if os.pread(a.fileno(), 65536, c * 65536) != os.pread(b.fileno(), 65536, c * 65536):
+                raise AssertionError("%s: the copy differs from the image at cluster %d"
+                                     % (impl, c))
 
 
 def row_push(srv, args):
@@ -435,7 +465,8 @@ def row_backup(srv, args):
         f.truncate(args.size)
     if not os.path.exists(copy):
         shutil.copyfile(srv.img, copy)
-    srv.start("--blockdev", "driver=file,node-name=tmp,filename=%s" % tmp)
+    srv.start("--blockdev", "driver=file,node-name=tmp,filename=%s" % tmp,
+              cpu=0 if args.pin else None)
     q = srv.qmp
     q.execute("block-dirty-bitmap-add", node="disk", name="b0")
     q.execute("block-export-add", type="nbd", id="w", node_name="disk", name="w",
@@ -444,8 +475,9 @@ def row_backup(srv, args):
     nclusters = dirty_tenth(srv) * 10
     # the client is started (interpreter, libnbd loaded) before the freeze
     # and connects when told: its start-up is not the server's time
-    argv = ([args.c_client] + (["-m"] if args.copy_write == "mmap" else [])
-            if args.c_client else ["/usr/bin/python3", "-c", BACKUP_CLIENT])
+    argv = [args.c_client] if args.c_client else ["/usr/bin/python3", "-c", BACKUP_CLIENT]
+    if args.pin:
+        argv = ["taskset", "-c", "1"] + argv
     client = subprocess.Popen(argv + [srv.uri("s"), "qemu:dirty-bitmap:b0", copy,
                                       str(args.depth)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -477,8 +509,7 @@ def row_backup(srv, args):
             PHASES.setdefault(srv.impl, []).append([float(x) for x in fields[3:6]])
         assert int(copied) == nclusters // 10 * 65536, out
         if args.verify:
-            assert subprocess.run(["cmp", "-s", copy, srv.img]).returncode == 0, \
-                "%s: the copy differs from the image" % srv.impl
+            check_copy(copy, srv.img, srv.dirtied, srv.impl)
         return dt
     finally:
         if client.poll() is None:
@@ -498,9 +529,9 @@ def main(argv):
                    help="reads the pull client keeps in flight (16)")
     p.add_argument("--client", choices=("c", "python"), default="c",
                    help="the pull client: bench/nbd_backup_client.c (default) or Python")
-    p.add_argument("--copy-write", choices=("mmap", "pwrite"), default="mmap",
-                   help="how the C pull client writes the copy: into a mapping of it "
-                   "(default) or by pwrite from buffers")
+    p.add_argument("--pin", action="store_true",
+                   help="pull row: the daemon on CPU 0, the client on CPU 1 (the same for "
+                   "both daemons; without it the scheduler may put both on one CPU)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not compare each pull backup's copy with the image")
     p.add_argument("--pairs", type=int, default=12,
@@ -573,8 +604,9 @@ def main(argv):
                     r, statistics.median(BACKUP_CPU.get((r, "bexd"), [0])),
                     statistics.median(BACKUP_CPU.get((r, "qsd"), [0]))))
     if CLIENT_CPU:
-        print("pull (%s client, depth %d), median: QMP s (freeze, node, export); client CPU s / "
-              "wall s from connect to done" % (args.client, args.depth))
+        print("pull (%s client, depth %d%s), median: QMP s (freeze, node, export); client CPU s / "
+              "wall s from connect to done" % (args.client, args.depth,
+                                              ", daemon on CPU 0, client on CPU 1" if args.pin else ""))
         for impl in ("bexd", "qsd"):
             if impl in CLIENT_CPU:
                 print("  %-10s %.2f; %.2f / %.2f" % (impl, statistics.median(FREEZE_S[impl]),
@@ -594,6 +626,9 @@ def main(argv):
     for name, pairs in BITMAP_PAIRS.items():
         for line in bitmap_verdict(name, pairs):
             print(line)
+        print("%s: user share of the server's CPU time, no bitmap / two: %s" % (name, " / ".join(
+            "%.1f%%" % (100 * USER_SYS[(name, c)][0] / max(1, sum(USER_SYS[(name, c)])))
+            for c in ("none", "two"))))
     if PHASES:
         print("pull, seconds from the client's go (median): connected, dirty extents "
               "known, last read done")
@@ -618,8 +653,9 @@ def main(argv):
                        "backup_cpu_s": {"%s/%s" % k: v for k, v in BACKUP_CPU.items()},
                        "pull_qmp_s": FREEZE_S, "pull_client_cpu_s": CLIENT_CPU, "pull_client_wall_s": CLIENT_WALL,
                        "pull_depth": args.depth, "pull_client": args.client,
-                       "pull_copy_write": args.copy_write, "pull_phases_s": PHASES,
-                       "bitmap_pairs": BITMAP_PAIRS, "pair_time_s": args.pair_time},
+                       "pull_phases_s": PHASES, "pull_pinned": args.pin,
+                       "bitmap_pairs": BITMAP_PAIRS, "pair_time_s": args.pair_time,
+                       "bitmap_user_sys_ticks": {"%s/%s" % k: v for k, v in USER_SYS.items()}},
                       f, indent=1)
 
 

@@ -250,7 +250,9 @@ void pbitmap_set_range(struct pbitmap *b, uint64_t start, uint64_t n)
             uint64_t old = pg[i / 64];
             if ((old & m) == m)
                 return;
-            uint64_t nc = b->counts[p] + (uint64_t)__builtin_popcountll(m & ~old);
+            uint64_t add = m & ~old;      /* one bit, mostly: no popcount call */
+            uint64_t nc = b->counts[p] +
+                          (add & (add - 1) ? (uint64_t)__builtin_popcountll(add) : 1);
             if (nc < page_bits(b, p)) {
                 pg[i / 64] = old | m;
                 b->count += nc - b->counts[p];
