@@ -117,6 +117,9 @@ static void start_cb(void *opaque)
     exp->mountpoint = (char *)"fuzz";
     exp->growable = c->flags & 1;
     exp->st_mode = S_IFREG | S_IRUSR | (exp->common.writable ? S_IWUSR : 0);
+    /* as fuse_export_create sets it: at 0 the queue would stop reading
+     * before its first request */
+    exp->max_inflight = FUSE_MAX_INFLIGHT;
     snprintf(opts, sizeof(opts), "max_read=%u,default_permissions", FUSE_RW_MAX);
     exp->se = fuse_session_new(&args, &fuse_export_ops, sizeof(fuse_export_ops), exp);
     fuse_opt_free_args(&args);
