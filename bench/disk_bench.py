@@ -27,7 +27,18 @@ summary's "limit+hop" line is the IOPS a server would have at qd1 if it
 added nothing but that round trip to the limit row's device time.  With
 --runs N the whole matrix is repeated and medians are printed (the machine
 is shared: look at the load column).
+
+FUSE variants of bexd (transport fuse only, aio=io_uring): bexd-fuse-uring
+serves the FUSE transport over io_uring (__org.bexd_io-uring=on),
+bexd-fuse-uring-q2 does so with two iothreads (two queues), bexd-fuse-q2
+is /dev/fuse with two iothreads, bexd-ram-fuse-uring is the io_uring
+transport's hop row.  For the io_uring variants the fuse module's
+enable_uring parameter is set to Y while the server runs, under the lock
+the functional tests hold for it (/dev/shm/bexd-test-fuse-enable-uring.lock),
+and restored after; the server's log says how many requests came over
+each transport, and a row whose requests did not use the ring is an error.
 """
+import fcntl
 import argparse
 import json
 import os
@@ -58,11 +69,57 @@ WORKLOADS = {
 }
 TRANSPORTS = ["nbd", "vhost", "fuse"]
 SERVERS = ["bexd-io_uring", "bexd-native", "qsd-io_uring", "qsd-native", "nbdkit", "bexd-ram"]
+# bexd over FUSE only: name -> (FUSE over io_uring, queues, RAM-backed); not in the default list
+FUSE_VARIANTS = {
+    "bexd-fuse-uring": (True, 1, False),
+    "bexd-fuse-uring-q2": (True, 2, False),
+    "bexd-fuse-q2": (False, 2, False),
+    "bexd-ram-fuse-uring": (True, 1, True),
+}
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+URING_LOCK = "/dev/shm/bexd-test-fuse-enable-uring.lock"   # tests/func/conftest.py uring_param
 RAM_MAX = 256 << 20     # bexd-ram's copy of the image (the rows touch its first --size bytes)
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
+
+
+def is_ram(name):
+    return name.startswith("bexd-ram")
+
+
+def hop_server(name):
+    """The hop row (same transport, no device) that goes with a server."""
+    return "bexd-ram-fuse-uring" if "fuse-uring" in name else "bexd-ram"
+
+
+class UringKnob:
+    """enable_uring=Y while held: the tests' lock, then the parameter,
+    restored (and the lock dropped) by release()."""
+
+    def __init__(self):
+        self.lock = open(URING_LOCK, "a")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("waiting for %s (a test holds enable_uring) ..." % URING_LOCK)
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+        try:
+            with open(URING_PARAM) as f:
+                self.old = f.read().strip()
+            with open(URING_PARAM, "w") as f:
+                f.write("Y")
+        except OSError:
+            self.lock.close()
+            raise
+
+    def release(self):
+        try:
+            with open(URING_PARAM, "w") as f:
+                f.write(self.old)
+        finally:
+            self.lock.close()
 
 
 def loadavg():
@@ -75,23 +132,36 @@ class Server:
 
     def __init__(self, name, transport, img, work, a):
         self.name, self.transport, self.img, self.work, self.a = name, transport, img, work, a
-        if name == "bexd-ram":
+        if is_ram(name):
             self.img = a.ram_img
         self.sock = os.path.join(work, "srv.sock")
         self.pidfile = os.path.join(work, "srv.pid")
         self.mnt = os.path.join(work, "mnt")
+        self.logfile = os.path.join(work, "srv.log")
         self.pid = None
+        self.knob = None
+        self.uring, self.queues, _ = FUSE_VARIANTS.get(name, (False, 1, False))
+        self.served = None
 
     def argv(self):
         if self.name == "nbdkit":
             return ["nbdkit", "-U", self.sock, "-P", self.pidfile, "file", self.img,
                     "cache=none"]
         impl, aio = self.name.split("-", 1)
+        if self.name in FUSE_VARIANTS:
+            aio = "ram" if is_ram(self.name) else "io_uring"
         exe = self.a.bexd if impl == "bexd" else "qemu-storage-daemon"
         node = "driver=file,node-name=f0,filename=%s,cache.direct=on,aio=%s" % (self.img, aio)
         if aio == "ram":
             node = "driver=file,node-name=f0,filename=%s" % self.img
         argv = [exe, "--blockdev", node]
+        xo = ""
+        if self.uring:
+            xo += ",__org.bexd_io-uring=on"
+        if self.queues > 1:
+            for i in range(self.queues):
+                argv += ["--object", "iothread,id=io%d" % i]
+                xo += ",iothread.%d=io%d" % (i, i)
         if self.transport == "nbd":
             argv += ["--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
                      "--export", "type=nbd,id=e0,node-name=f0,writable=on,name="]
@@ -99,25 +169,59 @@ class Server:
             argv += ["--export", "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
                      "addr.path=%s,writable=on,num-queues=1" % self.sock]
         else:
-            argv += ["--export", "type=fuse,id=e0,node-name=f0,mountpoint=%s,writable=on"
-                     % self.mnt]
+            argv += ["--export", "type=fuse,id=e0,node-name=f0,mountpoint=%s,writable=on%s"
+                     % (self.mnt, xo)]
         return argv + ["--daemonize", "--pidfile", self.pidfile]
 
     def supports(self):
+        if self.name in FUSE_VARIANTS:
+            return self.transport == "fuse"
         return self.name != "nbdkit" or self.transport == "nbd"
 
     def start(self):
-        for p in (self.sock, self.pidfile):
+        for p in (self.sock, self.pidfile, self.logfile):
             if os.path.exists(p):
                 os.unlink(p)
         if self.transport == "fuse":
             open(self.mnt, "a").close()
-        r = subprocess.run(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           timeout=60)
+        env = None
+        if self.name.startswith("bexd"):
+            # keep bexd's log: the FUSE export says what each transport served
+            env = dict(os.environ, BEXD_KEEP_STDERR="1")
+        if self.uring:
+            self.knob = UringKnob()
+        with open(self.logfile, "w") as err:
+            r = subprocess.run(self.argv(), stdout=subprocess.DEVNULL, stderr=err, env=env,
+                               timeout=60)
         if r.returncode != 0:
-            raise RuntimeError("%s failed to start: %s" % (self.name, r.stderr.decode().strip()))
+            self.release_knob()
+            raise RuntimeError("%s failed to start: %s" % (self.name, self.log_text().strip()))
         with open(self.pidfile) as f:
             self.pid = int(f.read().strip())
+        if self.uring and "unavailable" in self.log_text():
+            self.stop()
+            raise RuntimeError("no FUSE over io_uring: " + self.log_text().strip()[-300:])
+
+    def log_text(self):
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def release_knob(self):
+        if self.knob:
+            self.knob.release()
+            self.knob = None
+
+    def served_over(self):
+        """(/dev/fuse, io_uring) requests from the export's last words, or None."""
+        for line in self.log_text().splitlines():
+            if "requests served per queue" in line:
+                dev = line.split("/dev/fuse ", 1)[1].split(";", 1)[0]
+                ur = line.split("io_uring ", 1)[1]
+                return (sum(int(x) for x in dev.split()), sum(int(x) for x in ur.split()))
+        return None
 
     def stop(self):
         if self.pid is None:
@@ -142,6 +246,9 @@ class Server:
             with open("/proc/mounts") as f:
                 if (" %s " % self.mnt) in f.read():
                     subprocess.run(["fusermount3", "-u", "-z", self.mnt])
+        self.release_knob()
+        if self.name.startswith("bexd") and self.transport == "fuse":
+            self.served = self.served_over()
 
 
 def client_cpu():
@@ -174,7 +281,7 @@ def run_row(transport, srv, w, a, img, work):
     if transport == "limit":
         return fio(["--ioengine=io_uring", "--direct=1", "--filename=" + img]
                    + fio_common(w, a.size), a.runtime, out)
-    size = min(a.size, RAM_MAX) if srv.name == "bexd-ram" else a.size
+    size = min(a.size, RAM_MAX) if is_ram(srv.name) else a.size
     if transport == "nbd":
         uri = "nbd+unix:///?socket=" + srv.sock
         return fio(["--ioengine=nbd", "--uri=" + uri] + fio_common(w, size), a.runtime, out)
@@ -236,7 +343,7 @@ def parse_args(argv):
         if x not in TRANSPORTS:
             p.error("unknown transport %r" % x)
     for x in a.servers:
-        if x not in SERVERS:
+        if x not in SERVERS and x not in FUSE_VARIANTS:
             p.error("unknown server %r" % x)
     for x in a.workloads:
         if x not in WORKLOADS:
@@ -254,27 +361,27 @@ def hop_summary(results, a):
     (bexd-ram's qd1 latency), as IOPS; and each server's share of it, run by
     run against the limit row that run's ratio used."""
     lines = []
-    for t in a.transports:
-        for w in a.workloads:
-            if WORKLOADS[w][3] != 1:
+    for t, w, hs in [(t, w, hs) for t in a.transports for w in a.workloads
+                     for hs in ("bexd-ram", "bexd-ram-fuse-uring")]:
+        if WORKLOADS[w][3] != 1:
+            continue
+        hop = [r["iops"] for r in results.get((t, hs, w), [])]
+        if not hop:
+            continue
+        h = statistics.median(hop)
+        lims, servers = [], []
+        for name in a.servers:
+            rs = [r for r in results.get((t, name, w), []) if r.get("limit")]
+            if is_ram(name) or hop_server(name) != hs or not rs:
                 continue
-            hop = [r["iops"] for r in results.get((t, "bexd-ram", w), [])]
-            if not hop:
-                continue
-            h = statistics.median(hop)
-            lims, servers = [], []
-            for name in a.servers:
-                rs = [r for r in results.get((t, name, w), []) if r.get("limit")]
-                if name == "bexd-ram" or not rs:
-                    continue
-                lims += [r["limit"] for r in rs]
-                servers.append("%s %.0f%%" % (name, statistics.median(
-                    [100.0 * r["iops"] * (1.0 / r["limit"] + 1.0 / h) for r in rs])))
-            if not lims:
-                continue
-            l = statistics.median(lims)
-            lines.append("%-6s %-18s limit %7.0f  hop %7.0f  limit+hop %7.0f  %s" % (
-                t, WORKLOADS[w][0], l, h, 1.0 / (1.0 / l + 1.0 / h), ", ".join(servers)))
+            lims += [r["limit"] for r in rs]
+            servers.append("%s %.0f%%" % (name, statistics.median(
+                [100.0 * r["iops"] * (1.0 / r["limit"] + 1.0 / h) for r in rs])))
+        if not lims:
+            continue
+        l = statistics.median(lims)
+        lines.append("%-6s %-18s limit %7.0f  hop %7.0f (%s)  limit+hop %7.0f  %s" % (
+            t, WORKLOADS[w][0], l, h, hs, 1.0 / (1.0 / l + 1.0 / h), ", ".join(servers)))
     if lines:
         print("\n-- qd1 against limit+hop = 1 / (1/limit + 1/hop), medians; "
               "% of it run by run (each row's own limit row)")
@@ -297,16 +404,16 @@ def main(argv):
     try:
         log("writing %d MiB image in %s ..." % (a.size >> 20, work))
         make_image(img, a.size)
-        if "bexd-ram" in a.servers:
+        if any(is_ram(x) for x in a.servers):
             a.ram_img = tempfile.mktemp(prefix="diskbench-ram.", dir="/dev/shm")
             with open(img, "rb") as src, open(a.ram_img, "wb") as dst:
                 dst.write(src.read(min(a.size, RAM_MAX)))
         print("runtime %ds per row, %d run(s), image %d MiB in %s, %d CPUs%s" % (
             a.runtime, a.runs, a.size >> 20, a.dir, os.cpu_count(),
             ", limit row before each row" if a.pair_limit else ""), flush=True)
-        hdr = "%-6s %-14s %-18s %9s %8s %7s %8s %8s %5s" % (
+        hdr = "%-6s %-19s %-18s %9s %8s %7s %8s %8s %5s" % (
             "xport", "server", "workload", "IOPS", "MiB/s", "%limit", "us/op", "cli_us", "load")
-        row = "%-6s %-14s %-18s %9.0f %8.1f %7s %8s %8s %5.1f"
+        row = "%-6s %-19s %-18s %9.0f %8.1f %7s %8s %8s %5.1f"
 
         def show(t, name, w, r):
             print(row % (t, name, WORKLOADS[w][0], r["iops"], r["mibs"], fmt(r["pct"], "%.0f"),
@@ -317,7 +424,7 @@ def main(argv):
             try:
                 r = measure("limit", None, w, a, img, work)
             except Exception as e:  # report, go on
-                print("%-6s %-14s %-18s error: %s" % ("limit", "fio", WORKLOADS[w][0], e), flush=True)
+                print("%-6s %-19s %-18s error: %s" % ("limit", "fio", WORKLOADS[w][0], e), flush=True)
                 return
             limit[w] = r["iops"]
             r["pct"] = 100.0
@@ -338,23 +445,28 @@ def main(argv):
                 try:
                     srv.start()
                     for w in a.workloads:
-                        if a.pair_limit and name != "bexd-ram":
+                        if a.pair_limit and not is_ram(name):
                             run_limit(w, limit)
                         try:
                             r = measure(t, srv, w, a, img, work)
                         except Exception as e:  # report, go on
-                            print("%-6s %-14s %-18s error: %s" % (t, name, WORKLOADS[w][0], e),
+                            print("%-6s %-19s %-18s error: %s" % (t, name, WORKLOADS[w][0], e),
                                   flush=True)
                             continue
                         r["pct"] = (100.0 * r["iops"] / limit[w]
-                                    if limit.get(w) and name != "bexd-ram" else None)
+                                    if limit.get(w) and not is_ram(name) else None)
                         r["limit"] = limit.get(w)
                         results.setdefault((t, name, w), []).append(r)
                         show(t, name, w, r)
                 except Exception as e:
-                    print("%-6s %-14s skipped: %s" % (t, name, e), flush=True)
+                    print("%-6s %-19s skipped: %s" % (t, name, e), flush=True)
                 finally:
                     srv.stop()
+                    if srv.uring and srv.pid is None and srv.served is not None:
+                        dev, ur = srv.served
+                        note = "" if ur > dev else "  ERROR: the rows above did not use the ring"
+                        print("%-6s %-19s requests over /dev/fuse %d, io_uring %d%s"
+                              % (t, name, dev, ur, note), flush=True)
         if a.runs > 1:
             print("\n-- medians of %d runs (%%limit: median of each run's ratio)" % a.runs)
             print(hdr)
