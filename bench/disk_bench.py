@@ -196,8 +196,21 @@ class Server:
         if r.returncode != 0:
             self.release_knob()
             raise RuntimeError("%s failed to start: %s" % (self.name, self.log_text().strip()))
-        with open(self.pidfile) as f:
-            self.pid = int(f.read().strip())
+        # nbdkit's parent exits right after its fork; the child writes the
+        # pid file once it listens, so it may not be there yet (bexd and qsd
+        # write theirs before the parent exits).
+        deadline = time.monotonic() + 30
+        text = ""
+        while not text.isdigit():
+            if time.monotonic() > deadline:
+                self.release_knob()
+                raise RuntimeError("%s: no pid in %s after 30 s" % (self.name, self.pidfile))
+            if os.path.exists(self.pidfile):
+                with open(self.pidfile) as f:
+                    text = f.read().strip()
+            if not text.isdigit():
+                time.sleep(0.01)
+        self.pid = int(text)
         if self.uring and "unavailable" in self.log_text():
             self.stop()
             raise RuntimeError("no FUSE over io_uring: " + self.log_text().strip()[-300:])
@@ -289,12 +302,18 @@ def run_row(transport, srv, w, a, img, work):
         return fio(["--ioengine=libaio", "--direct=1", "--filename=" + srv.mnt]
                    + fio_common(w, size), a.runtime, out)
     _, rw, bs, qd = WORKLOADS[w]
-    argv = [a.vub] + (["-i"] if bs > 65536 else []) + [srv.sock, "bench", rw, str(bs),
-                                                       str(qd), str(a.runtime)]
+    # -d: wait for the requests in flight before leaving, as a front-end
+    # stopping its device does (qsd 7.2 aborts on `!server->wait_idle` when
+    # a front-end leaves with requests in flight); they are not counted
+    argv = [a.vub, "-d"] + (["-i"] if bs > 65536 else []) + [srv.sock, "bench", rw, str(bs),
+                                                             str(qd), str(a.runtime)]
     r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=a.runtime + 60)
     if r.returncode != 0:
-        raise RuntimeError("vub-client: " + r.stderr.decode().strip()[-300:])
+        # vub-client reports its own failures as JSON on stdout
+        raise RuntimeError("vub-client rc %d: %s %s" % (
+            r.returncode, r.stdout.decode(errors="replace").strip()[-300:],
+            r.stderr.decode(errors="replace").strip()[-300:]))
     j = json.loads(r.stdout.decode().strip().splitlines()[-1])
     return {"ops": j["ios"], "iops": j["iops"], "mibs": j["MiBps"]}
 

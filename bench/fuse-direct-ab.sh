@@ -42,7 +42,10 @@ start() {   # binary, transport
 }
 stop() {
   kill "$PID" 2>/dev/null
-  while kill -0 "$PID" 2>/dev/null; do sleep 0.05; done
+  # a daemonized server is reparented to pid 1, which may reap it a second
+  # later: it has exited once it is a zombie (Z)
+  while kill -0 "$PID" 2>/dev/null &&
+        [ "$(awk '{print $3}' "/proc/$PID/stat" 2>/dev/null)" != Z ]; do sleep 0.05; done
   PID=
   grep -q " $MNT " /proc/mounts && fusermount3 -u -z "$MNT"
 }

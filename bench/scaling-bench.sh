@@ -6,7 +6,9 @@
 # Usage: bench/scaling-bench.sh [runtime_s]
 #   BEXD=path (default build/bexd); SIZE (default 512M); ROUNDS (default 1:
 #   each configuration once; more alternate them and print every round);
-#   FUSE=0 skips the FUSE rows.
+#   FUSE=0 skips the FUSE rows; CLIENTS="1 2" runs the NBD and FUSE rows
+#   with 1 and with 2 fio jobs (default 2; one job is not pinned, two are
+#   pinned one per CPU).
 #
 # NBD rows: fio's nbd engine, 2 jobs (one connection each, one per CPU) at
 # qd 16, 4k random read and 1M sequential read, against an export on
@@ -27,6 +29,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 BEXD=${BEXD:-$HERE/build/bexd}
 SIZE=${SIZE:-512M}
 ROUNDS=${ROUNDS:-1}
+CLIENTS=${CLIENTS:-2}
 D=$(mktemp -d /dev/shm/scalebench.XXXX)
 T=$(mktemp -d /tmp/scalebench.XXXX)
 IMG=$D/disk.img
@@ -73,28 +76,34 @@ start_vub() {
 }
 stop() {
   kill "$PID" 2>/dev/null
-  while kill -0 "$PID" 2>/dev/null; do sleep 0.05; done
+  # a daemonized server is reparented to pid 1, which may reap it a second
+  # later: it has exited once it is a zombie (Z)
+  while kill -0 "$PID" 2>/dev/null &&
+        [ "$(awk '{print $3}' "/proc/$PID/stat" 2>/dev/null)" != Z ]; do sleep 0.05; done
   PID=
 }
 
 printf '%-13s %-32s %9s %9s %9s\n' config workload IOPS MiB/s cpu_us/op
 for r in $(seq "$ROUNDS"); do
-  for J in "randread 4k" "read 1M"; do
-    set -- $J
-    for C in io1 io2 pool; do
-      start_nbd "$C" || continue
-      T0=$(cpu_ticks)
-      R=$(fio --name=t --ioengine=nbd --uri="nbd+unix:///d?socket=$T/nbd.sock" \
-              --rw="$1" --bs="$2" --iodepth=16 --numjobs=2 --group_reporting \
-              --cpus_allowed=0-$(( $(nproc) - 1 )) --cpus_allowed_policy=split \
-              --time_based --runtime="$RT" --size="$SIZE" --norandommap \
-              --output-format=terse 2>/dev/null | grep '^3;' | awk -F';' '{print $8+$49, ($7+$48)/1024}')
-      T1=$(cpu_ticks)
-      read -r IOPS MIBS <<<"${R:-0 0}"
-      US=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
-           'BEGIN { printf "%.1f", (i>0 ? 1e6*(t/hz)/(i*rt) : 0) }')
-      printf '%-13s %-32s %9s %9.0f %9s\n' "nbd-$C" "$1 $2 qd16 x2 conns" "$IOPS" "$MIBS" "$US"
-      stop
+  for N in $CLIENTS; do
+    PIN=()
+    [ "$N" -gt 1 ] && PIN=(--cpus_allowed=0-$(( $(nproc) - 1 )) --cpus_allowed_policy=split)
+    for J in "randread 4k" "read 1M"; do
+      set -- $J
+      for C in io1 io2 pool; do
+        start_nbd "$C" || continue
+        T0=$(cpu_ticks)
+        R=$(fio --name=t --ioengine=nbd --uri="nbd+unix:///d?socket=$T/nbd.sock" \
+                --rw="$1" --bs="$2" --iodepth=16 --numjobs="$N" --group_reporting "${PIN[@]}" \
+                --time_based --runtime="$RT" --size="$SIZE" --norandommap \
+                --output-format=terse 2>/dev/null | grep '^3;' | awk -F';' '{print $8+$49, ($7+$48)/1024}')
+        T1=$(cpu_ticks)
+        read -r IOPS MIBS <<<"${R:-0 0}"
+        US=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
+             'BEGIN { printf "%.1f", (i>0 ? 1e6*(t/hz)/(i*rt) : 0) }')
+        printf '%-13s %-32s %9s %9.0f %9s\n' "nbd-$C" "$1 $2 qd16 x$N conns" "$IOPS" "$MIBS" "$US"
+        stop
+      done
     done
   done
   if [ "${VHOST:-1}" != 0 ] && [ -x "$VUB" ]; then
@@ -111,6 +120,9 @@ for r in $(seq "$ROUNDS"); do
     done
   fi
   [ "${FUSE:-1}" = 0 ] && continue
-  BEXD=$BEXD SIZE=$SIZE JOBS_N=2 ONLY='libaio' \
-      "$HERE/bench/fuse-bench.sh" "$RT" bexd-io1 bexd-q2 bexd-uring bexd-uring-q2 2>/dev/null | tail -n +2
+  for N in $CLIENTS; do
+    BEXD=$BEXD SIZE=$SIZE JOBS_N=$N ONLY='libaio' \
+        "$HERE/bench/fuse-bench.sh" "$RT" bexd-io1 bexd-q2 bexd-uring bexd-uring-q2 2>/dev/null |
+        tail -n +2 | sed "s/\$/ x$N jobs/"
+  done
 done

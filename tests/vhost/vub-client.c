@@ -25,7 +25,9 @@
  *                                           and waits for a byte on stdin
  * Options before SOCK: -q N (queues to set up, default 1), -n N (ring size,
  * default 256, at most 4096), -i (use indirect descriptors: one ring entry
- * per request, so bench may keep a whole ring of them in flight).
+ * per request, so bench may keep a whole ring of them in flight), -d (bench:
+ * after SECS, wait for the requests still in flight before leaving, as a
+ * front-end stopping its device does; they are not counted).
  * Output: one JSON object per line.  Exit 0 unless the front-end itself
  * failed (the server's answers are in the output).
  */
@@ -52,7 +54,7 @@ static int sock = -1;
 static uint8_t *mem;
 static int memfd;
 static unsigned nq = 1, qsize = 256;
-static bool use_indirect;
+static bool use_indirect, drain_at_end;
 static uint64_t features;
 static struct virtio_blk_config cfg;
 
@@ -873,6 +875,15 @@ static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, i
         }
     }
     double cpu = pid ? proc_cpu_s(pid) - c0 : 0, el = t1 - t0;
+    /* every queue has per_q requests in flight: wait for them (-d) */
+    for (unsigned qi = 0; drain_at_end && qi < nq; qi++)
+        for (unsigned left = per_q; left;) {
+            uint32_t ids[256];
+            int n = harvest(&qs[qi], ids, 256, TIMEOUT_MS);
+            if (n < 0)
+                die("bench: server stopped answering while draining");
+            left = (unsigned)n >= left ? 0 : left - n;
+        }
     printf("{\"rw\": \"%s\", \"bs\": %u, \"depth\": %u, \"queues\": %u, \"ios\": %llu, "
            "\"seconds\": %.3f, \"iops\": %.0f, \"MiBps\": %.1f, \"server_cpu_s\": %.3f, "
            "\"server_us_per_io\": %.2f}\n",
@@ -884,19 +895,21 @@ static int cmd_bench(const char *rw, uint32_t bs, unsigned depth, double secs, i
 int main(int argc, char **argv)
 {
     int opt;
-    while ((opt = getopt(argc, argv, "q:n:i")) != -1) {
+    while ((opt = getopt(argc, argv, "q:n:id")) != -1) {
         if (opt == 'q')
             nq = atoi(optarg);
         else if (opt == 'n')
             qsize = atoi(optarg);
         else if (opt == 'i')
             use_indirect = true;
+        else if (opt == 'd')
+            drain_at_end = true;
         else
             return 2;
     }
     /* a queue's rings live in RING_AREA / 64 (128 KiB): up to 4096 entries */
     if (argc - optind < 2 || nq < 1 || nq > 64 || qsize < 8 || qsize > 4096 || (qsize & (qsize - 1))) {
-        fprintf(stderr, "usage: vub-client [-q N] [-n N] [-i] SOCK CMD ARGS...\n");
+        fprintf(stderr, "usage: vub-client [-q N] [-n N] [-i] [-d] SOCK CMD ARGS...\n");
         return 2;
     }
     const char *path = argv[optind], *cmd = argv[optind + 1];
