@@ -154,6 +154,14 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
         error_setg_errno(errp, errno, "Could not open '%s'", filename);
         return -1;
     }
+    /* As QEMU, which sets up its loop's context here: a kernel that will
+     * not make one (fs.aio-max-nr reached, no Linux AIO) fails the open. */
+    int laio_err = s->aio == AIO_NATIVE ? aio_native_probe() : 0;
+    if (laio_err) {
+        error_setg(errp, "Unable to use native AIO: failed to create linux AIO context: %s",
+                   strerror(-laio_err));
+        return -1;
+    }
     struct stat st;
     if (fstat(s->fd, &st) < 0) {
         error_setg_errno(errp, errno, "Could not stat '%s'", filename);

@@ -2,18 +2,19 @@
  * File I/O engine (see aio.h).
  *
  * Theory of operation: every loop owns an engine with an io_uring ring and an
- * eventfd.  Requests are first tried inline with RWF_NOWAIT (a page-cache
- * hit completes with no ring round trip at all); what would block goes to
- * the ring (io_uring) or to the worker pool (threads).  Ring submissions are
+ * eventfd, and for aio=native a Linux AIO context (aio-linux.c).  Requests
+ * are first tried inline with RWF_NOWAIT (a page-cache hit completes with no
+ * ring round trip at all); what would block goes to the ring (io_uring), the
+ * context (native) or the worker pool (threads).  Ring submissions are
  * batched: one io_uring_submit() per loop iteration, from a loop_defer.  The
  * loop watches the ring's own fd, readable while its completion queue holds
  * entries, so reaping them needs no system call (an eventfd registered with
  * the ring cost a read() per wake-up: one of the 7 system calls per 4k
- * O_DIRECT read at qd1 over NBD, 0.09 of 0.65 per read at qd32).  Thread completions are pushed on the
- * engine's lock-free list and signalled on an eventfd, once per batch (only
- * the push onto an empty list writes it).
+ * O_DIRECT read at qd1 over NBD, 0.09 of 0.65 per read at qd32).  Thread
+ * completions are pushed on the engine's lock-free list and signalled on an
+ * eventfd, once per batch (only the push onto an empty list writes it).
  * Completion callbacks always run in the owning loop thread.  While worker
- * threads or the ring hold requests of a loop, the loop sleeps rather than
+ * threads, the ring or the context hold requests of a loop, the loop sleeps rather than
  * polls: a blocking call, a large copy or a device (only what would block
  * goes to the ring) takes far longer than the poll window, and on a small
  * machine the polling loop takes the CPU its client needs (4k O_DIRECT
@@ -28,6 +29,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 #include "util/aio.h"
+#include "util/aio-int.h"
 #include "util/loop.h"
 #include "util/log.h"
 #include "util/xalloc.h"
@@ -54,6 +56,10 @@ struct aio_engine {
     bool fixed_ok;
     int fixed_free[FIXED_BUFS];
     int nfixed_free;
+    /* aio=native: a Linux AIO context (aio-linux.c), made by the first
+     * request that needs it; if the kernel refused it, the pool serves */
+    struct laio *laio;
+    bool laio_failed;
 };
 
 /* ---- worker pools (shared by all loops) ----
@@ -72,7 +78,8 @@ struct pool {
 };
 
 static struct pool io_pool = {
-    PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, &io_pool.head, 0, 0, POOL_MAX_THREADS,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, &io_pool.head, 0, 0,
+    POOL_MAX_THREADS,
 };
 static struct pool copy_pool = {
     PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, &copy_pool.head, 0, 0, 0,
@@ -243,6 +250,7 @@ struct aio_engine *aio_engine_new(struct loop *l)
 
 void aio_engine_free(struct aio_engine *e)
 {
+    laio_free(e->laio);
     loop_watch_del(e->watch);
     loop_watch_del(e->ring_watch);
     if (e->ring_ok)
@@ -353,6 +361,28 @@ static bool ring_submit(struct aio_engine *e, struct aio_req *r)
     return true;
 }
 
+/* e's Linux AIO context, made now if this is its first request.  As QEMU
+ * when it cannot set one up for a new AioContext, a refusal is reported once
+ * and the pool serves aio=native from then on (open already checked that a
+ * context can be made, with QEMU's error). */
+static bool native_ready(struct aio_engine *e)
+{
+    int err;
+
+    if (e->laio)
+        return true;
+    if (e->laio_failed)
+        return false;
+    e->laio = laio_new(e->loop, &e->stats, &err);
+    if (!e->laio) {
+        e->laio_failed = true;
+        log_error("Unable to use native AIO, falling back to thread pool: "
+                  "failed to create linux AIO context: %s", strerror(-err));
+        return false;
+    }
+    return true;
+}
+
 void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
 {
     struct aio_engine *e = loop_aio(l);
@@ -373,9 +403,21 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
         /* Partial or would-block: redo the whole request asynchronously
          * (the bytes already done are simply transferred again). */
     }
-    if (kind != AIO_THREADS && e->ring_ok && ring_submit(e, r))
+    if (kind == AIO_NATIVE) {
+        if ((r->op == AIO_OP_READ || r->op == AIO_OP_WRITE) && native_ready(e)) {
+            laio_submit(e->laio, r);
+            return;
+        }
+    } else if (kind != AIO_THREADS && e->ring_ok && ring_submit(e, r)) {
         return;
+    }
     e->in_pool++;
+    pool_submit(r);
+}
+
+void aio_pool_fallback(struct aio_req *r)
+{
+    loop_aio(r->loop)->in_pool++;
     pool_submit(r);
 }
 
@@ -386,7 +428,7 @@ void aio_get_stats(struct loop *l, struct aio_stats *st)
 
 bool aio_engine_waits_for_pool(struct aio_engine *e)
 {
-    return e->in_pool > 0 || e->in_ring > 0;
+    return e->in_pool > 0 || e->in_ring > 0 || (e->laio && laio_busy(e->laio));
 }
 
 int aio_kind_parse(const char *s)

@@ -4,12 +4,19 @@
  *   AIO_IO_URING  liburing ring per loop; submissions batched until the loop
  *                 sleeps; completions reaped when the loop sees the ring's
  *                 fd readable.
+ *   AIO_NATIVE    Linux AIO (aio-linux.c), as QEMU's aio=native: a context
+ *                 per loop, made by its first request; reads and writes
+ *                 batched into one io_submit until the loop sleeps;
+ *                 completions signalled on an eventfd and reaped from the
+ *                 context's ring in user memory.  fdatasync and fallocate
+ *                 go to the pool (Linux AIO has no fallocate; many file
+ *                 systems refuse IOCB_CMD_FDSYNC), as in QEMU.
  *   AIO_THREADS   shared worker pools doing preadv/pwritev/...: one for calls
  *                 that may block, one sized to the CPUs for AIO_CPU_BOUND
  *                 copies; completions go back to the submitting loop.
- *   AIO_NATIVE    accepted for QEMU compatibility; served by io_uring.
- * If io_uring cannot be set up, AIO_IO_URING falls back to AIO_THREADS.
- * done may be called before aio_submit returns.
+ * If io_uring cannot be set up, AIO_IO_URING falls back to AIO_THREADS; if
+ * a loop cannot make a Linux AIO context, AIO_NATIVE does too (logged once,
+ * as QEMU).  done may be called before aio_submit returns.
  */
 #pragma once
 #include <stdint.h>
@@ -30,7 +37,8 @@ enum aio_op {
                           sized to the CPUs */
 };
 
-#define AIO_NO_INLINE   1u   /* never try inline (O_DIRECT: "non-blocking" still waits for the device) */
+#define AIO_NO_INLINE   1u   /* never try inline (O_DIRECT: "non-blocking" still
+                                waits for the device) */
 #define AIO_INLINE_SYNC 2u   /* do it inline, blocking: RAM-backed files never wait for a device */
 #define AIO_NOWAIT_UNSUPPORTED 4u  /* set by aio_submit: the fd refused RWF_NOWAIT */
 #define AIO_CPU_BOUND   8u   /* AIO_THREADS: a copy that never waits for a device (RAM-backed
@@ -82,7 +90,14 @@ struct aio_stats {
     uint64_t ring_wakeups;      /* the ring's fd was readable */
     uint64_t ring_completions;  /* completions reaped from the ring */
     uint64_t efd_reads;         /* reads of the eventfd: thread completions only */
+    uint64_t native_submit_calls;   /* io_submit: one per loop iteration with new
+                                       requests (more if the kernel took part) */
+    uint64_t native_wakeups;        /* the Linux AIO eventfd was readable (one read) */
+    uint64_t native_completions;    /* completions reaped from the context */
 };
 void aio_get_stats(struct loop *l, struct aio_stats *st);
+/* 0 if a Linux AIO context can be made (one is made and destroyed), else
+ * -errno (EAGAIN: fs.aio-max-nr reached; ENOSYS: no Linux AIO). */
+int aio_native_probe(void);
 /* "threads" / "io_uring" / "native" -> kind; returns -1 if unknown. */
 int aio_kind_parse(const char *s);

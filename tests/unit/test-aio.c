@@ -3,8 +3,11 @@
  * ring's own fd (no eventfd read), a loop turn's submissions go in one
  * io_uring_submit, and thread completions still arrive through the
  * eventfd.  Requests use AIO_NO_INLINE, so the ring takes them whatever the
- * file system (no O_DIRECT needed).
+ * file system (no O_DIRECT needed).  aio=native: a turn's requests in one
+ * io_submit, completions in the loop thread, errors as -errno, fdatasync in
+ * the pool, more requests than the context's slots.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <liburing.h>
@@ -20,6 +23,8 @@
 #include "util/loop.h"
 
 #define NREQ 8
+
+struct many;
 #define BS 4096
 
 struct aio_test {
@@ -57,6 +62,7 @@ static bool ring_available(void)
 
 /* The running test (a request's index is its place in cur->req). */
 static struct aio_test *cur;
+static struct many *cur_many;
 
 static void count_done(struct aio_req *r, int64_t res)
 {
@@ -179,12 +185,252 @@ static void test_threads_complete_by_eventfd(void **state)
     loop_free(t.l);
 }
 
+/* ---- aio=native (Linux AIO) ---- */
+
+static bool native_available(void)
+{
+    return aio_native_probe() == 0;
+}
+
+static void test_native_batched(void **state)
+{
+    struct aio_test t = { 0 };
+    struct aio_stats st;
+
+    if (!native_available())
+        skip();
+    run(&t, "native", AIO_NATIVE, submit_all);
+    assert_int_equal(t.done, NREQ);
+    assert_int_equal(t.bad, 0);
+    aio_get_stats(t.l, &st);
+    assert_int_equal(st.native_submit_calls, 1);    /* the turn's 8 requests, one io_submit */
+    assert_int_equal(st.native_completions, NREQ);
+    assert_true(st.native_wakeups >= 1 && st.native_wakeups <= NREQ);
+    assert_int_equal(st.submit_calls, 0);           /* not the io_uring ring */
+    assert_int_equal(st.ring_completions, 0);
+    assert_int_equal(st.efd_reads, 0);              /* nor the pool */
+    loop_free(t.l);
+}
+
+static void test_native_chained(void **state)
+{
+    struct aio_test t = { 0 };
+    struct aio_stats st;
+
+    if (!native_available())
+        skip();
+    run(&t, "native-chain", AIO_NATIVE, submit_first);
+    assert_int_equal(t.done, NREQ);
+    assert_int_equal(t.bad, 0);
+    aio_get_stats(t.l, &st);
+    assert_int_equal(st.native_submit_calls, NREQ);
+    assert_int_equal(st.native_completions, NREQ);
+    assert_int_equal(st.native_wakeups, NREQ);
+    assert_int_equal(st.submit_calls + st.efd_reads, 0);
+    loop_free(t.l);
+}
+
+/* One request whose result is checked by the test body. */
+struct one {
+    struct loop *l;
+    struct aio_req req;
+    struct iovec iov;
+    int64_t res;
+    bool done, in_thread;
+};
+
+static void one_done(struct aio_req *r, int64_t res)
+{
+    struct one *o = (struct one *)((char *)r - offsetof(struct one, req));
+    o->res = res;
+    o->done = true;
+    o->in_thread = loop_in_thread(o->l);
+    loop_stop(o->l);
+}
+
+static void one_submit(void *opaque)
+{
+    struct one *o = opaque;
+    aio_submit(o->l, AIO_NATIVE, &o->req);
+}
+
+static void run_one(struct one *o, const char *name)
+{
+    o->l = loop_new(name);
+    o->req.done = one_done;
+    loop_call(o->l, one_submit, o);
+    loop_run(o->l);
+    assert_true(o->done);
+    assert_true(o->in_thread);
+}
+
+/* io_submit refuses the iocb (bad fd): the request fails with -EBADF. */
+static void test_native_bad_fd(void **state)
+{
+    struct one o = { 0 };
+    char buf[BS];
+    struct aio_stats st;
+
+    if (!native_available())
+        skip();
+    o.iov = (struct iovec){ buf, BS };
+    o.req = (struct aio_req){ .op = AIO_OP_READ, .fd = 1000000, .iov = &o.iov, .iovcnt = 1,
+                              .len = BS, .flags = AIO_NO_INLINE };
+    run_one(&o, "native-badfd");
+    assert_int_equal(o.res, -EBADF);
+    aio_get_stats(o.l, &st);
+    assert_int_equal(st.native_submit_calls, 1);
+    assert_int_equal(st.efd_reads, 0);
+    loop_free(o.l);
+}
+
+/* The kernel takes the iocb and completes it with an error: a misaligned
+ * O_DIRECT buffer on a file system with O_DIRECT (/var/tmp, ext4 here). */
+static void test_native_misaligned_direct(void **state)
+{
+    struct one o = { 0 };
+    struct aio_stats st;
+    char path[] = "/var/tmp/test-aio-direct.XXXXXX";
+    char *buf = NULL;
+
+    if (!native_available())
+        skip();
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    char data[2 * BS];
+    memset(data, 'q', sizeof(data));    /* data, not a hole: holes are zero-filled unchecked */
+    assert_int_equal(pwrite(fd, data, sizeof(data), 0), sizeof(data));
+    assert_int_equal(fdatasync(fd), 0);
+    int dfd = open(path, O_RDWR | O_DIRECT);
+    close(fd);
+    unlink(path);
+    if (dfd < 0)
+        skip();                 /* no O_DIRECT on this file system */
+    assert_int_equal(posix_memalign((void **)&buf, BS, 2 * BS), 0);
+    o.iov = (struct iovec){ buf + 1, BS };          /* misaligned */
+    o.req = (struct aio_req){ .op = AIO_OP_READ, .fd = dfd, .iov = &o.iov, .iovcnt = 1,
+                              .len = BS, .flags = AIO_NO_INLINE };
+    run_one(&o, "native-misaligned");
+    assert_int_equal(o.res, -EINVAL);
+    aio_get_stats(o.l, &st);
+    assert_int_equal(st.native_submit_calls, 1);
+    loop_free(o.l);
+
+    /* and the same buffer aligned reads the data */
+    memset(buf, 'x', BS);
+    struct one ok = { 0 };
+    ok.iov = (struct iovec){ buf, BS };
+    ok.req = (struct aio_req){ .op = AIO_OP_READ, .fd = dfd, .iov = &ok.iov, .iovcnt = 1,
+                               .offset = BS, .len = BS, .flags = AIO_NO_INLINE };
+    run_one(&ok, "native-aligned");
+    assert_int_equal(ok.res, BS);
+    assert_int_equal(buf[0], 'q');
+    assert_int_equal(buf[BS - 1], 'q');
+    aio_get_stats(ok.l, &st);
+    assert_int_equal(st.native_completions, 1);
+    loop_free(ok.l);
+    free(buf);
+    close(dfd);
+}
+
+/* fdatasync is not Linux AIO's: the pool does it (eventfd completion). */
+static void test_native_fsync_in_pool(void **state)
+{
+    struct one o = { 0 };
+    struct aio_stats st;
+    char path[256];
+
+    if (!native_available())
+        skip();
+    int fd = make_file(path);
+    o.req = (struct aio_req){ .op = AIO_OP_FSYNC, .fd = fd, .flags = AIO_NO_INLINE };
+    run_one(&o, "native-fsync");
+    assert_int_equal(o.res, 0);
+    aio_get_stats(o.l, &st);
+    assert_int_equal(st.native_submit_calls, 0);
+    assert_int_equal(st.native_completions, 0);
+    assert_true(st.efd_reads >= 1);
+    loop_free(o.l);
+    close(fd);
+    unlink(path);
+}
+
+/* More requests in one turn than the context has slots (1024): the rest
+ * wait for slots and every one completes with its data; writes vectored. */
+#define MANY 1500
+
+struct many {
+    struct loop *l;
+    int fd, done, bad;
+    struct aio_req req[MANY];
+    struct iovec iov[MANY][2];
+    char (*buf)[BS];
+};
+
+static void many_done(struct aio_req *r, int64_t res)
+{
+    struct many *m = cur_many;
+    int i = (int)(r - m->req);
+    if (!loop_in_thread(m->l) || res != BS || m->buf[i][0] != 'a' + i % NREQ ||
+        m->buf[i][BS - 1] != 'a' + i % NREQ)
+        m->bad++;
+    if (++m->done == MANY)
+        loop_stop(m->l);
+}
+
+static void many_submit(void *opaque)
+{
+    struct many *m = opaque;
+    for (int i = 0; i < MANY; i++) {
+        /* two halves: a vectored read (IOCB_CMD_PREADV) */
+        m->iov[i][0] = (struct iovec){ m->buf[i], BS / 2 };
+        m->iov[i][1] = (struct iovec){ m->buf[i] + BS / 2, BS / 2 };
+        m->req[i] = (struct aio_req){ .op = AIO_OP_READ, .fd = m->fd, .iov = m->iov[i],
+                                      .iovcnt = 2, .offset = (uint64_t)(i % NREQ) * BS,
+                                      .len = BS, .flags = AIO_NO_INLINE, .done = many_done };
+        aio_submit(m->l, AIO_NATIVE, &m->req[i]);
+    }
+}
+
+static void test_native_more_than_slots(void **state)
+{
+    struct aio_stats st;
+    char path[256];
+
+    if (!native_available())
+        skip();
+    struct many *m = calloc(1, sizeof(*m));
+    m->buf = calloc(MANY, BS);
+    m->l = loop_new("native-many");
+    m->fd = make_file(path);
+    cur_many = m;
+    loop_call(m->l, many_submit, m);
+    loop_run(m->l);
+    assert_int_equal(m->done, MANY);
+    assert_int_equal(m->bad, 0);
+    aio_get_stats(m->l, &st);
+    assert_int_equal(st.native_completions, MANY);
+    assert_true(st.native_submit_calls >= 2);       /* the waiting ones later */
+    assert_int_equal(st.efd_reads, 0);
+    loop_free(m->l);
+    close(m->fd);
+    unlink(path);
+    free(m->buf);
+    free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ring_reaped_without_eventfd),
         cmocka_unit_test(test_ring_chained),
         cmocka_unit_test(test_threads_complete_by_eventfd),
+        cmocka_unit_test(test_native_batched),
+        cmocka_unit_test(test_native_chained),
+        cmocka_unit_test(test_native_bad_fd),
+        cmocka_unit_test(test_native_misaligned_direct),
+        cmocka_unit_test(test_native_fsync_in_pool),
+        cmocka_unit_test(test_native_more_than_slots),
     };
     loop_main_init();
     return cmocka_run_group_tests(tests, NULL, NULL);
