@@ -89,6 +89,8 @@ struct fuse_queue {
     char *rx_buf;               /* receive buffer behind fbuf.mem, or NULL (taken by a WRITE) */
     unsigned inflight;          /* requests started and not yet replied */
     bool rx_paused;             /* fd not watched: FUSE_MAX_INFLIGHT in flight */
+    bool rx_lone;               /* the client sends one request at a time (qd 1): read
+                                   one per readable event (fuse_on_readable) */
     bool stopping;              /* shutdown requested: read no more requests */
     bool drained_posted;        /* this queue's drain has been reported */
     bool quiescing;             /* moving: no more reading; hand over when idle */

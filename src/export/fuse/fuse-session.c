@@ -450,9 +450,19 @@ static void fuse_rx_resume(struct fuse_queue *q)
     }
 }
 
-static void fuse_on_readable(void *opaque, uint32_t revents)
+/*
+ * Reading until the fd runs dry batches a deep queue's requests into one
+ * submission to the disk (one doorbell for many).  A client that has one
+ * request at a time (qd 1) pays a read failing with EAGAIN for each, in
+ * front of the submission of its I/O (the loop submits after this).  So
+ * once a batch brought one request that then waited for its I/O alone and
+ * the next read found nothing, read one request per readable event while
+ * that request is the only one in flight; the first batch with a second
+ * request goes back to reading until dry.
+ */
+static void fuse_rx_batch(struct fuse_queue *q, bool until_dry)
 {
-    struct fuse_queue *q = opaque;
+    int got = 0;
 
     for (int i = 0; i < FUSE_RX_BATCH && q->watch; i++) {
         if (q->inflight >= q->exp->max_inflight) {
@@ -460,9 +470,21 @@ static void fuse_on_readable(void *opaque, uint32_t revents)
             loop_watch_set(q->watch, 0);
             break;
         }
-        if (!fuse_receive_one(q))
+        if (!fuse_receive_one(q)) {
+            if (got == 1 && q->inflight == 1)
+                q->rx_lone = true;
+            break;
+        }
+        if (++got > 1)
+            q->rx_lone = false;
+        else if (q->rx_lone && q->inflight == 1 && !until_dry)
             break;
     }
+}
+
+static void fuse_on_readable(void *opaque, uint32_t revents)
+{
+    fuse_rx_batch(opaque, false);
 }
 
 void fuse_session_poll_now(struct fuse_export *exp)
@@ -474,7 +496,7 @@ void fuse_session_poll_now(struct fuse_export *exp)
         if (q->ur && !q->stopping)
             fuse_uring_poll(q->ur);
         if (q->watch)
-            fuse_on_readable(q, LOOP_IN);
+            fuse_rx_batch(q, true);     /* callers want all that is queued */
     }
 }
 
