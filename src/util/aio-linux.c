@@ -6,11 +6,16 @@
  * signals for every completion (IOCB_FLAG_RESFD).  A request takes one of
  * the context's iocb slots and waits in a queue; at the end of the loop
  * turn (loop_defer, the point where the io_uring engine submits) the
- * queue goes to the kernel in one io_submit.  When the eventfd is readable
- * the loop reads it once and reaps the completions from the context's
- * ring in user memory (the kernel maps it at the context's address; head
- * and tail say what is there), so a wake-up costs no io_getevents.  A ring
- * whose header is not the one known here is reaped with io_getevents.
+ * queue goes to the kernel in one io_submit.  The loop watches the eventfd
+ * edge-triggered: every completion's signal wakes it, so the eventfd is
+ * never read (its counter only grows; 2^64 completions would saturate it,
+ * and a saturated eventfd still wakes); the completions are reaped from the
+ * context's ring in user memory (the kernel maps it at the context's
+ * address; head and tail say what is there).  A wake-up so costs no system
+ * call but the loop's epoll_wait: no io_getevents and no eventfd read
+ * (4k reads at qd1 over NBD: 6.55-6.75 -> 5.41-5.75 system calls per
+ * read).  A ring whose header is not the one known here is reaped with
+ * io_getevents.
  * Only preadv/pwritev go to the context: fdatasync and fallocate go to the
  * worker pool as in QEMU (many file systems refuse IOCB_CMD_FDSYNC, and
  * Linux AIO has no fallocate).
@@ -182,11 +187,8 @@ static void laio_event(void *opaque, uint32_t revents)
 {
     struct laio *s = opaque;
     struct laio_ring *ring = (struct laio_ring *)(uintptr_t)s->ctx;
-    uint64_t v;
 
     s->stats->native_wakeups++;
-    if (read(s->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-        log_error("aio=native eventfd read: %s", strerror(errno));
     for (;;) {
         struct io_event ev[LAIO_REAP];
         int n = 0;
@@ -249,7 +251,7 @@ struct laio *laio_new(struct loop *l, struct aio_stats *stats, int *err)
     s->wait_tail = &s->wait_head;
     s->flush.fn = laio_flush;
     s->flush.opaque = s;
-    s->watch = loop_watch_fd(l, s->efd, LOOP_IN, laio_event, s);
+    s->watch = loop_watch_fd(l, s->efd, LOOP_IN | EPOLLET, laio_event, s);
     return s;
 }
 

@@ -7,8 +7,8 @@
  *   AIO_NATIVE    Linux AIO (aio-linux.c), as QEMU's aio=native: a context
  *                 per loop, made by its first request; reads and writes
  *                 batched into one io_submit until the loop sleeps;
- *                 completions signalled on an eventfd and reaped from the
- *                 context's ring in user memory.  fdatasync and fallocate
+ *                 completions signalled on an eventfd (edge-triggered, not
+ *                 read) and reaped from the context's ring in user memory.  fdatasync and fallocate
  *                 go to the pool (Linux AIO has no fallocate; many file
  *                 systems refuse IOCB_CMD_FDSYNC), as in QEMU.
  *   AIO_THREADS   shared worker pools doing preadv/pwritev/...: one for calls
@@ -92,7 +92,7 @@ struct aio_stats {
     uint64_t efd_reads;         /* reads of the eventfd: thread completions only */
     uint64_t native_submit_calls;   /* io_submit: one per loop iteration with new
                                        requests (more if the kernel took part) */
-    uint64_t native_wakeups;        /* the Linux AIO eventfd was readable (one read) */
+    uint64_t native_wakeups;        /* the Linux AIO eventfd signalled (never read) */
     uint64_t native_completions;    /* completions reaped from the context */
 };
 void aio_get_stats(struct loop *l, struct aio_stats *st);
