@@ -22,7 +22,8 @@
 # against an export with num-queues=2 on one iothread (vub-io1) or on two
 # (vub-io2: queue 0 in io0, queue 1 in io1).  VUB=path (default
 # build/tests/vhost/vub-client).
-# Every row prints IOPS, MiB/s and the server's CPU microseconds per op.
+# Every row prints IOPS, MiB/s and the server's and the client's (fio with
+# its jobs, or vub-client) CPU microseconds per op.
 set -u
 RT=${1:-4}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -83,7 +84,12 @@ stop() {
   PID=
 }
 
-printf '%-13s %-32s %9s %9s %9s\n' config workload IOPS MiB/s cpu_us/op
+printf '%-13s %-32s %9s %9s %9s %9s\n' config workload IOPS MiB/s cpu_us/op cli_us/op
+TIMEFORMAT='%3U %3S'    # bash's `time`: the client's (fio's and its jobs') CPU seconds
+cli_us() {   # cli_us IOPS: client CPU microseconds per op from $T/cli
+  awk -v i="${1:-0}" -v rt="$RT" -v c="$(cat "$T/cli" 2>/dev/null)" \
+      'BEGIN { split(c, u, " "); printf "%.1f", (i>0 ? 1e6*(u[1]+u[2])/(i*rt) : 0) }'
+}
 for r in $(seq "$ROUNDS"); do
   for N in $CLIENTS; do
     PIN=()
@@ -93,15 +99,17 @@ for r in $(seq "$ROUNDS"); do
       for C in io1 io2 pool; do
         start_nbd "$C" || continue
         T0=$(cpu_ticks)
-        R=$(fio --name=t --ioengine=nbd --uri="nbd+unix:///d?socket=$T/nbd.sock" \
+        { time fio --name=t --ioengine=nbd --uri="nbd+unix:///d?socket=$T/nbd.sock" \
                 --rw="$1" --bs="$2" --iodepth=16 --numjobs="$N" --group_reporting "${PIN[@]}" \
                 --time_based --runtime="$RT" --size="$SIZE" --norandommap \
-                --output-format=terse 2>/dev/null | grep '^3;' | awk -F';' '{print $8+$49, ($7+$48)/1024}')
+                --output-format=terse >"$T/fio.out" 2>/dev/null; } 2>"$T/cli"
+        R=$(grep '^3;' "$T/fio.out" | awk -F';' '{print $8+$49, ($7+$48)/1024}')
         T1=$(cpu_ticks)
         read -r IOPS MIBS <<<"${R:-0 0}"
         US=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
              'BEGIN { printf "%.1f", (i>0 ? 1e6*(t/hz)/(i*rt) : 0) }')
-        printf '%-13s %-32s %9s %9.0f %9s\n' "nbd-$C" "$1 $2 qd16 x$N conns" "$IOPS" "$MIBS" "$US"
+        printf '%-13s %-32s %9s %9.0f %9s %9s\n' "nbd-$C" "$1 $2 qd16 x$N conns" "$IOPS" "$MIBS" "$US" \
+            "$(cli_us "$IOPS")"
         stop
       done
     done
@@ -110,11 +118,13 @@ for r in $(seq "$ROUNDS"); do
     for W in randread randwrite; do
       for C in io1 io2; do
         start_vub "$C" || continue
-        R=$("$VUB" -q 2 "$T/vub.sock" bench "$W" 4096 16 "$RT" "$PID" | tail -1)
+        { time "$VUB" -q 2 "$T/vub.sock" bench "$W" 4096 16 "$RT" "$PID" >"$T/vub.out"; } 2>"$T/cli"
+        R=$(tail -1 "$T/vub.out")
         IOPS=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["iops"])' 2>/dev/null)
         US=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["server_us_per_io"])' 2>/dev/null)
         MIBS=$(awk -v i="${IOPS:-0}" 'BEGIN { print i * 4096 / 1048576 }')
-        printf '%-13s %-32s %9s %9.0f %9s\n' "vub-$C" "$W 4k qd16 x2 queues" "${IOPS:-0}" "$MIBS" "${US:-0}"
+        printf '%-13s %-32s %9s %9.0f %9s %9s\n' "vub-$C" "$W 4k qd16 x2 queues" "${IOPS:-0}" "$MIBS" \
+            "${US:-0}" "$(cli_us "${IOPS:-0}")"
         stop
       done
     done
