@@ -13,7 +13,7 @@
  * context's ring in user memory (the kernel maps it at the context's
  * address; head and tail say what is there).  A wake-up so costs no system
  * call but the loop's epoll_wait: no io_getevents and no eventfd read
- * (4k reads at qd1 over NBD: 6.55-6.75 -> 5.41-5.75 system calls per
+ * (4k reads at qd1 over NBD: 6.55-6.75 -> 5.11-5.75 system calls per
  * read).  A ring whose header is not the one known here is reaped with
  * io_getevents.
  * Only preadv/pwritev go to the context: fdatasync and fallocate go to the
