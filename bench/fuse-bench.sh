@@ -4,8 +4,9 @@
 # Both daemons get the same command line (bexd is a drop-in replacement):
 # a RAM-backed (/dev/shm) raw image exported with type=fuse on a regular file,
 # then fio runs the same jobs on the mounted file for each.  Each row prints
-# IOPS, MiB/s, the server's CPU use and CPU microseconds per operation, and
-# the client's (fio with its jobs) CPU microseconds per operation.
+# IOPS, MiB/s, the server's CPU use and CPU microseconds per operation, the
+# client's (fio with its jobs) CPU microseconds per operation, and the
+# busiest server thread's CPU as % of one CPU (top_thr%).
 #
 # Usage: bench/fuse-bench.sh [runtime_s] [servers...]
 #   servers: bexd qsd (default both), and bexd variants: bexd-uring (FUSE
@@ -69,6 +70,18 @@ stop() {
 }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$PID/stat" 2>/dev/null || echo 0; }
 HZ=$(getconf CLK_TCK)
+# per-thread CPU of the server: the busiest thread's share of one CPU over a row
+# (near 100: that loop is the bottleneck; well below: something else is)
+thread_ticks() {
+  local f
+  for f in /proc/"$PID"/task/*/stat; do
+    sed 's/^.*) //' "$f" 2>/dev/null | awk -v f="$f" '{print f, $12+$13}'
+  done
+}
+top_thread() {   # top_thread BEFORE_FILE AFTER_FILE
+  awk -v hz="$HZ" -v rt="$RT" 'NR==FNR {b[$1]=$2; next} {d=$2-b[$1]; if (d>m) m=d}
+       END {printf "%.0f", 100*m/hz/rt}' "$1" "$2"
+}
 
 JOBS=(
   "randread  4k psync  1 1"
@@ -86,25 +99,26 @@ SPLIT=()
 # load of a shared machine drifts over both alike.
 [[ "$SERVERS" == *uring* ]] && ! grep -q Y /sys/module/fuse/parameters/enable_uring 2>/dev/null &&
   echo "note: enable_uring is off: the uring rows fall back to /dev/fuse" >&2
-printf '%-13s %-32s %9s %9s %7s %9s %9s\n' server workload IOPS MiB/s srvCPU% cpu_us/op cli_us/op
+printf '%-13s %-32s %9s %9s %7s %9s %9s %8s\n' server workload IOPS MiB/s srvCPU% cpu_us/op cli_us/op top_thr%
 TIMEFORMAT='%3U %3S'    # bash's `time`: the client's (fio's and its jobs') CPU seconds
 for J in "${JOBS[@]}"; do
   [[ -n "${ONLY:-}" && ! "$J" =~ ${ONLY} ]] && continue
   for S in $SERVERS; do
     start "$S" || continue
     set -- $J
-    T0=$(cpu_ticks)
+    T0=$(cpu_ticks); thread_ticks >"$T/th0"
     { time fio --name=t --filename="$MNT" --rw="$1" --bs="$2" --ioengine="$3" --iodepth="$4" \
             --direct="$5" --time_based --runtime="$RT" --size="$SIZE" --norandommap \
             --numjobs="${JOBS_N:-1}" --group_reporting "${SPLIT[@]}" \
             --invalidate=1 --output-format=terse >"$T/fio.out" 2>/dev/null; } 2>"$T/cli"
     R=$(awk -F';' '{print $8+$49, ($7+$48)/1024}' "$T/fio.out")
-    T1=$(cpu_ticks)
+    T1=$(cpu_ticks); thread_ticks >"$T/th1"
     read -r IOPS MIBS <<<"${R:-0 0}"
     CPU=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" -v c="$(cat "$T/cli")" \
           'BEGIN { s=t/hz; split(c, u, " "); printf "%.0f %.1f %.1f", 100*s/rt,
                    (i>0 ? 1e6*s/(i*rt) : 0), (i>0 ? 1e6*(u[1]+u[2])/(i*rt) : 0) }')
-    printf '%-13s %-32s %9s %9.0f %7s %9s %9s\n' "$S" "$1 $2 $3 qd=$4 direct=$5" "$IOPS" "$MIBS" $CPU
+    printf '%-13s %-32s %9s %9.0f %7s %9s %9s %8s\n' "$S" "$1 $2 $3 qd=$4 direct=$5" "$IOPS" "$MIBS" $CPU \
+        "$(top_thread "$T/th0" "$T/th1")"
     stop
   done
 done

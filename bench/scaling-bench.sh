@@ -23,7 +23,8 @@
 # (vub-io2: queue 0 in io0, queue 1 in io1).  VUB=path (default
 # build/tests/vhost/vub-client).
 # Every row prints IOPS, MiB/s and the server's and the client's (fio with
-# its jobs, or vub-client) CPU microseconds per op.
+# its jobs, or vub-client) CPU microseconds per op, and the busiest server
+# thread's CPU as % of one CPU (top_thr%).
 set -u
 RT=${1:-4}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,6 +46,18 @@ fio --name=fill --filename="$IMG" --rw=write --bs=1M --size="$SIZE" --ioengine=p
     --refill_buffers --output=/dev/null
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14+$15}' "/proc/$PID/stat" 2>/dev/null || echo 0; }
+# per-thread CPU of the server: the busiest thread's share of one CPU over a row
+# (near 100: that loop is the bottleneck; well below: something else is)
+thread_ticks() {
+  local f
+  for f in /proc/"$PID"/task/*/stat; do
+    sed 's/^.*) //' "$f" 2>/dev/null | awk -v f="$f" '{print f, $12+$13}'
+  done
+}
+top_thread() {   # top_thread BEFORE_FILE AFTER_FILE
+  awk -v hz="$HZ" -v rt="$RT" 'NR==FNR {b[$1]=$2; next} {d=$2-b[$1]; if (d>m) m=d}
+       END {printf "%.0f", 100*m/hz/rt}' "$1" "$2"
+}
 
 start_nbd() {
   local xo
@@ -84,7 +97,7 @@ stop() {
   PID=
 }
 
-printf '%-13s %-32s %9s %9s %9s %9s\n' config workload IOPS MiB/s cpu_us/op cli_us/op
+printf '%-13s %-32s %9s %9s %9s %9s %8s\n' config workload IOPS MiB/s cpu_us/op cli_us/op top_thr%
 TIMEFORMAT='%3U %3S'    # bash's `time`: the client's (fio's and its jobs') CPU seconds
 cli_us() {   # cli_us IOPS: client CPU microseconds per op from $T/cli
   awk -v i="${1:-0}" -v rt="$RT" -v c="$(cat "$T/cli" 2>/dev/null)" \
@@ -98,18 +111,18 @@ for r in $(seq "$ROUNDS"); do
       set -- $J
       for C in io1 io2 pool; do
         start_nbd "$C" || continue
-        T0=$(cpu_ticks)
+        T0=$(cpu_ticks); thread_ticks >"$T/th0"
         { time fio --name=t --ioengine=nbd --uri="nbd+unix:///d?socket=$T/nbd.sock" \
                 --rw="$1" --bs="$2" --iodepth=16 --numjobs="$N" --group_reporting "${PIN[@]}" \
                 --time_based --runtime="$RT" --size="$SIZE" --norandommap \
                 --output-format=terse >"$T/fio.out" 2>/dev/null; } 2>"$T/cli"
         R=$(grep '^3;' "$T/fio.out" | awk -F';' '{print $8+$49, ($7+$48)/1024}')
-        T1=$(cpu_ticks)
+        T1=$(cpu_ticks); thread_ticks >"$T/th1"
         read -r IOPS MIBS <<<"${R:-0 0}"
         US=$(awk -v t=$(( T1 - T0 )) -v hz="$HZ" -v rt="$RT" -v i="${IOPS:-0}" \
              'BEGIN { printf "%.1f", (i>0 ? 1e6*(t/hz)/(i*rt) : 0) }')
-        printf '%-13s %-32s %9s %9.0f %9s %9s\n' "nbd-$C" "$1 $2 qd16 x$N conns" "$IOPS" "$MIBS" "$US" \
-            "$(cli_us "$IOPS")"
+        printf '%-13s %-32s %9s %9.0f %9s %9s %8s\n' "nbd-$C" "$1 $2 qd16 x$N conns" "$IOPS" "$MIBS" "$US" \
+            "$(cli_us "$IOPS")" "$(top_thread "$T/th0" "$T/th1")"
         stop
       done
     done
@@ -118,13 +131,15 @@ for r in $(seq "$ROUNDS"); do
     for W in randread randwrite; do
       for C in io1 io2; do
         start_vub "$C" || continue
+        thread_ticks >"$T/th0"
         { time "$VUB" -q 2 "$T/vub.sock" bench "$W" 4096 16 "$RT" "$PID" >"$T/vub.out"; } 2>"$T/cli"
+        thread_ticks >"$T/th1"
         R=$(tail -1 "$T/vub.out")
         IOPS=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["iops"])' 2>/dev/null)
         US=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["server_us_per_io"])' 2>/dev/null)
         MIBS=$(awk -v i="${IOPS:-0}" 'BEGIN { print i * 4096 / 1048576 }')
-        printf '%-13s %-32s %9s %9.0f %9s %9s\n' "vub-$C" "$W 4k qd16 x2 queues" "${IOPS:-0}" "$MIBS" \
-            "${US:-0}" "$(cli_us "${IOPS:-0}")"
+        printf '%-13s %-32s %9s %9.0f %9s %9s %8s\n' "vub-$C" "$W 4k qd16 x2 queues" "${IOPS:-0}" "$MIBS" \
+            "${US:-0}" "$(cli_us "${IOPS:-0}")" "$(top_thread "$T/th0" "$T/th1")"
         stop
       done
     done
