@@ -1,9 +1,10 @@
 /*
  * aio=native: Linux AIO (io_setup/io_submit), through the raw system calls.
  *
- * Theory of operation: a loop that serves an aio=native request creates
- * one context (io_setup, LAIO_EVENTS requests) and an eventfd the kernel
- * signals for every completion (IOCB_FLAG_RESFD).  A request takes one of
+ * Theory of operation: a loop that serves an aio=native request gets one
+ * context (io_setup, LAIO_EVENTS requests; the first takes the one the
+ * open's check made) and an eventfd the kernel signals for every
+ * completion (IOCB_FLAG_RESFD).  A request takes one of
  * the context's iocb slots and waits in a queue; at the end of the loop
  * turn (loop_defer, the point where the io_uring engine submits) the
  * queue goes to the kernel in one io_submit.  The loop watches the eventfd
@@ -88,12 +89,23 @@ static long sys_io_getevents(aio_context_t ctx, long min, long max, struct io_ev
     return syscall(SYS_io_getevents, ctx, min, max, ev, ts);
 }
 
+/* A context made by aio_native_probe() at open, kept for the first loop
+ * that needs one (0: none).  Destroying it there cost 32-40 ms per
+ * blockdev-add (io_destroy waits for an RCU grace period); QEMU too keeps
+ * the context it makes at open, in its AioContext. */
+static aio_context_t spare_ctx;
+
 int aio_native_probe(void)
 {
-    aio_context_t ctx = 0;
+    aio_context_t ctx = 0, none = 0;
+
+    if (__atomic_load_n(&spare_ctx, __ATOMIC_ACQUIRE))
+        return 0;
     if (sys_io_setup(LAIO_EVENTS, &ctx) < 0)
         return -errno;
-    sys_io_destroy(ctx);
+    if (!__atomic_compare_exchange_n(&spare_ctx, &none, ctx, false, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        sys_io_destroy(ctx);        /* another open kept one first */
     return 0;
 }
 
@@ -236,7 +248,8 @@ struct laio *laio_new(struct loop *l, struct aio_stats *stats, int *err)
         free(s);
         return NULL;
     }
-    if (sys_io_setup(LAIO_EVENTS, &s->ctx) < 0) {
+    s->ctx = __atomic_exchange_n(&spare_ctx, 0, __ATOMIC_ACQ_REL);
+    if (!s->ctx && sys_io_setup(LAIO_EVENTS, &s->ctx) < 0) {
         *err = -errno;
         close(s->efd);
         free(s);

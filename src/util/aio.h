@@ -96,8 +96,9 @@ struct aio_stats {
     uint64_t native_completions;    /* completions reaped from the context */
 };
 void aio_get_stats(struct loop *l, struct aio_stats *st);
-/* 0 if a Linux AIO context can be made (one is made and destroyed), else
- * -errno (EAGAIN: fs.aio-max-nr reached; ENOSYS: no Linux AIO). */
+/* 0 if a Linux AIO context can be had (one is made and kept for the first
+ * loop that needs one), else -errno (EAGAIN: fs.aio-max-nr reached; ENOSYS:
+ * no Linux AIO).  Any thread. */
 int aio_native_probe(void);
 /* "threads" / "io_uring" / "native" -> kind; returns -1 if unknown. */
 int aio_kind_parse(const char *s);
