@@ -60,28 +60,10 @@ start() {
   grep -q " $MNT " /proc/mounts || { echo "$1: not mounted" >&2; return 1; }
 }
 stop() {
-  kill "$PID" 2>/dev/null
-  # a daemonized server is reparented to pid 1, which may reap it a second
-  # later: it has exited once it is a zombie (Z)
-  while kill -0 "$PID" 2>/dev/null &&
-        [ "$(awk '{print $3}' "/proc/$PID/stat" 2>/dev/null)" != Z ]; do sleep 0.05; done
-  PID=
+  kill_wait
   grep -q " $MNT " /proc/mounts && fusermount3 -u -z "$MNT"
 }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$PID/stat" 2>/dev/null || echo 0; }
-HZ=$(getconf CLK_TCK)
-# per-thread CPU of the server: the busiest thread's share of one CPU over a row
-# (near 100: that loop is the bottleneck; well below: something else is)
-thread_ticks() {
-  local f
-  for f in /proc/"$PID"/task/*/stat; do
-    sed 's/^.*) //' "$f" 2>/dev/null | awk -v f="$f" '{print f, $12+$13}'
-  done
-}
-top_thread() {   # top_thread BEFORE_FILE AFTER_FILE
-  awk -v hz="$HZ" -v rt="$RT" 'NR==FNR {b[$1]=$2; next} {d=$2-b[$1]; if (d>m) m=d}
-       END {printf "%.0f", 100*m/hz/rt}' "$1" "$2"
-}
+. "$HERE/bench/proc-stat.sh"   # HZ, cpu_ticks, thread_ticks, top_thread, kill_wait
 
 JOBS=(
   "randread  4k psync  1 1"

@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 fio --name=fill --filename="$IMG" --rw=write --bs=1M --size=1G --ioengine=libaio \
     --iodepth=8 --direct=1 --refill_buffers --output=/dev/null || exit 1
-HZ=$(getconf CLK_TCK)
+. "$(dirname "$0")/proc-stat.sh"   # HZ, cpu_ticks, kill_wait
 JOBS=(
   "write 1M 8"
   "read  1M 8"
@@ -41,15 +41,9 @@ start() {   # binary, transport
   PID=$(cat "$T/pid")
 }
 stop() {
-  kill "$PID" 2>/dev/null
-  # a daemonized server is reparented to pid 1, which may reap it a second
-  # later: it has exited once it is a zombie (Z)
-  while kill -0 "$PID" 2>/dev/null &&
-        [ "$(awk '{print $3}' "/proc/$PID/stat" 2>/dev/null)" != Z ]; do sleep 0.05; done
-  PID=
+  kill_wait
   grep -q " $MNT " /proc/mounts && fusermount3 -u -z "$MNT"
 }
-ticks() { awk '{print $14+$15}' "/proc/$PID/stat"; }
 TRANSPORTS=dev
 [ "${URING:-0}" = 1 ] && TRANSPORTS="dev uring"
 echo "uptime: $(uptime)"
@@ -62,12 +56,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for X in $TRANSPORTS; do
       for BIN in A B; do
         if [ $BIN = A ]; then start "$A" "$X"; else start "$B" "$X"; fi || exit 1
-        T0=$(ticks)
+        T0=$(cpu_ticks)
         R=$(fio --name=t --filename="$MNT" --rw="$1" --bs="$2" --ioengine=libaio \
                 --iodepth="$3" --direct=1 --time_based --runtime="$RT" --size=1G \
                 --norandommap --output-format=terse 2>/dev/null |
             awk -F';' '{print ($7+$48)/1024, $8+$49}')
-        T1=$(ticks)
+        T1=$(cpu_ticks)
         stop
         read -r MIBS IOPS <<<"${R:-0 0}"
         US=$(awk -v t=$((T1 - T0)) -v hz="$HZ" -v rt="$RT" -v i="$IOPS" \
