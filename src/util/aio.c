@@ -14,11 +14,12 @@
  * completions are pushed on the engine's lock-free list and signalled on an
  * eventfd, once per batch (only the push onto an empty list writes it).
  * Completion callbacks always run in the owning loop thread.  While worker
- * threads, the ring or the context hold requests of a loop, the loop sleeps rather than
- * polls: a blocking call, a large copy or a device (only what would block
- * goes to the ring) takes far longer than the poll window, and on a small
- * machine the polling loop takes the CPU its client needs (4k O_DIRECT
- * reads at qd32 over NBD: 10.7 instead of 13.4 us of server CPU per read).
+ * threads, the ring or the context hold requests of a loop, the loop
+ * sleeps rather than polls: a blocking call, a large copy or a device (only
+ * what would block goes to the ring) takes far longer than the poll window,
+ * and on a small machine the polling loop takes the CPU its client needs
+ * (4k O_DIRECT reads at qd32 over NBD: 10.7 instead of 13.4 us of server
+ * CPU per read).
  */
 #include <errno.h>
 #include <fcntl.h>

@@ -8,9 +8,10 @@
  *                 per loop, made by its first request; reads and writes
  *                 batched into one io_submit until the loop sleeps;
  *                 completions signalled on an eventfd (edge-triggered, not
- *                 read) and reaped from the context's ring in user memory.  fdatasync and fallocate
- *                 go to the pool (Linux AIO has no fallocate; many file
- *                 systems refuse IOCB_CMD_FDSYNC), as in QEMU.
+ *                 read) and reaped from the context's ring in user memory.
+ *                 fdatasync and fallocate go to the pool (Linux AIO has no
+ *                 fallocate; many file systems refuse IOCB_CMD_FDSYNC), as
+ *                 in QEMU.
  *   AIO_THREADS   shared worker pools doing preadv/pwritev/...: one for calls
  *                 that may block, one sized to the CPUs for AIO_CPU_BOUND
  *                 copies; completions go back to the submitting loop.
