@@ -412,8 +412,7 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
     } else if (kind != AIO_THREADS && e->ring_ok && ring_submit(e, r)) {
         return;
     }
-    e->in_pool++;
-    pool_submit(r);
+    aio_pool_fallback(r);
 }
 
 void aio_pool_fallback(struct aio_req *r)
