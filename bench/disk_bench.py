@@ -10,6 +10,10 @@ same file in turn with cache.direct=on and aio=io_uring or aio=native
 (nbdkit: its file plugin with cache=none), over:
 
   nbd    fio's nbd engine (libnbd) over a UNIX socket;
+  nbdc   the same server and socket driven by bench/nbd_load_client.c, a
+         client that costs about 1-3 us of CPU per request where fio's
+         nbd engine costs 11-16 us: on two CPUs fio's rows measure the
+         client, these rows the server (the NBD counterpart of vub-client);
   vhost  tests/vhost/vub-client driving the virtqueue directly (no guest),
          as bench/vhost-bench.sh;
   fuse   fio (libaio, direct=1) on the FUSE mount point.
@@ -67,7 +71,7 @@ WORKLOADS = {
     "sr1m8": ("1M read qd8", "read", 1 << 20, 8),
     "sw1m8": ("1M write qd8", "write", 1 << 20, 8),
 }
-TRANSPORTS = ["nbd", "vhost", "fuse"]
+TRANSPORTS = ["nbd", "nbdc", "vhost", "fuse"]
 SERVERS = ["bexd-io_uring", "bexd-native", "qsd-io_uring", "qsd-native", "nbdkit", "bexd-ram"]
 # bexd over FUSE only: name -> (FUSE over io_uring, queues, RAM-backed); not in the default list
 FUSE_VARIANTS = {
@@ -162,7 +166,7 @@ class Server:
             for i in range(self.queues):
                 argv += ["--object", "iothread,id=io%d" % i]
                 xo += ",iothread.%d=io%d" % (i, i)
-        if self.transport == "nbd":
+        if self.transport in ("nbd", "nbdc"):
             argv += ["--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
                      "--export", "type=nbd,id=e0,node-name=f0,writable=on,name="]
         elif self.transport == "vhost":
@@ -176,7 +180,7 @@ class Server:
     def supports(self):
         if self.name in FUSE_VARIANTS:
             return self.transport == "fuse"
-        return self.name != "nbdkit" or self.transport == "nbd"
+        return self.name != "nbdkit" or self.transport in ("nbd", "nbdc")
 
     def start(self):
         for p in (self.sock, self.pidfile, self.logfile):
@@ -302,20 +306,36 @@ def run_row(transport, srv, w, a, img, work):
         return fio(["--ioengine=libaio", "--direct=1", "--filename=" + srv.mnt]
                    + fio_common(w, size), a.runtime, out)
     _, rw, bs, qd = WORKLOADS[w]
+    if transport == "nbdc":
+        return light_client([a.nbdc, "-s", str(size), srv.sock, rw, str(bs), str(qd),
+                             str(a.runtime)], a.runtime, "nbd-load-client")
     # -d: wait for the requests in flight before leaving, as a front-end
     # stopping its device does (qsd 7.2 aborts on `!server->wait_idle` when
     # a front-end leaves with requests in flight); they are not counted
     argv = [a.vub, "-d"] + (["-i"] if bs > 65536 else []) + [srv.sock, "bench", rw, str(bs),
                                                              str(qd), str(a.runtime)]
+    return light_client(argv, a.runtime, "vub-client")
+
+
+def light_client(argv, runtime, what):
+    """Run vub-client or nbd-load-client; both print one JSON line at the end."""
     r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       timeout=a.runtime + 60)
+                       timeout=runtime + 60)
     if r.returncode != 0:
         # vub-client reports its own failures as JSON on stdout
-        raise RuntimeError("vub-client rc %d: %s %s" % (
-            r.returncode, r.stdout.decode(errors="replace").strip()[-300:],
+        raise RuntimeError("%s rc %d: %s %s" % (
+            what, r.returncode, r.stdout.decode(errors="replace").strip()[-300:],
             r.stderr.decode(errors="replace").strip()[-300:]))
     j = json.loads(r.stdout.decode().strip().splitlines()[-1])
     return {"ops": j["ios"], "iops": j["iops"], "mibs": j["MiBps"]}
+
+
+def build_nbdc(work):
+    """Compile bench/nbd_load_client.c into WORK (libc only)."""
+    exe = os.path.join(work, "nbd-load-client")
+    subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(HERE, "nbd_load_client.c")],
+                   check=True)
+    return exe
 
 
 def measure(transport, srv, w, a, img, work):
@@ -423,6 +443,8 @@ def main(argv):
     try:
         log("writing %d MiB image in %s ..." % (a.size >> 20, work))
         make_image(img, a.size)
+        if "nbdc" in a.transports:
+            a.nbdc = build_nbdc(work)
         if any(is_ram(x) for x in a.servers):
             a.ram_img = tempfile.mktemp(prefix="diskbench-ram.", dir="/dev/shm")
             with open(img, "rb") as src, open(a.ram_img, "wb") as dst:
