@@ -10,11 +10,12 @@
  * measures what the server can do when the client is cheap, as a guest's
  * kernel or QEMU client with spare cores would be.
  *
- *   nbd-load-client [-e NAME] [-s SIZE] SOCKET RW BS QD SECONDS
+ *   nbd-load-client [-e NAME] [-s SIZE] [-F] SOCKET RW BS QD SECONDS
  *
  * SOCKET is a UNIX socket path; RW is read, write, randread or randwrite;
  * BS the request size in bytes; QD the requests in flight; SIZE limits the
- * rows to the export's first SIZE bytes.  Fixed newstyle handshake with
+ * rows to the export's first SIZE bytes; -F sets NBD_CMD_FLAG_FUA on every
+ * write (durable before its reply).  Fixed newstyle handshake with
  * NBD_OPT_GO and no structured replies (simple replies only, which every
  * server must support).  Read data is received and dropped; written data
  * is one random buffer.  Requests still in flight at the end are waited
@@ -54,6 +55,7 @@
 #define NBD_CMD_READ      0
 #define NBD_CMD_WRITE     1
 #define NBD_CMD_DISC      2
+#define NBD_CMD_FLAG_FUA  1
 #define RBUF_SIZE         (2u << 20)
 #define MAX_QD            1024
 
@@ -201,9 +203,11 @@ int main(int argc, char **argv)
 {
     const char *name = "";
     uint64_t limit = 0;
-    int c;
-    while ((c = getopt(argc, argv, "e:s:")) != -1) {
-        if (c == 'e')
+    int c, fua = 0;
+    while ((c = getopt(argc, argv, "e:s:F")) != -1) {
+        if (c == 'F')
+            fua = 1;
+        else if (c == 'e')
             name = optarg;
         else if (c == 's')
             limit = strtoull(optarg, NULL, 0);
@@ -211,7 +215,7 @@ int main(int argc, char **argv)
             return 2;
     }
     if (argc - optind != 5) {
-        fprintf(stderr, "usage: nbd-load-client [-e NAME] [-s SIZE] SOCKET "
+        fprintf(stderr, "usage: nbd-load-client [-e NAME] [-s SIZE] [-F] SOCKET "
                         "read|write|randread|randwrite BS QD SECONDS\n");
         return 2;
     }
@@ -283,6 +287,7 @@ int main(int argc, char **argv)
             uint64_t blk = is_rand ? next_rand() % blocks : seq++ % blocks;
             hdrs[s] = (struct req_hdr){
                 .magic = htobe32(NBD_REQ_MAGIC),
+                .flags = htobe16(is_write && fua ? NBD_CMD_FLAG_FUA : 0),
                 .type = htobe16(is_write ? NBD_CMD_WRITE : NBD_CMD_READ),
                 .cookie = (uint64_t)s,
                 .offset = htobe64(blk * bs),

@@ -2,7 +2,9 @@
  * Drivers "file" and "host_device": a POSIX file or block device.
  *
  * Theory of operation: reads and writes go to the loop's I/O engine
- * (aio.h).  Multi-step requests (FUA = write then fdatasync; write-zeroes =
+ * (aio.h).  A FUA write is one write with RWF_DSYNC (QEMU 7.2 writes, then
+ * flushes: two trips to the device and one to its worker pool).  Multi-step
+ * requests (FUA write-zeroes = zeroing then fdatasync; write-zeroes =
  * ZERO_RANGE, else punch+allocate, else writing zero buffers) advance a
  * small per-request stage counter from the completion callback.  Image
  * locking uses OFD locks on the byte offsets QEMU uses (100 + permission
@@ -282,12 +284,15 @@ static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
         .flags = aio_flags(bs, r, op, len, &pool),
         .done = file_aio_done, .fixed = r->fixed,
     };
+    if (op == AIO_OP_WRITE && r->op == BREQ_WRITE && (r->flags & BREQ_FUA) &&
+        !bs->cache_no_flush)
+        r->aio.flags |= AIO_DSYNC;      /* durable on completion: no fdatasync after */
     aio_submit(r->loop, pool ? AIO_THREADS : s->aio, &r->aio);
 }
 
 enum {
     ST_RW,              /* read or write in flight */
-    ST_FUA_SYNC,        /* fdatasync after a FUA write */
+    ST_FUA_SYNC,        /* fdatasync after FUA write-zeroes */
     ST_ZERO_RANGE,
     ST_PUNCH,           /* punch hole (then allocate unless MAY_UNMAP) */
     ST_ALLOC,
@@ -301,7 +306,7 @@ static void zero_write_next(struct bnode *bs, struct breq *r);
 static void finish(struct bnode *bs, struct breq *r, int ret)
 {
     if (ret == 0 && (r->flags & BREQ_FUA) && r->stage != ST_FUA_SYNC &&
-        (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES) && !bs->cache_no_flush) {
+        r->op == BREQ_WRITE_ZEROES && !bs->cache_no_flush) {
         r->stage = ST_FUA_SYNC;
         submit_aio(bs, r, AIO_OP_FSYNC, 0, 0, 0);
         return;

@@ -127,6 +127,8 @@ static void prep(struct laio *s, struct aio_req *r)
         cb->aio_buf = (uintptr_t)r->iov;
         cb->aio_nbytes = r->iovcnt;
     }
+    if (r->flags & AIO_DSYNC)
+        cb->aio_rw_flags = RWF_DSYNC;
     cb->aio_flags = IOCB_FLAG_RESFD;
     cb->aio_resfd = s->efd;
     s->queue[s->nqueue++] = cb;

@@ -94,7 +94,8 @@ static int64_t do_sync(struct aio_req *r, int rwflags)
         n = preadv2(r->fd, r->iov, r->iovcnt, r->offset, rwflags);
         break;
     case AIO_OP_WRITE:
-        n = pwritev2(r->fd, r->iov, r->iovcnt, r->offset, rwflags);
+        n = pwritev2(r->fd, r->iov, r->iovcnt, r->offset,
+                     rwflags | (r->flags & AIO_DSYNC ? RWF_DSYNC : 0));
         break;
     case AIO_OP_FSYNC:
         n = fdatasync(r->fd);
@@ -345,6 +346,8 @@ static bool ring_submit(struct aio_engine *e, struct aio_req *r)
                                       r->offset, fidx);
         else
             io_uring_prep_writev(sqe, r->fd, r->iov, r->iovcnt, r->offset);
+        if (r->flags & AIO_DSYNC)
+            sqe->rw_flags = RWF_DSYNC;
         break;
     case AIO_OP_FSYNC:
         io_uring_prep_fsync(sqe, r->fd, IORING_FSYNC_DATASYNC);
@@ -392,7 +395,8 @@ void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *r)
         r->done(r, do_sync(r, 0));
         return;
     }
-    if ((r->op == AIO_OP_READ || r->op == AIO_OP_WRITE) && !(r->flags & AIO_NO_INLINE)) {
+    if ((r->op == AIO_OP_READ || r->op == AIO_OP_WRITE) &&
+        !(r->flags & (AIO_NO_INLINE | AIO_DSYNC))) {
         /* Inline attempt: completes at once when no blocking is needed. */
         int64_t n = do_sync(r, RWF_NOWAIT);
         if (n >= 0 && (uint64_t)n == r->len) {

@@ -44,6 +44,9 @@ enum aio_op {
 #define AIO_NOWAIT_UNSUPPORTED 4u  /* set by aio_submit: the fd refused RWF_NOWAIT */
 #define AIO_CPU_BOUND   8u   /* AIO_THREADS: a copy that never waits for a device (RAM-backed
                                 file); runs in the pool sized to the CPUs */
+#define AIO_DSYNC      16u   /* WRITE: durable when it completes (RWF_DSYNC): a FUA write
+                                is one request, not a write and an fdatasync; never
+                                tried inline (it waits for the device's flush) */
 
 /* A buffer of the submitter's that rings may register (io_uring fixed
  * buffers): its pages are then pinned once, when the first O_DIRECT request

@@ -10,7 +10,10 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include "block/block.h"
+#include "util/aio.h"
 #include "util/loop.h"
 
 static char path[64];
@@ -260,6 +263,78 @@ static void test_node_names(void **state)
     assert_int_equal(blockdev_del("n0", NULL), 0);
 }
 
+/* A FUA write is one write with RWF_DSYNC: one request to the engine, no
+ * fdatasync after it (QEMU 7.2 writes, then flushes).  The control: a
+ * FLUSH is an fdatasync, which io_uring counts as a ring completion and
+ * aio=native sends to the pool (an eventfd read).  Needs a file system with
+ * O_DIRECT that is not RAM-backed (/var/tmp); RAM-backed files are written
+ * inline, with no engine at all. */
+static void fua_one_request(const char *aio)
+{
+    char dpath[] = "/var/tmp/bexd-unit-fua-XXXXXX";
+    int fd = mkstemp(dpath);
+    struct statfs fs;
+    if (fd < 0)
+        skip();
+    if (fstatfs(fd, &fs) < 0 || fs.f_type == TMPFS_MAGIC || ftruncate(fd, 1 << 20) < 0) {
+        close(fd);
+        unlink(dpath);
+        skip();
+    }
+    close(fd);
+    char json[256];
+    snprintf(json, sizeof(json),
+             "{\"driver\":\"file\",\"node-name\":\"fua-%s\",\"filename\":\"%s\","
+             "\"aio\":\"%s\",\"cache\":{\"direct\":true}}", aio, dpath, aio);
+    error *err = NULL;
+    json_t *opts = json_loads(json, 0, NULL);
+    struct bnode *bs = blockdev_add(opts, &err);
+    json_decref(opts);
+    if (!bs) {                  /* no O_DIRECT, io_uring or Linux AIO here */
+        error_free(err);
+        unlink(dpath);
+        skip();
+    }
+    bool native = !strcmp(aio, "native");
+    char *buf = NULL;
+    assert_int_equal(posix_memalign((void **)&buf, 4096, 4096), 0);
+    memset(buf, 0x3c, 4096);
+    struct aio_stats a, b, c;
+    aio_get_stats(loop_main(), &a);
+    assert_int_equal(run(bs, BREQ_WRITE, 8192, 4096, buf, BREQ_FUA), 0);
+    aio_get_stats(loop_main(), &b);
+    assert_int_equal(run(bs, BREQ_FLUSH, 0, 0, NULL, 0), 0);
+    aio_get_stats(loop_main(), &c);
+    if (native) {
+        assert_int_equal(b.native_completions - a.native_completions, 1);
+        assert_int_equal(b.efd_reads - a.efd_reads, 0);           /* no fdatasync in the pool */
+        assert_true(c.efd_reads - b.efd_reads >= 1);              /* the control: FLUSH is */
+    } else {
+        assert_int_equal(b.ring_completions - a.ring_completions, 1);  /* the write alone */
+        assert_int_equal(b.efd_reads - a.efd_reads, 0);
+        assert_int_equal(c.ring_completions - b.ring_completions, 1);  /* FLUSH: an fsync */
+    }
+    char back[4096];
+    fd = open(dpath, O_RDONLY);
+    assert_int_equal(pread(fd, back, sizeof(back), 8192), 4096);
+    close(fd);
+    assert_memory_equal(back, buf, 4096);
+    free(buf);
+    snprintf(json, sizeof(json), "fua-%s", aio);
+    assert_int_equal(blockdev_del(json, NULL), 0);
+    unlink(dpath);
+}
+
+static void test_fua_write_one_request_io_uring(void **state)
+{
+    fua_one_request("io_uring");
+}
+
+static void test_fua_write_one_request_native(void **state)
+{
+    fua_one_request("native");
+}
+
 int main(void)
 {
     loop_main_init();
@@ -272,6 +347,8 @@ int main(void)
         cmocka_unit_test(test_write_zeroes_and_raw_window),
         cmocka_unit_test(test_two_writers_conflict),
         cmocka_unit_test(test_node_names),
+        cmocka_unit_test(test_fua_write_one_request_io_uring),
+        cmocka_unit_test(test_fua_write_one_request_native),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
