@@ -10,12 +10,14 @@
  * measures what the server can do when the client is cheap, as a guest's
  * kernel or QEMU client with spare cores would be.
  *
- *   nbd-load-client [-e NAME] [-s SIZE] [-F] SOCKET RW BS QD SECONDS
+ *   nbd-load-client [-e NAME] [-s SIZE] [-F] [-b] SOCKET RW BS QD SECONDS
  *
  * SOCKET is a UNIX socket path; RW is read, write, randread or randwrite;
  * BS the request size in bytes; QD the requests in flight; SIZE limits the
  * rows to the export's first SIZE bytes; -F sets NBD_CMD_FLAG_FUA on every
- * write (durable before its reply).  Fixed newstyle handshake with
+ * write (durable before its reply); -b never sleeps: it polls the socket
+ * without a timeout, as a polling (SPDK-style) client would, which takes a
+ * whole CPU but no wake-up per reply.  Fixed newstyle handshake with
  * NBD_OPT_GO and no structured replies (simple replies only, which every
  * server must support).  Read data is received and dropped; written data
  * is one random buffer.  Requests still in flight at the end are waited
@@ -203,10 +205,12 @@ int main(int argc, char **argv)
 {
     const char *name = "";
     uint64_t limit = 0;
-    int c, fua = 0;
-    while ((c = getopt(argc, argv, "e:s:F")) != -1) {
+    int c, fua = 0, busy = 0;
+    while ((c = getopt(argc, argv, "e:s:Fb")) != -1) {
         if (c == 'F')
             fua = 1;
+        else if (c == 'b')
+            busy = 1;
         else if (c == 'e')
             name = optarg;
         else if (c == 's')
@@ -215,7 +219,7 @@ int main(int argc, char **argv)
             return 2;
     }
     if (argc - optind != 5) {
-        fprintf(stderr, "usage: nbd-load-client [-e NAME] [-s SIZE] [-F] SOCKET "
+        fprintf(stderr, "usage: nbd-load-client [-e NAME] [-s SIZE] [-F] [-b] SOCKET "
                         "read|write|randread|randwrite BS QD SECONDS\n");
         return 2;
     }
@@ -341,7 +345,7 @@ int main(int argc, char **argv)
         /* wait only when the last receive drained the socket */
         if (want_poll) {
             struct pollfd p = { fd, POLLIN | (nsend ? POLLOUT : 0), 0 };
-            if (poll(&p, 1, -1) < 0 && errno != EINTR)
+            if (poll(&p, 1, busy ? 0 : -1) < 0 && errno != EINTR)
                 die("poll");
             if (!(p.revents & (POLLIN | POLLHUP | POLLERR)))
                 continue;               /* room to send only */

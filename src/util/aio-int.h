@@ -1,6 +1,7 @@
 /*
- * Internal interface between the engine (aio.c) and its Linux AIO part
- * (aio-linux.c).  Everything here runs in the owning loop's thread.
+ * Internal interface between the engine (aio.c), its Linux AIO part
+ * (aio-linux.c) and the loop that owns it (loop.c).  Everything here runs
+ * in the owning loop's thread.
  */
 #pragma once
 #include <stdbool.h>
@@ -19,3 +20,11 @@ unsigned laio_busy(const struct laio *s);
 
 /* aio.c: run r in the worker pool (Linux AIO cannot take it now). */
 void aio_pool_fallback(struct aio_req *r);
+
+/* loop.c: a loop's engine, made with the loop; what its I/O waits for. */
+struct aio_engine;
+struct aio_engine *aio_engine_new(struct loop *l);
+void aio_engine_free(struct aio_engine *e);
+#define AIO_WAITS_POOL   1  /* worker threads hold some of the loop's I/O */
+#define AIO_WAITS_DEVICE 2  /* the io_uring ring or the Linux AIO context does */
+int aio_engine_waits(struct aio_engine *e);

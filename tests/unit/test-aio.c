@@ -5,12 +5,16 @@
  * eventfd.  Requests use AIO_NO_INLINE, so the ring takes them whatever the
  * file system (no O_DIRECT needed).  aio=native: a turn's requests in one
  * io_submit, completions in the loop thread, errors as -errno, fdatasync in
- * the pool, more requests than the context's slots.
+ * the pool, more requests than the context's slots.  While the ring holds
+ * I/O the loop polls in a window of its own, which a device slower than
+ * poll-max-ns keeps at 0.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <liburing.h>
+#include <pthread.h>
+#include <semaphore.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -20,6 +24,7 @@
 #include <unistd.h>
 #include <cmocka.h>
 #include "util/aio.h"
+#include "util/cleanup.h"
 #include "util/loop.h"
 
 #define NREQ 8
@@ -183,6 +188,108 @@ static void test_threads_complete_by_eventfd(void **state)
     assert_int_equal(st.ring_completions, 0);
     assert_true(st.efd_reads >= 1 && st.efd_reads <= NREQ);
     loop_free(t.l);
+}
+
+/* ---- polling while the ring holds I/O ---- */
+
+/* A "device" that answers each read after delay_us: a pipe the ring reads
+ * from (io_uring waits for the data inside the ring), written by a thread
+ * once the loop has submitted the read. */
+struct devwait {
+    struct loop *l;
+    int pfd[2];
+    sem_t go;
+    unsigned delay_us;
+    int rounds, left;
+    struct aio_req req;
+    struct iovec iov;
+    char byte;
+    int bad;
+};
+
+static void *device_thread(void *opaque)
+{
+    struct devwait *d = opaque;
+    for (int i = 0; i < d->rounds; i++) {
+        sem_wait(&d->go);
+        usleep(d->delay_us);            /* the device's time, not a synchronisation */
+        if (write(d->pfd[1], "x", 1) != 1)
+            d->bad++;
+    }
+    return NULL;
+}
+
+static void devwait_done(struct aio_req *r, int64_t res);
+
+static void devwait_submit(void *opaque)
+{
+    struct devwait *d = opaque;
+    d->iov = (struct iovec){ &d->byte, 1 };
+    d->req = (struct aio_req){ .op = AIO_OP_READ, .fd = d->pfd[0], .iov = &d->iov, .iovcnt = 1,
+                               .len = 1, .flags = AIO_NO_INLINE, .done = devwait_done };
+    aio_submit(d->l, AIO_IO_URING, &d->req);
+    sem_post(&d->go);
+}
+
+static void devwait_done(struct aio_req *r, int64_t res)
+{
+    struct devwait *d = container_of(r, struct devwait, req);
+    if (res != 1)
+        d->bad++;
+    if (--d->left == 0)
+        loop_stop(d->l);
+    else
+        devwait_submit(d);
+}
+
+static void run_devwait(struct loop_poll_stats *st, uint64_t poll_max, unsigned delay_us)
+{
+    struct devwait d = { .delay_us = delay_us, .rounds = 16, .left = 16 };
+    pthread_t th;
+    assert_int_equal(pipe(d.pfd), 0);
+    assert_int_equal(sem_init(&d.go, 0, 0), 0);
+    d.l = loop_new("devwait");
+    loop_set_poll_ns(d.l, poll_max);
+    assert_int_equal(pthread_create(&th, NULL, device_thread, &d), 0);
+    loop_call(d.l, devwait_submit, &d);
+    loop_run(d.l);
+    pthread_join(th, NULL);
+    assert_int_equal(d.bad, 0);
+    loop_get_poll_stats(d.l, st);
+    loop_free(d.l);
+    close(d.pfd[0]);
+    close(d.pfd[1]);
+    sem_destroy(&d.go);
+}
+
+/* The default window (32 us) against a device that takes 2 ms: the wait
+ * is longer than polling may last, so the loop never polls for it.  (Each
+ * completion interrupts the sleep with EINTR, io_uring's task work; were
+ * the resumed wait counted as a wait of its own, its shortness would grow
+ * the window and every request would poll in vain first.) */
+static void test_ring_slow_device_not_polled(void **state)
+{
+    struct loop_poll_stats st;
+    if (!ring_available())
+        skip();
+    run_devwait(&st, LOOP_POLL_NS_DEFAULT, 2000);
+    assert_int_equal(st.polled, 0);
+    assert_int_equal(st.dev_window_ns, 0);
+    assert_int_equal(st.window_ns, 0);      /* the clients' window was never touched */
+}
+
+/* poll-max-ns raised above the device's time (200 us against 50 ms): the
+ * device's window grows from 4 us until polling covers the wait, and the
+ * loop polls instead of sleeping; the clients' window stays as it was. */
+static void test_ring_fast_device_polled(void **state)
+{
+    struct loop_poll_stats st;
+    if (!ring_available())
+        skip();
+    run_devwait(&st, 50000000, 200);
+    assert_true(st.polled > 0);
+    assert_true(st.dev_window_ns >= 200000);
+    assert_int_equal(st.window_ns, 0);
 }
 
 /* ---- aio=native (Linux AIO) ---- */
@@ -425,6 +532,8 @@ int main(void)
         cmocka_unit_test(test_ring_reaped_without_eventfd),
         cmocka_unit_test(test_ring_chained),
         cmocka_unit_test(test_threads_complete_by_eventfd),
+        cmocka_unit_test(test_ring_slow_device_not_polled),
+        cmocka_unit_test(test_ring_fast_device_polled),
         cmocka_unit_test(test_native_batched),
         cmocka_unit_test(test_native_chained),
         cmocka_unit_test(test_native_bad_fd),
