@@ -32,6 +32,13 @@ added nothing but that round trip to the limit row's device time.  With
 --runs N the whole matrix is repeated and medians are printed (the machine
 is shared: look at the load column).
 
+Polling variants bexd-poll and qsd-poll (not in the default list): aio=io_uring
+with the export in an iothread whose poll-max-ns is --poll-ns (200000):
+the loop busy-polls up to that long before it sleeps, for the client and
+(bexd since cf5888a, QEMU always) for the device's completions.  With
+--busy-client the nbdc client polls its socket without sleeping too (-b),
+so a qd1 request pays neither side's wake-up.
+
 FUSE variants of bexd (transport fuse only, aio=io_uring): bexd-fuse-uring
 serves the FUSE transport over io_uring (__org.bexd_io-uring=on),
 bexd-fuse-uring-q2 does so with two iothreads (two queues), bexd-fuse-q2
@@ -80,6 +87,8 @@ FUSE_VARIANTS = {
     "bexd-fuse-q2": (False, 2, False),
     "bexd-ram-fuse-uring": (True, 1, True),
 }
+# polling servers: name -> implementation (aio=io_uring, export in a polling iothread)
+POLL_VARIANTS = {"bexd-poll": "bexd", "qsd-poll": "qsd"}
 URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 URING_LOCK = "/dev/shm/bexd-test-fuse-enable-uring.lock"   # tests/func/conftest.py uring_param
 RAM_MAX = 256 << 20     # bexd-ram's copy of the image (the rows touch its first --size bytes)
@@ -152,6 +161,8 @@ class Server:
             return ["nbdkit", "-U", self.sock, "-P", self.pidfile, "file", self.img,
                     "cache=none"]
         impl, aio = self.name.split("-", 1)
+        if self.name in POLL_VARIANTS:
+            impl, aio = POLL_VARIANTS[self.name], "io_uring"
         if self.name in FUSE_VARIANTS:
             aio = "ram" if is_ram(self.name) else "io_uring"
         exe = self.a.bexd if impl == "bexd" else "qemu-storage-daemon"
@@ -166,12 +177,15 @@ class Server:
             for i in range(self.queues):
                 argv += ["--object", "iothread,id=io%d" % i]
                 xo += ",iothread.%d=io%d" % (i, i)
+        if self.name in POLL_VARIANTS:
+            argv += ["--object", "iothread,id=io0,poll-max-ns=%d" % self.a.poll_ns]
+            xo += ",iothread=io0"
         if self.transport in ("nbd", "nbdc"):
             argv += ["--nbd-server", "addr.type=unix,addr.path=%s" % self.sock,
-                     "--export", "type=nbd,id=e0,node-name=f0,writable=on,name="]
+                     "--export", "type=nbd,id=e0,node-name=f0,writable=on,name=" + xo]
         elif self.transport == "vhost":
             argv += ["--export", "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
-                     "addr.path=%s,writable=on,num-queues=1" % self.sock]
+                     "addr.path=%s,writable=on,num-queues=1%s" % (self.sock, xo)]
         else:
             argv += ["--export", "type=fuse,id=e0,node-name=f0,mountpoint=%s,writable=on%s"
                      % (self.mnt, xo)]
@@ -307,8 +321,9 @@ def run_row(transport, srv, w, a, img, work):
                    + fio_common(w, size), a.runtime, out)
     _, rw, bs, qd = WORKLOADS[w]
     if transport == "nbdc":
-        return light_client([a.nbdc, "-s", str(size), srv.sock, rw, str(bs), str(qd),
-                             str(a.runtime)], a.runtime, "nbd-load-client")
+        return light_client([a.nbdc, "-s", str(size)] + (["-b"] if a.busy_client else [])
+                            + [srv.sock, rw, str(bs), str(qd), str(a.runtime)],
+                            a.runtime, "nbd-load-client")
     # -d: wait for the requests in flight before leaving, as a front-end
     # stopping its device does (qsd 7.2 aborts on `!server->wait_idle` when
     # a front-end leaves with requests in flight); they are not counted
@@ -372,6 +387,10 @@ def parse_args(argv):
     p.add_argument("--bexd", default=os.environ.get("BEXD", os.path.join(ROOT, "build", "bexd")))
     p.add_argument("--vub", default=None, help="vub-client (default next to bexd)")
     p.add_argument("--json", help="also write all results here")
+    p.add_argument("--poll-ns", type=int, default=200000,
+                   help="poll-max-ns of bexd-poll's and qsd-poll's iothread (200000)")
+    p.add_argument("--busy-client", action="store_true",
+                   help="nbdc: the client polls its socket instead of sleeping (-b)")
     p.add_argument("--pair-limit", action="store_true",
                    help="measure the limit row again just before each server row")
     a = p.parse_args(argv)
@@ -382,7 +401,7 @@ def parse_args(argv):
         if x not in TRANSPORTS:
             p.error("unknown transport %r" % x)
     for x in a.servers:
-        if x not in SERVERS and x not in FUSE_VARIANTS:
+        if x not in SERVERS and x not in FUSE_VARIANTS and x not in POLL_VARIANTS:
             p.error("unknown server %r" % x)
     for x in a.workloads:
         if x not in WORKLOADS:
