@@ -25,6 +25,6 @@ void aio_pool_fallback(struct aio_req *r);
 struct aio_engine;
 struct aio_engine *aio_engine_new(struct loop *l);
 void aio_engine_free(struct aio_engine *e);
-#define AIO_WAITS_POOL   1  /* worker threads hold some of the loop's I/O */
-#define AIO_WAITS_DEVICE 2  /* the io_uring ring or the Linux AIO context does */
-int aio_engine_waits(struct aio_engine *e);
+/* Does the loop's I/O wait on worker threads, the io_uring ring or the
+ * Linux AIO context (then the loop sleeps rather than polls)? */
+bool aio_engine_waits(struct aio_engine *e);

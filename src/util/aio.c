@@ -14,13 +14,16 @@
  * completions are pushed on the engine's lock-free list and signalled on an
  * eventfd, once per batch (only the push onto an empty list writes it).
  * Completion callbacks always run in the owning loop thread.  While worker
- * threads hold requests of a loop, the loop sleeps rather than polls: a
- * blocking call or a large copy takes far longer than the poll window, and
- * on a small machine the polling loop takes the CPU its client needs (4k
- * O_DIRECT reads at qd32 over NBD: 10.7 instead of 13.4 us of server CPU
- * per read).  While the ring or the context hold them, the loop polls only
- * as long as the device's recent waits fit in poll-max-ns (loop.c: a
- * window of its own, which a slower device shrinks to 0).
+ * threads, the ring or the context hold requests of a loop, the loop
+ * sleeps rather than polls: a blocking call, a large copy or a device (only
+ * what would block goes to the ring) takes far longer than the poll window,
+ * and on a small machine the polling loop takes the CPU its client needs
+ * (4k O_DIRECT reads at qd32 over NBD: 10.7 instead of 13.4 us of server
+ * CPU per read).  QEMU polls its AIO completions too; here a window of the
+ * device's own (adapting as the clients' does) cost 5-13% of qd1 reads and
+ * 7-30% more CPU per read on this machine's disk, and polling with
+ * poll-max-ns raised to 200 us, the client polling as well, was slower
+ * still (session 26, docs/performance.md).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -431,10 +434,9 @@ void aio_get_stats(struct loop *l, struct aio_stats *st)
     *st = loop_aio(l)->stats;
 }
 
-int aio_engine_waits(struct aio_engine *e)
+bool aio_engine_waits(struct aio_engine *e)
 {
-    return (e->in_pool > 0 ? AIO_WAITS_POOL : 0) |
-           (e->in_ring > 0 || (e->laio && laio_busy(e->laio)) ? AIO_WAITS_DEVICE : 0);
+    return e->in_pool > 0 || e->in_ring > 0 || (e->laio && laio_busy(e->laio));
 }
 
 int aio_kind_parse(const char *s)

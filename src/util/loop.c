@@ -3,8 +3,8 @@
  *
  * Theory of operation: each iteration (1) runs deferred functions and
  * cross-thread calls queued so far, (2) polls the fds for up to poll_ns
- * (never while worker threads hold some of its file I/O: blocking calls
- * and large copies take far longer), then sleeps in epoll_wait until an fd
+ * (unless worker threads, the io_uring ring or the Linux AIO context hold
+ * some of its file I/O: see aio.c), then sleeps in epoll_wait until an fd
  * is ready or the earliest timer is due, (3) dispatches ready fds, (4) fires
  * due timers, (5) frees watches deleted during the iteration.  A deleted
  * watch is only marked dead, so an event already fetched for it in the same
@@ -66,7 +66,6 @@ struct loop {
     uint64_t poll_ns;                  /* busy-poll at most this long before sleeping */
     uint64_t poll_grow, poll_shrink;   /* QEMU's poll-grow / poll-shrink (0: defaults) */
     uint64_t poll_cur;                 /* ... and now this long (adaptive, loop thread) */
-    uint64_t poll_dev;                 /* the same while the device holds I/O (below) */
     bool poll_skip;                    /* loop thread: no polling before the next sleep */
     struct loop_poll_stats stats;      /* loop thread */
 };
@@ -142,7 +141,6 @@ void loop_get_poll_stats(const struct loop *l, struct loop_poll_stats *st)
 {
     *st = l->stats;
     st->window_ns = l->poll_cur;
-    st->dev_window_ns = l->poll_dev;
 }
 
 /* QEMU's adjust_polling_time (util/aio-posix.c): a sleep that polling of
@@ -427,8 +425,11 @@ void loop_stop(struct loop *l)
  * work, which interrupts the sleeping thread: the wait returns EINTR, the
  * work posts the completion on the way out, and the ring's fd is readable
  * at once.  Resuming keeps that one wait one wait, so the adaptive polling
- * sees how long the device took instead of a device wait followed by a
- * wait of no time (which grew the window only to poll in vain). */
+ * sees how long the wait was instead of a long wait followed by a wait of
+ * no time, which grew the window only to poll in vain before the next
+ * sleep.  A FUSE-over-io_uring queue, whose requests come as completions
+ * of its own ring while the clients' window is on, is such a loop
+ * (test-aio's test_eintr_is_one_wait: 14 vain polls in 12 rounds before). */
 static int sleep_wait(struct loop *l, struct epoll_event *evs, int timeout)
 {
     uint64_t deadline = timeout > 0 ? now_ns() + (uint64_t)timeout * 1000000 : 0;
@@ -456,20 +457,9 @@ int loop_run(struct loop *l)
         int timeout = next_timeout(l);
         int n = 0;
         uint64_t poll_max = __atomic_load_n(&l->poll_ns, __ATOMIC_RELAXED), t0 = 0;
-        int waits = l->aio ? aio_engine_waits(l->aio) : 0;
-        bool adapt = timeout != 0 && poll_max && !(waits & AIO_WAITS_POOL);
-        /* While the ring or the Linux AIO context holds I/O, the sleep
-         * lasts as long as the device takes, which has nothing to do with
-         * how fast clients answer: that wait adapts its own window.  A
-         * device slower than poll-max-ns (41 us for a 4k read on this
-         * machine's disk, against the 32 us default) shrinks it to 0, so
-         * the loop sleeps at once, as it did before; a faster device, or a
-         * poll-max-ns raised above the device's time, is polled for, as
-         * QEMU polls its AIO completions, and each request saves a sleep
-         * and a wake-up. */
-        uint64_t *win = (waits & AIO_WAITS_DEVICE) ? &l->poll_dev : &l->poll_cur;
-        if (*win > poll_max)
-            *win = poll_max;
+        bool adapt = timeout != 0 && poll_max && !(l->aio && aio_engine_waits(l->aio));
+        if (l->poll_cur > poll_max)
+            l->poll_cur = poll_max;
         if (adapt && l->poll_skip) {
             /* a client is in the middle of sending (see loop_poll_skip):
              * neither poll nor let this wait move the window */
@@ -479,10 +469,10 @@ int loop_run(struct loop *l)
         l->poll_skip = false;
         if (adapt) {
             t0 = now_ns();
-            if (*win) {
+            if (l->poll_cur) {
                 /* Poll briefly before sleeping: a client answering at once
                  * is served without the cost of a sleep and a wake-up. */
-                uint64_t until = t0 + *win;
+                uint64_t until = t0 + l->poll_cur;
                 if (timeout > 0 && until > t0 + (uint64_t)timeout * 1000000)
                     until = t0 + (uint64_t)timeout * 1000000;   /* timers stay on time */
                 l->stats.polled++;
@@ -494,7 +484,7 @@ int loop_run(struct loop *l)
         if (n == 0) {
             n = sleep_wait(l, evs, timeout);
             if (adapt)
-                *win = loop_poll_adjust(*win, now_ns() - t0, poll_max,
+                l->poll_cur = loop_poll_adjust(l->poll_cur, now_ns() - t0, poll_max,
                                                __atomic_load_n(&l->poll_grow, __ATOMIC_RELAXED),
                                                __atomic_load_n(&l->poll_shrink, __ATOMIC_RELAXED));
         }

@@ -54,7 +54,6 @@ struct loop_poll_stats {
     uint64_t polled;      /* sleeps preceded by polling */
     uint64_t skipped;     /* sleeps that would have polled but for loop_poll_skip */
     uint64_t window_ns;   /* the current window */
-    uint64_t dev_window_ns;   /* ... while the ring or Linux AIO holds the loop's I/O */
 };
 /* Same-thread (or with the loop stopped). */
 void loop_get_poll_stats(const struct loop *l, struct loop_poll_stats *st);
