@@ -34,10 +34,10 @@ is shared: look at the load column).
 
 Polling variants bexd-poll and qsd-poll (not in the default list): aio=io_uring
 with the export in an iothread whose poll-max-ns is --poll-ns (200000):
-the loop busy-polls up to that long before it sleeps, for the client and
-(bexd since cf5888a, QEMU always) for the device's completions.  With
---busy-client the nbdc client polls its socket without sleeping too (-b),
-so a qd1 request pays neither side's wake-up.
+the loop busy-polls up to that long before it sleeps (for its clients;
+QEMU also for its AIO completions, bexd not: see src/util/aio.c).  With
+--busy-client the nbdc client polls its socket without sleeping too (-b).
+On this 2-vCPU guest neither helped qd1 (session 26).
 
 FUSE variants of bexd (transport fuse only, aio=io_uring): bexd-fuse-uring
 serves the FUSE transport over io_uring (__org.bexd_io-uring=on),
