@@ -183,8 +183,8 @@ static bool fuse_export_in_use(struct export *e)
     struct fuse_export *exp = to_fuse(e);
 
     /* close() returns before the kernel's RELEASE has been served: take
-     * what is queued first, so a file closed before the command counts as
-     * closed (deterministic when the export runs on the main loop). */
+     * what is queued on every queue first, so a file closed before the
+     * command counts as closed. */
     fuse_session_poll_now(exp);
     return __atomic_load_n(&exp->open_handles, __ATOMIC_SEQ_CST) > 0;
 }

@@ -154,7 +154,8 @@ void fuse_session_node_resized(struct fuse_export *exp);   /* main thread */
  * to exp->common.loop (quiesced first; see fuse-session.c). */
 bool fuse_session_can_move(struct fuse_export *exp, error **errp);
 void fuse_session_move(struct fuse_export *exp);
-/* Serve what the kernel has queued now, when called in the export's loop. */
+/* Serve what the kernel has queued now on every queue (main thread): in
+ * this loop at once, in the others' loops waiting up to 200 ms for them. */
 void fuse_session_poll_now(struct fuse_export *exp);
 /* The queue whose request is being processed in this thread (set around
  * fuse_session_process_buf), or NULL. */

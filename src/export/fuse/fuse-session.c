@@ -66,6 +66,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/fuse.h>
 #include "export/fuse/fuse-export.h"
@@ -487,17 +488,89 @@ static void fuse_on_readable(void *opaque, uint32_t revents)
     fuse_rx_batch(opaque, false);
 }
 
+static void poll_queue_now(struct fuse_queue *q)
+{
+    if (q->ur && !q->stopping)
+        fuse_uring_poll(q->ur);
+    if (q->watch)
+        fuse_rx_batch(q, true);     /* callers want all that is queued */
+}
+
+/* poll_queue_now() run in another queue's loop, waited for by the caller;
+ * whichever of the two lets go last frees it. */
+struct poll_sync {
+    struct fuse_queue *q;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int refs;
+};
+
+static void poll_sync_put(struct poll_sync *ps)
+{
+    pthread_mutex_lock(&ps->lock);
+    bool last = --ps->refs == 0;
+    pthread_mutex_unlock(&ps->lock);
+    if (last) {
+        pthread_mutex_destroy(&ps->lock);
+        pthread_cond_destroy(&ps->cond);
+        free(ps);
+    }
+}
+
+static void poll_sync_run(void *opaque)
+{
+    struct poll_sync *ps = opaque;
+    poll_queue_now(ps->q);
+    pthread_mutex_lock(&ps->lock);
+    ps->done = true;
+    pthread_cond_signal(&ps->cond);
+    pthread_mutex_unlock(&ps->lock);
+    poll_sync_put(ps);
+}
+
+/*
+ * Take what the kernel has queued on every queue.  A queue served by
+ * another loop (an iothread) does it in that loop, and the caller waits
+ * for it, at most POLL_SYNC_MS in all: a RELEASE sent when a file was
+ * closed just before the caller asked may wait on a second queue (seen as
+ * "export still in use" right after the client closed the file).  A loop
+ * that does not answer in time (stuck behind a slow device) leaves that
+ * queue as it is.  The call runs in the loop before anything queued there
+ * later, such as the export's shutdown, so the queue outlives it.
+ */
+#define POLL_SYNC_MS 200
 void fuse_session_poll_now(struct fuse_export *exp)
 {
+    struct poll_sync **ps = xcalloc(exp->nqueues, sizeof(*ps));
+    unsigned n = 0;
+
     for (unsigned i = 0; i < exp->nqueues; i++) {
         struct fuse_queue *q = &exp->queues[i];
-        if (!loop_in_thread(q->loop))
+        if (loop_in_thread(q->loop)) {
+            poll_queue_now(q);
             continue;
-        if (q->ur && !q->stopping)
-            fuse_uring_poll(q->ur);
-        if (q->watch)
-            fuse_rx_batch(q, true);     /* callers want all that is queued */
+        }
+        struct poll_sync *p = xmalloc(sizeof(*p));
+        *p = (struct poll_sync){ .q = q, .refs = 2 };
+        pthread_mutex_init(&p->lock, NULL);
+        pthread_cond_init(&p->cond, NULL);
+        ps[n++] = p;
+        loop_call(q->loop, poll_sync_run, p);
     }
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += POLL_SYNC_MS * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    for (unsigned i = 0; i < n; i++) {
+        pthread_mutex_lock(&ps[i]->lock);
+        while (!ps[i]->done && pthread_cond_timedwait(&ps[i]->cond, &ps[i]->lock, &until) == 0)
+            ;
+        pthread_mutex_unlock(&ps[i]->lock);
+        poll_sync_put(ps[i]);
+    }
+    free(ps);
 }
 
 static void fuse_start_in_loop(void *opaque)
