@@ -73,7 +73,6 @@ struct loop {
 static __thread struct loop *current_loop;
 static struct loop *main_loop;
 
-
 static uint64_t now_ns(void)
 {
     struct timespec ts;
