@@ -65,7 +65,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from nbd_bench import tree_cpu_ticks  # noqa: E402
+from nbd_bench import build_light, tree_cpu_ticks  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -345,14 +345,6 @@ def light_client(argv, runtime, what):
     return {"ops": j["ios"], "iops": j["iops"], "mibs": j["MiBps"]}
 
 
-def build_nbdc(work):
-    """Compile bench/nbd_load_client.c into WORK (libc only)."""
-    exe = os.path.join(work, "nbd-load-client")
-    subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(HERE, "nbd_load_client.c")],
-                   check=True)
-    return exe
-
-
 def measure(transport, srv, w, a, img, work):
     t0 = tree_cpu_ticks(srv.pid) if srv else 0
     c0 = client_cpu()
@@ -463,7 +455,7 @@ def main(argv):
         log("writing %d MiB image in %s ..." % (a.size >> 20, work))
         make_image(img, a.size)
         if "nbdc" in a.transports:
-            a.nbdc = build_nbdc(work)
+            a.nbdc = build_light(work)
         if any(is_ram(x) for x in a.servers):
             a.ram_img = tempfile.mktemp(prefix="diskbench-ram.", dir="/dev/shm")
             with open(img, "rb") as src, open(a.ram_img, "wb") as dst:

@@ -216,6 +216,8 @@ def run_fio(srv, w, runtime, size, workdir):
 
 
 def build_light(workdir):
+    """Compile bench/nbd_load_client.c into WORKDIR once (libc only); also
+    disk_bench.py's nbdc client."""
     exe = os.path.join(workdir, "nbd-load-client")
     if not os.path.exists(exe):
         subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(HERE, "nbd_load_client.c")],
