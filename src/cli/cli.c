@@ -216,7 +216,7 @@ const struct cli_ops cli_ops_apply = {
 };
 
 static const char *const object_types[] = {
-    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread",
+    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread", "main-loop",
     "secret", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
 };
 

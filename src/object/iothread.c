@@ -163,6 +163,71 @@ static const struct object_type iothread_type = {
 };
 OBJECT_TYPE_REGISTER(iothread_type)
 
+/* ---- the "main-loop" object ----
+ *
+ * QEMU's handle on the main loop's event-loop parameters: at most one
+ * exists, and it cannot be deleted.  bexd checks and records the values
+ * (qom-get reports them); it sizes its worker pools itself. */
+
+static struct object *main_loop_obj;
+
+static int main_loop_complete(struct object *obj, json_t *props, error **errp)
+{
+    for (size_t i = 0; i < 3; i++)      /* the event-loop-base ones */
+        if (check_param(params[i], opt_int(props, params[i], 0), errp) < 0)
+            return -1;
+    /* QEMU checks the values as they are set, before the object is */
+    if (check_pool(opt_int(props, "thread-pool-min", 0),
+                   opt_int(props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT), errp) < 0)
+        return -1;
+    if (main_loop_obj) {
+        error_setg(errp, "only one main-loop instance allowed");
+        return -1;
+    }
+    main_loop_obj = obj;
+    return 0;
+}
+
+static int main_loop_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
+{
+    int64_t v = json_integer_value(value);
+    if (check_param(name, v, errp) < 0)
+        return -1;
+    if (!strcmp(name, "thread-pool-min"))
+        return check_pool(v, opt_int(obj->props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT),
+                          errp);
+    if (!strcmp(name, "thread-pool-max"))
+        return check_pool(opt_int(obj->props, "thread-pool-min", 0), v, errp);
+    return 0;
+}
+
+static bool main_loop_can_delete(struct object *obj)
+{
+    return false;                       /* QEMU: "... is in use, can not be deleted" */
+}
+
+static void main_loop_finalize(struct object *obj)
+{
+    if (main_loop_obj == obj)           /* at exit */
+        main_loop_obj = NULL;
+}
+
+static struct qom_class main_loop_class = {
+    .name = "main-loop", .parent = "event-loop-base",
+};
+QOM_CLASS_REGISTER(main_loop_class)
+
+static const struct object_type main_loop_type = {
+    .name = "main-loop",
+    .instance_size = sizeof(struct object),
+    .qom = &main_loop_class,
+    .set_prop = main_loop_set_prop,
+    .complete = main_loop_complete,
+    .can_delete = main_loop_can_delete,
+    .finalize = main_loop_finalize,
+};
+OBJECT_TYPE_REGISTER(main_loop_type)
+
 struct iothread *iothread_find(const char *id, error **errp)
 {
     struct object *o = object_find(id);

@@ -65,6 +65,12 @@ int object_add(json_t *props, error **errp)
         error_setg(errp, "Parameter 'id' expects an identifier");
         return -1;
     }
+    /* the deprecated "loaded" of secrets and TLS credentials: QEMU lists
+     * it, and refuses it as a read-only property when it is set (before the id is taken) */
+    if (json_object_get(props, "loaded")) {
+        error_setg(errp, "Property '%s.loaded' is not writable", t->name);
+        return -1;
+    }
     if (object_find(id)) {
         error_setg(errp, "attempt to add duplicate property '%s' to object (type 'container')", id);
         return -1;
@@ -109,9 +115,7 @@ int object_del(const char *id, error **errp)
         return -1;
     }
     bool pinned = __atomic_load_n(&o->refcnt, __ATOMIC_ACQUIRE) > 0;
-    if (pinned || (o->type->can_delete && !o->type->can_delete(o, NULL))) {
-        if (o->type->can_delete && !o->type->can_delete(o, errp))
-            return -1;
+    if (pinned || (o->type->can_delete && !o->type->can_delete(o))) {
         error_setg(errp, "object '%s' is in use, can not be deleted", id);
         return -1;
     }

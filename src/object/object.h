@@ -22,8 +22,9 @@ struct object_type {
     int  (*set_prop)(struct object *obj, const char *name, json_t *value, error **errp);
     /* props: the validated object-add arguments (qom-type and id included). */
     int  (*complete)(struct object *obj, json_t *props, error **errp);
-    /* Refuse deletion while in use (e.g. TLS creds of a running server). */
-    bool (*can_delete)(struct object *obj, error **errp);
+    /* false: object-del refuses ("in use") even when nothing pins the
+     * object (the main-loop object); pins are refcnt's.  NULL = true. */
+    bool (*can_delete)(struct object *obj);
     void (*finalize)(struct object *obj);
     /* Reread the object's files (SIGHUP, __org.bexd_reload-tls-creds); on
      * failure the object keeps what it had.  NULL: nothing to reload. */

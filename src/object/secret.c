@@ -227,10 +227,6 @@ static int secret_complete(struct object *obj, json_t *props, error **errp)
     CLEANUP_FREE char *input = NULL;
     size_t input_len;
 
-    if (json_object_get(props, "loaded")) {
-        error_setg(errp, "Property 'secret.loaded' is not writable");
-        return -1;
-    }
     if (data && file) {
         error_setg(errp, "'file' and 'data' are mutually exclusive");
         return -1;

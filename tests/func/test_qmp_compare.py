@@ -150,7 +150,45 @@ OBJECTS = [
     {"execute": "object-del", "arguments": {"id": "io1"}},
 ]
 
+# Found by a random differential run (commands drawn from the schema, the
+# same ones sent to both daemons): the order QEMU checks things in, the
+# deprecated read-only "loaded", and the main-loop object.
+ORDER = [
+    # the node is looked up before the server is asked for
+    {"execute": "nbd-server-add", "arguments": {"device": "nope"}},
+    # QEMU listens, then looks the credentials up (and closes the socket)
+    {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix",
+                                                           "data": {"path": "@TMP@/n.sock"}},
+                                                  "tls-creds": "nope"}},
+    {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix",
+                                                           "data": {"path": "/nonexistent/n"}},
+                                                  "tls-creds": "nope"}},
+    {"execute": "object-add", "arguments": {"qom-type": "tls-creds-anon", "id": "a0",
+                                             "loaded": True}},
+    {"execute": "object-add", "arguments": {"qom-type": "tls-creds-psk", "id": "p0",
+                                             "loaded": False, "dir": "@TMP@/nonexistent"}},
+    {"execute": "object-add", "arguments": {"qom-type": "secret", "id": "s0", "data": "x",
+                                             "loaded": True}},
+    {"execute": "object-add", "arguments": {"qom-type": "main-loop", "id": "m0",
+                                             "aio-max-batch": -1}},
+    {"execute": "object-add", "arguments": {"qom-type": "main-loop", "id": "m0",
+                                             "thread-pool-min": 3, "thread-pool-max": 2}},
+    {"execute": "object-add", "arguments": {"qom-type": "main-loop", "id": "m0",
+                                             "thread-pool-max": 8, "aio-max-batch": 4}},
+    {"execute": "qom-get", "arguments": {"path": "/objects/m0", "property": "thread-pool-max"}},
+    {"execute": "qom-get", "arguments": {"path": "/objects/m0", "property": "thread-pool-min"}},
+    {"execute": "qom-list", "arguments": {"path": "/objects/m0"}},
+    {"execute": "qom-set", "arguments": {"path": "/objects/m0", "property": "aio-max-batch",
+                                          "value": 16}},
+    {"execute": "qom-get", "arguments": {"path": "/objects/m0", "property": "aio-max-batch"}},
+    {"execute": "object-add", "arguments": {"qom-type": "main-loop", "id": "m1"}},
+    {"execute": "object-add", "arguments": {"qom-type": "main-loop", "id": "m0"}},
+    {"execute": "object-del", "arguments": {"id": "m0"}},
+    {"execute": "qom-list-properties", "arguments": {"typename": "main-loop"}},
+]
 
-@pytest.mark.parametrize("commands", [BLOCK, EXPORTS, OBJECTS], ids=["block", "exports", "objects"])
+
+@pytest.mark.parametrize("commands", [BLOCK, EXPORTS, OBJECTS, ORDER],
+                         ids=["block", "exports", "objects", "order"])
 def test_same_session(start_daemon, tmpdir_short, commands):
     compare(start_daemon, tmpdir_short, commands)

@@ -257,6 +257,7 @@ BEXD_TYPES = {
     ("chardev-ringbuf", "chardev", False), ("chardev-memory", "chardev-ringbuf", False),
     ("container", "object", False), ("event-loop-base", "object", True),
     ("interface", None, True), ("iothread", "event-loop-base", False),
+    ("main-loop", "event-loop-base", False),
     ("object", None, True), ("secret", "secret_common", False),
     ("secret_common", "object", True), ("tls-creds", "object", True),
     ("tls-creds-anon", "tls-creds", False), ("tls-creds-psk", "tls-creds", False),
@@ -283,6 +284,7 @@ def test_list_types(impl, qom):
     assert only_ours(types(qom, implements="user-creatable")) == sorted([
         ("authz-list", "authz", False), ("authz-list-file", "authz", False),
         ("authz-simple", "authz", False), ("iothread", "event-loop-base", False),
+        ("main-loop", "event-loop-base", False),
         ("secret", "secret_common", False), ("tls-creds-anon", "tls-creds", False),
         ("tls-creds-psk", "tls-creds", False), ("tls-creds-x509", "tls-creds", False)])
     ui = only_ours(types(qom, implements="interface", abstract=True))

@@ -171,6 +171,12 @@ def test_server_start_creds_checks(impl, start_daemon, creds, tmpdir_short):
                           ("cli", "Expected TLS credentials for a server endpoint")]:
         e = q.error("nbd-server-start", addr=addr, tls_creds=creds_id)
         assert (e["class"], e["desc"]) == ("GenericError", msg)
+        # QEMU listens first, then checks the credentials and closes again
+        assert not os.path.exists(addr["data"]["path"])
+    # so an address that cannot be listened on is the error reported
+    e = q.error("nbd-server-start", addr={"type": "unix", "data": {"path": "/nonexistent/s"}},
+                tls_creds="nope")
+    assert e["desc"].startswith("Failed to bind socket to /nonexistent/s")
 
 
 def test_delete_creds_in_use_refused(start_daemon, creds, tmpdir_short):

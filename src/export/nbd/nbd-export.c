@@ -332,13 +332,13 @@ static json_t *qmp_nbd_server_add(json_t *args, error **errp)
     struct bnode *bs;
     bool writable = opt_bool(args, "writable", false);
 
-    if (!nbd_srv.running) {
-        error_setg(errp, "NBD server not running");
-        return NULL;
-    }
-    bs = bnode_find(device);   /* QEMU looks the name up as both */
+    bs = bnode_find(device);   /* QEMU looks the name up as both, first */
     if (!bs) {
         error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device, device);
+        return NULL;
+    }
+    if (!nbd_srv.running) {
+        error_setg(errp, "NBD server not running");
         return NULL;
     }
     if (bs->read_only)

@@ -177,11 +177,17 @@ int nbd_server_start(json_t *opts, error **errp)
         error_setg(errp, "NBD server already running");
         return -1;
     }
-    if (creds && nbd_tls_check_creds(creds, errp) < 0)
-        return -1;
+    /* QEMU listens first, then looks the credentials up (and closes the
+     * listener again if they are missing), so its errors come in that order */
     n = socket_listen(addr, 128, fds, ARRAY_SIZE(fds), errp);
     if (n < 0)
         return -1;
+    if (creds && nbd_tls_check_creds(creds, errp) < 0) {
+        for (int i = 0; i < n; i++)
+            close(fds[i]);
+        socket_address_cleanup(addr);
+        return -1;
+    }
     nbd_srv.running = true;
     nbd_srv.addr = json_deep_copy(addr);
     nbd_srv.tls_creds = creds ? xstrdup(creds) : NULL;
