@@ -154,8 +154,14 @@ OBJECTS = [
 # same ones sent to both daemons): the order QEMU checks things in, the
 # deprecated read-only "loaded", and the main-loop object.
 ORDER = [
-    # the node is looked up before the server is asked for
+    # the node is looked up and its permissions taken before the server is
+    # asked for
     {"execute": "nbd-server-add", "arguments": {"device": "nope"}},
+    {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f0",
+                                               "filename": "@TMP@/img"}},
+    {"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r0", "file": "f0"}},
+    {"execute": "nbd-server-add", "arguments": {"device": "f0", "writable": True}},
+    {"execute": "nbd-server-add", "arguments": {"device": "r0", "writable": True}},
     # QEMU listens, then looks the credentials up (and closes the socket)
     {"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix",
                                                            "data": {"path": "@TMP@/n.sock"}},

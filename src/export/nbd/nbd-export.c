@@ -337,10 +337,8 @@ static json_t *qmp_nbd_server_add(json_t *args, error **errp)
         error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device, device);
         return NULL;
     }
-    if (!nbd_srv.running) {
-        error_setg(errp, "NBD server not running");
-        return NULL;
-    }
+    /* whether the server runs is block-export-add's question, as in QEMU:
+     * after the node's permissions */
     if (bs->read_only)
         writable = false;   /* nbd-server-add downgrades silently, as QEMU */
     opts = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id", name,
