@@ -90,7 +90,17 @@ static int assign_node_name(struct bnode *bs, const char *name, error **errp)
     bs->node_name = name ? xstrdup(name) : generate_node_name();
     bs->auto_named = !name;
     bs->name_seq = ++name_seq_counter;
-    /* checked after the name, as in bdrv_open_common */
+    return 0;
+}
+
+/* bdrv_open_common's checks of the generic options: after the "file"
+ * child is open, before the node gets its name. */
+static int check_common(struct bnode *bs, error **errp)
+{
+    if (bs->force_share && !bs->read_only) {
+        error_setg(errp, "force-share=on can only be used with read-only images");
+        return -1;
+    }
     if (bs->detect_zeroes == DETECT_ZEROES_UNMAP && !bs->discard) {
         error_setg(errp, "setting detect-zeroes to unmap is not allowed "
                          "without setting discard operation to unmap");
@@ -162,6 +172,7 @@ static void bnode_close(struct bnode *bs)
 static int parse_common(struct bnode *bs, json_t *opts, error **errp)
 {
     bs->read_only = opt_bool(opts, "read-only", false);
+    bs->force_share = opt_bool(opts, "force-share", false);
     const char *discard = opt_str(opts, "discard", "ignore");
     bs->discard = !strcmp(discard, "unmap") || !strcmp(discard, "on");
     const char *dz = opt_str(opts, "detect-zeroes", "off");
@@ -227,6 +238,8 @@ static struct bnode *open_child_of(json_t *ref, struct bnode *parent, bool paren
             json_object_set_new(copy, "discard", json_string("unmap"));
             discard_inh = true;
         }
+        if (parent->force_share && !json_object_get(copy, "force-share"))
+            json_object_set_new(copy, "force-share", json_true());
     }
     struct bnode *bs = bnode_open(copy, false, errp);   /* reference owned by the parent */
     if (bs) {
@@ -275,7 +288,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     bs->stats = bstats_new();
     if (parse_common(bs, opts, errp) < 0)
         goto fail;
-    if (!child_first && assign_node_name(bs, name, errp) < 0)
+    if (!child_first && (check_common(bs, errp) < 0 || assign_node_name(bs, name, errp) < 0))
         goto fail;
     if (drv->is_format || drv->is_filter) {
         const char *key = drv->child_key ? drv->child_key : "file";
@@ -289,7 +302,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             goto fail;
         if (json_is_object(ref))
             bs->file->inherits_from = bs;
-        if (child_first && assign_node_name(bs, name, errp) < 0) {
+        if (child_first && (check_common(bs, errp) < 0 || assign_node_name(bs, name, errp) < 0)) {
             bnode_unref(bs->file);
             bs->file = NULL;
             goto fail;

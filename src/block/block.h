@@ -149,6 +149,7 @@ struct bnode {
     struct bnode *backing;      /* "backing" child or NULL */
     uint64_t size;
     bool read_only;
+    bool force_share;           /* force-share=on: parents share everything with it */
     bool discard;               /* discard=unmap */
     enum detect_zeroes detect_zeroes;
     bool cache_direct, cache_no_flush;

@@ -138,9 +138,10 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
     s->locking = strcmp(locking, "off") != 0;
     s->has_zero_range = s->has_punch = true;
     pthread_mutex_init(&s->data_lock, NULL);
-    if (!strcmp(aio, "native") && !bs->cache_direct) {
-        error_setg(errp, "aio=native was specified, but it requires cache.direct=on, "
-                         "which was not specified.");
+    /* bexd has no pr-manager-helper objects, so no id names one */
+    if (opt_str(opts, "pr-manager", NULL)) {
+        error_setg(errp, "No persistent reservation manager with id '%s'",
+                   opt_str(opts, "pr-manager", NULL));
         return -1;
     }
     int flags = (bs->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
@@ -154,6 +155,12 @@ static int open_common(struct bnode *bs, json_t *opts, bool host_device, error *
     }
     if (s->fd < 0) {
         error_setg_errno(errp, errno, "Could not open '%s'", filename);
+        return -1;
+    }
+    /* checked once the file is open, as QEMU does */
+    if (!strcmp(aio, "native") && !bs->cache_direct) {
+        error_setg(errp, "aio=native was specified, but it requires cache.direct=on, "
+                         "which was not specified.");
         return -1;
     }
     /* As QEMU, which sets up its loop's context here: a kernel that will

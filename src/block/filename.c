@@ -30,7 +30,6 @@
 #include "util/cleanup.h"
 #include "util/xalloc.h"
 
-#define QDICT_BUCKET_MAX 512
 #define FILENAME_MAX_LEN 4096           /* QEMU's PATH_MAX-sized bs->filename */
 
 struct fname {
@@ -42,46 +41,6 @@ static void fname_free(struct fname *f)
 {
     free(f->exact);
     json_decref(f->full);
-}
-
-/* QEMU's qdict bucket of a key (tdb_hash modulo QDICT_BUCKET_MAX). */
-static unsigned qdict_bucket(const char *key)
-{
-    unsigned value = 0x238F13AFu * (unsigned)strlen(key);
-    for (unsigned i = 0; key[i]; i++)
-        value += (unsigned)(unsigned char)key[i] << (i * 5 % 24);
-    return (1103515243u * value + 12345u) % QDICT_BUCKET_MAX;
-}
-
-struct member { const char *key; json_t *value; unsigned bucket; size_t seq; };
-
-static int by_qdict_order(const void *a, const void *b)
-{
-    const struct member *x = a, *y = b;
-    if (x->bucket != y->bucket)
-        return x->bucket < y->bucket ? -1 : 1;
-    return x->seq > y->seq ? -1 : x->seq < y->seq;      /* a bucket lists the newest first */
-}
-
-/* A copy of obj (members in insertion order) whose members come in the
- * order QEMU iterates a QDict built by inserting them so; nested too. */
-static json_t *qdict_ordered(json_t *obj)
-{
-    size_t n = json_object_size(obj), i = 0;
-    struct member *m = xcalloc(n ? n : 1, sizeof(*m));
-    const char *k;
-    json_t *v;
-    json_object_foreach(obj, k, v) {
-        m[i] = (struct member){ k, v, qdict_bucket(k), i };
-        i++;
-    }
-    qsort(m, n, sizeof(*m), by_qdict_order);
-    json_t *out = json_object();
-    for (i = 0; i < n; i++)
-        json_object_set_new(out, m[i].key, json_is_object(m[i].value) ?
-                            qdict_ordered(m[i].value) : json_incref(m[i].value));
-    free(m);
-    return out;
 }
 
 /* QEMU's append_strong_runtime_options: copies "driver", "filename" and

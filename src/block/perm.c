@@ -118,6 +118,11 @@ int bnode_refresh_perms(struct bnode *bs, error **errp)
 
 int bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp)
 {
+    /* QEMU's bdrv_child_perm: a child opened with force-share=on (read-only)
+     * is shared in full by its parent, so no other process's writer is
+     * refused for it and its image locks unshare nothing */
+    if (u->parent && u->bs->force_share)
+        shared = PERM_ALL;
     if (check(u, perm, shared, errp) < 0)
         return -1;
     uint64_t old_perm = u->perm, old_shared = u->shared;

@@ -357,9 +357,11 @@ static int prepare(struct entry *e, error **errp)
     e->prepared = true;
     if (parse_backing(e, errp) < 0 || parse_file(e, errp) < 0)
         return -1;
-    /* Whatever is left must not change. */
+    /* Whatever is left must not change (checked in QEMU's walk of its
+     * QDict, so that the first change named is QEMU's). */
     CLEANUP_JSON json_t *cur = keyval_flatten(bs->options);
-    CLEANUP_JSON json_t *rest = keyval_flatten(e->rs.opts);
+    CLEANUP_JSON json_t *flat = keyval_flatten(e->rs.opts);
+    CLEANUP_JSON json_t *rest = qdict_ordered(flat);
     json_object_foreach(rest, k, v) {
         if (key_in(k, absorbed_opts) || key_in(k, drv->reopen_keys))
             continue;

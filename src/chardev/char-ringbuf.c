@@ -11,6 +11,7 @@
  * U+FFFD, and "\xC0\x80" read as U+0000.
  */
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "chardev/chardev-int.h"
@@ -33,7 +34,8 @@ struct ring {
 static int ring_check(json_t *data, error **errp)
 {
     long long size = opt_int(data, "size", 0);
-    if (size & (size - 1)) {
+    uint64_t u = (uint64_t)size;     /* QEMU's size_t: no signed overflow below */
+    if (u & (u - 1)) {
         error_setg(errp, "size of ringbuf chardev must be power of two");
         return -1;
     }

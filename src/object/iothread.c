@@ -4,6 +4,7 @@
  * requests there.
  */
 #include <inttypes.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,8 @@
 #include "object/iothread.h"
 #include "object/qom.h"
 #include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/keyval.h"
 #include "util/loop.h"
 #include "util/opts.h"
 
@@ -50,9 +53,36 @@ static int check_param(const char *name, int64_t v, error **errp)
 
 static int check_pool(int64_t min, int64_t max, error **errp)
 {
-    if (max <= 0 || min > max) {
+    if (max <= 0 || min > max || max > INT_MAX) {
         error_setg(errp, "bad thread-pool-min/thread-pool-max values");
         return -1;
+    }
+    return 0;
+}
+
+/* QEMU sets an event loop's properties one by one, in its QDict's order,
+ * checking each value; the main loop's pool sizes are checked as each is
+ * set (with the other's value so far), an iothread's once it starts. */
+static int check_params(json_t *props, bool pool_each, error **errp)
+{
+    CLEANUP_JSON json_t *ordered = qdict_ordered(props);
+    int64_t min = 0, max = IOTHREAD_POOL_MAX_DEFAULT;
+    const char *k;
+    json_t *v;
+    json_object_foreach(ordered, k, v) {
+        size_t i = 0;
+        while (i < ARRAY_SIZE(params) && strcmp(params[i], k))
+            i++;
+        if (i == ARRAY_SIZE(params))
+            continue;
+        if (check_param(k, json_integer_value(v), errp) < 0)
+            return -1;
+        if (!strcmp(k, "thread-pool-min"))
+            min = json_integer_value(v);
+        else if (!strcmp(k, "thread-pool-max"))
+            max = json_integer_value(v);
+        if (pool_each && check_pool(min, max, errp) < 0)
+            return -1;
     }
     return 0;
 }
@@ -64,9 +94,8 @@ static int iothread_complete(struct object *obj, json_t *props, error **errp)
     t->poll_grow = opt_int(props, "poll-grow", 0);
     t->poll_shrink = opt_int(props, "poll-shrink", 0);
     t->aio_max_batch = opt_int(props, "aio-max-batch", 0);
-    for (size_t i = 0; i < sizeof(params) / sizeof(params[0]); i++)
-        if (check_param(params[i], opt_int(props, params[i], 0), errp) < 0)
-            return -1;
+    if (check_params(props, false, errp) < 0)
+        return -1;
     if (check_pool(opt_int(props, "thread-pool-min", 0),
                    opt_int(props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT), errp) < 0)
         return -1;
@@ -173,12 +202,8 @@ static struct object *main_loop_obj;
 
 static int main_loop_complete(struct object *obj, json_t *props, error **errp)
 {
-    for (size_t i = 0; i < 3; i++)      /* the event-loop-base ones */
-        if (check_param(params[i], opt_int(props, params[i], 0), errp) < 0)
-            return -1;
     /* QEMU checks the values as they are set, before the object is */
-    if (check_pool(opt_int(props, "thread-pool-min", 0),
-                   opt_int(props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT), errp) < 0)
+    if (check_params(props, true, errp) < 0)
         return -1;
     if (main_loop_obj) {
         error_setg(errp, "only one main-loop instance allowed");

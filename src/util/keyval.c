@@ -279,3 +279,45 @@ json_t *keyval_flatten(json_t *obj)
     flatten_into(out, NULL, obj);
     return out;
 }
+
+/* ---- QEMU's QDict iteration order ---- */
+
+#define QDICT_BUCKET_MAX 512
+
+/* QEMU's qdict bucket of a key (tdb_hash modulo QDICT_BUCKET_MAX). */
+static unsigned qdict_bucket(const char *key)
+{
+    unsigned value = 0x238F13AFu * (unsigned)strlen(key);
+    for (unsigned i = 0; key[i]; i++)
+        value += (unsigned)(unsigned char)key[i] << (i * 5 % 24);
+    return (1103515243u * value + 12345u) % QDICT_BUCKET_MAX;
+}
+
+struct member { const char *key; json_t *value; unsigned bucket; size_t seq; };
+
+static int by_qdict_order(const void *a, const void *b)
+{
+    const struct member *x = a, *y = b;
+    if (x->bucket != y->bucket)
+        return x->bucket < y->bucket ? -1 : 1;
+    return x->seq > y->seq ? -1 : x->seq < y->seq;      /* a bucket lists the newest first */
+}
+
+json_t *qdict_ordered(json_t *obj)
+{
+    size_t n = json_object_size(obj), i = 0;
+    struct member *m = xcalloc(n ? n : 1, sizeof(*m));
+    const char *k;
+    json_t *v;
+    json_object_foreach(obj, k, v) {
+        m[i] = (struct member){ k, v, qdict_bucket(k), i };
+        i++;
+    }
+    qsort(m, n, sizeof(*m), by_qdict_order);
+    json_t *out = json_object();
+    for (i = 0; i < n; i++)
+        json_object_set_new(out, m[i].key, json_is_object(m[i].value) ?
+                            qdict_ordered(m[i].value) : json_incref(m[i].value));
+    free(m);
+    return out;
+}

@@ -19,3 +19,8 @@ json_t *keyval_or_json_parse(const char *arg, const char *implied_key,
  * and lists have become dotted keys ("a.b", "a.0"); empty ones stay as
  * values, as in QEMU; leaves are shared with obj. */
 json_t *keyval_flatten(json_t *obj);
+/* A copy of obj (members in insertion order) whose members come in the
+ * order QEMU iterates a QDict built by inserting them so (its hash
+ * buckets); nested objects too.  Where QEMU checks options by walking a
+ * QDict, the first error it reports is the first in this order. */
+json_t *qdict_ordered(json_t *obj);

@@ -191,6 +191,15 @@ ORDER = [
     {"execute": "object-add", "arguments": {"qom-type": "main-loop", "id": "m0"}},
     {"execute": "object-del", "arguments": {"id": "m0"}},
     {"execute": "qom-list-properties", "arguments": {"typename": "main-loop"}},
+    # the file is opened before aio=native is checked; a pr-manager must exist
+    {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "n1",
+                                               "filename": "@TMP@/nonexistent", "aio": "native"}},
+    {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "n1",
+                                               "filename": "@TMP@/img", "aio": "native"}},
+    {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "n1",
+                                               "filename": "@TMP@/nonexistent", "pr-manager": "x"}},
+    {"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "n1",
+                                               "filename": "@TMP@/img", "pr-manager": "x"}},
 ]
 
 
