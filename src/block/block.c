@@ -260,6 +260,27 @@ struct bnode *bnode_open_child(json_t *ref, struct bnode *parent, bool cow, erro
     return open_child_of(ref, parent, parent->read_only, cow, errp);
 }
 
+/* QEMU's last check of bdrv_open_inherit: an option nobody took.  The
+ * schema lets only one kind through: an empty object such as "cache": {},
+ * which qdict_flatten keeps as a value that no driver absorbs. */
+static int left_over(struct bnode *bs, json_t *opts, error **errp)
+{
+    const char *k;
+    json_t *v;
+    json_object_foreach(opts, k, v) {
+        if (!json_is_object(v) || json_object_size(v))
+            continue;
+        if (bs->drv->is_protocol)
+            error_setg(errp, "Block protocol '%s' doesn't support the option '%s'",
+                       bs->drv->name, k);
+        else
+            error_setg(errp, "Block format '%s' does not support the option '%s'",
+                       bs->drv->name, k);
+        return -1;
+    }
+    return 0;
+}
+
 static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
 {
     const char *driver = opt_str(opts, "driver", "");
@@ -321,6 +342,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     if (drv->reopen_needs_rw_file && bs->file_link && bnode_refresh_perms(bs, errp) < 0)
         goto fail;
     if (drv->bitmaps_load && drv->bitmaps_load(bs, errp) < 0)
+        goto fail;
+    if (left_over(bs, opts, errp) < 0)
         goto fail;
     if (bs->request_alignment > 1)
         bs->align = bnode_align_new();

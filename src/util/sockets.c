@@ -145,7 +145,9 @@ static int inet_bind_one(struct addrinfo *e, json_t *addr, int port_min, int por
 
 static int inet_listen(json_t *addr, int backlog, int fds[], int max_fds, error **errp)
 {
-    const char *host = opt_str(addr, "host", ""), *port = opt_str(addr, "port", "");
+    const char *host = opt_str(addr, "host", "");
+    char port[33];              /* QEMU's buffer: a longer port is cut to 32 characters */
+    snprintf(port, sizeof(port), "%s", opt_str(addr, "port", ""));
     bool has4 = opt_has(addr, "ipv4"), v4 = opt_bool(addr, "ipv4", false);
     bool has6 = opt_has(addr, "ipv6"), v6 = opt_bool(addr, "ipv6", false);
     struct addrinfo hints = { .ai_flags = AI_PASSIVE, .ai_socktype = SOCK_STREAM };
@@ -163,7 +165,7 @@ static int inet_listen(json_t *addr, int backlog, int fds[], int max_fds, error 
         hints.ai_family = AF_INET;
     else if ((has6 && v6 && !(has4 && v4)) || (has4 && !v4 && !has6))
         hints.ai_family = AF_INET6;
-    int rc = getaddrinfo(*host ? host : NULL, port, &hints, &res);
+    int rc = getaddrinfo(*host ? host : NULL, *port ? port : NULL, &hints, &res);
     if (rc != 0) {
         error_setg(errp, "address resolution failed for %s:%s: %s", host, port,
                    gai_strerror(rc));
@@ -434,7 +436,7 @@ static int inet_connect(json_t *addr, error **errp)
     else if (opt_has(addr, "ipv6") && opt_bool(addr, "ipv6", false) &&
              !(opt_has(addr, "ipv4") && opt_bool(addr, "ipv4", false)))
         hints.ai_family = AF_INET6;
-    int rc = getaddrinfo(*host ? host : NULL, port, &hints, &res);
+    int rc = getaddrinfo(*host ? host : NULL, *port ? port : NULL, &hints, &res);
     if (rc != 0) {
         error_setg(errp, "address resolution failed for %s:%s: %s", host, port,
                    gai_strerror(rc));

@@ -200,6 +200,18 @@ ORDER = [
                                                "filename": "@TMP@/nonexistent", "pr-manager": "x"}},
     {"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "n1",
                                                "filename": "@TMP@/img", "pr-manager": "x"}},
+    # an empty object is an option no driver takes, found once the node is open
+    {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n1",
+                                               "cache": {}}},
+    {"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "n1", "file": "f0",
+                                               "cache": {}}},
+    {"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "f0", "file": "f0",
+                                               "cache": {}}},
+    # the port is cut to 32 characters; no host and no port resolve to nothing
+    {"execute": "nbd-server-start", "arguments": {"addr": {"type": "inet", "data": {
+        "host": "localhost", "port": "p" * 40}}}},
+    {"execute": "nbd-server-start", "arguments": {"addr": {"type": "inet", "data": {
+        "host": "", "port": ""}}, "tls-creds": "nope"}},
 ]
 
 
