@@ -95,10 +95,14 @@ static int assign_node_name(struct bnode *bs, const char *name, error **errp)
 
 /* bdrv_open_common's checks of the generic options: after the "file"
  * child is open, before the node gets its name. */
-static int check_common(struct bnode *bs, error **errp)
+static int check_common(struct bnode *bs, json_t *opts, error **errp)
 {
     if (bs->force_share && !bs->read_only) {
         error_setg(errp, "force-share=on can only be used with read-only images");
+        return -1;
+    }
+    if (bs->drv->needs_filename && !*opt_str(opts, "filename", "")) {
+        error_setg(errp, "The '%s' block driver requires a file name", bs->drv->name);
         return -1;
     }
     if (bs->detect_zeroes == DETECT_ZEROES_UNMAP && !bs->discard) {
@@ -309,7 +313,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
     bs->stats = bstats_new();
     if (parse_common(bs, opts, errp) < 0)
         goto fail;
-    if (!child_first && (check_common(bs, errp) < 0 || assign_node_name(bs, name, errp) < 0))
+    if (!child_first && (check_common(bs, opts, errp) < 0 || assign_node_name(bs, name, errp) < 0))
         goto fail;
     if (drv->is_format || drv->is_filter) {
         const char *key = drv->child_key ? drv->child_key : "file";
@@ -323,7 +327,7 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             goto fail;
         if (json_is_object(ref))
             bs->file->inherits_from = bs;
-        if (child_first && (check_common(bs, errp) < 0 || assign_node_name(bs, name, errp) < 0)) {
+        if (child_first && (check_common(bs, opts, errp) < 0 || assign_node_name(bs, name, errp) < 0)) {
             bnode_unref(bs->file);
             bs->file = NULL;
             goto fail;

@@ -237,6 +237,7 @@ struct bdrv {
      * (strong runtime options; a name ending in '.' is a prefix), and the
      * driver's own naming rule. */
     bool is_protocol;
+    bool needs_filename;                /* an empty "filename" is refused up front */
     const char *const *strong_opts;
     enum fname_rule filename_rule;
     bool compressed_writes;             /* takes BREQ_WRITE_COMPRESSED */

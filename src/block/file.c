@@ -1035,6 +1035,7 @@ const char *bnode_leaf_filename(struct bnode *bs, char *buf, size_t len)
 #define FILE_DRIVER(drv_name, open_fn) {              \
     .name = drv_name,                                 \
     .is_protocol = true,                              \
+    .needs_filename = true,                           \
     .open = open_fn,                                  \
     .close = file_close,                              \
     .submit = file_submit,                            \

@@ -94,14 +94,13 @@ static struct chardev *chardev_new(const char *id, const char *type, json_t *dat
         error_setg(errp, "'%s' is not a valid char driver name", type);
         return NULL;
     }
-    if (be->check && be->check(data, errp) < 0)
-        return NULL;
     struct chardev *c = xzalloc(sizeof(*c));
     c->id = xstrdup(id);
     c->be = be;
     c->state = xzalloc(be->state_size ? be->state_size : 1);
     c->logfd = -1;
-    if (open_logfile(c, data, errp) < 0) {
+    /* the log file first, then the backend's own checks, as qemu_char_open */
+    if (open_logfile(c, data, errp) < 0 || (be->check && be->check(data, errp) < 0)) {
         chardev_free(c);
         return NULL;
     }

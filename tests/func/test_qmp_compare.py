@@ -200,6 +200,14 @@ ORDER = [
                                                "filename": "@TMP@/nonexistent", "pr-manager": "x"}},
     {"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "n1",
                                                "filename": "@TMP@/img", "pr-manager": "x"}},
+    # a file name is required before the node's name is looked at
+    {"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "f0",
+                                               "filename": ""}},
+    # a chardev's log file is created before its backend's checks
+    {"execute": "chardev-add", "arguments": {"id": "c0", "backend": {
+        "type": "ringbuf", "data": {"logfile": "", "size": 7}}}},
+    {"execute": "chardev-add", "arguments": {"id": "c0", "backend": {
+        "type": "ringbuf", "data": {"logfile": "@TMP@/c0.log", "size": 7}}}},
     # an empty object is an option no driver takes, found once the node is open
     {"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n1",
                                                "cache": {}}},
