@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
+#include "util/keyval.h"
 #include "util/loop.h"
 #include "util/opts.h"
 #include "util/xalloc.h"
@@ -362,7 +363,14 @@ static void bd_close(struct bnode *bs)
     __atomic_sub_fetch(&blkdebug_nodes, 1, __ATOMIC_RELAXED);
 }
 
-static int bd_open(struct bnode *bs, json_t *opts, error **errp)
+static const char *const limit_keys[] = {
+    "align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard", "max-discard",
+};
+
+/* What QEMU's blkdebug_open does before it opens the image: its options'
+ * types (a negative size, in QEMU's walk of the options), the config file,
+ * the rules. */
+static int bd_open_prepare(struct bnode *bs, json_t *opts, error **errp)
 {
     struct bd_state *s = xzalloc(sizeof(*s));
     pthread_mutex_init(&s->lock, NULL);
@@ -370,6 +378,15 @@ static int bd_open(struct bnode *bs, json_t *opts, error **errp)
     bs->opaque = s;
     __atomic_add_fetch(&blkdebug_nodes, 1, __ATOMIC_RELAXED);
 
+    CLEANUP_JSON json_t *ordered = qdict_ordered(opts);
+    const char *k;
+    json_t *v;
+    json_object_foreach(ordered, k, v) {
+        uint64_t unused;
+        for (size_t i = 0; i < ARRAY_SIZE(limit_keys); i++)
+            if (!strcmp(k, limit_keys[i]) && get_limit(opts, k, &unused, errp) < 0)
+                return -1;
+    }
     CLEANUP_JSON json_t *inject = json_array();
     CLEANUP_JSON json_t *set_state = json_array();
     const char *config = opt_str(opts, "config", NULL);
@@ -388,8 +405,14 @@ static int bd_open(struct bnode *bs, json_t *opts, error **errp)
     json_array_foreach(set_state, i, o)
         if (add_rule(s, o, false, errp) < 0)
             return -1;
+    return 0;
+}
 
-    /* QEMU's checks, in its order */
+static int bd_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    struct bd_state *s = bs->opaque;
+
+    /* QEMU's checks, in its order, now that the image is open */
     uint64_t align, v;
     if (get_limit(opts, "align", &v, errp) < 0)
         return -1;
@@ -765,6 +788,7 @@ static const struct bdrv bdrv_blkdebug = {
     .name = "blkdebug",
     .is_filter = true,
     .child_key = "image",
+    .open_prepare = bd_open_prepare,
     .open = bd_open,
     .close = bd_close,
     .submit = bd_submit,

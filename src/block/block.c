@@ -315,6 +315,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         goto fail;
     if (!child_first && (check_common(bs, opts, errp) < 0 || assign_node_name(bs, name, errp) < 0))
         goto fail;
+    if (drv->open_prepare && drv->open_prepare(bs, opts, errp) < 0)
+        goto fail;
     if (drv->is_format || drv->is_filter) {
         const char *key = drv->child_key ? drv->child_key : "file";
         json_t *ref = json_object_get(opts, key);

@@ -91,6 +91,12 @@ static int psk_complete(struct object *obj, json_t *props, error **errp)
         error_setg(errp, "username should not be set when endpoint=server");
         return -1;
     }
+    /* a server looks its dh-params.pem up first (it may be missing), then
+     * keys.psk, as QEMU does */
+    CLEANUP_FREE char *dh = NULL;
+    if (c->endpoint == TLS_ENDPOINT_SERVER &&
+        tls_creds_get_path(c, TLS_DH_PARAMS, false, &dh, errp) < 0)
+        return -1;
     if (tls_creds_get_path(c, TLS_PSK_FILE, true, &path, errp) < 0)
         return -1;
     if (c->endpoint == TLS_ENDPOINT_CLIENT)

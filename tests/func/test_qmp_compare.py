@@ -200,6 +200,18 @@ ORDER = [
                                                "filename": "@TMP@/nonexistent", "pr-manager": "x"}},
     {"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "n1",
                                                "filename": "@TMP@/img", "pr-manager": "x"}},
+    # blkdebug reads its options' types, its config file and its rules
+    # before it opens its image (the types in QEMU's walk of the options)
+    {"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "d0",
+                                               "image": "nope", "config": "/nonexistent"}},
+    {"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "d0",
+                                               "image": "nope", "max-discard": -1,
+                                               "align": -1, "max-transfer": -1}},
+    {"execute": "blockdev-add", "arguments": {"driver": "blkdebug", "node-name": "d0",
+                                               "image": "nope", "align": 3}},
+    # a PSK server looks for its dh-params.pem before its keys.psk
+    {"execute": "object-add", "arguments": {"qom-type": "tls-creds-psk", "id": "k0",
+                                             "dir": "@TMP@/img", "endpoint": "server"}},
     # a file name is required before the node's name is looked at
     {"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "f0",
                                                "filename": ""}},
