@@ -329,7 +329,8 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
             goto fail;
         if (json_is_object(ref))
             bs->file->inherits_from = bs;
-        if (child_first && (check_common(bs, opts, errp) < 0 || assign_node_name(bs, name, errp) < 0)) {
+        if (child_first &&
+            (check_common(bs, opts, errp) < 0 || assign_node_name(bs, name, errp) < 0)) {
             bnode_unref(bs->file);
             bs->file = NULL;
             goto fail;

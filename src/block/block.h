@@ -242,11 +242,11 @@ struct bdrv {
     enum fname_rule filename_rule;
     bool compressed_writes;             /* takes BREQ_WRITE_COMPRESSED */
     const char *child_key;              /* the option naming that child; NULL = "file" */
-    /* Open: opts is the validated blockdev-add object.  Set bs->size. */
     /* What the driver checks before the generic code opens its child
      * (blkdebug: option types, its config file and rules, after the
      * node's name).  May set bs->opaque; close is called on failure. */
     int  (*open_prepare)(struct bnode *bs, json_t *opts, error **errp);
+    /* Open: opts is the validated blockdev-add object.  Set bs->size. */
     int  (*open)(struct bnode *bs, json_t *opts, error **errp);
     void (*close)(struct bnode *bs);
     /* Submit a valid request at driver offset `offset` (== req->offset for

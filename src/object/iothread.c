@@ -130,19 +130,27 @@ static void iothread_finalize(struct object *obj)
     loop_free(t->loop);
 }
 
+/* qom-set of an event-loop parameter: its range, and the pool sizes it
+ * makes with the other one (a refused value leaves the old one). */
+static int check_set(struct object *obj, const char *name, int64_t v, error **errp)
+{
+    if (check_param(name, v, errp) < 0)
+        return -1;
+    if (!strcmp(name, "thread-pool-min"))
+        return check_pool(v, opt_int(obj->props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT),
+                          errp);
+    if (!strcmp(name, "thread-pool-max"))
+        return check_pool(opt_int(obj->props, "thread-pool-min", 0), v, errp);
+    return 0;
+}
+
 /* qom-set: the polling parameters take effect at once, as QEMU's; the
  * others are recorded (bexd sizes its worker pools itself). */
 static int iothread_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
 {
     struct iothread *t = (struct iothread *)obj;
     int64_t v = json_integer_value(value);
-    if (check_param(name, v, errp) < 0)
-        return -1;
-    if (!strcmp(name, "thread-pool-min") &&
-        check_pool(v, opt_int(obj->props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT), errp) < 0)
-        return -1;
-    if (!strcmp(name, "thread-pool-max") &&
-        check_pool(opt_int(obj->props, "thread-pool-min", 0), v, errp) < 0)
+    if (check_set(obj, name, v, errp) < 0)
         return -1;
     if (!strcmp(name, "poll-max-ns")) {
         t->poll_max_ns = v;
@@ -215,15 +223,7 @@ static int main_loop_complete(struct object *obj, json_t *props, error **errp)
 
 static int main_loop_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
 {
-    int64_t v = json_integer_value(value);
-    if (check_param(name, v, errp) < 0)
-        return -1;
-    if (!strcmp(name, "thread-pool-min"))
-        return check_pool(v, opt_int(obj->props, "thread-pool-max", IOTHREAD_POOL_MAX_DEFAULT),
-                          errp);
-    if (!strcmp(name, "thread-pool-max"))
-        return check_pool(opt_int(obj->props, "thread-pool-min", 0), v, errp);
-    return 0;
+    return check_set(obj, name, json_integer_value(value), errp);
 }
 
 static bool main_loop_can_delete(struct object *obj)

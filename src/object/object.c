@@ -66,7 +66,8 @@ int object_add(json_t *props, error **errp)
         return -1;
     }
     /* the deprecated "loaded" of secrets and TLS credentials: QEMU lists
-     * it, and refuses it as a read-only property when it is set (before the id is taken) */
+     * it, and refuses it as a read-only property when it is set (before
+     * the id is taken) */
     if (json_object_get(props, "loaded")) {
         error_setg(errp, "Property '%s.loaded' is not writable", t->name);
         return -1;
