@@ -395,6 +395,14 @@ static bool has_parent(struct bnode *child)
     return false;
 }
 
+struct bnode *bnode_backing_parent(struct bnode *bs)
+{
+    for (struct bnode *p = nodes; p; p = p->next)
+        if (p->backing == bs)
+            return p;
+    return NULL;
+}
+
 int blockdev_del(const char *node_name, error **errp)
 {
     struct bnode *bs = bnode_find(node_name);
@@ -414,6 +422,12 @@ int blockdev_del(const char *node_name, error **errp)
     }
     if (bs->blocker) {
         error_setg(errp, "Node '%s' is busy: %s", node_name, bs->blocker);
+        return -1;
+    }
+    struct bnode *over = bnode_backing_parent(bs);
+    if (over) {
+        error_setg(errp, "Node '%s' is busy: node is used as backing hd of '%s'", node_name,
+                   over->node_name);
         return -1;
     }
     if (bs->refcnt > 1 || has_parent(bs)) {
@@ -506,6 +520,13 @@ static struct breq *held_head, **held_tail = &held_head;
 static struct drain_waiter *drain_waiters;   /* main thread */
 static bool drain_poll_queued;               /* main thread */
 
+/* Held writes to send elsewhere when they go on (main thread). */
+struct redirect {
+    struct bnode *from, *to;
+    struct redirect *next;
+};
+static struct redirect *redirects;
+
 static bool all_writes_done(void)
 {
     for (struct bnode *bs = nodes; bs; bs = bs->next)
@@ -564,6 +585,29 @@ static void held_resubmit(void *opaque)
     bnode_submit(req->bs, req);
 }
 
+void block_writes_redirect(struct bnode *from, struct bnode *to)
+{
+    struct redirect *r = xzalloc(sizeof(*r));
+    r->from = from;
+    r->to = to;
+    r->next = redirects;
+    redirects = r;
+}
+
+/* Where a held write to bs goes: redirected as often as it was. */
+static struct bnode *redirected(struct bnode *bs)
+{
+    for (struct redirect *r = redirects; r; ) {
+        if (r->from == bs) {
+            bs = r->to;
+            r = redirects;            /* chains: from -> to -> ... */
+        } else {
+            r = r->next;
+        }
+    }
+    return bs;
+}
+
 void block_writes_release(void)
 {
     if (__atomic_sub_fetch(&writes_held, 1, __ATOMIC_SEQ_CST) > 0)
@@ -575,8 +619,14 @@ void block_writes_release(void)
     pthread_mutex_unlock(&held_lock);
     while (req) {
         struct breq *next = req->held_next;
+        req->bs = redirected(req->bs);
         loop_call(req->loop, held_resubmit, req);   /* in the submitter's loop, in order */
         req = next;
+    }
+    while (redirects) {
+        struct redirect *r = redirects;
+        redirects = r->next;
+        free(r);
     }
 }
 

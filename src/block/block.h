@@ -130,7 +130,11 @@ struct bnode_user {
     /* The node's size changed (main thread): exports tell their clients,
      * parent nodes follow their child.  NULL: nothing to do. */
     void (*resized)(struct bnode_user *u);
-    void *opaque;               /* for resized */
+    /* u->bs is another node now (bnode_user_move: an overlay took the
+     * old one's place); the data path must use it.  NULL: such a user
+     * cannot be moved. */
+    void (*replaced)(struct bnode_user *u);
+    void *opaque;               /* for resized and replaced */
     struct bnode_user *next;
 };
 
@@ -388,6 +392,9 @@ struct bnode *bnode_open_ref(json_t *ref, bool parent_ro, error **errp);
 struct bnode *bnode_open_child(json_t *ref, struct bnode *parent, bool cow, error **errp);
 int  blockdev_del(const char *node_name, error **errp);
 struct bnode *bnode_find(const char *node_name);
+/* A node whose backing child bs is (QEMU blocks deleting and snapshotting
+ * a backing node: "node is used as backing hd of 'P'"), or NULL. */
+struct bnode *bnode_backing_parent(struct bnode *bs);
 /* "Cannot find device=X nor node-name=X"-style lookup used by exports */
 struct bnode *bnode_lookup(const char *name, error **errp);
 json_t *query_named_block_nodes(bool flat);
@@ -408,6 +415,12 @@ struct bnode_user *bnode_attach_child(struct bnode *parent, struct bnode *child,
                                       const char *role, error **errp);
 int  bnode_user_set_perm(struct bnode_user *u, uint64_t perm, uint64_t shared, error **errp);
 void bnode_detach(struct bnode_user *u);
+/* Move u to another node (QEMU's bdrv_replace_node for one parent): its
+ * permissions are checked there and given back here.  The caller calls
+ * u->replaced once the data path may switch. */
+int  bnode_user_move(struct bnode_user *u, struct bnode *to, error **errp);
+/* Is anc bs itself, or above it through parent links? */
+bool bnode_is_ancestor_or_self(struct bnode *anc, struct bnode *bs);
 /* Work out again what bs asks of its file child (its read-only changed,
  * or it was just opened): QEMU's "Failed to get \"write\" lock" etc. */
 int  bnode_refresh_perms(struct bnode *bs, error **errp);
@@ -433,6 +446,10 @@ void bnode_submit_driver(struct bnode *bs, struct breq *req, uint64_t offset);
  * writes go on when every hold is released.  Main thread. */
 void block_writes_hold(void (*drained)(void *opaque), void *opaque);
 void block_writes_release(void);
+/* While writes are held: those addressed to `from` (held now or later)
+ * go to `to` instead when the last hold is released (a node replaced by
+ * an overlay under its exports).  Main thread. */
+void block_writes_redirect(struct bnode *from, struct bnode *to);
 /* Called by drivers when a request finishes. */
 void breq_complete(struct breq *req, int ret);
 
@@ -529,6 +546,9 @@ const struct bdrv *bdrv_find(const char *name);
 
 /* blockdev-reopen of a list of BlockdevOptions (reopen.c), all or nothing. */
 int bnode_reopen_multiple(json_t *list, error **errp);
+/* Reopen bs read-only with its other options as they are (QEMU's
+ * bdrv_reopen_set_read_only). */
+int bnode_reopen_read_only(struct bnode *bs, error **errp);
 /* A child link a reopen replaced: its permissions go now; the child goes
  * once nothing can still be reading it (a node other users keep at once;
  * an inline child only when the daemon exits: requests forwarded to it

@@ -177,6 +177,40 @@ void bnode_detach(struct bnode_user *u)
     bnode_unref(bs);
 }
 
+static void unlink_user(struct bnode_user *u)
+{
+    for (struct bnode_user **p = &u->bs->users; *p; p = &(*p)->next)
+        if (*p == u) {
+            *p = u->next;
+            break;
+        }
+}
+
+static void link_user(struct bnode_user *u, struct bnode *bs)
+{
+    u->bs = bs;
+    u->next = bs->users;
+    bs->users = u;
+}
+
+int bnode_user_move(struct bnode_user *u, struct bnode *to, error **errp)
+{
+    struct bnode *from = u->bs;
+    unlink_user(u);
+    link_user(u, to);
+    bnode_ref(to);
+    if (check(u, u->perm, u->shared, errp) < 0 || propagate(to, errp) < 0) {
+        unlink_user(u);
+        propagate(to, NULL);
+        link_user(u, from);
+        bnode_unref(to);
+        return -1;
+    }
+    propagate(from, NULL);        /* giving permissions back cannot conflict */
+    bnode_unref(from);
+    return 0;
+}
+
 int bnode_ref_user(struct bnode *bs, bool write, error **errp)
 {
     uint64_t perm = PERM_CONSISTENT_READ | (write ? PERM_WRITE : 0);

@@ -223,13 +223,12 @@ static const char *const absorbed_opts[] = {
     "discard", "cache", "read-only", "auto-read-only", "detect-zeroes", NULL
 };
 
-/* Is `anc` bs itself or above it (a parent, a parent's parent...)? */
-static bool is_ancestor_or_self(struct bnode *anc, struct bnode *bs)
+bool bnode_is_ancestor_or_self(struct bnode *anc, struct bnode *bs)
 {
     if (anc == bs)
         return true;
     for (struct bnode_user *u = bs->users; u; u = u->next)
-        if (u->parent && is_ancestor_or_self(anc, u->parent))
+        if (u->parent && bnode_is_ancestor_or_self(anc, u->parent))
             return true;
     return false;
 }
@@ -271,7 +270,7 @@ static int parse_backing(struct entry *e, error **errp)
     json_object_del(e->rs.opts, "backing");
     if (nb == bs->backing)
         return 0;
-    if (nb && is_ancestor_or_self(nb, bs)) {
+    if (nb && bnode_is_ancestor_or_self(nb, bs)) {
         error_setg(errp, "Making '%s' a backing child of '%s' would create a cycle",
                    nb->node_name, bs->node_name);
         return -1;
@@ -308,7 +307,7 @@ static int parse_file(struct entry *e, error **errp)
         error_setg(errp, "Cannot set file child to format node without file child");
         return -1;
     }
-    if (is_ancestor_or_self(nf, bs)) {
+    if (bnode_is_ancestor_or_self(nf, bs)) {
         error_setg(errp, "Making '%s' a file child of '%s' would create a cycle",
                    nf->node_name, bs->node_name);
         return -1;
@@ -559,6 +558,17 @@ out:
         q = n;
     }
     return ret;
+}
+
+int bnode_reopen_read_only(struct bnode *bs, error **errp)
+{
+    json_t *o = old_explicit(bs);
+    json_object_set_new(o, "read-only", json_true());
+    json_t *b = json_object_get(o, "backing");
+    if (bs->backing && !json_is_string(b) && !json_is_object(b))   /* none, or null: */
+        json_object_set_new(o, "backing", json_string(bs->backing->node_name));  /* appended */
+    CLEANUP_JSON json_t *list = json_pack("[o]", o);
+    return bnode_reopen_multiple(list, errp);
 }
 
 static json_t *qmp_blockdev_reopen(json_t *args, error **errp)

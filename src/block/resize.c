@@ -5,7 +5,8 @@
  * and tell the exports on it.
  *
  * Theory of operation: the node is looked up (QEMU looks for a device
- * first; qsd has no devices, so a device name is never found), then a
+ * first; qsd has no devices, so a device name is never found), a node
+ * that a block job or a backing link blocks is refused, then a
  * temporary user takes the RESIZE permission (a user that does not share
  * it refuses the resize with QEMU's permission conflict), and
  * bnode_truncate() asks the driver.  A successful resize reaches every
@@ -32,6 +33,12 @@ static json_t *qmp_block_resize(json_t *args, error **errp)
     }
     if (size < 0) {
         error_setg(errp, "Parameter 'size' expects a >0 size");
+        return NULL;
+    }
+    if (bs->blocker || bnode_backing_parent(bs)) {
+        /* QEMU's op blocker, with its message: a device name, which is
+         * NULL here (glibc prints "(null)") */
+        error_setg(errp, "Device '%s' is in use", device ? device : "(null)");
         return NULL;
     }
     struct bnode_user *u = bnode_attach(bs, PERM_RESIZE, PERM_ALL, "an unnamed block device",

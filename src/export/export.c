@@ -66,6 +66,16 @@ static void export_node_resized(struct bnode_user *u)
         exp->type->node_resized(exp);
 }
 
+/* An overlay took the node's place (blockdev-snapshot): serve it from now
+ * on.  Main thread, while writes are held. */
+static void export_node_replaced(struct bnode_user *u)
+{
+    struct export *exp = u->opaque;
+    __atomic_store_n(&exp->node, u->bs, __ATOMIC_RELEASE);
+    if (exp->type->node_replaced)
+        exp->type->node_replaced(exp);
+}
+
 /* Hold (+1) or drop (-1) the export's iothreads: they cannot be deleted
  * while it runs in them. */
 static void export_iothreads_ref(struct export *exp, int d)
@@ -174,6 +184,7 @@ int block_export_add(json_t *opts, error **errp)
     exp->node = bs;
     exp->user = user;
     user->resized = export_node_resized;
+    user->replaced = export_node_replaced;
     user->opaque = exp;
     exp->writable = writable;
     exp->writethrough = opt_bool(opts, "writethrough", false);

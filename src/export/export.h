@@ -49,6 +49,10 @@ struct export_type {
      * export shuts down): tell the clients.  NULL: they see it next time
      * they ask (a new NBD client gets the new size). */
     void (*node_resized)(struct export *exp);
+    /* exp->node is another node now (an overlay took its place; main
+     * thread, writes held): drop what was kept of the old one.  NULL:
+     * the type reads exp->node for each request. */
+    void (*node_replaced)(struct export *exp);
     /* x-blockdev-set-iothread: may the export now move to another loop
      * (main thread)?  NULL: never. */
     bool (*can_move)(struct export *exp, error **errp);

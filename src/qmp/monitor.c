@@ -10,6 +10,8 @@
  * bytes read stay in the input buffer and the chardev is not read (so a
  * client that does not read cannot make the daemon buffer replies without
  * bound); when the output drains, a deferred call resumes the input.  A
+ * command whose reply is held back (qmp_reply_hold: it waits for in-flight
+ * writes) pauses the input the same way until the reply is sent.  A
  * client whose queue passes MON_OUT_MAX (events pile up too) is dropped.
  * A client that goes away loses only its own state.
  */
@@ -44,6 +46,7 @@ struct monitor {
     char *in;                          /* bytes read, not yet fed */
     size_t in_len, in_off;
     struct loop_defer resume;
+    struct qmp_reply *waiting;         /* a command's reply held back */
     struct monitor *next;
 };
 
@@ -108,9 +111,19 @@ static void mon_send(struct monitor *m, json_t *msg)
 /* ------------------------------------------------------------------ */
 /* Input */
 
+/* No further request now: the output is too full, or a reply is held. */
 static bool mon_output_full(struct monitor *m)
 {
-    return m->out_len - m->out_off > MON_OUT_PAUSE;
+    return m->out_len - m->out_off > MON_OUT_PAUSE || m->waiting;
+}
+
+/* The held reply of the last request: send it, take requests again. */
+static void mon_reply(void *opaque, json_t *rsp)
+{
+    struct monitor *m = opaque;
+    m->waiting = NULL;
+    mon_send(m, rsp);
+    mon_update_interest(m);
 }
 
 static void mon_message(void *opaque, json_t *value, error *err)
@@ -121,11 +134,13 @@ static void mon_message(void *opaque, json_t *value, error *err)
         rsp = qmp_error_response(error_class_name(err->cls), err->msg);
         error_free(err);
     } else {
-        rsp = qmp_dispatch_session(value, &m->session);
+        rsp = qmp_dispatch_session(value, &m->session, mon_reply, m, &m->waiting);
         json_decref(value);
     }
-    mon_send(m, rsp);
-    json_decref(rsp);
+    if (rsp) {
+        mon_send(m, rsp);
+        json_decref(rsp);
+    }
     if (m->js && (!m->connected || mon_output_full(m)))
         json_stream_stop(m->js);
 }
@@ -177,7 +192,7 @@ static void mon_update_interest(struct monitor *m)
     if (!m->connected)
         return;
     size_t pending = m->out_len - m->out_off;
-    bool full = pending > MON_OUT_PAUSE, unfed = m->in_off < m->in_len;
+    bool full = mon_output_full(m), unfed = m->in_off < m->in_len;
     if (!full && unfed && !m->resume.pending) {
         m->resume.fn = mon_resume;
         m->resume.opaque = m;
@@ -210,6 +225,10 @@ static void mon_closed(struct monitor *m)
     if (!m->connected)
         return;
     m->connected = false;
+    if (m->waiting) {                  /* nobody to answer any more */
+        qmp_reply_cancel(m->waiting);
+        m->waiting = NULL;
+    }
     if (m->js) {
         if (m->feeding) {
             /* inside the stream's own callback: stop it, free it after */

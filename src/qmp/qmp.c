@@ -20,6 +20,7 @@
 #include "util/cleanup.h"
 #include "util/loop.h"
 #include "util/sockets.h"
+#include "util/xalloc.h"
 
 static struct qmp_cmd *commands;
 void (*qmp_quit_hook)(void);
@@ -204,7 +205,40 @@ static json_t *run_command(const char *name, bool oob, json_t *args,
     return ret ? ret : json_object();
 }
 
-json_t *qmp_dispatch_session(json_t *req, struct qmp_session *s)
+/* ---- replies held back ---- */
+
+struct qmp_reply {
+    int holds;
+    json_t *rsp;
+    void (*send)(void *opaque, json_t *rsp);
+    void *opaque;
+};
+
+static struct qmp_reply *running;   /* the command's, while its handler runs */
+
+struct qmp_reply *qmp_reply_hold(void)
+{
+    struct qmp_reply *r = running ? running : xzalloc(sizeof(*r));   /* nobody waits */
+    r->holds++;
+    return r;
+}
+
+void qmp_reply_release(struct qmp_reply *r)
+{
+    if (--r->holds > 0)
+        return;
+    if (r->send)
+        r->send(r->opaque, r->rsp);
+    json_decref(r->rsp);
+    free(r);
+}
+
+void qmp_reply_cancel(struct qmp_reply *r)
+{
+    r->send = NULL;
+}
+
+static json_t *dispatch(json_t *req, struct qmp_session *s)
 {
     error *err = NULL;
     const char *name = NULL;
@@ -223,10 +257,32 @@ json_t *qmp_dispatch_session(json_t *req, struct qmp_session *s)
     return return_response(id, ret);
 }
 
+json_t *qmp_dispatch_session(json_t *req, struct qmp_session *s,
+                             void (*send)(void *opaque, json_t *rsp), void *opaque,
+                             struct qmp_reply **pending)
+{
+    struct qmp_reply *r = xzalloc(sizeof(*r));
+    r->holds = 1;                   /* until the handler has returned */
+    running = r;
+    json_t *rsp = dispatch(req, s);
+    running = NULL;
+    if (r->holds == 1) {
+        free(r);
+        return rsp;
+    }
+    r->rsp = send ? rsp : json_incref(rsp);
+    r->send = send;
+    r->opaque = opaque;
+    if (pending)
+        *pending = r;
+    qmp_reply_release(r);
+    return send ? NULL : rsp;
+}
+
 json_t *qmp_dispatch(json_t *request, bool negotiated)
 {
     struct qmp_session s = { .negotiated = negotiated };
-    return qmp_dispatch_session(request, &s);
+    return qmp_dispatch_session(request, &s, NULL, NULL, NULL);
 }
 
 /* ------------------------------------------------------------------ */

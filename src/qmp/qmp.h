@@ -32,6 +32,14 @@ const struct qmp_cmd *qmp_first(void);   /* iterate with ->next */
     __attribute__((constructor)) static void qmp_cmd_register_##func(void) \
     { qmp_register(&qmp_cmd_##func); }
 
+/* A command that finishes after its handler returned (QEMU's commands that
+ * drain the nodes first): qmp_reply_hold(), in the handler, keeps the
+ * reply back until qmp_reply_release() was called as often; the monitor
+ * takes no further request from that client meanwhile.  Main thread. */
+struct qmp_reply;
+struct qmp_reply *qmp_reply_hold(void);
+void qmp_reply_release(struct qmp_reply *r);
+
 /* Emit an event to every monitor that completed negotiation.  data is
  * stolen (may be NULL).  Thread-safe: other threads are forwarded to the
  * main loop. */

@@ -1,8 +1,11 @@
 /* QAPI definitions of operations on live nodes (QEMU 7.2
- * qapi/block-core.json): block_resize, block-set-write-threshold, x-blockdev-set-iothread. */
+ * qapi/block-core.json): block_resize, block-set-write-threshold,
+ * x-blockdev-set-iothread, blockdev-snapshot. */
 #include "qmp/schema-int.h"
 
 static const char text[] =
+    "{ 'struct': 'BlockdevSnapshot', 'data': { 'node': 'str', 'overlay': 'str' } }\n"
+    "{ 'command': 'blockdev-snapshot', 'data': 'BlockdevSnapshot', 'allow-preconfig': true }\n"
     "{ 'command': 'block_resize',\n"
     "  'data': { '*device': 'str', '*node-name': 'str', 'size': 'int' },\n"
     "  'allow-preconfig': true }\n"

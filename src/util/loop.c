@@ -68,10 +68,13 @@ struct loop {
     uint64_t poll_cur;                 /* ... and now this long (adaptive, loop thread) */
     bool poll_skip;                    /* loop thread: no polling before the next sleep */
     struct loop_poll_stats stats;      /* loop thread */
+    struct loop *all_next;             /* every loop (loop_barrier) */
 };
 
 static __thread struct loop *current_loop;
 static struct loop *main_loop;
+static pthread_mutex_t all_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct loop *all_loops;         /* every loop that exists */
 
 static uint64_t now_ns(void)
 {
@@ -114,6 +117,10 @@ struct loop *loop_new(const char *name)
                                          .registered = true, .fn = wake_read, .opaque = l };
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->wake_watch };
     epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->wakefd, &ev);
+    pthread_mutex_lock(&all_lock);
+    l->all_next = all_loops;
+    all_loops = l;
+    pthread_mutex_unlock(&all_lock);
     return l;
 }
 
@@ -174,10 +181,50 @@ static void free_dead(struct loop *l)
     }
 }
 
+/* ---- barriers ---- */
+
+struct barrier {
+    int pending;                       /* atomic */
+    loop_fn *done;
+    void *opaque;
+};
+
+static void barrier_pass(void *opaque)
+{
+    struct barrier *b = opaque;
+    if (__atomic_sub_fetch(&b->pending, 1, __ATOMIC_ACQ_REL) == 0) {
+        loop_call(main_loop, b->done, b->opaque);
+        free(b);
+    }
+}
+
+void loop_barrier(loop_fn *done, void *opaque)
+{
+    struct barrier *b = xzalloc(sizeof(*b));
+    b->pending = 1;                    /* ours, dropped once every loop is asked */
+    b->done = done;
+    b->opaque = opaque;
+    pthread_mutex_lock(&all_lock);
+    for (struct loop *l = all_loops; l; l = l->all_next)
+        if (l != main_loop) {
+            __atomic_add_fetch(&b->pending, 1, __ATOMIC_RELAXED);
+            loop_call(l, barrier_pass, b);
+        }
+    pthread_mutex_unlock(&all_lock);
+    barrier_pass(b);
+}
+
 void loop_free(struct loop *l)
 {
     if (!l)
         return;
+    pthread_mutex_lock(&all_lock);
+    for (struct loop **p = &all_loops; *p; p = &(*p)->all_next)
+        if (*p == l) {
+            *p = l->all_next;
+            break;
+        }
+    pthread_mutex_unlock(&all_lock);
     if (l->aio)
         aio_engine_free(l->aio);
     free_dead(l);
@@ -187,6 +234,8 @@ void loop_free(struct loop *l)
     while (l->calls) {
         struct loop_call_item *c = l->calls;
         l->calls = c->next;
+        if (c->fn == barrier_pass)
+            c->fn(c->opaque);          /* a barrier passes a loop that is gone */
         free(c);
     }
     free(l->name);

@@ -86,6 +86,11 @@ void loop_timer_free(struct loop_timer *t);   /* cancels too */
 
 /* Thread-safe: run fn(opaque) in l's thread soon (FIFO order). */
 void loop_call(struct loop *l, loop_fn *fn, void *opaque);
+/* Main thread: run done(opaque) in the main loop once every other loop
+ * has finished what it was doing when this was called (each ran a call
+ * queued now; a loop freed meanwhile counts as passed).  What a loop
+ * thread reads after that sees every store the caller made before. */
+void loop_barrier(loop_fn *done, void *opaque);
 /* Same-thread: run fn(opaque) before the loop next sleeps.  The caller
  * provides the storage so that the data path needs no allocation; a
  * pending defer must not be queued twice (check loop_defer_pending). */

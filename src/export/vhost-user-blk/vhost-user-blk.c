@@ -1177,6 +1177,12 @@ static void vub_resized_in_loop(void *opaque)
 
 /* Main thread, never while shutting down: the call runs in the export's
  * loop before any shutdown step queued after it. */
+static void vub_node_replaced(struct export *exp)
+{
+    struct vub_export *vx = (struct vub_export *)exp;
+    __atomic_store_n(&vx->dev.bs, exp->node, __ATOMIC_RELEASE);
+}
+
 static void vub_node_resized(struct export *exp)
 {
     struct vub_export *vx = (struct vub_export *)exp;
@@ -1315,6 +1321,7 @@ static const struct export_type vhost_user_blk_type = {
     .shutdown = vub_shutdown,
     .free = vub_free,
     .node_resized = vub_node_resized,
+    .node_replaced = vub_node_replaced,
     .can_move = vub_can_move,
     .moved = vub_moved,
     .multi_iothread = true,

@@ -1,0 +1,270 @@
+"""blockdev-snapshot: an overlay takes a node's place under its exports.
+
+The overlay is a qcow2 node opened with blockdev-add and no backing file.
+After the command the exports serve the overlay, whose backing file is the
+old node; the old node is read-only and keeps the point in time.  Checked
+against qemu-storage-daemon: the errors, the graph and the node list after
+it, and the data, read through the export, from the old image file and from
+the overlay's image; writes in flight across the command must all land.
+"""
+import json
+import os
+import subprocess
+import threading
+
+import nbd
+import pytest
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+def qcow2(path, size=SIZE):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)], check=True)
+
+
+def overlay(d, name, **kw):
+    return dict(driver="qcow2", node_name=name, backing=None,
+                file={"driver": "file", "filename": os.path.join(d, name + ".qcow2")}, **kw)
+
+
+@pytest.fixture
+def served(impl, start_daemon, tmpdir_short):
+    """A raw image of 0x11 bytes, exported writable over NBD as node 'base'."""
+    d = tmpdir_short
+    base = os.path.join(d, "base.raw")
+    with open(base, "wb") as f:
+        f.write(b"\x11" * SIZE)
+    for n in ("ov", "ov2", "ro", "busy"):
+        qcow2(os.path.join(d, n + ".qcow2"))
+    sock = os.path.join(d, "nbd.sock")
+    daemon = start_daemon(impl, "--blockdev", "driver=file,node-name=bf,filename=%s" % base,
+                          "--blockdev", "driver=raw,node-name=base,file=bf",
+                          "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                          "--export", "type=nbd,id=e,node-name=base,name=e,writable=on,"
+                          "allocation-depth=on")
+    return daemon, d, "nbd+unix:///e?socket=%s" % sock
+
+
+def err(m, cmd, **args):
+    return m.error(cmd, **args)["desc"]
+
+
+def graph(m):
+    """x-debug-query-block-graph as (parent, edge, child, perm, shared) by name."""
+    g = m.execute("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] if not n["name"].startswith("#") else "#" for n in g["nodes"]}
+    return sorted((names[e["parent"]], e["name"], names[e["child"]], sorted(e["perm"]),
+                   sorted(e["shared-perm"])) for e in g["edges"])
+
+
+def test_errors_match_qemu(served):
+    daemon, d, uri = served
+    m = daemon.qmp()
+    assert err(m, "blockdev-snapshot", node="nope", overlay="x") == \
+        "Cannot find device='nope' nor node-name='nope'"
+    assert err(m, "blockdev-snapshot", node="base", overlay="x") == \
+        "Cannot find device='x' nor node-name='x'"
+    # used by an export, itself or through a node above it
+    assert err(m, "blockdev-snapshot", node="base", overlay="base") == \
+        "The overlay is already in use"
+    assert err(m, "blockdev-snapshot", node="base", overlay="bf") == \
+        "The overlay is already in use"
+    m.execute("blockdev-add", driver="raw", node_name="r2",
+              file={"driver": "file", "filename": os.path.join(d, "ro.qcow2")})
+    assert err(m, "blockdev-snapshot", node="base", overlay="r2") == \
+        "The overlay does not support backing images"
+    m.execute("blockdev-del", node_name="r2")
+    # a read-only overlay cannot take a writable export
+    m.execute("blockdev-add", **overlay(d, "ro", read_only=True))
+    assert err(m, "blockdev-snapshot", node="base", overlay="ro") == "Block node is read-only"
+    m.execute("blockdev-del", node_name="ro")
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    assert err(m, "blockdev-snapshot", node="ov", overlay="ov") == \
+        "Making 'ov' a backing child of 'ov' would create a cycle"
+    assert err(m, "transaction",
+               actions=[{"type": "blockdev-snapshot", "data": {"node": "base", "overlay": "ov"}}],
+               properties={"completion-mode": "grouped"}) == \
+        "Action 'blockdev-snapshot' does not support Transaction property completion-mode = grouped"
+    # a failed transaction undoes it: the export stays on base, ov has no backing
+    assert err(m, "transaction",
+               actions=[{"type": "blockdev-snapshot", "data": {"node": "base", "overlay": "ov"}},
+                        {"type": "abort", "data": {}}]) == "Transaction aborted using Abort action"
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["base"]
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert nodes["ov"]["backing_file_depth"] == 0 and not nodes["base"]["ro"]
+    assert m.execute("blockdev-snapshot", node="base", overlay="ov") == {}
+    # the old node is a backing node now: busy for what QEMU blocks there
+    busy = "Node 'base' is busy: node is used as backing hd of 'ov'"
+    m.execute("blockdev-add", **overlay(d, "ov2"))
+    assert err(m, "blockdev-snapshot", node="base", overlay="ov2") == busy
+    assert err(m, "blockdev-del", node_name="base") == busy
+    assert err(m, "block_resize", node_name="base", size=SIZE) == "Device '(null)' is in use"
+    assert err(m, "blockdev-snapshot", node="ov", overlay="base") == \
+        "The overlay is already in use"
+    assert err(m, "blockdev-del", node_name="ov") == "Node ov is in use"
+
+
+def test_graph_and_nodes_after_two_snapshots(impl, served):
+    daemon, d, uri = served
+    m = daemon.qmp()
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    m.execute("blockdev-snapshot", node="base", overlay="ov")
+    m.execute("blockdev-add", **overlay(d, "ov2"))
+    m.execute("blockdev-snapshot", node="ov", overlay="ov2")
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["ov2"]
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    # the old nodes are read-only now (QEMU reopens them so), the chain is base <- ov <- ov2
+    assert (nodes["base"]["ro"], nodes["ov"]["ro"], nodes["ov2"]["ro"]) == (True, True, False)
+    assert nodes["ov2"]["backing_file_depth"] == 2
+    assert nodes["ov2"]["image"]["backing-image"]["backing-image"]["filename"] == \
+        os.path.join(d, "base.raw")
+    # QEMU's file name for an overlay whose header names no backing file
+    assert nodes["ov"]["file"] == "json:" + json.dumps(
+        {"backing": {"driver": "raw", "file": {"driver": "file",
+                                               "filename": os.path.join(d, "base.raw")}},
+         "driver": "qcow2",
+         "file": {"driver": "file", "filename": os.path.join(d, "ov.qcow2")}})
+    assert graph(m) == sorted([
+        ("", "root", "ov2", ["consistent-read", "write"],
+         ["consistent-read", "write", "write-unchanged"]),
+        ("ov2", "file", "#", ["consistent-read", "resize", "write"],
+         ["consistent-read", "write-unchanged"]),
+        ("ov2", "backing", "ov", ["consistent-read"],
+         ["consistent-read", "resize", "write", "write-unchanged"]),
+        ("ov", "file", "#", ["consistent-read"], ["consistent-read", "write-unchanged"]),
+        ("ov", "backing", "base", ["consistent-read"],
+         ["consistent-read", "resize", "write", "write-unchanged"]),
+        ("base", "file", "bf", ["consistent-read"],
+         ["consistent-read", "resize", "write", "write-unchanged"]),
+    ])
+
+
+def test_data_through_the_export_and_in_the_images(impl, served):
+    daemon, d, uri = served
+    m = daemon.qmp()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\x22" * 65536, 0)                  # before: into base
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    m.execute("blockdev-snapshot", node="base", overlay="ov")
+    # the same connection goes on, now on the overlay
+    h.pwrite(b"\x33" * 4096, 4096)                # part of a cluster: copy-on-write
+    h.pwrite(b"\x44" * 65536, 2 * MiB)
+    h.flush()
+    assert h.pread(8192, 0) == b"\x22" * 4096 + b"\x33" * 4096
+    assert h.pread(65536, 2 * MiB) == b"\x44" * 65536
+    assert h.pread(4096, 3 * MiB) == b"\x11" * 4096
+    # the old image holds the point in time, and no longer changes
+    with open(os.path.join(d, "base.raw"), "rb") as f:
+        old = f.read()
+    assert old[:65536] == b"\x22" * 65536 and old[65536:] == b"\x11" * (SIZE - 65536)
+    # a new client sees the overlay; its block status shows the layers
+    h2 = nbd.NBD()
+    h2.add_meta_context("qemu:allocation-depth")
+    h2.connect_uri(uri)
+    depths = []
+    h2.block_status(SIZE, 0, lambda ctx, off, ents, err: depths.extend(ents[1::2]) or 0)
+    assert depths[0] == 1 and 2 in depths        # the overlay, then base
+    h.shutdown()
+    h2.shutdown()
+    daemon.stop()
+    # the overlay's image, read with its backing file given as QEMU names it
+    spec = {"driver": "qcow2", "file": {"driver": "file",
+                                        "filename": os.path.join(d, "ov.qcow2")},
+            "backing": {"driver": "raw", "file": {"driver": "file",
+                                                  "filename": os.path.join(d, "base.raw")}}}
+    out = os.path.join(d, "flat.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", "json:" + json.dumps(spec), out],
+                   check=True)
+    with open(out, "rb") as f:
+        flat = f.read()
+    assert flat[:8192] == b"\x22" * 4096 + b"\x33" * 4096
+    assert flat[8192:65536] == b"\x22" * (65536 - 8192)
+    assert flat[2 * MiB:2 * MiB + 65536] == b"\x44" * 65536
+    assert flat[3 * MiB:] == b"\x11" * MiB
+
+
+@pytest.fixture
+def served_iothread(impl, start_daemon, tmpdir_short):
+    """The same export, run by an iothread: the switch races its thread."""
+    d = tmpdir_short
+    base = os.path.join(d, "base.raw")
+    with open(base, "wb") as f:
+        f.write(b"\x11" * SIZE)
+    qcow2(os.path.join(d, "ov.qcow2"))
+    sock = os.path.join(d, "nbd.sock")
+    daemon = start_daemon(impl, "--object", "iothread,id=io0",
+                          "--blockdev", "driver=file,node-name=bf,filename=%s" % base,
+                          "--blockdev", "driver=raw,node-name=base,file=bf",
+                          "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                          "--export", "type=nbd,id=e,node-name=base,name=e,writable=on,"
+                          "iothread=io0")
+    return daemon, d, "nbd+unix:///e?socket=%s" % sock
+
+
+@pytest.mark.parametrize("where", ["main", "iothread"])
+def test_writes_in_flight_across_the_snapshot(impl, request, where):
+    """Writes of 4 KiB into 64 KiB clusters, many in flight while the
+    snapshot is taken: every write acknowledged is read back after it; the
+    old image does not change once the command has answered, and holds,
+    per block, the old bytes or a whole write."""
+    daemon, d, uri = request.getfixturevalue("served" if where == "main" else "served_iothread")
+    m = daemon.qmp()
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    blocks = SIZE // 4096
+    order = [(i * 37) % blocks for i in range(blocks)]    # every block once, scattered
+    bufs = {}
+    started = threading.Event()
+
+    def writer():
+        inflight = []
+        for n, b in enumerate(order):
+            buf = nbd.Buffer.from_bytearray(bytearray([b % 251 + 1]) * 4096)
+            bufs[b] = buf
+            inflight.append(h.aio_pwrite(buf, b * 4096))
+            if n == 64:
+                started.set()
+            while h.aio_in_flight() >= 32:
+                h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for c in inflight:
+            assert h.aio_command_completed(c)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    started.wait(30)
+    m.execute("blockdev-snapshot", node="base", overlay="ov")
+    with open(os.path.join(d, "base.raw"), "rb") as f:
+        at_reply = f.read()           # the point in time: it must not change now
+    t.join(60)
+    assert not t.is_alive()
+    data = h.pread(SIZE, 0)
+    for b in range(blocks):
+        assert data[b * 4096:(b + 1) * 4096] == bytes([b % 251 + 1]) * 4096, b
+    with open(os.path.join(d, "base.raw"), "rb") as f:
+        old = f.read()
+    assert old == at_reply
+    for b in range(blocks):
+        blk = old[b * 4096:(b + 1) * 4096]
+        assert blk in (b"\x11" * 4096, bytes([b % 251 + 1]) * 4096), b
+    h.shutdown()
+
+
+def test_transaction_with_a_bitmap_on_the_overlay(served):
+    daemon, d, uri = served
+    m = daemon.qmp()
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    m.execute("transaction", actions=[
+        {"type": "blockdev-snapshot", "data": {"node": "base", "overlay": "ov"}},
+        {"type": "block-dirty-bitmap-add", "data": {"node": "ov", "name": "b0"}}])
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\x55" * 4096, MiB)
+    h.flush()
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert [(b["name"], b["count"]) for b in nodes["ov"]["dirty-bitmaps"]] == [("b0", 65536)]
+    h.shutdown()
