@@ -268,3 +268,53 @@ def test_transaction_with_a_bitmap_on_the_overlay(served):
     nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
     assert [(b["name"], b["count"]) for b in nodes["ov"]["dirty-bitmaps"]] == [("b0", 65536)]
     h.shutdown()
+
+
+def test_under_a_vhost_user_blk_export(impl, start_daemon, tmpdir_short):
+    """The device keeps its front-end; what it writes after goes to the overlay."""
+    import test_vhost_user_blk as vt
+    vt.need_client()
+    d = tmpdir_short
+    img = os.path.join(d, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    qcow2(os.path.join(d, "ov.qcow2"))
+    sock = os.path.join(d, "vub.sock")
+    daemon = start_daemon(impl, *vt.export_args(img, sock, ",num-queues=2"))
+    m = daemon.qmp()
+    a, b = vt.vub_pattern(65536, 1), vt.vub_pattern(65536, 2)
+    assert vt.vub(sock, "write", 0, 65536, 1) == {"status": 0}
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    m.execute("blockdev-snapshot", node="disk", overlay="ov")
+    assert vt.vub(sock, "write", 32768, 65536, 2) == {"status": 0}
+    back = vt.vub(sock, "read", 0, 98304, binary=True).stdout
+    assert back == a[:32768] + b
+    assert vt.file_range(img, 0, 98304) == a + b"\0" * 32768   # the old image: A only
+
+
+def test_under_a_fuse_export(impl, start_daemon, tmpdir_short):
+    import test_fuse as ft
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    d = tmpdir_short
+    img = os.path.join(d, "disk.img")
+    with open(img, "wb") as f:
+        f.write(b"\x11" * SIZE)
+    qcow2(os.path.join(d, "ov.qcow2"))
+    fx = ft.Fuse(start_daemon, impl, d, img)
+    try:
+        m = fx.qmp()
+        fd = fx.open()
+        os.pwrite(fd, b"\x22" * 4096, 0)
+        os.fsync(fd)
+        m.execute("blockdev-add", **overlay(d, "ov"))
+        m.execute("blockdev-snapshot", node="d", overlay="ov")
+        os.pwrite(fd, b"\x33" * 4096, 8192)
+        os.fsync(fd)
+        assert os.pread(fd, 12288, 0) == b"\x22" * 4096 + b"\x11" * 4096 + b"\x33" * 4096
+        os.close(fd)
+        with open(img, "rb") as f:
+            assert f.read(12288) == b"\x22" * 4096 + b"\x11" * 8192
+    finally:
+        fx.daemon.stop()
+        ft.unmount_all(fx.mnt)
