@@ -318,3 +318,22 @@ def test_under_a_fuse_export(impl, start_daemon, tmpdir_short):
     finally:
         fx.daemon.stop()
         ft.unmount_all(fx.mnt)
+
+
+def test_pipelined_requests_wait_for_the_reply(served):
+    """The reply comes after the writes have settled; requests sent behind
+    it in the same write are answered after it, in order."""
+    daemon, d, uri = served
+    m = daemon.qmp()
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    reqs = [{"execute": "blockdev-snapshot", "arguments": {"node": "base", "overlay": "ov"},
+             "id": 1},
+            {"execute": "query-block-exports", "id": 2},
+            {"execute": "blockdev-snapshot", "arguments": {"node": "base", "overlay": "ov"},
+             "id": 3}]
+    m.send_raw("".join(json.dumps(r) for r in reqs))
+    r1, r2, r3 = (m.recv_response() for _ in range(3))
+    assert (r1["id"], r1["return"]) == (1, {})
+    assert (r2["id"], [e["node-name"] for e in r2["return"]]) == (2, ["ov"])
+    assert (r3["id"], r3["error"]["desc"]) == \
+        (3, "Node 'base' is busy: node is used as backing hd of 'ov'")
