@@ -10,6 +10,7 @@
  * does not yield at all.
  */
 #include <errno.h>
+#include <pthread.h>
 #include "block/block.h"
 #include "util/coroutine.h"
 #include "util/loop.h"
@@ -90,4 +91,47 @@ int bnode_co_pdiscard(struct bnode *bs, uint64_t offset, uint64_t bytes)
 int bnode_co_flush(struct bnode *bs)
 {
     return co_submit(bs, BREQ_FLUSH, 0, 0, NULL, 0, 0);
+}
+
+/* ---- a coroutine run to its end from the main thread ---- */
+
+struct co_sync {
+    int (*fn)(void *opaque);
+    void *opaque;
+    struct loop *loop;
+    int ret;
+};
+
+static void co_sync_body(void *opaque)
+{
+    struct co_sync *cs = opaque;
+    cs->ret = cs->fn(cs->opaque);
+    loop_stop(cs->loop);
+}
+
+static void co_sync_start(void *opaque)
+{
+    co_enter(co_create(co_sync_body, opaque));
+}
+
+static void *co_sync_thread(void *opaque)
+{
+    struct co_sync *cs = opaque;
+    loop_call(cs->loop, co_sync_start, cs);
+    loop_run(cs->loop);
+    co_pool_drain();
+    return NULL;
+}
+
+int bnode_co_run_sync(int (*fn)(void *opaque), void *opaque)
+{
+    struct co_sync cs = { .fn = fn, .opaque = opaque, .loop = loop_new("co-sync") };
+    pthread_t t;
+    if (pthread_create(&t, NULL, co_sync_thread, &cs) != 0) {
+        loop_free(cs.loop);
+        return -EAGAIN;
+    }
+    pthread_join(t, NULL);
+    loop_free(cs.loop);
+    return cs.ret;
 }

@@ -518,6 +518,10 @@ int bnode_co_pwrite(struct bnode *bs, uint64_t offset, uint64_t bytes, const voi
 int bnode_co_pwrite_zeroes(struct bnode *bs, uint64_t offset, uint64_t bytes, unsigned flags);
 int bnode_co_pdiscard(struct bnode *bs, uint64_t offset, uint64_t bytes);
 int bnode_co_flush(struct bnode *bs);
+/* Main thread: run fn(opaque) in a coroutine of a loop thread of its own
+ * and wait for its end (QEMU's synchronous image creation; nothing else
+ * runs in the main loop meanwhile).  Returns what fn returned. */
+int bnode_co_run_sync(int (*fn)(void *opaque), void *opaque);
 
 /* blockdev-create, per driver name (create.c).  create() starts making
  * the image that opts (the checked BlockdevCreateOptions) describe, as the
@@ -536,6 +540,9 @@ void blockdev_create_register(struct blockdev_create_driver *d);
     __attribute__((constructor)) static void blockdev_create_register_##fn(void)   \
     { blockdev_create_register(&blockdev_create_##fn); }
 void blockdev_create_done(struct job *job, int ret, error *err);
+/* Make a qcow2 image now, from the main thread (blockdev-snapshot-sync):
+ * opts as blockdev-create's BlockdevCreateOptionsQcow2. */
+int qcow2_create_sync(json_t *opts, error **errp);
 
 /* Driver registry */
 void bdrv_register(const struct bdrv *drv);

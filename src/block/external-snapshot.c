@@ -1,7 +1,8 @@
 /*
- * blockdev-snapshot (the command, and the transaction action): an overlay
- * node, opened beforehand with blockdev-add and no backing file, takes the
- * place of a node under its exports, with that node as its backing file.
+ * blockdev-snapshot and blockdev-snapshot-sync (the commands, and the
+ * transaction actions): an overlay node, opened beforehand with
+ * blockdev-add and no backing file (or, -sync, made and opened here), takes
+ * the place of a node under its exports, with that node as its backing file.
  * What the exports write from then on goes to the overlay; the old node
  * keeps the point in time and is reopened read-only (QEMU 7.2's
  * external_snapshot_prepare/commit and bdrv_append).
@@ -23,15 +24,18 @@
  *
  * Not done: a node that other nodes use (a parent's file or backing
  * child) is refused with a clear error rather than re-linked under its
- * parents; QEMU re-links them.  blockdev-snapshot-sync, which also makes
- * the overlay's image, is not there: blockdev-create makes it.
+ * parents; QEMU re-links them.  -sync makes qcow2 images only.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "block/block.h"
 #include "block/block-job.h"
 #include "block/transaction.h"
 #include "qmp/qmp.h"
+#include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
 #include "util/opts.h"
@@ -43,6 +47,7 @@ struct snap {
     struct bnode_user **moved;      /* the old node's users now on the overlay */
     size_t nmoved;
     bool referenced;
+    bool owned;                     /* blockdev-snapshot-sync opened the overlay */
     bool appended;
     bool committed;
     struct qmp_reply *reply;
@@ -144,16 +149,9 @@ static int append(struct snap *s, error **errp)
     return 0;
 }
 
-static int snap_prepare(struct txn_action *a, json_t *data, error **errp)
+/* The overlay's checks (QEMU's order), then the append. */
+static int overlay_prepare(struct snap *s, error **errp)
 {
-    struct snap *s = xzalloc(sizeof(*s));
-    a->opaque = s;
-    s->old = find(opt_str(data, "node", ""), errp);
-    if (!s->old || check_busy(s->old, errp) < 0)
-        return -1;
-    s->overlay = find(opt_str(data, "overlay", ""), errp);
-    if (!s->overlay)
-        return -1;
     if (has_root_user(s->overlay)) {
         error_setg(errp, "The overlay is already in use");
         return -1;
@@ -174,11 +172,104 @@ static int snap_prepare(struct txn_action *a, json_t *data, error **errp)
     return append(s, errp);
 }
 
+static int snap_prepare(struct txn_action *a, json_t *data, error **errp)
+{
+    struct snap *s = xzalloc(sizeof(*s));
+    a->opaque = s;
+    s->old = find(opt_str(data, "node", ""), errp);
+    if (!s->old || check_busy(s->old, errp) < 0)
+        return -1;
+    s->overlay = find(opt_str(data, "overlay", ""), errp);
+    if (!s->overlay)
+        return -1;
+    return overlay_prepare(s, errp);
+}
+
+/* blockdev-snapshot-sync's image (QEMU's bdrv_img_create): qcow2, as big
+ * as the old node, naming it as backing file with its driver as format. */
+static int make_image(struct bnode *old, const char *path, const char *format,
+                      error **errp)
+{
+    if (!strcmp(format, "raw")) {
+        error_setg(errp, "Backing file not supported for file format 'raw'");
+        return -1;
+    }
+    if (strcmp(format, "qcow2")) {
+        error_setg(errp, "Unknown file format '%s'", format);
+        return -1;
+    }
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0 || ftruncate(fd, 0) < 0) {
+        error_setg(errp, "Could not create '%s': %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    close(fd);
+    CLEANUP_FREE char *backing = bnode_filename(old);
+    CLEANUP_JSON json_t *opts = json_pack(
+        "{s:s, s:{s:s, s:s}, s:I, s:s, s:s}", "driver", "qcow2", "file", "driver", "file",
+        "filename", path, "size", (json_int_t)bnode_round_size(old->size), "backing-file",
+        backing, "backing-fmt", old->drv->name);
+    return qcow2_create_sync(opts, errp) < 0 ? -1 : 0;
+}
+
+static int sync_prepare(struct txn_action *a, json_t *data, error **errp)
+{
+    struct snap *s = xzalloc(sizeof(*s));
+    a->opaque = s;
+    const char *device = opt_str(data, "device", NULL);
+    const char *node = opt_str(data, "node-name", NULL);
+    const char *snode = opt_str(data, "snapshot-node-name", NULL);
+    const char *path = opt_str(data, "snapshot-file", "");
+    const char *format = opt_str(data, "format", "qcow2");
+    s->old = node ? bnode_find(node) : NULL;       /* qsd has no devices */
+    if (!s->old) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device ? device : "",
+                   node ? node : "");
+        return -1;
+    }
+    if (check_busy(s->old, errp) < 0)
+        return -1;
+    if (!snode) {
+        error_setg(errp, "New overlay node-name missing");
+        return -1;
+    }
+    if (bnode_find(snode)) {
+        error_setg(errp, "New overlay node-name already in use");
+        return -1;
+    }
+    if (strcmp(opt_str(data, "mode", "absolute-paths"), "existing") &&
+        make_image(s->old, path, format, errp) < 0)
+        return -1;
+    /* opened as the old node is (read-only, cache modes), without the
+     * backing file its header names: the old node becomes it */
+    CLEANUP_JSON json_t *opts = json_pack(
+        "{s:s, s:s, s:b, s:{s:b, s:b}, s:{s:s, s:s}}", "driver", format, "node-name", snode,
+        "read-only", s->old->read_only, "cache", "direct", s->old->cache_direct, "no-flush",
+        s->old->cache_no_flush, "file", "driver", "file", "filename", path);
+    if (!strcmp(format, "qcow2"))
+        json_object_set_new(opts, "backing", json_null());
+    s->overlay = blockdev_add(opts, errp);
+    if (!s->overlay)
+        return -1;
+    s->owned = true;
+    return overlay_prepare(s, errp);
+}
+
 static void snap_abort(struct txn_action *a)
 {
     struct snap *s = a->opaque;
     if (s->appended)
         unappend(s);
+}
+
+/* A failed blockdev-snapshot-sync closes the overlay it opened (its
+ * image file stays, as QEMU leaves it). */
+static void close_owned(struct snap *s)
+{
+    if (s->owned)
+        blockdev_del(s->overlay->node_name, NULL);
 }
 
 /* Every loop has passed the switch: nothing reaches the old node any more. */
@@ -232,6 +323,7 @@ static void snap_clean(struct txn_action *a)
         bnode_unref(s->old);
         bnode_unref(s->overlay);
     }
+    close_owned(s);
     free(s->moved);
     free(s);
 }
@@ -242,15 +334,33 @@ static struct txn_ops snapshot_ops = {
 };
 TRANSACTION_ACTION(snapshot_ops)
 
-static json_t *qmp_blockdev_snapshot(json_t *args, error **errp)
+static struct txn_ops snapshot_sync_ops = {
+    .type = "blockdev-snapshot-sync", .prepare = sync_prepare, .commit = snap_commit,
+    .abort = snap_abort, .clean = snap_clean,
+};
+TRANSACTION_ACTION(snapshot_sync_ops)
+
+/* The command: the action alone. */
+static json_t *run_one(const struct txn_ops *ops, json_t *args, error **errp)
 {
-    struct txn_action a = { .ops = &snapshot_ops };
-    int ret = snap_prepare(&a, args, errp);
+    struct txn_action a = { .ops = ops };
+    int ret = ops->prepare(&a, args, errp);
     if (ret < 0)
-        snap_abort(&a);
+        ops->abort(&a);
     else
-        snap_commit(&a);
-    snap_clean(&a);
+        ops->commit(&a);
+    ops->clean(&a);
     return ret < 0 ? NULL : json_object();
 }
+
+static json_t *qmp_blockdev_snapshot(json_t *args, error **errp)
+{
+    return run_one(&snapshot_ops, args, errp);
+}
 QMP_COMMAND("blockdev-snapshot", qmp_blockdev_snapshot)
+
+static json_t *qmp_blockdev_snapshot_sync(json_t *args, error **errp)
+{
+    return run_one(&snapshot_sync_ops, args, errp);
+}
+QMP_COMMAND("blockdev-snapshot-sync", qmp_blockdev_snapshot_sync)

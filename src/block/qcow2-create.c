@@ -860,9 +860,9 @@ out:
     return ret;
 }
 
-static int qc_create_co(struct job *job, error **errp)
+/* Open the children, check, make the image; frees s. */
+static int qc_create(struct qc_job_state *s, error **errp)
 {
-    struct qc_job_state *s = job->opaque;
     struct qc_opts *q = &s->q;
     int ret;
 
@@ -909,8 +909,35 @@ done:
     if (s->file)
         bnode_unref(s->file);
     free(s);
+    return ret;
+}
+
+static int qc_create_co(struct job *job, error **errp)
+{
+    int ret = qc_create(job->opaque, errp);
     job->opaque = NULL;
     job_progress_update(job, 1);
+    return ret;
+}
+
+struct qc_sync {
+    struct qc_job_state *s;
+    error **errp;
+};
+
+static int qc_create_sync_co(void *opaque)
+{
+    struct qc_sync *cs = opaque;
+    return qc_create(cs->s, cs->errp);
+}
+
+int qcow2_create_sync(json_t *opts, error **errp)
+{
+    struct qc_sync cs = { .s = xzalloc(sizeof(*cs.s)), .errp = errp };
+    qc_parse(opts, &cs.s->q);
+    int ret = bnode_co_run_sync(qc_create_sync_co, &cs);
+    if (ret < 0 && errp && !*errp)
+        error_setg_errno(errp, -ret, "Could not create the image");
     return ret;
 }
 

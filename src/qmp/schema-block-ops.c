@@ -1,11 +1,17 @@
 /* QAPI definitions of operations on live nodes (QEMU 7.2
  * qapi/block-core.json): block_resize, block-set-write-threshold,
- * x-blockdev-set-iothread, blockdev-snapshot. */
+ * x-blockdev-set-iothread, blockdev-snapshot(-sync). */
 #include "qmp/schema-int.h"
 
 static const char text[] =
     "{ 'struct': 'BlockdevSnapshot', 'data': { 'node': 'str', 'overlay': 'str' } }\n"
     "{ 'command': 'blockdev-snapshot', 'data': 'BlockdevSnapshot', 'allow-preconfig': true }\n"
+    "{ 'enum': 'NewImageMode', 'data': [ 'existing', 'absolute-paths' ] }\n"
+    "{ 'struct': 'BlockdevSnapshotSync',\n"
+    "  'data': { '*device': 'str', '*node-name': 'str', 'snapshot-file': 'str',\n"
+    "            '*snapshot-node-name': 'str', '*format': 'str', '*mode': 'NewImageMode' } }\n"
+    "{ 'command': 'blockdev-snapshot-sync', 'data': 'BlockdevSnapshotSync',\n"
+    "  'allow-preconfig': true }\n"
     "{ 'command': 'block_resize',\n"
     "  'data': { '*device': 'str', '*node-name': 'str', 'size': 'int' },\n"
     "  'allow-preconfig': true }\n"

@@ -337,3 +337,87 @@ def test_pipelined_requests_wait_for_the_reply(served):
     assert (r2["id"], [e["node-name"] for e in r2["return"]]) == (2, ["ov"])
     assert (r3["id"], r3["error"]["desc"]) == \
         (3, "Node 'base' is busy: node is used as backing hd of 'ov'")
+
+
+# ---- blockdev-snapshot-sync: the overlay's image made too ----
+
+def test_sync_errors_match_qemu(served):
+    daemon, d, uri = served
+    m = daemon.qmp()
+    path = os.path.join(d, "s.qcow2")
+    assert err(m, "blockdev-snapshot-sync", snapshot_file=path) == \
+        "Cannot find device='' nor node-name=''"
+    assert err(m, "blockdev-snapshot-sync", device="base", snapshot_file=path) == \
+        "Cannot find device='base' nor node-name=''"
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=path) == \
+        "New overlay node-name missing"
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=path,
+               snapshot_node_name="bf") == "New overlay node-name already in use"
+    nodir = os.path.join(d, "nodir", "s.qcow2")
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=nodir,
+               snapshot_node_name="s") == \
+        "Could not create '%s': No such file or directory" % nodir
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=path,
+               snapshot_node_name="s", format="nope") == "Unknown file format 'nope'"
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=path,
+               snapshot_node_name="s", format="raw") == \
+        "Backing file not supported for file format 'raw'"
+    missing = os.path.join(d, "missing.qcow2")
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=missing,
+               snapshot_node_name="s", mode="existing") == \
+        "Could not open '%s': No such file or directory" % missing
+    # nothing was left behind: the node name is free, the export on base
+    assert "s" not in {n["node-name"] for n in m.execute("query-named-block-nodes")}
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["base"]
+
+
+@pytest.mark.parametrize("mode", ["absolute-paths", "existing"])
+def test_sync_makes_qemus_image(impl, served, mode):
+    daemon, d, uri = served
+    m = daemon.qmp()
+    base = os.path.join(d, "base.raw")
+    path = os.path.join(d, "s.qcow2")
+    ref = os.path.join(d, "ref.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ref,
+                    str(SIZE)], check=True)
+    if mode == "existing":
+        subprocess.run(["cp", ref, path], check=True)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\x22" * 65536, 0)
+    with open(ref, "rb") as f:
+        want = f.read()
+    args = dict(node_name="base", snapshot_file=path, snapshot_node_name="s")
+    if mode == "existing":
+        args["mode"] = "existing"
+    assert m.execute("blockdev-snapshot-sync", **args) == {}
+    with open(path, "rb") as f:
+        assert f.read() == want            # byte for byte what qemu-img makes
+    h.pwrite(b"\x33" * 4096, 4096)
+    h.flush()
+    assert h.pread(12288, 0) == b"\x22" * 4096 + b"\x33" * 4096 + b"\x22" * 4096
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert nodes["s"]["file"] == path      # the header names the backing file
+    assert nodes["s"]["backing_file"] == base and nodes["base"]["ro"]
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["s"]
+    h.shutdown()
+    daemon.stop()
+    out = os.path.join(d, "flat.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", path, out], check=True)
+    with open(out, "rb") as f:
+        assert f.read(12288) == b"\x22" * 4096 + b"\x33" * 4096 + b"\x22" * 4096
+
+
+def test_sync_in_a_failed_transaction(served):
+    """Aborted: the overlay opened for it goes again, the export stays."""
+    daemon, d, uri = served
+    m = daemon.qmp()
+    path = os.path.join(d, "s.qcow2")
+    assert err(m, "transaction", actions=[
+        {"type": "blockdev-snapshot-sync",
+         "data": {"node-name": "base", "snapshot-file": path, "snapshot-node-name": "s"}},
+        {"type": "abort", "data": {}}]) == "Transaction aborted using Abort action"
+    assert "s" not in {n["node-name"] for n in m.execute("query-named-block-nodes")}
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["base"]
+    assert m.execute("blockdev-snapshot-sync", node_name="base", snapshot_file=path,
+                     snapshot_node_name="s") == {}
