@@ -543,6 +543,9 @@ void blockdev_create_done(struct job *job, int ret, error *err);
 /* Make a qcow2 image now, from the main thread (blockdev-snapshot-sync):
  * opts as blockdev-create's BlockdevCreateOptionsQcow2. */
 int qcow2_create_sync(json_t *opts, error **errp);
+/* ... and its file, empty, as blockdev-create of driver "file" makes it
+ * (refused while another user holds its image locks). */
+int file_create_now(const char *filename, error **errp);
 
 /* Driver registry */
 void bdrv_register(const struct bdrv *drv);

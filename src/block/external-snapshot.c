@@ -26,11 +26,8 @@
  * child) is refused with a clear error rather than re-linked under its
  * parents; QEMU re-links them.  -sync makes qcow2 images only.
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 #include "block/block.h"
 #include "block/block-job.h"
 #include "block/transaction.h"
@@ -198,15 +195,14 @@ static int make_image(struct bnode *old, const char *path, const char *format,
         error_setg(errp, "Unknown file format '%s'", format);
         return -1;
     }
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0 || ftruncate(fd, 0) < 0) {
-        error_setg(errp, "Could not create '%s': %s", path, strerror(errno));
-        if (fd >= 0)
-            close(fd);
+    CLEANUP_FREE char *backing = bnode_filename(old);
+    if (!strcmp(path, backing)) {
+        error_setg(errp, "Error: Trying to create an image with the same filename as the "
+                   "backing file");
         return -1;
     }
-    close(fd);
-    CLEANUP_FREE char *backing = bnode_filename(old);
+    if (file_create_now(path, errp) < 0)
+        return -1;
     CLEANUP_JSON json_t *opts = json_pack(
         "{s:s, s:{s:s, s:s}, s:I, s:s, s:s}", "driver", "qcow2", "file", "driver", "file",
         "filename", path, "size", (json_int_t)bnode_round_size(old->size), "backing-file",

@@ -867,6 +867,14 @@ static int file_create_sync(void *opaque, error **errp)
     return ret;
 }
 
+int file_create_now(const char *filename, error **errp)
+{
+    struct file_create *c = xzalloc(sizeof(*c));
+    c->filename = xstrdup(filename);
+    c->extent_size_hint = 1 << 20;
+    return file_create_sync(c, errp);
+}
+
 static void file_create_done(struct job *job, int ret, error *err)
 {
     blockdev_create_done(job, ret, err);

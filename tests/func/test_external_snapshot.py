@@ -421,3 +421,24 @@ def test_sync_in_a_failed_transaction(served):
     assert [e["node-name"] for e in m.execute("query-block-exports")] == ["base"]
     assert m.execute("blockdev-snapshot-sync", node_name="base", snapshot_file=path,
                      snapshot_node_name="s") == {}
+
+
+def test_sync_refuses_an_image_in_use(impl, served):
+    """The new image's file is locked by a node that has it open: refused,
+    and that image keeps its data (QEMU's image locks)."""
+    daemon, d, uri = served
+    m = daemon.qmp()
+    base = os.path.join(d, "base.raw")
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=base,
+               snapshot_node_name="s") == \
+        "Error: Trying to create an image with the same filename as the backing file"
+    other = os.path.join(d, "ov.qcow2")
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    with open(other, "rb") as f:
+        before = f.read()
+    assert err(m, "blockdev-snapshot-sync", node_name="base", snapshot_file=other,
+               snapshot_node_name="s") == 'Failed to get "write" lock'
+    with open(other, "rb") as f:
+        assert f.read() == before
+    with open(base, "rb") as f:
+        assert f.read() == b"\x11" * SIZE
