@@ -285,6 +285,8 @@ static void snap_settled(void *opaque)
     qmp_reply_release(s->reply);
     bnode_unref(s->old);
     bnode_unref(s->overlay);
+    if (s->owned)       /* -sync's overlay is not the monitor's (QEMU): it lives */
+        bnode_unref(s->overlay);        /* while an export or a node uses it */
     free(s->moved);
     free(s);
 }

@@ -442,3 +442,26 @@ def test_sync_refuses_an_image_in_use(impl, served):
         assert f.read() == before
     with open(base, "rb") as f:
         assert f.read() == b"\x11" * SIZE
+
+
+def test_sync_overlay_lives_while_used(served):
+    """As in QEMU the overlay -sync opens is not the monitor's: under an
+    export it stays while the export does; with nothing above the old node
+    it is gone at once (the old node is read-only all the same)."""
+    daemon, d, uri = served
+    m = daemon.qmp()
+    m.execute("blockdev-snapshot-sync", node_name="base",
+              snapshot_file=os.path.join(d, "s.qcow2"), snapshot_node_name="s")
+    assert err(m, "blockdev-del", node_name="s") == "Node s is in use"
+    m.execute("block-export-del", id="e")
+    m.wait_event("BLOCK_EXPORT_DELETED")
+    names = {n["node-name"] for n in m.execute("query-named-block-nodes")}
+    assert "s" not in names and "base" in names
+    assert err(m, "blockdev-del", node_name="s") == "Failed to find node with node-name='s'"
+    m.execute("blockdev-add", driver="qcow2", node_name="q0",
+              file={"driver": "file", "filename": os.path.join(d, "ov.qcow2")})
+    m.execute("blockdev-snapshot-sync", node_name="q0",
+              snapshot_file=os.path.join(d, "n.qcow2"), snapshot_node_name="n0")
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert "n0" not in nodes and nodes["q0"]["ro"]
+    m.execute("blockdev-del", node_name="q0")
