@@ -52,7 +52,7 @@ static void on_value(void *opaque, json_t *value, error *err)
         error_free(e);
     }
     if (!cmd || is_safe(cmd, args)) {
-        json_t *rsp = qmp_dispatch_session(value, s);
+        json_t *rsp = qmp_dispatch_session(value, s, NULL, NULL, NULL);
         json_decref(rsp);
     }
     json_decref(value);
