@@ -28,22 +28,29 @@ def overlay(d, name, **kw):
                 file={"driver": "file", "filename": os.path.join(d, name + ".qcow2")}, **kw)
 
 
-@pytest.fixture
-def served(impl, start_daemon, tmpdir_short):
-    """A raw image of 0x11 bytes, exported writable over NBD as node 'base'."""
-    d = tmpdir_short
+def serve(impl, start_daemon, d, iothread=False):
+    """A raw image of 0x11 bytes, exported writable over NBD as node 'base'
+    (run by an iothread, or by the main loop), and qcow2 images for
+    overlays."""
     base = os.path.join(d, "base.raw")
     with open(base, "wb") as f:
         f.write(b"\x11" * SIZE)
-    for n in ("ov", "ov2", "ro", "busy"):
+    for n in ("ov", "ov2", "ro"):
         qcow2(os.path.join(d, n + ".qcow2"))
     sock = os.path.join(d, "nbd.sock")
-    daemon = start_daemon(impl, "--blockdev", "driver=file,node-name=bf,filename=%s" % base,
+    extra = ["--object", "iothread,id=io0"] if iothread else []
+    daemon = start_daemon(impl, *extra,
+                          "--blockdev", "driver=file,node-name=bf,filename=%s" % base,
                           "--blockdev", "driver=raw,node-name=base,file=bf",
                           "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
                           "--export", "type=nbd,id=e,node-name=base,name=e,writable=on,"
-                          "allocation-depth=on")
+                          "allocation-depth=on" + (",iothread=io0" if iothread else ""))
     return daemon, d, "nbd+unix:///e?socket=%s" % sock
+
+
+@pytest.fixture
+def served(impl, start_daemon, tmpdir_short):
+    return serve(impl, start_daemon, tmpdir_short)
 
 
 def err(m, cmd, **args):
@@ -185,31 +192,13 @@ def test_data_through_the_export_and_in_the_images(impl, served):
     assert flat[3 * MiB:] == b"\x11" * MiB
 
 
-@pytest.fixture
-def served_iothread(impl, start_daemon, tmpdir_short):
-    """The same export, run by an iothread: the switch races its thread."""
-    d = tmpdir_short
-    base = os.path.join(d, "base.raw")
-    with open(base, "wb") as f:
-        f.write(b"\x11" * SIZE)
-    qcow2(os.path.join(d, "ov.qcow2"))
-    sock = os.path.join(d, "nbd.sock")
-    daemon = start_daemon(impl, "--object", "iothread,id=io0",
-                          "--blockdev", "driver=file,node-name=bf,filename=%s" % base,
-                          "--blockdev", "driver=raw,node-name=base,file=bf",
-                          "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
-                          "--export", "type=nbd,id=e,node-name=base,name=e,writable=on,"
-                          "iothread=io0")
-    return daemon, d, "nbd+unix:///e?socket=%s" % sock
-
-
 @pytest.mark.parametrize("where", ["main", "iothread"])
-def test_writes_in_flight_across_the_snapshot(impl, request, where):
+def test_writes_in_flight_across_the_snapshot(impl, start_daemon, tmpdir_short, where):
     """Writes of 4 KiB into 64 KiB clusters, many in flight while the
     snapshot is taken: every write acknowledged is read back after it; the
     old image does not change once the command has answered, and holds,
     per block, the old bytes or a whole write."""
-    daemon, d, uri = request.getfixturevalue("served" if where == "main" else "served_iothread")
+    daemon, d, uri = serve(impl, start_daemon, tmpdir_short, iothread=where == "iothread")
     m = daemon.qmp()
     m.execute("blockdev-add", **overlay(d, "ov"))
     h = nbd.NBD()
