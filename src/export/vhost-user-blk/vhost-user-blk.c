@@ -1175,14 +1175,15 @@ static void vub_resized_in_loop(void *opaque)
                  vx->exp.id, strerror(-r));
 }
 
-/* Main thread, never while shutting down: the call runs in the export's
- * loop before any shutdown step queued after it. */
+/* An overlay took the node's place (writes held): requests go to it. */
 static void vub_node_replaced(struct export *exp)
 {
     struct vub_export *vx = (struct vub_export *)exp;
     __atomic_store_n(&vx->dev.bs, exp->node, __ATOMIC_RELEASE);
 }
 
+/* Main thread, never while shutting down: the call runs in the export's
+ * loop before any shutdown step queued after it. */
 static void vub_node_resized(struct export *exp)
 {
     struct vub_export *vx = (struct vub_export *)exp;
