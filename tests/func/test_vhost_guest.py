@@ -151,3 +151,39 @@ def test_guest_io_through_export_churn_and_a_killed_front_end(impl, start_daemon
     assert image_sha(img, off, 4 << 20) == rep["pattern_sha256"]
     assert d.alive()
     assert [e["id"] for e in q.execute("query-block-exports")] == ["vub0"]
+
+
+def test_guest_streams_across_a_snapshot(impl, start_daemon, image, tmpdir_short):
+    """blockdev-snapshot under a guest's stream of direct I/O on both
+    queues: the front-end stays connected; what the next guest writes is
+    read back by it, lands in the overlay and not in the old image, which
+    no longer changes once the command has answered."""
+    import json
+    import subprocess
+    d, sock, img = start(start_daemon, image, tmpdir_short, impl, ",num-queues=2")
+    q = d.qmp()
+    ov = os.path.join(tmpdir_short, "%s-ov.qcow2" % impl)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", ov, str(SIZE)], check=True)
+    q.execute("blockdev-add", driver="qcow2", node_name="ov", backing=None,
+              file={"driver": "file", "filename": ov})
+    g = guest.Guest(sock, "stream", queues=2, off=8 << 20, mb=1)
+    try:
+        g.wait_line("BEX: streaming")
+        q.execute("blockdev-snapshot", node="disk", overlay="ov")
+        old_sha = image_sha(img, 0, SIZE)
+    finally:
+        g.kill()
+        g.finish()
+    off = 20 << 20
+    rep = guest.run_guest(sock, "rw", queues=2, off=off, mb=1)
+    check_pass(rep)
+    assert image_sha(img, 0, SIZE) == old_sha
+    assert image_sha(img, off, 1 << 20) != rep["pattern_sha256"]
+    assert [e["node-name"] for e in q.execute("query-block-exports")] == ["ov"]
+    d.stop()
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": ov},
+            "backing": {"driver": "file", "filename": img}}
+    flat = os.path.join(tmpdir_short, "%s-flat.raw" % impl)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", "json:" + json.dumps(spec), flat],
+                   check=True)
+    assert image_sha(flat, off, 1 << 20) == rep["pattern_sha256"]
