@@ -791,7 +791,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         req->write_counted = true;
         req->counted_bs = bs;
         if (unlikely(__atomic_load_n(&writes_held, __ATOMIC_SEQ_CST)) &&
-            !(req->flags & BREQ_NO_HOLD)) {
+            (req->flags & BREQ_PEER)) {
             write_hold(bs, req);
             return;
         }

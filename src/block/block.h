@@ -49,9 +49,6 @@ enum {
                                  * submitting loop (its clients are spread over loops
                                  * already, or it has no other work to overlap the copy
                                  * with) rather than in the worker pool */
-    BREQ_NO_HOLD    = 1u << 5,  /* internal: a WRITE that block_writes_hold() lets
-                                 * through (copy-before-write copies, which a held
-                                 * guest write may be waiting for) */
     BREQ_WRITE_COMPRESSED = 1u << 6, /* WRITE: store compressed (QEMU's
                                  * BDRV_REQ_WRITE_COMPRESSED): whole clusters of a
                                  * driver with bdrv.compressed_writes, into clusters
@@ -61,8 +58,10 @@ enum {
                                  * whose size grows; a READ past its end reads zeros */
     BREQ_PEER       = 1u << 7,  /* a peer's request, as an export submits it: its
                                  * bounce buffer (block/align.c) waits for the
-                                 * bounce budget; the block layer's own requests
-                                 * (drivers, jobs, an align op's) never wait there */
+                                 * bounce budget, a WRITE waits while writes are
+                                 * held (block_writes_hold); the block layer's own
+                                 * requests (drivers, jobs, an align op's) never
+                                 * wait there */
 };
 
 struct breq {
@@ -440,10 +439,13 @@ void bnode_submit_child(struct bnode *child, struct breq *req, uint64_t offset);
  * write on). */
 void bnode_submit_driver(struct bnode *bs, struct breq *req, uint64_t offset);
 
-/* Hold every new write (they wait, queued) and call drained(opaque) in the
- * main loop, never inside this call, once the writes already issued have
- * completed: the point where a snapshot can start (QEMU's drain).  Held
- * writes go on when every hold is released.  Main thread. */
+/* Hold every new write of a peer (BREQ_PEER: an export's; they wait,
+ * queued) and call drained(opaque) in the main loop, never inside this
+ * call, once the writes already issued have completed: the point where a
+ * snapshot can start (QEMU's drain, which stops the requests of its
+ * BlockBackends).  The block layer's own writes go on meanwhile: a format
+ * driver's metadata (a peer's write in flight may wait for it), a job's
+ * copies.  Held writes go on when every hold is released.  Main thread. */
 void block_writes_hold(void (*drained)(void *opaque), void *opaque);
 void block_writes_release(void);
 /* While writes are held: those addressed to `from` (held now or later)

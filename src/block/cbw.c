@@ -288,14 +288,14 @@ static int copy_data(struct cbw *s, uint64_t off, uint64_t end, unsigned flags,
         uint64_t n = copy_extent(s, off, end, &zero);
         if (zero) {
             /* never compressed, and no unmap: QEMU's write flags */
-            ret = bnode_co_pwrite_zeroes(s->target, off, n, BREQ_NO_HOLD);
+            ret = bnode_co_pwrite_zeroes(s->target, off, n, 0);
         } else {
             if (!buf)
                 buf = buf_get(end - off, &bufsize);
             ret = bnode_co_pread(s->source, off, n, buf, flags);
             *read_failed = ret < 0;
             if (ret == 0)
-                ret = bnode_co_pwrite(s->target, off, n, buf, BREQ_NO_HOLD | flags |
+                ret = bnode_co_pwrite(s->target, off, n, buf, flags |
                                       (s->compress ? BREQ_WRITE_COMPRESSED : 0));
         }
         off += n;

@@ -12,7 +12,7 @@
  * use of the old node moved to the overlay, each checked against the
  * overlay's other users ("Block node is read-only" for a read-only
  * overlay under a writable export); abort moves them back.  commit
- * switches the data path: every new write is held (block_writes_hold),
+ * switches the data path: every new write of a peer is held (block_writes_hold),
  * the exports serve the overlay, and held writes addressed to the old
  * node are redirected to the overlay.  Once the writes issued before have
  * completed, and every loop thread has finished what it was doing (so no

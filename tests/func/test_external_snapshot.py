@@ -243,6 +243,56 @@ def test_writes_in_flight_across_the_snapshot(impl, start_daemon, tmpdir_short, 
     h.shutdown()
 
 
+def test_snapshot_of_a_qcow2_node_allocating_under_writes(impl, served):
+    """The old node is a qcow2 overlay itself, allocating clusters for the
+    writes in flight: its metadata writes go on while the peers' writes are
+    held (a hold of every write would wait for itself), its caches are
+    written back and it turns read-only before the answer, after which its
+    image does not change; every write is read back."""
+    daemon, d, uri = served
+    m = daemon.qmp()
+    m.execute("blockdev-add", **overlay(d, "ov"))
+    m.execute("blockdev-snapshot", node="base", overlay="ov")
+    m.execute("blockdev-add", **overlay(d, "ov2"))
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    blocks = SIZE // 4096
+    order = [(i * 53) % blocks for i in range(blocks)]
+    started = threading.Event()
+    bufs = []
+
+    def writer():
+        for n, b in enumerate(order):
+            buf = nbd.Buffer.from_bytearray(bytearray([b % 249 + 2]) * 4096)
+            bufs.append(buf)
+            h.aio_pwrite(buf, b * 4096)
+            if n == 128:
+                started.set()
+            while h.aio_in_flight() >= 32:
+                h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    started.wait(30)
+    m.execute("blockdev-snapshot", node="ov", overlay="ov2")
+    with open(os.path.join(d, "ov.qcow2"), "rb") as f:
+        at_reply = f.read()
+    t.join(60)
+    assert not t.is_alive()
+    data = h.pread(SIZE, 0)
+    for b in range(blocks):
+        assert data[b * 4096:(b + 1) * 4096] == bytes([b % 249 + 2]) * 4096, b
+    with open(os.path.join(d, "ov.qcow2"), "rb") as f:
+        assert f.read() == at_reply
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert nodes["ov"]["ro"] and not nodes["ov2"]["ro"]
+    h.shutdown()
+    daemon.stop()
+    subprocess.run(["qemu-img", "check", "-q", os.path.join(d, "ov.qcow2")], check=True)
+
+
 def test_transaction_with_a_bitmap_on_the_overlay(served):
     daemon, d, uri = served
     m = daemon.qmp()
