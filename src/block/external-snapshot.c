@@ -274,8 +274,10 @@ static void snap_settled(void *opaque)
     struct snap *s = opaque;
     struct bnode *old = s->old;
     error *err = NULL;
-    if (!old->read_only && old->drv->flush_sync && old->drv->flush_sync(old) < 0)
-        log_error("blockdev-snapshot: flushing node '%s' failed", old->node_name);
+    /* QEMU's bdrv_flush: the node and those below it (a raw node's file) */
+    for (struct bnode *n = old; n; n = n->file)
+        if (!n->read_only && n->drv->flush_sync && n->drv->flush_sync(n) < 0)
+            log_error("blockdev-snapshot: flushing node '%s' failed", n->node_name);
     if (!old->read_only && bnode_reopen_read_only(old, &err) < 0) {
         log_warn("blockdev-snapshot: node '%s' stays read-write: %s", old->node_name,
                  err->msg);
