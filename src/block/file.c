@@ -37,6 +37,7 @@
 
 #define ZERO_CHUNK (64 * 1024)
 #define ZERO_IOVS 512              /* 32 MiB of zeros per write */
+#define KNOWN_WRITTEN 8            /* hole-free stretches block status keeps */
 
 
 struct file_state {
@@ -49,11 +50,19 @@ struct file_state {
     bool has_punch;
     bool ram_backed;            /* tmpfs/ramfs: I/O is a memcpy, done inline */
     bool nowait_read, nowait_write;  /* RWF_NOWAIT worth trying */
-    /* splice_source: [data_lo, data_hi) is known to hold no hole.  Only
-     * writes change a RAM-backed file here, and they never make holes; any
-     * fallocate or truncate empties it. */
+    /* Stretches known to hold no hole, kept because finding one may cost:
+     * tmpfs answers SEEK_HOLE by walking its pages up to the next hole (6 us
+     * per MiB of data; issue 13, 6).  Only writes change the file otherwise,
+     * and they never make a hole; any fallocate or truncate forgets them all
+     * (data_gen counts those, so a walk that raced with one is not kept).
+     * present: every page is in the page cache or in swap (zero-copy reads);
+     * written: nor is any page fallocated and never written, which reads as
+     * zeros and which SEEK_HOLE counts as a hole (block status; QEMU leaves
+     * such pages on tmpfs where it zeroes the rest of a new qcow2 cluster). */
     pthread_mutex_t data_lock;
-    uint64_t data_lo, data_hi;
+    unsigned data_gen;
+    struct stretch { uint64_t lo, hi; } present, written[KNOWN_WRITTEN];
+    unsigned written_next;
     /* The file's length in bytes (atomic).  The node's size is this rounded
      * up to 512, as QEMU's; the rest of the last sector reads as zeros. */
     uint64_t length;
@@ -274,7 +283,40 @@ static unsigned aio_flags(struct bnode *bs, struct breq *r, enum aio_op op, uint
 static void forget_data_range(struct file_state *s)
 {
     pthread_mutex_lock(&s->data_lock);
-    s->data_lo = s->data_hi = 0;
+    s->present = (struct stretch){ 0, 0 };
+    memset(s->written, 0, sizeof(s->written));
+    s->data_gen++;
+    pthread_mutex_unlock(&s->data_lock);
+}
+
+/* The end of the stretch of set that holds offset, or 0 (data_lock held). */
+static uint64_t stretch_end(const struct stretch *set, unsigned n, uint64_t offset)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (offset >= set[i].lo && offset < set[i].hi)
+            return set[i].hi;
+    return 0;
+}
+
+/* Keep [lo, hi) in set, learnt while the file was at generation gen: grown
+ * into a stretch it overlaps or touches, else in place of the oldest. */
+static void stretch_add(struct file_state *s, struct stretch *set, unsigned n, unsigned *next,
+                        unsigned gen, uint64_t lo, uint64_t hi)
+{
+    pthread_mutex_lock(&s->data_lock);
+    if (gen == s->data_gen && hi > lo) {
+        unsigned i;
+        for (i = 0; i < n; i++)
+            if (set[i].hi > set[i].lo && lo <= set[i].hi && hi >= set[i].lo)
+                break;
+        if (i < n) {
+            set[i].lo = MIN(set[i].lo, lo);
+            set[i].hi = MAX(set[i].hi, hi);
+        } else {
+            set[*next % n] = (struct stretch){ lo, hi };
+            ++*next;
+        }
+    }
     pthread_mutex_unlock(&s->data_lock);
 }
 
@@ -435,6 +477,8 @@ static void file_aio_done(struct aio_req *a, int64_t res)
     struct bnode *bs = r->bs;
     struct file_state *s = bs->opaque;
 
+    if (a->op == AIO_OP_FALLOCATE)
+        forget_data_range(s);       /* again: a walk may have raced with it */
     if (a->flags & AIO_NOWAIT_UNSUPPORTED) {
         /* Learnt once per file: stop paying for the inline attempt. */
         if (a->op == AIO_OP_READ)
@@ -594,53 +638,74 @@ static int file_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
 }
 
 /* Zero-copy reads of RAM-backed files need to know that a range holds no
- * hole.  cachestat(2) (Linux 6.5) says it exactly, in time proportional to
- * the range (7 us per MiB): the pages of a tmpfs file in RAM or in swap are
- * its data.  Without it, SEEK_DATA/SEEK_HOLE say it, but tmpfs answers
- * SEEK_HOLE by walking its page cache up to the next hole (8 ms per GiB of
- * data).  Either answer is kept as one interval without holes, grown as
- * reads ask about more, so sequential readers mostly ask nothing. */
+ * missing page.  cachestat(2) (Linux 6.5) says it in time proportional to
+ * the range (7 us per MiB): the pages of a tmpfs file in RAM or in swap.
+ * Without it, SEEK_DATA/SEEK_HOLE say it, walking the pages up to the next
+ * hole.  Either answer is kept (s->present), grown as reads ask about more,
+ * so sequential readers mostly ask nothing. */
 #ifndef SYS_cachestat
 #define SYS_cachestat 451           /* the same on every architecture */
 #endif
 struct cachestat_range { uint64_t off, len; };
 struct cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
 
-/* End of the hole-free stretch that starts at offset and covers at least
- * bytes, or 0 if there is a hole in [offset, offset+bytes). */
-static uint64_t data_until(struct file_state *s, uint64_t offset, uint64_t bytes)
+/* Whether [offset, offset + bytes) holds no missing page. */
+static bool pages_present(struct file_state *s, uint64_t offset, uint64_t bytes)
 {
     static bool no_cachestat;
+    uint64_t until;
+    unsigned gen;
+
+    pthread_mutex_lock(&s->data_lock);
+    until = stretch_end(&s->present, 1, offset);
+    gen = s->data_gen;
+    pthread_mutex_unlock(&s->data_lock);
+    if (until >= offset + bytes)
+        return true;
     if (!__atomic_load_n(&no_cachestat, __ATOMIC_RELAXED)) {
         uint64_t first = offset & ~4095ull, end = (offset + bytes + 4095) & ~4095ull;
         struct cachestat_range cr = { first, end - first };
         struct cachestat cs;
-        if (syscall(SYS_cachestat, s->fd, &cr, &cs, 0) == 0)
-            return cs.nr_cache + cs.nr_evicted >= (end - first) / 4096 ? offset + bytes : 0;
+        if (syscall(SYS_cachestat, s->fd, &cr, &cs, 0) == 0) {
+            until = cs.nr_cache + cs.nr_evicted >= (end - first) / 4096 ? offset + bytes : 0;
+            goto found;
+        }
         if (errno == ENOSYS)
             __atomic_store_n(&no_cachestat, true, __ATOMIC_RELAXED);
     }
     off_t data = lseek(s->fd, offset, SEEK_DATA);
     off_t hole = data == (off_t)offset ? lseek(s->fd, offset, SEEK_HOLE) : -1;
-    return hole >= 0 && (uint64_t)hole >= offset + bytes ? (uint64_t)hole : 0;
+    until = hole >= 0 && (uint64_t)hole >= offset + bytes ? (uint64_t)hole : 0;
+found:
+    if (!until)
+        return false;
+    unsigned one = 0;
+    stretch_add(s, &s->present, 1, &one, gen, offset, until);
+    return true;
 }
 
-/* End of the data that starts at d, at most end, at a cost bounded by
- * end - d: tmpfs answers SEEK_HOLE by walking its pages up to the next
- * hole, which may lie far beyond (a BLOCK_STATUS of 1 byte on a dense
- * 2 GiB image took 16 ms; issue 13, 6).  cachestat says at once whether
- * [d, end) holds a hole; only then is SEEK_HOLE asked, and the hole it
- * walks to lies inside the range. */
+/* End of the data that starts at d (as SEEK_HOLE sees it, as QEMU's block
+ * status does), at most end.  tmpfs answers SEEK_HOLE by walking its pages
+ * up to the next hole, which may lie far beyond end (a BLOCK_STATUS of 1
+ * byte on a dense 2 GiB image took 16 ms; issue 13, 6); the answer is kept
+ * in s->written, so the walk over a stretch is paid once until the file is
+ * fallocated or truncated.  (cachestat cannot stand in: a page fallocated
+ * and never written is in the page cache, and is a hole.) */
 static uint64_t data_end(struct file_state *s, uint64_t d, uint64_t end)
 {
-    if (s->ram_backed) {
-        uint64_t until = data_until(s, d, end - d);
-        if (until)
-            return MIN(until, end);
-    }
-    off_t hole = lseek(s->fd, d, SEEK_HOLE);
+    uint64_t known;
+    unsigned gen;
+
+    pthread_mutex_lock(&s->data_lock);
+    known = stretch_end(s->written, KNOWN_WRITTEN, d);
+    gen = s->data_gen;
+    pthread_mutex_unlock(&s->data_lock);
+    if (known >= end)
+        return end;
+    off_t hole = lseek(s->fd, known ? known : d, SEEK_HOLE);
     if (hole < 0 || (uint64_t)hole <= d)
         return end;
+    stretch_add(s, s->written, KNOWN_WRITTEN, &s->written_next, gen, d, hole);
     return MIN((uint64_t)hole, end);
 }
 
@@ -648,30 +713,12 @@ static int file_splice_source(struct bnode *bs, uint64_t offset, uint64_t bytes,
                               bool need_holes, int *fd, uint64_t *fd_offset)
 {
     struct file_state *s = bs->opaque;
-    bool known = true;
 
     if (!s->ram_backed || bs->cache_direct ||
         offset + bytes > __atomic_load_n(&s->length, __ATOMIC_RELAXED))
         return -ENOTSUP;        /* the tail of the last sector is not in the file */
-    if (need_holes) {
-        pthread_mutex_lock(&s->data_lock);
-        known = offset >= s->data_lo && offset + bytes <= s->data_hi;
-        pthread_mutex_unlock(&s->data_lock);
-    }
-    if (!known) {
-        uint64_t until = data_until(s, offset, bytes);
-        if (!until)
-            return -ENOTSUP;
-        pthread_mutex_lock(&s->data_lock);
-        if (s->data_hi > s->data_lo && offset <= s->data_hi && until >= s->data_lo) {
-            s->data_lo = MIN(s->data_lo, offset);       /* overlaps or touches: grow it */
-            s->data_hi = MAX(s->data_hi, until);
-        } else {
-            s->data_lo = offset;
-            s->data_hi = until;
-        }
-        pthread_mutex_unlock(&s->data_lock);
-    }
+    if (need_holes && !pages_present(s, offset, bytes))
+        return -ENOTSUP;
     *fd = s->fd;
     *fd_offset = offset;
     return 0;

@@ -194,6 +194,63 @@ static void test_block_status_cost_bounded_by_request(void **state)
                  (unsigned long long)small);
 }
 
+/* Status of a file's stretch at offset: its length and whether it is data. */
+static uint64_t stretch(struct bnode *bs, uint64_t off, uint64_t len, bool *data)
+{
+    uint64_t pnum;
+    unsigned flags;
+    int depth;
+    assert_int_equal(bnode_block_status(bs, off, len, &pnum, &flags, &depth), 0);
+    *data = flags & BS_DATA;
+    return pnum;
+}
+
+/* A tmpfs page fallocated and never written is in the page cache and reads
+ * as zeros; SEEK_HOLE counts it as a hole and so does QEMU's block status
+ * (QEMU leaves such pages where it zeroes the rest of a new qcow2 cluster).
+ * The status bexd keeps of a walk must follow the node's own writes and
+ * discards. */
+static void test_block_status_sees_fallocated_pages(void **state)
+{
+    const char *file = "/dev/shm/bexd-unit-falloc";
+    if (access("/dev/shm", W_OK) != 0)
+        skip();
+    int fd = open(file, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    char *buf = malloc(1 << 20);
+    memset(buf, 0x5a, 1 << 20);
+    for (int i = 0; i < 4; i++)            /* no page missing anywhere */
+        if (i != 1)
+            assert_int_equal(pwrite(fd, buf, 1 << 20, (off_t)i << 20), 1 << 20);
+    assert_int_equal(fallocate(fd, 0, 1 << 20, 1 << 20), 0);
+    close(fd);
+    char json[256];
+    snprintf(json, sizeof(json), "{\"driver\":\"file\",\"node-name\":\"fa\","
+             "\"filename\":\"%s\",\"discard\":\"unmap\"}", file);
+    struct bnode *bs = add(json);
+    bool data;
+    for (int pass = 0; pass < 2; pass++) {      /* walked, then known */
+        assert_int_equal(stretch(bs, 0, 4 << 20, &data), 1 << 20);
+        assert_true(data);
+        assert_int_equal(stretch(bs, 1 << 20, 3 << 20, &data), 1 << 20);
+        assert_false(data);
+        assert_int_equal(stretch(bs, 2 << 20, 2 << 20, &data), 2 << 20);
+        assert_true(data);
+    }
+    /* a write fills the first fallocated page: the data stretch grows */
+    assert_int_equal(run(bs, BREQ_WRITE, 1 << 20, 4096, buf, 0), 0);
+    assert_int_equal(stretch(bs, 0, 4 << 20, &data), (1 << 20) + 4096);
+    assert_true(data);
+    /* a discard makes a hole inside a known stretch */
+    assert_int_equal(run(bs, BREQ_DISCARD, 3 << 20, 65536, NULL, 0), 0);
+    assert_int_equal(stretch(bs, 2 << 20, 2 << 20, &data), 1 << 20);
+    assert_true(data);
+    assert_int_equal(stretch(bs, 3 << 20, 1 << 20, &data), 65536);
+    assert_false(data);
+    assert_int_equal(blockdev_del("fa", NULL), 0);
+    unlink(file);
+    free(buf);
+}
+
 static void test_write_zeroes_and_raw_window(void **state)
 {
     struct bnode *f = add_file("wz", false);
@@ -344,6 +401,7 @@ int main(void)
         cmocka_unit_test(test_compressed_write_refused),
         cmocka_unit_test(test_block_status_sees_holes),
         cmocka_unit_test(test_block_status_cost_bounded_by_request),
+        cmocka_unit_test(test_block_status_sees_fallocated_pages),
         cmocka_unit_test(test_write_zeroes_and_raw_window),
         cmocka_unit_test(test_two_writers_conflict),
         cmocka_unit_test(test_node_names),
