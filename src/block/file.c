@@ -53,8 +53,9 @@ struct file_state {
     /* Stretches known to hold no hole, kept because finding one may cost:
      * tmpfs answers SEEK_HOLE by walking its pages up to the next hole (6 us
      * per MiB of data; issue 13, 6).  Only writes change the file otherwise,
-     * and they never make a hole; any fallocate or truncate forgets them all
-     * (data_gen counts those, so a walk that raced with one is not kept).
+     * and they never make a hole; a fallocate forgets the range it covers, a
+     * truncate all (data_gen counts those, so a walk that raced with one is
+     * not kept).
      * present: every page is in the page cache or in swap (zero-copy reads);
      * written: nor is any page fallocated and never written, which reads as
      * zeros and which SEEK_HOLE counts as a hole (block status; QEMU leaves
@@ -289,6 +290,43 @@ static void forget_data_range(struct file_state *s)
     pthread_mutex_unlock(&s->data_lock);
 }
 
+/* Take [a, b) out of a set of stretches: what lies either side still holds
+ * no hole.  The two sides of one stretch take two places (the second in
+ * place of the oldest); with one place, the larger side stays. */
+static void stretch_cut(struct stretch *set, unsigned n, unsigned *next, uint64_t a, uint64_t b)
+{
+    for (unsigned i = 0; i < n; i++) {
+        struct stretch e = set[i];
+        struct stretch below = { e.lo, MIN(e.hi, a) }, above = { MAX(e.lo, b), e.hi };
+        if (e.hi <= a || e.lo >= b)
+            continue;
+        bool keep_below = below.hi > below.lo, keep_above = above.hi > above.lo;
+        if (keep_below && keep_above && n > 1) {
+            unsigned j = *next % n == i ? (i + 1) % n : *next % n;
+            ++*next;
+            set[i] = below;
+            set[j] = above;
+        } else if (keep_below &&
+                   (!keep_above || below.hi - below.lo >= above.hi - above.lo)) {
+            set[i] = below;
+        } else {
+            set[i] = keep_above ? above : (struct stretch){ 0, 0 };
+        }
+    }
+}
+
+/* [offset, offset + len) is being fallocated (a hole punched, zeroed,
+ * allocated): forget it, and any walk that raced with it. */
+static void forget_range(struct file_state *s, uint64_t offset, uint64_t len)
+{
+    unsigned one = 0;
+    pthread_mutex_lock(&s->data_lock);
+    stretch_cut(&s->present, 1, &one, offset, offset + len);
+    stretch_cut(s->written, KNOWN_WRITTEN, &s->written_next, offset, offset + len);
+    s->data_gen++;
+    pthread_mutex_unlock(&s->data_lock);
+}
+
 /* The end of the stretch of set that holds offset, or 0 (data_lock held). */
 static uint64_t stretch_end(const struct stretch *set, unsigned n, uint64_t offset)
 {
@@ -326,7 +364,7 @@ static void submit_aio(struct bnode *bs, struct breq *r, enum aio_op op,
     struct file_state *s = bs->opaque;
     bool pool;
     if (op == AIO_OP_FALLOCATE)
-        forget_data_range(s);
+        forget_range(s, offset, len);
     r->aio = (struct aio_req){
         .op = op, .fd = s->fd, .iov = r->iov, .iovcnt = r->iovcnt,
         .offset = offset, .len = len, .mode = mode,
@@ -478,7 +516,7 @@ static void file_aio_done(struct aio_req *a, int64_t res)
     struct file_state *s = bs->opaque;
 
     if (a->op == AIO_OP_FALLOCATE)
-        forget_data_range(s);       /* again: a walk may have raced with it */
+        forget_range(s, a->offset, a->len);     /* again: a walk may have raced */
     if (a->flags & AIO_NOWAIT_UNSUPPORTED) {
         /* Learnt once per file: stop paying for the inline attempt. */
         if (a->op == AIO_OP_READ)
