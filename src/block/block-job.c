@@ -16,6 +16,7 @@
 #include <time.h>
 #include "block/block.h"
 #include "block/block-job.h"
+#include "util/xalloc.h"
 #include "qmp/qmp.h"
 #include "util/opts.h"
 
@@ -51,8 +52,10 @@ static const char *block_job_blocker(struct block_job *bj)
 
 void block_job_add_node(struct block_job *bj, struct bnode *bs)
 {
-    if (bj->nnodes >= BLOCK_JOB_MAX_NODES)
-        return;
+    if (bj->nnodes == bj->nodes_cap) {
+        bj->nodes_cap = bj->nodes_cap ? 2 * bj->nodes_cap : 4;
+        bj->nodes = xrealloc(bj->nodes, bj->nodes_cap * sizeof(*bj->nodes));
+    }
     bnode_ref(bs);
     bs->blocker = block_job_blocker(bj);
     bj->nodes[bj->nnodes++] = bs;
@@ -65,6 +68,9 @@ void block_job_remove_nodes(struct block_job *bj)
         bs->blocker = NULL;
         bnode_unref(bs);
     }
+    free(bj->nodes);
+    bj->nodes = NULL;
+    bj->nodes_cap = 0;
 }
 
 int block_node_check_busy(struct bnode *bs, error **errp)

@@ -26,8 +26,6 @@ enum block_error_action { ERROR_ACTION_IGNORE, ERROR_ACTION_REPORT, ERROR_ACTION
 /* QAPI BlockDeviceIoStatus */
 enum block_iostatus { IOSTATUS_OK, IOSTATUS_FAILED, IOSTATUS_NOSPACE };
 
-#define BLOCK_JOB_MAX_NODES 4
-
 struct block_job {
     struct job job;                  /* first */
     int64_t speed;                   /* bytes per second, 0 = unlimited */
@@ -37,8 +35,8 @@ struct block_job {
     /* rate limit (QEMU's ratelimit.h), main thread */
     uint64_t slice_start_ns, slice_end_ns, dispatched;
     /* nodes this job blocks */
-    struct bnode *nodes[BLOCK_JOB_MAX_NODES];
-    int nnodes;
+    struct bnode **nodes;
+    int nnodes, nodes_cap;
 };
 
 enum block_on_error block_on_error_parse(const char *s);   /* NULL: report */

@@ -395,6 +395,11 @@ static bool has_parent(struct bnode *child)
     return false;
 }
 
+bool bnode_has_parent_node(struct bnode *bs)
+{
+    return has_parent(bs);
+}
+
 struct bnode *bnode_backing_parent(struct bnode *bs)
 {
     for (struct bnode *p = nodes; p; p = p->next)
@@ -786,7 +791,9 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         /* Marked before the hold is looked at (and again when a held write
          * goes on): a write a transaction's new bitmap misses passed its
          * hold, so it is before the snapshot and in the frozen bitmap. */
-        mark_dirty(bs, req, req->offset);
+        bool unchanged = req->flags & BREQ_WRITE_UNCHANGED;
+        if (!unchanged)
+            mark_dirty(bs, req, req->offset);
         __atomic_add_fetch(&bs->writes_in_flight, 1, __ATOMIC_SEQ_CST);
         req->write_counted = true;
         req->counted_bs = bs;
@@ -797,7 +804,7 @@ void bnode_submit(struct bnode *bs, struct breq *req)
         }
         bnode_check_write_threshold(bs, req, req->offset);
         struct bnode_intercept *ic = __atomic_load_n(&bs->intercept, __ATOMIC_ACQUIRE);
-        if (unlikely(ic)) {
+        if (unlikely(ic) && !unchanged) {
             ic->submit(ic, bs, req, req->offset);
             return;
         }

@@ -56,6 +56,10 @@ enum {
     BREQ_BEYOND_EOF = 1u << 4,  /* internal (a format driver on its file child, image
                                  * creation): a WRITE may extend a protocol node,
                                  * whose size grows; a READ past its end reads zeros */
+    BREQ_WRITE_UNCHANGED = 1u << 8, /* WRITE/WRITE_ZEROES of what the node reads
+                                 * already (a stream job's copy, QEMU's
+                                 * BDRV_REQ_WRITE_UNCHANGED): marks no dirty
+                                 * bitmap and passes the node's intercept */
     BREQ_PEER       = 1u << 7,  /* a peer's request, as an export submits it: its
                                  * bounce buffer (block/align.c) waits for the
                                  * bounce budget, a WRITE waits while writes are
@@ -212,6 +216,8 @@ struct reopen_state {
     bool cache_direct, cache_no_flush;
     struct bnode *new_file;      /* the "file" child after the reopen */
     bool was_read_only;          /* before the reopen */
+    bool backing_missing;        /* named in the list without "backing" (a child
+                                  * queued with its parent keeps its backing) */
     void *drv;
 };
 
@@ -394,6 +400,9 @@ struct bnode *bnode_find(const char *node_name);
 /* A node whose backing child bs is (QEMU blocks deleting and snapshotting
  * a backing node: "node is used as backing hd of 'P'"), or NULL. */
 struct bnode *bnode_backing_parent(struct bnode *bs);
+/* Whether another node uses bs (as file, backing or any child): QEMU's
+ * !bdrv_is_root_node(). */
+bool bnode_has_parent_node(struct bnode *bs);
 /* "Cannot find device=X nor node-name=X"-style lookup used by exports */
 struct bnode *bnode_lookup(const char *name, error **errp);
 json_t *query_named_block_nodes(bool flat);
@@ -558,9 +567,9 @@ const struct bdrv *bdrv_find(const char *name);
 
 /* blockdev-reopen of a list of BlockdevOptions (reopen.c), all or nothing. */
 int bnode_reopen_multiple(json_t *list, error **errp);
-/* Reopen bs read-only with its other options as they are (QEMU's
- * bdrv_reopen_set_read_only). */
-int bnode_reopen_read_only(struct bnode *bs, error **errp);
+/* Reopen bs read-only or read-write with its other options as they are
+ * (QEMU's bdrv_reopen_set_read_only). */
+int bnode_reopen_set_read_only(struct bnode *bs, bool read_only, error **errp);
 /* A child link a reopen replaced: its permissions go now; the child goes
  * once nothing can still be reading it (a node other users keep at once;
  * an inline child only when the daemon exits: requests forwarded to it

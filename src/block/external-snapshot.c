@@ -278,7 +278,7 @@ static void snap_settled(void *opaque)
     for (struct bnode *n = old; n; n = n->file)
         if (!n->read_only && n->drv->flush_sync && n->drv->flush_sync(n) < 0)
             log_error("blockdev-snapshot: flushing node '%s' failed", n->node_name);
-    if (!old->read_only && bnode_reopen_read_only(old, &err) < 0) {
+    if (!old->read_only && bnode_reopen_set_read_only(old, true, &err) < 0) {
         log_warn("blockdev-snapshot: node '%s' stays read-write: %s", old->node_name,
                  err->msg);
         error_free(err);

@@ -316,66 +316,6 @@ static int read_bits(struct qcow2_state *s, struct qbm *e, uint64_t nbits, struc
 
 /* ---- writing ---- */
 
-/* Rewrite the header cluster with the bitmaps extension first (so that it
- * and the header fields it goes with share the first sector), the other
- * extensions as they were, and the backing file name after them. */
-static int write_header_ext(struct qcow2_state *s, uint64_t autoclear, uint32_t nb,
-                            uint64_t dir_off, uint64_t dir_size)
-{
-    uint64_t cs = s->cluster_size;
-    CLEANUP_FREE uint8_t *old = xmalloc(cs);
-    CLEANUP_FREE uint8_t *buf = xzalloc(cs);
-    int ret = bnode_co_pread(s->bs->file, 0, cs, old, BREQ_BEYOND_EOF);
-    if (ret < 0)
-        return ret;
-    struct qcow2_header h;
-    memcpy(&h, old, sizeof(h));
-    uint64_t hlen = s->header_length;
-    uint64_t boff = be64toh(h.backing_file_offset);
-    uint32_t blen = be32toh(h.backing_file_size);
-    uint64_t ext_end = boff && boff < cs ? boff : cs;
-    memcpy(buf, old, hlen);
-    uint64_t out = hlen;
-    if (nb) {
-        struct qcow2_ext_header eh = { htobe32(QCOW2_EXT_BITMAPS), htobe32(24) };
-        struct qcow2_bitmaps_ext b = { htobe32(nb), 0, htobe64(dir_size), htobe64(dir_off) };
-        memcpy(buf + out, &eh, 8);
-        memcpy(buf + out + 8, &b, sizeof(b));
-        out += 8 + sizeof(b);
-    }
-    for (uint64_t off = hlen; off + 8 <= ext_end;) {
-        struct qcow2_ext_header eh;
-        memcpy(&eh, old + off, 8);
-        uint32_t type = be32toh(eh.type), len = be32toh(eh.len);
-        if (type == QCOW2_EXT_END)
-            break;
-        uint64_t whole = 8 + (((uint64_t)len + 7) & ~7ull);
-        if (whole > ext_end - off)
-            return -EINVAL;
-        if (type != QCOW2_EXT_BITMAPS) {
-            if (out + whole > cs)
-                return -ENOSPC;
-            memcpy(buf + out, old + off, whole);
-            out += whole;
-        }
-        off += whole;
-    }
-    out += 8;                                   /* the end marker: zeros */
-    if (boff) {
-        if (out + blen > cs || boff + blen > cs)
-            return -ENOSPC;
-        memmove(buf + out, old + boff, blen);
-        h.backing_file_offset = htobe64(out);
-        out += blen;
-    }
-    h.autoclear_features = htobe64(autoclear);
-    memcpy(buf, &h, MIN(sizeof(h), hlen));
-    ret = bnode_co_pwrite(s->bs->file, 0, cs, buf, 0);
-    if (ret == 0)
-        ret = bnode_co_flush(s->bs->file);
-    return ret;
-}
-
 /* Clusters to free once the header no longer points at them. */
 struct to_free {
     uint64_t *off, *len;
@@ -637,7 +577,9 @@ static int write_directory(struct qcow2_state *s, struct to_free *f)
     }
     uint64_t autoclear = nb ? s->autoclear | QCOW2_AUTOCLEAR_BITMAPS
                             : s->autoclear & ~QCOW2_AUTOCLEAR_BITMAPS;
-    ret = write_header_ext(s, autoclear, nb, (uint64_t)off, size);
+    struct qcow2_header_edit edit = { .bitmaps = true, .autoclear = autoclear, .nb_bitmaps = nb,
+                                      .dir_offset = (uint64_t)off, .dir_size = size };
+    ret = qcow2_co_rewrite_header(s, &edit);
     if (ret < 0) {
         if (off)
             qcow2_update_refcount(s, (uint64_t)off, size, -1);

@@ -273,8 +273,21 @@ int  qcow2_mark_clean(struct qcow2_state *s);
 int  qcow2_rebuild_refcounts(struct qcow2_state *s);
 /* Write one L1 entry to disk (its 512-byte sector) and memory. */
 int  qcow2_write_l1_entry(struct qcow2_state *s, uint32_t idx, uint64_t entry);
-/* Write a header field range from a fresh header image. */
-int  qcow2_write_header(struct qcow2_state *s);
+/* Rewrite the header cluster: the header, the extensions (the bitmaps one
+ * and the backing format as edited, first; the others as they were), the
+ * backing file name after them; then flush.  Coroutine, s->lock held. */
+struct qcow2_header_edit {
+    bool bitmaps;                    /* set the bitmaps extension (none if 0) */
+    uint64_t autoclear;              /* ... and the autoclear features */
+    uint32_t nb_bitmaps;
+    uint64_t dir_offset, dir_size;
+    bool backing;                    /* set the backing file (none if NULL) */
+    const char *backing_file, *backing_fmt;
+};
+int  qcow2_co_rewrite_header(struct qcow2_state *s, const struct qcow2_header_edit *e);
+/* QEMU's bdrv_change_backing_file() of a qcow2 node: the header names
+ * file (NULL: none) with format fmt (NULL: none).  Main thread. */
+int  qcow2_change_backing_file(struct bnode *bs, const char *file, const char *fmt);
 /* Guest data or metadata about to be written at [offset, offset+len) of the
  * image file: refuse (and mark corrupt) if it overlaps metadata. */
 int  qcow2_overlap_check(struct qcow2_state *s, unsigned ign, uint64_t offset, uint64_t len);

@@ -525,6 +525,129 @@ static int repair(struct qcow2_state *s, void *opaque)
     return qcow2_rebuild_refcounts(s);
 }
 
+/* ---- rewriting the header ---- */
+
+int qcow2_co_rewrite_header(struct qcow2_state *s, const struct qcow2_header_edit *e)
+{
+    uint64_t cs = s->cluster_size;
+    CLEANUP_FREE uint8_t *old = xmalloc(cs);
+    CLEANUP_FREE uint8_t *buf = xzalloc(cs);
+    int ret = bnode_co_pread(s->bs->file, 0, cs, old, BREQ_BEYOND_EOF);
+    if (ret < 0)
+        return ret;
+    struct qcow2_header h;
+    memcpy(&h, old, sizeof(h));
+    uint64_t hlen = s->header_length;
+    uint64_t boff = be64toh(h.backing_file_offset);
+    uint32_t blen = be32toh(h.backing_file_size);
+    uint64_t ext_end = boff && boff < cs ? boff : cs;
+    const char *bname = NULL;
+    size_t bname_len = 0;
+    memcpy(buf, old, hlen);
+    uint64_t out = hlen;
+
+    if (e->bitmaps && e->nb_bitmaps) {
+        struct qcow2_ext_header eh = { htobe32(QCOW2_EXT_BITMAPS), htobe32(24) };
+        struct qcow2_bitmaps_ext b = { htobe32(e->nb_bitmaps), 0, htobe64(e->dir_size),
+                                       htobe64(e->dir_offset) };
+        memcpy(buf + out, &eh, 8);
+        memcpy(buf + out + 8, &b, sizeof(b));
+        out += 8 + sizeof(b);
+    }
+    if (e->backing && e->backing_file && e->backing_fmt) {
+        uint32_t n = (uint32_t)strlen(e->backing_fmt);
+        struct qcow2_ext_header eh = { htobe32(QCOW2_EXT_BACKING_FMT), htobe32(n) };
+        if (out + 8 + ((n + 7) & ~7u) > cs)
+            return -ENOSPC;
+        memcpy(buf + out, &eh, 8);
+        memcpy(buf + out + 8, e->backing_fmt, n);
+        out += 8 + ((n + 7) & ~7u);
+    }
+    for (uint64_t off = hlen; off + 8 <= ext_end;) {
+        struct qcow2_ext_header eh;
+        memcpy(&eh, old + off, 8);
+        uint32_t type = be32toh(eh.type), len = be32toh(eh.len);
+        if (type == QCOW2_EXT_END)
+            break;
+        uint64_t whole = 8 + (((uint64_t)len + 7) & ~7ull);
+        if (whole > ext_end - off)
+            return -EINVAL;
+        bool edited = (e->bitmaps && type == QCOW2_EXT_BITMAPS) ||
+                      (e->backing && type == QCOW2_EXT_BACKING_FMT);
+        if (!edited) {
+            if (out + whole > cs)
+                return -ENOSPC;
+            memcpy(buf + out, old + off, whole);
+            out += whole;
+        }
+        off += whole;
+    }
+    out += 8;                                   /* the end marker: zeros */
+    if (e->backing) {
+        bname = e->backing_file;
+        bname_len = bname ? strlen(bname) : 0;
+    } else if (boff) {
+        if (boff + blen > cs)
+            return -EINVAL;
+        bname = (const char *)old + boff;
+        bname_len = blen;
+    }
+    if (bname) {
+        if (out + bname_len > cs)
+            return -ENOSPC;
+        memmove(buf + out, bname, bname_len);
+        h.backing_file_offset = htobe64(out);
+        h.backing_file_size = htobe32((uint32_t)bname_len);
+    } else {
+        h.backing_file_offset = 0;
+        h.backing_file_size = 0;
+    }
+    if (e->bitmaps)
+        h.autoclear_features = htobe64(e->autoclear);
+    memcpy(buf, &h, MIN(sizeof(h), hlen));
+    ret = bnode_co_pwrite(s->bs->file, 0, cs, buf, 0);
+    if (ret == 0)
+        ret = bnode_co_flush(s->bs->file);
+    return ret;
+}
+
+struct change_backing {
+    const char *file, *fmt;
+};
+
+static int do_change_backing(struct qcow2_state *s, void *opaque)
+{
+    struct change_backing *c = opaque;
+    co_mutex_lock(&s->lock);
+    struct qcow2_header_edit e = { .backing = true, .backing_file = c->file,
+                                   .backing_fmt = c->fmt };
+    int ret = qcow2_co_rewrite_header(s, &e);
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+int qcow2_change_backing_file(struct bnode *bs, const char *file, const char *fmt)
+{
+    if (strcmp(bs->drv->name, "qcow2"))
+        return -ENOTSUP;
+    struct qcow2_state *s = bs->opaque;
+    if (file && strlen(file) > 1023)
+        return -EINVAL;
+    if (file && s->data_file_raw)
+        return -EINVAL;     /* QEMU clears the flag; bexd does not write it back */
+    struct change_backing c = { file, fmt };
+    int ret = qcow2_run_sync(s, do_change_backing, &c);
+    if (ret < 0)
+        return ret;
+    free(s->backing_file);
+    free(s->backing_fmt);
+    s->backing_file = file ? xstrdup(file) : NULL;
+    s->backing_fmt = file && fmt ? xstrdup(fmt) : NULL;
+    free(bs->auto_backing_file);
+    bs->auto_backing_file = file ? xstrdup(file) : NULL;
+    return 0;
+}
+
 /* ---- options ---- */
 
 static int opt_size(json_t *opts, const char *key, uint64_t dflt, bool *set)
@@ -1276,7 +1399,7 @@ static int qcow2_reopen_prepare(struct reopen_state *rs, error **errp)
         free(n);
         return -1;
     }
-    if (!json_object_get(rs->opts, "backing") && (bs->backing || s->backing_file)) {
+    if (rs->backing_missing && (bs->backing || s->backing_file)) {
         error_setg(errp, "backing is missing for '%s'", bs->node_name);
         free(n);
         return -1;

@@ -127,10 +127,12 @@ static void entry_values(struct entry *e, json_t *popts)
     bool v;
     json_t *pcache = json_object_get(popts, "cache"), *cache = json_object_get(o, "cache");
 
-    if (parent_gives(o, "read-only", &v))
+    if (parent_gives(o, "read-only", &v)) {
         e->rs.read_only = v;
-    else if (cow)
+    } else if (cow) {
         e->rs.read_only = true;
+        json_object_set_new(o, "read-only", json_true());   /* its children inherit it */
+    }
     else if (popts && parent_gives(popts, "read-only", &v))
         e->rs.read_only = v;
     else
@@ -208,6 +210,7 @@ static void queue_node(struct entry **q, struct bnode *bs, json_t *opts, json_t 
     e->keep_old = keep_old;
     json_decref(e->rs.opts);
     e->rs.opts = json_deep_copy(e->explicit);
+    e->rs.backing_missing = !keep_old && !json_object_get(e->rs.opts, "backing");
     entry_values(e, popts);
     queue_children(q, e);
 }
@@ -504,6 +507,8 @@ static void abort_entry(struct entry *e)
     }
 }
 
+static int run_queue(struct entry *q, error **errp);
+
 int bnode_reopen_multiple(json_t *list, error **errp)
 {
     struct entry *q = NULL;
@@ -524,6 +529,21 @@ int bnode_reopen_multiple(json_t *list, error **errp)
         }
         queue_node(&q, bs, opts, NULL, NULL, false);
     }
+    return run_queue(q, errp);
+
+out:
+    while (q) {
+        struct entry *n = q->next;
+        entry_free(q);
+        q = n;
+    }
+    return ret;
+}
+
+/* Prepare every entry, then commit them all or abort them all; frees q. */
+static int run_queue(struct entry *q, error **errp)
+{
+    int ret = -1;
     for (struct entry *e = q; e; e = e->next) {
         if (prepare(e, errp) < 0)
             goto abort;
@@ -560,15 +580,18 @@ out:
     return ret;
 }
 
-int bnode_reopen_read_only(struct bnode *bs, error **errp)
+int bnode_reopen_set_read_only(struct bnode *bs, bool read_only, error **errp)
 {
-    json_t *o = old_explicit(bs);
-    json_object_set_new(o, "read-only", json_true());
-    json_t *b = json_object_get(o, "backing");
-    if (bs->backing && !json_is_string(b) && !json_is_object(b))   /* none, or null: */
-        json_object_set_new(o, "backing", json_string(bs->backing->node_name));  /* appended */
-    CLEANUP_JSON json_t *list = json_pack("[o]", o);
-    return bnode_reopen_multiple(list, errp);
+    CLEANUP_JSON json_t *o = old_explicit(bs);
+    json_object_set_new(o, "read-only", json_boolean(read_only));
+    /* the backing node it has now (a job may have changed it) */
+    if (bs->backing)
+        json_object_set_new(o, "backing", json_string(bs->backing->node_name));
+    else if (json_object_get(o, "backing"))
+        json_object_set_new(o, "backing", json_null());
+    struct entry *q = NULL;
+    queue_node(&q, bs, o, NULL, NULL, false);    /* by the node: its name may be generated */
+    return run_queue(q, errp);
 }
 
 static json_t *qmp_blockdev_reopen(json_t *args, error **errp)

@@ -1,5 +1,5 @@
 /* QAPI definitions of the block jobs (QEMU 7.2 qapi/block-core.json):
- * blockdev-backup, query-block-jobs, the block-job-* verbs and the
+ * blockdev-backup, block-stream, change-backing-file, query-block-jobs, the block-job-* verbs and the
  * BLOCK_JOB_* events. */
 #include "qmp/schema-int.h"
 
@@ -20,6 +20,15 @@ static const char text[] =
     "            '*x-perf': { 'type': 'BackupPerf', 'features': [ 'unstable' ] } } }\n"
     "{ 'struct': 'BlockdevBackup', 'base': 'BackupCommon', 'data': { 'target': 'str' } }\n"
     "{ 'command': 'blockdev-backup', 'boxed': true, 'data': 'BlockdevBackup',\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'command': 'block-stream',\n"
+    "  'data': { '*job-id': 'str', 'device': 'str', '*base': 'str', '*base-node': 'str',\n"
+    "            '*backing-file': 'str', '*bottom': 'str', '*speed': 'int',\n"
+    "            '*on-error': 'BlockdevOnError', '*filter-node-name': 'str',\n"
+    "            '*auto-finalize': 'bool', '*auto-dismiss': 'bool' },\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'command': 'change-backing-file',\n"
+    "  'data': { 'device': 'str', 'image-node-name': 'str', 'backing-file': 'str' },\n"
     "  'allow-preconfig': true }\n"
     "{ 'struct': 'BlockJobInfo',\n"
     "  'data': { 'type': 'str', 'device': 'str', 'len': 'int', 'offset': 'int',\n"

@@ -445,6 +445,29 @@ def test_reopen_qcow2_backing(impl, start_daemon, tmpdir_short):
     m.execute("blockdev-del", node_name="o0")
 
 
+def test_reopen_keeps_a_backing_chain_opened_from_headers(impl, start_daemon, tmpdir_short):
+    """A read-only qcow2 node whose chain its headers opened goes read-write
+    with "backing" naming the generated node it has: that node and the one
+    below it keep their options and stay read-only, their files too (QEMU's
+    backing children are read-only by default)."""
+    d = start_daemon(impl)
+    m = d.qmp()
+    base = qcow2(tmpdir_short, "base.qcow2")
+    mid = qcow2(tmpdir_short, "mid.qcow2", backing=base)
+    top = qcow2(tmpdir_short, "top.qcow2", backing=mid)
+    f = {"driver": "file", "filename": top}
+    m.execute("blockdev-add", driver="qcow2", node_name="t0", read_only=True, file=f)
+    below = [n["node-name"] for n in m.execute("query-named-block-nodes")
+             if n["drv"] == "qcow2" and n["image"]["filename"] == mid][0]
+    reopen(m, {"driver": "qcow2", "node-name": "t0", "read-only": False, "file": f,
+               "backing": below})
+    ro = sorted((os.path.basename(n["image"]["filename"]), n["drv"], n["ro"])
+                for n in m.execute("query-named-block-nodes"))
+    assert ro == [("base.qcow2", "file", True), ("base.qcow2", "qcow2", True),
+                  ("mid.qcow2", "file", True), ("mid.qcow2", "qcow2", True),
+                  ("top.qcow2", "file", False), ("top.qcow2", "qcow2", False)]
+
+
 def test_reopen_empty_list(start_daemon):
     """qemu-storage-daemon 7.2 crashes on an empty list; bexd does nothing."""
     d = start_daemon("bexd")

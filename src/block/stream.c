@@ -1,0 +1,663 @@
+/*
+ * block-stream: QEMU 7.2's stream block job (block/stream.c).
+ *
+ * Theory of operation.  The command checks its arguments in QEMU's order
+ * with QEMU's words and finds what stays below: the base (by file name,
+ * base; by node, base-node; the node below bottom; or nothing), then the
+ * job copies into the top node, piece by piece, every range the top does
+ * not allocate and a node between it and the base does.  When it ends
+ * well, the base becomes the top's backing node and the top's image header
+ * names it (or no backing file); the nodes between drop out of the graph.
+ * A cancelled or failed job changes no link; what it copied stays, as the
+ * same data.
+ *
+ * QEMU copies through a copy-on-read filter it inserts above the top, whose
+ * serialising requests keep a guest write and a copy of the same range
+ * apart.  bexd inserts no node: a guard on the top's writes does that (a
+ * bnode_intercept, as a backup's filter uses).  A copy claims its range;
+ * guest writes overlapping it wait in a queue until the copy is done, and
+ * the copy waits for the overlapping guest writes already under way; then
+ * it looks again at what the top allocates and copies only the rest, as a
+ * copy-on-read does.  Zeros are written as zeroes (QEMU's copy-on-read
+ * does the same), and the copies mark no dirty bitmap (the data does not
+ * change).  Guest reads are not copied on the way.
+ *
+ * The guard outlives the job while writes it saw are under way: each of
+ * them, each queued write and the job hold a reference.  Removing it from
+ * the node waits for every loop to pass a barrier first, so no thread is
+ * still inside its submit.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "block/block.h"
+#include "block/block-job.h"
+#include "block/qcow2-int.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/coroutine.h"
+#include "util/log.h"
+#include "util/loop.h"
+#include "util/opts.h"
+#include "util/xalloc.h"
+
+#define STREAM_CHUNK (512u * 1024)      /* QEMU's STREAM_CHUNK */
+
+/* ---- the guard on the top's writes ---- */
+
+struct guard;
+
+/* A guest write under way, or waiting for a copy. */
+struct guarded {
+    struct guard *g;
+    struct breq *req;
+    uint64_t offset;                    /* in the top node */
+    void (*done)(struct breq *req, int ret);
+    void *opaque;
+    struct guarded *next, **pprev;
+};
+
+struct guard {
+    struct bnode_intercept ic;
+    struct bnode *top;
+    int refs;                           /* atomic */
+    pthread_mutex_t lock;
+    struct guarded *writes;             /* under way */
+    struct guarded *queued, **queued_tail;
+    uint64_t copy_lo, copy_hi;          /* the copy's range; empty: none */
+    struct coroutine *copier;           /* waiting for writes under way */
+};
+
+static bool overlaps(uint64_t lo, uint64_t hi, uint64_t a, uint64_t b)
+{
+    return lo < b && a < hi;
+}
+
+static void guard_unref(struct guard *g)
+{
+    if (__atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&g->lock);
+        free(g);
+    }
+}
+
+static void wake_copier(void *opaque)
+{
+    co_enter(opaque);
+}
+
+/* Whether a write under way overlaps the copy (lock held). */
+static bool copy_must_wait(struct guard *g)
+{
+    for (struct guarded *w = g->writes; w; w = w->next)
+        if (overlaps(w->offset, w->offset + w->req->len, g->copy_lo, g->copy_hi))
+            return true;
+    return false;
+}
+
+static void guarded_done(struct breq *req, int ret)
+{
+    struct guarded *w = req->opaque;
+    struct guard *g = w->g;
+    struct coroutine *wake = NULL;
+    req->done = w->done;
+    req->opaque = w->opaque;
+    pthread_mutex_lock(&g->lock);
+    *w->pprev = w->next;
+    if (w->next)
+        w->next->pprev = w->pprev;
+    if (g->copier && !copy_must_wait(g)) {
+        wake = g->copier;
+        g->copier = NULL;
+    }
+    pthread_mutex_unlock(&g->lock);
+    if (wake)
+        loop_call(loop_main(), wake_copier, wake);
+    free(w);
+    guard_unref(g);
+    req->done(req, ret);
+}
+
+/* A guest write to the top: under way now, or queued behind the copy. */
+static void guard_write(struct guard *g, struct guarded *w)
+{
+    struct breq *req = w->req;
+    pthread_mutex_lock(&g->lock);
+    if (overlaps(w->offset, w->offset + req->len, g->copy_lo, g->copy_hi)) {
+        w->next = NULL;
+        *g->queued_tail = w;
+        g->queued_tail = &w->next;
+        pthread_mutex_unlock(&g->lock);
+        return;
+    }
+    w->done = req->done;
+    w->opaque = req->opaque;
+    req->done = guarded_done;
+    req->opaque = w;
+    w->next = g->writes;
+    w->pprev = &g->writes;
+    if (g->writes)
+        g->writes->pprev = &w->next;
+    g->writes = w;
+    pthread_mutex_unlock(&g->lock);
+    bnode_submit_driver(g->top, req, w->offset);
+}
+
+static void guard_submit(struct bnode_intercept *ic, struct bnode *bs, struct breq *req,
+                         uint64_t offset)
+{
+    struct guard *g = container_of(ic, struct guard, ic);
+    struct guarded *w = xzalloc(sizeof(*w));
+    w->g = g;
+    w->req = req;
+    w->offset = offset;
+    __atomic_add_fetch(&g->refs, 1, __ATOMIC_RELAXED);
+    guard_write(g, w);
+}
+
+static void requeue(void *opaque)
+{
+    struct guarded *w = opaque;
+    guard_write(w->g, w);
+}
+
+/* Claim [lo, hi) for a copy once the writes under way there are done. */
+static void co_copy_claim(struct guard *g, uint64_t lo, uint64_t hi)
+{
+    pthread_mutex_lock(&g->lock);
+    g->copy_lo = lo;
+    g->copy_hi = hi;
+    while (copy_must_wait(g)) {
+        g->copier = co_self();
+        pthread_mutex_unlock(&g->lock);
+        co_yield();
+        pthread_mutex_lock(&g->lock);
+    }
+    pthread_mutex_unlock(&g->lock);
+}
+
+/* The copy is done: the writes it held go on, in their loops, in order. */
+static void copy_release(struct guard *g)
+{
+    pthread_mutex_lock(&g->lock);
+    g->copy_lo = g->copy_hi = 0;
+    struct guarded *w = g->queued;
+    g->queued = NULL;
+    g->queued_tail = &g->queued;
+    pthread_mutex_unlock(&g->lock);
+    while (w) {
+        struct guarded *next = w->next;
+        loop_call(w->req->loop, requeue, w);
+        w = next;
+    }
+}
+
+static struct guard *guard_new(struct bnode *top)
+{
+    struct guard *g = xzalloc(sizeof(*g));
+    g->ic.submit = guard_submit;
+    g->top = top;
+    g->refs = 1;
+    pthread_mutex_init(&g->lock, NULL);
+    g->queued_tail = &g->queued;
+    return g;
+}
+
+static void guard_drop(void *opaque)
+{
+    guard_unref(opaque);
+}
+
+/* Off the node; freed once no loop can be inside its submit and no write
+ * it saw is under way. */
+static void guard_remove(struct guard *g)
+{
+    if (__atomic_load_n(&g->top->intercept, __ATOMIC_ACQUIRE) == &g->ic)
+        __atomic_store_n(&g->top->intercept, NULL, __ATOMIC_RELEASE);
+    loop_barrier(guard_drop, g);
+}
+
+/* ---- the job's filter node ----
+ *
+ * QEMU's stream job runs through a copy-on-read node above the top (named
+ * filter-node-name, or generated): it is in the node list while the job
+ * runs, busy, in use.  bexd's does not take the top's place under its
+ * users (the guard sees their writes where they are); it passes what
+ * reaches it on to the top.  Not offered to blockdev-add. */
+
+static int cor_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    bs->size = bs->file->size;
+    return 0;
+}
+
+static void cor_submit(struct bnode *bs, struct breq *req, uint64_t offset)
+{
+    bnode_submit_child(bs->file, req, offset);
+}
+
+static int cor_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                            unsigned *flags)
+{
+    int depth;
+    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
+}
+
+static const struct bdrv bdrv_cor = {
+    .name = "copy-on-read",
+    .is_filter = true,
+    .filename_rule = FNAME_FILE_CHILD,
+    .open = cor_open,
+    .submit = cor_submit,
+    .block_status = cor_block_status,
+};
+BDRV_REGISTER(bdrv_cor)
+
+/* ---- the job ---- */
+
+struct stream_job {
+    struct block_job common;
+    struct bnode *top;
+    struct bnode *base;                 /* stays below the top (NULL: nothing) */
+    int copy_below;                     /* copy what depths 2 .. copy_below - 1 hold */
+    char *backing_file;                 /* the name the header gets (NULL: base's) */
+    enum block_on_error on_error;
+    struct guard *guard;
+    struct bnode *filter;               /* our reference */
+    struct bnode_user *filter_user;     /* the job's use of it (QEMU's BlockBackend) */
+    bool reopened_rw;                   /* the top was read-only: it is again after */
+};
+
+static bool depth_copied(struct stream_job *s, int depth)
+{
+    return depth >= 2 && (!s->copy_below || depth < s->copy_below);
+}
+
+/* Copy what the layers between top and base hold in [off, off + n) and the
+ * top does not, as a copy-on-read does. */
+static int stream_copy(struct stream_job *s, uint64_t off, uint64_t n, void *buf)
+{
+    int ret = 0;
+    co_copy_claim(s->guard, off, off + n);
+    for (uint64_t p = off, end = off + n; p < end && ret == 0;) {
+        uint64_t pnum;
+        unsigned flags;
+        int depth;
+        ret = bnode_block_status(s->top, p, end - p, &pnum, &flags, &depth);
+        if (ret < 0)
+            break;
+        if (depth_copied(s, depth)) {
+            ret = bnode_co_pread(s->top, p, pnum, buf, 0);
+            if (ret == 0) {
+                bool zero = true;
+                for (const uint64_t *q = buf, *e = (const uint64_t *)((char *)buf + pnum);
+                     q < e; q++)
+                    if (*q) {
+                        zero = false;
+                        break;
+                    }
+                ret = zero ? bnode_co_pwrite_zeroes(s->top, p, pnum, BREQ_WRITE_UNCHANGED)
+                           : bnode_co_pwrite(s->top, p, pnum, buf, BREQ_WRITE_UNCHANGED);
+            }
+        }
+        p += pnum;
+    }
+    copy_release(s->guard);
+    return ret;
+}
+
+static int stream_co_run(struct job *job, error **errp)
+{
+    struct stream_job *s = (struct stream_job *)job;
+    uint64_t len = s->top->size;
+    int error = 0;
+
+    if (!s->top->backing || s->copy_below == 2)
+        return 0;                       /* nothing to stream */
+    job_progress_set_remaining(job, len);
+    CLEANUP_FREE void *buf = xmalloc(STREAM_CHUNK);   /* page-aligned: a mapping of its own */
+    for (uint64_t off = 0, n = 0; off < len; off += n) {
+        uint64_t delay = block_job_ratelimit(&s->common, 0);
+        job_co_sleep(job, delay);
+        if (job_is_cancelled(job))
+            break;
+        uint64_t pnum;
+        unsigned flags;
+        int depth;
+        bool copy = false;
+        int ret = bnode_block_status(s->top, off, MIN((uint64_t)STREAM_CHUNK, len - off),
+                                     &pnum, &flags, &depth);
+        n = ret < 0 ? MIN((uint64_t)STREAM_CHUNK, len - off) : pnum;
+        if (ret >= 0 && depth != 1) {
+            copy = depth_copied(s, depth);
+            if (copy)
+                ret = stream_copy(s, off, n, buf);
+        }
+        if (ret < 0) {
+            enum block_error_action a = block_job_error_action(&s->common, s->on_error, true,
+                                                               -ret);
+            if (a == ERROR_ACTION_STOP) {
+                n = 0;
+                job_co_pause_point(job);
+                continue;
+            }
+            if (!error)
+                error = ret;
+            if (a == ERROR_ACTION_REPORT)
+                break;
+        }
+        job_progress_update(job, n);
+        if (copy)
+            block_job_ratelimit(&s->common, n);
+    }
+    return error;
+}
+
+static void stream_run(struct job *job)
+{
+    job_run_co(job, stream_co_run);
+}
+
+/* Success: the base goes under the top, and the header says so. */
+static int stream_prepare(struct job *job)
+{
+    struct stream_job *s = (struct stream_job *)job;
+    struct bnode *top = s->top;
+    if (!top->backing)
+        return 0;
+    if (top->backing != s->base) {
+        struct bnode_user **slot = top->drv->reopen_backing_link(top);
+        struct bnode_user *link = NULL;
+        if (s->base) {
+            error *err = NULL;
+            link = bnode_attach_child(top, s->base, "backing", &err);
+            if (!link) {
+                log_error("stream: %s", err->msg);
+                error_free(err);
+                return -EPERM;
+            }
+        }
+        struct bnode_user *old = *slot;
+        *slot = link;
+        __atomic_store_n(&top->backing, s->base, __ATOMIC_RELEASE);
+        if (old)
+            bnode_retire_link(old);
+        if (json_object_get(top->options, "backing"))      /* a reopen named the old one */
+            json_object_set_new(top->options, "backing", s->base ?
+                                json_string(s->base->node_name) : json_null());
+    }
+    CLEANUP_FREE char *base_name = s->base ? bnode_filename(s->base) : NULL;
+    const char *id = s->base ? (s->backing_file ? s->backing_file : base_name) : NULL;
+    return qcow2_change_backing_file(top, id, s->base ? s->base->drv->name : NULL);
+}
+
+static void stream_release(struct stream_job *s)
+{
+    if (s->guard) {
+        guard_remove(s->guard);
+        s->guard = NULL;
+    }
+    block_job_remove_nodes(&s->common);
+    if (s->filter_user) {
+        bnode_detach(s->filter_user);
+        s->filter_user = NULL;
+    }
+    if (s->filter) {
+        bnode_unref(s->filter);
+        s->filter = NULL;
+    }
+    if (s->reopened_rw) {
+        s->reopened_rw = false;
+        error *err = NULL;
+        if (bnode_reopen_set_read_only(s->top, true, &err) < 0) {
+            log_warn("stream: node '%s' stays read-write: %s", s->top->node_name, err->msg);
+            error_free(err);
+        }
+    }
+}
+
+static void stream_clean(struct job *job)
+{
+    stream_release((struct stream_job *)job);
+}
+
+static void stream_free(struct job *job)
+{
+    struct stream_job *s = (struct stream_job *)job;
+    stream_release(s);
+    free(s->backing_file);
+    s->backing_file = NULL;
+}
+
+static const struct job_driver stream_driver = {
+    .instance_size = sizeof(struct stream_job),
+    .type = JOB_TYPE_STREAM,
+    .run = stream_run,
+    .prepare = stream_prepare,
+    .clean = stream_clean,
+    .free = stream_free,
+    .user_resume = block_job_user_resume,
+    .on_ready = block_job_on_ready,
+    .on_pending = block_job_on_pending,
+    .on_finalized = block_job_on_finalized,
+};
+
+/* ---- the command (QEMU's qmp_block_stream and stream_start) ---- */
+
+/* The file name a node names its backing file with, made absolute from
+ * the node's own directory and canonical; NULL if it does not exist. */
+static char *canonical(struct bnode *bs, const char *name)
+{
+    CLEANUP_FREE char *abs = NULL;
+    if (name[0] == '/' || strstr(name, "://")) {
+        abs = xstrdup(name);
+    } else {
+        const char *dir = bnode_leaf_path(bs);
+        const char *slash = dir ? strrchr(dir, '/') : NULL;
+        abs = xasprintf("%.*s%s", slash ? (int)(slash - dir + 1) : 0, dir ? dir : "", name);
+    }
+    return realpath(abs, NULL);
+}
+
+/* QEMU's bdrv_find_backing_image(): the backing node some layer of the
+ * chain names with this file name. */
+static struct bnode *find_backing_image(struct bnode *bs, const char *name)
+{
+    for (; bs && bs->backing; bs = bs->backing) {
+        if (!bs->auto_backing_file)
+            continue;
+        if (strstr(name, "://") || strstr(bs->auto_backing_file, "://")) {
+            if (!strcmp(name, bs->auto_backing_file))
+                return bs->backing;
+            continue;
+        }
+        CLEANUP_FREE char *want = canonical(bs, name);
+        CLEANUP_FREE char *have = canonical(bs, bs->auto_backing_file);
+        if (want && have && !strcmp(want, have))
+            return bs->backing;
+    }
+    return NULL;
+}
+
+/* 1 for bs itself, 2 for its backing node...; 0 if not in the chain. */
+static int chain_depth(struct bnode *top, struct bnode *bs)
+{
+    int d = 1;
+    for (struct bnode *b = top; b; b = b->backing, d++)
+        if (b == bs)
+            return d;
+    return 0;
+}
+
+static struct bnode *lookup_node(const char *name, error **errp)
+{
+    struct bnode *bs = bnode_find(name);
+    if (!bs)
+        error_setg(errp, "Cannot find device='' nor node-name='%s'", name);
+    return bs;
+}
+
+static json_t *qmp_block_stream(json_t *a, error **errp)
+{
+    const char *device = opt_str(a, "device", "");
+    struct bnode *bs = bnode_find(device), *base = NULL, *bottom = NULL;
+    bool has_base = opt_has(a, "base"), has_base_node = opt_has(a, "base-node");
+    bool has_bottom = opt_has(a, "bottom");
+
+    if (!bs) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device, device);
+        return NULL;
+    }
+    if (has_base && has_base_node) {
+        error_setg(errp, "'base' and 'base-node' cannot be specified at the same time");
+        return NULL;
+    }
+    if (has_base && has_bottom) {
+        error_setg(errp, "'base' and 'bottom' cannot be specified at the same time");
+        return NULL;
+    }
+    if (has_bottom && has_base_node) {
+        error_setg(errp, "'bottom' and 'base-node' cannot be specified at the same time");
+        return NULL;
+    }
+    if (has_base) {
+        base = find_backing_image(bs, opt_str(a, "base", ""));
+        if (!base) {
+            error_setg(errp, "Can't find '%s' in the backing chain", opt_str(a, "base", ""));
+            return NULL;
+        }
+    }
+    if (has_base_node) {
+        const char *name = opt_str(a, "base-node", "");
+        if (!(base = lookup_node(name, errp)))
+            return NULL;
+        if (bs == base || chain_depth(bs, base) == 0) {
+            error_setg(errp, "Node '%s' is not a backing image of '%s'", name, device);
+            return NULL;
+        }
+    }
+    if (has_bottom) {
+        const char *name = opt_str(a, "bottom", "");
+        if (!(bottom = lookup_node(name, errp)))
+            return NULL;
+        if (chain_depth(bs, bottom) == 0) {
+            error_setg(errp, "Node '%s' is not in a chain starting from '%s'", name, device);
+            return NULL;
+        }
+    }
+    struct bnode *end = bottom ? bottom->backing : base;
+    for (struct bnode *it = bs; it && it != end; it = it->backing)
+        if (block_node_check_busy(it, errp) < 0)
+            return NULL;
+    if (!base && !bottom && opt_has(a, "backing-file")) {
+        error_setg(errp, "backing file specified, but streaming the entire chain");
+        return NULL;
+    }
+    if (bottom)
+        base = bottom->backing;
+    if (bs->backing && !bs->drv->reopen_backing_link) {
+        error_setg(errp, "Driver '%s' cannot change the backing file of '%s'", bs->drv->name,
+                   bs->node_name);
+        return NULL;
+    }
+
+    /* stream_start() */
+    bool reopened = false;
+    if (bs->read_only) {
+        if (bnode_reopen_set_read_only(bs, false, errp) < 0)
+            return NULL;
+        reopened = true;
+    }
+    json_t *fo = json_pack("{s:s, s:s}", "driver", "copy-on-read", "file", bs->node_name);
+    if (opt_has(a, "filter-node-name"))
+        json_object_set_new(fo, "node-name", json_string(opt_str(a, "filter-node-name", "")));
+    struct bnode *filter = bnode_open_ref(fo, false, errp);
+    json_decref(fo);
+    struct bnode_user *filter_user = NULL;
+    if (filter)
+        filter_user = bnode_attach(filter, 0, PERM_ALL, "block job", "root", errp);
+    if (!filter_user) {
+        error_prepend(errp, "Could not create node: ");
+        if (filter)
+            bnode_unref(filter);
+        if (reopened)
+            bnode_reopen_set_read_only(bs, true, NULL);
+        return NULL;
+    }
+    unsigned flags = JOB_DEFAULT;
+    if (!opt_bool(a, "auto-finalize", true))
+        flags |= JOB_MANUAL_FINALIZE;
+    if (!opt_bool(a, "auto-dismiss", true))
+        flags |= JOB_MANUAL_DISMISS;
+    struct stream_job *s = block_job_create(opt_str(a, "job-id", ""), &stream_driver, NULL,
+                                            opt_int(a, "speed", 0), flags, errp);
+    if (!s) {
+        bnode_detach(filter_user);
+        bnode_unref(filter);
+        if (reopened)
+            bnode_reopen_set_read_only(bs, true, NULL);
+        return NULL;
+    }
+    s->filter = filter;
+    s->filter_user = filter_user;
+    block_job_add_node(&s->common, filter);
+    s->top = bs;
+    s->base = base;
+    s->copy_below = base ? chain_depth(bs, base) : 0;
+    s->backing_file = opt_has(a, "backing-file") ? xstrdup(opt_str(a, "backing-file", ""))
+                                                 : NULL;
+    s->on_error = block_on_error_parse(opt_str(a, "on-error", NULL));
+    s->reopened_rw = reopened;
+    for (struct bnode *it = bs; it && it != base; it = it->backing)
+        block_job_add_node(&s->common, it);
+    s->guard = guard_new(bs);
+    __atomic_store_n(&bs->intercept, &s->guard->ic, __ATOMIC_RELEASE);
+    job_start(&s->common.job);
+    return json_object();
+}
+QMP_COMMAND("block-stream", qmp_block_stream)
+
+/* ---- change-backing-file (QEMU's qmp_change_backing_file) ---- */
+
+static json_t *qmp_change_backing_file(json_t *a, error **errp)
+{
+    const char *device = opt_str(a, "device", "");
+    const char *image = opt_str(a, "image-node-name", "");
+    const char *file = opt_str(a, "backing-file", "");
+    struct bnode *bs = bnode_find(device);
+    if (!bs) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device, device);
+        return NULL;
+    }
+    if (bnode_has_parent_node(bs)) {
+        error_setg(errp, "Need a root block node");
+        return NULL;
+    }
+    struct bnode *img = lookup_node(image, errp);
+    if (!img)
+        return NULL;
+    if (!img->backing) {
+        error_setg(errp, "not allowing backing file change on an image without a backing "
+                   "file");
+        return NULL;
+    }
+    if (block_node_check_busy(bs, errp) < 0)
+        return NULL;
+    if (chain_depth(bs, img) == 0) {
+        error_setg(errp, "'%s' and image file are not in the same chain", device);
+        return NULL;
+    }
+    bool ro = img->read_only;
+    if (ro && bnode_reopen_set_read_only(img, false, errp) < 0)
+        return NULL;
+    /* QEMU names the image's own format as the backing file's */
+    int ret = qcow2_change_backing_file(img, file, img->drv->name);
+    if (ret < 0)
+        error_setg_errno(errp, -ret, "Could not change backing file to '%s'", file);
+    if (ro)
+        bnode_reopen_set_read_only(img, true, ret < 0 ? NULL : errp);
+    return ret < 0 ? NULL : json_object();
+}
+QMP_COMMAND("change-backing-file", qmp_change_backing_file)
