@@ -216,7 +216,7 @@ static void guard_remove(struct guard *g)
 {
     if (__atomic_load_n(&g->top->intercept, __ATOMIC_ACQUIRE) == &g->ic)
         __atomic_store_n(&g->top->intercept, NULL, __ATOMIC_RELEASE);
-    loop_barrier(guard_drop, g);
+    loop_barrier_any_thread(guard_drop, g);
 }
 
 /* ---- the job's filter node ----

@@ -185,6 +185,7 @@ static void free_dead(struct loop *l)
 
 struct barrier {
     int pending;                       /* atomic */
+    bool any_thread;                   /* done runs where the last loop passes */
     loop_fn *done;
     void *opaque;
 };
@@ -193,15 +194,19 @@ static void barrier_pass(void *opaque)
 {
     struct barrier *b = opaque;
     if (__atomic_sub_fetch(&b->pending, 1, __ATOMIC_ACQ_REL) == 0) {
-        loop_call(main_loop, b->done, b->opaque);
+        if (b->any_thread)
+            b->done(b->opaque);
+        else
+            loop_call(main_loop, b->done, b->opaque);
         free(b);
     }
 }
 
-void loop_barrier(loop_fn *done, void *opaque)
+static void barrier_start(loop_fn *done, void *opaque, bool any_thread)
 {
     struct barrier *b = xzalloc(sizeof(*b));
     b->pending = 1;                    /* ours, dropped once every loop is asked */
+    b->any_thread = any_thread;
     b->done = done;
     b->opaque = opaque;
     pthread_mutex_lock(&all_lock);
@@ -212,6 +217,16 @@ void loop_barrier(loop_fn *done, void *opaque)
         }
     pthread_mutex_unlock(&all_lock);
     barrier_pass(b);
+}
+
+void loop_barrier(loop_fn *done, void *opaque)
+{
+    barrier_start(done, opaque, false);
+}
+
+void loop_barrier_any_thread(loop_fn *done, void *opaque)
+{
+    barrier_start(done, opaque, true);
 }
 
 void loop_free(struct loop *l)

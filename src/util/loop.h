@@ -91,6 +91,11 @@ void loop_call(struct loop *l, loop_fn *fn, void *opaque);
  * queued now; a loop freed meanwhile counts as passed).  What a loop
  * thread reads after that sees every store the caller made before. */
 void loop_barrier(loop_fn *done, void *opaque);
+/* The same, but done runs in the thread of the last loop to pass (the
+ * caller's, at once, if there is no other loop), so it runs even when the
+ * main loop no longer does (the daemon stopping): freeing what loops
+ * might still have been using. */
+void loop_barrier_any_thread(loop_fn *done, void *opaque);
 /* Same-thread: run fn(opaque) before the loop next sleeps.  The caller
  * provides the storage so that the data path needs no allocation; a
  * pending defer must not be queued twice (check loop_defer_pending). */

@@ -340,3 +340,16 @@ def test_filter_node(impl, start_daemon, tmpdir_short):
     m.execute("block-job-set-speed", device="s2", speed=0)
     m.wait_event("BLOCK_JOB_COMPLETED")
     assert not [n for n in m.execute("query-named-block-nodes") if n["drv"] == "copy-on-read"]
+
+
+def test_daemon_stops_during_the_job(impl, start_daemon, tmpdir_short):
+    """SIGTERM while the job copies: the daemon stops cleanly, the image is
+    consistent, its header still names mid, and it reads the same."""
+    daemon, m, paths, want, uri = serve(impl, start_daemon, tmpdir_short)
+    export(m, writable=True)
+    m.execute("block-stream", device="top", job_id="s", speed=512 * 1024)
+    daemon.stop()
+    qemu_img("check", "-q", paths[2])
+    assert header(paths[2]) == ("mid.qcow2", "qcow2")
+    subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", paths[2],
+                    os.path.join(tmpdir_short, "want.raw")], check=True)
