@@ -353,3 +353,40 @@ def test_daemon_stops_during_the_job(impl, start_daemon, tmpdir_short):
     assert header(paths[2]) == ("mid.qcow2", "qcow2")
     subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", paths[2],
                     os.path.join(tmpdir_short, "want.raw")], check=True)
+
+
+@pytest.mark.parametrize("mode", ["report", "ignore", "stop"])
+def test_read_errors_below(impl, start_daemon, tmpdir_short, mode):
+    """base reads fail (blkdebug): report ends the job at once with the
+    error; ignore goes on to the end and still fails (QEMU keeps the
+    backing file after an ignored error); stop pauses it (io-status
+    failed) until it is cancelled.  The chain is unchanged in every case."""
+    paths, want = make_chain(tmpdir_short)
+    daemon = start_daemon(impl)
+    m = daemon.qmp()
+    m.execute("blockdev-add", driver="qcow2", node_name="base", file={
+        "driver": "blkdebug", "node-name": "dbg",
+        "inject-error": [{"event": "read_aio", "errno": 5, "once": False}],
+        "image": {"driver": "file", "filename": paths[0]}})
+    m.execute("blockdev-add", driver="qcow2", node_name="mid", backing="base",
+              file={"driver": "file", "filename": paths[1]})
+    m.execute("blockdev-add", driver="qcow2", node_name="top", backing="mid",
+              file={"driver": "file", "filename": paths[2]})
+    m.execute("block-stream", device="top", job_id="s", on_error=mode)
+    e = m.wait_event("BLOCK_JOB_ERROR")
+    assert e["data"] == {"device": "s", "operation": "read", "action": mode}
+    if mode == "stop":
+        info = m.execute("query-block-jobs")[0]
+        assert (info["status"], info["io-status"], info["offset"]) == ("paused", "failed", 0)
+        m.execute("block-job-cancel", device="s", force=True)
+        e = m.wait_event("BLOCK_JOB_CANCELLED")
+        assert e["data"]["offset"] == 0
+    else:
+        e = m.wait_event("BLOCK_JOB_COMPLETED")
+        assert e["data"]["error"] == "Input/output error"
+        assert e["data"]["offset"] == (SIZE if mode == "ignore" else 0)
+    top = [n for n in m.execute("query-named-block-nodes") if n["node-name"] == "top"][0]
+    assert top["backing_file_depth"] == 2
+    daemon.stop()
+    assert header(paths[2]) == ("mid.qcow2", "qcow2")
+    qemu_img("check", "-q", paths[2])
