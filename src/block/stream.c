@@ -291,13 +291,8 @@ static int stream_copy(struct stream_job *s, uint64_t off, uint64_t n, void *buf
         if (depth_copied(s, depth)) {
             ret = bnode_co_pread(s->top, p, pnum, buf, 0);
             if (ret == 0) {
-                bool zero = true;
-                for (const uint64_t *q = buf, *e = (const uint64_t *)((char *)buf + pnum);
-                     q < e; q++)
-                    if (*q) {
-                        zero = false;
-                        break;
-                    }
+                const unsigned char *b = buf;
+                bool zero = !b[0] && !memcmp(b, b + 1, pnum - 1);
                 ret = zero ? bnode_co_pwrite_zeroes(s->top, p, pnum, BREQ_WRITE_UNCHANGED)
                            : bnode_co_pwrite(s->top, p, pnum, buf, BREQ_WRITE_UNCHANGED);
             }
@@ -370,16 +365,20 @@ static int stream_prepare(struct job *job)
     if (top->backing != s->base) {
         struct bnode_user **slot = top->drv->reopen_backing_link(top);
         struct bnode_user *link = NULL;
+        struct bnode_user *old = *slot;
         if (s->base) {
             error *err = NULL;
             link = bnode_attach_child(top, s->base, "backing", &err);
+            if (link && old && bnode_user_set_perm(link, old->perm, old->shared, &err) < 0) {
+                bnode_detach(link);
+                link = NULL;
+            }
             if (!link) {
                 log_error("stream: %s", err->msg);
                 error_free(err);
                 return -EPERM;
             }
         }
-        struct bnode_user *old = *slot;
         *slot = link;
         __atomic_store_n(&top->backing, s->base, __ATOMIC_RELEASE);
         if (old)
