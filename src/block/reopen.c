@@ -509,6 +509,15 @@ static void abort_entry(struct entry *e)
 
 static int run_queue(struct entry *q, error **errp);
 
+static void queue_free(struct entry *q)
+{
+    while (q) {
+        struct entry *n = q->next;
+        entry_free(q);
+        q = n;
+    }
+}
+
 int bnode_reopen_multiple(json_t *list, error **errp)
 {
     struct entry *q = NULL;
@@ -532,11 +541,7 @@ int bnode_reopen_multiple(json_t *list, error **errp)
     return run_queue(q, errp);
 
 out:
-    while (q) {
-        struct entry *n = q->next;
-        entry_free(q);
-        q = n;
-    }
+    queue_free(q);
     return ret;
 }
 
@@ -572,11 +577,7 @@ abort:
     for (struct entry *e = q; e; e = e->next)
         abort_entry(e);
 out:
-    while (q) {
-        struct entry *n = q->next;
-        entry_free(q);
-        q = n;
-    }
+    queue_free(q);
     return ret;
 }
 
