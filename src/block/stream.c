@@ -34,6 +34,7 @@
 #include <string.h>
 #include "block/block.h"
 #include "block/block-job.h"
+#include "block/chain.h"
 #include "block/qcow2-int.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
@@ -219,42 +220,6 @@ static void guard_remove(struct guard *g)
     loop_barrier_any_thread(guard_drop, g);
 }
 
-/* ---- the job's filter node ----
- *
- * QEMU's stream job runs through a copy-on-read node above the top (named
- * filter-node-name, or generated): it is in the node list while the job
- * runs, busy, in use.  bexd's does not take the top's place under its
- * users (the guard sees their writes where they are); it passes what
- * reaches it on to the top.  Not offered to blockdev-add. */
-
-static int cor_open(struct bnode *bs, json_t *opts, error **errp)
-{
-    bs->size = bs->file->size;
-    return 0;
-}
-
-static void cor_submit(struct bnode *bs, struct breq *req, uint64_t offset)
-{
-    bnode_submit_child(bs->file, req, offset);
-}
-
-static int cor_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes, uint64_t *pnum,
-                            unsigned *flags)
-{
-    int depth;
-    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
-}
-
-static const struct bdrv bdrv_cor = {
-    .name = "copy-on-read",
-    .is_filter = true,
-    .filename_rule = FNAME_FILE_CHILD,
-    .open = cor_open,
-    .submit = cor_submit,
-    .block_status = cor_block_status,
-};
-BDRV_REGISTER(bdrv_cor)
-
 /* ---- the job ---- */
 
 struct stream_job {
@@ -267,7 +232,7 @@ struct stream_job {
     struct guard *guard;
     struct bnode *filter;               /* our reference */
     struct bnode_user *filter_user;     /* the job's use of it (QEMU's BlockBackend) */
-    bool reopened_rw;                   /* the top was read-only: it is again after */
+    struct bnode *reopened;             /* the top, read-only again after */
 };
 
 static bool depth_copied(struct stream_job *s, int depth)
@@ -359,37 +324,9 @@ static void stream_run(struct job *job)
 static int stream_prepare(struct job *job)
 {
     struct stream_job *s = (struct stream_job *)job;
-    struct bnode *top = s->top;
-    if (!top->backing)
+    if (!s->top->backing)
         return 0;
-    if (top->backing != s->base) {
-        struct bnode_user **slot = top->drv->reopen_backing_link(top);
-        struct bnode_user *link = NULL;
-        struct bnode_user *old = *slot;
-        if (s->base) {
-            error *err = NULL;
-            link = bnode_attach_child(top, s->base, "backing", &err);
-            if (link && old && bnode_user_set_perm(link, old->perm, old->shared, &err) < 0) {
-                bnode_detach(link);
-                link = NULL;
-            }
-            if (!link) {
-                log_error("stream: %s", err->msg);
-                error_free(err);
-                return -EPERM;
-            }
-        }
-        *slot = link;
-        __atomic_store_n(&top->backing, s->base, __ATOMIC_RELEASE);
-        if (old)
-            bnode_retire_link(old);
-        if (json_object_get(top->options, "backing"))      /* a reopen named the old one */
-            json_object_set_new(top->options, "backing", s->base ?
-                                json_string(s->base->node_name) : json_null());
-    }
-    CLEANUP_FREE char *base_name = s->base ? bnode_filename(s->base) : NULL;
-    const char *id = s->base ? (s->backing_file ? s->backing_file : base_name) : NULL;
-    return qcow2_change_backing_file(top, id, s->base ? s->base->drv->name : NULL);
+    return chain_set_backing(s->top, s->base, s->backing_file);
 }
 
 static void stream_release(struct stream_job *s)
@@ -399,22 +336,8 @@ static void stream_release(struct stream_job *s)
         s->guard = NULL;
     }
     block_job_remove_nodes(&s->common);
-    if (s->filter_user) {
-        bnode_detach(s->filter_user);
-        s->filter_user = NULL;
-    }
-    if (s->filter) {
-        bnode_unref(s->filter);
-        s->filter = NULL;
-    }
-    if (s->reopened_rw) {
-        s->reopened_rw = false;
-        error *err = NULL;
-        if (bnode_reopen_set_read_only(s->top, true, &err) < 0) {
-            log_warn("stream: node '%s' stays read-write: %s", s->top->node_name, err->msg);
-            error_free(err);
-        }
-    }
+    chain_filter_close(&s->filter, &s->filter_user);
+    chain_restore_read_only(&s->reopened, "stream");
 }
 
 static void stream_clean(struct job *job)
@@ -445,59 +368,6 @@ static const struct job_driver stream_driver = {
 
 /* ---- the command (QEMU's qmp_block_stream and stream_start) ---- */
 
-/* The file name a node names its backing file with, made absolute from
- * the node's own directory and canonical; NULL if it does not exist. */
-static char *canonical(struct bnode *bs, const char *name)
-{
-    CLEANUP_FREE char *abs = NULL;
-    if (name[0] == '/' || strstr(name, "://")) {
-        abs = xstrdup(name);
-    } else {
-        const char *dir = bnode_leaf_path(bs);
-        const char *slash = dir ? strrchr(dir, '/') : NULL;
-        abs = xasprintf("%.*s%s", slash ? (int)(slash - dir + 1) : 0, dir ? dir : "", name);
-    }
-    return realpath(abs, NULL);
-}
-
-/* QEMU's bdrv_find_backing_image(): the backing node some layer of the
- * chain names with this file name. */
-static struct bnode *find_backing_image(struct bnode *bs, const char *name)
-{
-    for (; bs && bs->backing; bs = bs->backing) {
-        if (!bs->auto_backing_file)
-            continue;
-        if (strstr(name, "://") || strstr(bs->auto_backing_file, "://")) {
-            if (!strcmp(name, bs->auto_backing_file))
-                return bs->backing;
-            continue;
-        }
-        CLEANUP_FREE char *want = canonical(bs, name);
-        CLEANUP_FREE char *have = canonical(bs, bs->auto_backing_file);
-        if (want && have && !strcmp(want, have))
-            return bs->backing;
-    }
-    return NULL;
-}
-
-/* 1 for bs itself, 2 for its backing node...; 0 if not in the chain. */
-static int chain_depth(struct bnode *top, struct bnode *bs)
-{
-    int d = 1;
-    for (struct bnode *b = top; b; b = b->backing, d++)
-        if (b == bs)
-            return d;
-    return 0;
-}
-
-static struct bnode *lookup_node(const char *name, error **errp)
-{
-    struct bnode *bs = bnode_find(name);
-    if (!bs)
-        error_setg(errp, "Cannot find device='' nor node-name='%s'", name);
-    return bs;
-}
-
 static json_t *qmp_block_stream(json_t *a, error **errp)
 {
     const char *device = opt_str(a, "device", "");
@@ -522,7 +392,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
         return NULL;
     }
     if (has_base) {
-        base = find_backing_image(bs, opt_str(a, "base", ""));
+        base = chain_find_backing_image(bs, opt_str(a, "base", ""));
         if (!base) {
             error_setg(errp, "Can't find '%s' in the backing chain", opt_str(a, "base", ""));
             return NULL;
@@ -530,7 +400,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
     }
     if (has_base_node) {
         const char *name = opt_str(a, "base-node", "");
-        if (!(base = lookup_node(name, errp)))
+        if (!(base = chain_lookup_node(name, errp)))
             return NULL;
         if (bs == base || chain_depth(bs, base) == 0) {
             error_setg(errp, "Node '%s' is not a backing image of '%s'", name, device);
@@ -539,7 +409,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
     }
     if (has_bottom) {
         const char *name = opt_str(a, "bottom", "");
-        if (!(bottom = lookup_node(name, errp)))
+        if (!(bottom = chain_lookup_node(name, errp)))
             return NULL;
         if (chain_depth(bs, bottom) == 0) {
             error_setg(errp, "Node '%s' is not in a chain starting from '%s'", name, device);
@@ -569,18 +439,11 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
             return NULL;
         reopened = true;
     }
-    json_t *fo = json_pack("{s:s, s:s}", "driver", "copy-on-read", "file", bs->node_name);
-    if (opt_has(a, "filter-node-name"))
-        json_object_set_new(fo, "node-name", json_string(opt_str(a, "filter-node-name", "")));
-    struct bnode *filter = bnode_open_ref(fo, false, errp);
-    json_decref(fo);
-    struct bnode_user *filter_user = NULL;
-    if (filter)
-        filter_user = bnode_attach(filter, 0, PERM_ALL, "block job", "root", errp);
-    if (!filter_user) {
-        error_prepend(errp, "Could not create node: ");
-        if (filter)
-            bnode_unref(filter);
+    struct bnode_user *filter_user;
+    struct bnode *filter = chain_filter_open("copy-on-read", bs,
+                                             opt_str(a, "filter-node-name", NULL),
+                                             &filter_user, errp);
+    if (!filter) {
         if (reopened)
             bnode_reopen_set_read_only(bs, true, NULL);
         return NULL;
@@ -593,8 +456,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
     struct stream_job *s = block_job_create(opt_str(a, "job-id", ""), &stream_driver, NULL,
                                             opt_int(a, "speed", 0), flags, errp);
     if (!s) {
-        bnode_detach(filter_user);
-        bnode_unref(filter);
+        chain_filter_close(&filter, &filter_user);
         if (reopened)
             bnode_reopen_set_read_only(bs, true, NULL);
         return NULL;
@@ -608,7 +470,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
     s->backing_file = opt_has(a, "backing-file") ? xstrdup(opt_str(a, "backing-file", ""))
                                                  : NULL;
     s->on_error = block_on_error_parse(opt_str(a, "on-error", NULL));
-    s->reopened_rw = reopened;
+    s->reopened = reopened ? bs : NULL;
     for (struct bnode *it = bs; it && it != base; it = it->backing)
         block_job_add_node(&s->common, it);
     s->guard = guard_new(bs);
@@ -625,16 +487,10 @@ static json_t *qmp_change_backing_file(json_t *a, error **errp)
     const char *device = opt_str(a, "device", "");
     const char *image = opt_str(a, "image-node-name", "");
     const char *file = opt_str(a, "backing-file", "");
-    struct bnode *bs = bnode_find(device);
-    if (!bs) {
-        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", device, device);
+    struct bnode *bs = chain_root_node(device, errp);
+    if (!bs)
         return NULL;
-    }
-    if (bnode_has_parent_node(bs)) {
-        error_setg(errp, "Need a root block node");
-        return NULL;
-    }
-    struct bnode *img = lookup_node(image, errp);
+    struct bnode *img = chain_lookup_node(image, errp);
     if (!img)
         return NULL;
     if (!img->backing) {

@@ -1,5 +1,5 @@
 /* QAPI definitions of the block jobs (QEMU 7.2 qapi/block-core.json):
- * blockdev-backup, block-stream, change-backing-file, query-block-jobs, the block-job-* verbs and the
+ * blockdev-backup, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
  * BLOCK_JOB_* events. */
 #include "qmp/schema-int.h"
 
@@ -26,6 +26,15 @@ static const char text[] =
     "            '*backing-file': 'str', '*bottom': 'str', '*speed': 'int',\n"
     "            '*on-error': 'BlockdevOnError', '*filter-node-name': 'str',\n"
     "            '*auto-finalize': 'bool', '*auto-dismiss': 'bool' },\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'command': 'block-commit',\n"
+    "  'data': { '*job-id': 'str', 'device': 'str', '*base-node': 'str',\n"
+    "            '*base': { 'type': 'str', 'features': [ 'deprecated' ] },\n"
+    "            '*top-node': 'str',\n"
+    "            '*top': { 'type': 'str', 'features': [ 'deprecated' ] },\n"
+    "            '*backing-file': 'str', '*speed': 'int', '*on-error': 'BlockdevOnError',\n"
+    "            '*filter-node-name': 'str', '*auto-finalize': 'bool',\n"
+    "            '*auto-dismiss': 'bool' },\n"
     "  'allow-preconfig': true }\n"
     "{ 'command': 'change-backing-file',\n"
     "  'data': { 'device': 'str', 'image-node-name': 'str', 'backing-file': 'str' },\n"
