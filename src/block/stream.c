@@ -13,8 +13,9 @@
  *
  * QEMU copies through a copy-on-read filter it inserts above the top, whose
  * serialising requests keep a guest write and a copy of the same range
- * apart.  bexd inserts no node: a guard on the top's writes does that (a
- * bnode_intercept, as a backup's filter uses).  A copy claims its range;
+ * apart.  bexd's copy-on-read node (chain.c) does not take the top's place;
+ * a guard on the top's writes keeps them apart (a bnode_intercept, as a
+ * backup's filter uses).  A copy claims its range;
  * guest writes overlapping it wait in a queue until the copy is done, and
  * the copy waits for the overlapping guest writes already under way; then
  * it looks again at what the top allocates and copies only the rest, as a
@@ -28,7 +29,6 @@
  * still inside its submit.
  */
 #include <errno.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
