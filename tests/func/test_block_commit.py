@@ -136,3 +136,48 @@ def test_backing_file_string_and_cancel(impl, start_daemon, tmpdir_short):
     assert [os.path.basename(i["filename"]) for i in info] == ["top.qcow2", "base.qcow2"]
     subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", paths[2],
                     os.path.join(tmpdir_short, "want.raw")], check=True)
+
+
+def test_commit_marks_the_base_bitmaps(impl, start_daemon, tmpdir_short):
+    """Writing mid's data into base changes base: a bitmap on base records
+    every range mid held (data in [512k, 1.5M), zeros at 3M), 64k grains."""
+    daemon, m, paths, want, mid_raw, nodes, uri = serve(impl, start_daemon, tmpdir_short)
+    base = nodes["base.qcow2"]
+    m.execute("block-dirty-bitmap-add", node=base, name="b")
+    m.execute("block-commit", device="top", job_id="c", top_node=nodes["mid.qcow2"])
+    m.wait_event("BLOCK_JOB_COMPLETED")
+    from test_block_stream import bitmap_count
+    assert bitmap_count(m, base, "b") == MiB + 64 * 1024
+
+
+def test_writes_during_the_job_land(impl, start_daemon, tmpdir_short):
+    """Guest writes to top while mid is committed below it: top keeps
+    every write, and base ends up reading as mid did."""
+    daemon, m, paths, want, mid_raw, nodes, uri = serve(impl, start_daemon, tmpdir_short)
+    export(m, writable=True)
+    mirror = bytearray(want)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    m.execute("block-commit", device="top", job_id="c", top_node=nodes["mid.qcow2"],
+              speed=4 * MiB)
+    off = n = 0
+    while True:
+        n += 1
+        data = bytes([16 + off // 65536 % 200]) * 4096
+        h.pwrite(data, off)
+        mirror[off:off + 4096] = data
+        off = (off + 65536 + 4096) % SIZE
+        jobs = m.execute("query-block-jobs")
+        if not jobs or jobs[0]["status"] != "running":
+            break
+    assert n > 8                          # the writes did overlap the job
+    e = m.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in e["data"]
+    assert h.pread(SIZE, 0) == bytes(mirror)
+    h.shutdown()
+    daemon.stop()
+    for p in (paths[0], paths[2]):
+        qemu_img("check", "-q", p)
+    r = subprocess.run(["qemu-img", "compare", "-F", "raw", paths[0], mid_raw],
+                       stdout=subprocess.PIPE)
+    assert r.returncode == 0, r.stdout

@@ -390,3 +390,27 @@ def test_read_errors_below(impl, start_daemon, tmpdir_short, mode):
     daemon.stop()
     assert header(paths[2]) == ("mid.qcow2", "qcow2")
     qemu_img("check", "-q", paths[2])
+
+
+def bitmap_count(m, node, name):
+    [b] = [b for n in m.execute("query-named-block-nodes") if n["node-name"] == node
+           for b in n.get("dirty-bitmaps", []) if b.get("name") == name]
+    return b["count"]
+
+
+def test_copies_leave_bitmaps_clean(impl, start_daemon, tmpdir_short):
+    """What the job copies into top is what top already read as: a dirty
+    bitmap on top (an incremental backup's record of guest writes) stays
+    clean, and a guest write during the job marks it."""
+    daemon, m, paths, want, uri = serve(impl, start_daemon, tmpdir_short)
+    export(m, writable=True)
+    m.execute("block-dirty-bitmap-add", node="top", name="b")
+    m.execute("block-stream", device="top", job_id="s")
+    m.wait_event("BLOCK_JOB_COMPLETED")
+    assert bitmap_count(m, "top", "b") == 0
+    assert read_all(uri) == want
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\x05" * 4096, 2 * MiB)
+    h.shutdown()
+    assert bitmap_count(m, "top", "b") == 64 * 1024
