@@ -1,5 +1,5 @@
 /*
- * query-block and x-debug-query-block-graph.
+ * query-block, x-debug-query-block-graph and x-blockdev-change.
  *
  * qemu-storage-daemon has no guest devices, so query-block answers an
  * empty list.  The graph is QEMU's BlockGraphInfo: one node per user of a
@@ -10,11 +10,16 @@
  * in creation order, then nodes in creation order each with its children
  * newest first; an id is given when a thing is first met, and both lists
  * come out in reverse (QEMU prepends).
+ *
+ * x-blockdev-change adds a child to a node or takes one away; in QEMU only
+ * quorum nodes can, and bexd has none: the command checks its arguments
+ * in QEMU's order and says which node cannot.
  */
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
 #include "qmp/qmp.h"
+#include "util/opts.h"
 #include "util/xalloc.h"
 
 struct graph {
@@ -122,3 +127,40 @@ static json_t *qmp_query_block(json_t *args, error **errp)
     return json_array();        /* no guest devices in a storage daemon */
 }
 QMP_COMMAND("query-block", qmp_query_block)
+
+static json_t *qmp_x_blockdev_change(json_t *args, error **errp)
+{
+    const char *parent = opt_str(args, "parent", "");
+    const char *child = opt_str(args, "child", NULL), *node = opt_str(args, "node", NULL);
+    struct bnode *bs = bnode_find(parent);
+    if (!bs) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'", parent, parent);
+        return NULL;
+    }
+    if (!child == !node) {
+        error_setg(errp, child ? "The parameters child and node are in conflict"
+                               : "Either child or node must be specified");
+        return NULL;
+    }
+    if (child) {
+        size_t n;
+        struct bnode_user **kids = users_of(bs, &n);
+        bool found = false;
+        for (size_t i = 0; i < n; i++)
+            found |= !strcmp(kids[i]->role, child);
+        free(kids);
+        if (!found) {
+            error_setg(errp, "Node '%s' does not have child '%s'", parent, child);
+            return NULL;
+        }
+        error_setg(errp, "The node %s does not support removing a child", parent);
+        return NULL;
+    }
+    if (!bnode_find(node)) {
+        error_setg(errp, "Node '%s' not found", node);
+        return NULL;
+    }
+    error_setg(errp, "The node %s does not support adding a child", parent);
+    return NULL;
+}
+QMP_COMMAND("x-blockdev-change", qmp_x_blockdev_change)

@@ -326,6 +326,9 @@ struct bdrv {
     struct bnode_user **(*reopen_backing_link)(struct bnode *bs);
     /* A node above (or this one) raised a BLKDBG_* event (blkdebug). */
     void (*debug_event)(struct bnode *bs, int event);
+    /* x-blockdev-amend's work, in the main thread: opts is the command's
+     * BlockdevAmendOptions for this driver.  NULL: not supported. */
+    int  (*amend)(struct bnode *bs, json_t *opts, bool force, error **errp);
 };
 
 /* Events of QEMU's BlkdebugEvent that bexd raises (numbers as QEMU's enum). */

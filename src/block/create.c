@@ -1,6 +1,6 @@
 /*
- * blockdev-create: image creation run as a job of type "create", as
- * qemu-storage-daemon 7.2 runs it.
+ * blockdev-create and x-blockdev-amend: a driver's work on an image run as
+ * a job of type "create" or "amend", as qemu-storage-daemon 7.2 runs them.
  *
  * Theory of operation: the command checks that the driver can create
  * images, makes a job (manual dismiss, like QEMU's) and starts it; the
@@ -89,3 +89,66 @@ static json_t *qmp_blockdev_create(json_t *args, error **errp)
     return json_object();
 }
 QMP_COMMAND("blockdev-create", qmp_blockdev_create)
+
+/* ---- x-blockdev-amend (QEMU 7.2's block/amend.c) ---- */
+
+struct amend_job {
+    struct job common;
+    struct bnode *bs;                   /* our reference */
+    json_t *opts;
+    bool force;
+};
+
+static void amend_run(struct job *job)
+{
+    struct amend_job *s = (struct amend_job *)job;
+    error *err = NULL;
+    job_progress_set_remaining(job, 1);
+    int ret = s->bs->drv->amend(s->bs, s->opts, s->force, &err);
+    job_progress_update(job, 1);
+    job_work_done(job, ret < 0 ? ret : 0, err);
+}
+
+static void amend_free(struct job *job)
+{
+    struct amend_job *s = (struct amend_job *)job;
+    json_decref(s->opts);
+    bnode_unref(s->bs);
+}
+
+static const struct job_driver amend_job_driver = {
+    .instance_size = sizeof(struct amend_job),
+    .type = JOB_TYPE_AMEND,
+    .run = amend_run,
+    .free = amend_free,
+};
+
+static json_t *qmp_x_blockdev_amend(json_t *args, error **errp)
+{
+    const char *name = opt_str(args, "node-name", "");
+    json_t *opts = json_object_get(args, "options");
+    struct bnode *bs = bnode_find(name);
+    if (!bs) {
+        error_setg(errp, "Cannot find device='' nor node-name='%s'", name);
+        return NULL;
+    }
+    if (strcmp(bs->drv->name, opt_str(opts, "driver", ""))) {
+        error_setg(errp, "x-blockdev-amend doesn't support changing the block driver");
+        return NULL;
+    }
+    if (!bs->drv->amend) {
+        error_setg(errp, "Driver does not support x-blockdev-amend");
+        return NULL;
+    }
+    struct amend_job *s = job_create(opt_str(args, "job-id", ""), &amend_job_driver, NULL,
+                                     JOB_DEFAULT | JOB_MANUAL_DISMISS, NULL, NULL, errp);
+    if (!s)
+        return NULL;
+    bnode_ref(bs);
+    s->bs = bs;
+    s->opts = json_incref(opts);
+    s->force = opt_bool(args, "force", false);
+    job_start(&s->common);
+    return json_object();
+}
+QMP_COMMAND("x-blockdev-amend", qmp_x_blockdev_amend)

@@ -1541,6 +1541,17 @@ static uint32_t qcow2_cluster_size(struct bnode *bs)
 
 static const char *const qcow2_strong_opts[] = { "encrypt.", NULL };
 
+/* x-blockdev-amend (QEMU 7.2's qcow2_co_amend): the keys of an encrypted
+ * image are all it changes, and bexd opens no encrypted image. */
+static int qcow2_amend(struct bnode *bs, json_t *opts, bool force, error **errp)
+{
+    if (json_object_get(opts, "encrypt")) {
+        error_setg(errp, "image is not encrypted, can't amend");
+        return -EOPNOTSUPP;
+    }
+    return 0;
+}
+
 static const struct bdrv bdrv_qcow2 = {
     .strong_opts = qcow2_strong_opts,
     .name = "qcow2",
@@ -1567,5 +1578,6 @@ static const struct bdrv bdrv_qcow2 = {
     .bitmaps_store = qcow2_bitmaps_store,
     .bitmap_can_store = qcow2_bitmap_can_store,
     .bitmaps_update = qcow2_bitmaps_update,
+    .amend = qcow2_amend,
 };
 BDRV_REGISTER(bdrv_qcow2)

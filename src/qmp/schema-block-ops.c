@@ -1,6 +1,7 @@
 /* QAPI definitions of operations on live nodes (QEMU 7.2
  * qapi/block-core.json): block_resize, block-set-write-threshold,
- * x-blockdev-set-iothread, blockdev-snapshot(-sync). */
+ * x-blockdev-set-iothread, blockdev-snapshot(-sync), x-blockdev-change,
+ * x-blockdev-amend (with qapi/crypto.json's amend options). */
 #include "qmp/schema-int.h"
 
 static const char text[] =
@@ -21,6 +22,29 @@ static const char text[] =
     "{ 'alternate': 'StrOrNull', 'data': { 's': 'str', 'n': 'null' } }\n"
     "{ 'command': 'x-blockdev-set-iothread',\n"
     "  'data': { 'node-name': 'str', 'iothread': 'StrOrNull', '*force': 'bool' },\n"
+    "  'features': [ 'unstable' ], 'allow-preconfig': true }\n"
+    "{ 'command': 'x-blockdev-change',\n"
+    "  'data': { 'parent': 'str', '*child': 'str', '*node': 'str' },\n"
+    "  'features': [ 'unstable' ] }\n"
+    "{ 'enum': 'QCryptoBlockFormat', 'data': [ 'qcow', 'luks' ] }\n"
+    "{ 'enum': 'QCryptoBlockLUKSKeyslotState', 'data': [ 'active', 'inactive' ] }\n"
+    "{ 'struct': 'QCryptoBlockAmendOptionsLUKS',\n"
+    "  'data': { 'state': 'QCryptoBlockLUKSKeyslotState', '*new-secret': 'str',\n"
+    "            '*old-secret': 'str', '*keyslot': 'int', '*iter-time': 'int',\n"
+    "            '*secret': 'str' } }\n"
+    "{ 'union': 'QCryptoBlockAmendOptions',\n"
+    "  'base': { 'format': 'QCryptoBlockFormat' },\n"
+    "  'discriminator': 'format',\n"
+    "  'data': { 'luks': 'QCryptoBlockAmendOptionsLUKS' } }\n"
+    "{ 'struct': 'BlockdevAmendOptionsQcow2',\n"
+    "  'data': { '*encrypt': 'QCryptoBlockAmendOptions' } }\n"
+    "{ 'union': 'BlockdevAmendOptions',\n"
+    "  'base': { 'driver': 'BlockdevDriver' },\n"
+    "  'discriminator': 'driver',\n"
+    "  'data': { 'qcow2': 'BlockdevAmendOptionsQcow2' } }\n"
+    "{ 'command': 'x-blockdev-amend',\n"
+    "  'data': { 'job-id': 'str', 'node-name': 'str', 'options': 'BlockdevAmendOptions',\n"
+    "            '*force': 'bool' },\n"
     "  'features': [ 'unstable' ], 'allow-preconfig': true }\n"
     "{ 'event': 'BLOCK_WRITE_THRESHOLD',\n"
     "  'data': { 'node-name': 'str', 'amount-exceeded': 'uint64',\n"
