@@ -395,6 +395,14 @@ static bool has_parent(struct bnode *child)
     return false;
 }
 
+struct bnode *bnode_job_filter_above(struct bnode *bs)
+{
+    for (struct bnode_user *u = bs->users; u; u = u->next)
+        if (u->parent && u->parent->drv->job_filter)
+            return u->parent;
+    return NULL;
+}
+
 bool bnode_has_parent_node(struct bnode *bs)
 {
     return has_parent(bs);
@@ -419,7 +427,8 @@ int blockdev_del(const char *node_name, error **errp)
         error_setg(errp, "Node %s is not owned by the monitor", node_name);
         return -1;
     }
-    for (struct bnode_user *u = bs->users; u; u = u->next) {
+    bool under_job_filter = bnode_job_filter_above(bs);
+    for (struct bnode_user *u = bs->users; u && !under_job_filter; u = u->next) {
         if (!strcmp(u->role, "root")) {      /* used by an export */
             error_setg(errp, "Node %s is in use", node_name);
             return -1;

@@ -241,6 +241,10 @@ struct bdrv {
     const char *name;                   /* "file", "raw", ... */
     bool is_format;                     /* sits on a "file" child */
     bool is_filter;
+    /* a job's filter node (chain.c): QEMU inserts it above the node the job
+     * works on, whose exports are then the filter's users (blockdev-del of
+     * that node says "busy", not "in use") */
+    bool job_filter;
     /* File names (filename.c, QEMU's bdrv_refresh_filename): a protocol
      * driver (QEMU's bdrv_file_open), the options that change the data
      * (strong runtime options; a name ending in '.' is a prefix), and the
@@ -406,6 +410,9 @@ struct bnode *bnode_backing_parent(struct bnode *bs);
 /* Whether another node uses bs (as file, backing or any child): QEMU's
  * !bdrv_is_root_node(). */
 bool bnode_has_parent_node(struct bnode *bs);
+/* The job filter node (bdrv job_filter) over bs, or NULL: in QEMU's graph
+ * it stands in bs's place under bs's exports. */
+struct bnode *bnode_job_filter_above(struct bnode *bs);
 /* "Cannot find device=X nor node-name=X"-style lookup used by exports */
 struct bnode *bnode_lookup(const char *name, error **errp);
 json_t *query_named_block_nodes(bool flat);

@@ -146,6 +146,7 @@ static int filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes
 #define JOB_FILTER(drv_name) {                  \
     .name = drv_name,                           \
     .is_filter = true,                          \
+    .job_filter = true,                         \
     .filename_rule = FNAME_FILE_CHILD,          \
     .open = filter_open,                        \
     .submit = filter_submit,                    \
@@ -154,10 +155,12 @@ static int filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes
 static const struct bdrv bdrv_copy_on_read = JOB_FILTER("copy-on-read");
 static const struct bdrv bdrv_commit_top = JOB_FILTER("commit_top");
 BDRV_REGISTER(bdrv_copy_on_read)
+static const struct bdrv bdrv_mirror_top = JOB_FILTER("mirror_top");
 BDRV_REGISTER(bdrv_commit_top)
+BDRV_REGISTER(bdrv_mirror_top)
 
 struct bnode *chain_filter_open(const char *driver, struct bnode *bs, const char *name,
-                                struct bnode_user **user, error **errp)
+                                bool prefix, struct bnode_user **user, error **errp)
 {
     json_t *o = json_pack("{s:s, s:s}", "driver", driver, "file", bs->node_name);
     if (name)
@@ -166,7 +169,8 @@ struct bnode *chain_filter_open(const char *driver, struct bnode *bs, const char
     json_decref(o);
     *user = f ? bnode_attach(f, 0, PERM_ALL, "block job", "root", errp) : NULL;
     if (!*user) {
-        error_prepend(errp, "Could not create node: ");
+        if (prefix)
+            error_prepend(errp, "Could not create node: ");
         if (f)
             bnode_unref(f);
         return NULL;

@@ -28,12 +28,13 @@ struct bnode *chain_overlay(struct bnode *top, struct bnode *bs);
  * Main thread; 0 or -errno. */
 int chain_set_backing(struct bnode *bs, struct bnode *base, const char *backing_file);
 
-/* A job's filter node (driver "copy-on-read" or "commit_top") over bs,
+/* A job's filter node (driver "copy-on-read", "commit_top" or "mirror_top") over bs,
  * named name (NULL: generated), in use by the job as its users hold none:
- * listed and "in use" while the job runs.  NULL with "Could not create
- * node: ..." if the name is taken or not valid. */
+ * listed and "in use" while the job runs.  NULL with the error if the name
+ * is taken or not valid, after "Could not create node: " with prefix (as
+ * QEMU's stream and commit say it; its mirror does not). */
 struct bnode *chain_filter_open(const char *driver, struct bnode *bs, const char *name,
-                                struct bnode_user **user, error **errp);
+                                bool prefix, struct bnode_user **user, error **errp);
 void chain_filter_close(struct bnode **filter, struct bnode_user **user);
 
 /* A node a job made read-write goes read-only again (*bs, then NULL; a

@@ -1,6 +1,6 @@
 /*
  * block-commit: QEMU 7.2's commit block job (block/commit.c), for a top
- * below the active layer.
+ * below the active layer; the active layer's is a mirror job (mirror.c).
  *
  * Theory of operation.  The command checks its arguments in QEMU's order
  * with QEMU's words (the device first, with the DeviceNotFound class that
@@ -18,8 +18,8 @@
  * Guest writes reach the active layer, above the top, so nothing the job
  * reads changes under it and no guard is needed (a stream writes into the
  * node its users write; see stream.c).  A top that is the device's node
- * itself (active commit) is a mirror job in QEMU, which bexd does not have:
- * refused.
+ * itself (active commit) is a mirror job, as in QEMU: peers write the node
+ * it reads, and it ends with the base in the top's place (mirror.h).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -27,6 +27,7 @@
 #include "block/block.h"
 #include "block/block-job.h"
 #include "block/chain.h"
+#include "block/mirror.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "util/coroutine.h"
@@ -210,14 +211,22 @@ static json_t *qmp_block_commit(json_t *a, error **errp)
         error_setg(errp, "cannot commit an image into itself");
         return NULL;
     }
+    unsigned flags = JOB_DEFAULT;
+    if (!opt_bool(a, "auto-finalize", true))
+        flags |= JOB_MANUAL_FINALIZE;
+    if (!opt_bool(a, "auto-dismiss", true))
+        flags |= JOB_MANUAL_DISMISS;
     if (top == bs) {
         if (opt_has(a, "backing-file")) {
             error_setg(errp, "'backing-file' specified, but 'top' is the active layer");
             return NULL;
         }
-        error_setg(errp, "Committing the active layer needs a mirror job, which bexd does "
-                   "not have: give a 'top-node' below '%s'", bs->node_name);
-        return NULL;
+        if (mirror_commit_active(opt_str(a, "job-id", ""), bs, base, flags,
+                                 opt_int(a, "speed", 0),
+                                 block_on_error_parse(opt_str(a, "on-error", NULL)),
+                                 opt_str(a, "filter-node-name", NULL), errp) < 0)
+            return NULL;
+        return json_object();
     }
     struct bnode *overlay = chain_overlay(bs, top);
     if (block_node_check_busy(overlay, errp) < 0)
@@ -229,11 +238,6 @@ static json_t *qmp_block_commit(json_t *a, error **errp)
     }
 
     /* commit_start() */
-    unsigned flags = JOB_DEFAULT;
-    if (!opt_bool(a, "auto-finalize", true))
-        flags |= JOB_MANUAL_FINALIZE;
-    if (!opt_bool(a, "auto-dismiss", true))
-        flags |= JOB_MANUAL_DISMISS;
     struct commit_job *s = block_job_create(opt_str(a, "job-id", ""), &commit_driver, NULL,
                                             opt_int(a, "speed", 0), flags, errp);
     if (!s)
@@ -250,7 +254,7 @@ static json_t *qmp_block_commit(json_t *a, error **errp)
             goto fail;
         s->reopened = base;
     }
-    s->filter = chain_filter_open("commit_top", top, opt_str(a, "filter-node-name", NULL),
+    s->filter = chain_filter_open("commit_top", top, opt_str(a, "filter-node-name", NULL), true,
                                   &s->filter_user, errp);
     if (!s->filter)
         goto fail;

@@ -14,211 +14,27 @@
  * QEMU copies through a copy-on-read filter it inserts above the top, whose
  * serialising requests keep a guest write and a copy of the same range
  * apart.  bexd's copy-on-read node (chain.c) does not take the top's place;
- * a guard on the top's writes keeps them apart (a bnode_intercept, as a
- * backup's filter uses).  A copy claims its range;
- * guest writes overlapping it wait in a queue until the copy is done, and
- * the copy waits for the overlapping guest writes already under way; then
- * it looks again at what the top allocates and copies only the rest, as a
- * copy-on-read does.  Zeros are written as zeroes (QEMU's copy-on-read
- * does the same), and the copies mark no dirty bitmap (the data does not
- * change).  Guest reads are not copied on the way.
- *
- * The guard outlives the job while writes it saw are under way: each of
- * them, each queued write and the job hold a reference.  Removing it from
- * the node waits for every loop to pass a barrier first, so no thread is
- * still inside its submit.
+ * a guard on the top's writes (guard.h) keeps them apart: a copy claims its
+ * range, then looks again at what the top allocates and copies only the
+ * rest, as a copy-on-read does.  Zeros are written as zeroes (QEMU's
+ * copy-on-read does the same), and the copies mark no dirty bitmap (the
+ * data does not change).  Guest reads are not copied on the way.
  */
 #include <errno.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
 #include "block/block-job.h"
 #include "block/chain.h"
+#include "block/guard.h"
 #include "block/qcow2-int.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
-#include "util/coroutine.h"
 #include "util/log.h"
-#include "util/loop.h"
 #include "util/opts.h"
 #include "util/xalloc.h"
 
 #define STREAM_CHUNK (512u * 1024)      /* QEMU's STREAM_CHUNK */
-
-/* ---- the guard on the top's writes ---- */
-
-struct guard;
-
-/* A guest write under way, or waiting for a copy. */
-struct guarded {
-    struct guard *g;
-    struct breq *req;
-    uint64_t offset;                    /* in the top node */
-    void (*done)(struct breq *req, int ret);
-    void *opaque;
-    struct guarded *next, **pprev;
-};
-
-struct guard {
-    struct bnode_intercept ic;
-    struct bnode *top;
-    int refs;                           /* atomic */
-    pthread_mutex_t lock;
-    struct guarded *writes;             /* under way */
-    struct guarded *queued, **queued_tail;
-    uint64_t copy_lo, copy_hi;          /* the copy's range; empty: none */
-    struct coroutine *copier;           /* waiting for writes under way */
-};
-
-static bool overlaps(uint64_t lo, uint64_t hi, uint64_t a, uint64_t b)
-{
-    return lo < b && a < hi;
-}
-
-static void guard_unref(struct guard *g)
-{
-    if (__atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) == 0) {
-        pthread_mutex_destroy(&g->lock);
-        free(g);
-    }
-}
-
-static void wake_copier(void *opaque)
-{
-    co_enter(opaque);
-}
-
-/* Whether a write under way overlaps the copy (lock held). */
-static bool copy_must_wait(struct guard *g)
-{
-    for (struct guarded *w = g->writes; w; w = w->next)
-        if (overlaps(w->offset, w->offset + w->req->len, g->copy_lo, g->copy_hi))
-            return true;
-    return false;
-}
-
-static void guarded_done(struct breq *req, int ret)
-{
-    struct guarded *w = req->opaque;
-    struct guard *g = w->g;
-    struct coroutine *wake = NULL;
-    req->done = w->done;
-    req->opaque = w->opaque;
-    pthread_mutex_lock(&g->lock);
-    *w->pprev = w->next;
-    if (w->next)
-        w->next->pprev = w->pprev;
-    if (g->copier && !copy_must_wait(g)) {
-        wake = g->copier;
-        g->copier = NULL;
-    }
-    pthread_mutex_unlock(&g->lock);
-    if (wake)
-        loop_call(loop_main(), wake_copier, wake);
-    free(w);
-    guard_unref(g);
-    req->done(req, ret);
-}
-
-/* A guest write to the top: under way now, or queued behind the copy. */
-static void guard_write(struct guard *g, struct guarded *w)
-{
-    struct breq *req = w->req;
-    pthread_mutex_lock(&g->lock);
-    if (overlaps(w->offset, w->offset + req->len, g->copy_lo, g->copy_hi)) {
-        w->next = NULL;
-        *g->queued_tail = w;
-        g->queued_tail = &w->next;
-        pthread_mutex_unlock(&g->lock);
-        return;
-    }
-    w->done = req->done;
-    w->opaque = req->opaque;
-    req->done = guarded_done;
-    req->opaque = w;
-    w->next = g->writes;
-    w->pprev = &g->writes;
-    if (g->writes)
-        g->writes->pprev = &w->next;
-    g->writes = w;
-    pthread_mutex_unlock(&g->lock);
-    bnode_submit_driver(g->top, req, w->offset);
-}
-
-static void guard_submit(struct bnode_intercept *ic, struct bnode *bs, struct breq *req,
-                         uint64_t offset)
-{
-    struct guard *g = container_of(ic, struct guard, ic);
-    struct guarded *w = xzalloc(sizeof(*w));
-    w->g = g;
-    w->req = req;
-    w->offset = offset;
-    __atomic_add_fetch(&g->refs, 1, __ATOMIC_RELAXED);
-    guard_write(g, w);
-}
-
-static void requeue(void *opaque)
-{
-    struct guarded *w = opaque;
-    guard_write(w->g, w);
-}
-
-/* Claim [lo, hi) for a copy once the writes under way there are done. */
-static void co_copy_claim(struct guard *g, uint64_t lo, uint64_t hi)
-{
-    pthread_mutex_lock(&g->lock);
-    g->copy_lo = lo;
-    g->copy_hi = hi;
-    while (copy_must_wait(g)) {
-        g->copier = co_self();
-        pthread_mutex_unlock(&g->lock);
-        co_yield();
-        pthread_mutex_lock(&g->lock);
-    }
-    pthread_mutex_unlock(&g->lock);
-}
-
-/* The copy is done: the writes it held go on, in their loops, in order. */
-static void copy_release(struct guard *g)
-{
-    pthread_mutex_lock(&g->lock);
-    g->copy_lo = g->copy_hi = 0;
-    struct guarded *w = g->queued;
-    g->queued = NULL;
-    g->queued_tail = &g->queued;
-    pthread_mutex_unlock(&g->lock);
-    while (w) {
-        struct guarded *next = w->next;
-        loop_call(w->req->loop, requeue, w);
-        w = next;
-    }
-}
-
-static struct guard *guard_new(struct bnode *top)
-{
-    struct guard *g = xzalloc(sizeof(*g));
-    g->ic.submit = guard_submit;
-    g->top = top;
-    g->refs = 1;
-    pthread_mutex_init(&g->lock, NULL);
-    g->queued_tail = &g->queued;
-    return g;
-}
-
-static void guard_drop(void *opaque)
-{
-    guard_unref(opaque);
-}
-
-/* Off the node; freed once no loop can be inside its submit and no write
- * it saw is under way. */
-static void guard_remove(struct guard *g)
-{
-    if (__atomic_load_n(&g->top->intercept, __ATOMIC_ACQUIRE) == &g->ic)
-        __atomic_store_n(&g->top->intercept, NULL, __ATOMIC_RELEASE);
-    loop_barrier_any_thread(guard_drop, g);
-}
 
 /* ---- the job ---- */
 
@@ -245,7 +61,7 @@ static bool depth_copied(struct stream_job *s, int depth)
 static int stream_copy(struct stream_job *s, uint64_t off, uint64_t n, void *buf)
 {
     int ret = 0;
-    co_copy_claim(s->guard, off, off + n);
+    co_guard_claim(s->guard, off, off + n);
     for (uint64_t p = off, end = off + n; p < end && ret == 0;) {
         uint64_t pnum;
         unsigned flags;
@@ -264,7 +80,7 @@ static int stream_copy(struct stream_job *s, uint64_t off, uint64_t n, void *buf
         }
         p += pnum;
     }
-    copy_release(s->guard);
+    guard_release(s->guard);
     return ret;
 }
 
@@ -441,7 +257,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
     }
     struct bnode_user *filter_user;
     struct bnode *filter = chain_filter_open("copy-on-read", bs,
-                                             opt_str(a, "filter-node-name", NULL),
+                                             opt_str(a, "filter-node-name", NULL), true,
                                              &filter_user, errp);
     if (!filter) {
         if (reopened)
@@ -473,8 +289,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
     s->reopened = reopened ? bs : NULL;
     for (struct bnode *it = bs; it && it != base; it = it->backing)
         block_job_add_node(&s->common, it);
-    s->guard = guard_new(bs);
-    __atomic_store_n(&bs->intercept, &s->guard->ic, __ATOMIC_RELEASE);
+    s->guard = guard_install(bs, NULL, NULL);
     job_start(&s->common.job);
     return json_object();
 }

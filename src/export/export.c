@@ -307,14 +307,18 @@ void exports_report_stuck(void)
                  e->id, e->type->name, e->node->node_name, export_nclients(e));
 }
 
+/* The node QEMU names: a job's filter node takes the place of the node it
+ * works on under that node's exports in QEMU's graph (not in bexd's). */
 json_t *query_block_exports(void)
 {
     json_t *list = json_array();
-    for (struct export *e = exports; e; e = e->next)
+    for (struct export *e = exports; e; e = e->next) {
+        struct bnode *f = bnode_job_filter_above(e->node);
         json_array_append_new(list, json_pack("{s:s, s:s, s:s, s:b}",
                                               "id", e->id, "type", e->type->name,
-                                              "node-name", e->node->node_name,
+                                              "node-name", (f ? f : e->node)->node_name,
                                               "shutting-down", e->shutting_down));
+    }
     return list;
 }
 

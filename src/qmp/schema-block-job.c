@@ -1,5 +1,5 @@
 /* QAPI definitions of the block jobs (QEMU 7.2 qapi/block-core.json):
- * blockdev-backup, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
+ * blockdev-backup, blockdev-mirror, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
  * BLOCK_JOB_* events. */
 #include "qmp/schema-int.h"
 
@@ -20,6 +20,15 @@ static const char text[] =
     "            '*x-perf': { 'type': 'BackupPerf', 'features': [ 'unstable' ] } } }\n"
     "{ 'struct': 'BlockdevBackup', 'base': 'BackupCommon', 'data': { 'target': 'str' } }\n"
     "{ 'command': 'blockdev-backup', 'boxed': true, 'data': 'BlockdevBackup',\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'enum': 'MirrorCopyMode', 'data': [ 'background', 'write-blocking' ] }\n"
+    "{ 'command': 'blockdev-mirror',\n"
+    "  'data': { '*job-id': 'str', 'device': 'str', 'target': 'str', '*replaces': 'str',\n"
+    "            'sync': 'MirrorSyncMode', '*speed': 'int', '*granularity': 'uint32',\n"
+    "            '*buf-size': 'int', '*on-source-error': 'BlockdevOnError',\n"
+    "            '*on-target-error': 'BlockdevOnError', '*filter-node-name': 'str',\n"
+    "            '*copy-mode': 'MirrorCopyMode', '*auto-finalize': 'bool',\n"
+    "            '*auto-dismiss': 'bool' },\n"
     "  'allow-preconfig': true }\n"
     "{ 'command': 'block-stream',\n"
     "  'data': { '*job-id': 'str', 'device': 'str', '*base': 'str', '*base-node': 'str',\n"

@@ -70,14 +70,89 @@ def test_errors_match_qemu(impl, start_daemon, tmpdir_short):
     m.wait_event("BLOCK_JOB_CANCELLED")
 
 
-def test_active_layer_refused(start_daemon, tmpdir_short):
-    """Committing the active layer is a mirror job in QEMU: bexd says so."""
-    daemon, m, paths, want, mid_raw, nodes, uri = serve("bexd", start_daemon, tmpdir_short)
-    assert m.error("block-commit", device="top", job_id="j")["desc"] == (
-        "Committing the active layer needs a mirror job, which bexd does not have: "
-        "give a 'top-node' below 'top'")
-    assert m.error("block-commit", device="top", job_id="j", backing_file="x")["desc"] == \
+def commit_events(m, job, until):
+    """The job's statuses and BLOCK_JOB_* event names up to status until."""
+    out = []
+    while True:
+        e = m.events.pop(0) if m.events else m.recv()
+        name, data = e.get("event"), e.get("data", {})
+        if name == "JOB_STATUS_CHANGE" and data["id"] == job:
+            out.append(data["status"])
+            if data["status"] == until:
+                return out
+        elif name and name.startswith("BLOCK_JOB"):
+            assert data["type"] == "commit"
+            out.append(name)
+
+
+def test_active_layer(impl, start_daemon, tmpdir_short):
+    """Committing the device's own node is a mirror job of type commit:
+    ready once the base holds what the layers above it hold, then
+    block-job-complete puts the base under the export, which keeps its
+    client; writes made meanwhile are all in the base."""
+    daemon, m, paths, want, mid_raw, nodes, uri = serve(impl, start_daemon, tmpdir_short)
+    export(m, writable=True)
+    base = nodes["base.qcow2"]
+    assert m.error("block-commit", device="top", job_id="c", backing_file="x")["desc"] == \
         "'backing-file' specified, but 'top' is the active layer"
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    mirror = bytearray(want)
+    m.execute("block-commit", device="top", job_id="c", filter_node_name="ct")
+    h.pwrite(b"\x21" * 8192, 2 * MiB)
+    mirror[2 * MiB:2 * MiB + 8192] = b"\x21" * 8192
+    assert commit_events(m, "c", "ready") == ["created", "running", "ready"]
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["ct"]
+    assert m.error("blockdev-del", node_name="top")["desc"] == \
+        "Node 'top' is busy: block device is in use by block job: commit"
+    assert m.error("block-commit", device="top", job_id="d")["desc"] == \
+        "Need a root block node"
+    [j] = m.execute("query-block-jobs")
+    assert (j["type"], j["ready"], j["status"]) == ("commit", True, "ready")
+    h.pwrite(b"\x22" * 4096, 3 * MiB)
+    mirror[3 * MiB:3 * MiB + 4096] = b"\x22" * 4096
+    m.execute("block-job-complete", device="c")
+    assert commit_events(m, "c", "null") == [
+        "BLOCK_JOB_READY", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == [base]
+    h.pwrite(b"\x23" * 4096, 0)                 # into the base now
+    mirror[0:4096] = b"\x23" * 4096
+    assert h.pread(SIZE, 0) == bytes(mirror)
+    h.shutdown()
+    named = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert named[base]["ro"] is False and "ct" not in named
+    assert os.path.basename(named["top"]["backing_file"]) == "mid.qcow2"
+    m.execute("block-export-del", id="e")
+    m.execute("blockdev-del", node_name="top")
+    daemon.stop()
+    qemu_img("check", "-q", paths[0])
+    with open(os.path.join(tmpdir_short, "mirror.raw"), "wb") as f:
+        f.write(mirror)
+    subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", paths[0],
+                    os.path.join(tmpdir_short, "mirror.raw")], check=True)
+    assert header(paths[0]) == (None, None)
+
+
+def test_active_layer_cancelled_when_ready(impl, start_daemon, tmpdir_short):
+    """A cancel once ready completes the job without the switch: the export
+    stays on top, and the base stays read-write (QEMU reopens it read-only
+    only when the job fails or is cancelled before it is ready)."""
+    daemon, m, paths, want, mid_raw, nodes, uri = serve(impl, start_daemon, tmpdir_short)
+    export(m, writable=True)
+    base = nodes["base.qcow2"]
+    m.execute("block-commit", device="top", job_id="c")
+    assert commit_events(m, "c", "ready") == ["created", "running", "ready"]
+    m.execute("block-job-cancel", device="c")
+    assert commit_events(m, "c", "null") == [
+        "BLOCK_JOB_READY", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert [e["node-name"] for e in m.execute("query-block-exports")] == ["top"]
+    named = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert named[base]["ro"] is False
+    assert read_all(uri) == want
+    # cancelled before it is ready: read-only again
+    m.execute("block-commit", device="top", job_id="c", speed=1)
+    m.execute("block-job-cancel", device="c")
+    assert commit_events(m, "c", "null")[-3:] == ["BLOCK_JOB_CANCELLED", "concluded", "null"]
 
 
 @pytest.mark.parametrize("how", ["node", "file"])
