@@ -564,9 +564,20 @@ void blockdev_create_done(struct job *job, int ret, error *err);
 /* Make a qcow2 image now, from the main thread (blockdev-snapshot-sync):
  * opts as blockdev-create's BlockdevCreateOptionsQcow2. */
 int qcow2_create_sync(json_t *opts, error **errp);
-/* ... and its file, empty, as blockdev-create of driver "file" makes it
- * (refused while another user holds its image locks). */
-int file_create_now(const char *filename, error **errp);
+/* ... and its file, of size bytes, as blockdev-create of driver "file"
+ * makes it (refused while another user holds its image locks). */
+int file_create_now(const char *filename, uint64_t size, error **errp);
+/* An image file of format qcow2 or raw, size bytes, naming backing (NULL:
+ * none) with backing_fmt, made now (QEMU's bdrv_img_create and its
+ * errors).  Main thread; 0 or -1. */
+int image_create(const char *path, const char *format, uint64_t size, const char *backing,
+                 const char *backing_fmt, error **errp);
+/* "qcow2" if the file starts as a qcow2 image does, else "raw" (QEMU's
+ * probing, for the formats bexd has). */
+const char *bnode_probe_format(const char *path);
+/* A qcow2 node opened without its backing file (backing: null) opens the
+ * one its header names now (QEMU's bdrv_open_backing_file).  0 or -errno. */
+int qcow2_open_backing_file(struct bnode *bs, error **errp);
 
 /* Driver registry */
 void bdrv_register(const struct bdrv *drv);

@@ -92,7 +92,7 @@ struct bnode *chain_overlay(struct bnode *top, struct bnode *bs)
 
 /* ---- relinking ---- */
 
-int chain_set_backing(struct bnode *bs, struct bnode *base, const char *backing_file)
+int chain_link_backing(struct bnode *bs, struct bnode *base)
 {
     if (bs->backing != base) {
         struct bnode_user **slot = bs->drv->reopen_backing_link(bs);
@@ -118,6 +118,14 @@ int chain_set_backing(struct bnode *bs, struct bnode *base, const char *backing_
             json_object_set_new(bs->options, "backing",
                                 base ? json_string(base->node_name) : json_null());
     }
+    return 0;
+}
+
+int chain_set_backing(struct bnode *bs, struct bnode *base, const char *backing_file)
+{
+    int ret = chain_link_backing(bs, base);
+    if (ret < 0)
+        return ret;
     CLEANUP_FREE char *base_name = base ? bnode_filename(base) : NULL;
     const char *id = base ? (backing_file ? backing_file : base_name) : NULL;
     return qcow2_change_backing_file(bs, id, base ? base->drv->name : NULL);

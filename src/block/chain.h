@@ -27,6 +27,8 @@ struct bnode *chain_overlay(struct bnode *top, struct bnode *bs);
  * nothing (QEMU's bdrv_set_backing_hd + bdrv_change_backing_file).
  * Main thread; 0 or -errno. */
 int chain_set_backing(struct bnode *bs, struct bnode *base, const char *backing_file);
+/* The link alone, the header as it is (QEMU's bdrv_set_backing_hd). */
+int chain_link_backing(struct bnode *bs, struct bnode *base);
 
 /* A job's filter node (driver "copy-on-read", "commit_top" or "mirror_top") over bs,
  * named name (NULL: generated), in use by the job as its users hold none:

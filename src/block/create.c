@@ -1,6 +1,8 @@
 /*
  * blockdev-create and x-blockdev-amend: a driver's work on an image run as
- * a job of type "create" or "amend", as qemu-storage-daemon 7.2 runs them.
+ * a job of type "create" or "amend", as qemu-storage-daemon 7.2 runs them;
+ * and image_create(), the image a command makes on its own
+ * (blockdev-snapshot-sync, drive-mirror).
  *
  * Theory of operation: the command checks that the driver can create
  * images, makes a job (manual dismiss, like QEMU's) and starts it; the
@@ -16,6 +18,7 @@
 #include "block/block.h"
 #include "job/job.h"
 #include "qmp/qmp.h"
+#include "util/cleanup.h"
 #include "util/opts.h"
 
 struct create_job {
@@ -89,6 +92,39 @@ static json_t *qmp_blockdev_create(json_t *args, error **errp)
     return json_object();
 }
 QMP_COMMAND("blockdev-create", qmp_blockdev_create)
+
+/* ---- image_create (QEMU's bdrv_img_create) ---- */
+
+int image_create(const char *path, const char *format, uint64_t size, const char *backing,
+                 const char *backing_fmt, error **errp)
+{
+    if (strcmp(format, "qcow2") && strcmp(format, "raw")) {
+        error_setg(errp, "Unknown file format '%s'", format);
+        return -1;
+    }
+    if (backing && !strcmp(format, "raw")) {
+        error_setg(errp, "Backing file not supported for file format 'raw'");
+        return -1;
+    }
+    if (backing && !strcmp(path, backing)) {
+        error_setg(errp, "Error: Trying to create an image with the same filename as the "
+                   "backing file");
+        return -1;
+    }
+    bool raw = !strcmp(format, "raw");
+    if (file_create_now(path, raw ? size : 0, errp) < 0)
+        return -1;
+    if (raw)
+        return 0;
+    CLEANUP_JSON json_t *opts = json_pack("{s:s, s:{s:s, s:s}, s:I}", "driver", "qcow2",
+                                          "file", "driver", "file", "filename", path, "size",
+                                          (json_int_t)size);
+    if (backing) {
+        json_object_set_new(opts, "backing-file", json_string(backing));
+        json_object_set_new(opts, "backing-fmt", json_string(backing_fmt));
+    }
+    return qcow2_create_sync(opts, errp) < 0 ? -1 : 0;
+}
 
 /* ---- x-blockdev-amend (QEMU 7.2's block/amend.c) ---- */
 

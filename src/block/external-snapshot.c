@@ -182,32 +182,14 @@ static int snap_prepare(struct txn_action *a, json_t *data, error **errp)
     return overlay_prepare(s, errp);
 }
 
-/* blockdev-snapshot-sync's image (QEMU's bdrv_img_create): qcow2, as big
- * as the old node, naming it as backing file with its driver as format. */
+/* blockdev-snapshot-sync's image: as big as the old node, naming it as
+ * backing file with its driver as format. */
 static int make_image(struct bnode *old, const char *path, const char *format,
                       error **errp)
 {
-    if (!strcmp(format, "raw")) {
-        error_setg(errp, "Backing file not supported for file format 'raw'");
-        return -1;
-    }
-    if (strcmp(format, "qcow2")) {
-        error_setg(errp, "Unknown file format '%s'", format);
-        return -1;
-    }
     CLEANUP_FREE char *backing = bnode_filename(old);
-    if (!strcmp(path, backing)) {
-        error_setg(errp, "Error: Trying to create an image with the same filename as the "
-                   "backing file");
-        return -1;
-    }
-    if (file_create_now(path, errp) < 0)
-        return -1;
-    CLEANUP_JSON json_t *opts = json_pack(
-        "{s:s, s:{s:s, s:s}, s:I, s:s, s:s}", "driver", "qcow2", "file", "driver", "file",
-        "filename", path, "size", (json_int_t)bnode_round_size(old->size), "backing-file",
-        backing, "backing-fmt", old->drv->name);
-    return qcow2_create_sync(opts, errp) < 0 ? -1 : 0;
+    return image_create(path, format, bnode_round_size(old->size), backing, old->drv->name,
+                        errp);
 }
 
 static int sync_prepare(struct txn_action *a, json_t *data, error **errp)

@@ -952,10 +952,11 @@ static int file_create_sync(void *opaque, error **errp)
     return ret;
 }
 
-int file_create_now(const char *filename, error **errp)
+int file_create_now(const char *filename, uint64_t size, error **errp)
 {
     struct file_create *c = xzalloc(sizeof(*c));
     c->filename = xstrdup(filename);
+    c->size = size;
     c->extent_size_hint = 1 << 20;
     return file_create_sync(c, errp);
 }

@@ -57,10 +57,19 @@
 #include "util/opts.h"
 #include "util/xalloc.h"
 
-#define MIRROR_BUF_DEFAULT (1u << 20)   /* QEMU's DEFAULT_MIRROR_BUF_SIZE */
+#define MIRROR_BUF_DEFAULT (16u << 20)  /* QEMU's DEFAULT_MIRROR_BUF_SIZE */
+#define MIRROR_MAX_IO (1u << 20)        /* one copy at most (QEMU's MAX_IO_BYTES) */
 #define MIRROR_IDLE_MS 100              /* QEMU's BLOCK_JOB_SLICE_TIME */
 
 struct active_write;
+
+/* What the target's backing node is when the job ends well (QEMU's
+ * BlockMirrorBackingMode). */
+enum mirror_backing {
+    MIRROR_LEAVE_BACKING,               /* as it is (blockdev-mirror, commit) */
+    MIRROR_SOURCE_BACKING,              /* what sync left below (drive-mirror) */
+    MIRROR_OPEN_BACKING,                /* the one its header names (mode existing) */
+};
 
 struct mirror_job {
     struct block_job common;
@@ -72,8 +81,9 @@ struct mirror_job {
     struct bnode *reopened;             /* committing: the base, read-only again on abort */
     char *replaces;                     /* the node the target replaces (NULL: source) */
     uint32_t granularity;
-    uint64_t buf_size;
+    uint64_t buf_size;                  /* one copy at most, whole granules */
     bool unmap;
+    enum mirror_backing backing_mode;
     bool write_blocking;
     enum block_on_error on_source_error, on_target_error;
     struct bnode *filter;
@@ -528,15 +538,37 @@ static void mirror_release(struct mirror_job *s)
     chain_restore_read_only(&s->reopened, "commit");
 }
 
+/* drive-mirror's target gets its backing node (QEMU's mirror_exit_common). */
+static int mirror_set_target_backing(struct mirror_job *s)
+{
+    error *err = NULL;
+    int ret = 0;
+    if (s->backing_mode == MIRROR_SOURCE_BACKING && s->target->drv->reopen_backing_link)
+        ret = chain_link_backing(s->target, s->none_mode ? s->source : s->base);
+    else if (s->backing_mode == MIRROR_OPEN_BACKING && !strcmp(s->target->drv->name, "qcow2"))
+        ret = qcow2_open_backing_file(s->target, &err);
+    if (err) {
+        log_error("mirror: %s", err->msg);
+        error_free(err);
+    }
+    return ret;
+}
+
 static int mirror_prepare(struct job *job)
 {
     struct mirror_job *s = (struct mirror_job *)job;
     s->reopened = NULL;                 /* QEMU makes the base read-only again on abort only */
+    if (mirror_set_target_backing(s) < 0)
+        return -EPERM;
     if (!s->should_complete)
         return 0;                       /* a cancel once ready: the source stays */
+    struct bnode *target = s->target;
+    bnode_ref(target);                  /* drive-mirror's: only the job holds it */
     bnode_detach(s->target_user);       /* its write permission would conflict */
     s->target_user = NULL;
-    return mirror_switch(s);
+    int ret = mirror_switch(s);
+    bnode_unref(target);
+    return ret;
 }
 
 static void mirror_clean(struct job *job)
@@ -612,7 +644,8 @@ struct mirror_start {
     struct bnode *bs, *target;
     const char *replaces;
     struct bnode *base;                 /* copy only what is above it */
-    bool none_mode, zero_target, write_blocking;
+    bool none_mode, zero_target, write_blocking, unmap;
+    enum mirror_backing backing_mode;
     uint32_t granularity;               /* 0: the target's default */
     uint64_t buf_size;
     enum block_on_error on_source_error, on_target_error;
@@ -664,8 +697,10 @@ static struct mirror_job *mirror_start_job(const struct mirror_start *a, error *
     s->zero_target = a->zero_target;
     s->base = a->base;
     s->granularity = a->granularity ? a->granularity : dirty_bitmap_default_granularity(target);
-    s->buf_size = (a->buf_size + s->granularity - 1) / s->granularity * s->granularity;
-    s->unmap = true;
+    uint64_t piece = a->buf_size < MIRROR_MAX_IO ? a->buf_size : MIRROR_MAX_IO;
+    s->buf_size = (piece + s->granularity - 1) / s->granularity * s->granularity;
+    s->unmap = a->unmap;
+    s->backing_mode = a->backing_mode;
     s->write_blocking = a->write_blocking;
     s->on_source_error = a->on_source_error;
     s->on_target_error = a->on_target_error;
@@ -687,6 +722,76 @@ fail:
     return NULL;
 }
 
+/* QEMU's blockdev_mirror_common(): the checks both commands share, then
+ * the job.  target is referenced by the job once it starts. */
+static int mirror_common(json_t *a, struct bnode *bs, struct bnode *target,
+                         enum mirror_backing backing_mode, bool zero_target, error **errp)
+{
+    int64_t granularity = opt_int(a, "granularity", 0);
+    if (granularity != 0 && (granularity < 512 || granularity > 64 * 1048576)) {
+        error_setg(errp, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+        return -1;
+    }
+    if (granularity & (granularity - 1)) {
+        error_setg(errp, "Parameter 'granularity' expects a power of 2");
+        return -1;
+    }
+    if (block_node_check_busy(bs, errp) < 0)
+        return -1;
+    if (block_node_check_busy(target, errp) < 0 || is_backing_node(target, errp))
+        return -1;
+    const char *sync = opt_str(a, "sync", "full");
+    if (!strcmp(sync, "top") && !bs->backing)
+        sync = "full";
+    const char *replaces = opt_str(a, "replaces", NULL);
+    if (replaces) {
+        struct bnode *r = to_replace_node(bs, replaces, errp);
+        if (!r)
+            return -1;
+        if (r->size != bs->size) {
+            error_setg(errp, "cannot replace image with a mirror image of different size");
+            return -1;
+        }
+    }
+    if (!strcmp(sync, "incremental") || !strcmp(sync, "bitmap")) {
+        error_setg(errp, "Sync mode '%s' not supported", sync);
+        return -1;
+    }
+    int64_t buf_size = opt_int(a, "buf-size", 0);
+    if (buf_size < 0) {
+        error_setg(errp, "Invalid parameter 'buf-size'");
+        return -1;
+    }
+    if (replaces && strcmp(replaces, bs->node_name)) {
+        error_setg(errp, "bexd replaces only the source node itself ('%s'), not '%s' below it",
+                   bs->node_name, replaces);
+        return -1;
+    }
+    unsigned flags = JOB_DEFAULT;
+    if (!opt_bool(a, "auto-finalize", true))
+        flags |= JOB_MANUAL_FINALIZE;
+    if (!opt_bool(a, "auto-dismiss", true))
+        flags |= JOB_MANUAL_DISMISS;
+    struct mirror_start st = {
+        .job_id = opt_str(a, "job-id", ""), .bs = bs, .target = target, .replaces = replaces,
+        .base = !strcmp(sync, "top") ? bs->backing : NULL,
+        .none_mode = !strcmp(sync, "none"), .zero_target = zero_target,
+        .write_blocking = !strcmp(opt_str(a, "copy-mode", "background"), "write-blocking"),
+        .unmap = opt_bool(a, "unmap", true), .backing_mode = backing_mode,
+        .granularity = (uint32_t)granularity,
+        .buf_size = buf_size ? (uint64_t)buf_size : MIRROR_BUF_DEFAULT,
+        .on_source_error = block_on_error_parse(opt_str(a, "on-source-error", NULL)),
+        .on_target_error = block_on_error_parse(opt_str(a, "on-target-error", NULL)),
+        .filter_node_name = opt_str(a, "filter-node-name", NULL),
+        .speed = opt_int(a, "speed", 0), .flags = flags, .drv = &mirror_driver,
+    };
+    struct mirror_job *s = mirror_start_job(&st, errp);
+    if (!s)
+        return -1;
+    job_start(&s->common.job);
+    return 0;
+}
+
 static json_t *qmp_blockdev_mirror(json_t *a, error **errp)
 {
     struct bnode *bs = chain_root_node(opt_str(a, "device", ""), errp);
@@ -698,70 +803,66 @@ static json_t *qmp_blockdev_mirror(json_t *a, error **errp)
         error_setg(errp, "Cannot find device='%s' nor node-name='%s'", tname, tname);
         return NULL;
     }
-    int64_t granularity = opt_int(a, "granularity", 0);
-    if (granularity != 0 && (granularity < 512 || granularity > 64 * 1048576)) {
-        error_setg(errp, "Parameter 'granularity' expects a value in range [512B, 64MB]");
-        return NULL;
-    }
-    if (granularity & (granularity - 1)) {
-        error_setg(errp, "Parameter 'granularity' expects a power of 2");
-        return NULL;
-    }
-    if (block_node_check_busy(bs, errp) < 0)
-        return NULL;
-    if (block_node_check_busy(target, errp) < 0 || is_backing_node(target, errp))
-        return NULL;
-    const char *sync = opt_str(a, "sync", "full");
-    if (!strcmp(sync, "top") && !bs->backing)
-        sync = "full";
-    const char *replaces = opt_str(a, "replaces", NULL);
-    if (replaces) {
-        struct bnode *r = to_replace_node(bs, replaces, errp);
-        if (!r)
-            return NULL;
-        if (r->size != bs->size) {
-            error_setg(errp, "cannot replace image with a mirror image of different size");
-            return NULL;
-        }
-    }
-    if (!strcmp(sync, "incremental") || !strcmp(sync, "bitmap")) {
-        error_setg(errp, "Sync mode '%s' not supported", sync);
-        return NULL;
-    }
-    int64_t buf_size = opt_int(a, "buf-size", 0);
-    if (buf_size < 0) {
-        error_setg(errp, "Invalid parameter 'buf-size'");
-        return NULL;
-    }
-    if (replaces && strcmp(replaces, bs->node_name)) {
-        error_setg(errp, "bexd replaces only the source node itself ('%s'), not '%s' below it",
-                   bs->node_name, replaces);
-        return NULL;
-    }
-    unsigned flags = JOB_DEFAULT;
-    if (!opt_bool(a, "auto-finalize", true))
-        flags |= JOB_MANUAL_FINALIZE;
-    if (!opt_bool(a, "auto-dismiss", true))
-        flags |= JOB_MANUAL_DISMISS;
-    struct mirror_start st = {
-        .job_id = opt_str(a, "job-id", ""), .bs = bs, .target = target, .replaces = replaces,
-        .base = !strcmp(sync, "top") ? bs->backing : NULL,
-        .none_mode = !strcmp(sync, "none"), .zero_target = !strcmp(sync, "full"),
-        .write_blocking = !strcmp(opt_str(a, "copy-mode", "background"), "write-blocking"),
-        .granularity = (uint32_t)granularity,
-        .buf_size = buf_size ? (uint64_t)buf_size : MIRROR_BUF_DEFAULT,
-        .on_source_error = block_on_error_parse(opt_str(a, "on-source-error", NULL)),
-        .on_target_error = block_on_error_parse(opt_str(a, "on-target-error", NULL)),
-        .filter_node_name = opt_str(a, "filter-node-name", NULL),
-        .speed = opt_int(a, "speed", 0), .flags = flags, .drv = &mirror_driver,
-    };
-    struct mirror_job *s = mirror_start_job(&st, errp);
-    if (!s)
-        return NULL;
-    job_start(&s->common.job);
-    return json_object();
+    bool full = !strcmp(opt_str(a, "sync", ""), "full");
+    return mirror_common(a, bs, target, MIRROR_LEAVE_BACKING, full, errp) < 0 ? NULL
+                                                                             : json_object();
 }
 QMP_COMMAND("blockdev-mirror", qmp_blockdev_mirror)
+
+/* drive-mirror (QEMU's qmp_drive_mirror): the target is an image file the
+ * command makes (mode absolute-paths: qcow2 or raw, backed by what sync
+ * leaves below unless sync=full) or finds (mode existing), opened without
+ * its backing file; when the job ends well the target's backing node is
+ * the source's backing node (top), the source (none), or the one its
+ * header names (existing). */
+static json_t *qmp_drive_mirror(json_t *a, error **errp)
+{
+    struct bnode *bs = chain_root_node(opt_str(a, "device", ""), errp);
+    if (!bs || block_node_check_busy(bs, errp) < 0)
+        return NULL;
+    bool existing = !strcmp(opt_str(a, "mode", "absolute-paths"), "existing");
+    const char *path = opt_str(a, "target", "");
+    const char *format = opt_str(a, "format", existing ? NULL : bs->drv->name);
+    const char *sync = opt_str(a, "sync", "full");
+    struct bnode *backing = bs->backing;
+    if (!backing && !strcmp(sync, "top"))
+        sync = "full";
+    if (!strcmp(sync, "none"))
+        backing = bs;
+    if (opt_has(a, "replaces") && !opt_has(a, "node-name")) {
+        error_setg(errp, "a node-name must be provided when replacing a named node of the "
+                   "graph");
+        return NULL;
+    }
+    if (!existing) {
+        CLEANUP_FREE char *bname = backing ? bnode_filename(backing) : NULL;
+        bool with_backing = strcmp(sync, "full") && backing;
+        if (image_create(path, format, bs->size, with_backing ? bname : NULL,
+                         with_backing ? backing->drv->name : NULL, errp) < 0)
+            return NULL;
+    }
+    if (!format)
+        format = bnode_probe_format(path);
+    CLEANUP_JSON json_t *o = json_pack(
+        "{s:s, s:{s:s, s:s}, s:b, s:{s:b, s:b}}", "driver", format, "file", "driver", "file",
+        "filename", path, "read-only", false, "cache", "direct", bs->cache_direct,
+        "no-flush", bs->cache_no_flush);
+    if (opt_has(a, "node-name"))
+        json_object_set_new(o, "node-name", json_string(opt_str(a, "node-name", "")));
+    if (!strcmp(format, "qcow2"))
+        json_object_set_new(o, "backing", json_null());
+    struct bnode *target = bnode_open_ref(o, false, errp);     /* named or not */
+    if (!target)
+        return NULL;
+    /* a new image reads as zeros; an existing one is written whole */
+    bool zero_target = !strcmp(sync, "full") && existing;
+    int ret = mirror_common(a, bs, target,
+                            existing ? MIRROR_OPEN_BACKING : MIRROR_SOURCE_BACKING,
+                            zero_target, errp);
+    bnode_unref(target);                /* the job holds it now: the monitor does not */
+    return ret < 0 ? NULL : json_object();
+}
+QMP_COMMAND("drive-mirror", qmp_drive_mirror)
 
 /* ---- committing the active layer (QEMU's commit_active_start) ---- */
 
@@ -776,7 +877,7 @@ int mirror_commit_active(const char *job_id, struct bnode *bs, struct bnode *bas
         reopened = true;
     }
     struct mirror_start st = {
-        .job_id = job_id, .bs = bs, .target = base, .base = base,
+        .job_id = job_id, .bs = bs, .target = base, .base = base, .unmap = true,
         .buf_size = MIRROR_BUF_DEFAULT, .on_source_error = on_error,
         .on_target_error = on_error, .filter_node_name = filter_node_name,
         .speed = speed, .flags = flags, .drv = &commit_active_driver,

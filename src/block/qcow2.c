@@ -818,7 +818,7 @@ static char *resolve_backing(struct bnode *bs, const char *name)
     return xasprintf("%.*s%s", slash ? (int)(slash - base + 1) : 0, base, name);
 }
 
-static const char *probe_format(const char *path)
+const char *bnode_probe_format(const char *path)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     unsigned char m[4] = { 0 };
@@ -873,7 +873,7 @@ static int open_backing(struct qcow2_state *s, json_t *opts, int depth, error **
                        "chain (the chain loops)", s->backing_file, bs->node_name);
             return -ELOOP;
         }
-        const char *fmt = s->backing_fmt ? s->backing_fmt : probe_format(path);
+        const char *fmt = s->backing_fmt ? s->backing_fmt : bnode_probe_format(path);
         if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
             error_setg(errp, "Unknown driver '%s'", fmt);
             return -EINVAL;
@@ -1537,6 +1537,18 @@ static uint32_t qcow2_cluster_size(struct bnode *bs)
 {
     struct qcow2_state *s = bs->opaque;
     return (uint32_t)s->cluster_size;
+}
+
+int qcow2_open_backing_file(struct bnode *bs, error **errp)
+{
+    struct qcow2_state *s = bs->opaque;
+    if (bs->backing || !s->backing_file)
+        return 0;
+    CLEANUP_JSON json_t *none = json_object();
+    int ret = open_backing(s, none, 0, errp);
+    if (ret == 0)
+        json_object_del(bs->options, "backing");   /* opened from the header now */
+    return ret;
 }
 
 static const char *const qcow2_strong_opts[] = { "encrypt.", NULL };

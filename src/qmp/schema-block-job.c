@@ -1,5 +1,5 @@
 /* QAPI definitions of the block jobs (QEMU 7.2 qapi/block-core.json):
- * blockdev-backup, blockdev-mirror, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
+ * blockdev-backup, blockdev-mirror, drive-mirror, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
  * BLOCK_JOB_* events. */
 #include "qmp/schema-int.h"
 
@@ -29,6 +29,16 @@ static const char text[] =
     "            '*on-target-error': 'BlockdevOnError', '*filter-node-name': 'str',\n"
     "            '*copy-mode': 'MirrorCopyMode', '*auto-finalize': 'bool',\n"
     "            '*auto-dismiss': 'bool' },\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'struct': 'DriveMirror',\n"
+    "  'data': { '*job-id': 'str', 'device': 'str', 'target': 'str', '*format': 'str',\n"
+    "            '*node-name': 'str', '*replaces': 'str', 'sync': 'MirrorSyncMode',\n"
+    "            '*mode': 'NewImageMode', '*speed': 'int', '*granularity': 'uint32',\n"
+    "            '*buf-size': 'int', '*on-source-error': 'BlockdevOnError',\n"
+    "            '*on-target-error': 'BlockdevOnError', '*unmap': 'bool',\n"
+    "            '*copy-mode': 'MirrorCopyMode', '*auto-finalize': 'bool',\n"
+    "            '*auto-dismiss': 'bool' } }\n"
+    "{ 'command': 'drive-mirror', 'boxed': true, 'data': 'DriveMirror',\n"
     "  'allow-preconfig': true }\n"
     "{ 'command': 'block-stream',\n"
     "  'data': { '*job-id': 'str', 'device': 'str', '*base': 'str', '*base-node': 'str',\n"

@@ -294,3 +294,73 @@ def test_sync_top_and_none(impl, start_daemon, tmpdir_short, sync):
     with open(os.path.join(d, "after.raw"), "wb") as f:
         f.write(after)
     compare(tgt, os.path.join(d, "after.raw"))
+
+
+def drive_nodes(m):
+    return sorted((n["node-name"] if not n["node-name"].startswith("#") else "#", n["drv"],
+                   n["ro"], os.path.basename(n["file"]).split('"')[0],
+                   os.path.basename(n.get("backing_file") or ""))
+                  for n in m.execute("query-named-block-nodes"))
+
+
+def test_drive_mirror_errors(impl, start_daemon, tmpdir_short):
+    d = tmpdir_short
+    daemon, m, src, tgt, uri = serve(impl, start_daemon, d, chain=True)
+
+    def err(**a):
+        a.setdefault("device", "src")
+        a.setdefault("sync", "full")
+        return m.error("drive-mirror", **a)["desc"]
+    assert err(target=os.path.join(d, "x.qcow2"), replaces="src") == \
+        "a node-name must be provided when replacing a named node of the graph"
+    assert err(target=os.path.join(d, "x.raw"), sync="top", format="raw") == \
+        "Backing file not supported for file format 'raw'"
+    assert err(target="/nonexistent/x.qcow2") == \
+        "Could not create '/nonexistent/x.qcow2': No such file or directory"
+    missing = os.path.join(d, "missing.qcow2")
+    assert err(target=missing, mode="existing") == \
+        "Could not open '%s': No such file or directory" % missing
+    # the image is made before the job's own checks, as QEMU makes it
+    assert err(target=os.path.join(d, "g.qcow2"), granularity=3000) == \
+        "Parameter 'granularity' expects a power of 2"
+    assert os.path.exists(os.path.join(d, "g.qcow2"))
+    assert not os.path.exists(os.path.join(d, "x.qcow2"))
+    assert "g.qcow2" not in [r[3] for r in drive_nodes(m)]
+
+
+@pytest.mark.parametrize("sync, mode, name", [
+    ("full", "absolute-paths", "f.qcow2"), ("top", "absolute-paths", "t2.qcow2"),
+    ("none", "absolute-paths", "n.qcow2"), ("top", "existing", "ex.qcow2"),
+    ("full", "absolute-paths", "r.raw")])
+def test_drive_mirror(impl, start_daemon, tmpdir_short, sync, mode, name):
+    """drive-mirror makes (or finds) the target image and opens it without
+    its backing file; once complete, the export serves it and its backing
+    node is what sync left below (the source itself for none, the file its
+    header names for an existing image)."""
+    d = tmpdir_short
+    daemon, m, src, tgt, uri = serve(impl, start_daemon, d, chain=True)
+    if mode == "existing":
+        qemu_img("create", "-q", "-u", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+                 os.path.join(d, name), str(SIZE))
+    want = read_all(uri)
+    a = {"format": "raw"} if name.endswith(".raw") else {}
+    m.execute("drive-mirror", device="src", target=os.path.join(d, name), sync=sync,
+              mode=mode, job_id="m", node_name="dm", **a)
+    assert statuses(m, "m", "ready") == ["created", "running", "ready", READY]
+    during = drive_nodes(m)
+    m.execute("block-job-complete", device="m")
+    assert statuses(m, "m", "null")[-2:] == ["concluded", "null"]
+    assert exported_node(m) == "dm"
+    assert read_all(uri) == want
+    after = drive_nodes(m)
+    daemon.stop()
+    info = __import__("json").loads(qemu_img("info", "--output=json", os.path.join(d, name)))
+    backing = {"full": None, "top": "mid.qcow2", "none": "top.qcow2"}[sync]
+    assert os.path.basename(info.get("backing-filename") or "") == (backing or "")
+    assert (name, "mirror_top") not in [(r[3], r[1]) for r in during]
+    assert [r for r in after if r[0] == "dm"] == \
+        [("dm", info["format"], False, name, backing or "")]
+    qemu_img("check", "-q", os.path.join(d, name)) if info["format"] == "qcow2" else None
+    with open(os.path.join(d, "want.raw"), "wb") as f:
+        f.write(want)
+    compare(os.path.join(d, name), os.path.join(d, "want.raw"))
