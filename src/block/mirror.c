@@ -285,8 +285,9 @@ static int mirror_copy(struct mirror_job *s, uint64_t off, uint64_t n, void *buf
 }
 
 /* One dirty area from *cursor on (wrapping): copied, or marked dirty again
- * after an error the policy lets pass.  Returns the bytes copied, 0 if
- * nothing was dirty, or -errno to end the job. */
+ * after an error the policy lets pass (stop pauses here unless writes are
+ * held: the caller lets them go first).  Returns the bytes copied, 0 if
+ * nothing was dirty or the error passed, or -errno to end the job. */
 static int64_t mirror_iteration(struct mirror_job *s, uint64_t *cursor, void *buf)
 {
     uint64_t len = s->source->size, off = *cursor, n = 0;
@@ -313,7 +314,7 @@ static int64_t mirror_iteration(struct mirror_job *s, uint64_t *cursor, void *bu
             &s->common, in_source ? s->on_source_error : s->on_target_error, in_source, -ret);
         if (a == ERROR_ACTION_REPORT)
             return ret;
-        if (a == ERROR_ACTION_STOP)
+        if (a == ERROR_ACTION_STOP && !s->writes_held)
             job_co_pause_point(&s->common.job);
         return 0;
     }

@@ -364,3 +364,43 @@ def test_drive_mirror(impl, start_daemon, tmpdir_short, sync, mode, name):
     with open(os.path.join(d, "want.raw"), "wb") as f:
         f.write(want)
     compare(os.path.join(d, name), os.path.join(d, "want.raw"))
+
+
+@pytest.mark.parametrize("mode", ["report", "ignore", "stop"])
+def test_target_write_errors(impl, start_daemon, tmpdir_short, mode):
+    """The target's first write fails (blkdebug, once): report ends the job
+    with the error; ignore copies the range again later and the job becomes
+    ready; stop pauses it (io-status failed) until block-job-resume, then it
+    becomes ready.  Completed, the target holds the source's data."""
+    d = tmpdir_short
+    daemon, m, src, tgt, uri = serve(impl, start_daemon, d)
+    m.execute("blockdev-del", node_name="tgt")
+    m.execute("blockdev-add", driver="qcow2", node_name="tgt", file={
+        "driver": "blkdebug", "inject-error": [{"event": "pwritev", "errno": 5, "once": True}],
+        "image": {"driver": "file", "filename": tgt}})
+    want = read_all(uri)
+    m.execute("blockdev-mirror", job_id="m", device="src", target="tgt", sync="full",
+              on_target_error=mode)
+    e = m.wait_event("BLOCK_JOB_ERROR")
+    assert e["data"] == {"device": "m", "operation": "write", "action": mode}
+    if mode == "report":
+        e = m.wait_event("BLOCK_JOB_COMPLETED")
+        assert e["data"]["error"] == "Input/output error"
+        assert exported_node(m) == "src"
+        return
+    if mode == "stop":
+        while m.wait_event("JOB_STATUS_CHANGE")["data"]["status"] != "paused":
+            pass                        # qsd pauses once the copies in flight are done
+        info = m.execute("query-block-jobs")[0]
+        assert (info["status"], info["io-status"]) == ("paused", "failed")
+        m.execute("block-job-resume", device="m")
+    m.wait_event("BLOCK_JOB_READY")
+    m.execute("block-job-complete", device="m")
+    e = m.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in e["data"]
+    assert exported_node(m) == "tgt"
+    assert read_all(uri) == want
+    daemon.stop()
+    with open(os.path.join(d, "want.raw"), "wb") as f:
+        f.write(want)
+    compare(tgt, os.path.join(d, "want.raw"))
