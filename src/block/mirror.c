@@ -1,5 +1,6 @@
 /*
- * blockdev-mirror: QEMU 7.2's mirror block job (block/mirror.c).
+ * blockdev-mirror, drive-mirror and committing the active layer: QEMU
+ * 7.2's mirror block job (block/mirror.c).
  *
  * Theory of operation.  The job keeps a target node equal to a source
  * node while peers write the source, then (block-job-complete) puts the
@@ -7,8 +8,8 @@
  * job's says which granules differ: sync=full marks every range some layer
  * of the source's chain allocates, sync=top those the source itself does,
  * sync=none nothing; every write to the source marks what it wrote once it
- * has completed.  The job copies dirty areas (up to buf-size) one at a
- * time: it claims the area in the guard on the source (guard.h: peers'
+ * has completed.  The job copies dirty areas (up to 1 MiB, or buf-size)
+ * one at a time: it claims the area in the guard on the source (guard.h: peers'
  * writes there wait, the copy waits for those under way), clears the bits,
  * reads the source and writes the target (zeros as write-zeroes, unmapped
  * unless unmap=false), then releases the claim.  A write that lands after
@@ -35,9 +36,13 @@
  * again once they have landed, which is what a copy racing a write needs).
  * The filter node ("mirror_top") is listed while the job runs; bexd does
  * not insert it above the source, but names it as the exports' node, as
- * QEMU's graph has it.  Not done: `replaces` naming a node below a filter
- * source (QEMU puts the target in that node's place under the filter;
- * refused), drive-mirror.
+ * QEMU's graph has it.
+ *
+ * drive-mirror makes or opens the target first and gives it its backing
+ * node when the job ends well; an active commit is the same job with the
+ * chain's base as target (type commit).  Not done: `replaces` naming a
+ * node below a filter source (QEMU puts the target in that node's place
+ * under the filter; refused).
  */
 #include <errno.h>
 #include <pthread.h>
