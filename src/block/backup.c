@@ -1,6 +1,7 @@
 /*
- * blockdev-backup: QEMU 7.2's backup block job (block/backup.c), as a QMP
- * command and as a `transaction` action.
+ * blockdev-backup and drive-backup: QEMU 7.2's backup block job
+ * (block/backup.c), as QMP commands and as `transaction` actions;
+ * drive-backup makes or opens its target image first.
  *
  * Theory of operation.  Preparing a backup checks the arguments in QEMU's
  * order with QEMU's words, then opens a copy-before-write node (cbw.c)
@@ -36,10 +37,12 @@
 #include <string.h>
 #include "block/block.h"
 #include "block/block-job.h"
+#include "block/chain.h"
 #include "block/cbw.h"
 #include "block/dirty-bitmap.h"
 #include "block/transaction.h"
 #include "qmp/qmp.h"
+#include "util/cleanup.h"
 #include "util/coroutine.h"
 #include "util/opts.h"
 #include "util/xalloc.h"
@@ -336,15 +339,11 @@ static struct bnode *open_filter(struct bnode *bs, struct bnode *target, const c
     return f;
 }
 
-static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error **errp)
+/* QEMU's do_backup_common(): the checks of BackupCommon, then the job. */
+static struct backup_job *backup_prepare_nodes(json_t *a, struct bnode *bs,
+                                               struct bnode *target, struct job_txn *txn,
+                                               error **errp)
 {
-    struct bnode *bs = lookup_bs(opt_str(a, "device", ""), errp);
-    if (!bs)
-        return NULL;
-    struct bnode *target = lookup_bs(opt_str(a, "target", ""), errp);
-    if (!target)
-        return NULL;
-
     enum sync_mode sync = parse_enum(opt_str(a, "sync", "full"), sync_names, 5);
     bool has_bitmap = opt_has(a, "bitmap"), has_mode = opt_has(a, "bitmap-mode");
     enum bitmap_mode mode = parse_enum(opt_str(a, "bitmap-mode", "on-success"),
@@ -480,6 +479,68 @@ fail:
     return NULL;
 }
 
+static struct backup_job *backup_prepare(json_t *a, struct job_txn *txn, error **errp)
+{
+    struct bnode *bs = lookup_bs(opt_str(a, "device", ""), errp);
+    if (!bs)
+        return NULL;
+    struct bnode *target = lookup_bs(opt_str(a, "target", ""), errp);
+    if (!target)
+        return NULL;
+    return backup_prepare_nodes(a, bs, target, txn, errp);
+}
+
+/* drive-backup (QEMU's drive_backup_prepare): the target image is made
+ * (mode absolute-paths: the source's format unless `format` says, backed
+ * by the source's backing file for sync=top, by the source for none) or
+ * found (existing), then opened with discard and detect-zeroes at unmap,
+ * held by the job alone. */
+static struct backup_job *drive_backup_prepare(json_t *a, struct job_txn *txn, error **errp)
+{
+    struct bnode *bs = lookup_bs(opt_str(a, "device", ""), errp);
+    if (!bs || block_node_check_busy(bs, errp) < 0)
+        return NULL;
+    bool existing = !strcmp(opt_str(a, "mode", "absolute-paths"), "existing");
+    const char *path = opt_str(a, "target", "");
+    const char *format = opt_str(a, "format", existing ? NULL : bs->drv->name);
+    const char *sync = opt_str(a, "sync", "full");
+    struct bnode *source = NULL;
+    CLEANUP_JSON json_t *args = json_deep_copy(a);
+    if (!strcmp(sync, "top")) {
+        source = bs->backing;
+        if (!source)
+            json_object_set_new(args, "sync", json_string("full"));
+    }
+    bool none = !strcmp(sync, "none");
+    if (none)
+        source = bs;
+    if (!existing) {
+        CLEANUP_FREE char *bname = source ? bnode_filename(source) : NULL;
+        if (image_create(path, format, bs->size, bname, source ? source->drv->name : NULL,
+                         errp) < 0)
+            return NULL;
+    }
+    if (!format)
+        format = bnode_probe_format(path);
+    CLEANUP_JSON json_t *o = json_pack(
+        "{s:s, s:{s:s, s:s}, s:b, s:s, s:s, s:{s:b, s:b}}", "driver", format, "file",
+        "driver", "file", "filename", path, "read-only", false, "discard", "unmap",
+        "detect-zeroes", "unmap", "cache", "direct", bs->cache_direct, "no-flush",
+        bs->cache_no_flush);
+    if (none && !strcmp(format, "qcow2"))
+        json_object_set_new(o, "backing", json_null());
+    struct bnode *target = bnode_open_ref(o, false, errp);
+    if (!target)
+        return NULL;
+    struct backup_job *s = NULL;
+    if (none && chain_link_backing(target, bs) < 0)
+        error_setg(errp, "Could not set the backing file of the backup target");
+    else
+        s = backup_prepare_nodes(args, bs, target, txn, errp);
+    bnode_unref(target);                /* the job holds it now */
+    return s;
+}
+
 /* The point in time is now: hold writes until the issued ones are done,
  * insert the filter, start the job. */
 static void backup_commit(struct backup_job *s)
@@ -508,11 +569,30 @@ static json_t *qmp_blockdev_backup(json_t *args, error **errp)
 }
 QMP_COMMAND("blockdev-backup", qmp_blockdev_backup)
 
+static json_t *qmp_drive_backup(json_t *args, error **errp)
+{
+    size_t nheld;
+    struct bnode **held = dirty_bitmaps_freeze_all(&nheld);
+    struct backup_job *s = drive_backup_prepare(args, NULL, errp);
+    if (s)
+        backup_commit(s);
+    dirty_bitmaps_thaw_all(held, nheld);
+    return NULL;
+}
+QMP_COMMAND("drive-backup", qmp_drive_backup)
+
 /* ---- the transaction action ---- */
 
 static int txn_backup_prepare(struct txn_action *a, json_t *data, error **errp)
 {
     struct backup_job *s = backup_prepare(data, a->job_txn, errp);
+    a->opaque = s;
+    return s ? 0 : -1;
+}
+
+static int txn_drive_backup_prepare(struct txn_action *a, json_t *data, error **errp)
+{
+    struct backup_job *s = drive_backup_prepare(data, a->job_txn, errp);
     a->opaque = s;
     return s ? 0 : -1;
 }
@@ -533,3 +613,10 @@ static struct txn_ops backup_ops = {
     .prepare = txn_backup_prepare, .commit = txn_backup_commit, .abort = txn_backup_abort,
 };
 TRANSACTION_ACTION(backup_ops)
+
+static struct txn_ops drive_backup_ops = {
+    .type = "drive-backup", .grouped = true,
+    .prepare = txn_drive_backup_prepare, .commit = txn_backup_commit,
+    .abort = txn_backup_abort,
+};
+TRANSACTION_ACTION(drive_backup_ops)

@@ -1,5 +1,5 @@
 /* QAPI definitions of the block jobs (QEMU 7.2 qapi/block-core.json):
- * blockdev-backup, blockdev-mirror, drive-mirror, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
+ * blockdev-backup, drive-backup, blockdev-mirror, drive-mirror, block-stream, block-commit, change-backing-file, query-block-jobs, the block-job-* verbs and the
  * BLOCK_JOB_* events. */
 #include "qmp/schema-int.h"
 
@@ -20,7 +20,10 @@ static const char text[] =
     "            '*x-perf': { 'type': 'BackupPerf', 'features': [ 'unstable' ] } } }\n"
     "{ 'struct': 'BlockdevBackup', 'base': 'BackupCommon', 'data': { 'target': 'str' } }\n"
     "{ 'command': 'blockdev-backup', 'boxed': true, 'data': 'BlockdevBackup',\n"
-    "  'allow-preconfig': true }\n"
+    "  'allow-preconfig': true }\n"    "{ 'struct': 'DriveBackup', 'base': 'BackupCommon',\n"
+    "  'data': { 'target': 'str', '*format': 'str', '*mode': 'NewImageMode' } }\n"
+    "{ 'command': 'drive-backup', 'boxed': true, 'data': 'DriveBackup',\n"
+    "  'features': [ 'deprecated' ], 'allow-preconfig': true }\n"
     "{ 'enum': 'MirrorCopyMode', 'data': [ 'background', 'write-blocking' ] }\n"
     "{ 'command': 'blockdev-mirror',\n"
     "  'data': { '*job-id': 'str', 'device': 'str', 'target': 'str', '*replaces': 'str',\n"

@@ -50,7 +50,7 @@ COUNT = int(os.environ.get("BEXD_QMP_DIFF_COUNT", "250"))
 
 # started jobs run on by time; quit ends the session
 SKIP_COMMANDS = {"quit", "qmp_capabilities", "blockdev-create", "blockdev-backup",
-                 "block-stream", "block-commit", "blockdev-mirror", "drive-mirror",
+                 "block-stream", "block-commit", "blockdev-mirror", "drive-mirror", "drive-backup",
                  "transaction"}
 
 NAMES = ["f0", "r0", "q0", "fq", "e0", "b0", "n0", "nope", "#bad"]
