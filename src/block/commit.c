@@ -60,7 +60,7 @@ static int commit_co_run(struct job *job, error **errp)
         if (ret < 0)
             return ret;
     }
-    CLEANUP_FREE void *buf = xmalloc(COMMIT_CHUNK);
+    CLEANUP_FREE void *buf = xmalloc_io(COMMIT_CHUNK);
     for (uint64_t off = 0, n = 0; off < len; off += n) {
         job_co_sleep(job, delay);
         if (job_is_cancelled(job))

@@ -379,7 +379,7 @@ static int mirror_co_work(struct job *job, error **errp)
     }
     if (s->write_blocking)
         __atomic_store_n(&s->active, true, __ATOMIC_RELEASE);
-    CLEANUP_FREE void *buf = xmalloc(s->buf_size);
+    CLEANUP_FREE void *buf = xmalloc_io(s->buf_size);
     for (;;) {
         job_co_pause_point(job);
         if (job_is_cancelled(job))

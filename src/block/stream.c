@@ -93,7 +93,7 @@ static int stream_co_run(struct job *job, error **errp)
     if (!s->top->backing || s->copy_below == 2)
         return 0;                       /* nothing to stream */
     job_progress_set_remaining(job, len);
-    CLEANUP_FREE void *buf = xmalloc(STREAM_CHUNK);   /* page-aligned: a mapping of its own */
+    CLEANUP_FREE void *buf = xmalloc_io(STREAM_CHUNK);
     for (uint64_t off = 0, n = 0; off < len; off += n) {
         uint64_t delay = block_job_ratelimit(&s->common, 0);
         job_co_sleep(job, delay);

@@ -32,6 +32,17 @@ static inline void *xcalloc(size_t n, size_t size)
     return p;
 }
 
+/* A buffer for I/O on any node: page-aligned, so that O_DIRECT needs no
+ * bounce (malloc's own large blocks are not always page-aligned: its mmap
+ * threshold moves).  Freed with free(). */
+static inline void *xmalloc_io(size_t n)
+{
+    void *p;
+    if (posix_memalign(&p, 4096, n ? n : 1))
+        xalloc_die();
+    return p;
+}
+
 /* One zeroed object: struct foo *f = xzalloc(sizeof(*f)); */
 static inline void *xzalloc(size_t size)
 {
