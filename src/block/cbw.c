@@ -239,7 +239,7 @@ static void *buf_get(uint64_t len, uint64_t *size)
     }
     pthread_mutex_unlock(&spares.lock);
     if (!b) {
-        b = xmalloc(len);
+        b = xmalloc_io(len);
         *size = len;
     }
     return b;

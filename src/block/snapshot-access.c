@@ -42,7 +42,7 @@ static void read_co(void *opaque)
     } else if (req->iovcnt == 1) {
         ret = cbw_co_snapshot_read(s, r->offset, req->len, req->iov[0].iov_base, flags);
     } else {
-        char *buf = xmalloc(req->len);
+        char *buf = xmalloc_io(req->len);
         ret = cbw_co_snapshot_read(s, r->offset, req->len, buf, flags);
         for (int i = 0, at = 0; ret == 0 && i < req->iovcnt; at += req->iov[i].iov_len, i++)
             memcpy(req->iov[i].iov_base, buf + at, req->iov[i].iov_len);
