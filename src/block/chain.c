@@ -162,8 +162,8 @@ static int filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes
 }
 static const struct bdrv bdrv_copy_on_read = JOB_FILTER("copy-on-read");
 static const struct bdrv bdrv_commit_top = JOB_FILTER("commit_top");
-BDRV_REGISTER(bdrv_copy_on_read)
 static const struct bdrv bdrv_mirror_top = JOB_FILTER("mirror_top");
+BDRV_REGISTER(bdrv_copy_on_read)
 BDRV_REGISTER(bdrv_commit_top)
 BDRV_REGISTER(bdrv_mirror_top)
 
