@@ -441,11 +441,7 @@ static struct backup_job *backup_prepare_nodes(json_t *a, struct bnode *bs,
                    ")", max_chunk, cbw_cluster_size(cbw));
         goto fail;
     }
-    unsigned flags = JOB_DEFAULT;
-    if (!opt_bool(a, "auto-finalize", true))
-        flags |= JOB_MANUAL_FINALIZE;
-    if (!opt_bool(a, "auto-dismiss", true))
-        flags |= JOB_MANUAL_DISMISS;
+    unsigned flags = block_job_flags(a);
     s = block_job_create(opt_str(a, "job-id", ""), &backup_driver, txn, opt_int(a, "speed", 0),
                          flags, errp);
     if (!s)
@@ -557,27 +553,29 @@ static void backup_abort(struct backup_job *s)
     job_user_cancel(&s->common.job, true, NULL);
 }
 
-static json_t *qmp_blockdev_backup(json_t *args, error **errp)
+/* The command: the action alone, with every bitmap frozen meanwhile. */
+static json_t *run_one(json_t *args,
+                       struct backup_job *(*prepare)(json_t *, struct job_txn *, error **),
+                       error **errp)
 {
     size_t nheld;
     struct bnode **held = dirty_bitmaps_freeze_all(&nheld);
-    struct backup_job *s = backup_prepare(args, NULL, errp);
+    struct backup_job *s = prepare(args, NULL, errp);
     if (s)
         backup_commit(s);
     dirty_bitmaps_thaw_all(held, nheld);
     return NULL;
 }
+
+static json_t *qmp_blockdev_backup(json_t *args, error **errp)
+{
+    return run_one(args, backup_prepare, errp);
+}
 QMP_COMMAND("blockdev-backup", qmp_blockdev_backup)
 
 static json_t *qmp_drive_backup(json_t *args, error **errp)
 {
-    size_t nheld;
-    struct bnode **held = dirty_bitmaps_freeze_all(&nheld);
-    struct backup_job *s = drive_backup_prepare(args, NULL, errp);
-    if (s)
-        backup_commit(s);
-    dirty_bitmaps_thaw_all(held, nheld);
-    return NULL;
+    return run_one(args, drive_backup_prepare, errp);
 }
 QMP_COMMAND("drive-backup", qmp_drive_backup)
 

@@ -73,6 +73,16 @@ void block_job_remove_nodes(struct block_job *bj)
     bj->nodes_cap = 0;
 }
 
+unsigned block_job_flags(json_t *args)
+{
+    unsigned flags = JOB_DEFAULT;
+    if (!opt_bool(args, "auto-finalize", true))
+        flags |= JOB_MANUAL_FINALIZE;
+    if (!opt_bool(args, "auto-dismiss", true))
+        flags |= JOB_MANUAL_DISMISS;
+    return flags;
+}
+
 int block_node_check_busy(struct bnode *bs, error **errp)
 {
     if (!bs->blocker)

@@ -14,6 +14,7 @@
 #pragma once
 #include <stdbool.h>
 #include <stdint.h>
+#include <jansson.h>
 #include "job/job.h"
 
 struct bnode;
@@ -46,6 +47,9 @@ enum block_on_error block_on_error_parse(const char *s);   /* NULL: report */
  * with JOB_STATUS_CHANGE created, null). */
 void *block_job_create(const char *id, const struct job_driver *drv, struct job_txn *txn,
                        int64_t speed, unsigned flags, error **errp);
+/* JOB_MANUAL_FINALIZE and JOB_MANUAL_DISMISS as a command's
+ * auto-finalize and auto-dismiss (default true) ask. */
+unsigned block_job_flags(json_t *args);
 /* The block job of a job, or NULL. */
 struct block_job *block_job_of(struct job *job);
 

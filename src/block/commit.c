@@ -211,11 +211,7 @@ static json_t *qmp_block_commit(json_t *a, error **errp)
         error_setg(errp, "cannot commit an image into itself");
         return NULL;
     }
-    unsigned flags = JOB_DEFAULT;
-    if (!opt_bool(a, "auto-finalize", true))
-        flags |= JOB_MANUAL_FINALIZE;
-    if (!opt_bool(a, "auto-dismiss", true))
-        flags |= JOB_MANUAL_DISMISS;
+    unsigned flags = block_job_flags(a);
     if (top == bs) {
         if (opt_has(a, "backing-file")) {
             error_setg(errp, "'backing-file' specified, but 'top' is the active layer");

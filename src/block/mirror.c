@@ -773,11 +773,7 @@ static int mirror_common(json_t *a, struct bnode *bs, struct bnode *target,
                    bs->node_name, replaces);
         return -1;
     }
-    unsigned flags = JOB_DEFAULT;
-    if (!opt_bool(a, "auto-finalize", true))
-        flags |= JOB_MANUAL_FINALIZE;
-    if (!opt_bool(a, "auto-dismiss", true))
-        flags |= JOB_MANUAL_DISMISS;
+    unsigned flags = block_job_flags(a);
     struct mirror_start st = {
         .job_id = opt_str(a, "job-id", ""), .bs = bs, .target = target, .replaces = replaces,
         .base = !strcmp(sync, "top") ? bs->backing : NULL,

@@ -264,11 +264,7 @@ static json_t *qmp_block_stream(json_t *a, error **errp)
             bnode_reopen_set_read_only(bs, true, NULL);
         return NULL;
     }
-    unsigned flags = JOB_DEFAULT;
-    if (!opt_bool(a, "auto-finalize", true))
-        flags |= JOB_MANUAL_FINALIZE;
-    if (!opt_bool(a, "auto-dismiss", true))
-        flags |= JOB_MANUAL_DISMISS;
+    unsigned flags = block_job_flags(a);
     struct stream_job *s = block_job_create(opt_str(a, "job-id", ""), &stream_driver, NULL,
                                             opt_int(a, "speed", 0), flags, errp);
     if (!s) {
