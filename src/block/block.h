@@ -437,6 +437,12 @@ void bnode_detach(struct bnode_user *u);
  * permissions are checked there and given back here.  The caller calls
  * u->replaced once the data path may switch. */
 int  bnode_user_move(struct bnode_user *u, struct bnode *to, error **errp);
+/* Users of one node (exports: each with replaced) all move to `to`, or
+ * none does (QEMU's bdrv_replace_node); 0 or -1 with the error. */
+int  bnode_users_move(struct bnode_user **users, size_t n, struct bnode *to, error **errp);
+/* They moved from a node of old_size bytes: the data path uses their new
+ * node from now on (replaced), and a new size reaches their clients. */
+void bnode_users_replaced(struct bnode_user **users, size_t n, uint64_t old_size);
 /* Is anc bs itself, or above it through parent links? */
 bool bnode_is_ancestor_or_self(struct bnode *anc, struct bnode *bs);
 /* Work out again what bs asks of its file child (its read-only changed,

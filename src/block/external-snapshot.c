@@ -132,13 +132,11 @@ static int append(struct snap *s, error **errp)
     *ov->drv->reopen_backing_link(ov) = s->backing_link;
     __atomic_store_n(&ov->backing, old, __ATOMIC_RELEASE);
     s->appended = true;
-    for (size_t i = 0; i < n; i++) {
-        if (bnode_user_move(users[i], ov, errp) < 0) {
-            unappend(s);
-            return -1;
-        }
-        s->nmoved++;
+    if (bnode_users_move(users, n, ov, errp) < 0) {
+        unappend(s);
+        return -1;
     }
+    s->nmoved = n;
     if (bnode_refresh_perms(ov, errp) < 0) {
         unappend(s);
         return -1;
@@ -287,12 +285,7 @@ static void snap_commit(struct txn_action *a)
     s->committed = true;
     s->reply = qmp_reply_hold();
     block_writes_hold(snap_drained, s);
-    for (size_t i = 0; i < s->nmoved; i++) {
-        struct bnode_user *u = s->moved[i];
-        u->replaced(u);
-        if (s->overlay->size != s->old->size && u->resized)
-            u->resized(u);
-    }
+    bnode_users_replaced(s->moved, s->nmoved, s->old->size);
     block_writes_redirect(s->old, s->overlay);
 }
 

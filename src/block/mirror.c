@@ -496,25 +496,16 @@ static int mirror_switch(struct mirror_job *s)
     }
     CLEANUP_FREE struct bnode_user **moved = xcalloc(n ? n : 1, sizeof(*moved));
     n = 0;
-    for (struct bnode_user *u = old->users, *next; u; u = next) {
-        next = u->next;
-        if (u->parent || !u->replaced)
-            continue;
-        if (bnode_user_move(u, target, &err) < 0) {
-            log_error("mirror: cannot move %s to node '%s': %s", u->name, target->node_name,
-                      err->msg);
-            error_free(err);
-            while (n > 0)
-                bnode_user_move(moved[--n], old, NULL);
-            return -EPERM;
-        }
-        moved[n++] = u;
+    for (struct bnode_user *u = old->users; u; u = u->next)
+        if (!u->parent)
+            moved[n++] = u;
+    if (bnode_users_move(moved, n, target, &err) < 0) {
+        log_error("mirror: cannot move the exports of node '%s' to node '%s': %s",
+                  old->node_name, target->node_name, err->msg);
+        error_free(err);
+        return -EPERM;
     }
-    for (size_t i = 0; i < n; i++) {
-        moved[i]->replaced(moved[i]);
-        if (target->size != old->size && moved[i]->resized)
-            moved[i]->resized(moved[i]);
-    }
+    bnode_users_replaced(moved, n, old->size);
     block_writes_redirect(old, target);
     return 0;
 }

@@ -211,6 +211,27 @@ int bnode_user_move(struct bnode_user *u, struct bnode *to, error **errp)
     return 0;
 }
 
+int bnode_users_move(struct bnode_user **users, size_t n, struct bnode *to, error **errp)
+{
+    struct bnode *from = n ? users[0]->bs : NULL;
+    for (size_t i = 0; i < n; i++)
+        if (bnode_user_move(users[i], to, errp) < 0) {
+            while (i > 0)
+                bnode_user_move(users[--i], from, NULL);
+            return -1;
+        }
+    return 0;
+}
+
+void bnode_users_replaced(struct bnode_user **users, size_t n, uint64_t old_size)
+{
+    for (size_t i = 0; i < n; i++) {
+        users[i]->replaced(users[i]);
+        if (users[i]->bs->size != old_size && users[i]->resized)
+            users[i]->resized(users[i]);
+    }
+}
+
 int bnode_ref_user(struct bnode *bs, bool write, error **errp)
 {
     uint64_t perm = PERM_CONSISTENT_READ | (write ? PERM_WRITE : 0);
