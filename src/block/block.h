@@ -142,6 +142,7 @@ struct bnode_user {
 };
 
 struct bdrv;
+struct bsnapshot;
 struct dirty_bitmap;
 
 struct bnode {
@@ -333,7 +334,31 @@ struct bdrv {
     /* x-blockdev-amend's work, in the main thread: opts is the command's
      * BlockdevAmendOptions for this driver.  NULL: not supported. */
     int  (*amend)(struct bnode *bs, json_t *opts, bool force, error **errp);
+    /* Internal snapshots (QEMU's bdrv_snapshot_*).  list: a copy of the
+     * table (free it with bsnapshots_free) and its length, or -errno.
+     * create and delete run in a coroutine of the main loop, with the
+     * peers' writes held: create adds sn (the driver sets sn->id), 0 or
+     * -errno; delete removes the one with id and/or name and moves its
+     * entry to *gone (which the caller clears either way).  All NULL =
+     * none (QEMU falls back to the file child: internal-snapshot.c). */
+    int  (*snapshot_list)(struct bnode *bs, struct bsnapshot **list);
+    int  (*snapshot_create)(struct bnode *bs, struct bsnapshot *sn);
+    int  (*snapshot_delete)(struct bnode *bs, const char *id, const char *name,
+                            struct bsnapshot *gone, error **errp);
 };
+
+/* One internal snapshot, as QEMU's QEMUSnapshotInfo. */
+struct bsnapshot {
+    char *id, *name;
+    uint64_t vm_state_size;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;                 /* UINT64_MAX: not recorded */
+};
+void bsnapshot_clear(struct bsnapshot *sn);
+void bsnapshots_free(struct bsnapshot *list, int n);
+/* QEMU's SnapshotInfo object (query-named-block-nodes, the delete's reply) */
+json_t *bsnapshot_info(const struct bsnapshot *sn);
 
 /* Events of QEMU's BlkdebugEvent that bexd raises (numbers as QEMU's enum). */
 enum {

@@ -97,13 +97,12 @@ enum qcow2_overlap_bits {
 };
 
 struct qsnapshot {
+    struct bsnapshot info;           /* what QMP lists */
     uint64_t l1_table_offset;
     uint32_t l1_size;
-    /* what query-named-block-nodes lists (QEMU's QEMUSnapshotInfo) */
-    char *id, *name;
-    uint32_t date_sec, date_nsec;
-    uint64_t vm_clock_nsec, vm_state_size;
-    uint64_t icount;                 /* UINT64_MAX: not recorded */
+    uint64_t disk_size;              /* the image's size when it was taken */
+    uint8_t *extra_unknown;          /* extra data past the known fields, kept */
+    uint32_t extra_unknown_size;
 };
 
 struct qcow2_state {
@@ -319,6 +318,16 @@ int  qcow2_bitmaps_truncate_check(struct bnode *bs, error **errp);
 /* blockdev-reopen: store and make readonly / mark in use and writable */
 void qcow2_bitmaps_reopen_ro(struct bnode *bs);
 void qcow2_bitmaps_reopen_rw(struct bnode *bs);
+
+/* ---- qcow2-snapshot.c: internal snapshots ---- */
+/* Read the snapshot table the header names (open, coroutine). */
+int  qcow2_read_snapshots(struct qcow2_state *s, error **errp);
+void qcow2_snapshots_free(struct qcow2_state *s);
+/* The driver's snapshot_* hooks (block.h); create and delete in a coroutine. */
+int  qcow2_snapshot_list(struct bnode *bs, struct bsnapshot **list);
+int  qcow2_snapshot_create(struct bnode *bs, struct bsnapshot *sn);
+int  qcow2_snapshot_delete(struct bnode *bs, const char *id, const char *name,
+                           struct bsnapshot *gone, error **errp);
 
 /* ---- qcow2-io.c ---- */
 void qcow2_submit(struct bnode *bs, struct breq *req, uint64_t offset);

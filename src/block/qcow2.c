@@ -163,77 +163,6 @@ static void report_unsupported(struct qcow2_state *s, struct open_ctx *c, uint64
     error_setg(c->errp, "Unsupported qcow2 feature(s): %s", buf);
 }
 
-static int read_snapshots(struct qcow2_state *s, struct open_ctx *c)
-{
-    if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
-        error_setg(c->errp, "Snapshot table too large");
-        return -EFBIG;
-    }
-    /* QEMU's qcow2_validate_table: the offset is checked with no snapshots too */
-    if (qoffset_into_cluster(s, s->snapshots_offset)) {
-        error_setg(c->errp, "Snapshot table offset invalid");
-        return -EINVAL;
-    }
-    if (!s->nb_snapshots)
-        return 0;
-    s->snapshots = xcalloc(s->nb_snapshots, sizeof(*s->snapshots));
-    uint64_t off = s->snapshots_offset;
-    for (uint32_t i = 0; i < s->nb_snapshots; i++) {
-        struct qcow2_snapshot_header h;
-        if (off - s->snapshots_offset > QCOW2_MAX_SNAPSHOTS_SIZE) {
-            error_setg(c->errp, "Snapshot table too large");
-            return -EFBIG;
-        }
-        int ret = read_all(s, off, sizeof(h), &h);
-        if (ret < 0) {
-            error_setg_errno(c->errp, -ret, "Failed to read snapshot table");
-            return ret;
-        }
-        struct qsnapshot *sn = &s->snapshots[i];
-        sn->l1_table_offset = be64toh(h.l1_table_offset);
-        sn->l1_size = be32toh(h.l1_size);
-        sn->date_sec = be32toh(h.date_sec);
-        sn->date_nsec = be32toh(h.date_nsec);
-        sn->vm_clock_nsec = be64toh(h.vm_clock_nsec);
-        sn->vm_state_size = be32toh(h.vm_state_size);
-        sn->icount = UINT64_MAX;
-        /* as qcow2_read_snapshots: the extra data may hold the large state
-         * size and the icount; then the id and the name */
-        uint32_t extra_size = be32toh(h.extra_data_size);
-        uint16_t id_size = be16toh(h.id_str_size), name_size = be16toh(h.name_size);
-        struct qcow2_snapshot_extra extra;
-        memset(&extra, 0, sizeof(extra));
-        uint32_t extra_read = extra_size < sizeof(extra) ? extra_size : sizeof(extra);
-        sn->id = xzalloc((size_t)id_size + 1);
-        sn->name = xzalloc((size_t)name_size + 1);
-        if ((extra_read && (ret = read_all(s, off + sizeof(h), extra_read, &extra)) < 0) ||
-            (id_size && (ret = read_all(s, off + sizeof(h) + extra_size, id_size,
-                                        sn->id)) < 0) ||
-            (name_size && (ret = read_all(s, off + sizeof(h) + extra_size + id_size,
-                                          name_size, sn->name)) < 0)) {
-            error_setg_errno(c->errp, -ret, "Failed to read snapshot table");
-            return ret;
-        }
-        if (extra_size >= offsetof(struct qcow2_snapshot_extra, vm_state_size_large) + 8)
-            sn->vm_state_size = be64toh(extra.vm_state_size_large);
-        if (extra_size >= offsetof(struct qcow2_snapshot_extra, icount) + 8)
-            sn->icount = be64toh(extra.icount);
-        off += sizeof(h) + extra_size + id_size + name_size;
-        off = (off + 7) & ~7ull;
-        if (s->snapshots[i].l1_size > QCOW2_MAX_L1_SIZE / 8 ||
-            qoffset_into_cluster(s, s->snapshots[i].l1_table_offset)) {
-            error_setg(c->errp, "Snapshot L1 table offset invalid");
-            return -EINVAL;
-        }
-    }
-    s->snapshots_size = off - s->snapshots_offset;
-    if (s->snapshots_size > QCOW2_MAX_SNAPSHOTS_SIZE) {
-        error_setg(c->errp, "Snapshot table too large");
-        return -EFBIG;
-    }
-    return 0;
-}
-
 /* QEMU's test for preallocation=metadata: many more clusters have a
  * reference than the file has blocks.  Block status then asks the file
  * whether a data cluster is a hole. */
@@ -433,7 +362,7 @@ static int do_open(struct qcow2_state *s, void *opaque)
     /* snapshots */
     s->nb_snapshots = be32toh(h->nb_snapshots);
     s->snapshots_offset = be64toh(h->snapshots_offset);
-    ret = read_snapshots(s, c);
+    ret = qcow2_read_snapshots(s, c->errp);
     if (ret < 0)
         return ret;
 
@@ -472,7 +401,9 @@ static int do_open(struct qcow2_state *s, void *opaque)
 
 /* overlap-check with inactive-l2 (the "all" template): the L2 tables of
  * the snapshots join the overlap set.  QEMU reads every snapshot's L1 on
- * each check; they never change here (no snapshot commands), so once. */
+ * each check; here they join once: a new snapshot's L2 tables are the
+ * active ones, already in the set (a table copied on write stays in it),
+ * and those a deleted snapshot frees leave it (qcow2-snapshot.c). */
 static int load_inactive_l2(struct qcow2_state *s, void *opaque)
 {
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
@@ -941,11 +872,7 @@ static void free_state(struct qcow2_state *s)
     qcache_free(&s->rbc);
     free(s->l1);
     free(s->reftable);
-    for (uint32_t i = 0; s->snapshots && i < s->nb_snapshots; i++) {
-        free(s->snapshots[i].id);
-        free(s->snapshots[i].name);
-    }
-    free(s->snapshots);
+    qcow2_snapshots_free(s);
     free(s->backing_file);
     free(s->backing_fmt);
     free(s->data_file_name);
@@ -1312,18 +1239,9 @@ static void qcow2_query_info(struct bnode *bs, json_t *info)
     /* the internal snapshots, as bdrv_query_snapshot_info_list lists them */
     json_t *snaps = json_array();
     for (uint32_t i = 0; s->snapshots && i < s->nb_snapshots; i++) {
-        struct qsnapshot *sn = &s->snapshots[i];
-        json_t *si = json_pack("{s:s, s:s, s:I, s:I, s:I, s:I, s:I}", "id", sn->id,
-                               "name", sn->name, "vm-state-size", (json_int_t)sn->vm_state_size,
-                               "date-sec", (json_int_t)sn->date_sec,
-                               "date-nsec", (json_int_t)sn->date_nsec,
-                               "vm-clock-sec", (json_int_t)(sn->vm_clock_nsec / 1000000000),
-                               "vm-clock-nsec", (json_int_t)(sn->vm_clock_nsec % 1000000000));
-        if (!si)
-            continue;               /* a name that is not UTF-8 */
-        if (sn->icount != UINT64_MAX)
-            json_object_set_new(si, "icount", json_integer((json_int_t)sn->icount));
-        json_array_append_new(snaps, si);
+        json_t *si = bsnapshot_info(&s->snapshots[i].info);
+        if (si)                     /* NULL: a name that is not UTF-8 */
+            json_array_append_new(snaps, si);
     }
     if (json_array_size(snaps))
         json_object_set_new(image, "snapshots", snaps);
@@ -1586,6 +1504,9 @@ static const struct bdrv bdrv_qcow2 = {
     .reopen_needs_rw_file = true,
     .reopen_backing_link = qcow2_backing_link,
     .cluster_size = qcow2_cluster_size,
+    .snapshot_list = qcow2_snapshot_list,
+    .snapshot_create = qcow2_snapshot_create,
+    .snapshot_delete = qcow2_snapshot_delete,
     .bitmaps_load = qcow2_bitmaps_load,
     .bitmaps_store = qcow2_bitmaps_store,
     .bitmap_can_store = qcow2_bitmap_can_store,

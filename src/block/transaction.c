@@ -11,6 +11,13 @@
  * nodes instead): a write in another thread marks bitmaps either before
  * the transaction or after it, never in the middle, so an undo that puts
  * old bits back loses no write.
+ *
+ * A transaction with an action that changes an image as of one point in
+ * time (an internal snapshot) waits first until the peers' writes are
+ * held and drained, and runs in a coroutine of the main loop, since that
+ * action waits for the image's I/O (txn_call_drained).  Another monitor's
+ * command may then run while it waits; the client that sent the
+ * transaction waits for its reply.
  */
 #include <string.h>
 #include "block/block.h"
@@ -18,6 +25,7 @@
 #include "block/dirty-bitmap-qmp.h"
 #include "block/transaction.h"
 #include "job/job.h"
+#include "util/coroutine.h"
 #include "qmp/qmp.h"
 #include "util/opts.h"
 #include "util/pbitmap.h"
@@ -41,7 +49,7 @@ static const struct txn_ops *kind_find(const char *type)
 
 /* ---- the command ---- */
 
-static json_t *qmp_transaction(json_t *args, error **errp)
+static json_t *txn_run(json_t *args, error **errp)
 {
     json_t *actions = json_object_get(args, "actions");
     const char *mode = opt_str(json_object_get(args, "properties"), "completion-mode",
@@ -95,7 +103,53 @@ static json_t *qmp_transaction(json_t *args, error **errp)
     job_txn_unref(jtxn);          /* its jobs hold it now */
     return ret < 0 ? NULL : json_object();
 }
+
+static json_t *qmp_transaction(json_t *args, error **errp)
+{
+    json_t *actions = json_object_get(args, "actions");
+    for (size_t i = 0; i < json_array_size(actions); i++) {
+        const struct txn_ops *ops = kind_find(opt_str(json_array_get(actions, i), "type", ""));
+        if (ops && ops->drained)
+            return txn_call_drained(txn_run, args);
+    }
+    return txn_run(args, errp);
+}
 QMP_COMMAND("transaction", qmp_transaction)
+
+/* ---- commands that run with the peers' writes stopped ---- */
+
+struct drained_call {
+    json_t *(*fn)(json_t *args, error **errp);
+    json_t *args;
+    struct qmp_reply *reply;
+};
+
+static void drained_body(void *opaque)
+{
+    struct drained_call *c = opaque;
+    error *err = NULL;
+    json_t *ret = c->fn(c->args, &err);
+    qmp_reply_set(c->reply, ret, err);
+    block_writes_release();
+    qmp_reply_release(c->reply);
+    json_decref(c->args);
+    free(c);
+}
+
+static void drained_start(void *opaque)
+{
+    co_enter(co_create(drained_body, opaque));
+}
+
+json_t *txn_call_drained(json_t *(*fn)(json_t *args, error **errp), json_t *args)
+{
+    struct drained_call *c = xzalloc(sizeof(*c));
+    c->fn = fn;
+    c->args = json_incref(args);
+    c->reply = qmp_reply_hold();
+    block_writes_hold(drained_start, c);
+    return json_object();             /* replaced by what fn returns */
+}
 
 /* ---- abort ---- */
 

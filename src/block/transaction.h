@@ -24,6 +24,10 @@ struct txn_ops {
     void (*commit)(struct txn_action *a);       /* NULL: nothing to do */
     void (*abort)(struct txn_action *a);        /* NULL: nothing to undo */
     void (*clean)(struct txn_action *a);        /* NULL: nothing to free */
+    /* The action changes an image in place, as of one point in time
+     * (QEMU drains the node): a transaction holding it runs as
+     * txn_call_drained runs a command. */
+    bool drained;
     struct txn_ops *next;
 };
 
@@ -41,3 +45,10 @@ void transaction_register(struct txn_ops *ops);
 #define TRANSACTION_ACTION(ops)                                              \
     __attribute__((constructor)) static void txn_register_##ops(void)     \
     { transaction_register(&ops); }
+
+/* Run fn(args) as a QMP command's handler once every peer's write is held
+ * and those in flight have completed (block_writes_hold), in a coroutine
+ * of the main loop (fn may wait for I/O), then let the writes go on.  The
+ * command's reply is held until then and carries fn's result.  Returns
+ * what the handler returns meanwhile. */
+json_t *txn_call_drained(json_t *(*fn)(json_t *args, error **errp), json_t *args);

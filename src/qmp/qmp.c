@@ -233,6 +233,14 @@ void qmp_reply_release(struct qmp_reply *r)
     free(r);
 }
 
+void qmp_reply_set(struct qmp_reply *r, json_t *ret, error *err)
+{
+    json_t *id = json_incref(json_object_get(r->rsp, "id"));
+    json_decref(r->rsp);
+    r->rsp = err ? error_response(id, err) : return_response(id, ret);
+    json_decref(id);
+}
+
 void qmp_reply_cancel(struct qmp_reply *r)
 {
     r->send = NULL;

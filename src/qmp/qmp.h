@@ -39,6 +39,9 @@ const struct qmp_cmd *qmp_first(void);   /* iterate with ->next */
 struct qmp_reply;
 struct qmp_reply *qmp_reply_hold(void);
 void qmp_reply_release(struct qmp_reply *r);
+/* A held reply's outcome, decided after the handler returned (whatever
+ * the handler returned is replaced): ret (stolen) or err (taken). */
+void qmp_reply_set(struct qmp_reply *r, json_t *ret, error *err);
 
 /* Emit an event to every monitor that completed negotiation.  data is
  * stolen (may be NULL).  Thread-safe: other threads are forwarded to the

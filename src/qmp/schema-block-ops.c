@@ -1,6 +1,7 @@
 /* QAPI definitions of operations on live nodes (QEMU 7.2
  * qapi/block-core.json): block_resize, block-set-write-threshold,
- * x-blockdev-set-iothread, blockdev-snapshot(-sync), x-blockdev-change,
+ * x-blockdev-set-iothread, blockdev-snapshot(-sync), blockdev-snapshot-internal-sync,
+ * blockdev-snapshot-delete-internal-sync, x-blockdev-change,
  * x-blockdev-amend (with qapi/crypto.json's amend options). */
 #include "qmp/schema-int.h"
 
@@ -13,6 +14,12 @@ static const char text[] =
     "            '*snapshot-node-name': 'str', '*format': 'str', '*mode': 'NewImageMode' } }\n"
     "{ 'command': 'blockdev-snapshot-sync', 'data': 'BlockdevSnapshotSync',\n"
     "  'allow-preconfig': true }\n"
+    "{ 'struct': 'BlockdevSnapshotInternal', 'data': { 'device': 'str', 'name': 'str' } }\n"
+    "{ 'command': 'blockdev-snapshot-internal-sync', 'data': 'BlockdevSnapshotInternal',\n"
+    "  'allow-preconfig': true }\n"
+    "{ 'command': 'blockdev-snapshot-delete-internal-sync',\n"
+    "  'data': { 'device': 'str', '*id': 'str', '*name': 'str' },\n"
+    "  'returns': 'SnapshotInfo', 'allow-preconfig': true }\n"
     "{ 'command': 'block_resize',\n"
     "  'data': { '*device': 'str', '*node-name': 'str', 'size': 'int' },\n"
     "  'allow-preconfig': true }\n"
