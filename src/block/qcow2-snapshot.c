@@ -267,9 +267,9 @@ static int with_copied(struct qcow2_state *s, uint64_t entry, uint64_t host, uin
     return 0;
 }
 
-/* One L2 table: addend to its data clusters' references, and their
- * COPIED flags after. */
-static int update_l2(struct qcow2_state *s, uint64_t l2_off, int addend)
+/* One L2 table: addend to its data clusters' references, and (an active
+ * table) their COPIED flags after. */
+static int update_l2(struct qcow2_state *s, uint64_t l2_off, int addend, bool active)
 {
     for (uint64_t first = 0; first < s->l2_entries; first += s->l2_slice_entries) {
         int idx, ret = qcache_get(s, &s->l2c, l2_off + first * s->l2_entry_bytes, true, &idx);
@@ -304,7 +304,7 @@ static int update_l2(struct qcow2_state *s, uint64_t l2_off, int addend)
                 ret = qcow2_update_refcount(s, host, s->cluster_size, addend);
             else if (addend < 0)
                 ret = unref(s, host, s->cluster_size, QFREE_SNAPSHOT);
-            if (ret == 0)
+            if (ret == 0 && active)
                 ret = with_copied(s, e, host, &ne);
             if (ret == 0 && ne != e) {
                 uint64_t v = htobe64(ne);
@@ -326,8 +326,10 @@ static int update_l2(struct qcow2_state *s, uint64_t l2_off, int addend)
 /* QEMU's qcow2_update_snapshot_refcount: add addend (1, -1 or 0) to the
  * references of every cluster the L1 table at l1_off reaches, then set
  * COPIED in that L1 and its L2 tables where a cluster is referenced once
- * and clear it elsewhere.  The active L1 changes in memory as on disk; a
- * snapshot's L1 (dropped next) is not written. */
+ * and clear it elsewhere.  The active L1 changes in memory as on disk.  A
+ * snapshot's tables (only ever passed to drop it) are not changed: those
+ * it shares with the active L1 get their flags from the pass over that
+ * one, and nothing reads the flags of a table no active L1 reaches. */
 static int update_refs(struct qcow2_state *s, uint64_t l1_off, uint32_t l1_size, int addend)
 {
     bool active = l1_off == s->l1_offset;
@@ -354,7 +356,7 @@ static int update_refs(struct qcow2_state *s, uint64_t l1_off, uint32_t l1_size,
                                     " unaligned (L1 index: %#" PRIx32 ")", l2_off, i);
             return -EIO;
         }
-        ret = update_l2(s, l2_off, addend);
+        ret = update_l2(s, l2_off, addend, active);
         if (ret == 0 && addend > 0)
             ret = qcow2_update_refcount(s, l2_off, s->cluster_size, addend);
         else if (ret == 0 && addend < 0)
@@ -407,6 +409,8 @@ static int find_snapshot(struct qcow2_state *s, const char *id, const char *name
 int qcow2_snapshot_list(struct bnode *bs, struct bsnapshot **list)
 {
     struct qcow2_state *s = bs->opaque;
+    if (s->data != s->bs->file)
+        return -ENOTSUP;                /* QEMU: none with an external data file */
     *list = xcalloc(s->nb_snapshots ? s->nb_snapshots : 1, sizeof(**list));
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
         (*list)[i] = s->snapshots[i].info;
@@ -495,7 +499,8 @@ int qcow2_snapshot_create(struct bnode *bs, struct bsnapshot *info)
     co_mutex_lock(&s->lock);
     int ret = create_locked(s, info);
     co_mutex_unlock(&s->lock);
-    return ret;
+    /* a count past refcount_bits: QEMU's update_refcount says EINVAL */
+    return ret == -ERANGE ? -EINVAL : ret;
 }
 
 static int delete_locked(struct qcow2_state *s, const char *id, const char *name,
