@@ -128,7 +128,9 @@ static void drained_body(void *opaque)
 {
     struct drained_call *c = opaque;
     error *err = NULL;
+    struct qmp_reply *outer = qmp_reply_enter(c->reply);   /* blockdev-snapshot holds it */
     json_t *ret = c->fn(c->args, &err);
+    qmp_reply_enter(outer);
     qmp_reply_set(c->reply, ret, err);
     block_writes_release();
     qmp_reply_release(c->reply);

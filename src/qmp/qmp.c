@@ -233,6 +233,13 @@ void qmp_reply_release(struct qmp_reply *r)
     free(r);
 }
 
+struct qmp_reply *qmp_reply_enter(struct qmp_reply *r)
+{
+    struct qmp_reply *outer = running;
+    running = r;
+    return outer;
+}
+
 void qmp_reply_set(struct qmp_reply *r, json_t *ret, error *err)
 {
     json_t *id = json_incref(json_object_get(r->rsp, "id"));
@@ -271,9 +278,9 @@ json_t *qmp_dispatch_session(json_t *req, struct qmp_session *s,
 {
     struct qmp_reply *r = xzalloc(sizeof(*r));
     r->holds = 1;                   /* until the handler has returned */
-    running = r;
+    struct qmp_reply *outer = qmp_reply_enter(r);
     json_t *rsp = dispatch(req, s);
-    running = NULL;
+    qmp_reply_enter(outer);
     if (r->holds == 1) {
         free(r);
         return rsp;

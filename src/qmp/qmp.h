@@ -42,6 +42,10 @@ void qmp_reply_release(struct qmp_reply *r);
 /* A held reply's outcome, decided after the handler returned (whatever
  * the handler returned is replaced): ret (stolen) or err (taken). */
 void qmp_reply_set(struct qmp_reply *r, json_t *ret, error *err);
+/* Work done later for a held reply's command (qmp_reply_set) runs as its
+ * handler: a qmp_reply_hold() in it holds r.  Returns what to restore
+ * afterwards with qmp_reply_enter(). */
+struct qmp_reply *qmp_reply_enter(struct qmp_reply *r);
 
 /* Emit an event to every monitor that completed negotiation.  data is
  * stolen (may be NULL).  Thread-safe: other threads are forwarded to the
