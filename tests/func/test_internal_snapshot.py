@@ -314,3 +314,32 @@ def test_hostile_snapshot_table(impl, start_daemon, shm):
         assert "snapshots" not in node["image"]
     assert q.execute("query-version")
     d.stop()
+
+
+def test_transaction_with_external_snapshot(impl, start_daemon, shm):
+    """An internal snapshot of one image and an overlay under another's
+    export in one transaction: both done when the reply comes."""
+    a = os.path.join(shm, "a.qcow2")
+    b = os.path.join(shm, "b.qcow2")
+    qemu_img("create", "-f", "qcow2", a, "4M")
+    qemu_img("create", "-f", "qcow2", b, "4M")
+    sock = os.path.join(shm, "nbd.sock")
+    d = start_daemon(impl,
+                     "--blockdev", "driver=qcow2,file.driver=file,file.filename=%s,"
+                     "node-name=a" % a,
+                     "--blockdev", "driver=qcow2,file.driver=file,file.filename=%s,"
+                     "node-name=b" % b,
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "type=nbd,id=e0,node-name=b,writable=on")
+    q = d.qmp()
+    q.execute("transaction", actions=[
+        {"type": "blockdev-snapshot-internal-sync", "data": {"device": "a", "name": "s"}},
+        {"type": "blockdev-snapshot-sync",
+         "data": {"node-name": "b", "snapshot-file": os.path.join(shm, "top.qcow2"),
+                  "snapshot-node-name": "bt", "format": "qcow2"}}])
+    assert [e["node-name"] for e in q.execute("query-block-exports")] == ["bt"]
+    ro = {n["node-name"]: n["ro"] for n in q.execute("query-named-block-nodes")}
+    assert (ro["b"], ro["bt"]) == (True, False)
+    d.stop()
+    assert snapshot_names(a) == ["s"]
+    assert_clean(a)
