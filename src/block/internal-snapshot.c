@@ -89,6 +89,8 @@ static int find(struct bnode *bs, const char *id, const char *name, struct bsnap
 
 /* ---- blockdev-snapshot-internal-sync ---- */
 
+#define MAX_NAME 255
+
 struct isnap {
     struct bnode *bs;
     char *device;
@@ -120,8 +122,18 @@ static int isnap_prepare(struct txn_action *a, json_t *data, error **errp)
         error_setg(errp, "Name is empty");
         return -1;
     }
+    /* QEMU keeps 255 bytes of a name (its QEMUSnapshotInfo), and then
+     * looks for the whole one, so a long name can be taken twice; here
+     * the name looked for is the one kept, cut where a character ends */
+    size_t len = strlen(name);
+    if (len > MAX_NAME) {
+        len = MAX_NAME;
+        while (len && ((unsigned char)name[len] & 0xc0) == 0x80)
+            len--;
+    }
+    s->sn.name = xstrndup(name, len);
     struct bsnapshot old = { 0 };
-    int found = find(bs, NULL, name, &old, &err);
+    int found = find(bs, NULL, s->sn.name, &old, &err);
     bsnapshot_clear(&old);
     if (found < 0) {
         error_propagate(errp, err);
@@ -135,7 +147,7 @@ static int isnap_prepare(struct txn_action *a, json_t *data, error **errp)
     struct timeval tv;
     gettimeofday(&tv, NULL);
     s->sn = (struct bsnapshot){
-        .name = xstrdup(name),
+        .name = s->sn.name,
         .date_sec = (uint32_t)tv.tv_sec,
         .date_nsec = (uint32_t)tv.tv_usec * 1000,
         /* qemu-storage-daemon's virtual clock is the host's */

@@ -155,6 +155,25 @@ static int unref(struct qcow2_state *s, uint64_t off, uint64_t len, int type)
     return 0;
 }
 
+/* len bytes of buf into new clusters: their offset (0 if len is 0), or
+ * -errno with nothing allocated. */
+static int64_t write_new(struct qcow2_state *s, const void *buf, uint64_t len)
+{
+    if (!len)
+        return 0;
+    int64_t off = qcow2_alloc_clusters(s, qsize_to_clusters(s, len));
+    if (off < 0)
+        return off;
+    int ret = qcow2_overlap_check(s, 0, (uint64_t)off, len);
+    if (ret == 0)
+        ret = bnode_co_pwrite(s->bs->file, (uint64_t)off, len, buf, BREQ_BEYOND_EOF);
+    if (ret < 0) {
+        unref(s, (uint64_t)off, len, QFREE_ALWAYS);
+        return ret;
+    }
+    return off;
+}
+
 /* QEMU's qcow2_write_snapshots: the table as it is in memory, into new
  * clusters; then the header; then the old table is freed. */
 static int write_snapshots(struct qcow2_state *s)
@@ -167,12 +186,6 @@ static int write_snapshots(struct qcow2_state *s)
                 sn->extra_unknown_size + strlen(sn->info.id) + strlen(sn->info.name);
         if (size > QCOW2_MAX_SNAPSHOTS_SIZE)
             return -EFBIG;
-    }
-    int64_t table = 0;
-    if (size) {
-        table = qcow2_alloc_clusters(s, qsize_to_clusters(s, size));
-        if (table < 0)
-            return (int)table;
     }
     CLEANUP_FREE uint8_t *buf = xzalloc(size ? size : 1);
     uint64_t p = 0;
@@ -211,15 +224,12 @@ static int write_snapshots(struct qcow2_state *s)
         memcpy(buf + p, sn->info.name, name_len);
         p += name_len;
     }
-    /* the new clusters' references reach the disk before anything points
-     * at them; the table before the header */
+    int64_t table = write_new(s, buf, size);
+    if (table < 0)
+        return (int)table;
+    /* the table and its clusters' references reach the disk before the
+     * header points at them */
     int ret = qcow2_flush_metadata(s);
-    if (ret == 0 && size)
-        ret = qcow2_overlap_check(s, 0, (uint64_t)table, size);
-    if (ret == 0 && size)
-        ret = bnode_co_pwrite(s->bs->file, (uint64_t)table, size, buf, BREQ_BEYOND_EOF);
-    if (ret == 0)
-        ret = bnode_co_flush(s->bs->file);
     if (ret == 0) {
         struct {
             uint32_t nb;
@@ -231,8 +241,7 @@ static int write_snapshots(struct qcow2_state *s)
             ret = bnode_co_flush(s->bs->file);
     }
     if (ret < 0) {
-        if (size)
-            unref(s, (uint64_t)table, size, QFREE_ALWAYS);
+        unref(s, (uint64_t)table, size, QFREE_ALWAYS);
         return ret;
     }
     if (s->snapshots_size) {
@@ -438,27 +447,17 @@ static int create_locked(struct qcow2_state *s, struct bsnapshot *info)
 
     /* the copy of the active L1 */
     uint64_t l1_bytes = s->l1_size * 8ull;
-    int64_t l1_off = 0;
-    if (l1_bytes) {
-        l1_off = qcow2_alloc_clusters(s, qsize_to_clusters(s, l1_bytes));
-        if (l1_off < 0)
-            return (int)l1_off;
-    }
     CLEANUP_FREE uint64_t *be = xmalloc(l1_bytes ? l1_bytes : 8);
     pthread_mutex_lock(&s->cache_lock);
     for (uint32_t i = 0; i < s->l1_size; i++)
         be[i] = htobe64(s->l1[i]);
     pthread_mutex_unlock(&s->cache_lock);
-    int ret = l1_bytes ? qcow2_overlap_check(s, 0, (uint64_t)l1_off, l1_bytes) : 0;
-    if (ret == 0 && l1_bytes)
-        ret = bnode_co_pwrite(s->bs->file, (uint64_t)l1_off, l1_bytes, be, BREQ_BEYOND_EOF);
-    if (ret < 0) {
-        unref(s, (uint64_t)l1_off, l1_bytes, QFREE_ALWAYS);
-        return ret;
-    }
+    int64_t l1_off = write_new(s, be, l1_bytes);
+    if (l1_off < 0)
+        return (int)l1_off;
     /* every cluster it reaches gains a reference; all of that is on disk
      * before the table names the snapshot */
-    ret = update_refs(s, s->l1_offset, s->l1_size, 1);
+    int ret = update_refs(s, s->l1_offset, s->l1_size, 1);
     bool counted = ret == 0;
     if (ret == 0)
         ret = qcow2_flush_metadata(s);

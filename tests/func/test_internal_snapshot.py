@@ -343,3 +343,26 @@ def test_transaction_with_external_snapshot(impl, start_daemon, shm):
     d.stop()
     assert snapshot_names(a) == ["s"]
     assert_clean(a)
+
+
+def test_long_name(impl, start_daemon, shm):
+    """A name keeps its first 255 bytes, as QEMU keeps them.  QEMU then
+    looks for the whole name, finds none and takes the same name twice;
+    bexd looks for the name it keeps and refuses the second."""
+    img = os.path.join(shm, "a.qcow2")
+    qemu_img("create", "-f", "qcow2", img, "4M")
+    d = start_daemon(impl, "--blockdev",
+                     "driver=qcow2,file.driver=file,file.filename=%s,node-name=q0" % img)
+    q = d.qmp()
+    long = "x" * 300
+    snap(q, long)
+    again = q.request("blockdev-snapshot-internal-sync", {"device": "q0", "name": long})
+    if impl == "bexd":
+        assert again["error"]["desc"] == ("Snapshot with name '%s' already exists on device "
+                                          "'q0'" % long)
+    e = q.error("blockdev-snapshot-delete-internal-sync", device="q0", name=long)
+    assert e["desc"] == ("Snapshot with id 'null' and name '%s' does not exist on device "
+                         "'q0'" % long)
+    assert delete(q, name="x" * 255)["id"] == "1"
+    d.stop()
+    assert_clean(img)
