@@ -433,6 +433,8 @@ static int create_locked(struct qcow2_state *s, struct bsnapshot *info)
 {
     if (s->data != s->bs->file)
         return -ENOTSUP;                /* QEMU: not with an external data file */
+    if (s->corrupt)
+        return -EIO;                    /* nothing is written any more */
     if (s->nb_snapshots >= QCOW2_MAX_SNAPSHOTS)
         return -EFBIG;
     /* the id: one more than the largest number among the ids */
@@ -509,6 +511,10 @@ static int delete_locked(struct qcow2_state *s, const char *id, const char *name
         error_setg_errno(errp, ENOTSUP, "Can't delete snapshots of images with an "
                          "external data file");
         return -ENOTSUP;
+    }
+    if (s->corrupt) {
+        error_setg_errno(errp, EIO, "Image is corrupt");
+        return -EIO;
     }
     int i = find_snapshot(s, id, name);
     if (i < 0) {

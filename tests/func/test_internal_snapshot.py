@@ -312,6 +312,9 @@ def test_hostile_snapshot_table(impl, start_daemon, shm):
                 if n["node-name"] == "q0"][0]
         assert node["image"]["format-specific"]["data"]["corrupt"] is True
         assert "snapshots" not in node["image"]
+        e = q.error("blockdev-snapshot-internal-sync", device="q0", name="more")
+        assert e["desc"] == ("Failed to create snapshot 'more' on device 'q0': "
+                             "Input/output error")
     assert q.execute("query-version")
     d.stop()
 
