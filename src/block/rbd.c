@@ -808,6 +808,8 @@ static int rbd_flush_sync(struct bnode *bs)
 
 static bool rbd_true(struct bnode *bs) { return true; }
 
+static int rbd_snapshot_list(struct bnode *bs, struct bsnapshot **list);
+
 /* QEMU reports the object size as the cluster size (the node's json:
  * name comes from filename.c: rbd is a protocol without a "filename"). */
 static void rbd_query_info(struct bnode *bs, json_t *info)
@@ -828,6 +830,23 @@ static void rbd_query_info(struct bnode *bs, json_t *info)
      * file child); a qcow2 node lists its own. */
     if (drv && !strcmp(drv, "qcow2"))
         return;
+    struct bsnapshot *snaps;
+    int n = rbd_snapshot_list(bs, &snaps);
+    if (n > 0) {
+        json_t *list = json_array();
+        for (int i = 0; i < n; i++)
+            json_array_append_new(list, bsnapshot_info(&snaps[i]));
+        json_object_set_new(image, "snapshots", list);
+    }
+    bsnapshots_free(snaps, n);
+}
+
+/* Internal snapshots are the image's RBD snapshots (QEMU's
+ * qemu_rbd_snap_*): the name is the id, the size is listed as the VM
+ * state's, and nothing else is recorded. */
+static int rbd_snapshot_list(struct bnode *bs, struct bsnapshot **list)
+{
+    struct rbd_state *s = bs->opaque;
     int max = 16, n;
     rbd_snap_info_t *snaps;
     for (;;) {
@@ -837,18 +856,55 @@ static void rbd_query_info(struct bnode *bs, json_t *info)
             break;
         free(snaps);
     }
-    if (n > 0) {
-        json_t *list = json_array();
-        for (int i = 0; i < n; i++)
-            json_array_append_new(list, json_pack(
-                "{s:s, s:s, s:I, s:i, s:i, s:i, s:i, s:i}", "id", snaps[i].name,
-                "name", snaps[i].name, "vm-state-size", (json_int_t)snaps[i].size,
-                "date-sec", 0, "date-nsec", 0, "vm-clock-sec", 0, "vm-clock-nsec", 0,
-                "icount", 0));
-        json_object_set_new(image, "snapshots", list);
+    *list = xcalloc(n > 0 ? n : 1, sizeof(**list));
+    for (int i = 0; i < n; i++)
+        (*list)[i] = (struct bsnapshot){ .id = xstrdup(snaps[i].name),
+                                         .name = xstrdup(snaps[i].name),
+                                         .vm_state_size = snaps[i].size };
+    if (n > 0)
         rbd_snap_list_end(snaps);
-    }
     free(snaps);
+    return n;
+}
+
+static int rbd_snapshot_create(struct bnode *bs, struct bsnapshot *sn)
+{
+    struct rbd_state *s = bs->opaque;
+    if (!sn->name || !*sn->name)
+        return -EINVAL;
+    if (strlen(sn->name) >= 128)        /* QEMU's id_str holds the name */
+        return -ERANGE;
+    int r = rbd_snap_create(s->image, sn->name);
+    if (r < 0) {
+        log_error("failed to create snap: %s", strerror(-r));
+        return r;
+    }
+    free(sn->id);
+    sn->id = xstrdup(sn->name);
+    return 0;
+}
+
+static int rbd_snapshot_delete(struct bnode *bs, const char *id, const char *name,
+                               struct bsnapshot *gone, error **errp)
+{
+    struct rbd_state *s = bs->opaque;
+    if (!name) {
+        error_setg(errp, "rbd need a valid snapshot name");
+        return -EINVAL;
+    }
+    if (id && strcmp(id, name)) {
+        error_setg(errp, "rbd do not support snapshot id, it should be NULL or equal to "
+                   "snapshot name");
+        return -EINVAL;
+    }
+    int r = rbd_snap_remove(s->image, name);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "Failed to remove the snapshot");
+        return r;
+    }
+    gone->id = xstrdup(name);
+    gone->name = xstrdup(name);
+    return 0;
 }
 
 static const char *const rbd_strong_opts[] = {
@@ -869,5 +925,8 @@ static const struct bdrv bdrv_rbd = {
     .set_perm = rbd_set_perm,
     .flush_sync = rbd_flush_sync,
     .can_discard = rbd_true,
+    .snapshot_list = rbd_snapshot_list,
+    .snapshot_create = rbd_snapshot_create,
+    .snapshot_delete = rbd_snapshot_delete,
 };
 BDRV_REGISTER(bdrv_rbd)

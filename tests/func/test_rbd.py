@@ -189,6 +189,47 @@ def test_snapshot_is_read_only_and_frozen(impl, ceph, rbd_image, start_daemon, t
     h.shutdown()
 
 
+def test_internal_snapshot_commands(impl, ceph, rbd_image, start_daemon, tmpdir_short):
+    """blockdev-snapshot-internal-sync and -delete- make and remove the
+    image's RBD snapshots (the name is the id), on the rbd node and through
+    a raw node over it, with QEMU's errors."""
+    sock = os.path.join(tmpdir_short, "nbd.sock")
+    d = serve_rbd(start_daemon, impl, ceph, rbd_image, sock,
+                  args=("--blockdev", "driver=raw,file=r0,node-name=top"))
+    h = handle(sock)
+    old = pattern(MiB, seed=3)
+    h.pwrite(old, 0)
+    q = d.qmp()
+    q.execute("blockdev-snapshot-internal-sync", device="top", name="s1")
+    h.pwrite(pattern(MiB, seed=4), 0)
+    h.shutdown()
+    e = q.error("blockdev-snapshot-internal-sync", device="top", name="s1")
+    assert e["desc"] == "Snapshot with name 's1' already exists on device 'top'"
+    e = q.error("blockdev-snapshot-internal-sync", device="top", name="x" * 128)
+    assert e["desc"] == ("Failed to create snapshot '%s' on device 'top': Numerical result "
+                         "out of range" % ("x" * 128))
+    listed = {n["node-name"]: n["image"].get("snapshots")
+              for n in q.execute("query-named-block-nodes", flat=True)}
+    assert [(s["id"], s["name"], s["vm-state-size"]) for s in listed["top"]] \
+        == [("s1", "s1", SIZE)]
+    assert "s1" in run("rbd", "-c", ceph.conf, "snap", "ls", "rbd/" + rbd_image)
+    q.execute("blockdev-add", driver="rbd", node_name="snap", pool="rbd", image=rbd_image,
+              conf=ceph.conf, snapshot="s1", read_only=True)
+    q.execute("block-export-add", type="nbd", id="e1", node_name="snap", name="snap")
+    h = handle(sock, "snap")
+    assert h.pread(MiB, 0) == old
+    h.shutdown()
+    q.execute("block-export-del", id="e1")
+    q.execute("blockdev-del", node_name="snap")
+    e = q.error("blockdev-snapshot-delete-internal-sync", device="top", id="s1", name="s2")
+    assert e["desc"] == "Snapshot with id 's1' and name 's2' does not exist on device 'top'"
+    e = q.error("blockdev-snapshot-delete-internal-sync", device="top", id="s1")
+    assert e["desc"] == "rbd need a valid snapshot name"
+    info = q.execute("blockdev-snapshot-delete-internal-sync", device="top", name="s1")
+    assert (info["id"], info["name"], info["vm-state-size"]) == ("s1", "s1", SIZE)
+    assert "s1" not in run("rbd", "-c", ceph.conf, "snap", "ls", "rbd/" + rbd_image)
+
+
 # ---- bad inputs: qsd's messages ----
 
 BAD = [
