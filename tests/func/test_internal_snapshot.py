@@ -16,11 +16,10 @@ import subprocess
 import tempfile
 
 import nbd
-import pytest
 
 from qcow2img import MiB, assert_clean, nbd_random_ops, qemu_img, qemu_io, shm, to_raw  # noqa: F401
 from test_qcow2 import serve
-from test_qcow2_snapshots import check_snapshot_data, snapshot_names
+from test_qcow2_snapshots import LAYOUTS, check_snapshot_data, snapshot_names
 from conftest import tool_text
 
 
@@ -142,10 +141,7 @@ def test_refused_images(impl, start_daemon, shm):
     assert_clean(empty)
 
 
-@pytest.mark.parametrize("opts", [[], ["-o", "cluster_size=4k"], ["-o", "compat=0.10"],
-                                  ["-o", "extended_l2=on"], ["-o", "refcount_bits=4"],
-                                  ["-o", "lazy_refcounts=on"]],
-                         ids=["plain", "c4k", "v2", "extl2", "rc4", "lazy"])
+@LAYOUTS
 def test_snapshots_while_serving(impl, start_daemon, shm, opts):
     """Snapshots taken and deleted between a client's writes, zeroes and
     trims: each keeps the data of its moment, the active layer the last."""
