@@ -236,6 +236,7 @@ enum fname_rule {
     FNAME_NULL,         /* null-co: "null-co://" without strong options */
     FNAME_BLKDEBUG,     /* "blkdebug:CONFIG:IMAGE" without rules or limits */
     FNAME_FILE_CHILD,   /* the file child's name (copy-before-write, snapshot-access) */
+    FNAME_NBD,          /* nbd: "nbd+unix:///EXPORT?socket=PATH", "nbd://HOST:PORT/EXPORT" */
 };
 
 struct bdrv {

@@ -27,6 +27,7 @@
 #include "block/block.h"
 #include "qmp/json-out.h"
 #include "util/keyval.h"
+#include "util/opts.h"
 #include "util/cleanup.h"
 #include "util/xalloc.h"
 
@@ -158,6 +159,30 @@ static bool only_keys(json_t *obj, const char *const *keys)
     return true;
 }
 
+/* QEMU's nbd_refresh_filename: a URI for a UNIX socket or a plain inet
+ * address, else none. */
+static char *nbd_exact_name(json_t *opts)
+{
+    json_t *srv = json_object_get(opts, "server");
+    const char *type = opt_str(srv, "type", "");
+    const char *exp = opt_str(opts, "export", NULL);
+    char *name = NULL;
+
+    if (!strcmp(type, "unix")) {
+        const char *path = opt_str(srv, "path", "");
+        name = exp ? xasprintf("nbd+unix:///%s?socket=%s", exp, path)
+                   : xasprintf("nbd+unix://?socket=%s", path);
+    } else if (!strcmp(type, "inet") && !opt_has(srv, "ipv4") && !opt_has(srv, "ipv6") &&
+               !opt_has(srv, "to")) {
+        const char *host = opt_str(srv, "host", ""), *port = opt_str(srv, "port", "");
+        name = exp ? xasprintf("nbd://%s:%s/%s", host, port, exp)
+                   : xasprintf("nbd://%s:%s", host, port);
+    }
+    if (name && strlen(name) >= FILENAME_MAX_LEN)
+        name[0] = 0;                    /* too long to be exact: none */
+    return name;
+}
+
 static void refresh(struct bnode *bs, struct fname *out)
 {
     bool overridden = backing_overridden(bs);
@@ -201,6 +226,9 @@ static void refresh(struct bnode *bs, struct fname *out)
     }
     case FNAME_FILE_CHILD:
         out->exact = bnode_filename(primary);
+        break;
+    case FNAME_NBD:
+        out->exact = nbd_exact_name(bs->options);
         break;
     case FNAME_DEFAULT:
         if (!primary) {

@@ -23,11 +23,10 @@
  *
  * Data path: every request becomes one librbd AIO (readv, writev, flush,
  * discard, write_zeroes; a FUA write is followed by a flush).  librbd calls
- * back in its own threads; the callback only stores the result and pushes
- * the request onto a lock-free list of the submitting loop's channel, and
- * the push that finds the list empty asks that loop (loop_call) to drain
- * it.  So the loop never blocks on the cluster, completions run in the
- * submitting thread, and a burst of completions costs one wake-up.
+ * back in its own threads; the callback only hands the request back to the
+ * submitting loop through its completion channel (bchan.h).  So the loop
+ * never blocks on the cluster, completions run in the submitting thread,
+ * and a burst of completions costs one wake-up.
  *
  * Block status follows QEMU: with fast-diff, rbd_diff_iterate2(whole_object)
  * over the query gives the first run of allocated or unallocated objects;
@@ -45,6 +44,7 @@
 #include <rbd/librbd.h>
 #include "util/atomic.h"
 #include "block/block.h"
+#include "block/bchan.h"
 #include "object/secret.h"
 #include "util/cleanup.h"
 #include "util/log.h"
@@ -61,14 +61,6 @@
 #define DIFF_STOP (-9000)           /* our early exit from rbd_diff_iterate2 */
 
 struct rbd_state;
-
-/* Completions of the requests submitted from one loop. */
-struct rbd_chan {
-    struct rbd_state *s;
-    struct loop *loop;
-    struct aio_req *head;           /* lock-free LIFO of finished requests */
-    struct rbd_chan *next;
-};
 
 /* One librados connection, shared by the nodes opened with the same
  * connection options (main thread only, except `poisoned`). */
@@ -92,8 +84,7 @@ struct rbd_state {
     bool lock_held;
     bool failing;                   /* atomic: the last I/O timed out */
     int inflight;                   /* atomic */
-    pthread_mutex_t chan_lock;
-    struct rbd_chan *chans;
+    struct bchan_set chans;         /* completions back to their loops */
     /* The image's size in bytes as librbd has it (atomic to read; changed
      * under size_lock): a write past it resizes the image first. */
     uint64_t image_size;
@@ -116,36 +107,6 @@ static int map_err(int err)
     case -ENOMEM: return -ENOMEM;
     default: return -EIO;
     }
-}
-
-/* ---- completion channels ---- */
-
-static struct rbd_chan *chan_get(struct rbd_state *s, struct loop *l)
-{
-    pthread_mutex_lock(&s->chan_lock);
-    struct rbd_chan *c = s->chans;
-    while (c && c->loop != l)
-        c = c->next;
-    if (!c) {
-        c = xzalloc(sizeof(*c));
-        c->s = s;
-        c->loop = l;
-        c->next = s->chans;
-        s->chans = c;
-    }
-    pthread_mutex_unlock(&s->chan_lock);
-    return c;
-}
-
-/* Returns true if the list was empty (the caller must wake the loop). */
-static bool chan_push(struct rbd_chan *c, struct breq *r)
-{
-    struct aio_req *old = __atomic_load_n(&c->head, __ATOMIC_RELAXED);
-    do {
-        r->aio.next = old;
-    } while (!__atomic_compare_exchange_n(&c->head, &old, &r->aio, true,
-                                          __ATOMIC_RELEASE, __ATOMIC_RELAXED));
-    return old == NULL;
 }
 
 static void op_start(struct rbd_state *s, struct breq *r);
@@ -179,37 +140,14 @@ static void op_finish(struct breq *r)
     breq_complete(r, 0);
 }
 
-/* In the loop: complete everything librbd finished, oldest first.  The
- * channel is not touched after the last completion (it may close the node). */
-static void chan_drain(void *opaque)
-{
-    struct rbd_chan *c = opaque;
-    struct aio_req *list = __atomic_exchange_n(&c->head, NULL, __ATOMIC_ACQUIRE);
-    struct aio_req *fifo = NULL;
-    while (list) {
-        struct aio_req *next = list->next;
-        list->next = fifo;
-        fifo = list;
-        list = next;
-    }
-    while (fifo) {
-        struct aio_req *next = fifo->next;
-        op_finish(container_of(fifo, struct breq, aio));
-        fifo = next;
-    }
-}
-
 /* In a librbd thread. */
 static void op_callback(rbd_completion_t comp, void *arg)
 {
     struct breq *r = arg;
-    struct rbd_chan *c = r->tmp_iov.iov_base;
-    struct loop *l = c->loop;
+    int64_t res = rbd_aio_get_return_value(comp);
 
-    r->aio.res = rbd_aio_get_return_value(comp);
     rbd_aio_release(comp);
-    if (chan_push(c, r))
-        loop_call(l, chan_drain, c);
+    bchan_push(r->tmp_iov.iov_base, r, res);
 }
 
 /* ---- requests ---- */
@@ -305,7 +243,7 @@ static void rbd_submit(struct bnode *bs, struct breq *r, uint64_t offset)
     r->bs = bs;
     r->drv_offset = offset;
     r->stage = ST_OP;
-    r->tmp_iov.iov_base = chan_get(s, r->loop);
+    r->tmp_iov.iov_base = bchan_get(&s->chans, r->loop);
     op_start(s, r);
 }
 
@@ -526,12 +464,7 @@ static void state_free(struct rbd_state *s)
         rados_ioctx_destroy(s->ioctx);
     if (s->cl)
         cluster_put(s->cl);
-    while (s->chans) {
-        struct rbd_chan *c = s->chans;
-        s->chans = c->next;
-        free(c);
-    }
-    pthread_mutex_destroy(&s->chan_lock);
+    bchan_set_destroy(&s->chans);
     pthread_mutex_destroy(&s->size_lock);
     free(s->image_name);
     free(s);
@@ -619,7 +552,7 @@ static int rbd_open_node(struct bnode *bs, json_t *opts, error **errp)
     struct rbd_state *s = xzalloc(sizeof(*s));
     int r;
 
-    pthread_mutex_init(&s->chan_lock, NULL);
+    bchan_set_init(&s->chans, op_finish);
     pthread_mutex_init(&s->size_lock, NULL);
     s->image_name = xstrdup(opt_str(opts, "image", ""));
     r = connect_cluster(bs, s, opts, errp);

@@ -1,5 +1,6 @@
 /*
- * GnuTLS server sessions over non-blocking sockets.
+ * GnuTLS sessions over non-blocking sockets: the NBD server's, and the NBD
+ * client driver's (which checks the server's certificate and host name).
  *
  * Theory of operation.  GnuTLS reads through our pull function, which
  * serves it from a 64 KiB receive buffer refilled with one recv() when
@@ -41,6 +42,8 @@ struct tls_session {
     gnutls_session_t sess;
     struct tls_creds *creds;
     int fd;
+    bool client;
+    char *hostname;                     /* client: the name the certificate must have */
     bool send_pending;                  /* a record waits in GnuTLS */
     char *peer;                         /* DN or PSK username */
     uint8_t *rbuf;
@@ -120,13 +123,16 @@ static int session_set_creds(struct tls_session *s, struct tls_creds *c, error *
     case TLS_CREDS_X509:
         r = gnutls_credentials_set(s->sess, GNUTLS_CRD_CERTIFICATE, c->u.x509);
         /* request, not require: the check after the handshake enforces */
-        gnutls_certificate_server_set_request(s->sess, GNUTLS_CERT_REQUEST);
+        if (!s->client)
+            gnutls_certificate_server_set_request(s->sess, GNUTLS_CERT_REQUEST);
         break;
     case TLS_CREDS_PSK:
-        r = gnutls_credentials_set(s->sess, GNUTLS_CRD_PSK, c->u.psk_server);
+        r = gnutls_credentials_set(s->sess, GNUTLS_CRD_PSK,
+                                   s->client ? (void *)c->u.psk_client : (void *)c->u.psk_server);
         break;
     default:
-        r = gnutls_credentials_set(s->sess, GNUTLS_CRD_ANON, c->u.anon_server);
+        r = gnutls_credentials_set(s->sess, GNUTLS_CRD_ANON,
+                                   s->client ? (void *)c->u.anon_client : (void *)c->u.anon_server);
         break;
     }
     if (r < 0) {
@@ -136,7 +142,8 @@ static int session_set_creds(struct tls_session *s, struct tls_creds *c, error *
     return 0;
 }
 
-struct tls_session *tls_session_new_server(struct tls_creds *c, int fd, error **errp)
+static struct tls_session *session_new(struct tls_creds *c, int fd, bool client,
+                                       const char *hostname, error **errp)
 {
     struct tls_session *s = xzalloc(sizeof(*s));
     int r;
@@ -144,8 +151,11 @@ struct tls_session *tls_session_new_server(struct tls_creds *c, int fd, error **
     s->rbuf = xmalloc(TLS_RBUF);
     s->fd = fd;
     s->creds = c;
+    s->client = client;
+    s->hostname = hostname ? xstrdup(hostname) : NULL;
     object_ref(&c->obj);
-    r = gnutls_init(&s->sess, GNUTLS_SERVER | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
+    r = gnutls_init(&s->sess, (client ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_NONBLOCK |
+                              GNUTLS_NO_SIGNAL);
     if (r < 0) {
         s->sess = NULL;
         error_setg(errp, "Cannot initialize TLS session: %s", gnutls_strerror(r));
@@ -163,6 +173,17 @@ struct tls_session *tls_session_new_server(struct tls_creds *c, int fd, error **
     return s;
 }
 
+struct tls_session *tls_session_new_server(struct tls_creds *c, int fd, error **errp)
+{
+    return session_new(c, fd, false, NULL, errp);
+}
+
+struct tls_session *tls_session_new_client(struct tls_creds *c, int fd, const char *hostname,
+                                           error **errp)
+{
+    return session_new(c, fd, true, hostname, errp);
+}
+
 void tls_session_free(struct tls_session *s)
 {
     if (!s)
@@ -171,6 +192,7 @@ void tls_session_free(struct tls_session *s)
         gnutls_deinit(s->sess);
     object_unref(&s->creds->obj);
     free(s->peer);
+    free(s->hostname);
     free(s->rbuf);
     free(s);
 }
@@ -242,6 +264,9 @@ static int check_one_cert(struct tls_session *s, const gnutls_datum_t *der, bool
         error_setg(errp, "The certificate has expired");
     else if (gnutls_x509_crt_get_activation_time(crt) > now)
         error_setg(errp, "The certificate is not yet activated");
+    else if (first && s->client && s->hostname &&
+             !gnutls_x509_crt_check_hostname(crt, s->hostname))
+        error_setg(errp, "Certificate does not match the hostname %s", s->hostname);
     else if (!first || cert_dn(crt, &s->peer, errp) == 0)
         ret = 0;
     gnutls_x509_crt_deinit(crt);
@@ -300,6 +325,8 @@ int tls_session_check_peer(struct tls_session *s, const char *authzid, error **e
             return -1;
         return authorize(s, authzid, "x509", errp);
     case TLS_CREDS_PSK: {
+        if (s->client)
+            return 0;
         const char *user = gnutls_psk_server_get_username(s->sess);
         s->peer = xstrdup(user ? user : "");
         return authorize(s, authzid, "PSK", errp);

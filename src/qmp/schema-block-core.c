@@ -1,5 +1,5 @@
 /* QAPI definitions of block nodes: the part of QEMU 7.2 qapi/block-core.json
- * that bexd implements (drivers file, host_device, raw, null-co, rbd). */
+ * that bexd implements (drivers file, host_device, raw, null-co, rbd, nbd...). */
 #include "qmp/schema-int.h"
 
 static const char text[] =
@@ -11,7 +11,7 @@ static const char text[] =
     "  'data': { '*direct': 'bool', '*no-flush': 'bool' } }\n"
     "{ 'enum': 'BlockdevDriver',\n"
     "  'data': [ 'blkdebug', 'copy-before-write', 'file', 'snapshot-access', 'host_device', 'null-co',\n"
-    "            'qcow2', 'raw', 'rbd' ] }\n"
+    "            'nbd', 'qcow2', 'raw', 'rbd' ] }\n"
     "{ 'struct': 'BlockdevOptionsFile',\n"
     "  'data': { 'filename': 'str', '*pr-manager': 'str', '*locking': 'OnOffAuto',\n"
     "            '*aio': 'BlockdevAioOptions', '*aio-max-batch': 'int',\n"
@@ -74,6 +74,12 @@ static const char text[] =
     "            '*snapshot': 'str', '*encrypt': 'RbdEncryptionOptions',\n"
     "            '*user': 'str', '*auth-client-required': ['RbdAuthMode'],\n"
     "            '*key-secret': 'str', '*server': ['InetSocketAddressBase'] } }\n"
+    /* nbd (QEMU 7.2's NBD client) */
+    "{ 'struct': 'BlockdevOptionsNbd',\n"
+    "  'data': { 'server': 'SocketAddress', '*export': 'str', '*tls-creds': 'str',\n"
+    "            '*tls-hostname': 'str',\n"
+    "            '*x-dirty-bitmap': { 'type': 'str', 'features': [ 'unstable' ] },\n"
+    "            '*reconnect-delay': 'uint32', '*open-timeout': 'uint32' } }\n"
     "{ 'union': 'BlockdevOptions',\n"
     "  'base': { 'driver': 'BlockdevDriver',\n"
     "            '*node-name': 'str',\n"
@@ -90,6 +96,7 @@ static const char text[] =
     "            'snapshot-access': 'BlockdevOptionsGenericFormat',\n"
     "            'host_device': 'BlockdevOptionsFile',\n"
     "            'null-co': 'BlockdevOptionsNull',\n"
+    "            'nbd': 'BlockdevOptionsNbd',\n"
     "            'qcow2': 'BlockdevOptionsQcow2',\n"
     "            'raw': 'BlockdevOptionsRaw',\n"
     "            'rbd': 'BlockdevOptionsRbd' } }\n"
