@@ -248,8 +248,10 @@ static int skip(struct hs *h, uint32_t len)
 }
 
 /* An error reply (its payload still to read).  Returns 0 for
- * NBD_REP_ERR_UNSUP (the caller decides), else -errno with the error set. */
-static int reply_err(struct hs *h, uint32_t opt, const struct opt_reply *r)
+ * NBD_REP_ERR_UNSUP, and for any error of an option that is not strict
+ * (one the client can do without, as QEMU's nbd_handle_reply_err): the
+ * caller goes on without it.  Else -errno with the error set. */
+static int reply_err(struct hs *h, uint32_t opt, const struct opt_reply *r, bool strict)
 {
     if (skip(h, r->len) < 0)        /* the message: QEMU only hints it */
         return -EIO;
@@ -258,9 +260,9 @@ static int reply_err(struct hs *h, uint32_t opt, const struct opt_reply *r)
                    opt_name(opt));
         return -EINVAL;
     }
-    switch (r->type) {
-    case NBD_REP_ERR_UNSUP:
+    if (r->type == NBD_REP_ERR_UNSUP || !strict)
         return 0;
+    switch (r->type) {
     case NBD_REP_ERR_POLICY:
         error_setg(h->errp, "Denied by server for option %u (%s)", opt, opt_name(opt));
         break;
@@ -294,7 +296,7 @@ static int reply_err(struct hs *h, uint32_t opt, const struct opt_reply *r)
 }
 
 /* An option answered by ACK alone: 1 = acked, 0 = not supported. */
-static int simple_option(struct hs *h, uint32_t opt)
+static int simple_option(struct hs *h, uint32_t opt, bool strict)
 {
     struct opt_reply r;
     if (opt_send(h, opt, NULL, 0) < 0 || reply_hdr(h, opt, &r) < 0)
@@ -307,7 +309,7 @@ static int simple_option(struct hs *h, uint32_t opt)
         }
         return 1;
     }
-    int e = reply_err(h, opt, &r);
+    int e = reply_err(h, opt, &r, strict);
     return e < 0 ? e : 0;
 }
 
@@ -315,7 +317,7 @@ static int simple_option(struct hs *h, uint32_t opt)
 
 static int start_tls(struct hs *h)
 {
-    int r = simple_option(h, NBD_OPT_STARTTLS);
+    int r = simple_option(h, NBD_OPT_STARTTLS, true);
     if (r < 0)
         return r;
     if (r == 0) {
@@ -363,7 +365,7 @@ static int set_meta_context(struct hs *h)
         if (r.type == NBD_REP_ACK)
             return r.len ? skip(h, r.len) : 0;
         if (r.type != NBD_REP_META_CONTEXT) {
-            int e = reply_err(h, NBD_OPT_SET_META_CONTEXT, &r);
+            int e = reply_err(h, NBD_OPT_SET_META_CONTEXT, &r, false);
             return e;       /* 0: unsupported, no context */
         }
         if (r.len < 4 || r.len > 4 + NBD_MAX_STRING_SIZE) {
@@ -419,7 +421,7 @@ static int opt_go(struct hs *h)
             return 1;
         }
         if (r.type != NBD_REP_INFO) {
-            int e = reply_err(h, NBD_OPT_GO, &r);
+            int e = reply_err(h, NBD_OPT_GO, &r, true);
             return e;
         }
         uint16_t type;
@@ -537,7 +539,7 @@ static int negotiate(struct hs *h)
     }
     if (!fixed)
         return opt_export_name(h, no_zeroes);
-    int r = simple_option(h, NBD_OPT_STRUCTURED_REPLY);
+    int r = simple_option(h, NBD_OPT_STRUCTURED_REPLY, false);
     if (r < 0)
         return r;
     h->info->structured = r == 1;

@@ -7,8 +7,10 @@
  *
  * Theory of operation.
  *
- * Open (main thread): connect and negotiate (nbd-handshake.c), retrying for
- * open-timeout seconds.  Then two threads own the connection: the sender
+ * Open (main thread): connect and negotiate (nbd-handshake.c) in a thread,
+ * retrying for open-timeout seconds, while the main thread serves the
+ * handshakes of this process's own NBD server (the node may name one of
+ * its exports).  Then two threads own the connection: the sender
  * takes requests from a queue and writes them (a WRITE's payload straight
  * from the submitter's buffers), the reader reads replies (a READ's data
  * straight into them) and hands each finished request back to the loop
@@ -30,8 +32,8 @@
  * Block status is synchronous in this block layer (a loop asks and waits),
  * so it is one BLOCK_STATUS request with REQ_ONE, answered within
  * NBDC_STATUS_MS or taken as "data" (always a correct answer).  A node
- * connected over a UNIX socket to this very process never asks: the loop
- * that waits could be the one that must answer.  Without structured
+ * connected to this very process's NBD server never asks: the loop that
+ * waits could be the one that must answer.  Without structured
  * replies or the context, everything is data.  x-dirty-bitmap asks for
  * that context instead and reads its flags as base:allocation's, as QEMU
  * does (a dirty area is a hole; allocation-depth 0 data, 1 hole, 2+ zero).
@@ -43,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +53,7 @@
 #include "block/block.h"
 #include "block/nbd-client.h"
 #include "export/nbd/nbd-protocol.h"
+#include "export/nbd/nbd.h"
 #include "util/cleanup.h"
 #include "util/log.h"
 #include "util/loop.h"
@@ -101,6 +105,7 @@ struct nbd_state {
     struct nbdc_wire wire;          /* fd -1: none */
     bool connected;
     bool fail_fast;                 /* lost past reconnect-delay: fail at once */
+    bool kick;                      /* a request failed so: try reconnecting now */
     bool closing;
     bool sending;                   /* the sender uses wire outside the lock */
     struct nreq *q_head, **q_tail;
@@ -597,9 +602,11 @@ static void *reader_main(void *opaque)
                 ts.tv_sec++;
                 ts.tv_nsec -= 1000000000;
             }
-            if (!s->closing)
-                pthread_cond_timedwait(&s->cond, &s->lock, &ts);
-            backoff = MIN(backoff * 2, (uint64_t)NBDC_BACKOFF_MAX_MS);
+            s->kick = false;
+            while (!s->closing && !s->kick &&
+                   pthread_cond_timedwait(&s->cond, &s->lock, &ts) != ETIMEDOUT)
+                ;
+            backoff = s->kick ? 1000 : MIN(backoff * 2, (uint64_t)NBDC_BACKOFF_MAX_MS);
         }
     }
     fail_queue(s, -EIO);
@@ -609,6 +616,16 @@ static void *reader_main(void *opaque)
 }
 
 /* ---- requests ---- */
+
+/* Lock held: a request while the connection is down past reconnect-delay
+ * fails, and makes the reader try again at once (as a request makes
+ * QEMU's client try): the next one finds the server if it is back. */
+static int fail_fast(struct nbd_state *s)
+{
+    s->kick = true;
+    pthread_cond_broadcast(&s->cond);
+    return -EIO;
+}
 
 static struct nreq *nreq_new(struct breq *r, uint16_t type, uint16_t flags, uint64_t off,
                              uint32_t len, uint64_t boff)
@@ -724,7 +741,7 @@ static void issue(struct bnode *bs, struct breq *r, int phase)
     r->aio.res = 0;
     r->step_len = phase;
     pthread_mutex_lock(&s->lock);
-    int ret = s->fail_fast ? -EIO : start_op(s, bs, r, r->drv_offset, phase);
+    int ret = s->fail_fast ? fail_fast(s) : start_op(s, bs, r, r->drv_offset, phase);
     pthread_mutex_unlock(&s->lock);
     if (ret < 0) {
         /* nothing was queued for r */
@@ -767,7 +784,7 @@ static struct nreq *sync_request(struct nbd_state *s, uint16_t type, uint16_t fl
     struct nreq *q = nreq_new(NULL, type, flags, off, len, 0);
     struct timespec ts;
 
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(CLOCK_MONOTONIC, &ts);   /* s->cond waits on it */
     ts.tv_sec += timeout_ms / 1000;
     ts.tv_nsec += (timeout_ms % 1000) * 1000000;
     if (ts.tv_nsec >= 1000000000) {
@@ -776,8 +793,8 @@ static struct nreq *sync_request(struct nbd_state *s, uint16_t type, uint16_t fl
     }
     pthread_mutex_lock(&s->lock);
     if (s->fail_fast) {
+        q->err = fail_fast(s);
         pthread_mutex_unlock(&s->lock);
-        q->err = -EIO;
         return q;
     }
     enqueue(s, q, false);
@@ -847,33 +864,64 @@ static int nbd_flush_sync(struct bnode *bs)
 
 /* ---- open / close ---- */
 
-/* The peer of a UNIX socket is this process. */
-static bool peer_is_self(int fd)
-{
-    struct ucred cred;
-    socklen_t len = sizeof(cred);
-    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.pid == getpid();
-}
+/* Connect, retrying for open_timeout seconds (a thread of its own). */
+struct opening {
+    struct nbd_state *s;
+    uint32_t open_timeout;
+    error *err;
+    int ret;
+    int wake_fd;                    /* written when done */
+    bool done;                      /* atomic */
+};
 
-static int connect_first(struct bnode *bs, struct nbd_state *s, uint32_t open_timeout,
-                         error **errp)
+static void *opening_main(void *opaque)
 {
-    uint64_t until = now_ms() + (uint64_t)open_timeout * 1000;
+    struct opening *o = opaque;
+    struct nbd_state *s = o->s;
+    uint64_t until = now_ms() + (uint64_t)o->open_timeout * 1000;
 
     for (;;) {
         error *err = NULL;
-        int r = nbdc_connect(&s->cfg, &s->wire, &s->info, now_ms() + NBDC_HANDSHAKE_MS, &err);
-        if (r == 0)
-            return 0;
-        if (!open_timeout || now_ms() >= until) {
-            error_propagate(errp, err);
-            return r;
+        o->ret = nbdc_connect(&s->cfg, &s->wire, &s->info, now_ms() + NBDC_HANDSHAKE_MS, &err);
+        if (o->ret == 0 || !o->open_timeout || now_ms() >= until) {
+            o->err = err;
+            break;
         }
         error_free(err);
         struct timespec ts = { 1, 0 };
         nanosleep(&ts, NULL);
     }
-    (void)bs;
+    __atomic_store_n(&o->done, true, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if (write(o->wake_fd, &one, sizeof(one)) < 0)
+        log_debug("nbd: waking the main thread failed: %s", strerror(errno));
+    return NULL;
+}
+
+/* Main thread.  The handshake runs in a thread while this one serves this
+ * process's own NBD server's handshakes: a node may connect to an export
+ * of this very daemon, whose handshake runs in the main loop. */
+static int connect_first(struct nbd_state *s, uint32_t open_timeout, error **errp)
+{
+    struct opening o = { .s = s, .open_timeout = open_timeout,
+                         .wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) };
+    pthread_t t;
+
+    if (o.wake_fd < 0 || pthread_create(&t, NULL, opening_main, &o) != 0) {
+        if (o.wake_fd >= 0)
+            close(o.wake_fd);
+        error_setg(errp, "Could not start the NBD client's threads");
+        return -1;
+    }
+    while (!__atomic_load_n(&o.done, __ATOMIC_ACQUIRE))
+        nbd_server_pump(o.wake_fd, 1000);
+    pthread_join(t, NULL);
+    close(o.wake_fd);
+    if (o.ret < 0) {
+        error_propagate(errp, o.err);
+        return -1;
+    }
+    return 0;
 }
 
 /* QEMU 7.2 applies the export's flags without an error message
@@ -939,10 +987,10 @@ static int nbd_open(struct bnode *bs, json_t *opts, error **errp)
     CLEANUP_FREE char *addr = socket_address_str(s->server);
     s->desc = xasprintf("'%s' at %s", s->export, addr);
 
-    if (connect_first(bs, s, (uint32_t)opt_int(opts, "open-timeout", 0), errp) < 0 ||
+    if (connect_first(s, (uint32_t)opt_int(opts, "open-timeout", 0), errp) < 0 ||
         check_granted(bs, s, opts, errp) < 0)
         return -1;
-    s->self = !strcmp(opt_str(s->server, "type", ""), "unix") && peer_is_self(s->wire.fd);
+    s->self = nbd_server_is_peer(s->wire.fd);
     s->max_payload = NBDC_MAX_PAYLOAD;
     if (s->info.max_block)
         s->max_payload = MIN(s->max_payload, s->info.max_block);

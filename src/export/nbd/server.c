@@ -12,6 +12,7 @@
  * finish tearing down on their own, each holding its references.
  */
 #include <errno.h>
+#include <poll.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
@@ -292,3 +293,81 @@ static json_t *qmp_nbd_server_stop(json_t *args, error **errp)
     return json_object();
 }
 QMP_COMMAND("nbd-server-stop", qmp_nbd_server_stop)
+
+/* ---- serving handshakes while the main thread waits ---- */
+
+void nbd_server_pump(int wake_fd, int timeout_ms)
+{
+    struct pollfd pfd[72];
+    struct nbd_conn *conn[72];
+    int n = 0;
+
+    pfd[n] = (struct pollfd){ .fd = wake_fd, .events = POLLIN };
+    conn[n++] = NULL;
+    for (int i = 0; nbd_srv.running && i < nbd_srv.nlisten; i++) {
+        if (!loop_watch_events(nbd_srv.listen_watch[i]))
+            continue;       /* paused: full, or out of descriptors */
+        pfd[n] = (struct pollfd){ .fd = nbd_srv.listen_fd[i], .events = POLLIN };
+        conn[n++] = NULL;
+    }
+    for (struct nbd_conn *c = nbd_srv.conns; c && n < (int)ARRAY_SIZE(pfd); c = c->next) {
+        if (c->state != CONN_HANDSHAKE || c->loop != loop_main() || !c->watch ||
+            !loop_watch_events(c->watch))
+            continue;
+        uint32_t ev = loop_watch_events(c->watch);
+        pfd[n] = (struct pollfd){ .fd = c->fd,
+                                  .events = (ev & LOOP_IN ? POLLIN : 0) |
+                                            (ev & LOOP_OUT ? POLLOUT : 0) };
+        conn[n++] = c;
+        nbd_conn_ref(c);
+    }
+    int r = poll(pfd, n, timeout_ms);
+    for (int i = 1; i < n; i++) {
+        struct nbd_conn *c = conn[i];
+        if (r > 0 && pfd[i].revents) {
+            uint32_t ev = (pfd[i].revents & POLLIN ? LOOP_IN : 0) |
+                          (pfd[i].revents & POLLOUT ? LOOP_OUT : 0) |
+                          (pfd[i].revents & POLLHUP ? EPOLLHUP : 0) |
+                          (pfd[i].revents & POLLERR ? EPOLLERR : 0);
+            if (!c)
+                nbd_accept((void *)(intptr_t)pfd[i].fd, LOOP_IN);
+            else if (c->state == CONN_HANDSHAKE && c->loop == loop_main())
+                nbd_conn_io(c, ev);
+        }
+        if (c)
+            nbd_conn_unref(c);
+    }
+}
+
+/* Is fd, a connected socket, a client of this server's listening sockets? */
+bool nbd_server_is_peer(int fd)
+{
+    struct sockaddr_storage peer, mine;
+    socklen_t pl = sizeof(peer);
+
+    if (!nbd_srv.running || getpeername(fd, (struct sockaddr *)&peer, &pl) < 0)
+        return false;
+    for (int i = 0; i < nbd_srv.nlisten; i++) {
+        socklen_t ml = sizeof(mine);
+        if (getsockname(nbd_srv.listen_fd[i], (struct sockaddr *)&mine, &ml) < 0 ||
+            mine.ss_family != peer.ss_family)
+            continue;
+        if (peer.ss_family == AF_UNIX) {
+            if (pl == ml && !memcmp(&peer, &mine, pl))
+                return true;
+        } else if (peer.ss_family == AF_INET) {
+            struct sockaddr_in *p = (struct sockaddr_in *)&peer, *m = (struct sockaddr_in *)&mine;
+            if (p->sin_port == m->sin_port &&
+                (m->sin_addr.s_addr == htonl(INADDR_ANY) || m->sin_addr.s_addr == p->sin_addr.s_addr))
+                return true;
+        } else if (peer.ss_family == AF_INET6) {
+            struct sockaddr_in6 *p = (struct sockaddr_in6 *)&peer;
+            struct sockaddr_in6 *m = (struct sockaddr_in6 *)&mine;
+            if (p->sin6_port == m->sin6_port &&
+                (IN6_IS_ADDR_UNSPECIFIED(&m->sin6_addr) ||
+                 IN6_ARE_ADDR_EQUAL(&m->sin6_addr, &p->sin6_addr)))
+                return true;
+        }
+    }
+    return false;
+}
