@@ -17,6 +17,7 @@
 struct nbdc_wire {
     int fd;
     struct tls_session *tls;
+    int cancel_fd;                  /* readable: give up waiting (-ECANCELED); -1 none */
 };
 
 /* What to ask for (fixed for the node's life). */
@@ -47,6 +48,7 @@ void nbdc_wire_close(struct nbdc_wire *w);
 
 /* Connect and negotiate (NBD_OPT_GO, structured replies and the context
  * when possible, TLS first when configured).  0, or -errno with *errp set
- * as QEMU 7.2 words it; *w is open only on success. */
+ * as QEMU 7.2 words it; *w is open only on success.  Waits for the server
+ * end at deadline_ms, or when cancel_fd (-1: none) becomes readable. */
 int nbdc_connect(const struct nbdc_cfg *cfg, struct nbdc_wire *w, struct nbdc_info *info,
-                 uint64_t deadline_ms, error **errp);
+                 uint64_t deadline_ms, int cancel_fd, error **errp);

@@ -26,7 +26,7 @@
 
 /* ---- the wire ---- */
 
-static int wait_fd(int fd, short events, uint64_t deadline_ms)
+static int wait_fd(int fd, int cancel_fd, short events, uint64_t deadline_ms)
 {
     for (;;) {
         int timeout = -1;
@@ -36,8 +36,11 @@ static int wait_fd(int fd, short events, uint64_t deadline_ms)
                 return -ETIMEDOUT;
             timeout = (int)MIN(deadline_ms - now, (uint64_t)INT_MAX);
         }
-        struct pollfd p = { .fd = fd, .events = events };
-        int r = poll(&p, 1, timeout);
+        struct pollfd p[2] = { { .fd = fd, .events = events },
+                               { .fd = cancel_fd, .events = POLLIN } };
+        int r = poll(p, cancel_fd >= 0 ? 2 : 1, timeout);
+        if (r > 0 && p[1].revents && cancel_fd >= 0)
+            return -ECANCELED;
         if (r > 0)
             return 0;
         if (r < 0 && errno != EINTR)
@@ -74,7 +77,7 @@ int nbdc_wire_send(struct nbdc_wire *w, const struct iovec *iov_in, int iovcnt,
             if (r == -EINTR)
                 continue;
             if (r == -EAGAIN) {
-                int e = wait_fd(w->fd, POLLOUT, deadline_ms);
+                int e = wait_fd(w->fd, w->cancel_fd, POLLOUT, deadline_ms);
                 if (e < 0)
                     return e;
                 continue;
@@ -115,7 +118,7 @@ int nbdc_wire_recv(struct nbdc_wire *w, void *buf, size_t len, uint64_t deadline
         if (r == -EINTR)
             continue;
         if (r == -EAGAIN) {
-            int e = wait_fd(w->fd, ev, deadline_ms);
+            int e = wait_fd(w->fd, w->cancel_fd, ev, deadline_ms);
             if (e < 0)
                 return e;
             continue;
@@ -171,6 +174,8 @@ static int io_fail(struct hs *h, int r, const char *what)
         error_setg(h->errp, "%s: Unexpected end-of-file before all data were read", what);
     else if (r == -ETIMEDOUT)
         error_setg(h->errp, "%s: the server did not answer in time", what);
+    else if (r == -ECANCELED)
+        error_setg(h->errp, "%s: the node is closing", what);
     else
         error_setg_errno(h->errp, -r, "%s", what);
     return r;
@@ -335,7 +340,7 @@ static int start_tls(struct hs *h)
         if (r != -EAGAIN)
             return -EIO;
         short ev = tls_session_wait_events(h->w->tls) == LOOP_OUT ? POLLOUT : POLLIN;
-        int e = wait_fd(h->w->fd, ev, h->deadline);
+        int e = wait_fd(h->w->fd, h->w->cancel_fd, ev, h->deadline);
         if (e < 0)
             return io_fail(h, e, "TLS handshake failed");
     }
@@ -557,12 +562,13 @@ static int negotiate(struct hs *h)
 }
 
 int nbdc_connect(const struct nbdc_cfg *cfg, struct nbdc_wire *w, struct nbdc_info *info,
-                 uint64_t deadline_ms, error **errp)
+                 uint64_t deadline_ms, int cancel_fd, error **errp)
 {
     struct hs h = { .cfg = cfg, .w = w, .info = info, .deadline = deadline_ms, .errp = errp };
 
     memset(info, 0, sizeof(*info));
     w->tls = NULL;
+    w->cancel_fd = cancel_fd;
     w->fd = socket_connect(cfg->server, errp);
     if (w->fd < 0)
         return -ECONNREFUSED;
@@ -571,7 +577,8 @@ int nbdc_connect(const struct nbdc_cfg *cfg, struct nbdc_wire *w, struct nbdc_in
         r = check_info(&h);
     if (r < 0) {
         nbdc_wire_close(w);
-        return r < 0 ? r : -EIO;
+        return r;
     }
+    w->cancel_fd = -1;              /* the transmission phase is woken by shutdown() */
     return 0;
 }

@@ -114,7 +114,8 @@ struct nbd_state {
     uint64_t gen;
     int refs;                       /* the node, the reader thread */
     pthread_t sender, reader;
-    bool have_sender;
+    bool have_sender, have_reader;
+    int stop_fd;                    /* eventfd: closing, stop reconnecting */
 };
 
 enum { PHASE_OP, PHASE_FUA_FLUSH };
@@ -143,6 +144,8 @@ static void state_put(struct nbd_state *s)
     if (!last)
         return;
     nbdc_wire_close(&s->wire);
+    if (s->stop_fd >= 0)
+        close(s->stop_fd);
     if (s->cfg.tls)
         object_unref(&s->cfg.tls->obj);
     json_decref(s->server);
@@ -568,7 +571,7 @@ static void *reader_main(void *opaque)
             error *err = NULL;
             struct nbdc_wire nw;
             struct nbdc_info ni;
-            r = nbdc_connect(&s->cfg, &nw, &ni, now_ms() + NBDC_HANDSHAKE_MS, &err);
+            r = nbdc_connect(&s->cfg, &nw, &ni, now_ms() + NBDC_HANDSHAKE_MS, s->stop_fd, &err);
             if (r == 0 && !same_export(s, &ni, s->read_only, &err)) {
                 nbdc_wire_close(&nw);
                 r = -EINVAL;
@@ -882,7 +885,8 @@ static void *opening_main(void *opaque)
 
     for (;;) {
         error *err = NULL;
-        o->ret = nbdc_connect(&s->cfg, &s->wire, &s->info, now_ms() + NBDC_HANDSHAKE_MS, &err);
+        o->ret = nbdc_connect(&s->cfg, &s->wire, &s->info, now_ms() + NBDC_HANDSHAKE_MS, -1,
+                              &err);
         if (o->ret == 0 || !o->open_timeout || now_ms() >= until) {
             o->err = err;
             break;
@@ -951,6 +955,8 @@ static int nbd_open(struct bnode *bs, json_t *opts, error **errp)
     const char *tls = opt_str(opts, "tls-creds", NULL);
 
     s->wire.fd = -1;
+    s->wire.cancel_fd = -1;
+    s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     s->refs = 1;
     s->q_tail = &s->q_head;
     s->nfree = NBDC_SLOTS;
@@ -974,6 +980,14 @@ static int nbd_open(struct bnode *bs, json_t *opts, error **errp)
     if (!host && !strcmp(opt_str(s->server, "type", ""), "inet"))
         host = opt_str(s->server, "host", NULL);
     s->tls_hostname = host ? xstrdup(host) : NULL;
+    if (strlen(s->export) > NBD_MAX_STRING_SIZE) {
+        error_setg(errp, "export name too long to send to server");
+        return -1;
+    }
+    if (strlen(s->context) > NBD_MAX_STRING_SIZE) {
+        error_setg(errp, "x-dirty-bitmap query too long to send to server");
+        return -1;
+    }
     if (tls) {
         s->cfg.tls = tls_creds_lookup(tls, TLS_ENDPOINT_CLIENT, errp);
         if (!s->cfg.tls)
@@ -1004,12 +1018,12 @@ static int nbd_open(struct bnode *bs, json_t *opts, error **errp)
     s->connected = true;
 
     s->refs = 2;                    /* the node's and the reader's */
-    if (pthread_create(&s->reader, NULL, reader_main, s) != 0) {
+    if (s->stop_fd < 0 || pthread_create(&s->reader, NULL, reader_main, s) != 0) {
         s->refs = 1;
         error_setg(errp, "Could not start the NBD client's threads");
         return -1;
     }
-    pthread_detach(s->reader);
+    s->have_reader = true;
     if (pthread_create(&s->sender, NULL, sender_main, s) != 0) {
         error_setg(errp, "Could not start the NBD client's threads");
         return -1;
@@ -1027,12 +1041,27 @@ static void nbd_close(struct bnode *bs)
     pthread_cond_broadcast(&s->send_cond);
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
+    uint64_t one = 1;
+    if (s->stop_fd >= 0 && write(s->stop_fd, &one, sizeof(one)) < 0)
+        log_debug("nbd: waking the reader failed: %s", strerror(errno));
     if (s->have_sender)
         pthread_join(s->sender, NULL);
     pthread_mutex_lock(&s->lock);
     if (s->wire.fd >= 0)
         shutdown(s->wire.fd, SHUT_RDWR);    /* wakes the reader */
     pthread_mutex_unlock(&s->lock);
+    if (s->have_reader) {
+        /* it ends at once, unless it is inside connect() to a host that does
+         * not answer: then it is left to end on its own, and frees s */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 5;
+        if (pthread_timedjoin_np(s->reader, NULL, &ts) != 0) {
+            log_warn("nbd client of %s: still connecting; left to give up on its own",
+                     s->desc);
+            pthread_detach(s->reader);
+        }
+    }
     bs->opaque = NULL;
     state_put(s);                   /* the reader frees it if it is last */
 }

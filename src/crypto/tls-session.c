@@ -264,8 +264,9 @@ static int check_one_cert(struct tls_session *s, const gnutls_datum_t *der, bool
         error_setg(errp, "The certificate has expired");
     else if (gnutls_x509_crt_get_activation_time(crt) > now)
         error_setg(errp, "The certificate is not yet activated");
-    else if (first && s->client && s->hostname &&
-             !gnutls_x509_crt_check_hostname(crt, s->hostname))
+    else if (first && s->client && !s->hostname)
+        error_setg(errp, "No hostname for certificate validation");
+    else if (first && s->client && !gnutls_x509_crt_check_hostname(crt, s->hostname))
         error_setg(errp, "Certificate does not match the hostname %s", s->hostname);
     else if (!first || cert_dn(crt, &s->peer, errp) == 0)
         ret = 0;

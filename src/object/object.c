@@ -126,8 +126,15 @@ int object_del(const char *id, error **errp)
 
 void objects_delete_all(void)
 {
-    while (objects)
-        object_unlink_free(objects);
+    /* One still pinned stays: a thread that outlives the shutdown uses it
+     * (an nbd node's reconnection attempt, bounded, holds its TLS
+     * credentials); the process ends anyway. */
+    for (struct object **p = &objects; *p;) {
+        if (__atomic_load_n(&(*p)->refcnt, __ATOMIC_ACQUIRE) > 0)
+            p = &(*p)->next;
+        else
+            object_unlink_free(*p);
+    }
 }
 
 static json_t *qmp_object_add(json_t *args, error **errp)
