@@ -27,7 +27,8 @@
  * long while the reader reconnects; past it, they and every new request
  * fail at once until a reconnection succeeds.  The reader keeps trying,
  * 1 s apart doubling to 16 s, as QEMU's client does; a server that comes
- * back with another size or fewer features is refused.
+ * back with another size or fewer features is refused.  A server given as
+ * a file descriptor (type fd) cannot be dialled again: its loss is final.
  *
  * Block status is synchronous in this block layer (a loop asks and waits),
  * so it is one BLOCK_STATUS request with REQ_ONE, answered within
@@ -80,6 +81,8 @@ struct nreq {
     struct breq *breq;              /* NULL: a synchronous request */
     uint64_t boff;                  /* READ/WRITE: its first byte in breq's buffers */
     int err;
+    bool in_send;                   /* the sender is writing it (lock) */
+    bool replied;                   /* ... and its reply ended meanwhile: the sender finishes it */
     /* synchronous requests (under the lock) */
     bool done, abandoned;
     bool have_extent;
@@ -94,6 +97,7 @@ struct nbd_state {
     bool read_only;                 /* the node's, at open */
     bool alloc_depth;               /* x-dirty-bitmap=qemu:allocation-depth */
     uint32_t reconnect_delay_ms;
+    bool no_reconnect;              /* server type fd: that socket was all there was */
     struct nbdc_info info;
     bool self;                      /* the server is this process */
     uint32_t max_payload;
@@ -215,6 +219,15 @@ static void enqueue(struct nbd_state *s, struct nreq *q, bool front)
     pthread_cond_signal(&s->send_cond);
 }
 
+/* Lock held: q's reply ended; its handle is free again. */
+static void complete_locked(struct nbd_state *s, struct nreq *q)
+{
+    s->slots[q->handle & 0xff] = NULL;
+    s->nfree++;
+    pthread_cond_signal(&s->send_cond);
+    nreq_finish(s, q, q->err);
+}
+
 /* ---- sender ---- */
 
 /* The pieces of [off, off+len) of a breq's buffers, or of zeros. */
@@ -290,12 +303,16 @@ static void *sender_main(void *opaque)
         s->slots[i] = q;
         s->nfree--;
         q->handle = (++s->gen << 8) | i;
+        q->in_send = true;
         struct nbdc_wire w = s->wire;
         s->sending = true;
         pthread_mutex_unlock(&s->lock);
         int r = send_req(&w, q);
         pthread_mutex_lock(&s->lock);
         s->sending = false;
+        q->in_send = false;
+        if (q->replied)
+            complete_locked(s, q);      /* a server that answered before reading it all */
         if (r < 0 && s->connected)
             shutdown(w.fd, SHUT_RDWR);      /* the reader takes it from here */
         pthread_cond_broadcast(&s->cond);
@@ -324,13 +341,16 @@ static struct nreq *lookup(struct nbd_state *s, uint64_t handle)
     return q;
 }
 
+/* The reply to q ended.  While the sender still writes q (a server may
+ * answer a WRITE before reading its payload), the sender finishes it: its
+ * buffers stay the request's until then. */
 static void complete(struct nbd_state *s, struct nreq *q)
 {
     pthread_mutex_lock(&s->lock);
-    s->slots[q->handle & 0xff] = NULL;
-    s->nfree++;
-    pthread_cond_signal(&s->send_cond);
-    nreq_finish(s, q, q->err);
+    if (q->in_send)
+        q->replied = true;
+    else
+        complete_locked(s, q);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -562,6 +582,12 @@ static void *reader_main(void *opaque)
             fail_queue(s, -EIO);
         }
         uint64_t backoff = 1000;
+        if (s->no_reconnect) {
+            s->fail_fast = true;
+            fail_queue(s, -EIO);
+            while (!s->closing)
+                pthread_cond_wait(&s->cond, &s->lock);
+        }
         while (!s->closing) {
             if (!s->fail_fast && now_ms() >= lost_at + s->reconnect_delay_ms) {
                 s->fail_fast = true;
@@ -976,6 +1002,9 @@ static int nbd_open(struct bnode *bs, json_t *opts, error **errp)
     s->context = xstrdup(ctx ? ctx : "base:allocation");
     s->alloc_depth = !strcmp(s->context, "qemu:allocation-depth");
     s->reconnect_delay_ms = (uint32_t)opt_int(opts, "reconnect-delay", 0) * 1000u;
+    s->no_reconnect = !strcmp(opt_str(s->server, "type", ""), "fd");
+    if (s->no_reconnect)
+        s->reconnect_delay_ms = 0;
     const char *host = opt_str(opts, "tls-hostname", NULL);
     if (!host && !strcmp(opt_str(s->server, "type", ""), "inet"))
         host = opt_str(s->server, "host", NULL);
