@@ -59,15 +59,15 @@ class Daemon:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
-    def cmd(self, name, **args):
-        self.s.sendall((json.dumps({"execute": name, "arguments": args}) + "\n").encode())
+    def cmd(self, _cmd, **args):
+        self.s.sendall((json.dumps({"execute": _cmd, "arguments": args}) + "\n").encode())
         while True:
             r = self._line()
             if "event" in r:
                 self.events.append(r)
                 continue
             if "error" in r:
-                raise RuntimeError("%s: %s" % (name, r["error"]["desc"]))
+                raise RuntimeError("%s: %s" % (_cmd, r["error"]["desc"]))
             return r["return"]
 
     def wait(self, event):
@@ -91,12 +91,16 @@ def fill(path, mib):
 
 
 def fio(uri_sock, export, rw, bs, qd, runtime):
-    r = subprocess.run(
-        ["fio", "--name=j", "--ioengine=nbd", "--uri=nbd+unix:///%s?socket=%s" % (export, uri_sock),
-         "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % qd, "--time_based",
-         "--runtime=%d" % runtime, "--output-format=json"],
-        capture_output=True, text=True, check=True)
-    j = json.loads(r.stdout)["jobs"][0]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        r = subprocess.run(
+            ["fio", "--name=j", "--ioengine=nbd",
+             "--uri=nbd+unix:///%s?socket=%s" % (export, uri_sock),
+             "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % qd, "--time_based",
+             "--runtime=%d" % runtime, "--output-format=json", "--output=" + out.name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("fio: " + r.stderr.strip()[-300:])
+        j = json.load(out)["jobs"][0]
     side = j["read"] if "read" in rw else j["write"]
     return side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20)
 

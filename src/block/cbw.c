@@ -725,10 +725,15 @@ struct cbw_call {
 struct cbw_call *cbw_call_new(struct cbw *s, unsigned max_workers, uint64_t max_chunk)
 {
     struct cbw_call *call = xzalloc(sizeof(*call));
-    call->max_workers = MAX(1u, max_workers);
     call->max_run = s->max_run;
     if (max_chunk)
         call->max_run = MAX(1, MIN(call->max_run, max_chunk >> s->shift));
+    /* No more buffers in flight than the spares keep: past that, every copy
+     * maps a fresh buffer and unmaps one (page faults, TLB shootdowns).  A
+     * target that completes at once never gets there; an NBD target did:
+     * 64 copies of 1 MiB in flight backed up 512 MiB in 1.5 s, 8 in 0.17 s. */
+    uint64_t fit = CBW_SPARE_BYTES / (call->max_run << s->shift);
+    call->max_workers = MAX(1u, MIN((uint64_t)max_workers, fit));
     return call;
 }
 
