@@ -8,11 +8,12 @@
  * job's says which granules differ: sync=full marks every range some layer
  * of the source's chain allocates, sync=top those the source itself does,
  * sync=none nothing; every write to the source marks what it wrote once it
- * has completed.  The job copies dirty areas (up to 1 MiB, or buf-size)
- * one at a time: it claims the area in the guard on the source (guard.h: peers'
- * writes there wait, the copy waits for those under way), clears the bits,
- * reads the source and writes the target (zeros as write-zeroes, unmapped
- * unless unmap=false), then releases the claim.  A write that lands after
+ * has completed.  The job copies dirty areas (up to buf-size, 16 MiB by
+ * default) one at a time: it claims the area in the guard on the source
+ * (guard.h: peers' writes there wait, the copy waits for those under way),
+ * clears the bits, reads the source and writes the target in pieces of up
+ * to 1 MiB that run side by side (zeros as write-zeroes, unmapped unless
+ * unmap=false), then releases the claim.  A write that lands after
  * the read marks the granules again, so they are copied again.
  *
  * When nothing is dirty the target is flushed and the job is ready
@@ -86,7 +87,8 @@ struct mirror_job {
     struct bnode *reopened;             /* committing: the base, read-only again on abort */
     char *replaces;                     /* the node the target replaces (NULL: source) */
     uint32_t granularity;
-    uint64_t buf_size;                  /* one copy at most, whole granules */
+    uint64_t piece;                     /* one copy at most, whole granules */
+    uint64_t buf_size;                  /* what is copied at once: pieces side by side */
     bool unmap;
     enum mirror_backing backing_mode;
     bool write_blocking;
@@ -289,6 +291,60 @@ static int mirror_copy(struct mirror_job *s, uint64_t off, uint64_t n, void *buf
     return 0;
 }
 
+/* The pieces of one area, copied side by side. */
+struct mirror_pieces {
+    int left;
+    struct coroutine *waiter;
+    int ret;                            /* the first error */
+    bool in_source;                     /* ... and its side */
+};
+
+struct mirror_piece {
+    struct mirror_job *s;
+    struct mirror_pieces *set;
+    uint64_t off, n;
+    void *buf;
+};
+
+static void mirror_piece_co(void *opaque)
+{
+    struct mirror_piece *p = opaque;
+    struct mirror_pieces *set = p->set;
+    bool in_source = true;
+    int ret = mirror_copy(p->s, p->off, p->n, p->buf, &in_source);
+
+    if (ret < 0 && set->ret == 0) {
+        set->ret = ret;
+        set->in_source = in_source;
+    }
+    free(p);
+    if (--set->left == 0 && set->waiter)
+        co_wake(set->waiter);
+}
+
+/* Copy [off, off + n) in pieces of s->piece that run side by side (QEMU's
+ * mirror has up to buf-size of them in flight): a target that answers
+ * after a network round trip is kept busy. */
+static int mirror_copy_area(struct mirror_job *s, uint64_t off, uint64_t n, void *buf,
+                            bool *in_source)
+{
+    struct mirror_pieces set = { .left = 1 };
+
+    for (uint64_t p = 0; p < n; p += s->piece) {
+        struct mirror_piece *mp = xmalloc(sizeof(*mp));
+        *mp = (struct mirror_piece){ .s = s, .set = &set, .off = off + p,
+                                     .n = MIN(s->piece, n - p), .buf = (char *)buf + p };
+        set.left++;
+        co_enter(co_create(mirror_piece_co, mp));
+    }
+    if (--set.left > 0) {
+        set.waiter = co_self();
+        co_yield();
+    }
+    *in_source = set.in_source;
+    return set.ret;
+}
+
 /* One dirty area from *cursor on (wrapping): copied, or marked dirty again
  * after an error the policy lets pass (stop pauses here unless writes are
  * held: the caller lets them go first).  Returns the bytes copied, 0 if
@@ -309,7 +365,7 @@ static int64_t mirror_iteration(struct mirror_job *s, uint64_t *cursor, void *bu
     co_guard_claim(s->guard, off, off + n);
     dirty_bitmap_reset_range(s->bitmap, off, n);
     bool in_source = true;
-    int ret = mirror_copy(s, off, n, buf, &in_source);
+    int ret = mirror_copy_area(s, off, n, buf, &in_source);
     if (ret < 0)
         mark_dirty_aligned(s, off, n);
     guard_release(s->guard);
@@ -695,7 +751,8 @@ static struct mirror_job *mirror_start_job(const struct mirror_start *a, error *
     s->base = a->base;
     s->granularity = a->granularity ? a->granularity : dirty_bitmap_default_granularity(target);
     uint64_t piece = a->buf_size < MIRROR_MAX_IO ? a->buf_size : MIRROR_MAX_IO;
-    s->buf_size = (piece + s->granularity - 1) / s->granularity * s->granularity;
+    s->piece = (piece + s->granularity - 1) / s->granularity * s->granularity;
+    s->buf_size = MAX(s->piece, a->buf_size / s->piece * s->piece);
     s->unmap = a->unmap;
     s->backing_mode = a->backing_mode;
     s->write_blocking = a->write_blocking;

@@ -140,6 +140,20 @@ static int wire_errno(uint32_t e)
     }
 }
 
+/* ms from now on CLOCK_MONOTONIC, the clock s->cond waits on. */
+static struct timespec cond_deadline(uint64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    return ts;
+}
+
 static void state_put(struct nbd_state *s)
 {
     pthread_mutex_lock(&s->lock);
@@ -622,15 +636,7 @@ static void *reader_main(void *opaque)
             uint64_t until = now_ms() + backoff;
             if (!s->fail_fast)
                 until = MIN(until, lost_at + s->reconnect_delay_ms);
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t wait = until > now_ms() ? until - now_ms() : 0;
-            ts.tv_sec += wait / 1000;
-            ts.tv_nsec += (wait % 1000) * 1000000;
-            if (ts.tv_nsec >= 1000000000) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000;
-            }
+            struct timespec ts = cond_deadline(until > now_ms() ? until - now_ms() : 0);
             s->kick = false;
             while (!s->closing && !s->kick &&
                    pthread_cond_timedwait(&s->cond, &s->lock, &ts) != ETIMEDOUT)
@@ -811,15 +817,7 @@ static struct nreq *sync_request(struct nbd_state *s, uint16_t type, uint16_t fl
                                  uint64_t off, uint32_t len, uint64_t timeout_ms)
 {
     struct nreq *q = nreq_new(NULL, type, flags, off, len, 0);
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);   /* s->cond waits on it */
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (timeout_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    struct timespec ts = cond_deadline(timeout_ms);
     pthread_mutex_lock(&s->lock);
     if (s->fail_fast) {
         q->err = fail_fast(s);
