@@ -900,6 +900,8 @@ int bnode_truncate(struct bnode *bs, uint64_t size, error **errp)
     int ret = bs->drv->truncate(bs, size, errp);
     if (ret < 0)
         return ret;
+    if (ret > 0)
+        return 0;                   /* the driver kept the size */
     /* A driver whose size follows its child's was told already. */
     size = bnode_round_size(size);
     if (bs->size != size) {

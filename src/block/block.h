@@ -272,6 +272,9 @@ struct bdrv {
      * *file_depth_out: not used by leaf drivers. */
     int  (*block_status)(struct bnode *bs, uint64_t offset, uint64_t bytes,
                          uint64_t *pnum, unsigned *flags);
+    /* 0, or 1 when the node keeps its size (a driver that may ignore a
+     * shrink, as QEMU's block_resize asks for it with exact=false), or
+     * -errno with errp set. */
     int  (*truncate)(struct bnode *bs, uint64_t size, error **errp);
     /* The "file" child changed size (block_resize of the child): update
      * bs->size if it follows the child's.  NULL: it does not. */

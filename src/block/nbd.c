@@ -607,12 +607,13 @@ static void *reader_main(void *opaque)
                 s->fail_fast = true;
                 fail_queue(s, -EIO);
             }
+            bool ro = s->read_only;
             pthread_mutex_unlock(&s->lock);
             error *err = NULL;
             struct nbdc_wire nw;
             struct nbdc_info ni;
             r = nbdc_connect(&s->cfg, &nw, &ni, now_ms() + NBDC_HANDSHAKE_MS, s->stop_fd, &err);
-            if (r == 0 && !same_export(s, &ni, s->read_only, &err)) {
+            if (r == 0 && !same_export(s, &ni, ro, &err)) {
                 nbdc_wire_close(&nw);
                 r = -EINVAL;
             }
@@ -1099,6 +1100,38 @@ static bool nbd_can_discard(struct bnode *bs)
     return s->info.flags & NBD_FLAG_SEND_TRIM;
 }
 
+/* block_resize: an export cannot grow; a smaller size is ignored, as
+ * QEMU's nbd_co_truncate does when the size need not be exact. */
+static int nbd_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    struct nbd_state *s = bs->opaque;
+    if (size > s->info.size) {
+        error_setg(errp, "Cannot grow NBD nodes");
+        return -EINVAL;
+    }
+    return 1;
+}
+
+/* blockdev-reopen: only read-only may change (QEMU's
+ * nbd_client_reopen_prepare); the other options are checked as fixed. */
+static int nbd_reopen_prepare(struct reopen_state *rs, error **errp)
+{
+    struct nbd_state *s = rs->bs->opaque;
+    if (!rs->read_only && (s->info.flags & NBD_FLAG_READ_ONLY)) {
+        error_setg(errp, "Can't reopen read-only NBD mount as read/write");
+        return -1;
+    }
+    return 0;
+}
+
+static void nbd_reopen_commit(struct reopen_state *rs)
+{
+    struct nbd_state *s = rs->bs->opaque;
+    pthread_mutex_lock(&s->lock);
+    s->read_only = rs->read_only;       /* what a reconnection must still allow */
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* QEMU's nbd has no bdrv_get_info: no dirty-flag. */
 static void nbd_query_info(struct bnode *bs, json_t *info)
 {
@@ -1121,5 +1154,8 @@ static const struct bdrv bdrv_nbd = {
     .flush_sync = nbd_flush_sync,
     .can_discard = nbd_can_discard,
     .query_info = nbd_query_info,
+    .truncate = nbd_truncate,
+    .reopen_prepare = nbd_reopen_prepare,
+    .reopen_commit = nbd_reopen_commit,
 };
 BDRV_REGISTER(bdrv_nbd)

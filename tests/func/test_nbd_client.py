@@ -828,3 +828,82 @@ def test_blockdev_del_disconnects(impl, start_daemon, tmpdir_short):
     poll(export_deleted, "disconnect seen by the server")
     assert srv.q.wait_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "exp0"}
     assert srv.q.execute("query-block-exports") == []
+
+
+def test_resize_and_reopen(impl, start_daemon, tmpdir_short):
+    """block_resize: an export cannot grow, a smaller size is ignored (the
+    node keeps the export's size); blockdev-reopen changes read-only only,
+    and not to read-write over a read-only export."""
+    img = write_image(os.path.join(tmpdir_short, "s.img"))
+    srv = Server(start_daemon, impl, tmpdir_short, img)
+    ro_img = write_image(os.path.join(tmpdir_short, "r.img"))
+    ro_srv = Server(start_daemon, impl, tmpdir_short, ro_img, writable=False, tag="r")
+    c = Client(start_daemon, impl, tmpdir_short)
+    c.add(srv, export="disk0")
+    q = c.q
+    e = q.error("block_resize", node_name="n", size=2 * SIZE)
+    assert (e["class"], e["desc"]) == (G, "Cannot grow NBD nodes")
+    assert q.execute("block_resize", node_name="n", size=SIZE) == {}
+    assert q.execute("block_resize", node_name="n", size=SIZE // 2) == {}
+    assert c.nodes()["n"]["image"]["virtual-size"] == SIZE
+
+    def reopen(node, addr, **opts):
+        return {"driver": "nbd", "node-name": node, "server": addr, "export": "disk0",
+                **{k.replace("_", "-"): v for k, v in opts.items()}}
+    assert q.execute("blockdev-reopen", options=[reopen("n", srv.addr, read_only=True)]) == {}
+    assert c.nodes()["n"]["ro"] is True
+    assert q.execute("blockdev-reopen", options=[reopen("n", srv.addr)]) == {}
+    assert c.nodes()["n"]["ro"] is False
+    e = q.error("blockdev-reopen", options=[dict(reopen("n", srv.addr), export="other")])
+    assert (e["class"], e["desc"]) == (G, "Cannot change the option 'export'")
+    c.add(ro_srv, node="r", export="disk0", read_only=True)
+    e = q.error("blockdev-reopen", options=[reopen("r", ro_srv.addr, read_only=False)])
+    assert (e["class"], e["desc"]) == (G, "Can't reopen read-only NBD mount as read/write")
+    # the writable node still writes
+    uri = c.reexport("n")
+    h = handle(uri)
+    h.pwrite(b"\x5a" * 4096, 4096)
+    h.shutdown()
+    c.daemon.stop()
+    srv.stop()
+    assert read_file(img)[4096:8192] == b"\x5a" * 4096
+
+
+def test_own_export(impl, start_daemon, tmpdir_short):
+    """A node on an export of the same daemon (its own NBD server, over
+    UNIX and TCP): blockdev-add does not hang on the daemon's own
+    handshake, data passes both ways, and block status answers (bexd
+    reports data there rather than ask itself).  qemu-storage-daemon 7.2
+    hangs in that blockdev-add for ever, over UNIX and TCP alike (its
+    main loop waits for the handshake only the main loop can serve)."""
+    if impl == "qsd":
+        pytest.skip("qemu-storage-daemon 7.2 hangs in blockdev-add of its own export")
+    img = write_image(os.path.join(tmpdir_short, "s.img"), extents=[(MiB, 64 * 1024)])
+    sock = os.path.join(tmpdir_short, "own.sock")
+    port = free_tcp_port()
+    d = start_daemon(impl, "--blockdev", "driver=file,node-name=disk0,filename=%s" % img,
+                     "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                     "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on")
+    q = d.qmp()
+    q.execute("blockdev-add", driver="nbd", node_name="u", export="disk0",
+              server={"type": "unix", "path": sock})
+    q.execute("nbd-server-stop")
+    q.execute("nbd-server-start",
+              addr={"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}})
+    q.execute("block-export-add", type="nbd", id="exp1", node_name="disk0", name="disk0",
+              writable=True)
+    q.execute("blockdev-add", driver="nbd", node_name="t", export="disk0",
+              server={"type": "inet", "host": "127.0.0.1", "port": str(port)})
+    q.execute("block-export-add", type="nbd", id="re", node_name="t", name="re",
+              writable=True)
+    uri = "nbd://127.0.0.1:%d/re" % port
+    h = handle(uri)
+    assert h.pread(64 * 1024, MiB) == pattern(64 * 1024, seed=MiB % 97)
+    h.pwrite(b"\xa5" * 512, 3 * MiB)
+    h.flush()
+    h.shutdown()
+    ext = extents(uri)
+    assert sum(ln for _, ln, _ in ext) == SIZE
+    assert all(fl & 1 == 0 for off, ln, fl in ext if off < MiB + 64 * 1024 and off + ln > MiB)
+    d.stop()
+    assert read_file(img)[3 * MiB:3 * MiB + 512] == b"\xa5" * 512

@@ -13,8 +13,8 @@ bool nbd_server_running(void);
 /* Main thread, waiting for what only this server's handshake can give (an
  * nbd block node connecting to this very process): serve the listening
  * sockets and the connections still negotiating, for up to timeout_ms or
- * until wake_fd is readable.  The main loop stands still meanwhile, as
- * QEMU's does in aio_poll(): nothing else is dispatched. */
+ * until wake_fd is readable.  The main loop stands still meanwhile:
+ * nothing else is dispatched. */
 void nbd_server_pump(int wake_fd, int timeout_ms);
 /* Main thread: is fd, a connected socket, a client of this server? */
 bool nbd_server_is_peer(int fd);
