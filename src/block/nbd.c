@@ -244,44 +244,39 @@ static void complete_locked(struct nbd_state *s, struct nreq *q)
 
 /* ---- sender ---- */
 
-/* The pieces of [off, off+len) of a breq's buffers, or of zeros. */
+/* The pieces of [off, off + len) of r's buffers, in out (room for
+ * r->iovcnt entries); how many. */
+static int buffer_range(const struct breq *r, uint64_t off, uint64_t len, struct iovec *out)
+{
+    const struct iovec *iov = r->iov;
+    int i = 0, n = 0;
+
+    while (i < r->iovcnt && off >= iov[i].iov_len)
+        off -= iov[i++].iov_len;
+    for (; len && i < r->iovcnt; i++, off = 0) {
+        size_t k = MIN(len, iov[i].iov_len - off);
+        out[n++] = (struct iovec){ (char *)iov[i].iov_base + off, k };
+        len -= k;
+    }
+    return n;
+}
+
+/* A WRITE: the header, then q's part of its breq's buffers, or zeros. */
 static int send_payload(struct nbdc_wire *w, struct nreq *q, struct iovec *hdr)
 {
-    struct iovec v[64];
-    int n = 0;
-    uint64_t left = q->len, off = q->boff;
+    size_t zpieces = (q->len + sizeof(zero_buf) - 1) / sizeof(zero_buf);
+    size_t max = 1 + (q->zeroes ? zpieces : (size_t)q->breq->iovcnt);
+    CLEANUP_FREE struct iovec *v = xmalloc(max * sizeof(*v));
+    int n = 1;
 
-    v[n++] = *hdr;
+    v[0] = *hdr;
     if (q->zeroes) {
-        while (left) {
-            size_t k = MIN(left, sizeof(zero_buf));
-            v[n++] = (struct iovec){ (void *)zero_buf, k };
-            left -= k;
-            if (n == 64 || !left) {
-                int r = nbdc_wire_send(w, v, n, 0);
-                if (r < 0)
-                    return r;
-                n = 0;
-            }
-        }
-        return 0;
+        for (uint64_t left = q->len; left; left -= v[n++].iov_len)
+            v[n] = (struct iovec){ (void *)zero_buf, MIN(left, sizeof(zero_buf)) };
+    } else {
+        n += buffer_range(q->breq, q->boff, q->len, v + 1);
     }
-    const struct iovec *iov = q->breq->iov;
-    int i = 0;
-    while (i < q->breq->iovcnt && off >= iov[i].iov_len)
-        off -= iov[i++].iov_len;
-    for (; left && i < q->breq->iovcnt; i++, off = 0) {
-        size_t k = MIN(left, iov[i].iov_len - off);
-        v[n++] = (struct iovec){ (char *)iov[i].iov_base + off, k };
-        left -= k;
-        if (n == 64 || !left) {
-            int r = nbdc_wire_send(w, v, n, 0);
-            if (r < 0)
-                return r;
-            n = 0;
-        }
-    }
-    return n ? nbdc_wire_send(w, v, n, 0) : 0;
+    return nbdc_wire_send(w, v, n, 0);
 }
 
 static int send_req(struct nbdc_wire *w, struct nreq *q)
@@ -385,23 +380,17 @@ static int skip_bytes(struct nbdc_wire *w, uint64_t len)
 static int into_buffers(struct nbdc_wire *w, struct nreq *q, uint64_t off, uint64_t len,
                         bool zero)
 {
-    const struct iovec *iov = q->breq->iov;
-    int i = 0;
+    CLEANUP_FREE struct iovec *v = xmalloc(q->breq->iovcnt * sizeof(*v));
+    int n = buffer_range(q->breq, q->boff + off, len, v);
 
-    off += q->boff;
-    while (i < q->breq->iovcnt && off >= iov[i].iov_len)
-        off -= iov[i++].iov_len;
-    for (; len && i < q->breq->iovcnt; i++, off = 0) {
-        size_t k = MIN(len, iov[i].iov_len - off);
-        char *p = (char *)iov[i].iov_base + off;
+    for (int i = 0; i < n; i++) {
         if (zero) {
-            memset(p, 0, k);
+            memset(v[i].iov_base, 0, v[i].iov_len);
         } else {
-            int r = nbdc_wire_recv(w, p, k, 0);
+            int r = nbdc_wire_recv(w, v[i].iov_base, v[i].iov_len, 0);
             if (r < 0)
                 return r;
         }
-        len -= k;
     }
     return 0;
 }

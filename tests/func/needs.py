@@ -13,6 +13,7 @@ file system, FUSE over io_uring).  Everything else is a failure (issue #18):
 """
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -34,3 +35,14 @@ def built(path, what):
         pytest.fail("%s was not built (%s): build it with scripts/build.sh" % (what, path),
                     pytrace=False)
     return path
+
+
+def ipv6_loopback():
+    """Whether this host has IPv6 on ::1 (a kernel feature: its absence skips)."""
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False

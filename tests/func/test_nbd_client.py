@@ -352,18 +352,8 @@ def nbd_size(uri):
         h.shutdown()
 
 
-def ipv6_loopback():
-    try:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.bind(("::1", 0))
-        s.close()
-        return True
-    except OSError:
-        return False
-
-
 def test_node_listing_ipv6(impl, start_daemon, tmpdir_short):
-    if not ipv6_loopback():
+    if not needs.ipv6_loopback():
         pytest.skip("no IPv6 loopback on this host")
     img = write_image(os.path.join(tmpdir_short, "s.img"), size=2 * MiB)
     port = free_tcp_port(socket.AF_INET6, "::1")

@@ -15,6 +15,8 @@ import subprocess
 
 import pytest
 
+import needs
+
 from conftest import tool_json, tool_text
 from nbdwire import HEAD, Conn, free_tcp_port, pattern, serve
 from pagecache import unsynced_pages
@@ -377,17 +379,7 @@ def test_tcp_ephemeral_port(impl, start_daemon, tmpdir_short):
     assert c.read(DATA_OFF, 64).data == DATA[:64]
 
 
-def ipv6_loopback():
-    try:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.bind(("::1", 0))
-        s.close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not needs.ipv6_loopback(), reason="no IPv6 loopback here")
 def test_tcp_ipv6(impl, start_daemon, tmpdir_short):
     d, img, port = tcp_export(start_daemon, impl, tmpdir_short, "::1")
     h = nbd.NBD()
