@@ -87,6 +87,11 @@ struct breq {
     int stage;
     uint64_t step_off, step_len;     /* file.c write-zeroes: the extent in hand */
     struct iovec tmp_iov;
+    /* drivers that complete in threads of their own (rbd, nbd): the
+     * submitting loop's completion channel (bchan.h), and the pieces a
+     * request was split into that have not finished (atomic) */
+    struct bchan *chan;
+    int pending;
     struct bnode_align *align_track; /* counted fast-path write (block/align.c) */
     /* accounting (block/stats.c): the node counted, op, start, levels forwarded */
     struct bnode *acct;
@@ -141,6 +146,7 @@ struct bnode_user {
     struct bnode_user *next;
 };
 
+struct bchan;
 struct bdrv;
 struct bsnapshot;
 struct dirty_bitmap;

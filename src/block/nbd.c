@@ -203,8 +203,8 @@ static void nreq_finish(struct nbd_state *s, struct nreq *q, int err)
                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     }
     free(q);
-    if (__atomic_sub_fetch(&r->stage, 1, __ATOMIC_ACQ_REL) == 0)
-        bchan_push(r->tmp_iov.iov_base, r, __atomic_load_n(&r->aio.res, __ATOMIC_RELAXED));
+    if (__atomic_sub_fetch(&r->pending, 1, __ATOMIC_ACQ_REL) == 0)
+        bchan_push(r->chan, r, __atomic_load_n(&r->aio.res, __ATOMIC_RELAXED));
 }
 
 static void fail_queue(struct nbd_state *s, int err)
@@ -666,7 +666,7 @@ static struct nreq *nreq_new(struct breq *r, uint16_t type, uint16_t flags, uint
 }
 
 /* Queue the wire requests of r for [off, off+len) in pieces of at most
- * max bytes; r->stage counts those not finished. */
+ * max bytes; r->pending counts those not finished. */
 static void queue_pieces(struct nbd_state *s, struct breq *r, uint16_t type, uint16_t flags,
                          uint64_t off, uint64_t len, uint32_t max, bool zeroes)
 {
@@ -674,7 +674,7 @@ static void queue_pieces(struct nbd_state *s, struct breq *r, uint16_t type, uin
         uint32_t n = (uint32_t)MIN(len - done, (uint64_t)max);
         struct nreq *q = nreq_new(r, type, flags, off + done, n, done);
         q->zeroes = zeroes;
-        __atomic_add_fetch(&r->stage, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&r->pending, 1, __ATOMIC_RELAXED);
         enqueue(s, q, false);
         done += n;
     }
@@ -683,7 +683,7 @@ static void queue_pieces(struct nbd_state *s, struct breq *r, uint16_t type, uin
 /* A request without a range (FLUSH). */
 static void queue_one(struct nbd_state *s, struct breq *r, uint16_t type)
 {
-    __atomic_add_fetch(&r->stage, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&r->pending, 1, __ATOMIC_RELAXED);
     enqueue(s, nreq_new(r, type, 0, 0, 0, 0), false);
 }
 
@@ -762,9 +762,9 @@ static void issue(struct bnode *bs, struct breq *r, int phase)
 {
     struct nbd_state *s = bs->opaque;
 
-    r->stage = 1;                   /* ours, until every piece is queued */
-    r->aio.res = 0;
-    r->step_len = phase;
+    r->pending = 1;                 /* ours, until every piece is queued */
+    r->aio.res = 0;                 /* the first error of a piece */
+    r->stage = phase;
     pthread_mutex_lock(&s->lock);
     int ret = s->fail_fast ? fail_fast(s) : start_op(s, bs, r, r->drv_offset, phase);
     pthread_mutex_unlock(&s->lock);
@@ -773,7 +773,7 @@ static void issue(struct bnode *bs, struct breq *r, int phase)
         breq_complete(r, ret);
         return;
     }
-    if (__atomic_sub_fetch(&r->stage, 1, __ATOMIC_ACQ_REL) == 0)
+    if (__atomic_sub_fetch(&r->pending, 1, __ATOMIC_ACQ_REL) == 0)
         breq_finished(r);           /* nothing to send, or all done already */
 }
 
@@ -783,7 +783,7 @@ static void breq_finished(struct breq *r)
     struct nbd_state *s = bs->opaque;
     int ret = (int)r->aio.res;
 
-    if (ret == 0 && r->step_len == PHASE_OP && (r->flags & BREQ_FUA) && !bs->cache_no_flush &&
+    if (ret == 0 && r->stage == PHASE_OP && (r->flags & BREQ_FUA) && !bs->cache_no_flush &&
         (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES) &&
         !(s->info.flags & NBD_FLAG_SEND_FUA) && (s->info.flags & NBD_FLAG_SEND_FLUSH)) {
         issue(bs, r, PHASE_FUA_FLUSH);      /* FUA emulated: a flush after the write */
@@ -798,7 +798,7 @@ static void nbd_submit(struct bnode *bs, struct breq *r, uint64_t offset)
 
     r->bs = bs;
     r->drv_offset = offset;
-    r->tmp_iov.iov_base = bchan_get(&s->chans, r->loop);
+    r->chan = bchan_get(&s->chans, r->loop);
     issue(bs, r, PHASE_OP);
 }
 

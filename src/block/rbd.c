@@ -147,7 +147,7 @@ static void op_callback(rbd_completion_t comp, void *arg)
     int64_t res = rbd_aio_get_return_value(comp);
 
     rbd_aio_release(comp);
-    bchan_push(r->tmp_iov.iov_base, r, res);
+    bchan_push(r->chan, r, res);
 }
 
 /* ---- requests ---- */
@@ -243,7 +243,7 @@ static void rbd_submit(struct bnode *bs, struct breq *r, uint64_t offset)
     r->bs = bs;
     r->drv_offset = offset;
     r->stage = ST_OP;
-    r->tmp_iov.iov_base = bchan_get(&s->chans, r->loop);
+    r->chan = bchan_get(&s->chans, r->loop);
     op_start(s, r);
 }
 
