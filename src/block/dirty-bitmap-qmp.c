@@ -53,9 +53,18 @@ struct dirty_bitmap *dirty_bitmap_op_add(json_t *args, error **errp)
         return NULL;
     if (opt_bool(args, "disabled", false))
         dirty_bitmap_set_enabled(bm, false);
-    if (persistent && dirty_bitmap_persist(bm, errp) < 0) {
-        dirty_bitmap_release(bm);
-        return NULL;
+    if (persistent) {
+        /* the image's entry may take a while (qmp_call_co): meanwhile the
+         * bitmap is busy and the node held */
+        bnode_ref(bs);
+        dirty_bitmap_set_busy(bm, true);
+        int ret = dirty_bitmap_persist(bm, errp);
+        dirty_bitmap_set_busy(bm, false);
+        bnode_unref(bs);
+        if (ret < 0) {
+            dirty_bitmap_release(bm);
+            return NULL;
+        }
     }
     return bm;
 }
@@ -121,21 +130,42 @@ out:
 
 /* ---- the commands ---- */
 
-static json_t *qmp_block_dirty_bitmap_add(json_t *args, error **errp)
+/* add and remove write a persistent bitmap's entry in the image: as work
+ * of the main loop that may wait for the image's I/O (qmp_call_co), not
+ * blocking the loop that serves exports without an iothread and jobs. */
+static json_t *bitmap_add_work(json_t *args, error **errp)
 {
     return dirty_bitmap_op_add(args, errp) ? json_object() : NULL;
 }
+
+static json_t *qmp_block_dirty_bitmap_add(json_t *args, error **errp)
+{
+    return qmp_call_co(bitmap_add_work, args, errp);
+}
 QMP_COMMAND("block-dirty-bitmap-add", qmp_block_dirty_bitmap_add)
 
-static json_t *qmp_block_dirty_bitmap_remove(json_t *args, error **errp)
+static json_t *bitmap_remove_work(json_t *args, error **errp)
 {
     struct dirty_bitmap *bm = dirty_bitmap_op_remove_check(args, errp);
     if (!bm)
         return NULL;
-    if (bm->persistent && dirty_bitmap_unpersist(bm, errp) < 0)
-        return NULL;
+    if (bm->persistent) {
+        struct bnode *bs = bm->bs;
+        bnode_ref(bs);
+        dirty_bitmap_set_busy(bm, true);    /* nobody else takes it meanwhile */
+        int ret = dirty_bitmap_unpersist(bm, errp);
+        dirty_bitmap_set_busy(bm, false);
+        bnode_unref(bs);
+        if (ret < 0)
+            return NULL;
+    }
     dirty_bitmap_release(bm);
     return json_object();
+}
+
+static json_t *qmp_block_dirty_bitmap_remove(json_t *args, error **errp)
+{
+    return qmp_call_co(bitmap_remove_work, args, errp);
 }
 QMP_COMMAND("block-dirty-bitmap-remove", qmp_block_dirty_bitmap_remove)
 

@@ -1782,6 +1782,8 @@ static void *sync_thread(void *opaque)
 
 int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque)
 {
+    if (co_waits_in_main())
+        return fn(s, opaque);       /* a command's coroutine: wait here, the loop goes on */
     struct sync_run sr = { .s = s, .fn = fn, .opaque = opaque, .loop = loop_new("qcow2") };
     pthread_t t;
     if (pthread_create(&t, NULL, sync_thread, &sr) != 0) {

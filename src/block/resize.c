@@ -19,7 +19,7 @@
 #include "qmp/qmp.h"
 #include "util/opts.h"
 
-static json_t *qmp_block_resize(json_t *args, error **errp)
+static json_t *block_resize_work(json_t *args, error **errp)
 {
     const char *device = opt_str(args, "device", NULL);
     const char *node_name = opt_str(args, "node-name", NULL);
@@ -48,6 +48,12 @@ static json_t *qmp_block_resize(json_t *args, error **errp)
     int ret = bnode_truncate(bs, size, errp);
     bnode_detach(u);
     return ret < 0 ? NULL : json_object();
+}
+/* A qcow2 image's metadata may take a while to grow: work of the main loop
+ * that waits there (qmp_call_co), the loop serving exports and jobs. */
+static json_t *qmp_block_resize(json_t *args, error **errp)
+{
+    return qmp_call_co(block_resize_work, args, errp);
 }
 QMP_COMMAND("block_resize", qmp_block_resize)
 

@@ -18,6 +18,7 @@
 #include "qmp/qmp.h"
 #include "qmp/schema.h"
 #include "util/cleanup.h"
+#include "util/coroutine.h"
 #include "util/loop.h"
 #include "util/sockets.h"
 #include "util/xalloc.h"
@@ -246,6 +247,54 @@ void qmp_reply_set(struct qmp_reply *r, json_t *ret, error *err)
     json_decref(r->rsp);
     r->rsp = err ? error_response(id, err) : return_response(id, ret);
     json_decref(id);
+}
+
+struct co_call {
+    json_t *(*fn)(json_t *args, error **errp);
+    json_t *args;
+    struct qmp_reply *reply;
+    json_t *ret;
+    error *err;
+    bool done;                      /* finished before the handler returned */
+    bool later;                     /* ... or after: it answers itself */
+};
+
+static void co_call_body(void *opaque)
+{
+    struct co_call *c = opaque;
+    co_set_waits_in_main(true);
+    c->ret = c->fn(c->args, &c->err);
+    co_set_waits_in_main(false);
+    if (!c->later) {
+        c->done = true;
+        return;
+    }
+    qmp_reply_set(c->reply, c->ret, c->err);
+    qmp_reply_release(c->reply);
+    json_decref(c->args);
+    free(c);
+}
+
+json_t *qmp_call_co(json_t *(*fn)(json_t *args, error **errp), json_t *args, error **errp)
+{
+    if (!loop_in_thread(loop_main()))
+        return fn(args, errp);
+    struct co_call *c = xzalloc(sizeof(*c));
+    c->fn = fn;
+    c->args = json_incref(args);
+    c->reply = qmp_reply_hold();
+    co_enter(co_create(co_call_body, c));
+    if (!c->done) {
+        c->later = true;
+        return json_object();       /* replaced by what fn returns */
+    }
+    json_t *ret = c->ret;
+    if (c->err)
+        error_propagate(errp, c->err);
+    qmp_reply_release(c->reply);    /* the handler's own hold answers */
+    json_decref(c->args);
+    free(c);
+    return ret;
 }
 
 void qmp_reply_cancel(struct qmp_reply *r)

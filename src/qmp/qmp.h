@@ -47,6 +47,13 @@ void qmp_reply_set(struct qmp_reply *r, json_t *ret, error *err);
  * afterwards with qmp_reply_enter(). */
 struct qmp_reply *qmp_reply_enter(struct qmp_reply *r);
 
+/* Run a command's work fn(args) as a coroutine of the main loop that may
+ * wait there for image I/O (co_set_waits_in_main): the loop serves
+ * everything else meanwhile, and the reply waits for the work.  Work that
+ * never waits answers at once.  Outside the running main loop (tests that
+ * dispatch directly), fn runs as it is.  Main thread, from a handler. */
+json_t *qmp_call_co(json_t *(*fn)(json_t *args, error **errp), json_t *args, error **errp);
+
 /* Emit an event to every monitor that completed negotiation.  data is
  * stolen (may be NULL).  Thread-safe: other threads are forwarded to the
  * main loop. */

@@ -74,6 +74,7 @@ struct coroutine {
     void *map;                     /* mmap'ed region (guard page + stack) */
     size_t map_size;
     bool running, finished;
+    bool waits_in_main;            /* co_set_waits_in_main */
 #ifdef CO_ASAN
     void *fake_stack;
     const void *caller_bottom;
@@ -231,6 +232,7 @@ struct coroutine *co_create(co_fn *fn, void *opaque)
     co->caller = NULL;
     co->next = NULL;
     co->finished = false;
+    co->waits_in_main = false;
     co->running = false;
     __atomic_add_fetch(&alive, 1, __ATOMIC_RELAXED);
     return co;
@@ -498,4 +500,17 @@ bool co_mutex_held_by_self(struct co_mutex *m)
     bool held = m->locked && m->holder == co_self();
     pthread_mutex_unlock(&m->lock);
     return held;
+}
+
+void co_set_waits_in_main(bool on)
+{
+    struct coroutine *co = co_self();
+    if (co)
+        co->waits_in_main = on;
+}
+
+bool co_waits_in_main(void)
+{
+    struct coroutine *co = co_self();
+    return co && co->waits_in_main && co->loop && co->loop == loop_main();
 }

@@ -49,6 +49,16 @@ struct loop *co_loop(const struct coroutine *co);
  * loop next sleeps).  co must be yielded waiting for exactly this. */
 void co_wake(struct coroutine *co);
 
+/* The running coroutine, of the main loop, may wait there for I/O that
+ * the main loop itself completes: it holds no lock that another task of
+ * the main loop could need.  Control work run as such a coroutine
+ * (qmp_call_co) says so; synchronous helpers (qcow2_run_sync) then do
+ * their work in it instead of blocking the main thread on a thread of
+ * their own, which would wait for ever for a lock a coroutine of the main
+ * loop holds across its I/O (a job's read, an export without iothread). */
+void co_set_waits_in_main(bool on);
+bool co_waits_in_main(void);
+
 /* Free this thread's pool of finished coroutines (tests, thread exit). */
 void co_pool_drain(void);
 /* Coroutines currently alive (created and not finished), all threads. */

@@ -1,0 +1,72 @@
+"""Commands that write a qcow2 image's metadata while the main loop has
+image I/O of its own under way.
+
+A block job runs in the main loop; its reads of a qcow2 node take the
+image's metadata lock on an L2 table miss and wait for the file's I/O,
+which the main loop completes.  block-dirty-bitmap-add and -remove of a
+persistent bitmap write the image's bitmap directory under the same lock.
+bexd used to do that work on a thread of its own while the main thread
+waited for it: the job could never give the lock back, and the daemon hung
+for ever.  The work now waits in the main loop (qmp_call_co), as QEMU's
+coroutine does.
+
+The image has 512-byte clusters and a tiny L2 cache, on a real file system
+with cache.direct=on, so the job misses the cache at almost every read and
+those reads really wait.  Every command must answer within the monitor's
+timeout, and the image must be clean afterwards.
+"""
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from conftest import tool_text
+
+MiB = 1 << 20
+
+
+def o_direct_works(path):
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def qemu_img(*args):
+    r = subprocess.run(["qemu-img"] + list(args), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    assert r.returncode == 0, tool_text(r.stdout)
+    return r.stdout
+
+
+def test_bitmaps_while_a_job_reads(impl, start_daemon, tmpdir_short):
+    img = os.path.join(tmpdir_short, "q.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "64M")
+    subprocess.run(["qemu-io", "-c", "write -P 1 0 32M", img], stdout=subprocess.DEVNULL,
+                   check=True)
+    if not o_direct_works(img):
+        pytest.skip("no O_DIRECT in %s" % tmpdir_short)
+    d = start_daemon(impl,
+                     "--blockdev", "driver=file,node-name=f0,filename=%s,cache.direct=on" % img,
+                     "--blockdev", "driver=qcow2,node-name=q0,file=f0,l2-cache-size=4096",
+                     "--blockdev", "driver=null-co,node-name=t0,size=%d" % (64 * MiB))
+    q = d.qmp()
+    q.sock.settimeout(20)          # a hang is a failure, not a wait
+    q.execute("blockdev-mirror", job_id="m0", device="q0", target="t0", sync="full")
+    try:
+        for i in range(60):
+            q.execute("block-dirty-bitmap-add", node="q0", name="b%d" % i, persistent=True)
+            q.execute("block-dirty-bitmap-remove", node="q0", name="b%d" % i)
+        q.execute("block-dirty-bitmap-add", node="q0", name="kept", persistent=True)
+    except socket.timeout:
+        pytest.fail("a bitmap command did not answer while the job read the image")
+    q.execute("block-job-cancel", device="m0", force=True)
+    q.wait_event("BLOCK_JOB_CANCELLED")
+    d.stop()
+    info = json.loads(qemu_img("info", "--output=json", img))
+    names = [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+    assert names == ["kept"]
+    qemu_img("check", img)
