@@ -349,4 +349,9 @@ int  qcow2_co_shrink(struct bnode *bs, struct qcow2_state *s, uint64_t size, uin
 int  qcow2_co_zero_grown(struct bnode *bs, struct qcow2_state *s, uint64_t old, uint64_t size);
 /* Cut an image file grown ahead back to what was written (close, shrink). */
 void qcow2_trim_grown(struct qcow2_state *s);
+/* Run fn (which takes s->lock) to its end, from the control path: in the
+ * caller's coroutine when it may wait in the main loop (co_waits_in_main),
+ * else in a coroutine of a helper thread while the caller waits; -EBUSY,
+ * rather than waiting for ever, when the caller stops the main loop and a
+ * coroutine of the main loop holds or awaits s->lock. */
 int  qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque);

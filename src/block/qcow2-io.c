@@ -1780,10 +1780,9 @@ static void *sync_thread(void *opaque)
     return NULL;
 }
 
-int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque)
+static int run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *),
+                    void *opaque)
 {
-    if (co_waits_in_main())
-        return fn(s, opaque);       /* a command's coroutine: wait here, the loop goes on */
     struct sync_run sr = { .s = s, .fn = fn, .opaque = opaque, .loop = loop_new("qcow2") };
     pthread_t t;
     if (pthread_create(&t, NULL, sync_thread, &sr) != 0) {
@@ -1793,6 +1792,19 @@ int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *
     pthread_join(t, NULL);
     loop_free(sr.loop);
     return sr.ret;
+}
+
+int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque)
+{
+    if (co_waits_in_main())
+        return fn(s, opaque);       /* a command's coroutine: wait here, the loop goes on */
+    /* The main thread stops the main loop while the helper works: if a
+     * coroutine of the main loop holds the image's lock or waits for it (a
+     * job's read, an export without iothread), the helper would wait for
+     * it for ever.  Refuse rather than hang. */
+    if (loop_in_thread(loop_main()) && co_mutex_involves_loop(&s->lock, loop_main()))
+        return -EBUSY;
+    return run_sync(s, fn, opaque);
 }
 
 /* ---- block status ----
@@ -1919,7 +1931,7 @@ static int batch_status(struct bnode *bs, struct qcow2_state *s, uint64_t offset
             helper = true;      /* the rest in one run of a helper thread */
     }
     if (helper)
-        ret = qcow2_run_sync(s, read_batch_sync, b);
+        ret = run_sync(s, read_batch_sync, b);     /* takes no s->lock */
     if (ret == 0 && b->seg[0].ret < 0)
         ret = b->seg[0].ret;
     if (ret == 0 && !seg_run(s, &b->seg[0], contig, run))

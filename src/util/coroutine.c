@@ -478,6 +478,16 @@ void co_mutex_lock(struct co_mutex *m)
     co_yield();                  /* woken by unlock, which made us the holder */
 }
 
+bool co_mutex_involves_loop(struct co_mutex *m, struct loop *l)
+{
+    pthread_mutex_lock(&m->lock);
+    bool found = m->locked && m->holder && m->holder->loop == l;
+    for (struct co_waiter *w = m->head; w && !found; w = w->next)
+        found = w->co->loop == l;
+    pthread_mutex_unlock(&m->lock);
+    return found;
+}
+
 void co_mutex_unlock(struct co_mutex *m)
 {
     pthread_mutex_lock(&m->lock);

@@ -94,3 +94,6 @@ void co_mutex_destroy(struct co_mutex *m);
 void co_mutex_lock(struct co_mutex *m);      /* in a coroutine */
 void co_mutex_unlock(struct co_mutex *m);    /* by the holder */
 bool co_mutex_held_by_self(struct co_mutex *m);
+/* Does a coroutine of loop l hold m, or wait for it (and so get it next)?
+ * A thread that stops l and then waits for m would wait for ever. */
+bool co_mutex_involves_loop(struct co_mutex *m, struct loop *l);
