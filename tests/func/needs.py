@@ -46,3 +46,13 @@ def ipv6_loopback():
         return True
     except OSError:
         return False
+
+
+def o_direct_works(path):
+    """Whether the file system under path takes O_DIRECT (tmpfs does not:
+    a kernel feature, so its absence skips)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False

@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+import needs
+
 import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 from conftest import tool_text, xfail_if_reference_died
 
@@ -31,14 +33,6 @@ def random_bytes(n, seed):
     return bytes(out)
 
 
-def o_direct_works(path):
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-
-
 class Setup:
     """bexd/qsd exporting a 4 MiB image on a cache.direct=on node as disk0;
     pre: extra options before the export, post: after it."""
@@ -49,7 +43,7 @@ class Setup:
         self.base = random_bytes(SIZE // 16, seed=5) * 16
         with open(self.img, "wb") as f:
             f.write(self.base)
-        if not o_direct_works(self.img):
+        if not needs.o_direct_works(self.img):
             pytest.skip("no O_DIRECT on %s" % tmpdir)
         self.model = bytearray(self.base)
         self.sock = os.path.join(tmpdir, "nbd.sock")

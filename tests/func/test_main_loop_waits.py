@@ -22,17 +22,11 @@ import subprocess
 
 import pytest
 
+import needs
+
 from conftest import tool_text
 
 MiB = 1 << 20
-
-
-def o_direct_works(path):
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
 
 
 def qemu_img(*args):
@@ -42,12 +36,14 @@ def qemu_img(*args):
     return r.stdout
 
 
-def test_bitmaps_while_a_job_reads(impl, start_daemon, tmpdir_short):
+def job_reading(impl, start_daemon, tmpdir_short):
+    """A daemon whose mirror job reads a qcow2 image of 512-byte clusters
+    through a tiny L2 cache, with O_DIRECT: (image, daemon, monitor)."""
     img = os.path.join(tmpdir_short, "q.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "64M")
     subprocess.run(["qemu-io", "-c", "write -P 1 0 32M", img], stdout=subprocess.DEVNULL,
                    check=True)
-    if not o_direct_works(img):
+    if not needs.o_direct_works(img):
         pytest.skip("no O_DIRECT in %s" % tmpdir_short)
     d = start_daemon(impl,
                      "--blockdev", "driver=file,node-name=f0,filename=%s,cache.direct=on" % img,
@@ -56,6 +52,11 @@ def test_bitmaps_while_a_job_reads(impl, start_daemon, tmpdir_short):
     q = d.qmp()
     q.sock.settimeout(20)          # a hang is a failure, not a wait
     q.execute("blockdev-mirror", job_id="m0", device="q0", target="t0", sync="full")
+    return img, d, q
+
+
+def test_bitmaps_while_a_job_reads(impl, start_daemon, tmpdir_short):
+    img, d, q = job_reading(impl, start_daemon, tmpdir_short)
     try:
         for i in range(60):
             q.execute("block-dirty-bitmap-add", node="q0", name="b%d" % i, persistent=True)
@@ -78,19 +79,7 @@ def test_transaction_bitmap_while_a_job_reads(impl, start_daemon, tmpdir_short):
     holds the image's lock they are refused (EBUSY) rather than hang; qsd
     7.2 writes nothing at that point and succeeds.  Either way the daemon
     answers, and what it says it did is in the image."""
-    img = os.path.join(tmpdir_short, "q.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "64M")
-    subprocess.run(["qemu-io", "-c", "write -P 1 0 32M", img], stdout=subprocess.DEVNULL,
-                   check=True)
-    if not o_direct_works(img):
-        pytest.skip("no O_DIRECT in %s" % tmpdir_short)
-    d = start_daemon(impl,
-                     "--blockdev", "driver=file,node-name=f0,filename=%s,cache.direct=on" % img,
-                     "--blockdev", "driver=qcow2,node-name=q0,file=f0,l2-cache-size=4096",
-                     "--blockdev", "driver=null-co,node-name=t0,size=%d" % (64 * MiB))
-    q = d.qmp()
-    q.sock.settimeout(20)
-    q.execute("blockdev-mirror", job_id="m0", device="q0", target="t0", sync="full")
+    img, d, q = job_reading(impl, start_daemon, tmpdir_short)
     added = []
     try:
         for i in range(40):

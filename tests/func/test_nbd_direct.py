@@ -17,18 +17,12 @@ import time
 
 import pytest
 
+import needs
+
 import nbd  # noqa: E402 (python3-libnbd, which scripts/deps.sh installs)
 
 MiB = 1 << 20
 SIZE = 24 * MiB
-
-
-def o_direct_works(path):
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
 
 
 class Setup:
@@ -38,7 +32,7 @@ class Setup:
         self.model = bytearray(self.rng.randbytes(SIZE))
         with open(self.img, "wb") as f:
             f.write(self.model)
-        if not o_direct_works(self.img):
+        if not needs.o_direct_works(self.img):
             pytest.skip("no O_DIRECT on %s" % tmpdir)
         self.sock = os.path.join(tmpdir, "nbd.sock")
         self.daemon = start_daemon(
