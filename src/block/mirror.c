@@ -352,12 +352,14 @@ static int mirror_copy_area(struct mirror_job *s, uint64_t off, uint64_t n, void
 static int64_t mirror_iteration(struct mirror_job *s, uint64_t *cursor, void *buf)
 {
     uint64_t len = s->source->size, off = *cursor, n = 0;
+    /* under a speed limit, one piece at a time: the limit's slices stay fine */
+    uint64_t most = s->common.speed ? s->piece : s->buf_size;
     struct bnode *fbs = s->bitmap->bs;
     dirty_bitmaps_lock(fbs);
-    bool found = dirty_bitmap_next_dirty_area_locked(s->bitmap, &off, len, s->buf_size, &n);
+    bool found = dirty_bitmap_next_dirty_area_locked(s->bitmap, &off, len, most, &n);
     if (!found && *cursor) {
         off = 0;
-        found = dirty_bitmap_next_dirty_area_locked(s->bitmap, &off, len, s->buf_size, &n);
+        found = dirty_bitmap_next_dirty_area_locked(s->bitmap, &off, len, most, &n);
     }
     dirty_bitmaps_unlock(fbs);
     if (!found)
