@@ -77,6 +77,13 @@ static void queue_one(struct nbd_state *s, struct breq *r, uint16_t type)
     nbdc_enqueue(s, nbdc_nreq_new(r, type, 0, 0, 0, 0), false);
 }
 
+/* A write or write zeroes that must be durable on completion. */
+static bool fua_wanted(struct bnode *bs, struct breq *r)
+{
+    return (r->flags & BREQ_FUA) && !bs->cache_no_flush &&
+           (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES);
+}
+
 /* Lock held: the wire requests for r at offset (or -errno to fail it). */
 static int start_op(struct nbd_state *s, struct bnode *bs, struct breq *r, uint64_t offset,
                     int phase)
@@ -84,7 +91,7 @@ static int start_op(struct nbd_state *s, struct bnode *bs, struct breq *r, uint6
     uint16_t eflags = s->info.flags;
     uint64_t len = r->len, size = s->info.size;
     uint32_t range = NBDC_MAX_RANGE;
-    bool fua = (r->flags & BREQ_FUA) && !bs->cache_no_flush;
+    bool fua = fua_wanted(bs, r) && (eflags & NBD_FLAG_SEND_FUA);
 
     if (s->info.min_block > 1)
         range -= range % s->info.min_block;
@@ -106,7 +113,7 @@ static int start_op(struct nbd_state *s, struct bnode *bs, struct breq *r, uint6
         if (offset + len > size)
             return -EIO;
         queue_pieces(s, r, NBD_CMD_WRITE,
-                     fua && (eflags & NBD_FLAG_SEND_FUA) ? NBD_CMD_FLAG_FUA : 0, offset, len,
+                     fua ? NBD_CMD_FLAG_FUA : 0, offset, len,
                      s->max_payload, false);
         return 0;
     case BREQ_FLUSH:
@@ -127,7 +134,7 @@ static int start_op(struct nbd_state *s, struct bnode *bs, struct breq *r, uint6
         if (offset >= size)
             return 0;
         len = MIN(len, size - offset);
-        uint16_t f = fua && (eflags & NBD_FLAG_SEND_FUA) ? NBD_CMD_FLAG_FUA : 0;
+        uint16_t f = fua ? NBD_CMD_FLAG_FUA : 0;
         if (r->flags & BREQ_NO_FALLBACK) {
             if (!(eflags & NBD_FLAG_SEND_FAST_ZERO) || !(eflags & NBD_FLAG_SEND_WRITE_ZEROES))
                 return -ENOTSUP;
@@ -172,8 +179,7 @@ void nbdc_breq_finished(struct breq *r)
     struct nbd_state *s = bs->opaque;
     int ret = (int)r->aio.res;
 
-    if (ret == 0 && r->stage == PHASE_OP && (r->flags & BREQ_FUA) && !bs->cache_no_flush &&
-        (r->op == BREQ_WRITE || r->op == BREQ_WRITE_ZEROES) &&
+    if (ret == 0 && r->stage == PHASE_OP && fua_wanted(bs, r) &&
         !(s->info.flags & NBD_FLAG_SEND_FUA) && (s->info.flags & NBD_FLAG_SEND_FLUSH)) {
         issue(bs, r, PHASE_FUA_FLUSH);      /* FUA emulated: a flush after the write */
         return;
