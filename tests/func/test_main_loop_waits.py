@@ -55,6 +55,15 @@ def job_reading(impl, start_daemon, tmpdir_short):
     return img, d, q
 
 
+def stop_and_list_bitmaps(img, d, q):
+    """Cancel the job, stop the daemon: the bitmaps stored in the image."""
+    q.execute("block-job-cancel", device="m0", force=True)
+    q.wait_event("BLOCK_JOB_CANCELLED")
+    d.stop()
+    info = json.loads(qemu_img("info", "--output=json", img))
+    return [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+
+
 def test_bitmaps_while_a_job_reads(impl, start_daemon, tmpdir_short):
     img, d, q = job_reading(impl, start_daemon, tmpdir_short)
     try:
@@ -64,11 +73,7 @@ def test_bitmaps_while_a_job_reads(impl, start_daemon, tmpdir_short):
         q.execute("block-dirty-bitmap-add", node="q0", name="kept", persistent=True)
     except socket.timeout:
         pytest.fail("a bitmap command did not answer while the job read the image")
-    q.execute("block-job-cancel", device="m0", force=True)
-    q.wait_event("BLOCK_JOB_CANCELLED")
-    d.stop()
-    info = json.loads(qemu_img("info", "--output=json", img))
-    names = [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+    names = stop_and_list_bitmaps(img, d, q)
     assert names == ["kept"]
     qemu_img("check", img)
 
@@ -92,10 +97,6 @@ def test_transaction_bitmap_while_a_job_reads(impl, start_daemon, tmpdir_short):
                 added.append("t%d" % i)
     except socket.timeout:
         pytest.fail("a transaction did not answer while the job read the image")
-    q.execute("block-job-cancel", device="m0", force=True)
-    q.wait_event("BLOCK_JOB_CANCELLED")
-    d.stop()
-    info = json.loads(qemu_img("info", "--output=json", img))
-    names = [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+    names = stop_and_list_bitmaps(img, d, q)
     assert sorted(names) == sorted(added)
     qemu_img("check", img)
