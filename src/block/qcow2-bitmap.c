@@ -26,7 +26,10 @@
  * A new persistent bitmap (block-dirty-bitmap-add persistent=true) gets its
  * entry at once, IN_USE, so a crash before close leaves it inconsistent
  * rather than gone; block-dirty-bitmap-remove removes the entry and frees
- * its clusters at once, as QEMU.
+ * its clusters at once, as QEMU.  A transaction that cannot wait for the
+ * image's lock leaves that write to a coroutine of the main loop
+ * (qcow2_bitmaps_update); each write carries the set of bitmaps as taken
+ * (bm_gen) and never replaces a newer one.
  *
  * Threads: the hooks run in the main thread, the work in a coroutine
  * (qcow2_run_sync); a FLUSH runs it in the export's thread.  The node's
@@ -43,7 +46,9 @@
 #include "block/dirty-bitmap.h"
 #include "block/qcow2-int.h"
 #include "util/cleanup.h"
+#include "util/coroutine.h"
 #include "util/log.h"
+#include "util/loop.h"
 #include "util/pbitmap.h"
 #include "util/xalloc.h"
 
@@ -690,6 +695,7 @@ struct update_ctx {
     struct want *w;
     size_t n;
     uint64_t size;
+    uint64_t gen;               /* s->bm_gen when the set was taken */
 };
 
 static int do_update(struct qcow2_state *s, void *opaque)
@@ -700,6 +706,10 @@ static int do_update(struct qcow2_state *s, void *opaque)
     bool changed = false;
 
     co_mutex_lock(&s->lock);
+    if (c->gen < s->bm_gen_done) {      /* a newer set is in the image already */
+        co_mutex_unlock(&s->lock);
+        return 0;
+    }
     /* entries whose bitmap is gone: removed from the image */
     for (struct qbm **pp = &s->bitmaps; *pp && ret == 0;) {
         struct qbm *e = *pp;
@@ -745,20 +755,60 @@ static int do_update(struct qcow2_state *s, void *opaque)
     }
     if (ret == 0 && changed)
         ret = write_directory(s, &f);
-    if (ret == 0)
+    if (ret == 0) {
         free_now(s, &f);
-    else
+        s->bm_gen_done = c->gen;
+    } else {
         free(f.off), free(f.len);        /* still referenced: leak rather than free */
+    }
     co_mutex_unlock(&s->lock);
     return ret;
+}
+
+/* The directory written later, by a coroutine of the main loop that waits
+ * for the image's lock there (see qcow2_bitmaps_update). */
+static void catch_up_body(void *opaque)
+{
+    struct bnode *bs = opaque;
+    struct qcow2_state *s = bs->opaque;
+    error *err = NULL;
+
+    s->bm_catch_up = false;             /* the set is taken from here on */
+    co_set_waits_in_main(true);
+    if (qcow2_bitmaps_update(bs, &err) < 0) {
+        log_error("qcow2: node '%s': %s", bs->node_name, err->msg);
+        error_free(err);
+    }
+    co_set_waits_in_main(false);
+    bnode_unref(bs);
+}
+
+static void catch_up_start(void *opaque)
+{
+    co_enter(co_create(catch_up_body, opaque));
 }
 
 int qcow2_bitmaps_update(struct bnode *bs, error **errp)
 {
     struct qcow2_state *s = bs->opaque;
     struct update_ctx c = { .size = bs->size };
+
+    /* A transaction's bitmap actions run in the main thread with every
+     * bitmap lock held, and cannot wait there for a job's read or an
+     * export's request that holds the image's lock in the main loop.  The
+     * bitmaps are in memory and in use already; the directory follows as
+     * soon as the loop gets the lock (QEMU 7.2 writes it only at close). */
+    if (qcow2_run_sync_busy(s)) {
+        if (!s->bm_catch_up) {
+            s->bm_catch_up = true;
+            bnode_ref(bs);
+            loop_call(loop_main(), catch_up_start, bs);
+        }
+        return 0;
+    }
     /* newest first, as QEMU appends them to the directory */
     dirty_bitmaps_lock(bs);
+    c.gen = ++s->bm_gen;
     for (struct dirty_bitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next)
         c.n += bm->persistent && bm->name;
     c.w = xcalloc(c.n ? c.n : 1, sizeof(*c.w));

@@ -142,6 +142,8 @@ struct qcow2_state {
     uint64_t bitmap_dir_offset, bitmap_dir_size;
     uint32_t nb_bitmaps;
     struct qbm *bitmaps;             /* the bitmap directory (qcow2-bitmap.c) */
+    uint64_t bm_gen, bm_gen_done;    /* sets of bitmaps wanted: taken, written */
+    bool bm_catch_up;                /* a write of the directory is scheduled */
     uint64_t unknown_ext_end;        /* end of the header extensions */
 
     /* L1 (host order) */
@@ -355,3 +357,5 @@ void qcow2_trim_grown(struct qcow2_state *s);
  * rather than waiting for ever, when the caller stops the main loop and a
  * coroutine of the main loop holds or awaits s->lock. */
 int  qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *), void *opaque);
+/* Whether qcow2_run_sync would refuse with -EBUSY now. */
+bool qcow2_run_sync_busy(struct qcow2_state *s);

@@ -1798,13 +1798,19 @@ int qcow2_run_sync(struct qcow2_state *s, int (*fn)(struct qcow2_state *, void *
 {
     if (co_waits_in_main())
         return fn(s, opaque);       /* a command's coroutine: wait here, the loop goes on */
-    /* The main thread stops the main loop while the helper works: if a
-     * coroutine of the main loop holds the image's lock or waits for it (a
-     * job's read, an export without iothread), the helper would wait for
-     * it for ever.  Refuse rather than hang. */
-    if (loop_in_thread(loop_main()) && co_mutex_involves_loop(&s->lock, loop_main()))
+    if (qcow2_run_sync_busy(s))
         return -EBUSY;
     return run_sync(s, fn, opaque);
+}
+
+/* The main thread stops the main loop while the helper works: if a
+ * coroutine of the main loop holds the image's lock or waits for it (a
+ * job's read, an export without iothread), the helper would wait for it
+ * for ever.  qcow2_run_sync refuses then rather than hang. */
+bool qcow2_run_sync_busy(struct qcow2_state *s)
+{
+    return !co_waits_in_main() && loop_in_thread(loop_main()) &&
+           co_mutex_involves_loop(&s->lock, loop_main());
 }
 
 /* ---- block status ----
