@@ -7,7 +7,7 @@
 struct bchan {
     struct bchan_set *set;
     struct loop *loop;
-    struct aio_req *head;           /* lock-free LIFO of finished requests */
+    struct aio_req *head;           /* finished requests (aio_req_push) */
     struct bchan *next;
 };
 
@@ -51,31 +51,18 @@ static void bchan_drain(void *opaque)
 {
     struct bchan *c = opaque;
     void (*finish)(struct breq *) = c->set->finish;
-    struct aio_req *list = __atomic_exchange_n(&c->head, NULL, __ATOMIC_ACQUIRE);
-    struct aio_req *fifo = NULL;
+    struct aio_req *r = aio_req_take_all(&c->head);
 
-    while (list) {
-        struct aio_req *next = list->next;
-        list->next = fifo;
-        fifo = list;
-        list = next;
-    }
-    while (fifo) {
-        struct aio_req *next = fifo->next;
-        finish(container_of(fifo, struct breq, aio));
-        fifo = next;
+    while (r) {
+        struct aio_req *next = r->next;
+        finish(container_of(r, struct breq, aio));
+        r = next;
     }
 }
 
 void bchan_push(struct bchan *c, struct breq *r, int64_t res)
 {
-    struct aio_req *old = __atomic_load_n(&c->head, __ATOMIC_RELAXED);
-
     r->aio.res = res;
-    do {
-        r->aio.next = old;
-    } while (!__atomic_compare_exchange_n(&c->head, &old, &r->aio, true,
-                                          __ATOMIC_RELEASE, __ATOMIC_RELAXED));
-    if (old == NULL)
+    if (aio_req_push(&c->head, &r->aio))
         loop_call(c->loop, bchan_drain, c);
 }

@@ -115,15 +115,32 @@ static int64_t do_sync(struct aio_req *r, int rwflags)
     return n < 0 ? -errno : n;
 }
 
+bool aio_req_push(struct aio_req **head, struct aio_req *r)
+{
+    struct aio_req *old = __atomic_load_n(head, __ATOMIC_RELAXED);
+    do {
+        r->next = old;
+    } while (!__atomic_compare_exchange_n(head, &old, r, true,
+                                          __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    return old == NULL;
+}
+
+struct aio_req *aio_req_take_all(struct aio_req **head)
+{
+    struct aio_req *list = __atomic_exchange_n(head, NULL, __ATOMIC_ACQUIRE), *fifo = NULL;
+    while (list) {                  /* pushed newest first: reverse */
+        struct aio_req *next = list->next;
+        list->next = fifo;
+        fifo = list;
+        list = next;
+    }
+    return fifo;
+}
+
 static void engine_post_done(struct aio_req *r)
 {
     struct aio_engine *e = loop_aio(r->loop);
-    struct aio_req *head = __atomic_load_n(&e->done_head, __ATOMIC_RELAXED);
-    do {
-        r->next = head;
-    } while (!__atomic_compare_exchange_n(&e->done_head, &head, r, true,
-                                          __ATOMIC_RELEASE, __ATOMIC_RELAXED));
-    if (head)
+    if (!aio_req_push(&e->done_head, r))
         return;             /* the loop has not taken the list yet: no second wake-up */
     uint64_t one = 1;
     if (write(e->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
@@ -208,7 +225,7 @@ static void engine_event(void *opaque, uint32_t revents)
     e->stats.efd_reads++;
     if (read(e->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
         log_error("aio eventfd read: %s", strerror(errno));
-    struct aio_req *r = __atomic_exchange_n(&e->done_head, NULL, __ATOMIC_ACQUIRE);
+    struct aio_req *r = aio_req_take_all(&e->done_head);
     while (r) {
         struct aio_req *next = r->next;
         e->in_pool--;

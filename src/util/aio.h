@@ -20,6 +20,7 @@
  * as QEMU).  done may be called before aio_submit returns.
  */
 #pragma once
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -87,6 +88,15 @@ struct aio_req {
 };
 
 void aio_submit(struct loop *l, enum aio_kind kind, struct aio_req *req);
+
+/* Handing finished requests from other threads to one loop: any thread
+ * pushes onto *head (lock-free) and wakes the loop only when the push
+ * finds the list empty (the return value), so a burst of completions
+ * costs one wake-up; the loop takes the whole list, oldest first.  The
+ * engine's pool completions and the drivers' completion channels
+ * (block/bchan.c) both go this way. */
+bool aio_req_push(struct aio_req **head, struct aio_req *r);
+struct aio_req *aio_req_take_all(struct aio_req **head);
 
 /* What l's engine has done (l's thread, or with l stopped). */
 struct aio_stats {

@@ -7,7 +7,9 @@
  * io_submit, completions in the loop thread, errors as -errno, fdatasync in
  * the pool, more requests than the context's slots.  While the ring holds
  * I/O the loop does not poll; an io_uring completion that interrupts a
- * sleep (EINTR) leaves it one wait.
+ * sleep (EINTR) leaves it one wait.  Requests handed over from other
+ * threads (aio_req_push) come back whole and in the order pushed, and only
+ * the push onto an empty list asks for a wake-up.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -562,6 +564,71 @@ static void test_native_more_than_slots(void **state)
     free(m);
 }
 
+#define PUSHERS 4
+#define PUSHES 20000
+
+struct pusher {
+    struct aio_req **head;
+    struct aio_req *reqs;
+    int wakes;
+};
+
+static void *push_all(void *arg)
+{
+    struct pusher *p = arg;
+    for (int i = 0; i < PUSHES; i++) {
+        p->reqs[i].offset = i;
+        p->wakes += aio_req_push(p->head, &p->reqs[i]);
+    }
+    return NULL;
+}
+
+static void test_handoff_list(void **state)
+{
+    struct aio_req *head = NULL, one[3] = { { .offset = 0 }, { .offset = 1 }, { .offset = 2 } };
+
+    assert_null(aio_req_take_all(&head));
+    assert_true(aio_req_push(&head, &one[0]));      /* empty: the pusher wakes the loop */
+    assert_false(aio_req_push(&head, &one[1]));
+    assert_false(aio_req_push(&head, &one[2]));
+    struct aio_req *r = aio_req_take_all(&head);
+    for (int i = 0; i < 3; i++, r = r->next)
+        assert_int_equal(r->offset, i);             /* oldest first */
+    assert_null(r);
+    assert_null(head);
+
+    /* threads pushing while the consumer takes: nothing lost, each
+     * thread's requests in its own order */
+    struct pusher p[PUSHERS];
+    pthread_t t[PUSHERS];
+    for (int i = 0; i < PUSHERS; i++) {
+        p[i] = (struct pusher){ .head = &head, .reqs = calloc(PUSHES, sizeof(struct aio_req)) };
+        assert_int_equal(pthread_create(&t[i], NULL, push_all, &p[i]), 0);
+    }
+    int64_t next[PUSHERS] = { 0 }, seen = 0, takes = 0;
+    while (seen < PUSHERS * PUSHES) {
+        struct aio_req *r = aio_req_take_all(&head);
+        takes += r != NULL;
+        for (; r; r = r->next, seen++) {
+            int who = -1;
+            for (int i = 0; i < PUSHERS; i++)
+                if (r >= p[i].reqs && r < p[i].reqs + PUSHES)
+                    who = i;
+            assert_true(who >= 0);
+            assert_int_equal(r->offset, next[who]);
+            next[who]++;
+        }
+    }
+    int wakes = 0;
+    for (int i = 0; i < PUSHERS; i++) {
+        pthread_join(t[i], NULL);
+        wakes += p[i].wakes;
+        free(p[i].reqs);
+    }
+    assert_int_equal(wakes, takes);     /* one wake-up per non-empty list taken */
+    assert_null(head);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -576,6 +643,7 @@ int main(void)
         cmocka_unit_test(test_native_misaligned_direct),
         cmocka_unit_test(test_native_fsync_in_pool),
         cmocka_unit_test(test_native_more_than_slots),
+        cmocka_unit_test(test_handoff_list),
     };
     loop_main_init();
     return cmocka_run_group_tests(tests, NULL, NULL);
