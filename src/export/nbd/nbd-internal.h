@@ -283,7 +283,18 @@ void nbd_transmission_readable(struct nbd_conn *c);
 void nbd_transmission_kick(struct nbd_conn *c);
 void nbd_slots_free(struct nbd_conn *c);
 void nbd_slot_release(struct nbd_slot *s);
+
+/* reply.c: a request's reply, built in its slot and queued */
 uint32_t nbd_errno_to_wire(int err);
+uint32_t nbd_slot_fail(struct nbd_slot *s, uint32_t err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));       /* the error to answer; returns err */
+void nbd_reply_error(struct nbd_slot *s);        /* the error set by nbd_slot_fail */
+void nbd_reply_io_error(struct nbd_slot *s, int ret);    /* ret: -errno of the node */
+void nbd_reply_success(struct nbd_slot *s);      /* a READ's data is in s->buf */
+bool nbd_reply_read_spliced(struct nbd_slot *s); /* false: read it the usual way */
+void nbd_reply_block_status(struct nbd_slot *s);
+const char *nbd_cmd_name(uint16_t type);
+void nbd_client_account(struct nbd_conn *c, uint16_t type, uint64_t bytes, uint64_t ns, int ret);
 
 /* budget.c: the hard bound on request buffers across connections */
 void nbd_budget_init(void);                       /* main thread, server start */
