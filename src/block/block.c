@@ -299,6 +299,13 @@ static struct bnode *bnode_open(json_t *opts, bool root, error **errp)
         error_setg(errp, "'node-name' must be specified for the root node");
         return NULL;
     }
+    /* "backing": "" is QEMU's deprecated spelling of null, and the only one
+     * a command line's keyval form has (backing=) */
+    json_t *backing = json_object_get(opts, "backing");
+    if (json_is_string(backing) && !*json_string_value(backing)) {
+        log_warn("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead");
+        json_object_set_new(opts, "backing", json_null());
+    }
     /* QEMU opens the "file" child of a format or filter driver before the
      * node itself gets its name (bdrv_open_inherit, then bdrv_open_common);
      * blkdebug's image and every other child (backing, data-file, target)

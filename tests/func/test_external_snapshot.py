@@ -504,3 +504,36 @@ def test_sync_overlay_lives_while_used(served):
     nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
     assert "n0" not in nodes and nodes["q0"]["ro"]
     m.execute("blockdev-del", node_name="q0")
+
+
+def test_overlay_from_the_command_line_with_empty_backing(impl, start_daemon, tmpdir_short):
+    """`backing=` is how a command line's keyval form opens an overlay
+    without its backing file ("backing": "" is QEMU's deprecated spelling
+    of null, with a warning); blockdev-snapshot then puts it in place."""
+    d = tmpdir_short
+    base = os.path.join(d, "base.raw")
+    with open(base, "wb") as f:
+        f.write(b"\x11" * SIZE)
+    ov = os.path.join(d, "ov.qcow2")
+    # the image names a backing file that the option must keep closed
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ov],
+                   check=True)
+    sock = os.path.join(d, "nbd.sock")
+    daemon = start_daemon(impl,
+                          "--blockdev", "driver=file,node-name=bf,filename=%s" % base,
+                          "--blockdev", "driver=raw,node-name=base,file=bf",
+                          "--blockdev", "driver=file,node-name=of,filename=%s" % ov,
+                          "--blockdev", "driver=qcow2,node-name=ov,file=of,backing=",
+                          "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                          "--export", "type=nbd,id=e,node-name=base,name=e,writable=on")
+    m = daemon.qmp()
+    nodes = {n["node-name"]: n for n in m.execute("query-named-block-nodes")}
+    assert set(nodes) == {"bf", "base", "of", "ov"}     # no backing node opened
+    assert "backing-image" not in nodes["ov"]["image"]
+    assert 'Use of "backing": "" is deprecated; use "backing": null instead' in daemon.log()
+    m.execute("blockdev-snapshot", node="base", overlay="ov")
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///e?socket=%s" % sock)
+    h.pwrite(b"\x22" * 4096, 0)
+    assert h.pread(8192, 0) == b"\x22" * 4096 + b"\x11" * 4096
+    h.shutdown()
