@@ -1,5 +1,6 @@
 /*
- * Driver "null-co": a device of a given size that drops writes and reads
+ * Drivers "null-co" and "null-aio" (QEMU's two, which differ only in how
+ * QEMU completes a request: in a coroutine or a bottom half): a device of a given size that drops writes and reads
  * zeroes (read-zeroes=on) or leaves the buffer untouched (QEMU's default).
  * latency-ns delays the completion of every read, write, write-zeroes and
  * flush by that long, as QEMU sleeps in each (a timer of the request's
@@ -88,17 +89,21 @@ static int null_reopen_prepare(struct reopen_state *rs, error **errp) { return 0
 
 static const char *const null_strong_opts[] = { "size", "read-zeroes", NULL };
 
-static const struct bdrv bdrv_null_co = {
-    .is_protocol = true,
-    .strong_opts = null_strong_opts,
-    .filename_rule = FNAME_NULL,
-    .name = "null-co",
-    .open = null_open,
-    .close = null_close,
-    .submit = null_submit,
-    .block_status = null_block_status,
-    .can_write_zeroes_fast = null_true,
-    .reopen_prepare = null_reopen_prepare,
-    .query_info = null_query_info,
-};
+#define NULL_DRIVER(NAME) {                 \
+    .is_protocol = true,                    \
+    .strong_opts = null_strong_opts,        \
+    .filename_rule = FNAME_NULL,            \
+    .name = NAME,                           \
+    .open = null_open,                      \
+    .close = null_close,                    \
+    .submit = null_submit,                  \
+    .block_status = null_block_status,      \
+    .can_write_zeroes_fast = null_true,     \
+    .reopen_prepare = null_reopen_prepare,  \
+    .query_info = null_query_info,          \
+}
+
+static const struct bdrv bdrv_null_co = NULL_DRIVER("null-co");
 BDRV_REGISTER(bdrv_null_co)
+static const struct bdrv bdrv_null_aio = NULL_DRIVER("null-aio");
+BDRV_REGISTER(bdrv_null_aio)

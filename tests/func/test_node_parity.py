@@ -267,6 +267,8 @@ def test_file_names_as_qemu(impl, start_daemon, tmpdir_short):
     add(driver="null-co", node_name="n1", size=1 << 20)
     add(driver="null-co", node_name="n2", read_zeroes=True)
     add(driver="null-co", node_name="n3", latency_ns=5)
+    add(driver="null-aio", node_name="na0")
+    add(driver="null-aio", node_name="na1", size=1 << 20, read_zeroes=True)
     add(driver="raw", node_name="rn", file="n1")
     add(driver="raw", node_name="rn0", file="n0")
     add(driver="raw", node_name="rr", file="r0")
@@ -298,6 +300,8 @@ def test_file_names_as_qemu(impl, start_daemon, tmpdir_short):
         "n1": 'json:{"driver": "null-co", "size": 1048576}',
         "n2": 'json:{"read-zeroes": true, "driver": "null-co"}',
         "rn": 'json:{"driver": "raw", "file": {"driver": "null-co", "size": 1048576}}',
+        "na0": "null-aio://",
+        "na1": 'json:{"read-zeroes": true, "driver": "null-aio", "size": 1048576}',
         "rr": 'json:{"driver": "raw", "file": {"driver": "raw", "file": %s}}' % fj(r),
         "q0": plain, "q1": top, "q4": top, "tf": top,
         "q2": 'json:{"backing": null, "driver": "qcow2", "file": %s}' % fj(top),
