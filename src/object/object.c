@@ -166,7 +166,10 @@ static const struct qom_class *objects_cls(void *o)
 static json_t *objects_get(void *obj, const struct qom_prop *p)
 {
     struct object *o = obj;
-    json_t *v = p->schema ? json_object_get(o->props, p->name) : NULL;
+    json_t *v = o->type->get_prop && !p->dflt ? o->type->get_prop(o, p->name) : NULL;
+    if (v)
+        return v;
+    v = p->schema ? json_object_get(o->props, p->name) : NULL;
     return v ? json_incref(v) : qom_prop_default(p);
 }
 

@@ -20,6 +20,9 @@ struct object_type {
      * value is only recorded (qom-get reports it), as QEMU does for
      * properties it reads once at creation. */
     int  (*set_prop)(struct object *obj, const char *name, json_t *value, error **errp);
+    /* qom-get of a property the object computes (its class gives it no
+     * default): a new reference, or NULL for what was last set.  NULL: none. */
+    json_t *(*get_prop)(struct object *obj, const char *name);
     /* props: the validated object-add arguments (qom-type and id included). */
     int  (*complete)(struct object *obj, json_t *props, error **errp);
     /* false: object-del refuses ("in use") even when nothing pins the

@@ -262,6 +262,7 @@ BEXD_TYPES = {
     ("secret_common", "object", True), ("tls-creds", "object", True),
     ("tls-creds-anon", "tls-creds", False), ("tls-creds-psk", "tls-creds", False),
     ("tls-creds-x509", "tls-creds", False), ("user-creatable", "interface", True),
+    ("throttle-group", "object", False),
 }
 BEXD_ONLY = {("authz-pam", "authz", False)}
 
@@ -285,8 +286,9 @@ def test_list_types(impl, qom):
         ("authz-list", "authz", False), ("authz-list-file", "authz", False),
         ("authz-simple", "authz", False), ("iothread", "event-loop-base", False),
         ("main-loop", "event-loop-base", False),
-        ("secret", "secret_common", False), ("tls-creds-anon", "tls-creds", False),
-        ("tls-creds-psk", "tls-creds", False), ("tls-creds-x509", "tls-creds", False)])
+        ("secret", "secret_common", False), ("throttle-group", "object", False),
+        ("tls-creds-anon", "tls-creds", False), ("tls-creds-psk", "tls-creds", False),
+        ("tls-creds-x509", "tls-creds", False)])
     ui = only_ours(types(qom, implements="interface", abstract=True))
     assert ("user-creatable", "interface", True) in ui and ("interface", None, True) in ui
     assert ("event-loop-base", "object", True) in ui and ("secret_common", "object", True) in ui

@@ -1,0 +1,481 @@
+/*
+ * Throttle groups (throttle-group.h).
+ *
+ * Theory of operation.  A group has six leaky buckets, as QEMU's: bytes
+ * and operations, each for reads and writes together ("total") or for
+ * one direction.  A bucket with a rate (avg, per second) drains at that
+ * rate; every request that goes through adds its bytes, or its operations
+ * (one, or bytes / iops-size when larger), to the buckets of its
+ * direction.  A request may go while each of those buckets holds no more
+ * than its size: a tenth of a second's worth, or with a burst rate (max)
+ * max * burst-length, the burst level also staying under a tenth of max.
+ * So a request larger than the bucket still goes, and the ones after it
+ * wait until it has drained.
+ *
+ * Requests that must wait queue in the group, one FIFO per direction,
+ * whichever node and loop they come from, so a node never overtakes
+ * another's waiting request (QEMU takes the group's nodes in turn; here
+ * the turn is the request's).  One timer per direction, of the loop that
+ * armed it, wakes when the head's wait is over: it lets through every
+ * request that may go by then and hands each back to the loop that
+ * submitted it.  Everything runs under the group's lock, from any loop.
+ *
+ * Limits come from "limits" (ThrottleLimits) or the older flat x-*
+ * properties, which win; qom-set of "limits" changes only the fields it
+ * names and takes effect at once (the buckets start empty again); the x-*
+ * ones cannot change after creation.  Checks and messages are QEMU's.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include "block/throttle-group.h"
+#include "object/object.h"
+#include "object/qom.h"
+#include "util/loop.h"
+#include "util/xalloc.h"
+
+#define THROTTLE_VALUE_MAX 1000000000000000ull
+#define NS 1000000000.0
+
+enum { B_BPS_TOTAL, B_BPS_READ, B_BPS_WRITE, B_OPS_TOTAL, B_OPS_READ, B_OPS_WRITE, B_COUNT };
+enum what { AVG, MAX, LEN };
+
+struct bucket {
+    uint64_t avg, max, burst_length;
+    double level, burst_level;
+};
+
+struct limits {
+    struct bucket b[B_COUNT];
+    uint64_t op_size;
+};
+
+/* ThrottleLimits, in QAPI's order; iops-size is the last one. */
+static const struct {
+    const char *name;
+    int bucket;
+    enum what what;
+} fields[] = {
+    { "iops-total", B_OPS_TOTAL, AVG }, { "iops-total-max", B_OPS_TOTAL, MAX },
+    { "iops-total-max-length", B_OPS_TOTAL, LEN },
+    { "iops-read", B_OPS_READ, AVG }, { "iops-read-max", B_OPS_READ, MAX },
+    { "iops-read-max-length", B_OPS_READ, LEN },
+    { "iops-write", B_OPS_WRITE, AVG }, { "iops-write-max", B_OPS_WRITE, MAX },
+    { "iops-write-max-length", B_OPS_WRITE, LEN },
+    { "bps-total", B_BPS_TOTAL, AVG }, { "bps-total-max", B_BPS_TOTAL, MAX },
+    { "bps-total-max-length", B_BPS_TOTAL, LEN },
+    { "bps-read", B_BPS_READ, AVG }, { "bps-read-max", B_BPS_READ, MAX },
+    { "bps-read-max-length", B_BPS_READ, LEN },
+    { "bps-write", B_BPS_WRITE, AVG }, { "bps-write-max", B_BPS_WRITE, MAX },
+    { "bps-write-max-length", B_BPS_WRITE, LEN },
+};
+#define NFIELDS (sizeof(fields) / sizeof(fields[0]))
+
+struct waiter {
+    struct throttle_group *g;
+    struct bnode *bs;
+    struct breq *req;
+    uint64_t offset;
+    struct waiter *next;
+};
+
+struct throttle_group {
+    struct object obj;
+    pthread_mutex_t lock;
+    struct limits lim;
+    uint64_t last_ns;
+    struct waiter *head[2], **tail[2];
+    bool armed[2];
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static uint64_t *field_ptr(struct limits *l, size_t i)
+{
+    struct bucket *b = &l->b[fields[i].bucket];
+    return fields[i].what == AVG ? &b->avg : fields[i].what == MAX ? &b->max : &b->burst_length;
+}
+
+static void limits_init(struct limits *l)
+{
+    memset(l, 0, sizeof(*l));
+    for (int i = 0; i < B_COUNT; i++)
+        l->b[i].burst_length = 1;
+}
+
+/* QEMU's throttle_limits_to_config: the fields v names, into l. */
+static int limits_apply(struct limits *l, json_t *v, error **errp)
+{
+    for (size_t i = 0; i < NFIELDS; i++) {
+        json_t *x = json_object_get(v, fields[i].name);
+        if (!x)
+            continue;
+        uint64_t n = (uint64_t)json_integer_value(x);
+        if (fields[i].what == LEN && n > 0xffffffffu) {
+            error_setg(errp, "%s value must be in the range [0, %u]", fields[i].name,
+                       0xffffffffu);
+            return -1;
+        }
+        *field_ptr(l, i) = n;
+    }
+    json_t *x = json_object_get(v, "iops-size");
+    if (x)
+        l->op_size = (uint64_t)json_integer_value(x);
+    return 0;
+}
+
+/* QEMU's throttle_is_valid. */
+static int limits_check(const struct limits *l, error **errp)
+{
+    const struct bucket *b = l->b;
+    bool bps = b[B_BPS_TOTAL].avg && (b[B_BPS_READ].avg || b[B_BPS_WRITE].avg);
+    bool ops = b[B_OPS_TOTAL].avg && (b[B_OPS_READ].avg || b[B_OPS_WRITE].avg);
+    bool bps_max = b[B_BPS_TOTAL].max && (b[B_BPS_READ].max || b[B_BPS_WRITE].max);
+    bool ops_max = b[B_OPS_TOTAL].max && (b[B_OPS_READ].max || b[B_OPS_WRITE].max);
+
+    if (bps || ops || bps_max || ops_max) {
+        error_setg(errp, "bps/iops/max total values and read/write values cannot be used "
+                   "at the same time");
+        return -1;
+    }
+    if (l->op_size && !b[B_OPS_TOTAL].avg && !b[B_OPS_READ].avg && !b[B_OPS_WRITE].avg) {
+        error_setg(errp, "iops size requires an iops value to be set");
+        return -1;
+    }
+    for (int i = 0; i < B_COUNT; i++) {
+        if (b[i].avg > THROTTLE_VALUE_MAX || b[i].max > THROTTLE_VALUE_MAX) {
+            error_setg(errp, "bps/iops/max values must be within [0, %llu]",
+                       THROTTLE_VALUE_MAX);
+            return -1;
+        }
+        if (!b[i].burst_length) {
+            error_setg(errp, "the burst length cannot be 0");
+            return -1;
+        }
+        if (b[i].burst_length > 1 && !b[i].max) {
+            error_setg(errp, "burst length set without burst rate");
+            return -1;
+        }
+        if (b[i].max && b[i].burst_length > THROTTLE_VALUE_MAX / b[i].max) {
+            error_setg(errp, "burst length too high for this burst rate");
+            return -1;
+        }
+        if (b[i].max && !b[i].avg) {
+            error_setg(errp, "bps_max/iops_max require corresponding bps/iops values");
+            return -1;
+        }
+        if (b[i].max && b[i].max < b[i].avg) {
+            error_setg(errp, "bps_max/iops_max cannot be lower than bps/iops");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- the buckets (group lock held) ---- */
+
+static double drain(double level, uint64_t rate, double dt)
+{
+    double x = level - (double)rate * dt / NS;
+    return x > 0 ? x : 0;
+}
+
+static void leak(struct throttle_group *g, uint64_t now)
+{
+    double dt = (double)(now - g->last_ns);
+    g->last_ns = now;
+    for (int i = 0; i < B_COUNT; i++) {
+        struct bucket *b = &g->lim.b[i];
+        b->level = drain(b->level, b->avg, dt);
+        if (b->max > b->avg)
+            b->burst_level = drain(b->burst_level, b->max, dt);
+    }
+}
+
+static uint64_t bucket_wait(const struct bucket *b)
+{
+    if (!b->avg)
+        return 0;
+    double size = b->max ? (double)b->max * (double)b->burst_length : (double)b->avg / 10;
+    double extra = b->level - size;
+    if (extra > 0)
+        return (uint64_t)(extra / (double)b->avg * NS);
+    if (b->burst_length > 1) {
+        extra = b->burst_level - (double)b->max / 10;
+        if (extra > 0)
+            return (uint64_t)(extra / (double)b->max * NS);
+    }
+    return 0;
+}
+
+static uint64_t dir_wait(const struct throttle_group *g, bool write)
+{
+    const int kinds[4] = { B_BPS_TOTAL, write ? B_BPS_WRITE : B_BPS_READ,
+                           B_OPS_TOTAL, write ? B_OPS_WRITE : B_OPS_READ };
+    uint64_t w = 0;
+    for (int i = 0; i < 4; i++) {
+        uint64_t x = bucket_wait(&g->lim.b[kinds[i]]);
+        w = x > w ? x : w;
+    }
+    return w;
+}
+
+static void account(struct throttle_group *g, bool write, uint64_t bytes)
+{
+    double units = 1;
+    if (g->lim.op_size && bytes > g->lim.op_size)
+        units = (double)bytes / (double)g->lim.op_size;
+    const int bps[2] = { B_BPS_TOTAL, write ? B_BPS_WRITE : B_BPS_READ };
+    const int ops[2] = { B_OPS_TOTAL, write ? B_OPS_WRITE : B_OPS_READ };
+    for (int i = 0; i < 2; i++) {
+        struct bucket *b = &g->lim.b[bps[i]], *o = &g->lim.b[ops[i]];
+        b->level += (double)bytes;
+        o->level += units;
+        if (b->burst_length > 1)
+            b->burst_level += (double)bytes;
+        if (o->burst_length > 1)
+            o->burst_level += units;
+    }
+}
+
+/* ---- waiting requests ---- */
+
+struct dir_timer {
+    struct throttle_group *g;
+    bool write;
+    struct loop_timer *timer;
+};
+
+static void arm(struct throttle_group *g, bool write, struct loop *l, uint64_t wait_ns);
+
+static void resubmit(void *opaque)
+{
+    struct waiter *w = opaque;
+    bnode_submit_child(w->bs->file, w->req, w->offset);
+    object_unref(&w->g->obj);
+    free(w);
+}
+
+/* The head's wait is over: let through what may go now. */
+static void timer_fired(void *opaque)
+{
+    struct dir_timer *t = opaque;
+    struct throttle_group *g = t->g;
+    bool write = t->write;
+    struct waiter *go = NULL, **go_tail = &go;
+
+    loop_timer_free(t->timer);
+    free(t);
+    pthread_mutex_lock(&g->lock);
+    g->armed[write] = false;
+    leak(g, now_ns());
+    while (g->head[write] && dir_wait(g, write) == 0) {
+        struct waiter *w = g->head[write];
+        g->head[write] = w->next;
+        if (!g->head[write])
+            g->tail[write] = &g->head[write];
+        account(g, write, w->req->len);
+        w->next = NULL;
+        *go_tail = w;
+        go_tail = &w->next;
+    }
+    if (g->head[write])
+        arm(g, write, loop_current(), dir_wait(g, write));
+    pthread_mutex_unlock(&g->lock);
+    while (go) {
+        struct waiter *w = go;
+        go = w->next;
+        if (loop_in_thread(w->req->loop))
+            resubmit(w);
+        else
+            loop_call(w->req->loop, resubmit, w);
+    }
+}
+
+/* Group lock held; in l's thread. */
+static void arm(struct throttle_group *g, bool write, struct loop *l, uint64_t wait_ns)
+{
+    struct dir_timer *t = xzalloc(sizeof(*t));
+    t->g = g;
+    t->write = write;
+    t->timer = loop_timer_new(l, timer_fired, t);
+    g->armed[write] = true;
+    loop_timer_arm(t->timer, (wait_ns + 999999) / 1000000);
+}
+
+bool throttle_group_intercept(struct throttle_group *g, bool write, struct bnode *bs,
+                              struct breq *req, uint64_t offset)
+{
+    pthread_mutex_lock(&g->lock);
+    leak(g, now_ns());
+    uint64_t wait = g->head[write] ? 0 : dir_wait(g, write);
+    if (!g->head[write] && !wait) {
+        account(g, write, req->len);
+        pthread_mutex_unlock(&g->lock);
+        return false;
+    }
+    struct waiter *w = xzalloc(sizeof(*w));
+    w->g = g;
+    w->bs = bs;
+    w->req = req;
+    w->offset = offset;
+    object_ref(&g->obj);               /* the group outlives its waiters */
+    *g->tail[write] = w;
+    g->tail[write] = &w->next;
+    if (!g->armed[write])
+        arm(g, write, req->loop, wait);
+    pthread_mutex_unlock(&g->lock);
+    return true;
+}
+
+/* ---- the object ---- */
+
+static const struct object_type throttle_group_type;
+
+struct throttle_group *throttle_group_get(const char *id, error **errp)
+{
+    struct object *o = object_find(id);
+    if (!o || o->type != &throttle_group_type) {
+        error_setg(errp, "Throttle group '%s' does not exist", id);
+        return NULL;
+    }
+    object_ref(o);
+    return (struct throttle_group *)o;
+}
+
+void throttle_group_put(struct throttle_group *g)
+{
+    if (g)
+        object_unref(&g->obj);
+}
+
+/* x-NAME: the flat property of a ThrottleLimits field, or -1. */
+static int flat_field(const char *prop)
+{
+    if (strncmp(prop, "x-", 2))
+        return -1;
+    for (size_t i = 0; i < NFIELDS; i++)
+        if (!strcmp(prop + 2, fields[i].name))
+            return (int)i;
+    return !strcmp(prop + 2, "iops-size") ? (int)NFIELDS : -1;
+}
+
+static int tg_complete(struct object *obj, json_t *props, error **errp)
+{
+    struct throttle_group *g = (struct throttle_group *)obj;
+    struct limits l;
+
+    limits_init(&l);
+    json_t *lim = json_object_get(props, "limits");
+    if (lim && limits_apply(&l, lim, errp) < 0)
+        return -1;
+    const char *key;
+    json_t *v;
+    json_object_foreach(props, key, v) {
+        int i = flat_field(key);
+        if (i < 0)
+            continue;
+        json_int_t n = json_integer_value(v);
+        if (n < 0) {
+            error_setg(errp, "Property values cannot be negative");
+            return -1;
+        }
+        if (i < (int)NFIELDS && fields[i].what == LEN && (uint64_t)n > 0xffffffffu) {
+            error_setg(errp, "%s value must be in the range [0, %u]", key, 0xffffffffu);
+            return -1;
+        }
+        *(i == (int)NFIELDS ? &l.op_size : field_ptr(&l, (size_t)i)) = (uint64_t)n;
+    }
+    if (limits_check(&l, errp) < 0)
+        return -1;
+    pthread_mutex_init(&g->lock, NULL);
+    g->lim = l;
+    g->last_ns = now_ns();
+    for (int d = 0; d < 2; d++)
+        g->tail[d] = &g->head[d];
+    return 0;
+}
+
+static void tg_finalize(struct object *obj)
+{
+    struct throttle_group *g = (struct throttle_group *)obj;
+    if (g->tail[0])                     /* completed */
+        pthread_mutex_destroy(&g->lock);
+}
+
+static int tg_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
+{
+    struct throttle_group *g = (struct throttle_group *)obj;
+    if (strcmp(name, "limits")) {
+        error_setg(errp, "Property cannot be set after initialization");
+        return -1;
+    }
+    pthread_mutex_lock(&g->lock);
+    struct limits l = g->lim;
+    int ret = limits_apply(&l, value, errp);
+    if (ret == 0)
+        ret = limits_check(&l, errp);
+    if (ret == 0) {
+        for (int i = 0; i < B_COUNT; i++)
+            l.b[i].level = l.b[i].burst_level = 0;
+        g->lim = l;
+        g->last_ns = now_ns();
+    }
+    pthread_mutex_unlock(&g->lock);
+    return ret;
+}
+
+static json_t *tg_get_prop(struct object *obj, const char *name)
+{
+    struct throttle_group *g = (struct throttle_group *)obj;
+    pthread_mutex_lock(&g->lock);
+    struct limits l = g->lim;
+    pthread_mutex_unlock(&g->lock);
+    int i = flat_field(name);
+    if (i >= 0)
+        return json_integer((json_int_t)(i == (int)NFIELDS ? l.op_size
+                                                           : *field_ptr(&l, (size_t)i)));
+    if (strcmp(name, "limits"))
+        return NULL;
+    json_t *o = json_object();
+    for (size_t k = 0; k < NFIELDS; k++)
+        json_object_set_new(o, fields[k].name, json_integer((json_int_t)*field_ptr(&l, k)));
+    json_object_set_new(o, "iops-size", json_integer((json_int_t)l.op_size));
+    return o;
+}
+
+static const struct qom_prop tg_props[] = {
+    { "limits", "ThrottleLimits", "ThrottleLimits", NULL },
+#define X(n) { "x-" n, "int", "int", NULL }
+    X("iops-total"), X("iops-total-max"), X("iops-total-max-length"),
+    X("iops-read"), X("iops-read-max"), X("iops-read-max-length"),
+    X("iops-write"), X("iops-write-max"), X("iops-write-max-length"),
+    X("bps-total"), X("bps-total-max"), X("bps-total-max-length"),
+    X("bps-read"), X("bps-read-max"), X("bps-read-max-length"),
+    X("bps-write"), X("bps-write-max"), X("bps-write-max-length"),
+    X("iops-size"),
+#undef X
+    { NULL },
+};
+
+static struct qom_class tg_class = {
+    .name = "throttle-group", .parent = "object", .user_creatable = true, .props = tg_props,
+};
+QOM_CLASS_REGISTER(tg_class)
+
+static const struct object_type throttle_group_type = {
+    .name = "throttle-group",
+    .instance_size = sizeof(struct throttle_group),
+    .qom = &tg_class,
+    .complete = tg_complete,
+    .finalize = tg_finalize,
+    .set_prop = tg_set_prop,
+    .get_prop = tg_get_prop,
+};
+OBJECT_TYPE_REGISTER(throttle_group_type)

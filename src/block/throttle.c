@@ -1,0 +1,104 @@
+/*
+ * Driver "throttle": a filter node whose reads, writes, write-zeroes and
+ * discards go through the limits of a throttle group (throttle-group.h),
+ * as QEMU 7.2's block/throttle.c; flush, cache and block status pass
+ * straight to its file child.  blockdev-reopen may name another group.
+ */
+#include <stdlib.h>
+#include "block/block.h"
+#include "block/throttle-group.h"
+#include "util/opts.h"
+
+static int throttle_open(struct bnode *bs, json_t *opts, error **errp)
+{
+    struct throttle_group *g = throttle_group_get(opt_str(opts, "throttle-group", ""), errp);
+    if (!g)
+        return -1;
+    bs->opaque = g;
+    bs->size = bs->file->size;
+    return 0;
+}
+
+static void throttle_close(struct bnode *bs)
+{
+    throttle_group_put(bs->opaque);
+}
+
+static void throttle_submit(struct bnode *bs, struct breq *r, uint64_t offset)
+{
+    struct throttle_group *g = __atomic_load_n((struct throttle_group **)&bs->opaque,
+                                               __ATOMIC_ACQUIRE);
+    bool counted = r->op == BREQ_READ || r->op == BREQ_WRITE ||
+                   r->op == BREQ_WRITE_ZEROES || r->op == BREQ_DISCARD;
+    if (counted && throttle_group_intercept(g, r->op != BREQ_READ, bs, r, offset))
+        return;                         /* the group submits it in its turn */
+    bnode_submit_child(bs->file, r, offset);
+}
+
+static int throttle_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                                 uint64_t *pnum, unsigned *flags)
+{
+    int depth;
+    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
+}
+
+static void throttle_child_resized(struct bnode *bs)
+{
+    if (bs->size != bs->file->size) {
+        bs->size = bs->file->size;
+        bnode_notify_resized(bs);
+    }
+}
+
+static int throttle_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    return bnode_truncate(bs->file, size, errp);
+}
+
+static int throttle_reopen_prepare(struct reopen_state *rs, error **errp)
+{
+    rs->drv = throttle_group_get(opt_str(rs->opts, "throttle-group", ""), errp);
+    return rs->drv ? 0 : -1;
+}
+
+static void throttle_reopen_commit(struct reopen_state *rs)
+{
+    struct throttle_group *old = rs->bs->opaque;
+    __atomic_store_n((struct throttle_group **)&rs->bs->opaque, rs->drv, __ATOMIC_RELEASE);
+    throttle_group_put(old);            /* requests waiting in it hold it */
+    rs->drv = NULL;
+}
+
+static void throttle_reopen_abort(struct reopen_state *rs)
+{
+    throttle_group_put(rs->drv);
+    rs->drv = NULL;
+}
+
+static bool throttle_can_zero_fast(struct bnode *bs) { return bnode_can_write_zeroes_fast(bs->file); }
+static bool throttle_can_discard(struct bnode *bs)
+{
+    return bs->file->drv->can_discard && bs->file->drv->can_discard(bs->file);
+}
+
+static const char *const throttle_strong_opts[] = { "throttle-group", NULL };
+static const char *const throttle_reopen_keys[] = { "throttle-group", NULL };
+
+static const struct bdrv bdrv_throttle = {
+    .name = "throttle",
+    .is_filter = true,
+    .strong_opts = throttle_strong_opts,
+    .open = throttle_open,
+    .close = throttle_close,
+    .submit = throttle_submit,
+    .block_status = throttle_block_status,
+    .child_resized = throttle_child_resized,
+    .truncate = throttle_truncate,
+    .can_write_zeroes_fast = throttle_can_zero_fast,
+    .can_discard = throttle_can_discard,
+    .reopen_keys = throttle_reopen_keys,
+    .reopen_prepare = throttle_reopen_prepare,
+    .reopen_commit = throttle_reopen_commit,
+    .reopen_abort = throttle_reopen_abort,
+};
+BDRV_REGISTER(bdrv_throttle)
