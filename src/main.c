@@ -28,6 +28,7 @@
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "block/throttle-group.h"
 #include "block/block.h"
 #include "chardev/chardev.h"
 #include "cli/cli.h"
@@ -101,6 +102,7 @@ static void begin_shutdown(const char *why, bool graceful)
         return;
     shutting_down = true;
     service_stopping(why);
+    throttle_bypass_begin();            /* what waits in a throttle group goes now */
     grace_timer = loop_timer_new(loop_main(), grace_expired, NULL);
     loop_timer_arm(grace_timer, (uint64_t)shutdown_grace_s() * 1000);
     if (graceful)

@@ -24,6 +24,7 @@
 #include "block/dirty-bitmap.h"
 #include "block/stats.h"
 #include "util/cleanup.h"
+#include "block/throttle-group.h"
 #include "util/log.h"
 #include "util/loop.h"
 #include "util/xalloc.h"
@@ -597,6 +598,7 @@ void block_writes_hold(void (*drained)(void *opaque), void *opaque)
     /* a writer counts itself, then looks at writes_held; we raise it, then
      * look at the counts (both seq_cst): one of us sees the other */
     __atomic_add_fetch(&writes_held, 1, __ATOMIC_SEQ_CST);
+    throttle_bypass_begin();            /* throttled writes go now, as QEMU's drain */
     drain_poll_soon(NULL);
 }
 
@@ -631,6 +633,7 @@ static struct bnode *redirected(struct bnode *bs)
 
 void block_writes_release(void)
 {
+    throttle_bypass_end();
     if (__atomic_sub_fetch(&writes_held, 1, __ATOMIC_SEQ_CST) > 0)
         return;
     pthread_mutex_lock(&held_lock);

@@ -15,10 +15,15 @@
  * Requests that must wait queue in the group, one FIFO per direction,
  * whichever node and loop they come from, so a node never overtakes
  * another's waiting request (QEMU takes the group's nodes in turn; here
- * the turn is the request's).  One timer per direction, of the loop that
- * armed it, wakes when the head's wait is over: it lets through every
- * request that may go by then and hands each back to the loop that
- * submitted it.  Everything runs under the group's lock, from any loop.
+ * the turn is the request's).  One timer per direction, of the main loop
+ * (armed there; another loop asks it to), wakes when the head's wait is
+ * over: it lets through every request that may go by then and hands each
+ * back to the loop that submitted it.  The queues and buckets are under
+ * the group's lock, from any loop; the timers go with the object, and the
+ * state with the last of the object and a pending request to arm.
+ * While a drain is under way (throttle_bypass_begin) nothing waits, as in
+ * QEMU: a snapshot, an export's removal or the daemon's stop would
+ * otherwise wait out the limits of every request queued.
  *
  * Limits come from "limits" (ThrottleLimits) or the older flat x-*
  * properties, which win; qom-set of "limits" changes only the fields it
@@ -27,6 +32,7 @@
  */
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include "block/throttle-group.h"
@@ -80,14 +86,37 @@ struct waiter {
     struct waiter *next;
 };
 
+/* The group's state outlives its object while a timer is armed (refs). */
 struct throttle_group {
-    struct object obj;
+    struct object *obj;                 /* NULL once deleted */
+    int refs;                           /* the object, armed timers (atomic) */
+    struct throttle_group *next_group;  /* every live group (main thread) */
     pthread_mutex_t lock;
     struct limits lim;
     uint64_t last_ns;
     struct waiter *head[2], **tail[2];
-    bool armed[2];
+    bool armed[2];                      /* its timer runs */
+    bool arming[2];                     /* the main loop is asked to arm it */
+    struct dir_timer {
+        struct throttle_group *g;
+        bool write;
+        struct loop_timer *timer;
+    } timers[2];
 };
+
+/* The QOM object: object-del and the waiters' pins act on it. */
+struct tg_object {
+    struct object obj;
+    struct throttle_group *g;
+};
+
+static void group_unref(struct throttle_group *g)
+{
+    if (__atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&g->lock);
+        free(g);
+    }
+}
 
 static uint64_t now_ns(void)
 {
@@ -246,20 +275,20 @@ static void account(struct throttle_group *g, bool write, uint64_t bytes)
 
 /* ---- waiting requests ---- */
 
-struct dir_timer {
-    struct throttle_group *g;
-    bool write;
-    struct loop_timer *timer;
-};
-
-static void arm(struct throttle_group *g, bool write, struct loop *l, uint64_t wait_ns);
-
 static void resubmit(void *opaque)
 {
     struct waiter *w = opaque;
+    struct object *o = w->g->obj;
     bnode_submit_child(w->bs->file, w->req, w->offset);
-    object_unref(&w->g->obj);
     free(w);
+    object_unref(o);
+}
+
+/* Main thread, group lock held: the timer of a direction whose head waits. */
+static void arm(struct throttle_group *g, bool write)
+{
+    g->armed[write] = true;
+    loop_timer_arm(g->timers[write].timer, (dir_wait(g, write) + 999999) / 1000000);
 }
 
 /* The head's wait is over: let through what may go now. */
@@ -270,8 +299,6 @@ static void timer_fired(void *opaque)
     bool write = t->write;
     struct waiter *go = NULL, **go_tail = &go;
 
-    loop_timer_free(t->timer);
-    free(t);
     pthread_mutex_lock(&g->lock);
     g->armed[write] = false;
     leak(g, now_ns());
@@ -286,7 +313,7 @@ static void timer_fired(void *opaque)
         go_tail = &w->next;
     }
     if (g->head[write])
-        arm(g, write, loop_current(), dir_wait(g, write));
+        arm(g, write);
     pthread_mutex_unlock(&g->lock);
     while (go) {
         struct waiter *w = go;
@@ -298,24 +325,35 @@ static void timer_fired(void *opaque)
     }
 }
 
-/* Group lock held; in l's thread. */
-static void arm(struct throttle_group *g, bool write, struct loop *l, uint64_t wait_ns)
+/* A request queued in another loop's thread: the main loop arms. */
+struct arm_call {
+    struct throttle_group *g;
+    bool write;
+};
+
+static void arm_in_main(void *opaque)
 {
-    struct dir_timer *t = xzalloc(sizeof(*t));
-    t->g = g;
-    t->write = write;
-    t->timer = loop_timer_new(l, timer_fired, t);
-    g->armed[write] = true;
-    loop_timer_arm(t->timer, (wait_ns + 999999) / 1000000);
+    struct arm_call *c = opaque;
+    struct throttle_group *g = c->g;
+    pthread_mutex_lock(&g->lock);
+    if (g->obj && g->head[c->write] && !g->armed[c->write])
+        arm(g, c->write);
+    g->arming[c->write] = false;
+    pthread_mutex_unlock(&g->lock);
+    group_unref(g);
+    free(c);
 }
+
+static int bypass;                      /* drains under way (atomic) */
+static struct throttle_group *groups;
 
 bool throttle_group_intercept(struct throttle_group *g, bool write, struct bnode *bs,
                               struct breq *req, uint64_t offset)
 {
     pthread_mutex_lock(&g->lock);
     leak(g, now_ns());
-    uint64_t wait = g->head[write] ? 0 : dir_wait(g, write);
-    if (!g->head[write] && !wait) {
+    if (__atomic_load_n(&bypass, __ATOMIC_ACQUIRE) ||
+        (!g->head[write] && !dir_wait(g, write))) {
         account(g, write, req->len);
         pthread_mutex_unlock(&g->lock);
         return false;
@@ -325,13 +363,53 @@ bool throttle_group_intercept(struct throttle_group *g, bool write, struct bnode
     w->bs = bs;
     w->req = req;
     w->offset = offset;
-    object_ref(&g->obj);               /* the group outlives its waiters */
+    object_ref(g->obj);                 /* the group outlives its waiters */
     *g->tail[write] = w;
     g->tail[write] = &w->next;
-    if (!g->armed[write])
-        arm(g, write, req->loop, wait);
+    if (!g->armed[write] && loop_in_thread(loop_main())) {
+        arm(g, write);
+    } else if (!g->armed[write] && !g->arming[write]) {
+        struct arm_call *c = xzalloc(sizeof(*c));
+        c->g = g;
+        c->write = write;
+        g->arming[write] = true;
+        __atomic_add_fetch(&g->refs, 1, __ATOMIC_ACQ_REL);
+        loop_call(loop_main(), arm_in_main, c);
+    }
     pthread_mutex_unlock(&g->lock);
     return true;
+}
+
+void throttle_bypass_begin(void)
+{
+    if (__atomic_fetch_add(&bypass, 1, __ATOMIC_ACQ_REL) > 0)
+        return;
+    for (struct throttle_group *g = groups; g; g = g->next_group) {
+        struct waiter *go[2];
+        pthread_mutex_lock(&g->lock);
+        for (int d = 0; d < 2; d++) {
+            go[d] = g->head[d];
+            g->head[d] = NULL;
+            g->tail[d] = &g->head[d];
+            for (struct waiter *w = go[d]; w; w = w->next)
+                account(g, d, w->req->len);
+        }
+        pthread_mutex_unlock(&g->lock);
+        for (int d = 0; d < 2; d++)
+            while (go[d]) {
+                struct waiter *w = go[d];
+                go[d] = w->next;
+                if (loop_in_thread(w->req->loop))
+                    resubmit(w);
+                else
+                    loop_call(w->req->loop, resubmit, w);
+            }
+    }
+}
+
+void throttle_bypass_end(void)
+{
+    __atomic_sub_fetch(&bypass, 1, __ATOMIC_ACQ_REL);
 }
 
 /* ---- the object ---- */
@@ -346,13 +424,13 @@ struct throttle_group *throttle_group_get(const char *id, error **errp)
         return NULL;
     }
     object_ref(o);
-    return (struct throttle_group *)o;
+    return ((struct tg_object *)o)->g;
 }
 
 void throttle_group_put(struct throttle_group *g)
 {
     if (g)
-        object_unref(&g->obj);
+        object_unref(g->obj);
 }
 
 /* x-NAME: the flat property of a ThrottleLimits field, or -1. */
@@ -368,7 +446,6 @@ static int flat_field(const char *prop)
 
 static int tg_complete(struct object *obj, json_t *props, error **errp)
 {
-    struct throttle_group *g = (struct throttle_group *)obj;
     struct limits l;
 
     limits_init(&l);
@@ -394,24 +471,46 @@ static int tg_complete(struct object *obj, json_t *props, error **errp)
     }
     if (limits_check(&l, errp) < 0)
         return -1;
+    struct throttle_group *g = xzalloc(sizeof(*g));
+    ((struct tg_object *)obj)->g = g;
+    g->obj = obj;
+    g->refs = 1;
     pthread_mutex_init(&g->lock, NULL);
     g->lim = l;
     g->last_ns = now_ns();
-    for (int d = 0; d < 2; d++)
+    for (int d = 0; d < 2; d++) {
         g->tail[d] = &g->head[d];
+        /* one main-loop timer per direction, freed with the object, so
+         * none outlives the group */
+        g->timers[d] = (struct dir_timer){ .g = g, .write = d };
+        g->timers[d].timer = loop_timer_new(loop_main(), timer_fired, &g->timers[d]);
+    }
+    g->next_group = groups;
+    groups = g;
     return 0;
 }
 
 static void tg_finalize(struct object *obj)
 {
-    struct throttle_group *g = (struct throttle_group *)obj;
-    if (g->tail[0])                     /* completed */
-        pthread_mutex_destroy(&g->lock);
+    struct throttle_group *g = ((struct tg_object *)obj)->g;
+    if (!g)                             /* never completed */
+        return;
+    for (struct throttle_group **p = &groups; *p; p = &(*p)->next_group)
+        if (*p == g) {
+            *p = g->next_group;
+            break;
+        }
+    pthread_mutex_lock(&g->lock);
+    g->obj = NULL;
+    for (int d = 0; d < 2; d++)
+        loop_timer_free(g->timers[d].timer);
+    pthread_mutex_unlock(&g->lock);
+    group_unref(g);                     /* a pending arm_in_main may hold it still */
 }
 
 static int tg_set_prop(struct object *obj, const char *name, json_t *value, error **errp)
 {
-    struct throttle_group *g = (struct throttle_group *)obj;
+    struct throttle_group *g = ((struct tg_object *)obj)->g;
     if (strcmp(name, "limits")) {
         error_setg(errp, "Property cannot be set after initialization");
         return -1;
@@ -433,7 +532,7 @@ static int tg_set_prop(struct object *obj, const char *name, json_t *value, erro
 
 static json_t *tg_get_prop(struct object *obj, const char *name)
 {
-    struct throttle_group *g = (struct throttle_group *)obj;
+    struct throttle_group *g = ((struct tg_object *)obj)->g;
     pthread_mutex_lock(&g->lock);
     struct limits l = g->lim;
     pthread_mutex_unlock(&g->lock);
@@ -471,7 +570,7 @@ QOM_CLASS_REGISTER(tg_class)
 
 static const struct object_type throttle_group_type = {
     .name = "throttle-group",
-    .instance_size = sizeof(struct throttle_group),
+    .instance_size = sizeof(struct tg_object),
     .qom = &tg_class,
     .complete = tg_complete,
     .finalize = tg_finalize,

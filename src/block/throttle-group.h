@@ -21,3 +21,10 @@ void throttle_group_put(struct throttle_group *g);
  * comes, from the request's own loop. */
 bool throttle_group_intercept(struct throttle_group *g, bool write, struct bnode *bs,
                               struct breq *req, uint64_t offset);
+
+/* While a drain is under way (writes held for a snapshot, an export's
+ * hard removal, the daemon's stop), limits are off: what waits goes at
+ * once and new requests do not wait (QEMU's io_limits_disabled, set by
+ * its drain).  Main thread; nested calls count. */
+void throttle_bypass_begin(void);
+void throttle_bypass_end(void);

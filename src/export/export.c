@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "block/block.h"
+#include "block/throttle-group.h"
 #include "export/export.h"
 #include "object/iothread.h"
 #include "qmp/qmp.h"
@@ -214,6 +215,16 @@ int block_export_add(json_t *opts, error **errp)
     return 0;
 }
 
+/* A hard removal waits for the requests in flight: those a throttle group
+ * holds go at once (QEMU drains the export's node). */
+static void export_bypass_throttle(struct export *exp)
+{
+    if (!exp->throttle_bypassed) {
+        exp->throttle_bypassed = true;
+        throttle_bypass_begin();
+    }
+}
+
 int block_export_del(const char *id, enum export_remove_mode mode, error **errp)
 {
     struct export *exp = export_find(id);
@@ -230,6 +241,7 @@ int block_export_del(const char *id, enum export_remove_mode mode, error **errp)
             return -1;
         }
         exp->del_mode = mode;
+        export_bypass_throttle(exp);
         exp->type->shutdown(exp, mode);
         return 0;
     }
@@ -239,6 +251,8 @@ int block_export_del(const char *id, enum export_remove_mode mode, error **errp)
     }
     exp->shutting_down = true;
     exp->del_mode = mode;
+    if (mode == EXPORT_DEL_HARD)
+        export_bypass_throttle(exp);
     exp->type->shutdown(exp, mode);
     return 0;
 }
@@ -251,6 +265,8 @@ void export_shutdown_done(struct export *exp)
     if (*p)
         *p = exp->next;
     char *id = exp->id;
+    if (exp->throttle_bypassed)
+        throttle_bypass_end();
     bnode_detach(exp->user);
     export_iothreads_ref(exp, -1);
     if (exp->type->free)
@@ -288,6 +304,7 @@ void exports_shutdown_all(void (*all_done)(void *), void *opaque)
         if (e && !(e->shutting_down && e->del_mode == EXPORT_DEL_HARD)) {
             e->shutting_down = true;
             e->del_mode = EXPORT_DEL_HARD;
+            export_bypass_throttle(e);
             e->type->shutdown(e, EXPORT_DEL_HARD);
         }
         free(ids[i]);

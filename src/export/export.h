@@ -82,6 +82,7 @@ struct export {
     struct loop **loops;
     unsigned n_loops;
     bool shutting_down;
+    bool throttle_bypassed;      /* a hard removal lifted the throttle limits */
     enum export_remove_mode del_mode;
     struct export *next;
 };
