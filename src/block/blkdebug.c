@@ -749,19 +749,6 @@ static int bd_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
     return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
 }
 
-static void bd_child_resized(struct bnode *bs)
-{
-    if (bs->size != bs->file->size) {
-        bs->size = bs->file->size;
-        bnode_notify_resized(bs);
-    }
-}
-
-static int bd_truncate(struct bnode *bs, uint64_t size, error **errp)
-{
-    return bnode_truncate(bs->file, size, errp);
-}
-
 /* take-child-perms / unshare-child-perms, as QEMU's blkdebug_child_perm */
 static void bd_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
 {
@@ -793,8 +780,8 @@ static const struct bdrv bdrv_blkdebug = {
     .close = bd_close,
     .submit = bd_submit,
     .block_status = bd_block_status,
-    .truncate = bd_truncate,
-    .child_resized = bd_child_resized,
+    .truncate = bnode_filter_truncate,
+    .child_resized = bnode_filter_child_resized,
     .child_perm = bd_child_perm,
     .debug_event = bd_debug_event,
     .can_write_zeroes_fast = bd_can_zero_fast,

@@ -947,3 +947,25 @@ void bnode_account_read(struct bnode *bs, uint64_t bytes)
         req.acct_fwd++;              /* it was read from the leaf */
     bstats_complete(&req, 0);
 }
+
+/* ---- filters: hooks that only pass on to the file child ---- */
+
+int bnode_filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                              uint64_t *pnum, unsigned *flags)
+{
+    int depth;
+    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
+}
+
+void bnode_filter_child_resized(struct bnode *bs)
+{
+    if (bs->size != bs->file->size) {
+        bs->size = bs->file->size;
+        bnode_notify_resized(bs);
+    }
+}
+
+int bnode_filter_truncate(struct bnode *bs, uint64_t size, error **errp)
+{
+    return bnode_truncate(bs->file, size, errp);
+}

@@ -548,6 +548,11 @@ static inline uint64_t bnode_round_size(uint64_t len)
 int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
 /* Tell bs's users that its size changed (drivers whose size follows a child). */
 void bnode_notify_resized(struct bnode *bs);
+/* A filter's hooks that only pass on to its file child (block.c). */
+int  bnode_filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
+                               uint64_t *pnum, unsigned *flags);
+void bnode_filter_child_resized(struct bnode *bs);      /* follows the child's size */
+int  bnode_filter_truncate(struct bnode *bs, uint64_t size, error **errp);
 /* Where a read of [offset, offset+bytes) can be spliced from (see
  * bdrv.splice_source): 0 and *fd / *fd_offset, or -ENOTSUP.  The fd lives
  * as long as the node; reading it is a READ of the node. */

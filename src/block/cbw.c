@@ -954,13 +954,6 @@ static void cbw_close(struct bnode *bs)
     cbw_unref(s);
 }
 
-static int cbw_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
-                            uint64_t *pnum, unsigned *flags)
-{
-    int depth;
-    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
-}
-
 /* QEMU's cbw_child_perm: once the filter has users, nobody else may write
  * its source behind its back.  A filter inserted above its source (a backup
  * job's) sees every write of the source's users, so they keep writing. */
@@ -988,7 +981,7 @@ static const struct bdrv bdrv_cbw = {
     .open = cbw_open,
     .close = cbw_close,
     .submit = cbw_submit,
-    .block_status = cbw_block_status,
+    .block_status = bnode_filter_block_status,
     .child_perm = cbw_child_perm,
 };
 BDRV_REGISTER(bdrv_cbw)

@@ -144,13 +144,6 @@ static void filter_submit(struct bnode *bs, struct breq *req, uint64_t offset)
     bnode_submit_child(bs->file, req, offset);
 }
 
-static int filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
-                               uint64_t *pnum, unsigned *flags)
-{
-    int depth;
-    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
-}
-
 #define JOB_FILTER(drv_name) {                  \
     .name = drv_name,                           \
     .is_filter = true,                          \
@@ -158,7 +151,7 @@ static int filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes
     .filename_rule = FNAME_FILE_CHILD,          \
     .open = filter_open,                        \
     .submit = filter_submit,                    \
-    .block_status = filter_block_status,        \
+    .block_status = bnode_filter_block_status,        \
 }
 static const struct bdrv bdrv_copy_on_read = JOB_FILTER("copy-on-read");
 static const struct bdrv bdrv_commit_top = JOB_FILTER("commit_top");

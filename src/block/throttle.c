@@ -35,26 +35,6 @@ static void throttle_submit(struct bnode *bs, struct breq *r, uint64_t offset)
     bnode_submit_child(bs->file, r, offset);
 }
 
-static int throttle_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
-                                 uint64_t *pnum, unsigned *flags)
-{
-    int depth;
-    return bnode_block_status(bs->file, offset, bytes, pnum, flags, &depth);
-}
-
-static void throttle_child_resized(struct bnode *bs)
-{
-    if (bs->size != bs->file->size) {
-        bs->size = bs->file->size;
-        bnode_notify_resized(bs);
-    }
-}
-
-static int throttle_truncate(struct bnode *bs, uint64_t size, error **errp)
-{
-    return bnode_truncate(bs->file, size, errp);
-}
-
 static int throttle_reopen_prepare(struct reopen_state *rs, error **errp)
 {
     rs->drv = throttle_group_get(opt_str(rs->opts, "throttle-group", ""), errp);
@@ -91,9 +71,9 @@ static const struct bdrv bdrv_throttle = {
     .open = throttle_open,
     .close = throttle_close,
     .submit = throttle_submit,
-    .block_status = throttle_block_status,
-    .child_resized = throttle_child_resized,
-    .truncate = throttle_truncate,
+    .block_status = bnode_filter_block_status,
+    .child_resized = bnode_filter_child_resized,
+    .truncate = bnode_filter_truncate,
     .can_write_zeroes_fast = throttle_can_zero_fast,
     .can_discard = throttle_can_discard,
     .reopen_keys = throttle_reopen_keys,
