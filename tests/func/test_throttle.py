@@ -66,7 +66,7 @@ def test_bytes_per_second(impl, start_daemon, tmpdir_short, iothread):
     assert 0.7 < t < 1.8, t
     if iothread:
         h.shutdown()
-        xfail_if_reference_died(d, "aborted when a client left an iothread NBD export", 1)
+        xfail_if_reference_died(d, "aborted when a client left an iothread NBD export")
 
 
 def test_operations_per_second_and_directions(impl, start_daemon, tmpdir_short):
@@ -202,4 +202,7 @@ def test_removal_and_stop_do_not_wait_out_the_limits(impl, start_daemon, tmpdir_
     cookies = [h2.aio_pwrite(bytes([i]) * 4096, i * 4096) for i in range(1, 21)]
     while not h2.aio_command_completed(cookies[0]):
         h2.poll(1)
-    assert timed(d2.stop) < 3
+    t = timed(d2.stop)
+    if impl == "qsd" and t >= 3:
+        pytest.xfail("qemu-storage-daemon 7.2 waits out the limits at a stop (%.1f s)" % t)
+    assert t < 3, t
