@@ -284,6 +284,19 @@ static void resubmit(void *opaque)
     object_unref(o);
 }
 
+/* Requests let through: each goes on in the loop that submitted it. */
+static void dispatch(struct waiter *list)
+{
+    while (list) {
+        struct waiter *w = list;
+        list = w->next;
+        if (loop_in_thread(w->req->loop))
+            resubmit(w);
+        else
+            loop_call(w->req->loop, resubmit, w);
+    }
+}
+
 /* Main thread, group lock held: the timer of a direction whose head waits. */
 static void arm(struct throttle_group *g, bool write)
 {
@@ -315,14 +328,7 @@ static void timer_fired(void *opaque)
     if (g->head[write])
         arm(g, write);
     pthread_mutex_unlock(&g->lock);
-    while (go) {
-        struct waiter *w = go;
-        go = w->next;
-        if (loop_in_thread(w->req->loop))
-            resubmit(w);
-        else
-            loop_call(w->req->loop, resubmit, w);
-    }
+    dispatch(go);
 }
 
 /* A request queued in another loop's thread: the main loop arms. */
@@ -395,15 +401,8 @@ void throttle_bypass_begin(void)
                 account(g, d, w->req->len);
         }
         pthread_mutex_unlock(&g->lock);
-        for (int d = 0; d < 2; d++)
-            while (go[d]) {
-                struct waiter *w = go[d];
-                go[d] = w->next;
-                if (loop_in_thread(w->req->loop))
-                    resubmit(w);
-                else
-                    loop_call(w->req->loop, resubmit, w);
-            }
+        dispatch(go[0]);
+        dispatch(go[1]);
     }
 }
 
