@@ -900,7 +900,16 @@ static int do_store(struct qcow2_state *s, void *opaque)
 void qcow2_bitmaps_store(struct bnode *bs)
 {
     struct qcow2_state *s = bs->opaque;
-    if (!s || bs->read_only || s->corrupt || !s->bitmaps)
+    if (!s || bs->read_only || s->corrupt)
+        return;
+    if (s->bm_gen != s->bm_gen_done) {  /* the last set taken did not reach the image */
+        error *err = NULL;
+        if (qcow2_bitmaps_update(bs, &err) < 0) {
+            log_error("qcow2: node '%s': %s", bs->node_name, err->msg);
+            error_free(err);
+        }
+    }
+    if (!s->bitmaps)
         return;
     int ret = qcow2_run_sync(s, do_store, NULL);
     if (ret < 0)
