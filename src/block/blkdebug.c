@@ -757,12 +757,6 @@ static void bd_child_perm(struct bnode *bs, uint64_t *perm, uint64_t *shared)
     *shared &= ~s->unshare_perm;
 }
 
-static bool bd_can_zero_fast(struct bnode *bs) { return bnode_can_write_zeroes_fast(bs->file); }
-static bool bd_can_discard(struct bnode *bs)
-{
-    return bs->file->drv->can_discard && bs->file->drv->can_discard(bs->file);
-}
-
 static const char *const bd_strong_opts[] = {
     "config", "inject-error.", "set-state.", "align", "max-transfer", "opt-write-zero",
     "max-write-zero", "opt-discard", "max-discard", NULL
@@ -784,7 +778,7 @@ static const struct bdrv bdrv_blkdebug = {
     .child_resized = bnode_filter_child_resized,
     .child_perm = bd_child_perm,
     .debug_event = bd_debug_event,
-    .can_write_zeroes_fast = bd_can_zero_fast,
-    .can_discard = bd_can_discard,
+    .can_write_zeroes_fast = bnode_filter_can_write_zeroes_fast,
+    .can_discard = bnode_filter_can_discard,
 };
 BDRV_REGISTER(bdrv_blkdebug)

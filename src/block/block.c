@@ -969,3 +969,13 @@ int bnode_filter_truncate(struct bnode *bs, uint64_t size, error **errp)
 {
     return bnode_truncate(bs->file, size, errp);
 }
+
+bool bnode_filter_can_write_zeroes_fast(struct bnode *bs)
+{
+    return bnode_can_write_zeroes_fast(bs->file);
+}
+
+bool bnode_filter_can_discard(struct bnode *bs)
+{
+    return bs->file->drv->can_discard && bs->file->drv->can_discard(bs->file);
+}

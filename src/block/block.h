@@ -548,11 +548,13 @@ static inline uint64_t bnode_round_size(uint64_t len)
 int bnode_truncate(struct bnode *bs, uint64_t size, error **errp);
 /* Tell bs's users that its size changed (drivers whose size follows a child). */
 void bnode_notify_resized(struct bnode *bs);
-/* A filter's hooks that only pass on to its file child (block.c). */
+/* Hooks that only pass on to the file child: a filter's, raw's (block.c). */
 int  bnode_filter_block_status(struct bnode *bs, uint64_t offset, uint64_t bytes,
                                uint64_t *pnum, unsigned *flags);
 void bnode_filter_child_resized(struct bnode *bs);      /* follows the child's size */
 int  bnode_filter_truncate(struct bnode *bs, uint64_t size, error **errp);
+bool bnode_filter_can_write_zeroes_fast(struct bnode *bs);
+bool bnode_filter_can_discard(struct bnode *bs);
 /* Where a read of [offset, offset+bytes) can be spliced from (see
  * bdrv.splice_source): 0 and *fd / *fd_offset, or -ENOTSUP.  The fd lives
  * as long as the node; reading it is a READ of the node. */

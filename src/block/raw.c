@@ -157,10 +157,6 @@ static void raw_child_resized(struct bnode *bs)
     }
 }
 
-static bool raw_can_zero_fast(struct bnode *bs) { return bnode_can_write_zeroes_fast(bs->file); }
-static bool raw_can_discard(struct bnode *bs) { return bs->file->drv->can_discard &&
-                                                       bs->file->drv->can_discard(bs->file); }
-
 static const char *const raw_strong_opts[] = { "offset", "size", NULL };
 
 static const struct bdrv bdrv_raw = {
@@ -174,8 +170,8 @@ static const struct bdrv bdrv_raw = {
     .truncate = raw_truncate,
     .child_resized = raw_child_resized,
     .splice_source = raw_splice_source,
-    .can_write_zeroes_fast = raw_can_zero_fast,
-    .can_discard = raw_can_discard,
+    .can_write_zeroes_fast = bnode_filter_can_write_zeroes_fast,
+    .can_discard = bnode_filter_can_discard,
     .bitmaps_load = sidecar_raw_load,
     .bitmaps_store = sidecar_raw_store,
     .bitmap_can_store = sidecar_can_store,

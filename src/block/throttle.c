@@ -55,12 +55,6 @@ static void throttle_reopen_abort(struct reopen_state *rs)
     rs->drv = NULL;
 }
 
-static bool throttle_can_zero_fast(struct bnode *bs) { return bnode_can_write_zeroes_fast(bs->file); }
-static bool throttle_can_discard(struct bnode *bs)
-{
-    return bs->file->drv->can_discard && bs->file->drv->can_discard(bs->file);
-}
-
 static const char *const throttle_strong_opts[] = { "throttle-group", NULL };
 static const char *const throttle_reopen_keys[] = { "throttle-group", NULL };
 
@@ -74,8 +68,8 @@ static const struct bdrv bdrv_throttle = {
     .block_status = bnode_filter_block_status,
     .child_resized = bnode_filter_child_resized,
     .truncate = bnode_filter_truncate,
-    .can_write_zeroes_fast = throttle_can_zero_fast,
-    .can_discard = throttle_can_discard,
+    .can_write_zeroes_fast = bnode_filter_can_write_zeroes_fast,
+    .can_discard = bnode_filter_can_discard,
     .reopen_keys = throttle_reopen_keys,
     .reopen_prepare = throttle_reopen_prepare,
     .reopen_commit = throttle_reopen_commit,
