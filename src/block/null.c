@@ -1,7 +1,8 @@
 /*
  * Drivers "null-co" and "null-aio" (QEMU's two, which differ only in how
- * QEMU completes a request: in a coroutine or a bottom half): a device of a given size that drops writes and reads
- * zeroes (read-zeroes=on) or leaves the buffer untouched (QEMU's default).
+ * QEMU completes a request: in a coroutine or a bottom half): a device of
+ * a given size that drops writes and reads zeroes (read-zeroes=on) or
+ * leaves the buffer untouched (QEMU's default).
  * latency-ns delays the completion of every read, write, write-zeroes and
  * flush by that long, as QEMU sleeps in each (a timer of the request's
  * loop, so in whole milliseconds, rounded up; fault-injection tests use it

@@ -45,7 +45,7 @@
 #define NS 1000000000.0
 
 enum { B_BPS_TOTAL, B_BPS_READ, B_BPS_WRITE, B_OPS_TOTAL, B_OPS_READ, B_OPS_WRITE, B_COUNT };
-enum what { AVG, MAX, LEN };
+enum what { AVG, MAX, LEN, SIZE };
 
 struct bucket {
     uint64_t avg, max, burst_length;
@@ -57,7 +57,7 @@ struct limits {
     uint64_t op_size;
 };
 
-/* ThrottleLimits, in QAPI's order; iops-size is the last one. */
+/* ThrottleLimits, in QAPI's order. */
 static const struct {
     const char *name;
     int bucket;
@@ -75,6 +75,7 @@ static const struct {
     { "bps-read-max-length", B_BPS_READ, LEN },
     { "bps-write", B_BPS_WRITE, AVG }, { "bps-write-max", B_BPS_WRITE, MAX },
     { "bps-write-max-length", B_BPS_WRITE, LEN },
+    { "iops-size", 0, SIZE },
 };
 #define NFIELDS (sizeof(fields) / sizeof(fields[0]))
 
@@ -128,7 +129,23 @@ static uint64_t now_ns(void)
 static uint64_t *field_ptr(struct limits *l, size_t i)
 {
     struct bucket *b = &l->b[fields[i].bucket];
-    return fields[i].what == AVG ? &b->avg : fields[i].what == MAX ? &b->max : &b->burst_length;
+    switch (fields[i].what) {
+    case AVG: return &b->avg;
+    case MAX: return &b->max;
+    case LEN: return &b->burst_length;
+    default: return &l->op_size;
+    }
+}
+
+/* Field i of l, named name in the caller's input. */
+static int set_field(struct limits *l, size_t i, uint64_t n, const char *name, error **errp)
+{
+    if (fields[i].what == LEN && n > 0xffffffffu) {
+        error_setg(errp, "%s value must be in the range [0, %u]", name, 0xffffffffu);
+        return -1;
+    }
+    *field_ptr(l, i) = n;
+    return 0;
 }
 
 static void limits_init(struct limits *l)
@@ -143,19 +160,9 @@ static int limits_apply(struct limits *l, json_t *v, error **errp)
 {
     for (size_t i = 0; i < NFIELDS; i++) {
         json_t *x = json_object_get(v, fields[i].name);
-        if (!x)
-            continue;
-        uint64_t n = (uint64_t)json_integer_value(x);
-        if (fields[i].what == LEN && n > 0xffffffffu) {
-            error_setg(errp, "%s value must be in the range [0, %u]", fields[i].name,
-                       0xffffffffu);
+        if (x && set_field(l, i, (uint64_t)json_integer_value(x), fields[i].name, errp) < 0)
             return -1;
-        }
-        *field_ptr(l, i) = n;
     }
-    json_t *x = json_object_get(v, "iops-size");
-    if (x)
-        l->op_size = (uint64_t)json_integer_value(x);
     return 0;
 }
 
@@ -440,7 +447,7 @@ static int flat_field(const char *prop)
     for (size_t i = 0; i < NFIELDS; i++)
         if (!strcmp(prop + 2, fields[i].name))
             return (int)i;
-    return !strcmp(prop + 2, "iops-size") ? (int)NFIELDS : -1;
+    return -1;
 }
 
 static int tg_complete(struct object *obj, json_t *props, error **errp)
@@ -462,11 +469,8 @@ static int tg_complete(struct object *obj, json_t *props, error **errp)
             error_setg(errp, "Property values cannot be negative");
             return -1;
         }
-        if (i < (int)NFIELDS && fields[i].what == LEN && (uint64_t)n > 0xffffffffu) {
-            error_setg(errp, "%s value must be in the range [0, %u]", key, 0xffffffffu);
+        if (set_field(&l, (size_t)i, (uint64_t)n, key, errp) < 0)
             return -1;
-        }
-        *(i == (int)NFIELDS ? &l.op_size : field_ptr(&l, (size_t)i)) = (uint64_t)n;
     }
     if (limits_check(&l, errp) < 0)
         return -1;
@@ -537,14 +541,12 @@ static json_t *tg_get_prop(struct object *obj, const char *name)
     pthread_mutex_unlock(&g->lock);
     int i = flat_field(name);
     if (i >= 0)
-        return json_integer((json_int_t)(i == (int)NFIELDS ? l.op_size
-                                                           : *field_ptr(&l, (size_t)i)));
+        return json_integer((json_int_t)*field_ptr(&l, (size_t)i));
     if (strcmp(name, "limits"))
         return NULL;
     json_t *o = json_object();
     for (size_t k = 0; k < NFIELDS; k++)
         json_object_set_new(o, fields[k].name, json_integer((json_int_t)*field_ptr(&l, k)));
-    json_object_set_new(o, "iops-size", json_integer((json_int_t)l.op_size));
     return o;
 }
 
